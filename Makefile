@@ -1,0 +1,29 @@
+# The README's two commands. python3 and make are all a new machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/shapes.yaml
+
+.PHONY: fit test bench help
+
+help:
+	@echo "make fit    build .venv if missing, install lightning-rpn, train on $(CONFIG)"
+	@echo "make test   build or refresh .venv with the test extra, run the whole test suite"
+	@echo "make bench  run every benchmark under bench/ (ours and torchvision side by side)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+fit: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/lightning-rpn fit --config $(CONFIG)
+
+test: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	WANDB_MODE=offline $(BIN)/python -m pytest
+
+bench: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@for script in bench/bench_*.py; do \
+		echo "== $$script"; $(BIN)/python $$script || exit 1; \
+	done

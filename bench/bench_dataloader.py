@@ -1,0 +1,133 @@
+"""DataLoader throughput with worker-side anchor-target assignment versus without.
+
+Two workers, batch 8, the default synthetic training pipeline (SyntheticShapes 128-192 px,
+HorizontalFlip) and, second, COCO-like JPEG files read from disk and resized (shortest edge
+512, max 853). Anchors: four levels, strides 8-64, three aspect ratios. The two loaders are
+measured in alternating rounds (the machine is shared; the best round of each is reported).
+Target: throughput with assignment >= 90% of throughput without.
+
+    python bench/bench_dataloader.py [--rounds 5] [--images 480]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.folder import ImageFolder
+from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset
+
+ANCHORS = AnchorGenerator(((16,), (32,), (64,), (128,)), (0.5, 1.0, 2.0), (8, 16, 32, 64))
+
+
+class BoxedFolder(Dataset):
+    """Images of a folder with a few fixed random boxes each (a stand-in for COCO files)."""
+
+    def __init__(self, root: Path, seed: int = 0) -> None:
+        self.folder = ImageFolder(root)
+        rng = np.random.default_rng(seed)
+        self.boxes = []
+        for _ in range(len(self.folder)):
+            xy = rng.uniform(0, 400, size=(7, 2))
+            wh = rng.uniform(16, 200, size=(7, 2))
+            self.boxes.append(np.concatenate([xy, np.minimum(xy + wh, [640, 480])], axis=1).astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        sample = self.folder[index]
+        sample.boxes = self.boxes[index]
+        return sample
+
+
+def write_jpegs(root: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    source = SyntheticShapes(count, min_size=480, max_size=480, seed=1)
+    for i in range(count):
+        image = np.ascontiguousarray(np.broadcast_to(source[i % 8].image[:, :, :], (480, 480, 3)))
+        canvas = np.concatenate([image, image[:, :160]], axis=1)  # 480 x 640
+        canvas = np.clip(canvas.astype(np.int16) + rng.integers(-3, 4, canvas.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(canvas).save(root / f"{i:05d}.jpg", quality=90)
+
+
+def throughput(dataset: Dataset, assign: bool, batch_size: int = 8, workers: int = 2) -> float:
+    """Images per second over the whole dataset after a warm-up of two batches."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        collate_fn=RPNCollate(ANCHORS, assign_targets=assign))
+    iterator = iter(loader)
+    for _ in range(2):
+        next(iterator)
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        count += len(batch)
+        assert (batch.anchor_labels is not None) == assign
+    return count / (time.perf_counter() - start)
+
+
+def cpu_costs(dataset: Dataset, count: int = 96, batch_size: int = 8) -> tuple[float, float, float]:
+    """In-process, one-thread CPU milliseconds per image: item (load + transform), collate, assignment."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.process_time()
+    items = [dataset[i] for i in range(count)]
+    item_ms = (time.process_time() - start) / count * 1e3
+    costs = []
+    for assign in (False, True):
+        collate = RPNCollate(ANCHORS, assign_targets=assign)
+        collate(items[:batch_size])  # warm the anchor cache
+        start = time.process_time()
+        for begin in range(0, count, batch_size):
+            collate(items[begin:begin + batch_size])
+        costs.append((time.process_time() - start) / count * 1e3)
+    torch.set_num_threads(threads)
+    return item_ms, costs[0], costs[1] - costs[0]
+
+
+def compare(name: str, dataset: Dataset, rounds: int) -> None:
+    with_assign, without = [], []
+    for _ in range(rounds):
+        with_assign.append(throughput(dataset, True))
+        without.append(throughput(dataset, False))
+    best_with, best_without = max(with_assign), max(without)
+    print(f"{name}:")
+    print(f"  with worker-side assignment : {best_with:7.1f} images/s   (rounds: {', '.join(f'{v:.0f}' for v in with_assign)})")
+    print(f"  without assignment          : {best_without:7.1f} images/s   (rounds: {', '.join(f'{v:.0f}' for v in without)})")
+    print(f"  ratio                       : {best_with / best_without:7.3f}   (target >= 0.90)")
+    item_ms, collate_ms, assign_ms = cpu_costs(dataset)
+    expected = (item_ms + collate_ms) / (item_ms + collate_ms + assign_ms)
+    print(f"  CPU ms/image (1 thread)     : item {item_ms:.2f}, collate {collate_ms:.2f}, assignment {assign_ms:.2f}"
+          f"  -> CPU-bound ratio {expected:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=480)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 2 workers, batch 8, "
+          f"anchors: strides {ANCHORS.strides}, {ANCHORS.num_anchors_per_location()} per location")
+    flip = [{"HorizontalFlip": {"p": 0.5}}]
+    synthetic = TransformedDataset(SyntheticShapes(args.images, seed=0), DetectionTransform(flip, 0.3, train=True))
+    compare(f"synthetic shapes 128-192 px ({args.images} images)", synthetic, args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpegs(Path(tmp), args.images // 2)
+        resize = ResizePolicy("shortest_edge", (512,), 853)
+        files = TransformedDataset(BoxedFolder(Path(tmp)), DetectionTransform(flip, 0.3, resize, train=True))
+        compare(f"JPEG 640x480 files, resized to 512x683 ({args.images // 2} images)", files, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

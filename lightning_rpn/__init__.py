@@ -1,0 +1,58 @@
+"""lightning-rpn: train and evaluate Region Proposal Networks with PyTorch Lightning.
+
+The public names are imported lazily, so that the pure-tensor pieces (anchors, box coding,
+matching, sampling, loss, proposals) can be used in DataLoader workers or plain PyTorch code
+without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "AnchorGenerator": "lightning_rpn.anchors",
+    "BoxCoder": "lightning_rpn.box_coder",
+    "match_anchors": "lightning_rpn.matching",
+    "sample_anchors": "lightning_rpn.sampling",
+    "AnchorTargetConfig": "lightning_rpn.targets",
+    "assign_anchor_targets": "lightning_rpn.targets",
+    "rpn_loss": "lightning_rpn.loss",
+    "generate_proposals": "lightning_rpn.proposals",
+    "RPNHead": "lightning_rpn.head",
+    "RPN": "lightning_rpn.rpn",
+    "ProposalRecall": "lightning_rpn.metrics",
+    "RPNModule": "lightning_rpn.module",
+    "RPNDataModule": "lightning_rpn.data.datamodule",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from lightning_rpn.anchors import AnchorGenerator
+    from lightning_rpn.box_coder import BoxCoder
+    from lightning_rpn.data.datamodule import RPNDataModule
+    from lightning_rpn.head import RPNHead
+    from lightning_rpn.loss import rpn_loss
+    from lightning_rpn.matching import match_anchors
+    from lightning_rpn.metrics import ProposalRecall
+    from lightning_rpn.module import RPNModule
+    from lightning_rpn.proposals import generate_proposals
+    from lightning_rpn.rpn import RPN
+    from lightning_rpn.sampling import sample_anchors
+    from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'lightning_rpn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

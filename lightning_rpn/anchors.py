@@ -1,0 +1,304 @@
+"""Anchor boxes on the feature-map grids of one or more levels.
+
+Shapes: ``L`` levels, ``A`` anchors per location, ``H_l x W_l`` the feature size of level l,
+``N`` anchors of an image (all levels concatenated).
+
+Every level has a set of *cell anchors* (one per size x aspect ratio, ratio-major, aspect
+ratio = h / w) centred on the origin with coordinates rounded to whole pixels, and a grid of
+centres ``(offset + j * anchor_stride) * stride``. Anchors are ordered ``(y, x, anchor)`` per
+level. With ``offset=0`` and ``anchor_stride=1`` the anchors equal torchvision's
+``AnchorGenerator`` output for the same sizes, ratios and strides.
+
+Besides the per-level tensors, the generator returns an :class:`AnchorGrid`: the concatenated
+anchors together with the grid layout, which lets :func:`lightning_rpn.matching.match_anchors`
+enumerate only the anchors that can overlap a box instead of building the dense ``G x N``
+IoU matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["AnchorGenerator", "AnchorGrid", "GridLevel", "grid_centres"]
+
+_CACHE_SIZE = 16
+
+
+@dataclass(frozen=True)
+class GridLevel:
+    """Layout of one level's anchors inside :attr:`AnchorGrid.anchors`.
+
+    Anchor ``(y, x, a)`` of this level sits at row ``start + (y * width + x) * A + a`` and
+    equals ``cell_anchors[a] + (origin + x * step, origin + y * step)`` (both coordinates).
+    """
+
+    stride: int
+    step: float
+    origin: float
+    height: int
+    width: int
+    cell_anchors: Tensor
+    start: int
+
+    @property
+    def num_anchors(self) -> int:
+        return self.height * self.width * self.cell_anchors.shape[0]
+
+
+@dataclass(frozen=True)
+class AnchorGrid:
+    """All anchors of an image (``anchors`` float32 ``[N, 4]``) plus their grid layout.
+
+    Pass it to ``match_anchors`` / ``assign_anchor_targets`` in place of the anchor tensor to
+    get the fast, overlap-only matching path; the results are identical to passing
+    ``grid.anchors``. Obtain it from ``AnchorGenerator.grid`` (the layout must describe the
+    anchors exactly) and treat ``anchors`` as read-only: it is shared through the cache.
+    """
+
+    anchors: Tensor
+    levels: tuple[GridLevel, ...]
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchors.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchors.device
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _per_level(name: str, value: object, num_levels: int) -> tuple[tuple[float, ...], ...]:
+    """Normalise ``value`` to one tuple of positive numbers per level (broadcasting one tuple)."""
+    if _is_number(value):
+        value = (value,)
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
+        raise TypeError(f"AnchorGenerator: {name} must be a non-empty tuple (or a tuple per level), got {value!r}")
+    if all(_is_number(v) for v in value):
+        levels = [tuple(value)] * num_levels
+    elif all(isinstance(v, Sequence) and not isinstance(v, str) for v in value):
+        if len(value) == 1:
+            levels = [tuple(value[0])] * num_levels
+        elif len(value) == num_levels:
+            levels = [tuple(v) for v in value]
+        else:
+            raise ValueError(
+                f"AnchorGenerator: {name} has {len(value)} levels but strides has {num_levels}; "
+                f"give one tuple per level or a single tuple to broadcast"
+            )
+    else:
+        raise TypeError(f"AnchorGenerator: {name} mixes numbers and tuples: {value!r}")
+    for level, entries in enumerate(levels):
+        if len(entries) == 0:
+            raise ValueError(f"AnchorGenerator: {name}[{level}] is empty")
+        for entry in entries:
+            if not _is_number(entry) or not math.isfinite(entry) or entry <= 0:
+                raise ValueError(f"AnchorGenerator: {name}[{level}] must hold positive numbers, got {entry!r}")
+    return tuple(tuple(float(e) for e in entries) for entries in levels)
+
+
+def _cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...]) -> Tensor:
+    """Origin-centred ``[A, 4]`` float32 anchors, ratio-major, rounded to whole pixels.
+
+    Computed in float32 in the same order of operations as torchvision so that the rounding
+    (half to even) lands on the same pixels.
+    """
+    size = torch.tensor(sizes, dtype=torch.float32)
+    ratio = torch.tensor(aspect_ratios, dtype=torch.float32)
+    height_factor = ratio.sqrt()
+    width_factor = 1 / height_factor
+    widths = (width_factor[:, None] * size[None, :]).reshape(-1)
+    heights = (height_factor[:, None] * size[None, :]).reshape(-1)
+    return (torch.stack((-widths, -heights, widths, heights), dim=1) / 2).round()
+
+
+def grid_centres(index: Tensor, step: Tensor, origin: Tensor) -> Tensor:
+    """Float32 centre coordinate of grid index ``index`` (float32, whole numbers).
+
+    The single definition shared by anchor generation and the grid matching path, so that
+    both produce the same bits. Whole-number centres (offset 0) are exact, as in torchvision.
+    """
+    return index * step + origin
+
+
+class AnchorGenerator:
+    """Anchors for ``L`` feature levels: ``sizes x aspect_ratios`` per location.
+
+    Args:
+        sizes: anchor sizes (sqrt of area, pixels): one tuple per level, or a single tuple
+            used for every level.
+        aspect_ratios: ``h / w`` ratios, same broadcasting as ``sizes``.
+        strides: feature stride of each level in input pixels (one int per level).
+        offset: anchor centres sit at ``(offset + j * anchor_stride) * stride``; 0 matches
+            torchvision, 0.5 centres anchors on the feature cells.
+        anchor_stride: anchors at every n-th feature cell; the grid of level l is
+            ``ceil(H_l / n) x ceil(W_l / n)`` (the output of a 3x3 conv run at stride n).
+
+    Unlike torchvision, a flat ``sizes`` tuple means "these sizes at every level" (one tuple
+    broadcast), not "one size per level"; FPN configs write ``((32,), (64,), ...)``.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[float] | Sequence[Sequence[float]],
+        aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
+        strides: int | Sequence[int] = 16,
+        offset: float = 0.0,
+        anchor_stride: int = 1,
+    ) -> None:
+        if isinstance(strides, int) and not isinstance(strides, bool):
+            strides = (strides,)
+        if not isinstance(strides, Sequence) or len(strides) == 0:
+            raise TypeError(f"AnchorGenerator: strides must be a non-empty tuple of ints, got {strides!r}")
+        for stride in strides:
+            if not isinstance(stride, int) or isinstance(stride, bool) or stride <= 0:
+                raise ValueError(f"AnchorGenerator: strides must be positive ints, got {tuple(strides)!r}")
+        if not isinstance(anchor_stride, int) or isinstance(anchor_stride, bool) or anchor_stride <= 0:
+            raise ValueError(f"AnchorGenerator: anchor_stride must be a positive int, got {anchor_stride!r}")
+        if not _is_number(offset) or not 0.0 <= offset < 1.0:
+            raise ValueError(f"AnchorGenerator: offset must be a number in [0, 1), got {offset!r}")
+        self.strides: tuple[int, ...] = tuple(int(s) for s in strides)
+        self.sizes = _per_level("sizes", sizes, len(self.strides))
+        self.aspect_ratios = _per_level("aspect_ratios", aspect_ratios, len(self.strides))
+        self.offset = float(offset)
+        self.anchor_stride = int(anchor_stride)
+        self.cell_anchors: tuple[Tensor, ...] = tuple(
+            _cell_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)
+        )
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    def num_anchors_per_location(self) -> int:
+        """``A``: anchors per location, which a shared head needs equal on every level."""
+        counts = [cell.shape[0] for cell in self.cell_anchors]
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"AnchorGenerator: anchors per location differ across levels {counts} "
+                f"(sizes x aspect_ratios per level); a shared RPN head needs the same count"
+            )
+        return counts[0]
+
+    def feature_shapes_for(self, padded_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Feature-map sizes ``(ceil(h / stride), ceil(w / stride))`` per level for a padded input."""
+        height, width = int(padded_size[0]), int(padded_size[1])
+        return [(-(-height // s), -(-width // s)) for s in self.strides]
+
+    def grid_shapes(self, feature_shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Anchor-grid size per level: ``(ceil(H_l / anchor_stride), ceil(W_l / anchor_stride))``."""
+        shapes = self._check_shapes(feature_shapes)
+        n = self.anchor_stride
+        return [(-(-h // n), -(-w // n)) for h, w in shapes]
+
+    def __call__(
+        self,
+        feature_shapes: Sequence[tuple[int, int]] | Sequence[Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[Tensor]:
+        """Anchors per level, each ``[H_l' * W_l' * A, 4]`` ordered ``(y, x, anchor)``.
+
+        ``feature_shapes`` are the backbone's ``(H_l, W_l)`` (feature tensors are accepted
+        too); ``H_l' x W_l'`` is the anchor grid (see ``anchor_stride``). Cached.
+        """
+        shapes = self._check_shapes(feature_shapes)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = ("levels", tuple(shapes), device, dtype)
+        cached = self._cache_get(key)
+        if cached is None:
+            grid = self.grid(shapes, device=device)
+            if dtype == torch.float32:
+                cached = [grid.anchors[lvl.start : lvl.start + lvl.num_anchors] for lvl in grid.levels]
+            else:
+                cached = [grid.anchors[lvl.start : lvl.start + lvl.num_anchors].to(dtype) for lvl in grid.levels]
+            self._cache_put(key, cached)
+        return list(cached)
+
+    def grid(
+        self,
+        feature_shapes: Sequence[tuple[int, int]] | Sequence[Tensor],
+        device: torch.device | str | None = None,
+    ) -> AnchorGrid:
+        """The concatenated float32 anchors ``[N, 4]`` with their grid layout. Cached."""
+        shapes = self._check_shapes(feature_shapes)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = ("grid", tuple(shapes), device)
+        cached = self._cache_get(key)
+        if cached is None:
+            cached = self._build_grid(shapes, device)
+            self._cache_put(key, cached)
+        return cached
+
+    def _build_grid(self, shapes: list[tuple[int, int]], device: torch.device) -> AnchorGrid:
+        levels = []
+        per_level = []
+        start = 0
+        for (height, width), stride, cell in zip(self.grid_shapes(shapes), self.strides, self.cell_anchors):
+            step = float(self.anchor_stride * stride)
+            origin = self.offset * stride
+            step32 = torch.tensor(step, dtype=torch.float32, device=device)
+            origin32 = torch.tensor(origin, dtype=torch.float32, device=device)
+            xs = grid_centres(torch.arange(width, dtype=torch.float32, device=device), step32, origin32)
+            ys = grid_centres(torch.arange(height, dtype=torch.float32, device=device), step32, origin32)
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            centres = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
+            cell_dev = cell.to(device)
+            per_level.append((centres + cell_dev[None]).reshape(-1, 4))
+            level = GridLevel(stride, step, origin, height, width, cell_dev, start)
+            levels.append(level)
+            start += level.num_anchors
+        return AnchorGrid(torch.cat(per_level), tuple(levels))
+
+    def _check_shapes(self, feature_shapes: Sequence) -> list[tuple[int, int]]:
+        if isinstance(feature_shapes, Tensor) or not isinstance(feature_shapes, Sequence):
+            raise TypeError(
+                "AnchorGenerator: feature_shapes must be a list of (H, W) per level, "
+                f"got {type(feature_shapes).__name__}"
+            )
+        if len(feature_shapes) != self.num_levels:
+            raise ValueError(
+                f"AnchorGenerator: got {len(feature_shapes)} feature maps but the generator has "
+                f"{self.num_levels} levels (strides {self.strides})"
+            )
+        shapes = []
+        for level, shape in enumerate(feature_shapes):
+            if isinstance(shape, Tensor):
+                shape = shape.shape[-2:]
+            if len(shape) != 2 or any(int(s) < 0 for s in shape):
+                raise ValueError(f"AnchorGenerator: feature_shapes[{level}] must be (H, W), got {tuple(shape)!r}")
+            shapes.append((int(shape[0]), int(shape[1])))
+        return shapes
+
+    def _cache_get(self, key: tuple) -> object | None:
+        value = self._cache.get(key)
+        if value is not None:
+            self._cache.move_to_end(key)
+        return value
+
+    def _cache_put(self, key: tuple, value: object) -> None:
+        self._cache[key] = value
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    def __getstate__(self) -> dict:
+        # Do not ship cached tensors to DataLoader workers or checkpoints.
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, "
+            f"strides={self.strides}, offset={self.offset}, anchor_stride={self.anchor_stride})"
+        )

@@ -1,0 +1,234 @@
+"""The ``lightning-rpn`` command: LightningCLI for RPNModule + RPNDataModule, and ``check-data``.
+
+::
+
+    lightning-rpn fit --config configs/shapes.yaml          # train (resume: --ckpt_path last)
+    lightning-rpn validate --config ... --ckpt_path PATH    # losses + recall table
+    lightning-rpn test --config ... --ckpt_path PATH
+    lightning-rpn predict --config ... --ckpt_path PATH     # proposals -> ProposalWriter file
+    lightning-rpn check-data --config ...                   # dataset report, no training
+
+Anchors and strides are declared once, in the model section: the data module reads the
+anchor generator, target config, box coder and size divisibility from the model in ``setup``.
+Every checkpoint carries the resolved config (key ``"lightning_rpn_config"``, YAML text) besides
+the model's hyperparameters, so ``RPNModule.load_from_checkpoint(path)`` needs no config file.
+
+W&B is the configs' logger. Without credentials (``WANDB_API_KEY`` or a ``wandb login`` entry
+in ``~/.netrc``) and without an explicit ``WANDB_MODE``, runs log offline and the command
+prints the ``wandb sync`` line that uploads them later.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.module import RPNModule
+
+__all__ = ["RPNLightningCLI", "ProposalWriter", "ResolvedConfigCallback", "main"]
+
+CONFIG_KEY = "lightning_rpn_config"
+
+_DESCRIPTION = (
+    "Train and evaluate Region Proposal Networks. Subcommands: fit, validate, test, predict "
+    "(LightningCLI) and check-data (dataset report: `lightning-rpn check-data --config FILE`)."
+)
+
+
+class ResolvedConfigCallback(SaveConfigCallback):
+    """Save the resolved config to the log dir, into every checkpoint, and to W&B."""
+
+    def _config_text(self) -> str:
+        return self.parser.dump(self.config, skip_none=False)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import yaml
+
+                resolved = yaml.safe_load(self._config_text())
+                logger.experiment.config.update({"config": resolved}, allow_val_change=True)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CONFIG_KEY] = self._config_text()
+
+
+class ProposalWriter(BasePredictionWriter):
+    """Write ``predict`` results as JSON lines: ``{"image_id", "boxes", "scores"}`` per image.
+
+    Boxes are ``[x1, y1, x2, y2]`` in original-image pixels (``RPNModule.predict_step``), best
+    first, at most ``max_proposals`` per image (``None``: all). The file is rewritten at every
+    ``predict`` run; with several processes each rank writes ``<output>.rank<k>``.
+    """
+
+    def __init__(self, output: str = "predictions.jsonl", max_proposals: int | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output = output
+        self.max_proposals = max_proposals
+
+    def _path(self, trainer: pl.Trainer) -> Path:
+        path = Path(self.output)
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
+        return path
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        limit = self.max_proposals
+        with self._path(trainer).open("a", encoding="utf-8") as handle:
+            for item in prediction:
+                record = {
+                    "image_id": item["image_id"],
+                    "boxes": [[round(v, 2) for v in box] for box in item["boxes"][:limit].tolist()],
+                    "scores": [round(v, 5) for v in item["scores"][:limit].tolist()],
+                }
+                handle.write(json.dumps(record) + "\n")
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        print(f"lightning-rpn: proposals written to {self._path(trainer)}", file=sys.stderr)
+
+
+class RPNLightningCLI(LightningCLI):
+    """LightningCLI with RPNModule / RPNDataModule, config saving and W&B offline hints.
+
+    The model owns the optimiser settings (``model.optimizer``, ``model.lr``, ...), so the
+    generic ``--optimizer`` / ``--lr_scheduler`` arguments are not added.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        super().__init__(
+            RPNModule,
+            RPNDataModule,
+            auto_configure_optimizers=False,
+            args=list(args) if args is not None else None,
+            run=run,
+            **kwargs,
+        )
+
+    def _report_wandb(self) -> None:
+        if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            return
+        import wandb
+
+        if wandb.run is not None and wandb.run.offline:
+            print(
+                f"lightning-rpn: W&B logged offline; upload with: "
+                f"wandb sync {Path(wandb.run.dir).parent}",
+                file=sys.stderr,
+            )
+
+    def after_fit(self) -> None:
+        self._report_wandb()
+
+    def after_validate(self) -> None:
+        self._report_wandb()
+
+    def after_test(self) -> None:
+        self._report_wandb()
+
+    def after_predict(self) -> None:
+        self._report_wandb()
+
+
+class _CheckDataCLI(RPNLightningCLI):
+    """Parses the same config as ``fit`` (no subcommand) plus the report options."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--check_images",
+            type=bool,
+            default=True,
+            help="check-data: read every image header (finds missing, corrupt, mis-sized files).",
+        )
+
+
+def check_data(args: Sequence[str]) -> int:
+    """``lightning-rpn check-data``: report on every configured split; exit 1 on problems.
+
+    Reads the same config as ``fit`` (``--config FILE``, ``--data.*`` overrides); the splits
+    are checked by :func:`lightning_rpn.data.validation.validate_dataset`.
+    """
+    from lightning_rpn.data.validation import validate_dataset
+
+    with warnings.catch_warnings():
+        # the argv tail is passed on purpose (without "check-data"); LightningCLI warns about it
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        cli = _CheckDataCLI(args=args, run=False, save_config_callback=None)
+    report = validate_dataset(cli.datamodule, check_images=cli.config["check_images"])
+    print(report)
+    if report.num_problems:
+        print(f"lightning-rpn check-data: {report.num_problems} problem(s) found", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _wandb_host() -> str:
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    return urlparse(base).hostname or "api.wandb.ai"
+
+
+def wandb_credentials_available() -> bool:
+    """Whether W&B can log online: ``WANDB_API_KEY`` set or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(_wandb_host()) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _default_wandb_offline() -> None:
+    if "WANDB_MODE" in os.environ or wandb_credentials_available():
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    print(
+        "lightning-rpn: no W&B credentials (WANDB_API_KEY or `wandb login`); logging offline. "
+        "The run directory to `wandb sync` is printed at the end.",
+        file=sys.stderr,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-rpn`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "check-data":
+        return check_data(argv[1:])
+    _default_wandb_offline()
+    RPNLightningCLI(args=args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

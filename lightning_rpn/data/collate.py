@@ -1,0 +1,129 @@
+"""The batch collate: pad, and assign anchor targets in the DataLoader workers.
+
+Shapes: ``B`` images, ``Hp x Wp`` the padded size (the largest image rounded up to a
+multiple of ``size_divisibility``), ``L`` levels, ``N`` anchors of an image (all levels),
+``G`` / ``C`` ground-truth / crowd boxes of an image.
+
+The anchors of a batch follow from its padded size alone: ``feature_shapes_for(Hp, Wp)`` gives
+the feature size of every level, so the worker builds (and caches) the same anchors the model
+will build from the backbone's features. Assignment seeds sampling per image with
+``sample_generator(seed, image_id)``, as the RPN's in-model path does, so both paths give
+identical targets.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+
+__all__ = ["RPNCollate", "padded_size", "DENSE_MATCH_LIMIT"]
+
+DENSE_MATCH_LIMIT = 1 << 15
+"""Up to this many anchor x gt pairs, matching uses the dense IoU matrix (fewer ops: faster
+for small images, e.g. 0.9 vs 1.7 ms at 2295 anchors x 3 boxes); above it, the anchor grid's
+overlap-only path (2.6 vs 8.3 ms at 22440 x 7). Both give the same targets."""
+
+
+def padded_size(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
+    """The smallest ``(Hp, Wp)`` holding every ``(h, w)`` in ``sizes``, multiples of ``size_divisibility``."""
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    d = size_divisibility
+    return -(-height // d) * d, -(-width // d) * d
+
+
+class RPNCollate:
+    """Collate :class:`DetectionSample` s into an :class:`RPNBatch`; picklable (spawn-safe).
+
+    Args:
+        anchor_generator: when given (with ``assign_targets``), the batch carries
+            ``anchor_labels`` / ``target_deltas`` for the anchors of its padded size.
+        target_config: matching and sampling settings (default ``AnchorTargetConfig()``).
+        box_coder: encodes matched boxes (default ``BoxCoder()``).
+        size_divisibility: pad height and width to a multiple of this; must be a multiple of
+            the generator's largest stride (default: that stride, else 32).
+        seed: seeds the per-image sampling generators; use the RPN's ``seed``.
+        assign_targets: False collates boxes only (the model then assigns targets itself).
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator | None = None,
+        target_config: AnchorTargetConfig | None = None,
+        box_coder: BoxCoder | None = None,
+        size_divisibility: int | None = None,
+        seed: int = 0,
+        assign_targets: bool = True,
+    ) -> None:
+        largest_stride = max(anchor_generator.strides) if anchor_generator is not None else None
+        if size_divisibility is None:
+            size_divisibility = largest_stride or 32
+        if not isinstance(size_divisibility, int) or size_divisibility <= 0:
+            raise ValueError(f"RPNCollate: size_divisibility must be a positive int, got {size_divisibility!r}")
+        if largest_stride is not None and size_divisibility % largest_stride != 0:
+            raise ValueError(
+                f"RPNCollate: size_divisibility={size_divisibility} is not a multiple of the anchor "
+                f"generator's largest stride {largest_stride} (strides {anchor_generator.strides}); "
+                "feature shapes derived from the padded size would not match the backbone's"
+            )
+        self.anchor_generator = anchor_generator
+        self.target_config = target_config if target_config is not None else AnchorTargetConfig()
+        self.box_coder = box_coder if box_coder is not None else BoxCoder()
+        self.size_divisibility = size_divisibility
+        self.seed = seed
+        self.assign_targets = assign_targets and anchor_generator is not None
+
+    def __call__(self, samples: Sequence[DetectionSample]) -> RPNBatch:
+        if len(samples) == 0:
+            raise ValueError("RPNCollate: cannot collate an empty list of samples")
+        sizes = [s.image_size for s in samples]
+        pad_h, pad_w = padded_size(sizes, self.size_divisibility)
+        images = torch.zeros((len(samples), 3, pad_h, pad_w), dtype=torch.uint8)
+        for i, sample in enumerate(samples):
+            h, w = sizes[i]
+            images[i, :, :h, :w] = torch.from_numpy(sample.image).permute(2, 0, 1)
+        # copies: dataset records must not share memory with batches the model may modify
+        gt_boxes = [torch.tensor(s.boxes, dtype=torch.float32) for s in samples]
+        crowd_boxes = [torch.tensor(s.crowd_boxes, dtype=torch.float32) for s in samples]
+        batch = RPNBatch(
+            images=images,
+            image_sizes=sizes,
+            original_sizes=[tuple(s.original_size) for s in samples],  # type: ignore[misc]
+            image_ids=[s.image_id for s in samples],
+            gt_boxes=gt_boxes,
+            crowd_boxes=crowd_boxes,
+            sources=[s.source for s in samples],
+            removed_boxes=sum(s.removed_boxes for s in samples),
+            problems=[p for s in samples for p in s.problems],
+        )
+        if self.assign_targets:
+            batch.anchor_labels, batch.target_deltas = self._assign(batch, (pad_h, pad_w))
+        return batch
+
+    def _assign(self, batch: RPNBatch, padded: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image anchor labels ``[B, N]`` and target deltas ``[B, N, 4]`` (sampled, seeded)."""
+        assert self.anchor_generator is not None
+        grid = self.anchor_generator.grid(self.anchor_generator.feature_shapes_for(padded))
+        labels, deltas = [], []
+        with torch.inference_mode():  # lower per-op overhead; stacking below leaves inference mode
+            for i, image_id in enumerate(batch.image_ids):
+                gt, crowd = batch.gt_boxes[i], batch.crowd_boxes[i]
+                image_labels, image_deltas = assign_anchor_targets(
+                    grid if grid.num_anchors * gt.shape[0] > DENSE_MATCH_LIMIT else grid.anchors,
+                    gt,
+                    batch.image_sizes[i],
+                    self.target_config,
+                    self.box_coder,
+                    generator=sample_generator(self.seed, image_id),
+                    crowd_boxes=crowd if len(crowd) else None,
+                )
+                labels.append(image_labels)
+                deltas.append(image_deltas)
+        return torch.stack(labels), torch.stack(deltas)

@@ -1,0 +1,343 @@
+"""RPNDataModule: datasets, augmentation, resize, padding and worker-side anchor targets.
+
+The anchor configuration is declared once, on the model: in ``setup()`` the data module reads
+``anchor_generator``, ``target_config``, ``box_coder``, ``size_divisibility`` (and the RPN's
+sampling seed) from ``trainer.lightning_module``. Values given to the constructor are used when
+there is no model (plain PyTorch use, benchmarks) and must agree with the model's when both
+exist (a mismatch is a ``ValueError`` naming both).
+
+Dataset paths: ``root`` holds the data. COCO reads ``root / coco_images.format(split=...)``
+and ``root / coco_annotations.format(split=...)``; VOC reads ``ImageSets/Main/{split}.txt``
+under ``root``; the synthetic dataset needs no files (``split`` seeds it). ``predict_images``
+(a folder of images) overrides the predict split, which defaults to the validation split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.data.accounting import BoxAccounting
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.coco import COCODetection
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.folder import ImageFolder
+from lightning_rpn.data.problems import BadAnnotationPolicy, check_policy
+from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
+from lightning_rpn.data.validation import DatasetReport, validate_dataset
+from lightning_rpn.data.voc import VOCDetection
+from lightning_rpn.targets import AnchorTargetConfig
+
+__all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS"]
+
+DEFAULT_TRAIN_TRANSFORMS: TransformSpec = [{"HorizontalFlip": {"p": 0.5}}]
+
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+def _same_anchors(a: AnchorGenerator, b: AnchorGenerator) -> bool:
+    """Whether two generators produce the same anchors (strides, layout and cell anchors)."""
+    if a is b:
+        return True
+    if a.strides != b.strides or a.anchor_stride != b.anchor_stride or a.offset != b.offset:
+        return False
+    cells_a, cells_b = a.cell_anchors, b.cell_anchors
+    return len(cells_a) == len(cells_b) and all(
+        x.shape == y.shape and torch.equal(x, y) for x, y in zip(cells_a, cells_b)
+    )
+
+
+def _same_setting(a: object, b: object) -> bool:
+    """Equal dataclasses (target config) or equal attribute dicts (box coder)."""
+    if a is b or a == b:
+        return True
+    return type(a) is type(b) and vars(a) == vars(b)
+
+
+def _describe_anchors(g: AnchorGenerator) -> str:
+    return (f"AnchorGenerator(sizes={g.sizes}, aspect_ratios={g.aspect_ratios}, strides={g.strides}, "
+            f"offset={g.offset}, anchor_stride={g.anchor_stride})")
+
+
+class RPNDataModule(LightningDataModule):
+    """Data for RPN training: synthetic shapes (default), COCO or Pascal VOC.
+
+    Args:
+        dataset: ``"synthetic"`` | ``"coco"`` | ``"voc"``.
+        root: dataset folder (COCO / VOC).
+        train_split / val_split / test_split / predict_split: split names (``None``: no such
+            split; predict defaults to ``val_split``). COCO: e.g. ``train2017``; VOC: e.g.
+            ``trainval`` and ``test``; synthetic: any name (seeds the images).
+        predict_images: a folder of images to predict on (no annotations needed).
+        coco_images / coco_annotations: COCO paths under ``root``, ``{split}`` filled in.
+        category_ids / category_names: keep only these categories (COCO ids or names; VOC names).
+        keep_difficult: VOC ``difficult`` objects as ground truth (default: crowd boxes).
+        include_crowd: keep COCO ``iscrowd`` boxes as crowd boxes (ignored in matching/recall).
+        on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (structural errors raise by default).
+        verify_images: read every image header in ``setup`` (finds missing/corrupt/mis-sized files).
+        synthetic_*: SyntheticShapes parameters (images in the train split / in any other split,
+            image side range, most shapes per image, smallest shape side).
+        seed: seed of the synthetic images.
+        batch_size / val_batch_size: images per batch (validation defaults to ``batch_size``).
+        num_workers: DataLoader workers (persistent when > 0); pin_memory: pinned batches.
+        train_transforms / val_transforms: albumentations spec lists (see ``transforms``);
+            ``None`` gives ``[{"HorizontalFlip": {"p": 0.5}}]`` for training and nothing for
+            evaluation.
+        min_visibility: boxes keeping less than this fraction of their area after a transform
+            are removed (counted and reported every epoch).
+        resize / min_sizes / max_size / fixed_size: the resize policy (``ResizePolicy``).
+        size_divisibility: pad batches to a multiple of this (default: the model's).
+        anchor_generator / target_config / box_coder: anchor setup when there is no model.
+        sampling_seed: seed of anchor sampling (default: the model RPN's ``seed``, else 0).
+        assign_targets: compute anchor targets in the workers (else the model does).
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["synthetic", "coco", "voc"] = "synthetic",
+        root: str | None = None,
+        train_split: str | None = "train",
+        val_split: str | None = "val",
+        test_split: str | None = None,
+        predict_split: str | None = None,
+        predict_images: str | None = None,
+        coco_images: str = "{split}",
+        coco_annotations: str = "annotations/instances_{split}.json",
+        category_ids: list[int] | None = None,
+        category_names: list[str] | None = None,
+        keep_difficult: bool = False,
+        include_crowd: bool = True,
+        on_bad_annotation: BadAnnotationPolicy = "raise",
+        verify_images: bool = False,
+        synthetic_train_images: int = 1000,
+        synthetic_val_images: int = 200,
+        synthetic_min_size: int = 128,
+        synthetic_max_size: int = 192,
+        synthetic_max_shapes: int = 6,
+        synthetic_min_box_size: float = 8.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        train_transforms: list[dict[str, Any]] | None = None,
+        val_transforms: list[dict[str, Any]] | None = None,
+        min_visibility: float = 0.3,
+        resize: Literal["none", "shortest_edge", "fixed"] = "none",
+        min_sizes: list[int] | None = None,
+        max_size: int = 1333,
+        fixed_size: list[int] | None = None,
+        size_divisibility: int | None = None,
+        anchor_generator: AnchorGenerator | None = None,
+        target_config: AnchorTargetConfig | None = None,
+        box_coder: BoxCoder | None = None,
+        sampling_seed: int | None = None,
+        assign_targets: bool = True,
+    ) -> None:
+        super().__init__()
+        if dataset not in ("synthetic", "coco", "voc"):
+            raise ValueError(f"RPNDataModule: dataset={dataset!r} is not one of 'synthetic', 'coco', 'voc'")
+        if dataset != "synthetic" and root is None:
+            raise ValueError(f"RPNDataModule: dataset={dataset!r} needs root (the dataset folder)")
+        check_policy(on_bad_annotation, "RPNDataModule")
+        if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0) or num_workers < 0:
+            raise ValueError(
+                f"RPNDataModule: batch_size={batch_size}, val_batch_size={val_batch_size} must be > 0 "
+                f"and num_workers={num_workers} >= 0"
+            )
+        self.save_hyperparameters(ignore=["anchor_generator", "target_config", "box_coder"])
+        self.dataset = dataset
+        self.root = None if root is None else Path(root)
+        self.splits = {"train": train_split, "val": val_split, "test": test_split,
+                       "predict": predict_split if predict_split is not None else val_split}
+        self.predict_images = predict_images
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.resize_policy = ResizePolicy(
+            resize, tuple(min_sizes) if min_sizes else (800,), max_size,
+            None if fixed_size is None else tuple(fixed_size),  # type: ignore[arg-type]
+        )
+        self.train_transform = DetectionTransform(
+            DEFAULT_TRAIN_TRANSFORMS if train_transforms is None else train_transforms,
+            min_visibility, self.resize_policy, train=True)
+        self.val_transform = DetectionTransform(val_transforms or [], min_visibility, self.resize_policy, train=False)
+        self.size_divisibility = size_divisibility
+        self.anchor_generator = anchor_generator
+        self.target_config = target_config
+        self.box_coder = box_coder
+        self.sampling_seed = sampling_seed
+        self.assign_targets = assign_targets
+        self.datasets: dict[str, Dataset] = {}
+        self.accounting = BoxAccounting()
+        self.last_report: dict[str, float] = {}
+        self._reported_epoch: dict[str, int] = {}
+        self._report_epoch = 0
+        self._collate: RPNCollate | None = None
+
+    # ---- datasets -------------------------------------------------------------------------
+    def build_dataset(self, split: str, on_bad_annotation: BadAnnotationPolicy | None = None) -> Dataset:
+        """The untransformed dataset of split ``split`` (a name such as ``"val2017"``)."""
+        hp = self.hparams
+        policy = on_bad_annotation or hp.on_bad_annotation
+        if self.dataset == "synthetic":
+            num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
+            return SyntheticShapes(num, hp.synthetic_min_size, hp.synthetic_max_size, hp.synthetic_max_shapes,
+                                   seed=hp.seed, split=split, min_box_size=hp.synthetic_min_box_size)
+        assert self.root is not None
+        if self.dataset == "coco":
+            return COCODetection(
+                self.root / hp.coco_images.format(split=split),
+                self.root / hp.coco_annotations.format(split=split),
+                category_ids=hp.category_ids, category_names=hp.category_names,
+                include_crowd=hp.include_crowd, on_bad_annotation=policy, verify_images=hp.verify_images,
+            )
+        return VOCDetection(self.root, split, keep_difficult=hp.keep_difficult, class_names=hp.category_names,
+                            on_bad_annotation=policy, verify_images=hp.verify_images)
+
+    def prepare_data(self) -> None:
+        """Nothing to download; checks that the dataset folder exists."""
+        if self.root is not None and not self.root.is_dir():
+            raise ValueError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r})")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage`` (all of them when ``None``) and take the model's anchors."""
+        self._resolve_anchors()
+        roles = _STAGE_SPLITS.get(stage, ()) if stage else ("train", "val", "test", "predict")
+        for role in roles:
+            if role in self.datasets:
+                continue
+            if role == "predict" and self.predict_images is not None:
+                raw: Dataset = ImageFolder(self.predict_images)
+            elif self.splits[role] is None:
+                continue
+            else:
+                raw = self.build_dataset(self.splits[role])  # type: ignore[arg-type]
+            problems = getattr(raw, "problems", None)
+            if problems is not None and len(problems):
+                rank_zero_info(f"RPNDataModule: {role} split {self.splits[role]!r}: "
+                               f"{len(problems)} annotation problems handled\n{problems.summary()}")
+            transform = self.train_transform if role == "train" else self.val_transform
+            self.datasets[role] = TransformedDataset(raw, transform)
+
+    # ---- anchors --------------------------------------------------------------------------
+    def _resolve_anchors(self, module: Any = None) -> None:
+        """Take the anchor setup from the model when there is one; check it agrees with ours."""
+        if module is None and self.trainer is not None:
+            module = getattr(self.trainer, "lightning_module", None)
+        if module is not None:
+            model_anchors = getattr(module, "anchor_generator", None)
+            if model_anchors is not None:
+                if self.anchor_generator is not None and not _same_anchors(self.anchor_generator, model_anchors):
+                    raise ValueError(
+                        "RPNDataModule: data.anchor_generator "
+                        f"{_describe_anchors(self.anchor_generator)} disagrees with the model's "
+                        f"{_describe_anchors(model_anchors)}; leave it unset to use the model's"
+                    )
+                self.anchor_generator = model_anchors
+            for name in ("target_config", "box_coder"):
+                model_value = getattr(module, name, None)
+                ours = getattr(self, name)
+                if model_value is None:
+                    continue
+                if ours is not None and not _same_setting(ours, model_value):
+                    raise ValueError(f"RPNDataModule: data.{name}={vars(ours)!r} disagrees with the model's "
+                                     f"{vars(model_value)!r}; leave it unset to use the model's")
+                setattr(self, name, model_value)
+            model_div = getattr(module, "size_divisibility", None)
+            if model_div is not None:
+                if self.size_divisibility is None:
+                    self.size_divisibility = int(model_div)
+                elif self.size_divisibility % int(model_div):
+                    raise ValueError(f"RPNDataModule: data.size_divisibility={self.size_divisibility} is not a "
+                                     f"multiple of the model's size_divisibility={int(model_div)}")
+            model_seed = getattr(getattr(module, "rpn", None), "seed", None)
+            if self.sampling_seed is None and model_seed is not None:
+                self.sampling_seed = int(model_seed)
+        self._collate = None
+
+    @property
+    def collate(self) -> RPNCollate:
+        """The batch collate for the current anchor setup (built on first use)."""
+        if self._collate is None:
+            self._collate = RPNCollate(
+                self.anchor_generator, self.target_config, self.box_coder, self.size_divisibility,
+                seed=self.sampling_seed or 0, assign_targets=self.assign_targets,
+            )
+        return self._collate
+
+    # ---- loaders --------------------------------------------------------------------------
+    def _loader(self, role: str, batch_size: int, shuffle: bool, collate: RPNCollate | None = None) -> DataLoader:
+        if role not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
+        if role not in self.datasets:
+            raise ValueError(f"RPNDataModule: no {role} split configured ({role}_split is None)")
+        return DataLoader(
+            self.datasets[role],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate or self.collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        no_targets = RPNCollate(self.anchor_generator, self.target_config, self.box_coder,
+                                self.size_divisibility, assign_targets=False)
+        return self._loader("predict", self.val_batch_size, shuffle=False, collate=no_targets)
+
+    def check_data(
+        self, model: Any = None, splits: Sequence[str] = ("train", "val"), check_images: bool = True
+    ) -> DatasetReport:
+        """The ``check-data`` report of ``splits`` (roles), with anchor coverage when anchors are known.
+
+        ``model`` (an ``RPNModule``) supplies the anchor setup, as in ``setup``.
+        """
+        self._resolve_anchors(model)
+        return validate_dataset(self, check_images=check_images, splits=splits)
+
+    # ---- reporting ------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count removed boxes and load problems; report each stage once per epoch."""
+        if isinstance(batch, RPNBatch):
+            trainer = self.trainer
+            stage = str(trainer.state.stage.value) if trainer is not None and trainer.state.stage else "run"
+            epoch = trainer.current_epoch if trainer is not None else 0
+            if self._reported_epoch.setdefault(stage, epoch) != epoch:
+                self.report()
+                self._reported_epoch = {stage: epoch}
+            self._report_epoch = epoch
+            self.accounting.add_batch(stage, batch)
+        return batch
+
+    def report(self) -> str:
+        """Print (rank zero) and return the counts since the last report, then reset them."""
+        if not self.accounting.stages():
+            return ""
+        text = f"RPNDataModule data report (epoch {self._report_epoch}):\n" + self.accounting.summary()
+        rank_zero_info(text)
+        self.last_report = self.accounting.metrics()
+        self.accounting.reset()
+        return text
+
+    def teardown(self, stage: str) -> None:
+        self.report()

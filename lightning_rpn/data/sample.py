@@ -1,0 +1,56 @@
+"""One dataset item: an image and its boxes, as every dataset of the package returns it.
+
+Shapes: ``H x W`` image, ``G`` ground-truth boxes, ``C`` crowd boxes. Boxes are
+``(x1, y1, x2, y2)`` float32 in pixels of ``image``; crowd boxes (COCO ``iscrowd``) are kept
+apart: they are neither positives nor negatives for anchor matching and do not count for recall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lightning_rpn.data.problems import Problem
+
+__all__ = ["DetectionSample", "empty_boxes"]
+
+
+def empty_boxes() -> np.ndarray:
+    """A float32 ``[0, 4]`` array."""
+    return np.zeros((0, 4), dtype=np.float32)
+
+
+@dataclass
+class DetectionSample:
+    """An image (``H x W x 3`` uint8 RGB) with its boxes and where it came from.
+
+    ``original_size`` is the ``(h, w)`` of the image as stored, before any transform;
+    ``removed_boxes`` counts ground-truth boxes that transforms removed (e.g. cropped away);
+    ``problems`` lists what was clipped or skipped while loading this item.
+    """
+
+    image: np.ndarray
+    boxes: np.ndarray
+    image_id: int | str
+    source: str
+    crowd_boxes: np.ndarray = field(default_factory=empty_boxes)
+    original_size: tuple[int, int] | None = None
+    removed_boxes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(
+                f"{self.source}, image {self.image_id!r}: expected an H x W x 3 uint8 image, "
+                f"got shape {self.image.shape} dtype {self.image.dtype}"
+            )
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.crowd_boxes = np.asarray(self.crowd_boxes, dtype=np.float32).reshape(-1, 4)
+        if self.original_size is None:
+            self.original_size = self.image_size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(h, w)`` of the image as it is now."""
+        return int(self.image.shape[0]), int(self.image.shape[1])

@@ -1,0 +1,305 @@
+"""Dataset checks for ``lightning-rpn check-data``: counts, box statistics, problems found.
+
+:func:`validate_dataset` takes a dataset (COCO, VOC, synthetic, or any dataset of
+:class:`~lightning_rpn.data.sample.DetectionSample` s) or an
+:class:`~lightning_rpn.data.datamodule.RPNDataModule` (each configured split is checked, its
+annotations read with ``on_bad_annotation="skip"`` so that every problem is listed rather than
+the first one raised). File-backed datasets are checked from their annotations plus image
+headers (no decoding); other datasets are iterated. Given anchors, the report adds their
+coverage of the gt boxes. The returned :class:`DatasetReport` prints as rich tables, converts
+to a dict, and says whether the data is :attr:`~DatasetReport.ok`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from rich.console import Console, Group
+from rich.progress import track
+from rich.table import Table
+from torch.utils.data import Dataset
+
+from lightning_rpn.boxes import box_iou
+from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset
+from lightning_rpn.data.collate import padded_size
+from lightning_rpn.data.image_io import read_image_size
+from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, ProblemLog, sanitize_boxes
+from lightning_rpn.data.transforms import ResizePolicy
+
+__all__ = ["validate_dataset", "DatasetReport", "SplitReport", "AnchorProbe", "PERCENTILES", "ASPECT_BUCKETS", "AREA_BUCKETS"]
+
+PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
+ASPECT_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf")))
+"""Width / height buckets (lower bound inclusive)."""
+AREA_BUCKETS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, float("inf"))}
+"""COCO box-area ranges in pixels squared."""
+
+
+@dataclass
+class SplitReport:
+    """Statistics and problems of one split."""
+
+    name: str
+    images: int = 0
+    empty_images: int = 0
+    boxes: int = 0
+    crowd_boxes: int = 0
+    image_heights: list[int] = field(default_factory=list)
+    image_widths: list[int] = field(default_factory=list)
+    box_widths: list[float] = field(default_factory=list)
+    box_heights: list[float] = field(default_factory=list)
+    problems: ProblemLog = field(default_factory=ProblemLog)
+    best_anchor_iou: list[float] = field(default_factory=list)
+    """Per checked gt box, the best IoU any anchor reaches (only with an anchor generator)."""
+
+    def _add(self, size: tuple[int, int] | None, boxes: np.ndarray, crowd: np.ndarray) -> None:
+        self.images += 1
+        self.empty_images += int(len(boxes) == 0)
+        self.boxes += len(boxes)
+        self.crowd_boxes += len(crowd)
+        if size is not None:
+            self.image_heights.append(int(size[0]))
+            self.image_widths.append(int(size[1]))
+        if len(boxes):
+            self.box_widths.extend((boxes[:, 2] - boxes[:, 0]).tolist())
+            self.box_heights.extend((boxes[:, 3] - boxes[:, 1]).tolist())
+
+    def percentiles(self) -> dict[str, list[float]]:
+        """Percentiles (:data:`PERCENTILES`) of box width, height, sqrt(area), aspect ratio (w / h)."""
+        if not self.box_widths:
+            return {}
+        w, h = np.asarray(self.box_widths), np.asarray(self.box_heights)
+        values = {"width": w, "height": h, "sqrt_area": np.sqrt(w * h), "aspect_w_over_h": w / h}
+        return {k: np.percentile(v, PERCENTILES).round(3).tolist() for k, v in values.items()}
+
+    def aspect_histogram(self) -> dict[str, int]:
+        w, h = np.asarray(self.box_widths), np.asarray(self.box_heights)
+        ratio = w / h if len(w) else w
+        return {f"[{lo:g}, {hi:g})": int(((ratio >= lo) & (ratio < hi)).sum()) for lo, hi in ASPECT_BUCKETS}
+
+    def area_histogram(self) -> dict[str, int]:
+        area = np.asarray(self.box_widths) * np.asarray(self.box_heights)
+        return {name: int(((area >= lo) & (area < hi)).sum()) for name, (lo, hi) in AREA_BUCKETS.items()}
+
+    def anchor_coverage(self) -> dict[str, float]:
+        """Fraction of gt boxes whose best anchor reaches IoU 0.3 / 0.5 / 0.7, and their median IoU."""
+        if not self.best_anchor_iou:
+            return {}
+        best = np.asarray(self.best_anchor_iou)
+        out = {f"best_iou>={t}": float((best >= t).mean()) for t in (0.3, 0.5, 0.7)}
+        out["median_best_iou"] = float(np.median(best))
+        out["boxes_checked"] = float(len(best))
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """No problems beyond boxes slightly outside the image (which are always clipped)."""
+        return all(p.kind == "slightly_outside" for p in self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images, "empty_images": self.empty_images, "boxes": self.boxes,
+            "crowd_boxes": self.crowd_boxes,
+            "image_height_range": [min(self.image_heights, default=0), max(self.image_heights, default=0)],
+            "image_width_range": [min(self.image_widths, default=0), max(self.image_widths, default=0)],
+            "box_percentiles": self.percentiles(), "aspect_histogram": self.aspect_histogram(),
+            "area_histogram": self.area_histogram(), "anchor_coverage": self.anchor_coverage(),
+            "problem_counts": {f"{k}/{a}": n for (k, a), n in sorted(self.problems.counts().items())},
+            "problems": [str(p) for p in self.problems],
+        }
+
+    def __rich__(self) -> Group:
+        summary = Table(title=f"split {self.name}", show_header=False)
+        summary.add_row("images", f"{self.images} ({self.empty_images} without boxes)")
+        summary.add_row("boxes", f"{self.boxes} (+{self.crowd_boxes} crowd / ignored)")
+        if self.image_heights:
+            summary.add_row("image h x w", f"{min(self.image_heights)}..{max(self.image_heights)} x "
+                                           f"{min(self.image_widths)}..{max(self.image_widths)}")
+        parts: list[Any] = [summary]
+        pct = self.percentiles()
+        if pct:
+            table = Table(title="box statistics (percentiles)")
+            table.add_column("")
+            for p in PERCENTILES:
+                table.add_column(f"p{p}", justify="right")
+            for key, row in pct.items():
+                table.add_row(key, *(f"{v:.3g}" for v in row))
+            parts.append(table)
+            hist = Table(title="aspect ratio w/h and area (COCO ranges)")
+            hist.add_column("bucket")
+            hist.add_column("boxes", justify="right")
+            for key, n in {**self.aspect_histogram(), **self.area_histogram()}.items():
+                hist.add_row(key, str(n))
+            parts.append(hist)
+        coverage = self.anchor_coverage()
+        if coverage:
+            table = Table(title=f"anchor coverage ({int(coverage['boxes_checked'])} boxes)", show_header=False)
+            for key, value in coverage.items():
+                if key != "boxes_checked":
+                    table.add_row(key, f"{value:.3f}")
+            parts.append(table)
+        problems = Table(title=f"problems found: {len(self.problems)}")
+        problems.add_column("kind")
+        problems.add_column("action")
+        problems.add_column("count", justify="right")
+        for (kind, action), n in sorted(self.problems.counts().items()):
+            problems.add_row(kind, action, str(n))
+        parts.append(problems)
+        for problem in list(self.problems)[:20]:
+            parts.append(f"  {problem}")
+        if len(self.problems) > 20:
+            parts.append(f"  ... and {len(self.problems) - 20} more")
+        return Group(*parts)
+
+
+@dataclass
+class DatasetReport:
+    """The reports of every checked split; ``print(report)`` or ``rich.print(report)``."""
+
+    splits: list[SplitReport]
+
+    @property
+    def num_problems(self) -> int:
+        return sum(len(s.problems) for s in self.splits)
+
+    @property
+    def ok(self) -> bool:
+        """Every split :attr:`SplitReport.ok` (``check-data`` exits non-zero otherwise)."""
+        return all(s.ok for s in self.splits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s.name: s.to_dict() for s in self.splits}
+
+    def __rich__(self) -> Group:
+        return Group(*self.splits)
+
+    def __str__(self) -> str:
+        buffer = io.StringIO()
+        Console(width=120, file=buffer, color_system=None).print(self)
+        return buffer.getvalue()
+
+
+class AnchorProbe:
+    """Best anchor IoU of gt boxes, on the first ``max_images`` images with boxes.
+
+    Images are resized with the evaluation resize policy and padded to ``size_divisibility``;
+    the anchors are those the model would use for that single-image batch.
+    """
+
+    def __init__(self, anchor_generator: Any, size_divisibility: int | None = None,
+                 resize: ResizePolicy | None = None, max_images: int = 500) -> None:
+        self.anchor_generator = anchor_generator
+        self.size_divisibility = size_divisibility or max(anchor_generator.strides)
+        self.resize = resize or ResizePolicy()
+        self.max_images = max_images
+        self.images = 0
+
+    def add(self, report: SplitReport, size: tuple[int, int] | None, boxes: np.ndarray) -> None:
+        if size is None or len(boxes) == 0 or self.images >= self.max_images:
+            return
+        self.images += 1
+        new_size = self.resize.target_size(size, train=False)
+        scale = np.array([new_size[1] / size[1], new_size[0] / size[0]] * 2, dtype=np.float32)
+        padded = padded_size([new_size], self.size_divisibility)
+        anchors = torch.cat(self.anchor_generator(self.anchor_generator.feature_shapes_for(padded)))
+        best = box_iou(torch.from_numpy(np.asarray(boxes, np.float32) * scale), anchors).amax(dim=1)
+        report.best_anchor_iou.extend(best.tolist())
+
+
+def _check_annotated(
+    dataset: AnnotatedDataset, report: SplitReport, check_images: bool, probe: AnchorProbe | None
+) -> None:
+    report.problems.extend(dataset.problems)
+    records = dataset.records
+    for record in track(records, description=f"Checking {report.name}", disable=len(records) < PROGRESS_MIN_ITEMS,
+                        transient=True):
+        size = record.size
+        if check_images:
+            try:
+                size = read_image_size(record.file, image_id=record.image_id)
+            except DataError as error:
+                report.problems.add(Problem("unreadable_image", "skipped", str(error),
+                                            record.annotation_file, record.image_id))
+                continue
+            if record.size is not None and record.size != size:
+                report.problems.add(Problem(
+                    "size_mismatch", "clipped",
+                    f"image file {record.file} is {size[1]}x{size[0]} (w x h) but the annotation says "
+                    f"{record.size[1]}x{record.size[0]}", record.annotation_file, record.image_id))
+        boxes, crowd = record.boxes, record.crowd_boxes
+        if size is not None and (not record.checked or size != record.size):
+            ref = AnnotationRef(record.annotation_file, record.image_id)
+            boxes, _ = sanitize_boxes(boxes, record.annotation_ids, size, "skip", ref, report.problems,
+                                      dataset.stores_xyxy)
+            crowd, _ = sanitize_boxes(crowd, record.crowd_annotation_ids, size, "skip", ref, report.problems,
+                                      dataset.stores_xyxy)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        report._add(size, boxes, np.asarray(crowd, np.float32).reshape(-1, 4))
+        if probe is not None:
+            probe.add(report, size, boxes)
+
+
+def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | None) -> None:
+    n = len(dataset)  # type: ignore[arg-type]
+    for index in track(range(n), description=f"Checking {report.name}", disable=n < PROGRESS_MIN_ITEMS,
+                       transient=True):
+        try:
+            sample = dataset[index]
+        except DataError as error:
+            report.problems.add(Problem("unreadable_item", "skipped", str(error), error.file, error.image_id,
+                                        error.annotation_id))
+            continue
+        report.problems.extend(sample.problems)
+        report._add(sample.image_size, sample.boxes, sample.crowd_boxes)
+        if probe is not None:
+            probe.add(report, sample.image_size, sample.boxes)
+
+
+def validate_dataset(
+    target: Any,
+    check_images: bool = True,
+    name: str = "dataset",
+    splits: Sequence[str] = ("train", "val", "test"),
+    anchor_generator: Any = None,
+    size_divisibility: int | None = None,
+    resize: ResizePolicy | None = None,
+    max_anchor_images: int = 500,
+) -> DatasetReport:
+    """Check a dataset, or the ``splits`` (roles) of an ``RPNDataModule``; a :class:`DatasetReport`.
+
+    ``check_images`` reads each image header of file-backed datasets (missing, corrupt and
+    mis-sized files are reported as problems). With an ``anchor_generator`` (a data module's
+    own, by default), the report adds anchor coverage: the best anchor IoU of the gt boxes of
+    the first ``max_anchor_images`` images, after the evaluation ``resize``.
+    """
+    if isinstance(target, Dataset):
+        datasets = [(name, target)]
+    elif callable(getattr(target, "build_dataset", None)) and isinstance(getattr(target, "splits", None), dict):
+        datasets = []  # an RPNDataModule (duck-typed: no Lightning import here)
+        for role in splits:
+            if role not in target.splits:
+                raise ValueError(f"validate_dataset: unknown split role {role!r}; expected one of {sorted(target.splits)}")
+            split = target.splits[role]
+            if split is not None:
+                datasets.append((f"{role} ({split})", target.build_dataset(split, on_bad_annotation="skip")))
+        anchor_generator = anchor_generator or getattr(target, "anchor_generator", None)
+        size_divisibility = size_divisibility or getattr(target, "size_divisibility", None)
+        resize = resize or getattr(target, "resize_policy", None)
+    else:
+        raise TypeError(f"validate_dataset: expected a Dataset or RPNDataModule, got {type(target).__name__}")
+    reports = []
+    for split_name, dataset in datasets:
+        report = SplitReport(split_name)
+        probe = None if anchor_generator is None else AnchorProbe(
+            anchor_generator, size_divisibility, resize, max_anchor_images)
+        inner = getattr(dataset, "dataset", dataset)  # unwrap TransformedDataset
+        if isinstance(inner, AnnotatedDataset):
+            _check_annotated(inner, report, check_images, probe)
+        else:
+            _check_items(inner, report, probe)
+        reports.append(report)
+    return DatasetReport(reports)

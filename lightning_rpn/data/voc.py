@@ -1,0 +1,130 @@
+"""Pascal VOC (``JPEGImages/``, ``Annotations/*.xml``, ``ImageSets/Main/{split}.txt``).
+
+VOC pixel coordinates are 1-based and inclusive; a box ``xmin..xmax`` becomes
+``(xmin - 1, ymin - 1, xmax, ymax)`` in the package's 0-based xyxy convention. Every class
+collapses to one "object" class (``class_names`` keeps only some). ``difficult`` objects are
+left out of the ground truth by default but kept as crowd boxes, so that anchors on them are
+neither positives nor negatives and recall does not count them; ``keep_difficult=True`` makes
+them ordinary ground truth.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
+from lightning_rpn.data.image_io import resolve_image_path
+from lightning_rpn.data.problems import AnnotationRef, BadAnnotationPolicy, DataError, Problem, UnsafePathError
+
+__all__ = ["VOCDetection", "read_split_ids"]
+
+
+def read_split_ids(root: Path | str, split: str) -> list[str]:
+    """Image ids listed in ``root/ImageSets/Main/{split}.txt`` (first column, blank lines skipped)."""
+    path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"VOC split file for split {split!r} does not exist", file=str(path))
+    ids = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"image id {duplicate!r} is listed twice", file=str(path))
+    return ids
+
+
+class VOCDetection(AnnotatedDataset):
+    """The images of ``split`` under a VOC ``root`` (the folder holding ``JPEGImages`` etc.).
+
+    Args:
+        root: e.g. ``VOCdevkit/VOC2007``.
+        split: name of the ``ImageSets/Main`` list (``train``, ``val``, ``trainval``, ``test``).
+        keep_difficult: treat ``difficult`` objects as ground truth (default: crowd boxes).
+        class_names: keep only these classes (others are left out, not a problem).
+        on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"``.
+        verify_images: read every image header now (missing / corrupt / mis-sized images).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        split: str = "trainval",
+        keep_difficult: bool = False,
+        class_names: Sequence[str] | None = None,
+        on_bad_annotation: BadAnnotationPolicy = "raise",
+        verify_images: bool = False,
+    ) -> None:
+        super().__init__(on_bad_annotation, verify_images)
+        self.root = Path(root)
+        self.split = split
+        self.keep_difficult = keep_difficult
+        self.class_names = None if class_names is None else set(class_names)
+        split_file = str(self.root / "ImageSets" / "Main" / f"{split}.txt")
+        for image_id in self._progress(read_split_ids(self.root, split), f"Reading VOC {split}"):
+            xml_path = resolve_image_path(self.root / "Annotations", f"{image_id}.xml", file=split_file, image_id=image_id)
+            try:
+                record = self._parse(image_id, xml_path)
+            except DataError as error:
+                if self.on_bad_annotation == "raise" or isinstance(error, UnsafePathError):
+                    raise
+                self.problems.add(Problem("bad_annotation_file", "skipped", str(error), str(xml_path), image_id))
+                continue
+            self.records.append(record)
+        self._finish()
+
+    def _parse(self, image_id: str, xml_path: Path) -> ImageRecord:
+        where = str(xml_path)
+        if not xml_path.is_file():
+            raise DataError("annotation file does not exist", file=where, image_id=image_id)
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except ET.ParseError as error:
+            raise DataError(f"annotation XML is malformed ({error})", file=where, image_id=image_id) from error
+        file_name = (tree.findtext("filename") or "").strip() or f"{image_id}.jpg"
+        path = resolve_image_path(self.root / "JPEGImages", file_name, file=where, image_id=image_id)
+        size = None
+        size_node = tree.find("size")
+        if size_node is not None and size_node.findtext("width") and size_node.findtext("height"):
+            try:
+                width, height = int(float(size_node.findtext("width"))), int(float(size_node.findtext("height")))  # type: ignore[arg-type]
+            except ValueError as error:
+                raise DataError(f"<size> is not numeric ({error})", file=where, image_id=image_id) from error
+            size = (height, width) if width > 0 and height > 0 else None
+        record = ImageRecord(image_id, path, where, size)
+        boxes, ids, crowd, crowd_ids = [], [], [], []
+        for index, obj in enumerate(tree.findall("object")):
+            name = (obj.findtext("name") or "").strip()
+            if self.class_names is not None and name not in self.class_names:
+                continue
+            ann_id = f"object {index} ({name})"
+            node = obj.find("bndbox")
+            try:
+                xmin, ymin, xmax, ymax = (float(node.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr,arg-type]
+            except (AttributeError, TypeError, ValueError):
+                detail = "<bndbox> is missing or has a non-numeric xmin/ymin/xmax/ymax"
+                if self.on_bad_annotation == "raise":
+                    raise DataError(detail, file=where, image_id=image_id, annotation_id=ann_id) from None
+                self.problems.add(Problem("malformed_bbox", "skipped", detail, where, image_id, ann_id))
+                continue
+            box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
+            difficult = (obj.findtext("difficult") or "0").strip() == "1"
+            if difficult and not self.keep_difficult:
+                crowd.append(box)
+                crowd_ids.append(ann_id)
+            else:
+                boxes.append(box)
+                ids.append(ann_id)
+        record.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        record.annotation_ids = ids
+        record.crowd_boxes = np.asarray(crowd, dtype=np.float64).reshape(-1, 4)
+        record.crowd_annotation_ids = crowd_ids
+        if size is None:
+            record.checked = False
+        else:
+            ref = AnnotationRef(where, image_id)
+            record.boxes, record.annotation_ids = self._check_boxes(record.boxes, ids, size, ref, self.problems)
+            record.crowd_boxes, record.crowd_annotation_ids = self._check_boxes(
+                record.crowd_boxes, crowd_ids, size, ref, self.problems)
+        return record

@@ -1,0 +1,201 @@
+"""The RPN loss: objectness log loss + box regression over sampled anchors.
+
+Shapes: ``B`` images, ``L`` levels, ``N`` anchors of an image (all levels, in anchor-generator
+order), ``S`` sampled anchors of the batch (label 0 or 1), ``S+`` positive anchors (label 1).
+
+The source document's loss is
+
+    L = (1 / N_cls) * sum_i L_cls(p_i, p*_i) + lambda * (1 / N_reg) * sum_i p*_i * L_reg(t_i, t*_i)
+
+with ``L_cls`` the log loss over the sampled anchors and ``L_reg`` the smooth L1 loss over the
+four coordinates of the positive anchors. Two normalisations are offered:
+
+- ``"sampled"`` (torchvision / detectron2 recipe, default): ``N_cls = N_reg = S``, the number
+  of sampled anchors in the batch, and ``lambda = 1``.
+- ``"paper"`` (Faster R-CNN paper): ``N_cls = S``, ``N_reg`` = the number of anchor
+  *locations* = ``num_anchor_locations`` (``sum_l H_l * W_l`` of one image) times ``B``, and
+  ``lambda = 10``.
+
+``smooth_l1(x) = 0.5 * x**2 / beta if |x| < beta else |x| - 0.5 * beta`` (``beta = 1/9`` as in
+torchvision / detectron2; the paper's form is ``beta = 1``). ``box_loss="l1"`` uses ``|x|``
+and ``box_loss="giou"`` uses ``1 - GIoU`` of the decoded predicted and target boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .box_coder import BoxCoder
+from .boxes import aligned_giou
+
+__all__ = ["rpn_loss", "LOSS_NORMALIZATIONS", "BOX_LOSSES"]
+
+LOSS_NORMALIZATIONS: tuple[str, ...] = ("sampled", "paper")
+BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "l1", "giou")
+
+
+def _concat_levels(value: Tensor | Sequence[Tensor], name: str) -> Tensor:
+    """Accept one ``[B, N, ...]`` tensor or a per-level list of ``[B, N_l, ...]`` tensors."""
+    if isinstance(value, Tensor):
+        return value
+    if len(value) == 0:
+        raise ValueError(f"rpn_loss: {name} is an empty list; expected one tensor per level")
+    return torch.cat(list(value), dim=1)
+
+
+def _first_non_finite(values: Tensor, mask: Tensor) -> str | None:
+    """Describe the non-finite rows of ``values[mask]`` (count, first image and anchor), if any."""
+    finite = torch.isfinite(values)
+    if finite.dim() > mask.dim():
+        finite = finite.all(dim=-1)
+    bad = torch.nonzero(mask & ~finite)
+    if bad.shape[0] == 0:
+        return None
+    image, anchor = (int(v) for v in bad[0])
+    return f"{bad.shape[0]} anchor(s), first at image {image}, anchor {anchor}: {values[image, anchor].tolist()}"
+
+
+def rpn_loss(
+    pred_objectness: Tensor | Sequence[Tensor],
+    pred_deltas: Tensor | Sequence[Tensor],
+    anchor_labels: Tensor,
+    target_deltas: Tensor,
+    *,
+    normalization: Literal["sampled", "paper"] = "sampled",
+    reg_weight: float | None = None,
+    smooth_l1_beta: float = 1.0 / 9.0,
+    box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1",
+    anchors: Tensor | Sequence[Tensor] | None = None,
+    box_coder: BoxCoder | None = None,
+    num_anchor_locations: int | None = None,
+) -> dict[str, Tensor]:
+    """RPN objectness + regression losses, ``{"loss_rpn_cls", "loss_rpn_reg"}`` (fp32 scalars).
+
+    Args:
+        pred_objectness: logits ``[B, N]`` (sigmoid head) or ``[B, N, 2]`` (softmax head, a
+            (background, object) pair -> cross-entropy), or a per-level list of those.
+        pred_deltas: ``[B, N, 4]`` (or a per-level list).
+        anchor_labels: integer ``[B, N]``: 1 positive, 0 negative, -1 not sampled.
+        target_deltas: ``[B, N, 4]`` encoded matched gt boxes (read only where the label is 1).
+        normalization: ``"sampled"`` or ``"paper"`` (see the module docstring).
+        reg_weight: ``lambda``; ``None`` -> 1 for ``"sampled"``, 10 for ``"paper"``.
+        smooth_l1_beta: smooth-L1 transition point (0 gives L1).
+        box_loss: ``"smooth_l1"``, ``"l1"`` or ``"giou"``.
+        anchors: ``[N, 4]`` (or per level) anchors, shared by the images; ``"giou"`` only.
+        box_coder: decodes deltas to boxes; ``"giou"`` only.
+        num_anchor_locations: anchor locations of ONE image (``sum_l H_l * W_l``);
+            ``"paper"`` only, where ``N_reg = num_anchor_locations * B``.
+
+    No sampled anchors gives zero losses that are still connected to the predictions. A
+    non-finite loss raises ``ValueError`` naming the input (and anchor) that caused it.
+    """
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"rpn_loss: normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"rpn_loss: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+    if smooth_l1_beta < 0:
+        raise ValueError(f"rpn_loss: smooth_l1_beta must be >= 0, got {smooth_l1_beta}")
+    if reg_weight is None:
+        reg_weight = 1.0 if normalization == "sampled" else 10.0
+
+    objectness = _concat_levels(pred_objectness, "pred_objectness")
+    deltas = _concat_levels(pred_deltas, "pred_deltas")
+    if anchor_labels.dim() != 2:
+        raise ValueError(f"rpn_loss: anchor_labels must be [B, N], got {tuple(anchor_labels.shape)}")
+    if anchor_labels.dtype.is_floating_point or anchor_labels.dtype == torch.bool:
+        raise TypeError(f"rpn_loss: anchor_labels must be an integer tensor (1/0/-1), got {anchor_labels.dtype}")
+    batch, num = anchor_labels.shape
+    softmax = objectness.dim() == 3
+    if objectness.shape[:2] != (batch, num) or (softmax and objectness.shape[2] != 2) or objectness.dim() > 3:
+        raise ValueError(
+            f"rpn_loss: pred_objectness has shape {tuple(objectness.shape)}, expected [{batch}, {num}] "
+            f"or [{batch}, {num}, 2] to match anchor_labels"
+        )
+    for name, value in (("pred_deltas", deltas), ("target_deltas", target_deltas)):
+        if tuple(value.shape) != (batch, num, 4):
+            raise ValueError(f"rpn_loss: {name} has shape {tuple(value.shape)}, expected [{batch}, {num}, 4]")
+    labels = anchor_labels.to(objectness.device)
+    if bool(((labels < -1) | (labels > 1)).any()):
+        bad = labels[(labels < -1) | (labels > 1)][0].item()
+        raise ValueError(f"rpn_loss: anchor_labels must be 1, 0 or -1, found {bad}")
+
+    if normalization == "paper":
+        if num_anchor_locations is None or num_anchor_locations < 1:
+            raise ValueError(
+                "rpn_loss: normalization='paper' needs num_anchor_locations (anchor locations of one "
+                f"image, sum of H_l * W_l over levels) >= 1, got {num_anchor_locations!r}"
+            )
+    flat_anchors: Tensor | None = None
+    if box_loss == "giou":
+        if anchors is None or box_coder is None:
+            raise ValueError("rpn_loss: box_loss='giou' needs both anchors and box_coder to decode boxes")
+        flat_anchors = anchors if isinstance(anchors, Tensor) else torch.cat(list(anchors), dim=0)
+        if flat_anchors.dim() == 2:
+            flat_anchors = flat_anchors.unsqueeze(0).expand(batch, -1, -1)
+        if tuple(flat_anchors.shape) != (batch, num, 4):
+            raise ValueError(
+                f"rpn_loss: anchors have shape {tuple(flat_anchors.shape)}, expected [{num}, 4] or [{batch}, {num}, 4]"
+            )
+
+    sampled = labels >= 0
+    positive = labels == 1
+    target_deltas = target_deltas.to(deltas.device)
+    device_type = objectness.device.type if torch.amp.is_autocast_available(objectness.device.type) else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        sampled_logits = objectness[sampled].float()
+        sampled_labels = labels[sampled]
+        if softmax:
+            cls_sum = F.cross_entropy(sampled_logits, sampled_labels, reduction="sum")
+        else:
+            cls_sum = F.binary_cross_entropy_with_logits(sampled_logits, sampled_labels.float(), reduction="sum")
+
+        pos_pred = deltas[positive].float()
+        pos_target = target_deltas[positive].float()
+        if box_loss == "smooth_l1":
+            reg_sum = F.smooth_l1_loss(pos_pred, pos_target, beta=smooth_l1_beta, reduction="sum")
+        elif box_loss == "l1":
+            reg_sum = F.l1_loss(pos_pred, pos_target, reduction="sum")
+        else:
+            assert flat_anchors is not None and box_coder is not None
+            pos_anchors = flat_anchors.to(deltas.device)[positive].float()
+            pred_boxes = box_coder.decode(pos_pred, pos_anchors)
+            target_boxes = box_coder.decode(pos_target, pos_anchors)
+            reg_sum = (1.0 - aligned_giou(pred_boxes, target_boxes)).sum()
+
+        num_sampled = sampled.sum().clamp(min=1).float()
+        num_reg = num_sampled if normalization == "sampled" else float(num_anchor_locations * batch)
+        loss_cls = cls_sum / num_sampled
+        loss_reg = reg_sum * float(reg_weight) / num_reg
+
+    if not bool(torch.isfinite(loss_cls + loss_reg)):
+        raise ValueError(_explain_non_finite(objectness, deltas, target_deltas, sampled, positive, loss_cls, loss_reg))
+    return {"loss_rpn_cls": loss_cls, "loss_rpn_reg": loss_reg}
+
+
+def _explain_non_finite(
+    objectness: Tensor,
+    deltas: Tensor,
+    target_deltas: Tensor,
+    sampled: Tensor,
+    positive: Tensor,
+    loss_cls: Tensor,
+    loss_reg: Tensor,
+) -> str:
+    """Name the input whose non-finite values made the loss non-finite."""
+    for name, values, mask, which in (
+        ("pred_objectness", objectness, sampled, "sampled"),
+        ("pred_deltas", deltas, positive, "positive"),
+        ("target_deltas", target_deltas, positive, "positive"),
+    ):
+        found = _first_non_finite(values, mask)
+        if found is not None:
+            return f"rpn_loss: non-finite {name} at {which} {found}"
+    return (
+        f"rpn_loss: the loss is non-finite (loss_rpn_cls={loss_cls.item()}, loss_rpn_reg={loss_reg.item()}) "
+        "although the sampled inputs are finite; check reg_weight and the decoded boxes"
+    )

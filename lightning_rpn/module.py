@@ -1,0 +1,479 @@
+"""RPNModule: a backbone + :class:`~lightning_rpn.rpn.RPN` as a LightningModule.
+
+Shapes: ``B`` images, ``Hp x Wp`` the padded batch, ``N`` anchors of an image, ``G`` gt boxes,
+``P`` proposals of an image.
+
+The Python defaults are detectron2's ``rpn_R_50_FPN_1x`` recipe (ResNet-50 FPN, anchors 32-512
+on P2-P6, ratios 0.5/1/2, 256 sampled anchors per image, 2000/1000 pre/post-NMS proposals in
+training and 1000/1000 in evaluation, NMS 0.7, L1 box loss, SGD lr 0.02 with a 1000-step linear
+warm-up and x0.1 decays at 60k and 80k steps), so a config only states what differs.
+
+Batches are :class:`~lightning_rpn.data.batch.RPNBatch` objects: uint8 images (converted here
+to float and normalised with ImageNet mean/std), ``image_sizes`` after resize, the gt boxes and,
+when the data pipeline assigned them in its workers, ``anchor_labels`` / ``target_deltas``.
+Without precomputed targets the RPN assigns them in the model, with the same functions.
+
+``backbone`` is a name of :data:`lightning_rpn.backbones.BACKBONES` or any ``nn.Module`` with
+the backbone interface: ``forward(images [B, 3, H, W] float, normalised) -> list`` of level
+features ``[B, out_channels, H_l, W_l]`` (finest first), and the attributes ``out_channels``
+(int), ``strides`` (tuple of ints, one per level) and ``size_divisibility`` (int).
+
+The data pipeline reads ``anchor_generator``, ``target_config``, ``box_coder`` and
+``size_divisibility`` from this module, so model and data cannot disagree about anchors.
+Evaluation fills ``val_recall`` (a :class:`~lightning_rpn.metrics.ProposalRecall`); at the end
+of each validation / test epoch every ``compute()`` key is logged as ``val/{key}`` /
+``test/{key}``, copied to ``last_recall`` (``dict[str, float]``) with the recall curves in
+``last_recall_curves``, and the metric is reset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.backbones import build_backbone, check_backbone
+from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.boxes import clip_boxes_to_image
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.image_io import load_rgb_image
+from lightning_rpn.data.sample import DetectionSample, empty_boxes
+from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
+from lightning_rpn.head import RPNHead
+from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
+from lightning_rpn.rpn import RPN
+from lightning_rpn.targets import AnchorTargetConfig
+
+__all__ = ["RPNModule", "LRSchedule"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class LRSchedule:
+    """Learning-rate factor of a step: linear warm-up, then multi-step or cosine decay.
+
+    A callable object (not a lambda) so that ``LambdaLR`` can save it in checkpoints.
+    """
+
+    warmup_steps: int
+    warmup_factor: float
+    kind: Literal["multistep", "cosine"]
+    milestones: tuple[int, ...]
+    gamma: float
+    total_steps: int
+    min_factor: float
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "multistep":
+            factor = self.gamma ** bisect.bisect_right(self.milestones, step)
+        else:
+            progress = min(step, self.total_steps) / max(self.total_steps, 1)
+            cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+            factor = self.min_factor + (1.0 - self.min_factor) * cosine
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            factor *= self.warmup_factor * (1.0 - alpha) + alpha
+        return factor
+
+
+class RPNModule(pl.LightningModule):
+    """Train and evaluate a Region Proposal Network (see the module docstring).
+
+    Args:
+        backbone: a built-in backbone name or an ``nn.Module`` with the backbone interface.
+        weights: torchvision weight name (``"ResNet50_Weights.IMAGENET1K_V1"``) or a local
+            checkpoint of the classification network, for a named backbone; ``None``: random.
+        trainable_layers: backbone stages (from the top) that train; ``None``: 3 with weights,
+            all without.
+        frozen_bn: FrozenBatchNorm2d in the backbone; ``None``: frozen iff weights are given.
+        anchor_sizes: anchor sizes (pixels) per level, or one tuple for every level.
+        aspect_ratios: ``h / w`` ratios per level, or one tuple for every level.
+        anchor_offset: anchor centres at ``(offset + j * anchor_stride) * stride``.
+        anchor_stride: anchors at every n-th feature cell (the head's first conv stride).
+        fg_iou: IoU at or above which an anchor is positive.
+        bg_iou: IoU below which an anchor is negative.
+        allow_low_quality: also make each gt box's best anchors positive.
+        allowed_border: ignore anchors sticking out of the image by more than this (pixels);
+            ``None`` keeps them all.
+        batch_size_per_image: anchors sampled per image for the loss.
+        positive_fraction: largest share of positives among the sampled anchors.
+        crowd_ioa: ignore anchors whose intersection-over-anchor with a crowd box reaches this.
+        box_coder_weights: ``(wx, wy, ww, wh)`` delta weights.
+        head_conv_depth: 3x3 conv layers in the head.
+        head_conv_channels: their channels (``None``: the backbone's ``out_channels``).
+        objectness: ``"sigmoid"`` (A logits) or ``"softmax"`` (2A logits, the paper's head).
+        loss_normalization: ``"sampled"`` (detectron2/torchvision) or ``"paper"``.
+        reg_weight: box-loss weight lambda (``None``: 1 for "sampled", 10 for "paper").
+        box_loss: ``"smooth_l1"``, ``"l1"`` or ``"giou"``.
+        smooth_l1_beta: beta of the smooth L1 loss.
+        pre_nms_top_n_train: proposals kept per level before NMS in training.
+        post_nms_top_n_train: proposals kept per image after NMS in training.
+        pre_nms_top_n_test: proposals kept per level before NMS in evaluation.
+        post_nms_top_n_test: proposals kept per image after NMS in evaluation.
+        nms_thresh: NMS IoU threshold.
+        min_size: proposals with a side below this (pixels) are dropped.
+        score_thresh: proposals with an objectness probability below this are dropped.
+        anchor_sampling_seed: seed of the anchor sampling (mixed with each image id); the data
+            module uses it too, through ``rpn.seed``.
+        optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: weight decay (not applied to normalisation layers).
+        lr_schedule: ``"multistep"`` (x ``gamma`` at each milestone) or ``"cosine"`` (to
+            ``min_lr_factor * lr`` at the last training step).
+        warmup_steps: steps of linear warm-up from ``warmup_factor * lr``.
+        warmup_factor: starting fraction of the learning rate.
+        milestones: optimizer steps at which the multi-step schedule decays.
+        gamma: decay factor of the multi-step schedule.
+        min_lr_factor: final fraction of the learning rate of the cosine schedule.
+        recall_iou_thresholds: IoU thresholds averaged by AR.
+        recall_max_proposals: proposal budgets k reported as ``AR@k``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet50_fpn",
+        weights: str | None = None,
+        trainable_layers: int | None = None,
+        frozen_bn: bool | None = None,
+        anchor_sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,)),
+        aspect_ratios: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0),),
+        anchor_offset: float = 0.0,
+        anchor_stride: int = 1,
+        fg_iou: float = 0.7,
+        bg_iou: float = 0.3,
+        allow_low_quality: bool = True,
+        allowed_border: float | None = None,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        crowd_ioa: float | None = None,
+        box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+        head_conv_depth: int = 1,
+        head_conv_channels: int | None = None,
+        objectness: Literal["sigmoid", "softmax"] = "sigmoid",
+        loss_normalization: Literal["sampled", "paper"] = "sampled",
+        reg_weight: float | None = None,
+        box_loss: Literal["smooth_l1", "l1", "giou"] = "l1",
+        smooth_l1_beta: float = 1.0 / 9.0,
+        pre_nms_top_n_train: int = 2000,
+        post_nms_top_n_train: int = 1000,
+        pre_nms_top_n_test: int = 1000,
+        post_nms_top_n_test: int = 1000,
+        nms_thresh: float = 0.7,
+        min_size: float = 1e-3,
+        score_thresh: float = 0.0,
+        anchor_sampling_seed: int = 0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        lr_schedule: Literal["multistep", "cosine"] = "multistep",
+        warmup_steps: int = 1000,
+        warmup_factor: float = 0.001,
+        milestones: tuple[int, ...] = (60000, 80000),
+        gamma: float = 0.1,
+        min_lr_factor: float = 0.0,
+        recall_iou_thresholds: tuple[float, ...] = DEFAULT_IOU_THRESHOLDS,
+        recall_max_proposals: tuple[int, ...] = (100, 300, 1000),
+    ) -> None:
+        super().__init__()
+        custom_backbone = isinstance(backbone, nn.Module)
+        self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
+        if custom_backbone:
+            check_backbone(backbone, where="RPNModule(backbone=...)")
+            self.backbone = backbone
+        elif isinstance(backbone, str):
+            self.backbone = build_backbone(backbone, weights, trainable_layers, frozen_bn)
+        else:
+            raise TypeError(
+                f"RPNModule: backbone must be a backbone name or an nn.Module, "
+                f"got {type(backbone).__name__}"
+            )
+
+        strides = tuple(self.backbone.strides)
+        try:
+            self.anchor_generator = AnchorGenerator(
+                anchor_sizes, aspect_ratios, strides, offset=anchor_offset, anchor_stride=anchor_stride
+            )
+            num_anchors = self.anchor_generator.num_anchors_per_location()
+        except (TypeError, ValueError) as error:
+            raise type(error)(
+                f"model.anchor_sizes / model.aspect_ratios do not fit the backbone "
+                f"{type(self.backbone).__name__} with strides {strides}: {error}"
+            ) from None
+        self.box_coder = BoxCoder(box_coder_weights)
+        self.target_config = AnchorTargetConfig(
+            fg_iou=fg_iou,
+            bg_iou=bg_iou,
+            allow_low_quality=allow_low_quality,
+            allowed_border=allowed_border,
+            batch_size_per_image=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            crowd_ioa=crowd_ioa,
+        )
+        self.size_divisibility = int(self.backbone.size_divisibility)
+        head = RPNHead(
+            self.backbone.out_channels,
+            num_anchors,
+            conv_channels=head_conv_channels,
+            conv_depth=head_conv_depth,
+            objectness=objectness,
+            anchor_stride=anchor_stride,
+        )
+        self.rpn = RPN(
+            self.anchor_generator,
+            head=head,
+            in_channels=self.backbone.out_channels,
+            box_coder=self.box_coder,
+            target_config=self.target_config,
+            pre_nms_top_n_train=pre_nms_top_n_train,
+            post_nms_top_n_train=post_nms_top_n_train,
+            pre_nms_top_n_test=pre_nms_top_n_test,
+            post_nms_top_n_test=post_nms_top_n_test,
+            nms_thresh=nms_thresh,
+            min_size=min_size,
+            score_thresh=score_thresh,
+            loss_normalization=loss_normalization,
+            reg_weight=reg_weight,
+            smooth_l1_beta=smooth_l1_beta,
+            box_loss=box_loss,
+            objectness=objectness,
+            seed=anchor_sampling_seed,
+        )
+        self.register_buffer(
+            "pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False
+        )
+        self.val_recall = ProposalRecall(
+            iou_thresholds=recall_iou_thresholds, max_proposals=recall_max_proposals
+        )
+        self.last_recall: dict[str, float] = {}
+        self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
+
+    # ------------------------------------------------------------------ forward
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet mean/std."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"RPNModule: expected images [B, 3, H, W], got shape {tuple(images.shape)}"
+            )
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def _check_padding(self, images: Tensor) -> None:
+        height, width = images.shape[-2:]
+        if height % self.size_divisibility or width % self.size_divisibility:
+            raise ValueError(
+                f"RPNModule: batch images are {height}x{width}, not a multiple of the backbone's "
+                f"size_divisibility {self.size_divisibility}; pad the batch (RPNDataModule does)"
+            )
+
+    def forward(
+        self, batch: RPNBatch, need_proposals: bool = True, with_targets: bool = True
+    ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """Proposals per image ``(boxes [P, 4], scores [P])`` in resized-image pixels, and losses.
+
+        Losses are computed when ``with_targets`` (from ``batch.anchor_targets`` when present,
+        else from the gt boxes).
+        """
+        self._check_padding(batch.images)
+        features = self.backbone(self.normalize(batch.images))
+        if isinstance(features, dict):
+            features = list(features.values())
+        return self.rpn(
+            features,
+            batch.image_sizes,
+            targets=batch.targets if with_targets else None,
+            anchor_targets=batch.anchor_targets if with_targets else None,
+            image_ids=batch.image_ids,
+            need_proposals=need_proposals,
+        )
+
+    # ------------------------------------------------------------------ steps
+    def _run(self, batch: RPNBatch, stage: str, **kwargs: Any) -> tuple[list, dict[str, Tensor]]:
+        """``forward`` with the batch's image ids added to any error (e.g. a non-finite loss)."""
+        try:
+            return self(batch, **kwargs)
+        except ValueError as error:
+            hint = ""
+            if "non-finite" in str(error):
+                hint = (
+                    "; lower model.lr, set trainer.gradient_clip_val, or check these images' boxes"
+                )
+            raise ValueError(
+                f"RPNModule {stage} step (global step {self.global_step}) on images "
+                f"{list(batch.image_ids)}: {error}{hint}"
+            ) from error
+
+    def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> Tensor:
+        loss = losses["loss_rpn_cls"] + losses["loss_rpn_reg"]
+        on_step = stage == "train"
+        values = {f"{stage}/loss": loss, **{f"{stage}/{k}": v for k, v in losses.items()}}
+        self.log_dict(
+            values, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size
+        )
+        return loss
+
+    def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor:
+        _, losses = self._run(batch, "training", need_proposals=False)
+        return self._log_losses("train", losses, len(batch))
+
+    def _eval_step(self, batch: RPNBatch, stage: str) -> dict[str, Any]:
+        proposals, losses = self._run(batch, stage, need_proposals=True)
+        self._log_losses(stage, losses, len(batch))
+        self.val_recall.update([boxes for boxes, _ in proposals], batch.gt_boxes)
+        return {"proposals": proposals}
+
+    def validation_step(self, batch: RPNBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: RPNBatch, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def _end_recall_epoch(self, stage: str) -> None:
+        results = self.val_recall.compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
+        self.last_recall = {k: float(v) for k, v in results.items()}
+        self.last_recall_curves = self.val_recall.curves()
+        self.val_recall.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_recall_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_recall_epoch("test")
+
+    def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:
+        """Per image ``{"image_id", "boxes" [P, 4], "scores" [P]}`` in original-image pixels."""
+        proposals, _ = self._run(batch, "predict", need_proposals=True, with_targets=False)
+        return [
+            {
+                "image_id": image_id,
+                "boxes": to_original_coordinates(boxes, resized, original),
+                "scores": scores,
+            }
+            for (boxes, scores), image_id, resized, original in zip(
+                proposals, batch.image_ids, batch.image_sizes, batch.original_sizes
+            )
+        ]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for module in self.modules():
+            for parameter in module.parameters(recurse=False):
+                if parameter.requires_grad:
+                    (no_decay if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        else:
+            raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {hp.optimizer!r}")
+        if hp.lr_schedule not in ("multistep", "cosine"):
+            raise ValueError(
+                f"model.lr_schedule must be 'multistep' or 'cosine', got {hp.lr_schedule!r}"
+            )
+        total = int(self.trainer.estimated_stepping_batches) if hp.lr_schedule == "cosine" else 0
+        schedule = LRSchedule(
+            warmup_steps=hp.warmup_steps,
+            warmup_factor=hp.warmup_factor,
+            kind=hp.lr_schedule,
+            milestones=tuple(hp.milestones),
+            gamma=hp.gamma,
+            total_steps=total,
+            min_factor=hp.min_lr_factor,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ inference helper
+    @torch.no_grad()
+    def predict_images(
+        self,
+        images: Sequence[str | Path | np.ndarray | Tensor],
+        resize: ResizePolicy | None = None,
+        batch_size: int = 1,
+    ) -> list[dict[str, Tensor]]:
+        """Proposals for loose images, in their original pixel coordinates.
+
+        ``images``: file paths, ``H x W x 3`` uint8 RGB arrays or ``[3, H, W]`` uint8 tensors.
+        They go through the evaluation pipeline: ``resize`` (pass the data module's
+        ``resize_policy`` to match training; ``None`` keeps the size), padding and collation as
+        in :class:`~lightning_rpn.data.datamodule.RPNDataModule`. Returns per image
+        ``{"boxes" [P, 4], "scores" [P]}``, best first.
+        """
+        transform = DetectionTransform(resize=resize, train=False)
+        collate = RPNCollate(size_divisibility=self.size_divisibility, assign_targets=False)
+        samples = [
+            transform(DetectionSample(image=_as_hwc_uint8(image), boxes=empty_boxes(), image_id=index,
+                                      source=f"predict_images[{index}]"))
+            for index, image in enumerate(images)
+        ]
+        was_training = self.training
+        self.eval()
+        results: list[dict[str, Tensor]] = []
+        try:
+            for start in range(0, len(samples), batch_size):
+                batch = collate(samples[start : start + batch_size]).to(self.device)
+                for item in self.predict_step(batch, start // batch_size):
+                    results.append({"boxes": item["boxes"], "scores": item["scores"]})
+        finally:
+            self.train(was_training)
+        return results
+
+
+def to_original_coordinates(
+    boxes: Tensor, image_size: tuple[int, int], original_size: tuple[int, int]
+) -> Tensor:
+    """Map ``[P, 4]`` boxes from resized-image pixels back to the original image and clip."""
+    scale_y = original_size[0] / image_size[0]
+    scale_x = original_size[1] / image_size[1]
+    scale = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+    return clip_boxes_to_image(boxes * scale, original_size)
+
+
+def _as_hwc_uint8(image: str | Path | np.ndarray | Tensor) -> np.ndarray:
+    """An RGB image as an ``H x W x 3`` uint8 array (from a path, an array or a CHW tensor)."""
+    if isinstance(image, (str, Path)):
+        return load_rgb_image(image)
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(
+                f"predict_images: tensors must be [3, H, W] uint8 RGB, got shape "
+                f"{tuple(image.shape)} dtype {image.dtype}"
+            )
+        return image.permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"predict_images: arrays must be H x W x 3 uint8 RGB, got shape {image.shape} "
+                f"dtype {image.dtype}"
+            )
+        return image
+    raise TypeError(
+        f"predict_images: expected a path, an H x W x 3 uint8 array or a [3, H, W] uint8 tensor, "
+        f"got {type(image).__name__}"
+    )

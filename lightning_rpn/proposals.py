@@ -1,0 +1,204 @@
+"""Region proposals from RPN predictions: top-k, decode, clip, filter, NMS, top-k.
+
+Shapes: ``B`` images, ``L`` levels, ``N_l`` anchors of level ``l`` of an image, ``K`` the
+pre-NMS candidates of an image (``sum_l min(pre_nms_top_n, N_l)``), ``P`` proposals.
+
+Per image and level the ``pre_nms_top_n`` highest logits are kept *before* decoding, so only
+``B * K`` boxes are decoded instead of ``B * sum_l N_l``. Candidates are clipped to the image,
+boxes with a side shorter than ``min_size`` and probabilities below ``score_thresh`` are
+dropped, NMS runs within each level, and the best ``post_nms_top_n`` survivors are returned,
+best first. These are the steps and the order of torchvision's
+``RegionProposalNetwork.filter_proposals``: with the same settings both return the same boxes
+with the same scores in the same order, except among proposals whose float32 probabilities are
+exactly equal (frequent, as ``sigmoid`` saturates): torchvision orders those by an unstable
+sort, here they are ordered by logit, then by candidate position.
+
+Two things make it faster than decoding everything and looping over images:
+
+- top-k, gathering, decoding, clipping and filtering run on the whole batch at once;
+- on CPU, NMS stops early. A box's fate in greedy NMS depends only on higher-ranked boxes, so
+  NMS first runs on the candidates ranked at least as high as the ``post_nms_top_n``-th best
+  and admits more only while fewer than ``post_nms_top_n`` survive (``_nms_per_level_top``).
+  On CUDA, where NMS is one parallel kernel per call, all levels go through one
+  ``batched_nms`` call per image instead (``_nms_all_levels_top``).
+
+NMS ranks by logit rather than probability: both give the same order wherever the
+probabilities differ, and logits separate boxes that ``sigmoid`` rounds to the same value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, nms
+
+from .box_coder import BoxCoder
+
+__all__ = ["generate_proposals"]
+
+_DEFAULT_BOX_CODER = BoxCoder()
+
+
+def _check_inputs(
+    objectness: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+) -> None:
+    if not (len(objectness) == len(deltas) == len(anchors)) or len(objectness) == 0:
+        raise ValueError(
+            "generate_proposals: objectness, deltas and anchors need one entry per level, got "
+            f"{len(objectness)}, {len(deltas)} and {len(anchors)} levels"
+        )
+    batch = len(image_sizes)
+    for level, (obj, dlt, anc) in enumerate(zip(objectness, deltas, anchors)):
+        if obj.dim() != 2:
+            raise ValueError(
+                f"generate_proposals: objectness[{level}] must be [B, N_l] logits, got {tuple(obj.shape)} "
+                "(softmax heads: convert pairs with lightning_rpn.head.objectness_logits)"
+            )
+        n = obj.shape[1]
+        if obj.shape[0] != batch:
+            raise ValueError(
+                f"generate_proposals: objectness[{level}] has {obj.shape[0]} images but image_sizes has {batch}"
+            )
+        if tuple(dlt.shape) != (batch, n, 4):
+            raise ValueError(
+                f"generate_proposals: deltas[{level}] has shape {tuple(dlt.shape)}, expected [{batch}, {n}, 4]"
+            )
+        if tuple(anc.shape) != (n, 4):
+            raise ValueError(f"generate_proposals: anchors[{level}] has shape {tuple(anc.shape)}, expected [{n}, 4]")
+
+
+def _nms_per_level_top(
+    boxes: Tensor, logits: Tensor, level_counts: list[int], iou_threshold: float, max_keep: int
+) -> Tensor:
+    """Indices of the ``max_keep`` best boxes surviving NMS within each level, best first.
+
+    Candidates are grouped by level (``level_counts`` rows each), each group sorted by
+    descending logit. NMS first sees only the candidates ranked at least as high as the
+    ``max_keep``-th best overall (a prefix of every group). While fewer than ``max_keep``
+    survive, the window grows; each round runs NMS on the survivors so far plus the newly
+    admitted boxes, which is exact: survivors never suppress each other, suppressed boxes never
+    suppress anything, and every new box ranks below every old one.
+    """
+    num = logits.numel()
+    if num == 0 or max_keep <= 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    ranked = logits.sort(descending=True).values
+    starts = [0]
+    for count in level_counts:
+        starts.append(starts[-1] + count)
+    survivors = [torch.empty(0, dtype=torch.int64, device=logits.device) for _ in level_counts]
+    admitted = [0] * len(level_counts)
+    window = min(num, max_keep)
+    while True:
+        floor = ranked[window - 1]
+        # Per-level prefix lengths (candidates with logit >= floor), in one host sync.
+        prefix = torch.stack([(logits[s:e] >= floor).sum() for s, e in zip(starts[:-1], starts[1:])]).tolist()
+        for level, (start, length) in enumerate(zip(starts[:-1], prefix)):
+            if length > admitted[level]:
+                new = torch.arange(start + admitted[level], start + length, device=logits.device)
+                candidates = torch.cat((survivors[level], new))
+                survivors[level] = candidates[nms(boxes[candidates], logits[candidates], iou_threshold)]
+                admitted[level] = length
+        num_kept = sum(int(kept.numel()) for kept in survivors)
+        if window == num or num_kept >= max_keep:
+            break
+        # Grow by the expected number of candidates still needed at the survival rate so far.
+        needed = (max_keep - num_kept) * window // max(num_kept, 1)
+        window = min(num, window + max(needed + needed // 4, 64))
+    kept_idx = torch.cat(survivors).sort().values
+    order = logits[kept_idx].sort(descending=True, stable=True).indices
+    return kept_idx[order[:max_keep]]
+
+
+def _stop_nms_early(device: torch.device) -> bool:
+    """Early-stopping per-level NMS everywhere but CUDA (see the module docstring)."""
+    return device.type != "cuda"
+
+
+def _nms_all_levels_top(boxes: Tensor, logits: Tensor, levels: Tensor, iou_threshold: float, max_keep: int) -> Tensor:
+    """Same result as :func:`_nms_per_level_top` in one ``batched_nms`` call (for CUDA, where
+    NMS is one parallel kernel and every extra call costs a launch and a host sync)."""
+    kept = batched_nms(boxes, logits, levels, iou_threshold).sort().values
+    return kept[logits[kept].sort(descending=True, stable=True).indices[:max_keep]]
+
+
+@torch.no_grad()
+def generate_proposals(
+    objectness: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    pre_nms_top_n: int = 1000,
+    post_nms_top_n: int = 1000,
+    nms_thresh: float = 0.7,
+    min_size: float = 1e-3,
+    score_thresh: float = 0.0,
+    *,
+    box_coder: BoxCoder | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Proposals per image: ``(boxes [P, 4], objectness probabilities [P])``, best first.
+
+    Args:
+        objectness: per level ``[B, N_l]`` logits.
+        deltas: per level ``[B, N_l, 4]`` predicted deltas.
+        anchors: per level ``[N_l, 4]`` anchors (the same for every image).
+        image_sizes: ``(h, w)`` of each image before padding; boxes are clipped to it.
+        pre_nms_top_n: candidates kept per image and level before NMS.
+        post_nms_top_n: proposals kept per image after NMS.
+        nms_thresh: IoU above which a lower-scoring box of the same level is suppressed.
+        min_size: boxes with width or height below this (after clipping) are dropped.
+        score_thresh: candidates with probability below this are dropped.
+        box_coder: delta parametrisation (default ``BoxCoder()``).
+
+    Runs without gradients; boxes and scores are float32.
+    """
+    _check_inputs(objectness, deltas, anchors, image_sizes)
+    if pre_nms_top_n < 1 or post_nms_top_n < 0:
+        raise ValueError(
+            "generate_proposals: need pre_nms_top_n >= 1 and post_nms_top_n >= 0, "
+            f"got {pre_nms_top_n} and {post_nms_top_n}"
+        )
+    coder = _DEFAULT_BOX_CODER if box_coder is None else box_coder
+    batch = len(image_sizes)
+    device = objectness[0].device
+    batch_idx = torch.arange(batch, device=device)[:, None]
+
+    top_logits, top_deltas, top_anchors, level_counts = [], [], [], []
+    for obj, dlt, anc in zip(objectness, deltas, anchors):
+        k = min(pre_nms_top_n, obj.shape[1])
+        logits, idx = obj.float().topk(k, dim=1)
+        top_logits.append(logits)
+        top_deltas.append(dlt[batch_idx, idx])
+        top_anchors.append(anc.to(device)[idx])
+        level_counts.append(k)
+    logits = torch.cat(top_logits, dim=1)  # [B, K], level-major, descending within a level
+    boxes = coder.decode(torch.cat(top_deltas, dim=1), torch.cat(top_anchors, dim=1))  # [B, K, 4]
+
+    sizes = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=device)
+    boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None, :])
+    probs = logits.sigmoid()
+    side = boxes[..., 2:] - boxes[..., :2]
+    valid = (side[..., 0] >= min_size) & (side[..., 1] >= min_size) & (probs >= score_thresh)
+
+    per_level = _stop_nms_early(device)
+    if per_level:  # surviving candidates per image and level, in one host sync
+        valid_counts = torch.stack([v.sum(dim=1) for v in valid.split(level_counts, dim=1)], dim=1).tolist()
+    else:
+        level_of = torch.repeat_interleave(
+            torch.arange(len(level_counts), device=device), torch.tensor(level_counts, device=device)
+        )
+    results: list[tuple[Tensor, Tensor]] = []
+    for image in range(batch):
+        keep = torch.nonzero(valid[image]).squeeze(1)
+        image_boxes, image_logits = boxes[image, keep], logits[image, keep]
+        if per_level:
+            best = _nms_per_level_top(image_boxes, image_logits, valid_counts[image], nms_thresh, post_nms_top_n)
+        else:
+            best = _nms_all_levels_top(image_boxes, image_logits, level_of[keep], nms_thresh, post_nms_top_n)
+        results.append((image_boxes[best], probs[image, keep[best]]))
+    return results

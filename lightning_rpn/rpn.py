@@ -1,0 +1,259 @@
+"""The Region Proposal Network: head + anchors + targets + loss + proposals in one module.
+
+Shapes: ``B`` images, ``L`` levels, ``A`` anchors per location, ``H_l x W_l`` the feature size
+of level ``l``, ``N`` anchors of an image (all levels), ``G`` gt boxes of an image, ``P``
+proposals of an image.
+
+One forward pass:
+
+1. anchors for the feature shapes (cached by the generator);
+2. the head's objectness and deltas per level;
+3. losses, if training targets are available: either ``anchor_targets`` precomputed by the
+   data pipeline (used as given), or assigned here from ``targets`` under ``no_grad`` with the
+   same function and the same per-image seeded generator as the pipeline, so both paths give
+   identical targets;
+4. proposals (skipped with ``need_proposals=False``, e.g. for a faster training step), with
+   the train or test top-k settings chosen by ``self.training``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import AnchorGenerator
+from .box_coder import BoxCoder
+from .boxes import check_gt_boxes
+from .head import OBJECTNESS_MODES, RPNHead, objectness_logits
+from .loss import BOX_LOSSES, LOSS_NORMALIZATIONS, rpn_loss
+from .proposals import generate_proposals
+from .targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+
+__all__ = ["RPN"]
+
+
+class RPN(nn.Module):
+    """Region Proposal Network over ``L`` feature levels.
+
+    Args:
+        anchor_generator: anchors per level (its ``anchor_stride`` must match the head's).
+        head: the prediction head; ``None`` builds ``RPNHead(in_channels, A, objectness=...,
+            anchor_stride=anchor_generator.anchor_stride)``.
+        in_channels: feature channels, used only to build the default head.
+        box_coder: delta parametrisation (default ``BoxCoder()``).
+        target_config: anchor labelling and sampling for in-model targets.
+        pre_nms_top_n_train / post_nms_top_n_train: proposal top-k per level / per image while
+            ``self.training``; ``*_test`` otherwise.
+        nms_thresh, min_size, score_thresh: see :func:`~lightning_rpn.proposals.generate_proposals`.
+        loss_normalization, reg_weight, smooth_l1_beta, box_loss: see
+            :func:`~lightning_rpn.loss.rpn_loss`.
+            With ``"paper"``, ``N_reg`` = anchor locations (``sum_l`` of the anchor-grid
+            ``H_l x W_l``, i.e. ``N / A``) per image times ``B``.
+        objectness: ``"sigmoid"`` or ``"softmax"``; must equal the head's mode.
+        seed: mixed with each image id to seed anchor sampling (``sample_generator``).
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: RPNHead | None = None,
+        in_channels: int = 256,
+        box_coder: BoxCoder | None = None,
+        target_config: AnchorTargetConfig | None = None,
+        pre_nms_top_n_train: int = 2000,
+        post_nms_top_n_train: int = 2000,
+        pre_nms_top_n_test: int = 1000,
+        post_nms_top_n_test: int = 1000,
+        nms_thresh: float = 0.7,
+        min_size: float = 1e-3,
+        score_thresh: float = 0.0,
+        loss_normalization: Literal["sampled", "paper"] = "sampled",
+        reg_weight: float | None = None,
+        smooth_l1_beta: float = 1.0 / 9.0,
+        box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1",
+        objectness: Literal["sigmoid", "softmax"] = "sigmoid",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"RPN: loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}"
+            )
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"RPN: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+        if objectness not in OBJECTNESS_MODES:
+            raise ValueError(f"RPN: objectness must be one of {OBJECTNESS_MODES}, got {objectness!r}")
+        num_anchors = anchor_generator.num_anchors_per_location()
+        if head is None:
+            head = RPNHead(
+                in_channels, num_anchors, objectness=objectness, anchor_stride=anchor_generator.anchor_stride
+            )
+        for name, head_value, expected in (
+            ("num_anchors", head.num_anchors, num_anchors),
+            ("anchor_stride", head.anchor_stride, anchor_generator.anchor_stride),
+            ("objectness", head.objectness, objectness),
+        ):
+            if head_value != expected:
+                raise ValueError(
+                    f"RPN: head.{name}={head_value!r} but the RPN expects {expected!r} "
+                    f"(from {'objectness' if name == 'objectness' else 'the anchor generator'})"
+                )
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.box_coder = BoxCoder() if box_coder is None else box_coder
+        self.target_config = AnchorTargetConfig() if target_config is None else target_config
+        self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
+        self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.score_thresh = score_thresh
+        self.loss_normalization = loss_normalization
+        self.reg_weight = reg_weight
+        self.smooth_l1_beta = smooth_l1_beta
+        self.box_loss = box_loss
+        self.objectness = objectness
+        self.seed = seed
+
+    def forward(
+        self,
+        features: Sequence[Tensor] | Mapping[str, Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+        *,
+        anchor_targets: tuple[Tensor, Tensor] | None = None,
+        image_ids: Sequence[int | str] | None = None,
+        need_proposals: bool = True,
+    ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """Proposals per image ``(boxes [P, 4], probabilities [P])`` and the loss dict.
+
+        Args:
+            features: per-level ``[B, C, H_l, W_l]`` maps (a dict is taken in its order).
+            image_sizes: ``(h, w)`` of each image before padding.
+            targets: per image ``{"boxes": [G, 4], "crowd_boxes": [C, 4] (optional)}``.
+            anchor_targets: precomputed ``(labels int64 [B, N], deltas float32 [B, N, 4])``;
+                takes precedence over ``targets``.
+            image_ids: ids seeding each image's sampling (default: index in the batch).
+            need_proposals: ``False`` skips proposal generation and returns ``[]``.
+
+        Losses ``{"loss_rpn_cls", "loss_rpn_reg"}`` are computed whenever ``targets`` or
+        ``anchor_targets`` are given, in train and eval mode alike; ``{}`` otherwise.
+        """
+        feature_list = list(features.values()) if isinstance(features, Mapping) else list(features)
+        if len(feature_list) != self.anchor_generator.num_levels:
+            raise ValueError(
+                f"RPN: got {len(feature_list)} feature levels but the anchor generator has "
+                f"{self.anchor_generator.num_levels} (strides {self.anchor_generator.strides})"
+            )
+        batch = feature_list[0].shape[0]
+        if len(image_sizes) != batch:
+            raise ValueError(f"RPN: {len(image_sizes)} image_sizes for a batch of {batch} feature maps")
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        device = feature_list[0].device
+        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_list]
+        anchors = self.anchor_generator(shapes, device=device)
+        pred_objectness, pred_deltas = self.head(feature_list)
+        for level, (obj, anc) in enumerate(zip(pred_objectness, anchors)):
+            if obj.shape[1] != anc.shape[0]:
+                raise ValueError(
+                    f"RPN: level {level} has {obj.shape[1]} predictions but {anc.shape[0]} anchors "
+                    f"(feature shape {shapes[level]}); head and anchor generator disagree"
+                )
+        num_anchors = sum(a.shape[0] for a in anchors)
+
+        labels_and_deltas = None
+        if anchor_targets is not None:
+            labels_and_deltas = self._check_anchor_targets(anchor_targets, batch, num_anchors, device)
+        elif targets is not None:
+            labels_and_deltas = self._assign_targets(targets, sizes, shapes, image_ids, batch, device)
+
+        losses: dict[str, Tensor] = {}
+        if labels_and_deltas is not None:
+            losses = rpn_loss(
+                pred_objectness,
+                pred_deltas,
+                *labels_and_deltas,
+                normalization=self.loss_normalization,
+                reg_weight=self.reg_weight,
+                smooth_l1_beta=self.smooth_l1_beta,
+                box_loss=self.box_loss,
+                anchors=anchors,
+                box_coder=self.box_coder,
+                num_anchor_locations=num_anchors // self.head.num_anchors,
+            )
+
+        proposals: list[tuple[Tensor, Tensor]] = []
+        if need_proposals:
+            logits = pred_objectness
+            if self.objectness == "softmax":
+                logits = [objectness_logits(o) for o in pred_objectness]
+            mode = "train" if self.training else "test"
+            proposals = generate_proposals(
+                logits,
+                pred_deltas,
+                anchors,
+                sizes,
+                self.pre_nms_top_n[mode],
+                self.post_nms_top_n[mode],
+                self.nms_thresh,
+                self.min_size,
+                self.score_thresh,
+                box_coder=self.box_coder,
+            )
+        return proposals, losses
+
+    @staticmethod
+    def _check_anchor_targets(
+        anchor_targets: tuple[Tensor, Tensor], batch: int, num_anchors: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        labels, deltas = anchor_targets
+        if labels.dim() != 2 or labels.shape[0] != batch or deltas.shape != (*labels.shape, 4):
+            raise ValueError(
+                f"RPN: anchor_targets must be (labels [B, N], deltas [B, N, 4]) with B={batch}, got "
+                f"{tuple(labels.shape)} and {tuple(deltas.shape)}"
+            )
+        if labels.shape[1] != num_anchors:
+            raise ValueError(
+                f"RPN: anchor_targets have N={labels.shape[1]} anchors per image but the model's anchors "
+                f"have N={num_anchors}; the data pipeline and the model use different anchor settings"
+            )
+        return labels.to(device), deltas.to(device)
+
+    def _assign_targets(
+        self,
+        targets: Sequence[Mapping[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+        shapes: list[tuple[int, int]],
+        image_ids: Sequence[int | str] | None,
+        batch: int,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor]:
+        """Match and sample anchors of every image, as the data pipeline does (no grad)."""
+        if len(targets) != batch:
+            raise ValueError(f"RPN: {len(targets)} targets for a batch of {batch} images")
+        ids = list(range(batch)) if image_ids is None else list(image_ids)
+        if len(ids) != batch:
+            raise ValueError(f"RPN: {len(ids)} image_ids for a batch of {batch} images")
+        grid = self.anchor_generator.grid(shapes, device=device)
+        all_labels, all_deltas = [], []
+        with torch.no_grad():
+            for index, (target, size, image_id) in enumerate(zip(targets, image_sizes, ids)):
+                where = f"RPN targets[{index}] (image_id={image_id!r})"
+                if "boxes" not in target:
+                    raise ValueError(f"{where}: missing the 'boxes' entry (gt boxes [G, 4])")
+                gt_boxes = target["boxes"]
+                check_gt_boxes(gt_boxes, where)
+                labels, deltas = assign_anchor_targets(
+                    grid,
+                    gt_boxes.to(device),
+                    size,
+                    self.target_config,
+                    self.box_coder,
+                    generator=sample_generator(self.seed, image_id),
+                    crowd_boxes=target.get("crowd_boxes"),
+                )
+                all_labels.append(labels)
+                all_deltas.append(deltas)
+        return torch.stack(all_labels), torch.stack(all_deltas)

@@ -1,0 +1,308 @@
+"""Recall callbacks with a tiny fake module: W&B offline run contents, CSV and TensorBoard files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lightning_rpn.callbacks import (
+    GT_COLOR,
+    ProposalImages,
+    RecallCurves,
+    RecallTable,
+    recall_curves_figure,
+    recall_table,
+)
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.metrics import ProposalRecall
+
+NUM_IMAGES = 3  # ProposalImages per epoch
+BATCHES = 2  # validation batches of 2 images per epoch
+
+
+# ---------------------------------------------------------------- fake data and module
+
+
+def make_batch(seed: int) -> RPNBatch:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(60, 80), (64, 70)]
+    gt_boxes = []
+    for h, w in sizes:
+        xy = torch.rand(3, 2, generator=gen) * torch.tensor([w / 2, h / 2])
+        wh = torch.rand(3, 2, generator=gen) * 20 + 8
+        gt_boxes.append(torch.cat([xy, xy + wh], dim=1))
+    images = torch.zeros(2, 3, 64, 80, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randint(0, 120, (3, h, w), generator=gen, dtype=torch.uint8)
+    return RPNBatch(
+        images=images,
+        image_sizes=sizes,
+        original_sizes=[(2 * h, 2 * w) for h, w in sizes],
+        image_ids=[f"img/{seed}-{i}" for i in range(2)],
+        gt_boxes=gt_boxes,
+        crowd_boxes=[torch.zeros(0, 4) for _ in sizes],
+    )
+
+
+def loader() -> DataLoader:
+    return DataLoader([make_batch(s) for s in range(BATCHES)], batch_size=None)
+
+
+class FakeRPNModule(LightningModule):
+    """Obeys the callbacks' contract: val_recall, {"proposals": ...}, last_recall(_curves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.val_recall = ProposalRecall(max_proposals=(5, 20), curve_proposals=(1, 10))
+        self.last_recall: dict[str, float] = {}
+        self.last_recall_curves: dict = {}
+
+    def training_step(self, batch: RPNBatch, batch_idx: int) -> torch.Tensor:
+        return (self.weight**2).sum()
+
+    def validation_step(self, batch: RPNBatch, batch_idx: int) -> dict:
+        gen = torch.Generator().manual_seed(batch_idx)
+        proposals = []
+        for gt, (h, w) in zip(batch.gt_boxes, batch.image_sizes, strict=True):
+            near = gt.repeat(4, 1) + torch.randn(len(gt) * 4, 4, generator=gen) * 3
+            near = torch.cat([near[:, :2], torch.maximum(near[:, 2:], near[:, :2] + 1)], dim=1)
+            boxes = near.clamp(min=0).minimum(torch.tensor([w, h, w, h]))
+            scores = torch.rand(len(boxes), generator=gen).sort(descending=True).values
+            proposals.append((boxes, scores))
+        self.val_recall.update([b for b, _ in proposals], batch.gt_boxes)
+        return {"proposals": proposals}
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_recall.compute()
+        self.log_dict({f"val/{k}": v for k, v in values.items()})
+        self.last_recall = {k: float(v) for k, v in values.items()}
+        self.last_recall_curves = self.val_recall.curves()
+        self.val_recall.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def make_trainer(tmp_path: Path, logger, callbacks, max_epochs: int = 2) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        num_sanity_val_steps=1,  # the callbacks must ignore the sanity check
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+# ---------------------------------------------------------------- W&B offline run reader
+
+
+def read_wandb_records(run_file: Path) -> list:
+    """Records of an offline ``run-*.wandb`` file: a leveldb-style log (32 KiB blocks of
+    ``crc u32, length u16, type u8`` chunks, types full/first/middle/last) after a 7-byte
+    ``:W&B`` header, each record a ``wandb_internal_pb2.Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            records.append(record)
+            pending = b""
+        elif kind in (2, 3):
+            pending += chunk
+    return records
+
+
+def wandb_history(records: list) -> list[dict[str, object]]:
+    """One dict per history row, keyed by the top-level key (nested keys joined by '.')."""
+    rows = []
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or ".".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_wandb_offline_run_has_metrics_curves_and_images(tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lightning-rpn-test")
+    callbacks = [RecallTable(), RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=5)]
+    model = FakeRPNModule()
+    trainer = make_trainer(tmp_path, logger, callbacks)
+    try:
+        trainer.fit(model, train_dataloaders=loader(), val_dataloaders=loader())
+        trainer.validate(model, dataloaders=loader(), verbose=False)
+    finally:
+        wandb.finish()
+
+    out = capsys.readouterr().out
+    assert "Proposal recall (end of fit, epoch 2" in out and "Proposal recall (validate" in out
+    assert "AR_small" in out and "R@0.70" in out and f"{model.last_recall['AR@20']:.3f}" in out
+
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = wandb_history(read_wandb_records(next(run_dir.glob("run-*.wandb"))))
+    # metrics: logged by the module every validation epoch, the last one equals last_recall
+    ar_rows = [row["val/AR@20"] for row in history if "val/AR@20" in row]
+    assert len(ar_rows) == 3 and ar_rows[-1] == pytest.approx(model.last_recall["AR@20"])
+    # curves: two wandb.plot.line tables per validation run (2 epochs + validate), no sanity check
+    for name, columns in (
+        ("recall_vs_iou", ["iou", "recall"]),
+        ("recall_vs_proposals", ["proposals", "AR"]),
+    ):
+        rows = [row for row in history if f"val/{name}_table.path" in row]
+        assert len(rows) == 3, name
+        table = json.loads((run_dir / "files" / rows[-1][f"val/{name}_table.path"]).read_text())
+        assert table["columns"] == columns
+        xs, ys = model.last_recall_curves[name]
+        assert [r[0] for r in table["data"]] == pytest.approx(xs)
+        assert [r[1] for r in table["data"]] == pytest.approx(ys)
+    # images: NUM_IMAGES per validation run with both box groups, written as media files
+    image_rows = [row for row in history if "val/proposals.filenames" in row]
+    assert [row["val/proposals.count"] for row in image_rows] == [NUM_IMAGES] * 3
+    assert image_rows[0]["val/proposals.captions"] == [
+        "image img/0-0",
+        "image img/0-1",
+        "image img/1-0",
+    ]
+    assert (image_rows[-1]["val/proposals.height"], image_rows[-1]["val/proposals.width"]) == (
+        64,
+        80,
+    )
+    for filename in image_rows[-1]["val/proposals.filenames"]:
+        with Image.open(run_dir / "files" / filename) as png:
+            assert png.size == (80, 64)  # 60x80 and 64x70 images padded to one gallery size
+    boxes = image_rows[-1]["val/proposals.all_boxes"][0]
+    assert set(boxes) == {"ground_truth", "proposals"}
+    proposal_boxes = json.loads((run_dir / "files" / boxes["proposals"]["path"]).read_text())
+    assert len(proposal_boxes["box_data"]) == 5
+    first = proposal_boxes["box_data"][0]
+    assert first["domain"] == "pixel" and first["class_id"] == 1 and "objectness" in first["scores"]
+    assert proposal_boxes["class_labels"] == {"0": "ground truth", "1": "proposal"}
+    gt_boxes = json.loads((run_dir / "files" / boxes["ground_truth"]["path"]).read_text())
+    assert len(gt_boxes["box_data"]) == 3 and gt_boxes["box_data"][0]["class_id"] == 0
+    assert len(list((run_dir / "files" / "media" / "images").rglob("*.png"))) == 3 * NUM_IMAGES
+
+
+def test_csv_logger_gets_curve_csvs_and_pngs(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]
+    model = FakeRPNModule()
+    make_trainer(tmp_path, logger, callbacks).fit(model, loader(), loader())
+
+    log_dir = Path(logger.log_dir)
+    with (log_dir / "recall_curves" / "val_recall_vs_proposals.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["proposals"]) for r in rows] == [1, 5, 10, 20] * 2  # 2 epochs, no sanity check
+    assert [int(r["epoch"]) for r in rows] == [0] * 4 + [1] * 4
+    xs, ys = model.last_recall_curves["recall_vs_proposals"]
+    assert [float(r["AR"]) for r in rows[4:]] == pytest.approx(ys)
+    with (log_dir / "recall_curves" / "val_recall_vs_iou.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2 * 10
+    assert len(list((log_dir / "recall_curves").glob("val_epoch*.png"))) == 2
+
+    pngs = sorted((log_dir / "proposal_images").glob("*.png"))
+    assert len(pngs) == 2 * NUM_IMAGES
+    assert pngs[0].name == "val_epoch000_step2_0_img_0-0.png"
+    image = torch.from_numpy(np.array(Image.open(pngs[0]).convert("RGB"))).permute(2, 0, 1)
+    assert tuple(image.shape) == (3, 60, 80)  # cropped to the unpadded image size
+    green = torch.tensor([int(GT_COLOR[i : i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8)
+    assert (image == green[:, None, None]).all(dim=0).any()  # gt boxes are drawn
+
+
+def test_tensorboard_logger_gets_figures_and_boxed_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]
+    make_trainer(tmp_path, logger, callbacks, max_epochs=1).fit(FakeRPNModule(), loader(), loader())
+    logger.experiment.flush()
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    assert {"val/recall_curves", "val/proposals/0", "val/proposals/2"} <= tags
+    assert "val/proposals/3" not in tags
+    (image,) = events.Images("val/proposals/0")
+    assert (image.height, image.width) == (60, 80) and image.step == 2
+    assert events.Images("val/recall_curves")[0].width > 200
+    assert not (Path(logger.log_dir) / "proposal_images").exists()
+
+
+def test_recall_table_layout_and_missing_ranges():
+    metric = ProposalRecall(max_proposals=(10, 100))
+    metric.update(
+        [torch.tensor([[0.0, 0.0, 40.0, 40.0]])], [torch.tensor([[0.0, 0.0, 40.0, 40.0]])]
+    )
+    recall = {k: float(v) for k, v in metric.compute().items()}
+    table = recall_table(recall, (0.5, 0.7), title="t")
+    headers = [c.header for c in table.columns]
+    assert headers == ["top-k", "AR", "AR_small", "AR_medium", "AR_large", "R@0.50", "R@0.70"]
+    assert list(table.columns[0].cells) == ["10", "100"]
+    assert list(table.columns[1].cells) == ["1.000", "1.000"]
+    assert list(table.columns[2].cells) == ["-", "-"]  # no small box: -1 shows as "-"
+
+
+def test_recall_table_warns_without_recall_and_prints_every_epoch(tmp_path, capsys):
+    class NoRecall(FakeRPNModule):
+        def on_validation_epoch_end(self) -> None:
+            self.val_recall.reset()
+
+    trainer = make_trainer(tmp_path, False, [RecallTable(every_epoch=True)], max_epochs=1)
+    with pytest.warns(UserWarning, match="last_recall is empty"):
+        trainer.fit(NoRecall(), loader(), loader())
+    trainer = make_trainer(tmp_path, False, [RecallTable(every_epoch=True)], max_epochs=2)
+    trainer.fit(FakeRPNModule(), loader(), loader())
+    out = capsys.readouterr().out
+    assert out.count("Proposal recall (val, epoch") == 2 and out.count("(end of fit") == 1
+
+
+def test_curves_figure_has_two_panels():
+    curves = {
+        "recall_vs_iou": ([0.5, 0.75], [0.9, 0.4]),
+        "recall_vs_proposals": ([1, 10], [0.1, 0.6]),
+    }
+    fig = recall_curves_figure(curves)
+    assert len(fig.axes) == 2 and fig.axes[1].get_xscale() == "log"
+
+
+def test_proposal_images_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_images"):
+        ProposalImages(num_images=0)

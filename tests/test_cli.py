@@ -1,0 +1,199 @@
+"""End to end: the real ``lightning-rpn`` console script on tiny synthetic data.
+
+One module-scoped ``fit`` run (W&B offline, as the configs' default logger) feeds the other
+tests: resume with ``--ckpt_path last``, ``validate``, ``predict`` and ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_rpn.cli import CONFIG_KEY
+from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.module import RPNModule
+
+SCRIPT = shutil.which("lightning-rpn", path=str(Path(sys.executable).parent))
+COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "lightning_rpn.cli"]
+
+TINY_CONFIG = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 2,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": "run",
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            "init_args": {"project": "lightning-rpn-tests", "save_dir": "run"},
+        },
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": "run/checkpoints", "save_last": True,
+                              "enable_version_counter": False},
+            },
+            {"class_path": "lightning_rpn.callbacks.RecallTable"},
+            {"class_path": "lightning_rpn.cli.ProposalWriter",
+             "init_args": {"output": "run/predictions.jsonl", "max_proposals": 50}},
+        ],
+    },
+    "model": {
+        "backbone": "tiny_fpn",
+        "anchor_sizes": [[16], [32], [64], [128]],
+        "optimizer": "adamw",
+        "lr": 0.001,
+        "warmup_steps": 1,
+        "post_nms_top_n_train": 200,
+        "pre_nms_top_n_test": 200,
+        "post_nms_top_n_test": 100,
+        "recall_max_proposals": [10, 100],
+    },
+    "data": {
+        "dataset": "synthetic",
+        "synthetic_train_images": 8,
+        "synthetic_val_images": 4,
+        "synthetic_min_size": 64,
+        "synthetic_max_size": 96,
+        "synthetic_max_shapes": 3,
+        "batch_size": 4,
+        "num_workers": 0,
+        "resize": "fixed",
+        "fixed_size": [64, 64],
+    },
+}
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return result
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A working directory with config.yaml and a 2-step fit (W&B offline)."""
+    workdir = tmp_path_factory.mktemp("cli")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    result = run_cli(["fit", "--config", "config.yaml"], workdir)
+    assert_ok(result)
+    return workdir
+
+
+def test_fit_leaves_checkpoint_config_and_recall_table(trained: Path) -> None:
+    last = trained / "run/checkpoints/last.ckpt"
+    assert last.is_file()
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    resolved = yaml.safe_load(checkpoint[CONFIG_KEY])
+    assert resolved["model"]["backbone"] == "tiny_fpn"
+    assert resolved["data"]["synthetic_train_images"] == 8
+    assert checkpoint["hyper_parameters"]["anchor_sizes"] == [[16.0], [32.0], [64.0], [128.0]]
+    assert (trained / "run/config.yaml").is_file()
+    assert list((trained / "run/wandb").glob("offline-run-*")), "W&B offline run directory missing"
+
+
+def test_load_from_checkpoint_needs_no_config(trained: Path) -> None:
+    model = RPNModule.load_from_checkpoint(trained / "run/checkpoints/last.ckpt", map_location="cpu")
+    assert model.hparams.backbone == "tiny_fpn"
+    assert model.anchor_generator.strides == (4, 8, 16, 32)
+    assert tuple(model.hparams.recall_max_proposals) == (10, 100)
+    assert model.val_recall.max_proposals == (10, 100)
+
+
+def test_validate_prints_the_recall_table(trained: Path) -> None:
+    result = run_cli(
+        ["validate", "--config", "config.yaml", "--ckpt_path", "run/checkpoints/last.ckpt",
+         "--trainer.logger", "false"],
+        trained,
+    )
+    assert_ok(result)
+    assert "Proposal recall (validate" in result.stdout
+    assert "val/AR@100" in result.stdout
+
+
+def test_predict_writes_proposals_in_original_coordinates(trained: Path) -> None:
+    result = run_cli(
+        ["predict", "--config", "config.yaml", "--ckpt_path", "run/checkpoints/last.ckpt",
+         "--trainer.logger", "false"],
+        trained,
+    )
+    assert_ok(result)
+    records = [json.loads(line) for line in (trained / "run/predictions.jsonl").read_text().splitlines()]
+    dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
+    assert [r["image_id"] for r in records] == [0, 1, 2, 3]
+    model = RPNModule.load_from_checkpoint(trained / "run/checkpoints/last.ckpt", map_location="cpu")
+    expected = model.predict_images(
+        [dataset[i].image for i in range(4)], resize=ResizePolicy("fixed", fixed_size=(64, 64))
+    )
+    for record, item, sample in zip(records, expected, (dataset[i] for i in range(4))):
+        height, width = sample.image_size
+        boxes = torch.tensor(record["boxes"])
+        assert 0 < len(boxes) <= 50 and len(record["scores"]) == len(boxes)
+        assert boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
+        torch.testing.assert_close(boxes, item["boxes"][:50], atol=0.01, rtol=0)
+    # the fixed 64x64 resize is undone: boxes reach beyond the resized frame
+    assert max(torch.tensor(r["boxes"]).max() for r in records) > 64
+
+
+def test_fit_resumes_from_last_checkpoint(trained: Path) -> None:
+    result = run_cli(
+        ["fit", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.max_steps", "3",
+         "--trainer.logger", "false"],
+        trained,
+    )
+    assert_ok(result)
+    checkpoint = torch.load(trained / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3  # continued from step 2, not restarted
+
+
+def test_check_data_reports_the_splits(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
+    assert_ok(result)
+    assert "split train (train)" in result.stdout and "split val (val)" in result.stdout
+    assert "problems found: 0" in result.stdout
+
+
+def test_check_data_exits_1_on_bad_annotations(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "images/a.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "bbox": [5, 5, 10, 10], "category_id": 1, "iscrowd": 0, "area": 100},
+            {"id": 8, "image_id": 1, "bbox": [5, 5, float("nan"), 10], "category_id": 1, "iscrowd": 0,
+             "area": 1},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "annotations/instances_images.json").write_text(json.dumps(coco))
+    config = {**TINY_CONFIG, "data": {"dataset": "coco", "root": str(tmp_path), "train_split": "images",
+                                      "val_split": None, "coco_images": "{split}", "num_workers": 0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "problem(s) found" in result.stderr

@@ -1,0 +1,82 @@
+"""The shipped configs parse and instantiate, and state the recipes they claim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_rpn.callbacks import RecallTable
+from lightning_rpn.cli import ProposalWriter, RPNLightningCLI, wandb_credentials_available
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def build(config: str, tmp_path: Path, *overrides: str) -> RPNLightningCLI:
+    """Instantiate model, data and trainer of ``config`` without running anything."""
+    return RPNLightningCLI(
+        args=["--config", str(CONFIGS / config), "--trainer.logger", "false", *overrides],
+        run=False,
+        save_config_callback=None,
+    )
+
+
+def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
+    cli = build("shapes.yaml", tmp_path)
+    assert cli.model.hparams.backbone == "tiny_fpn"
+    assert cli.datamodule.dataset == "synthetic"
+    callbacks = cli.trainer.callbacks
+    assert any(isinstance(c, RecallTable) for c in callbacks)
+    assert any(isinstance(c, ProposalWriter) for c in callbacks)
+    (checkpoint,) = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoint.save_last and checkpoint.monitor == "val/AR@100"
+
+
+def test_coco_config_is_detectron2_rpn_r50_fpn_1x(tmp_path: Path) -> None:
+    cli = build("coco_r50_fpn_1x.yaml", tmp_path, "--model.weights", "null", "--data.root", str(tmp_path))
+    hp = cli.model.hparams
+    assert cli.model.backbone.strides == (4, 8, 16, 32, 64)
+    assert cli.model.anchor_generator.sizes == ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
+    assert cli.model.anchor_generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
+    assert (hp.pre_nms_top_n_train, hp.post_nms_top_n_train) == (2000, 1000)
+    assert (hp.pre_nms_top_n_test, hp.post_nms_top_n_test, hp.nms_thresh) == (1000, 1000, 0.7)
+    assert cli.model.target_config.batch_size_per_image == 256
+    assert (hp.optimizer, hp.lr, hp.box_loss) == ("sgd", 0.02, "l1")
+    assert tuple(hp.milestones) == (60000, 80000) and cli.trainer.max_steps == 90000
+    assert cli.datamodule.batch_size == 16
+    policy = cli.datamodule.resize_policy
+    assert (policy.mode, policy.min_sizes, policy.max_size) == (
+        "shortest_edge", (640, 672, 704, 736, 768, 800), 1333,
+    )
+
+
+def test_coco_config_names_real_torchvision_weights() -> None:
+    import torchvision
+
+    text = (CONFIGS / "coco_r50_fpn_1x.yaml").read_text()
+    assert "weights: ResNet50_Weights.IMAGENET1K_V1" in text
+    assert torchvision.models.get_weight("ResNet50_Weights.IMAGENET1K_V1") is not None
+
+
+def test_voc_config_is_the_papers_vgg16_rpn(tmp_path: Path) -> None:
+    cli = build("voc_vgg16_c4.yaml", tmp_path, "--model.weights", "null", "--data.root", str(tmp_path))
+    model = cli.model
+    assert model.backbone.strides == (16,) and model.backbone.out_channels == 512
+    assert model.anchor_generator.num_anchors_per_location() == 9
+    assert model.hparams.loss_normalization == "paper" and model.rpn.objectness == "softmax"
+    assert model.rpn.head.cls_logits.out_channels == 18  # 2k logits
+
+
+def test_wandb_credentials_come_from_env_or_netrc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.com login u password p\n")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert not wandb_credentials_available()
+    netrc_file.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert wandb_credentials_available()
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_credentials_available()

@@ -1,0 +1,152 @@
+"""RPNDataModule: datasets per stage, anchors from the model, predict loader, box accounting."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from test_data_builders import basic_coco, save_image, write_voc
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.data.validation import validate_dataset
+from lightning_rpn.targets import AnchorTargetConfig
+
+ANCHORS = AnchorGenerator(((16,), (32,), (64,)), (0.5, 1.0, 2.0), (8, 16, 32))
+
+
+def small(**kwargs: object) -> RPNDataModule:
+    args = dict(synthetic_train_images=16, synthetic_val_images=8, batch_size=4, num_workers=0)
+    return RPNDataModule(**{**args, **kwargs})  # type: ignore[arg-type]
+
+
+def fake_model(**overrides: object) -> SimpleNamespace:
+    attrs = dict(anchor_generator=ANCHORS, target_config=AnchorTargetConfig(batch_size_per_image=32),
+                 box_coder=BoxCoder(), size_divisibility=64, rpn=SimpleNamespace(seed=9))
+    return SimpleNamespace(**{**attrs, **overrides})
+
+
+def attach(dm: RPNDataModule, model: SimpleNamespace) -> None:
+    dm.trainer = SimpleNamespace(lightning_module=model)  # type: ignore[assignment]
+
+
+def test_synthetic_fit_loaders_with_constructor_anchors() -> None:
+    dm = small(anchor_generator=ANCHORS)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, RPNBatch) and len(batch) == 4
+    assert batch.images.shape[-1] % 32 == 0 and batch.images.shape[-2] % 32 == 0
+    n = sum(a.shape[0] for a in ANCHORS(ANCHORS.feature_shapes_for(tuple(batch.images.shape[-2:]))))
+    assert batch.anchor_labels.shape == (4, n)
+    assert len(list(dm.val_dataloader())) == 2
+    assert dm.train_dataloader().persistent_workers is False
+    assert small(num_workers=2).hparams.num_workers == 2
+
+
+def test_anchor_setup_comes_from_the_model() -> None:
+    dm = small()
+    attach(dm, fake_model())
+    dm.setup("fit")
+    collate = dm.collate
+    assert collate.anchor_generator is ANCHORS and collate.size_divisibility == 64 and collate.seed == 9
+    assert collate.target_config.batch_size_per_image == 32
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.images.shape[-1] % 64 == 0 and ((batch.anchor_labels != -1).sum(1) <= 32).all()
+
+
+def test_disagreeing_anchor_settings_name_both_values() -> None:
+    other = AnchorGenerator(((16,), (32,), (48,)), (0.5, 1.0, 2.0), (8, 16, 32))
+    dm = small(anchor_generator=other)
+    attach(dm, fake_model())
+    with pytest.raises(ValueError, match=r"48\.0.*disagrees.*64\.0"):
+        dm.setup("fit")
+    dm = small(target_config=AnchorTargetConfig(fg_iou=0.6))
+    attach(dm, fake_model())
+    with pytest.raises(ValueError, match="target_config.*0.6.*disagrees"):
+        dm.setup("fit")
+    dm = small(size_divisibility=96)
+    attach(dm, fake_model())
+    with pytest.raises(ValueError, match="size_divisibility=96.*64"):
+        dm.setup("fit")
+
+
+def test_predict_loader_from_a_folder_carries_original_sizes(tmp_path: Path) -> None:
+    for i, (h, w) in enumerate([(40, 60), (50, 30)]):
+        save_image(tmp_path / f"{i}.png", h, w)
+    dm = small(predict_images=str(tmp_path), resize="shortest_edge", min_sizes=[80], max_size=200,
+               anchor_generator=ANCHORS)
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch.image_ids == ["0.png", "1.png"] and batch.anchor_labels is None
+    assert batch.original_sizes == [(40, 60), (50, 30)] and batch.image_sizes == [(80, 120), (133, 80)]
+
+
+def test_coco_and_voc_datamodules(tmp_path: Path) -> None:
+    basic_coco(tmp_path / "coco")
+    dm = RPNDataModule("coco", root=str(tmp_path / "coco"), train_split="x", val_split="x", coco_images="images",
+                       coco_annotations="annotations.json", batch_size=3, num_workers=0, anchor_generator=ANCHORS)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.image_ids == [1, 2, 3] and [len(b) for b in batch.crowd_boxes] == [1, 0, 0]
+    write_voc(tmp_path / "voc", {"a": {"size": (40, 50), "objects": [{"box": (1, 1, 10, 20)}]}}, split="val")
+    dm = RPNDataModule("voc", root=str(tmp_path / "voc"), train_split=None, val_split="val", num_workers=0)
+    dm.setup("validate")
+    assert next(iter(dm.val_dataloader())).gt_boxes[0].tolist() == [[0.0, 0.0, 10.0, 20.0]]
+    with pytest.raises(ValueError, match="needs root"):
+        RPNDataModule("coco")
+    report = validate_dataset(dm)
+    assert [s.name for s in report.splits] == ["val (val)"] and report.splits[0].boxes == 1
+
+
+def test_removed_boxes_are_counted_and_reported(caplog: pytest.LogCaptureFixture) -> None:
+    crop = [{"RandomCrop": {"height": 64, "width": 64, "p": 1.0}}]
+    dm = small(train_transforms=crop, min_visibility=0.9)
+    dm.setup("fit")
+    total_removed = 0
+    for batch in dm.train_dataloader():
+        dm.on_before_batch_transfer(batch, 0)
+        total_removed += batch.removed_boxes
+    assert total_removed > 0
+    with caplog.at_level(logging.INFO):
+        text = dm.report()
+    assert f"{total_removed} removed by transforms" in text
+    assert dm.last_report["run/removed_boxes"] == total_removed
+    assert dm.report() == ""  # counts were reset
+
+
+class _TinyModule(pl.LightningModule):
+    """Consumes RPNBatch; exposes the attributes the data module reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Conv2d(3, 1, 1)
+        self.anchor_generator = ANCHORS
+        self.target_config = AnchorTargetConfig()
+        self.box_coder = BoxCoder()
+        self.size_divisibility = 32
+
+    def training_step(self, batch: RPNBatch, batch_idx: int) -> torch.Tensor:
+        assert batch.anchor_labels is not None and batch.images.device == self.device
+        return self.layer(batch.images.float()).mean()
+
+    def validation_step(self, batch: RPNBatch, batch_idx: int) -> None:
+        assert batch.anchor_labels is not None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_fits_with_a_real_trainer_and_reports_each_epoch(tmp_path: Path) -> None:
+    dm = small(train_transforms=[{"RandomCrop": {"height": 64, "width": 64, "p": 1.0}}], min_visibility=0.9)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(_TinyModule(), datamodule=dm)
+    assert dm.collate.anchor_generator is ANCHORS
+    assert "train/removed_boxes" in dm.last_report and dm.last_report["train/removed_boxes"] > 0

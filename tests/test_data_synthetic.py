@@ -1,0 +1,75 @@
+"""SyntheticShapes: determinism, variety, speed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_rpn.boxes import box_iou
+from lightning_rpn.data.synthetic import SyntheticShapes
+
+
+def test_same_seed_same_items_different_seed_or_split_different() -> None:
+    a, b = SyntheticShapes(10, seed=3), SyntheticShapes(10, seed=3)
+    for i in (0, 7):
+        np.testing.assert_array_equal(a[i].image, b[i].image)
+        np.testing.assert_array_equal(a[i].boxes, b[i].boxes)
+    # the order of access does not matter (no shared generator state)
+    np.testing.assert_array_equal(SyntheticShapes(10, seed=3)[7].image, a[7].image)
+    assert not np.array_equal(SyntheticShapes(10, seed=4)[0].image, a[0].image)
+    assert not np.array_equal(SyntheticShapes(10, seed=3, split="val")[0].image, a[0].image)
+
+
+def test_variety_of_sizes_shapes_and_aspect_ratios() -> None:
+    ds = SyntheticShapes(300, min_size=128, max_size=192, max_shapes=6, seed=0)
+    items = [ds[i] for i in range(len(ds))]
+    heights = {s.image.shape[0] for s in items}
+    widths = {s.image.shape[1] for s in items}
+    assert min(heights) >= 128 and max(heights) <= 192 and len(heights) > 30 and len(widths) > 30
+    counts = np.array([len(s.boxes) for s in items])
+    assert counts.max() <= 6 and (counts == 0).sum() >= 3 and len(set(counts.tolist())) >= 5
+    boxes = np.concatenate([s.boxes for s in items])
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (w > 0).all() and (h > 0).all()
+    assert np.percentile(np.minimum(w, h), 10) < 14 and np.maximum(w, h).max() > 100
+    aspect = w / h
+    assert aspect.min() < 0.4 and aspect.max() > 2.5 and 0.2 <= aspect.min() and aspect.max() <= 5
+    for s in items:
+        height, width = s.image_size
+        assert (s.boxes[:, [0, 1]] >= 0).all() and (s.boxes[:, 2] <= width).all() and (s.boxes[:, 3] <= height).all()
+    assert items[0].image.std() > 10
+    overlapping = 0
+    for s in items:
+        if len(s.boxes) > 1:
+            iou = box_iou(torch.from_numpy(s.boxes), torch.from_numpy(s.boxes)).fill_diagonal_(0)
+            overlapping += int((iou > 0).any())
+    assert overlapping >= 20  # shapes overlap and occlude each other in many images
+
+
+def test_boxes_are_tight_around_drawn_pixels() -> None:
+    ds = SyntheticShapes(20, max_shapes=1, empty_fraction=0.0, seed=1)
+    for i in range(20):
+        item = ds[i]
+        assert len(item.boxes) == 1
+        x1, y1, x2, y2 = item.boxes[0].astype(int)
+        assert 8 <= min(x2 - x1, y2 - y1)
+
+
+def test_generation_is_fast() -> None:
+    ds = SyntheticShapes(100, seed=0)
+    start = time.perf_counter()
+    for i in range(100):
+        ds[i]
+    assert (time.perf_counter() - start) / 100 < 0.02  # well under 20 ms per image
+
+
+def test_invalid_parameters_are_named() -> None:
+    with pytest.raises(ValueError, match="min_size"):
+        SyntheticShapes(min_size=200, max_size=100)
+    with pytest.raises(ValueError, match="max_shapes"):
+        SyntheticShapes(max_shapes=1000)
+    with pytest.raises(IndexError, match="index 5"):
+        SyntheticShapes(5)[5]

@@ -1,0 +1,280 @@
+"""RPNModule: steps on tiny synthetic batches, predictions in original coordinates, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_rpn.backbones import infer_strides
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.module import LRSchedule, RPNModule, to_original_coordinates
+
+TINY = dict(
+    backbone="tiny_fpn",
+    anchor_sizes=((16,), (32,), (64,), (128,)),
+    warmup_steps=2,
+    post_nms_top_n_train=300,
+    pre_nms_top_n_test=300,
+    post_nms_top_n_test=100,
+    recall_max_proposals=(10, 100),
+)
+
+
+def tiny_model(**overrides) -> RPNModule:
+    return RPNModule(**{**TINY, **overrides})
+
+
+def synthetic_samples(count: int = 4) -> list[DetectionSample]:
+    dataset = SyntheticShapes(count, min_size=48, max_size=80, max_shapes=3, split="test-module")
+    return [dataset[i] for i in range(count)]
+
+
+def collate_for(model: RPNModule, assign_targets: bool = True) -> RPNCollate:
+    return RPNCollate(
+        model.anchor_generator,
+        model.target_config,
+        model.box_coder,
+        model.size_divisibility,
+        seed=model.hparams.anchor_sampling_seed,
+        assign_targets=assign_targets,
+    )
+
+
+def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_exposes_what_the_data_pipeline_reads() -> None:
+    model = tiny_model()
+    assert model.anchor_generator.strides == model.backbone.strides == (4, 8, 16, 32)
+    assert model.size_divisibility == 32
+    assert model.target_config.batch_size_per_image == 256
+    assert model.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
+    assert model.rpn.anchor_generator is model.anchor_generator
+
+
+def test_worker_targets_and_in_model_targets_give_the_same_loss() -> None:
+    model = tiny_model().eval()  # eval: BatchNorm statistics do not move between the calls
+    samples = synthetic_samples()
+    with_targets = collate_for(model, assign_targets=True)(samples)
+    without = collate_for(model, assign_targets=False)(samples)
+    assert with_targets.anchor_targets is not None and without.anchor_targets is None
+    _, from_workers = model(with_targets, need_proposals=False)
+    _, in_model = model(without, need_proposals=False)
+    assert set(from_workers) == {"loss_rpn_cls", "loss_rpn_reg"}
+    for key in from_workers:
+        torch.testing.assert_close(from_workers[key], in_model[key])
+
+
+def test_training_step_returns_a_loss_that_trains(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = tiny_model(optimizer="adamw", lr=1e-3, lr_schedule="cosine", warmup_steps=0)
+    batch = collate_for(model)(synthetic_samples())
+
+    def total_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            _, losses = model(batch, need_proposals=False)
+        return float(sum(losses.values()))
+
+    first = total_loss()
+    trainer = quiet_trainer(tmp_path, max_steps=8, limit_val_batches=0)
+    trainer.fit(model, DataLoader([batch] * 8, batch_size=None))
+    assert total_loss() < first
+    assert {"train/loss", "train/loss_rpn_cls", "train/loss_rpn_reg"} <= set(trainer.callback_metrics)
+
+
+def test_non_finite_loss_names_the_image_ids() -> None:
+    model = tiny_model()
+    batch = collate_for(model)(synthetic_samples(2))
+    batch.image_ids = ["cat.jpg", "dog.jpg"]
+    with torch.no_grad():
+        model.rpn.head.cls_logits.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"images \['cat.jpg', 'dog.jpg'\].*non-finite.*model.lr"):
+        model.training_step(batch, 0)
+
+
+def test_validation_logs_recall_and_fills_last_recall(tmp_path) -> None:
+    model = tiny_model()
+    batch = collate_for(model)(synthetic_samples())
+    trainer = quiet_trainer(tmp_path)
+    (metrics,) = trainer.validate(model, DataLoader([batch, batch], batch_size=None), verbose=False)
+    assert {"val/loss", "val/loss_rpn_cls", "val/AR@100", "val/AR@10", "val/recall@0.50@100"} <= set(metrics)
+    assert model.last_recall["AR@100"] == pytest.approx(metrics["val/AR@100"])
+    assert 0.0 <= model.last_recall["AR@100"] <= 1.0
+    assert model.last_recall["AR@10"] <= model.last_recall["AR@100"]
+    assert set(model.last_recall_curves) == {"recall_vs_iou", "recall_vs_proposals"}
+    assert int(model.val_recall.num_boxes.sum()) == 0  # reset after the epoch
+    (tested,) = trainer.test(model, DataLoader([batch], batch_size=None), verbose=False)
+    assert "test/AR@100" in tested and "test/loss" in tested
+
+
+def test_validation_step_returns_proposals_sorted_and_inside_the_image() -> None:
+    model = tiny_model().eval()
+    batch = collate_for(model)(synthetic_samples(2))
+    with torch.no_grad():
+        output = model.validation_step(batch, 0)
+    assert len(output["proposals"]) == 2
+    for (boxes, scores), (height, width) in zip(output["proposals"], batch.image_sizes):
+        assert 0 < boxes.shape[0] <= 100 and boxes.shape == (scores.shape[0], 4)
+        assert torch.all(scores[:-1] >= scores[1:])
+        assert boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
+
+
+def test_predict_step_maps_boxes_to_original_coordinates() -> None:
+    model = tiny_model().eval()
+    batch = collate_for(model, assign_targets=False)(synthetic_samples(2))
+    batch.original_sizes = [(2 * h, 3 * w) for h, w in batch.image_sizes]  # as if downscaled
+    batch.image_ids = [11, 12]
+    with torch.no_grad():
+        proposals, _ = model(batch, with_targets=False)
+        predictions = model.predict_step(batch, 0)
+    assert [p["image_id"] for p in predictions] == [11, 12]
+    for (boxes, scores), prediction, (height, width) in zip(proposals, predictions, batch.image_sizes):
+        expected = boxes * torch.tensor([3.0, 2.0, 3.0, 2.0])
+        torch.testing.assert_close(prediction["boxes"], expected)
+        torch.testing.assert_close(prediction["scores"], scores)
+        assert prediction["boxes"][:, [0, 2]].max() <= 3 * width
+
+
+def test_to_original_coordinates_scales_and_clips() -> None:
+    boxes = torch.tensor([[10.0, 5.0, 50.0, 40.0], [-4.0, -2.0, 70.0, 45.0]])
+    out = to_original_coordinates(boxes, image_size=(40, 60), original_size=(80, 90))
+    torch.testing.assert_close(out, torch.tensor([[15.0, 10.0, 75.0, 80.0], [0.0, 0.0, 90.0, 80.0]]))
+
+
+def test_predict_images_resizes_like_evaluation_and_returns_original_coordinates(tmp_path) -> None:
+    from PIL import Image
+
+    model = tiny_model()
+    sample = synthetic_samples(1)[0]
+    path = tmp_path / "shape.png"
+    Image.fromarray(sample.image).save(path)
+    height, width = sample.image_size
+    policy = ResizePolicy("shortest_edge", min_sizes=(2 * min(height, width),), max_size=1000)
+    from_path, from_tensor = model.predict_images(
+        [path, torch.from_numpy(sample.image).permute(2, 0, 1)], resize=policy, batch_size=2
+    )
+    assert model.training  # mode restored
+    torch.testing.assert_close(from_path["boxes"], from_tensor["boxes"])
+    boxes = from_path["boxes"]
+    assert boxes.shape[0] > 0
+    assert boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
+    # the same image given at the resized size directly, then scaled back by hand
+    model.eval()
+    resized = policy.target_size((height, width), train=False)
+    (big,) = model.predict_images([np.array(Image.fromarray(sample.image).resize(resized[::-1]))])
+    assert big["boxes"].shape[0] > 0
+
+
+def test_anchor_levels_must_match_the_backbone() -> None:
+    with pytest.raises(ValueError, match=r"model.anchor_sizes.*strides \(4, 8, 16, 32\).*3 levels"):
+        RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,)))
+
+
+class _TwoLevel(nn.Module):
+    """A user's own backbone: strides 8 and 16, 24 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Sequential(nn.Conv2d(3, 24, 3, stride=8, padding=1), nn.ReLU())
+        self.c4 = nn.Conv2d(24, 24, 3, stride=2, padding=1)
+        self.out_channels = 24
+        self.size_divisibility = 16
+        self.strides = infer_strides(self)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        c3 = self.c3(images)
+        return [c3, self.c4(c3)]
+
+
+def test_custom_backbone_module_trains() -> None:
+    model = RPNModule(backbone=_TwoLevel(), anchor_sizes=((24,), (48,)), aspect_ratios=((1.0,),))
+    assert "backbone" not in model.hparams
+    assert model.size_divisibility == 16 and model.anchor_generator.strides == (8, 16)
+    batch = collate_for(model)(synthetic_samples(2))
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    assert model.backbone.c3[0].weight.grad is not None
+
+
+def test_custom_backbone_without_the_interface_is_rejected() -> None:
+    with pytest.raises(TypeError, match="RPNModule\\(backbone=...\\).*Conv2d.size_divisibility must be int"):
+        RPNModule(backbone=nn.Conv2d(3, 8, 3))
+
+
+def test_load_from_checkpoint_rebuilds_the_model(tmp_path) -> None:
+    model = tiny_model(objectness="softmax", head_conv_depth=2, lr=0.005)
+    batch = collate_for(model)(synthetic_samples(2))
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, DataLoader([batch] * 2, batch_size=None))
+    path = tmp_path / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = RPNModule.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.hparams.objectness == "softmax" and loaded.hparams.head_conv_depth == 2
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        expected, _ = model(batch, with_targets=False)
+        got, _ = loaded(batch, with_targets=False)
+    torch.testing.assert_close(got[0][0], expected[0][0])
+
+
+def test_sgd_multistep_schedule_with_warmup(tmp_path) -> None:
+    schedule = LRSchedule(
+        warmup_steps=10, warmup_factor=0.001, kind="multistep", milestones=(20, 30), gamma=0.1,
+        total_steps=0, min_factor=0.0,
+    )
+    assert schedule(0) == pytest.approx(0.001)
+    assert schedule(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [schedule(s) for s in (10, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    cosine = LRSchedule(0, 1.0, "cosine", (), 0.1, total_steps=100, min_factor=0.1)
+    assert [cosine(s) for s in (0, 50, 100, 150)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+
+    model = tiny_model(lr=0.02, momentum=0.9, weight_decay=1e-4)
+    model.trainer = quiet_trainer(tmp_path, max_steps=5)
+    config = model.configure_optimizers()
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert config["lr_scheduler"]["interval"] == "step"
+    decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+    assert decays == [0.0, 1e-4]
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    (no_decay,) = [g for g in optimizer.param_groups if g["weight_decay"] == 0.0]
+    assert {id(p) for p in no_decay["params"]} == norm_params
+    assert math.isclose(optimizer.param_groups[0]["lr"], 0.02 * 0.001)  # warm-up start
+
+
+def test_batch_must_be_padded_to_the_size_divisibility() -> None:
+    model = tiny_model()
+    batch = RPNBatch(
+        images=torch.zeros(1, 3, 40, 64, dtype=torch.uint8),
+        image_sizes=[(40, 64)],
+        original_sizes=[(40, 64)],
+        image_ids=["odd"],
+        gt_boxes=[torch.zeros(0, 4)],
+        crowd_boxes=[torch.zeros(0, 4)],
+    )
+    with pytest.raises(ValueError, match="40x64, not a multiple of the backbone's size_divisibility 32"):
+        model.predict_step(batch, 0)

@@ -1,0 +1,195 @@
+"""RPN end to end: train / eval settings, losses, precomputed vs in-model targets, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_rpn.rpn as rpn_module
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.head import RPNHead
+from lightning_rpn.loss import rpn_loss
+from lightning_rpn.proposals import generate_proposals
+from lightning_rpn.rpn import RPN
+from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add barrier waits on the shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+IMAGE_SIZES = [(64, 64), (56, 60)]
+IMAGE_IDS = ["img-a", 17]
+
+
+def _generator(anchor_stride: int = 1) -> AnchorGenerator:
+    return AnchorGenerator(((16,), (32,)), (0.5, 1.0, 2.0), (4, 8), anchor_stride=anchor_stride)
+
+
+def _rpn(**kwargs) -> RPN:
+    settings = dict(
+        in_channels=8,
+        pre_nms_top_n_train=200,
+        post_nms_top_n_train=60,
+        pre_nms_top_n_test=100,
+        post_nms_top_n_test=25,
+        target_config=AnchorTargetConfig(batch_size_per_image=64),
+        seed=7,
+    )
+    settings.update(kwargs)
+    return RPN(settings.pop("anchor_generator", _generator()), **settings)
+
+
+def _features() -> list[torch.Tensor]:
+    return [torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8)]
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 50.0]])},
+        {"boxes": torch.tensor([[10.0, 10.0, 26.0, 22.0]])},
+    ]
+
+
+def test_train_mode_losses_and_proposals() -> None:
+    rpn = _rpn().train()
+    proposals, losses = rpn(_features(), IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"}
+    assert all(torch.isfinite(v) and v.requires_grad for v in losses.values())
+    (losses["loss_rpn_cls"] + losses["loss_rpn_reg"]).backward()
+    assert rpn.head.cls_logits.weight.grad is not None
+    assert len(proposals) == 2
+    for (boxes, scores), (h, w) in zip(proposals, IMAGE_SIZES):
+        assert boxes.shape == (60, 4) and scores.shape == (60,)
+        assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all()
+
+
+def test_eval_mode_uses_test_settings_and_still_returns_losses() -> None:
+    rpn = _rpn().eval()
+    features = _features()
+    proposals, losses = rpn(features, IMAGE_SIZES, _targets())
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"}
+    assert [b.shape[0] for b, _ in proposals] == [25, 25]
+    # The same as running the pieces by hand with the test settings.
+    objectness, deltas = rpn.head(features)
+    anchors = rpn.anchor_generator([f.shape[-2:] for f in features])
+    expected = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, 100, 25)
+    for (boxes, scores), (exp_boxes, exp_scores) in zip(proposals, expected):
+        assert torch.equal(boxes, exp_boxes) and torch.equal(scores, exp_scores)
+    proposals, losses = rpn(features, IMAGE_SIZES)
+    assert losses == {} and len(proposals) == 2
+
+
+def test_precomputed_targets_equal_in_model_targets() -> None:
+    rpn = _rpn().train()
+    features = _features()
+    shapes = [f.shape[-2:] for f in features]
+    anchors = torch.cat(rpn.anchor_generator(shapes))
+    # What the data pipeline does in its workers: same function, same per-image generator.
+    labels, deltas = zip(
+        *(
+            assign_anchor_targets(
+                anchors, t["boxes"], size, rpn.target_config, rpn.box_coder, generator=sample_generator(7, image_id)
+            )
+            for t, size, image_id in zip(_targets(), IMAGE_SIZES, IMAGE_IDS)
+        )
+    )
+    precomputed = (torch.stack(labels), torch.stack(deltas))
+    assert (precomputed[0] == 1).any() and (precomputed[0] == 0).any()
+    _, from_pipeline = rpn(features, IMAGE_SIZES, anchor_targets=precomputed, need_proposals=False)
+    _, in_model = rpn(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, need_proposals=False)
+    for key in ("loss_rpn_cls", "loss_rpn_reg"):
+        assert torch.equal(from_pipeline[key], in_model[key])
+    # A different seed samples differently.
+    _, other_seed = _rpn(seed=8)(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, need_proposals=False)
+    assert not torch.equal(other_seed["loss_rpn_cls"], in_model["loss_rpn_cls"])
+
+
+def test_anchor_targets_shape_mismatch_names_both_counts() -> None:
+    rpn = _rpn()
+    num = 3 * (16 * 16 + 8 * 8)
+    bad = (torch.zeros(2, num - 3, dtype=torch.int64), torch.zeros(2, num - 3, 4))
+    with pytest.raises(ValueError, match=rf"N={num - 3}.*N={num}"):
+        rpn(_features(), IMAGE_SIZES, anchor_targets=bad)
+
+
+@pytest.mark.parametrize(
+    "bad_box, message",
+    [([5.0, 5.0, 3.0, 9.0], "empty"), ([1.0, float("nan"), 8.0, 9.0], "non-finite")],
+)
+def test_bad_gt_boxes_name_the_image(bad_box: list[float], message: str) -> None:
+    targets = _targets()
+    targets[1]["boxes"] = torch.tensor([[10.0, 10.0, 26.0, 22.0], bad_box])
+    with pytest.raises(ValueError, match=rf"targets\[1\] \(image_id=17\).*box 1.*{message}"):
+        _rpn()(_features(), IMAGE_SIZES, targets, image_ids=IMAGE_IDS)
+
+
+def test_need_proposals_false_skips_proposal_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("generate_proposals must not run")
+
+    monkeypatch.setattr(rpn_module, "generate_proposals", fail)
+    proposals, losses = _rpn().train()(_features(), IMAGE_SIZES, _targets(), need_proposals=False)
+    assert proposals == [] and set(losses) == {"loss_rpn_cls", "loss_rpn_reg"}
+
+
+def test_softmax_head_paper_loss_dict_features_and_anchor_stride() -> None:
+    rpn = _rpn(
+        anchor_generator=_generator(anchor_stride=2), objectness="softmax", loss_normalization="paper", box_loss="giou"
+    ).eval()
+    features = dict(zip(["p2", "p3"], _features()))
+    proposals, losses = rpn(features, IMAGE_SIZES, _targets())
+    assert [b.shape[0] for b, _ in proposals] == [25, 25]
+    assert all(((s > 0) & (s <= 1)).all() for _, s in proposals)
+    # Paper normalisation with N_reg = anchor locations (8x8 + 4x4 after anchor_stride 2) x 2 images.
+    objectness, deltas = rpn.head(list(features.values()))
+    anchors = rpn.anchor_generator([f.shape[-2:] for f in features.values()])
+    labels, targets = rpn._assign_targets(_targets(), IMAGE_SIZES, [(16, 16), (8, 8)], None, 2, torch.device("cpu"))
+    expected = rpn_loss(
+        objectness, deltas, labels, targets, normalization="paper", box_loss="giou",
+        anchors=anchors, box_coder=rpn.box_coder, num_anchor_locations=64 + 16,
+    )
+    assert torch.equal(losses["loss_rpn_reg"], expected["loss_rpn_reg"])
+
+
+def test_construction_errors() -> None:
+    with pytest.raises(ValueError, match="num_anchors"):
+        RPN(_generator(), head=RPNHead(8, 2))
+    with pytest.raises(ValueError, match="objectness"):
+        RPN(_generator(), head=RPNHead(8, 3, objectness="softmax"))
+    with pytest.raises(ValueError, match="anchor_stride"):
+        RPN(_generator(anchor_stride=2), head=RPNHead(8, 3))
+    with pytest.raises(ValueError, match="box_loss"):
+        RPN(_generator(), box_loss="iou")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="generator has 2"):
+        _rpn()(_features()[:1], IMAGE_SIZES)
+    rpn = _rpn()
+    assert rpn.anchor_generator is not None and rpn.box_coder is not None
+    assert rpn.target_config.batch_size_per_image == 64 and isinstance(rpn.head, RPNHead)
+
+
+def test_short_training_run_lowers_losses() -> None:
+    rpn = _rpn().train()
+    features = [f.detach() for f in _features()]
+    optimiser = torch.optim.Adam(rpn.parameters(), lr=1e-2)
+    history = []
+    for _ in range(60):
+        _, losses = rpn(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, need_proposals=False)
+        optimiser.zero_grad()
+        (losses["loss_rpn_cls"] + losses["loss_rpn_reg"]).backward()
+        optimiser.step()
+        history.append([v.item() for v in losses.values()])
+    assert history[-1][0] < 0.5 * history[0][0] and history[-1][1] < 0.5 * history[0][1]
+
+
+def test_bf16_autocast_gives_fp32_losses_and_proposals() -> None:
+    rpn = _rpn().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proposals, losses = rpn(_features(), IMAGE_SIZES, _targets())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert all(b.dtype == s.dtype == torch.float32 and b.shape[0] == 60 for b, s in proposals)

@@ -1,0 +1,114 @@
+"""assign_anchor_targets: labels + deltas, crowd regions, seeding, config validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.matching import match_anchors
+from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+
+IMAGE = (256, 320)
+GENERATOR = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
+GT = torch.tensor([[20.0, 30.0, 90.0, 120.0], [150.0, 40.0, 300.0, 200.0], [200.0, 210.0, 230.0, 250.0]])
+
+
+def test_positive_deltas_decode_back_to_their_gt_box() -> None:
+    grid = GENERATOR.grid(GENERATOR.feature_shapes_for(IMAGE))
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    labels, deltas = assign_anchor_targets(grid, GT, IMAGE, AnchorTargetConfig(), coder, sample_generator(0, 1))
+    assert labels.dtype == torch.int64 and deltas.dtype == torch.float32
+    assert deltas.shape == (grid.num_anchors, 4)
+    positive = labels == 1
+    assert 0 < positive.sum() <= 128 and (labels >= 0).sum() == 256
+    _, matched = match_anchors(grid, GT)
+    decoded = coder.decode(deltas[positive], grid.anchors[positive])
+    torch.testing.assert_close(decoded, GT[matched[positive]], rtol=1e-5, atol=1e-3)
+    assert (deltas[~positive] == 0).all()
+
+
+def test_grid_and_tensor_anchors_give_identical_targets() -> None:
+    grid = GENERATOR.grid(GENERATOR.feature_shapes_for(IMAGE))
+    config = AnchorTargetConfig(allowed_border=0.0)
+    coder = BoxCoder()
+    a = assign_anchor_targets(grid, GT, IMAGE, config, coder, sample_generator(3, "img"))
+    b = assign_anchor_targets(grid.anchors, GT, IMAGE, config, coder, sample_generator(3, "img"))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_crowd_regions_ignore_covered_non_positive_anchors() -> None:
+    grid = GENERATOR.grid(GENERATOR.feature_shapes_for(IMAGE))
+    crowd = torch.tensor([[0.0, 150.0, 140.0, 256.0]])
+    everything = AnchorTargetConfig(batch_size_per_image=10**6, positive_fraction=1.0)
+    with_crowd = AnchorTargetConfig(batch_size_per_image=10**6, positive_fraction=1.0, crowd_ioa=0.7)
+    labels, _ = assign_anchor_targets(grid, GT, IMAGE, with_crowd, BoxCoder(), crowd_boxes=crowd)
+    plain, _ = assign_anchor_targets(grid, GT, IMAGE, everything, BoxCoder())
+    a = grid.anchors
+    inter_w = (torch.minimum(a[:, 2], crowd[0, 2]) - torch.maximum(a[:, 0], crowd[0, 0])).clamp(min=0)
+    inter_h = (torch.minimum(a[:, 3], crowd[0, 3]) - torch.maximum(a[:, 1], crowd[0, 1])).clamp(min=0)
+    covered = inter_w * inter_h / ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])) >= 0.7
+    assert covered.any()
+    assert (labels[covered & (plain != 1)] == -1).all()
+    assert torch.equal(labels[~covered], plain[~covered])
+    assert torch.equal(labels[plain == 1], plain[plain == 1])  # crowd never touches positives
+    # Without crowd_ioa the crowd boxes are not used; they are never matched either way.
+    unused, _ = assign_anchor_targets(grid, GT, IMAGE, everything, BoxCoder(), crowd_boxes=crowd)
+    assert torch.equal(unused, plain)
+
+
+def test_no_gt_boxes_gives_only_negatives() -> None:
+    grid = GENERATOR.grid(GENERATOR.feature_shapes_for(IMAGE))
+    labels, deltas = assign_anchor_targets(grid, torch.zeros(0, 4), IMAGE, AnchorTargetConfig(), BoxCoder())
+    assert (labels == 1).sum() == 0 and (labels == 0).sum() == 256
+    assert (deltas == 0).all()
+
+
+def test_same_generator_state_same_targets_and_seed_dependence() -> None:
+    anchors = torch.cat(GENERATOR(GENERATOR.feature_shapes_for(IMAGE)))
+    config, coder = AnchorTargetConfig(), BoxCoder()
+    first = assign_anchor_targets(anchors, GT, IMAGE, config, coder, sample_generator(0, 42))
+    again = assign_anchor_targets(anchors, GT, IMAGE, config, coder, sample_generator(0, 42))
+    other = assign_anchor_targets(anchors, GT, IMAGE, config, coder, sample_generator(0, 43))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_sample_generator_is_stable_across_processes() -> None:
+    keys = [(0, 1), (5, "a/b.jpg")]
+    here = [torch.randint(0, 10**9, (3,), generator=sample_generator(s, i)).tolist() for s, i in keys]
+    code = (
+        "import torch\nfrom lightning_rpn.targets import sample_generator\n"
+        "print([torch.randint(0, 10**9, (3,), generator=sample_generator(s, i)).tolist() "
+        "for s, i in [(0, 1), (5, 'a/b.jpg')]])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(here)
+    assert here[0] != torch.randint(0, 10**9, (3,), generator=sample_generator(1, 1)).tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(fg_iou=0.3, bg_iou=0.5), r"bg_iou <= fg_iou.*bg_iou=0.5, fg_iou=0.3"),
+        (dict(batch_size_per_image=0), "batch_size_per_image must be a positive int, got 0"),
+        (dict(positive_fraction=2.0), r"positive_fraction must be in \[0, 1\]"),
+        (dict(crowd_ioa=0.0), r"crowd_ioa must be in \(0, 1\]"),
+        (dict(allowed_border=-1.0), "allowed_border must be >= 0"),
+    ],
+)
+def test_config_validation(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        AnchorTargetConfig(**kwargs)
+
+
+def test_config_is_frozen_with_paper_defaults() -> None:
+    config = AnchorTargetConfig()
+    assert (config.fg_iou, config.bg_iou, config.batch_size_per_image, config.positive_fraction) == (0.7, 0.3, 256, 0.5)
+    assert config.allowed_border is None and config.crowd_ioa is None and config.allow_low_quality
+    with pytest.raises(AttributeError):
+        config.fg_iou = 0.5  # type: ignore[misc]
