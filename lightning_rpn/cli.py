@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -38,7 +39,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.module import RPNModule
 
-__all__ = ["RPNLightningCLI", "ProposalWriter", "ResolvedConfigCallback", "main"]
+__all__ = [
+    "CONFIG_KEY",
+    "ProposalWriter",
+    "RPNLightningCLI",
+    "ResolvedConfigCallback",
+    "check_data",
+    "default_wandb_offline",
+    "main",
+    "wandb_credentials_available",
+]
 
 CONFIG_KEY = "lightning_rpn_config"
 
@@ -57,8 +67,6 @@ class ResolvedConfigCallback(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                import yaml
-
                 resolved = yaml.safe_load(self._config_text())
                 logger.experiment.config.update({"config": resolved}, allow_val_change=True)
 
@@ -136,6 +144,10 @@ class RPNLightningCLI(LightningCLI):
             **kwargs,
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Choose W&B offline mode (after parsing, so ``--help`` stays quiet)."""
+        default_wandb_offline()
+
     def _report_wandb(self) -> None:
         if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
             return
@@ -163,6 +175,9 @@ class RPNLightningCLI(LightningCLI):
 
 class _CheckDataCLI(RPNLightningCLI):
     """Parses the same config as ``fit`` (no subcommand) plus the report options."""
+
+    def before_instantiate_classes(self) -> None:
+        """No W&B notice: nothing is logged."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -209,13 +224,14 @@ def wandb_credentials_available() -> bool:
         return False
 
 
-def _default_wandb_offline() -> None:
+def default_wandb_offline() -> None:
+    """Set ``WANDB_MODE=offline`` when no mode is chosen and no credentials exist, and say so."""
     if "WANDB_MODE" in os.environ or wandb_credentials_available():
         return
     os.environ["WANDB_MODE"] = "offline"
     print(
-        "lightning-rpn: no W&B credentials (WANDB_API_KEY or `wandb login`); logging offline. "
-        "The run directory to `wandb sync` is printed at the end.",
+        "lightning-rpn: no W&B credentials (WANDB_API_KEY or `wandb login`); W&B logs offline. "
+        "The `wandb sync <run dir>` command that uploads the run is printed at the end.",
         file=sys.stderr,
     )
 
@@ -225,7 +241,6 @@ def main(args: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "check-data":
         return check_data(argv[1:])
-    _default_wandb_offline()
     RPNLightningCLI(args=args)
     return 0
 

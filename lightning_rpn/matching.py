@@ -55,6 +55,7 @@ _PAIR_BUDGET = 1 << 20  # candidate pairs evaluated at once on the grid path
 _DENSE_BUDGET = 1 << 22  # IoU entries evaluated at once on the dense path
 _WINDOW_SLACK = 1e-3  # relative slack on the IoU bound that sizes the grid windows
 _TILE_SIZE = 16  # anchors per tile when re-checking low-quality matches against all gts
+_TILE_PAIR_BUDGET = 1 << 18  # (anchor, gt) pairs of those tiles evaluated at once
 _SMALL_PROBLEM = 1 << 16  # N x G at or below which the dense path is faster (same result)
 
 
@@ -117,23 +118,33 @@ def match_anchors(
 
     with torch.no_grad():
         if grid is not None and num_anchors * num_gt > _SMALL_PROBLEM:
-            anchor_max, anchor_arg, low_quality = _grid_summary(
+            anchor_ids, anchor_max, anchor_arg, low_quality = _grid_summary(
                 grid, gt, inside, bg_iou, allow_low_quality
             )
+            some_labels, some_matched = _decide(anchor_max, anchor_arg, low_quality, fg_iou, bg_iou, allow_low_quality)
+            # Anchors without a kept pair have best IoU 0 as far as thresholds can tell.
+            unseen = 1 if fg_iou <= 0 else (-1 if bg_iou <= 0 else 0)
+            labels = torch.full((num_anchors,), unseen, dtype=torch.int64, device=device)
+            matched = torch.zeros(num_anchors, dtype=torch.int64, device=device)
+            labels[anchor_ids] = some_labels
+            matched[anchor_ids] = some_matched
         else:
-            anchor_max, anchor_arg, low_quality = _dense_summary(anchor_boxes, gt, inside, allow_low_quality)
-
-        labels = torch.where(
-            anchor_max >= fg_iou,
-            1,
-            torch.where(anchor_max >= bg_iou, -1, 0),
-        ).to(torch.int64)
-        if allow_low_quality:
-            labels[low_quality] = 1
+            summary = _dense_summary(anchor_boxes, gt, inside, allow_low_quality)
+            labels, matched = _decide(*summary, fg_iou, bg_iou, allow_low_quality)
         if inside is not None:
             labels[~inside] = -1
-        matched = torch.where(labels == 1, anchor_arg, 0)
+            matched[~inside] = 0
     return labels, matched
+
+
+def _decide(
+    best_iou: Tensor, best_gt: Tensor, low_quality: Tensor, fg_iou: float, bg_iou: float, allow_low_quality: bool
+) -> tuple[Tensor, Tensor]:
+    """Labels (1 / 0 / -1) and matched gt (0 unless positive) from per-anchor summaries."""
+    labels = torch.where(best_iou >= fg_iou, 1, torch.where(best_iou >= bg_iou, -1, 0)).to(torch.int64)
+    if allow_low_quality:
+        labels[low_quality] = 1
+    return labels, torch.where(labels == 1, best_gt, 0)
 
 
 def _describe(value: object) -> str:
@@ -227,11 +238,13 @@ def _pair_iou(gt: Tensor, gt_area: Tensor, anchors: Tensor) -> Tensor:
 
 def _grid_summary(
     grid: AnchorGrid, gt: Tensor, inside: Tensor | None, bg_iou: float, need_low_quality: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Grid path of :func:`match_anchors`: the same decisions as ``_dense_summary``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grid path of :func:`match_anchors`: ``_dense_summary`` restricted to some anchors.
 
-    ``anchor_max`` is exact where it is ``>= bg_iou`` (below, it only has to stay below);
-    ``anchor_arg`` is exact for anchors with best IoU ``>= bg_iou`` and for low-quality ones.
+    Returns ``(anchor_ids, best IoU, best gt, low-quality mask)`` for the anchors that have a
+    kept pair; all others have best IoU below ``bg_iou`` and are not low-quality. The best IoU
+    is exact where it is ``>= bg_iou`` (below, it only has to stay below), the best gt for
+    anchors with best IoU ``>= bg_iou`` and for low-quality ones.
     """
     device = gt.device
     anchors = grid.anchors.float()
@@ -318,25 +331,26 @@ def _grid_summary(
         keep = inside[pair_anchor]
         pair_iou, pair_anchor, pair_gt = pair_iou[keep], pair_anchor[keep], pair_gt[keep]
 
-    anchor_max = torch.zeros(num_anchors, device=device)
-    anchor_max.scatter_reduce_(0, pair_anchor, pair_iou, reduce="amax", include_self=True)
+    # Reduce per distinct anchor (sparse: every other anchor has best IoU below bg_iou).
+    anchor_ids, pair_slot = torch.unique(pair_anchor, return_inverse=True)
+    anchor_max = torch.zeros(anchor_ids.shape[0], device=device)
+    anchor_max.scatter_reduce_(0, pair_slot, pair_iou, reduce="amax", include_self=True)
     # Argmax with the lowest gt index among equal maxima.
-    at_max = pair_iou == anchor_max[pair_anchor]
-    anchor_arg = torch.full((num_anchors,), num_gt, dtype=torch.int64, device=device)
-    anchor_arg.scatter_reduce_(0, pair_anchor[at_max], pair_gt[at_max], reduce="amin", include_self=True)
-    anchor_arg[anchor_arg == num_gt] = 0
+    at_max = pair_iou == anchor_max[pair_slot]
+    anchor_arg = torch.full((anchor_ids.shape[0],), num_gt, dtype=torch.int64, device=device)
+    anchor_arg.scatter_reduce_(0, pair_slot[at_max], pair_gt[at_max], reduce="amin", include_self=True)
 
-    low_quality = torch.zeros(num_anchors, dtype=torch.bool, device=device)
+    low_quality = torch.zeros(anchor_ids.shape[0], dtype=torch.bool, device=device)
     if need_low_quality:
         gt_max = torch.zeros(num_gt, device=device)
         gt_max.scatter_reduce_(0, pair_gt, pair_iou, reduce="amax", include_self=True)
-        low_quality[pair_anchor[pair_iou == gt_max[pair_gt]]] = True
+        low_quality[pair_slot[pair_iou == gt_max[pair_gt]]] = True
         # A low-quality anchor whose best kept IoU is below bg_iou may have its best gt
         # outside every window: compare it with all boxes.
         recheck = torch.nonzero(low_quality & (anchor_max < bg_iou)).squeeze(1)
         if recheck.numel():
-            anchor_arg[recheck] = _best_gt_by_tiles(anchors[recheck], gt)
-    return anchor_max, anchor_arg, low_quality
+            anchor_arg[recheck] = _best_gt_by_tiles(anchors[anchor_ids[recheck]], gt)
+    return anchor_ids, anchor_max, anchor_arg, low_quality
 
 
 def _best_gt_by_tiles(anchors: Tensor, gt: Tensor) -> Tensor:
@@ -364,27 +378,40 @@ def _best_gt_by_tiles(anchors: Tensor, gt: Tensor) -> Tensor:
         (tiles[..., 0].amin(1), tiles[..., 1].amin(1), tiles[..., 2].amax(1), tiles[..., 3].amax(1)), dim=1
     )
     gt_area = box_area(gt)
+
+    def near_gt(first: int, last: int) -> Tensor:
+        box = bounds[first:last, None]
+        return (gt[:, 0] < box[..., 2]) & (gt[:, 2] > box[..., 0]) & (gt[:, 1] < box[..., 3]) & (gt[:, 3] > box[..., 1])
+
     best = torch.empty(num, dtype=torch.int64, device=device)
-    tiles_per_chunk = max(1, _DENSE_BUDGET // (gt.shape[0] * _TILE_SIZE))
-    for first in range(0, num_tiles, tiles_per_chunk):
-        box = bounds[first : first + tiles_per_chunk, None]
-        near = (gt[:, 0] < box[..., 2]) & (gt[:, 2] > box[..., 0]) & (gt[:, 1] < box[..., 3]) & (gt[:, 3] > box[..., 1])
-        tile, cand = torch.nonzero(near).unbind(1)  # ascending gt index within each tile
-        tile = tile + first
-        count = tile.shape[0]
-        iou = _pair_iou(
-            gt[cand].repeat_interleave(_TILE_SIZE, 0),
-            gt_area[cand].repeat_interleave(_TILE_SIZE, 0),
-            tiles[tile].reshape(-1, 4),
-        ).view(count, _TILE_SIZE)
-        slot = (tile[:, None] * _TILE_SIZE + torch.arange(_TILE_SIZE, device=device)).reshape(-1)
-        slot_max = torch.full((num_tiles * _TILE_SIZE,), -1.0, device=device)
-        slot_max.scatter_reduce_(0, slot, iou.reshape(-1), reduce="amax", include_self=True)
-        at_max = iou.reshape(-1) == slot_max[slot]
-        slot_gt = torch.full((num_tiles * _TILE_SIZE,), gt.shape[0], dtype=torch.int64, device=device)
-        slot_gt.scatter_reduce_(0, slot[at_max], cand.repeat_interleave(_TILE_SIZE)[at_max], reduce="amin")
-        done = slice(first * _TILE_SIZE, min(num, (first + tiles_per_chunk) * _TILE_SIZE))
-        best[order[done]] = slot_gt[done]
+    offsets = torch.arange(_TILE_SIZE, device=device)
+    rows = max(1, _DENSE_BUDGET // gt.shape[0])
+    for block in range(0, num_tiles, rows):
+        near = near_gt(block, block + rows)
+        pair_tile, pair_gt = torch.nonzero(near).unbind(1)  # ascending gt within a tile
+        per_tile = near.sum(1).cumsum(0).tolist()
+        # Runs of whole tiles with at most about _TILE_PAIR_BUDGET (anchor, gt) pairs each.
+        first = 0
+        while first < near.shape[0]:
+            done = per_tile[first - 1] if first else 0
+            last = max(first + 1, bisect.bisect_right(per_tile, done + _TILE_PAIR_BUDGET // _TILE_SIZE, lo=first))
+            tile = pair_tile[done : per_tile[last - 1]]
+            cand = pair_gt[done : per_tile[last - 1]]
+            iou = _pair_iou(
+                gt[cand].repeat_interleave(_TILE_SIZE, 0),
+                gt_area[cand].repeat_interleave(_TILE_SIZE, 0),
+                tiles[tile + block].reshape(-1, 4),
+            )
+            slot = ((tile - first)[:, None] * _TILE_SIZE + offsets).reshape(-1)
+            size = (last - first) * _TILE_SIZE
+            slot_max = torch.full((size,), -1.0, device=device).scatter_reduce_(0, slot, iou, reduce="amax")
+            at_max = iou == slot_max[slot]
+            slot_gt = torch.full((size,), gt.shape[0], dtype=torch.int64, device=device)
+            slot_gt.scatter_reduce_(0, slot[at_max], cand.repeat_interleave(_TILE_SIZE)[at_max], reduce="amin")
+            begin_slot = (block + first) * _TILE_SIZE
+            keep = min(size, num - begin_slot)
+            best[order[begin_slot : begin_slot + keep]] = slot_gt[:keep]
+            first = last
     return best
 
 

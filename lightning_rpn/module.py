@@ -292,8 +292,6 @@ class RPNModule(pl.LightningModule):
         """
         self._check_padding(batch.images)
         features = self.backbone(self.normalize(batch.images))
-        if isinstance(features, dict):
-            features = list(features.values())
         return self.rpn(
             features,
             batch.image_sizes,
@@ -324,7 +322,12 @@ class RPNModule(pl.LightningModule):
         on_step = stage == "train"
         values = {f"{stage}/loss": loss, **{f"{stage}/{k}": v for k, v in losses.items()}}
         self.log_dict(
-            values, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size
+            values,
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=batch_size,
+            sync_dist=not on_step,
         )
         return loss
 
@@ -346,7 +349,7 @@ class RPNModule(pl.LightningModule):
 
     def _end_recall_epoch(self, stage: str) -> None:
         results = self.val_recall.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=False)
+        self.log_dict({f"{stage}/{k}": v for k, v in results.items()})  # already synced
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
         self.val_recall.reset()

@@ -16,6 +16,15 @@ from lightning_rpn.backbones import (
     infer_strides,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run faster on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 EXPECTED = {
     "resnet18_fpn": (256, (4, 8, 16, 32, 64), 64),
     "resnet34_fpn": (256, (4, 8, 16, 32, 64), 64),

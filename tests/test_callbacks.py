@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,18 @@ def read_wandb_records(run_file: Path) -> list:
     return records
 
 
+def read_finished_wandb_run(run_file: Path, timeout_s: float = 60.0) -> list:
+    """Records of the run once its ``exit`` record is on disk: wandb's service may still be
+    writing the file for a moment after ``wandb.finish()`` returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(run_file)
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        assert time.monotonic() < deadline, f"{run_file} has no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def wandb_history(records: list) -> list[dict[str, object]]:
     """One dict per history row, keyed by the top-level key (nested keys joined by '.')."""
     rows = []
@@ -177,7 +190,7 @@ def test_wandb_offline_run_has_metrics_curves_and_images(tmp_path, monkeypatch, 
     assert "AR_small" in out and "R@0.70" in out and f"{model.last_recall['AR@20']:.3f}" in out
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    history = wandb_history(read_wandb_records(next(run_dir.glob("run-*.wandb"))))
+    history = wandb_history(read_finished_wandb_run(next(run_dir.glob("run-*.wandb"))))
     # metrics: logged by the module every validation epoch, the last one equals last_recall
     ar_rows = [row["val/AR@20"] for row in history if "val/AR@20" in row]
     assert len(ar_rows) == 3 and ar_rows[-1] == pytest.approx(model.last_recall["AR@20"])

@@ -196,4 +196,5 @@ def test_check_data_exits_1_on_bad_annotations(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "problem(s) found" in result.stderr
+    assert "1 problem(s) found" in result.stderr
+    assert "annotation 8" in result.stdout and "non-finite" in result.stdout

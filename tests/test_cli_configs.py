@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rpn.callbacks import RecallTable
 from lightning_rpn.cli import ProposalWriter, RPNLightningCLI, wandb_credentials_available
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The dry runs that measure strides are faster on one thread on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI warns when both ``args`` and pytest's own argv are present."""
+    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
 
 
 def build(config: str, tmp_path: Path, *overrides: str) -> RPNLightningCLI:

@@ -215,3 +215,16 @@ def test_small_problems_take_the_dense_path_with_the_same_result(monkeypatch: py
     via_dense = match_anchors(grid, gt)
     assert not calls
     assert torch.equal(via_grid[0], via_dense[0]) and torch.equal(via_grid[1], via_dense[1])
+
+
+@pytest.mark.parametrize("budget", [64, 1 << 22])
+def test_tiled_best_gt_equals_brute_force(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    monkeypatch.setattr(matching, "_DENSE_BUDGET", budget)
+    monkeypatch.setattr(matching, "_TILE_PAIR_BUDGET", budget)
+    anchors = random_gt(400, 17, max_size=60.0).round()
+    gt = random_gt(40, 18, integer=True)
+    gt = torch.cat([gt, gt[:5]])  # duplicates: ties between gt indices
+    iou = tv_box_iou(gt, anchors)
+    overlapping = iou.amax(0) > 0
+    expected = iou[:, overlapping].max(dim=0).indices
+    assert torch.equal(matching._best_gt_by_tiles(anchors[overlapping], gt), expected)

@@ -1,0 +1,320 @@
+"""Proposal files for a second stage: COCO results JSON and detectron2 precomputed proposals.
+
+Shapes: ``P`` proposals of an image. A *proposal record* is a mapping
+``{"image_id": int | str, "boxes": [P, 4] xyxy float32 (original-image pixels), "scores": [P]}``
+(objectness probabilities, best first): what :meth:`lightning_rpn.module.RPNModule.predict_step`
+returns per image, and what the readers return (as tensors).
+
+Formats:
+
+* COCO results JSON: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``,
+  class-agnostic (one category id for every proposal). Images without proposals do not
+  appear. Coordinates are rounded to ``decimals`` (default 0.01 px) to keep files small.
+* detectron2 precomputed proposals (``DATASETS.PROPOSAL_FILES_TRAIN`` / ``..._TEST``): a pickle
+  of ``{"ids": [image ids], "boxes": [float32 [P, 4] xyxy], "objectness_logits": [float32 [P]],
+  "bbox_mode": 0}`` (``BoxMode.XYXY_ABS``); logits are ``logit(score)``, exact up to float32.
+
+Every file is written to a temporary name next to it and moved into place with ``os.replace``,
+so a reader never sees a partial file. :class:`ProposalWriter` is the Lightning callback that
+writes both for a ``predict`` run, DDP included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+__all__ = [
+    "FORMATS",
+    "ProposalWriter",
+    "write_coco_proposals",
+    "read_coco_proposals",
+    "write_detectron2_proposals",
+    "read_detectron2_proposals",
+    "merge_proposal_parts",
+]
+
+FORMATS: dict[str, str] = {"coco_json": "proposals_coco.json", "detectron2_pkl": "proposals_detectron2.pkl"}
+"""Output format name -> file name written by :class:`ProposalWriter`."""
+
+_LOGIT_EPS = 1e-12
+
+
+def _numpy(value: Any, dtype: type, shape_tail: tuple[int, ...], what: str) -> np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    array = np.asarray(value, dtype=np.float64)
+    if array.size == 0:
+        array = array.reshape((0, *shape_tail))
+    if array.shape[1:] != shape_tail:
+        raise ValueError(f"{what}: expected shape [P{''.join(f', {n}' for n in shape_tail)}], got {array.shape}")
+    return array.astype(dtype)
+
+
+def _json_id(image_id: Any) -> int | str:
+    """A JSON-safe image id (numpy / tensor scalars become Python ints)."""
+    if isinstance(image_id, Tensor):
+        image_id = image_id.item()
+    if isinstance(image_id, np.generic):
+        image_id = image_id.item()
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        raise TypeError(f"proposal image_id must be an int or a str, got {type(image_id).__name__} {image_id!r}")
+    return image_id
+
+
+def _records(proposals: Iterable[Mapping[str, Any]], where: str) -> Iterable[tuple[int | str, np.ndarray, np.ndarray]]:
+    for index, item in enumerate(proposals):
+        missing = {"image_id", "boxes", "scores"} - set(item)
+        if missing:
+            raise ValueError(f"{where}: proposal record {index} lacks {sorted(missing)}")
+        image_id = _json_id(item["image_id"])
+        boxes = _numpy(item["boxes"], np.float32, (4,), f"{where}: boxes of image {image_id!r}")
+        scores = _numpy(item["scores"], np.float32, (), f"{where}: scores of image {image_id!r}")
+        if len(boxes) != len(scores):
+            raise ValueError(
+                f"{where}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} scores"
+            )
+        yield image_id, boxes, scores
+
+
+def _atomic_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_coco_proposals(
+    path: str | Path, proposals: Iterable[Mapping[str, Any]], category_id: int = 1, decimals: int | None = 2
+) -> Path:
+    """Write proposal records as a class-agnostic COCO results JSON (``bbox`` xywh); streamed."""
+    path = Path(path)
+    tmp = _atomic_path(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write("[")
+            first = True
+            for image_id, boxes, scores in _records(proposals, f"write_coco_proposals({str(path)!r})"):
+                xywh = boxes.astype(np.float64)
+                xywh[:, 2:] -= xywh[:, :2]
+                if decimals is not None:
+                    xywh = xywh.round(decimals)
+                for bbox, score in zip(xywh.tolist(), scores.astype(np.float64).tolist()):
+                    entry = {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+                    handle.write(("" if first else ",\n") + json.dumps(entry))
+                    first = False
+            handle.write("]\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _sorted_record(image_id: int | str, boxes: np.ndarray, scores: np.ndarray, **extra: Any) -> dict[str, Any]:
+    order = np.argsort(-scores, kind="stable")
+    out = {"image_id": image_id, "boxes": torch.from_numpy(boxes[order]), "scores": torch.from_numpy(scores[order])}
+    out.update({k: torch.from_numpy(v[order]) for k, v in extra.items()})
+    return out
+
+
+def read_coco_proposals(path: str | Path) -> list[dict[str, Any]]:
+    """Proposal records (xyxy float32 tensors, best first) from a COCO results JSON.
+
+    One record per image id, in order of first appearance; ``category_id`` is ignored.
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        entries = json.load(handle)
+    if not isinstance(entries, list):
+        raise ValueError(f"read_coco_proposals: {str(path)!r} holds a {type(entries).__name__}, expected a results list")
+    groups: dict[int | str, tuple[list, list]] = {}
+    for index, entry in enumerate(entries):
+        try:
+            boxes, scores = groups.setdefault(entry["image_id"], ([], []))
+            boxes.append(entry["bbox"])
+            scores.append(entry["score"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"read_coco_proposals: entry {index} of {str(path)!r} is not a COCO result "
+                f"(image_id, bbox, score): {entry!r}"
+            ) from error
+    records = []
+    for image_id, (boxes, scores) in groups.items():
+        xyxy = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        xyxy[:, 2:] += xyxy[:, :2]
+        records.append(_sorted_record(image_id, xyxy.astype(np.float32), np.asarray(scores, dtype=np.float32)))
+    return records
+
+
+def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str, Any]]) -> Path:
+    """Write proposal records as detectron2's precomputed-proposals pickle (logits = logit(score))."""
+    path = Path(path)
+    ids, all_boxes, all_logits = [], [], []
+    for image_id, boxes, scores in _records(proposals, f"write_detectron2_proposals({str(path)!r})"):
+        p = np.clip(scores.astype(np.float64), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        ids.append(image_id)
+        all_boxes.append(boxes)
+        all_logits.append((np.log(p) - np.log1p(-p)).astype(np.float32))
+    payload = {"ids": ids, "boxes": all_boxes, "objectness_logits": all_logits, "bbox_mode": 0}
+    tmp = _atomic_path(path)
+    try:
+        with tmp.open("wb") as handle:
+            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_detectron2_proposals(path: str | Path) -> list[dict[str, Any]]:
+    """Proposal records from a detectron2 proposals pickle; ``scores = sigmoid(logits)``.
+
+    Records also carry ``"objectness_logits"``. Only ``bbox_mode`` 0 (XYXY_ABS) is accepted.
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        payload = pickle.load(handle)
+    if not isinstance(payload, dict) or not {"ids", "boxes", "objectness_logits"} <= set(payload):
+        raise ValueError(
+            f"read_detectron2_proposals: {str(path)!r} is not a detectron2 proposals file "
+            f"(a dict with ids, boxes, objectness_logits)"
+        )
+    mode = int(payload.get("bbox_mode", 0))
+    if mode != 0:
+        raise ValueError(f"read_detectron2_proposals: {str(path)!r} has bbox_mode {mode}; only 0 (XYXY_ABS) is read")
+    if not len(payload["ids"]) == len(payload["boxes"]) == len(payload["objectness_logits"]):
+        raise ValueError(
+            f"read_detectron2_proposals: {str(path)!r} has {len(payload['ids'])} ids, "
+            f"{len(payload['boxes'])} box arrays and {len(payload['objectness_logits'])} logit arrays"
+        )
+    records = []
+    for image_id, boxes, logits in zip(payload["ids"], payload["boxes"], payload["objectness_logits"]):
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        scores = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        records.append(_sorted_record(image_id, boxes, scores, objectness_logits=logits))
+    return records
+
+
+def merge_proposal_parts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Records of per-rank part files, deduplicated by image id, in dataset order when known.
+
+    A part file is a sequence of pickled ``(dataset_index | None, image_id, boxes, scores)``
+    tuples (what :class:`ProposalWriter` appends per image). Duplicates (the padding a
+    distributed sampler adds) keep their first copy; records without an index follow the
+    indexed ones in rank order.
+    """
+    seen: dict[int | str, tuple[float, int, dict[str, Any]]] = {}
+    arrival = 0
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            while True:
+                try:
+                    index, image_id, boxes, scores = pickle.load(handle)
+                except EOFError:
+                    break
+                if image_id not in seen:
+                    key = float(index) if index is not None else math.inf
+                    seen[image_id] = (key, arrival, {"image_id": image_id, "boxes": boxes, "scores": scores})
+                arrival += 1
+    return [record for _, _, record in sorted(seen.values(), key=lambda item: item[:2])]
+
+
+class ProposalWriter(BasePredictionWriter):
+    """Write ``predict`` proposals of a whole dataset for a second stage (COCO JSON, detectron2 pickle).
+
+    Consumes :meth:`~lightning_rpn.module.RPNModule.predict_step` outputs (per image
+    ``image_id``, ``boxes`` in original-image pixels, ``scores``) and keeps the ``top_k`` best
+    proposals of each image. Each rank appends its images to ``output_dir/.parts/rank<k>.pkl``
+    as batches arrive (bounded memory); at the end of the epoch rank 0 merges the parts
+    (deduplicated, dataset order), writes :data:`FORMATS` files for ``formats`` into
+    ``output_dir`` atomically and removes the parts. ``output_dir`` must be visible to every
+    rank (a shared filesystem for multi-node runs). One predict dataloader.
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "proposals",
+        formats: Sequence[str] = ("coco_json", "detectron2_pkl"),
+        top_k: int | None = 1000,
+        category_id: int = 1,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown or not formats:
+            raise ValueError(f"ProposalWriter: formats {list(formats)!r} must be a non-empty subset of {list(FORMATS)}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"ProposalWriter: top_k must be positive or None, got {top_k}")
+        self.output_dir = Path(output_dir)
+        self.formats = tuple(formats)
+        self.top_k = top_k
+        self.category_id = category_id
+        self.written: dict[str, Path] = {}
+        self._handle: Any = None
+
+    def _part(self, rank: int) -> Path:
+        return self.output_dir / ".parts" / f"rank{rank}.pkl"
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        part = self._part(trainer.global_rank)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = part.open("wb")
+        self.written = {}
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Sequence[Mapping[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if dataloader_idx != 0:
+            raise ValueError(f"ProposalWriter: writes one predict dataloader, got dataloader_idx={dataloader_idx}")
+        if self._handle is None:
+            raise RuntimeError("ProposalWriter: write_on_batch_end before on_predict_start")
+        indices = list(batch_indices) if batch_indices is not None and len(batch_indices) == len(prediction) else None
+        for position, (image_id, boxes, scores) in enumerate(_records(prediction, "ProposalWriter")):
+            order = np.argsort(-scores, kind="stable")[: self.top_k]
+            index = None if indices is None else int(indices[position])
+            pickle.dump((index, image_id, boxes[order], scores[order]), self._handle,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        trainer.strategy.barrier("ProposalWriter.parts_written")
+        if trainer.is_global_zero:
+            parts = [self._part(rank) for rank in range(trainer.world_size)]
+            records = merge_proposal_parts(parts)
+            for name in self.formats:
+                path = self.output_dir / FORMATS[name]
+                if name == "coco_json":
+                    write_coco_proposals(path, records, category_id=self.category_id)
+                else:
+                    write_detectron2_proposals(path, records)
+                self.written[name] = path
+            for part in parts:
+                part.unlink(missing_ok=True)
+            try:
+                parts[0].parent.rmdir()
+            except OSError:
+                pass
+            rank_zero_info(
+                f"ProposalWriter: proposals of {len(records)} images written to "
+                + ", ".join(str(p) for p in self.written.values())
+            )
+        trainer.strategy.barrier("ProposalWriter.merged")

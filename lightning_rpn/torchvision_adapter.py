@@ -1,0 +1,205 @@
+"""Drop-in replacement for torchvision's ``RegionProposalNetwork`` (Faster / Mask R-CNN).
+
+Shapes: ``B`` images, ``L`` levels, ``Hp x Wp`` the padded batch, ``H_l x W_l`` the feature
+size of level ``l``, ``G`` gt boxes of an image, ``P`` proposals of an image.
+
+:class:`TorchvisionRPN` has the interface torchvision's detectors call,
+``forward(images: ImageList, features: dict[str, Tensor], targets) -> (boxes, losses)`` with the
+loss keys ``loss_objectness`` / ``loss_rpn_box_reg``, and runs our :class:`~lightning_rpn.rpn.RPN`
+inside (grid-restricted anchor matching, batched proposal generation). So an existing model
+keeps everything else::
+
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(...)
+    model.rpn = TorchvisionRPN.from_detector(model)
+
+:meth:`TorchvisionRPN.from_torchvision` copies the anchor sizes and ratios, the matcher,
+sampler, box coder and proposal settings and the head weights, so evaluation proposals equal
+torchvision's (and, sampling aside, so do the losses). To use settings torchvision lacks
+(``allowed_border``, crowd boxes, other losses), wrap an :class:`RPN` of your own:
+``model.rpn = TorchvisionRPN(RPN(AnchorGenerator(sizes, ratios, strides), in_channels=256, ...))``.
+Differences from torchvision's class:
+
+- anchor strides are fixed at construction (torchvision derives them per batch as
+  ``padded size // feature size``, which rounds when the padded size is not a multiple of a
+  level's stride); both agree whenever the padded size is a multiple of the largest stride;
+- anchor sampling draws from a per-image generator seeded by ``rpn.seed``, the call count and
+  the image's batch index (reproducible), not from the global RNG;
+- it is not TorchScript-scriptable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RPNHead as TorchvisionRPNHead
+
+from .anchors import AnchorGenerator
+from .backbones import infer_strides
+from .box_coder import BoxCoder
+from .head import RPNHead
+from .rpn import RPN
+from .targets import AnchorTargetConfig
+
+__all__ = ["TorchvisionRPN"]
+
+_LOSS_KEYS = {"loss_rpn_cls": "loss_objectness", "loss_rpn_reg": "loss_rpn_box_reg"}
+
+
+def _copy_head(head: nn.Module, num_anchors: int) -> RPNHead:
+    """Our :class:`RPNHead` with the weights of torchvision's ``RPNHead`` (conv + ReLU blocks)."""
+    if not isinstance(head, TorchvisionRPNHead):
+        raise TypeError(
+            f"TorchvisionRPN.from_torchvision: rpn.head must be torchvision's RPNHead, got "
+            f"{type(head).__name__}; build an RPN with your own head and wrap it in TorchvisionRPN"
+        )
+    if len(head.conv) == 0:
+        raise ValueError(
+            "TorchvisionRPN.from_torchvision: rpn.head has no 3x3 conv (conv_depth=0); expected at least one"
+        )
+    convs = []
+    for index, block in enumerate(head.conv):
+        layers = list(block)
+        conv = layers[0] if layers else None
+        if (
+            len(layers) != 2
+            or not isinstance(conv, nn.Conv2d)
+            or not isinstance(layers[1], nn.ReLU)
+            or conv.kernel_size != (3, 3)
+            or conv.stride != (1, 1)
+            or conv.padding != (1, 1)
+            or conv.bias is None
+        ):
+            raise ValueError(
+                f"TorchvisionRPN.from_torchvision: rpn.head.conv[{index}] is {block}; only 3x3 "
+                f"conv (stride 1, padding 1, bias) + ReLU blocks without normalisation can be copied"
+            )
+        convs.append(conv)
+    channels = head.cls_logits.in_channels
+    if head.cls_logits.out_channels != num_anchors:
+        raise ValueError(
+            f"TorchvisionRPN.from_torchvision: rpn.head.cls_logits has {head.cls_logits.out_channels} "
+            f"outputs but the anchor generator has {num_anchors} anchors per location"
+        )
+    ours = RPNHead(channels, num_anchors, conv_depth=len(convs))
+    ours_convs = [m for m in ours.conv if isinstance(m, nn.Conv2d)]
+    pairs = list(zip(ours_convs, convs)) + [(ours.cls_logits, head.cls_logits), (ours.bbox_deltas, head.bbox_pred)]
+    for target, source in pairs:
+        if target.weight.shape != source.weight.shape:
+            raise ValueError(
+                f"TorchvisionRPN.from_torchvision: head layer {source} does not fit {target} "
+                f"(weights {tuple(source.weight.shape)} vs {tuple(target.weight.shape)})"
+            )
+        target.load_state_dict(source.state_dict())
+    return ours.to(head.cls_logits.weight.device)
+
+
+class TorchvisionRPN(nn.Module):
+    """torchvision's ``RegionProposalNetwork`` interface around our :class:`RPN`.
+
+    Args:
+        rpn: the wrapped RPN (its anchor strides must be the backbone's feature strides).
+
+    In training mode ``targets`` are required and the losses are returned as
+    ``{"loss_objectness", "loss_rpn_box_reg"}``; in eval mode the losses are ``{}``, as in
+    torchvision. Proposals use the RPN's train or test top-k settings accordingly.
+    """
+
+    def __init__(self, rpn: RPN) -> None:
+        super().__init__()
+        if not isinstance(rpn, RPN):
+            raise TypeError(f"TorchvisionRPN: rpn must be a lightning_rpn.RPN, got {type(rpn).__name__}")
+        self.rpn = rpn
+        self.calls = 0
+
+    @classmethod
+    def from_torchvision(cls, rpn: RegionProposalNetwork, strides: Sequence[int]) -> TorchvisionRPN:
+        """Same anchors, matcher, sampler, box coder, proposal settings and head weights as ``rpn``.
+
+        ``strides``: the input pixels per feature cell of each level the backbone returns
+        (e.g. ``(4, 8, 16, 32, 64)`` for torchvision's ResNet-FPN); see :meth:`from_detector`.
+        """
+        if not isinstance(rpn, RegionProposalNetwork):
+            raise TypeError(
+                f"TorchvisionRPN.from_torchvision: expected a torchvision RegionProposalNetwork, "
+                f"got {type(rpn).__name__}"
+            )
+        tv_anchors = rpn.anchor_generator
+        if len(tv_anchors.sizes) != len(strides):
+            raise ValueError(
+                f"TorchvisionRPN.from_torchvision: {len(strides)} strides {tuple(strides)} but the "
+                f"anchor generator has {len(tv_anchors.sizes)} levels of sizes {tv_anchors.sizes}"
+            )
+        anchor_generator = AnchorGenerator(tv_anchors.sizes, tv_anchors.aspect_ratios, tuple(strides))
+        head = _copy_head(rpn.head, anchor_generator.num_anchors_per_location())
+        matcher, sampler = rpn.proposal_matcher, rpn.fg_bg_sampler
+        ours = RPN(
+            anchor_generator,
+            head=head,
+            box_coder=BoxCoder(rpn.box_coder.weights, rpn.box_coder.bbox_xform_clip),
+            target_config=AnchorTargetConfig(
+                fg_iou=matcher.high_threshold,
+                bg_iou=matcher.low_threshold,
+                allow_low_quality=matcher.allow_low_quality_matches,
+                batch_size_per_image=sampler.batch_size_per_image,
+                positive_fraction=sampler.positive_fraction,
+            ),
+            pre_nms_top_n_train=rpn._pre_nms_top_n["training"],
+            post_nms_top_n_train=rpn._post_nms_top_n["training"],
+            pre_nms_top_n_test=rpn._pre_nms_top_n["testing"],
+            post_nms_top_n_test=rpn._post_nms_top_n["testing"],
+            nms_thresh=rpn.nms_thresh,
+            min_size=rpn.min_size,
+            score_thresh=rpn.score_thresh,
+            loss_normalization="sampled",
+            smooth_l1_beta=1.0 / 9.0,
+            box_loss="smooth_l1",
+        )
+        return cls(ours)
+
+    @classmethod
+    def from_detector(cls, detector: GeneralizedRCNN, probe_size: int = 128) -> TorchvisionRPN:
+        """:meth:`from_torchvision` of ``detector.rpn``, strides measured on ``detector.backbone``.
+
+        ``probe_size``: side of the dry-run input, a multiple of the largest stride.
+        """
+        if not isinstance(detector, GeneralizedRCNN) or not isinstance(detector.rpn, RegionProposalNetwork):
+            raise TypeError(
+                "TorchvisionRPN.from_detector: expected a torchvision detector with a "
+                f"RegionProposalNetwork (e.g. FasterRCNN), got {type(detector).__name__}"
+            )
+        return cls.from_torchvision(detector.rpn, infer_strides(detector.backbone, probe_size))
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Mapping[str, Tensor],
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Proposal boxes per image ``[P, 4]`` (best first, no gradient) and the losses."""
+        if self.training and targets is None:
+            raise ValueError("TorchvisionRPN: targets are required in training mode (each with a 'boxes' entry)")
+        feature_list = list(features.values())
+        padded = images.tensors.shape[-2:]
+        for level, (feature, stride) in enumerate(zip(feature_list, self.rpn.anchor_generator.strides)):
+            expected = (-(-padded[0] // stride), -(-padded[1] // stride))
+            if tuple(feature.shape[-2:]) != expected:
+                raise ValueError(
+                    f"TorchvisionRPN: feature level {level} ({list(features)[level]!r}) is "
+                    f"{tuple(feature.shape[-2:])} on a {tuple(padded)} batch, expected {expected} for "
+                    f"stride {stride}; the strides {self.rpn.anchor_generator.strides} do not fit the backbone"
+                )
+        image_ids = None
+        if self.training:
+            image_ids = [f"{self.calls}:{index}" for index in range(len(images.image_sizes))]
+            self.calls += 1
+        proposals, losses = self.rpn(
+            feature_list,
+            images.image_sizes,
+            targets=targets if self.training else None,
+            image_ids=image_ids,
+        )
+        return [boxes for boxes, _ in proposals], {_LOSS_KEYS[key]: value for key, value in losses.items()}

@@ -1,0 +1,184 @@
+"""Anchor analysis: exact best-anchor IoU, coverage per area range, optimisation, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lightning_rpn.anchor_analysis import (
+    GTBoxSet,
+    anchor_coverage,
+    best_anchor_iou,
+    collect_gt_boxes,
+    optimize_anchors,
+    plot_anchor_analysis,
+    run_analyze_anchors,
+    write_config_snippet,
+)
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.boxes import box_iou
+from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_boxes(height: int, width: int, count: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(count, 2, generator=g) * torch.tensor([width, height]) - 4
+    wh = torch.exp(torch.rand(count, 2, generator=g) * 4.5) * 2
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
+
+
+@pytest.mark.parametrize(
+    "generator",
+    [
+        AnchorGenerator(((16,), (32,), (64,)), ((0.5, 1.0, 2.0),), (4, 8, 16)),
+        AnchorGenerator(((20, 40), (80, 160)), ((0.33, 1.0, 3.0), (0.5, 1.0, 2.0)), (8, 16), offset=0.5,
+                        anchor_stride=2),
+    ],
+)
+def test_best_anchor_iou_equals_dense_iou_over_real_anchors(generator: AnchorGenerator) -> None:
+    divisibility = 32
+    images = [((100, 130), random_boxes(100, 130, 200, 1)), ((37, 250), random_boxes(37, 250, 200, 2))]
+    boxes = GTBoxSet.from_images([(size, b.numpy()) for size, b in images], divisibility)
+    best, group = best_anchor_iou(boxes, generator)
+    expected = []
+    for (height, width), image_boxes in images:
+        padded = (-(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility)
+        anchors = torch.cat(generator(generator.feature_shapes_for(padded)))
+        keep = (image_boxes[:, 2] > image_boxes[:, 0]) & (image_boxes[:, 3] > image_boxes[:, 1])
+        expected.append(box_iou(image_boxes[keep], anchors).amax(dim=1))
+    assert torch.equal(best, torch.cat(expected))
+    assert int(group.max()) < sum(c.shape[0] for c in generator.cell_anchors)
+
+
+def test_coverage_per_area_range_hand_checked() -> None:
+    generator = AnchorGenerator(((32,),), ((1.0,),), (16,))
+    # Anchors of size 32 centred on multiples of 16: [-16, -16, 16, 16] + 16 * (x, y).
+    boxes = torch.tensor([
+        [0.0, 0.0, 32.0, 32.0],  # an anchor exactly (area 1024: medium) -> IoU 1
+        [16.0, 16.0, 24.0, 24.0],  # 8x8 inside an anchor -> IoU 64 / 1024 (small)
+        [16.0, 16.0, 40.0, 40.0],  # 24x24 (small), centre 28: nearest anchor centre 32 -> IoU 576 / 1024
+    ])
+    box_set = GTBoxSet(boxes, torch.full((3, 2), 64, dtype=torch.int64))
+    coverage = anchor_coverage(box_set, generator)
+    best, _ = best_anchor_iou(box_set, generator)
+    assert best[0] == 1.0 and best[1] == pytest.approx(64 / 1024)
+    assert best[2] == pytest.approx(24 * 24 / 1024)
+    assert coverage["boxes"] == 3 and coverage["boxes_small"] == 2 and coverage["boxes_medium"] == 1
+    assert coverage["coverage@0.50"] == pytest.approx(2 / 3)
+    assert coverage["coverage@0.70"] == pytest.approx(1 / 3)
+    assert coverage["coverage_small@0.50"] == pytest.approx(1 / 2)
+    assert coverage["coverage_medium@0.70"] == 1.0
+    assert np.isnan(coverage["coverage_large@0.70"])
+
+
+def thin_boxes(num_images: int = 40, seed: int = 0) -> GTBoxSet:
+    """Boxes of aspect 8:1 and 1:8 that ratios 0.5 / 1 / 2 fit badly."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(num_images):
+        image = []
+        for j in range(6):
+            scale = rng.uniform(40, 90)
+            long_side, short_side = scale * np.sqrt(8), scale / np.sqrt(8)
+            w, h = (long_side, short_side) if j % 2 else (short_side, long_side)
+            x, y = rng.uniform(0, 256 - w), rng.uniform(0, 256 - h)
+            image.append([x, y, x + w, y + h])
+        images.append(((256, 256), np.asarray(image)))
+    return GTBoxSet.from_images(images, 32)
+
+
+def test_optimize_raises_coverage_on_thin_boxes_with_the_same_anchor_count() -> None:
+    boxes = thin_boxes()
+    default = AnchorGenerator(((32,), (64,), (128,)), ((0.5, 1.0, 2.0),), (8, 16, 32))
+    before = anchor_coverage(boxes, default)
+    optimized = optimize_anchors(boxes, default, seed=0)
+    after = anchor_coverage(boxes, optimized)
+    assert before["coverage@0.70"] < 0.05
+    assert after["coverage@0.70"] > before["coverage@0.70"] + 0.3
+    assert after["coverage@0.50"] > before["coverage@0.50"]
+    assert optimized.strides == default.strides
+    assert optimized.num_anchors_per_location() == default.num_anchors_per_location()
+    assert [len(s) for s in optimized.sizes] == [len(s) for s in default.sizes]
+    # both thin orientations are covered: ratios far below and far above 1
+    ratios = [r for level in optimized.aspect_ratios for r in level]
+    assert min(ratios) < 0.25 and max(ratios) > 4
+    again = optimize_anchors(boxes, default, seed=0)
+    assert again.sizes == optimized.sizes and again.aspect_ratios == optimized.aspect_ratios
+
+
+def test_optimize_never_worse_than_a_well_fitting_design() -> None:
+    boxes = thin_boxes(10, seed=1)
+    good = optimize_anchors(boxes, AnchorGenerator(((32,), (64,), (128,)), ((0.5, 1.0, 2.0),), (8, 16, 32)))
+    again = optimize_anchors(boxes, good)
+    assert anchor_coverage(boxes, again)["coverage@0.70"] >= anchor_coverage(boxes, good)["coverage@0.70"]
+
+
+def test_config_snippet_loads_back_into_the_same_anchors() -> None:
+    generator = AnchorGenerator(((30.5,), (61.0,)), ((0.125, 1.0, 8.0), (0.2, 1.0, 5.0)), (8, 16))
+    text = write_config_snippet(generator)
+    model = yaml.safe_load(text)["model"]
+    assert set(model) == {"anchor_sizes", "aspect_ratios"}
+    rebuilt = AnchorGenerator(model["anchor_sizes"], model["aspect_ratios"], (8, 16))
+    assert rebuilt.sizes == generator.sizes and rebuilt.aspect_ratios == generator.aspect_ratios
+
+
+def test_collect_gt_boxes_applies_the_configured_resize() -> None:
+    data = RPNDataModule(synthetic_train_images=6, synthetic_min_size=60, synthetic_max_size=90, resize="fixed",
+                         fixed_size=[128, 96], size_divisibility=32)
+    boxes = collect_gt_boxes(data, split="train", progress=False)
+    raw = SyntheticShapes(6, 60, 90, data.hparams.synthetic_max_shapes, seed=0, split="train")
+    transform = DetectionTransform(resize=ResizePolicy("fixed", fixed_size=(128, 96)))
+    expected = np.concatenate([transform(raw[i]).boxes for i in range(6)])
+    assert boxes.num_images == 6
+    assert len(boxes) == len(expected) > 0
+    np.testing.assert_allclose(boxes.boxes.numpy(), expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(boxes.padded_sizes, torch.tensor([[128, 96]]).expand(len(boxes), 2))
+
+
+def test_run_analyze_anchors_writes_plot_report_and_snippet(tmp_path, capsys) -> None:
+    from types import SimpleNamespace
+
+    generator = AnchorGenerator(((16,), (32,), (64,)), ((0.5, 1.0, 2.0),), (8, 16, 32))
+    model = SimpleNamespace(anchor_generator=generator, size_divisibility=32)
+    data = RPNDataModule(synthetic_train_images=8, synthetic_min_size=64, synthetic_max_size=96)
+    analysis = run_analyze_anchors(model, data, optimize=True, output_dir=tmp_path, max_images=8)
+    printed = capsys.readouterr().out
+    assert "anchor coverage" in printed and "anchor_sizes" in printed
+    assert (tmp_path / "anchor_analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "anchor_analysis.json").read_text())
+    assert report["coverage"]["coverage@0.70"] == pytest.approx(analysis.coverage["coverage@0.70"])
+    assert report["optimized_coverage"]["coverage@0.70"] >= report["coverage"]["coverage@0.70"] - 0.05
+    snippet = yaml.safe_load((tmp_path / "anchors.yaml").read_text())
+    assert len(snippet["model"]["anchor_sizes"]) == 3
+
+
+def test_plot_without_optimized_design(tmp_path) -> None:
+    path = plot_anchor_analysis(thin_boxes(3), AnchorGenerator((32,), (1.0,), 16), tmp_path / "a.png")
+    assert path.stat().st_size > 1000
+
+
+def test_errors_name_the_problem() -> None:
+    empty = GTBoxSet(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no ground-truth boxes"):
+        optimize_anchors(empty, AnchorGenerator((32,), (1.0,), 16))
+    with pytest.raises(TypeError, match="Dataset or RPNDataModule"):
+        collect_gt_boxes(object())
+    with pytest.raises(ValueError, match="padded_sizes"):
+        GTBoxSet(torch.zeros(2, 4), torch.zeros(3, 2, dtype=torch.int64))

@@ -1,0 +1,149 @@
+"""torch.export of the proposal network: dynamic image size, outputs equal to the eager RPN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.export import ProposalNetwork, export_proposal_network, load_proposal_network
+from lightning_rpn.module import RPNModule
+from lightning_rpn.rpn import RPN
+
+# Measured: 0 (bit-identical) on CPU; the bound allows for exp() rounding in the box decoding.
+BOX_ATOL = 1e-3  # pixels
+SCORE_ATOL = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def module() -> RPNModule:
+    torch.manual_seed(0)
+    return RPNModule(
+        backbone="tiny_fpn",
+        anchor_sizes=((16,), (32,), (64,), (128,)),
+        pre_nms_top_n_test=300,
+        post_nms_top_n_test=100,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def loaded(module, tmp_path_factory) -> nn.Module:
+    path = tmp_path_factory.mktemp("export") / "rpn.pt2"
+    export_proposal_network(module, (128, 96), path)
+    assert path.is_file()
+    return load_proposal_network(path)
+
+
+def _assert_close(ours: tuple[torch.Tensor, torch.Tensor], eager: tuple[torch.Tensor, torch.Tensor]) -> None:
+    (boxes, scores), (eager_boxes, eager_scores) = ours, eager
+    assert boxes.shape == eager_boxes.shape and scores.shape == eager_scores.shape
+    torch.testing.assert_close(boxes, eager_boxes, rtol=0, atol=BOX_ATOL)
+    torch.testing.assert_close(scores, eager_scores, rtol=0, atol=SCORE_ATOL)
+
+
+@pytest.mark.parametrize(
+    ("padded", "image_size"),
+    [
+        ((128, 96), (128, 96)),  # the example size
+        ((192, 160), (181, 150)),  # padded batch: boxes clipped to the unpadded size
+        ((64, 224), (64, 224)),
+        ((100, 150), (100, 150)),  # not a multiple of size_divisibility: runs like the eager RPN
+    ],
+)
+def test_exported_program_matches_eager_rpn(module, loaded, padded, image_size) -> None:
+    generator = torch.Generator().manual_seed(sum(padded))
+    images = torch.randint(0, 256, (1, 3, *padded), dtype=torch.uint8, generator=generator)
+    with torch.no_grad():
+        eager = module.rpn(module.backbone(module.normalize(images)), [image_size])[0][0]
+        ours = loaded(images, torch.tensor(image_size))
+    _assert_close(ours, eager)
+    boxes, scores = ours
+    assert 10 < boxes.shape[0] <= 100
+    assert (boxes[:, 2] <= image_size[1]).all() and (boxes[:, 3] <= image_size[0]).all()
+    assert (scores[:-1] >= scores[1:]).all()
+
+
+def test_exported_program_checks_the_input(loaded) -> None:
+    with pytest.raises(Exception, match="64"):  # below min_image_size = 2 * size_divisibility
+        loaded(torch.zeros(1, 3, 32, 96, dtype=torch.uint8), torch.tensor([32, 96]))
+    with pytest.raises(Exception, match="dtype"):  # uint8 input fixed at export
+        loaded(torch.zeros(1, 3, 128, 96), torch.tensor([128, 96]))
+
+
+class _TwoLevels(nn.Module):
+    """A tiny float-input backbone: strides 4 and 8, 8 channels."""
+
+    out_channels = 8
+    strides = (4, 8)
+    size_divisibility = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        fine = self.stem(images)
+        return [fine, self.down(fine)]
+
+
+def _pair(objectness: str, anchor_stride: int, offset: float, score_thresh: float) -> tuple[nn.Module, RPN]:
+    torch.manual_seed(1)
+    generator = AnchorGenerator(((8, 16), (32, 48)), (0.5, 1.0), (4, 8), offset=offset, anchor_stride=anchor_stride)
+    rpn = RPN(
+        generator,
+        in_channels=8,
+        objectness=objectness,
+        pre_nms_top_n_test=80,
+        post_nms_top_n_test=50,
+        nms_thresh=0.6,
+        min_size=2.0,
+        score_thresh=score_thresh,
+    )
+    for parameter in rpn.head.parameters():  # spread the scores beyond sigmoid(~0)
+        nn.init.normal_(parameter, std=0.3)
+    return _TwoLevels(), rpn.eval()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [("softmax", 1, 0.0, 0.0), ("sigmoid", 2, 0.5, 0.3)],
+    ids=["softmax", "anchor_stride2_offset_score"],
+)
+def test_proposal_network_equals_rpn_across_settings(variant) -> None:
+    backbone, rpn = _pair(*variant)
+    network = ProposalNetwork(backbone, rpn).eval()
+    for size in ((64, 48), (40, 72)):
+        images = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            eager = rpn(backbone(images), [size])[0][0]
+            ours = network(images, torch.tensor(size))
+        _assert_close(ours, eager)
+        assert ours[0].shape[0] > 0
+
+
+def test_float_pair_exports_with_dynamic_size() -> None:
+    backbone, rpn = _pair("softmax", 2, 0.5, 0.0)
+    assert ProposalNetwork(backbone, rpn).min_image_size == 32  # 2 * anchor_stride * stride 8
+    program = export_proposal_network((backbone, rpn), (64, 48))
+    exported = program.module()
+    for size in ((64, 48), (56, 88)):
+        images = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            _assert_close(exported(images, torch.tensor(size)), rpn(backbone(images), [size])[0][0])
+
+
+def test_bad_arguments_are_named(module) -> None:
+    with pytest.raises(ValueError, match=r"height=32 must lie in .*\[64, 4096\]"):
+        export_proposal_network(module, (32, 96))
+    with pytest.raises(TypeError, match="RPNModule, a \\(backbone, RPN\\) pair"):
+        export_proposal_network(nn.Linear(2, 2), (64, 64))

@@ -1,0 +1,136 @@
+"""Proposal files: COCO JSON and detectron2 pickle round trips, part merging, Trainer.predict."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.module import RPNModule
+from lightning_rpn.proposal_io import (
+    FORMATS,
+    ProposalWriter,
+    merge_proposal_parts,
+    read_coco_proposals,
+    read_detectron2_proposals,
+    write_coco_proposals,
+    write_detectron2_proposals,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_records() -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    records = []
+    for image_id, count in ((7, 5), ("img_b", 3), (np.int64(9), 1)):
+        xy = torch.rand(count, 2, generator=g) * 200
+        boxes = torch.cat([xy, xy + 1 + torch.rand(count, 2, generator=g) * 50], dim=1)
+        scores = torch.rand(count, generator=g).sort(descending=True).values
+        records.append({"image_id": image_id, "boxes": boxes, "scores": scores})
+    records[0]["scores"][0] = 1.0  # extreme probabilities survive the logit round trip
+    records[0]["scores"][-1] = 0.0
+    return records
+
+
+def test_coco_round_trip(tmp_path) -> None:
+    records = make_records()
+    path = write_coco_proposals(tmp_path / "p.json", records)
+    entries = json.loads(path.read_text())
+    assert len(entries) == 9
+    assert entries[0]["category_id"] == 1
+    x1, y1, x2, y2 = records[0]["boxes"][0].tolist()
+    assert entries[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.006)
+    back = read_coco_proposals(path)
+    assert [r["image_id"] for r in back] == [7, "img_b", 9]
+    for original, loaded in zip(records, back):
+        assert loaded["boxes"].dtype == torch.float32
+        torch.testing.assert_close(loaded["boxes"], original["boxes"], atol=0.011, rtol=0)
+        torch.testing.assert_close(loaded["scores"], original["scores"])
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_detectron2_round_trip_and_format(tmp_path) -> None:
+    records = make_records()
+    path = write_detectron2_proposals(tmp_path / "p.pkl", records)
+    with path.open("rb") as handle:
+        raw = pickle.load(handle)
+    assert set(raw) == {"ids", "boxes", "objectness_logits", "bbox_mode"} and raw["bbox_mode"] == 0
+    assert raw["ids"] == [7, "img_b", 9] and type(raw["ids"][2]) is int
+    assert raw["boxes"][0].dtype == np.float32 and raw["boxes"][0].shape == (5, 4)
+    assert raw["objectness_logits"][0].dtype == np.float32
+    assert np.isfinite(raw["objectness_logits"][0]).all()
+    assert raw["objectness_logits"][1][0] == pytest.approx(float(torch.logit(records[1]["scores"][0].double())), abs=1e-5)
+    back = read_detectron2_proposals(path)
+    for original, loaded in zip(records, back):
+        assert loaded["image_id"] == original["image_id"]
+        assert torch.equal(loaded["boxes"], original["boxes"])
+        torch.testing.assert_close(loaded["scores"], original["scores"], atol=1e-6, rtol=1e-5)
+
+
+def test_empty_image_and_errors(tmp_path) -> None:
+    empty = [{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}]
+    assert read_detectron2_proposals(write_detectron2_proposals(tmp_path / "e.pkl", empty))[0]["boxes"].shape == (0, 4)
+    assert read_coco_proposals(write_coco_proposals(tmp_path / "e.json", empty)) == []
+    with pytest.raises(ValueError, match="3 boxes but 2 scores"):
+        write_coco_proposals(tmp_path / "x.json", [{"image_id": 1, "boxes": torch.zeros(3, 4), "scores": torch.zeros(2)}])
+    assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(ValueError, match="lacks"):
+        write_detectron2_proposals(tmp_path / "y.pkl", [{"image_id": 1, "boxes": torch.zeros(0, 4)}])
+    with pytest.raises(ValueError, match="formats"):
+        ProposalWriter(tmp_path, formats=("csv",))
+
+
+def test_merge_parts_dedups_sampler_padding_and_restores_dataset_order(tmp_path) -> None:
+    # Two ranks of a DistributedSampler over 5 images: rank 0 gets 0, 2, 4; rank 1 gets 1, 3, 0 (padding).
+    def part(path, items):
+        with path.open("wb") as handle:
+            for index in items:
+                pickle.dump((index, f"im{index}", np.full((1, 4), index, np.float32), np.ones(1, np.float32)), handle)
+        return path
+
+    parts = [part(tmp_path / "r0.pkl", [0, 2, 4]), part(tmp_path / "r1.pkl", [1, 3, 0])]
+    merged = merge_proposal_parts(parts)
+    assert [r["image_id"] for r in merged] == ["im0", "im1", "im2", "im3", "im4"]
+    assert [float(r["boxes"][0, 0]) for r in merged] == [0, 1, 2, 3, 4]
+
+
+def test_trainer_predict_writes_both_formats_in_original_coordinates(tmp_path) -> None:
+    model = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), pre_nms_top_n_test=200,
+                      post_nms_top_n_test=50)
+    data = RPNDataModule(synthetic_val_images=5, synthetic_min_size=48, synthetic_max_size=80,
+                         synthetic_max_shapes=3, batch_size=2, num_workers=0, resize="fixed", fixed_size=[64, 64])
+    writer = ProposalWriter(str(tmp_path / "out"), top_k=20)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
+                         default_root_dir=tmp_path)
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    assert set(writer.written) == set(FORMATS)
+    assert not (tmp_path / "out" / ".parts").exists()
+    d2 = read_detectron2_proposals(tmp_path / "out" / FORMATS["detectron2_pkl"])
+    coco = read_coco_proposals(tmp_path / "out" / FORMATS["coco_json"])
+    raw = SyntheticShapes(5, 48, 80, 3, seed=0, split="val")
+    assert [r["image_id"] for r in d2] == [raw[i].image_id for i in range(5)]
+    assert [r["image_id"] for r in coco] == [r["image_id"] for r in d2 if len(r["boxes"])]
+    for i, record in enumerate(d2):
+        height, width = raw[i].image_size
+        boxes = record["boxes"]
+        assert 0 < len(boxes) <= 20
+        assert float(boxes[:, 0::2].max()) <= width and float(boxes[:, 1::2].max()) <= height
+        assert float(boxes.max()) > 64 or max(height, width) <= 64  # mapped back from the 64x64 input
+        assert torch.all(record["scores"][:-1] >= record["scores"][1:])
+    by_id = {r["image_id"]: r for r in coco}
+    for record in d2:
+        torch.testing.assert_close(by_id[record["image_id"]]["boxes"], record["boxes"], atol=0.011, rtol=0)

@@ -1,0 +1,166 @@
+"""TorchvisionRPN: drop-in for torchvision's RegionProposalNetwork in a real Faster R-CNN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+from lightning_rpn.torchvision_adapter import TorchvisionRPN
+
+TV_LOSS_KEYS = {"loss_objectness", "loss_rpn_box_reg"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _detector(**kwargs) -> torch.nn.Module:
+    """A random-init Faster R-CNN on 128 px inputs (padded size a multiple of every stride)."""
+    return fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128, **kwargs
+    )
+
+
+def _images() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.rand(3, 128, 128, generator=generator), torch.rand(3, 96, 128, generator=generator)]
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 50.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[5.0, 30.0, 40.0, 90.0]]), "labels": torch.tensor([1])},
+    ]
+
+
+@pytest.fixture(scope="module")
+def detector_and_features():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = _detector().eval()
+        image_list, targets = model.transform(_images(), _targets())
+        features = model.backbone(image_list.tensors)
+    return model, image_list, targets, features
+
+
+def test_from_detector_copies_settings_and_measures_strides(detector_and_features) -> None:
+    model, *_ = detector_and_features
+    adapter = TorchvisionRPN.from_detector(model)
+    rpn = adapter.rpn
+    assert rpn.anchor_generator.strides == (4, 8, 16, 32, 64)
+    assert rpn.anchor_generator.sizes == ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
+    assert rpn.pre_nms_top_n == {"train": 2000, "test": 1000}
+    assert rpn.post_nms_top_n == {"train": 2000, "test": 1000}
+    assert (rpn.target_config.fg_iou, rpn.target_config.bg_iou) == (0.7, 0.3)
+    assert rpn.target_config.batch_size_per_image == 256
+    assert rpn.box_coder.clamp == pytest.approx(math.log(1000.0 / 16))
+    assert torch.equal(rpn.head.cls_logits.weight, model.rpn.head.cls_logits.weight)
+    assert torch.equal(rpn.head.bbox_deltas.bias, model.rpn.head.bbox_pred.bias)
+    assert torch.equal(rpn.head.conv[0].weight, model.rpn.head.conv[0][0].weight)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # torchvision's defaults: 1000 / 1000, NMS 0.7
+        {"pre": 100, "post": 40, "nms_thresh": 0.5, "score_thresh": 0.2},
+    ],
+)
+def test_eval_proposals_identical_to_torchvision(detector_and_features, settings) -> None:
+    model, image_list, _, features = detector_and_features
+    tv_rpn = model.rpn
+    saved = (dict(tv_rpn._pre_nms_top_n), dict(tv_rpn._post_nms_top_n), tv_rpn.nms_thresh, tv_rpn.score_thresh)
+    try:
+        if settings:
+            tv_rpn._pre_nms_top_n["testing"] = settings["pre"]
+            tv_rpn._post_nms_top_n["testing"] = settings["post"]
+            tv_rpn.nms_thresh, tv_rpn.score_thresh = settings["nms_thresh"], settings["score_thresh"]
+        adapter = TorchvisionRPN.from_torchvision(tv_rpn, strides=(4, 8, 16, 32, 64)).eval()
+        with torch.no_grad():
+            theirs, their_losses = tv_rpn(image_list, features)
+            ours, our_losses = adapter(image_list, features, _targets())
+            scored = adapter.rpn(list(features.values()), image_list.image_sizes)[0]
+    finally:
+        tv_rpn._pre_nms_top_n, tv_rpn._post_nms_top_n, tv_rpn.nms_thresh, tv_rpn.score_thresh = saved
+    assert our_losses == their_losses == {}
+    assert len(ours) == len(theirs) == 2
+    for boxes, tv_boxes, (_, scores) in zip(ours, theirs, scored):
+        # No exactly-equal scores, so torchvision's unstable tie order cannot differ from ours.
+        assert scores.unique().numel() == scores.numel() > 10
+        assert torch.equal(boxes, tv_boxes)
+    if settings:
+        assert all(boxes.shape[0] <= settings["post"] for boxes in ours)
+
+
+@pytest.mark.parametrize("empty_second_image", [False, True])
+def test_train_losses_equal_torchvision_without_sampling(detector_and_features, empty_second_image) -> None:
+    """With a sampler budget above the anchor count nothing is random: same labels, same losses."""
+    model, image_list, targets, features = detector_and_features
+    if empty_second_image:  # an image without objects: all its anchors are negatives
+        targets = [targets[0], {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    tv_rpn = model.rpn
+    saved = tv_rpn.fg_bg_sampler.batch_size_per_image
+    tv_rpn.fg_bg_sampler.batch_size_per_image = 10**6
+    try:
+        adapter = TorchvisionRPN.from_torchvision(tv_rpn, strides=(4, 8, 16, 32, 64))
+        tv_rpn.train()
+        adapter.train()
+        with torch.no_grad():
+            theirs, their_losses = tv_rpn(image_list, features, targets)
+            ours, our_losses = adapter(image_list, features, targets)
+    finally:
+        tv_rpn.fg_bg_sampler.batch_size_per_image = saved
+        tv_rpn.eval()
+    assert set(our_losses) == set(their_losses) == TV_LOSS_KEYS
+    for key in TV_LOSS_KEYS:
+        torch.testing.assert_close(our_losses[key], their_losses[key], rtol=1e-5, atol=1e-7)
+    assert our_losses["loss_rpn_box_reg"] > 0
+    assert [b.shape[0] for b in ours] == [b.shape[0] for b in theirs]  # train top-k settings (2000)
+    for boxes, tv_boxes in zip(ours, theirs):
+        assert torch.equal(boxes, tv_boxes)
+
+
+def test_faster_rcnn_with_the_adapter_trains() -> None:
+    torch.manual_seed(0)
+    model = _detector(box_batch_size_per_image=64)  # small RoI batch: CPU time goes to the RPN
+    model.backbone.body.requires_grad_(False)
+    model.rpn = TorchvisionRPN.from_detector(model)
+    model.train()
+    head_before = model.rpn.rpn.head.cls_logits.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    rpn_losses = []
+    for _ in range(3):
+        losses = model(_images(), _targets())
+        assert set(losses) == TV_LOSS_KEYS | {"loss_classifier", "loss_box_reg"}
+        assert all(torch.isfinite(value) for value in losses.values())
+        rpn_losses.append((losses["loss_objectness"] + losses["loss_rpn_box_reg"]).item())
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert not torch.equal(model.rpn.rpn.head.cls_logits.weight, head_before)
+    assert rpn_losses[-1] < rpn_losses[0]
+    model.eval()
+    with torch.no_grad():
+        detections = model(_images())
+    assert len(detections) == 2 and all(set(d) == {"boxes", "labels", "scores"} for d in detections)
+
+
+def test_errors_name_the_problem(detector_and_features) -> None:
+    model, image_list, _, features = detector_and_features
+    adapter = TorchvisionRPN.from_torchvision(model.rpn, strides=(4, 8, 16, 32, 64)).train()
+    with pytest.raises(ValueError, match="targets are required in training mode"):
+        adapter(image_list, features)
+    wrong = TorchvisionRPN.from_torchvision(model.rpn, strides=(4, 8, 16, 32, 32)).eval()
+    with pytest.raises(ValueError, match=r"feature level 4 \('pool'\)"):
+        wrong(image_list, features)
+    with pytest.raises(ValueError, match="5 levels"):
+        TorchvisionRPN.from_torchvision(model.rpn, strides=(4, 8, 16, 32))
+    with pytest.raises(TypeError, match="RegionProposalNetwork"):
+        TorchvisionRPN.from_torchvision(adapter, strides=(4,))

@@ -1,0 +1,56 @@
+"""examples/two_stage: lightning-rpn's RPN as the first stage of a Faster R-CNN trains and predicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_stage" / "faster_rcnn.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("two_stage_faster_rcnn", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_stage_detector_trains_both_stages_and_predicts(tmp_path) -> None:
+    example = load_example()
+    pl.seed_everything(0)
+    model = example.TwoStageDetector(rpn_post_nms_train=64, rpn_post_nms_test=32, roi_batch_size=32, lr=1e-3)
+    data = example.synthetic_data(train_images=6, val_images=2, batch_size=2, num_workers=0, min_size=64, max_size=96)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.callback_metrics
+    for key in ("train/loss_rpn_cls", "train/loss_rpn_reg", "train/loss_classifier", "train/loss_box_reg"):
+        assert math.isfinite(float(metrics[key])), key
+    assert 0.0 <= float(metrics["val/proposal_AR@32"]) <= 1.0
+    changed = {name.split(".")[0] for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert {"backbone", "rpn", "roi_heads"} <= changed
+    # the data module took the anchors from the model, so the batches carried RPN anchor targets
+    assert data.anchor_generator is model.anchor_generator
+
+    predictions = trainer.predict(model, datamodule=data)
+    images = [item for batch in predictions for item in batch]
+    assert len(images) == 2
+    for item in images:
+        assert set(item) == {"image_id", "boxes", "labels", "scores"}
+        assert item["boxes"].shape[1] == 4 and len(item["boxes"]) <= 100
+        assert torch.all(item["labels"] == 1)
