@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "ProposalRecall": "lightning_rpn.metrics",
     "RPNModule": "lightning_rpn.module",
     "RPNDataModule": "lightning_rpn.data.datamodule",
+    "TorchvisionRPN": "lightning_rpn.torchvision_adapter",
+    "export_proposal_network": "lightning_rpn.export",
+    "load_proposal_network": "lightning_rpn.export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from lightning_rpn.anchors import AnchorGenerator
     from lightning_rpn.box_coder import BoxCoder
     from lightning_rpn.data.datamodule import RPNDataModule
+    from lightning_rpn.export import export_proposal_network, load_proposal_network
     from lightning_rpn.head import RPNHead
     from lightning_rpn.loss import rpn_loss
     from lightning_rpn.matching import match_anchors
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
     from lightning_rpn.rpn import RPN
     from lightning_rpn.sampling import sample_anchors
     from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets
+    from lightning_rpn.torchvision_adapter import TorchvisionRPN
 
 
 def __getattr__(name: str) -> Any:

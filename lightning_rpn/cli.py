@@ -5,8 +5,9 @@
     lightning-rpn fit --config configs/shapes.yaml          # train (resume: --ckpt_path last)
     lightning-rpn validate --config ... --ckpt_path PATH    # losses + recall table
     lightning-rpn test --config ... --ckpt_path PATH
-    lightning-rpn predict --config ... --ckpt_path PATH     # proposals -> ProposalWriter file
+    lightning-rpn predict --config ... --ckpt_path PATH     # proposal files (proposal_io.ProposalWriter)
     lightning-rpn check-data --config ...                   # dataset report, no training
+    lightning-rpn analyze-anchors --config ... [--optimize] # anchor coverage (+ k-means anchors)
 
 Anchors and strides are declared once, in the model section: the data module reads the
 anchor generator, target config, box coder and size divisibility from the model in ``setup``.
@@ -20,7 +21,6 @@ prints the ``wandb sync`` line that uploads them later.
 
 from __future__ import annotations
 
-import json
 import netrc
 import os
 import sys
@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import yaml
-from lightning.pytorch.callbacks import BasePredictionWriter
+from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -41,9 +41,9 @@ from lightning_rpn.module import RPNModule
 
 __all__ = [
     "CONFIG_KEY",
-    "ProposalWriter",
     "RPNLightningCLI",
     "ResolvedConfigCallback",
+    "analyze_anchors",
     "check_data",
     "default_wandb_offline",
     "main",
@@ -54,7 +54,8 @@ CONFIG_KEY = "lightning_rpn_config"
 
 _DESCRIPTION = (
     "Train and evaluate Region Proposal Networks. Subcommands: fit, validate, test, predict "
-    "(LightningCLI) and check-data (dataset report: `lightning-rpn check-data --config FILE`)."
+    "(LightningCLI), check-data (dataset report: `lightning-rpn check-data --config FILE`) and "
+    "analyze-anchors (anchor coverage: `lightning-rpn analyze-anchors --config FILE [--optimize]`)."
 )
 
 
@@ -74,54 +75,6 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
-
-
-class ProposalWriter(BasePredictionWriter):
-    """Write ``predict`` results as JSON lines: ``{"image_id", "boxes", "scores"}`` per image.
-
-    Boxes are ``[x1, y1, x2, y2]`` in original-image pixels (``RPNModule.predict_step``), best
-    first, at most ``max_proposals`` per image (``None``: all). The file is rewritten at every
-    ``predict`` run; with several processes each rank writes ``<output>.rank<k>``.
-    """
-
-    def __init__(self, output: str = "predictions.jsonl", max_proposals: int | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output = output
-        self.max_proposals = max_proposals
-
-    def _path(self, trainer: pl.Trainer) -> Path:
-        path = Path(self.output)
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.name}.rank{trainer.global_rank}")
-        return path
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: list[dict[str, Any]],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        limit = self.max_proposals
-        with self._path(trainer).open("a", encoding="utf-8") as handle:
-            for item in prediction:
-                record = {
-                    "image_id": item["image_id"],
-                    "boxes": [[round(v, 2) for v in box] for box in item["boxes"][:limit].tolist()],
-                    "scores": [round(v, 5) for v in item["scores"][:limit].tolist()],
-                }
-                handle.write(json.dumps(record) + "\n")
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        print(f"lightning-rpn: proposals written to {self._path(trainer)}", file=sys.stderr)
 
 
 class RPNLightningCLI(LightningCLI):
@@ -173,11 +126,15 @@ class RPNLightningCLI(LightningCLI):
         self._report_wandb()
 
 
-class _CheckDataCLI(RPNLightningCLI):
-    """Parses the same config as ``fit`` (no subcommand) plus the report options."""
+class _NoRunCLI(RPNLightningCLI):
+    """Parses the same config as ``fit`` (no subcommand) for a command that logs nothing."""
 
     def before_instantiate_classes(self) -> None:
         """No W&B notice: nothing is logged."""
+
+
+class _CheckDataCLI(_NoRunCLI):
+    """``check-data``: the ``fit`` config plus the report options."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -188,6 +145,14 @@ class _CheckDataCLI(RPNLightningCLI):
         )
 
 
+def _parse_only(cli_class: type[_NoRunCLI], args: Sequence[str]) -> RPNLightningCLI:
+    """Parse the ``fit`` config plus a subcommand's options; build model and data, run nothing."""
+    with warnings.catch_warnings():
+        # the argv tail is passed on purpose (without the subcommand); LightningCLI warns about it
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return cli_class(args=args, run=False, save_config_callback=None)
+
+
 def check_data(args: Sequence[str]) -> int:
     """``lightning-rpn check-data``: report on every configured split; exit 1 on problems.
 
@@ -196,15 +161,53 @@ def check_data(args: Sequence[str]) -> int:
     """
     from lightning_rpn.data.validation import validate_dataset
 
-    with warnings.catch_warnings():
-        # the argv tail is passed on purpose (without "check-data"); LightningCLI warns about it
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        cli = _CheckDataCLI(args=args, run=False, save_config_callback=None)
+    cli = _parse_only(_CheckDataCLI, args)
     report = validate_dataset(cli.datamodule, check_images=cli.config["check_images"])
     print(report)
     if report.num_problems:
         print(f"lightning-rpn check-data: {report.num_problems} problem(s) found", file=sys.stderr)
         return 1
+    return 0
+
+
+class _AnalyzeAnchorsCLI(_NoRunCLI):
+    """``analyze-anchors``: the ``fit`` config plus the anchor-analysis options."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--optimize",
+            action=ActionYesNo,
+            default=False,
+            help="analyze-anchors: also fit anchor sizes / ratios to the boxes (k-means) and "
+            "write the config snippet anchors.yaml.",
+        )
+        parser.add_argument("--output_dir", type=str, default="anchor_analysis",
+                            help="analyze-anchors: where the plot, report and snippet go.")
+        parser.add_argument("--split", type=str, default="train",
+                            help="analyze-anchors: data split whose gt boxes are analysed.")
+        parser.add_argument("--max_images", type=int | None, default=None,
+                            help="analyze-anchors: analyse at most this many images.")
+        parser.add_argument("--anchor_seed", type=int, default=0,
+                            help="analyze-anchors: seed of the k-means anchor search.")
+
+
+def analyze_anchors(args: Sequence[str]) -> int:
+    """``lightning-rpn analyze-anchors``: anchor coverage of a split's boxes, optional k-means.
+
+    Reads the same config as ``fit``; see :func:`lightning_rpn.anchor_analysis.run_analyze_anchors`.
+    """
+    from lightning_rpn.anchor_analysis import run_analyze_anchors
+
+    cli = _parse_only(_AnalyzeAnchorsCLI, args)
+    run_analyze_anchors(
+        cli.model,
+        cli.datamodule,
+        optimize=cli.config["optimize"],
+        output_dir=cli.config["output_dir"],
+        split=cli.config["split"],
+        max_images=cli.config["max_images"],
+        seed=cli.config["anchor_seed"],
+    )
     return 0
 
 
@@ -239,8 +242,9 @@ def default_wandb_offline() -> None:
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-rpn`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "check-data":
-        return check_data(argv[1:])
+    subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors}
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
     RPNLightningCLI(args=args)
     return 0
 

@@ -248,7 +248,7 @@ def _grid_summary(
     """
     device = gt.device
     anchors = grid.anchors.float()
-    num_anchors, num_gt = anchors.shape[0], gt.shape[0]
+    num_gt = gt.shape[0]
     groups = _Groups(grid, device)
     gt_area = box_area(gt)
 

@@ -54,7 +54,7 @@ from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
 
-__all__ = ["RPNModule", "LRSchedule"]
+__all__ = ["LRSchedule", "RPNModule", "to_original_coordinates"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -194,6 +194,12 @@ class RPNModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
         if custom_backbone:
             check_backbone(backbone, where="RPNModule(backbone=...)")
+            given = {"weights": weights, "trainable_layers": trainable_layers, "frozen_bn": frozen_bn}
+            if any(value is not None for value in given.values()):
+                raise ValueError(
+                    f"RPNModule: {given} apply to named backbones only; load weights and freeze "
+                    f"layers of your own {type(backbone).__name__} before passing it"
+                )
             self.backbone = backbone
         elif isinstance(backbone, str):
             self.backbone = build_backbone(backbone, weights, trainable_layers, frozen_bn)

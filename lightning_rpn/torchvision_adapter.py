@@ -15,7 +15,7 @@ keeps everything else::
 :meth:`TorchvisionRPN.from_torchvision` copies the anchor sizes and ratios, the matcher,
 sampler, box coder and proposal settings and the head weights, so evaluation proposals equal
 torchvision's (and, sampling aside, so do the losses). To use settings torchvision lacks
-(``allowed_border``, crowd boxes, other losses), wrap an :class:`RPN` of your own:
+(``allowed_border``, other box losses, a softmax head), wrap an :class:`RPN` of your own:
 ``model.rpn = TorchvisionRPN(RPN(AnchorGenerator(sizes, ratios, strides), in_channels=256, ...))``.
 Differences from torchvision's class:
 

@@ -15,3 +15,10 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread() -> None:
+    """The suite's tensors are small: on 2 cores, intra-op threads only add barrier waits, and
+    DataLoader workers and DDP processes already use the cores."""
+    torch.set_num_threads(1)

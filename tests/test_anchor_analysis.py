@@ -26,14 +26,6 @@ from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_boxes(height: int, width: int, count: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(count, 2, generator=g) * torch.tensor([width, height]) - 4

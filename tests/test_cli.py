@@ -13,14 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 import yaml
 
+from lightning_rpn.boxes import clip_boxes_to_image
 from lightning_rpn.cli import CONFIG_KEY
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.module import RPNModule
+from lightning_rpn.proposal_io import FORMATS, read_detectron2_proposals
 
 SCRIPT = shutil.which("lightning-rpn", path=str(Path(sys.executable).parent))
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "lightning_rpn.cli"]
@@ -48,8 +51,8 @@ TINY_CONFIG = {
                               "enable_version_counter": False},
             },
             {"class_path": "lightning_rpn.callbacks.RecallTable"},
-            {"class_path": "lightning_rpn.cli.ProposalWriter",
-             "init_args": {"output": "run/predictions.jsonl", "max_proposals": 50}},
+            {"class_path": "lightning_rpn.proposal_io.ProposalWriter",
+             "init_args": {"output_dir": "run/proposals", "top_k": 50}},
         ],
     },
     "model": {
@@ -139,7 +142,7 @@ def test_predict_writes_proposals_in_original_coordinates(trained: Path) -> None
         trained,
     )
     assert_ok(result)
-    records = [json.loads(line) for line in (trained / "run/predictions.jsonl").read_text().splitlines()]
+    records = read_detectron2_proposals(trained / "run/proposals" / FORMATS["detectron2_pkl"])
     dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
     assert [r["image_id"] for r in records] == [0, 1, 2, 3]
     model = RPNModule.load_from_checkpoint(trained / "run/checkpoints/last.ckpt", map_location="cpu")
@@ -148,12 +151,19 @@ def test_predict_writes_proposals_in_original_coordinates(trained: Path) -> None
     )
     for record, item, sample in zip(records, expected, (dataset[i] for i in range(4))):
         height, width = sample.image_size
-        boxes = torch.tensor(record["boxes"])
+        boxes = torch.as_tensor(record["boxes"])
         assert 0 < len(boxes) <= 50 and len(record["scores"]) == len(boxes)
         assert boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
-        torch.testing.assert_close(boxes, item["boxes"][:50], atol=0.01, rtol=0)
-    # the fixed 64x64 resize is undone: boxes reach beyond the resized frame
-    assert max(torch.tensor(r["boxes"]).max() for r in records) > 64
+        # the same proposals as the in-process evaluation pipeline, mapped back by the same scale
+        torch.testing.assert_close(boxes, item["boxes"][:50], atol=1e-3, rtol=0)
+    # by hand: run the 64x64 image as it is, then scale x by w / 64 and y by h / 64 and clip
+    sample = dataset[1]
+    height, width = sample.image_size
+    small = cv2.resize(sample.image, (64, 64), interpolation=cv2.INTER_LINEAR)
+    (at_64,) = model.predict_images([small])
+    scale = torch.tensor([width / 64, height / 64, width / 64, height / 64])
+    by_hand = clip_boxes_to_image(at_64["boxes"][:50] * scale, (height, width))
+    torch.testing.assert_close(torch.as_tensor(records[1]["boxes"]), by_hand, atol=1e-3, rtol=0)
 
 
 def test_fit_resumes_from_last_checkpoint(trained: Path) -> None:
@@ -197,4 +207,18 @@ def test_check_data_exits_1_on_bad_annotations(tmp_path: Path) -> None:
     result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 problem(s) found" in result.stderr
-    assert "annotation 8" in result.stdout and "non-finite" in result.stdout
+    report = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "annotation 8: box [5, 5, nan, 15] has non-finite coordinates" in report
+
+
+def test_analyze_anchors_optimize_writes_plot_and_snippet(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    result = run_cli(
+        ["analyze-anchors", "--config", "config.yaml", "--optimize", "--output_dir", "anchors",
+         "--max_images", "8"],
+        tmp_path,
+    )
+    assert_ok(result)
+    assert (tmp_path / "anchors/anchor_analysis.png").stat().st_size > 0
+    snippet = yaml.safe_load((tmp_path / "anchors/anchors.yaml").read_text())
+    assert "anchor_sizes" in str(snippet)

@@ -6,22 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rpn.callbacks import RecallTable
-from lightning_rpn.cli import ProposalWriter, RPNLightningCLI, wandb_credentials_available
+from lightning_rpn.cli import RPNLightningCLI, wandb_credentials_available
+from lightning_rpn.proposal_io import ProposalWriter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The dry runs that measure strides are faster on one thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -10,15 +10,6 @@ from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.head import RPNHead, objectness_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on the shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _features(channels: int = 8) -> list[torch.Tensor]:
     return [torch.randn(2, channels, 10, 12), torch.randn(2, channels, 5, 6), torch.randn(2, channels, 3, 3)]
 

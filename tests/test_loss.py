@@ -15,15 +15,6 @@ from lightning_rpn.head import RPNHead
 from lightning_rpn.loss import rpn_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on the shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 BETA = 1.0 / 9.0
 
 # One image, N = 6 anchors (2 locations x A = 3 anchors).

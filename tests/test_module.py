@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,14 +17,6 @@ from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.module import LRSchedule, RPNModule, to_original_coordinates
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run faster on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = dict(
@@ -188,11 +179,12 @@ def test_predict_images_resizes_like_evaluation_and_returns_original_coordinates
     boxes = from_path["boxes"]
     assert boxes.shape[0] > 0
     assert boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
-    # the same image given at the resized size directly, then scaled back by hand
+    # without a resize policy the image keeps its size: same as predict_step on its own batch
     model.eval()
-    resized = policy.target_size((height, width), train=False)
-    (big,) = model.predict_images([np.array(Image.fromarray(sample.image).resize(resized[::-1]))])
-    assert big["boxes"].shape[0] > 0
+    (plain,) = model.predict_images([sample.image])
+    with torch.no_grad():
+        (expected,) = model.predict_step(collate_for(model, assign_targets=False)([sample]), 0)
+    torch.testing.assert_close(plain["boxes"], expected["boxes"])
 
 
 def test_anchor_levels_must_match_the_backbone() -> None:
@@ -224,6 +216,11 @@ def test_custom_backbone_module_trains() -> None:
     loss = model.training_step(batch, 0)
     loss.backward()
     assert model.backbone.c3[0].weight.grad is not None
+
+
+def test_named_backbone_options_are_rejected_for_a_custom_backbone() -> None:
+    with pytest.raises(ValueError, match="'trainable_layers': 2.*named backbones only.*_TwoLevel"):
+        RPNModule(backbone=_TwoLevel(), anchor_sizes=((24,), (48,)), trainable_layers=2)
 
 
 def test_custom_backbone_without_the_interface_is_rejected() -> None:

@@ -32,7 +32,7 @@ def test_core_pieces_do_not_import_lightning() -> None:
     code = (
         "import sys\n"
         "from lightning_rpn import AnchorGenerator, BoxCoder, match_anchors, sample_anchors,"
-        " rpn_loss, generate_proposals, RPNHead, RPN\n"
+        " rpn_loss, generate_proposals, RPNHead, RPN, TorchvisionRPN\n"
         "assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules, "
         "sorted(m for m in sys.modules if 'lightning' in m)\n"
     )

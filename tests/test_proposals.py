@@ -15,15 +15,6 @@ from lightning_rpn.head import objectness_logits
 from lightning_rpn.proposals import _nms_all_levels_top, _nms_per_level_top, generate_proposals
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on the shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 IMAGE_SIZES = [(256, 320), (200, 288)]  # two images of different sizes, padded to 256 x 320
 
 

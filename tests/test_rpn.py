@@ -14,15 +14,6 @@ from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on the shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 IMAGE_SIZES = [(64, 64), (56, 60)]
 IMAGE_IDS = ["img-a", 17]
 

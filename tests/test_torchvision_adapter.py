@@ -13,14 +13,6 @@ from lightning_rpn.torchvision_adapter import TorchvisionRPN
 TV_LOSS_KEYS = {"loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _detector(**kwargs) -> torch.nn.Module:
     """A random-init Faster R-CNN on 128 px inputs (padded size a multiple of every stride)."""
     return fasterrcnn_resnet50_fpn(

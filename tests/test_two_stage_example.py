@@ -7,18 +7,9 @@ import math
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_stage" / "faster_rcnn.py"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_example():

@@ -8,7 +8,7 @@ and box refinement): a small Faster R-CNN. It trains on the built-in synthetic s
 its DataLoader workers. The synthetic shapes have no classes, so the detector has one object
 class ("shape") besides the background.
 
-Run (CPU, a few minutes)::
+Run (40 steps took about 5 minutes on a busy 2-core CPU; a GPU is used when present)::
 
     python examples/two_stage/faster_rcnn.py --max_steps 300
 """

@@ -1,0 +1,279 @@
+"""End-to-end training throughput: lightning_rpn versus torchvision's RegionProposalNetwork.
+
+One training step = wait for the DataLoader's next batch, uint8 -> float + ImageNet
+normalisation, backbone, RPN (target assignment wherever it runs), loss, backward, SGD step.
+Both sides use the same ResNet-18-FPN architecture with the same initial weights (a deep copy),
+the same RPN head weights, the same in-memory images and boxes, the same DataLoader settings
+(batch size, workers) and the same optimiser; each runs in this process, one after the other.
+
+- ours: ``RPNModule.training_step`` (no proposals in training) on batches from
+  ``RPNCollate`` with worker-side anchor-target assignment;
+- torchvision: ``torchvision.models.detection.rpn.RegionProposalNetwork`` (anchors 32-512 on
+  P2-P6, ratios 0.5/1/2, IoU 0.7/0.3, 256 sampled at 0.5 positives, 2000/2000 pre/post-NMS
+  proposals in training) on batches from ``RPNCollate(assign_targets=False)``; it assigns
+  targets and generates proposals inside its step.
+
+Datasets (seeded, 512x512 uint8): "coco", about 7 boxes per image of 16-400 px, and "dense",
+about 500 boxes per image of 8-40 px; aspect ratios 1:2 to 2:1. Targets (issue 5): ratio
+torchvision / ours >= 1.1 on coco and >= 2 on dense.
+
+    python bench/bench_training.py [--steps 8] [--warmup 3] [--workers 2] [--threads 0]
+        [--rounds 1] [--datasets coco dense] [--image-size 512] [--batch-size 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+
+from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.module import RPNModule
+
+ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+DATASETS = {  # name: (boxes per image (low, high), box side in px (low, high))
+    "coco": ((4, 10), (16.0, 400.0)),
+    "dense": ((450, 550), (8.0, 40.0)),
+}
+PARTS = ("data", "backbone", "rpn+loss", "backward", "optim")
+
+
+class InMemoryBoxes(Dataset):
+    """Seeded ``size x size`` uint8 images with filled boxes on a smooth noisy background."""
+
+    def __init__(self, count: int, size: int, num_boxes: tuple[int, int], sides: tuple[float, float],
+                 seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.images: list[np.ndarray] = []
+        self.boxes: list[np.ndarray] = []
+        ys = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+        xs = np.linspace(0.0, 1.0, size, dtype=np.float32)[None, :, None]
+        for _ in range(count):
+            a, b, c = rng.uniform(40, 200, size=(3, 3)).astype(np.float32)
+            image = a + (b - 120) * ys + (c - 120) * xs + rng.normal(0, 12, (size, size, 3))
+            g = int(rng.integers(num_boxes[0], num_boxes[1] + 1))
+            side = np.exp(rng.uniform(math.log(sides[0]), math.log(sides[1]), g))
+            ratio = np.exp(rng.uniform(math.log(0.5), math.log(2.0), g))
+            w = np.minimum(side * np.sqrt(ratio), size - 1)
+            h = np.minimum(side / np.sqrt(ratio), size - 1)
+            x1 = rng.uniform(0, size - w)
+            y1 = rng.uniform(0, size - h)
+            boxes = np.stack([x1, y1, x1 + w, y1 + h], axis=1).astype(np.float32)
+            for (bx1, by1, bx2, by2), colour in zip(boxes.astype(int), rng.uniform(0, 255, (g, 3))):
+                image[by1:by2, bx1:bx2] = colour
+            self.images.append(np.clip(image, 0, 255).astype(np.uint8))
+            self.boxes.append(boxes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        return DetectionSample(image=self.images[index], boxes=self.boxes[index], image_id=index,
+                               source="bench")
+
+
+@dataclass
+class Timings:
+    """Per-step seconds of each part of the timed steps."""
+
+    parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
+
+    def step_times(self) -> list[float]:
+        return [sum(values) for values in zip(*self.parts.values())]
+
+    def mean_ms(self, part: str | None = None) -> float:
+        values = self.step_times() if part is None else self.parts[part]
+        return 1e3 * statistics.fmean(values)
+
+
+class BackboneClock:
+    """Forward hooks that time one module's forward pass."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.start = self.seconds = 0.0
+        module.register_forward_pre_hook(self._begin)
+        module.register_forward_hook(self._end)
+
+    def _begin(self, *_: object) -> None:
+        self.start = time.perf_counter()
+
+    def _end(self, *_: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def build_ours(seed: int) -> RPNModule:
+    """ResNet-18-FPN RPNModule with torchvision's loss settings (smooth L1, beta 1/9)."""
+    torch.manual_seed(seed)
+    return RPNModule(
+        backbone="resnet18_fpn",
+        weights=None,
+        anchor_sizes=ANCHOR_SIZES,
+        aspect_ratios=(ASPECT_RATIOS,),
+        box_loss="smooth_l1",
+        smooth_l1_beta=1.0 / 9.0,
+        pre_nms_top_n_train=2000,
+        post_nms_top_n_train=2000,
+    )
+
+
+def build_torchvision(ours: RPNModule) -> tuple[nn.Module, RegionProposalNetwork]:
+    """A copy of our backbone and a torchvision RPN with our head's weights and our settings."""
+    backbone = copy.deepcopy(ours.backbone)
+    head = TVRPNHead(backbone.out_channels, len(ASPECT_RATIOS))
+    ours_state = list(ours.rpn.head.state_dict().values())
+    tv_keys = list(head.state_dict().keys())
+    if [v.shape for v in ours_state] == [v.shape for v in head.state_dict().values()]:
+        head.load_state_dict(dict(zip(tv_keys, ours_state)))
+    config = ours.target_config
+    rpn = RegionProposalNetwork(
+        TVAnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES)),
+        head,
+        fg_iou_thresh=config.fg_iou,
+        bg_iou_thresh=config.bg_iou,
+        batch_size_per_image=config.batch_size_per_image,
+        positive_fraction=config.positive_fraction,
+        pre_nms_top_n={"training": 2000, "testing": 1000},
+        post_nms_top_n={"training": 2000, "testing": 1000},
+        nms_thresh=0.7,
+    )
+    return backbone, rpn
+
+
+def sgd(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=0.005, momentum=0.9, weight_decay=1e-4)
+
+
+def run_side(loader: DataLoader, forward: Callable[[RPNBatch, int], Tensor], clock: BackboneClock,
+             optimizer: torch.optim.Optimizer, warmup: int) -> Timings:
+    """Train over the whole loader; time every part of the steps after ``warmup``."""
+    timings = Timings()
+    iterator = iter(loader)
+    for step in range(len(loader)):
+        t0 = time.perf_counter()
+        batch = next(iterator)
+        t1 = time.perf_counter()
+        loss = forward(batch, step)
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        t4 = time.perf_counter()
+        if not torch.isfinite(loss):
+            raise ValueError(f"bench_training: non-finite loss {float(loss)} at step {step}")
+        if step >= warmup:
+            parts = (t1 - t0, clock.seconds, t2 - t1 - clock.seconds, t3 - t2, t4 - t3)
+            for name, value in zip(PARTS, parts):
+                timings.parts[name].append(value)
+    return timings
+
+
+def bench_ours(dataset: Dataset, args: argparse.Namespace) -> Timings:
+    module = build_ours(args.seed)
+    module.train()
+    collate = RPNCollate(module.anchor_generator, module.target_config, module.box_coder,
+                         module.size_divisibility, seed=module.rpn.seed, assign_targets=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+
+    def forward(batch: RPNBatch, step: int) -> Tensor:
+        assert batch.anchor_labels is not None, "ours must get worker-side targets"
+        return module.training_step(batch, step)
+
+    clock = BackboneClock(module.backbone)
+    return run_side(loader, forward, clock, sgd(list(module.parameters())), args.warmup)
+
+
+def bench_torchvision(dataset: Dataset, args: argparse.Namespace) -> Timings:
+    ours = build_ours(args.seed)  # same seed: same initial weights as ours
+    backbone, rpn = build_torchvision(ours)
+    backbone.train()
+    rpn.train()
+    collate = RPNCollate(size_divisibility=ours.size_divisibility, assign_targets=False)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+
+    def forward(batch: RPNBatch, step: int) -> Tensor:
+        images = ours.normalize(batch.images)
+        features = {str(i): f for i, f in enumerate(backbone(images))}
+        targets = [{"boxes": boxes} for boxes in batch.gt_boxes]
+        _, losses = rpn(ImageList(images, list(batch.image_sizes)), features, targets)
+        return losses["loss_objectness"] + losses["loss_rpn_box_reg"]
+
+    clock = BackboneClock(backbone)
+    params = list(backbone.parameters()) + list(rpn.parameters())
+    return run_side(loader, forward, clock, sgd(params), args.warmup)
+
+
+def print_breakdown(name: str, timings: Timings) -> None:
+    parts = "  ".join(f"{p} {timings.mean_ms(p):7.1f}" for p in PARTS)
+    print(f"    {name:<12} ms/step: {parts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per side (default 8)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both sides")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate ours / torchvision this many times; best round reported")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["coco", "dense"])
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step without a Trainer
+
+    load = "n/a" if not hasattr(os, "getloadavg") else ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} workers, "
+          f"batch {args.batch_size}, {args.image_size}x{args.image_size}, ResNet-18-FPN (random init), "
+          f"{args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s), load average {load}")
+    rows = []
+    for name in args.datasets:
+        num_boxes, sides = DATASETS[name]
+        count = (args.warmup + args.steps) * args.batch_size
+        dataset = InMemoryBoxes(count, args.image_size, num_boxes, sides, seed=args.seed + 1)
+        mean_boxes = statistics.fmean(len(b) for b in dataset.boxes)
+        best: dict[str, Timings] = {}
+        for _ in range(args.rounds):
+            for side, bench in (("ours", bench_ours), ("torchvision", bench_torchvision)):
+                timings = bench(dataset, args)
+                if side not in best or timings.mean_ms() < best[side].mean_ms():
+                    best[side] = timings
+        ratio = best["torchvision"].mean_ms() / best["ours"].mean_ms()
+        rows.append((name, mean_boxes, best["ours"].mean_ms(), best["torchvision"].mean_ms(), ratio))
+        print(f"\n{name} ({mean_boxes:.1f} boxes/image): breakdown, mean ms per timed step")
+        for side in ("ours", "torchvision"):
+            print_breakdown(side, best[side])
+
+    targets = {"coco": 1.1, "dense": 2.0}
+    print(f"\n{'dataset':<8} {'boxes/img':>9} {'ours ms/step':>13} {'torchvision ms/step':>20} "
+          f"{'ratio':>7} {'target':>7}")
+    for name, mean_boxes, ours_ms, tv_ms, ratio in rows:
+        print(f"{name:<8} {mean_boxes:>9.1f} {ours_ms:>13.1f} {tv_ms:>20.1f} {ratio:>7.2f} "
+              f"{'>= ' + str(targets[name]):>7}")
+
+
+if __name__ == "__main__":
+    main()
