@@ -220,5 +220,6 @@ def test_analyze_anchors_optimize_writes_plot_and_snippet(tmp_path: Path) -> Non
     )
     assert_ok(result)
     assert (tmp_path / "anchors/anchor_analysis.png").stat().st_size > 0
-    snippet = yaml.safe_load((tmp_path / "anchors/anchors.yaml").read_text())
-    assert "anchor_sizes" in str(snippet)
+    snippet = yaml.safe_load((tmp_path / "anchors/anchors.yaml").read_text())["model"]
+    assert len(snippet["anchor_sizes"]) == len(snippet["aspect_ratios"]) == 4  # one per level
+    assert "config snippet" in result.stdout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning_rpn
 
@@ -37,3 +39,12 @@ def test_core_pieces_do_not_import_lightning() -> None:
         "sorted(m for m in sys.modules if 'lightning' in m)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_library_example_runs() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert set(namespace["losses"]) == {"loss_rpn_cls", "loss_rpn_reg"}
+    assert len(namespace["proposals"]) == 2
