@@ -24,6 +24,13 @@ Evaluation fills ``val_recall`` (a :class:`~lightning_rpn.metrics.ProposalRecall
 of each validation / test epoch every ``compute()`` key is logged as ``val/{key}`` /
 ``test/{key}``, copied to ``last_recall`` (``dict[str, float]``) with the recall curves in
 ``last_recall_curves``, and the metric is reset.
+
+Non-finite training steps (``nonfinite_loss``): a non-finite loss, or finite loss with
+non-finite gradients, either raises a ``ValueError`` naming the batch's image ids
+(``"raise"``, the default) or skips the optimizer update for that batch (``"skip"``: no
+gradients reach the optimizer, so neither the weights nor the optimizer state change; the
+running count is logged as ``train/skipped_nonfinite_batches`` and kept in checkpoints).
+Under DDP the ranks agree: a batch is skipped everywhere when any rank saw a non-finite loss.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -53,6 +61,8 @@ from lightning_rpn.head import RPNHead
 from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
+
+_SKIPPED_KEY = "skipped_nonfinite_batches"
 
 __all__ = ["LRSchedule", "RPNModule", "to_original_coordinates"]
 
@@ -141,6 +151,9 @@ class RPNModule(pl.LightningModule):
         min_lr_factor: final fraction of the learning rate of the cosine schedule.
         recall_iou_thresholds: IoU thresholds averaged by AR.
         recall_max_proposals: proposal budgets k reported as ``AR@k``.
+        nonfinite_loss: ``"raise"`` (stop, naming the batch's image ids) or ``"skip"`` (no
+            update from that batch; counted as ``train/skipped_nonfinite_batches``) when a
+            training loss or gradient is non-finite.
     """
 
     def __init__(
@@ -188,8 +201,11 @@ class RPNModule(pl.LightningModule):
         min_lr_factor: float = 0.0,
         recall_iou_thresholds: tuple[float, ...] = DEFAULT_IOU_THRESHOLDS,
         recall_max_proposals: tuple[int, ...] = (100, 300, 1000),
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         custom_backbone = isinstance(backbone, nn.Module)
         self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
         if custom_backbone:
@@ -270,6 +286,8 @@ class RPNModule(pl.LightningModule):
         )
         self.last_recall: dict[str, float] = {}
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
+        self.skipped_nonfinite_batches = 0
+        self._step_image_ids: list[int | str] = []
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
@@ -318,6 +336,8 @@ class RPNModule(pl.LightningModule):
                 hint = (
                     "; lower model.lr, set trainer.gradient_clip_val, or check these images' boxes"
                 )
+                if stage == "training":
+                    hint += " (model.nonfinite_loss='skip' skips such batches)"
             raise ValueError(
                 f"RPNModule {stage} step (global step {self.global_step}) on images "
                 f"{list(batch.image_ids)}: {error}{hint}"
@@ -337,9 +357,63 @@ class RPNModule(pl.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor:
-        _, losses = self._run(batch, "training", need_proposals=False)
-        return self._log_losses("train", losses, len(batch))
+    def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor | None:
+        """The batch's loss; ``None`` (no update) for a skipped non-finite batch."""
+        self._step_image_ids = list(batch.image_ids)
+        if self.hparams.nonfinite_loss == "raise":
+            _, losses = self._run(batch, "training", need_proposals=False)
+            return self._log_losses("train", losses, len(batch))
+        error: ValueError | None = None
+        try:
+            _, losses = self._run(batch, "training", need_proposals=False)
+        except ValueError as caught:
+            if "non-finite" not in str(caught):
+                raise
+            error = caught
+        # every rank must skip together, or DDP's gradient all-reduce would wait forever
+        if self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            self._skip_batch(str(error) if error else "another process had a non-finite loss")
+            return None
+        loss = self._log_losses("train", losses, len(batch))
+        self.log(f"train/{_SKIPPED_KEY}", float(self.skipped_nonfinite_batches), on_step=True)
+        return loss
+
+    def _skip_batch(self, reason: str) -> None:
+        self.skipped_nonfinite_batches += 1
+        self.log(f"train/{_SKIPPED_KEY}", float(self.skipped_nonfinite_batches), on_step=True)
+        rank_zero_warn(
+            f"RPNModule: skipped training batch {self.skipped_nonfinite_batches} with a non-finite "
+            f"loss or gradient (model.nonfinite_loss='skip'): {reason}"
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep non-finite gradients away from the weights (raise, or drop them when skipping)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # the max-abs norm is NaN / inf exactly when some gradient entry is (it cannot overflow)
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
+            return
+        bad = next(name for name, p in self.named_parameters()
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        message = (
+            f"non-finite gradient of {bad} at global step {self.global_step} from images "
+            f"{self._step_image_ids}"
+        )
+        if self.hparams.nonfinite_loss == "raise":
+            raise ValueError(
+                f"RPNModule training step: {message}; lower model.lr, set "
+                f"trainer.gradient_clip_val, or set model.nonfinite_loss='skip'"
+            )
+        for parameter in self.parameters():
+            parameter.grad = None  # optimizers leave parameters without gradients untouched
+        self._skip_batch(message)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_SKIPPED_KEY] = self.skipped_nonfinite_batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_nonfinite_batches = int(checkpoint.get(_SKIPPED_KEY, 0))
 
     def _eval_step(self, batch: RPNBatch, stage: str) -> dict[str, Any]:
         proposals, losses = self._run(batch, stage, need_proposals=True)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lightning_rpn.callbacks import RecallTable
 from lightning_rpn.cli import RPNLightningCLI, wandb_credentials_available
@@ -39,6 +39,12 @@ def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
     assert any(isinstance(c, ProposalWriter) for c in callbacks)
     (checkpoint,) = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     assert checkpoint.save_last and checkpoint.monitor == "val/AR@100"
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_config_shows_the_losses_in_the_rich_progress_bar(config: str, tmp_path: Path) -> None:
+    cli = build(config, tmp_path, "--model.weights", "null", "--data.root", str(tmp_path))
+    assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
 
 
 def test_coco_config_is_detectron2_rpn_r50_fpn_1x(tmp_path: Path) -> None:
