@@ -4,7 +4,13 @@ One training step = wait for the DataLoader's next batch, uint8 -> float + Image
 normalisation, backbone, RPN (target assignment wherever it runs), loss, backward, SGD step.
 Both sides use the same ResNet-18-FPN architecture with the same initial weights (a deep copy),
 the same RPN head weights, the same in-memory images and boxes, the same DataLoader settings
-(batch size, workers) and the same optimiser; each runs in this process, one after the other.
+(batch size, workers, persistent) and the same optimiser, all in this one process.
+
+The machine may be shared, so the timed steps are split into rounds (one loader epoch each)
+that alternate between the sides, the first side changing every round; a round starts a fresh
+epoch, so neither side's workers run during the other's steps. A step is clocked from asking
+the loader for its batch to the end of the optimiser step, and split into data wait, backbone
+forward, the rest of the forward (normalisation, RPN, targets, loss), backward and optimiser.
 
 - ours: ``RPNModule.training_step`` (no proposals in training) on batches from
   ``RPNCollate`` with worker-side anchor-target assignment;
@@ -17,8 +23,8 @@ Datasets (seeded, 512x512 uint8): "coco", about 7 boxes per image of 16-400 px, 
 about 500 boxes per image of 8-40 px; aspect ratios 1:2 to 2:1. Targets (issue 5): ratio
 torchvision / ours >= 1.1 on coco and >= 2 on dense.
 
-    python bench/bench_training.py [--steps 8] [--warmup 3] [--workers 2] [--threads 0]
-        [--rounds 1] [--datasets coco dense] [--image-size 512] [--batch-size 2]
+    python bench/bench_training.py [--steps 8] [--warmup 2] [--rounds 4] [--workers 2]
+        [--threads 0] [--datasets coco dense] [--image-size 512] [--batch-size 2] [--seed 0]
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -90,11 +96,27 @@ class InMemoryBoxes(Dataset):
                                source="bench")
 
 
+class NextSlice(Sampler[int]):
+    """Each epoch yields the next ``per_epoch`` indices of ``0 .. size - 1`` (cycling)."""
+
+    def __init__(self, size: int, per_epoch: int) -> None:
+        self.size, self.per_epoch, self.start = size, per_epoch, 0
+
+    def __iter__(self):
+        indices = [(self.start + i) % self.size for i in range(self.per_epoch)]
+        self.start += self.per_epoch
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+
 @dataclass
 class Timings:
-    """Per-step seconds of each part of the timed steps."""
+    """Per-step wall seconds of each part of the timed steps, and main-process CPU seconds."""
 
     parts: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PARTS})
+    cpu: list[float] = field(default_factory=list)
 
     def step_times(self) -> list[float]:
         return [sum(values) for values in zip(*self.parts.values())]
@@ -102,6 +124,12 @@ class Timings:
     def mean_ms(self, part: str | None = None) -> float:
         values = self.step_times() if part is None else self.parts[part]
         return 1e3 * statistics.fmean(values)
+
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.step_times())
+
+    def cpu_ms(self) -> float:
+        return 1e3 * statistics.fmean(self.cpu)
 
 
 class BackboneClock:
@@ -161,118 +189,164 @@ def sgd(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=0.005, momentum=0.9, weight_decay=1e-4)
 
 
-def run_side(loader: DataLoader, forward: Callable[[RPNBatch, int], Tensor], clock: BackboneClock,
-             optimizer: torch.optim.Optimizer, warmup: int) -> Timings:
-    """Train over the whole loader; time every part of the steps after ``warmup``."""
-    timings = Timings()
-    iterator = iter(loader)
-    for step in range(len(loader)):
-        t0 = time.perf_counter()
-        batch = next(iterator)
-        t1 = time.perf_counter()
-        loss = forward(batch, step)
-        t2 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = time.perf_counter()
-        optimizer.step()
-        t4 = time.perf_counter()
-        if not torch.isfinite(loss):
-            raise ValueError(f"bench_training: non-finite loss {float(loss)} at step {step}")
-        if step >= warmup:
-            parts = (t1 - t0, clock.seconds, t2 - t1 - clock.seconds, t3 - t2, t4 - t3)
-            for name, value in zip(PARTS, parts):
-                timings.parts[name].append(value)
-    return timings
+@dataclass
+class Side:
+    """One contender: its DataLoader (persistent workers), step forward, clock and optimiser."""
+
+    name: str
+    loader: DataLoader
+    forward: Callable[[RPNBatch], Tensor]
+    clock: BackboneClock
+    optimizer: torch.optim.Optimizer
+    collate: Callable[[list[DetectionSample]], RPNBatch]
+    timings: Timings = field(default_factory=Timings)
+
+    def train_epoch(self, timed: bool) -> None:
+        """One epoch of the loader (one round): a training step per batch."""
+        iterator = iter(self.loader)
+        while True:
+            c0, t0 = time.process_time(), time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            t1 = time.perf_counter()
+            loss = self.forward(batch)
+            t2 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = time.perf_counter()
+            self.optimizer.step()
+            t4, c4 = time.perf_counter(), time.process_time()
+            if not torch.isfinite(loss):
+                raise ValueError(f"bench_training: {self.name} got a non-finite loss {float(loss)}")
+            if timed:
+                backbone = self.clock.seconds
+                parts = (t1 - t0, backbone, t2 - t1 - backbone, t3 - t2, t4 - t3)
+                for part, value in zip(PARTS, parts):
+                    self.timings.parts[part].append(value)
+                self.timings.cpu.append(c4 - c0)
+
+    def collate_ms(self, dataset: Dataset, batch_size: int, repeats: int = 3) -> float:
+        """One-thread CPU milliseconds of this side's collate per batch, in this process."""
+        samples = [dataset[i] for i in range(batch_size)]
+        self.collate(samples)  # anchor cache
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        start = time.process_time()
+        for _ in range(repeats):
+            self.collate(samples)
+        torch.set_num_threads(threads)
+        return 1e3 * (time.process_time() - start) / repeats
 
 
-def bench_ours(dataset: Dataset, args: argparse.Namespace) -> Timings:
+def make_loader(dataset: Dataset, collate: RPNCollate, args: argparse.Namespace) -> DataLoader:
+    """Persistent workers; each epoch (round) takes the next ``per_round`` batches of images."""
+    sampler = NextSlice(len(dataset), args.per_round * args.batch_size)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                      collate_fn=collate, persistent_workers=args.workers > 0)
+
+
+def ours_side(dataset: Dataset, args: argparse.Namespace) -> Side:
+    """``RPNModule.training_step`` on batches with worker-side anchor targets."""
     module = build_ours(args.seed)
     module.train()
     collate = RPNCollate(module.anchor_generator, module.target_config, module.box_coder,
                          module.size_divisibility, seed=module.rpn.seed, assign_targets=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
 
-    def forward(batch: RPNBatch, step: int) -> Tensor:
-        assert batch.anchor_labels is not None, "ours must get worker-side targets"
-        return module.training_step(batch, step)
+    def forward(batch: RPNBatch) -> Tensor:
+        if batch.anchor_labels is None:
+            raise RuntimeError("bench_training: ours must get worker-side anchor targets")
+        return module.training_step(batch, 0)
 
-    clock = BackboneClock(module.backbone)
-    return run_side(loader, forward, clock, sgd(list(module.parameters())), args.warmup)
+    return Side("ours", make_loader(dataset, collate, args), forward, BackboneClock(module.backbone),
+                sgd(list(module.parameters())), collate)
 
 
-def bench_torchvision(dataset: Dataset, args: argparse.Namespace) -> Timings:
-    ours = build_ours(args.seed)  # same seed: same initial weights as ours
+def torchvision_side(dataset: Dataset, args: argparse.Namespace) -> Side:
+    """torchvision's RegionProposalNetwork (in-step assignment and proposals) on plain batches."""
+    ours = build_ours(args.seed)  # same seed: the same initial weights as ours
     backbone, rpn = build_torchvision(ours)
     backbone.train()
     rpn.train()
     collate = RPNCollate(size_divisibility=ours.size_divisibility, assign_targets=False)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
 
-    def forward(batch: RPNBatch, step: int) -> Tensor:
+    def forward(batch: RPNBatch) -> Tensor:
         images = ours.normalize(batch.images)
         features = {str(i): f for i, f in enumerate(backbone(images))}
         targets = [{"boxes": boxes} for boxes in batch.gt_boxes]
         _, losses = rpn(ImageList(images, list(batch.image_sizes)), features, targets)
         return losses["loss_objectness"] + losses["loss_rpn_box_reg"]
 
-    clock = BackboneClock(backbone)
     params = list(backbone.parameters()) + list(rpn.parameters())
-    return run_side(loader, forward, clock, sgd(params), args.warmup)
-
-
-def print_breakdown(name: str, timings: Timings) -> None:
-    parts = "  ".join(f"{p} {timings.mean_ms(p):7.1f}" for p in PARTS)
-    print(f"    {name:<12} ms/step: {parts}")
+    return Side("torchvision", make_loader(dataset, collate, args), forward, BackboneClock(backbone),
+                sgd(params), collate)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per side (default 8)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per side and dataset")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps per side first (rounded up to whole rounds)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both sides")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="alternate ours / torchvision this many times; best round reported")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the timed steps are split into this many alternating rounds")
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["coco", "dense"])
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.steps:
+        parser.error("need --steps >= 1, --warmup >= 0 and 1 <= --rounds <= --steps")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step without a Trainer
+    per_round = args.per_round = math.ceil(args.steps / args.rounds)
+    warmup_rounds = math.ceil(args.warmup / per_round)
 
-    load = "n/a" if not hasattr(os, "getloadavg") else ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} workers, "
-          f"batch {args.batch_size}, {args.image_size}x{args.image_size}, ResNet-18-FPN (random init), "
-          f"{args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s), load average {load}")
+          f"batch {args.batch_size}, {args.image_size}x{args.image_size}, ResNet-18-FPN (random init); "
+          f"per side and dataset {warmup_rounds * per_round} warm-up + {per_round * args.rounds} timed steps in "
+          f"{args.rounds} alternating rounds; load average at start {load_average()}")
     rows = []
     for name in args.datasets:
         num_boxes, sides = DATASETS[name]
-        count = (args.warmup + args.steps) * args.batch_size
-        dataset = InMemoryBoxes(count, args.image_size, num_boxes, sides, seed=args.seed + 1)
+        images = (warmup_rounds + args.rounds) * per_round * args.batch_size
+        dataset = InMemoryBoxes(images, args.image_size, num_boxes, sides, seed=args.seed + 1)
         mean_boxes = statistics.fmean(len(b) for b in dataset.boxes)
-        best: dict[str, Timings] = {}
-        for _ in range(args.rounds):
-            for side, bench in (("ours", bench_ours), ("torchvision", bench_torchvision)):
-                timings = bench(dataset, args)
-                if side not in best or timings.mean_ms() < best[side].mean_ms():
-                    best[side] = timings
-        ratio = best["torchvision"].mean_ms() / best["ours"].mean_ms()
-        rows.append((name, mean_boxes, best["ours"].mean_ms(), best["torchvision"].mean_ms(), ratio))
-        print(f"\n{name} ({mean_boxes:.1f} boxes/image): breakdown, mean ms per timed step")
-        for side in ("ours", "torchvision"):
-            print_breakdown(side, best[side])
+        contenders = [ours_side(dataset, args), torchvision_side(dataset, args)]
+        for side in contenders:
+            for _ in range(warmup_rounds):
+                side.train_epoch(timed=False)
+        for round_index in range(args.rounds):  # alternate who goes first: load drifts
+            for side in contenders[:: 1 if round_index % 2 == 0 else -1]:
+                side.train_epoch(timed=True)
+        print(f"\n{name} ({mean_boxes:.1f} boxes/image), mean wall ms per timed step "
+              f"(load average now {load_average()}):")
+        cpu = {}
+        for side in contenders:
+            collate_ms = side.collate_ms(dataset, args.batch_size)
+            cpu[side.name] = side.timings.cpu_ms() + collate_ms
+            parts = "  ".join(f"{p} {side.timings.mean_ms(p):5.0f}" for p in PARTS)
+            print(f"  {side.name:<11} {parts}  | CPU ms/step: main process {side.timings.cpu_ms():5.0f}"
+                  f" + collate {collate_ms:3.0f}")
+        ours, tv = (side.timings for side in contenders)
+        rows.append((name, mean_boxes, ours.mean_ms(), tv.mean_ms(), tv.mean_ms() / ours.mean_ms(),
+                     tv.median_ms() / ours.median_ms(), cpu["torchvision"] / cpu["ours"]))
+        del contenders, ours, tv  # shut the persistent workers down
 
     targets = {"coco": 1.1, "dense": 2.0}
-    print(f"\n{'dataset':<8} {'boxes/img':>9} {'ours ms/step':>13} {'torchvision ms/step':>20} "
-          f"{'ratio':>7} {'target':>7}")
-    for name, mean_boxes, ours_ms, tv_ms, ratio in rows:
-        print(f"{name:<8} {mean_boxes:>9.1f} {ours_ms:>13.1f} {tv_ms:>20.1f} {ratio:>7.2f} "
-              f"{'>= ' + str(targets[name]):>7}")
+    print("\nratio = torchvision / ours: of the mean wall time per step (the figure of merit), of the "
+          "median step, and of CPU time per step (main process incl. OpenMP spin-waits + collate)")
+    print(f"{'dataset':<8} {'boxes/img':>9} {'ours ms/step':>13} {'torchvision ms/step':>20} "
+          f"{'ratio':>6} {'median':>7} {'CPU':>5} {'target':>7}")
+    for name, mean_boxes, ours_ms, tv_ms, ratio, median_ratio, cpu_ratio in rows:
+        print(f"{name:<8} {mean_boxes:>9.1f} {ours_ms:>13.0f} {tv_ms:>20.0f} {ratio:>6.2f} "
+              f"{median_ratio:>7.2f} {cpu_ratio:>5.2f} {'>= ' + str(targets[name]):>7}")
+
+
+def load_average() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``lightning-rpn`` command: LightningCLI for RPNModule + RPNDataModule, and ``check-data``.
+"""The ``lightning-rpn`` command: LightningCLI for RPNModule + RPNDataModule, plus data tools.
 
 ::
 
@@ -17,6 +17,14 @@ the model's hyperparameters, so ``RPNModule.load_from_checkpoint(path)`` needs n
 W&B is the configs' logger. Without credentials (``WANDB_API_KEY`` or a ``wandb login`` entry
 in ``~/.netrc``) and without an explicit ``WANDB_MODE``, runs log offline and the command
 prints the ``wandb sync`` line that uploads them later.
+
+Scale-out, precision and faults use Lightning's own machinery: ``--trainer.devices N
+--trainer.strategy ddp`` (``--trainer.num_nodes`` under SLURM or torchrun),
+``--trainer.precision bf16-mixed``, checkpoints written atomically and ``--ckpt_path last``
+to resume. ``--ckpt_path`` files load with ``weights_only=True`` unless ``--weights_only
+false`` is given. Configs are parsed with safe YAML; a ``class_path`` must name an importable
+class of the declared type (importing it runs that installed module's own code, nothing from
+the config).
 """
 
 from __future__ import annotations
@@ -98,8 +106,15 @@ class RPNLightningCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Choose W&B offline mode (after parsing, so ``--help`` stays quiet)."""
+        """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading.
+
+        ``--ckpt_path`` checkpoints load with ``weights_only=True`` unless ``--weights_only
+        false`` is given: our checkpoints hold tensors and plain types only, and a
+        ``weights_only`` load cannot run code hidden in an untrusted file.
+        """
         default_wandb_offline()
+        if self.subcommand and self.config[self.subcommand].get("weights_only") is None:
+            self.config[self.subcommand]["weights_only"] = True
 
     def _report_wandb(self) -> None:
         if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):

@@ -288,6 +288,7 @@ class RPNModule(pl.LightningModule):
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
         self.skipped_nonfinite_batches = 0
         self._step_image_ids: list[int | str] = []
+        self._drop_gradients = False
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
@@ -357,8 +358,8 @@ class RPNModule(pl.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor | None:
-        """The batch's loss; ``None`` (no update) for a skipped non-finite batch."""
+    def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor:
+        """The batch's loss; for a skipped non-finite batch a zero loss that updates nothing."""
         self._step_image_ids = list(batch.image_ids)
         if self.hparams.nonfinite_loss == "raise":
             _, losses = self._run(batch, "training", need_proposals=False)
@@ -373,7 +374,10 @@ class RPNModule(pl.LightningModule):
         # every rank must skip together, or DDP's gradient all-reduce would wait forever
         if self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
             self._skip_batch(str(error) if error else "another process had a non-finite loss")
-            return None
+            # a zero loss over every parameter keeps DDP's all-reduce in step (Lightning refuses
+            # a None step in distributed runs); on_before_optimizer_step drops its gradients
+            self._drop_gradients = True
+            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
         loss = self._log_losses("train", losses, len(batch))
         self.log(f"train/{_SKIPPED_KEY}", float(self.skipped_nonfinite_batches), on_step=True)
         return loss
@@ -387,9 +391,17 @@ class RPNModule(pl.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep non-finite gradients away from the weights (raise, or drop them when skipping)."""
+        """Keep non-finite gradients away from the weights (raise, or drop them when skipping).
+
+        With fp16 mixed precision the gradient scaler already skips steps with inf / NaN
+        gradients (that is how it calibrates its scale), so only skipped batches are handled.
+        """
+        if self._drop_gradients:
+            self._drop_gradients = False
+            self._drop_all_gradients()
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        if not grads or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         # the max-abs norm is NaN / inf exactly when some gradient entry is (it cannot overflow)
         if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
@@ -405,9 +417,12 @@ class RPNModule(pl.LightningModule):
                 f"RPNModule training step: {message}; lower model.lr, set "
                 f"trainer.gradient_clip_val, or set model.nonfinite_loss='skip'"
             )
+        self._drop_all_gradients()
+        self._skip_batch(message)
+
+    def _drop_all_gradients(self) -> None:
         for parameter in self.parameters():
             parameter.grad = None  # optimizers leave parameters without gradients untouched
-        self._skip_batch(message)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_SKIPPED_KEY] = self.skipped_nonfinite_batches

@@ -81,8 +81,11 @@ TINY_CONFIG = {
 }
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           **(env or {})}
     result = subprocess.run(
         [*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

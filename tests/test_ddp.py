@@ -1,0 +1,139 @@
+"""Scale-out with Lightning's own DDP: two CPU processes (gloo) through the real CLI.
+
+``fit`` and ``validate`` run with ``--trainer.devices 2 --trainer.strategy ddp``; the
+validation recall of the two-process run equals a single-process ``validate`` of the same
+checkpoint (8 validation images, batch 4: the DistributedSampler adds no duplicates).
+The fit also skips a NaN batch that only rank 0 sees (``model.nonfinite_loss: skip``): both
+ranks skip it together and training goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data.distributed import DistributedSampler
+
+from test_cli import TINY_CONFIG, assert_ok, run_cli
+from test_module import collate_for, synthetic_samples, tiny_model
+
+PROBES = str(Path(__file__).parent)
+TRAIN_IMAGES, VAL_IMAGES, BATCH = 16, 8, 4
+STEPS = 3  # two steps per epoch and rank: the third starts epoch 1
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+def _config() -> dict:
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"].update(
+        max_steps=STEPS,
+        limit_val_batches=1.0,
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "run", "name": "csv", "version": "fit"}},
+        callbacks=[
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": "run/checkpoints", "save_last": True,
+                           "enable_version_counter": False}},
+            {"class_path": "cli_probes.RecordImageIds", "init_args": {"prefix": "seen"}},
+            {"class_path": "cli_probes.InjectNaN", "init_args": {"step": 1, "rank": 0}},
+        ],
+    )
+    config["model"]["objectness"] = "softmax"  # 2A logits per location: all must get gradients
+    config["model"]["nonfinite_loss"] = "skip"
+    config["data"].update(synthetic_train_images=TRAIN_IMAGES, synthetic_val_images=VAL_IMAGES,
+                          batch_size=BATCH)
+    return config
+
+
+def _run(args: list[str], cwd: Path):
+    pythonpath = os.pathsep.join([PROBES, os.environ.get("PYTHONPATH", "")])
+    return run_cli(args, cwd, timeout=240, env={"PYTHONPATH": pythonpath})
+
+
+def _metrics(workdir: Path, version: str) -> dict[str, float]:
+    with open(workdir / "run/csv" / version / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: float(value) for row in rows for key, value in row.items() if value and "/" in key}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """Two-process fit, then validate the checkpoint with two processes and with one."""
+    workdir = tmp_path_factory.mktemp("ddp")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(_config()))
+    checkpoint = ["--ckpt_path", "run/checkpoints/last.ckpt", "--trainer.logger.init_args.version"]
+    assert_ok(_run(["fit", "--config", "config.yaml", *DDP, "--trainer.limit_val_batches", "0"], workdir))
+    assert_ok(_run(["validate", "--config", "config.yaml", *DDP, *checkpoint, "ddp"], workdir))
+    assert_ok(_run(["validate", "--config", "config.yaml", *checkpoint, "single"], workdir))
+    return workdir
+
+
+def test_fit_runs_two_ddp_processes_without_unused_parameters(ddp_run: Path) -> None:
+    records = [json.loads((ddp_run / f"seen.rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, record in enumerate(records):
+        assert record["rank"] == rank and record["world_size"] == 2
+        assert record["strategy"] == "DDPStrategy"
+        assert record["find_unused_parameters"] is False  # yet every step went through
+        assert len(record["steps"]) == STEPS
+        assert record["skipped_nonfinite_batches"] == 1  # rank 1's batch was fine: skipped too
+    checkpoint = torch.load(ddp_run / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == STEPS and checkpoint["skipped_nonfinite_batches"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_each_rank_trains_on_different_seeded_images(ddp_run: Path) -> None:
+    for epoch in (0, 1):
+        seen = {}
+        for rank in (0, 1):
+            record = json.loads((ddp_run / f"seen.rank{rank}.json").read_text())
+            seen[rank] = [i for step_epoch, ids in record["steps"] if step_epoch == epoch for i in ids]
+            sampler = DistributedSampler(range(TRAIN_IMAGES), num_replicas=2, rank=rank, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            assert seen[rank] == list(sampler)[: len(seen[rank])]  # seed_everything's seed + epoch
+        assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) != list(range(TRAIN_IMAGES))  # epoch 1: first batch only
+    first = [json.loads((ddp_run / f"seen.rank{r}.json").read_text())["steps"] for r in (0, 1)]
+    assert sorted(i for steps in first for e, ids in steps if e == 0 for i in ids) == list(range(TRAIN_IMAGES))
+
+
+def test_ddp_validation_recall_equals_the_single_process_value(ddp_run: Path) -> None:
+    ddp, single = _metrics(ddp_run, "ddp"), _metrics(ddp_run, "single")
+    for key in ("val/AR@10", "val/AR@100", "val/AR_small@100", "val/loss"):
+        assert key in ddp and key in single, sorted(ddp)
+        assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
+    assert single["val/AR@100"] > 0
+
+
+@pytest.mark.parametrize("objectness", ["sigmoid", "softmax"])
+def test_every_trainable_parameter_gets_a_gradient(objectness: str) -> None:
+    """What DDP with find_unused_parameters=False needs: no parameter left out of the loss."""
+    model = tiny_model(objectness=objectness).train()
+    loss = model.training_step(collate_for(model)(synthetic_samples(2)), 0)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
+@pytest.mark.parametrize("backbone", ["tiny_fpn", "resnet18_fpn"])
+def test_sync_batchnorm_converts_trainable_batchnorm_only(backbone: str) -> None:
+    """What ``--trainer.sync_batchnorm true`` does to our backbones (in a DDP run, on GPUs)."""
+    frozen = backbone != "tiny_fpn"  # resnet18_fpn with FrozenBatchNorm2d (the pretrained recipe)
+    if frozen:
+        sizes = ((32,), (64,), (128,), (256,), (512,))
+        model = tiny_model(backbone=backbone, frozen_bn=True, anchor_sizes=sizes)
+    else:
+        model = tiny_model()
+    norms = [type(m).__name__ for m in model.modules() if "BatchNorm" in type(m).__name__]
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    after = [type(m).__name__ for m in converted.modules() if "BatchNorm" in type(m).__name__]
+    expected = ["SyncBatchNorm" if name == "BatchNorm2d" else name for name in norms]
+    assert after == expected and norms
+    assert ("FrozenBatchNorm2d" in after) == frozen
+    _, losses = converted(collate_for(converted)(synthetic_samples(2)), need_proposals=False)
+    assert torch.isfinite(sum(losses.values()))  # unsynchronised outside a process group
