@@ -10,7 +10,10 @@ The machine may be shared, so the timed steps are split into rounds (one loader 
 that alternate between the sides, the first side changing every round; a round starts a fresh
 epoch, so neither side's workers run during the other's steps. A step is clocked from asking
 the loader for its batch to the end of the optimiser step, and split into data wait, backbone
-forward, the rest of the forward (normalisation, RPN, targets, loss), backward and optimiser.
+forward, the rest of the forward ("rpn+loss": normalisation, RPN head convolutions, targets,
+proposals where made, loss), backward and optimiser.
+On a loaded machine two OpenMP threads spin-wait for each other and every figure swings by
+2-3x; ``--threads 1`` gives much steadier ratios there.
 
 - ours: ``RPNModule.training_step`` (no proposals in training) on batches from
   ``RPNCollate`` with worker-side anchor-target assignment;
@@ -36,7 +39,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,7 +105,7 @@ class NextSlice(Sampler[int]):
     def __init__(self, size: int, per_epoch: int) -> None:
         self.size, self.per_epoch, self.start = size, per_epoch, 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         indices = [(self.start + i) % self.size for i in range(self.per_epoch)]
         self.start += self.per_epoch
         return iter(indices)
@@ -167,9 +170,13 @@ def build_torchvision(ours: RPNModule) -> tuple[nn.Module, RegionProposalNetwork
     backbone = copy.deepcopy(ours.backbone)
     head = TVRPNHead(backbone.out_channels, len(ASPECT_RATIOS))
     ours_state = list(ours.rpn.head.state_dict().values())
-    tv_keys = list(head.state_dict().keys())
-    if [v.shape for v in ours_state] == [v.shape for v in head.state_dict().values()]:
-        head.load_state_dict(dict(zip(tv_keys, ours_state)))
+    tv_state = head.state_dict()
+    if [v.shape for v in ours_state] != [v.shape for v in tv_state.values()]:
+        raise ValueError(
+            f"bench_training: our RPN head's tensors {[tuple(v.shape) for v in ours_state]} do not "
+            f"map onto torchvision's RPNHead {[tuple(v.shape) for v in tv_state.values()]}"
+        )
+    head.load_state_dict(dict(zip(tv_state.keys(), ours_state)))
     config = ours.target_config
     rpn = RegionProposalNetwork(
         TVAnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES)),
@@ -306,8 +313,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} workers, "
           f"batch {args.batch_size}, {args.image_size}x{args.image_size}, ResNet-18-FPN (random init); "
-          f"per side and dataset {warmup_rounds * per_round} warm-up + {per_round * args.rounds} timed steps in "
-          f"{args.rounds} alternating rounds; load average at start {load_average()}")
+          f"per side and dataset {warmup_rounds * per_round} warm-up + {per_round * args.rounds} "
+          f"timed steps in {args.rounds} alternating rounds; load average at start {load_average()}")
     rows = []
     for name in args.datasets:
         num_boxes, sides = DATASETS[name]
@@ -328,12 +335,12 @@ def main() -> None:
             collate_ms = side.collate_ms(dataset, args.batch_size)
             cpu[side.name] = side.timings.cpu_ms() + collate_ms
             parts = "  ".join(f"{p} {side.timings.mean_ms(p):5.0f}" for p in PARTS)
-            print(f"  {side.name:<11} {parts}  | CPU ms/step: main process {side.timings.cpu_ms():5.0f}"
-                  f" + collate {collate_ms:3.0f}")
+            print(f"  {side.name:<11} {parts}  | CPU ms/step: main process "
+                  f"{side.timings.cpu_ms():5.0f} + collate {collate_ms:3.0f}")
         ours, tv = (side.timings for side in contenders)
         rows.append((name, mean_boxes, ours.mean_ms(), tv.mean_ms(), tv.mean_ms() / ours.mean_ms(),
                      tv.median_ms() / ours.median_ms(), cpu["torchvision"] / cpu["ours"]))
-        del contenders, ours, tv  # shut the persistent workers down
+        del contenders, side, ours, tv  # the loaders go, and their persistent workers with them
 
     targets = {"coco": 1.1, "dense": 2.0}
     print("\nratio = torchvision / ours: of the mean wall time per step (the figure of merit), of the "
