@@ -33,7 +33,15 @@ from torch import Tensor
 from .box_coder import BoxCoder
 from .boxes import aligned_giou
 
-__all__ = ["rpn_loss", "LOSS_NORMALIZATIONS", "BOX_LOSSES"]
+__all__ = ["rpn_loss", "NonFiniteLossError", "LOSS_NORMALIZATIONS", "BOX_LOSSES"]
+
+
+class NonFiniteLossError(ValueError):
+    """The RPN loss came out NaN or inf; the message names the input that caused it.
+
+    A type of its own so that a training loop can skip such batches without also skipping
+    other errors (malformed ground truth, bad arguments).
+    """
 
 LOSS_NORMALIZATIONS: tuple[str, ...] = ("sampled", "paper")
 BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "l1", "giou")
@@ -92,7 +100,7 @@ def rpn_loss(
             ``"paper"`` only, where ``N_reg = num_anchor_locations * B``.
 
     No sampled anchors gives zero losses that are still connected to the predictions. A
-    non-finite loss raises ``ValueError`` naming the input (and anchor) that caused it.
+    non-finite loss raises :class:`NonFiniteLossError` (a ``ValueError``) naming the input (and anchor) that caused it.
     """
     if normalization not in LOSS_NORMALIZATIONS:
         raise ValueError(f"rpn_loss: normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
@@ -173,7 +181,7 @@ def rpn_loss(
         loss_reg = reg_sum * float(reg_weight) / num_reg
 
     if not bool(torch.isfinite(loss_cls + loss_reg)):
-        raise ValueError(_explain_non_finite(objectness, deltas, target_deltas, sampled, positive, loss_cls, loss_reg))
+        raise NonFiniteLossError(_explain_non_finite(objectness, deltas, target_deltas, sampled, positive, loss_cls, loss_reg))
     return {"loss_rpn_cls": loss_cls, "loss_rpn_reg": loss_reg}
 
 

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rpn.anchors import AnchorGenerator
@@ -58,6 +58,7 @@ from lightning_rpn.data.image_io import load_rgb_image
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
 from lightning_rpn.head import RPNHead
+from lightning_rpn.loss import NonFiniteLossError
 from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
@@ -333,13 +334,15 @@ class RPNModule(pl.LightningModule):
             return self(batch, **kwargs)
         except ValueError as error:
             hint = ""
-            if "non-finite" in str(error):
+            if isinstance(error, NonFiniteLossError):
                 hint = (
                     "; lower model.lr, set trainer.gradient_clip_val, or check these images' boxes"
                 )
                 if stage == "training":
                     hint += " (model.nonfinite_loss='skip' skips such batches)"
-            raise ValueError(
+            # keep a non-finite loss recognisable to callers (training_step's skip policy)
+            wrapped = NonFiniteLossError if isinstance(error, NonFiniteLossError) else ValueError
+            raise wrapped(
                 f"RPNModule {stage} step (global step {self.global_step}) on images "
                 f"{list(batch.image_ids)}: {error}{hint}"
             ) from error
@@ -364,12 +367,10 @@ class RPNModule(pl.LightningModule):
         if self.hparams.nonfinite_loss == "raise":
             _, losses = self._run(batch, "training", need_proposals=False)
             return self._log_losses("train", losses, len(batch))
-        error: ValueError | None = None
+        error: NonFiniteLossError | None = None
         try:
             _, losses = self._run(batch, "training", need_proposals=False)
-        except ValueError as caught:
-            if "non-finite" not in str(caught):
-                raise
+        except NonFiniteLossError as caught:
             error = caught
         # every rank must skip together, or DDP's gradient all-reduce would wait forever
         if self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):

@@ -17,6 +17,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from lightning_rpn.loss import NonFiniteLossError
+
 from test_cli import COMMAND, TINY_CONFIG, assert_ok, run_cli
 from test_module import collate_for, quiet_trainer, synthetic_samples, tiny_model
 
@@ -214,3 +216,15 @@ def test_a_run_killed_mid_epoch_resumes_from_last_and_matches(tmp_path) -> None:
     assert resumed_ar == pytest.approx(whole_ar, abs=RESUME_AR_ATOL), f"max |dw| {worst}"
     assert any(not torch.equal(got[k], killed_at["state_dict"][k]) for k in got)  # it trained on
     assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+
+
+def test_skip_policy_still_raises_for_malformed_ground_truth() -> None:
+    """Only a non-finite loss is skipped; a NaN gt box is a data error and stops training."""
+    model = tiny_model(nonfinite_loss="skip")
+    batch = collate_for(model)(synthetic_samples(2))
+    batch.anchor_labels = batch.target_deltas = None
+    batch.gt_boxes[0] = torch.tensor([[1.0, float("nan"), 8.0, 9.0]])
+    with pytest.raises(ValueError, match="non-finite coordinates") as caught:
+        model.training_step(batch, 0)
+    assert not isinstance(caught.value, NonFiniteLossError)
+    assert model.skipped_nonfinite_batches == 0
