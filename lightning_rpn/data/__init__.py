@@ -7,8 +7,7 @@ pull it in.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_rpn._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "DetectionSample": "lightning_rpn.data.sample",
@@ -36,14 +35,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'lightning_rpn.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
