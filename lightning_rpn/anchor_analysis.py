@@ -47,9 +47,9 @@ from lightning_rpn.anchors import AnchorGenerator, grid_centres
 from lightning_rpn.data.annotated import AnnotatedDataset
 from lightning_rpn.data.image_io import read_image_size
 from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.metrics import COCO_AREA_RANGES
 
 __all__ = [
-    "AREA_RANGES",
     "GTBoxSet",
     "AnchorAnalysis",
     "collect_gt_boxes",
@@ -62,13 +62,6 @@ __all__ = [
     "run_analyze_anchors",
 ]
 
-AREA_RANGES: dict[str, tuple[float, float]] = {
-    "all": (0.0, float("inf")),
-    "small": (0.0, 32.0**2),
-    "medium": (32.0**2, 96.0**2),
-    "large": (96.0**2, float("inf")),
-}
-"""COCO box-area ranges (pixels squared, lower bound inclusive)."""
 
 COVERAGE_THRESHOLDS = (0.5, 0.7)
 
@@ -280,7 +273,7 @@ def best_anchor_iou(boxes: GTBoxSet, anchor_generator: AnchorGenerator) -> tuple
 
 def _coverage_from_best(best: Tensor, areas: Tensor, thresholds: Sequence[float]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for name, (lo, hi) in AREA_RANGES.items():
+    for name, (lo, hi) in COCO_AREA_RANGES.items():
         in_range = (areas >= lo) & (areas < hi)
         count = int(in_range.sum())
         suffix = "" if name == "all" else f"_{name}"
@@ -551,7 +544,7 @@ def plot_anchor_analysis(
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]
-    names = list(AREA_RANGES)
+    names = list(COCO_AREA_RANGES)
     bar_width = 0.8 / (2 * len(designs))
     for d, (name, design, color, _) in enumerate(designs):
         coverage = anchor_coverage(boxes, design)
@@ -631,7 +624,7 @@ class AnchorAnalysis:
             table.add_column(f"IoU>={t}", justify="right")
             if self.optimized_coverage is not None:
                 table.add_column(f"optimized >={t}", justify="right")
-        for name in AREA_RANGES:
+        for name in COCO_AREA_RANGES:
             suffix = "" if name == "all" else f"_{name}"
             row = [name, str(int(self.coverage[f"boxes{suffix}"]))]
             for t in COVERAGE_THRESHOLDS:

@@ -25,9 +25,10 @@ import json
 import math
 import os
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -89,9 +90,17 @@ def _records(proposals: Iterable[Mapping[str, Any]], where: str) -> Iterable[tup
         yield image_id, boxes, scores
 
 
-def _atomic_path(path: Path) -> Path:
+@contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; move it into place only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open(mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_coco_proposals(
@@ -99,24 +108,19 @@ def write_coco_proposals(
 ) -> Path:
     """Write proposal records as a class-agnostic COCO results JSON (``bbox`` xywh); streamed."""
     path = Path(path)
-    tmp = _atomic_path(path)
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write("[")
-            first = True
-            for image_id, boxes, scores in _records(proposals, f"write_coco_proposals({str(path)!r})"):
-                xywh = boxes.astype(np.float64)
-                xywh[:, 2:] -= xywh[:, :2]
-                if decimals is not None:
-                    xywh = xywh.round(decimals)
-                for bbox, score in zip(xywh.tolist(), scores.astype(np.float64).tolist()):
-                    entry = {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
-                    handle.write(("" if first else ",\n") + json.dumps(entry))
-                    first = False
-            handle.write("]\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _atomic_open(path, "w") as handle:
+        handle.write("[")
+        first = True
+        for image_id, boxes, scores in _records(proposals, f"write_coco_proposals({str(path)!r})"):
+            xywh = boxes.astype(np.float64)
+            xywh[:, 2:] -= xywh[:, :2]
+            if decimals is not None:
+                xywh = xywh.round(decimals)
+            for bbox, score in zip(xywh.tolist(), scores.astype(np.float64).tolist()):
+                entry = {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+                handle.write(("" if first else ",\n") + json.dumps(entry))
+                first = False
+        handle.write("]\n")
     return path
 
 
@@ -166,13 +170,8 @@ def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str
         all_boxes.append(boxes)
         all_logits.append((np.log(p) - np.log1p(-p)).astype(np.float32))
     payload = {"ids": ids, "boxes": all_boxes, "objectness_logits": all_logits, "bbox_mode": 0}
-    tmp = _atomic_path(path)
-    try:
-        with tmp.open("wb") as handle:
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _atomic_open(path, "wb") as handle:
+        pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
     return path
 
 
