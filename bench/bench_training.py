@@ -165,9 +165,9 @@ def build_ours(seed: int) -> RPNModule:
     )
 
 
-def build_torchvision(ours: RPNModule) -> tuple[nn.Module, RegionProposalNetwork]:
+def build_torchvision(ours: RPNModule, memory_format: torch.memory_format) -> tuple[nn.Module, RegionProposalNetwork]:
     """A copy of our backbone and a torchvision RPN with our head's weights and our settings."""
-    backbone = copy.deepcopy(ours.backbone)
+    backbone = copy.deepcopy(ours.backbone).to(memory_format=memory_format)
     head = TVRPNHead(backbone.out_channels, len(ASPECT_RATIOS))
     ours_state = list(ours.rpn.head.state_dict().values())
     tv_state = head.state_dict()
@@ -177,6 +177,7 @@ def build_torchvision(ours: RPNModule) -> tuple[nn.Module, RegionProposalNetwork
             f"map onto torchvision's RPNHead {[tuple(v.shape) for v in tv_state.values()]}"
         )
     head.load_state_dict(dict(zip(tv_state.keys(), ours_state)))
+    head.to(memory_format=memory_format)
     config = ours.target_config
     rpn = RegionProposalNetwork(
         TVAnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES)),
@@ -272,13 +273,14 @@ def ours_side(dataset: Dataset, args: argparse.Namespace) -> Side:
 def torchvision_side(dataset: Dataset, args: argparse.Namespace) -> Side:
     """torchvision's RegionProposalNetwork (in-step assignment and proposals) on plain batches."""
     ours = build_ours(args.seed)  # same seed: the same initial weights as ours
-    backbone, rpn = build_torchvision(ours)
+    memory_format = torch.channels_last if args.torchvision_channels_last else torch.contiguous_format
+    backbone, rpn = build_torchvision(ours, memory_format)
     backbone.train()
     rpn.train()
     collate = RPNCollate(size_divisibility=ours.size_divisibility, assign_targets=False)
 
     def forward(batch: RPNBatch) -> Tensor:
-        images = ours.normalize(batch.images)
+        images = ((batch.images.float() - ours.pixel_mean) / ours.pixel_std).contiguous(memory_format=memory_format)
         features = {str(i): f for i, f in enumerate(backbone(images))}
         targets = [{"boxes": boxes} for boxes in batch.gt_boxes]
         _, losses = rpn(ImageList(images, list(batch.image_sizes)), features, targets)
@@ -302,6 +304,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torchvision-channels-last", action="store_true",
+                        help="run torchvision's side in channels-last too (ours always uses its default)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.steps:
         parser.error("need --steps >= 1, --warmup >= 0 and 1 <= --rounds <= --steps")

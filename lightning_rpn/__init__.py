@@ -17,9 +17,12 @@ _EXPORTS: dict[str, str] = {
     "AnchorGenerator": "lightning_rpn.anchors",
     "BoxCoder": "lightning_rpn.box_coder",
     "match_anchors": "lightning_rpn.matching",
+    "match_anchors_batched": "lightning_rpn.batch_matching",
     "sample_anchors": "lightning_rpn.sampling",
+    "sample_anchors_batched": "lightning_rpn.sampling",
     "AnchorTargetConfig": "lightning_rpn.targets",
     "assign_anchor_targets": "lightning_rpn.targets",
+    "assign_batch_targets": "lightning_rpn.targets",
     "rpn_loss": "lightning_rpn.loss",
     "generate_proposals": "lightning_rpn.proposals",
     "RPNHead": "lightning_rpn.head",
@@ -36,6 +39,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from lightning_rpn.anchors import AnchorGenerator
+    from lightning_rpn.batch_matching import match_anchors_batched
     from lightning_rpn.box_coder import BoxCoder
     from lightning_rpn.data.datamodule import RPNDataModule
     from lightning_rpn.export import export_proposal_network, load_proposal_network
@@ -46,8 +50,8 @@ if TYPE_CHECKING:
     from lightning_rpn.module import RPNModule
     from lightning_rpn.proposals import generate_proposals
     from lightning_rpn.rpn import RPN
-    from lightning_rpn.sampling import sample_anchors
-    from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets
+    from lightning_rpn.sampling import sample_anchors, sample_anchors_batched
+    from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, assign_batch_targets
     from lightning_rpn.torchvision_adapter import TorchvisionRPN
 
 

@@ -158,7 +158,7 @@ def rpn_loss(
         sampled_logits = objectness[sampled].float()
         sampled_labels = labels[sampled]
         if softmax:
-            cls_sum = F.cross_entropy(sampled_logits, sampled_labels, reduction="sum")
+            cls_sum = F.cross_entropy(sampled_logits, sampled_labels.long(), reduction="sum")
         else:
             cls_sum = F.binary_cross_entropy_with_logits(sampled_logits, sampled_labels.float(), reduction="sum")
 

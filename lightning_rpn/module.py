@@ -155,6 +155,9 @@ class RPNModule(pl.LightningModule):
         nonfinite_loss: ``"raise"`` (stop, naming the batch's image ids) or ``"skip"`` (no
             update from that batch; counted as ``train/skipped_nonfinite_batches``) when a
             training loss or gradient is non-finite.
+        channels_last: run the backbone and the head in the channels-last (NHWC) memory
+            format. Same results up to float rounding; on CPUs (oneDNN) and on GPUs with mixed
+            precision, convolutions are faster in it (see the README's performance table).
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class RPNModule(pl.LightningModule):
         recall_iou_thresholds: tuple[float, ...] = DEFAULT_IOU_THRESHOLDS,
         recall_max_proposals: tuple[int, ...] = (100, 300, 1000),
         nonfinite_loss: Literal["raise", "skip"] = "raise",
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in ("raise", "skip"):
@@ -276,6 +280,9 @@ class RPNModule(pl.LightningModule):
             objectness=objectness,
             seed=anchor_sampling_seed,
         )
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.backbone.to(memory_format=self.memory_format)
+        self.rpn.to(memory_format=self.memory_format)
         self.register_buffer(
             "pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False
         )
@@ -293,12 +300,16 @@ class RPNModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet mean/std."""
+        """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet mean/std.
+
+        The result is in the module's memory format (``channels_last``), ready for the backbone.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"RPNModule: expected images [B, 3, H, W], got shape {tuple(images.shape)}"
             )
-        return (images.float() - self.pixel_mean) / self.pixel_std
+        normalized = (images.float() - self.pixel_mean) / self.pixel_std
+        return normalized.contiguous(memory_format=self.memory_format)
 
     def _check_padding(self, images: Tensor) -> None:
         height, width = images.shape[-2:]

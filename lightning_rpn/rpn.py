@@ -30,7 +30,7 @@ from .boxes import check_gt_boxes
 from .head import OBJECTNESS_MODES, RPNHead, objectness_logits
 from .loss import BOX_LOSSES, LOSS_NORMALIZATIONS, rpn_loss
 from .proposals import generate_proposals
-from .targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+from .targets import AnchorTargetConfig, assign_batch_targets, sample_generator
 
 __all__ = ["RPN"]
 
@@ -133,7 +133,7 @@ class RPN(nn.Module):
             features: per-level ``[B, C, H_l, W_l]`` maps (a dict is taken in its order).
             image_sizes: ``(h, w)`` of each image before padding.
             targets: per image ``{"boxes": [G, 4], "crowd_boxes": [C, 4] (optional)}``.
-            anchor_targets: precomputed ``(labels int64 [B, N], deltas float32 [B, N, 4])``;
+            anchor_targets: precomputed ``(labels [B, N] integer, deltas float32 [B, N, 4])``;
                 takes precedence over ``targets``.
             image_ids: ids seeding each image's sampling (default: index in the batch).
             need_proposals: ``False`` skips proposal generation and returns ``[]``.
@@ -236,24 +236,19 @@ class RPN(nn.Module):
         ids = list(range(batch)) if image_ids is None else list(image_ids)
         if len(ids) != batch:
             raise ValueError(f"RPN: {len(ids)} image_ids for a batch of {batch} images")
-        grid = self.anchor_generator.grid(shapes, device=device)
-        all_labels, all_deltas = [], []
-        with torch.no_grad():
-            for index, (target, size, image_id) in enumerate(zip(targets, image_sizes, ids)):
-                where = f"RPN targets[{index}] (image_id={image_id!r})"
-                if "boxes" not in target:
-                    raise ValueError(f"{where}: missing the 'boxes' entry (gt boxes [G, 4])")
-                gt_boxes = target["boxes"]
-                check_gt_boxes(gt_boxes, where)
-                labels, deltas = assign_anchor_targets(
-                    grid,
-                    gt_boxes.to(device),
-                    size,
-                    self.target_config,
-                    self.box_coder,
-                    generator=sample_generator(self.seed, image_id),
-                    crowd_boxes=target.get("crowd_boxes"),
-                )
-                all_labels.append(labels)
-                all_deltas.append(deltas)
-        return torch.stack(all_labels), torch.stack(all_deltas)
+        gt_boxes = []
+        for index, (target, image_id) in enumerate(zip(targets, ids)):
+            where = f"RPN targets[{index}] (image_id={image_id!r})"
+            if "boxes" not in target:
+                raise ValueError(f"{where}: missing the 'boxes' entry (gt boxes [G, 4])")
+            check_gt_boxes(target["boxes"], where)
+            gt_boxes.append(target["boxes"])
+        return assign_batch_targets(
+            self.anchor_generator.grid(shapes, device=device),
+            gt_boxes,
+            image_sizes,
+            self.target_config,
+            self.box_coder,
+            [sample_generator(self.seed, image_id) for image_id in ids],
+            [target.get("crowd_boxes") for target in targets],
+        )

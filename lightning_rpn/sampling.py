@@ -1,21 +1,30 @@
 """Balanced sampling of the anchors that enter the RPN loss.
 
-Shapes: ``N`` anchors of an image.
+Shapes: ``B`` images, ``N`` anchors of an image.
 
 Of the labelled anchors (1 positive, 0 negative), keep at most
 ``batch_size_per_image * positive_fraction`` random positives and fill the rest of the
 mini-batch with random negatives; every other anchor becomes -1 (ignored). The random subsets
-come from ``torch.randperm`` with the given generator, drawn on the generator's device (CPU by
-default) whatever device ``labels`` lives on, so a seeded CPU generator gives the same sample
-in a DataLoader worker and inside the model.
+come from :func:`~lightning_rpn.cpu_kernels.random_subset` (a partial Fisher-Yates shuffle)
+with the given generator, drawn on the generator's device (CPU by default) whatever device
+``labels`` lives on, so a seeded CPU generator gives the same sample in a DataLoader worker
+and inside the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["sample_anchors"]
+from .cpu_kernels import random_subset, sample_row_cpu
+
+__all__ = ["sample_anchors", "sample_anchors_batched", "sample_anchors_with_positives", "CPU_KERNEL"]
+
+CPU_KERNEL = True
+"""On the CPU, sample batches with the compiled scan (``cpu_kernels``); the tensor passes below
+serve other devices. Both give identical results (tests run both)."""
 
 
 def sample_anchors(
@@ -27,12 +36,7 @@ def sample_anchors(
     """Return a copy of ``labels`` (int64 ``[N]``) where unsampled anchors are -1."""
     if not isinstance(labels, Tensor) or labels.dim() != 1:
         raise ValueError(f"sample_anchors: labels must be a 1-D tensor [N], got {_describe(labels)}")
-    if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
-        raise ValueError(
-            f"sample_anchors: batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}"
-        )
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"sample_anchors: positive_fraction must be in [0, 1], got {positive_fraction!r}")
+    _check_sizes("sample_anchors", batch_size_per_image, positive_fraction)
 
     positive = torch.nonzero(labels == 1).squeeze(1)
     negative = torch.nonzero(labels == 0).squeeze(1)
@@ -45,12 +49,88 @@ def sample_anchors(
     return sampled
 
 
+def sample_anchors_batched(
+    labels: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generators: Sequence[torch.Generator | None],
+) -> Tensor:
+    """``sample_anchors`` for every row of int64 ``[B, N]`` labels, row ``i`` with ``generators[i]``.
+
+    The same result as sampling row by row (each generator draws the same subsets in the same
+    order), without a per-row list of candidate indices: on the CPU a compiled scan marks the
+    chosen anchors, elsewhere one pass over the whole batch finds them.
+    """
+    return sample_anchors_with_positives(labels, batch_size_per_image, positive_fraction, generators)[0]
+
+
+def sample_anchors_with_positives(
+    labels: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generators: Sequence[torch.Generator | None],
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``sample_anchors_batched``'s labels and the sampled positives as ``(rows, anchors)`` int64 ``[P]``.
+
+    The positives come in no particular order. With ``inplace``, int64 CPU ``labels`` are
+    overwritten with the result (no second ``[B, N]`` tensor); the return value is then ``labels``.
+    """
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        raise ValueError(f"sample_anchors_batched: labels must be a 2-D tensor [B, N], got {_describe(labels)}")
+    if len(generators) != labels.shape[0]:
+        raise ValueError(
+            f"sample_anchors_batched: {len(generators)} generators for {labels.shape[0]} rows of labels"
+        )
+    _check_sizes("sample_anchors_batched", batch_size_per_image, positive_fraction)
+    labels = labels.to(torch.int64)
+    if labels.device.type == "cpu" and CPU_KERNEL:
+        sampled = labels if inplace else torch.empty_like(labels)
+        rows, anchors = [], []
+        for row, generator in enumerate(generators):
+            found = sample_row_cpu(
+                labels[row].contiguous(), batch_size_per_image, positive_fraction, generator, sampled[row]
+            )
+            rows.append(torch.full_like(found, row))
+            anchors.append(found)
+        return sampled, torch.cat(rows), torch.cat(anchors)
+
+    sampled = torch.full_like(labels, -1)
+    positive = torch.nonzero(labels == 1)  # [P, 2] (row, anchor), row-major: ascending per row
+    negative = torch.nonzero(labels == 0)
+    count = labels.shape[0]
+    positive_counts = torch.bincount(positive[:, 0], minlength=count).tolist()
+    negative_counts = torch.bincount(negative[:, 0], minlength=count).tolist()
+    chosen_positive, chosen_negative = [], []
+    positive_start = negative_start = 0
+    for row, generator in enumerate(generators):
+        num_positive = min(positive_counts[row], int(batch_size_per_image * positive_fraction))
+        num_negative = min(negative_counts[row], batch_size_per_image - num_positive)
+        subset = _random_subset(positive_counts[row], num_positive, generator, labels.device)
+        chosen_positive.append(subset + positive_start)
+        subset = _random_subset(negative_counts[row], num_negative, generator, labels.device)
+        chosen_negative.append(subset + negative_start)
+        positive_start += positive_counts[row]
+        negative_start += negative_counts[row]
+    picked_positive = positive[torch.cat(chosen_positive)]
+    picked_negative = negative[torch.cat(chosen_negative)]
+    sampled[picked_positive[:, 0], picked_positive[:, 1]] = 1
+    sampled[picked_negative[:, 0], picked_negative[:, 1]] = 0
+    return sampled, picked_positive[:, 0], picked_positive[:, 1]
+
+
+def _check_sizes(where: str, batch_size_per_image: int, positive_fraction: float) -> None:
+    if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, int) or batch_size_per_image < 0:
+        raise ValueError(f"{where}: batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"{where}: positive_fraction must be in [0, 1], got {positive_fraction!r}")
+
+
 def _random_subset(
     population: int, count: int, generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
     """``count`` distinct random indices below ``population``, on ``device``."""
-    source = generator.device if generator is not None else torch.device("cpu")
-    return torch.randperm(population, generator=generator, device=source)[:count].to(device)
+    return random_subset(population, count, generator).to(device)
 
 
 def _describe(value: object) -> str:

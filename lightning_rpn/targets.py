@@ -1,11 +1,14 @@
 """Per-image RPN training targets: anchor labels and regression deltas.
 
-Shapes: ``N`` anchors of an image, ``G`` ground-truth boxes, ``C`` crowd boxes.
+Shapes: ``B`` images, ``N`` anchors of an image, ``G`` ground-truth boxes, ``C`` crowd boxes.
 
-The one function that both the data pipeline (in DataLoader workers) and the RPN's in-model
-path call, so that both give identical targets for the same generator state:
 match (``match_anchors``) -> ignore anchors covered by crowd regions -> sample
 (``sample_anchors``) -> encode the matched gt box of each sampled positive (``BoxCoder``).
+``assign_anchor_targets`` does it for one image; ``assign_batch_targets`` for a batch on an
+anchor grid, with one batched matching pass (``match_anchors_batched``) and the same result
+row by row; ``assign_compact_targets`` is the same with only the positives' deltas. The data
+pipeline (in DataLoader workers) and the RPN's in-model path both go through
+``assign_compact_targets``, so both give identical targets for the same generator states.
 """
 
 from __future__ import annotations
@@ -16,13 +19,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from collections.abc import Sequence
+
 from .anchors import AnchorGrid
+from .batch_matching import match_anchors_batched
 from .box_coder import BoxCoder
 from .boxes import box_area
 from .matching import match_anchors
-from .sampling import sample_anchors
+from .sampling import sample_anchors, sample_anchors_with_positives
 
-__all__ = ["AnchorTargetConfig", "assign_anchor_targets", "sample_generator"]
+__all__ = [
+    "AnchorTargetConfig",
+    "assign_anchor_targets",
+    "assign_batch_targets",
+    "assign_compact_targets",
+    "dense_target_deltas",
+    "sample_generator",
+]
 
 _IOA_BUDGET = 1 << 22  # anchor x crowd-box entries evaluated at once
 
@@ -111,10 +124,7 @@ def assign_anchor_targets(
             image_size=image_size,
             allowed_border=config.allowed_border,
         )
-        if crowd_boxes is not None and config.crowd_ioa is not None and crowd_boxes.numel():
-            crowd = crowd_boxes.to(device=device, dtype=torch.float32).reshape(-1, 4)
-            covered = _max_ioa(anchor_boxes, crowd) >= config.crowd_ioa
-            labels[covered & (labels != 1)] = -1
+        labels = _ignore_crowd(labels, anchor_boxes, crowd_boxes, config)
         labels = sample_anchors(labels, config.batch_size_per_image, config.positive_fraction, generator)
 
         target_deltas = torch.zeros(anchor_boxes.shape[0], 4, dtype=torch.float32, device=device)
@@ -122,6 +132,101 @@ def assign_anchor_targets(
         if positive.numel():
             target_deltas[positive] = box_coder.encode(gt[matched[positive]], anchor_boxes[positive])
     return labels, target_deltas
+
+
+def assign_batch_targets(
+    grid: AnchorGrid,
+    gt_boxes: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    config: AnchorTargetConfig,
+    box_coder: BoxCoder,
+    generators: Sequence[torch.Generator | None],
+    crowd_boxes: Sequence[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Labels int64 ``[B, N]`` and target deltas float32 ``[B, N, 4]`` for a batch of images.
+
+    Row ``i`` equals ``assign_anchor_targets(grid, gt_boxes[i], image_sizes[i], config,
+    box_coder, generators[i], crowd_boxes[i])``; matching runs once for the whole batch and
+    the positives of all images are encoded together. Runs without grad on the grid's device.
+    """
+    labels, positive_deltas = assign_compact_targets(
+        grid, gt_boxes, image_sizes, config, box_coder, generators, crowd_boxes
+    )
+    return labels, dense_target_deltas(labels, positive_deltas)
+
+
+def assign_compact_targets(
+    grid: AnchorGrid,
+    gt_boxes: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    config: AnchorTargetConfig,
+    box_coder: BoxCoder,
+    generators: Sequence[torch.Generator | None],
+    crowd_boxes: Sequence[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``assign_batch_targets`` with the deltas of the positives only: labels int64 ``[B, N]``
+    and float32 ``[P, 4]`` in the row-major order of ``labels == 1``.
+
+    Every other delta is 0, so this is all a loss needs, at a fraction of the size (what a
+    DataLoader worker sends to the main process); ``dense_target_deltas`` restores ``[B, N, 4]``.
+    """
+    count = len(gt_boxes)
+    if len(image_sizes) != count or len(generators) != count or (crowd_boxes is not None and len(crowd_boxes) != count):
+        raise ValueError(
+            f"assign_batch_targets: {count} gt_boxes, {len(image_sizes)} image_sizes, {len(generators)} generators"
+            + ("" if crowd_boxes is None else f" and {len(crowd_boxes)} crowd_boxes")
+            + "; expected one of each per image"
+        )
+    anchors = grid.anchors.float()
+    device = anchors.device
+    with torch.no_grad():
+        gt = [boxes.to(device=device, dtype=torch.float32) for boxes in gt_boxes]
+        labels, matched = match_anchors_batched(
+            grid,
+            gt,
+            config.fg_iou,
+            config.bg_iou,
+            config.allow_low_quality,
+            image_sizes=image_sizes,
+            allowed_border=config.allowed_border,
+        )
+        for index, crowd in enumerate(crowd_boxes if crowd_boxes is not None and config.crowd_ioa else ()):
+            if crowd is not None and crowd.numel():
+                labels[index] = _ignore_crowd(labels[index], anchors, crowd, config)
+        sampled, image, anchor = sample_anchors_with_positives(
+            labels, config.batch_size_per_image, config.positive_fraction, generators, inplace=True
+        )
+        order = torch.argsort(image * anchors.shape[0] + anchor)  # row-major, as labels == 1
+        image, anchor = image[order], anchor[order]
+        positive_deltas = torch.zeros(0, 4, dtype=torch.float32, device=device)
+        if image.numel():
+            first_gt = torch.tensor([0] + [boxes.shape[0] for boxes in gt], device=device).cumsum(0)
+            matched_boxes = torch.cat(gt)[first_gt[image] + matched[image, anchor]]
+            positive_deltas = box_coder.encode(matched_boxes, anchors[anchor])
+    return sampled, positive_deltas
+
+
+def dense_target_deltas(anchor_labels: Tensor, positive_deltas: Tensor) -> Tensor:
+    """Float32 ``[B, N, 4]``: ``positive_deltas [P, 4]`` at ``anchor_labels == 1`` (row-major), 0 elsewhere."""
+    positive = anchor_labels == 1
+    count = int(positive.sum())
+    if positive_deltas.dim() != 2 or positive_deltas.shape != (count, 4):
+        raise ValueError(
+            f"dense_target_deltas: {count} positive anchors in anchor_labels {tuple(anchor_labels.shape)} "
+            f"but positive_deltas has shape {tuple(positive_deltas.shape)}; expected [{count}, 4]"
+        )
+    deltas = torch.zeros(*anchor_labels.shape, 4, dtype=torch.float32, device=anchor_labels.device)
+    deltas[positive] = positive_deltas.to(device=deltas.device, dtype=torch.float32)
+    return deltas
+
+
+def _ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor | None, config: AnchorTargetConfig) -> Tensor:
+    """``labels`` with non-positive anchors covered by a crowd region (``config.crowd_ioa``) set to -1."""
+    if crowd_boxes is None or config.crowd_ioa is None or not crowd_boxes.numel():
+        return labels
+    crowd = crowd_boxes.to(device=anchors.device, dtype=torch.float32).reshape(-1, 4)
+    covered = _max_ioa(anchors, crowd) >= config.crowd_ioa
+    return labels.masked_fill(covered & (labels != 1), -1)
 
 
 def _max_ioa(anchors: Tensor, regions: Tensor) -> Tensor:

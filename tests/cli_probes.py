@@ -36,7 +36,7 @@ class InjectNaN(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
-            batch.target_deltas.fill_(float("nan"))
+            batch.positive_deltas.fill_(float("nan"))
 
 
 class RecordImageIds(pl.Callback):

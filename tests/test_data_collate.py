@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_rpn import batch_matching, sampling
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.data import collate as collate_module
 from lightning_rpn.data.collate import RPNCollate, padded_size
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
@@ -42,22 +42,25 @@ def test_pads_to_the_size_divisibility_keeping_sizes_and_content() -> None:
     assert padded_size([(64, 65)], 32) == (64, 96)
 
 
-@pytest.mark.parametrize("dense_limit", [0, 1 << 30])  # grid path / dense path
+@pytest.mark.parametrize("cpu_kernel", [True, False])  # compiled kernels / tensor passes
 def test_targets_equal_a_direct_assignment_for_the_padded_size(
-    dense_limit: int, monkeypatch: pytest.MonkeyPatch
+    cpu_kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(collate_module, "DENSE_MATCH_LIMIT", dense_limit)
+    monkeypatch.setattr(batch_matching, "CPU_KERNEL", cpu_kernel)
+    monkeypatch.setattr(sampling, "CPU_KERNEL", cpu_kernel)
     config = AnchorTargetConfig(batch_size_per_image=64)
     samples = [item(70, 90, [[5, 5, 40, 60], [50, 10, 88, 30]], 11), item(100, 40, [[0, 0, 30, 30]], "x")]
     batch = RPNCollate(ANCHORS, config, seed=7)(samples)
     assert batch.images.shape[-2:] == (128, 96)
     anchors = torch.cat(ANCHORS(ANCHORS.feature_shapes_for((128, 96))))
     assert batch.anchor_labels.shape == (2, anchors.shape[0]) and batch.target_deltas.shape == (2, anchors.shape[0], 4)
+    assert batch.anchor_labels.dtype == torch.int8  # compact: what workers send is small
+    assert batch.positive_deltas.shape == (int((batch.anchor_labels == 1).sum()), 4)
     for i, sample in enumerate(samples):
         labels, deltas = assign_anchor_targets(
             anchors, torch.from_numpy(sample.boxes), sample.image_size, config, BoxCoder(),
             generator=sample_generator(7, sample.image_id))
-        assert torch.equal(batch.anchor_labels[i], labels) and torch.equal(batch.target_deltas[i], deltas)
+        assert torch.equal(batch.anchor_labels[i].long(), labels) and torch.equal(batch.target_deltas[i], deltas)
         assert (labels == 1).any() and (labels != -1).sum() <= 64
     assert not batch.anchor_labels.is_inference()
 

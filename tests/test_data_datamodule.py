@@ -133,6 +133,8 @@ class _TinyModule(pl.LightningModule):
 
     def training_step(self, batch: RPNBatch, batch_idx: int) -> torch.Tensor:
         assert batch.anchor_labels is not None and batch.images.device == self.device
+        assert batch.positive_deltas is not None and batch.positive_deltas.device == self.device
+        assert batch.target_deltas.shape == (*batch.anchor_labels.shape, 4)
         return self.layer(batch.images.float()).mean()
 
     def validation_step(self, batch: RPNBatch, batch_idx: int) -> None:

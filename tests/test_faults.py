@@ -32,7 +32,7 @@ def _batches(model, bad_index: int | None = None) -> list:
     for index, item in enumerate(batches):
         item.image_ids = [f"b{index}-{i}" for i in range(len(item))]
     if bad_index is not None:
-        batches[bad_index].target_deltas.fill_(float("nan"))
+        batches[bad_index].positive_deltas.fill_(float("nan"))
     return batches
 
 
@@ -145,7 +145,9 @@ MAX_STEPS = 8  # 16 training images, batch 4: two epochs of four steps
 # Final val/AR@100 of the resumed run vs the uninterrupted one (measured: equal). The weights
 # are not bit-identical after a mid-epoch kill: the train loader is not resumable, so the
 # resumed epoch draws a new order and new flips (Lightning warns; measured max |dw| ~0.13).
-RESUME_AR_ATOL = 0.02
+# One validation batch of about ten boxes: AR@100 moves in steps of 0.01 per (box, IoU
+# threshold), and the resumed run draws the rest of its epoch in a new order.
+RESUME_AR_ATOL = 0.05
 
 
 def _fault_config(version: str) -> dict:
@@ -222,7 +224,7 @@ def test_skip_policy_still_raises_for_malformed_ground_truth() -> None:
     """Only a non-finite loss is skipped; a NaN gt box is a data error and stops training."""
     model = tiny_model(nonfinite_loss="skip")
     batch = collate_for(model)(synthetic_samples(2))
-    batch.anchor_labels = batch.target_deltas = None
+    batch.anchor_labels = batch.positive_deltas = None
     batch.gt_boxes[0] = torch.tensor([[1.0, float("nan"), 8.0, 9.0]])
     with pytest.raises(ValueError, match="non-finite coordinates") as caught:
         model.training_step(batch, 0)

@@ -284,3 +284,29 @@ def test_batch_must_be_padded_to_the_size_divisibility() -> None:
     )
     with pytest.raises(ValueError, match="40x64, not a multiple of the backbone's size_divisibility 32"):
         model.predict_step(batch, 0)
+
+
+def test_channels_last_gives_the_contiguous_results_and_loads_its_checkpoints(tmp_path) -> None:
+    torch.manual_seed(0)
+    fast = tiny_model(backbone="resnet18_fpn", anchor_sizes=((32,), (64,), (128,), (256,), (512,)))
+    torch.manual_seed(0)
+    plain = tiny_model(backbone="resnet18_fpn", anchor_sizes=((32,), (64,), (128,), (256,), (512,)),
+                       channels_last=False)
+    conv = fast.backbone.stages[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain.backbone.stages[0][0].weight.is_contiguous()
+    batch = collate_for(fast)(synthetic_samples(2))
+    assert fast.normalize(batch.images).is_contiguous(memory_format=torch.channels_last)
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():
+        (fast_boxes, fast_scores), fast_losses = (lambda p, l: (p[0], l))(*fast(batch))
+        (plain_boxes, plain_scores), plain_losses = (lambda p, l: (p[0], l))(*plain(batch))
+    for key in plain_losses:
+        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_scores[:50], plain_scores[:50], rtol=1e-4, atol=1e-5)
+    path = tmp_path / "fast.pt"
+    torch.save(fast.state_dict(), path)
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    assert plain.backbone.stages[0][0].weight.is_contiguous()  # loading keeps the module's format
+    torch.testing.assert_close(plain.backbone.stages[0][0].weight, conv)

@@ -16,8 +16,8 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-import lightning_rpn.matching
 import lightning_rpn.rpn
+import lightning_rpn.targets
 from lightning_rpn.box_coder import BoxCoder
 from test_cli import TINY_CONFIG, assert_ok, run_cli
 from test_faults import _WatchStep, _batches
@@ -50,7 +50,7 @@ def test_rpn_under_bf16_autocast_keeps_geometry_and_losses_in_fp32(monkeypatch, 
     model = tiny_model(objectness=objectness)
     batch = collate_for(model, assign_targets=False)(synthetic_samples(2))  # in-model matching
     calls: list = []
-    _spy(monkeypatch, lightning_rpn.matching, "box_iou", calls)
+    _spy(monkeypatch, lightning_rpn.targets, "match_anchors_batched", calls)
     _spy(monkeypatch, BoxCoder, "encode", calls)
     _spy(monkeypatch, BoxCoder, "decode", calls)
     _spy(monkeypatch, lightning_rpn.rpn, "rpn_loss", calls)
@@ -64,11 +64,14 @@ def test_rpn_under_bf16_autocast_keeps_geometry_and_losses_in_fp32(monkeypatch, 
     loss.backward()
 
     seen = {name for name, _, _ in calls}
-    assert seen == {"box_iou", "encode", "decode", "rpn_loss", "generate_proposals"}
+    assert seen == {"match_anchors_batched", "encode", "decode", "rpn_loss", "generate_proposals"}
     loss_inputs = next(args for name, args, _ in calls if name == "rpn_loss")
     assert torch.bfloat16 in _dtypes(loss_inputs)  # the head really ran in bf16
-    for name, _, result in calls:
-        assert set(_dtypes(result)) == {torch.float32}, f"{name} returned {_dtypes(result)}"
+    for name, args, result in calls:
+        if name == "match_anchors_batched":  # IoU of fp32 boxes (its results are labels)
+            assert set(_dtypes(args)) == {torch.float32}, f"{name} matched {_dtypes(args)}"
+        else:
+            assert set(_dtypes(result)) == {torch.float32}, f"{name} returned {_dtypes(result)}"
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     assert all(boxes.dtype == scores.dtype == torch.float32 for boxes, scores in proposals)
     grads = [p.grad for p in model.parameters() if p.grad is not None]

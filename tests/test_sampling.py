@@ -1,10 +1,12 @@
-"""sample_anchors: counts, positive fraction, ignored anchors, seeded determinism."""
+"""sample_anchors (per image and batched): counts, positive fraction, ignored anchors, seeding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lightning_rpn import sampling
+from lightning_rpn.cpu_kernels import random_subset
 from lightning_rpn.sampling import sample_anchors
 
 
@@ -81,3 +83,41 @@ def test_invalid_arguments(kwargs: dict, pattern: str) -> None:
 def test_labels_must_be_one_dimensional() -> None:
     with pytest.raises(ValueError, match=r"1-D tensor \[N\], got a tensor of shape \(2, 5\)"):
         sample_anchors(torch.zeros(2, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_batched_rows_equal_per_row_sampling(cpu_kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sampling, "CPU_KERNEL", cpu_kernel)
+    labels = torch.stack([_labels(p, n, i, seed=k) for k, (p, n, i) in enumerate([(5, 900, 95), (300, 600, 100),
+                                                                                  (0, 1000, 0), (0, 0, 1000)])])
+    rows = sampling.sample_anchors_batched(labels, 256, 0.5, [torch.Generator().manual_seed(k) for k in range(4)])
+    for k in range(4):
+        expected = sample_anchors(labels[k], 256, 0.5, torch.Generator().manual_seed(k))
+        assert torch.equal(rows[k], expected)
+    sampled, image, anchor = sampling.sample_anchors_with_positives(
+        labels, 256, 0.5, [torch.Generator().manual_seed(k) for k in range(4)])
+    assert torch.equal(sampled, rows)
+    flat = (image * labels.shape[1] + anchor).sort().values  # the positives, in any order
+    assert torch.equal(flat, torch.nonzero(rows.view(-1) == 1).squeeze(1))
+
+
+def test_batched_sampling_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sampling.sample_anchors_batched(torch.zeros(3, 10, dtype=torch.int64), 8, 0.5, [None, None])
+    with pytest.raises(ValueError, match=r"labels must be a 2-D tensor \[B, N\]"):
+        sampling.sample_anchors_batched(torch.zeros(10, dtype=torch.int64), 8, 0.5, [None])
+
+
+def test_random_subset_is_distinct_in_range_seeded_and_uniform() -> None:
+    subset = random_subset(10_000, 300, torch.Generator().manual_seed(1))
+    assert subset.dtype == torch.int64 and subset.shape == (300,)
+    assert subset.unique().numel() == 300 and 0 <= int(subset.min()) and int(subset.max()) < 10_000
+    assert torch.equal(subset, random_subset(10_000, 300, torch.Generator().manual_seed(1)))
+    assert torch.equal(random_subset(7, 7, torch.Generator()).sort().values, torch.arange(7))
+    assert random_subset(0, 0, None).numel() == 0
+    g = torch.Generator().manual_seed(2)
+    counts = torch.bincount(torch.cat([random_subset(10, 3, g) for _ in range(2000)]), minlength=10)
+    # each index is drawn with probability 3/10: 600 +- 4 sigma (sigma ~ 20.5)
+    assert counts.min() > 518 and counts.max() < 682
+    with pytest.raises(ValueError, match="count=4, population=3"):
+        random_subset(3, 4, None)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_rpn.data.problems import Problem
+from lightning_rpn.targets import dense_target_deltas
 
 __all__ = ["RPNBatch"]
 
@@ -26,8 +27,10 @@ class RPNBatch:
     to float and normalises); ``image_sizes`` the ``(h, w)`` after resize and before padding;
     ``original_sizes`` the ``(h, w)`` as stored, to map predictions back
     (scale ``original / image_size`` when only resizing was applied);
-    ``anchor_labels`` int64 ``[B, N]`` (1 / 0 / -1) and ``target_deltas`` float32 ``[B, N, 4]``
-    or ``None``; ``removed_boxes`` counts ground-truth boxes the transforms removed in this
+    ``anchor_labels`` int8 ``[B, N]`` (1 / 0 / -1) and ``positive_deltas`` float32 ``[P, 4]``,
+    the encoded targets of the positive anchors in the row-major order of
+    ``anchor_labels == 1``, or ``None`` (compact: workers send a fraction of the dense
+    ``target_deltas [B, N, 4]``, which is built on demand); ``removed_boxes`` counts ground-truth boxes the transforms removed in this
     batch and ``problems`` what was clipped or skipped while loading it (both reported by
     :class:`~lightning_rpn.data.datamodule.RPNDataModule`).
     """
@@ -39,7 +42,7 @@ class RPNBatch:
     gt_boxes: list[Tensor]
     crowd_boxes: list[Tensor]
     anchor_labels: Tensor | None = None
-    target_deltas: Tensor | None = None
+    positive_deltas: Tensor | None = None
     sources: list[str] = field(default_factory=list)
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -53,11 +56,19 @@ class RPNBatch:
         return [{"boxes": g, "crowd_boxes": c} for g, c in zip(self.gt_boxes, self.crowd_boxes)]
 
     @property
+    def target_deltas(self) -> Tensor | None:
+        """Float32 ``[B, N, 4]``: ``positive_deltas`` at the positive anchors, 0 elsewhere (built now)."""
+        if self.anchor_labels is None or self.positive_deltas is None:
+            return None
+        return dense_target_deltas(self.anchor_labels, self.positive_deltas)
+
+    @property
     def anchor_targets(self) -> tuple[Tensor, Tensor] | None:
         """``(anchor_labels, target_deltas)`` or ``None``, for ``RPN.forward(anchor_targets=...)``."""
-        if self.anchor_labels is None or self.target_deltas is None:
+        deltas = self.target_deltas
+        if self.anchor_labels is None or deltas is None:
             return None
-        return self.anchor_labels, self.target_deltas
+        return self.anchor_labels, deltas
 
     def _map(self, fn: Any) -> RPNBatch:
         return replace(
@@ -66,7 +77,7 @@ class RPNBatch:
             gt_boxes=[fn(b) for b in self.gt_boxes],
             crowd_boxes=[fn(b) for b in self.crowd_boxes],
             anchor_labels=None if self.anchor_labels is None else fn(self.anchor_labels),
-            target_deltas=None if self.target_deltas is None else fn(self.target_deltas),
+            positive_deltas=None if self.positive_deltas is None else fn(self.positive_deltas),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RPNBatch:

@@ -6,9 +6,9 @@ multiple of ``size_divisibility``), ``L`` levels, ``N`` anchors of an image (all
 
 The anchors of a batch follow from its padded size alone: ``feature_shapes_for(Hp, Wp)`` gives
 the feature size of every level, so the worker builds (and caches) the same anchors the model
-will build from the backbone's features. Assignment seeds sampling per image with
-``sample_generator(seed, image_id)``, as the RPN's in-model path does, so both paths give
-identical targets.
+will build from the backbone's features. Assignment (``assign_batch_targets``: one matching
+pass for the whole batch) seeds sampling per image with ``sample_generator(seed, image_id)``,
+as the RPN's in-model path does, so both paths give identical targets.
 """
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ import torch
 
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.cpu_kernels import load_kernels
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+from lightning_rpn.targets import AnchorTargetConfig, assign_compact_targets, sample_generator
 
-__all__ = ["RPNCollate", "padded_size", "DENSE_MATCH_LIMIT"]
-
-DENSE_MATCH_LIMIT = 1 << 15
-"""Up to this many anchor x gt pairs, matching uses the dense IoU matrix (fewer ops: faster
-for small images, e.g. 0.9 vs 1.7 ms at 2295 anchors x 3 boxes); above it, the anchor grid's
-overlap-only path (2.6 vs 8.3 ms at 22440 x 7). Both give the same targets."""
+__all__ = ["RPNCollate", "padded_size"]
 
 
 def padded_size(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
@@ -44,7 +40,7 @@ class RPNCollate:
 
     Args:
         anchor_generator: when given (with ``assign_targets``), the batch carries
-            ``anchor_labels`` / ``target_deltas`` for the anchors of its padded size.
+            ``anchor_labels`` / ``positive_deltas`` for the anchors of its padded size.
         target_config: matching and sampling settings (default ``AnchorTargetConfig()``).
         box_coder: encodes matched boxes (default ``BoxCoder()``).
         size_divisibility: pad height and width to a multiple of this; must be a multiple of
@@ -79,6 +75,8 @@ class RPNCollate:
         self.size_divisibility = size_divisibility
         self.seed = seed
         self.assign_targets = assign_targets and anchor_generator is not None
+        if self.assign_targets:
+            load_kernels()  # now, so that forked DataLoader workers inherit the compiled kernels
 
     def __call__(self, samples: Sequence[DetectionSample]) -> RPNBatch:
         if len(samples) == 0:
@@ -104,26 +102,20 @@ class RPNCollate:
             problems=[p for s in samples for p in s.problems],
         )
         if self.assign_targets:
-            batch.anchor_labels, batch.target_deltas = self._assign(batch, (pad_h, pad_w))
+            batch.anchor_labels, batch.positive_deltas = self._assign(batch, (pad_h, pad_w))
         return batch
 
     def _assign(self, batch: RPNBatch, padded: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image anchor labels ``[B, N]`` and target deltas ``[B, N, 4]`` (sampled, seeded)."""
+        """Anchor labels int8 ``[B, N]`` (sampled, seeded) and the positives' deltas ``[P, 4]``."""
         assert self.anchor_generator is not None
         grid = self.anchor_generator.grid(self.anchor_generator.feature_shapes_for(padded))
-        labels, deltas = [], []
-        with torch.inference_mode():  # lower per-op overhead; stacking below leaves inference mode
-            for i, image_id in enumerate(batch.image_ids):
-                gt, crowd = batch.gt_boxes[i], batch.crowd_boxes[i]
-                image_labels, image_deltas = assign_anchor_targets(
-                    grid if grid.num_anchors * gt.shape[0] > DENSE_MATCH_LIMIT else grid.anchors,
-                    gt,
-                    batch.image_sizes[i],
-                    self.target_config,
-                    self.box_coder,
-                    generator=sample_generator(self.seed, image_id),
-                    crowd_boxes=crowd if len(crowd) else None,
-                )
-                labels.append(image_labels)
-                deltas.append(image_deltas)
-        return torch.stack(labels), torch.stack(deltas)
+        labels, positive_deltas = assign_compact_targets(
+            grid,
+            batch.gt_boxes,
+            batch.image_sizes,
+            self.target_config,
+            self.box_coder,
+            [sample_generator(self.seed, image_id) for image_id in batch.image_ids],
+            [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
+        )
+        return labels.to(torch.int8), positive_deltas
