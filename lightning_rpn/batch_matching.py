@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .anchors import AnchorGrid
 from .boxes import box_area
-from .cpu_kernels import GridTables, match_grid_cpu
+from .cpu_kernels import match_grid_cpu
 from .matching import anchors_inside_image, match_anchors
 
 __all__ = ["match_anchors_batched", "CPU_KERNEL"]
@@ -73,22 +73,14 @@ def match_anchors_batched(
         boxes.append(gt.to(device=device, dtype=torch.float32))
     thresholds = (fg_iou, bg_iou, allow_low_quality)
     if device.type == "cpu" and CPU_KERNEL:
-        labels = torch.empty(len(boxes), num_anchors, dtype=torch.int64)
-        matched = torch.empty_like(labels)
-        tables = GridTables(grid)
         for index, gt in enumerate(boxes):
-            inside = None
-            if allowed_border is not None:
-                assert image_sizes is not None
-                inside = anchors_inside_image(anchors, image_sizes[index], allowed_border)
-            if gt.shape[0] == 0:
-                labels[index] = 0 if inside is None else torch.where(inside, 0, -1)
-                matched[index] = 0
-                continue
             if not bool(torch.isfinite(gt).all()):
                 raise ValueError(f"match_anchors_batched: gt_boxes[{index}] contain non-finite coordinates")
-            match_grid_cpu(tables, gt, *thresholds, inside=inside, out=(labels[index], matched[index]))
-        return labels, matched
+        inside = None
+        if allowed_border is not None:
+            assert image_sizes is not None
+            inside = torch.stack([anchors_inside_image(anchors, size, allowed_border) for size in image_sizes])
+        return match_grid_cpu(grid, boxes, *thresholds, inside=inside)
 
     labels = torch.zeros(len(boxes), num_anchors, dtype=torch.int64, device=device)
     matched = torch.zeros_like(labels)

@@ -1,14 +1,14 @@
-"""Compiled CPU kernels for anchor-target assignment: matching and sampling one image.
+"""Compiled CPU kernels for anchor-target assignment: matching and sampling a batch.
 
-Shapes: ``N`` anchors of an image (all levels), ``G`` ground-truth boxes, ``L`` levels, ``A``
-anchors per location of a level, ``H_l x W_l`` its anchor grid.
+Shapes: ``B`` images, ``N`` anchors of an image (all levels), ``G`` ground-truth boxes of an
+image, ``L`` levels, ``A`` anchors per location of a level, ``H_l x W_l`` its anchor grid.
 
 They serve the CPU paths of ``match_anchors_batched`` and ``sample_anchors_batched``, above
 all in DataLoader workers, where a few dozen small tensor ops per image cost more than their
-arithmetic.
+arithmetic: one kernel call per batch does all of its images.
 
-Matching (``match_grid_cpu``). On a grid, the anchors that overlap a gt box at all form, per level and cell anchor, one
-rectangle of rows and columns (an anchor's ``x1, x2`` depend only on its column, ``y1, y2``
+Matching (``match_grid_cpu``). On a grid, the anchors that overlap a gt box at all form, per
+level and cell anchor, one rectangle of rows and columns (an anchor's ``x1, x2`` depend only on its column, ``y1, y2``
 only on its row). The kernel visits only those pairs, in gt order, so its cost is the sum of
 the rectangles' sizes (a few thousand pairs per box) instead of ``G x N``, with no
 temporaries. Every anchor outside all rectangles has IoU exactly 0 with every box.
@@ -19,11 +19,11 @@ ties equal :func:`~lightning_rpn.matching.match_anchors` bit for bit (tested). T
 gt boxes resolve to the lowest index (pairs are visited in gt order and only a strictly
 larger IoU replaces the best), as ``torch.max`` does.
 
-Sampling: ``random_subset`` draws ``k`` of ``n`` indices by a partial Fisher-Yates shuffle
-driven by ``k`` uniforms from the image's generator, ``O(k)`` random draws where
-``torch.randperm`` makes ``n`` (every sampling path uses it, so they agree);
-``sample_row_cpu`` counts the candidates and marks the chosen ones in one scan each, instead
-of materialising the index lists.
+Sampling: ``random_subset`` draws ``k`` of ``n`` indices with Floyd's algorithm driven by
+``k`` uniforms from the image's generator: a uniformly random subset from ``O(k)`` random
+draws where ``torch.randperm`` makes ``n`` (every sampling path uses it, so they agree); ``sample_cpu``
+counts the candidates and marks the chosen ones in one scan each, instead of materialising
+the index lists.
 
 Numba compiles the kernels on first call and caches them on disk, so DataLoader workers and
 later runs load them instead of compiling again.
@@ -31,15 +31,17 @@ later runs load them instead of compiling again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 import torch
 from torch import Tensor
 
-from .anchors import AnchorGrid
+from .anchors import AnchorGenerator, AnchorGrid
 from .boxes import box_area
 
-__all__ = ["GridTables", "load_kernels", "match_grid_cpu", "random_subset", "sample_row_cpu"]
+__all__ = ["GridTables", "load_kernels", "match_grid_cpu", "random_subset", "sample_cpu"]
 
 _jit = numba.njit(cache=True, nogil=True)  # compiled on first call, cached on disk
 
@@ -63,32 +65,33 @@ class GridTables:
 
 
 def match_grid_cpu(
-    tables: GridTables,
-    gt_boxes: Tensor,
+    grid: AnchorGrid,
+    gt_boxes: Sequence[Tensor],
     fg_iou: float,
     bg_iou: float,
     allow_low_quality: bool,
     inside: Tensor | None = None,
-    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(labels int64 [N], matched int64 [N])`` of ``match_anchors(grid, gt_boxes, ...)`` on the CPU.
+    """``(labels int64 [B, N], matched int64 [B, N])``: row ``i`` is ``match_anchors(grid, gt_boxes[i], ...)``.
 
-    ``tables``: ``GridTables(grid)``; ``gt_boxes``: finite float32 ``[G, 4]`` with ``G >= 1``;
-    ``inside``: the border filter's bool ``[N]`` mask, or ``None``; ``out``: contiguous int64
-    CPU ``[N]`` tensors to write the result into (e.g. rows of a batch), else new ones.
+    ``gt_boxes``: finite float32 CPU ``[G_i, 4]`` per image (``G_i`` may be 0); ``inside``: the
+    border filter's bool ``[B, N]`` mask, or ``None``.
     """
-    num_anchors = tables.anchors.shape[0]
-    if out is None:
-        out = (torch.empty(num_anchors, dtype=torch.int64), torch.empty(num_anchors, dtype=torch.int64))
-    labels, matched = out
-    _match_grid(
+    tables = GridTables(grid)
+    count, num_anchors = len(gt_boxes), tables.anchors.shape[0]
+    labels = torch.empty(count, num_anchors, dtype=torch.int64)
+    matched = torch.empty(count, num_anchors, dtype=torch.int64)
+    offsets = np.cumsum([0] + [boxes.shape[0] for boxes in gt_boxes])
+    all_gt = torch.cat([boxes.detach().float().cpu() for boxes in gt_boxes]) if count else torch.zeros(0, 4)
+    _match_batch(
         tables.anchors,
         tables.areas,
-        tables.everywhere if inside is None else inside.cpu().numpy(),
+        np.ones((1, num_anchors), dtype=np.bool_) if inside is None else inside.cpu().numpy(),
         tables.layout,
         tables.geometry,
         tables.cells,
-        gt_boxes.detach().float().cpu().contiguous().numpy(),
+        all_gt.contiguous().numpy(),
+        offsets,
         np.float32(fg_iou),
         np.float32(bg_iou),
         bool(allow_low_quality),
@@ -98,44 +101,47 @@ def match_grid_cpu(
     return labels, matched
 
 
-def sample_row_cpu(
+def sample_cpu(
     labels: Tensor,
     batch_size_per_image: int,
     positive_fraction: float,
-    generator: torch.Generator | None,
-    out: Tensor,
-) -> Tensor:
-    """Write ``sample_anchors(labels, ...)`` into ``out`` (int64 CPU ``[N]``); return the sampled positives.
-
-    ``labels`` and ``out`` are contiguous int64 CPU ``[N]`` (``out`` may be ``labels``: sampling
-    in place); the result holds the sampled positive anchors' indices, ascending.
-    """
+    generators: Sequence[torch.Generator | None],
+) -> tuple[Tensor, Tensor]:
+    """Overwrite int64 CPU ``[B, N]`` ``labels`` with ``sample_anchors`` of each row (row ``i`` with
+    ``generators[i]``); return the sampled positives as ``(rows, anchors)``, row-major."""
     labels_np = labels.numpy()
-    num_positive, num_negative = _count_labels(labels_np)
-    keep_positive = min(num_positive, int(batch_size_per_image * positive_fraction))
-    keep_negative = min(num_negative, batch_size_per_image - keep_positive)
-    positives = np.empty(keep_positive, dtype=np.int64)
-    _select_ranked(
+    counts = _count_batch(labels_np)
+    keep = np.empty_like(counts)
+    positive_uniforms, negative_uniforms = [], []
+    for row, generator in enumerate(generators):
+        keep[row, 0] = min(int(counts[row, 0]), int(batch_size_per_image * positive_fraction))
+        keep[row, 1] = min(int(counts[row, 1]), batch_size_per_image - int(keep[row, 0]))
+        positive_uniforms.append(_uniforms(int(keep[row, 0]), generator))  # random_subset's order
+        negative_uniforms.append(_uniforms(int(keep[row, 1]), generator))
+    total = int(keep[:, 0].sum())
+    rows, anchors = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64)
+    _select_batch(
         labels_np,
-        num_positive,
-        num_negative,
-        _uniforms(keep_positive, generator),  # drawn in random_subset's order: positives first
-        _uniforms(keep_negative, generator),
-        out.numpy(),
-        positives,
+        counts,
+        np.concatenate(positive_uniforms) if positive_uniforms else np.zeros(0),
+        np.cumsum(np.concatenate([[0], keep[:, 0]])),
+        np.concatenate(negative_uniforms) if negative_uniforms else np.zeros(0),
+        np.cumsum(np.concatenate([[0], keep[:, 1]])),
+        rows,
+        anchors,
     )
-    return torch.from_numpy(positives)
+    return torch.from_numpy(rows), torch.from_numpy(anchors)
 
 
 def random_subset(population: int, count: int, generator: torch.Generator | None) -> Tensor:
-    """``count`` distinct uniformly random indices below ``population`` (int64 CPU, in draw order).
+    """``count`` distinct uniformly random indices below ``population`` (int64 CPU, ascending).
 
     The uniforms come from ``generator`` (on its own device; the default CPU generator for
     ``None``), so the same generator state gives the same subset on every path.
     """
     if not 0 <= count <= population:
         raise ValueError(f"random_subset: need 0 <= count <= population, got count={count}, population={population}")
-    return torch.from_numpy(_partial_shuffle(population, _uniforms(count, generator)))
+    return torch.from_numpy(np.flatnonzero(_choose(population, _uniforms(count, generator))))
 
 
 def load_kernels() -> None:
@@ -144,16 +150,11 @@ def load_kernels() -> None:
     Call it in a process before it forks DataLoader workers: they inherit the compiled code
     instead of each loading it again at every epoch's start (about 0.2-0.5 s per worker).
     """
-    labels = np.zeros(4, dtype=np.int64)
-    counts = _count_labels(labels)
-    _select_ranked(labels, counts[0], counts[1], np.zeros(0), np.zeros(1), labels.copy(), np.zeros(0, dtype=np.int64))
+    grid = AnchorGenerator(((8,),), (1.0,), (8,)).grid([(2, 2)])
+    boxes = [torch.tensor([[0.0, 0.0, 6.0, 6.0]]), torch.zeros(0, 4)]
+    labels, _ = match_grid_cpu(grid, boxes, 0.7, 0.3, True, inside=torch.ones(2, grid.num_anchors, dtype=torch.bool))
+    sample_cpu(labels, 2, 0.5, [None, None])
     random_subset(4, 2, None)
-    anchors = np.array([[0.0, 0.0, 2.0, 2.0]], dtype=np.float32)
-    _match_grid(
-        anchors, np.array([4.0], dtype=np.float32), np.ones(1, dtype=np.bool_),
-        np.array([[0, 1, 1, 1, 0]], dtype=np.int64), np.array([[2.0, 0.0]]), np.array([[-1.0, -1.0, 1.0, 1.0]]),
-        anchors, np.float32(0.7), np.float32(0.3), True, labels[:1].copy(), labels[:1].copy(),
-    )
 
 
 def _uniforms(count: int, generator: torch.Generator | None) -> np.ndarray:
@@ -163,100 +164,141 @@ def _uniforms(count: int, generator: torch.Generator | None) -> np.ndarray:
 
 
 @_jit
-def _partial_shuffle(population, uniforms):
-    """The first ``len(uniforms)`` entries of a Fisher-Yates shuffle of ``range(population)``."""
-    order = np.arange(population)
+def _choose(population, uniforms):
+    """Bool ``[population]`` marking ``len(uniforms)`` distinct indices, by Floyd's algorithm.
+
+    For ``j`` from ``n - k`` to ``n - 1``: pick ``t`` uniformly in ``[0, j]``; take ``t`` unless
+    it is taken already, then take ``j``. Every ``k``-subset is equally likely.
+    """
+    chosen = np.zeros(population, dtype=np.bool_)
+    first = population - uniforms.shape[0]
     for i in range(uniforms.shape[0]):
-        j = min(i + int(uniforms[i] * (population - i)), population - 1)
-        order[i], order[j] = order[j], order[i]
-    return order[: uniforms.shape[0]].copy()
+        j = first + i
+        t = min(int(uniforms[i] * (j + 1)), j)
+        if chosen[t]:
+            chosen[j] = True
+        else:
+            chosen[t] = True
+    return chosen
 
 
 @_jit
-def _count_labels(labels):
-    """``(positives, negatives)`` in ``labels``."""
-    positives = negatives = 0
-    for label in labels:
-        if label == 1:
-            positives += 1
-        elif label == 0:
-            negatives += 1
-    return positives, negatives
+def _count_batch(labels):
+    """``[B, 2]``: positives and negatives of each row of ``labels``."""
+    counts = np.zeros((labels.shape[0], 2), dtype=np.int64)
+    for row in range(labels.shape[0]):
+        positives = negatives = 0
+        for n in range(labels.shape[1]):  # branch-free, so that it vectorises
+            positives += labels[row, n] == 1
+            negatives += labels[row, n] == 0
+        counts[row, 0] = positives
+        counts[row, 1] = negatives
+    return counts
 
 
 @_jit
-def _select_ranked(labels, num_positive, num_negative, positive_uniforms, negative_uniforms, out, positives):
-    """``out``: 1 / 0 for the chosen ranks among the positives / negatives, -1 elsewhere; ``positives``
-    gets the chosen positive anchors, ascending. Ranks come from ``_partial_shuffle``."""
-    chosen_positive = np.zeros(num_positive, dtype=np.bool_)
-    chosen_positive[_partial_shuffle(num_positive, positive_uniforms)] = True
-    chosen_negative = np.zeros(num_negative, dtype=np.bool_)
-    chosen_negative[_partial_shuffle(num_negative, negative_uniforms)] = True
-    positive_rank = negative_rank = found = 0
-    for n in range(labels.shape[0]):
-        label = labels[n]  # read before writing: ``out`` may be ``labels``
-        out[n] = -1
-        if label == 1:
-            if chosen_positive[positive_rank]:
-                out[n] = 1
-                positives[found] = n
-                found += 1
-            positive_rank += 1
-        elif label == 0:
-            if chosen_negative[negative_rank]:
-                out[n] = 0
-            negative_rank += 1
+def _select_batch(labels, counts, positive_uniforms, positive_offsets, negative_uniforms, negative_offsets, rows, anchors):
+    """Sample every row of ``labels`` in place: 1 / 0 for the chosen ranks among its positives /
+    negatives (ranks from ``_choose`` with the row's uniforms), -1 elsewhere; the chosen
+    positives go to ``rows`` / ``anchors``, row-major."""
+    found = 0
+    for row in range(labels.shape[0]):
+        uniforms = positive_uniforms[positive_offsets[row] : positive_offsets[row + 1]]
+        chosen_positive = _choose(counts[row, 0], uniforms)
+        uniforms = negative_uniforms[negative_offsets[row] : negative_offsets[row + 1]]
+        chosen_negative = _choose(counts[row, 1], uniforms)
+        positive_rank = negative_rank = 0
+        for n in range(labels.shape[1]):
+            label = labels[row, n]
+            labels[row, n] = -1
+            if label == 1:
+                if chosen_positive[positive_rank]:
+                    labels[row, n] = 1
+                    rows[found] = row
+                    anchors[found] = n
+                    found += 1
+                positive_rank += 1
+            elif label == 0:
+                if chosen_negative[negative_rank]:
+                    labels[row, n] = 0
+                negative_rank += 1
 
 
 @_jit
-def _match_grid(anchors, areas, inside, layout, geometry, cells, gt, fg_iou, bg_iou, allow_low_quality, labels, matched):
-    """Fill ``labels`` / ``matched``; see :func:`match_grid_cpu`."""
+def _match_batch(anchors, areas, inside, layout, geometry, cells, gt, offsets, fg_iou, bg_iou, allow_low_quality, labels, matched):
+    """Fill ``labels`` / ``matched`` ``[B, N]``, image ``b`` with gt rows ``offsets[b]:offsets[b + 1]``."""
+    best = np.empty(labels.shape[1], dtype=np.float32)  # scratch, shared by the images
+    reaching = np.empty(labels.shape[1], dtype=np.int32)
+    for b in range(labels.shape[0]):
+        mask = inside[b] if inside.shape[0] > 1 else inside[0]
+        if offsets[b + 1] == offsets[b]:  # no gt box: all negatives, whatever the thresholds
+            for n in range(labels.shape[1]):
+                labels[b, n] = 0 if mask[n] else -1
+                matched[b, n] = 0
+            continue
+        _match_image(
+            anchors, areas, mask, layout, geometry, cells, gt[offsets[b] : offsets[b + 1]],
+            fg_iou, bg_iou, allow_low_quality, labels[b], matched[b], best, reaching,
+        )
+
+
+@_jit
+def _match_image(
+    anchors, areas, inside, layout, geometry, cells, gt, fg_iou, bg_iou, allow_low_quality, labels, matched, best, reaching
+):
+    """Fill one image's ``labels`` / ``matched`` ``[N]`` from its (non-empty) ``gt`` boxes.
+
+    One visit of each box's rectangles finds every anchor's best IoU (and gt) and the box's own
+    best IoU with the anchors reaching it (its low-quality matches, ties included). ``best``
+    (float32) and ``reaching`` (int32) are ``[N]`` scratch arrays.
+    """
     num_anchors = anchors.shape[0]
     zero = np.float32(0.0)
-    best = np.zeros(num_anchors, dtype=np.float32)
+    best[:] = 0
     best_gt = matched  # the outputs double as scratch: best gt, then low-quality flags
     low_quality = labels
     best_gt[:] = 0
     low_quality[:] = 0
-    gt_best = np.zeros(gt.shape[0], dtype=np.float32)
-    for visit in range(2):  # 0: maxima; 1: anchors reaching their gt's best (low quality)
-        if visit == 1 and not allow_low_quality:
-            break
-        for g in range(gt.shape[0]):
-            if visit == 1 and gt_best[g] <= zero:
-                continue  # overlaps no anchor: no low-quality match (as match_anchors)
-            gx1, gy1, gx2, gy2 = gt[g, 0], gt[g, 1], gt[g, 2], gt[g, 3]
-            gt_area = (gx2 - gx1) * (gy2 - gy1)
-            for level in range(layout.shape[0]):
-                start, height, width, count, first_cell = layout[level]
-                step, origin = geometry[level, 0], geometry[level, 1]
-                for a in range(count):
-                    cell = cells[first_cell + a]
-                    # grid indices that may overlap the box, one cell of slack each side
-                    col0 = max(int(np.floor((gx1 - cell[2] - origin) / step)) - 1, 0)
-                    col1 = min(int(np.ceil((gx2 - cell[0] - origin) / step)) + 2, width)
-                    row0 = max(int(np.floor((gy1 - cell[3] - origin) / step)) - 1, 0)
-                    row1 = min(int(np.ceil((gy2 - cell[1] - origin) / step)) + 2, height)
-                    for row in range(row0, row1):
-                        top = start + row * width * count + a
-                        inter_h = min(gy2, anchors[top, 3]) - max(gy1, anchors[top, 1])
-                        if inter_h <= zero:
+    for g in range(gt.shape[0]):
+        gx1, gy1, gx2, gy2 = gt[g, 0], gt[g, 1], gt[g, 2], gt[g, 3]
+        gt_area = (gx2 - gx1) * (gy2 - gy1)
+        gt_best = zero
+        num_reaching = 0
+        for level in range(layout.shape[0]):
+            start, height, width, count, first_cell = layout[level]
+            step, origin = geometry[level, 0], geometry[level, 1]
+            for a in range(count):
+                cell = cells[first_cell + a]
+                # grid indices that may overlap the box, one cell of slack each side
+                col0 = max(int(np.floor((gx1 - cell[2] - origin) / step)) - 1, 0)
+                col1 = min(int(np.ceil((gx2 - cell[0] - origin) / step)) + 2, width)
+                row0 = max(int(np.floor((gy1 - cell[3] - origin) / step)) - 1, 0)
+                row1 = min(int(np.ceil((gy2 - cell[1] - origin) / step)) + 2, height)
+                for row in range(row0, row1):
+                    top = start + row * width * count + a
+                    inter_h = min(gy2, anchors[top, 3]) - max(gy1, anchors[top, 1])
+                    if inter_h <= zero:
+                        continue
+                    for col in range(col0, col1):
+                        n = top + col * count
+                        inter_w = min(gx2, anchors[n, 2]) - max(gx1, anchors[n, 0])
+                        if inter_w <= zero or not inside[n]:
                             continue
-                        for col in range(col0, col1):
-                            n = top + col * count
-                            inter_w = min(gx2, anchors[n, 2]) - max(gx1, anchors[n, 0])
-                            if inter_w <= zero or not inside[n]:
-                                continue
-                            inter = inter_w * inter_h
-                            iou = inter / ((gt_area + areas[n]) - inter)
-                            if visit == 0:
-                                if iou > best[n]:
-                                    best[n] = iou
-                                    best_gt[n] = g
-                                if iou > gt_best[g]:
-                                    gt_best[g] = iou
-                            elif iou == gt_best[g]:
-                                low_quality[n] = 1
+                        inter = inter_w * inter_h
+                        iou = inter / ((gt_area + areas[n]) - inter)
+                        if iou > best[n]:
+                            best[n] = iou
+                            best_gt[n] = g
+                        if iou > gt_best:
+                            gt_best = iou
+                            num_reaching = 0
+                        if iou == gt_best:
+                            reaching[num_reaching] = n
+                            num_reaching += 1
+        # a box overlapping no anchor (best IoU 0) makes no low-quality match, as match_anchors
+        if allow_low_quality:
+            for k in range(num_reaching):
+                low_quality[reaching[k]] = 1
     for n in range(num_anchors):
         if not inside[n]:
             labels[n] = -1

@@ -5,7 +5,7 @@ Shapes: ``B`` images, ``N`` anchors of an image.
 Of the labelled anchors (1 positive, 0 negative), keep at most
 ``batch_size_per_image * positive_fraction`` random positives and fill the rest of the
 mini-batch with random negatives; every other anchor becomes -1 (ignored). The random subsets
-come from :func:`~lightning_rpn.cpu_kernels.random_subset` (a partial Fisher-Yates shuffle)
+come from :func:`~lightning_rpn.cpu_kernels.random_subset` (Floyd's algorithm)
 with the given generator, drawn on the generator's device (CPU by default) whatever device
 ``labels`` lives on, so a seeded CPU generator gives the same sample in a DataLoader worker
 and inside the model.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .cpu_kernels import random_subset, sample_row_cpu
+from .cpu_kernels import random_subset, sample_cpu
 
 __all__ = ["sample_anchors", "sample_anchors_batched", "sample_anchors_with_positives", "CPU_KERNEL"]
 
@@ -85,15 +85,8 @@ def sample_anchors_with_positives(
     _check_sizes("sample_anchors_batched", batch_size_per_image, positive_fraction)
     labels = labels.to(torch.int64)
     if labels.device.type == "cpu" and CPU_KERNEL:
-        sampled = labels if inplace else torch.empty_like(labels)
-        rows, anchors = [], []
-        for row, generator in enumerate(generators):
-            found = sample_row_cpu(
-                labels[row].contiguous(), batch_size_per_image, positive_fraction, generator, sampled[row]
-            )
-            rows.append(torch.full_like(found, row))
-            anchors.append(found)
-        return sampled, torch.cat(rows), torch.cat(anchors)
+        sampled = labels if inplace else labels.clone()
+        return (sampled, *sample_cpu(sampled, batch_size_per_image, positive_fraction, generators))
 
     sampled = torch.full_like(labels, -1)
     positive = torch.nonzero(labels == 1)  # [P, 2] (row, anchor), row-major: ascending per row
