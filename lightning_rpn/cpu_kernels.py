@@ -31,6 +31,7 @@ later runs load them instead of compiling again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numba
@@ -47,7 +48,7 @@ _jit = numba.njit(cache=True, nogil=True)  # compiled on first call, cached on d
 
 
 class GridTables:
-    """The numpy views of an ``AnchorGrid`` that the kernel reads; build once per grid and batch."""
+    """The numpy views of an ``AnchorGrid`` that the matching kernel reads (cached per grid)."""
 
     def __init__(self, grid: AnchorGrid) -> None:
         anchors = grid.anchors.detach().float().cpu()
@@ -64,6 +65,22 @@ class GridTables:
         self.everywhere = np.ones(self.anchors.shape[0], dtype=np.bool_)
 
 
+_TABLES: OrderedDict[int, tuple[AnchorGrid, GridTables]] = OrderedDict()
+_TABLES_KEPT = 16  # as many as AnchorGenerator caches grids
+
+
+def _tables_of(grid: AnchorGrid) -> GridTables:
+    """``GridTables(grid)``, cached per grid object (the generator hands out cached grids)."""
+    entry = _TABLES.get(id(grid))
+    if entry is None or entry[0] is not grid:
+        entry = (grid, GridTables(grid))  # holding the grid keeps its id from being reused
+        _TABLES[id(grid)] = entry
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(id(grid))
+    return entry[1]
+
+
 def match_grid_cpu(
     grid: AnchorGrid,
     gt_boxes: Sequence[Tensor],
@@ -71,16 +88,17 @@ def match_grid_cpu(
     bg_iou: float,
     allow_low_quality: bool,
     inside: Tensor | None = None,
+    compact: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(labels int64 [B, N], matched int64 [B, N])``: row ``i`` is ``match_anchors(grid, gt_boxes[i], ...)``.
 
     ``gt_boxes``: finite float32 CPU ``[G_i, 4]`` per image (``G_i`` may be 0); ``inside``: the
-    border filter's bool ``[B, N]`` mask, or ``None``.
+    border filter's bool ``[B, N]`` mask, or ``None``; ``compact``: labels int8, matched int32.
     """
-    tables = GridTables(grid)
+    tables = _tables_of(grid)
     count, num_anchors = len(gt_boxes), tables.anchors.shape[0]
-    labels = torch.empty(count, num_anchors, dtype=torch.int64)
-    matched = torch.empty(count, num_anchors, dtype=torch.int64)
+    labels = torch.empty(count, num_anchors, dtype=torch.int8 if compact else torch.int64)
+    matched = torch.empty(count, num_anchors, dtype=torch.int32 if compact else torch.int64)
     offsets = np.cumsum([0] + [boxes.shape[0] for boxes in gt_boxes])
     all_gt = torch.cat([boxes.detach().float().cpu() for boxes in gt_boxes]) if count else torch.zeros(0, 4)
     _match_batch(
@@ -107,8 +125,8 @@ def sample_cpu(
     positive_fraction: float,
     generators: Sequence[torch.Generator | None],
 ) -> tuple[Tensor, Tensor]:
-    """Overwrite int64 CPU ``[B, N]`` ``labels`` with ``sample_anchors`` of each row (row ``i`` with
-    ``generators[i]``); return the sampled positives as ``(rows, anchors)``, row-major."""
+    """Overwrite int8 or int64 CPU ``[B, N]`` ``labels`` with ``sample_anchors`` of each row (row
+    ``i`` with ``generators[i]``); return the sampled positives as ``(rows, anchors)``, row-major."""
     labels_np = labels.numpy()
     counts = _count_batch(labels_np)
     keep = np.empty_like(counts)
@@ -152,8 +170,10 @@ def load_kernels() -> None:
     """
     grid = AnchorGenerator(((8,),), (1.0,), (8,)).grid([(2, 2)])
     boxes = [torch.tensor([[0.0, 0.0, 6.0, 6.0]]), torch.zeros(0, 4)]
-    labels, _ = match_grid_cpu(grid, boxes, 0.7, 0.3, True, inside=torch.ones(2, grid.num_anchors, dtype=torch.bool))
-    sample_cpu(labels, 2, 0.5, [None, None])
+    for compact in (True, False):  # the collate's signatures, then match_anchors_batched's
+        for inside in (None, torch.ones(2, grid.num_anchors, dtype=torch.bool)):
+            labels, _ = match_grid_cpu(grid, boxes, 0.7, 0.3, True, inside=inside, compact=compact)
+            sample_cpu(labels, 2, 0.5, [None, None])
     random_subset(4, 2, None)
 
 

@@ -73,8 +73,9 @@ def sample_anchors_with_positives(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``sample_anchors_batched``'s labels and the sampled positives as ``(rows, anchors)`` int64 ``[P]``.
 
-    The positives come in no particular order. With ``inplace``, int64 CPU ``labels`` are
-    overwritten with the result (no second ``[B, N]`` tensor); the return value is then ``labels``.
+    The positives come in no particular order. With ``inplace``, int8 or int64 ``labels`` are
+    overwritten with the result (on the CPU without a second ``[B, N]`` tensor) and returned;
+    otherwise the result is int64.
     """
     if not isinstance(labels, Tensor) or labels.dim() != 2:
         raise ValueError(f"sample_anchors_batched: labels must be a 2-D tensor [B, N], got {_describe(labels)}")
@@ -83,10 +84,25 @@ def sample_anchors_with_positives(
             f"sample_anchors_batched: {len(generators)} generators for {labels.shape[0]} rows of labels"
         )
     _check_sizes("sample_anchors_batched", batch_size_per_image, positive_fraction)
-    labels = labels.to(torch.int64)
+    if inplace and labels.dtype not in (torch.int8, torch.int64):
+        raise TypeError(f"sample_anchors_batched: inplace sampling needs int8 or int64 labels, got {labels.dtype}")
     if labels.device.type == "cpu" and CPU_KERNEL:
-        sampled = labels if inplace else labels.clone()
+        sampled = labels if inplace else labels.to(torch.int64, copy=True)
         return (sampled, *sample_cpu(sampled, batch_size_per_image, positive_fraction, generators))
+    result, rows, anchors = _sample_tensors(labels.to(torch.int64), batch_size_per_image, positive_fraction, generators)
+    if inplace:
+        labels.copy_(result)
+        return labels, rows, anchors
+    return result, rows, anchors
+
+
+def _sample_tensors(
+    labels: Tensor,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    generators: Sequence[torch.Generator | None],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The tensor-pass version of ``sample_anchors_with_positives`` (int64 labels, any device)."""
 
     sampled = torch.full_like(labels, -1)
     positive = torch.nonzero(labels == 1)  # [P, 2] (row, anchor), row-major: ascending per row

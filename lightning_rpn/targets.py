@@ -152,7 +152,7 @@ def assign_batch_targets(
     labels, positive_deltas = assign_compact_targets(
         grid, gt_boxes, image_sizes, config, box_coder, generators, crowd_boxes
     )
-    return labels, dense_target_deltas(labels, positive_deltas)
+    return labels.long(), dense_target_deltas(labels, positive_deltas)
 
 
 def assign_compact_targets(
@@ -164,7 +164,7 @@ def assign_compact_targets(
     generators: Sequence[torch.Generator | None],
     crowd_boxes: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``assign_batch_targets`` with the deltas of the positives only: labels int64 ``[B, N]``
+    """``assign_batch_targets`` with the deltas of the positives only: labels int8 ``[B, N]``
     and float32 ``[P, 4]`` in the row-major order of ``labels == 1``.
 
     Every other delta is 0, so this is all a loss needs, at a fraction of the size (what a
@@ -189,6 +189,7 @@ def assign_compact_targets(
             config.allow_low_quality,
             image_sizes=image_sizes,
             allowed_border=config.allowed_border,
+            compact=True,
         )
         for index, crowd in enumerate(crowd_boxes if crowd_boxes is not None and config.crowd_ioa else ()):
             if crowd is not None and crowd.numel():

@@ -20,6 +20,7 @@ from lightning_rpn.targets import (
     dense_target_deltas,
     sample_generator,
 )
+from test_matching import random_gt
 
 FPN = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
 PADDED = (256, 320)
@@ -30,17 +31,6 @@ def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Run every test with the compiled CPU kernel and with the tensor passes (other devices)."""
     monkeypatch.setattr(batch_matching, "CPU_KERNEL", request.param == "kernel")
     return request.param
-
-
-def random_gt(n: int, seed: int, image=PADDED, max_size: float = 200.0, integer: bool = False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    h, w = image
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([w - 2.0, h - 2.0])
-    wh = torch.rand(n, 2, generator=g) ** 2 * max_size + 1.0
-    boxes = torch.cat([xy, xy + wh], dim=1)
-    boxes[:, 2] = boxes[:, 2].clamp(max=w)
-    boxes[:, 3] = boxes[:, 3].clamp(max=h)
-    return boxes.round() if integer else boxes
 
 
 def batch_of_boxes(seed: int, integer: bool = False) -> list[torch.Tensor]:

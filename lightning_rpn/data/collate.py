@@ -118,4 +118,4 @@ class RPNCollate:
             [sample_generator(self.seed, image_id) for image_id in batch.image_ids],
             [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
         )
-        return labels.to(torch.int8), positive_deltas
+        return labels, positive_deltas
