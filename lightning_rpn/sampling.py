@@ -103,7 +103,6 @@ def _sample_tensors(
     generators: Sequence[torch.Generator | None],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The tensor-pass version of ``sample_anchors_with_positives`` (int64 labels, any device)."""
-
     sampled = torch.full_like(labels, -1)
     positive = torch.nonzero(labels == 1)  # [P, 2] (row, anchor), row-major: ascending per row
     negative = torch.nonzero(labels == 0)
