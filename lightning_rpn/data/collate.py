@@ -6,7 +6,7 @@ multiple of ``size_divisibility``), ``L`` levels, ``N`` anchors of an image (all
 
 The anchors of a batch follow from its padded size alone: ``feature_shapes_for(Hp, Wp)`` gives
 the feature size of every level, so the worker builds (and caches) the same anchors the model
-will build from the backbone's features. Assignment (``assign_batch_targets``: one matching
+will build from the backbone's features. Assignment (``assign_compact_targets``: one matching
 pass for the whole batch) seeds sampling per image with ``sample_generator(seed, image_id)``,
 as the RPN's in-model path does, so both paths give identical targets.
 """
@@ -109,7 +109,7 @@ class RPNCollate:
         """Anchor labels int8 ``[B, N]`` (sampled, seeded) and the positives' deltas ``[P, 4]``."""
         assert self.anchor_generator is not None
         grid = self.anchor_generator.grid(self.anchor_generator.feature_shapes_for(padded))
-        labels, positive_deltas = assign_compact_targets(
+        return assign_compact_targets(
             grid,
             batch.gt_boxes,
             batch.image_sizes,
@@ -118,4 +118,3 @@ class RPNCollate:
             [sample_generator(self.seed, image_id) for image_id in batch.image_ids],
             [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
         )
-        return labels, positive_deltas
