@@ -75,15 +75,15 @@ def match_anchors_batched(
         if not isinstance(gt, Tensor) or gt.dim() != 2 or gt.shape[1] != 4:
             raise ValueError(f"match_anchors_batched: gt_boxes[{index}] must be [G, 4], got {gt!r:.80}")
         boxes.append(gt.to(device=device, dtype=torch.float32))
+    for index, gt in enumerate(boxes):
+        if not bool(torch.isfinite(gt).all()):
+            raise ValueError(f"match_anchors_batched: gt_boxes[{index}] contain non-finite coordinates")
+    inside = None
+    if allowed_border is not None:
+        assert image_sizes is not None
+        inside = torch.stack([anchors_inside_image(anchors, size, allowed_border) for size in image_sizes])
     thresholds = (fg_iou, bg_iou, allow_low_quality)
     if device.type == "cpu" and CPU_KERNEL:
-        for index, gt in enumerate(boxes):
-            if not bool(torch.isfinite(gt).all()):
-                raise ValueError(f"match_anchors_batched: gt_boxes[{index}] contain non-finite coordinates")
-        inside = None
-        if allowed_border is not None:
-            assert image_sizes is not None
-            inside = torch.stack([anchors_inside_image(anchors, size, allowed_border) for size in image_sizes])
         return match_grid_cpu(grid, boxes, *thresholds, inside=inside, compact=compact)
 
     labels = torch.zeros(len(boxes), num_anchors, dtype=torch.int64, device=device)
@@ -98,11 +98,11 @@ def match_anchors_batched(
             continue
         most = max([boxes[i].shape[0] for i in chunk] + [gt.shape[0]])
         if chunk and (len(chunk) + 1) * most * num_anchors > _IOU_BUDGET:
-            _match_chunk(grid, anchors, boxes, chunk, labels, matched, thresholds, image_sizes, allowed_border)
+            _match_chunk(grid, anchors, boxes, chunk, labels, matched, thresholds, inside)
             chunk = []
         chunk.append(index)
     if chunk:
-        _match_chunk(grid, anchors, boxes, chunk, labels, matched, thresholds, image_sizes, allowed_border)
+        _match_chunk(grid, anchors, boxes, chunk, labels, matched, thresholds, inside)
     if compact:
         return labels.to(torch.int8), matched.to(torch.int32)
     return labels, matched
@@ -116,10 +116,11 @@ def _match_chunk(
     labels: Tensor,
     matched: Tensor,
     thresholds: tuple[float, float, bool],
-    image_sizes: Sequence[tuple[int, int]] | None,
-    allowed_border: float | None,
+    batch_inside: Tensor | None,
 ) -> None:
     """Fill ``labels`` / ``matched`` rows ``chunk`` from one IoU block per level.
+
+    ``batch_inside``: the border filter's bool ``[B, N]`` mask of the whole batch, or ``None``.
 
     Only the maxima are reduced over every anchor; argmax and low-quality ties are resolved
     on the few candidate anchors whose best IoU reaches ``fg_iou`` or some gt's best IoU.
@@ -129,10 +130,7 @@ def _match_chunk(
     num_gt = torch.tensor([boxes[i].shape[0] for i in chunk], device=device)
     most = int(num_gt.max())
     rows = torch.tensor(chunk, device=device)
-    inside = None
-    if allowed_border is not None:
-        assert image_sizes is not None
-        inside = torch.stack([anchors_inside_image(anchors, image_sizes[i], allowed_border) for i in chunk])
+    inside = None if batch_inside is None else batch_inside[rows]
     if most == 0:
         labels[rows] = 0 if inside is None else torch.where(inside, 0, -1)
         matched[rows] = 0
@@ -140,8 +138,6 @@ def _match_chunk(
     gt = torch.zeros(batch, most, 4, device=device)
     for slot, index in enumerate(chunk):
         gt[slot, : boxes[index].shape[0]] = boxes[index]
-    if not bool(torch.isfinite(gt).all()):
-        raise ValueError("match_anchors_batched: gt_boxes contain non-finite coordinates")
 
     levels = [level for level in grid.levels if level.num_anchors]
     ious = _level_ious(levels, anchors, gt, inside)

@@ -62,7 +62,7 @@ class GridTables:
             dtype=np.int64,
         ).reshape(-1, 5)
         self.geometry = np.array([(lv.step, lv.origin) for lv in grid.levels], dtype=np.float64).reshape(-1, 2)
-        self.everywhere = np.ones(self.anchors.shape[0], dtype=np.bool_)
+        self.everywhere = np.ones((1, self.anchors.shape[0]), dtype=np.bool_)  # no border filter
 
 
 _TABLES: OrderedDict[int, tuple[AnchorGrid, GridTables]] = OrderedDict()
@@ -104,7 +104,7 @@ def match_grid_cpu(
     _match_batch(
         tables.anchors,
         tables.areas,
-        np.ones((1, num_anchors), dtype=np.bool_) if inside is None else inside.cpu().numpy(),
+        tables.everywhere if inside is None else inside.cpu().numpy(),
         tables.layout,
         tables.geometry,
         tables.cells,
