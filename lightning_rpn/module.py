@@ -320,12 +320,16 @@ class RPNModule(pl.LightningModule):
             )
 
     def forward(
-        self, batch: RPNBatch, need_proposals: bool = True, with_targets: bool = True
-    ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        self,
+        batch: RPNBatch,
+        need_proposals: bool = True,
+        with_targets: bool = True,
+        proposal_logits: bool = False,
+    ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """Proposals per image ``(boxes [P, 4], scores [P])`` in resized-image pixels, and losses.
 
         Losses are computed when ``with_targets`` (from ``batch.anchor_targets`` when present,
-        else from the gt boxes).
+        else from the gt boxes); ``proposal_logits`` adds each proposal's logit ``[P]``.
         """
         self._check_padding(batch.images)
         features = self.backbone(self.normalize(batch.images))
@@ -336,6 +340,7 @@ class RPNModule(pl.LightningModule):
             anchor_targets=batch.anchor_targets if with_targets else None,
             image_ids=batch.image_ids,
             need_proposals=need_proposals,
+            proposal_logits=proposal_logits,
         )
 
     # ------------------------------------------------------------------ steps
@@ -468,15 +473,17 @@ class RPNModule(pl.LightningModule):
         self._end_recall_epoch("test")
 
     def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:
-        """Per image ``{"image_id", "boxes" [P, 4], "scores" [P]}`` in original-image pixels."""
-        proposals, _ = self._run(batch, "predict", need_proposals=True, with_targets=False)
+        """Per image ``{"image_id", "boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``,
+        boxes in original-image pixels."""
+        proposals, _ = self._run(batch, "predict", need_proposals=True, with_targets=False, proposal_logits=True)
         return [
             {
                 "image_id": image_id,
                 "boxes": to_original_coordinates(boxes, resized, original),
                 "scores": scores,
+                "objectness_logits": logits,
             }
-            for (boxes, scores), image_id, resized, original in zip(
+            for (boxes, scores, logits), image_id, resized, original in zip(
                 proposals, batch.image_ids, batch.image_sizes, batch.original_sizes
             )
         ]

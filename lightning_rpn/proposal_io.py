@@ -2,8 +2,9 @@
 
 Shapes: ``P`` proposals of an image. A *proposal record* is a mapping
 ``{"image_id": int | str, "boxes": [P, 4] xyxy float32 (original-image pixels), "scores": [P]}``
-(objectness probabilities, best first): what :meth:`lightning_rpn.module.RPNModule.predict_step`
-returns per image, and what the readers return (as tensors).
+(objectness probabilities, best first), optionally with ``"objectness_logits": [P]``: what
+:meth:`lightning_rpn.module.RPNModule.predict_step` returns per image (logits included), and
+what the readers return (as tensors).
 
 Formats:
 
@@ -12,7 +13,9 @@ Formats:
   appear. Coordinates are rounded to ``decimals`` (default 0.01 px) to keep files small.
 * detectron2 precomputed proposals (``DATASETS.PROPOSAL_FILES_TRAIN`` / ``..._TEST``): a pickle
   of ``{"ids": [image ids], "boxes": [float32 [P, 4] xyxy], "objectness_logits": [float32 [P]],
-  "bbox_mode": 0}`` (``BoxMode.XYXY_ABS``); logits are ``logit(score)``, exact up to float32.
+  "bbox_mode": 0}`` (``BoxMode.XYXY_ABS``). The logits are the records' ``objectness_logits``
+  (the model's own, which keep the order of proposals whose float32 probabilities all round to
+  1.0); a record without them gets ``logit(score)``, which cannot tell such proposals apart.
 
 Every file is written to a temporary name next to it and moved into place with ``os.replace``,
 so a reader never sees a partial file. :class:`ProposalWriter` is the Lightning callback that
@@ -75,7 +78,10 @@ def _json_id(image_id: Any) -> int | str:
     return image_id
 
 
-def _records(proposals: Iterable[Mapping[str, Any]], where: str) -> Iterable[tuple[int | str, np.ndarray, np.ndarray]]:
+def _records(
+    proposals: Iterable[Mapping[str, Any]], where: str
+) -> Iterable[tuple[int | str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """``(image_id, boxes [P, 4], scores [P], logits [P] or None)`` float32 per record, checked."""
     for index, item in enumerate(proposals):
         missing = {"image_id", "boxes", "scores"} - set(item)
         if missing:
@@ -87,7 +93,14 @@ def _records(proposals: Iterable[Mapping[str, Any]], where: str) -> Iterable[tup
             raise ValueError(
                 f"{where}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} scores"
             )
-        yield image_id, boxes, scores
+        logits = None
+        if item.get("objectness_logits") is not None:
+            logits = _numpy(item["objectness_logits"], np.float32, (), f"{where}: objectness_logits of image {image_id!r}")
+            if len(logits) != len(scores):
+                raise ValueError(
+                    f"{where}: image {image_id!r} has {len(scores)} scores but {len(logits)} objectness_logits"
+                )
+        yield image_id, boxes, scores, logits
 
 
 @contextmanager
@@ -111,7 +124,7 @@ def write_coco_proposals(
     with _atomic_open(path, "w") as handle:
         handle.write("[")
         first = True
-        for image_id, boxes, scores in _records(proposals, f"write_coco_proposals({str(path)!r})"):
+        for image_id, boxes, scores, _ in _records(proposals, f"write_coco_proposals({str(path)!r})"):
             xywh = boxes.astype(np.float64)
             xywh[:, 2:] -= xywh[:, :2]
             if decimals is not None:
@@ -125,7 +138,8 @@ def write_coco_proposals(
 
 
 def _sorted_record(image_id: int | str, boxes: np.ndarray, scores: np.ndarray, **extra: Any) -> dict[str, Any]:
-    order = np.argsort(-scores, kind="stable")
+    """A record of tensors, best first (by ``objectness_logits`` when given, else by score)."""
+    order = np.argsort(-extra.get("objectness_logits", scores), kind="stable")
     out = {"image_id": image_id, "boxes": torch.from_numpy(boxes[order]), "scores": torch.from_numpy(scores[order])}
     out.update({k: torch.from_numpy(v[order]) for k, v in extra.items()})
     return out
@@ -161,14 +175,20 @@ def read_coco_proposals(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str, Any]]) -> Path:
-    """Write proposal records as detectron2's precomputed-proposals pickle (logits = logit(score))."""
+    """Write proposal records as detectron2's precomputed-proposals pickle.
+
+    The logits are each record's ``objectness_logits``, or ``logit(score)`` for a record
+    without them (lossy where float32 probabilities saturate).
+    """
     path = Path(path)
     ids, all_boxes, all_logits = [], [], []
-    for image_id, boxes, scores in _records(proposals, f"write_detectron2_proposals({str(path)!r})"):
-        p = np.clip(scores.astype(np.float64), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+    for image_id, boxes, scores, logits in _records(proposals, f"write_detectron2_proposals({str(path)!r})"):
+        if logits is None:
+            p = np.clip(scores.astype(np.float64), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+            logits = (np.log(p) - np.log1p(-p)).astype(np.float32)
         ids.append(image_id)
         all_boxes.append(boxes)
-        all_logits.append((np.log(p) - np.log1p(-p)).astype(np.float32))
+        all_logits.append(logits)
     payload = {"ids": ids, "boxes": all_boxes, "objectness_logits": all_logits, "bbox_mode": 0}
     with _atomic_open(path, "wb") as handle:
         pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
@@ -208,8 +228,8 @@ def read_detectron2_proposals(path: str | Path) -> list[dict[str, Any]]:
 def merge_proposal_parts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Records of per-rank part files, deduplicated by image id, in dataset order when known.
 
-    A part file is a sequence of pickled ``(dataset_index | None, image_id, boxes, scores)``
-    tuples (what :class:`ProposalWriter` appends per image). Duplicates (the padding a
+    A part file is a sequence of pickled ``(dataset_index | None, image_id, boxes, scores,
+    logits | None)`` tuples (what :class:`ProposalWriter` appends per image). Duplicates (the padding a
     distributed sampler adds) keep their first copy; records without an index follow the
     indexed ones in rank order.
     """
@@ -219,12 +239,13 @@ def merge_proposal_parts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         with Path(path).open("rb") as handle:
             while True:
                 try:
-                    index, image_id, boxes, scores = pickle.load(handle)
+                    index, image_id, boxes, scores, logits = pickle.load(handle)
                 except EOFError:
                     break
                 if image_id not in seen:
                     key = float(index) if index is not None else math.inf
-                    seen[image_id] = (key, arrival, {"image_id": image_id, "boxes": boxes, "scores": scores})
+                    record = {"image_id": image_id, "boxes": boxes, "scores": scores, "objectness_logits": logits}
+                    seen[image_id] = (key, arrival, record)
                 arrival += 1
     return [record for _, _, record in sorted(seen.values(), key=lambda item: item[:2])]
 
@@ -285,10 +306,11 @@ class ProposalWriter(BasePredictionWriter):
         if self._handle is None:
             raise RuntimeError("ProposalWriter: write_on_batch_end before on_predict_start")
         indices = list(batch_indices) if batch_indices is not None and len(batch_indices) == len(prediction) else None
-        for position, (image_id, boxes, scores) in enumerate(_records(prediction, "ProposalWriter")):
-            order = np.argsort(-scores, kind="stable")[: self.top_k]
+        for position, (image_id, boxes, scores, logits) in enumerate(_records(prediction, "ProposalWriter")):
+            order = np.argsort(-(scores if logits is None else logits), kind="stable")[: self.top_k]
             index = None if indices is None else int(indices[position])
-            pickle.dump((index, image_id, boxes[order], scores[order]), self._handle,
+            kept_logits = None if logits is None else logits[order]
+            pickle.dump((index, image_id, boxes[order], scores[order], kept_logits), self._handle,
                         protocol=pickle.HIGHEST_PROTOCOL)
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

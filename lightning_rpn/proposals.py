@@ -29,6 +29,7 @@ probabilities differ, and logits separate boxes that ``sigmoid`` rounds to the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -127,6 +128,40 @@ def _nms_all_levels_top(boxes: Tensor, logits: Tensor, levels: Tensor, iou_thres
     return kept[logits[kept].sort(descending=True, stable=True).indices[:max_keep]]
 
 
+@overload
+def generate_proposals(
+    objectness: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    pre_nms_top_n: int = ...,
+    post_nms_top_n: int = ...,
+    nms_thresh: float = ...,
+    min_size: float = ...,
+    score_thresh: float = ...,
+    *,
+    box_coder: BoxCoder | None = ...,
+    return_logits: Literal[False] = ...,
+) -> list[tuple[Tensor, Tensor]]: ...
+
+
+@overload
+def generate_proposals(
+    objectness: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    pre_nms_top_n: int = ...,
+    post_nms_top_n: int = ...,
+    nms_thresh: float = ...,
+    min_size: float = ...,
+    score_thresh: float = ...,
+    *,
+    box_coder: BoxCoder | None = ...,
+    return_logits: Literal[True],
+) -> list[tuple[Tensor, Tensor, Tensor]]: ...
+
+
 @torch.no_grad()
 def generate_proposals(
     objectness: Sequence[Tensor],
@@ -140,7 +175,8 @@ def generate_proposals(
     score_thresh: float = 0.0,
     *,
     box_coder: BoxCoder | None = None,
-) -> list[tuple[Tensor, Tensor]]:
+    return_logits: bool = False,
+) -> list[tuple[Tensor, Tensor]] | list[tuple[Tensor, Tensor, Tensor]]:
     """Proposals per image: ``(boxes [P, 4], objectness probabilities [P])``, best first.
 
     Args:
@@ -154,8 +190,10 @@ def generate_proposals(
         min_size: boxes with width or height below this (after clipping) are dropped.
         score_thresh: candidates with probability below this are dropped.
         box_coder: delta parametrisation (default ``BoxCoder()``).
+        return_logits: also return each proposal's objectness logit, ``(boxes, probabilities,
+            logits [P])``: probabilities saturate at 1.0 in float32, logits keep the ranking.
 
-    Runs without gradients; boxes and scores are float32.
+    Runs without gradients; boxes, scores and logits are float32.
     """
     _check_inputs(objectness, deltas, anchors, image_sizes)
     if pre_nms_top_n < 1 or post_nms_top_n < 0:
@@ -192,7 +230,7 @@ def generate_proposals(
         level_of = torch.repeat_interleave(
             torch.arange(len(level_counts), device=device), torch.tensor(level_counts, device=device)
         )
-    results: list[tuple[Tensor, Tensor]] = []
+    results: list = []
     for image in range(batch):
         keep = torch.nonzero(valid[image]).squeeze(1)
         image_boxes, image_logits = boxes[image, keep], logits[image, keep]
@@ -200,5 +238,9 @@ def generate_proposals(
             best = _nms_per_level_top(image_boxes, image_logits, valid_counts[image], nms_thresh, post_nms_top_n)
         else:
             best = _nms_all_levels_top(image_boxes, image_logits, level_of[keep], nms_thresh, post_nms_top_n)
-        results.append((image_boxes[best], probs[image, keep[best]]))
+        chosen = keep[best]
+        if return_logits:
+            results.append((image_boxes[best], probs[image, chosen], logits[image, chosen]))
+        else:
+            results.append((image_boxes[best], probs[image, chosen]))
     return results

@@ -126,7 +126,8 @@ class RPN(nn.Module):
         anchor_targets: tuple[Tensor, Tensor] | None = None,
         image_ids: Sequence[int | str] | None = None,
         need_proposals: bool = True,
-    ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        proposal_logits: bool = False,
+    ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """Proposals per image ``(boxes [P, 4], probabilities [P])`` and the loss dict.
 
         Args:
@@ -137,6 +138,8 @@ class RPN(nn.Module):
                 takes precedence over ``targets``.
             image_ids: ids seeding each image's sampling (default: index in the batch).
             need_proposals: ``False`` skips proposal generation and returns ``[]``.
+            proposal_logits: proposals as ``(boxes, probabilities, logits [P])``: the logits
+                keep the ranking that float32 probabilities lose once they round to 1.0.
 
         Losses ``{"loss_rpn_cls", "loss_rpn_reg"}`` are computed whenever ``targets`` or
         ``anchor_targets`` are given, in train and eval mode alike; ``{}`` otherwise.
@@ -184,7 +187,7 @@ class RPN(nn.Module):
                 num_anchor_locations=num_anchors // self.head.num_anchors,
             )
 
-        proposals: list[tuple[Tensor, Tensor]] = []
+        proposals: list[tuple[Tensor, ...]] = []
         if need_proposals:
             logits = pred_objectness
             if self.objectness == "softmax":
@@ -201,6 +204,7 @@ class RPN(nn.Module):
                 self.min_size,
                 self.score_thresh,
                 box_coder=self.box_coder,
+                return_logits=proposal_logits,
             )
         return proposals, losses
 

@@ -90,13 +90,29 @@ def test_merge_parts_dedups_sampler_padding_and_restores_dataset_order(tmp_path)
     def part(path, items):
         with path.open("wb") as handle:
             for index in items:
-                pickle.dump((index, f"im{index}", np.full((1, 4), index, np.float32), np.ones(1, np.float32)), handle)
+                boxes, ones = np.full((1, 4), index, np.float32), np.ones(1, np.float32)
+                pickle.dump((index, f"im{index}", boxes, ones, ones * index), handle)
         return path
 
     parts = [part(tmp_path / "r0.pkl", [0, 2, 4]), part(tmp_path / "r1.pkl", [1, 3, 0])]
     merged = merge_proposal_parts(parts)
     assert [r["image_id"] for r in merged] == ["im0", "im1", "im2", "im3", "im4"]
     assert [float(r["boxes"][0, 0]) for r in merged] == [0, 1, 2, 3, 4]
+    assert [float(r["objectness_logits"][0]) for r in merged] == [0, 1, 2, 3, 4]
+
+
+def test_detectron2_file_keeps_the_models_logits(tmp_path) -> None:
+    """Logits 17, 20, 30 are all probability 1.0 in float32; the file keeps them apart."""
+    logits = torch.tensor([30.0, 20.0, 17.0, -3.0])
+    record = {"image_id": 1, "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 4), "scores": logits.sigmoid(),
+              "objectness_logits": logits}
+    assert record["scores"][:3].tolist() == [1.0, 1.0, 1.0]
+    path = write_detectron2_proposals(tmp_path / "p.pkl", [record])
+    with path.open("rb") as handle:
+        assert pickle.load(handle)["objectness_logits"][0].tolist() == logits.tolist()
+    assert read_detectron2_proposals(path)[0]["objectness_logits"].tolist() == logits.tolist()
+    with pytest.raises(ValueError, match="4 scores but 3 objectness_logits"):
+        write_detectron2_proposals(tmp_path / "q.pkl", [{**record, "objectness_logits": logits[:3]}])
 
 
 def test_trainer_predict_writes_both_formats_in_original_coordinates(tmp_path) -> None:
@@ -118,11 +134,12 @@ def test_trainer_predict_writes_both_formats_in_original_coordinates(tmp_path) -
     assert [r["image_id"] for r in coco] == [r["image_id"] for r in d2 if len(r["boxes"])]
     # expected: the model's proposals on the 64x64 inputs, scaled back by hand and clipped
     model.eval()
-    expected = []
+    expected, expected_logits = [], []
     with torch.no_grad():
         for batch in data.predict_dataloader():
-            proposals, _ = model(batch, with_targets=False)
-            expected.extend(boxes[:20] for boxes, _ in proposals)
+            proposals, _ = model(batch, with_targets=False, proposal_logits=True)
+            expected.extend(boxes[:20] for boxes, _, _ in proposals)
+            expected_logits.extend(logits[:20] for _, _, logits in proposals)
     for i, record in enumerate(d2):
         height, width = raw[i].image_size
         scale = torch.tensor([width / 64, height / 64, width / 64, height / 64])
@@ -131,6 +148,7 @@ def test_trainer_predict_writes_both_formats_in_original_coordinates(tmp_path) -
         by_hand[:, 1::2] = by_hand[:, 1::2].clamp(max=height)
         assert 0 < len(record["boxes"]) <= 20
         torch.testing.assert_close(record["boxes"], by_hand)
+        assert torch.equal(record["objectness_logits"], expected_logits[i])  # the model's, not logit(score)
         assert torch.all(record["scores"][:-1] >= record["scores"][1:])
     by_id = {r["image_id"]: r for r in coco}
     for record in d2:
