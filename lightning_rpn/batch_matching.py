@@ -34,7 +34,7 @@ from torch import Tensor
 from .anchors import AnchorGrid
 from .boxes import box_area
 from .cpu_kernels import match_grid_cpu
-from .matching import anchors_inside_image, match_anchors
+from .matching import anchors_inside_image, check_gt_box_batch, match_anchors
 
 __all__ = ["match_anchors_batched", "CPU_KERNEL"]
 
@@ -75,9 +75,7 @@ def match_anchors_batched(
         if not isinstance(gt, Tensor) or gt.dim() != 2 or gt.shape[1] != 4:
             raise ValueError(f"match_anchors_batched: gt_boxes[{index}] must be [G, 4], got {gt!r:.80}")
         boxes.append(gt.to(device=device, dtype=torch.float32))
-    for index, gt in enumerate(boxes):
-        if not bool(torch.isfinite(gt).all()):
-            raise ValueError(f"match_anchors_batched: gt_boxes[{index}] contain non-finite coordinates")
+    check_gt_box_batch(boxes, lambda index: f"match_anchors_batched(gt_boxes[{index}])")
     inside = None
     if allowed_border is not None:
         assert image_sizes is not None

@@ -42,6 +42,9 @@ Two implementations give identical results:
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -49,7 +52,7 @@ from torch import Tensor
 from .anchors import AnchorGrid, grid_centres
 from .boxes import box_area, box_iou
 
-__all__ = ["match_anchors", "anchors_inside_image"]
+__all__ = ["match_anchors", "anchors_inside_image", "check_gt_box_batch"]
 
 _PAIR_BUDGET = 1 << 20  # candidate pairs evaluated at once on the grid path
 _DENSE_BUDGET = 1 << 22  # IoU entries evaluated at once on the dense path
@@ -69,6 +72,45 @@ def anchors_inside_image(anchors: Tensor, image_size: tuple[int, int], allowed_b
         & (anchors[:, 2] < width + border)
         & (anchors[:, 3] < height + border)
     )
+
+
+def check_gt_box_batch(
+    gt_boxes: Sequence[Tensor],
+    where: Callable[[int], str],
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+) -> None:
+    """Raise ``ValueError`` for the first malformed box of float32 ``[G_i, 4]`` tensors (one device).
+
+    Malformed: a non-finite coordinate, ``x2 <= x1`` or ``y2 <= y1`` (no area) or, with
+    ``image_sizes`` (``(h, w)`` per tensor), a box wholly outside its image. One vectorised
+    pass over the whole batch and one host sync; the message starts with ``where(i)`` for
+    the ``i``-th tensor and names the box's row and coordinates.
+    """
+    counts = [int(boxes.shape[0]) for boxes in gt_boxes]
+    if not sum(counts):
+        return
+    boxes = torch.cat(list(gt_boxes)) if len(gt_boxes) > 1 else gt_boxes[0]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    good = torch.isfinite(boxes).all(dim=1) & (x2 > x1) & (y2 > y1)
+    if image_sizes is not None:
+        size = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)
+        size = size.repeat_interleave(torch.tensor(counts, device=boxes.device), dim=0)
+        good &= (x1 < size[:, 1]) & (y1 < size[:, 0]) & (x2 > 0) & (y2 > 0)
+    if bool(good.all()):
+        return
+    first = int(torch.nonzero(~good)[0, 0])
+    image = bisect.bisect_right(list(itertools.accumulate(counts)), first)
+    row = first - sum(counts[:image])
+    values = boxes[first].tolist()
+    if not all(math.isfinite(value) for value in values):
+        problem = "has non-finite coordinates"
+    elif not (values[2] > values[0] and values[3] > values[1]):
+        problem = "is empty; expected x2 > x1 and y2 > y1 (xyxy pixels)"
+    else:
+        assert image_sizes is not None
+        height, width = image_sizes[image]
+        problem = f"lies wholly outside its {height}x{width} (h x w) image; expected image pixels"
+    raise ValueError(f"{where(image)}: gt box {row} = {values} {problem}")
 
 
 def match_anchors(
@@ -100,8 +142,7 @@ def match_anchors(
     device = anchor_boxes.device
     anchor_boxes = anchor_boxes.float()
     gt = gt_boxes.to(device=device, dtype=torch.float32)
-    if gt.numel() and not bool(torch.isfinite(gt).all()):
-        raise ValueError("match_anchors: gt_boxes contain non-finite coordinates")
+    check_gt_box_batch([gt], lambda _: "match_anchors(gt_boxes)")
 
     inside = None
     if allowed_border is not None:

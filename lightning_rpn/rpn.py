@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
-from .boxes import check_gt_boxes
 from .head import OBJECTNESS_MODES, RPNHead, objectness_logits
 from .loss import BOX_LOSSES, LOSS_NORMALIZATIONS, rpn_loss
+from .matching import check_gt_box_batch
 from .proposals import generate_proposals
 from .targets import AnchorTargetConfig, assign_batch_targets, sample_generator
 
@@ -234,7 +234,10 @@ class RPN(nn.Module):
         batch: int,
         device: torch.device,
     ) -> tuple[Tensor, Tensor]:
-        """Match and sample anchors of every image, as the data pipeline does (no grad)."""
+        """Match and sample anchors of every image, as the data pipeline does (no grad).
+
+        Every gt box must be finite, non-empty and at least partly inside its image.
+        """
         if len(targets) != batch:
             raise ValueError(f"RPN: {len(targets)} targets for a batch of {batch} images")
         ids = list(range(batch)) if image_ids is None else list(image_ids)
@@ -242,11 +245,14 @@ class RPN(nn.Module):
             raise ValueError(f"RPN: {len(ids)} image_ids for a batch of {batch} images")
         gt_boxes = []
         for index, (target, image_id) in enumerate(zip(targets, ids)):
-            where = f"RPN targets[{index}] (image_id={image_id!r})"
-            if "boxes" not in target:
-                raise ValueError(f"{where}: missing the 'boxes' entry (gt boxes [G, 4])")
-            check_gt_boxes(target["boxes"], where)
-            gt_boxes.append(target["boxes"])
+            boxes = target.get("boxes")
+            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(
+                    f"RPN targets[{index}] (image_id={image_id!r}): the 'boxes' entry must be gt boxes "
+                    f"[G, 4], got {'nothing' if boxes is None else _describe(boxes)}"
+                )
+            gt_boxes.append(boxes.to(device=device, dtype=torch.float32))
+        check_gt_box_batch(gt_boxes, lambda i: f"RPN targets[{i}] (image_id={ids[i]!r})", image_sizes)
         return assign_batch_targets(
             self.anchor_generator.grid(shapes, device=device),
             gt_boxes,
@@ -256,3 +262,9 @@ class RPN(nn.Module):
             [sample_generator(self.seed, image_id) for image_id in ids],
             [target.get("crowd_boxes") for target in targets],
         )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

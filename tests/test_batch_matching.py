@@ -122,6 +122,10 @@ def test_bad_input_is_named() -> None:
         match_anchors_batched(grid, [torch.zeros(0, 4), torch.zeros(3)])
     with pytest.raises(ValueError, match="non-finite"):
         match_anchors_batched(grid, [torch.tensor([[0.0, 0.0, float("nan"), 5.0]])])
+    good = torch.tensor([[4.0, 4.0, 40.0, 50.0]])
+    flipped = torch.tensor([[4.0, 4.0, 40.0, 50.0], [4.0, 4.0, 40.0, 50.0], [50.0, 4.0, 40.0, 50.0]])
+    with pytest.raises(ValueError, match=r"gt_boxes\[2\]\): gt box 2 = \[50.0, 4.0, 40.0, 50.0\] is empty"):
+        match_anchors_batched(grid, [good, torch.zeros(0, 4), flipped, good])
     with pytest.raises(ValueError, match="bg_iou <= fg_iou"):
         match_anchors_batched(grid, [torch.zeros(0, 4)], fg_iou=0.3, bg_iou=0.5)
     with pytest.raises(ValueError, match="needs image_sizes"):

@@ -205,6 +205,25 @@ def test_invalid_arguments() -> None:
         match_anchors(grid, torch.tensor([[0.0, 0.0, float("inf"), 5.0]]))
 
 
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ([30.0, 10.0, 20.0, 40.0], "is empty; expected x2 > x1"),  # x2 < x1
+        ([10.0, 10.0, 40.0, 10.0], "is empty; expected x2 > x1"),  # zero height
+        ([10.0, 10.0, 10.0, 10.0], "is empty; expected x2 > x1"),  # a point
+        ([0.0, 0.0, float("nan"), 5.0], "has non-finite coordinates"),
+    ],
+)
+def test_malformed_gt_box_names_its_index_and_value(bad: list[float], problem: str) -> None:
+    """They used to give all-negative labels silently; the data layer raises for them too."""
+    gt = torch.tensor([[4.0, 4.0, 40.0, 50.0], [60.0, 8.0, 90.0, 30.0], bad])
+    for anchors in (FPN.grid(FPN.feature_shapes_for(IMAGE)), torch.tensor([[0.0, 0.0, 32.0, 32.0]])):
+        with pytest.raises(ValueError, match=rf"match_anchors\(gt_boxes\): gt box 2 = \[.*\] {problem}") as caught:
+            match_anchors(anchors, gt)
+        if bad[2] == bad[2]:  # not NaN: the message shows the coordinates as given
+            assert str(bad) in str(caught.value)
+
+
 def test_small_problems_take_the_dense_path_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
     gt = random_gt(2, 16)

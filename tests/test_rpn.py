@@ -120,6 +120,17 @@ def test_bad_gt_boxes_name_the_image(bad_box: list[float], message: str) -> None
         _rpn()(_features(), IMAGE_SIZES, targets, image_ids=IMAGE_IDS)
 
 
+@pytest.mark.parametrize("outside", [[70.0, 10.0, 90.0, 30.0], [-20.0, 5.0, 0.0, 30.0], [10.0, 56.0, 20.0, 60.0]])
+def test_gt_box_wholly_outside_its_image_is_named(outside: list[float]) -> None:
+    """Image 1 is 56 x 60 (h x w): boxes beyond x = 60 or y = 56, or left of x = 0, cover none of it."""
+    targets = _targets()
+    targets[1]["boxes"] = torch.tensor([[10.0, 10.0, 26.0, 22.0], outside])
+    with pytest.raises(ValueError, match=r"targets\[1\] \(image_id=17\): gt box 1 = .* wholly outside its 56x60"):
+        _rpn()(_features(), IMAGE_SIZES, targets, image_ids=IMAGE_IDS)
+    targets[1]["boxes"] = torch.tensor([[50.0, 40.0, 70.0, 70.0]])  # partly inside: fine
+    _rpn()(_features(), IMAGE_SIZES, targets, image_ids=IMAGE_IDS)
+
+
 def test_need_proposals_false_skips_proposal_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("generate_proposals must not run")
