@@ -45,7 +45,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rpn.anchors import AnchorGenerator
@@ -65,7 +65,7 @@ from lightning_rpn.targets import AnchorTargetConfig
 
 _SKIPPED_KEY = "skipped_nonfinite_batches"
 
-__all__ = ["LRSchedule", "RPNModule", "to_original_coordinates"]
+__all__ = ["LRSchedule", "RPNModule", "RunLambdaLR", "to_original_coordinates"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,6 +98,42 @@ class LRSchedule:
             alpha = step / self.warmup_steps
             factor *= self.warmup_factor * (1.0 - alpha) + alpha
         return factor
+
+
+class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose schedule follows the run it is in, also when that run resumes.
+
+    ``LambdaLR.load_state_dict`` writes the saved schedule's fields (``total_steps``, milestones,
+    ...) and base learning rates over the resumed run's, so extending a finished cosine run
+    trained at its final learning rate. Here a resumed run takes only the step count from the
+    checkpoint, keeps the schedule built from its own config and trainer (``max_steps`` /
+    ``max_epochs``), logs what differs from the checkpoint's, and sets the optimizer to the
+    learning rate of the step it resumes at.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_lambdas = state_dict.get("lr_lambdas") or [None]
+        saved_base_lrs = list(state_dict.get("base_lrs", self.base_lrs))
+        self.__dict__.update(
+            {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs")}
+        )
+        changes = [
+            f"{name} {saved_lambdas[0][name]!r} -> {value!r}"
+            for name, value in vars(self.lr_lambdas[0]).items()
+            if saved_lambdas[0] is not None and saved_lambdas[0].get(name, value) != value
+        ]
+        if saved_base_lrs != self.base_lrs:
+            changes.append(f"base lr {saved_base_lrs} -> {self.base_lrs}")
+        if changes:
+            rank_zero_info(
+                f"RPNModule: resuming at step {self.last_epoch}, the learning-rate schedule "
+                f"follows this run's config and trainer (max_steps / max_epochs), not the "
+                f"checkpoint's: {', '.join(changes)}"
+            )
+        lrs = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
 
 
 class RPNModule(pl.LightningModule):
@@ -510,7 +546,15 @@ class RPNModule(pl.LightningModule):
             raise ValueError(
                 f"model.lr_schedule must be 'multistep' or 'cosine', got {hp.lr_schedule!r}"
             )
-        total = int(self.trainer.estimated_stepping_batches) if hp.lr_schedule == "cosine" else 0
+        total = 0
+        if hp.lr_schedule == "cosine":
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ValueError(
+                    "model.lr_schedule='cosine' decays over the whole run: set trainer.max_steps "
+                    "or trainer.max_epochs (both are unlimited)"
+                )
+            total = int(steps)
         schedule = LRSchedule(
             warmup_steps=hp.warmup_steps,
             warmup_factor=hp.warmup_factor,
@@ -520,7 +564,7 @@ class RPNModule(pl.LightningModule):
             total_steps=total,
             min_factor=hp.min_lr_factor,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = RunLambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
