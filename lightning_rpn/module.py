@@ -53,7 +53,7 @@ from lightning_rpn.backbones import build_backbone, check_backbone
 from lightning_rpn.box_coder import BoxCoder
 from lightning_rpn.boxes import clip_boxes_to_image
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
 from lightning_rpn.data.image_io import load_rgb_image
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
@@ -173,8 +173,8 @@ class RPNModule(pl.LightningModule):
         nms_thresh: NMS IoU threshold.
         min_size: proposals with a side below this (pixels) are dropped.
         score_thresh: proposals with an objectness probability below this are dropped.
-        anchor_sampling_seed: seed of the anchor sampling (mixed with each image id); the data
-            module uses it too, through ``rpn.seed``.
+        anchor_sampling_seed: seed of the anchor sampling (mixed with the epoch and each image
+            id, so every epoch samples afresh); the data module uses it too, through ``rpn.seed``.
         optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
         lr: peak learning rate.
         momentum: SGD momentum.
@@ -364,17 +364,20 @@ class RPNModule(pl.LightningModule):
     ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """Proposals per image ``(boxes [P, 4], scores [P])`` in resized-image pixels, and losses.
 
-        Losses are computed when ``with_targets`` (from ``batch.anchor_targets`` when present,
-        else from the gt boxes); ``proposal_logits`` adds each proposal's logit ``[P]``.
+        Losses are computed when ``with_targets`` (from ``batch.anchor_targets`` when they were
+        sampled for the current epoch, else from the gt boxes, sampled for the current epoch);
+        ``proposal_logits`` adds each proposal's logit ``[P]``.
         """
         self._check_padding(batch.images)
         features = self.backbone(self.normalize(batch.images))
+        epoch = self.current_epoch
         return self.rpn(
             features,
             batch.image_sizes,
             targets=batch.targets if with_targets else None,
-            anchor_targets=batch.anchor_targets if with_targets else None,
+            anchor_targets=batch.anchor_targets_for(epoch) if with_targets else None,
             image_ids=batch.image_ids,
+            sampling_epoch=epoch,
             need_proposals=need_proposals,
             proposal_logits=proposal_logits,
         )
@@ -434,6 +437,10 @@ class RPNModule(pl.LightningModule):
         loss = self._log_losses("train", losses, len(batch))
         self.log(f"train/{_SKIPPED_KEY}", float(self.skipped_nonfinite_batches), on_step=True)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        """Workers sample this epoch's anchors (``RPNCollate.set_epoch``) before its first batch."""
+        set_sampling_epoch([self.trainer.train_dataloader, self.trainer.val_dataloaders], self.current_epoch)
 
     def _skip_batch(self, reason: str) -> None:
         self.skipped_nonfinite_batches += 1

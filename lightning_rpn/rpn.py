@@ -10,8 +10,8 @@ One forward pass:
 2. the head's objectness and deltas per level;
 3. losses, if training targets are available: either ``anchor_targets`` precomputed by the
    data pipeline (used as given), or assigned here from ``targets`` under ``no_grad`` with the
-   same function and the same per-image seeded generator as the pipeline, so both paths give
-   identical targets;
+   same function and the same per-image generator (seeded by ``seed``, ``sampling_epoch`` and
+   the image id) as the pipeline, so both paths give identical targets;
 4. proposals (skipped with ``need_proposals=False``, e.g. for a faster training step), with
    the train or test top-k settings chosen by ``self.training``.
 """
@@ -53,7 +53,7 @@ class RPN(nn.Module):
             With ``"paper"``, ``N_reg`` = anchor locations (``sum_l`` of the anchor-grid
             ``H_l x W_l``, i.e. ``N / A``) per image times ``B``.
         objectness: ``"sigmoid"`` or ``"softmax"``; must equal the head's mode.
-        seed: mixed with each image id to seed anchor sampling (``sample_generator``).
+        seed: mixed with the epoch and each image id to seed anchor sampling (``sample_generator``).
     """
 
     def __init__(
@@ -125,6 +125,7 @@ class RPN(nn.Module):
         *,
         anchor_targets: tuple[Tensor, Tensor] | None = None,
         image_ids: Sequence[int | str] | None = None,
+        sampling_epoch: int = 0,
         need_proposals: bool = True,
         proposal_logits: bool = False,
     ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
@@ -137,6 +138,8 @@ class RPN(nn.Module):
             anchor_targets: precomputed ``(labels [B, N] integer, deltas float32 [B, N, 4])``;
                 takes precedence over ``targets``.
             image_ids: ids seeding each image's sampling (default: index in the batch).
+            sampling_epoch: the training epoch, mixed into the sampling seeds so that every
+                epoch samples afresh (pass the one the data pipeline used: ``RPNCollate.set_epoch``).
             need_proposals: ``False`` skips proposal generation and returns ``[]``.
             proposal_logits: proposals as ``(boxes, probabilities, logits [P])``: the logits
                 keep the ranking that float32 probabilities lose once they round to 1.0.
@@ -170,7 +173,7 @@ class RPN(nn.Module):
         if anchor_targets is not None:
             labels_and_deltas = self._check_anchor_targets(anchor_targets, batch, num_anchors, device)
         elif targets is not None:
-            labels_and_deltas = self._assign_targets(targets, sizes, shapes, image_ids, batch, device)
+            labels_and_deltas = self._assign_targets(targets, sizes, shapes, image_ids, sampling_epoch, batch, device)
 
         losses: dict[str, Tensor] = {}
         if labels_and_deltas is not None:
@@ -231,6 +234,7 @@ class RPN(nn.Module):
         image_sizes: list[tuple[int, int]],
         shapes: list[tuple[int, int]],
         image_ids: Sequence[int | str] | None,
+        sampling_epoch: int,
         batch: int,
         device: torch.device,
     ) -> tuple[Tensor, Tensor]:
@@ -259,7 +263,7 @@ class RPN(nn.Module):
             image_sizes,
             self.target_config,
             self.box_coder,
-            [sample_generator(self.seed, image_id) for image_id in ids],
+            [sample_generator(self.seed, image_id, sampling_epoch) for image_id in ids],
             [target.get("crowd_boxes") for target in targets],
         )
 

@@ -82,13 +82,17 @@ class AnchorTargetConfig:
             raise ValueError(f"AnchorTargetConfig: crowd_ioa must be in (0, 1] or None, got {self.crowd_ioa}")
 
 
-def sample_generator(seed: int, image_id: int | str) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, image_id)``, stable across processes and runs.
+def sample_generator(seed: int, image_id: int | str, epoch: int = 0) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, epoch, image_id)``, stable across processes and runs.
 
-    The seed is a BLAKE2b digest of ``"{seed}:{image_id}"`` (Python's ``hash`` is salted per
+    The epoch makes every epoch draw a fresh sample of an image's anchors (as Faster R-CNN
+    samples afresh every iteration) while a run stays reproducible and resumable. The seed is
+    a BLAKE2b digest of ``"{seed}:{epoch}:{image_id}"`` (Python's ``hash`` is salted per
     process), well mixed in the low 32 bits that the CPU generator actually uses.
     """
-    digest = hashlib.blake2b(f"{int(seed)}:{image_id}".encode("utf-8"), digest_size=8).digest()
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"sample_generator: epoch must be a non-negative int, got {epoch!r}")
+    digest = hashlib.blake2b(f"{int(seed)}:{epoch}:{image_id}".encode("utf-8"), digest_size=8).digest()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
     return generator

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_rpn import batch_matching, sampling
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.data.collate import RPNCollate, padded_size
+from lightning_rpn.data.collate import RPNCollate, padded_size, set_sampling_epoch
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, TransformedDataset
@@ -101,6 +101,68 @@ def test_worker_targets_equal_the_rpn_in_model_targets() -> None:
         assert torch.equal(from_worker[key], in_model[key]), key
     _, other_seed = rpn(features, batch.image_sizes, batch.targets, image_ids=[0, 1, 2], need_proposals=False)
     assert not torch.equal(other_seed["loss_rpn_cls"], from_worker["loss_rpn_cls"])
+    # a later epoch: the collate and the in-model path mix in the same epoch
+    collate = RPNCollate(ANCHORS, config, seed=5)
+    collate.set_epoch(3)
+    batch = collate(samples)
+    assert batch.sampling_epoch == 3
+    _, from_worker = rpn(features, batch.image_sizes, anchor_targets=batch.anchor_targets, need_proposals=False)
+    _, in_model = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, sampling_epoch=3,
+                      need_proposals=False)
+    _, epoch_0 = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, need_proposals=False)
+    for key in from_worker:
+        assert torch.equal(from_worker[key], in_model[key]), key
+    assert not torch.equal(epoch_0["loss_rpn_cls"], in_model["loss_rpn_cls"])
+
+
+def test_every_epoch_samples_afresh_and_reproducibly() -> None:
+    """Without augmentation an image's sample used to be the same 256 anchors every epoch."""
+    samples = [item(96, 128, [[5, 5, 40, 60], [50, 10, 120, 60]], 11), item(128, 96, [[10, 10, 50, 90]], "b")]
+    collate = RPNCollate(ANCHORS, seed=4)
+    assert collate.epoch == 0
+    epoch_0 = collate(samples)
+    collate.set_epoch(1)
+    epoch_1 = collate(samples)
+    assert (epoch_0.sampling_epoch, epoch_1.sampling_epoch) == (0, 1)
+    for row in range(len(samples)):
+        assert not torch.equal(epoch_0.anchor_labels[row], epoch_1.anchor_labels[row]), row
+        # the same matching: only the sampled subset changes
+        assert (epoch_0.anchor_labels[row] == 1).sum() == (epoch_1.anchor_labels[row] == 1).sum()
+    again = RPNCollate(ANCHORS, seed=4)
+    again.set_epoch(1)
+    assert torch.equal(again(samples).anchor_labels, epoch_1.anchor_labels)  # same seed + epoch: same sample
+    collate.set_epoch(0)
+    assert torch.equal(collate(samples).anchor_labels, epoch_0.anchor_labels)
+    assert RPNCollate(size_divisibility=32)(samples).sampling_epoch is None  # no targets, no epoch
+    with pytest.raises(ValueError, match="epoch must be a non-negative int, got -1"):
+        collate.set_epoch(-1)
+
+
+def test_stale_targets_are_not_used_for_another_epoch() -> None:
+    collate = RPNCollate(ANCHORS, seed=4)
+    batch = collate([item(64, 64, [[5, 5, 40, 60]], 1)])
+    assert batch.anchor_targets_for(0) is not None and batch.anchor_targets_for(1) is None
+    assert pickle.loads(pickle.dumps(batch)).sampling_epoch == 0
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_persistent_workers_follow_set_epoch_made_in_the_main_process(context: str | None) -> None:
+    dataset = TransformedDataset(SyntheticShapes(8, seed=2), DetectionTransform())
+    collate = RPNCollate(ANCHORS, seed=1)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=1, persistent_workers=True,
+                        multiprocessing_context=context)
+    epochs = []
+    for epoch in range(3):
+        set_sampling_epoch([loader, {"val": None}], epoch)  # what RPNModule does at each epoch start
+        epochs.append(list(loader))
+    reference = RPNCollate(ANCHORS, seed=1)
+    for epoch, batches in enumerate(epochs):
+        reference.set_epoch(epoch)
+        expected = list(DataLoader(dataset, batch_size=4, collate_fn=reference))
+        for got, want in zip(batches, expected):
+            assert got.sampling_epoch == epoch
+            assert torch.equal(got.anchor_labels, want.anchor_labels)
+    assert not torch.equal(epochs[0][0].anchor_labels, epochs[1][0].anchor_labels)
 
 
 @pytest.mark.parametrize("context, workers", [(None, 2), ("spawn", 1)])

@@ -78,6 +78,15 @@ def test_same_generator_state_same_targets_and_seed_dependence() -> None:
     assert not torch.equal(first[0], other[0])
 
 
+def test_sample_generator_mixes_in_the_epoch() -> None:
+    draw = lambda *key: torch.randint(0, 10**9, (4,), generator=sample_generator(*key)).tolist()  # noqa: E731
+    assert draw(3, "img", 0) == draw(3, "img") == draw(3, "img", 0)
+    assert draw(3, "img", 1) == draw(3, "img", 1)
+    assert len({str(draw(3, "img", epoch)) for epoch in range(5)}) == 5
+    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+        sample_generator(3, "img", -1)
+
+
 def test_sample_generator_is_stable_across_processes() -> None:
     keys = [(0, 1), (5, "a/b.jpg")]
     here = [torch.randint(0, 10**9, (3,), generator=sample_generator(s, i)).tolist() for s, i in keys]

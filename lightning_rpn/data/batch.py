@@ -35,7 +35,9 @@ class RPNBatch:
     ``anchor_labels`` int8 ``[B, N]`` (1 / 0 / -1) and ``positive_deltas`` float32 ``[P, 4]``,
     the encoded targets of the positive anchors in the row-major order of
     ``anchor_labels == 1``, or ``None`` (compact: workers send a fraction of the dense
-    ``target_deltas [B, N, 4]``, which is built on demand); ``removed_boxes`` counts ground-truth boxes the transforms removed in this
+    ``target_deltas [B, N, 4]``, which is built on demand); ``sampling_epoch`` the epoch the
+    collate sampled those targets for (``None`` without targets; see :meth:`anchor_targets_for`);
+    ``removed_boxes`` counts ground-truth boxes the transforms removed in this
     batch and ``problems`` what was clipped or skipped while loading it (both reported by
     :class:`~lightning_rpn.data.datamodule.RPNDataModule`).
     """
@@ -48,6 +50,7 @@ class RPNBatch:
     crowd_boxes: list[Tensor]
     anchor_labels: Tensor | None = None
     positive_deltas: Tensor | None = None
+    sampling_epoch: int | None = None
     sources: list[str] = field(default_factory=list)
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -74,6 +77,15 @@ class RPNBatch:
         if self.anchor_labels is None or deltas is None:
             return None
         return self.anchor_labels, deltas
+
+    def anchor_targets_for(self, epoch: int) -> tuple[Tensor, Tensor] | None:
+        """:attr:`anchor_targets` if they were sampled for ``epoch``, else ``None``.
+
+        A batch prefetched before the collate learnt the epoch (the first batches after a
+        resume) has targets of another epoch; ``None`` makes the RPN assign them again from
+        the boxes, with the same result the collate gives for ``epoch``.
+        """
+        return self.anchor_targets if self.sampling_epoch == epoch else None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         small = [*self.gt_boxes, *self.crowd_boxes]

@@ -7,13 +7,21 @@ multiple of ``size_divisibility``), ``L`` levels, ``N`` anchors of an image (all
 The anchors of a batch follow from its padded size alone: ``feature_shapes_for(Hp, Wp)`` gives
 the feature size of every level, so the worker builds (and caches) the same anchors the model
 will build from the backbone's features. Assignment (``assign_compact_targets``: one matching
-pass for the whole batch) seeds sampling per image with ``sample_generator(seed, image_id)``,
-as the RPN's in-model path does, so both paths give identical targets.
+pass for the whole batch) seeds sampling per image with ``sample_generator(seed, image_id,
+epoch)``, as the RPN's in-model path does, so both paths give identical targets.
+
+The epoch lives in a one-element shared-memory tensor: DataLoader workers (forked or spawned,
+persistent or not) read the value the main process last gave :meth:`RPNCollate.set_epoch`
+(``RPNModule`` calls :func:`set_sampling_epoch` at every training epoch start, before the
+epoch's first batch indices reach the workers), and every batch records the epoch it was
+sampled for (``RPNBatch.sampling_epoch``), so a batch prefetched before the epoch was set
+(right after a resume) is recognised and its targets are assigned again in the model.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import torch
 
@@ -24,7 +32,7 @@ from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.targets import AnchorTargetConfig, assign_compact_targets, sample_generator
 
-__all__ = ["RPNCollate", "padded_size"]
+__all__ = ["RPNCollate", "padded_size", "set_sampling_epoch"]
 
 
 def padded_size(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
@@ -47,6 +55,9 @@ class RPNCollate:
             the generator's largest stride (default: that stride, else 32).
         seed: seeds the per-image sampling generators; use the RPN's ``seed``.
         assign_targets: False collates boxes only (the model then assigns targets itself).
+
+    :meth:`set_epoch` sets the epoch mixed into the sampling seeds (0 until then), in this
+    process and in every DataLoader worker using this collate.
     """
 
     def __init__(
@@ -75,8 +86,21 @@ class RPNCollate:
         self.size_divisibility = size_divisibility
         self.seed = seed
         self.assign_targets = assign_targets and anchor_generator is not None
+        # shared memory: workers forked or spawned from this collate see later set_epoch calls
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         if self.assign_targets:
             load_kernels()  # now, so that forked DataLoader workers inherit the compiled kernels
+
+    @property
+    def epoch(self) -> int:
+        """The epoch mixed into the sampling seeds of the next batches."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sample the anchors of the batches collated from now on for ``epoch`` (a non-negative int)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"RPNCollate.set_epoch: epoch must be a non-negative int, got {epoch!r}")
+        self._epoch.fill_(epoch)
 
     def __call__(self, samples: Sequence[DetectionSample]) -> RPNBatch:
         if len(samples) == 0:
@@ -102,10 +126,13 @@ class RPNCollate:
             problems=[p for s in samples for p in s.problems],
         )
         if self.assign_targets:
-            batch.anchor_labels, batch.positive_deltas = self._assign(batch, (pad_h, pad_w))
+            batch.sampling_epoch = self.epoch
+            batch.anchor_labels, batch.positive_deltas = self._assign(batch, (pad_h, pad_w), batch.sampling_epoch)
         return batch
 
-    def _assign(self, batch: RPNBatch, padded: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assign(
+        self, batch: RPNBatch, padded: tuple[int, int], epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Anchor labels int8 ``[B, N]`` (sampled, seeded) and the positives' deltas ``[P, 4]``."""
         assert self.anchor_generator is not None
         grid = self.anchor_generator.grid(self.anchor_generator.feature_shapes_for(padded))
@@ -115,6 +142,23 @@ class RPNCollate:
             batch.image_sizes,
             self.target_config,
             self.box_coder,
-            [sample_generator(self.seed, image_id) for image_id in batch.image_ids],
+            [sample_generator(self.seed, image_id, epoch) for image_id in batch.image_ids],
             [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
         )
+
+
+def set_sampling_epoch(loaders: Any, epoch: int) -> None:
+    """``set_epoch(epoch)`` on the :class:`RPNCollate` of every DataLoader in ``loaders``.
+
+    ``loaders``: a DataLoader, or a list, tuple or dict of them (what ``trainer.train_dataloader``
+    and ``trainer.val_dataloaders`` hold); loaders with another collate are left alone.
+    """
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for loader in loaders:
+            set_sampling_epoch(loader, epoch)
+        return
+    collate = getattr(loaders, "collate_fn", None)
+    if isinstance(collate, RPNCollate):
+        collate.set_epoch(epoch)
