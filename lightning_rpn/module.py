@@ -64,6 +64,9 @@ from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
 
 _SKIPPED_KEY = "skipped_nonfinite_batches"
+# hparams["backbone"] of a backbone module built in Python: this prefix + its class path. The
+# module's arguments are unknown, so loading such a checkpoint needs ``backbone=``.
+_CUSTOM_BACKBONE = "custom: "
 
 __all__ = ["LRSchedule", "RPNModule", "RunLambdaLR", "to_original_coordinates"]
 
@@ -247,9 +250,7 @@ class RPNModule(pl.LightningModule):
         super().__init__()
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
-        custom_backbone = isinstance(backbone, nn.Module)
-        self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
-        if custom_backbone:
+        if isinstance(backbone, nn.Module):
             check_backbone(backbone, where="RPNModule(backbone=...)")
             given = {"weights": weights, "trainable_layers": trainable_layers, "frozen_bn": frozen_bn}
             if any(value is not None for value in given.values()):
@@ -258,6 +259,16 @@ class RPNModule(pl.LightningModule):
                     f"layers of your own {type(backbone).__name__} before passing it"
                 )
             self.backbone = backbone
+            # the hparams name the module's class, never hold the module (see _CUSTOM_BACKBONE)
+            backbone = f"{_CUSTOM_BACKBONE}{type(backbone).__module__}.{type(backbone).__qualname__}"
+        elif isinstance(backbone, str) and backbone.startswith(_CUSTOM_BACKBONE):
+            class_path = backbone[len(_CUSTOM_BACKBONE):]
+            raise ValueError(
+                f"RPNModule: this model's backbone was a {class_path} built in Python, whose "
+                f"arguments were not recorded; pass it when loading: RPNModule.load_from_checkpoint("
+                f"path, backbone={class_path.rpartition('.')[2]}(...)). A backbone given by "
+                f"class_path in a lightning-rpn config is rebuilt from the checkpoint"
+            )
         elif isinstance(backbone, str):
             self.backbone = build_backbone(backbone, weights, trainable_layers, frozen_bn)
         else:
@@ -265,6 +276,9 @@ class RPNModule(pl.LightningModule):
                 f"RPNModule: backbone must be a backbone name or an nn.Module, "
                 f"got {type(backbone).__name__}"
             )
+        # reads this frame's arguments (``backbone`` rebound above); under LightningCLI the
+        # parsed config instead, where a custom backbone is its class_path and init_args
+        self.save_hyperparameters()
 
         strides = tuple(self.backbone.strides)
         try:
@@ -333,6 +347,7 @@ class RPNModule(pl.LightningModule):
         self.skipped_nonfinite_batches = 0
         self._step_image_ids: list[int | str] = []
         self._drop_gradients = False
+        self._strides_checked = False
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
@@ -346,6 +361,34 @@ class RPNModule(pl.LightningModule):
             )
         normalized = (images.float() - self.pixel_mean) / self.pixel_std
         return normalized.contiguous(memory_format=self.memory_format)
+
+    def _check_strides(self, images: Tensor, features: Sequence[Tensor] | dict[str, Tensor]) -> None:
+        """Compare the backbone's declared ``strides`` with its feature maps (first batch only).
+
+        The anchors are laid out with the declared strides; a wrong one would place them off
+        the features silently.
+        """
+        levels = list(features.values()) if isinstance(features, dict) else list(features)
+        declared = tuple(self.backbone.strides)
+        name = type(self.backbone).__name__
+        if len(levels) != len(declared):
+            raise ValueError(
+                f"RPNModule: backbone {name} returned {len(levels)} feature levels but declares "
+                f"strides {declared} ({len(declared)} levels)"
+            )
+        height, width = images.shape[-2:]
+        for level, (feature, stride) in enumerate(zip(levels, declared)):
+            if tuple(feature.shape[-2:]) != (height // stride, width // stride):
+                measured_h, measured_w = height / feature.shape[-2], width / feature.shape[-1]
+                measured = (f"{measured_h:g}" if measured_h == measured_w
+                            else f"{measured_h:g} (height) / {measured_w:g} (width)")
+                raise ValueError(
+                    f"RPNModule: backbone {name} declares strides {declared}, but level {level} "
+                    f"measures stride {measured}, not {stride}: its {feature.shape[-2]}x"
+                    f"{feature.shape[-1]} feature map of the {height}x{width} batch; fix "
+                    f"{name}.strides (anchors are laid out with them)"
+                )
+        self._strides_checked = True
 
     def _check_padding(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
@@ -370,6 +413,8 @@ class RPNModule(pl.LightningModule):
         """
         self._check_padding(batch.images)
         features = self.backbone(self.normalize(batch.images))
+        if not self._strides_checked:
+            self._check_strides(batch.images, features)
         epoch = self.current_epoch
         return self.rpn(
             features,

@@ -210,7 +210,7 @@ class _TwoLevel(nn.Module):
 
 def test_custom_backbone_module_trains() -> None:
     model = RPNModule(backbone=_TwoLevel(), anchor_sizes=((24,), (48,)), aspect_ratios=((1.0,),))
-    assert "backbone" not in model.hparams
+    assert model.hparams.backbone == f"custom: {__name__}._TwoLevel"  # the class, not the module
     assert model.size_divisibility == 16 and model.anchor_generator.strides == (8, 16)
     batch = collate_for(model)(synthetic_samples(2))
     loss = model.training_step(batch, 0)
@@ -310,3 +310,34 @@ def test_channels_last_gives_the_contiguous_results_and_loads_its_checkpoints(tm
     plain.load_state_dict(torch.load(path, weights_only=True))
     assert plain.backbone.stages[0][0].weight.is_contiguous()  # loading keeps the module's format
     torch.testing.assert_close(plain.backbone.stages[0][0].weight, conv)
+
+
+@pytest.mark.parametrize("worker_targets", [True, False], ids=["worker-targets", "in-model-targets"])
+def test_declared_strides_that_disagree_with_the_feature_maps_are_an_error(worker_targets: bool) -> None:
+    from backbone_probes import ProbeFPN
+
+    model = tiny_model(backbone=ProbeFPN(declared_strides=[8, 16, 32, 64]))
+    batch = collate_for(model, assign_targets=worker_targets)(synthetic_samples(2))
+    with pytest.raises(ValueError, match=r"ProbeFPN declares strides \(8, 16, 32, 64\), but level 0 "
+                                         r"measures stride 4, not 8"):
+        model.training_step(batch, 0)
+    honest = tiny_model(backbone=ProbeFPN())
+    honest.training_step(collate_for(honest)(synthetic_samples(2)), 0)
+    assert honest._strides_checked  # measured once, on the first batch
+
+
+def test_a_checkpoint_of_a_python_built_backbone_asks_for_it(tmp_path) -> None:
+    from backbone_probes import ProbeFPN
+
+    model = tiny_model(backbone=ProbeFPN(width=6))
+    batch = collate_for(model)(synthetic_samples(2))
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, DataLoader([batch], batch_size=None))
+    path = tmp_path / "custom.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"backbone was a backbone_probes.ProbeFPN built in Python.*"
+                                         r"load_from_checkpoint\(path, backbone=ProbeFPN\(...\)\)"):
+        RPNModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    loaded = RPNModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
+                                            backbone=ProbeFPN(width=6))
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
