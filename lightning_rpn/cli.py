@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ActionYesNo
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -115,6 +116,20 @@ class RPNLightningCLI(LightningCLI):
         default_wandb_offline()
         if self.subcommand and self.config[self.subcommand].get("weights_only") is None:
             self.config[self.subcommand]["weights_only"] = True
+
+    def after_instantiate_classes(self) -> None:
+        """Without a logger (``--trainer.logger false``) leave out the callbacks that need one.
+
+        ``LearningRateMonitor`` raises on a trainer without loggers; turning logging off is an
+        ordinary flag, so every config keeps working with it.
+        """
+        if self.trainer.loggers:
+            return
+        kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        if len(kept) < len(self.trainer.callbacks):
+            self.trainer.callbacks = kept
+            print("lightning-rpn: no logger, so LearningRateMonitor is left out (learning rates "
+                  "are not logged)", file=sys.stderr)
 
     def _report_wandb(self) -> None:
         if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):

@@ -6,16 +6,20 @@ Tiny budgets on the synthetic set (``test_cli.TINY_CONFIG``), each test in its o
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from lightning_rpn.module import RPNModule
 from test_cli import TINY_CONFIG, assert_ok, run_cli
+from test_data_builders import save_image, write_voc
 
 TESTS = Path(__file__).resolve().parent
+CONFIGS = TESTS.parent / "configs"
 # backbone_probes.ProbeFPN by class_path, ahead of any PYTHONPATH already set
 PROBES = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
@@ -38,3 +42,47 @@ def test_load_from_checkpoint_rebuilds_a_class_path_backbone(tmp_path: Path) -> 
     assert type(model.backbone).__name__ == "ProbeFPN" and model.backbone.out_channels == 6
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     torch.testing.assert_close(model.state_dict(), checkpoint["state_dict"])
+
+
+def write_coco_root(root: Path, splits: tuple[str, ...]) -> None:
+    """``root/{split}/*.png`` and ``root/annotations/instances_{split}.json``: two boxed images each."""
+    (root / "annotations").mkdir(parents=True)
+    for split in splits:
+        images = [{"id": i, "file_name": f"{i}.png", "height": 96, "width": 128} for i in (1, 2)]
+        for i, image in enumerate(images):
+            save_image(root / split / image["file_name"], 96, 128, seed=i)
+        annotations = [{"id": 10 + i, "image_id": i, "bbox": [10, 12, 40, 30], "category_id": 1,
+                        "iscrowd": 0, "area": 1200} for i in (1, 2)]
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+
+
+def dataset_root(config: dict, root: Path) -> list[str]:
+    """Create the tiny dataset ``config`` reads under ``root``; the overrides that point to it."""
+    data = config["data"]
+    if data["dataset"] == "coco":
+        write_coco_root(root, (data["train_split"], data["val_split"]))
+    elif data["dataset"] == "voc":
+        entries = {f"{i:06d}": {"size": (96, 128), "objects": [{"box": (11, 13, 50, 42)}]} for i in (1, 2)}
+        for split in {data["train_split"], data["val_split"], data.get("test_split") or data["val_split"]}:
+            write_voc(root, entries, split=split)
+    else:
+        return []
+    return ["--data.root", str(root)]
+
+
+@pytest.mark.parametrize("config_name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_config_trains_with_the_logger_off(config_name: str, tmp_path: Path) -> None:
+    config = yaml.safe_load((CONFIGS / config_name).read_text())
+    tiny = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1", "--model.weights", "null", "--data.num_workers", "0",
+            "--data.batch_size", "2", "--data.min_sizes", "[96]", "--data.max_size", "128"]
+    if config["data"]["dataset"] in ("synthetic", "scenes"):
+        tiny += ["--data.synthetic_train_images", "4", "--data.synthetic_val_images", "2"]
+    result = run_cli(["fit", "--config", str(CONFIGS / config_name), *tiny,
+                      *dataset_root(config, tmp_path / "data")], tmp_path)
+    assert_ok(result)
+    assert "LearningRateMonitor is left out" in result.stderr
+    (checkpoints,) = [c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]
+                      if c["class_path"].endswith("ModelCheckpoint")]
+    assert (tmp_path / checkpoints / "last.ckpt").is_file()
