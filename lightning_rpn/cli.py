@@ -171,8 +171,16 @@ class _CheckDataCLI(_NoRunCLI):
             "--check_images",
             type=bool,
             default=True,
-            help="check-data: read every image header (finds missing, corrupt, mis-sized files).",
+            help="check-data: decode every image (finds missing, corrupt, truncated, mis-sized files).",
         )
+        parser.add_argument("--list_all", action=ActionYesNo, default=False,
+                            help="check-data: print every problem (default: the first 20 of each split).")
+        parser.add_argument("--report", type=str | None, default=None,
+                            help="check-data: also write every problem to this .json (the whole report) "
+                            "or .csv (one row per problem) file.")
+        parser.add_argument("--strict", action=ActionYesNo, default=False,
+                            help="check-data: exit 1 on warnings too (boxes slightly outside the image, "
+                            "which training clips).")
 
 
 def _parse_only(cli_class: type[_NoRunCLI], args: Sequence[str]) -> RPNLightningCLI:
@@ -184,20 +192,25 @@ def _parse_only(cli_class: type[_NoRunCLI], args: Sequence[str]) -> RPNLightning
 
 
 def check_data(args: Sequence[str]) -> int:
-    """``lightning-rpn check-data``: report on every configured split; exit 1 on problems.
+    """``lightning-rpn check-data``: report on every configured split; exit 1 on errors.
 
     Reads the same config as ``fit`` (``--config FILE``, ``--data.*`` overrides); the splits
-    are checked by :func:`lightning_rpn.data.validation.validate_dataset`.
+    are checked by :func:`lightning_rpn.data.validation.validate_dataset`. Warnings (repairs
+    that training makes on its own) exit 0 unless ``--strict``. ``--list_all`` prints every
+    problem, ``--report FILE.json|FILE.csv`` writes them all.
     """
-    from lightning_rpn.data.validation import validate_dataset
+    from lightning_rpn.data.validation import report_path, validate_dataset
 
     cli = _parse_only(_CheckDataCLI, args)
+    path = report_path(cli.config["report"]) if cli.config["report"] else None
     report = validate_dataset(cli.datamodule, check_images=cli.config["check_images"])
+    report.max_listed = None if cli.config["list_all"] else report.max_listed
     print(report)
-    if report.num_problems:
-        print(f"lightning-rpn check-data: {report.num_problems} problem(s) found", file=sys.stderr)
-        return 1
-    return 0
+    summary = f"{report.num_errors} error(s), {report.num_warnings} warning(s)"
+    if path is not None:
+        summary += f"; every problem written to {report.write(path)}"
+    print(f"lightning-rpn check-data: {summary}", file=sys.stderr)
+    return int(report.num_errors > 0 or (cli.config["strict"] and report.num_warnings > 0))
 
 
 class _AnalyzeAnchorsCLI(_NoRunCLI):

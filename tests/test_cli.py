@@ -209,9 +209,9 @@ def test_check_data_exits_1_on_bad_annotations(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "1 problem(s) found" in result.stderr
+    assert "1 error(s), 0 warning(s)" in result.stderr
     report = " ".join(result.stdout.split())  # rich wraps long lines
-    assert "annotation 8: box [5, 5, nan, 15] has non-finite coordinates" in report
+    assert "annotation 8: bbox [5, 5, nan, 10] (x, y, w, h) has non-finite coordinates" in report
 
 
 def test_analyze_anchors_optimize_writes_plot_and_snippet(tmp_path: Path) -> None:

@@ -144,7 +144,7 @@ class _TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_fits_with_a_real_trainer_and_reports_each_epoch(tmp_path: Path) -> None:
+def test_fits_with_a_real_trainer_and_counts_removed_boxes(tmp_path: Path) -> None:
     dm = small(train_transforms=[{"RandomCrop": {"height": 64, "width": 64, "p": 1.0}}], min_visibility=0.9)
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -152,3 +152,19 @@ def test_fits_with_a_real_trainer_and_reports_each_epoch(tmp_path: Path) -> None
     trainer.fit(_TinyModule(), datamodule=dm)
     assert dm.collate.anchor_generator is ANCHORS
     assert "train/removed_boxes" in dm.last_report and dm.last_report["train/removed_boxes"] > 0
+
+
+def test_the_data_report_prints_once_per_fit_covering_every_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dm = small(train_transforms=[{"RandomCrop": {"height": 64, "width": 64, "p": 1.0}}], min_visibility=0.9)
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(_TinyModule(), datamodule=dm)
+    reports = [r.getMessage() for r in caplog.records if "data report" in r.getMessage()]
+    assert len(reports) == 1, reports  # not once per epoch, with a train and a validate line each
+    assert reports[0].startswith("RPNDataModule data report (epochs 0-2):")
+    assert "train: 24 images" in reports[0] and "validate: 12 images" in reports[0]
+    assert dm.last_report["train/removed_boxes"] > 0

@@ -1,19 +1,22 @@
 """The shared base of file-backed datasets (COCO, VOC): parsed records, lazy image loading.
 
-A subclass parses its annotation format into :class:`ImageRecord` s (boxes already converted
-to xyxy pixels and checked against the annotated image size); this base loads the image on
-``__getitem__``, converts it to 8-bit RGB, and checks the decoded size against the annotation.
-With ``verify_images=True`` every image header is read at construction (with a progress bar),
-so that missing, corrupt and mis-sized images are found, and handled by the policy, up front
-(``skip`` drops such images, ``clip`` keeps a mis-sized image and clips its boxes to the file).
-Without it, a missing or corrupt file raises when loaded, and a size mismatch found while
-loading raises under ``raise`` and otherwise re-checks the boxes against the file (recorded
-in the item's ``problems``).
+A subclass parses its annotation format into :class:`ImageRecord` s (boxes kept as written,
+plus their xyxy pixels checked against the annotated image size); this base loads the image
+on ``__getitem__``, converts it to 8-bit RGB, and checks the decoded size against the
+annotation. With ``verify_images=True`` every image is decoded at construction (with a
+progress bar), so that missing, corrupt, truncated and mis-sized images are found, and handled
+by the policy, before training starts (``raise`` stops there, ``skip`` drops such images,
+``clip`` keeps a mis-sized image and clips its boxes to the file). Without it, such a file is
+found when loaded: under ``raise`` that is an error naming the file and the image (and saying
+that ``verify_images`` finds these up front); under ``skip`` / ``clip`` the item is replaced
+by the next readable image and the skip is recorded in the item's ``problems`` (counted and
+reported like every other problem). A size mismatch found while loading raises under
+``raise`` and otherwise re-checks the boxes against the file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, TypeVar
 
@@ -21,19 +24,21 @@ import numpy as np
 from rich.progress import track
 from torch.utils.data import Dataset
 
-from lightning_rpn.data.image_io import load_rgb_image, read_image_size
+from lightning_rpn.data.image_io import load_rgb_image, verify_image
 from lightning_rpn.data.problems import (
     AnnotationRef,
     BadAnnotationPolicy,
+    BoxFormat,
     DataError,
     Problem,
     ProblemLog,
     check_policy,
     sanitize_boxes,
+    to_xyxy,
 )
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 
-__all__ = ["ImageRecord", "AnnotatedDataset"]
+__all__ = ["ImageRecord", "AnnotatedDataset", "unreadable_image_problem"]
 
 T = TypeVar("T")
 
@@ -41,40 +46,68 @@ PROGRESS_MIN_ITEMS = 2000
 """Loops over at least this many images or annotations show a progress bar."""
 
 
+def _written(boxes: list[list[float]]) -> np.ndarray:
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
 @dataclass
 class ImageRecord:
-    """One image of an annotated dataset: file, annotated size and checked xyxy boxes.
+    """One image of an annotated dataset: file, annotated size, boxes as written and as checked xyxy.
 
-    ``size`` is the ``(h, w)`` the annotation declares (``None`` when it declares none: boxes
-    are then checked once the image is decoded). ``raw_*`` keep the unchecked boxes for that case.
+    ``size`` is the ``(h, w)`` the annotation declares (``None`` when it declares none).
+    ``written_boxes`` / ``written_crowd_boxes`` are float64 ``[G, 4]`` as the file writes them
+    (in the dataset's ``box_format``), with their ``annotation_ids`` / ``crowd_annotation_ids``.
+    ``boxes`` / ``crowd_boxes`` are float32 xyxy pixels: checked against ``size`` when
+    ``checked``, else converted only (they are checked once the image is decoded).
     """
 
     image_id: int | str
     file: Path
     annotation_file: str
     size: tuple[int, int] | None
-    boxes: np.ndarray = field(default_factory=empty_boxes)
+    written_boxes: np.ndarray = field(default_factory=lambda: _written([]))
     annotation_ids: list[int | str | None] = field(default_factory=list)
-    crowd_boxes: np.ndarray = field(default_factory=empty_boxes)
+    written_crowd_boxes: np.ndarray = field(default_factory=lambda: _written([]))
     crowd_annotation_ids: list[int | str | None] = field(default_factory=list)
-    checked: bool = True
+    boxes: np.ndarray = field(default_factory=empty_boxes)
+    crowd_boxes: np.ndarray = field(default_factory=empty_boxes)
+    checked: bool = False
+
+
+def unreadable_image_problem(record: ImageRecord, error: DataError, note: str = "") -> Problem:
+    """The skipped-image record of ``error`` (raised reading ``record`` 's image file)."""
+    return Problem("unreadable_image", "skipped", f"{record.file}: {error.reason}{note}",
+                   record.annotation_file, record.image_id)
 
 
 class AnnotatedDataset(Dataset):
-    """A map-style dataset of :class:`ImageRecord` s returning :class:`DetectionSample` s."""
+    """A map-style dataset of :class:`ImageRecord` s returning :class:`DetectionSample` s.
 
-    stores_xyxy: bool = True
-    """Whether the source format stores xyxy (boxes that look like xywh are then named so)."""
+    ``report_unsafe_paths=True`` records image paths that escape their root as skipped
+    problems (kind ``unsafe_path``) instead of raising :class:`UnsafePathError` (what
+    ``check-data`` uses to list every problem); such files are never opened either way.
+    """
 
-    def __init__(self, on_bad_annotation: BadAnnotationPolicy = "raise", verify_images: bool = False) -> None:
+    box_format: BoxFormat = "xyxy"
+    """How the source format writes boxes (problem messages quote them so)."""
+
+    def __init__(
+        self,
+        on_bad_annotation: BadAnnotationPolicy = "raise",
+        verify_images: bool = False,
+        report_unsafe_paths: bool = False,
+    ) -> None:
         check_policy(on_bad_annotation, type(self).__name__)
         self.on_bad_annotation: BadAnnotationPolicy = on_bad_annotation
         self.verify_images = verify_images
+        self.report_unsafe_paths = report_unsafe_paths
         self.records: list[ImageRecord] = []
         self.problems = ProblemLog()
 
     def _finish(self) -> None:
-        """Subclasses call this after filling ``records``: optional header verification."""
+        """Subclasses call this after filling ``records``: boxes checked, optional image verification."""
+        for record in self._progress(self.records, f"Checking {type(self).__name__} boxes"):
+            self._set_boxes(record, record.size, self.problems)
         if self.verify_images:
             self.records = [r for r in self._progress(self.records, "Verifying images") if self._verify(r)]
 
@@ -82,16 +115,25 @@ class AnnotatedDataset(Dataset):
         """``items`` with a transient rich progress bar when there are many."""
         return track(items, description=description, disable=len(items) < PROGRESS_MIN_ITEMS, transient=True)
 
-    def _check_boxes(
-        self, boxes: np.ndarray, ids: list, size: tuple[int, int], ref: AnnotationRef, log: ProblemLog
-    ) -> tuple[np.ndarray, list]:
-        return sanitize_boxes(boxes, ids, size, self.on_bad_annotation, ref, log, self.stores_xyxy)
+    def _set_boxes(self, record: ImageRecord, size: tuple[int, int] | None, log: ProblemLog) -> None:
+        """``record.boxes`` from its written boxes: checked against ``size`` (policy applied), or converted only."""
+        if size is None:
+            record.boxes = to_xyxy(record.written_boxes, self.box_format).astype(np.float32)
+            record.crowd_boxes = to_xyxy(record.written_crowd_boxes, self.box_format).astype(np.float32)
+            record.checked = False
+            return
+        ref = AnnotationRef(record.annotation_file, record.image_id)
+        record.boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size,
+                                         self.on_bad_annotation, ref, log, self.box_format)
+        record.crowd_boxes, _ = sanitize_boxes(record.written_crowd_boxes, record.crowd_annotation_ids, size,
+                                               self.on_bad_annotation, ref, log, self.box_format)
+        record.size, record.checked = size, True
 
     def _apply_size(self, record: ImageRecord, size: tuple[int, int], log: ProblemLog) -> None:
         """Check ``record`` 's boxes against the real image ``size``; a mismatch follows the policy."""
         if record.checked and record.size == size:
             return
-        if record.checked and record.size is not None:
+        if record.size is not None and record.size != size:
             detail = (
                 f"image file {record.file} is {size[1]}x{size[0]} (w x h) but the annotation "
                 f"says {record.size[1]}x{record.size[0]}"
@@ -101,21 +143,17 @@ class AnnotatedDataset(Dataset):
                                 file=record.annotation_file, image_id=record.image_id)
             log.add(Problem("size_mismatch", "clipped", detail + "; boxes re-checked against the file",
                             record.annotation_file, record.image_id))
-        ref = AnnotationRef(record.annotation_file, record.image_id)
-        record.boxes, record.annotation_ids = self._check_boxes(
-            record.boxes, record.annotation_ids, size, ref, log)
-        record.crowd_boxes, record.crowd_annotation_ids = self._check_boxes(
-            record.crowd_boxes, record.crowd_annotation_ids, size, ref, log)
-        record.size, record.checked = size, True
+        self._set_boxes(record, size, log)
 
     def _verify(self, record: ImageRecord) -> bool:
-        """Read the header of ``record`` 's image; False drops the image (policy ``skip``/``clip``)."""
+        """Decode ``record`` 's image; False drops the image (policy ``skip``/``clip``)."""
         try:
-            size = read_image_size(record.file, image_id=record.image_id)
+            size = verify_image(record.file, image_id=record.image_id)
         except DataError as error:
             if self.on_bad_annotation == "raise":
-                raise
-            self.problems.add(Problem("unreadable_image", "skipped", str(error), record.annotation_file, record.image_id))
+                raise DataError(f"{error.reason} (found by verify_images; set on_bad_annotation='skip' "
+                                "to drop unreadable images)", file=error.file, image_id=record.image_id) from error
+            self.problems.add(unreadable_image_problem(record, error))
             return False
         if self.on_bad_annotation == "skip" and record.size is not None and record.size != size:
             self.problems.add(Problem(
@@ -129,13 +167,36 @@ class AnnotatedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _load(self, index: int, skipped: list[Problem]) -> tuple[ImageRecord, np.ndarray]:
+        """Image ``index``, else (``skip`` / ``clip``) the next readable one, its skip added to ``skipped``.
+
+        Only the requested image's failure is recorded: a replacement candidate that fails is
+        recorded when its own index is loaded, so each unreadable image counts once per epoch.
+        """
+        for offset in range(len(self.records)):
+            record = self.records[(index + offset) % len(self.records)]
+            try:
+                return record, load_rgb_image(record.file, image_id=record.image_id)
+            except DataError as error:
+                if self.on_bad_annotation == "raise":
+                    raise DataError(
+                        f"{error.reason} (verify_images=True, `data.verify_images: true` in a config, finds "
+                        "missing and unreadable images before training starts; on_bad_annotation='skip' "
+                        "skips them)",
+                        file=error.file, image_id=record.image_id,
+                    ) from error
+                if offset == 0:
+                    skipped.append(unreadable_image_problem(record, error, "; replaced by the next readable image"))
+        raise DataError(f"none of the {len(self.records)} images can be read ({skipped[0].detail})",
+                        file=self.records[index].annotation_file)
+
     def __getitem__(self, index: int) -> DetectionSample:
-        record = self.records[index]
-        image = load_rgb_image(record.file, image_id=record.image_id)
+        skipped: list[Problem] = []
+        record, image = self._load(index, skipped)
         size = (int(image.shape[0]), int(image.shape[1]))
-        log = ProblemLog()
+        log = ProblemLog(skipped)
         if not record.checked or record.size != size:
-            record = ImageRecord(**vars(record))
+            record = replace(record)
             self._apply_size(record, size, log)
         return DetectionSample(
             image=image,

@@ -18,7 +18,7 @@ import numpy as np
 
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
 from lightning_rpn.data.image_io import resolve_image_path
-from lightning_rpn.data.problems import AnnotationRef, BadAnnotationPolicy, DataError, Problem
+from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError
 
 __all__ = ["COCODetection", "load_coco_json"]
 
@@ -49,11 +49,15 @@ class COCODetection(AnnotatedDataset):
         annotation_file: the instances JSON.
         category_ids / category_names: keep only these categories (both may be given).
         include_crowd: keep ``iscrowd`` boxes as crowd boxes (True) or drop them.
-        on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (see ``problems``).
-        verify_images: read every image header now (missing / corrupt / mis-sized images).
+        on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (see ``problems``); an image
+            entry without ``id`` / ``file_name``, with a duplicate id or a bad size raises, or
+            is skipped with its annotations.
+        verify_images: decode every image now (missing / corrupt / truncated / mis-sized images).
+        report_unsafe_paths: record ``file_name`` s escaping ``images_root`` as skipped problems
+            instead of raising (``check-data``).
     """
 
-    stores_xyxy = False
+    box_format = "xywh"
 
     def __init__(
         self,
@@ -64,25 +68,16 @@ class COCODetection(AnnotatedDataset):
         include_crowd: bool = True,
         on_bad_annotation: BadAnnotationPolicy = "raise",
         verify_images: bool = False,
+        report_unsafe_paths: bool = False,
     ) -> None:
-        super().__init__(on_bad_annotation, verify_images)
+        super().__init__(on_bad_annotation, verify_images, report_unsafe_paths)
         self.images_root = Path(images_root)
         self.annotation_file = str(annotation_file)
         data = load_coco_json(annotation_file)
         self.category_ids = self._select_categories(data, category_ids, category_names)
-        records = self._parse_images(data["images"])
-        self._parse_annotations(data["annotations"], records, include_crowd)
-        ordered = list(records.values())
-        for record in self._progress(ordered, "Checking COCO boxes"):
-            if record.size is not None:
-                ref = AnnotationRef(self.annotation_file, record.image_id)
-                record.boxes, record.annotation_ids = self._check_boxes(
-                    record.boxes, record.annotation_ids, record.size, ref, self.problems)
-                record.crowd_boxes, record.crowd_annotation_ids = self._check_boxes(
-                    record.crowd_boxes, record.crowd_annotation_ids, record.size, ref, self.problems)
-            else:
-                record.checked = False
-        self.records = ordered
+        records, dropped = self._parse_images(data["images"])
+        self._parse_annotations(data["annotations"], records, dropped, include_crowd)
+        self.records = list(records.values())
         self._finish()
 
     def _select_categories(
@@ -110,26 +105,46 @@ class COCODetection(AnnotatedDataset):
             selected.add(cat_id)
         return selected
 
-    def _parse_images(self, images: list[Any]) -> dict[Any, ImageRecord]:
+    def _parse_images(self, images: list[Any]) -> tuple[dict[Any, ImageRecord], set[Any]]:
+        """Records by image id, and the ids of image entries skipped (their annotations go with them)."""
         records: dict[Any, ImageRecord] = {}
+        dropped: set[Any] = set()
         for entry in self._progress(images, "Reading COCO images"):
-            if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-                raise DataError(f"image entry {entry!r} lacks 'id' or 'file_name'", file=self.annotation_file)
-            image_id = entry["id"]
-            if image_id in records:
-                raise DataError("duplicate image id", file=self.annotation_file, image_id=image_id)
-            path = resolve_image_path(self.images_root, entry["file_name"], file=self.annotation_file, image_id=image_id)
-            width, height = entry.get("width"), entry.get("height")
-            size = None
-            if width is not None or height is not None:
-                if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
-                    raise DataError(f"image width/height {width!r}/{height!r} must be positive numbers",
-                                    file=self.annotation_file, image_id=image_id)
-                size = (int(height), int(width))
-            records[image_id] = ImageRecord(image_id, path, self.annotation_file, size)
-        return records
+            image_id = entry.get("id") if isinstance(entry, dict) else None
+            try:
+                records[image_id] = self._parse_image(entry, records)
+            except UnsafePathError as error:
+                if not self.report_unsafe_paths:
+                    raise
+                self.problems.add(Problem("unsafe_path", "skipped", error.reason, self.annotation_file, image_id))
+                dropped.add(image_id)
+            except DataError as error:
+                if self.on_bad_annotation == "raise":
+                    raise
+                self.problems.add(Problem("bad_image_entry", "skipped", error.reason, self.annotation_file, image_id))
+                if image_id is not None and image_id not in records:
+                    dropped.add(image_id)
+        return records, dropped
 
-    def _parse_annotations(self, annotations: list[Any], records: dict[Any, ImageRecord], include_crowd: bool) -> None:
+    def _parse_image(self, entry: Any, records: dict[Any, ImageRecord]) -> ImageRecord:
+        if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
+            raise DataError(f"image entry {entry!r} lacks 'id' or 'file_name'", file=self.annotation_file)
+        image_id = entry["id"]
+        if image_id in records:
+            raise DataError("duplicate image id", file=self.annotation_file, image_id=image_id)
+        path = resolve_image_path(self.images_root, entry["file_name"], file=self.annotation_file, image_id=image_id)
+        width, height = entry.get("width"), entry.get("height")
+        size = None
+        if width is not None or height is not None:
+            if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
+                raise DataError(f"image width/height {width!r}/{height!r} must be positive numbers",
+                                file=self.annotation_file, image_id=image_id)
+            size = (int(height), int(width))
+        return ImageRecord(image_id, path, self.annotation_file, size)
+
+    def _parse_annotations(
+        self, annotations: list[Any], records: dict[Any, ImageRecord], dropped: set[Any], include_crowd: bool
+    ) -> None:
         boxes: dict[Any, list[list[float]]] = defaultdict(list)
         ids: dict[Any, list[Any]] = defaultdict(list)
         crowd: dict[Any, list[list[float]]] = defaultdict(list)
@@ -141,6 +156,8 @@ class COCODetection(AnnotatedDataset):
                 continue
             bbox = ann.get("bbox") if isinstance(ann, dict) else None
             problem = None
+            if image_id in dropped:
+                continue  # its image entry was skipped and reported
             if image_id not in records:
                 problem = ("unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'")
             elif not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
@@ -153,16 +170,16 @@ class COCODetection(AnnotatedDataset):
                                     file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
                 self.problems.add(Problem(problem[0], "skipped", problem[1], self.annotation_file, image_id, ann_id))
                 continue
-            x, y, w, h = (float("nan") if v is None else float(v) for v in bbox)  # type: ignore[union-attr]
+            written = [float("nan") if v is None else float(v) for v in bbox]  # type: ignore[union-attr]
             if ann.get("iscrowd", 0):
                 if include_crowd:
-                    crowd[image_id].append([x, y, x + w, y + h])
+                    crowd[image_id].append(written)
                     crowd_ids[image_id].append(ann_id)
             else:
-                boxes[image_id].append([x, y, x + w, y + h])
+                boxes[image_id].append(written)
                 ids[image_id].append(ann_id)
         for image_id, record in records.items():
-            record.boxes = np.asarray(boxes.get(image_id, []), dtype=np.float64).reshape(-1, 4)
+            record.written_boxes = np.asarray(boxes.get(image_id, []), dtype=np.float64).reshape(-1, 4)
             record.annotation_ids = ids.get(image_id, [])
-            record.crowd_boxes = np.asarray(crowd.get(image_id, []), dtype=np.float64).reshape(-1, 4)
+            record.written_crowd_boxes = np.asarray(crowd.get(image_id, []), dtype=np.float64).reshape(-1, 4)
             record.crowd_annotation_ids = crowd_ids.get(image_id, [])

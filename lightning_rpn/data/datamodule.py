@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rpn.anchors import AnchorGenerator
@@ -29,16 +29,19 @@ from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
-from lightning_rpn.data.problems import BadAnnotationPolicy, check_policy
+from lightning_rpn.data.problems import BadAnnotationPolicy, Problem, check_policy
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
 from lightning_rpn.data.voc import VOCDetection
 from lightning_rpn.targets import AnchorTargetConfig
 
-__all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS"]
+__all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS", "MAX_WARNED_PROBLEMS"]
 
 DEFAULT_TRAIN_TRANSFORMS: TransformSpec = [{"HorizontalFlip": {"p": 0.5}}]
+
+MAX_WARNED_PROBLEMS = 20
+"""Load problems printed as they first occur during a run (all are counted in the end-of-run report)."""
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
@@ -82,7 +85,8 @@ class RPNDataModule(LightningDataModule):
         keep_difficult: VOC ``difficult`` objects as ground truth (default: crowd boxes).
         include_crowd: keep COCO ``iscrowd`` boxes as crowd boxes (ignored in matching/recall).
         on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (structural errors raise by default).
-        verify_images: read every image header in ``setup`` (finds missing/corrupt/mis-sized files).
+        verify_images: decode every image in ``setup``, before the first step (finds missing,
+            corrupt, truncated and mis-sized files; handled by ``on_bad_annotation``).
         synthetic_*: SyntheticShapes parameters (images in the train split / in any other split,
             image side range, most shapes per image, smallest shape side).
         seed: seed of the synthetic images.
@@ -92,7 +96,7 @@ class RPNDataModule(LightningDataModule):
             ``None`` gives ``[{"HorizontalFlip": {"p": 0.5}}]`` for training and nothing for
             evaluation.
         min_visibility: boxes keeping less than this fraction of their area after a transform
-            are removed (counted and reported every epoch).
+            are removed (counted, and reported at the end of the run).
         resize / min_sizes / max_size / fixed_size: the resize policy (``ResizePolicy``).
         size_divisibility: pad batches to a multiple of this (default: the model's).
         anchor_generator / target_config / box_coder: anchor setup when there is no model.
@@ -180,15 +184,28 @@ class RPNDataModule(LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.accounting = BoxAccounting()
         self.last_report: dict[str, float] = {}
-        self._reported_epoch: dict[str, int] = {}
-        self._report_epoch = 0
+        self._report_epochs: tuple[int, int] | None = None  # first and last epoch counted since the last report
+        self._seen_problems: set[Problem] = set()
+        self._warned_problems = 0
         self._collate: RPNCollate | None = None
 
     # ---- datasets -------------------------------------------------------------------------
-    def build_dataset(self, split: str, on_bad_annotation: BadAnnotationPolicy | None = None) -> Dataset:
-        """The untransformed dataset of split ``split`` (a name such as ``"val2017"``)."""
+    def build_dataset(
+        self,
+        split: str,
+        on_bad_annotation: BadAnnotationPolicy | None = None,
+        verify_images: bool | None = None,
+        report_unsafe_paths: bool = False,
+    ) -> Dataset:
+        """The untransformed dataset of split ``split`` (a name such as ``"val2017"``).
+
+        ``on_bad_annotation`` / ``verify_images`` override the configured values;
+        ``report_unsafe_paths`` records image paths escaping their root as problems instead
+        of raising (what ``check-data`` uses).
+        """
         hp = self.hparams
         policy = on_bad_annotation or hp.on_bad_annotation
+        verify = hp.verify_images if verify_images is None else verify_images
         if self.dataset == "synthetic":
             num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
             return SyntheticShapes(num, hp.synthetic_min_size, hp.synthetic_max_size, hp.synthetic_max_shapes,
@@ -199,10 +216,11 @@ class RPNDataModule(LightningDataModule):
                 self.root / hp.coco_images.format(split=split),
                 self.root / hp.coco_annotations.format(split=split),
                 category_ids=hp.category_ids, category_names=hp.category_names,
-                include_crowd=hp.include_crowd, on_bad_annotation=policy, verify_images=hp.verify_images,
+                include_crowd=hp.include_crowd, on_bad_annotation=policy, verify_images=verify,
+                report_unsafe_paths=report_unsafe_paths,
             )
         return VOCDetection(self.root, split, keep_difficult=hp.keep_difficult, class_names=hp.category_names,
-                            on_bad_annotation=policy, verify_images=hp.verify_images)
+                            on_bad_annotation=policy, verify_images=verify, report_unsafe_paths=report_unsafe_paths)
 
     def prepare_data(self) -> None:
         """Nothing to download; checks that the dataset folder exists."""
@@ -317,26 +335,44 @@ class RPNDataModule(LightningDataModule):
 
     # ---- reporting ------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count removed boxes and load problems; report each stage once per epoch."""
+        """Count removed boxes and load problems; warn about each load problem the first time it occurs."""
         if isinstance(batch, RPNBatch):
             trainer = self.trainer
             stage = str(trainer.state.stage.value) if trainer is not None and trainer.state.stage else "run"
             epoch = trainer.current_epoch if trainer is not None else 0
-            if self._reported_epoch.setdefault(stage, epoch) != epoch:
-                self.report()
-                self._reported_epoch = {stage: epoch}
-            self._report_epoch = epoch
+            first, last = self._report_epochs or (epoch, epoch)
+            self._report_epochs = (min(first, epoch), max(last, epoch))
             self.accounting.add_batch(stage, batch)
+            self._warn_new_problems(stage, batch.problems)
         return batch
 
+    def _warn_new_problems(self, stage: str, problems: Sequence[Problem]) -> None:
+        """One warning per batch that brings problems not seen before, up to :data:`MAX_WARNED_PROBLEMS` in all."""
+        new = [p for p in dict.fromkeys(problems) if p not in self._seen_problems]
+        self._seen_problems.update(new)
+        shown = new[: max(0, MAX_WARNED_PROBLEMS - self._warned_problems)]
+        self._warned_problems += len(shown)
+        if shown:
+            more = ("" if self._warned_problems < MAX_WARNED_PROBLEMS else
+                    f"\n  (no more are printed as they occur: {MAX_WARNED_PROBLEMS} shown)")
+            rank_zero_warn(f"RPNDataModule: {stage}: load problems (each printed once, all counted in the data "
+                           "report at the end of the run):\n" + "\n".join(f"  {p}" for p in shown) + more)
+
     def report(self) -> str:
-        """Print (rank zero) and return the counts since the last report, then reset them."""
+        """Print (rank zero) and return the counts since the last report, then reset them.
+
+        Called once at the end of each ``fit`` / ``validate`` / ``test`` / ``predict`` run
+        (``teardown``), so the report covers the whole run: every epoch, train and val.
+        """
         if not self.accounting.stages():
             return ""
-        text = f"RPNDataModule data report (epoch {self._report_epoch}):\n" + self.accounting.summary()
+        first, last = self._report_epochs or (0, 0)
+        epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        text = f"RPNDataModule data report ({epochs}):\n" + self.accounting.summary()
         rank_zero_info(text)
         self.last_report = self.accounting.metrics()
         self.accounting.reset()
+        self._report_epochs = None
         return text
 
     def teardown(self, stage: str) -> None:

@@ -3,19 +3,28 @@
 Grayscale, palette, CMYK and alpha images become RGB (alpha is dropped); 16-bit images are
 scaled from the full 16-bit range to 8 bits (value / 257). EXIF orientation is not applied:
 annotations refer to the pixels as stored, as in COCO.
+
+Decoding is strict: a truncated file is an error even where ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
+was switched on (PIL would fill the missing rows with grey). :func:`verify_image` decodes the
+whole file, as training will (header checks pass truncated JPEGs); :func:`read_image_size`
+reads the header only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from lightning_rpn.data.problems import DataError, UnsafePathError
 
-__all__ = ["resolve_image_path", "load_rgb_image", "read_image_size", "to_rgb_uint8"]
+__all__ = ["resolve_image_path", "load_rgb_image", "verify_image", "read_image_size", "to_rgb_uint8"]
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -58,28 +67,64 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy
 
 
-def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np.ndarray:
-    """Decode ``path`` to ``H x W x 3`` uint8 RGB; a missing or corrupt file is a :class:`DataError`."""
-    path = Path(path)
+@contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """PIL raises on truncated files inside this block, whatever ``LOAD_TRUNCATED_IMAGES`` says."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _unreadable(path: Path, error: Exception, image_id: int | str | None) -> DataError:
+    return DataError(f"image file is corrupt, truncated or unreadable ({error})", file=str(path), image_id=image_id)
+
+
+def _check_exists(path: Path, image_id: int | str | None) -> None:
     if not path.is_file():
         raise DataError("image file does not exist", file=str(path), image_id=image_id)
+
+
+def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np.ndarray:
+    """Decode ``path`` to ``H x W x 3`` uint8 RGB; a missing, corrupt or truncated file is a :class:`DataError`."""
+    path = Path(path)
+    _check_exists(path, image_id)
     try:
-        with Image.open(path) as image:
+        with _strict_decoding(), Image.open(path) as image:
             image.load()
             return to_rgb_uint8(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"image file is corrupt or unreadable ({error})", file=str(path), image_id=image_id) from error
+    except _DECODE_ERRORS as error:
+        raise _unreadable(path, error, image_id) from error
+
+
+def verify_image(path: Path | str, *, image_id: int | str | None = None) -> tuple[int, int]:
+    """``(h, w)`` of ``path`` after decoding all of it; missing, corrupt or truncated is a :class:`DataError`.
+
+    JPEGs decode at reduced resolution (``Image.draft``), which still reads every byte of the
+    compressed data, so truncation is found at a fraction of the full decoding cost.
+    """
+    path = Path(path)
+    _check_exists(path, image_id)
+    try:
+        with _strict_decoding(), Image.open(path) as image:
+            width, height = image.size
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
+    except _DECODE_ERRORS as error:
+        raise _unreadable(path, error, image_id) from error
+    return int(height), int(width)
 
 
 def read_image_size(path: Path | str, *, image_id: int | str | None = None) -> tuple[int, int]:
-    """``(h, w)`` from the file header only (fast); missing or unreadable is a :class:`DataError`."""
+    """``(h, w)`` from the file header only (fast; a truncated file passes); missing or unreadable is a :class:`DataError`."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError("image file does not exist", file=str(path), image_id=image_id)
+    _check_exists(path, image_id)
     try:
         with Image.open(path) as image:
             width, height = image.size
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"image file is corrupt or unreadable ({error})", file=str(path), image_id=image_id) from error
+    except _DECODE_ERRORS as error:
+        raise _unreadable(path, error, image_id) from error
     return int(height), int(width)

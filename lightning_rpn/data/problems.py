@@ -7,20 +7,26 @@ image, image sizes that disagree with the annotation, unknown image ids) raise b
 ``on_bad_annotation="skip"`` drops the offending box or image instead, and ``"clip"`` clips
 what clipping can repair and skips the rest. Boxes only slightly outside the image (by at most
 :data:`OUTSIDE_TOLERANCE_PX` or :data:`OUTSIDE_TOLERANCE_FRACTION` of the image side) are
-clipped under every policy.
+clipped under every policy: they are the only *warnings* (:data:`WARNING_KINDS`); every other
+problem is an *error*, one that the default policy refuses.
+
+Boxes are checked as written in their file (:data:`BoxFormat`: xyxy, COCO ``xywh`` or VOC's
+1-based ``xmin, ymin, xmax, ymax``) and problem messages quote them that way.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
 __all__ = [
     "BadAnnotationPolicy",
     "BAD_ANNOTATION_POLICIES",
+    "BoxFormat",
+    "WARNING_KINDS",
     "OUTSIDE_TOLERANCE_PX",
     "OUTSIDE_TOLERANCE_FRACTION",
     "DataError",
@@ -28,17 +34,35 @@ __all__ = [
     "Problem",
     "ProblemLog",
     "AnnotationRef",
+    "Severity",
     "check_policy",
+    "describe_box",
     "sanitize_boxes",
+    "severity_of",
+    "to_xyxy",
 ]
 
 BadAnnotationPolicy = Literal["raise", "skip", "clip"]
 BAD_ANNOTATION_POLICIES: tuple[str, ...] = ("raise", "skip", "clip")
 
+BoxFormat = Literal["xyxy", "xywh", "voc"]
+"""How a source writes boxes: 0-based ``(x1, y1, x2, y2)``, COCO ``(x, y, w, h)``, or Pascal
+VOC's 1-based inclusive ``(xmin, ymin, xmax, ymax)``."""
+
+Severity = Literal["error", "warning"]
+WARNING_KINDS = frozenset({"slightly_outside"})
+"""Problem kinds that every policy repairs without complaint (``check-data`` exits 0 on these
+unless ``--strict``); every other kind is an error."""
+
 OUTSIDE_TOLERANCE_PX = 2.0
 """A box may overshoot the image by this many pixels and still count as 'slightly outside'."""
 OUTSIDE_TOLERANCE_FRACTION = 0.02
 """... or by this fraction of the image side, whichever is larger."""
+
+
+def severity_of(kind: str) -> Severity:
+    """``"warning"`` for the problem kinds in :data:`WARNING_KINDS` (always repaired), else ``"error"``."""
+    return "warning" if kind in WARNING_KINDS else "error"
 
 
 class DataError(ValueError):
@@ -54,6 +78,8 @@ class DataError(ValueError):
     ) -> None:
         where = _describe(file, image_id, annotation_id)
         super().__init__(f"{where}: {message}" if where else message)
+        self.reason = message
+        """The message without the file / image / annotation prefix."""
         self.file = file
         self.image_id = image_id
         self.annotation_id = annotation_id
@@ -85,6 +111,15 @@ class Problem:
     image_id: int | str | None = None
     annotation_id: int | str | None = None
 
+    @property
+    def severity(self) -> Severity:
+        """See :func:`severity_of`."""
+        return severity_of(self.kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields plus ``severity``, JSON-ready."""
+        return {"severity": self.severity, **asdict(self)}
+
     def __str__(self) -> str:
         return f"{_describe(self.file, self.image_id, self.annotation_id)}: {self.detail} -> {self.action}"
 
@@ -105,6 +140,10 @@ class ProblemLog:
         """How many problems of each ``(kind, action)``."""
         return Counter((p.kind, p.action) for p in self.problems)
 
+    def num_errors(self) -> int:
+        """How many problems are errors (not in :data:`WARNING_KINDS`)."""
+        return sum(p.severity == "error" for p in self.problems)
+
     def __len__(self) -> int:
         return len(self.problems)
 
@@ -112,13 +151,14 @@ class ProblemLog:
         return iter(self.problems)
 
     def summary(self, max_listed: int = 10) -> str:
-        """Counts per kind and action, then the first ``max_listed`` problems in full."""
+        """Counts per kind and action, then the first ``max_listed`` distinct problems in full (repeats counted)."""
         if not self.problems:
             return "no problems"
         lines = [f"{n} x {kind} ({action})" for (kind, action), n in sorted(self.counts().items())]
-        lines += [f"  {p}" for p in self.problems[:max_listed]]
-        if len(self.problems) > max_listed:
-            lines.append(f"  ... and {len(self.problems) - max_listed} more")
+        distinct = list(Counter(self.problems).items())
+        lines += [f"  {p}" + (f" (x{n})" if n > 1 else "") for p, n in distinct[:max_listed]]
+        if len(distinct) > max_listed:
+            lines.append(f"  ... and {len(distinct) - max_listed} more")
         return "\n".join(lines)
 
 
@@ -138,31 +178,65 @@ class AnnotationRef:
     image_id: int | str
 
 
+_LAYOUTS: dict[str, tuple[str, str]] = {
+    "xyxy": ("box", "(x1, y1, x2, y2)"),
+    "xywh": ("bbox", "(x, y, w, h)"),
+    "voc": ("bndbox", "(xmin, ymin, xmax, ymax), 1-based"),
+}
+_REVERSED: dict[str, str] = {"xyxy": "x2 < x1 or y2 < y1", "voc": "xmax < xmin or ymax < ymin"}
+_NOT_EMPTY: dict[str, str] = {
+    "xyxy": "x2 > x1 and y2 > y1",
+    "xywh": "w > 0 and h > 0",
+    "voc": "xmax >= xmin and ymax >= ymin",
+}
+
+
+def to_xyxy(boxes: np.ndarray, box_format: BoxFormat) -> np.ndarray:
+    """Float64 ``[G, 4]`` 0-based ``(x1, y1, x2, y2)`` from boxes written in ``box_format``."""
+    out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    if box_format == "xywh":
+        out[:, 2:] += out[:, :2]
+    elif box_format == "voc":
+        out[:, :2] -= 1.0
+    elif box_format != "xyxy":
+        raise ValueError(f"box_format={box_format!r} is not one of 'xyxy', 'xywh', 'voc'")
+    return out
+
+
+def describe_box(written: Sequence[float], box_format: BoxFormat) -> str:
+    """A box as its file writes it, e.g. ``bbox [1, 2, nan, 4] (x, y, w, h)``."""
+    name, layout = _LAYOUTS[box_format]
+    values = ", ".join(f"{float(v):g}" for v in written)
+    return f"{name} [{values}] {layout}"
+
+
 def sanitize_boxes(
-    boxes: np.ndarray,
+    written: np.ndarray,
     annotation_ids: Sequence[int | str | None],
     image_size: tuple[int, int],
     policy: BadAnnotationPolicy,
     ref: AnnotationRef,
     log: ProblemLog,
-    detect_xywh: bool = True,
+    box_format: BoxFormat = "xyxy",
 ) -> tuple[np.ndarray, list[int | str | None]]:
-    """Check xyxy ``boxes [G, 4]`` against an image of size ``(h, w)`` and apply ``policy``.
+    """Check boxes ``[G, 4]`` written in ``box_format`` against an image of size ``(h, w)``, apply ``policy``.
 
-    ``detect_xywh`` names boxes that look like ``(x, y, w, h)`` as such (for sources that
-    store xyxy). Returns the kept (possibly clipped) boxes as float32 ``[G', 4]`` and their annotation ids.
-    Raises :class:`DataError` for a structural error under ``policy="raise"``; records every
-    clip and skip in ``log``.
+    Returns the kept (possibly clipped) boxes as float32 xyxy ``[G', 4]`` and their annotation
+    ids. Messages quote each box as written. Raises :class:`DataError` for a structural error
+    under ``policy="raise"``; records every clip and skip in ``log``. Sources that write
+    corners (``xyxy``, ``voc``) name boxes that look like ``(x, y, w, h)`` as such.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    written = np.asarray(written, dtype=np.float64).reshape(-1, 4)
+    boxes = to_xyxy(written, box_format)
     height, width = float(image_size[0]), float(image_size[1])
     tol_x = max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * width)
     tol_y = max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * height)
+    image = f"{int(width)}x{int(height)} image"
     kept: list[np.ndarray] = []
     kept_ids: list[int | str | None] = []
-    for box, ann_id in zip(boxes, annotation_ids):
+    for box, as_written, ann_id in zip(boxes, written, annotation_ids):
         x1, y1, x2, y2 = (float(v) for v in box)
-        coords = f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
+        text = describe_box(as_written, box_format)
 
         def fail(kind: str, detail: str, repairable: bool = False) -> bool:
             """Apply the policy to a structural error; True when the box is to be clipped."""
@@ -176,26 +250,26 @@ def sanitize_boxes(
             return action == "clipped"
 
         if not all(np.isfinite((x1, y1, x2, y2))):
-            fail("non_finite", f"box {coords} has non-finite coordinates")
+            fail("non_finite", f"{text} has non-finite coordinates")
             continue
         if x2 <= x1 or y2 <= y1:
-            if detect_xywh and (x2 < x1 or y2 < y1) and 0 < x2 and 0 < y2 and x1 + x2 <= width and y1 + y2 <= height:
+            if (box_format != "xywh" and (x2 < x1 or y2 < y1) and 0 < x2 and 0 < y2
+                    and x1 + x2 <= width and y1 + y2 <= height):
                 fail(
                     "looks_like_xywh",
-                    f"box {coords} has x2 < x1 or y2 < y1 but x1 + x2 and y1 + y2 lie inside the "
-                    f"{int(width)}x{int(height)} image: it looks like (x, y, w, h); "
-                    "expected (x1, y1, x2, y2)",
+                    f"{text} has {_REVERSED[box_format]}, but read as (x, y, w, h) it lies inside "
+                    f"the {image}: it looks like (x, y, w, h); expected {_LAYOUTS[box_format][1]}",
                 )
             else:
-                fail("empty_box", f"box {coords} is empty; expected x2 > x1 and y2 > y1")
+                fail("empty_box", f"{text} is empty; expected {_NOT_EMPTY[box_format]}")
             continue
         if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
-            fail("outside_image", f"box {coords} lies entirely outside the {int(width)}x{int(height)} image")
+            fail("outside_image", f"{text} lies entirely outside the {image}")
             continue
         overshoot_x = max(-x1, x2 - width, 0.0)
         overshoot_y = max(-y1, y2 - height, 0.0)
         if overshoot_x > 0 or overshoot_y > 0:
-            detail = f"box {coords} extends outside the {int(width)}x{int(height)} image"
+            detail = f"{text} extends outside the {image}"
             if overshoot_x <= tol_x and overshoot_y <= tol_y:
                 log.add(Problem("slightly_outside", "clipped", detail, ref.file, ref.image_id, ann_id))
             elif not fail("outside_image", detail + " by more than the tolerance", repairable=True):

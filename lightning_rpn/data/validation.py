@@ -3,17 +3,27 @@
 :func:`validate_dataset` takes a dataset (COCO, VOC, synthetic, or any dataset of
 :class:`~lightning_rpn.data.sample.DetectionSample` s) or an
 :class:`~lightning_rpn.data.datamodule.RPNDataModule` (each configured split is checked, its
-annotations read with ``on_bad_annotation="skip"`` so that every problem is listed rather than
-the first one raised). File-backed datasets are checked from their annotations plus image
-headers (no decoding); other datasets are iterated. Given anchors, the report adds their
-coverage of the gt boxes. The returned :class:`DatasetReport` prints as rich tables, converts
-to a dict, and says whether the data is :attr:`~DatasetReport.ok`.
+annotations read with ``on_bad_annotation="skip"`` and unsafe paths reported, so that every
+problem is listed rather than the first one raised; a split whose annotations cannot be read at
+all is one problem of that split). File-backed datasets are checked from their annotations
+plus every image decoded, as training will decode it (a truncated file is found); other
+datasets are iterated. Given anchors, the report adds their coverage of the gt boxes.
+
+The returned :class:`DatasetReport` prints as rich tables (file names and boxes printed as
+they are, never read as console markup; the first ``max_listed`` problems of each split, errors
+first), converts to a dict, writes every problem to a JSON or CSV file (:meth:`~DatasetReport.write`),
+and separates errors from warnings (:data:`~lightning_rpn.data.problems.WARNING_KINDS`, boxes
+slightly outside the image that every policy clips): it is :attr:`~DatasetReport.ok` when
+there are no errors.
 """
 
 from __future__ import annotations
 
+import csv
 import io
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,22 +31,31 @@ import torch
 from rich.console import Console, Group
 from rich.progress import track
 from rich.table import Table
+from rich.text import Text
 from torch.utils.data import Dataset
 
 from lightning_rpn.boxes import box_iou
-from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset
+from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset, unreadable_image_problem
 from lightning_rpn.data.collate import padded_size
-from lightning_rpn.data.image_io import read_image_size
-from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, ProblemLog, sanitize_boxes
+from lightning_rpn.data.image_io import verify_image
+from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, ProblemLog, sanitize_boxes, severity_of
 from lightning_rpn.data.transforms import ResizePolicy
 
-__all__ = ["validate_dataset", "DatasetReport", "SplitReport", "AnchorProbe", "PERCENTILES", "ASPECT_BUCKETS", "AREA_BUCKETS"]
+__all__ = [
+    "validate_dataset", "DatasetReport", "SplitReport", "AnchorProbe", "PERCENTILES", "ASPECT_BUCKETS",
+    "AREA_BUCKETS", "MAX_LISTED", "REPORT_SUFFIXES", "report_path",
+]
 
 PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
 ASPECT_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf")))
 """Width / height buckets (lower bound inclusive)."""
 AREA_BUCKETS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, float("inf"))}
 """COCO box-area ranges in pixels squared."""
+MAX_LISTED = 20
+"""Problems a printed split report lists in full by default (all of them are counted)."""
+REPORT_SUFFIXES = (".json", ".csv")
+"""File types :meth:`DatasetReport.write` writes."""
+_CSV_COLUMNS = ["split", "severity", *(f.name for f in fields(Problem))]
 
 
 @dataclass
@@ -96,9 +115,21 @@ class SplitReport:
         return out
 
     @property
+    def num_errors(self) -> int:
+        return self.problems.num_errors()
+
+    @property
+    def num_warnings(self) -> int:
+        return len(self.problems) - self.problems.num_errors()
+
+    @property
     def ok(self) -> bool:
-        """No problems beyond boxes slightly outside the image (which are always clipped)."""
-        return all(p.kind == "slightly_outside" for p in self.problems)
+        """No errors (warnings, boxes slightly outside the image that are always clipped, are ok)."""
+        return self.num_errors == 0
+
+    def ordered_problems(self) -> list[Problem]:
+        """Every problem, errors first, each group in the order found."""
+        return sorted(self.problems, key=lambda p: p.severity != "error")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,12 +139,17 @@ class SplitReport:
             "image_width_range": [min(self.image_widths, default=0), max(self.image_widths, default=0)],
             "box_percentiles": self.percentiles(), "aspect_histogram": self.aspect_histogram(),
             "area_histogram": self.area_histogram(), "anchor_coverage": self.anchor_coverage(),
+            "errors": self.num_errors, "warnings": self.num_warnings,
             "problem_counts": {f"{k}/{a}": n for (k, a), n in sorted(self.problems.counts().items())},
-            "problems": [str(p) for p in self.problems],
+            "problems": [p.to_dict() for p in self.ordered_problems()],
         }
 
     def __rich__(self) -> Group:
-        summary = Table(title=f"split {self.name}", show_header=False)
+        return self.render(MAX_LISTED)
+
+    def render(self, max_listed: int | None = MAX_LISTED) -> Group:
+        """The split's tables and its first ``max_listed`` problems (``None``: all), errors first."""
+        summary = Table(title=Text(f"split {self.name}"), show_header=False)
         summary.add_row("images", f"{self.images} ({self.empty_images} without boxes)")
         summary.add_row("boxes", f"{self.boxes} (+{self.crowd_boxes} crowd / ignored)")
         if self.image_heights:
@@ -142,18 +178,31 @@ class SplitReport:
                 if key != "boxes_checked":
                     table.add_row(key, f"{value:.3f}")
             parts.append(table)
-        problems = Table(title=f"problems found: {len(self.problems)}")
-        problems.add_column("kind")
-        problems.add_column("action")
+        problems = Table(title=f"problems found: {len(self.problems)} "
+                               f"({self.num_errors} errors, {self.num_warnings} warnings)")
+        for column in ("severity", "kind", "action"):
+            problems.add_column(column)
         problems.add_column("count", justify="right")
-        for (kind, action), n in sorted(self.problems.counts().items()):
-            problems.add_row(kind, action, str(n))
+        rows = sorted((severity_of(kind), kind, action, n) for (kind, action), n in self.problems.counts().items())
+        for severity, kind, action, n in rows:
+            problems.add_row(severity, Text(kind), action, str(n))
         parts.append(problems)
-        for problem in list(self.problems)[:20]:
-            parts.append(f"  {problem}")
-        if len(self.problems) > 20:
-            parts.append(f"  ... and {len(self.problems) - 20} more")
+        ordered = self.ordered_problems()
+        listed = ordered if max_listed is None else ordered[:max_listed]
+        parts += [Text(f"  {problem.severity}: {problem}") for problem in listed]
+        if len(ordered) > len(listed):
+            parts.append(Text(f"  ... and {len(ordered) - len(listed)} more (check-data --list_all prints "
+                              f"them all; --report FILE.json or FILE.csv writes them to a file)"))
         return Group(*parts)
+
+
+def report_path(path: Path | str) -> Path:
+    """``path`` as a :class:`Path`; ``ValueError`` unless it ends in one of :data:`REPORT_SUFFIXES`."""
+    path = Path(path)
+    if path.suffix.lower() not in REPORT_SUFFIXES:
+        raise ValueError(f"check-data --report {str(path)!r}: expected a file name ending in "
+                         f"{' or '.join(REPORT_SUFFIXES)}, got suffix {path.suffix!r}")
+    return path
 
 
 @dataclass
@@ -161,21 +210,45 @@ class DatasetReport:
     """The reports of every checked split; ``print(report)`` or ``rich.print(report)``."""
 
     splits: list[SplitReport]
+    max_listed: int | None = MAX_LISTED
+    """Problems listed in full per split when printed (``None``: all)."""
 
     @property
     def num_problems(self) -> int:
         return sum(len(s.problems) for s in self.splits)
 
     @property
+    def num_errors(self) -> int:
+        return sum(s.num_errors for s in self.splits)
+
+    @property
+    def num_warnings(self) -> int:
+        return sum(s.num_warnings for s in self.splits)
+
+    @property
     def ok(self) -> bool:
-        """Every split :attr:`SplitReport.ok` (``check-data`` exits non-zero otherwise)."""
+        """No split has errors (``check-data`` exits 1 otherwise; with ``--strict`` also on warnings)."""
         return all(s.ok for s in self.splits)
 
     def to_dict(self) -> dict[str, Any]:
         return {s.name: s.to_dict() for s in self.splits}
 
+    def write(self, path: Path | str) -> Path:
+        """Write every problem of every split to ``path``: JSON (the whole :meth:`to_dict`) or CSV (one row per problem)."""
+        path = report_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+            return path
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=_CSV_COLUMNS)
+            writer.writeheader()
+            for split in self.splits:
+                writer.writerows({"split": split.name, **p.to_dict()} for p in split.ordered_problems())
+        return path
+
     def __rich__(self) -> Group:
-        return Group(*self.splits)
+        return Group(*(s.render(self.max_listed) for s in self.splits))
 
     def __str__(self) -> str:
         buffer = io.StringIO()
@@ -220,10 +293,9 @@ def _check_annotated(
         size = record.size
         if check_images:
             try:
-                size = read_image_size(record.file, image_id=record.image_id)
+                size = verify_image(record.file, image_id=record.image_id)
             except DataError as error:
-                report.problems.add(Problem("unreadable_image", "skipped", str(error),
-                                            record.annotation_file, record.image_id))
+                report.problems.add(unreadable_image_problem(record, error))
                 continue
             if record.size is not None and record.size != size:
                 report.problems.add(Problem(
@@ -233,10 +305,10 @@ def _check_annotated(
         boxes, crowd = record.boxes, record.crowd_boxes
         if size is not None and (not record.checked or size != record.size):
             ref = AnnotationRef(record.annotation_file, record.image_id)
-            boxes, _ = sanitize_boxes(boxes, record.annotation_ids, size, "skip", ref, report.problems,
-                                      dataset.stores_xyxy)
-            crowd, _ = sanitize_boxes(crowd, record.crowd_annotation_ids, size, "skip", ref, report.problems,
-                                      dataset.stores_xyxy)
+            boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size, "skip", ref,
+                                      report.problems, dataset.box_format)
+            crowd, _ = sanitize_boxes(record.written_crowd_boxes, record.crowd_annotation_ids, size, "skip", ref,
+                                      report.problems, dataset.box_format)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         report._add(size, boxes, np.asarray(crowd, np.float32).reshape(-1, 4))
         if probe is not None:
@@ -250,7 +322,7 @@ def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | Non
         try:
             sample = dataset[index]
         except DataError as error:
-            report.problems.add(Problem("unreadable_item", "skipped", str(error), error.file, error.image_id,
+            report.problems.add(Problem("unreadable_item", "skipped", error.reason, error.file, error.image_id,
                                         error.annotation_id))
             continue
         report.problems.extend(sample.problems)
@@ -271,13 +343,13 @@ def validate_dataset(
 ) -> DatasetReport:
     """Check a dataset, or the ``splits`` (roles) of an ``RPNDataModule``; a :class:`DatasetReport`.
 
-    ``check_images`` reads each image header of file-backed datasets (missing, corrupt and
-    mis-sized files are reported as problems). With an ``anchor_generator`` (a data module's
-    own, by default), the report adds anchor coverage: the best anchor IoU of the gt boxes of
-    the first ``max_anchor_images`` images, after the evaluation ``resize``.
+    ``check_images`` decodes each image of file-backed datasets (missing, corrupt, truncated
+    and mis-sized files are reported as problems). With an ``anchor_generator`` (a data
+    module's own, by default), the report adds anchor coverage: the best anchor IoU of the gt
+    boxes of the first ``max_anchor_images`` images, after the evaluation ``resize``.
     """
     if isinstance(target, Dataset):
-        datasets = [(name, target)]
+        datasets: list[tuple[str, Dataset | DataError]] = [(name, target)]
     elif callable(getattr(target, "build_dataset", None)) and isinstance(getattr(target, "splits", None), dict):
         datasets = []  # an RPNDataModule (duck-typed: no Lightning import here)
         for role in splits:
@@ -285,7 +357,12 @@ def validate_dataset(
                 raise ValueError(f"validate_dataset: unknown split role {role!r}; expected one of {sorted(target.splits)}")
             split = target.splits[role]
             if split is not None:
-                datasets.append((f"{role} ({split})", target.build_dataset(split, on_bad_annotation="skip")))
+                try:
+                    built: Dataset | DataError = target.build_dataset(
+                        split, on_bad_annotation="skip", verify_images=False, report_unsafe_paths=True)
+                except DataError as error:
+                    built = error
+                datasets.append((f"{role} ({split})", built))
         anchor_generator = anchor_generator or getattr(target, "anchor_generator", None)
         size_divisibility = size_divisibility or getattr(target, "size_divisibility", None)
         resize = resize or getattr(target, "resize_policy", None)
@@ -294,6 +371,11 @@ def validate_dataset(
     reports = []
     for split_name, dataset in datasets:
         report = SplitReport(split_name)
+        reports.append(report)
+        if isinstance(dataset, DataError):
+            report.problems.add(Problem("unreadable_split", "skipped", f"{dataset.reason}; the split was not checked",
+                                        dataset.file, dataset.image_id, dataset.annotation_id))
+            continue
         probe = None if anchor_generator is None else AnchorProbe(
             anchor_generator, size_divisibility, resize, max_anchor_images)
         inner = getattr(dataset, "dataset", dataset)  # unwrap TransformedDataset
@@ -301,5 +383,4 @@ def validate_dataset(
             _check_annotated(inner, report, check_images, probe)
         else:
             _check_items(inner, report, probe)
-        reports.append(report)
     return DatasetReport(reports)

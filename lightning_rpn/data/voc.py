@@ -18,7 +18,7 @@ import numpy as np
 
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
 from lightning_rpn.data.image_io import resolve_image_path
-from lightning_rpn.data.problems import AnnotationRef, BadAnnotationPolicy, DataError, Problem, UnsafePathError
+from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError
 
 __all__ = ["VOCDetection", "read_split_ids"]
 
@@ -44,8 +44,12 @@ class VOCDetection(AnnotatedDataset):
         keep_difficult: treat ``difficult`` objects as ground truth (default: crowd boxes).
         class_names: keep only these classes (others are left out, not a problem).
         on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"``.
-        verify_images: read every image header now (missing / corrupt / mis-sized images).
+        verify_images: decode every image now (missing / corrupt / truncated / mis-sized images).
+        report_unsafe_paths: record image ids and file names escaping their folder as skipped
+            problems instead of raising (``check-data``).
     """
+
+    box_format = "voc"
 
     def __init__(
         self,
@@ -55,23 +59,29 @@ class VOCDetection(AnnotatedDataset):
         class_names: Sequence[str] | None = None,
         on_bad_annotation: BadAnnotationPolicy = "raise",
         verify_images: bool = False,
+        report_unsafe_paths: bool = False,
     ) -> None:
-        super().__init__(on_bad_annotation, verify_images)
+        super().__init__(on_bad_annotation, verify_images, report_unsafe_paths)
         self.root = Path(root)
         self.split = split
         self.keep_difficult = keep_difficult
         self.class_names = None if class_names is None else set(class_names)
         split_file = str(self.root / "ImageSets" / "Main" / f"{split}.txt")
         for image_id in self._progress(read_split_ids(self.root, split), f"Reading VOC {split}"):
-            xml_path = resolve_image_path(self.root / "Annotations", f"{image_id}.xml", file=split_file, image_id=image_id)
+            where = split_file
             try:
-                record = self._parse(image_id, xml_path)
-            except DataError as error:
-                if self.on_bad_annotation == "raise" or isinstance(error, UnsafePathError):
+                xml_path = resolve_image_path(self.root / "Annotations", f"{image_id}.xml", file=where, image_id=image_id)
+                where = str(xml_path)
+                self.records.append(self._parse(image_id, xml_path))
+            except UnsafePathError as error:
+                if not self.report_unsafe_paths:
                     raise
-                self.problems.add(Problem("bad_annotation_file", "skipped", str(error), str(xml_path), image_id))
-                continue
-            self.records.append(record)
+                self.problems.add(Problem("unsafe_path", "skipped", error.reason, where, image_id))
+            except DataError as error:
+                if self.on_bad_annotation == "raise":
+                    raise
+                self.problems.add(Problem("bad_annotation_file", "skipped", error.reason, where, image_id,
+                                          error.annotation_id))
         self._finish()
 
     def _parse(self, image_id: str, xml_path: Path) -> ImageRecord:
@@ -108,7 +118,7 @@ class VOCDetection(AnnotatedDataset):
                     raise DataError(detail, file=where, image_id=image_id, annotation_id=ann_id) from None
                 self.problems.add(Problem("malformed_bbox", "skipped", detail, where, image_id, ann_id))
                 continue
-            box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
+            box = [xmin, ymin, xmax, ymax]
             difficult = (obj.findtext("difficult") or "0").strip() == "1"
             if difficult and not self.keep_difficult:
                 crowd.append(box)
@@ -116,15 +126,8 @@ class VOCDetection(AnnotatedDataset):
             else:
                 boxes.append(box)
                 ids.append(ann_id)
-        record.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        record.written_boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         record.annotation_ids = ids
-        record.crowd_boxes = np.asarray(crowd, dtype=np.float64).reshape(-1, 4)
+        record.written_crowd_boxes = np.asarray(crowd, dtype=np.float64).reshape(-1, 4)
         record.crowd_annotation_ids = crowd_ids
-        if size is None:
-            record.checked = False
-        else:
-            ref = AnnotationRef(where, image_id)
-            record.boxes, record.annotation_ids = self._check_boxes(record.boxes, ids, size, ref, self.problems)
-            record.crowd_boxes, record.crowd_annotation_ids = self._check_boxes(
-                record.crowd_boxes, crowd_ids, size, ref, self.problems)
         return record
