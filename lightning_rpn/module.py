@@ -37,15 +37,17 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
 from torch import Tensor, nn
 
 from lightning_rpn.anchors import AnchorGenerator
@@ -54,7 +56,7 @@ from lightning_rpn.box_coder import BoxCoder
 from lightning_rpn.boxes import clip_boxes_to_image
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
-from lightning_rpn.data.image_io import load_rgb_image
+from lightning_rpn.data.image_io import load_rgb_image, to_rgb_uint8
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
 from lightning_rpn.head import RPNHead
@@ -64,6 +66,7 @@ from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
 
 _SKIPPED_KEY = "skipped_nonfinite_batches"
+_RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
 # hparams["backbone"] of a backbone module built in Python: this prefix + its class path. The
 # module's arguments are unknown, so loading such a checkpoint needs ``backbone=``.
 _CUSTOM_BACKBONE = "custom: "
@@ -181,7 +184,10 @@ class RPNModule(pl.LightningModule):
         optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
         lr: peak learning rate.
         momentum: SGD momentum.
-        weight_decay: weight decay (not applied to normalisation layers).
+        weight_decay: weight decay of every parameter outside normalisation layers.
+        norm_weight_decay: weight decay of normalisation-layer parameters (BatchNorm, GroupNorm,
+            LayerNorm); detectron2's default 0, where torchvision's reference scripts and a plain
+            ``SGD(weight_decay=...)`` use ``weight_decay`` (see the README's ablations).
         lr_schedule: ``"multistep"`` (x ``gamma`` at each milestone) or ``"cosine"`` (to
             ``min_lr_factor * lr`` at the last training step).
         warmup_steps: steps of linear warm-up from ``warmup_factor * lr``.
@@ -236,6 +242,7 @@ class RPNModule(pl.LightningModule):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
+        norm_weight_decay: float = 0.0,
         lr_schedule: Literal["multistep", "cosine"] = "multistep",
         warmup_steps: int = 1000,
         warmup_factor: float = 0.001,
@@ -344,6 +351,7 @@ class RPNModule(pl.LightningModule):
         )
         self.last_recall: dict[str, float] = {}
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
+        self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
         self.skipped_nonfinite_batches = 0
         self._step_image_ids: list[int | str] = []
         self._drop_gradients = False
@@ -422,6 +430,7 @@ class RPNModule(pl.LightningModule):
             targets=batch.targets if with_targets else None,
             anchor_targets=batch.anchor_targets_for(epoch) if with_targets else None,
             image_ids=batch.image_ids,
+            sampling_keys=batch.sampling_keys or None,
             sampling_epoch=epoch,
             need_proposals=need_proposals,
             proposal_logits=proposal_logits,
@@ -529,11 +538,20 @@ class RPNModule(pl.LightningModule):
         for parameter in self.parameters():
             parameter.grad = None  # optimizers leave parameters without gradients untouched
 
+    def setup(self, stage: str) -> None:
+        """At ``fit``, record the data module's ``resize_policy`` (kept in checkpoints) for ``predict_images``."""
+        policy = getattr(self.trainer.datamodule, "resize_policy", None)
+        if stage == "fit" and isinstance(policy, ResizePolicy):
+            self.resize_policy = policy
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_SKIPPED_KEY] = self.skipped_nonfinite_batches
+        checkpoint[_RESIZE_KEY] = None if self.resize_policy is None else asdict(self.resize_policy)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite_batches = int(checkpoint.get(_SKIPPED_KEY, 0))
+        resize = checkpoint.get(_RESIZE_KEY)
+        self.resize_policy = None if resize is None else ResizePolicy(**resize)
 
     def _eval_step(self, batch: RPNBatch, stage: str) -> dict[str, Any]:
         proposals, losses = self._run(batch, stage, need_proposals=True)
@@ -586,7 +604,7 @@ class RPNModule(pl.LightningModule):
                     (no_decay if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
         groups = [
             {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": no_decay, "weight_decay": hp.norm_weight_decay},
         ]
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
@@ -623,27 +641,48 @@ class RPNModule(pl.LightningModule):
         }
 
     # ------------------------------------------------------------------ inference helper
+    @overload
+    def predict_images(
+        self, images: ImageInput, resize: ResizePolicy | None = None, batch_size: int = 1
+    ) -> dict[str, Tensor]: ...
+
+    @overload
+    def predict_images(
+        self, images: Sequence[ImageInput] | np.ndarray | Tensor, resize: ResizePolicy | None = None,
+        batch_size: int = 1,
+    ) -> list[dict[str, Tensor]]: ...
+
     @torch.no_grad()
     def predict_images(
         self,
-        images: Sequence[str | Path | np.ndarray | Tensor],
+        images: ImageInput | Sequence[ImageInput],
         resize: ResizePolicy | None = None,
         batch_size: int = 1,
-    ) -> list[dict[str, Tensor]]:
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Proposals for loose images, in their original pixel coordinates.
 
-        ``images``: file paths, ``H x W x 3`` uint8 RGB arrays or ``[3, H, W]`` uint8 tensors.
-        They go through the evaluation pipeline: ``resize`` (pass the data module's
-        ``resize_policy`` to match training; ``None`` keeps the size), padding and collation as
-        in :class:`~lightning_rpn.data.datamodule.RPNDataModule`. Returns per image
-        ``{"boxes" [P, 4], "scores" [P]}``, best first.
+        ``images``: one image or a sequence of them, each a file path, a PIL image, an RGB
+        array ``H x W x 3`` or a tensor ``[3, H, W]`` (torchvision's layout), uint8 (0..255)
+        or float (0..1); grayscale (``H x W``, ``[1, H, W]``) and RGBA (alpha dropped) too. A
+        4-D array or tensor is a batch (``[B, H, W, 3]`` / ``[B, 3, H, W]``). They go through
+        the evaluation pipeline: ``resize``, padding and collation as in
+        :class:`~lightning_rpn.data.datamodule.RPNDataModule`. ``resize=None`` uses the policy of
+        the data the model was trained on (:attr:`resize_policy`, recorded at ``fit`` and kept
+        in checkpoints; no resize when unknown); ``ResizePolicy()`` keeps the size. Returns per
+        image ``{"boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``, best first: a
+        dict for one image, a list for a sequence or batch.
         """
-        transform = DetectionTransform(resize=resize, train=False)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"predict_images: batch_size must be a positive int, got {batch_size!r}")
+        single = _is_single_image(images)
+        items = [images] if single else list(images)  # type: ignore[arg-type]
+        policy = resize if resize is not None else self.resize_policy or ResizePolicy()
+        transform = DetectionTransform(resize=policy, train=False)
         collate = RPNCollate(size_divisibility=self.size_divisibility, assign_targets=False)
         samples = [
-            transform(DetectionSample(image=_as_hwc_uint8(image), boxes=empty_boxes(), image_id=index,
+            transform(DetectionSample(image=_as_hwc_uint8(image, index), boxes=empty_boxes(), image_id=index,
                                       source=f"predict_images[{index}]"))
-            for index, image in enumerate(images)
+            for index, image in enumerate(items)
         ]
         was_training = self.training
         self.eval()
@@ -652,10 +691,10 @@ class RPNModule(pl.LightningModule):
             for start in range(0, len(samples), batch_size):
                 batch = collate(samples[start : start + batch_size]).to(self.device)
                 for item in self.predict_step(batch, start // batch_size):
-                    results.append({"boxes": item["boxes"], "scores": item["scores"]})
+                    results.append({key: item[key] for key in ("boxes", "scores", "objectness_logits")})
         finally:
             self.train(was_training)
-        return results
+        return results[0] if single else results
 
 
 def to_original_coordinates(
@@ -668,25 +707,56 @@ def to_original_coordinates(
     return clip_boxes_to_image(boxes * scale, original_size)
 
 
-def _as_hwc_uint8(image: str | Path | np.ndarray | Tensor) -> np.ndarray:
-    """An RGB image as an ``H x W x 3`` uint8 array (from a path, an array or a CHW tensor)."""
-    if isinstance(image, (str, Path)):
-        return load_rgb_image(image)
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
+"""What ``predict_images`` takes as one image (see there)."""
+
+
+def _is_single_image(images: object) -> bool:
+    """Whether ``predict_images`` got one image rather than a sequence (or 4-D batch) of them."""
+    if isinstance(images, (np.ndarray, Tensor)):
+        return images.ndim != 4
+    return isinstance(images, (str, os.PathLike, Image.Image))
+
+
+def _as_hwc_uint8(image: ImageInput, index: int) -> np.ndarray:
+    """Image ``index`` of ``predict_images`` as ``H x W x 3`` uint8 RGB.
+
+    Paths are decoded like dataset files; PIL images of any mode are converted like them;
+    arrays are ``H x W [x C]`` and tensors ``[C, H, W]`` or ``H x W``, ``C`` 1, 3 or 4 (RGBA:
+    alpha dropped), uint8 in 0..255 or float in 0..1.
+    """
+    where, shape = f"predict_images: image {index}", tuple(getattr(image, "shape", ()))
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb_image(image, image_id=index)
+    if isinstance(image, Image.Image):
+        return to_rgb_uint8(image)
     if isinstance(image, Tensor):
-        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        if image.dim() == 3:
+            image = image.permute(1, 2, 0)  # CHW -> HWC
+        array = image.detach().cpu().numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(
+            f"{where} is a {type(image).__name__}; expected a path, a PIL image, an H x W x 3 array "
+            "or a [3, H, W] tensor"
+        )
+    layout = "[C, H, W]" if isinstance(image, Tensor) else "H x W x C"
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
+        raise ValueError(
+            f"{where} has shape {shape}; expected {layout} with C = 3 (1: gray, 4: RGBA) or H x W"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = (float(array.min()), float(array.max())) if np.isfinite(array).all() else (np.nan, np.nan)
+        if not 0.0 <= low <= high <= 1.0:
             raise ValueError(
-                f"predict_images: tensors must be [3, H, W] uint8 RGB, got shape "
-                f"{tuple(image.shape)} dtype {image.dtype}"
+                f"{where} is a float {layout} image with values in [{low}, {high}]; float images must be "
+                "in 0..1 (torchvision's convention); pass uint8 for 0..255"
             )
-        return image.permute(1, 2, 0).cpu().numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"predict_images: arrays must be H x W x 3 uint8 RGB, got shape {image.shape} "
-                f"dtype {image.dtype}"
-            )
-        return image
-    raise TypeError(
-        f"predict_images: expected a path, an H x W x 3 uint8 array or a [3, H, W] uint8 tensor, "
-        f"got {type(image).__name__}"
-    )
+        array = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise TypeError(f"{where} has dtype {array.dtype}; expected uint8 (0..255) or float (0..1)")
+    rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+    return np.ascontiguousarray(rgb)

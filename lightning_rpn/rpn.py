@@ -125,6 +125,7 @@ class RPN(nn.Module):
         *,
         anchor_targets: tuple[Tensor, Tensor] | None = None,
         image_ids: Sequence[int | str] | None = None,
+        sampling_keys: Sequence[int | str] | None = None,
         sampling_epoch: int = 0,
         need_proposals: bool = True,
         proposal_logits: bool = False,
@@ -137,7 +138,10 @@ class RPN(nn.Module):
             targets: per image ``{"boxes": [G, 4], "crowd_boxes": [C, 4] (optional)}``.
             anchor_targets: precomputed ``(labels [B, N] integer, deltas float32 [B, N, 4])``;
                 takes precedence over ``targets``.
-            image_ids: ids seeding each image's sampling (default: index in the batch).
+            image_ids: ids naming each image in errors, and seeding its sampling unless
+                ``sampling_keys`` are given (default: index in the batch).
+            sampling_keys: what seeds each image's sampling (``RPNBatch.sampling_keys``: the
+                items' dataset positions, so that an image listed twice draws two samples).
             sampling_epoch: the training epoch, mixed into the sampling seeds so that every
                 epoch samples afresh (pass the one the data pipeline used: ``RPNCollate.set_epoch``).
             need_proposals: ``False`` skips proposal generation and returns ``[]``.
@@ -173,7 +177,9 @@ class RPN(nn.Module):
         if anchor_targets is not None:
             labels_and_deltas = self._check_anchor_targets(anchor_targets, batch, num_anchors, device)
         elif targets is not None:
-            labels_and_deltas = self._assign_targets(targets, sizes, shapes, image_ids, sampling_epoch, batch, device)
+            labels_and_deltas = self._assign_targets(
+                targets, sizes, shapes, image_ids, sampling_keys, sampling_epoch, batch, device
+            )
 
         losses: dict[str, Tensor] = {}
         if labels_and_deltas is not None:
@@ -234,6 +240,7 @@ class RPN(nn.Module):
         image_sizes: list[tuple[int, int]],
         shapes: list[tuple[int, int]],
         image_ids: Sequence[int | str] | None,
+        sampling_keys: Sequence[int | str] | None,
         sampling_epoch: int,
         batch: int,
         device: torch.device,
@@ -245,8 +252,11 @@ class RPN(nn.Module):
         if len(targets) != batch:
             raise ValueError(f"RPN: {len(targets)} targets for a batch of {batch} images")
         ids = list(range(batch)) if image_ids is None else list(image_ids)
-        if len(ids) != batch:
-            raise ValueError(f"RPN: {len(ids)} image_ids for a batch of {batch} images")
+        keys = ids if sampling_keys is None else list(sampling_keys)
+        if len(ids) != batch or len(keys) != batch:
+            raise ValueError(
+                f"RPN: {len(ids)} image_ids and {len(keys)} sampling_keys for a batch of {batch} images"
+            )
         gt_boxes = []
         for index, (target, image_id) in enumerate(zip(targets, ids)):
             boxes = target.get("boxes")
@@ -263,7 +273,7 @@ class RPN(nn.Module):
             image_sizes,
             self.target_config,
             self.box_coder,
-            [sample_generator(self.seed, image_id, sampling_epoch) for image_id in ids],
+            [sample_generator(self.seed, key, sampling_epoch) for key in keys],
             [target.get("crowd_boxes") for target in targets],
         )
 

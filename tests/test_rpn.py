@@ -151,7 +151,9 @@ def test_softmax_head_paper_loss_dict_features_and_anchor_stride() -> None:
     # Paper normalisation with N_reg = anchor locations (8x8 + 4x4 after anchor_stride 2) x 2 images.
     objectness, deltas = rpn.head(list(features.values()))
     anchors = rpn.anchor_generator([f.shape[-2:] for f in features.values()])
-    labels, targets = rpn._assign_targets(_targets(), IMAGE_SIZES, [(16, 16), (8, 8)], None, 0, 2, torch.device("cpu"))
+    labels, targets = rpn._assign_targets(
+        _targets(), IMAGE_SIZES, [(16, 16), (8, 8)], None, None, 0, 2, torch.device("cpu")
+    )
     expected = rpn_loss(
         objectness, deltas, labels, targets, normalization="paper", box_loss="giou",
         anchors=anchors, box_coder=rpn.box_coder, num_anchor_locations=64 + 16,

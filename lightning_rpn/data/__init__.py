@@ -1,4 +1,4 @@
-"""Data for RPN training: datasets (synthetic shapes, COCO, Pascal VOC), transforms, collate.
+"""Data for RPN training: datasets (synthetic shapes, dense scenes, COCO, Pascal VOC), transforms, collate.
 
 Names are imported lazily so that DataLoader workers (which unpickle the collate and the
 datasets) do not import Lightning; only :class:`RPNDataModule` and :func:`validate_dataset`
@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "Problem": "lightning_rpn.data.problems",
     "ProblemLog": "lightning_rpn.data.problems",
     "SyntheticShapes": "lightning_rpn.data.synthetic",
+    "DenseScenes": "lightning_rpn.data.scenes",
     "COCODetection": "lightning_rpn.data.coco",
     "VOCDetection": "lightning_rpn.data.voc",
     "ImageFolder": "lightning_rpn.data.folder",

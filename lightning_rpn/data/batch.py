@@ -37,6 +37,8 @@ class RPNBatch:
     ``anchor_labels == 1``, or ``None`` (compact: workers send a fraction of the dense
     ``target_deltas [B, N, 4]``, which is built on demand); ``sampling_epoch`` the epoch the
     collate sampled those targets for (``None`` without targets; see :meth:`anchor_targets_for`);
+    ``sampling_keys`` what seeds each image's anchor sampling with the seed and the epoch (its
+    position in its dataset, else its image id; see ``DetectionSample.sampling_key``);
     ``removed_boxes`` counts ground-truth boxes the transforms removed in this
     batch and ``problems`` what was clipped or skipped while loading it (both reported by
     :class:`~lightning_rpn.data.datamodule.RPNDataModule`).
@@ -51,6 +53,7 @@ class RPNBatch:
     anchor_labels: Tensor | None = None
     positive_deltas: Tensor | None = None
     sampling_epoch: int | None = None
+    sampling_keys: list[int | str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)

@@ -7,8 +7,10 @@ multiple of ``size_divisibility``), ``L`` levels, ``N`` anchors of an image (all
 The anchors of a batch follow from its padded size alone: ``feature_shapes_for(Hp, Wp)`` gives
 the feature size of every level, so the worker builds (and caches) the same anchors the model
 will build from the backbone's features. Assignment (``assign_compact_targets``: one matching
-pass for the whole batch) seeds sampling per image with ``sample_generator(seed, image_id,
-epoch)``, as the RPN's in-model path does, so both paths give identical targets.
+pass for the whole batch) seeds sampling per image with ``sample_generator(seed, key, epoch)``,
+``key`` being the item's position in its dataset (``RPNBatch.sampling_keys``: unique even when
+a split lists an image twice), as the RPN's in-model path does, so both paths give identical
+targets.
 
 The epoch lives in a one-element shared-memory tensor: DataLoader workers (forked or spawned,
 persistent or not) read the value the main process last gave :meth:`RPNCollate.set_epoch`
@@ -119,6 +121,7 @@ class RPNCollate:
             image_sizes=sizes,
             original_sizes=[tuple(s.original_size) for s in samples],  # type: ignore[misc]
             image_ids=[s.image_id for s in samples],
+            sampling_keys=[s.sampling_key for s in samples],
             gt_boxes=gt_boxes,
             crowd_boxes=crowd_boxes,
             sources=[s.source for s in samples],
@@ -142,7 +145,7 @@ class RPNCollate:
             batch.image_sizes,
             self.target_config,
             self.box_coder,
-            [sample_generator(self.seed, image_id, epoch) for image_id in batch.image_ids],
+            [sample_generator(self.seed, key, epoch) for key in batch.sampling_keys],
             [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
         )
 

@@ -30,6 +30,7 @@ from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, Problem, check_policy
+from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
@@ -71,10 +72,10 @@ def _describe_anchors(g: AnchorGenerator) -> str:
 
 
 class RPNDataModule(LightningDataModule):
-    """Data for RPN training: synthetic shapes (default), COCO or Pascal VOC.
+    """Data for RPN training: synthetic shapes (default), dense scenes, COCO or Pascal VOC.
 
     Args:
-        dataset: ``"synthetic"`` | ``"coco"`` | ``"voc"``.
+        dataset: ``"synthetic"`` | ``"scenes"`` (generated aerial-like scenes) | ``"coco"`` | ``"voc"``.
         root: dataset folder (COCO / VOC).
         train_split / val_split / test_split / predict_split: split names (``None``: no such
             split; predict defaults to ``val_split``). COCO: e.g. ``train2017``; VOC: e.g.
@@ -87,6 +88,9 @@ class RPNDataModule(LightningDataModule):
         on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (structural errors raise by default).
         verify_images: decode every image in ``setup``, before the first step (finds missing,
             corrupt, truncated and mis-sized files; handled by ``on_bad_annotation``).
+        scene_options: ``DenseScenes`` arguments for ``dataset="scenes"`` (``size``, ``objects``,
+            ``background``, ``density``, ...); the scene counts are ``synthetic_train_images`` /
+            ``synthetic_val_images``.
         synthetic_*: SyntheticShapes parameters (images in the train split / in any other split,
             image side range, most shapes per image, smallest shape side).
         seed: seed of the synthetic images.
@@ -106,7 +110,7 @@ class RPNDataModule(LightningDataModule):
 
     def __init__(
         self,
-        dataset: Literal["synthetic", "coco", "voc"] = "synthetic",
+        dataset: Literal["synthetic", "scenes", "coco", "voc"] = "synthetic",
         root: str | None = None,
         train_split: str | None = "train",
         val_split: str | None = "val",
@@ -127,6 +131,7 @@ class RPNDataModule(LightningDataModule):
         synthetic_max_size: int = 192,
         synthetic_max_shapes: int = 6,
         synthetic_min_box_size: float = 8.0,
+        scene_options: dict[str, Any] | None = None,
         seed: int = 0,
         batch_size: int = 8,
         val_batch_size: int | None = None,
@@ -147,9 +152,13 @@ class RPNDataModule(LightningDataModule):
         assign_targets: bool = True,
     ) -> None:
         super().__init__()
-        if dataset not in ("synthetic", "coco", "voc"):
-            raise ValueError(f"RPNDataModule: dataset={dataset!r} is not one of 'synthetic', 'coco', 'voc'")
-        if dataset != "synthetic" and root is None:
+        if dataset not in ("synthetic", "scenes", "coco", "voc"):
+            raise ValueError(
+                f"RPNDataModule: dataset={dataset!r} is not one of 'synthetic', 'scenes', 'coco', 'voc'"
+            )
+        if scene_options is not None and dataset != "scenes":
+            raise ValueError(f"RPNDataModule: scene_options apply to dataset='scenes' only, not {dataset!r}")
+        if dataset in ("coco", "voc") and root is None:
             raise ValueError(f"RPNDataModule: dataset={dataset!r} needs root (the dataset folder)")
         check_policy(on_bad_annotation, "RPNDataModule")
         if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0) or num_workers < 0:
@@ -210,6 +219,12 @@ class RPNDataModule(LightningDataModule):
             num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
             return SyntheticShapes(num, hp.synthetic_min_size, hp.synthetic_max_size, hp.synthetic_max_shapes,
                                    seed=hp.seed, split=split, min_box_size=hp.synthetic_min_box_size)
+        if self.dataset == "scenes":
+            num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
+            try:
+                return DenseScenes(num, **(hp.scene_options or {}), seed=hp.seed, split=split)
+            except TypeError as error:
+                raise ValueError(f"RPNDataModule: data.scene_options {hp.scene_options!r}: {error}") from None
         assert self.root is not None
         if self.dataset == "coco":
             return COCODetection(

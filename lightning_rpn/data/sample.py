@@ -27,7 +27,10 @@ class DetectionSample:
 
     ``original_size`` is the ``(h, w)`` of the image as stored, before any transform;
     ``removed_boxes`` counts ground-truth boxes that transforms removed (e.g. cropped away);
-    ``problems`` lists what was clipped or skipped while loading this item.
+    ``problems`` lists what was clipped or skipped while loading this item;
+    ``dataset_index`` is the item's position in the dataset it came from (set by
+    :class:`~lightning_rpn.data.transforms.TransformedDataset`): with the seed and the epoch it
+    seeds the item's anchor sampling, so an image listed twice in a split draws two samples.
     """
 
     image: np.ndarray
@@ -38,6 +41,7 @@ class DetectionSample:
     original_size: tuple[int, int] | None = None
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    dataset_index: int | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -54,3 +58,8 @@ class DetectionSample:
     def image_size(self) -> tuple[int, int]:
         """``(h, w)`` of the image as it is now."""
         return int(self.image.shape[0]), int(self.image.shape[1])
+
+    @property
+    def sampling_key(self) -> int | str:
+        """What seeds this item's anchor sampling (with seed and epoch): its dataset index, else its id."""
+        return self.image_id if self.dataset_index is None else self.dataset_index

@@ -254,4 +254,7 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> DetectionSample:
         sample = self.dataset[index]
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is not None:
+            sample = self.transform(sample)
+        sample.dataset_index = int(index)
+        return sample
