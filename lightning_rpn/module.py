@@ -567,7 +567,9 @@ class RPNModule(pl.LightningModule):
 
     def _end_recall_epoch(self, stage: str) -> None:
         results = self.val_recall.compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in results.items()})  # already synced
+        # compute() already summed the states of every process, so each rank holds the global
+        # values; sync_dist=True says so (averaging equal values), and Lightning stops warning
+        self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
         self.val_recall.reset()

@@ -69,7 +69,9 @@ def ddp_run(tmp_path_factory) -> Path:
     (workdir / "config.yaml").write_text(yaml.safe_dump(_config()))
     checkpoint = ["--ckpt_path", "run/checkpoints/last.ckpt", "--trainer.logger.init_args.version"]
     assert_ok(_run(["fit", "--config", "config.yaml", *DDP, "--trainer.limit_val_batches", "0"], workdir))
-    assert_ok(_run(["validate", "--config", "config.yaml", *DDP, *checkpoint, "ddp"], workdir))
+    validate = _run(["validate", "--config", "config.yaml", *DDP, *checkpoint, "ddp"], workdir)
+    assert_ok(validate)
+    (workdir / "validate_ddp.log").write_text(validate.stdout + validate.stderr)
     assert_ok(_run(["validate", "--config", "config.yaml", *checkpoint, "single"], workdir))
     return workdir
 
@@ -108,6 +110,14 @@ def test_ddp_validation_recall_equals_the_single_process_value(ddp_run: Path) ->
         assert key in ddp and key in single, sorted(ddp)
         assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
     assert single["val/AR@100"] > 0
+
+
+def test_ddp_validation_logs_the_synchronised_metrics_without_sync_dist_warnings(ddp_run: Path) -> None:
+    """It printed ~42 ``It is recommended to use `self.log('val/AR@100', ..., sync_dist=True)```
+    warnings per epoch, one per recall key, though the metric had synchronised its states."""
+    log = (ddp_run / "validate_ddp.log").read_text()
+    assert "val/AR@100" in log  # the recall table
+    assert "sync_dist=True" not in log, [line for line in log.splitlines() if "sync_dist" in line][:3]
 
 
 @pytest.mark.parametrize("objectness", ["sigmoid", "softmax"])
