@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ActionYesNo
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -53,6 +53,7 @@ __all__ = [
     "RPNLightningCLI",
     "ResolvedConfigCallback",
     "analyze_anchors",
+    "check_checkpoint_dirs",
     "check_data",
     "default_wandb_offline",
     "main",
@@ -84,6 +85,44 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
+
+
+def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """Keep a new ``fit`` from overwriting the checkpoints another run left in its folder.
+
+    The configs fix each ``ModelCheckpoint.dirpath``, so a second run of the same config finds
+    the first run's files there. Unless it resumes from that folder (``--ckpt_path last``, or a
+    file in the folder), Lightning's version counter gives the new run's files a ``-v1``,
+    ``-v2``, ... suffix, which is announced here; with ``enable_version_counter: false`` they
+    would replace the earlier ones, which is a ``ValueError`` naming the folder and files.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+            continue  # no fixed folder: Lightning uses the logger's new version folder
+        folder = Path(callback.dirpath)
+        earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if ckpt_path == "last":
+            resumes_here = any(name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) for name in earlier)
+        else:
+            resumes_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
+        if resumes_here or not earlier:
+            continue
+        # the constructor argument enable_version_counter (ModelCheckpoint has no public getter)
+        if not getattr(callback, "_enable_version_counter", True):
+            raise ValueError(
+                f"lightning-rpn fit: the ModelCheckpoint folder {folder} (dirpath) holds "
+                f"checkpoints of an earlier run ({', '.join(earlier)}) and its "
+                f"enable_version_counter: false would overwrite them. Resume that run with "
+                f"--ckpt_path last, or drop enable_version_counter: false (this run's files then "
+                f"get a -v1 suffix), or choose another dirpath, or move those files away"
+            )
+        if trainer.is_global_zero:
+            print(
+                f"lightning-rpn: {folder} holds checkpoints of an earlier run ({', '.join(earlier)}); "
+                f"they stay, this run's files get a version suffix (e.g. last-v1.ckpt), and "
+                f"--ckpt_path last resumes the newest last*.ckpt",
+                file=sys.stderr,
+            )
 
 
 class RPNLightningCLI(LightningCLI):
@@ -142,6 +181,10 @@ class RPNLightningCLI(LightningCLI):
                 f"wandb sync {Path(wandb.run.dir).parent}",
                 file=sys.stderr,
             )
+
+    def before_fit(self) -> None:
+        """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`)."""
+        check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
 
     def after_fit(self) -> None:
         self._report_wandb()

@@ -86,3 +86,56 @@ def test_every_config_trains_with_the_logger_off(config_name: str, tmp_path: Pat
     (checkpoints,) = [c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]
                       if c["class_path"].endswith("ModelCheckpoint")]
     assert (tmp_path / checkpoints / "last.ckpt").is_file()
+
+
+def _checkpointing(version_counter: bool | None) -> dict:
+    """The shipped configs' checkpointing: best by val/AR@100 and last, in a fixed folder."""
+    init_args = {"dirpath": "run/checkpoints", "filename": "best", "monitor": "val/AR@100", "mode": "max",
+                 "save_last": True}
+    if version_counter is not None:
+        init_args["enable_version_counter"] = version_counter
+    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": init_args}
+
+
+def _digests(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.ckpt"))}
+
+
+def test_a_second_run_keeps_the_first_runs_checkpoints_and_last_resumes_the_newest(tmp_path: Path) -> None:
+    write_config(tmp_path, trainer={"logger": False, "callbacks": [_checkpointing(None)]})
+    fit = ["fit", "--config", "config.yaml"]
+    assert_ok(run_cli(fit, tmp_path))
+    folder = tmp_path / "run/checkpoints"
+    first = _digests(folder)
+    assert sorted(first) == ["best.ckpt", "last.ckpt"]
+    second = run_cli([*fit, "--trainer.max_steps", "4"], tmp_path)
+    assert_ok(second)
+    assert "holds checkpoints of an earlier run (best.ckpt, last.ckpt)" in " ".join(second.stderr.split())
+    assert sorted(_digests(folder)) == ["best-v1.ckpt", "best.ckpt", "last-v1.ckpt", "last.ckpt"]
+    assert {name: _digests(folder)[name] for name in first} == first  # untouched
+    assert_ok(run_cli([*fit, "--ckpt_path", "last", "--trainer.max_steps", "6"], tmp_path))
+    steps = {name: torch.load(folder / name, map_location="cpu", weights_only=True)["global_step"]
+             for name in ("last.ckpt", "last-v1.ckpt")}
+    assert steps == {"last.ckpt": 2, "last-v1.ckpt": 6}  # the newest run went on, in its own files
+    assert {name: _digests(folder)[name] for name in first} == first
+
+
+def test_a_run_that_would_overwrite_checkpoints_is_refused(tmp_path: Path) -> None:
+    write_config(tmp_path, trainer={"logger": False, "callbacks": [_checkpointing(False)]})
+    assert_ok(run_cli(["fit", "--config", "config.yaml"], tmp_path))
+    before = _digests(tmp_path / "run/checkpoints")
+    refused = run_cli(["fit", "--config", "config.yaml"], tmp_path)
+    assert refused.returncode != 0
+    message = " ".join(refused.stderr.split())
+    assert "run/checkpoints (dirpath) holds checkpoints of an earlier run (best.ckpt, last.ckpt)" in message
+    assert "enable_version_counter: false would overwrite them" in message
+    assert _digests(tmp_path / "run/checkpoints") == before
+    assert_ok(run_cli(["fit", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.max_steps", "3"],
+                      tmp_path))  # resuming writes into the folder, as it should
+
+
+def test_shipped_configs_keep_the_checkpoint_version_counter() -> None:
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+        (checkpoint,) = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+        assert checkpoint["init_args"].get("enable_version_counter", True), path.name
