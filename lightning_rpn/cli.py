@@ -326,12 +326,20 @@ def default_wandb_offline() -> None:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightning-rpn`` console script."""
-    argv = list(sys.argv[1:] if args is None else args)
-    subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors}
+    """Entry point of the ``lightning-rpn`` console script.
+
+    ``--config`` takes a file or a built-in config name (``--config shapes``); ``lightning-rpn
+    configs list`` / ``configs copy NAME [DEST]`` list the built-in configs and write one out.
+    """
+    from lightning_rpn.config_files import configs_command, resolve_config_args
+
+    argv = resolve_config_args(sys.argv[1:] if args is None else args)
+    subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}
     if argv and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
-    RPNLightningCLI(args=args)
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads the console script's own argv (no "args" warning)
+    RPNLightningCLI(args=None if args is None else argv)
     return 0
 
 

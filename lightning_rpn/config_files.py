@@ -1,0 +1,111 @@
+"""The built-in configs: found by name (``--config shapes``), listed, copied out.
+
+The repository's top-level ``configs/`` folder is their single source. A wheel carries a copy
+inside the package, ``lightning_rpn/configs/`` (``setup.py`` copies it at build time); a clone
+or an editable install reads ``configs/`` beside the package. ``lightning-rpn configs list``
+prints the names, ``lightning-rpn configs copy NAME [DEST]`` writes one out to edit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["config_dir", "config_names", "config_path", "copy_config", "configs_command", "resolve_config_args"]
+
+_SUFFIX = ".yaml"
+
+
+def config_dir() -> Path:
+    """The folder of the built-in configs: the installed package's copy, else the source tree's."""
+    packaged = Path(str(resources.files("lightning_rpn"))) / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_names() -> list[str]:
+    """The built-in config names (file names without ``.yaml``), sorted."""
+    folder = config_dir()
+    return sorted(path.stem for path in folder.glob(f"*{_SUFFIX}")) if folder.is_dir() else []
+
+
+def config_path(name: str) -> Path:
+    """The file of built-in config ``name`` (``"shapes"`` or ``"shapes.yaml"``)."""
+    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else name
+    path = config_dir() / f"{stem}{_SUFFIX}"
+    if "/" in stem or "\\" in stem or not path.is_file():
+        raise ValueError(
+            f"no built-in config named {name!r}; built-in configs: {', '.join(config_names()) or 'none found'} "
+            f"(in {config_dir()}); `lightning-rpn configs list` lists them"
+        )
+    return path
+
+
+def copy_config(name: str, destination: str | Path = ".", overwrite: bool = False) -> Path:
+    """Copy built-in config ``name`` to ``destination`` (a file, or a folder to put ``NAME.yaml`` in).
+
+    An existing file is kept unless ``overwrite``; returns the path written.
+    """
+    source = config_path(name)
+    target = Path(destination)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{str(target)!r} exists; choose another destination or pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``--config NAME`` naming no file replaced by built-in config ``NAME``'s path.
+
+    ``NAME`` is ``shapes``, ``shapes.yaml`` or, outside a clone, the README's
+    ``configs/shapes.yaml``. A value naming an existing file is left as it is (a local file
+    wins), and so is anything else, for the CLI to report.
+    """
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg == "--config" and index + 1 < len(resolved):
+            resolved[index + 1] = _resolve(resolved[index + 1])
+        elif arg.startswith("--config="):
+            resolved[index] = "--config=" + _resolve(arg[len("--config=") :])
+    return resolved
+
+
+def _resolve(value: str) -> str:
+    path = Path(value)
+    if path.exists() or path.parent not in (Path("."), Path("configs")):
+        return value
+    stem = path.name[: -len(_SUFFIX)] if path.name.endswith(_SUFFIX) else path.name
+    return str(config_path(stem)) if stem in config_names() else value
+
+
+def configs_command(args: Sequence[str]) -> int:
+    """``lightning-rpn configs list`` | ``lightning-rpn configs copy NAME [DEST] [--force]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lightning-rpn configs", description="The built-in configs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="print the built-in config names and where they are")
+    copy = commands.add_parser("copy", help="write a built-in config to a file to edit")
+    copy.add_argument("name", help="a built-in config name, e.g. shapes")
+    copy.add_argument("destination", nargs="?", default=".", help="a file, or a folder (default: .)")
+    copy.add_argument("--force", action="store_true", help="replace an existing file")
+    options = parser.parse_args(list(args))
+    if options.command == "list":
+        for name in config_names():
+            print(name)
+        print(f"(in {config_dir()}; use one with `lightning-rpn fit --config NAME`)", file=sys.stderr)
+        return 0
+    try:
+        target = copy_config(options.name, options.destination, overwrite=options.force)
+    except (ValueError, FileExistsError) as error:
+        print(f"lightning-rpn configs copy: {error}", file=sys.stderr)
+        return 1
+    print(target)
+    return 0
