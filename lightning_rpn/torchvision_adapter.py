@@ -21,7 +21,9 @@ Differences from torchvision's class:
 
 - anchor strides are fixed at construction (torchvision derives them per batch as
   ``padded size // feature size``, which rounds when the padded size is not a multiple of a
-  level's stride); both agree whenever the padded size is a multiple of the largest stride;
+  level's stride); both agree whenever the padded size is a multiple of the largest stride,
+  which torchvision's default ``size_divisible=32`` does not ensure for a stride-64 level
+  (set ``detector.transform.size_divisible = 64`` for identical proposals);
 - anchor sampling draws from a per-image generator seeded by ``rpn.seed``, the call count and
   the image's batch index (reproducible), not from the global RNG;
 - it is not TorchScript-scriptable.

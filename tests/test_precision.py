@@ -103,3 +103,16 @@ def test_fp16_grad_scaler_and_non_finite_steps_leave_the_weights_untouched(tmp_p
     trainer.fit(model, DataLoader(_batches(model, bad_index=1 if skip else None), batch_size=None))
     assert all(torch.equal(value, watch.after[name]) for name, value in watch.before.items())
     assert trainer.global_step == 4 and model.skipped_nonfinite_batches == int(skip)
+
+
+def test_16_mixed_on_the_cpu_runs_as_bf16_mixed(tmp_path) -> None:
+    """What the README says of ``--trainer.precision 16-mixed`` without a GPU: Lightning warns and
+    runs bf16 autocast instead (fp16 AMP with a gradient scaler is the GPU path, tested above
+    through a CPU ``GradScaler``)."""
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
+    with pytest.warns(UserWarning, match="fp16 is not supported on CPU. Using `precision='bf16-mixed'`"):
+        trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="16-mixed")
+    plugin = trainer.precision_plugin
+    assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
+    trainer.fit(model, DataLoader(_batches(model), batch_size=None))
+    assert trainer.global_step == 2

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 
 from lightning_rpn.torchvision_adapter import TorchvisionRPN
 
@@ -156,3 +157,26 @@ def test_errors_name_the_problem(detector_and_features) -> None:
         TorchvisionRPN.from_torchvision(model.rpn, strides=(4, 8, 16, 32))
     with pytest.raises(TypeError, match="RegionProposalNetwork"):
         TorchvisionRPN.from_torchvision(adapter, strides=(4,))
+
+
+
+@pytest.mark.parametrize("size_divisible, identical", [(32, False), (64, True)])
+def test_eval_proposals_are_identical_when_the_padded_size_is_a_multiple_of_64(
+    size_divisible: int, identical: bool
+) -> None:
+    """A 100 x 150 image becomes 85 x 128, padded to 96 x 128 by torchvision's default (32): its
+    P6 map is 2 x 2 and torchvision places P6 anchors 96 // 2 = 48 px apart vertically, ours 64
+    (the README says so); padded to a multiple of 64 both place every level alike. Anchors of
+    16-96 px, so that P6's are not all clipped to the whole image."""
+    torch.manual_seed(0)
+    sizes = ((16,), (24,), (32,), (64,), (96,))
+    model = _detector(rpn_anchor_generator=TorchvisionAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)).eval()
+    model.transform.size_divisible = size_divisible
+    adapter = TorchvisionRPN.from_detector(model).eval()
+    with torch.no_grad():
+        image_list, _ = model.transform([torch.rand(3, 100, 150, generator=torch.Generator().manual_seed(5))])
+        features = model.backbone(image_list.tensors)
+        (theirs,), _ = model.rpn(image_list, features)
+        (ours,), _ = adapter(image_list, features)
+    assert tuple(image_list.tensors.shape[-2:]) == ((96, 128) if size_divisible == 32 else (128, 128))
+    assert (ours.shape == theirs.shape and torch.equal(ours, theirs)) == identical
