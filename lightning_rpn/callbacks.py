@@ -104,7 +104,8 @@ class RecallTable(Callback):
     """Prints the proposal-recall table (AR per k and area range, recall@t) with rich.
 
     Printed at the end of ``fit`` and of each ``validate`` / ``test`` run, from the module's
-    ``last_recall``; with ``every_epoch=True`` also after every validation epoch during fit.
+    ``last_recall``; with ``every_epoch=True`` also after every validation epoch during fit; at
+    the end of ``predict`` when ``last_recall`` is set (``RPNModule``: the split has gt boxes).
 
     Args:
         recall_thresholds: IoU thresholds whose recall gets a column (must be among the
@@ -140,6 +141,10 @@ class RecallTable(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if getattr(pl_module, "last_recall", None):  # empty: the split has no gt boxes
+            self._print(trainer, pl_module, "predict, original-image pixels")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print(trainer, pl_module, "end of fit")

@@ -29,13 +29,15 @@ the config).
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import lightning.pytorch as pl
@@ -50,6 +52,7 @@ from lightning_rpn.module import RPNModule
 
 __all__ = [
     "CONFIG_KEY",
+    "RPNArgumentParser",
     "RPNLightningCLI",
     "ResolvedConfigCallback",
     "analyze_anchors",
@@ -57,6 +60,7 @@ __all__ = [
     "check_data",
     "default_wandb_offline",
     "main",
+    "write_metrics_summary",
     "wandb_credentials_available",
 ]
 
@@ -67,6 +71,34 @@ _DESCRIPTION = (
     "(LightningCLI), check-data (dataset report: `lightning-rpn check-data --config FILE`) and "
     "analyze-anchors (anchor coverage: `lightning-rpn analyze-anchors --config FILE [--optimize]`)."
 )
+
+
+_CLASS_PATH_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)")
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)"')
+
+
+class RPNArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors end with their cause.
+
+    jsonargparse prints the whole usage (~120 lines for this CLI) before the message, and
+    buries the reason for a bad ``class_path`` (a typo: "module ... has no attribute ...")
+    among the other union alternatives. Here an error prints one line pointing to ``--help``,
+    the message, and last a ``cause:`` line naming the config key, the class path and the
+    reason. ``exit_on_error=False`` and ``JSONARGPARSE_DEBUG`` keep jsonargparse's behaviour.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: invalid arguments (`{prog} --help` lists every option)\n")
+        sys.stderr.write(f"error: {message.rstrip()}\n")
+        problem = _CLASS_PATH_PROBLEM.search(message)
+        if problem is not None:
+            key = _PARSER_KEY.search(message)
+            where = f"{key.group(1)}: " if key else ""
+            sys.stderr.write(f"cause: {where}class_path {problem.group(1)!r}: {problem.group(2).strip()}\n")
+        self.exit(2)
 
 
 class ResolvedConfigCallback(SaveConfigCallback):
@@ -125,6 +157,52 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
             )
 
 
+def write_metrics_summary(
+    trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, command: str
+) -> Path | None:
+    """Write the final recall and losses of ``validate`` / ``test`` / ``predict`` as JSON.
+
+    The file is ``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json``
+    (``...-no_checkpoint.json`` without one) with the command, the resolved checkpoint path,
+    the dataset (name, root, split), the coordinates the recall was measured in, every
+    ``ProposalRecall.compute()`` key of ``model.last_recall`` (AR@k per area range, recall at
+    each IoU threshold) and, for validate / test, the losses. Written on global rank 0; nothing
+    (``None``) when there is no recall, as for a predict split without gt boxes.
+    """
+    recall = getattr(model, "last_recall", None)
+    if not trainer.is_global_zero or not recall:
+        return None
+    role = {"validate": "val", "test": "test", "predict": "predict"}[command]
+    splits = getattr(datamodule, "splits", {})
+    images = getattr(datamodule, "predict_images", None) if command == "predict" else None
+    root = getattr(datamodule, "root", None)
+    checkpoint = trainer.ckpt_path
+    summary = {
+        "command": command,
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "dataset": {
+            "name": getattr(datamodule, "dataset", type(datamodule).__name__),
+            "root": None if root is None else str(root),
+            "split": splits.get(role) if images is None else None,
+            "images": images,
+        },
+        "coordinates": "original images" if command == "predict" else "resized images",
+        "metrics": recall,
+    }
+    if command != "predict":
+        prefix = f"{'val' if command == 'validate' else 'test'}/"
+        summary["losses"] = {
+            key[len(prefix):]: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(prefix) and key[len(prefix):].startswith("loss")
+        }
+    stem = Path(checkpoint).stem if checkpoint else "no_checkpoint"
+    path = Path(trainer.default_root_dir) / "metrics" / f"{command}-{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
 class RPNLightningCLI(LightningCLI):
     """LightningCLI with RPNModule / RPNDataModule, config saving and W&B offline hints.
 
@@ -136,6 +214,7 @@ class RPNLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        kwargs.setdefault("parser_class", RPNArgumentParser)
         super().__init__(
             RPNModule,
             RPNDataModule,
@@ -189,13 +268,21 @@ class RPNLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         self._report_wandb()
 
+    def _write_summary(self, command: str) -> None:
+        path = write_metrics_summary(self.trainer, self.model, self.datamodule, command)
+        if path is not None:
+            print(f"lightning-rpn {command}: metrics written to {path}", file=sys.stderr)
+
     def after_validate(self) -> None:
+        self._write_summary("validate")
         self._report_wandb()
 
     def after_test(self) -> None:
+        self._write_summary("test")
         self._report_wandb()
 
     def after_predict(self) -> None:
+        self._write_summary("predict")
         self._report_wandb()
 
 

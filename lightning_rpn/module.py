@@ -23,7 +23,9 @@ The data pipeline reads ``anchor_generator``, ``target_config``, ``box_coder`` a
 Evaluation fills ``val_recall`` (a :class:`~lightning_rpn.metrics.ProposalRecall`); at the end
 of each validation / test epoch every ``compute()`` key is logged as ``val/{key}`` /
 ``test/{key}``, copied to ``last_recall`` (``dict[str, float]``) with the recall curves in
-``last_recall_curves``, and the metric is reset.
+``last_recall_curves``, and the metric is reset. ``predict`` fills it too, with the proposals
+against the gt boxes in original-image pixels, and sets ``last_recall`` only when the split has
+gt boxes (predictions are not logged).
 
 Non-finite training steps (``nonfinite_loss``): a non-finite loss, or finite loss with
 non-finite gradients, either raises a ``ValueError`` naming the batch's image ids
@@ -579,6 +581,34 @@ class RPNModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._end_recall_epoch("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self.val_recall.reset()
+        self.last_recall, self.last_recall_curves = {}, {}
+
+    def on_predict_batch_end(
+        self, outputs: list[dict[str, Any]], batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Recall of the predicted proposals against the batch's gt boxes, in original-image pixels."""
+        gt_boxes = [
+            to_original_coordinates(boxes.to(self.device).float(), resized, original)
+            for boxes, resized, original in zip(batch.gt_boxes, batch.image_sizes, batch.original_sizes)
+        ]
+        self.val_recall.update([item["boxes"] for item in outputs], gt_boxes)
+
+    def on_predict_epoch_end(self) -> None:
+        """``last_recall`` / ``last_recall_curves`` of the predicted split, when it has gt boxes.
+
+        Predictions cannot be logged, so the recall is only kept here (``RecallTable`` prints
+        it, the CLI writes it to JSON); a split without any gt box (a folder of images) leaves
+        ``last_recall`` empty.
+        """
+        results = self.val_recall.compute()
+        k = self.val_recall.max_proposals[0]
+        if float(results[f"AR@{k}"]) >= 0:  # -1: no gt box in the whole split
+            self.last_recall = {key: float(value) for key, value in results.items()}
+            self.last_recall_curves = self.val_recall.curves()
+        self.val_recall.reset()
 
     def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:
         """Per image ``{"image_id", "boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``,

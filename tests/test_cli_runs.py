@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,94 @@ def test_shipped_configs_keep_the_checkpoint_version_counter() -> None:
         callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
         (checkpoint,) = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
         assert checkpoint["init_args"].get("enable_version_counter", True), path.name
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    """A 2-step fit (logger off) whose last.ckpt the evaluation commands below read."""
+    workdir = tmp_path_factory.mktemp("evaluated")
+    callbacks = copy.deepcopy(TINY_CONFIG["trainer"]["callbacks"])
+    (writer,) = [c for c in callbacks if c["class_path"].endswith("ProposalWriter")]
+    writer["init_args"]["top_k"] = 100  # every proposal the model's AR@100 sees
+    write_config(workdir, trainer={"logger": False, "callbacks": callbacks}, data={"test_split": "test"})
+    assert_ok(run_cli(["fit", "--config", "config.yaml"], workdir))
+    return workdir
+
+
+EVALUATE = ["--config", "config.yaml", "--ckpt_path", "run/checkpoints/last.ckpt"]
+
+
+def _every_recall_key(ks: tuple[int, ...] = (10, 100)) -> set[str]:
+    areas = ("", "_small", "_medium", "_large")
+    ious = [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
+    return {f"AR{a}@{k}" for a in areas for k in ks} | {f"recall@{t}@{k}" for t in ious for k in ks}
+
+
+@pytest.mark.parametrize(("command", "split"), [("validate", "val"), ("test", "test")])
+def test_validate_and_test_write_a_json_summary(evaluated: Path, command: str, split: str) -> None:
+    result = run_cli([command, *EVALUATE], evaluated)
+    assert_ok(result)
+    path = evaluated / "run/metrics" / f"{command}-last.json"
+    assert f"lightning-rpn {command}: metrics written to {Path('run/metrics') / path.name}" in result.stderr
+    summary = json.loads(path.read_text())
+    assert summary["command"] == command
+    assert summary["checkpoint"] == str((evaluated / "run/checkpoints/last.ckpt").resolve())
+    assert summary["dataset"] == {"name": "synthetic", "root": None, "split": split, "images": None}
+    assert set(summary["metrics"]) == _every_recall_key()
+    assert 0 <= summary["metrics"]["AR@100"] <= 1
+    assert set(summary["losses"]) == {"loss", "loss_rpn_cls", "loss_rpn_reg"}
+
+
+def test_predict_reports_recall_on_an_annotated_split(evaluated: Path) -> None:
+    from lightning_rpn.data.synthetic import SyntheticShapes
+    from lightning_rpn.metrics import ProposalRecall
+    from lightning_rpn.proposal_io import FORMATS, read_detectron2_proposals
+
+    result = run_cli(["predict", *EVALUATE], evaluated)
+    assert_ok(result)
+    assert "Proposal recall (predict, original-image pixels" in result.stdout
+    summary = json.loads((evaluated / "run/metrics/predict-last.json").read_text())
+    assert summary["dataset"]["split"] == "val" and summary["coordinates"] == "original images"
+    # the same recall as the written proposals against the original annotations
+    records = read_detectron2_proposals(evaluated / "run/proposals" / FORMATS["detectron2_pkl"])
+    dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
+    recall = ProposalRecall(max_proposals=(10, 100))
+    recall.update([torch.as_tensor(r["boxes"]) for r in records],
+                  [torch.as_tensor(dataset[r["image_id"]].boxes).reshape(-1, 4) for r in records])
+    expected = {key: float(value) for key, value in recall.compute().items()}
+    assert summary["metrics"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_predict_on_a_folder_without_annotations_reports_no_recall(evaluated: Path, tmp_path: Path) -> None:
+    for i in range(2):
+        save_image(tmp_path / f"{i}.png", 70, 90, seed=i)
+    result = run_cli(["predict", *EVALUATE, "--data.predict_images", str(tmp_path),
+                      "--trainer.default_root_dir", str(tmp_path / "out")], evaluated)
+    assert_ok(result)
+    assert "Proposal recall" not in result.stdout and "metrics written" not in result.stderr
+    assert not (tmp_path / "out/metrics").exists()
+
+
+@pytest.mark.parametrize("where", ["config", "flag"])
+def test_a_class_path_typo_ends_with_its_cause(where: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from lightning_rpn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
+    config = copy.deepcopy(TINY_CONFIG)
+    args = ["fit", "--config", "config.yaml"]
+    if where == "config":
+        config["trainer"]["callbacks"][1]["class_path"] = "lightning_rpn.callbacks.RecallTabel"
+        key, class_path, missing = "trainer.callbacks", "lightning_rpn.callbacks.RecallTabel", "RecallTabel"
+    else:
+        args += ["--model.backbone.class_path", "lightning_rpn.backbones.TinyFPNX"]
+        key, class_path, missing = "model.backbone", "lightning_rpn.backbones.TinyFPNX", "TinyFPNX"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (f"cause: {key}: class_path '{class_path}': module "
+                         f"'{class_path.rpartition('.')[0]}' has no attribute '{missing}'")
+    assert len(lines) < 25  # no usage text of every option
+    assert "`lightning-rpn fit --help` lists every option" in lines[0]
