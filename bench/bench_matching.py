@@ -1,19 +1,20 @@
 """Benchmark anchor matching: lightning_rpn.match_anchors vs torchvision box_iou + Matcher.
 
-Setting (the issue's targets): one 800x800 image, FPN P2-P6 anchors (strides 4..64, sizes
-32..512, ratios 0.5/1/2, about 160k anchors), random gt boxes (uniform centres, log-uniform
-sides in [8, 512] px, clipped to the image, fixed seed).
+Setting (issue 14's targets): the plain anchor tensor of torchvision's own ``AnchorGenerator``
+for one 800x800 image, FPN P2-P6 (feature maps 200..13, sizes 32..512, ratios 0.5/1/2,
+159,882 anchors), random gt boxes (uniform centres, log-uniform sides in [8, 512] px, clipped
+to the image, fixed seed). ``match_anchors`` gets that tensor as it is: no grid object.
 
-* 20 and 1000 boxes: both implementations on identical inputs in this process, median of a
-  few repeats, ratio = torchvision / ours, labels and matched indices asserted equal.
-* 5000 boxes: ours only (time, and extra peak RSS measured in a fresh subprocess with
-  ``resource.getrusage``); torchvision is skipped because its dense G x N float32 IoU matrix
-  alone is 5000 x 160k x 4 B = 3.2 GB and ``box_iou`` holds several such temporaries.
+* 20 and 1000 boxes: both implementations on identical inputs in this process, median of
+  repeats, ratio = torchvision / ours, labels and matched indices asserted equal. Ours is timed
+  on a tensor matched before (its spatial index cached, as for the generator's cached
+  anchors in training); "first call" is one call on a fresh copy of the tensor (index built).
+* 5000 boxes (800x800) and 20,000 boxes (2000x2000, 999,354 anchors): ours only, one call in a
+  fresh process after a warm-up call, wall time and extra peak RSS; torchvision is skipped: its
+  dense ``G x N`` float32 IoU matrix alone is 3.2 GB / 80 GB and ``box_iou`` holds several.
+* Our own ``AnchorGenerator.grid`` output through the same entry point, for comparison.
 
-Both sides get precomputed anchors: ours an ``AnchorGrid`` (``AnchorGenerator.grid``, cached
-per feature shape in real use), torchvision the same anchors as a tensor.
-
-    python bench/bench_matching.py [--repeats 5] [--threads N]
+    python bench/bench_matching.py [--repeats 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,28 +30,37 @@ import time
 
 import torch
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.matching import match_anchors
 
-IMAGE = (800, 800)
 SEED = 0
+SIZES = ((32,), (64,), (128,), (256,), (512,))
+RATIOS = (0.5, 1.0, 2.0)
 
 
-def anchor_grid():
-    generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
-    return generator.grid(generator.feature_shapes_for(IMAGE))
+def torchvision_anchors(side: int) -> torch.Tensor:
+    """torchvision's ``AnchorGenerator`` output for a ``side x side`` image, FPN P2-P6: ``[N, 4]``."""
+    generator = TorchvisionAnchorGenerator(SIZES, (RATIOS,) * len(SIZES))
+    images = ImageList(torch.zeros(1, 3, side, side), [(side, side)])
+    shapes = [side // 4, side // 8, side // 16, side // 32]
+    features = [torch.zeros(1, 1, s, s) for s in shapes + [(shapes[-1] + 1) // 2]]  # P6: stride-2 pool of P5
+    return generator(images, features)[0]
 
 
-def random_gt(num_boxes: int, seed: int = SEED) -> torch.Tensor:
+def our_grid(side: int):
+    generator = AnchorGenerator(SIZES, RATIOS, (4, 8, 16, 32, 64))
+    return generator.grid(generator.feature_shapes_for((side, side)))
+
+
+def random_gt(num_boxes: int, seed: int = SEED, side: int = 800) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + num_boxes)
-    h, w = IMAGE
-    centres = torch.rand(num_boxes, 2, generator=g) * torch.tensor([w, h])
+    centres = torch.rand(num_boxes, 2, generator=g) * side
     sides = torch.exp(torch.empty(num_boxes, 2).uniform_(math.log(8.0), math.log(512.0), generator=g))
-    boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=1).clamp(0, side)
     return boxes
 
 
@@ -82,35 +91,32 @@ def _memory_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def measure_once(num_boxes: int) -> dict:
-    """One call of ours on a warm grid; extra peak RSS over the RSS just before the call.
+def measure_once(num_boxes: int, side: int) -> dict:
+    """One call of ours after a warm-up call; extra peak RSS over the RSS just before the call.
 
-    On Linux the peak (VmHWM) is reset first via /proc/self/clear_refs, so earlier peaks
-    (imports, set-up) do not hide the call's own; elsewhere ``ru_maxrss`` growth is used.
+    The peak (VmHWM) is reset first via /proc/self/clear_refs (Linux), so earlier peaks
+    (imports, set-up) do not hide the call's own.
     """
-    grid, gt = anchor_grid(), random_gt(num_boxes)
-    match_anchors(grid, gt[:5])
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        before, peak = _memory_mb("VmRSS"), lambda: _memory_mb("VmHWM")
-    except OSError:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
-    start, cpu_start = time.perf_counter(), time.process_time()
-    labels, _ = match_anchors(grid, gt)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    anchors, gt = torchvision_anchors(side), random_gt(num_boxes, side=side)
+    match_anchors(anchors, gt[:5])
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _memory_mb("VmRSS")
+    start = time.perf_counter()
+    labels, _ = match_anchors(anchors, gt)
+    seconds = time.perf_counter() - start
     return dict(
-        seconds=seconds, cpu_seconds=cpu_seconds, extra_mb=peak() - before, positives=int((labels == 1).sum())
+        seconds=seconds, extra_mb=_memory_mb("VmHWM") - before, anchors=anchors.shape[0],
+        positives=int((labels == 1).sum()),
     )
 
 
-def peak_child(num_boxes: int, threads: int) -> dict:
+def in_child(num_boxes: int, side: int, threads: int) -> dict:
     """``measure_once`` in a fresh process, so nothing allocated here skews its memory."""
     code = (
         f"import json, sys, torch; torch.set_num_threads({threads}); "
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-        f"from bench_matching import measure_once; print(json.dumps(measure_once({num_boxes})))"
+        f"from bench_matching import measure_once; print(json.dumps(measure_once({num_boxes}, {side})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,43 +124,38 @@ def peak_child(num_boxes: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    grid = anchor_grid()
-    print(f"torch {torch.__version__}, {args.threads} threads on {os.cpu_count()} CPUs "
-          f"(load average {os.getloadavg()[0]:.1f}), image {IMAGE}, {grid.num_anchors} anchors, "
-          f"median of {args.repeats} repeats (3 for torchvision at 1000 boxes)")
-    rows = []
-    for num_boxes, repeats in ((20, args.repeats), (1000, max(1, min(args.repeats, 3)))):
+    anchors = torchvision_anchors(800)
+    grid = our_grid(800)
+    print(f"torch {torch.__version__}, {args.threads} thread(s) on {os.cpu_count()} CPUs (load average "
+          f"{os.getloadavg()[0]:.1f}), 800x800, {anchors.shape[0]} anchors from torchvision's AnchorGenerator; "
+          f"medians of {args.repeats} repeats (3 for torchvision at 1000 boxes)")
+    match_anchors(anchors, random_gt(5))  # compile / load the kernels, build the index
+    print(f"{'boxes':>6} {'ours ms':>9} {'first call':>11} {'ours, our grid':>15} {'torchvision ms':>15} "
+          f"{'speed-up':>9}  labels, matched")
+    for num_boxes, tv_repeats in ((20, args.repeats), (1000, max(1, min(args.repeats, 3)))):
         gt = random_gt(num_boxes)
-        ours_s, ours = median_time(lambda: match_anchors(grid, gt), args.repeats)
-        tv_s, theirs = median_time(lambda: torchvision_match(grid.anchors, gt), repeats)
-        assert torch.equal(ours[0], theirs[0]), f"labels differ with {num_boxes} boxes"
-        assert torch.equal(ours[1], theirs[1]), f"matched gt differ with {num_boxes} boxes"
-        positives = int((ours[0] == 1).sum())
-        speedup = f"{tv_s / ours_s:7.1f}x"
-        rows.append((num_boxes, f"{ours_s * 1e3:9.1f}", f"{tv_s * 1e3:9.1f}", speedup, "identical", positives, "-"))
-
-    child = peak_child(5000, args.threads)
-    gt = random_gt(5000)
-    ours_s, _ = median_time(lambda: match_anchors(grid, gt), max(1, min(args.repeats, 3)))
-    memory = f"{child['extra_mb']:.0f} MB"
-    rows.append((5000, f"{ours_s * 1e3:9.1f}", "  skipped", "      -", "-", child["positives"], memory))
-
-    header = ("boxes", "ours ms", "tv ms", "speedup", "labels", "positives", "extra peak RSS (ours)")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
-    print(f"5000 boxes: torchvision skipped, its dense IoU matrix alone is 5000 x {grid.num_anchors} x 4 B = "
-          f"{5000 * grid.num_anchors * 4 / 1e9:.1f} GB (box_iou keeps several temporaries of that size); "
-          f"ours, one call in a fresh process: {child['seconds'] * 1e3:.0f} ms wall, "
-          f"{child['cpu_seconds'] * 1e3:.0f} ms CPU, extra peak RSS {child['extra_mb']:.0f} MB")
+        ours_s, ours = median_time(lambda: match_anchors(anchors, gt), args.repeats)
+        fresh = anchors.clone()
+        start = time.perf_counter()
+        match_anchors(fresh, gt)
+        first_s = time.perf_counter() - start
+        grid_s, _ = median_time(lambda: match_anchors(grid, gt), args.repeats)
+        tv_s, theirs = median_time(lambda: torchvision_match(anchors, gt), tv_repeats)
+        same = torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        assert same, f"labels or matched indices differ from torchvision's with {num_boxes} boxes"
+        print(f"{num_boxes:>6} {ours_s * 1e3:>9.1f} {first_s * 1e3:>11.1f} {grid_s * 1e3:>15.1f} {tv_s * 1e3:>15.1f} "
+              f"{tv_s / ours_s:>8.1f}x  identical ({int((ours[0] == 1).sum())} positives)")
+    for num_boxes, side in ((5000, 800), (20000, 2000)):
+        child = in_child(num_boxes, side, args.threads)
+        dense_gb = num_boxes * child["anchors"] * 4 / 1e9
+        print(f"{num_boxes:>6} boxes, {side}x{side} ({child['anchors']} anchors): ours {child['seconds'] * 1e3:.0f} ms, "
+              f"extra peak RSS {child['extra_mb']:.0f} MB ({child['positives']} positives; one call in a fresh "
+              f"process); torchvision skipped: its IoU matrix alone is {dense_gb:.1f} GB")
 
 
 if __name__ == "__main__":

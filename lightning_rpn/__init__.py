@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     "AnchorGenerator": "lightning_rpn.anchors",
     "BoxCoder": "lightning_rpn.box_coder",
     "match_anchors": "lightning_rpn.matching",
-    "match_anchors_batched": "lightning_rpn.batch_matching",
+    "match_anchors_batched": "lightning_rpn.matching",
     "sample_anchors": "lightning_rpn.sampling",
     "sample_anchors_batched": "lightning_rpn.sampling",
     "AnchorTargetConfig": "lightning_rpn.targets",
@@ -39,13 +39,12 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from lightning_rpn.anchors import AnchorGenerator
-    from lightning_rpn.batch_matching import match_anchors_batched
     from lightning_rpn.box_coder import BoxCoder
     from lightning_rpn.data.datamodule import RPNDataModule
     from lightning_rpn.export import export_proposal_network, load_proposal_network
     from lightning_rpn.head import RPNHead
     from lightning_rpn.loss import rpn_loss
-    from lightning_rpn.matching import match_anchors
+    from lightning_rpn.matching import match_anchors, match_anchors_batched
     from lightning_rpn.metrics import ProposalRecall
     from lightning_rpn.module import RPNModule
     from lightning_rpn.proposals import generate_proposals

@@ -3,6 +3,11 @@
 Boxes are ``(x1, y1, x2, y2)`` in input-image pixels. Shapes: ``N`` / ``M`` boxes, ``G``
 ground-truth boxes. IoU math runs in float32 whatever the input dtype, so that half-precision
 callers get the same thresholds and ties as float32 callers.
+
+``iou_from_overlap`` is the one IoU formula of the project: ``box_iou`` applies it to tensors
+and the compiled matching kernel (:mod:`~lightning_rpn.cpu_kernels`) to float32 scalars, so
+every matching backend gets the same bits (and so the same thresholds and ties) as
+torchvision's ``box_iou``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from torch import Tensor
 __all__ = [
     "box_area",
     "box_iou",
+    "box_ioa",
+    "iou_from_overlap",
     "clip_boxes_to_image",
     "remove_small_boxes",
     "aligned_giou",
@@ -33,24 +40,41 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise IoU ``[N, 4] x [M, 4] -> [N, M]`` computed in float32.
+def iou_from_overlap(inter, area1, area2):
+    """IoU from the intersection area and the two box areas: ``inter / ((area1 + area2) - inter)``.
 
-    ``iou = inter / (area1 + area2 - inter)``; the same arithmetic (and so the same bits) as
-    torchvision's ``box_iou`` on float32 input.
+    Works elementwise on tensors and on float32 scalars inside compiled kernels; the order of
+    operations is torchvision's (``area1[:, None] + area2 - inter``), hence the same bits.
     """
+    return inter / ((area1 + area2) - inter)
+
+
+def _overlap(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Float32 intersection areas ``[N, M]`` of ``[N, 4] x [M, 4]`` boxes (0 for disjoint pairs)."""
+    top_left = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU ``[N, 4] x [M, 4] -> [N, M]`` computed in float32 (``iou_from_overlap``)."""
     _check_boxes_shape(boxes1, "box_iou(boxes1)")
     _check_boxes_shape(boxes2, "box_iou(boxes2)")
     b1 = boxes1.float()
     b2 = boxes2.float()
-    area1 = box_area(b1)
-    area2 = box_area(b2)
-    top_left = torch.maximum(b1[:, None, :2], b2[None, :, :2])
-    bottom_right = torch.minimum(b1[:, None, 2:], b2[None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
-    return inter / union
+    return iou_from_overlap(_overlap(b1, b2), box_area(b1)[:, None], box_area(b2)[None, :])
+
+
+def box_ioa(boxes: Tensor, regions: Tensor) -> Tensor:
+    """``[N, M]``: the fraction of each box's area covered by each region (float32).
+
+    Crowd regions use it: an anchor mostly inside one is ignored rather than negative.
+    """
+    _check_boxes_shape(boxes, "box_ioa(boxes)")
+    _check_boxes_shape(regions, "box_ioa(regions)")
+    b = boxes.float()
+    return _overlap(b, regions.float()) / box_area(b)[:, None]
 
 
 def clip_boxes_to_image(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:

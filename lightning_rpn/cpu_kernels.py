@@ -1,23 +1,27 @@
-"""Compiled CPU kernels for anchor-target assignment: matching and sampling a batch.
+"""Compiled CPU kernels for anchor-target assignment: matching statistics and sampling a batch.
 
-Shapes: ``B`` images, ``N`` anchors of an image (all levels), ``G`` ground-truth boxes of an
-image, ``L`` levels, ``A`` anchors per location of a level, ``H_l x W_l`` its anchor grid.
+Shapes: ``B`` images, ``N`` anchors of an image (any ``[N, 4]`` tensor), ``G`` gt boxes of
+an image, ``G_all`` those of all images concatenated, ``K`` low-quality candidate pairs,
+``C`` size classes of an anchor index, ``T`` its cells.
 
-They serve the CPU paths of ``match_anchors_batched`` and ``sample_anchors_batched``, above
-all in DataLoader workers, where a few dozen small tensor ops per image cost more than their
-arithmetic: one kernel call per batch does all of its images.
+They serve the ``"compiled"`` backend of :func:`~lightning_rpn.matching.match_anchors_batched`
+and ``sample_anchors_batched``, above all in DataLoader workers, where a few dozen small
+tensor ops per image cost more than their arithmetic: one kernel call per batch does all of
+its images.
 
-Matching (``match_grid_cpu``). On a grid, the anchors that overlap a gt box at all form, per
-level and cell anchor, one rectangle of rows and columns (an anchor's ``x1, x2`` depend only on its column, ``y1, y2``
-only on its row). The kernel visits only those pairs, in gt order, so its cost is the sum of
-the rectangles' sizes (a few thousand pairs per box) instead of ``G x N``, with no
-temporaries. Every anchor outside all rectangles has IoU exactly 0 with every box.
+Matching (``match_stats_cpu``) computes only the statistics that
+:func:`~lightning_rpn.matching.decide_labels` turns into labels. An :class:`AnchorIndex`
+(built in ``O(N)``, cached per anchor tensor) buckets the anchors by size class (the power of
+two of their width and of their height) and, within a class, by the cell of their centre on
+a uniform grid, in one counting sort. The anchors of a class that overlap a box have centres
+within the box widened by the class's largest half-width / half-height, so each gt box visits
+the cells covering that window: a contiguous run of anchors per cell row. Only pairs that
+overlap at all get an IoU; every other pair has IoU 0, which changes no maximum.
 
-IoU is ``box_iou``'s float32 arithmetic on the grid's own coordinates and areas
-(``inter / ((area_gt + area_anchor) - inter)``, ``inter = w * h``), so thresholds, maxima and
-ties equal :func:`~lightning_rpn.matching.match_anchors` bit for bit (tested). Ties between
-gt boxes resolve to the lowest index (pairs are visited in gt order and only a strictly
-larger IoU replaces the best), as ``torch.max`` does.
+IoU is :func:`~lightning_rpn.boxes.iou_from_overlap` on float32 coordinates and areas, so
+maxima and ties equal ``box_iou``'s bit for bit (tested against torchvision). Ties between gt
+boxes resolve to the lowest index (boxes are visited in order and only a strictly larger IoU
+replaces the best), as ``torch.max`` does.
 
 Sampling: ``random_subset`` draws ``k`` of ``n`` indices with Floyd's algorithm driven by
 ``k`` uniforms from the image's generator: a uniformly random subset from ``O(k)`` random
@@ -31,92 +35,118 @@ later runs load them instead of compiling again.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
 from torch import Tensor
 
-from .anchors import AnchorGenerator, AnchorGrid
-from .boxes import box_area
+from .boxes import iou_from_overlap
 
-__all__ = ["GridTables", "load_kernels", "match_grid_cpu", "random_subset", "sample_cpu"]
+__all__ = ["AnchorIndex", "anchor_index", "load_kernels", "match_stats_cpu", "random_subset", "sample_cpu"]
 
 _jit = numba.njit(cache=True, nogil=True)  # compiled on first call, cached on disk
+_iou = numba.njit(inline="always")(iou_from_overlap)
+
+_MIN_CLASS = -8  # size classes: floor(log2(extent)) from 2^-8 px ...
+_CLASSES_PER_AXIS = 48  # ... to 2^39 px, per axis (extents outside are clamped into them)
+_INDEXES_KEPT = 16  # anchor tensors whose index is cached (as many as AnchorGenerator caches)
 
 
-class GridTables:
-    """The numpy views of an ``AnchorGrid`` that the matching kernel reads (cached per grid)."""
+@dataclass(frozen=True)
+class AnchorIndex:
+    """Anchors bucketed by size class and centre cell (numpy arrays the kernel reads).
 
-    def __init__(self, grid: AnchorGrid) -> None:
-        anchors = grid.anchors.detach().float().cpu()
-        self.anchors = anchors.numpy()
-        self.areas = box_area(anchors).numpy()
-        cells = [level.cell_anchors.detach().cpu().double() for level in grid.levels]
-        self.cells = torch.cat(cells).numpy() if cells else np.zeros((0, 4))
-        first_cell = np.cumsum([0] + [c.shape[0] for c in cells])[:-1]
-        self.layout = np.array(
-            [(lv.start, lv.height, lv.width, lv.cell_anchors.shape[0], int(first)) for lv, first in zip(grid.levels, first_cell)],
-            dtype=np.int64,
-        ).reshape(-1, 5)
-        self.geometry = np.array([(lv.step, lv.origin) for lv in grid.levels], dtype=np.float64).reshape(-1, 2)
-        self.everywhere = np.ones((1, self.anchors.shape[0]), dtype=np.bool_)  # no border filter
-
-
-_TABLES: OrderedDict[int, tuple[AnchorGrid, GridTables]] = OrderedDict()
-_TABLES_KEPT = 16  # as many as AnchorGenerator caches grids
-
-
-def _tables_of(grid: AnchorGrid) -> GridTables:
-    """``GridTables(grid)``, cached per grid object (the generator hands out cached grids)."""
-    entry = _TABLES.get(id(grid))
-    if entry is None or entry[0] is not grid:
-        entry = (grid, GridTables(grid))  # holding the grid keeps its id from being reused
-        _TABLES[id(grid)] = entry
-        while len(_TABLES) > _TABLES_KEPT:
-            _TABLES.popitem(last=False)
-    _TABLES.move_to_end(id(grid))
-    return entry[1]
-
-
-def match_grid_cpu(
-    grid: AnchorGrid,
-    gt_boxes: Sequence[Tensor],
-    fg_iou: float,
-    bg_iou: float,
-    allow_low_quality: bool,
-    inside: Tensor | None = None,
-    compact: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``(labels int64 [B, N], matched int64 [B, N])``: row ``i`` is ``match_anchors(grid, gt_boxes[i], ...)``.
-
-    ``gt_boxes``: finite float32 CPU ``[G_i, 4]`` per image (``G_i`` may be 0); ``inside``: the
-    border filter's bool ``[B, N]`` mask, or ``None``; ``compact``: labels int8, matched int32.
+    ``boxes`` float32 ``[N, 4]`` and ``areas`` float32 ``[N]`` in bucket order, ``order``
+    int64 ``[N]`` the original row of each; per class, ``geometry`` float64 ``[C, 6]``
+    (centre-grid origin x, y, cell size, largest half-width, largest half-height, smallest
+    area) and
+    ``layout`` int64 ``[C, 3]`` (first cell, columns, rows); ``cell_start`` int64 ``[T + 1]``
+    where each cell's anchors begin.
     """
-    tables = _tables_of(grid)
-    count, num_anchors = len(gt_boxes), tables.anchors.shape[0]
-    labels = torch.empty(count, num_anchors, dtype=torch.int8 if compact else torch.int64)
-    matched = torch.empty(count, num_anchors, dtype=torch.int32 if compact else torch.int64)
+
+    boxes: np.ndarray
+    areas: np.ndarray
+    order: np.ndarray
+    geometry: np.ndarray
+    layout: np.ndarray
+    cell_start: np.ndarray
+
+
+_INDEXES: OrderedDict[int, tuple[weakref.ref, tuple, AnchorIndex]] = OrderedDict()
+
+
+def anchor_index(anchors: Tensor, where: str = "anchor_index") -> AnchorIndex:
+    """The :class:`AnchorIndex` of float32 CPU ``anchors [N, 4]``, cached per tensor.
+
+    ``ValueError`` naming ``where`` for non-finite anchors.
+
+    The cache holds a weak reference and the tensor's version counter, data pointer and
+    shape, so an anchor tensor matched again (the generator's cached anchors, in every batch)
+    reuses its index and one changed in place gets a new one.
+    """
+    key = id(anchors)
+    state = (anchors.data_ptr(), tuple(anchors.shape), None if anchors.is_inference() else anchors._version)
+    entry = _INDEXES.get(key)
+    if entry is not None and entry[0]() is anchors and entry[1] == state and state[2] is not None:
+        _INDEXES.move_to_end(key)
+        return entry[2]
+    boxes = anchors.detach().contiguous().numpy()
+    if not np.isfinite(boxes).all():
+        raise ValueError(f"{where}: anchors must be finite, got a non-finite coordinate")
+    index = AnchorIndex(*_build_index(boxes))
+    if state[2] is not None:  # inference tensors have no version counter: not cached
+        _INDEXES[key] = (weakref.ref(anchors), state, index)
+        while len(_INDEXES) > _INDEXES_KEPT:
+            _INDEXES.popitem(last=False)
+    return index
+
+
+def match_stats_cpu(
+    anchors: Tensor,
+    gt_boxes: Sequence[Tensor],
+    inside: Tensor | None,
+    bg_iou: float,
+    low_quality: bool,
+    where: str = "match_stats_cpu",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The matching statistics of ``anchors [N, 4]`` (float32, CPU) with each image's gt boxes.
+
+    Returns ``best_iou`` float32 ``[B, N]``, ``best_gt`` int32 ``[B, N]``, ``gt_best_iou``
+    float32 ``[G_all]`` and the low-quality candidates ``pair_anchor`` (``b * N + n``),
+    ``pair_gt`` (into ``G_all``) int64 ``[K]`` and ``pair_iou`` float32 ``[K]``: every pair
+    with IoU > 0 at its gt's best (ties included; none without ``low_quality``). ``gt_boxes``:
+    finite float32 CPU ``[G_i, 4]``; ``inside``: the border filter's bool ``[B, N]``, or None.
+    Anchors left out by ``inside`` get best IoU -1 and reach no gt box.
+
+    Pairs whose IoU cannot reach ``bg_iou`` nor their gt's best are skipped (see
+    ``_match_batch``), so ``best_iou`` is exact where it is ``>= bg_iou`` and below it only
+    stays below; ``best_gt`` is exact for those anchors and for the low-quality candidates.
+    """
+    index = anchor_index(anchors, where)
+    count, num_anchors = len(gt_boxes), index.boxes.shape[0]
     offsets = np.cumsum([0] + [boxes.shape[0] for boxes in gt_boxes])
     all_gt = torch.cat([boxes.detach().float().cpu() for boxes in gt_boxes]) if count else torch.zeros(0, 4)
-    _match_batch(
-        tables.anchors,
-        tables.areas,
-        tables.everywhere if inside is None else inside.cpu().numpy(),
-        tables.layout,
-        tables.geometry,
-        tables.cells,
-        all_gt.contiguous().numpy(),
-        offsets,
-        np.float32(fg_iou),
-        np.float32(bg_iou),
-        bool(allow_low_quality),
-        labels.numpy(),
-        matched.numpy(),
+    if inside is None:
+        inside_sorted = np.ones((1, num_anchors), dtype=np.bool_)
+    else:
+        inside_sorted = inside.cpu()[:, torch.from_numpy(index.order)].numpy()
+    best_iou = torch.empty(count, num_anchors, dtype=torch.float32)
+    best_gt = torch.empty(count, num_anchors, dtype=torch.int32)
+    gt_best = np.zeros(int(offsets[-1]), dtype=np.float32)
+    pair_anchor, pair_gt, pair_iou = _match_batch(
+        index.boxes, index.areas, index.order, index.geometry, index.layout, index.cell_start, inside_sorted,
+        all_gt.contiguous().numpy(), offsets, np.float32(bg_iou), bool(low_quality), best_iou.numpy(), best_gt.numpy(),
+        gt_best,
     )
-    return labels, matched
+    return (
+        best_iou, best_gt, torch.from_numpy(gt_best),
+        torch.from_numpy(pair_anchor), torch.from_numpy(pair_gt), torch.from_numpy(pair_iou),
+    )
 
 
 def sample_cpu(
@@ -168,12 +198,12 @@ def load_kernels() -> None:
     Call it in a process before it forks DataLoader workers: they inherit the compiled code
     instead of each loading it again at every epoch's start (about 0.2-0.5 s per worker).
     """
-    grid = AnchorGenerator(((8,),), (1.0,), (8,)).grid([(2, 2)])
+    anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 12.0, 12.0]])
     boxes = [torch.tensor([[0.0, 0.0, 6.0, 6.0]]), torch.zeros(0, 4)]
-    for compact in (True, False):  # the collate's signatures, then match_anchors_batched's
-        for inside in (None, torch.ones(2, grid.num_anchors, dtype=torch.bool)):
-            labels, _ = match_grid_cpu(grid, boxes, 0.7, 0.3, True, inside=inside, compact=compact)
-            sample_cpu(labels, 2, 0.5, [None, None])
+    for inside in (None, torch.ones(2, 2, dtype=torch.bool)):
+        match_stats_cpu(anchors, boxes, inside, 0.3, True)
+    for labels in (torch.zeros(2, 2, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.int64)):
+        sample_cpu(labels, 2, 0.5, [None, None])
     random_subset(4, 2, None)
 
 
@@ -245,86 +275,253 @@ def _select_batch(labels, counts, positive_uniforms, positive_offsets, negative_
 
 
 @_jit
-def _match_batch(anchors, areas, inside, layout, geometry, cells, gt, offsets, fg_iou, bg_iou, allow_low_quality, labels, matched):
-    """Fill ``labels`` / ``matched`` ``[B, N]``, image ``b`` with gt rows ``offsets[b]:offsets[b + 1]``."""
-    best = np.empty(labels.shape[1], dtype=np.float32)  # scratch, shared by the images
-    reaching = np.empty(labels.shape[1], dtype=np.int32)
-    for b in range(labels.shape[0]):
-        mask = inside[b] if inside.shape[0] > 1 else inside[0]
-        if offsets[b + 1] == offsets[b]:  # no gt box: all negatives, whatever the thresholds
-            for n in range(labels.shape[1]):
-                labels[b, n] = 0 if mask[n] else -1
-                matched[b, n] = 0
-            continue
-        _match_image(
-            anchors, areas, mask, layout, geometry, cells, gt[offsets[b] : offsets[b + 1]],
-            fg_iou, bg_iou, allow_low_quality, labels[b], matched[b], best, reaching,
-        )
+def _size_class(extent):
+    """Index of ``floor(log2(extent))`` among the size classes of one axis (0 for empty extents)."""
+    if not extent > 0:
+        return 0
+    return min(max(int(np.floor(np.log2(extent))) - _MIN_CLASS, 0), _CLASSES_PER_AXIS - 1)
 
 
 @_jit
-def _match_image(
-    anchors, areas, inside, layout, geometry, cells, gt, fg_iou, bg_iou, allow_low_quality, labels, matched, best, reaching
-):
-    """Fill one image's ``labels`` / ``matched`` ``[N]`` from its (non-empty) ``gt`` boxes.
+def _cell_range(low, high, origin, cell, count):
+    """Cells ``[first, last]`` (of ``count``) holding centres in ``[low, high]``; empty if first > last."""
+    first = np.floor((low - origin) / cell)
+    last = np.floor((high - origin) / cell)
+    if last < 0 or first > count - 1:
+        return 1, 0
+    return int(max(first, 0.0)), int(min(last, count - 1.0))
 
-    One visit of each box's rectangles finds every anchor's best IoU (and gt) and the box's own
-    best IoU with the anchors reaching it (its low-quality matches, ties included). ``best``
-    (float32) and ``reaching`` (int32) are ``[N]`` scratch arrays.
+
+@_jit
+def _window(geometry, layout, c, x1, y1, x2, y2):
+    """Cells ``(col0, col1, row0, row1)`` of class ``c`` that can hold boxes overlapping ``(x1, y1, x2, y2)``.
+
+    Their centres lie within the box widened by the class's largest half extents (float64,
+    widened again far beyond rounding error); empty when ``col0 > col1`` or ``row0 > row1``.
     """
-    num_anchors = anchors.shape[0]
+    x1, y1, x2, y2 = np.float64(x1), np.float64(y1), np.float64(x2), np.float64(y2)
+    slack = 1e-7 * (abs(x1) + abs(x2) + abs(y1) + abs(y2)) + 1e-30
+    origin_x, origin_y, cell, half_w, half_h = geometry[c, 0], geometry[c, 1], geometry[c, 2], geometry[c, 3], geometry[c, 4]
+    col0, col1 = _cell_range(x1 - half_w - slack, x2 + half_w + slack, origin_x, cell, layout[c, 1])
+    row0, row1 = _cell_range(y1 - half_h - slack, y2 + half_h + slack, origin_y, cell, layout[c, 2])
+    return col0, col1, row0, row1
+
+
+@_jit
+def _build_index(boxes):
+    """:class:`AnchorIndex` arrays of float32 ``boxes [N, 4]`` (finite): two counting sorts, O(N)."""
+    num = boxes.shape[0]
+    key = np.empty(num, dtype=np.int64)
+    keys = _CLASSES_PER_AXIS * _CLASSES_PER_AXIS
+    members = np.zeros(keys, dtype=np.int64)
+    for i in range(num):
+        width = np.float64(boxes[i, 2]) - np.float64(boxes[i, 0])
+        height = np.float64(boxes[i, 3]) - np.float64(boxes[i, 1])
+        key[i] = _size_class(width) * _CLASSES_PER_AXIS + _size_class(height)
+        members[key[i]] += 1
+    class_of = np.full(keys, -1, dtype=np.int64)
+    num_classes = 0
+    for k in range(keys):
+        if members[k]:
+            class_of[k] = num_classes
+            num_classes += 1
+    # per class: centre bounds (x0, y0, x1, y1) and the largest half extents
+    bounds = np.empty((num_classes, 4))
+    bounds[:, :2] = np.inf
+    bounds[:, 2:] = -np.inf
+    geometry = np.zeros((num_classes, 6))
+    geometry[:, 5] = np.inf
+    layout = np.zeros((num_classes, 3), dtype=np.int64)
+    smallest = np.zeros(num_classes, dtype=np.int64)
+    for k in range(keys):
+        if members[k]:
+            c = class_of[k]
+            layout[c, 0] = members[k]  # member count, until it becomes the first cell
+            smallest[c] = min(k // _CLASSES_PER_AXIS, k % _CLASSES_PER_AXIS) + _MIN_CLASS
+    for i in range(num):
+        c = class_of[key[i]]
+        key[i] = c
+        x1, y1, x2, y2 = np.float64(boxes[i, 0]), np.float64(boxes[i, 1]), np.float64(boxes[i, 2]), np.float64(boxes[i, 3])
+        cx, cy = 0.5 * (x1 + x2), 0.5 * (y1 + y2)
+        bounds[c, 0] = min(bounds[c, 0], cx)
+        bounds[c, 1] = min(bounds[c, 1], cy)
+        bounds[c, 2] = max(bounds[c, 2], cx)
+        bounds[c, 3] = max(bounds[c, 3], cy)
+        geometry[c, 3] = max(geometry[c, 3], 0.5 * (x2 - x1))
+        geometry[c, 4] = max(geometry[c, 4], 0.5 * (y2 - y1))
+        geometry[c, 5] = min(geometry[c, 5], (x2 - x1) * (y2 - y1))
+    total = 0
+    for c in range(num_classes):
+        # cells of half the class's smaller extent, coarsened until there are about 2 per member
+        cell = 2.0 ** (smallest[c] - 1)
+        while ((bounds[c, 2] - bounds[c, 0]) / cell + 1) * ((bounds[c, 3] - bounds[c, 1]) / cell + 1) > 2 * layout[c, 0] + 16:
+            cell *= 2.0
+        columns = int(np.floor((bounds[c, 2] - bounds[c, 0]) / cell)) + 1
+        rows = int(np.floor((bounds[c, 3] - bounds[c, 1]) / cell)) + 1
+        geometry[c, 0], geometry[c, 1], geometry[c, 2] = bounds[c, 0], bounds[c, 1], cell
+        layout[c, 0], layout[c, 1], layout[c, 2] = total, columns, rows
+        total += columns * rows
+    cell_of = np.empty(num, dtype=np.int64)
+    cell_start = np.zeros(total + 1, dtype=np.int64)
+    for i in range(num):
+        c = key[i]
+        cx = 0.5 * (np.float64(boxes[i, 0]) + np.float64(boxes[i, 2]))
+        cy = 0.5 * (np.float64(boxes[i, 1]) + np.float64(boxes[i, 3]))
+        column = _cell_range(cx, cx, geometry[c, 0], geometry[c, 2], layout[c, 1])[0]
+        row = _cell_range(cy, cy, geometry[c, 1], geometry[c, 2], layout[c, 2])[0]
+        cell_of[i] = layout[c, 0] + row * layout[c, 1] + column
+        cell_start[cell_of[i] + 1] += 1
+    for t in range(total):
+        cell_start[t + 1] += cell_start[t]
+    fill = cell_start[:-1].copy()
+    order = np.empty(num, dtype=np.int64)
+    for i in range(num):
+        order[fill[cell_of[i]]] = i
+        fill[cell_of[i]] += 1
+    sorted_boxes = np.empty((num, 4), dtype=np.float32)
+    areas = np.empty(num, dtype=np.float32)
+    for k in range(num):
+        box = boxes[order[k]]
+        sorted_boxes[k] = box
+        areas[k] = (box[2] - box[0]) * (box[3] - box[1])  # float32, as box_area
+    return sorted_boxes, areas, order, geometry, layout, cell_start
+
+
+@_jit
+def _iou_bound(gt_w, gt_h, gt_area, half_w, half_h, min_area):
+    """An upper bound of the IoU of a ``gt_w x gt_h`` box with any anchor of a size class.
+
+    The intersection is at most ``inter = min(gt_w, 2 half_w) * min(gt_h, 2 half_h)``; IoU
+    grows with the intersection and falls with the anchor's area, which is at least
+    ``max(min_area, inter)``, hence ``inter / (gt_area + max(min_area, inter) - inter)``.
+    Widened far beyond float32 rounding, so a pair's computed IoU never exceeds it.
+    """
+    inter = min(gt_w, 2.0 * half_w) * min(gt_h, 2.0 * half_h)
+    return inter / (gt_area + max(min_area, inter) - inter) * (1.0 + 1e-5) + 1e-12
+
+
+@_jit
+def _match_batch(
+    boxes, areas, order, geometry, layout, cell_start, inside, gt, offsets, bg_iou, low_quality, best_iou, best_gt,
+    gt_best,
+):
+    """Fill ``best_iou`` / ``best_gt`` ``[B, N]`` and ``gt_best [G_all]``; return the candidate pairs.
+
+    Image ``b`` has gt rows ``offsets[b]:offsets[b + 1]``; ``inside`` is ``[1, N]`` or
+    ``[B, N]`` in index order. Per image, every gt box visits the index cells that can hold
+    anchors overlapping it, size classes in descending order of ``_iou_bound``; ``best`` /
+    ``arg`` (index order) collect the per-anchor maxima, ``reaching`` the anchors at the box's
+    running best IoU.
+
+    A class whose bound is below ``bg_iou`` and below the box's best so far is skipped (and
+    so are the rest): none of its pairs can change a label, the box's best or its ties. They
+    could only be the best gt of a low-quality anchor whose best IoU is below ``bg_iou``, so
+    those anchors get their best gt at the end from every box near them, found through an
+    index over the image's boxes (``_best_gt_near``).
+    """
+    num_images, num_anchors = best_iou.shape
+    best = np.empty(num_anchors, dtype=np.float32)
+    arg = np.empty(num_anchors, dtype=np.int32)
+    reaching = np.empty(num_anchors, dtype=np.int64)
+    bounds = np.empty(geometry.shape[0])
+    fixed = np.full(num_anchors, -1, dtype=np.int64)  # the image whose fix-up an anchor had
+    capacity = 1024
+    pair_anchor = np.empty(capacity, dtype=np.int64)
+    pair_gt = np.empty(capacity, dtype=np.int64)
+    pair_iou = np.empty(capacity, dtype=np.float32)
+    num_pairs = 0
     zero = np.float32(0.0)
-    best[:] = 0
-    best_gt = matched  # the outputs double as scratch: best gt, then low-quality flags
-    low_quality = labels
-    best_gt[:] = 0
-    low_quality[:] = 0
-    for g in range(gt.shape[0]):
-        gx1, gy1, gx2, gy2 = gt[g, 0], gt[g, 1], gt[g, 2], gt[g, 3]
-        gt_area = (gx2 - gx1) * (gy2 - gy1)
-        gt_best = zero
-        num_reaching = 0
-        for level in range(layout.shape[0]):
-            start, height, width, count, first_cell = layout[level]
-            step, origin = geometry[level, 0], geometry[level, 1]
-            for a in range(count):
-                cell = cells[first_cell + a]
-                # grid indices that may overlap the box, one cell of slack each side
-                col0 = max(int(np.floor((gx1 - cell[2] - origin) / step)) - 1, 0)
-                col1 = min(int(np.ceil((gx2 - cell[0] - origin) / step)) + 2, width)
-                row0 = max(int(np.floor((gy1 - cell[3] - origin) / step)) - 1, 0)
-                row1 = min(int(np.ceil((gy2 - cell[1] - origin) / step)) + 2, height)
-                for row in range(row0, row1):
-                    top = start + row * width * count + a
-                    inter_h = min(gy2, anchors[top, 3]) - max(gy1, anchors[top, 1])
-                    if inter_h <= zero:
-                        continue
-                    for col in range(col0, col1):
-                        n = top + col * count
-                        inter_w = min(gx2, anchors[n, 2]) - max(gx1, anchors[n, 0])
-                        if inter_w <= zero or not inside[n]:
+    for b in range(num_images):
+        mask = inside[b] if inside.shape[0] > 1 else inside[0]
+        for k in range(num_anchors):
+            best[k] = zero if mask[k] else np.float32(-1.0)
+            arg[k] = 0
+        first_pair = num_pairs
+        for g in range(offsets[b], offsets[b + 1]):
+            gx1, gy1, gx2, gy2 = gt[g, 0], gt[g, 1], gt[g, 2], gt[g, 3]
+            gt_area = (gx2 - gx1) * (gy2 - gy1)
+            for c in range(geometry.shape[0]):
+                bounds[c] = _iou_bound(
+                    np.float64(gx2) - gx1, np.float64(gy2) - gy1, np.float64(gt_area),
+                    geometry[c, 3], geometry[c, 4], geometry[c, 5],
+                )
+            top = zero
+            num_reaching = 0
+            for c in np.argsort(-bounds):
+                if bounds[c] < bg_iou and bounds[c] < top:
+                    break
+                col0, col1, row0, row1 = _window(geometry, layout, c, gx1, gy1, gx2, gy2)
+                for row in range(row0, row1 + 1):  # empty windows run no row
+                    line = layout[c, 0] + row * layout[c, 1]
+                    for k in range(cell_start[line + col0], cell_start[line + col1 + 1]):
+                        inter_h = min(gy2, boxes[k, 3]) - max(gy1, boxes[k, 1])
+                        inter_w = min(gx2, boxes[k, 2]) - max(gx1, boxes[k, 0])
+                        if inter_h <= zero or inter_w <= zero or not mask[k]:
                             continue
-                        inter = inter_w * inter_h
-                        iou = inter / ((gt_area + areas[n]) - inter)
-                        if iou > best[n]:
-                            best[n] = iou
-                            best_gt[n] = g
-                        if iou > gt_best:
-                            gt_best = iou
+                        iou = _iou(inter_w * inter_h, gt_area, areas[k])
+                        if iou > best[k]:
+                            best[k] = iou
+                            arg[k] = g - offsets[b]
+                        if iou > top:
+                            top = iou
                             num_reaching = 0
-                        if iou == gt_best:
-                            reaching[num_reaching] = n
+                        if iou == top:
+                            reaching[num_reaching] = k
                             num_reaching += 1
-        # a box overlapping no anchor (best IoU 0) makes no low-quality match, as match_anchors
-        if allow_low_quality:
-            for k in range(num_reaching):
-                low_quality[reaching[k]] = 1
-    for n in range(num_anchors):
-        if not inside[n]:
-            labels[n] = -1
-            matched[n] = 0
-            continue
-        label = 1 if best[n] >= fg_iou or low_quality[n] == 1 else (-1 if best[n] >= bg_iou else 0)
-        labels[n] = label
-        if label != 1:
-            matched[n] = 0
+            gt_best[g] = top
+            if not low_quality or top == zero:
+                continue
+            if num_pairs + num_reaching > capacity:
+                capacity = 2 * (num_pairs + num_reaching)
+                pair_anchor = _grown(pair_anchor, num_pairs, capacity)
+                pair_gt = _grown(pair_gt, num_pairs, capacity)
+                pair_iou = _grown(pair_iou, num_pairs, capacity)
+            for r in range(num_reaching):
+                pair_anchor[num_pairs] = reaching[r]  # index order until the image is done
+                pair_gt[num_pairs] = g
+                pair_iou[num_pairs] = top
+                num_pairs += 1
+        image_gt = gt[offsets[b] : offsets[b + 1]]
+        gt_index = _build_index(image_gt[:0])  # empty until needed (one type for numba)
+        for p in range(first_pair, num_pairs):
+            k = pair_anchor[p]
+            if best[k] < bg_iou and fixed[k] != b:  # skipped classes may hold its best gt
+                if gt_index[0].shape[0] == 0:
+                    gt_index = _build_index(image_gt)
+                best[k], arg[k] = _best_gt_near(boxes[k], areas[k], gt_index)
+                fixed[k] = b
+            pair_anchor[p] = b * num_anchors + order[k]
+        for k in range(num_anchors):
+            best_iou[b, order[k]] = best[k]
+            best_gt[b, order[k]] = arg[k]
+    return pair_anchor[:num_pairs].copy(), pair_gt[:num_pairs].copy(), pair_iou[:num_pairs].copy()
+
+
+@_jit
+def _best_gt_near(anchor, area, gt_index):
+    """``(best IoU, lowest gt index reaching it)`` of one anchor, over the boxes of ``gt_index``
+    (an ``_build_index`` of the image's gt boxes) that overlap it."""
+    boxes, areas, order, geometry, layout, cell_start = gt_index
+    zero = np.float32(0.0)
+    best, arg = zero, 0
+    for c in range(geometry.shape[0]):
+        col0, col1, row0, row1 = _window(geometry, layout, c, anchor[0], anchor[1], anchor[2], anchor[3])
+        for row in range(row0, row1 + 1):
+            line = layout[c, 0] + row * layout[c, 1]
+            for j in range(cell_start[line + col0], cell_start[line + col1 + 1]):
+                inter_h = min(boxes[j, 3], anchor[3]) - max(boxes[j, 1], anchor[1])
+                inter_w = min(boxes[j, 2], anchor[2]) - max(boxes[j, 0], anchor[0])
+                if inter_h <= zero or inter_w <= zero:
+                    continue
+                iou = _iou(inter_w * inter_h, areas[j], area)
+                if iou > best or (iou == best and order[j] < arg):
+                    best, arg = iou, order[j]
+    return best, arg
+
+
+@_jit
+def _grown(values, used, capacity):
+    """A copy of ``values[:used]`` in a new array of ``capacity`` entries."""
+    grown = np.empty(capacity, dtype=values.dtype)
+    grown[:used] = values[:used]
+    return grown

@@ -9,6 +9,11 @@ come from :func:`~lightning_rpn.cpu_kernels.random_subset` (Floyd's algorithm)
 with the given generator, drawn on the generator's device (CPU by default) whatever device
 ``labels`` lives on, so a seeded CPU generator gives the same sample in a DataLoader worker
 and inside the model.
+
+``backend`` chooses how the chosen anchors are marked, with identical results: ``"compiled"``
+(CPU) one compiled scan per batch (``cpu_kernels.sample_cpu``), ``"torch"`` (any device) one
+pass of tensor ops over the whole batch, ``"auto"`` the first on the CPU, the second elsewhere.
+:func:`sample_anchors` is :func:`sample_anchors_batched` for a batch of one.
 """
 
 from __future__ import annotations
@@ -19,12 +24,9 @@ import torch
 from torch import Tensor
 
 from .cpu_kernels import random_subset, sample_cpu
+from .matching import Backend, resolve_backend
 
-__all__ = ["sample_anchors", "sample_anchors_batched", "sample_anchors_with_positives", "CPU_KERNEL"]
-
-CPU_KERNEL = True
-"""On the CPU, sample batches with the compiled scan (``cpu_kernels``); the tensor passes below
-serve other devices. Both give identical results (tests run both)."""
+__all__ = ["sample_anchors", "sample_anchors_batched", "sample_anchors_with_positives"]
 
 
 def sample_anchors(
@@ -32,21 +34,16 @@ def sample_anchors(
     batch_size_per_image: int = 256,
     positive_fraction: float = 0.5,
     generator: torch.Generator | None = None,
+    *,
+    backend: Backend = "auto",
 ) -> Tensor:
     """Return a copy of ``labels`` (int64 ``[N]``) where unsampled anchors are -1."""
     if not isinstance(labels, Tensor) or labels.dim() != 1:
         raise ValueError(f"sample_anchors: labels must be a 1-D tensor [N], got {_describe(labels)}")
     _check_sizes("sample_anchors", batch_size_per_image, positive_fraction)
-
-    positive = torch.nonzero(labels == 1).squeeze(1)
-    negative = torch.nonzero(labels == 0).squeeze(1)
-    num_positive = min(positive.numel(), int(batch_size_per_image * positive_fraction))
-    num_negative = min(negative.numel(), batch_size_per_image - num_positive)
-
-    sampled = torch.full_like(labels, -1, dtype=torch.int64)
-    sampled[positive[_random_subset(positive.numel(), num_positive, generator, labels.device)]] = 1
-    sampled[negative[_random_subset(negative.numel(), num_negative, generator, labels.device)]] = 0
-    return sampled
+    return sample_anchors_with_positives(
+        labels[None], batch_size_per_image, positive_fraction, [generator], backend=backend
+    )[0][0]
 
 
 def sample_anchors_batched(
@@ -54,14 +51,15 @@ def sample_anchors_batched(
     batch_size_per_image: int,
     positive_fraction: float,
     generators: Sequence[torch.Generator | None],
+    *,
+    backend: Backend = "auto",
 ) -> Tensor:
     """``sample_anchors`` for every row of int64 ``[B, N]`` labels, row ``i`` with ``generators[i]``.
 
     The same result as sampling row by row (each generator draws the same subsets in the same
-    order), without a per-row list of candidate indices: on the CPU a compiled scan marks the
-    chosen anchors, elsewhere one pass over the whole batch finds them.
+    order), without a per-row list of candidate indices.
     """
-    return sample_anchors_with_positives(labels, batch_size_per_image, positive_fraction, generators)[0]
+    return sample_anchors_with_positives(labels, batch_size_per_image, positive_fraction, generators, backend=backend)[0]
 
 
 def sample_anchors_with_positives(
@@ -70,6 +68,8 @@ def sample_anchors_with_positives(
     positive_fraction: float,
     generators: Sequence[torch.Generator | None],
     inplace: bool = False,
+    *,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``sample_anchors_batched``'s labels and the sampled positives as ``(rows, anchors)`` int64 ``[P]``.
 
@@ -86,7 +86,7 @@ def sample_anchors_with_positives(
     _check_sizes("sample_anchors_batched", batch_size_per_image, positive_fraction)
     if inplace and labels.dtype not in (torch.int8, torch.int64):
         raise TypeError(f"sample_anchors_batched: inplace sampling needs int8 or int64 labels, got {labels.dtype}")
-    if labels.device.type == "cpu" and CPU_KERNEL:
+    if resolve_backend(backend, labels.device, "sample_anchors_batched") == "compiled":
         sampled = labels if inplace else labels.to(torch.int64, copy=True)
         return (sampled, *sample_cpu(sampled, batch_size_per_image, positive_fraction, generators))
     result, rows, anchors = _sample_tensors(labels.to(torch.int64), batch_size_per_image, positive_fraction, generators)

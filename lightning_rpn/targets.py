@@ -2,42 +2,36 @@
 
 Shapes: ``B`` images, ``N`` anchors of an image, ``G`` ground-truth boxes, ``C`` crowd boxes.
 
-match (``match_anchors``) -> ignore anchors covered by crowd regions -> sample
-(``sample_anchors``) -> encode the matched gt box of each sampled positive (``BoxCoder``).
-``assign_anchor_targets`` does it for one image; ``assign_batch_targets`` for a batch on an
-anchor grid, with one batched matching pass (``match_anchors_batched``) and the same result
-row by row; ``assign_compact_targets`` is the same with only the positives' deltas. The data
-pipeline (in DataLoader workers) and the RPN's in-model path both go through
-``assign_compact_targets``, so both give identical targets for the same generator states.
+match (``match_anchors_batched``, crowd regions included) -> sample
+(``sample_anchors_with_positives``) -> encode the matched gt box of each sampled positive
+(``BoxCoder``). ``assign_batch_targets`` does it for a batch of images sharing their anchors,
+dense or, with ``compact=True``, with only the positives' deltas (what DataLoader workers
+send); ``assign_anchor_targets`` is a batch of one. The data pipeline (in DataLoader workers)
+and the RPN's in-model path both go through ``assign_batch_targets``, so both give identical
+targets for the same generator states.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from collections.abc import Sequence
-
 from .anchors import AnchorGrid
-from .batch_matching import match_anchors_batched
 from .box_coder import BoxCoder
-from .boxes import box_area
-from .matching import match_anchors
-from .sampling import sample_anchors, sample_anchors_with_positives
+from .matching import Backend, match_anchors_batched
+from .sampling import sample_anchors_with_positives
 
 __all__ = [
     "AnchorTargetConfig",
     "assign_anchor_targets",
     "assign_batch_targets",
-    "assign_compact_targets",
     "dense_target_deltas",
     "sample_generator",
 ]
-
-_IOA_BUDGET = 1 << 22  # anchor x crowd-box entries evaluated at once
 
 
 @dataclass(frozen=True)
@@ -106,73 +100,40 @@ def assign_anchor_targets(
     box_coder: BoxCoder,
     generator: torch.Generator | None = None,
     crowd_boxes: Tensor | None = None,
+    *,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Labels int64 ``[N]`` (1 / 0 / -1 after sampling) and float32 ``[N, 4]`` target deltas.
 
-    ``anchors`` may be an ``AnchorGrid`` (``AnchorGenerator.grid``) for the fast matching
-    path; the result is the same as with its ``.anchors`` tensor. Deltas are the encoded
-    matched gt box for sampled positives and 0 elsewhere. Runs without grad, in float32, on
-    the anchors' device; crowd boxes are never matched.
+    ``assign_batch_targets`` for one image: deltas are the encoded matched gt box for sampled
+    positives and 0 elsewhere; crowd boxes are never matched.
     """
-    anchor_boxes = anchors.anchors if isinstance(anchors, AnchorGrid) else anchors
-    with torch.no_grad():
-        anchor_boxes = anchor_boxes.float()
-        device = anchor_boxes.device
-        gt = gt_boxes.to(device=device, dtype=torch.float32)
-        labels, matched = match_anchors(
-            anchors,
-            gt,
-            config.fg_iou,
-            config.bg_iou,
-            config.allow_low_quality,
-            image_size=image_size,
-            allowed_border=config.allowed_border,
-        )
-        labels = _ignore_crowd(labels, anchor_boxes, crowd_boxes, config)
-        labels = sample_anchors(labels, config.batch_size_per_image, config.positive_fraction, generator)
-
-        target_deltas = torch.zeros(anchor_boxes.shape[0], 4, dtype=torch.float32, device=device)
-        positive = torch.nonzero(labels == 1).squeeze(1)
-        if positive.numel():
-            target_deltas[positive] = box_coder.encode(gt[matched[positive]], anchor_boxes[positive])
-    return labels, target_deltas
+    labels, deltas = assign_batch_targets(
+        anchors, [gt_boxes], [image_size], config, box_coder, [generator], [crowd_boxes], backend=backend
+    )
+    return labels[0], deltas[0]
 
 
 def assign_batch_targets(
-    grid: AnchorGrid,
+    anchors: Tensor | AnchorGrid,
     gt_boxes: Sequence[Tensor],
     image_sizes: Sequence[tuple[int, int]],
     config: AnchorTargetConfig,
     box_coder: BoxCoder,
     generators: Sequence[torch.Generator | None],
     crowd_boxes: Sequence[Tensor | None] | None = None,
+    *,
+    compact: bool = False,
+    backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Labels int64 ``[B, N]`` and target deltas float32 ``[B, N, 4]`` for a batch of images.
+    """Sampled anchor labels and regression targets of a batch of images sharing ``anchors [N, 4]``.
 
-    Row ``i`` equals ``assign_anchor_targets(grid, gt_boxes[i], image_sizes[i], config,
-    box_coder, generators[i], crowd_boxes[i])``; matching runs once for the whole batch and
-    the positives of all images are encoded together. Runs without grad on the grid's device.
-    """
-    labels, positive_deltas = assign_compact_targets(
-        grid, gt_boxes, image_sizes, config, box_coder, generators, crowd_boxes
-    )
-    return labels.long(), dense_target_deltas(labels, positive_deltas)
-
-
-def assign_compact_targets(
-    grid: AnchorGrid,
-    gt_boxes: Sequence[Tensor],
-    image_sizes: Sequence[tuple[int, int]],
-    config: AnchorTargetConfig,
-    box_coder: BoxCoder,
-    generators: Sequence[torch.Generator | None],
-    crowd_boxes: Sequence[Tensor | None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``assign_batch_targets`` with the deltas of the positives only: labels int8 ``[B, N]``
-    and float32 ``[P, 4]`` in the row-major order of ``labels == 1``.
-
-    Every other delta is 0, so this is all a loss needs, at a fraction of the size (what a
-    DataLoader worker sends to the main process); ``dense_target_deltas`` restores ``[B, N, 4]``.
+    Returns labels int64 ``[B, N]`` and target deltas float32 ``[B, N, 4]`` (0 except at
+    sampled positives); with ``compact``, labels int8 ``[B, N]`` and the positives' deltas
+    only, float32 ``[P, 4]`` in the row-major order of ``labels == 1`` (``dense_target_deltas``
+    restores ``[B, N, 4]``). Row ``i`` uses ``generators[i]`` and ``crowd_boxes[i]``; runs
+    without grad, in float32, on the anchors' device, with ``backend`` for matching and
+    sampling (see :mod:`~lightning_rpn.matching`).
     """
     count = len(gt_boxes)
     if len(image_sizes) != count or len(generators) != count or (crowd_boxes is not None and len(crowd_boxes) != count):
@@ -181,34 +142,36 @@ def assign_compact_targets(
             + ("" if crowd_boxes is None else f" and {len(crowd_boxes)} crowd_boxes")
             + "; expected one of each per image"
         )
-    anchors = grid.anchors.float()
-    device = anchors.device
+    anchor_boxes = (anchors.anchors if isinstance(anchors, AnchorGrid) else anchors).float()
+    device = anchor_boxes.device
     with torch.no_grad():
         gt = [boxes.to(device=device, dtype=torch.float32) for boxes in gt_boxes]
         labels, matched = match_anchors_batched(
-            grid,
+            anchor_boxes,
             gt,
             config.fg_iou,
             config.bg_iou,
             config.allow_low_quality,
             image_sizes=image_sizes,
             allowed_border=config.allowed_border,
+            crowd_boxes=crowd_boxes,
+            crowd_ioa=config.crowd_ioa,
             compact=True,
+            backend=backend,
         )
-        for index, crowd in enumerate(crowd_boxes if crowd_boxes is not None and config.crowd_ioa else ()):
-            if crowd is not None and crowd.numel():
-                labels[index] = _ignore_crowd(labels[index], anchors, crowd, config)
         sampled, image, anchor = sample_anchors_with_positives(
-            labels, config.batch_size_per_image, config.positive_fraction, generators, inplace=True
+            labels, config.batch_size_per_image, config.positive_fraction, generators, inplace=True, backend=backend
         )
-        order = torch.argsort(image * anchors.shape[0] + anchor)  # row-major, as labels == 1
-        image, anchor = image[order], anchor[order]
+        order = torch.argsort(image * anchor_boxes.shape[0] + anchor)  # row-major, as labels == 1
+        image, anchor = image[order].to(device), anchor[order].to(device)
         positive_deltas = torch.zeros(0, 4, dtype=torch.float32, device=device)
         if image.numel():
             first_gt = torch.tensor([0] + [boxes.shape[0] for boxes in gt], device=device).cumsum(0)
             matched_boxes = torch.cat(gt)[first_gt[image] + matched[image, anchor]]
-            positive_deltas = box_coder.encode(matched_boxes, anchors[anchor])
-    return sampled, positive_deltas
+            positive_deltas = box_coder.encode(matched_boxes, anchor_boxes[anchor])
+    if compact:
+        return sampled, positive_deltas
+    return sampled.long(), dense_target_deltas(sampled, positive_deltas)
 
 
 def dense_target_deltas(anchor_labels: Tensor, positive_deltas: Tensor) -> Tensor:
@@ -223,27 +186,3 @@ def dense_target_deltas(anchor_labels: Tensor, positive_deltas: Tensor) -> Tenso
     deltas = torch.zeros(*anchor_labels.shape, 4, dtype=torch.float32, device=anchor_labels.device)
     deltas[positive] = positive_deltas.to(device=deltas.device, dtype=torch.float32)
     return deltas
-
-
-def _ignore_crowd(labels: Tensor, anchors: Tensor, crowd_boxes: Tensor | None, config: AnchorTargetConfig) -> Tensor:
-    """``labels`` with non-positive anchors covered by a crowd region (``config.crowd_ioa``) set to -1."""
-    if crowd_boxes is None or config.crowd_ioa is None or not crowd_boxes.numel():
-        return labels
-    crowd = crowd_boxes.to(device=anchors.device, dtype=torch.float32).reshape(-1, 4)
-    covered = _max_ioa(anchors, crowd) >= config.crowd_ioa
-    return labels.masked_fill(covered & (labels != 1), -1)
-
-
-def _max_ioa(anchors: Tensor, regions: Tensor) -> Tensor:
-    """``[N]``: the largest fraction of each anchor's area covered by one of ``regions``."""
-    area = box_area(anchors)
-    result = torch.empty(anchors.shape[0], device=anchors.device)
-    chunk = max(1, _IOA_BUDGET // regions.shape[0])
-    for begin in range(0, anchors.shape[0], chunk):
-        block = anchors[begin : begin + chunk]
-        top_left = torch.maximum(block[:, None, :2], regions[None, :, :2])
-        bottom_right = torch.minimum(block[:, None, 2:], regions[None, :, 2:])
-        wh = (bottom_right - top_left).clamp(min=0)
-        inter = wh[..., 0] * wh[..., 1]
-        result[begin : begin + chunk] = (inter / area[begin : begin + chunk, None]).amax(dim=1)
-    return result

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_rpn import batch_matching, sampling
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.box_coder import BoxCoder
 from lightning_rpn.data.collate import RPNCollate, padded_size, set_sampling_epoch
@@ -42,12 +41,8 @@ def test_pads_to_the_size_divisibility_keeping_sizes_and_content() -> None:
     assert padded_size([(64, 65)], 32) == (64, 96)
 
 
-@pytest.mark.parametrize("cpu_kernel", [True, False])  # compiled kernels / tensor passes
-def test_targets_equal_a_direct_assignment_for_the_padded_size(
-    cpu_kernel: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(batch_matching, "CPU_KERNEL", cpu_kernel)
-    monkeypatch.setattr(sampling, "CPU_KERNEL", cpu_kernel)
+@pytest.mark.parametrize("backend", ["compiled", "torch"])  # the direct assignment's backend
+def test_targets_equal_a_direct_assignment_for_the_padded_size(backend: str) -> None:
     config = AnchorTargetConfig(batch_size_per_image=64)
     samples = [item(70, 90, [[5, 5, 40, 60], [50, 10, 88, 30]], 11), item(100, 40, [[0, 0, 30, 30]], "x")]
     batch = RPNCollate(ANCHORS, config, seed=7)(samples)
@@ -59,7 +54,7 @@ def test_targets_equal_a_direct_assignment_for_the_padded_size(
     for i, sample in enumerate(samples):
         labels, deltas = assign_anchor_targets(
             anchors, torch.from_numpy(sample.boxes), sample.image_size, config, BoxCoder(),
-            generator=sample_generator(7, sample.image_id))
+            generator=sample_generator(7, sample.image_id), backend=backend)
         assert torch.equal(batch.anchor_labels[i].long(), labels) and torch.equal(batch.target_deltas[i], deltas)
         assert (labels == 1).any() and (labels != -1).sum() <= 64
     assert not batch.anchor_labels.is_inference()

@@ -1,7 +1,8 @@
-"""match_anchors: decisions identical to torchvision's Matcher + RPN label mapping.
+"""match_anchors: decisions identical to torchvision's Matcher + RPN label mapping, on every backend.
 
-Both implementations (grid path via AnchorGrid, dense path via a plain tensor) are compared
-with the real torchvision Matcher on random and adversarial inputs.
+Every test runs with ``backend="compiled"`` (the CPU spatial-index kernel) and
+``backend="torch"`` (the chunked tensor backend of other devices), selected by parameter, on
+plain anchor tensors of several layouts.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou as tv_box_iou
 
-from lightning_rpn import matching
+from lightning_rpn import cpu_kernels, matching
 from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.matching import match_anchors
+from lightning_rpn.matching import anchors_inside_image, match_anchors, match_anchors_batched
 
 IMAGE = (256, 320)
 FPN = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
+BACKENDS = ["compiled", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _always_take_the_grid_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small problems normally go to the dense path; test the grid path at every size."""
-    monkeypatch.setattr(matching, "_SMALL_PROBLEM", 0)
+def fpn_anchors(image=IMAGE) -> torch.Tensor:
+    """torchvision-style plain anchors: the per-level tensors concatenated (a fresh tensor)."""
+    return torch.cat(FPN(FPN.feature_shapes_for(image)))
 
 
 def torchvision_match(anchors, gt, fg=0.7, bg=0.3, low_quality=True):
@@ -44,61 +45,54 @@ def random_gt(n: int, seed: int, image=IMAGE, max_size: float = 200.0, integer: 
     return boxes.round() if integer else boxes
 
 
-def assert_same_as_torchvision(grid, gt, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    tv_kwargs = {k: v for k, v in kwargs.items() if k in ("fg", "bg", "low_quality")}
-    ours_kwargs = dict(
-        fg_iou=kwargs.get("fg", 0.7), bg_iou=kwargs.get("bg", 0.3), allow_low_quality=kwargs.get("low_quality", True)
-    )
-    expected = torchvision_match(grid.anchors, gt, **tv_kwargs)
-    fast = match_anchors(grid, gt, **ours_kwargs)
-    dense = match_anchors(grid.anchors, gt, **ours_kwargs)
-    for labels, matched in (fast, dense):
-        assert labels.dtype == matched.dtype == torch.int64
-        assert torch.equal(labels, expected[0])
-        assert torch.equal(matched, expected[1])
-    return fast
+def assert_same_as_torchvision(anchors, gt, backend, fg=0.7, bg=0.3, low_quality=True):
+    expected = torchvision_match(anchors, gt, fg, bg, low_quality)
+    labels, matched = match_anchors(anchors, gt, fg, bg, low_quality, backend=backend)
+    assert labels.dtype == matched.dtype == torch.int64
+    assert torch.equal(labels, expected[0])
+    assert torch.equal(matched, expected[1])
+    return labels, matched
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("num_gt", "seed"), [(1, 0), (7, 1), (40, 2), (300, 3)])
-def test_random_boxes_match_torchvision(num_gt: int, seed: int) -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
-    labels, _ = assert_same_as_torchvision(grid, random_gt(num_gt, seed))
+def test_random_boxes_match_torchvision(num_gt: int, seed: int, backend: str) -> None:
+    labels, _ = assert_same_as_torchvision(fpn_anchors(), random_gt(num_gt, seed), backend)
     assert (labels == 1).any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    ("fg", "bg", "low_quality"), [(0.5, 0.4, True), (0.7, 0.3, False), (0.5, 0.5, True), (0.6, 0.0, True)]
+    ("fg", "bg", "low_quality"),
+    [(0.5, 0.4, True), (0.7, 0.3, False), (0.5, 0.5, True), (0.6, 0.0, True), (0.0, 0.0, True), (0.9, 0.05, True)],
 )
-def test_other_thresholds_match_torchvision(fg: float, bg: float, low_quality: bool) -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
-    assert_same_as_torchvision(grid, random_gt(60, 4), fg=fg, bg=bg, low_quality=low_quality)
+def test_other_thresholds_match_torchvision(fg: float, bg: float, low_quality: bool, backend: str) -> None:
+    assert_same_as_torchvision(fpn_anchors(), random_gt(60, 4), backend, fg, bg, low_quality)
 
 
-def test_integer_boxes_with_many_exact_ties() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_boxes_with_many_exact_ties(backend: str) -> None:
     gt = random_gt(200, 5, integer=True)
     # Duplicates (ties between gt indices) and boxes centred between grid points
     # (ties between anchors of the same gt).
     between = torch.tensor([[30.0, 30.0, 64.0, 64.0], [2.0, 2.0, 36.0, 20.0], [100.0, 100.0, 164.0, 132.0]])
     gt = torch.cat([gt, gt[:20], between, between])
-    labels, matched = assert_same_as_torchvision(grid, gt)
+    labels, matched = assert_same_as_torchvision(fpn_anchors(), gt, backend)
     # A duplicated box never wins: its first copy has the lower index.
     assert not torch.isin(matched[labels == 1], torch.arange(200, 220)).any()
 
 
-def test_boxes_equal_to_anchors_and_exact_iou_thresholds() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
-    g = torch.Generator().manual_seed(6)
-    picks = torch.randint(0, grid.num_anchors, (50,), generator=g)
-    gt = grid.anchors[picks].clone()
-    # Boxes whose IoU with a 32x32 anchor at the origin grid is exactly 0.7 / 0.3-ish.
-    gt = torch.cat([gt, torch.tensor([[-16.0, -16.0, 16.0, 16.0 * 0.7 * 2 - 16.0]])])
-    labels, matched = assert_same_as_torchvision(grid, gt)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_boxes_equal_to_anchors_and_exact_iou_thresholds(backend: str) -> None:
+    anchors = fpn_anchors()
+    picks = torch.randint(0, anchors.shape[0], (50,), generator=torch.Generator().manual_seed(6))
+    gt = torch.cat([anchors[picks], torch.tensor([[-16.0, -16.0, 16.0, 16.0 * 0.7 * 2 - 16.0]])])
+    labels, _ = assert_same_as_torchvision(anchors, gt, backend)
     assert (labels[picks] == 1).all()
 
 
-def test_tiny_huge_and_border_boxes() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_huge_and_border_boxes(backend: str) -> None:
     h, w = IMAGE
     gt = torch.tensor(
         [
@@ -111,98 +105,182 @@ def test_tiny_huge_and_border_boxes() -> None:
             [10.0, 120.0, 310.0, 124.0],  # very elongated
         ]
     )
-    assert_same_as_torchvision(grid, gt)
+    assert_same_as_torchvision(fpn_anchors(), gt, backend)
 
 
-def test_hundreds_of_boxes_on_other_layouts() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_generator_layouts(backend: str) -> None:
     # Single level (C4, VGG-like) with 9 anchors, offset and anchor_stride on another.
     c4 = AnchorGenerator((128, 256, 512), (0.5, 1.0, 2.0), 16)
-    assert_same_as_torchvision(c4.grid([(16, 20)]), random_gt(400, 7, max_size=300.0))
+    assert_same_as_torchvision(torch.cat(c4([(16, 20)])), random_gt(400, 7, max_size=300.0), backend)
     strided = AnchorGenerator(((24, 40), (80, 120)), (0.4, 1.0, 2.5), (6, 12), offset=0.5, anchor_stride=2)
-    grid = strided.grid(strided.feature_shapes_for(IMAGE))
-    assert_same_as_torchvision(grid, random_gt(250, 8))
+    assert_same_as_torchvision(torch.cat(strided(strided.feature_shapes_for(IMAGE))), random_gt(250, 8), backend)
 
 
-def test_single_box_and_no_box() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
-    labels, _ = assert_same_as_torchvision(grid, torch.tensor([[50.0, 60.0, 90.0, 140.0]]))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shuffled_anchor_order(backend: str) -> None:
+    anchors = fpn_anchors()
+    order = torch.randperm(anchors.shape[0], generator=torch.Generator().manual_seed(20))
+    gt = random_gt(80, 21, integer=True)
+    labels, matched = assert_same_as_torchvision(anchors[order], gt, backend)
+    plain = match_anchors(anchors, gt, backend=backend)
+    assert torch.equal(labels, plain[0][order]) and torch.equal(matched, plain[1][order])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_generators_concatenated(backend: str) -> None:
+    other = AnchorGenerator(((20, 28),), (0.3, 1.0, 3.0), (10,), offset=0.5)
+    anchors = torch.cat([fpn_anchors(), torch.cat(other(other.feature_shapes_for(IMAGE)))])
+    assert_same_as_torchvision(anchors, random_gt(150, 22), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_anchors_outside_the_image_and_degenerate(backend: str) -> None:
+    # Anchors scattered far outside the image, of any size and aspect, some with zero area.
+    g = torch.Generator().manual_seed(23)
+    xy = torch.rand(3000, 2, generator=g) * 1400.0 - 500.0
+    wh = torch.exp(torch.rand(3000, 2, generator=g) * 7.0)
+    anchors = torch.cat([xy, xy + wh], dim=1)
+    anchors[:40, 2] = anchors[:40, 0]  # zero width
+    anchors = torch.cat([anchors, anchors[:100]])  # duplicated anchors: ties between anchors
+    assert_same_as_torchvision(anchors, random_gt(120, 24, max_size=300.0), backend)
+    assert_same_as_torchvision(anchors, random_gt(60, 25, integer=True), backend, 0.5, 0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_quality_anchor_takes_its_best_gt_from_a_much_larger_box(backend: str) -> None:
+    """An anchor that is a tiny box's best (IoU 0.035) overlaps a large box more (IoU 0.1):
+    the large box's pairs with anchors of that size can reach neither bg_iou nor its own best,
+    so the compiled kernel skips them, and still the anchor is matched to the large box."""
+    anchors = fpn_anchors()
+    gt = torch.tensor([[100.0, 100.0, 200.0, 200.0], [125.0, 125.0, 131.0, 131.0]])
+    labels, matched = assert_same_as_torchvision(anchors, gt, backend)
+    tiny_best = torchvision_match(anchors, gt[1:])[0] == 1
+    assert tiny_best.any() and (labels[tiny_best] == 1).all() and (matched[tiny_best] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_five_thousand_boxes(backend: str) -> None:
+    anchors = fpn_anchors((96, 128))  # small, so that torchvision's dense matrix stays small
+    gt = torch.cat([random_gt(4000, 26, image=(96, 128), max_size=60.0), random_gt(1000, 27, image=(96, 128), integer=True)])
+    assert_same_as_torchvision(anchors, gt, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_box_and_no_box(backend: str) -> None:
+    anchors = fpn_anchors()
+    labels, _ = assert_same_as_torchvision(anchors, torch.tensor([[50.0, 60.0, 90.0, 140.0]]), backend)
     assert (labels == 1).sum() >= 1
-    for anchors in (grid, grid.anchors):
-        labels, matched = match_anchors(anchors, torch.zeros(0, 4))
-        assert torch.equal(labels, torch.zeros(grid.num_anchors, dtype=torch.int64))
-        assert torch.equal(matched, torch.zeros(grid.num_anchors, dtype=torch.int64))
+    for fg, bg in ((0.7, 0.3), (0.0, 0.0)):  # all negatives, whatever the thresholds
+        labels, matched = match_anchors(anchors, torch.zeros(0, 4), fg, bg, backend=backend)
+        assert torch.equal(labels, torch.zeros(anchors.shape[0], dtype=torch.int64))
+        assert torch.equal(matched, torch.zeros(anchors.shape[0], dtype=torch.int64))
+    labels, _ = match_anchors(torch.zeros(0, 4), random_gt(3, 28), backend=backend)
+    assert labels.shape == (0,)
 
 
-def test_arbitrary_anchor_tensor_uses_dense_path() -> None:
-    anchors = random_gt(500, 9, max_size=120.0)
-    gt = random_gt(30, 10)
-    expected = torchvision_match(anchors, gt)
-    labels, matched = match_anchors(anchors, gt)
-    assert torch.equal(labels, expected[0]) and torch.equal(matched, expected[1])
-
-
-def test_chunked_paths_give_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    image = (96, 128)
-    grid = FPN.grid(FPN.feature_shapes_for(image))
-    gt = random_gt(80, 11, image=image, max_size=60.0)
-    expected = match_anchors(grid, gt)
-    assert torch.equal(expected[0], torchvision_match(grid.anchors, gt)[0])
-    monkeypatch.setattr(matching, "_PAIR_BUDGET", 64)
-    monkeypatch.setattr(matching, "_DENSE_BUDGET", 8000)
-    monkeypatch.setattr(matching, "_TILE_SIZE", 3)
-    for anchors in (grid, grid.anchors):
-        labels, matched = match_anchors(anchors, gt)
-        assert torch.equal(labels, expected[0]) and torch.equal(matched, expected[1])
-
-
-def test_half_precision_gt_is_matched_in_fp32() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_gt_is_matched_in_fp32(backend: str) -> None:
+    anchors = fpn_anchors()
     gt = random_gt(20, 12).half()
-    labels, matched = match_anchors(grid, gt)
-    expected = torchvision_match(grid.anchors, gt.float())
+    labels, matched = match_anchors(anchors, gt, backend=backend)
+    expected = torchvision_match(anchors, gt.float())
     assert torch.equal(labels, expected[0]) and torch.equal(matched, expected[1])
 
 
-def test_box_overlapping_no_anchor_makes_no_low_quality_match() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_box_overlapping_no_anchor_makes_no_low_quality_match(backend: str) -> None:
     """The documented deviation: torchvision marks every zero-IoU anchor positive."""
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
+    anchors = fpn_anchors()
     gt = random_gt(10, 13)
-    far = torch.tensor([[5000.0, 5000.0, 5010.0, 5010.0]])
-    with_far = torch.cat([gt, far])
-    tv_labels, _ = torchvision_match(grid.anchors, with_far)
-    assert (tv_labels == 1).sum() > grid.num_anchors // 2  # the flood we avoid
-    expected = torchvision_match(grid.anchors, gt)
-    for anchors in (grid, grid.anchors):
-        labels, matched = match_anchors(anchors, with_far)
-        assert torch.equal(labels, expected[0]) and torch.equal(matched, expected[1])
+    with_far = torch.cat([gt, torch.tensor([[5000.0, 5000.0, 5010.0, 5010.0]])])
+    tv_labels, _ = torchvision_match(anchors, with_far)
+    assert (tv_labels == 1).sum() > anchors.shape[0] // 2  # the flood we avoid
+    expected = torchvision_match(anchors, gt)
+    labels, matched = match_anchors(anchors, with_far, backend=backend)
+    assert torch.equal(labels, expected[0]) and torch.equal(matched, expected[1])
 
 
-def test_border_filter_ignores_crossing_anchors_and_excludes_them_from_matching() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", [0.0, 8.0])
+def test_border_filter_ignores_crossing_anchors_and_excludes_them_from_matching(backend: str, border: float) -> None:
+    anchors = fpn_anchors()
     gt = random_gt(25, 14)
-    inside = matching.anchors_inside_image(grid.anchors, IMAGE, 8.0)
-    assert 0 < inside.sum() < grid.num_anchors
-    expected_labels, expected_matched = torchvision_match(grid.anchors[inside], gt)
-    for anchors in (grid, grid.anchors):
-        labels, matched = match_anchors(anchors, gt, image_size=IMAGE, allowed_border=8.0)
-        assert (labels[~inside] == -1).all()
-        assert torch.equal(labels[inside], expected_labels)
-        assert torch.equal(matched[inside], expected_matched)
-    labels, _ = match_anchors(grid, torch.zeros(0, 4), image_size=IMAGE, allowed_border=0.0)
-    assert (labels[~matching.anchors_inside_image(grid.anchors, IMAGE, 0.0)] == -1).all()
+    inside = anchors_inside_image(anchors, IMAGE, border)
+    assert 0 < inside.sum() < anchors.shape[0]
+    expected_labels, expected_matched = torchvision_match(anchors[inside], gt)
+    labels, matched = match_anchors(anchors, gt, image_size=IMAGE, allowed_border=border, backend=backend)
+    assert (labels[~inside] == -1).all() and (matched[~inside] == 0).all()
+    assert torch.equal(labels[inside], expected_labels)
+    assert torch.equal(matched[inside], expected_matched)
+    labels, _ = match_anchors(anchors, torch.zeros(0, 4), image_size=IMAGE, allowed_border=border, backend=backend)
+    assert (labels[~inside] == -1).all() and (labels[inside] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crowd_regions_ignore_covered_non_positive_anchors(backend: str) -> None:
+    anchors = fpn_anchors()
+    gt = random_gt(15, 29)
+    crowd = torch.tensor([[0.0, 150.0, 140.0, 256.0], [200.0, 0.0, 320.0, 60.0]])
+    labels, matched = match_anchors_batched(anchors, [gt], crowd_boxes=[crowd], crowd_ioa=0.7, backend=backend)
+    plain, plain_matched = torchvision_match(anchors, gt)
+    a = anchors[:, None]
+    inter_w = (torch.minimum(a[..., 2], crowd[:, 2]) - torch.maximum(a[..., 0], crowd[:, 0])).clamp(min=0)
+    inter_h = (torch.minimum(a[..., 3], crowd[:, 3]) - torch.maximum(a[..., 1], crowd[:, 1])).clamp(min=0)
+    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    covered = (inter_w * inter_h / area[:, None]).amax(dim=1) >= 0.7
+    assert covered.any() and (plain[covered] == 1).any()
+    expected = plain.masked_fill(covered & (plain != 1), -1)  # crowd never touches positives
+    assert torch.equal(labels[0], expected) and torch.equal(matched[0], plain_matched)
+    unused, _ = match_anchors_batched(anchors, [gt], crowd_boxes=[crowd], backend=backend)  # no crowd_ioa
+    assert torch.equal(unused[0], plain)
+
+
+def test_the_index_is_cached_per_tensor_and_rebuilt_after_an_in_place_change() -> None:
+    anchors = fpn_anchors()
+    gt = random_gt(30, 30)
+    first = match_anchors(anchors, gt, backend="compiled")
+    index = cpu_kernels.anchor_index(anchors)
+    assert cpu_kernels.anchor_index(anchors) is index
+    assert cpu_kernels.anchor_index(anchors.clone()) is not index
+    anchors.add_(7.0)  # the version counter moves: a new index, and labels for the new anchors
+    assert cpu_kernels.anchor_index(anchors) is not index
+    moved = match_anchors(anchors, gt, backend="compiled")
+    assert torch.equal(moved[0], torchvision_match(anchors, gt)[0]) and not torch.equal(moved[0], first[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cuda_anchors_match_through_the_torch_backend(backend: str) -> None:
+    anchors, gt = fpn_anchors(), random_gt(200, 31, integer=True)
+    labels, matched = match_anchors(anchors.cuda(), gt.cuda(), backend=backend)
+    expected = match_anchors(anchors, gt, backend="compiled")
+    assert labels.is_cuda and torch.equal(labels.cpu(), expected[0]) and torch.equal(matched.cpu(), expected[1])
 
 
 def test_invalid_arguments() -> None:
-    grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
+    anchors = fpn_anchors()
     gt = random_gt(3, 15)
     with pytest.raises(ValueError, match=r"bg_iou <= fg_iou.*bg_iou=0.8, fg_iou=0.7"):
-        match_anchors(grid, gt, bg_iou=0.8)
+        match_anchors(anchors, gt, bg_iou=0.8)
     with pytest.raises(ValueError, match="allowed_border needs image_size"):
-        match_anchors(grid, gt, allowed_border=0.0)
+        match_anchors(anchors, gt, allowed_border=0.0)
     with pytest.raises(ValueError, match=r"gt_boxes must be \[G, 4\], got a tensor of shape \(3, 5\)"):
-        match_anchors(grid, torch.zeros(3, 5))
+        match_anchors(anchors, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"anchors must be \[N, 4\] or an AnchorGrid, got a tensor of shape \(4,\)"):
+        match_anchors(torch.zeros(4), gt)
     with pytest.raises(ValueError, match="non-finite"):
-        match_anchors(grid, torch.tensor([[0.0, 0.0, float("inf"), 5.0]]))
+        match_anchors(anchors, torch.tensor([[0.0, 0.0, float("inf"), 5.0]]))
+    with pytest.raises(ValueError, match="backend must be one of .* got 'numba'"):
+        match_anchors(anchors, gt, backend="numba")  # type: ignore[arg-type]
+    bad = anchors.clone()
+    bad[3, 1] = float("nan")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="match_anchors: anchors must be finite"):
+            match_anchors(bad, gt, backend=backend)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='compiled' runs on the CPU"):
+            matching.resolve_backend("compiled", torch.device("meta"), "match_anchors")
 
 
 @pytest.mark.parametrize(
@@ -224,26 +302,9 @@ def test_malformed_gt_box_names_its_index_and_value(bad: list[float], problem: s
             assert str(bad) in str(caught.value)
 
 
-def test_small_problems_take_the_dense_path_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_anchor_grid_stands_for_its_anchors() -> None:
     grid = FPN.grid(FPN.feature_shapes_for(IMAGE))
-    gt = random_gt(2, 16)
+    gt = random_gt(40, 32)
     via_grid = match_anchors(grid, gt)
-    monkeypatch.setattr(matching, "_SMALL_PROBLEM", 1 << 16)
-    calls = []
-    monkeypatch.setattr(matching, "_grid_summary", lambda *args: calls.append(args))
-    via_dense = match_anchors(grid, gt)
-    assert not calls
-    assert torch.equal(via_grid[0], via_dense[0]) and torch.equal(via_grid[1], via_dense[1])
-
-
-@pytest.mark.parametrize("budget", [64, 1 << 22])
-def test_tiled_best_gt_equals_brute_force(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
-    monkeypatch.setattr(matching, "_DENSE_BUDGET", budget)
-    monkeypatch.setattr(matching, "_TILE_PAIR_BUDGET", budget)
-    anchors = random_gt(400, 17, max_size=60.0).round()
-    gt = random_gt(40, 18, integer=True)
-    gt = torch.cat([gt, gt[:5]])  # duplicates: ties between gt indices
-    iou = tv_box_iou(gt, anchors)
-    overlapping = iou.amax(0) > 0
-    expected = iou[:, overlapping].max(dim=0).indices
-    assert torch.equal(matching._best_gt_by_tiles(anchors[overlapping], gt), expected)
+    via_tensor = match_anchors(grid.anchors.clone(), gt)
+    assert torch.equal(via_grid[0], via_tensor[0]) and torch.equal(via_grid[1], via_tensor[1])

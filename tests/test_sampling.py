@@ -85,23 +85,37 @@ def test_labels_must_be_one_dimensional() -> None:
         sample_anchors(torch.zeros(2, 5, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("cpu_kernel", [True, False])
-def test_batched_rows_equal_per_row_sampling(cpu_kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sampling, "CPU_KERNEL", cpu_kernel)
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_batched_rows_equal_per_row_sampling(backend: str) -> None:
     labels = torch.stack([_labels(p, n, i, seed=k) for k, (p, n, i) in enumerate([(5, 900, 95), (300, 600, 100),
                                                                                   (0, 1000, 0), (0, 0, 1000)])])
-    rows = sampling.sample_anchors_batched(labels, 256, 0.5, [torch.Generator().manual_seed(k) for k in range(4)])
+    generators = lambda: [torch.Generator().manual_seed(k) for k in range(4)]  # noqa: E731
+    rows = sampling.sample_anchors_batched(labels, 256, 0.5, generators(), backend=backend)
+    other = "torch" if backend == "compiled" else "compiled"
     for k in range(4):
-        expected = sample_anchors(labels[k], 256, 0.5, torch.Generator().manual_seed(k))
+        expected = sample_anchors(labels[k], 256, 0.5, torch.Generator().manual_seed(k), backend=other)
         assert torch.equal(rows[k], expected)
-    sampled, image, anchor = sampling.sample_anchors_with_positives(
-        labels, 256, 0.5, [torch.Generator().manual_seed(k) for k in range(4)])
+    sampled, image, anchor = sampling.sample_anchors_with_positives(labels, 256, 0.5, generators(), backend=backend)
     assert torch.equal(sampled, rows)
     flat = (image * labels.shape[1] + anchor).sort().values  # the positives, in any order
     assert torch.equal(flat, torch.nonzero(rows.view(-1) == 1).squeeze(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64])
+def test_inplace_sampling_overwrites_the_labels(dtype: torch.dtype) -> None:
+    labels = torch.stack([_labels(40, 900, 60, seed=1), _labels(3, 50, 947, seed=2)]).to(dtype)
+    expected = sampling.sample_anchors_batched(labels.long(), 64, 0.5, [torch.Generator().manual_seed(k) for k in range(2)])
+    for backend in ("compiled", "torch"):
+        copy = labels.clone()
+        sampled, _, _ = sampling.sample_anchors_with_positives(
+            copy, 64, 0.5, [torch.Generator().manual_seed(k) for k in range(2)], inplace=True, backend=backend
+        )
+        assert sampled is copy and copy.dtype == dtype and torch.equal(copy.long(), expected)
+
+
 def test_batched_sampling_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sampling.sample_anchors_batched(torch.zeros(1, 10, dtype=torch.int64), 8, 0.5, [None], backend="gpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 generators for 3 rows"):
         sampling.sample_anchors_batched(torch.zeros(3, 10, dtype=torch.int64), 8, 0.5, [None, None])
     with pytest.raises(ValueError, match=r"labels must be a 2-D tensor \[B, N\]"):

@@ -32,12 +32,13 @@ def test_positive_deltas_decode_back_to_their_gt_box() -> None:
     assert (deltas[~positive] == 0).all()
 
 
-def test_grid_and_tensor_anchors_give_identical_targets() -> None:
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_grid_tensor_and_backends_give_identical_targets(backend: str) -> None:
     grid = GENERATOR.grid(GENERATOR.feature_shapes_for(IMAGE))
     config = AnchorTargetConfig(allowed_border=0.0)
     coder = BoxCoder()
     a = assign_anchor_targets(grid, GT, IMAGE, config, coder, sample_generator(3, "img"))
-    b = assign_anchor_targets(grid.anchors, GT, IMAGE, config, coder, sample_generator(3, "img"))
+    b = assign_anchor_targets(grid.anchors.clone(), GT, IMAGE, config, coder, sample_generator(3, "img"), backend=backend)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

@@ -6,8 +6,8 @@ multiple of ``size_divisibility``), ``L`` levels, ``N`` anchors of an image (all
 
 The anchors of a batch follow from its padded size alone: ``feature_shapes_for(Hp, Wp)`` gives
 the feature size of every level, so the worker builds (and caches) the same anchors the model
-will build from the backbone's features. Assignment (``assign_compact_targets``: one matching
-pass for the whole batch) seeds sampling per image with ``sample_generator(seed, key, epoch)``,
+will build from the backbone's features. Assignment (``assign_batch_targets(compact=True)``:
+one matching pass for the whole batch) seeds sampling per image with ``sample_generator(seed, key, epoch)``,
 ``key`` being the item's position in its dataset (``RPNBatch.sampling_keys``: unique even when
 a split lists an image twice), as the RPN's in-model path does, so both paths give identical
 targets.
@@ -32,7 +32,7 @@ from lightning_rpn.box_coder import BoxCoder
 from lightning_rpn.cpu_kernels import load_kernels
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.targets import AnchorTargetConfig, assign_compact_targets, sample_generator
+from lightning_rpn.targets import AnchorTargetConfig, assign_batch_targets, sample_generator
 
 __all__ = ["RPNCollate", "padded_size", "set_sampling_epoch"]
 
@@ -139,7 +139,7 @@ class RPNCollate:
         """Anchor labels int8 ``[B, N]`` (sampled, seeded) and the positives' deltas ``[P, 4]``."""
         assert self.anchor_generator is not None
         grid = self.anchor_generator.grid(self.anchor_generator.feature_shapes_for(padded))
-        return assign_compact_targets(
+        return assign_batch_targets(
             grid,
             batch.gt_boxes,
             batch.image_sizes,
@@ -147,6 +147,7 @@ class RPNCollate:
             self.box_coder,
             [sample_generator(self.seed, key, epoch) for key in batch.sampling_keys],
             [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
+            compact=True,
         )
 
 
