@@ -10,9 +10,8 @@ level. With ``offset=0`` and ``anchor_stride=1`` the anchors equal torchvision's
 ``AnchorGenerator`` output for the same sizes, ratios and strides.
 
 Besides the per-level tensors, the generator returns an :class:`AnchorGrid`: the concatenated
-anchors together with the grid layout, which lets :func:`lightning_rpn.matching.match_anchors`
-enumerate only the anchors that can overlap a box instead of building the dense ``G x N``
-IoU matrix.
+anchors together with the grid layout (cached per feature shape, so that matching, which
+caches its spatial index per anchor tensor, reuses it in every batch).
 """
 
 from __future__ import annotations
@@ -55,10 +54,10 @@ class GridLevel:
 class AnchorGrid:
     """All anchors of an image (``anchors`` float32 ``[N, 4]``) plus their grid layout.
 
-    Pass it to ``match_anchors`` / ``assign_anchor_targets`` in place of the anchor tensor to
-    get the fast, overlap-only matching path; the results are identical to passing
-    ``grid.anchors``. Obtain it from ``AnchorGenerator.grid`` (the layout must describe the
-    anchors exactly) and treat ``anchors`` as read-only: it is shared through the cache.
+    ``match_anchors`` / ``assign_batch_targets`` accept it in place of ``grid.anchors`` (the
+    same result: matching is equally fast for any anchor tensor). Obtain it from
+    ``AnchorGenerator.grid`` (the layout must describe the anchors exactly) and treat
+    ``anchors`` as read-only: it is shared through the cache.
     """
 
     anchors: Tensor
