@@ -32,6 +32,7 @@ from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, Problem, check_policy
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
 from lightning_rpn.data.voc import VOCDetection
@@ -100,7 +101,10 @@ class RPNDataModule(LightningDataModule):
             ``None`` gives ``[{"HorizontalFlip": {"p": 0.5}}]`` for training and nothing for
             evaluation.
         min_visibility: boxes keeping less than this fraction of their area after a transform
-            are removed (counted, and reported at the end of the run).
+            (or a training window) are removed (counted, and reported at the end of the run).
+        tiles: train on random windows of the training images (``TileConfig`` keys ``size``,
+            ``per_epoch``, ``overlap``, ``weighting``, ``box_probability``, ``cache_mb``): an
+            epoch is ``per_epoch`` windows, drawn from the seed, the epoch and the window's index.
         resize / min_sizes / max_size / fixed_size: the resize policy (``ResizePolicy``).
         size_divisibility: pad batches to a multiple of this (default: the model's).
         anchor_generator / target_config / box_coder: anchor setup when there is no model.
@@ -140,6 +144,7 @@ class RPNDataModule(LightningDataModule):
         train_transforms: list[dict[str, Any]] | None = None,
         val_transforms: list[dict[str, Any]] | None = None,
         min_visibility: float = 0.3,
+        tiles: dict[str, Any] | None = None,
         resize: Literal["none", "shortest_edge", "fixed"] = "none",
         min_sizes: list[int] | None = None,
         max_size: int = 1333,
@@ -166,6 +171,7 @@ class RPNDataModule(LightningDataModule):
                 f"RPNDataModule: batch_size={batch_size}, val_batch_size={val_batch_size} must be > 0 "
                 f"and num_workers={num_workers} >= 0"
             )
+        self.tiles = None if tiles is None else TileConfig.from_mapping(tiles)
         self.save_hyperparameters(ignore=["anchor_generator", "target_config", "box_coder"])
         self.dataset = dataset
         self.root = None if root is None else Path(root)
@@ -255,6 +261,9 @@ class RPNDataModule(LightningDataModule):
                 continue
             else:
                 raw = self.build_dataset(self.splits[role])  # type: ignore[arg-type]
+                if role == "train" and self.tiles is not None:
+                    raw = TiledDataset(raw, self.tiles, self.hparams.min_visibility, self.hparams.seed,
+                                       str(self.splits[role]))
             problems = getattr(raw, "problems", None)
             if problems is not None and len(problems):
                 rank_zero_info(f"RPNDataModule: {role} split {self.splits[role]!r}: "
@@ -314,10 +323,12 @@ class RPNDataModule(LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
         if role not in self.datasets:
             raise ValueError(f"RPNDataModule: no {role} split configured ({role}_split is None)")
+        windows = role == "train" and self.tiles is not None  # the window index is the draw: no shuffle
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and not windows,
+            sampler=WindowSampler(self.tiles.per_epoch) if windows else None,  # type: ignore[union-attr]
             num_workers=self.num_workers,
             collate_fn=collate or self.collate,
             pin_memory=self.pin_memory,

@@ -1,0 +1,317 @@
+"""Tiled training: random windows drawn from large images, an epoch being a number of windows.
+
+Shapes: ``H x W`` a source image, ``h x w`` a window (``h = min(size, H)``), ``G`` boxes of the
+source image, ``K`` boxes kept in a window.
+
+Four aerial orthophotos give four items an epoch when a data module iterates files; training
+wants many random crops of them instead. :class:`TiledDataset` wraps any dataset of this
+package (COCO, VOC, synthetic shapes, dense scenes): its item ``epoch * per_epoch + i`` is
+window ``i`` of ``epoch``, drawn from ``(seed, epoch, i)`` alone, so the same window comes out
+in any worker, process or run. :class:`WindowSampler` hands the DataLoader the ``per_epoch``
+indices of the epoch Lightning gives it (``set_epoch``, called by the trainer before each
+epoch's first batch, also with persistent workers). The index is the item's
+``dataset_index``, hence its anchor-sampling key in the workers and in the model alike.
+
+A window is drawn in three steps: an image, chosen with probability proportional to its area
+(``weighting="area"``), its box count (``"boxes"``) or uniformly; a position, which with
+probability ``box_probability`` is one whose window holds a randomly chosen box of the image
+whole (where the box fits), and otherwise is uniform; with ``overlap`` set, positions are the
+sliding-window grid of stride ``size - overlap`` (the windows :mod:`lightning_rpn.windows`
+predicts on), else any pixel offset. An image smaller than the window is one window.
+
+Boxes are clipped to the window; a box cut so that less than ``min_visibility`` of its area
+stays inside is dropped and counted in ``removed_boxes`` (the data report); boxes wholly outside
+the window are not counted (they belong to other windows). Decoded source images are kept per
+process in an LRU cache bounded by ``cache_mb``, plus the image last cut (an image larger than
+the budget is decoded once per window).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.windows import window_starts
+
+__all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window"]
+
+TileWeighting = Literal["area", "uniform", "boxes"]
+_WEIGHTINGS = ("area", "uniform", "boxes")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """The ``tiles`` option of :class:`~lightning_rpn.data.datamodule.RPNDataModule` (see the module docstring).
+
+    Args:
+        size: window side in pixels.
+        per_epoch: windows in one training epoch.
+        overlap: ``None``: windows at any pixel offset; pixels (``0 <= overlap < size``):
+            windows on the sliding-window grid of stride ``size - overlap``.
+        weighting: how often an image is drawn: by ``"area"``, by ``"boxes"`` (box count) or
+            ``"uniform"``.
+        box_probability: chance that a window is placed to hold a chosen box whole.
+        cache_mb: decoded images kept per worker process (LRU, megabytes).
+    """
+
+    size: int
+    per_epoch: int
+    overlap: int | None = None
+    weighting: TileWeighting = "area"
+    box_probability: float = 0.5
+    cache_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        where = "data.tiles"
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
+            raise ValueError(f"{where}.size={self.size!r} must be an int >= 16 (window side, pixels)")
+        if isinstance(self.per_epoch, bool) or not isinstance(self.per_epoch, int) or self.per_epoch < 1:
+            raise ValueError(f"{where}.per_epoch={self.per_epoch!r} must be a positive int (windows per epoch)")
+        if self.overlap is not None and (
+            isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size
+        ):
+            raise ValueError(f"{where}.overlap={self.overlap!r} must be null or an int in [0, size={self.size}) "
+                             "(pixels shared by neighbouring grid windows)")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(f"{where}.weighting={self.weighting!r} is not one of {', '.join(_WEIGHTINGS)}")
+        if not 0.0 <= float(self.box_probability) <= 1.0:
+            raise ValueError(f"{where}.box_probability={self.box_probability!r} must be in [0, 1]")
+        if not float(self.cache_mb) >= 0.0:
+            raise ValueError(f"{where}.cache_mb={self.cache_mb!r} must be >= 0 (megabytes per worker)")
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | TileConfig) -> TileConfig:
+        """A config from the YAML mapping ``data.tiles`` (unknown or missing keys are named)."""
+        if isinstance(options, TileConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"data.tiles must be a mapping like {{size: 512, per_epoch: 1000}}, got {options!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"data.tiles: unknown key(s) {unknown}; known keys: {known}")
+        missing = [name for name in ("size", "per_epoch") if name not in options]
+        if missing:
+            raise ValueError(f"data.tiles needs {' and '.join(missing)} (got {dict(options)!r})")
+        return cls(**dict(options))
+
+
+class ImageCache:
+    """Least-recently-used samples, bounded by the bytes of their images (one per process)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._items: OrderedDict[int, DetectionSample] = OrderedDict()
+
+    def get(self, key: int) -> DetectionSample | None:
+        sample = self._items.get(key)
+        if sample is not None:
+            self._items.move_to_end(key)
+        return sample
+
+    def put(self, key: int, sample: DetectionSample) -> None:
+        """Keep ``sample`` (evicting the oldest), unless its image alone exceeds the budget."""
+        size = int(sample.image.nbytes)
+        if size > self.max_bytes or key in self._items:
+            return
+        while self._items and self.bytes + size > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= int(old.image.nbytes)
+        self._items[key] = sample
+        self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def cut_window(
+    sample: DetectionSample, window: tuple[int, int, int, int], min_visibility: float
+) -> DetectionSample:
+    """``sample`` cropped to ``window = (x0, y0, x1, y1)``, boxes in window pixels.
+
+    Boxes keeping less than ``min_visibility`` of their area (and any positive area) are
+    dropped and added to ``removed_boxes``; boxes wholly outside are left out uncounted;
+    crowd boxes are kept wherever they reach into the window.
+    """
+    x0, y0, x1, y1 = window
+    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
+
+    def clip(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        clipped = np.clip(boxes, offset, np.array([x1, y1, x1, y1], dtype=np.float32))
+        inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        kept_area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        visible = np.where(area > 0, kept_area / np.maximum(area, 1e-12), 0.0)
+        return clipped - offset, inside, visible
+
+    boxes, inside, visible = clip(sample.boxes)
+    keep = inside & (visible >= min_visibility)
+    crowd, crowd_inside, _ = clip(sample.crowd_boxes)
+    return replace(
+        sample,
+        image=np.ascontiguousarray(sample.image[y0:y1, x0:x1]),
+        boxes=boxes[keep],
+        crowd_boxes=crowd[crowd_inside],
+        image_id=f"{sample.image_id}@{x0},{y0},{x1},{y1}",
+        source=f"{sample.source} window (x0, y0, x1, y1) = ({x0}, {y0}, {x1}, {y1})",
+        original_size=(y1 - y0, x1 - x0),
+        removed_boxes=sample.removed_boxes + int((inside & ~keep).sum()),
+        problems=list(sample.problems),
+    )
+
+
+class TiledDataset(Dataset):
+    """Random windows of the images of ``dataset`` (see the module docstring).
+
+    Item ``epoch * config.per_epoch + i`` is window ``i`` of ``epoch``; ``len()`` is
+    ``per_epoch``. ``min_visibility`` is the data module's; ``seed`` and ``split`` make the draws.
+    """
+
+    def __init__(
+        self, dataset: Dataset, config: TileConfig, min_visibility: float = 0.0, seed: int = 0, split: str = "train"
+    ) -> None:
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"data.tiles: split {split!r} has no images to draw windows from")
+        self.dataset = dataset
+        self.config = config
+        self.min_visibility = min_visibility
+        self.seed = seed
+        self.split = split
+        self._split_key = zlib.crc32(f"tiles:{split}".encode("utf-8"))
+        self._cache: ImageCache | None = None
+        self._cache_pid: int | None = None
+        self._weights: np.ndarray | None = None
+        self._problems_sent: set[int] = set()
+        self._last: tuple[int, DetectionSample] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"], state["_cache_pid"], state["_problems_sent"], state["_last"] = None, None, set(), None
+        return state
+
+    def __len__(self) -> int:
+        return self.config.per_epoch
+
+    # ---- images ---------------------------------------------------------------------------
+    def _image(self, index: int) -> DetectionSample:
+        """Image ``index`` of the wrapped dataset, through this process's cache.
+
+        Its load problems travel with the first window cut from it in this process only, so
+        a problem is counted once, not once per window.
+        """
+        if self._cache is None or self._cache_pid != os.getpid():
+            self._cache = ImageCache(int(self.config.cache_mb * 2**20))
+            self._cache_pid, self._problems_sent, self._last = os.getpid(), set(), None
+        sample = self._cache.get(index)
+        if sample is None and self._last is not None and self._last[0] == index:
+            sample = self._last[1]
+        if sample is None:
+            sample = self.dataset[index]
+            self._cache.put(index, sample)
+        self._last = (index, sample)  # an image over the budget is still decoded once per window
+        if index in self._problems_sent:
+            return replace(sample, problems=[])
+        self._problems_sent.add(index)
+        return sample
+
+    def _describe(self, index: int) -> tuple[tuple[int, int], int]:
+        """``((H, W), G)`` of image ``index``, from the annotation records where there are any."""
+        records = getattr(self.dataset, "records", None)
+        if records is not None and records[index].size is not None and records[index].checked:
+            return records[index].size, len(records[index].boxes)
+        side = getattr(self.dataset, "size", None)  # DenseScenes: every scene is size x size
+        if isinstance(side, int) and self.config.weighting != "boxes":
+            return (side, side), 1
+        sample = self._image(index)
+        return sample.image_size, len(sample.boxes)
+
+    def image_weights(self) -> np.ndarray:
+        """Probability of each image being drawn (``weighting``), computed once per process."""
+        if self._weights is None:
+            count = len(self.dataset)  # type: ignore[arg-type]
+            if self.config.weighting == "uniform":
+                weights = np.ones(count)
+            else:
+                described = [self._describe(i) for i in range(count)]
+                if self.config.weighting == "area":
+                    weights = np.array([float(h * w) for (h, w), _ in described])
+                else:
+                    weights = np.array([float(g) for _, g in described])
+                    if weights.sum() == 0:
+                        raise ValueError(f"data.tiles.weighting='boxes': split {self.split!r} has no boxes")
+            self._weights = weights / weights.sum()
+        return self._weights
+
+    # ---- windows --------------------------------------------------------------------------
+    def _position(self, rng: np.random.Generator, length: int, box: tuple[float, float] | None) -> int:
+        """A window start along one axis of ``length`` px (holding ``box = (low, high)`` when it fits)."""
+        size = min(self.config.size, length)
+        if self.config.overlap is not None:
+            starts = np.asarray(window_starts(length, self.config.size, self.config.overlap))
+            if box is not None:
+                holding = starts[(starts <= box[0]) & (starts + size >= box[1])]
+                centre = 0.5 * (box[0] + box[1])
+                starts = holding if len(holding) else starts[(starts <= centre) & (starts + size >= centre)]
+            return int(rng.choice(starts))
+        low, high = 0, length - size
+        if box is not None:
+            if box[1] - box[0] <= size:
+                low, high = max(low, int(np.ceil(box[1])) - size), min(high, int(np.floor(box[0])))
+            else:  # a box longer than the window: a window inside it
+                low, high = max(low, int(box[0])), min(high, int(np.ceil(box[1])) - size)
+            low, high = min(low, high), max(low, high)
+        return int(rng.integers(low, high + 1))
+
+    def window(self, index: int) -> tuple[int, tuple[int, int, int, int]]:
+        """``(image index, (x0, y0, x1, y1))`` of item ``index``, from ``(seed, epoch, i)`` only."""
+        epoch, i = divmod(int(index), self.config.per_epoch)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, epoch, i])
+        weights = self.image_weights()
+        image = int(rng.choice(len(weights), p=weights))
+        (height, width), count = self._describe(image)
+        box = None
+        if count and rng.random() < self.config.box_probability:
+            boxes = self._image(image).boxes
+            if len(boxes):
+                box = boxes[int(rng.integers(len(boxes)))]
+        x0 = self._position(rng, width, None if box is None else (float(box[0]), float(box[2])))
+        y0 = self._position(rng, height, None if box is None else (float(box[1]), float(box[3])))
+        return image, (x0, y0, min(x0 + self.config.size, width), min(y0 + self.config.size, height))
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        if index < 0:
+            raise IndexError(f"TiledDataset: index {index} must be >= 0 (epoch * per_epoch + window)")
+        image, (x0, y0, x1, y1) = self.window(index)
+        sample = self._image(image)
+        height, width = sample.image_size  # the decoded size rules where an annotation said otherwise
+        x0, y0 = min(x0, max(0, width - self.config.size)), min(y0, max(0, height - self.config.size))
+        window = (x0, y0, min(x0 + self.config.size, width), min(y0 + self.config.size, height))
+        return cut_window(sample, window, self.min_visibility)
+
+
+class WindowSampler(Sampler[int]):
+    """The indices ``epoch * per_epoch + i``, ``i < per_epoch``, of the epoch set by :meth:`set_epoch`."""
+
+    def __init__(self, per_epoch: int) -> None:
+        self.per_epoch = per_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the windows of ``epoch`` next (Lightning calls this before every training epoch)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.epoch * self.per_epoch
+        return iter(range(start, start + self.per_epoch))
+
+    def __len__(self) -> int:
+        return self.per_epoch

@@ -1,0 +1,166 @@
+"""Tiled training data: window draws (images, positions, boxes, visibility), determinism, cache, data module."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.data.scenes import DenseScenes
+from lightning_rpn.data.tiles import ImageCache, TileConfig, TiledDataset, WindowSampler, cut_window
+from lightning_rpn.windows import window_starts
+
+
+class Images(Dataset):
+    """Blank images of the given ``(h, w)`` sizes with the given boxes; counts its loads."""
+
+    def __init__(self, sizes: list[tuple[int, int]], boxes: list[list[list[float]]]) -> None:
+        self.sizes, self.boxes, self.loads = sizes, boxes, Counter()
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        self.loads[index] += 1
+        h, w = self.sizes[index]
+        image = np.full((h, w, 3), index, dtype=np.uint8)
+        return DetectionSample(image=image, boxes=np.asarray(self.boxes[index], np.float32).reshape(-1, 4),
+                               image_id=index, source=f"images/{index}")
+
+
+def _sample(boxes: list[list[float]], crowd: list[list[float]] = ()) -> DetectionSample:
+    return DetectionSample(image=np.zeros((100, 200, 3), np.uint8), boxes=np.asarray(boxes, np.float32),
+                           crowd_boxes=np.asarray(crowd, np.float32).reshape(-1, 4), image_id=7, source="x.png")
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match=r"data.tiles: unknown key\(s\) \['sise'\]"):
+        TileConfig.from_mapping({"sise": 256, "per_epoch": 4})
+    with pytest.raises(ValueError, match="data.tiles needs per_epoch"):
+        TileConfig.from_mapping({"size": 256})
+    with pytest.raises(ValueError, match=r"data.tiles.overlap=256 must be null or an int in \[0, size=256\)"):
+        TileConfig(size=256, per_epoch=4, overlap=256)
+    with pytest.raises(ValueError, match="data.tiles.weighting='files'"):
+        TileConfig(size=256, per_epoch=4, weighting="files")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="data.tiles.box_probability=2"):
+        TileConfig(size=256, per_epoch=4, box_probability=2)
+    with pytest.raises(ValueError, match="data.tiles.size"):
+        RPNDataModule(tiles={"size": 8, "per_epoch": 4})
+
+
+def test_cut_boxes_follow_min_visibility_and_are_counted() -> None:
+    sample = _sample([[10, 10, 30, 30],     # inside
+                      [90, 10, 130, 30],    # 25% inside: removed at 0.3, counted
+                      [80, 40, 120, 60],    # half inside: kept, clipped
+                      [150, 10, 190, 30]],  # wholly outside: left out, not counted
+                     crowd=[[95, 0, 150, 50]])
+    window = cut_window(sample, (0, 0, 100, 100), min_visibility=0.3)
+    np.testing.assert_array_equal(window.boxes, [[10, 10, 30, 30], [80, 40, 100, 60]])
+    np.testing.assert_array_equal(window.crowd_boxes, [[95, 0, 100, 50]])
+    assert window.removed_boxes == 1 and window.image_size == (100, 100) == window.original_size
+    assert window.image_id == "7@0,0,100,100" and "window (x0, y0, x1, y1) = (0, 0, 100, 100)" in window.source
+    # in window pixels
+    shifted = cut_window(sample, (50, 0, 150, 100), min_visibility=0.3)
+    np.testing.assert_array_equal(shifted.boxes, [[40, 10, 80, 30], [30, 40, 70, 60]])
+    assert shifted.removed_boxes == 0
+
+
+def test_windows_are_deterministic_per_seed_epoch_and_index_in_any_worker() -> None:
+    scenes = DenseScenes(3, size=160, density=400.0, min_object_size=10, max_object_size=24)
+    config = TileConfig(size=64, per_epoch=6)
+    first, again = TiledDataset(scenes, config, seed=1), TiledDataset(scenes, config, seed=1)
+    draws = [first.window(i) for i in range(12)]  # epochs 0 and 1
+    assert draws == [again.window(i) for i in range(12)]
+    assert draws[:6] != draws[6:], "a new epoch draws new windows"
+    assert draws != [TiledDataset(scenes, config, seed=2).window(i) for i in range(12)]
+    sampler = WindowSampler(config.per_epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) == list(range(6, 12)) and len(sampler) == 6
+    loader = DataLoader(first, sampler=sampler, batch_size=2, num_workers=2, collate_fn=list)
+    items = [item for batch in loader for item in batch]
+    for index, item in zip(range(6, 12), items):
+        expected = first[index]
+        assert item.image_id == expected.image_id
+        np.testing.assert_array_equal(item.image, expected.image)
+        np.testing.assert_array_equal(item.boxes, expected.boxes)
+
+
+def test_weighting_by_area_boxes_or_uniform() -> None:
+    images = Images([(64, 64), (128, 128), (64, 64)], [[[1, 1, 9, 9]], [[1, 1, 9, 9]], []])
+    def drawn(weighting: str) -> Counter:
+        tiled = TiledDataset(images, TileConfig(size=32, per_epoch=2000, weighting=weighting))  # type: ignore[arg-type]
+        return Counter(tiled.window(i)[0] for i in range(2000))
+    area = drawn("area")  # 1 : 4 : 1
+    assert 0.60 < area[1] / 2000 < 0.73 and 0.12 < area[0] / 2000 < 0.21
+    boxes = drawn("boxes")  # the empty image is never drawn
+    assert boxes[2] == 0 and 0.4 < boxes[0] / 2000 < 0.6
+    uniform = drawn("uniform")
+    assert all(0.28 < uniform[i] / 2000 < 0.39 for i in range(3))
+    with pytest.raises(ValueError, match="weighting='boxes': split 'train' has no boxes"):
+        TiledDataset(Images([(64, 64)], [[]]), TileConfig(size=32, per_epoch=2, weighting="boxes")).window(0)
+
+
+def test_box_windows_hold_a_whole_box_and_grid_windows_sit_on_the_grid() -> None:
+    boxes = [[[200, 40, 230, 70], [20, 300, 60, 330]]]
+    images = Images([(400, 400)], boxes)
+    tiled = TiledDataset(images, TileConfig(size=100, per_epoch=50, box_probability=1.0))
+    for i in range(50):
+        _, (x0, y0, x1, y1) = tiled.window(i)
+        assert (x1 - x0, y1 - y0) == (100, 100)
+        assert any(x0 <= b[0] and b[2] <= x1 and y0 <= b[1] and b[3] <= y1 for b in boxes[0])
+        assert len(tiled[i].boxes) >= 1
+    grid = TiledDataset(images, TileConfig(size=100, per_epoch=50, overlap=20, box_probability=0.0))
+    starts = set(window_starts(400, 100, 20))
+    assert starts == {0, 80, 160, 240, 300}
+    positions = {grid.window(i)[1][:2] for i in range(50)}
+    assert all(x in starts and y in starts for x, y in positions) and len(positions) > 5
+    small = TiledDataset(Images([(40, 50)], [[]]), TileConfig(size=100, per_epoch=2))
+    assert small[0].image_size == (40, 50), "an image smaller than the window is one window"
+
+
+def test_images_are_decoded_once_per_process_within_the_cache_budget() -> None:
+    images = Images([(64, 64)] * 3, [[]] * 3)
+    tiled = TiledDataset(images, TileConfig(size=32, per_epoch=60, weighting="uniform"))
+    for i in range(60):
+        tiled[i]
+    assert max(images.loads.values()) == 1
+    tight = Images([(64, 64)] * 3, [[]] * 3)  # budget below one image: decoded whenever the image changes
+    tiled = TiledDataset(tight, TileConfig(size=32, per_epoch=20, weighting="uniform", cache_mb=0.001))
+    drawn = [tiled.window(i)[0] for i in range(20)]
+    tight.loads.clear()
+    for i in range(20):
+        tiled[i]
+    changes = 1 + sum(a != b for a, b in zip(drawn, drawn[1:]))
+    assert changes - 1 <= sum(tight.loads.values()) <= changes and changes > 3  # the last drawn may still be held
+    cache = ImageCache(max_bytes=2 * 64 * 64 * 3)
+    for key in (0, 1, 0, 2):  # 1 is the least recently used when 2 arrives
+        cache.put(key, images[key]) if cache.get(key) is None else None
+    assert cache.get(1) is None and cache.get(0) is not None and cache.get(2) is not None
+    assert cache.bytes == 2 * 64 * 64 * 3 and len(cache) == 2
+
+
+def test_datamodule_epochs_are_windows_with_their_own_sampling_keys() -> None:
+    dm = RPNDataModule(dataset="scenes", scene_options={"size": 192, "density": 300.0, "max_object_size": 30},
+                       synthetic_train_images=2, synthetic_val_images=1, batch_size=4, num_workers=0,
+                       tiles={"size": 64, "per_epoch": 8, "box_probability": 0.5}, train_transforms=[],
+                       min_visibility=0.5)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, WindowSampler)
+    epoch0 = list(loader)
+    assert len(epoch0) == 2 and all(tuple(b.images.shape[-2:]) == (64, 64) for b in epoch0)
+    keys = [k for b in epoch0 for k in b.sampling_keys]
+    assert keys == list(range(8))
+    loader.sampler.set_epoch(3)
+    epoch3 = list(loader)
+    assert [k for b in epoch3 for k in b.sampling_keys] == list(range(24, 32))
+    assert not torch.equal(epoch0[0].images, epoch3[0].images)
+    for batch in epoch0:
+        dm.accounting.add_batch("train", batch)
+    assert dm.accounting.removed_boxes["train"] == sum(b.removed_boxes for b in epoch0) > 0
+    assert len(dm.datasets["val"]) == 1, "validation stays on whole scenes"
