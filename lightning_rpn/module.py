@@ -66,6 +66,7 @@ from lightning_rpn.loss import NonFiniteLossError
 from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
+from lightning_rpn.windows import SlidingWindowConfig, sliding_window_proposals
 
 _SKIPPED_KEY = "skipped_nonfinite_batches"
 _RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
@@ -205,6 +206,12 @@ class RPNModule(pl.LightningModule):
         channels_last: run the backbone and the head in the channels-last (NHWC) memory
             format. Same results up to float rounding; on CPUs (oneDNN) and on GPUs with mixed
             precision, convolutions are faster in it (see the README's performance table).
+        sliding_window: ``None`` (whole images) or the keys of
+            :class:`~lightning_rpn.windows.SlidingWindowConfig` (``size``, ``overlap``,
+            ``window_batch``, ``merge_metric``, ``merge_thresh``): validation, test, predict and
+            ``predict_images`` propose on overlapping windows of each image, merged into the
+            image's ``post_nms_top_n_test`` best; memory follows the window batch, not the
+            image. Evaluation losses are then not computed (recall is).
     """
 
     def __init__(
@@ -255,8 +262,10 @@ class RPNModule(pl.LightningModule):
         recall_max_proposals: tuple[int, ...] = (100, 300, 1000),
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         channels_last: bool = True,
+        sliding_window: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.sliding_window = None if sliding_window is None else SlidingWindowConfig.from_mapping(sliding_window)
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         if isinstance(backbone, nn.Module):
@@ -555,9 +564,30 @@ class RPNModule(pl.LightningModule):
         resize = checkpoint.get(_RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
 
+    def _propose_windows(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[tuple[Tensor, ...]]:
+        """``(boxes, scores, logits)`` per window of a padded window batch (``sliding_window_proposals``' network)."""
+        features = self.backbone(self.normalize(images))
+        if not self._strides_checked:
+            self._check_strides(images, features)
+        return self.rpn(features, image_sizes, need_proposals=True, proposal_logits=True)[0]
+
+    def _window_proposals(self, batch: RPNBatch) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per image of ``batch``, proposals from its sliding windows (``self.sliding_window``), resized-image pixels."""
+        assert self.sliding_window is not None
+        return [
+            sliding_window_proposals(
+                batch.images[index, :, :height, :width], self._propose_windows, self.sliding_window,
+                self.rpn.post_nms_top_n["test"], self.rpn.nms_thresh, self.size_divisibility,
+            )
+            for index, (height, width) in enumerate(batch.image_sizes)
+        ]
+
     def _eval_step(self, batch: RPNBatch, stage: str) -> dict[str, Any]:
-        proposals, losses = self._run(batch, stage, need_proposals=True)
-        self._log_losses(stage, losses, len(batch))
+        if self.sliding_window is not None:  # no whole-image targets, so no losses
+            proposals: list = [(boxes, scores) for boxes, scores, _ in self._window_proposals(batch)]
+        else:
+            proposals, losses = self._run(batch, stage, need_proposals=True)
+            self._log_losses(stage, losses, len(batch))
         self.val_recall.update([boxes for boxes, _ in proposals], batch.gt_boxes)
         return {"proposals": proposals}
 
@@ -613,7 +643,10 @@ class RPNModule(pl.LightningModule):
     def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:
         """Per image ``{"image_id", "boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``,
         boxes in original-image pixels."""
-        proposals, _ = self._run(batch, "predict", need_proposals=True, with_targets=False, proposal_logits=True)
+        if self.sliding_window is not None:
+            proposals: list = self._window_proposals(batch)
+        else:
+            proposals, _ = self._run(batch, "predict", need_proposals=True, with_targets=False, proposal_logits=True)
         return [
             {
                 "image_id": image_id,

@@ -203,6 +203,7 @@ class RPNDataModule(LightningDataModule):
         self._seen_problems: set[Problem] = set()
         self._warned_problems = 0
         self._collate: RPNCollate | None = None
+        self._window_eval = False  # the model proposes on sliding windows: no evaluation targets
 
     # ---- datasets -------------------------------------------------------------------------
     def build_dataset(
@@ -302,6 +303,7 @@ class RPNDataModule(LightningDataModule):
                 elif self.size_divisibility % int(model_div):
                     raise ValueError(f"RPNDataModule: data.size_divisibility={self.size_divisibility} is not a "
                                      f"multiple of the model's size_divisibility={int(model_div)}")
+            self._window_eval = getattr(module, "sliding_window", None) is not None
             model_seed = getattr(getattr(module, "rpn", None), "seed", None)
             if self.sampling_seed is None and model_seed is not None:
                 self.sampling_seed = int(model_seed)
@@ -338,16 +340,21 @@ class RPNDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
 
+    def _collate_without_targets(self) -> RPNCollate:
+        return RPNCollate(self.anchor_generator, self.target_config, self.box_coder,
+                          self.size_divisibility, assign_targets=False)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, shuffle=False)
+        # a model on sliding windows computes no evaluation loss: whole-image targets would be wasted
+        collate = self._collate_without_targets() if self._window_eval else None
+        return self._loader("val", self.val_batch_size, shuffle=False, collate=collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.val_batch_size, shuffle=False)
+        collate = self._collate_without_targets() if self._window_eval else None
+        return self._loader("test", self.val_batch_size, shuffle=False, collate=collate)
 
     def predict_dataloader(self) -> DataLoader:
-        no_targets = RPNCollate(self.anchor_generator, self.target_config, self.box_coder,
-                                self.size_divisibility, assign_targets=False)
-        return self._loader("predict", self.val_batch_size, shuffle=False, collate=no_targets)
+        return self._loader("predict", self.val_batch_size, shuffle=False, collate=self._collate_without_targets())
 
     def check_data(
         self, model: Any = None, splits: Sequence[str] = ("train", "val"), check_images: bool = True

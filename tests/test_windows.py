@@ -1,0 +1,180 @@
+"""Sliding-window proposals: the grid, the merge across windows, whole-scene recall, the module paths, memory.
+
+Most tests use an *oracle network*: a ``propose`` function that reads where its window lies from
+the pixels (the test image encodes each pixel's coordinates) and returns the known boxes as
+the window shows them (clipped to it). The windows, offsets, merge and top-k are then checked
+against exact expectations, free of what an untrained network would propose.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_rpn.boxes import box_iou
+from lightning_rpn.data.scenes import DenseScenes
+from lightning_rpn.metrics import ProposalRecall
+from lightning_rpn.module import RPNModule
+from lightning_rpn.windows import (
+    SlidingWindowConfig,
+    merge_window_proposals,
+    sliding_window_proposals,
+    window_grid,
+    window_starts,
+)
+
+TINY = dict(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)),
+            pre_nms_top_n_test=300, post_nms_top_n_test=200)
+
+
+def coordinate_image(height: int, width: int) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` whose pixel ``(y, x)`` holds ``(x % 256, y % 256, x // 256 + 16 * (y // 256))``."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([xs % 256, ys % 256, xs // 256 + 16 * (ys // 256)]).to(torch.uint8)
+
+
+def oracle(gt_boxes: torch.Tensor, min_visible: float = 0.2):
+    """A ``propose`` function: the gt boxes as each window shows them, logits falling with the box index."""
+    calls: list[int] = []
+
+    def propose(images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, ...]]:
+        calls.append(images.shape[0])
+        out = []
+        for image, (h, w) in zip(images, sizes):
+            code = image[:, 0, 0].long()
+            x0, y0 = int(code[0] + 256 * (code[2] % 16)), int(code[1] + 256 * (code[2] // 16))
+            clipped = gt_boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+            clipped = torch.minimum(clipped.clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))
+            area = (clipped[:, 2:] - clipped[:, :2]).clamp(min=0).prod(1)
+            full = (gt_boxes[:, 2:] - gt_boxes[:, :2]).prod(1)
+            keep = torch.nonzero(area >= min_visible * full).squeeze(1)
+            logits = -keep.float() / len(gt_boxes)
+            out.append((clipped[keep], logits.sigmoid(), logits))
+        return out
+
+    propose.calls = calls  # type: ignore[attr-defined]
+    return propose
+
+
+def test_grid_covers_the_image_with_the_overlap() -> None:
+    assert window_starts(280, 160, 40) == [0, 120]
+    assert window_starts(300, 160, 40) == [0, 120, 140]
+    assert window_starts(100, 160, 40) == [0]
+    windows = window_grid((200, 300), 160, 40)
+    assert len(windows) == 6 and windows[0] == (0, 0, 160, 160) and windows[-1] == (140, 40, 300, 200)
+    covered = np.zeros((200, 300), bool)
+    for x0, y0, x1, y1 in windows:
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    with pytest.raises(ValueError, match=r"model.sliding_window: unknown key\(s\) \['window'\]"):
+        SlidingWindowConfig.from_mapping({"window": 3})
+    with pytest.raises(ValueError, match=r"model.sliding_window.overlap=512 must be an int in \[0, size=512\)"):
+        SlidingWindowConfig.from_mapping({"size": 512, "overlap": 512})
+    with pytest.raises(ValueError, match="model.sliding_window.merge_metric='nms'"):
+        RPNModule(**TINY, sliding_window={"merge_metric": "nms"})
+
+
+def test_a_box_straddling_two_windows_comes_out_once_as_on_the_whole_image() -> None:
+    # windows x in [0, 160) and [120, 280): the box is whole in the first, cut at x=120 in the second
+    box = torch.tensor([[100.0, 40.0, 150.0, 90.0], [200.0, 100.0, 240.0, 150.0]])
+    image = coordinate_image(160, 280)
+    whole = oracle(box)(image[None], [(160, 280)])[0][0]
+    config = SlidingWindowConfig(size=160, overlap=40, window_batch=1, merge_metric="ios")
+    propose = oracle(box.flip(0))  # the cut part of the straddling box gets the higher logit
+    boxes, scores, logits = sliding_window_proposals(image, propose, config, top_k=100, nms_thresh=0.7)
+    assert propose.calls == [1, 1]
+    assert boxes.shape == (2, 4) and torch.all(logits[:-1] >= logits[1:])
+    iou = box_iou(boxes, whole)
+    assert iou.max(dim=0).values.min() >= 0.9 and (iou > 0.5).sum() == 2, "each box once"
+    torch.testing.assert_close(boxes[torch.argmax(iou[:, 0])], box[0])  # the interior version, exactly
+    # IoU alone keeps the cut part too (IoU 30/50 = 0.6 < 0.7): that is what "ios" is for
+    iou_boxes, _, _ = sliding_window_proposals(image, propose, SlidingWindowConfig(160, 40), 100, 0.7)
+    assert len(iou_boxes) == 3
+    # identical duplicates from two windows (the box whole in both) merge under either metric
+    inner = torch.tensor([[125.0, 40.0, 155.0, 90.0]])
+    dup, _, _ = sliding_window_proposals(image, oracle(inner), SlidingWindowConfig(160, 40), 100, 0.7)
+    torch.testing.assert_close(dup, inner)
+
+
+def test_merge_keeps_same_window_pairs_and_prefers_interior() -> None:
+    windows = [(0, 0, 100, 100), (60, 0, 160, 100)]
+    same = torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0]])  # IoU 0.9, one window
+    keep = merge_window_proposals([same, torch.zeros(0, 4)], [torch.tensor([1.0, 0.5]), torch.zeros(0)],
+                                  windows, (100, 160), thresh=0.7)
+    assert keep.tolist() == [0, 1], "the window's own NMS already ran: same-window pairs stay"
+    cut = torch.tensor([[70.0, 10.0, 100.0, 40.0]])      # touches x=100, the first window's inner edge
+    interior = torch.tensor([[70.0, 10.0, 101.0, 40.0]])  # the same object, whole in the second window
+    keep = merge_window_proposals([cut, interior], [torch.tensor([5.0]), torch.tensor([-5.0])],
+                                  windows, (100, 160), thresh=0.7)
+    assert keep.tolist() == [1], "the interior proposal wins despite its lower logit"
+
+
+@pytest.mark.parametrize("metric", ["iou", "ios"])
+def test_whole_scene_recall_on_a_generated_scene(metric: str) -> None:
+    scene = DenseScenes(1, size=480, objects="roofs", density=700.0, min_object_size=12, max_object_size=40,
+                        split="windows")[0]
+    gt = torch.from_numpy(scene.boxes)
+    assert len(gt) > 100
+    image = coordinate_image(480, 480)
+    config = SlidingWindowConfig(size=128, overlap=48, window_batch=8, merge_metric=metric)  # type: ignore[arg-type]
+    boxes, _, _ = sliding_window_proposals(image, oracle(gt), config, top_k=1000, nms_thresh=0.7)
+    recall = ProposalRecall(max_proposals=(1000,))
+    recall.update([boxes], [gt])
+    whole = ProposalRecall(max_proposals=(1000,))
+    whole.update([oracle(gt)(image[None], [(480, 480)])[0][0]], [gt])
+    assert float(whole.compute()["AR@1000"]) == pytest.approx(1.0)
+    result = recall.compute()
+    assert float(result["recall@0.50@1000"]) >= 0.99 and float(result["AR@1000"]) >= 0.97
+    duplicates = len(boxes) - len(gt)
+    assert duplicates <= (0.02 * len(gt) if metric == "ios" else 0.5 * len(gt))
+
+
+def test_module_proposes_on_windows_in_predict_images_and_validation() -> None:
+    torch.manual_seed(0)
+    model = RPNModule(**TINY, sliding_window={"size": 128, "overlap": 32, "window_batch": 3}).eval()
+    scene = DenseScenes(1, size=300, density=300.0, max_object_size=30, split="windows")[0]
+    result = model.predict_images(scene.image)
+    assert set(result) == {"boxes", "scores", "objectness_logits"} and 0 < len(result["boxes"]) <= 200
+    assert float(result["boxes"][:, 2].max()) <= 300 and float(result["boxes"][:, 0].min()) >= 0
+    assert torch.all(result["objectness_logits"][:-1] >= result["objectness_logits"][1:])
+    reference = RPNModule(**TINY).eval()
+    reference.load_state_dict(model.state_dict())
+    # one window as large as the image gives the whole-image proposals
+    model.sliding_window = SlidingWindowConfig(size=320, overlap=0)
+    single = model.predict_images(scene.image)
+    for key in single:
+        torch.testing.assert_close(single[key], reference.predict_images(scene.image)[key])
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    torch.set_num_threads(1)
+    from lightning_rpn.module import RPNModule
+    from lightning_rpn.data.transforms import ResizePolicy
+    side = int(sys.argv[1])
+    model = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), post_nms_top_n_test=1000,
+                      sliding_window={"size": 256, "overlap": 32, "window_batch": 2}).eval()
+    image = torch.randint(0, 256, (3, side, side), dtype=torch.uint8)
+    model.predict_images(image[:, :256, :256], resize=ResizePolicy())  # warm-up: allocator pools, kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = model.predict_images(image, resize=ResizePolicy())
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_increase_mb": (after - before) / 1024, "proposals": len(out["boxes"])}))
+""")
+
+
+def test_predict_images_memory_is_bounded_by_the_window_batch() -> None:
+    side = 2048  # 12 MB of pixels; whole at once, tiny_fpn's stride-4 features alone are 130 MB
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(side)], capture_output=True, text=True,
+                            timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["proposals"] == 1000
+    # the image copies (HWC array, padded batch) are ~25 MB; windows of 2 x 256^2 need little more
+    assert measured["peak_increase_mb"] < 150, measured
