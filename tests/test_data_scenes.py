@@ -54,3 +54,14 @@ def test_datamodule_builds_scenes_and_names_bad_options() -> None:
         RPNDataModule(dataset="scenes", scene_options={"sizes": 128}).build_dataset("train")
     with pytest.raises(ValueError, match="scene_options"):
         RPNDataModule(dataset="synthetic", scene_options={"size": 128})
+
+
+def test_scenes_are_drawn_once_within_the_cache_budget() -> None:
+    scenes = DenseScenes(3, size=128, seed=1)
+    first = scenes[0]
+    first.image[:] = 0  # a caller's change must not reach the cache
+    again = scenes[0]
+    assert again.image.any() and np.array_equal(again.image, DenseScenes(3, size=128, seed=1)[0].image)
+    assert len(scenes._cache) == 1
+    uncached = DenseScenes(3, size=128, seed=1, cache_bytes=0)
+    assert np.array_equal(uncached[0].image, again.image) and not uncached._cache

@@ -198,6 +198,8 @@ class DenseScenes(Dataset):
         overlap: minimum centre distance as a fraction of the sum of two objects' radii.
         seed: with ``split`` and the index, determines each scene.
         split: split name (``"train"``, ``"val"``, ...): different names give different scenes.
+        cache_bytes: keep drawn scenes in memory up to this many bytes (per process, so per
+            DataLoader worker): random crops of a few large scenes then draw each scene once.
     """
 
     def __init__(
@@ -213,6 +215,7 @@ class DenseScenes(Dataset):
         overlap: float = 0.6,
         seed: int = 0,
         split: str = "train",
+        cache_bytes: int = 256 * 2**20,
     ) -> None:
         if num_images < 0:
             raise ValueError(f"DenseScenes: num_images={num_images} must be >= 0")
@@ -240,6 +243,9 @@ class DenseScenes(Dataset):
         self.seed = seed
         self.split = split
         self._split_key = zlib.crc32(f"scenes:{split}".encode("utf-8"))
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return self.num_images
@@ -248,11 +254,17 @@ class DenseScenes(Dataset):
         if not -self.num_images <= index < self.num_images:
             raise IndexError(f"DenseScenes({self.split!r}): index {index} out of range for {self.num_images} scenes")
         index = index % self.num_images
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, index])
-        image, boxes = draw_dense_scene(
-            rng, self.size, self.size, self.objects, self.background, self.density,
-            self.min_object_size, self.max_object_size, self.contrast, self.overlap,
-        )
+        drawn = self._cache.get(index)
+        if drawn is None:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, index])
+            drawn = draw_dense_scene(
+                rng, self.size, self.size, self.objects, self.background, self.density,
+                self.min_object_size, self.max_object_size, self.contrast, self.overlap,
+            )
+            if self._cached_bytes + drawn[0].nbytes <= self.cache_bytes:
+                self._cache[index] = drawn
+                self._cached_bytes += drawn[0].nbytes
+        image, boxes = drawn[0].copy(), drawn[1].copy()  # callers may modify their copy
         return DetectionSample(
             image=image, boxes=boxes, image_id=index,
             source=f"scenes://{self.objects}-{self.background}/{self.split}/{index}",
