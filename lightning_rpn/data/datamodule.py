@@ -325,12 +325,16 @@ class RPNDataModule(LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
         if role not in self.datasets:
             raise ValueError(f"RPNDataModule: no {role} split configured ({role}_split is None)")
-        windows = role == "train" and self.tiles is not None  # the window index is the draw: no shuffle
+        sampler = None
+        if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
+            trainer = self.trainer
+            sampler = WindowSampler(self.tiles.per_epoch, trainer.world_size if trainer else 1,
+                                    trainer.global_rank if trainer else 0)
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
-            shuffle=shuffle and not windows,
-            sampler=WindowSampler(self.tiles.per_epoch) if windows else None,  # type: ignore[union-attr]
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate or self.collate,
             pin_memory=self.pin_memory,

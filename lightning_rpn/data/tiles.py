@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.windows import window_starts
@@ -298,12 +298,22 @@ class TiledDataset(Dataset):
         return cut_window(sample, window, self.min_visibility)
 
 
-class WindowSampler(Sampler[int]):
-    """The indices ``epoch * per_epoch + i``, ``i < per_epoch``, of the epoch set by :meth:`set_epoch`."""
+class WindowSampler(DistributedSampler):
+    """The indices ``epoch * per_epoch + i`` of the epoch set by :meth:`set_epoch`, this rank's share.
 
-    def __init__(self, per_epoch: int) -> None:
-        self.per_epoch = per_epoch
-        self.epoch = 0
+    Process ``rank`` of ``num_replicas`` takes ``i = rank, rank + num_replicas, ...``, every
+    rank the same count (a few windows repeat when ``num_replicas`` does not divide
+    ``per_epoch``, so DDP ranks stay in step). A ``DistributedSampler`` so that Lightning keeps
+    it under DDP instead of wrapping it (a wrapper would not pass ``set_epoch`` on).
+    """
+
+    def __init__(self, per_epoch: int, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ wants a dataset and a process group; nothing of it is used
+        Sampler.__init__(self)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"WindowSampler: rank={rank} must be in [0, num_replicas={num_replicas})")
+        self.per_epoch, self.num_replicas, self.rank, self.epoch = per_epoch, num_replicas, rank, 0
+        self.num_samples = -(-per_epoch // num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the windows of ``epoch`` next (Lightning calls this before every training epoch)."""
@@ -311,7 +321,7 @@ class WindowSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         start = self.epoch * self.per_epoch
-        return iter(range(start, start + self.per_epoch))
+        return iter([start + (self.rank + k * self.num_replicas) % self.per_epoch for k in range(self.num_samples)])
 
     def __len__(self) -> int:
-        return self.per_epoch
+        return self.num_samples
