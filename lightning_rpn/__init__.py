@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "RPNModule": "lightning_rpn.module",
     "RPNDataModule": "lightning_rpn.data.datamodule",
     "TorchvisionRPN": "lightning_rpn.torchvision_adapter",
+    "SlidingWindowConfig": "lightning_rpn.windows",
+    "sliding_window_proposals": "lightning_rpn.windows",
     "export_proposal_network": "lightning_rpn.export",
     "load_proposal_network": "lightning_rpn.export",
 }
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from lightning_rpn.sampling import sample_anchors, sample_anchors_batched
     from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, assign_batch_targets
     from lightning_rpn.torchvision_adapter import TorchvisionRPN
+    from lightning_rpn.windows import SlidingWindowConfig, sliding_window_proposals
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -178,3 +178,10 @@ def test_predict_images_memory_is_bounded_by_the_window_batch() -> None:
     assert measured["proposals"] == 1000
     # the image copies (HWC array, padded batch) are ~25 MB; windows of 2 x 256^2 need little more
     assert measured["peak_increase_mb"] < 150, measured
+
+
+def test_windows_and_tiles_do_not_import_lightning() -> None:
+    code = ("import sys\nfrom lightning_rpn import SlidingWindowConfig, sliding_window_proposals\n"
+            "from lightning_rpn.data.tiles import TiledDataset\n"
+            "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -201,6 +201,11 @@ class TiledDataset(Dataset):
     def __len__(self) -> int:
         return self.config.per_epoch
 
+    @property
+    def problems(self) -> Any:
+        """The wrapped dataset's annotation problems (``None`` when it keeps none), reported at setup."""
+        return getattr(self.dataset, "problems", None)
+
     # ---- images ---------------------------------------------------------------------------
     def _image(self, index: int) -> DetectionSample:
         """Image ``index`` of the wrapped dataset, through this process's cache.
