@@ -208,10 +208,11 @@ class RPNModule(pl.LightningModule):
             precision, convolutions are faster in it (see the README's performance table).
         sliding_window: ``None`` (whole images) or the keys of
             :class:`~lightning_rpn.windows.SlidingWindowConfig` (``size``, ``overlap``,
-            ``window_batch``, ``merge_metric``, ``merge_thresh``): validation, test, predict and
-            ``predict_images`` propose on overlapping windows of each image, merged into the
-            image's ``post_nms_top_n_test`` best; memory follows the window batch, not the
-            image. Evaluation losses are then not computed (recall is).
+            ``window_batch``, ``merge_metric``, ``merge_thresh``, ``top_k``): validation, test,
+            predict and ``predict_images`` propose on overlapping windows of each image (each
+            with the ``*_test`` settings), merged into the image's ``top_k`` best (default
+            ``post_nms_top_n_test``); memory follows the window batch, not the image.
+            Evaluation losses are then not computed (recall is).
     """
 
     def __init__(
@@ -577,7 +578,8 @@ class RPNModule(pl.LightningModule):
         return [
             sliding_window_proposals(
                 batch.images[index, :, :height, :width], self._propose_windows, self.sliding_window,
-                self.rpn.post_nms_top_n["test"], self.rpn.nms_thresh, self.size_divisibility,
+                self.sliding_window.top_k or self.rpn.post_nms_top_n["test"], self.rpn.nms_thresh,
+                self.size_divisibility,
             )
             for index, (height, width) in enumerate(batch.image_sizes)
         ]

@@ -48,6 +48,9 @@ ProposeFn = Callable[[Tensor, list[tuple[int, int]]], Sequence[tuple[Tensor, ...
 EDGE_TOLERANCE = 1.0
 """A proposal within this many pixels of an inner window edge is cut by it."""
 
+PAIR_CHUNK = 256
+"""Proposals of one window compared at a time with a neighbour's (the merge's memory bound)."""
+
 
 @dataclass(frozen=True)
 class SlidingWindowConfig:
@@ -61,6 +64,8 @@ class SlidingWindowConfig:
         merge_metric: ``"iou"`` or ``"ios"`` (intersection over the smaller box, for pairs with
             a proposal cut by a window edge).
         merge_thresh: suppression threshold of the merge; ``None``: the model's NMS threshold.
+        top_k: proposals kept per image after the merge; ``None``: as many as one window keeps
+            (the model's ``post_nms_top_n_test``, which still applies to each window).
     """
 
     size: int = 1024
@@ -68,6 +73,7 @@ class SlidingWindowConfig:
     window_batch: int = 4
     merge_metric: MergeMetric = "iou"
     merge_thresh: float | None = None
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         where = "sliding_window"
@@ -81,6 +87,9 @@ class SlidingWindowConfig:
             raise ValueError(f"{where}.merge_metric={self.merge_metric!r} is not one of 'iou', 'ios'")
         if self.merge_thresh is not None and not 0.0 < float(self.merge_thresh) <= 1.0:
             raise ValueError(f"{where}.merge_thresh={self.merge_thresh!r} must be null or in (0, 1]")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"{where}.top_k={self.top_k!r} must be null or a positive int")
 
     @classmethod
     def from_mapping(
@@ -197,12 +206,13 @@ def merge_window_proposals(
             idx_t = idx_t[_reaches(all_boxes[idx_t], grid[s])]
             if not len(idx_s) or not len(idx_t):
                 continue
-            value = _pair_metric(all_boxes[idx_s], all_boxes[idx_t], cut[idx_s], cut[idx_t], metric)
-            i, j = torch.nonzero(value > thresh, as_tuple=True)
-            a, b = idx_s[i], idx_t[j]
-            s_first = rank[a] < rank[b]
-            stronger.append(torch.where(s_first, a, b))
-            weaker.append(torch.where(s_first, b, a))
+            for rows in idx_s.split(PAIR_CHUNK):  # bounds the [rows, P_t] overlap matrices
+                value = _pair_metric(all_boxes[rows], all_boxes[idx_t], cut[rows], cut[idx_t], metric)
+                i, j = torch.nonzero(value > thresh, as_tuple=True)
+                a, b = rows[i], idx_t[j]
+                s_first = rank[a] < rank[b]
+                stronger.append(torch.where(s_first, a, b))
+                weaker.append(torch.where(s_first, b, a))
 
     keep = torch.ones(all_boxes.shape[0], dtype=torch.bool, device=device)
     if stronger:

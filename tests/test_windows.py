@@ -76,6 +76,8 @@ def test_grid_covers_the_image_with_the_overlap() -> None:
         SlidingWindowConfig.from_mapping({"window": 3})
     with pytest.raises(ValueError, match=r"model.sliding_window.overlap=512 must be an int in \[0, size=512\)"):
         SlidingWindowConfig.from_mapping({"size": 512, "overlap": 512})
+    with pytest.raises(ValueError, match="model.sliding_window.top_k=0 must be null or a positive int"):
+        SlidingWindowConfig.from_mapping({"top_k": 0})
     with pytest.raises(ValueError, match="model.sliding_window.merge_metric='nms'"):
         RPNModule(**TINY, sliding_window={"merge_metric": "nms"})
 
@@ -143,6 +145,9 @@ def test_module_proposes_on_windows_in_predict_images_and_validation() -> None:
     assert set(result) == {"boxes", "scores", "objectness_logits"} and 0 < len(result["boxes"]) <= 200
     assert float(result["boxes"][:, 2].max()) <= 300 and float(result["boxes"][:, 0].min()) >= 0
     assert torch.all(result["objectness_logits"][:-1] >= result["objectness_logits"][1:])
+    model.sliding_window = SlidingWindowConfig(size=128, overlap=32, window_batch=3, top_k=50)
+    capped = model.predict_images(scene.image)  # the image's top-k after the merge: the best 50
+    torch.testing.assert_close(capped["boxes"], result["boxes"][:50])
     reference = RPNModule(**TINY).eval()
     reference.load_state_dict(model.state_dict())
     # one window as large as the image gives the whole-image proposals
