@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from lightning_rpn.boxes import box_area
 
 __all__ = [
     "SlidingWindowConfig",
+    "config_from_mapping",
     "window_starts",
     "window_grid",
     "merge_window_proposals",
@@ -76,7 +77,7 @@ class SlidingWindowConfig:
     top_k: int | None = None
 
     def __post_init__(self) -> None:
-        where = "sliding_window"
+        where = "model.sliding_window"
         for name, low in (("size", 16), ("window_batch", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -92,22 +93,30 @@ class SlidingWindowConfig:
             raise ValueError(f"{where}.top_k={self.top_k!r} must be null or a positive int")
 
     @classmethod
-    def from_mapping(
-        cls, options: Mapping[str, Any] | SlidingWindowConfig, where: str = "model.sliding_window"
-    ) -> SlidingWindowConfig:
-        """A config from a mapping such as the YAML ``model.sliding_window`` (unknown keys named)."""
-        if isinstance(options, SlidingWindowConfig):
-            return options
-        if not isinstance(options, Mapping):
-            raise ValueError(f"{where} must be a mapping like {{size: 512, overlap: 64}}, got {options!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {known}")
-        try:
-            return cls(**dict(options))
-        except ValueError as error:
-            raise ValueError(str(error).replace("sliding_window", where, 1)) from None
+    def from_mapping(cls, options: Mapping[str, Any] | SlidingWindowConfig) -> SlidingWindowConfig:
+        """A config from the YAML mapping ``model.sliding_window`` (unknown keys named)."""
+        return config_from_mapping(cls, options, "model.sliding_window", "{size: 512, overlap: 64}")
+
+
+Config = TypeVar("Config")
+
+
+def config_from_mapping(
+    cls: type[Config], options: Mapping[str, Any] | Config, where: str, example: str, required: tuple[str, ...] = ()
+) -> Config:
+    """The dataclass ``cls`` from the YAML mapping at config key ``where``; unknown or missing keys are named."""
+    if isinstance(options, cls):
+        return options
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{where} must be a mapping like {example}, got {options!r}")
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {known}")
+    missing = [name for name in required if name not in options]
+    if missing:
+        raise ValueError(f"{where} needs {' and '.join(missing)} (got {dict(options)!r})")
+    return cls(**dict(options))
 
 
 def window_starts(length: int, size: int, overlap: int) -> list[int]:

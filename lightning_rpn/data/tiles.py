@@ -32,14 +32,14 @@ import os
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.windows import window_starts
+from lightning_rpn.windows import config_from_mapping, window_starts
 
 __all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window"]
 
@@ -90,18 +90,7 @@ class TileConfig:
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | TileConfig) -> TileConfig:
         """A config from the YAML mapping ``data.tiles`` (unknown or missing keys are named)."""
-        if isinstance(options, TileConfig):
-            return options
-        if not isinstance(options, Mapping):
-            raise ValueError(f"data.tiles must be a mapping like {{size: 512, per_epoch: 1000}}, got {options!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"data.tiles: unknown key(s) {unknown}; known keys: {known}")
-        missing = [name for name in ("size", "per_epoch") if name not in options]
-        if missing:
-            raise ValueError(f"data.tiles needs {' and '.join(missing)} (got {dict(options)!r})")
-        return cls(**dict(options))
+        return config_from_mapping(cls, options, "data.tiles", "{size: 512, per_epoch: 1000}", ("size", "per_epoch"))
 
 
 class ImageCache:
