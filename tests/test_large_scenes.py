@@ -1,5 +1,5 @@
 """configs/large_scenes.yaml end to end through the ``lightning-rpn`` command, with tiny settings:
-training on windows of generated scenes, validating whole scenes through sliding windows."""
+training on windows of generated scenes, validating and predicting whole scenes through sliding windows."""
 
 from __future__ import annotations
 
@@ -44,3 +44,8 @@ def test_large_scenes_config_trains_on_windows_and_validates_whole_scenes(tmp_pa
     summary = json.loads(summary.read_text())
     assert 0.0 <= summary["metrics"]["AR@1000"] <= 1.0
     assert not summary["losses"], "sliding windows compute no whole-image losses"
+
+    predict = run_cli(["predict", "--config", "config.yaml", "--ckpt_path", str(checkpoint)], tmp_path, timeout=300)
+    assert_ok(predict)
+    predicted = json.loads((tmp_path / "run/metrics/predict-last.json").read_text())
+    assert predicted["coordinates"] != "resized images" and 0.0 <= predicted["metrics"]["AR@1000"] <= 1.0
