@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.data.problems import Problem
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.tiles import ImageCache, TileConfig, TiledDataset, WindowSampler, cut_window
@@ -144,6 +145,19 @@ def test_images_are_decoded_once_per_process_within_the_cache_budget() -> None:
         cache.put(key, images[key]) if cache.get(key) is None else None
     assert cache.get(1) is None and cache.get(0) is not None and cache.get(2) is not None
     assert cache.bytes == 2 * 64 * 64 * 3 and len(cache) == 2
+
+
+def test_an_images_load_problems_come_with_its_first_window_only() -> None:
+    class WithProblems(Images):
+        def __getitem__(self, index: int) -> DetectionSample:
+            sample = super().__getitem__(index)
+            sample.problems = [Problem("box_outside", "clipped", f"box of image {index}", "a.json", index)]
+            return sample
+
+    images = WithProblems([(64, 64), (64, 64)], [[[1, 1, 9, 9]], [[40, 40, 60, 60]]])
+    tiled = TiledDataset(images, TileConfig(size=32, per_epoch=40, box_probability=1.0, weighting="uniform"))
+    counts = Counter(p.image_id for i in range(40) for p in tiled[i].problems)
+    assert counts == {0: 1, 1: 1}
 
 
 def test_datamodule_epochs_are_windows_with_their_own_sampling_keys() -> None:

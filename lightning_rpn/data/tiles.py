@@ -197,11 +197,7 @@ class TiledDataset(Dataset):
 
     # ---- images ---------------------------------------------------------------------------
     def _image(self, index: int) -> DetectionSample:
-        """Image ``index`` of the wrapped dataset, through this process's cache.
-
-        Its load problems travel with the first window cut from it in this process only, so
-        a problem is counted once, not once per window.
-        """
+        """Image ``index`` of the wrapped dataset, through this process's cache."""
         if self._cache is None or self._cache_pid != os.getpid():
             self._cache = ImageCache(int(self.config.cache_mb * 2**20))
             self._cache_pid, self._problems_sent, self._last = os.getpid(), set(), None
@@ -212,9 +208,6 @@ class TiledDataset(Dataset):
             sample = self.dataset[index]
             self._cache.put(index, sample)
         self._last = (index, sample)  # an image over the budget is still decoded once per window
-        if index in self._problems_sent:
-            return replace(sample, problems=[])
-        self._problems_sent.add(index)
         return sample
 
     def _describe(self, index: int) -> tuple[tuple[int, int], int]:
@@ -289,7 +282,10 @@ class TiledDataset(Dataset):
         height, width = sample.image_size  # the decoded size rules where an annotation said otherwise
         x0, y0 = min(x0, max(0, width - self.config.size)), min(y0, max(0, height - self.config.size))
         window = (x0, y0, min(x0 + self.config.size, width), min(y0 + self.config.size, height))
-        return cut_window(sample, window, self.min_visibility)
+        # an image's load problems travel with its first window in this process: counted once
+        problems = [] if image in self._problems_sent else sample.problems
+        self._problems_sent.add(image)
+        return cut_window(replace(sample, problems=problems), window, self.min_visibility)
 
 
 class WindowSampler(DistributedSampler):
