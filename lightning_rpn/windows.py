@@ -184,13 +184,14 @@ def merge_window_proposals(
     suppressed by a higher-ranked kept proposal of another window (interior ranks above cut,
     then by logit) whose overlap (``metric``) exceeds ``thresh``; see the module docstring.
     """
-    device = boxes[0].device if boxes else torch.device("cpu")
-    all_boxes = torch.cat(list(boxes)) if boxes else torch.zeros(0, 4, device=device)
-    all_logits = torch.cat(list(logits)) if logits else torch.zeros(0, device=device)
+    if len(boxes) != len(windows) or len(logits) != len(windows) or not windows:
+        raise ValueError(f"merge_window_proposals: {len(boxes)} box sets and {len(logits)} logit sets for "
+                         f"{len(windows)} windows; expected one of each per window (at least one window)")
+    device = boxes[0].device
+    all_boxes, all_logits = torch.cat(list(boxes)), torch.cat(list(logits))
     counts = [int(b.shape[0]) for b in boxes]
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
     grid = torch.tensor(windows, dtype=torch.float32, device=device).reshape(-1, 4)
-    cut = torch.cat([_cut_by_window(b, grid[s], image_size) for s, b in enumerate(boxes)]) if boxes else owner.bool()
+    cut = torch.cat([_cut_by_window(b, grid[s], image_size) for s, b in enumerate(boxes)])
     # rank: interior before cut, then by logit (stable, so ties keep window order)
     order = torch.argsort(all_logits, descending=True, stable=True)
     order = order[torch.argsort(cut[order].to(torch.int8), stable=True)]
