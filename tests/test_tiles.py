@@ -180,3 +180,32 @@ def test_datamodule_epochs_are_windows_with_their_own_sampling_keys() -> None:
         dm.accounting.add_batch("train", batch)
     assert dm.accounting.removed_boxes["train"] == sum(b.removed_boxes for b in epoch0) > 0
     assert len(dm.datasets["val"]) == 1, "validation stays on whole scenes"
+
+
+def test_window_targets_are_the_same_in_the_workers_and_in_the_model() -> None:
+    from lightning_rpn.module import RPNModule
+
+    torch.manual_seed(0)
+    model = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,))).train()
+    dm = RPNDataModule(dataset="scenes", scene_options={"size": 192, "max_object_size": 30},
+                       synthetic_train_images=2, batch_size=2, num_workers=0, train_transforms=[],
+                       tiles={"size": 64, "per_epoch": 4}, anchor_generator=model.anchor_generator,
+                       target_config=model.target_config, box_coder=model.box_coder, sampling_seed=model.rpn.seed)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)
+    dm.collate.set_epoch(2)
+    batch = next(iter(loader))
+    assert batch.sampling_keys == [8, 9] and batch.sampling_epoch == 2
+    captured = {}
+    real = model.rpn._assign_targets
+
+    def capture(*args, **kwargs):
+        captured["labels"], deltas = real(*args, **kwargs)
+        return captured["labels"], deltas
+
+    model.rpn._assign_targets = capture  # the in-model path, given only the boxes and the keys
+    features = model.backbone(model.normalize(batch.images))
+    model.rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids,
+              sampling_keys=batch.sampling_keys, sampling_epoch=2, need_proposals=False)
+    assert torch.equal(captured["labels"].to(torch.int64), batch.anchor_labels.to(torch.int64))
