@@ -113,40 +113,35 @@ def match_stats_cpu(
     bg_iou: float,
     low_quality: bool,
     where: str = "match_stats_cpu",
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The matching statistics of ``anchors [N, 4]`` (float32, CPU) with each image's gt boxes.
 
-    Returns ``best_iou`` float32 ``[B, N]``, ``best_gt`` int32 ``[B, N]``, ``gt_best_iou``
-    float32 ``[G_all]`` and the low-quality candidates ``pair_anchor`` (``b * N + n``),
-    ``pair_gt`` (into ``G_all``) int64 ``[K]`` and ``pair_iou`` float32 ``[K]``: every pair
-    with IoU > 0 at its gt's best (ties included; none without ``low_quality``). ``gt_boxes``:
-    finite float32 CPU ``[G_i, 4]``; ``inside``: the border filter's bool ``[B, N]``, or None.
-    Anchors left out by ``inside`` get best IoU -1 and reach no gt box.
+    Returns, for the anchors overlapping a gt box whose best IoU reaches ``bg_iou`` and the
+    low-quality candidates (no others), their flat index ``anchor`` (``b * N + n``) int64, ``best_iou`` float32 and
+    ``best_gt`` int32 ``[V]``; then ``gt_best_iou`` float32 ``[G_all]`` and the low-quality
+    candidates ``pair_anchor`` (their position in ``anchor``), ``pair_gt`` (into ``G_all``) int64 ``[K]`` and
+    ``pair_iou`` float32 ``[K]``: every pair with IoU > 0 at its gt's best (ties included; none
+    without ``low_quality``). ``gt_boxes``: finite float32 CPU ``[G_i, 4]``; ``inside``: the
+    border filter's bool ``[B, N]``, or None; anchors it leaves out reach no gt box.
 
     Pairs whose IoU cannot reach ``bg_iou`` nor their gt's best are skipped (see
-    ``_match_batch``), so ``best_iou`` is exact where it is ``>= bg_iou`` and below it only
-    stays below; ``best_gt`` is exact for those anchors and for the low-quality candidates.
+    ``_match_batch``); ``best_iou`` and ``best_gt`` are exact for every listed anchor.
     """
     index = anchor_index(anchors, where)
-    count, num_anchors = len(gt_boxes), index.boxes.shape[0]
+    num_anchors = index.boxes.shape[0]
     offsets = np.cumsum([0] + [boxes.shape[0] for boxes in gt_boxes])
-    all_gt = torch.cat([boxes.detach().float().cpu() for boxes in gt_boxes]) if count else torch.zeros(0, 4)
+    all_gt = torch.cat(list(gt_boxes)) if gt_boxes else torch.zeros(0, 4)
     if inside is None:
         inside_sorted = np.ones((1, num_anchors), dtype=np.bool_)
     else:
         inside_sorted = inside.cpu()[:, torch.from_numpy(index.order)].numpy()
-    best_iou = torch.empty(count, num_anchors, dtype=torch.float32)
-    best_gt = torch.empty(count, num_anchors, dtype=torch.int32)
     gt_best = np.zeros(int(offsets[-1]), dtype=np.float32)
-    pair_anchor, pair_gt, pair_iou = _match_batch(
+    arrays = _match_batch(
         index.boxes, index.areas, index.order, index.geometry, index.layout, index.cell_start, inside_sorted,
-        all_gt.contiguous().numpy(), offsets, np.float32(bg_iou), bool(low_quality), best_iou.numpy(), best_gt.numpy(),
-        gt_best,
+        all_gt.contiguous().numpy(), offsets, np.float32(bg_iou), bool(low_quality), gt_best,
     )
-    return (
-        best_iou, best_gt, torch.from_numpy(gt_best),
-        torch.from_numpy(pair_anchor), torch.from_numpy(pair_gt), torch.from_numpy(pair_iou),
-    )
+    anchor, best_iou, best_gt, pair_anchor, pair_gt, pair_iou = (torch.from_numpy(array) for array in arrays)
+    return anchor, best_iou, best_gt, torch.from_numpy(gt_best), pair_anchor, pair_gt, pair_iou
 
 
 def sample_cpu(
@@ -401,17 +396,15 @@ def _iou_bound(gt_w, gt_h, gt_area, half_w, half_h, min_area):
 
 
 @_jit
-def _match_batch(
-    boxes, areas, order, geometry, layout, cell_start, inside, gt, offsets, bg_iou, low_quality, best_iou, best_gt,
-    gt_best,
-):
-    """Fill ``best_iou`` / ``best_gt`` ``[B, N]`` and ``gt_best [G_all]``; return the candidate pairs.
+def _match_batch(boxes, areas, order, geometry, layout, cell_start, inside, gt, offsets, bg_iou, low_quality, gt_best):
+    """Fill ``gt_best [G_all]``; return the listed anchors' statistics and the candidate pairs.
 
     Image ``b`` has gt rows ``offsets[b]:offsets[b + 1]``; ``inside`` is ``[1, N]`` or
     ``[B, N]`` in index order. Per image, every gt box visits the index cells that can hold
     anchors overlapping it, size classes in descending order of ``_iou_bound``; ``best`` /
-    ``arg`` (index order) collect the per-anchor maxima, ``reaching`` the anchors at the box's
-    running best IoU.
+    ``arg`` (index order, 0 between images) collect the per-anchor maxima, ``touched`` the
+    anchors they changed (so the work per image follows the overlapping pairs, not ``N``),
+    ``reaching`` the anchors at the box's running best IoU.
 
     A class whose bound is below ``bg_iou`` and below the box's best so far is skipped (and
     so are the rest): none of its pairs can change a label, the box's best or its ties. They
@@ -419,35 +412,44 @@ def _match_batch(
     those anchors get their best gt at the end from every box near them, found through an
     index over the image's boxes (``_best_gt_near``).
     """
-    num_images, num_anchors = best_iou.shape
-    best = np.empty(num_anchors, dtype=np.float32)
-    arg = np.empty(num_anchors, dtype=np.int32)
+    num_images, num_anchors = offsets.shape[0] - 1, boxes.shape[0]
+    best = np.zeros(num_anchors, dtype=np.float32)
+    arg = np.zeros(num_anchors, dtype=np.int32)
+    touched = np.empty(num_anchors, dtype=np.int64)
+    slot = np.empty(num_anchors, dtype=np.int64)  # a listed anchor's position in the list
     reaching = np.empty(num_anchors, dtype=np.int64)
     bounds = np.empty(geometry.shape[0])
-    fixed = np.full(num_anchors, -1, dtype=np.int64)  # the image whose fix-up an anchor had
-    capacity = 1024
-    pair_anchor = np.empty(capacity, dtype=np.int64)
-    pair_gt = np.empty(capacity, dtype=np.int64)
-    pair_iou = np.empty(capacity, dtype=np.float32)
-    num_pairs = 0
+    classes = np.empty(geometry.shape[0], dtype=np.int64)  # by descending bound
+    fixed = np.zeros(num_anchors, dtype=np.int64)  # 1 + the image whose fix-up an anchor had
+    pairs = 0
+    pair_anchor = np.empty(1024, dtype=np.int64)
+    pair_gt = np.empty(1024, dtype=np.int64)
+    pair_iou = np.empty(1024, dtype=np.float32)
+    listed = 0
+    list_anchor = np.empty(4096, dtype=np.int64)
+    list_iou = np.empty(4096, dtype=np.float32)
+    list_gt = np.empty(4096, dtype=np.int32)
     zero = np.float32(0.0)
     for b in range(num_images):
         mask = inside[b] if inside.shape[0] > 1 else inside[0]
-        for k in range(num_anchors):
-            best[k] = zero if mask[k] else np.float32(-1.0)
-            arg[k] = 0
-        first_pair = num_pairs
+        num_touched = 0
+        first_pair = pairs
         for g in range(offsets[b], offsets[b + 1]):
             gx1, gy1, gx2, gy2 = gt[g, 0], gt[g, 1], gt[g, 2], gt[g, 3]
             gt_area = (gx2 - gx1) * (gy2 - gy1)
-            for c in range(geometry.shape[0]):
+            for c in range(geometry.shape[0]):  # insertion sort: a few dozen classes at most
                 bounds[c] = _iou_bound(
                     np.float64(gx2) - gx1, np.float64(gy2) - gy1, np.float64(gt_area),
                     geometry[c, 3], geometry[c, 4], geometry[c, 5],
                 )
+                place = c
+                while place > 0 and bounds[classes[place - 1]] < bounds[c]:
+                    classes[place] = classes[place - 1]
+                    place -= 1
+                classes[place] = c
             top = zero
             num_reaching = 0
-            for c in np.argsort(-bounds):
+            for c in classes:
                 if bounds[c] < bg_iou and bounds[c] < top:
                     break
                 col0, col1, row0, row1 = _window(geometry, layout, c, gx1, gy1, gx2, gy2)
@@ -460,6 +462,9 @@ def _match_batch(
                             continue
                         iou = _iou(inter_w * inter_h, gt_area, areas[k])
                         if iou > best[k]:
+                            if best[k] == zero:
+                                touched[num_touched] = k
+                                num_touched += 1
                             best[k] = iou
                             arg[k] = g - offsets[b]
                         if iou > top:
@@ -471,30 +476,45 @@ def _match_batch(
             gt_best[g] = top
             if not low_quality or top == zero:
                 continue
-            if num_pairs + num_reaching > capacity:
-                capacity = 2 * (num_pairs + num_reaching)
-                pair_anchor = _grown(pair_anchor, num_pairs, capacity)
-                pair_gt = _grown(pair_gt, num_pairs, capacity)
-                pair_iou = _grown(pair_iou, num_pairs, capacity)
+            if pairs + num_reaching > pair_anchor.shape[0]:
+                capacity = 2 * (pairs + num_reaching)
+                pair_anchor = _grown(pair_anchor, pairs, capacity)
+                pair_gt = _grown(pair_gt, pairs, capacity)
+                pair_iou = _grown(pair_iou, pairs, capacity)
             for r in range(num_reaching):
-                pair_anchor[num_pairs] = reaching[r]  # index order until the image is done
-                pair_gt[num_pairs] = g
-                pair_iou[num_pairs] = top
-                num_pairs += 1
-        image_gt = gt[offsets[b] : offsets[b + 1]]
-        gt_index = _build_index(image_gt[:0])  # empty until needed (one type for numba)
-        for p in range(first_pair, num_pairs):
+                pair_anchor[pairs] = reaching[r]  # index order until the image is listed
+                pair_gt[pairs] = g
+                pair_iou[pairs] = top
+                pairs += 1
+        num_fixed = 0  # the candidates below bg_iou: skipped classes may hold their best gt
+        for p in range(first_pair, pairs):
             k = pair_anchor[p]
-            if best[k] < bg_iou and fixed[k] != b:  # skipped classes may hold its best gt
-                if gt_index[0].shape[0] == 0:
-                    gt_index = _build_index(image_gt)
+            if best[k] < bg_iou and fixed[k] != b + 1:
+                fixed[k] = b + 1
+                reaching[num_fixed] = k
+                num_fixed += 1
+        if num_fixed:
+            gt_index = _build_index(gt[offsets[b] : offsets[b + 1]])
+            for r in range(num_fixed):
+                k = reaching[r]
                 best[k], arg[k] = _best_gt_near(boxes[k], areas[k], gt_index)
-                fixed[k] = b
-            pair_anchor[p] = b * num_anchors + order[k]
-        for k in range(num_anchors):
-            best_iou[b, order[k]] = best[k]
-            best_gt[b, order[k]] = arg[k]
-    return pair_anchor[:num_pairs].copy(), pair_gt[:num_pairs].copy(), pair_iou[:num_pairs].copy()
+        if listed + num_touched > list_anchor.shape[0]:
+            capacity = 2 * (listed + num_touched)
+            list_anchor = _grown(list_anchor, listed, capacity)
+            list_iou = _grown(list_iou, listed, capacity)
+            list_gt = _grown(list_gt, listed, capacity)
+        for t in range(num_touched):  # candidates were touched: they overlap their gt box
+            k = touched[t]
+            if best[k] >= bg_iou or fixed[k] == b + 1:
+                list_anchor[listed] = b * num_anchors + order[k]
+                list_iou[listed] = best[k]
+                list_gt[listed] = arg[k]
+                slot[k] = listed
+                listed += 1
+            best[k] = zero
+        for p in range(first_pair, pairs):
+            pair_anchor[p] = slot[pair_anchor[p]]
+    return list_anchor[:listed], list_iou[:listed], list_gt[:listed], pair_anchor[:pairs], pair_gt[:pairs], pair_iou[:pairs]
 
 
 @_jit

@@ -43,6 +43,7 @@ are ignored (-1) instead of negative.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -76,24 +77,34 @@ _IOU_BUDGET = 1 << 21  # IoU entries the torch backend holds at once (8 MB in fl
 class MatchStats(NamedTuple):
     """What every backend computes and :func:`decide_labels` reads.
 
+    Per-anchor statistics are sparse: they cover the anchors listed in ``anchor``, which
+    include at least every anchor whose best IoU is above 0 and reaches ``bg_iou``, and every
+    low-quality candidate; every other anchor counts as best IoU 0 (it overlaps no gt box, too
+    little to change its label, or the border filter left it out), whose label is the same.
+
     Attributes:
-        best_iou: float32 ``[B, N]``, each anchor's best IoU over its image's gt boxes (0 if
-            it overlaps none; below 0 for anchors left out by the border filter).
-        best_gt: int ``[B, N]``, the lowest gt index (within the image) reaching ``best_iou``.
+        anchor: int64 ``[V]``, flat anchor index ``b * N + n`` (no repeats) of the anchors
+            with statistics (the ``"torch"`` backend lists all ``B * N``).
+        best_iou: float32 ``[V]``, their best IoU over their image's gt boxes (below 0 for
+            anchors left out by the border filter).
+        best_gt: int ``[V]``, the lowest gt index (within the image) reaching ``best_iou``.
         gt_best_iou: float32 ``[G_all]``, each gt box's best IoU over the anchors.
-        pair_anchor: int64 ``[K]``, flat anchor index ``b * N + n`` of the low-quality
+        pair_anchor: int64 ``[K]``, the position in ``anchor`` of the low-quality
             candidates: a superset of the (anchor, gt) pairs whose IoU is the gt's best and
             above 0 (pairs at IoU 0 are left out, as the rule never uses them).
         pair_gt: int64 ``[K]``, the candidates' gt index into ``G_all``.
         pair_iou: float32 ``[K]``, the candidates' IoU.
+        num_anchors: ``N``, the anchors of an image.
     """
 
+    anchor: Tensor
     best_iou: Tensor
     best_gt: Tensor
     gt_best_iou: Tensor
     pair_anchor: Tensor
     pair_gt: Tensor
     pair_iou: Tensor
+    num_anchors: int
 
 
 def anchors_inside_image(anchors: Tensor, image_size: tuple[int, int], allowed_border: float) -> Tensor:
@@ -165,23 +176,39 @@ def decide_labels(
     ``crowd_ioa``: float32 ``[B, N]`` coverage by crowd boxes (``crowd_coverage``), compared
     with ``crowd_threshold``. ``compact``: labels int8 and matched int32, else both int64.
     """
-    best = stats.best_iou
-    labels = torch.zeros(best.shape, dtype=torch.int8 if compact else torch.int64, device=best.device)
-    labels.masked_fill_(best >= bg_iou, -1)
-    labels.masked_fill_(best >= fg_iou, 1)
+    dtype = torch.int8 if compact else torch.int64
+    device = stats.best_iou.device
+    listed = _threshold_labels(stats.best_iou, fg_iou, bg_iou, dtype)
     if allow_low_quality and stats.pair_anchor.numel():
         reached = stats.gt_best_iou[stats.pair_gt]
         # ties included; a box overlapping no anchor (best IoU 0) makes no low-quality match
-        labels.view(-1)[stats.pair_anchor[(stats.pair_iou == reached) & (reached > 0)]] = 1
-    empty = [row for row, count in enumerate(num_gt) if count == 0]
-    if empty:
-        labels[empty] = 0
+        listed[stats.pair_anchor[(stats.pair_iou == reached) & (reached > 0)]] = 1
+    labels = torch.full((len(num_gt), stats.num_anchors), _unlisted_label(fg_iou, bg_iou), dtype=dtype, device=device)
+    labels.view(-1)[stats.anchor] = listed
+    for row, count in enumerate(num_gt):
+        if count == 0:
+            labels[row] = 0
     if crowd_ioa is not None and crowd_threshold is not None:
         labels.masked_fill_((crowd_ioa >= crowd_threshold) & (labels != 1), -1)
     if inside is not None:
         labels.masked_fill_(~inside, -1)
-    matched = torch.where(labels == 1, stats.best_gt, 0).to(torch.int32 if compact else torch.int64)
+    matched = torch.zeros(labels.shape, dtype=torch.int32 if compact else torch.int64, device=device)
+    # every positive is listed
+    matched.view(-1)[stats.anchor] = torch.where(labels.view(-1)[stats.anchor] == 1, stats.best_gt, 0).to(matched.dtype)
     return labels, matched
+
+
+@functools.lru_cache(maxsize=64)
+def _unlisted_label(fg_iou: float, bg_iou: float) -> int:
+    """The label of an anchor without statistics: the thresholds applied to best IoU 0."""
+    return int(_threshold_labels(torch.zeros(1), fg_iou, bg_iou, torch.int64))
+
+
+def _threshold_labels(best_iou: Tensor, fg_iou: float, bg_iou: float, dtype: torch.dtype) -> Tensor:
+    """The thresholds of the rule: 1 at ``best_iou >= fg_iou``, -1 at ``>= bg_iou``, else 0."""
+    labels = torch.zeros(best_iou.shape, dtype=dtype, device=best_iou.device)
+    labels.masked_fill_(best_iou >= bg_iou, -1)
+    return labels.masked_fill_(best_iou >= fg_iou, 1)
 
 
 def resolve_backend(backend: Backend, device: torch.device, where: str) -> Literal["compiled", "torch"]:
@@ -206,9 +233,9 @@ def match_stats(
     """:class:`MatchStats` of float32 ``anchors [N, 4]`` with float32 ``[G_i, 4]`` gt boxes
     (on the anchors' device), computed by ``backend``; ``ValueError`` naming ``where`` for
     non-finite anchors. A backend may skip pairs below ``bg_iou`` that cannot change a label
-    (``best_iou`` is then exact only where it reaches ``bg_iou``)."""
+    and leave out the anchors they concern (see :class:`MatchStats`)."""
     if resolve_backend(backend, anchors.device, where) == "compiled":
-        return MatchStats(*match_stats_cpu(anchors, gt_boxes, inside, bg_iou, allow_low_quality, where))
+        return MatchStats(*match_stats_cpu(anchors, gt_boxes, inside, bg_iou, allow_low_quality, where), anchors.shape[0])
     if not bool(torch.isfinite(anchors).all()):
         raise ValueError(f"{where}: anchors must be finite, got a non-finite coordinate")
     return _torch_stats(anchors, gt_boxes, inside)
@@ -233,19 +260,21 @@ def _torch_stats(anchors: Tensor, gt_boxes: Sequence[Tensor], inside: Tensor | N
             torch.maximum(image_best, chunk_best, out=image_best)
             # a superset of the pairs at their gt's best: those at the chunk's best, above 0
             gt_index, anchor_index = torch.nonzero((iou == chunk_best[:, None]) & (chunk_best[:, None] > 0)).unbind(1)
-            pair_anchor.append(image * num_anchors + begin + anchor_index)
+            pair_anchor.append(image * num_anchors + begin + anchor_index)  # flat: its position in the arange
             pair_gt.append(first_gt + gt_index)
             pair_iou.append(chunk_best[gt_index])
         gt_best.append(image_best)
         first_gt += gt.shape[0]
     no_pairs = torch.zeros(0, dtype=torch.int64, device=device)
     return MatchStats(
-        best_iou,
-        best_gt,
+        torch.arange(best_iou.numel(), device=device),
+        best_iou.view(-1),
+        best_gt.view(-1),
         torch.cat(gt_best) if gt_best else torch.zeros(0, device=device),
         torch.cat([no_pairs, *pair_anchor]),
         torch.cat([no_pairs, *pair_gt]),
         torch.cat([torch.zeros(0, device=device), *pair_iou]),
+        num_anchors,
     )
 
 

@@ -58,6 +58,7 @@ def test_rows_equal_match_anchors_and_torchvision(seed: int, integer: bool, back
     [
         dict(fg_iou=0.5, bg_iou=0.4, allow_low_quality=False),
         dict(fg_iou=0.6, bg_iou=0.0),
+        dict(fg_iou=0.0, bg_iou=0.0),  # every anchor positive, also those without statistics
         dict(fg_iou=0.7, bg_iou=0.3, allowed_border=0.0),
         dict(fg_iou=0.7, bg_iou=0.3, allowed_border=16.0),
     ],
