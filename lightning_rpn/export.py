@@ -6,8 +6,8 @@ Shapes: ``L`` levels, ``A`` anchors per location, ``H x W`` the (padded) input i
 The eager :class:`~lightning_rpn.rpn.RPN` is built for speed in Python: cached anchors, host
 syncs and an early-stopping NMS loop. None of that can live in a graph with a dynamic image
 size, so :class:`ProposalNetwork` recomputes the same steps in a traceable form: anchors from
-the symbolic feature sizes (same float32 arithmetic as
-:class:`~lightning_rpn.anchors.AnchorGenerator`), then per level top-k, decode, clip, filter and
+the symbolic feature sizes (grid centres from :func:`~lightning_rpn.anchors.grid_centres`, as
+:class:`~lightning_rpn.anchors.AnchorGenerator` computes them), then per level top-k, decode, clip, filter and
 NMS, then the best ``post_nms_top_n`` of all levels, ordered as the eager RPN orders them
 (by logit, ties by level, then by rank within the level). Only the evaluation settings
 (``pre_nms_top_n_test`` / ``post_nms_top_n_test``) are exported.
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from .anchors import grid_centres
 from .head import objectness_logits
 from .rpn import RPN
 
@@ -77,8 +78,7 @@ class ProposalNetwork(nn.Module):
         divisibility = int(getattr(backbone, "size_divisibility", max(generator.strides)))
         # The coarsest anchor grid must have 2+ cells a side: torch.export specialises size 1.
         self.min_image_size = 2 * max(divisibility, generator.anchor_stride * max(generator.strides))
-        self.steps = tuple(float(generator.anchor_stride * s) for s in generator.strides)
-        self.origins = tuple(generator.offset * s for s in generator.strides)
+        self.spacing = tuple((float(generator.anchor_stride * s), generator.offset * s) for s in generator.strides)
         for level, cell in enumerate(generator.cell_anchors):
             self.register_buffer(f"cell_anchors_{level}", cell.clone(), persistent=False)
         self.pre_nms_top_n = int(rpn.pre_nms_top_n["test"])
@@ -96,8 +96,9 @@ class ProposalNetwork(nn.Module):
         cell = getattr(self, f"cell_anchors_{level}")
         n = self.anchor_stride
         grid_h, grid_w = (height + n - 1) // n, (width + n - 1) // n
-        xs = torch.arange(grid_w, dtype=torch.float32, device=cell.device) * self.steps[level] + self.origins[level]
-        ys = torch.arange(grid_h, dtype=torch.float32, device=cell.device) * self.steps[level] + self.origins[level]
+        step, origin = (torch.tensor(v, dtype=torch.float32, device=cell.device) for v in self.spacing[level])
+        xs = grid_centres(torch.arange(grid_w, dtype=torch.float32, device=cell.device), step, origin)
+        ys = grid_centres(torch.arange(grid_h, dtype=torch.float32, device=cell.device), step, origin)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         centres = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
         return (centres + cell[None]).reshape(-1, 4)
