@@ -25,7 +25,9 @@ replaces the best), as ``torch.max`` does.
 
 Sampling: ``random_subset`` draws ``k`` of ``n`` indices with Floyd's algorithm driven by
 ``k`` uniforms from the image's generator: a uniformly random subset from ``O(k)`` random
-draws where ``torch.randperm`` makes ``n`` (every sampling path uses it, so they agree); ``sample_cpu``
+draws where ``torch.randperm`` makes ``n``. Every sampling path draws an image's uniforms in
+one call, the positives' first, then the negatives' (on a CPU generator the same numbers as
+two calls), so they agree; ``sample_cpu``
 counts the candidates and marks the chosen ones in one scan each, instead of materialising
 the index lists.
 
@@ -47,7 +49,10 @@ from torch import Tensor
 
 from .boxes import iou_from_overlap
 
-__all__ = ["AnchorIndex", "anchor_index", "load_kernels", "match_stats_cpu", "random_subset", "sample_cpu"]
+__all__ = [
+    "AnchorIndex", "anchor_index", "load_kernels", "match_stats_cpu", "random_subset", "sample_cpu",
+    "draw_uniforms", "subset_of_uniforms",
+]
 
 _jit = numba.njit(cache=True, nogil=True)  # compiled on first call, cached on disk
 _iou = numba.njit(inline="always")(iou_from_overlap)
@@ -159,8 +164,9 @@ def sample_cpu(
     for row, generator in enumerate(generators):
         keep[row, 0] = min(int(counts[row, 0]), int(batch_size_per_image * positive_fraction))
         keep[row, 1] = min(int(counts[row, 1]), batch_size_per_image - int(keep[row, 0]))
-        positive_uniforms.append(_uniforms(int(keep[row, 0]), generator))  # random_subset's order
-        negative_uniforms.append(_uniforms(int(keep[row, 1]), generator))
+        draws = draw_uniforms(int(keep[row, 0] + keep[row, 1]), generator)  # positives' first, as every path
+        positive_uniforms.append(draws[: keep[row, 0]])
+        negative_uniforms.append(draws[keep[row, 0] :])
     total = int(keep[:, 0].sum())
     rows, anchors = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64)
     _select_batch(
@@ -184,7 +190,13 @@ def random_subset(population: int, count: int, generator: torch.Generator | None
     """
     if not 0 <= count <= population:
         raise ValueError(f"random_subset: need 0 <= count <= population, got count={count}, population={population}")
-    return torch.from_numpy(np.flatnonzero(_choose(population, _uniforms(count, generator))))
+    return subset_of_uniforms(population, draw_uniforms(count, generator))
+
+
+def subset_of_uniforms(population: int, draws: np.ndarray) -> Tensor:
+    """``len(draws)`` distinct indices below ``population`` (int64 CPU, ascending), chosen by
+    Floyd's algorithm from float64 ``draws`` in [0, 1) (``draw_uniforms``)."""
+    return torch.from_numpy(np.flatnonzero(_choose(population, draws)))
 
 
 def load_kernels() -> None:
@@ -202,8 +214,8 @@ def load_kernels() -> None:
     random_subset(4, 2, None)
 
 
-def _uniforms(count: int, generator: torch.Generator | None) -> np.ndarray:
-    """``count`` float64 uniforms in [0, 1) from ``generator``, drawn on its device."""
+def draw_uniforms(count: int, generator: torch.Generator | None) -> np.ndarray:
+    """``count`` float64 uniforms in [0, 1) from ``generator``, drawn on its device in one call."""
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.rand(count, generator=generator, device=device, dtype=torch.float64).cpu().numpy()
 
@@ -415,12 +427,12 @@ def _match_batch(boxes, areas, order, geometry, layout, cell_start, inside, gt, 
     num_images, num_anchors = offsets.shape[0] - 1, boxes.shape[0]
     best = np.zeros(num_anchors, dtype=np.float32)
     arg = np.zeros(num_anchors, dtype=np.int32)
-    touched = np.empty(num_anchors, dtype=np.int64)
+    touched = np.empty(num_anchors, dtype=np.int32)
     slot = np.empty(num_anchors, dtype=np.int64)  # a listed anchor's position in the list
-    reaching = np.empty(num_anchors, dtype=np.int64)
+    reaching = np.empty(num_anchors, dtype=np.int32)
     bounds = np.empty(geometry.shape[0])
     classes = np.empty(geometry.shape[0], dtype=np.int64)  # by descending bound
-    fixed = np.zeros(num_anchors, dtype=np.int64)  # 1 + the image whose fix-up an anchor had
+    fixed = np.zeros(num_anchors, dtype=np.int32)  # 1 + the image whose fix-up an anchor had
     pairs = 0
     pair_anchor = np.empty(1024, dtype=np.int64)
     pair_gt = np.empty(1024, dtype=np.int64)

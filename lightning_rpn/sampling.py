@@ -5,10 +5,10 @@ Shapes: ``B`` images, ``N`` anchors of an image.
 Of the labelled anchors (1 positive, 0 negative), keep at most
 ``batch_size_per_image * positive_fraction`` random positives and fill the rest of the
 mini-batch with random negatives; every other anchor becomes -1 (ignored). The random subsets
-come from :func:`~lightning_rpn.cpu_kernels.random_subset` (Floyd's algorithm)
-with the given generator, drawn on the generator's device (CPU by default) whatever device
-``labels`` lives on, so a seeded CPU generator gives the same sample in a DataLoader worker
-and inside the model.
+come from Floyd's algorithm (:func:`~lightning_rpn.cpu_kernels.random_subset`), driven by one
+draw of uniforms per image (the positives' first) from the given generator, on the
+generator's device (CPU by default) whatever device ``labels`` lives on, so a seeded CPU
+generator gives the same sample in a DataLoader worker and inside the model.
 
 ``backend`` chooses how the chosen anchors are marked, with identical results: ``"compiled"``
 (CPU) one compiled scan per batch (``cpu_kernels.sample_cpu``), ``"torch"`` (any device) one
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .cpu_kernels import random_subset, sample_cpu
+from .cpu_kernels import draw_uniforms, sample_cpu, subset_of_uniforms
 from .matching import Backend, resolve_backend
 
 __all__ = ["sample_anchors", "sample_anchors_batched", "sample_anchors_with_positives"]
@@ -114,9 +114,10 @@ def _sample_tensors(
     for row, generator in enumerate(generators):
         num_positive = min(positive_counts[row], int(batch_size_per_image * positive_fraction))
         num_negative = min(negative_counts[row], batch_size_per_image - num_positive)
-        subset = _random_subset(positive_counts[row], num_positive, generator, labels.device)
+        draws = draw_uniforms(num_positive + num_negative, generator)  # as sample_cpu: positives' first
+        subset = subset_of_uniforms(positive_counts[row], draws[:num_positive]).to(labels.device)
         chosen_positive.append(subset + positive_start)
-        subset = _random_subset(negative_counts[row], num_negative, generator, labels.device)
+        subset = subset_of_uniforms(negative_counts[row], draws[num_positive:]).to(labels.device)
         chosen_negative.append(subset + negative_start)
         positive_start += positive_counts[row]
         negative_start += negative_counts[row]
@@ -132,13 +133,6 @@ def _check_sizes(where: str, batch_size_per_image: int, positive_fraction: float
         raise ValueError(f"{where}: batch_size_per_image must be a non-negative int, got {batch_size_per_image!r}")
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"{where}: positive_fraction must be in [0, 1], got {positive_fraction!r}")
-
-
-def _random_subset(
-    population: int, count: int, generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """``count`` distinct random indices below ``population``, on ``device``."""
-    return random_subset(population, count, generator).to(device)
 
 
 def _describe(value: object) -> str:
