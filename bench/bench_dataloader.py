@@ -8,15 +8,27 @@ shared and one round swings by 10-30%, so the figure is the median over rounds o
 round's ratio (paired measurements cancel the drift); the ratio of the best rounds is printed
 too. Target: throughput with assignment >= 90% of throughput without.
 
-    python bench/bench_dataloader.py [--rounds 9] [--images 480]
+``--against REV`` also compares the in-process assignment cost per image (collate with minus
+without assignment, one thread, median of 15 paired rounds on the same items) with the
+``RPNCollate`` of git revision ``REV`` (its package extracted with ``git archive`` into a
+temporary directory and imported under another name).
+
+    python bench/bench_dataloader.py [--rounds 9] [--images 480] [--against c32c382]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
+import re
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +99,7 @@ def cpu_costs(dataset: Dataset, count: int = 96, batch_size: int = 8, repeats: i
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    count = min(count, len(dataset))
     start = time.perf_counter()
     items = [dataset[i] for i in range(count)]
     item_ms = (time.perf_counter() - start) / count * 1e3
@@ -105,7 +118,50 @@ def cpu_costs(dataset: Dataset, count: int = 96, batch_size: int = 8, repeats: i
     return item_ms, costs[0], costs[1] - costs[0]
 
 
-def compare(name: str, dataset: Dataset, rounds: int) -> None:
+def revision_collate(revision: str) -> Callable[[bool], object]:
+    """``assign -> RPNCollate(ANCHORS' settings, assign_targets=assign)`` of git ``revision``."""
+    name = "lightning_rpn_" + re.sub(r"\W", "_", revision)
+    root = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "archive", revision, "lightning_rpn"], cwd=Path(__file__).parents[1],
+                             capture_output=True, check=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(root, filter="data")
+    package = (root / "lightning_rpn").rename(root / name)
+    for path in package.rglob("*.py"):
+        path.write_text(re.sub(r"\blightning_rpn\b", name, path.read_text()))
+    (package / "__init__.py").write_text("")  # the modules only, not the public API's imports
+    sys.path.insert(0, str(root))
+    collate = importlib.import_module(f"{name}.data.collate").RPNCollate
+    generator = importlib.import_module(f"{name}.anchors").AnchorGenerator(
+        ANCHORS.sizes, ANCHORS.aspect_ratios, ANCHORS.strides)
+    return lambda assign: collate(generator, assign_targets=assign)
+
+
+def assignment_versus(items: list, other: Callable[[bool], object], rounds: int = 15, batch_size: int = 8) -> tuple[float, float]:
+    """Median one-thread assignment ms per image (collate with - without), ``other``'s and ours,
+    over paired rounds on ``items`` (the first side alternating)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sides = [(other(False), other(True)), (RPNCollate(ANCHORS, assign_targets=False), RPNCollate(ANCHORS, assign_targets=True))]
+    for pair in sides:
+        for collate in pair:
+            collate(items[:batch_size])
+
+    def per_image(collate) -> float:
+        start = time.perf_counter()
+        for begin in range(0, len(items), batch_size):
+            collate(items[begin:begin + batch_size])
+        return (time.perf_counter() - start) / len(items) * 1e3
+
+    costs: list[list[float]] = [[], []]
+    for round_index in range(rounds):
+        for side in (0, 1) if round_index % 2 == 0 else (1, 0):
+            without, with_assign = sides[side]
+            costs[side].append(per_image(with_assign) - per_image(without))
+    torch.set_num_threads(threads)
+    return statistics.median(costs[0]), statistics.median(costs[1])
+
+
+def compare(name: str, dataset: Dataset, rounds: int, against: str | None = None) -> None:
     measured: dict[bool, list[float]] = {True: [], False: []}
     for round_index in range(rounds):
         for assign in (True, False) if round_index % 2 == 0 else (False, True):
@@ -122,24 +178,28 @@ def compare(name: str, dataset: Dataset, rounds: int) -> None:
     expected = (item_ms + collate_ms) / (item_ms + collate_ms + assign_ms)
     print(f"  CPU ms/image (1 thread)     : item {item_ms:.2f}, collate {collate_ms:.2f}, assignment {assign_ms:.2f}"
           f"  -> CPU-bound ratio {expected:.3f}")
+    if against is not None:
+        theirs, ours = assignment_versus([dataset[i] for i in range(min(96, len(dataset)))], revision_collate(against))
+        print(f"  assignment ms/image vs {against}: {theirs:.3f} there, {ours:.3f} here (ratio {ours / theirs:.2f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--images", type=int, default=480)
+    parser.add_argument("--against", help="also compare the assignment cost with this git revision's collate")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 2 workers, batch 8, "
           f"anchors: strides {ANCHORS.strides}, {ANCHORS.num_anchors_per_location()} per location")
     flip = [{"HorizontalFlip": {"p": 0.5}}]
     synthetic = TransformedDataset(SyntheticShapes(args.images, seed=0), DetectionTransform(flip, 0.3, train=True))
-    compare(f"synthetic shapes 128-192 px ({args.images} images)", synthetic, args.rounds)
+    compare(f"synthetic shapes 128-192 px ({args.images} images)", synthetic, args.rounds, args.against)
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images // 2)
         resize = ResizePolicy("shortest_edge", (512,), 853)
         files = TransformedDataset(BoxedFolder(Path(tmp)), DetectionTransform(flip, 0.3, resize, train=True))
-        compare(f"JPEG 640x480 files, resized to 512x683 ({args.images // 2} images)", files, args.rounds)
+        compare(f"JPEG 640x480 files, resized to 512x683 ({args.images // 2} images)", files, args.rounds, args.against)
 
 
 if __name__ == "__main__":
