@@ -136,12 +136,15 @@ def revision_collate(revision: str) -> Callable[[bool], object]:
     return lambda assign: collate(generator, assign_targets=assign)
 
 
-def assignment_versus(items: list, other: Callable[[bool], object], rounds: int = 15, batch_size: int = 8) -> tuple[float, float]:
+def assignment_versus(
+    items: list, other: Callable[[bool], object], rounds: int = 15, batch_size: int = 8
+) -> tuple[float, float]:
     """Median one-thread assignment ms per image (collate with - without), ``other``'s and ours,
     over paired rounds on ``items`` (the first side alternating)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    sides = [(other(False), other(True)), (RPNCollate(ANCHORS, assign_targets=False), RPNCollate(ANCHORS, assign_targets=True))]
+    ours = (RPNCollate(ANCHORS, assign_targets=False), RPNCollate(ANCHORS, assign_targets=True))
+    sides = [(other(False), other(True)), ours]
     for pair in sides:
         for collate in pair:
             collate(items[:batch_size])

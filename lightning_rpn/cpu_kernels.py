@@ -526,7 +526,8 @@ def _match_batch(boxes, areas, order, geometry, layout, cell_start, inside, gt, 
             best[k] = zero
         for p in range(first_pair, pairs):
             pair_anchor[p] = slot[pair_anchor[p]]
-    return list_anchor[:listed], list_iou[:listed], list_gt[:listed], pair_anchor[:pairs], pair_gt[:pairs], pair_iou[:pairs]
+    listing = (list_anchor[:listed], list_iou[:listed], list_gt[:listed])
+    return listing + (pair_anchor[:pairs], pair_gt[:pairs], pair_iou[:pairs])
 
 
 @_jit

@@ -235,7 +235,8 @@ def match_stats(
     non-finite anchors. A backend may skip pairs below ``bg_iou`` that cannot change a label
     and leave out the anchors they concern (see :class:`MatchStats`)."""
     if resolve_backend(backend, anchors.device, where) == "compiled":
-        return MatchStats(*match_stats_cpu(anchors, gt_boxes, inside, bg_iou, allow_low_quality, where), anchors.shape[0])
+        stats = match_stats_cpu(anchors, gt_boxes, inside, bg_iou, allow_low_quality, where)
+        return MatchStats(*stats, anchors.shape[0])
     if not bool(torch.isfinite(anchors).all()):
         raise ValueError(f"{where}: anchors must be finite, got a non-finite coordinate")
     return _torch_stats(anchors, gt_boxes, inside)
