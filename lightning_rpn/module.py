@@ -42,7 +42,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal, overload
 
 import lightning.pytorch as pl
@@ -79,6 +78,21 @@ __all__ = ["LRSchedule", "RPNModule", "RunLambdaLR", "to_original_coordinates"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def weight_decay_groups(
+    modules: Sequence[nn.Module], weight_decay: float, norm_weight_decay: float
+) -> list[dict[str, Any]]:
+    """The trainable parameters of ``modules`` as optimiser groups: normalisation-layer
+    parameters (BatchNorm, GroupNorm, LayerNorm) with ``norm_weight_decay``, the others with
+    ``weight_decay``."""
+    decay, norm = [], []
+    for part in modules:
+        for module in part.modules():
+            for parameter in module.parameters(recurse=False):
+                if parameter.requires_grad:
+                    (norm if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
 
 
 @dataclass
@@ -664,15 +678,7 @@ class RPNModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for module in self.modules():
-            for parameter in module.parameters(recurse=False):
-                if parameter.requires_grad:
-                    (no_decay if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": hp.norm_weight_decay},
-        ]
+        groups = weight_decay_groups([self], hp.weight_decay, hp.norm_weight_decay)
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
         elif hp.optimizer == "adamw":

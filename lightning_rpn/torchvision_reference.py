@@ -35,7 +35,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from lightning_rpn.backbones import _last_conv_channels
 from lightning_rpn.matching import match_anchors
+from lightning_rpn.module import weight_decay_groups
 
 __all__ = [
     "InjectedSampler", "ParityReport", "StepDifference", "StepRecord", "StepRecorder", "TorchvisionLoop",
@@ -146,7 +148,7 @@ class TorchvisionLoop:
             raise ValueError(f"TorchvisionLoop: needs a resnet*_fpn backbone, got {hp.backbone!r}")
         norm = nn.BatchNorm2d if not _has_frozen_bn(module.backbone) else torchvision.ops.FrozenBatchNorm2d
         network = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)
-        stage_channels = [_last_conv(getattr(network, f"layer{i}")).out_channels for i in range(1, 5)]
+        stage_channels = [_last_conv_channels(getattr(network, f"layer{i}")) for i in range(1, 5)]
         backbone = BackboneWithFPN(
             network,
             return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
@@ -177,7 +179,8 @@ class TorchvisionLoop:
         ours += [f"rpn.head.{name}" for name, _ in module.rpn.head.named_parameters()]
         theirs = list(backbone.parameters()) + list(head.parameters())
         names = {id(parameter): name for parameter, name in zip(theirs, ours)}
-        groups = _parameter_groups(backbone, head, hp.weight_decay, norm_weight_decay)
+        norm_decay = hp.weight_decay if norm_weight_decay is None else norm_weight_decay
+        groups = weight_decay_groups([backbone, head], hp.weight_decay, norm_decay)
         if make_optimizer is None:
             optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
         else:
@@ -256,27 +259,6 @@ class TorchvisionLoop:
 
 def _has_frozen_bn(backbone: nn.Module) -> bool:
     return any(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in backbone.modules())
-
-
-def _last_conv(module: nn.Module) -> nn.Conv2d:
-    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
-
-
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def _parameter_groups(
-    backbone: nn.Module, head: nn.Module, weight_decay: float, norm_weight_decay: float | None
-) -> list[dict]:
-    """Trainable parameters split into (other, normalisation-layer) groups with their decay."""
-    decay, norm = [], []
-    for part in (backbone, head):
-        for module in part.modules():
-            for parameter in module.parameters(recurse=False):
-                if parameter.requires_grad:
-                    (norm if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
-    norm_decay = weight_decay if norm_weight_decay is None else norm_weight_decay
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_decay}]
 
 
 @dataclass
