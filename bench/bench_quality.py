@@ -61,16 +61,23 @@ def evaluate(propose, scenes: DenseScenes, size_divisibility: int) -> dict[str, 
     return {key: float(results[key]) for key in KEYS}
 
 
+def evaluate_held_out(propose, data, size_divisibility: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Recall on the config's validation scenes and on as many scenes of the unseen family."""
+    scenes = data.build_dataset(data.splits["val"])
+    unseen = DenseScenes(len(scenes), scenes.size, **UNSEEN, seed=scenes.seed, split="unseen")
+    return evaluate(propose, scenes, size_divisibility), evaluate(propose, unseen, size_divisibility)
+
+
+def _config_args(seed: int, steps: int, workdir: Path) -> list[str]:
+    """``configs/scenes.yaml`` for ``steps`` steps (10% warm-up), no checkpoints, no callbacks."""
+    return ["--config", str(CONFIG), "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
+            "--model.warmup_steps", str(max(1, steps // 10)), "--trainer.default_root_dir", str(workdir),
+            "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
+
+
 def run_ours(seed: int, steps: int, extra: list[str], workdir: Path) -> tuple[dict, dict, float]:
-    args = [
-        "--config", str(CONFIG), "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
-        "--model.warmup_steps", str(max(1, steps // 10)), "--trainer.default_root_dir", str(workdir),
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(workdir), "--trainer.limit_val_batches", "0",
-        "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
-        *extra,
-    ]
-    cli = _cli(args)
+    cli = _cli([*_config_args(seed, steps, workdir), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                "--trainer.logger.save_dir", str(workdir), "--trainer.limit_val_batches", "0", *extra])
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
@@ -81,18 +88,12 @@ def run_ours(seed: int, steps: int, extra: list[str], workdir: Path) -> tuple[di
         proposals, _ = module(batch, with_targets=False)
         return [boxes for boxes, _ in proposals]
 
-    scenes = cli.datamodule.build_dataset(cli.datamodule.splits["val"])
-    unseen = DenseScenes(len(scenes), scenes.size, **UNSEEN, seed=scenes.seed, split="unseen")
-    return (evaluate(propose, scenes, module.size_divisibility),
-            evaluate(propose, unseen, module.size_divisibility), seconds)
+    return (*evaluate_held_out(propose, cli.datamodule, module.size_divisibility), seconds)
 
 
 def run_torchvision(seed: int, steps: int, workdir: Path) -> tuple[dict, dict, float]:
     # the same config and seed build the same initial weights and the same data module
-    args = ["--config", str(CONFIG), "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
-            "--model.warmup_steps", str(max(1, steps // 10)), "--trainer.default_root_dir", str(workdir),
-            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
-    cli = _cli(args)
+    cli = _cli([*_config_args(seed, steps, workdir), "--trainer.logger", "false"])
     module, data = cli.model, cli.datamodule
     hp = module.hparams
     # the same warm-up + cosine factor as our side
@@ -115,10 +116,7 @@ def run_torchvision(seed: int, steps: int, workdir: Path) -> tuple[dict, dict, f
     def propose(batch):
         return loop.proposals(batch.images, batch.image_sizes)
 
-    scenes = data.build_dataset(data.splits["val"])
-    unseen = DenseScenes(len(scenes), scenes.size, **UNSEEN, seed=scenes.seed, split="unseen")
-    return (evaluate(propose, scenes, module.size_divisibility),
-            evaluate(propose, unseen, module.size_divisibility), seconds)
+    return (*evaluate_held_out(propose, data, module.size_divisibility), seconds)
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
