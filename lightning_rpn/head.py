@@ -15,13 +15,20 @@ Objectness comes in two flavours:
 - ``"softmax"``: ``2A`` logits per location, a (background, object) pair per anchor, as in the
   source document's head -> ``[B, N_l, 2]``. :func:`objectness_logits` turns a pair into the
   equivalent binary logit so that proposals and scores work the same for both flavours.
+
+With ``quality`` (the OLN idea, :mod:`~lightning_rpn.quality`), a third sibling 1x1 convolution
+predicts ``Q`` localisation-quality logits per anchor (``"centerness"``, ``"iou"`` or both, in
+the order named) and ``forward`` returns them as a third list, ``[B, N_l, Q]`` per level.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
+
+from .quality import parse_quality
 
 __all__ = ["RPNHead", "objectness_logits", "OBJECTNESS_MODES"]
 
@@ -54,6 +61,8 @@ class RPNHead(nn.Module):
         objectness: ``"sigmoid"`` (``A`` logits) or ``"softmax"`` (``2A`` logits).
         anchor_stride: stride of the first 3x3 conv; must equal the anchor generator's
             ``anchor_stride`` so that there is one prediction per anchor.
+        quality: ``None`` or localisation-quality branches, ``"centerness"``, ``"iou"`` or
+            ``"centerness+iou"`` (see the module docstring).
     """
 
     def __init__(
@@ -64,6 +73,7 @@ class RPNHead(nn.Module):
         conv_depth: int = 1,
         objectness: ObjectnessMode = "sigmoid",
         anchor_stride: int = 1,
+        quality: str | None = None,
     ) -> None:
         super().__init__()
         for name, value, minimum in (
@@ -85,6 +95,7 @@ class RPNHead(nn.Module):
         self.num_anchors = num_anchors
         self.objectness = objectness
         self.anchor_stride = anchor_stride
+        self.quality = parse_quality(quality, "RPNHead: quality")
 
         layers: list[nn.Module] = []
         channels = in_channels
@@ -96,6 +107,8 @@ class RPNHead(nn.Module):
         self._cls_per_anchor = 1 if objectness == "sigmoid" else 2
         self.cls_logits = nn.Conv2d(conv_channels, num_anchors * self._cls_per_anchor, 1)
         self.bbox_deltas = nn.Conv2d(conv_channels, num_anchors * 4, 1)
+        if self.quality:
+            self.quality_logits = nn.Conv2d(conv_channels, num_anchors * len(self.quality), 1)
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -108,12 +121,19 @@ class RPNHead(nn.Module):
         x = x.view(b, self.num_anchors, per_anchor, h, w).permute(0, 3, 4, 1, 2)
         return x.reshape(b, h * w * self.num_anchors, per_anchor)
 
-    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-level objectness (``[B, N_l]`` or ``[B, N_l, 2]``) and deltas ``[B, N_l, 4]``."""
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """Per-level objectness (``[B, N_l]`` or ``[B, N_l, 2]``) and deltas ``[B, N_l, 4]``,
+        plus the quality logits ``[B, N_l, Q]`` when the head has quality branches."""
+        if self.quality and torch.compiler.is_exporting():
+            raise NotImplementedError(
+                f"RPNHead(quality={'+'.join(self.quality)!r}) cannot be exported yet: "
+                "lightning_rpn.export reads (objectness, deltas) only; export a model without model.quality"
+            )
         if isinstance(features, Tensor):
             raise TypeError("RPNHead.forward: expected a list of [B, C, H, W] tensors (one per level), got a Tensor")
         objectness: list[Tensor] = []
         deltas: list[Tensor] = []
+        quality: list[Tensor] = []
         for level, feature in enumerate(features):
             if feature.dim() != 4 or feature.shape[1] != self.in_channels:
                 raise ValueError(
@@ -124,4 +144,6 @@ class RPNHead(nn.Module):
             logits = self._flatten(self.cls_logits(hidden), self._cls_per_anchor)
             objectness.append(logits.squeeze(-1) if self.objectness == "sigmoid" else logits)
             deltas.append(self._flatten(self.bbox_deltas(hidden), 4))
-        return objectness, deltas
+            if self.quality:
+                quality.append(self._flatten(self.quality_logits(hidden), len(self.quality)))
+        return (objectness, deltas, quality) if self.quality else (objectness, deltas)

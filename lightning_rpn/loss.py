@@ -18,7 +18,13 @@ four coordinates of the positive anchors. Two normalisations are offered:
 
 ``smooth_l1(x) = 0.5 * x**2 / beta if |x| < beta else |x| - 0.5 * beta`` (``beta = 1/9`` as in
 torchvision / detectron2; the paper's form is ``beta = 1``). ``box_loss="l1"`` uses ``|x|``
-and ``box_loss="giou"`` uses ``1 - GIoU`` of the decoded predicted and target boxes.
+``box_loss="giou"`` uses ``1 - GIoU`` and ``box_loss="iou"`` ``1 - IoU`` of the decoded
+predicted and target boxes.
+
+Localisation quality (the OLN idea, :mod:`~lightning_rpn.quality`): with ``pred_quality`` the
+quality branches' binary cross-entropy, averaged over the positive anchors, is added to
+``loss_rpn_cls`` (the loss of what scores the proposals), after the objectness term times
+``objectness_weight`` (0 trains no classifier, OLN's choice).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import Tensor
 
 from .box_coder import BoxCoder
 from .boxes import aligned_giou
+from .quality import aligned_iou, parse_quality, quality_loss
 
 __all__ = ["rpn_loss", "NonFiniteLossError", "LOSS_NORMALIZATIONS", "BOX_LOSSES"]
 
@@ -44,7 +51,8 @@ class NonFiniteLossError(ValueError):
     """
 
 LOSS_NORMALIZATIONS: tuple[str, ...] = ("sampled", "paper")
-BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "l1", "giou")
+BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "l1", "giou", "iou")
+_DECODED_BOX_LOSSES = ("giou", "iou")
 
 
 def _concat_levels(value: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -77,10 +85,13 @@ def rpn_loss(
     normalization: Literal["sampled", "paper"] = "sampled",
     reg_weight: float | None = None,
     smooth_l1_beta: float = 1.0 / 9.0,
-    box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1",
+    box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "smooth_l1",
     anchors: Tensor | Sequence[Tensor] | None = None,
     box_coder: BoxCoder | None = None,
     num_anchor_locations: int | None = None,
+    pred_quality: Tensor | Sequence[Tensor] | None = None,
+    quality: str | None = None,
+    objectness_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """RPN objectness + regression losses, ``{"loss_rpn_cls", "loss_rpn_reg"}`` (fp32 scalars).
 
@@ -93,11 +104,15 @@ def rpn_loss(
         normalization: ``"sampled"`` or ``"paper"`` (see the module docstring).
         reg_weight: ``lambda``; ``None`` -> 1 for ``"sampled"``, 10 for ``"paper"``.
         smooth_l1_beta: smooth-L1 transition point (0 gives L1).
-        box_loss: ``"smooth_l1"``, ``"l1"`` or ``"giou"``.
-        anchors: ``[N, 4]`` (or per level) anchors, shared by the images; ``"giou"`` only.
-        box_coder: decodes deltas to boxes; ``"giou"`` only.
+        box_loss: ``"smooth_l1"``, ``"l1"``, ``"giou"`` or ``"iou"``.
+        anchors: ``[N, 4]`` (or per level) anchors, shared by the images; ``"giou"``,
+            ``"iou"`` and ``pred_quality`` only.
+        box_coder: decodes deltas to boxes; as ``anchors``.
         num_anchor_locations: anchor locations of ONE image (``sum_l H_l * W_l``);
             ``"paper"`` only, where ``N_reg = num_anchor_locations * B``.
+        pred_quality: quality logits ``[B, N, Q]`` (or per level), the branches of ``quality``.
+        quality: the branch names of ``pred_quality``'s channels (``"centerness+iou"``, ...).
+        objectness_weight: weight of the objectness term in ``loss_rpn_cls``.
 
     No sampled anchors gives zero losses that are still connected to the predictions. A
     non-finite loss raises :class:`NonFiniteLossError` (a ``ValueError``) naming the input (and anchor) that caused it.
@@ -108,6 +123,8 @@ def rpn_loss(
         raise ValueError(f"rpn_loss: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
     if smooth_l1_beta < 0:
         raise ValueError(f"rpn_loss: smooth_l1_beta must be >= 0, got {smooth_l1_beta}")
+    if objectness_weight < 0:
+        raise ValueError(f"rpn_loss: objectness_weight must be >= 0, got {objectness_weight}")
     if reg_weight is None:
         reg_weight = 1.0 if normalization == "sampled" else 10.0
 
@@ -138,10 +155,26 @@ def rpn_loss(
                 "rpn_loss: normalization='paper' needs num_anchor_locations (anchor locations of one "
                 f"image, sum of H_l * W_l over levels) >= 1, got {num_anchor_locations!r}"
             )
+    branches = parse_quality(quality, "rpn_loss: quality")
+    flat_quality: Tensor | None = None
+    if (pred_quality is None) != (not branches):
+        raise ValueError(
+            f"rpn_loss: pred_quality and quality go together, got pred_quality "
+            f"{'None' if pred_quality is None else 'given'} and quality={quality!r}"
+        )
+    if pred_quality is not None:
+        flat_quality = _concat_levels(pred_quality, "pred_quality")
+        if tuple(flat_quality.shape) != (batch, num, len(branches)):
+            raise ValueError(
+                f"rpn_loss: pred_quality has shape {tuple(flat_quality.shape)}, expected "
+                f"[{batch}, {num}, {len(branches)}] (branches {branches})"
+            )
     flat_anchors: Tensor | None = None
-    if box_loss == "giou":
+    if box_loss in _DECODED_BOX_LOSSES or flat_quality is not None:
         if anchors is None or box_coder is None:
-            raise ValueError("rpn_loss: box_loss='giou' needs both anchors and box_coder to decode boxes")
+            raise ValueError(
+                f"rpn_loss: box_loss={box_loss!r} and pred_quality need both anchors and box_coder to decode boxes"
+            )
         flat_anchors = anchors if isinstance(anchors, Tensor) else torch.cat(list(anchors), dim=0)
         if flat_anchors.dim() == 2:
             flat_anchors = flat_anchors.unsqueeze(0).expand(batch, -1, -1)
@@ -164,24 +197,35 @@ def rpn_loss(
 
         pos_pred = deltas[positive].float()
         pos_target = target_deltas[positive].float()
+        if flat_anchors is not None:
+            assert box_coder is not None
+            pos_anchors = flat_anchors.to(deltas.device)[positive].float()
+            pred_boxes = box_coder.decode(pos_pred, pos_anchors)
+            target_boxes = box_coder.decode(pos_target, pos_anchors)
         if box_loss == "smooth_l1":
             reg_sum = F.smooth_l1_loss(pos_pred, pos_target, beta=smooth_l1_beta, reduction="sum")
         elif box_loss == "l1":
             reg_sum = F.l1_loss(pos_pred, pos_target, reduction="sum")
-        else:
-            assert flat_anchors is not None and box_coder is not None
-            pos_anchors = flat_anchors.to(deltas.device)[positive].float()
-            pred_boxes = box_coder.decode(pos_pred, pos_anchors)
-            target_boxes = box_coder.decode(pos_target, pos_anchors)
+        elif box_loss == "giou":
             reg_sum = (1.0 - aligned_giou(pred_boxes, target_boxes)).sum()
+        else:
+            reg_sum = (1.0 - aligned_iou(pred_boxes, target_boxes)).sum()
 
         num_sampled = sampled.sum().clamp(min=1).float()
         num_reg = num_sampled if normalization == "sampled" else float(num_anchor_locations * batch)
         loss_cls = cls_sum / num_sampled
+        if flat_quality is not None:
+            pos_quality = flat_quality[positive].float()
+            loss_cls = float(objectness_weight) * loss_cls + quality_loss(
+                {name: pos_quality[:, index] for index, name in enumerate(branches)},
+                pos_anchors, pred_boxes, target_boxes,
+            )
         loss_reg = reg_sum * float(reg_weight) / num_reg
 
     if not bool(torch.isfinite(loss_cls + loss_reg)):
-        raise NonFiniteLossError(_explain_non_finite(objectness, deltas, target_deltas, sampled, positive, loss_cls, loss_reg))
+        raise NonFiniteLossError(
+            _explain_non_finite(objectness, deltas, target_deltas, flat_quality, sampled, positive, loss_cls, loss_reg)
+        )
     return {"loss_rpn_cls": loss_cls, "loss_rpn_reg": loss_reg}
 
 
@@ -189,17 +233,21 @@ def _explain_non_finite(
     objectness: Tensor,
     deltas: Tensor,
     target_deltas: Tensor,
+    quality: Tensor | None,
     sampled: Tensor,
     positive: Tensor,
     loss_cls: Tensor,
     loss_reg: Tensor,
 ) -> str:
     """Name the input whose non-finite values made the loss non-finite."""
-    for name, values, mask, which in (
+    inputs = [
         ("pred_objectness", objectness, sampled, "sampled"),
         ("pred_deltas", deltas, positive, "positive"),
         ("target_deltas", target_deltas, positive, "positive"),
-    ):
+    ]
+    if quality is not None:
+        inputs.append(("pred_quality", quality, positive, "positive"))
+    for name, values, mask, which in inputs:
         found = _first_non_finite(values, mask)
         if found is not None:
             return f"rpn_loss: non-finite {name} at {which} {found}"

@@ -187,7 +187,12 @@ class RPNModule(pl.LightningModule):
         objectness: ``"sigmoid"`` (A logits) or ``"softmax"`` (2A logits, the paper's head).
         loss_normalization: ``"sampled"`` (detectron2/torchvision) or ``"paper"``.
         reg_weight: box-loss weight lambda (``None``: 1 for "sampled", 10 for "paper").
-        box_loss: ``"smooth_l1"``, ``"l1"`` or ``"giou"``.
+        box_loss: ``"smooth_l1"``, ``"l1"``, ``"giou"`` or ``"iou"``.
+        quality: ``None`` or localisation-quality branches of the head (the OLN idea,
+            :mod:`~lightning_rpn.quality`): ``"centerness"``, ``"iou"`` or ``"centerness+iou"``,
+            trained on the positive anchors.
+        proposal_score: what ranks the proposals: ``"objectness"``, ``"quality"`` (the quality
+            branches alone, no objectness classifier trained) or ``"geometric_mean"`` of both.
         smooth_l1_beta: beta of the smooth L1 loss.
         pre_nms_top_n_train: proposals kept per level before NMS in training.
         post_nms_top_n_train: proposals kept per image after NMS in training.
@@ -252,7 +257,7 @@ class RPNModule(pl.LightningModule):
         objectness: Literal["sigmoid", "softmax"] = "sigmoid",
         loss_normalization: Literal["sampled", "paper"] = "sampled",
         reg_weight: float | None = None,
-        box_loss: Literal["smooth_l1", "l1", "giou"] = "l1",
+        box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "l1",
         smooth_l1_beta: float = 1.0 / 9.0,
         pre_nms_top_n_train: int = 2000,
         post_nms_top_n_train: int = 1000,
@@ -263,6 +268,8 @@ class RPNModule(pl.LightningModule):
         score_thresh: float = 0.0,
         anchor_sampling_seed: int = 0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
+        quality: str | None = None,
+        proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -351,6 +358,7 @@ class RPNModule(pl.LightningModule):
             target_config=self.target_config,
             pre_nms_top_n_train=pre_nms_top_n_train,
             post_nms_top_n_train=post_nms_top_n_train,
+            quality=quality,
             pre_nms_top_n_test=pre_nms_top_n_test,
             post_nms_top_n_test=post_nms_top_n_test,
             nms_thresh=nms_thresh,
@@ -371,6 +379,8 @@ class RPNModule(pl.LightningModule):
         )
         self.register_buffer(
             "pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False
+            quality=quality,
+            proposal_score=proposal_score,
         )
         self.val_recall = ProposalRecall(
             iou_thresholds=recall_iou_thresholds, max_proposals=recall_max_proposals

@@ -13,7 +13,9 @@ One forward pass:
    same function and the same per-image generator (seeded by ``seed``, ``sampling_epoch`` and
    the image id) as the pipeline, so both paths give identical targets;
 4. proposals (skipped with ``need_proposals=False``, e.g. for a faster training step), with
-   the train or test top-k settings chosen by ``self.training``.
+   the train or test top-k settings chosen by ``self.training``, ranked by ``proposal_score``:
+   the objectness, or (with ``quality`` branches, :mod:`~lightning_rpn.quality`) the geometric
+   mean of the quality probabilities alone or together with the objectness.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .head import OBJECTNESS_MODES, RPNHead, objectness_logits
 from .loss import BOX_LOSSES, LOSS_NORMALIZATIONS, rpn_loss
 from .matching import check_gt_box_batch
 from .proposals import generate_proposals
+from .quality import PROPOSAL_SCORES, parse_quality, score_logits
 from .targets import AnchorTargetConfig, assign_batch_targets, sample_generator
 
 __all__ = ["RPN"]
@@ -54,6 +57,12 @@ class RPN(nn.Module):
             ``H_l x W_l``, i.e. ``N / A``) per image times ``B``.
         objectness: ``"sigmoid"`` or ``"softmax"``; must equal the head's mode.
         seed: mixed with the epoch and each image id to seed anchor sampling (``sample_generator``).
+        quality: ``None`` or the head's localisation-quality branches (``"centerness"``,
+            ``"iou"``, ``"centerness+iou"``), trained on the positive anchors.
+        proposal_score: what ranks the proposals (and is returned as their probability):
+            ``"objectness"``; ``"quality"``, the geometric mean of the quality branches, with
+            the objectness branch left untrained (OLN); ``"geometric_mean"`` of the objectness
+            and the quality branches.
     """
 
     def __init__(
@@ -73,9 +82,11 @@ class RPN(nn.Module):
         loss_normalization: Literal["sampled", "paper"] = "sampled",
         reg_weight: float | None = None,
         smooth_l1_beta: float = 1.0 / 9.0,
-        box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1",
+        box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "smooth_l1",
         objectness: Literal["sigmoid", "softmax"] = "sigmoid",
         seed: int = 0,
+        quality: str | None = None,
+        proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
     ) -> None:
         super().__init__()
         if loss_normalization not in LOSS_NORMALIZATIONS:
@@ -86,20 +97,27 @@ class RPN(nn.Module):
             raise ValueError(f"RPN: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
         if objectness not in OBJECTNESS_MODES:
             raise ValueError(f"RPN: objectness must be one of {OBJECTNESS_MODES}, got {objectness!r}")
+        branches = parse_quality(quality, "RPN: quality")
+        if proposal_score not in PROPOSAL_SCORES:
+            raise ValueError(f"RPN: proposal_score must be one of {PROPOSAL_SCORES}, got {proposal_score!r}")
+        if proposal_score != "objectness" and not branches:
+            raise ValueError(f"RPN: proposal_score={proposal_score!r} needs quality branches, got quality=None")
         num_anchors = anchor_generator.num_anchors_per_location()
         if head is None:
             head = RPNHead(
-                in_channels, num_anchors, objectness=objectness, anchor_stride=anchor_generator.anchor_stride
+                in_channels, num_anchors, objectness=objectness, anchor_stride=anchor_generator.anchor_stride,
+                quality=quality,
             )
         for name, head_value, expected in (
             ("num_anchors", head.num_anchors, num_anchors),
             ("anchor_stride", head.anchor_stride, anchor_generator.anchor_stride),
             ("objectness", head.objectness, objectness),
+            ("quality", getattr(head, "quality", ()), branches),
         ):
             if head_value != expected:
                 raise ValueError(
                     f"RPN: head.{name}={head_value!r} but the RPN expects {expected!r} "
-                    f"(from {'objectness' if name == 'objectness' else 'the anchor generator'})"
+                    f"(from {name if name in ('objectness', 'quality') else 'the anchor generator'})"
                 )
         self.anchor_generator = anchor_generator
         self.head = head
@@ -116,6 +134,8 @@ class RPN(nn.Module):
         self.box_loss = box_loss
         self.objectness = objectness
         self.seed = seed
+        self.quality = branches
+        self.proposal_score = proposal_score
 
     def forward(
         self,
@@ -164,7 +184,8 @@ class RPN(nn.Module):
         device = feature_list[0].device
         shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_list]
         anchors = self.anchor_generator(shapes, device=device)
-        pred_objectness, pred_deltas = self.head(feature_list)
+        pred_objectness, pred_deltas, *rest = self.head(feature_list)
+        pred_quality: list[Tensor] | None = rest[0] if self.quality else None
         for level, (obj, anc) in enumerate(zip(pred_objectness, anchors)):
             if obj.shape[1] != anc.shape[0]:
                 raise ValueError(
@@ -194,13 +215,14 @@ class RPN(nn.Module):
                 anchors=anchors,
                 box_coder=self.box_coder,
                 num_anchor_locations=num_anchors // self.head.num_anchors,
+                pred_quality=pred_quality,
+                quality="+".join(self.quality) or None,
+                objectness_weight=0.0 if self.proposal_score == "quality" else 1.0,
             )
 
         proposals: list[tuple[Tensor, ...]] = []
         if need_proposals:
-            logits = pred_objectness
-            if self.objectness == "softmax":
-                logits = [objectness_logits(o) for o in pred_objectness]
+            logits = self._score_logits(pred_objectness, pred_quality)
             mode = "train" if self.training else "test"
             proposals = generate_proposals(
                 logits,
@@ -216,6 +238,18 @@ class RPN(nn.Module):
                 return_logits=proposal_logits,
             )
         return proposals, losses
+
+    def _score_logits(self, pred_objectness: list[Tensor], pred_quality: list[Tensor] | None) -> list[Tensor]:
+        """Per level ``[B, N_l]`` logits of the proposal score (``proposal_score``)."""
+        logits = pred_objectness
+        if self.objectness == "softmax":
+            logits = [objectness_logits(o) for o in pred_objectness]
+        if pred_quality is None or self.proposal_score == "objectness":
+            return logits
+        return [
+            score_logits(([obj] if self.proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
+            for obj, quality in zip(logits, pred_quality)
+        ]
 
     @staticmethod
     def _check_anchor_targets(

@@ -172,7 +172,7 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="normalization"):
         rpn_loss(LOGITS, PRED, LABELS, TARGET, normalization="mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="box_loss"):
-        rpn_loss(LOGITS, PRED, LABELS, TARGET, box_loss="iou")  # type: ignore[arg-type]
+        rpn_loss(LOGITS, PRED, LABELS, TARGET, box_loss="ciou")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"pred_deltas has shape \(1, 5, 4\)"):
         rpn_loss(LOGITS, PRED[:, :5], LABELS, TARGET)
     with pytest.raises(ValueError, match="found 2"):

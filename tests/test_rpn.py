@@ -169,7 +169,7 @@ def test_construction_errors() -> None:
     with pytest.raises(ValueError, match="anchor_stride"):
         RPN(_generator(anchor_stride=2), head=RPNHead(8, 3))
     with pytest.raises(ValueError, match="box_loss"):
-        RPN(_generator(), box_loss="iou")  # type: ignore[arg-type]
+        RPN(_generator(), box_loss="ciou")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="generator has 2"):
         _rpn()(_features()[:1], IMAGE_SIZES)
     rpn = _rpn()
