@@ -259,6 +259,8 @@ class RPNModule(pl.LightningModule):
         reg_weight: float | None = None,
         box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "l1",
         smooth_l1_beta: float = 1.0 / 9.0,
+        quality: str | None = None,
+        proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
         pre_nms_top_n_train: int = 2000,
         post_nms_top_n_train: int = 1000,
         pre_nms_top_n_test: int = 1000,
@@ -268,8 +270,6 @@ class RPNModule(pl.LightningModule):
         score_thresh: float = 0.0,
         anchor_sampling_seed: int = 0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
-        quality: str | None = None,
-        proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -349,6 +349,7 @@ class RPNModule(pl.LightningModule):
             conv_depth=head_conv_depth,
             objectness=objectness,
             anchor_stride=anchor_stride,
+            quality=quality,
         )
         self.rpn = RPN(
             self.anchor_generator,
@@ -358,7 +359,6 @@ class RPNModule(pl.LightningModule):
             target_config=self.target_config,
             pre_nms_top_n_train=pre_nms_top_n_train,
             post_nms_top_n_train=post_nms_top_n_train,
-            quality=quality,
             pre_nms_top_n_test=pre_nms_top_n_test,
             post_nms_top_n_test=post_nms_top_n_test,
             nms_thresh=nms_thresh,
@@ -370,6 +370,8 @@ class RPNModule(pl.LightningModule):
             box_loss=box_loss,
             objectness=objectness,
             seed=anchor_sampling_seed,
+            quality=quality,
+            proposal_score=proposal_score,
         )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
@@ -379,8 +381,6 @@ class RPNModule(pl.LightningModule):
         )
         self.register_buffer(
             "pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False
-            quality=quality,
-            proposal_score=proposal_score,
         )
         self.val_recall = ProposalRecall(
             iou_thresholds=recall_iou_thresholds, max_proposals=recall_max_proposals
