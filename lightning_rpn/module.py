@@ -42,6 +42,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Literal, overload
 
 import lightning.pytorch as pl
@@ -65,7 +66,13 @@ from lightning_rpn.loss import NonFiniteLossError
 from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.rpn import RPN
 from lightning_rpn.targets import AnchorTargetConfig
-from lightning_rpn.windows import SlidingWindowConfig, sliding_window_proposals
+from lightning_rpn.windows import (
+    SlidingWindowConfig,
+    Window,
+    WindowTargets,
+    mean_window_losses,
+    sliding_window_proposals,
+)
 
 _SKIPPED_KEY = "skipped_nonfinite_batches"
 _RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
@@ -231,7 +238,9 @@ class RPNModule(pl.LightningModule):
             predict and ``predict_images`` propose on overlapping windows of each image (each
             with the ``*_test`` settings), merged into the image's ``top_k`` best (default
             ``post_nms_top_n_test``); memory follows the window batch, not the image.
-            Evaluation losses are then not computed (recall is).
+            Evaluation losses are then each window's training loss (targets from the gt boxes
+            clipped to it under the data module's ``min_visibility``, seeded per window),
+            averaged over the windows (:class:`~lightning_rpn.windows.WindowTargets`).
     """
 
     def __init__(
@@ -589,28 +598,50 @@ class RPNModule(pl.LightningModule):
         resize = checkpoint.get(_RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
 
-    def _propose_windows(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[tuple[Tensor, ...]]:
-        """``(boxes, scores, logits)`` per window of a padded window batch (``sliding_window_proposals``' network)."""
+    def _propose_windows(
+        self, images: Tensor, image_sizes: list[tuple[int, int]], windows: list[Window],
+        targets: WindowTargets | None = None,
+    ) -> list[tuple[Tensor, ...]]:
+        """``(boxes, scores, logits)`` per window of a padded window batch (``sliding_window_proposals``' network);
+        with ``targets``, the windows' losses are added to ``targets.losses``."""
         features = self.backbone(self.normalize(images))
         if not self._strides_checked:
             self._check_strides(images, features)
-        return self.rpn(features, image_sizes, need_proposals=True, proposal_logits=True)[0]
+        if targets is None:
+            return self.rpn(features, image_sizes, need_proposals=True, proposal_logits=True)[0]
+        window_targets, ids, keys = targets.for_windows(windows)
+        proposals, losses = self.rpn(
+            features, image_sizes, targets=window_targets, image_ids=ids, sampling_keys=keys,
+            sampling_epoch=self.current_epoch, need_proposals=True, proposal_logits=True,
+        )
+        targets.losses.append((len(windows), losses))
+        return proposals
 
-    def _window_proposals(self, batch: RPNBatch) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Per image of ``batch``, proposals from its sliding windows (``self.sliding_window``), resized-image pixels."""
+    def _window_proposals(
+        self, batch: RPNBatch, targets: list[WindowTargets] | None = None
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per image of ``batch``, proposals from its sliding windows (``self.sliding_window``), resized-image pixels;
+        ``targets`` (one per image) collect the windows' losses."""
         assert self.sliding_window is not None
         return [
             sliding_window_proposals(
-                batch.images[index, :, :height, :width], self._propose_windows, self.sliding_window,
-                self.sliding_window.top_k or self.rpn.post_nms_top_n["test"], self.rpn.nms_thresh,
-                self.size_divisibility,
+                batch.images[index, :, :height, :width],
+                self._propose_windows if targets is None else partial(self._propose_windows, targets=targets[index]),
+                self.sliding_window, self.sliding_window.top_k or self.rpn.post_nms_top_n["test"],
+                self.rpn.nms_thresh, self.size_divisibility,
             )
             for index, (height, width) in enumerate(batch.image_sizes)
         ]
 
     def _eval_step(self, batch: RPNBatch, stage: str) -> dict[str, Any]:
-        if self.sliding_window is not None:  # no whole-image targets, so no losses
-            proposals: list = [(boxes, scores) for boxes, scores, _ in self._window_proposals(batch)]
+        if self.sliding_window is not None:  # losses per window, from the gt boxes cut by each
+            datamodule = getattr(self._trainer, "datamodule", None)  # its rule for cut boxes, as in training
+            visibility = getattr(getattr(datamodule, "hparams", None), "min_visibility", 0.0)
+            targets = [WindowTargets(gt, crowd, image_id, key, float(visibility)) for gt, crowd, image_id, key in
+                       zip(batch.gt_boxes, batch.crowd_boxes, batch.image_ids, batch.sampling_keys or batch.image_ids)]
+            proposals: list = [(boxes, scores) for boxes, scores, _ in self._window_proposals(batch, targets)]
+            parts = [part for image in targets for part in image.losses]
+            self._log_losses(stage, mean_window_losses(parts), sum(count for count, _ in parts))
         else:
             proposals, losses = self._run(batch, stage, need_proposals=True)
             self._log_losses(stage, losses, len(batch))

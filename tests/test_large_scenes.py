@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_cli import assert_ok, run_cli
@@ -43,7 +44,9 @@ def test_large_scenes_config_trains_on_windows_and_validates_whole_scenes(tmp_pa
     (summary,) = (tmp_path / "run/metrics").glob("validate-*.json")
     summary = json.loads(summary.read_text())
     assert 0.0 <= summary["metrics"]["AR@1000"] <= 1.0
-    assert not summary["losses"], "sliding windows compute no whole-image losses"
+    losses = summary["losses"]  # per window, from the gt boxes each window cuts
+    assert set(losses) == {"loss", "loss_rpn_cls", "loss_rpn_reg"} and all(v > 0 for v in losses.values()), losses
+    assert losses["loss"] == pytest.approx(losses["loss_rpn_cls"] + losses["loss_rpn_reg"], rel=1e-5)
 
     predict = run_cli(["predict", "--config", "config.yaml", "--ckpt_path", str(checkpoint)], tmp_path, timeout=300)
     assert_ok(predict)

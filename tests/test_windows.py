@@ -18,11 +18,16 @@ import pytest
 import torch
 
 from lightning_rpn.boxes import box_iou
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
+from lightning_rpn.data.tiles import cut_window
 from lightning_rpn.metrics import ProposalRecall
 from lightning_rpn.module import RPNModule
 from lightning_rpn.windows import (
     SlidingWindowConfig,
+    WindowTargets,
+    mean_window_losses,
     merge_window_proposals,
     sliding_window_proposals,
     window_grid,
@@ -43,12 +48,14 @@ def oracle(gt_boxes: torch.Tensor, min_visible: float = 0.2):
     """A ``propose`` function: the gt boxes as each window shows them, logits falling with the box index."""
     calls: list[int] = []
 
-    def propose(images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple[torch.Tensor, ...]]:
+    def propose(images: torch.Tensor, sizes: list[tuple[int, int]], windows: list | None = None) -> list:
         calls.append(images.shape[0])
         out = []
-        for image, (h, w) in zip(images, sizes):
+        for index, (image, (h, w)) in enumerate(zip(images, sizes)):
             code = image[:, 0, 0].long()
             x0, y0 = int(code[0] + 256 * (code[2] % 16)), int(code[1] + 256 * (code[2] // 16))
+            if windows is not None:  # sliding_window_proposals says where each window lies
+                assert windows[index] == (x0, y0, x0 + w, y0 + h)
             clipped = gt_boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
             clipped = torch.minimum(clipped.clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))
             area = (clipped[:, 2:] - clipped[:, :2]).clamp(min=0).prod(1)
@@ -155,6 +162,58 @@ def test_module_proposes_on_windows_in_predict_images_and_validation() -> None:
     single = model.predict_images(scene.image)
     for key in single:
         torch.testing.assert_close(single[key], reference.predict_images(scene.image)[key])
+
+
+
+def test_window_targets_clip_gt_boxes_per_window_and_key_each_window() -> None:
+    gt = torch.tensor([[10.0, 10, 30, 30], [90, 10, 130, 30], [80, 40, 120, 60]])
+    crowd = torch.tensor([[95.0, 0, 150, 50]])
+    targets, ids, keys = WindowTargets(gt, crowd, "scene", 7, min_visibility=0.3).for_windows(
+        [(0, 0, 100, 100), (100, 0, 200, 100)])
+    # window 1: box 1 keeps 25% (< 0.3): dropped; window 2: box 1 keeps 75%, box 2 half
+    torch.testing.assert_close(targets[0]["boxes"], torch.tensor([[10.0, 10, 30, 30], [80, 40, 100, 60]]))
+    torch.testing.assert_close(targets[1]["boxes"], torch.tensor([[0.0, 10, 30, 30], [0, 40, 20, 60]]))
+    torch.testing.assert_close(targets[0]["crowd_boxes"], torch.tensor([[95.0, 0, 100, 50]]))
+    torch.testing.assert_close(targets[1]["crowd_boxes"], torch.tensor([[0.0, 0, 50, 50]]))
+    assert ids == ["scene@0,0,100,100", "scene@100,0,200,100"] and keys == ["7@0,0,100,100", "7@100,0,200,100"]
+    parts = [(3, {"loss_rpn_cls": torch.tensor(1.0)}), (1, {"loss_rpn_cls": torch.tensor(5.0)})]
+    assert float(mean_window_losses(parts)["loss_rpn_cls"]) == pytest.approx(2.0)  # weighted by windows
+    with pytest.raises(ValueError, match="at least one window batch"):
+        mean_window_losses([])
+
+
+def test_window_losses_are_the_training_losses_of_the_cut_windows() -> None:
+    """Validation on windows logs the loss a training batch of the same windows would have:
+    the boxes cut by ``cut_window`` (the tiled training path), matched and sampled in the model
+    with each window's key, averaged over the window batches by their window counts."""
+    torch.manual_seed(0)
+    config = SlidingWindowConfig(size=128, overlap=32, window_batch=2)
+    model = RPNModule(**TINY, sliding_window=config).eval()
+    with torch.no_grad():  # logits that differ between anchors, so the sampled anchors matter
+        for parameter in model.rpn.head.parameters():
+            parameter.normal_(0.0, 0.3)
+    scene = DenseScenes(1, size=200, density=300.0, max_object_size=30, split="window-losses")[0]
+    collate = RPNCollate(model.anchor_generator, model.target_config, model.box_coder, model.size_divisibility,
+                         assign_targets=False)
+    batch = collate([scene])
+    targets = [WindowTargets(batch.gt_boxes[0], batch.crowd_boxes[0], "s", 5, min_visibility=0.3)]
+    with torch.no_grad():
+        model._window_proposals(batch, targets)
+    got = mean_window_losses(targets[0].losses)
+    windows = window_grid((200, 200), 128, 32)  # 4 windows: 2 batches of 2
+    expected = []
+    for start in (0, 2):
+        chunk = windows[start : start + 2]
+        samples = [cut_window(DetectionSample(scene.image, scene.boxes, "s", "scene"), w, 0.3) for w in chunk]
+        window_batch = collate(samples)
+        window_batch.sampling_keys = [f"5@{x0},{y0},{x1},{y1}" for x0, y0, x1, y1 in chunk]
+        with torch.no_grad():
+            _, losses = model(window_batch, need_proposals=False)
+        expected.append(losses)
+    assert len(targets[0].losses) == 2 and [count for count, _ in targets[0].losses] == [2, 2]
+    for key in ("loss_rpn_cls", "loss_rpn_reg"):
+        torch.testing.assert_close(got[key], (expected[0][key] + expected[1][key]) / 2)
+        assert float(got[key]) > 0
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

@@ -36,10 +36,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.windows import config_from_mapping, window_starts
+from lightning_rpn.windows import clip_to_window, config_from_mapping, window_key, window_starts
 
 __all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window"]
 
@@ -125,32 +126,21 @@ class ImageCache:
 def cut_window(
     sample: DetectionSample, window: tuple[int, int, int, int], min_visibility: float
 ) -> DetectionSample:
-    """``sample`` cropped to ``window = (x0, y0, x1, y1)``, boxes in window pixels.
+    """``sample`` cropped to ``window = (x0, y0, x1, y1)``, boxes in window pixels (:func:`~lightning_rpn.windows.clip_to_window`).
 
     Boxes keeping less than ``min_visibility`` of their area (and any positive area) are
     dropped and added to ``removed_boxes``; boxes wholly outside are left out uncounted;
     crowd boxes are kept wherever they reach into the window.
     """
     x0, y0, x1, y1 = window
-    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
-
-    def clip(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        clipped = np.clip(boxes, offset, np.array([x1, y1, x1, y1], dtype=np.float32))
-        inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        kept_area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-        visible = np.where(area > 0, kept_area / np.maximum(area, 1e-12), 0.0)
-        return clipped - offset, inside, visible
-
-    boxes, inside, visible = clip(sample.boxes)
-    keep = inside & (visible >= min_visibility)
-    crowd, crowd_inside, _ = clip(sample.crowd_boxes)
+    boxes, inside, keep = (t.numpy() for t in clip_to_window(torch.from_numpy(sample.boxes), window, min_visibility))
+    crowd, crowd_inside, _ = (t.numpy() for t in clip_to_window(torch.from_numpy(sample.crowd_boxes), window, 0.0))
     return replace(
         sample,
         image=np.ascontiguousarray(sample.image[y0:y1, x0:x1]),
         boxes=boxes[keep],
         crowd_boxes=crowd[crowd_inside],
-        image_id=f"{sample.image_id}@{x0},{y0},{x1},{y1}",
+        image_id=window_key(sample.image_id, window),
         source=f"{sample.source} window (x0, y0, x1, y1) = ({x0}, {y0}, {x1}, {y1})",
         original_size=(y1 - y0, x1 - x0),
         removed_boxes=sample.removed_boxes + int((inside & ~keep).sum()),
