@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.backbones import build_backbone, check_backbone
 from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.cascade import CascadeRPN
 from lightning_rpn.boxes import clip_boxes_to_image
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
@@ -200,6 +201,15 @@ class RPNModule(pl.LightningModule):
             trained on the positive anchors.
         proposal_score: what ranks the proposals: ``"objectness"``, ``"quality"`` (the quality
             branches alone, no objectness classifier trained) or ``"geometric_mean"`` of both.
+        head: ``"rpn"`` (one head, :class:`~lightning_rpn.rpn.RPN`) or ``"cascade"`` (multi-stage
+            refinement of one anchor per location, :class:`~lightning_rpn.cascade.CascadeRPN`:
+            IoU box losses, ``reg_weight`` default 1; ``box_loss`` and ``smooth_l1_beta`` do not
+            apply, and ``quality``, the softmax head, ``"paper"`` normalisation and a deeper
+            head are refused). Its targets come from the gt boxes in the model, so
+            ``data.assign_targets: false`` saves the DataLoader workers the anchor targets.
+        cascade_stages: stages of the cascade (>= 2).
+        cascade_dilation: dilation of the cascade's first 3x3 convolution.
+        cascade_centre_ratio: central fraction of a gt box whose locations the first stage regresses.
         smooth_l1_beta: beta of the smooth L1 loss.
         pre_nms_top_n_train: proposals kept per level before NMS in training.
         post_nms_top_n_train: proposals kept per image after NMS in training.
@@ -270,6 +280,10 @@ class RPNModule(pl.LightningModule):
         smooth_l1_beta: float = 1.0 / 9.0,
         quality: str | None = None,
         proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
+        head: Literal["rpn", "cascade"] = "rpn",
+        cascade_stages: int = 2,
+        cascade_dilation: int = 3,
+        cascade_centre_ratio: float = 0.2,
         pre_nms_top_n_train: int = 2000,
         post_nms_top_n_train: int = 1000,
         pre_nms_top_n_test: int = 1000,
@@ -351,21 +365,9 @@ class RPNModule(pl.LightningModule):
             crowd_ioa=crowd_ioa,
         )
         self.size_divisibility = int(self.backbone.size_divisibility)
-        head = RPNHead(
-            self.backbone.out_channels,
-            num_anchors,
-            conv_channels=head_conv_channels,
-            conv_depth=head_conv_depth,
-            objectness=objectness,
-            anchor_stride=anchor_stride,
-            quality=quality,
-        )
-        self.rpn = RPN(
-            self.anchor_generator,
-            head=head,
-            in_channels=self.backbone.out_channels,
-            box_coder=self.box_coder,
-            target_config=self.target_config,
+        if head not in ("rpn", "cascade"):
+            raise ValueError(f"model.head must be 'rpn' or 'cascade', got {head!r}")
+        proposal_settings = dict(
             pre_nms_top_n_train=pre_nms_top_n_train,
             post_nms_top_n_train=post_nms_top_n_train,
             pre_nms_top_n_test=pre_nms_top_n_test,
@@ -373,15 +375,54 @@ class RPNModule(pl.LightningModule):
             nms_thresh=nms_thresh,
             min_size=min_size,
             score_thresh=score_thresh,
-            loss_normalization=loss_normalization,
-            reg_weight=reg_weight,
-            smooth_l1_beta=smooth_l1_beta,
-            box_loss=box_loss,
-            objectness=objectness,
-            seed=anchor_sampling_seed,
-            quality=quality,
-            proposal_score=proposal_score,
         )
+        self.rpn: RPN | CascadeRPN
+        if head == "cascade":
+            given = {"quality": quality, "objectness": objectness, "loss_normalization": loss_normalization,
+                     "head_conv_depth": head_conv_depth}
+            plain = {"quality": None, "objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1}
+            unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
+            if unsupported:
+                raise ValueError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults")
+            self.rpn = CascadeRPN(
+                self.anchor_generator,
+                in_channels=self.backbone.out_channels,
+                num_stages=cascade_stages,
+                conv_channels=head_conv_channels,
+                dilation=cascade_dilation,
+                centre_ratio=cascade_centre_ratio,
+                box_coder=self.box_coder,
+                target_config=self.target_config,
+                reg_weight=1.0 if reg_weight is None else reg_weight,
+                seed=anchor_sampling_seed,
+                **proposal_settings,
+            )
+        else:
+            rpn_head = RPNHead(
+                self.backbone.out_channels,
+                num_anchors,
+                conv_channels=head_conv_channels,
+                conv_depth=head_conv_depth,
+                objectness=objectness,
+                anchor_stride=anchor_stride,
+                quality=quality,
+            )
+            self.rpn = RPN(
+                self.anchor_generator,
+                head=rpn_head,
+                in_channels=self.backbone.out_channels,
+                box_coder=self.box_coder,
+                target_config=self.target_config,
+                loss_normalization=loss_normalization,
+                reg_weight=reg_weight,
+                smooth_l1_beta=smooth_l1_beta,
+                box_loss=box_loss,
+                objectness=objectness,
+                seed=anchor_sampling_seed,
+                quality=quality,
+                proposal_score=proposal_score,
+                **proposal_settings,
+            )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
         self.rpn.to(memory_format=self.memory_format)

@@ -1,0 +1,367 @@
+"""Cascade refinement of one anchor per location (the Cascade RPN idea, Vu et al., NeurIPS 2019).
+
+Shapes: ``B`` images, ``L`` levels, ``H_l x W_l`` the feature size of level ``l``, ``N`` anchors
+of an image (one per location, all levels, in anchor-generator order), ``G`` gt boxes of an
+image, ``P`` proposals of an image, ``K = 9`` the points of a 3x3 kernel.
+
+A stack of ``num_stages`` stages, shared by every level, each regressing the boxes of the one
+before (stage 1: the anchors):
+
+- stage 1: a dilated 3x3 convolution (``dilation``) + ReLU, then 1x1 box deltas. Targets come
+  from the anchor-free centre-region rule (:func:`assign_centre_region`): each gt box belongs to
+  the level whose anchor size is nearest to its size (in log scale), and the locations of that
+  level whose centres lie in the box's central region (``centre_ratio`` of its width and
+  height, and always the location nearest its centre) regress it; no objectness is learnt.
+- stage ``s >= 2``: an adaptive 3x3 convolution (``torchvision.ops.deform_conv2d``) whose
+  sampling points are spread over each location's stage ``s - 1`` box (:func:`adaptive_offsets`),
+  + ReLU, then 1x1 deltas relative to that box; targets by IoU between those boxes and the gt
+  boxes with the project's rule (:func:`~lightning_rpn.matching.match_anchors_batched`) and
+  sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,
+  trained on the sampled boxes.
+
+Each stage reads the previous stage's hidden features; the boxes passed on are detached. Box
+losses are ``1 - IoU`` of the decoded boxes with their gt boxes, averaged over each stage's
+positives and summed over stages (times ``reg_weight``) into ``loss_rpn_reg``; ``loss_rpn_cls``
+is the last stage's objectness log loss over its sampled boxes. Proposals are the last stage's
+boxes ranked by its objectness, through :func:`~lightning_rpn.proposals.generate_proposals`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
+
+from .anchors import AnchorGenerator, AnchorGrid
+from .box_coder import BoxCoder
+from .loss import NonFiniteLossError
+from .matching import check_gt_box_batch, match_anchors_batched
+from .proposals import generate_proposals
+from .quality import aligned_iou
+from .sampling import sample_anchors_with_positives
+from .targets import AnchorTargetConfig, sample_generator
+
+__all__ = ["CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
+
+
+def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, origin: float) -> Tensor:
+    """``deform_conv2d`` offsets ``[B, 2K, H, W]`` placing a 3x3 kernel's points over each location's box.
+
+    ``boxes``: ``[B, H * W, 4]``, one box per location in ``(y, x)`` order, image pixels. Location
+    ``(y, x)`` sits at the image point ``(origin + x * stride, origin + y * stride)``, so pixel
+    ``X`` is feature coordinate ``(X - origin) / stride``. Kernel point ``(i, j)``
+    (``i, j in {-1, 0, 1}``, row and column) moves from its regular position ``(y + i, x + j)``
+    to ``(cy + i * h / 2, cx + j * w / 2)`` of the box in feature coordinates: the box's
+    corners, edge midpoints and centre. Channels ``2k`` and ``2k + 1`` (``k = 3 (i + 1) + j + 1``)
+    hold the y and x displacement, torchvision's layout.
+    """
+    batch = boxes.shape[0]
+    if boxes.dim() != 3 or boxes.shape[1:] != (height * width, 4):
+        raise ValueError(f"adaptive_offsets: boxes must be [B, {height * width}, 4], got {tuple(boxes.shape)}")
+    feature = (boxes.float() - origin) / stride
+    cx, cy = (feature[..., 0] + feature[..., 2]) * 0.5, (feature[..., 1] + feature[..., 3]) * 0.5
+    half_w, half_h = (feature[..., 2] - feature[..., 0]) * 0.5, (feature[..., 3] - feature[..., 1]) * 0.5
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=boxes.device, dtype=torch.float32),
+        torch.arange(width, device=boxes.device, dtype=torch.float32),
+        indexing="ij",
+    )
+    steps = torch.arange(-1.0, 2.0, device=boxes.device)
+    rows, cols = (t.reshape(-1) for t in torch.meshgrid(steps, steps, indexing="ij"))  # [K]
+    dy = cy[..., None] + rows * half_h[..., None] - (ys.reshape(-1, 1) + rows)  # [B, H * W, K]
+    dx = cx[..., None] + cols * half_w[..., None] - (xs.reshape(-1, 1) + cols)
+    offsets = torch.stack((dy, dx), dim=-1).reshape(batch, height * width, 2 * rows.numel())
+    return offsets.permute(0, 2, 1).reshape(batch, 2 * rows.numel(), height, width)
+
+
+def assign_centre_region(grid: AnchorGrid, gt_boxes: Tensor, centre_ratio: float) -> tuple[Tensor, Tensor]:
+    """Stage-1 targets: ``(positive bool [N], matched int64 [N])`` for one image (see the module docstring).
+
+    ``grid`` must have one anchor per location. A location claimed by several gt boxes
+    regresses the smallest; ``matched`` is 0 where ``positive`` is False.
+    """
+    num = grid.anchors.shape[0]
+    device = grid.anchors.device
+    positive = torch.zeros(num, dtype=torch.bool, device=device)
+    matched = torch.zeros(num, dtype=torch.int64, device=device)
+    if gt_boxes.shape[0] == 0:
+        return positive, matched
+    gt = gt_boxes.to(device=device, dtype=torch.float32)
+    width, height = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    centre_x, centre_y = (gt[:, 0] + gt[:, 2]) * 0.5, (gt[:, 1] + gt[:, 3]) * 0.5
+    area = width * height
+    sizes = torch.tensor(
+        [float((cell[0, 2] - cell[0, 0]) * (cell[0, 3] - cell[0, 1])) ** 0.5 for cell in (lv.cell_anchors for lv in grid.levels)],
+        device=device,
+    )
+    level_of = (torch.log2(area.sqrt()[:, None] / sizes[None])).abs().argmin(dim=1)
+    for index, level in enumerate(grid.levels):
+        chosen = torch.nonzero(level_of == index).squeeze(1)
+        if chosen.numel() == 0:
+            continue
+        xs = level.origin + torch.arange(level.width, device=device, dtype=torch.float32) * level.step
+        ys = level.origin + torch.arange(level.height, device=device, dtype=torch.float32) * level.step
+        in_x = (xs[None] - centre_x[chosen, None]).abs() <= centre_ratio * width[chosen, None] * 0.5
+        in_y = (ys[None] - centre_y[chosen, None]).abs() <= centre_ratio * height[chosen, None] * 0.5
+        inside = in_y[:, :, None] & in_x[:, None, :]  # [G_l, H_l, W_l]
+        near_x = ((centre_x[chosen] - level.origin) / level.step).round().clamp(0, level.width - 1).long()
+        near_y = ((centre_y[chosen] - level.origin) / level.step).round().clamp(0, level.height - 1).long()
+        inside[torch.arange(chosen.numel(), device=device), near_y, near_x] = True
+        claimed = torch.where(inside, area[chosen, None, None], torch.full_like(inside, math.inf, dtype=torch.float32))
+        smallest, which = claimed.reshape(chosen.numel(), -1).min(dim=0)
+        rows = level.start + torch.arange(level.height * level.width, device=device)
+        hit = torch.isfinite(smallest)
+        positive[rows[hit]] = True
+        matched[rows[hit]] = chosen[which[hit]]
+    return positive, matched
+
+
+class CascadeStage(nn.Module):
+    """One stage: 3x3 conv (dilated, or adaptive to given offsets) + ReLU, 1x1 deltas (and objectness).
+
+    ``forward(feature [B, C, H, W], offsets [B, 2K, H, W] | None)`` -> ``(hidden [B, C', H, W],
+    deltas [B, H * W, 4], logits [B, H * W] or None)``; ``offsets`` are required iff ``adaptive``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, adaptive: bool, dilation: int, with_objectness: bool) -> None:
+        super().__init__()
+        self.adaptive = adaptive
+        self.dilation = 1 if adaptive else dilation
+        self.weight = nn.Parameter(torch.empty(channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.bbox_deltas = nn.Conv2d(channels, 4, 1)
+        self.cls_logits = nn.Conv2d(channels, 1, 1) if with_objectness else None
+        nn.init.normal_(self.weight, std=0.01)
+        for conv in filter(None, (self.bbox_deltas, self.cls_logits)):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feature: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.adaptive != (offsets is not None):
+            raise ValueError(f"CascadeStage: offsets are {'required' if self.adaptive else 'not used'} here")
+        if offsets is None:
+            hidden = F.conv2d(feature, self.weight, self.bias, padding=self.dilation, dilation=self.dilation)
+        else:
+            hidden = deform_conv2d(feature.contiguous(), offsets.to(feature.dtype), self.weight, self.bias, padding=(1, 1))
+        hidden = F.relu(hidden)
+        b, _, h, w = hidden.shape
+        deltas = self.bbox_deltas(hidden).permute(0, 2, 3, 1).reshape(b, h * w, 4)
+        logits = None if self.cls_logits is None else self.cls_logits(hidden).reshape(b, h * w)
+        return hidden, deltas, logits
+
+
+class CascadeRPN(nn.Module):
+    """Multi-stage proposal network over ``L`` levels, with :class:`~lightning_rpn.rpn.RPN`'s call interface.
+
+    Args:
+        anchor_generator: one anchor per location (one size, one aspect ratio), ``anchor_stride`` 1.
+        in_channels: feature channels; ``conv_channels`` those of the stages (``None``: the same).
+        num_stages: stages (>= 2): one centre-region stage, then adaptive IoU-assigned ones.
+        dilation: dilation of stage 1's 3x3 convolution.
+        centre_ratio: the central part (fraction of width and height) of a gt box whose locations
+            are stage-1 positives.
+        box_coder, target_config: delta parametrisation; IoU matching and sampling of stages >= 2.
+        pre_nms_top_n_* / post_nms_top_n_* / nms_thresh / min_size / score_thresh: as the RPN's.
+        reg_weight: weight of every stage's box loss.
+        seed: mixed with the epoch and each image's sampling key to seed the sampling.
+
+    ``forward`` takes the RPN's arguments. Its targets always come from ``targets`` (the stages'
+    assignments depend on the predicted boxes); precomputed ``anchor_targets`` are not used
+    (``data.assign_targets: false`` skips them in the DataLoader workers). Crowd boxes and
+    ``allowed_border`` are not used either.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        in_channels: int = 256,
+        num_stages: int = 2,
+        conv_channels: int | None = None,
+        dilation: int = 3,
+        centre_ratio: float = 0.2,
+        box_coder: BoxCoder | None = None,
+        target_config: AnchorTargetConfig | None = None,
+        pre_nms_top_n_train: int = 2000,
+        post_nms_top_n_train: int = 2000,
+        pre_nms_top_n_test: int = 1000,
+        post_nms_top_n_test: int = 1000,
+        nms_thresh: float = 0.7,
+        min_size: float = 1e-3,
+        score_thresh: float = 0.0,
+        reg_weight: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if anchor_generator.num_anchors_per_location() != 1 or anchor_generator.anchor_stride != 1:
+            raise ValueError(
+                "CascadeRPN: needs one anchor per location and anchor_stride 1 (model.anchor_sizes one size per "
+                f"level, model.aspect_ratios [[1.0]]), got {anchor_generator!r} with "
+                f"{anchor_generator.num_anchors_per_location()} anchors per location"
+            )
+        for name, value in (("num_stages", num_stages), ("dilation", dilation), ("in_channels", in_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "num_stages" else 1):
+                raise ValueError(f"CascadeRPN: {name} must be an int >= {2 if name == 'num_stages' else 1}, got {value!r}")
+        if not 0.0 < centre_ratio <= 1.0:
+            raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
+        channels = in_channels if conv_channels is None else conv_channels
+        self.anchor_generator = anchor_generator
+        self.stages = nn.ModuleList(
+            CascadeStage(in_channels if s == 0 else channels, channels, adaptive=s > 0, dilation=dilation,
+                         with_objectness=s == num_stages - 1)
+            for s in range(num_stages)
+        )
+        self.centre_ratio = centre_ratio
+        self.box_coder = BoxCoder() if box_coder is None else box_coder
+        self.target_config = AnchorTargetConfig() if target_config is None else target_config
+        self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
+        self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.score_thresh = score_thresh
+        self.reg_weight = reg_weight
+        self.seed = seed
+
+    def forward(
+        self,
+        features: Sequence[Tensor] | Mapping[str, Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+        *,
+        anchor_targets: tuple[Tensor, Tensor] | None = None,
+        image_ids: Sequence[int | str] | None = None,
+        sampling_keys: Sequence[int | str] | None = None,
+        sampling_epoch: int = 0,
+        need_proposals: bool = True,
+        proposal_logits: bool = False,
+    ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
+        """Proposals per image ``(boxes [P, 4], probabilities [P][, logits [P]])`` and the losses
+        ``{"loss_rpn_cls", "loss_rpn_reg"}`` (when ``targets`` are given), as :meth:`RPN.forward`."""
+        levels = list(features.values()) if isinstance(features, Mapping) else list(features)
+        if len(levels) != self.anchor_generator.num_levels:
+            raise ValueError(
+                f"CascadeRPN: got {len(levels)} feature levels but the anchor generator has "
+                f"{self.anchor_generator.num_levels} (strides {self.anchor_generator.strides})"
+            )
+        batch = levels[0].shape[0]
+        if len(image_sizes) != batch:
+            raise ValueError(f"CascadeRPN: {len(image_sizes)} image_sizes for a batch of {batch} feature maps")
+        if anchor_targets is not None and targets is None:
+            raise ValueError(
+                "CascadeRPN: assigns its own targets from the gt boxes (they depend on the predicted boxes); "
+                "pass targets, not only anchor_targets"
+            )
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in levels]
+        grid = self.anchor_generator.grid(shapes, device=levels[0].device)
+        per_level = [lv.num_anchors for lv in grid.levels]
+        boxes = grid.anchors.unsqueeze(0).expand(batch, -1, -1)  # [B, N, 4], the stage's input boxes
+        inputs = levels
+        stage_boxes, stage_deltas = [], []
+        logits: Tensor | None = None
+        for index, stage in enumerate(self.stages):
+            level_boxes = boxes.split(per_level, dim=1)
+            hidden, deltas, level_logits = [], [], []
+            for level, (feature, lv) in enumerate(zip(inputs, grid.levels)):
+                offsets = None
+                if stage.adaptive:
+                    offsets = adaptive_offsets(level_boxes[level], lv.height, lv.width, lv.step, lv.origin)
+                h, d, o = stage(feature, offsets)
+                hidden.append(h)
+                deltas.append(d)
+                level_logits.append(o)
+            stage_boxes.append(boxes)
+            stage_deltas.append(torch.cat(deltas, dim=1))
+            if index == len(self.stages) - 1:
+                logits = torch.cat(level_logits, dim=1)
+            else:
+                boxes = self.box_coder.decode(stage_deltas[-1].detach(), boxes)
+            inputs = hidden
+        assert logits is not None
+
+        losses: dict[str, Tensor] = {}
+        if targets is not None:
+            losses = self._losses(grid, stage_boxes, stage_deltas, logits, targets, sizes, image_ids,
+                                  sampling_keys, sampling_epoch, batch)
+        proposals: list[tuple[Tensor, ...]] = []
+        if need_proposals:
+            mode = "train" if self.training else "test"
+            last_boxes, last_deltas = stage_boxes[-1].detach(), stage_deltas[-1].detach()
+            for image in range(batch):
+                proposals += generate_proposals(
+                    list(logits[image : image + 1].detach().split(per_level, dim=1)),
+                    list(last_deltas[image : image + 1].split(per_level, dim=1)),
+                    list(last_boxes[image].split(per_level, dim=0)),
+                    sizes[image : image + 1],
+                    self.pre_nms_top_n[mode], self.post_nms_top_n[mode], self.nms_thresh, self.min_size,
+                    self.score_thresh, box_coder=self.box_coder, return_logits=proposal_logits,
+                )
+        return proposals, losses
+
+    def _losses(
+        self,
+        grid: AnchorGrid,
+        stage_boxes: list[Tensor],
+        stage_deltas: list[Tensor],
+        logits: Tensor,
+        targets: Sequence[Mapping[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+        image_ids: Sequence[int | str] | None,
+        sampling_keys: Sequence[int | str] | None,
+        sampling_epoch: int,
+        batch: int,
+    ) -> dict[str, Tensor]:
+        """Every stage's IoU box loss (summed) and the last stage's objectness loss."""
+        if len(targets) != batch:
+            raise ValueError(f"CascadeRPN: {len(targets)} targets for a batch of {batch} images")
+        ids = list(range(batch)) if image_ids is None else list(image_ids)
+        keys = ids if sampling_keys is None else list(sampling_keys)
+        device = stage_deltas[0].device
+        gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
+        check_gt_box_batch(gt_boxes, lambda i: f"CascadeRPN targets[{i}] (image_id={ids[i]!r})", image_sizes)
+        generators = [sample_generator(self.seed, key, sampling_epoch) for key in keys]
+        config = self.target_config
+        reg = torch.zeros((), device=device)
+        labels = torch.zeros(0)
+        for index, (boxes, deltas) in enumerate(zip(stage_boxes, stage_deltas)):
+            with torch.no_grad():
+                if index == 0:
+                    assigned = [assign_centre_region(grid, gt, self.centre_ratio) for gt in gt_boxes]
+                    positive = torch.stack([p for p, _ in assigned])
+                    matched = torch.stack([m for _, m in assigned])
+                else:
+                    rows = []
+                    matched_rows = []
+                    for image, gt in enumerate(gt_boxes):
+                        row, match = match_anchors_batched(
+                            boxes[image].detach().float(), [gt], config.fg_iou, config.bg_iou, config.allow_low_quality
+                        )
+                        row = sample_anchors_with_positives(
+                            row, config.batch_size_per_image, config.positive_fraction, [generators[image]]
+                        )[0]
+                        rows.append(row[0])
+                        matched_rows.append(match[0])
+                    labels = torch.stack(rows)
+                    matched = torch.stack(matched_rows)
+                    positive = labels == 1
+                first = torch.tensor([0] + [gt.shape[0] for gt in gt_boxes], device=device).cumsum(0)
+                image_of = torch.nonzero(positive)[:, 0]
+                all_gt = torch.cat([torch.zeros(0, 4, device=device), *gt_boxes])
+                target_boxes = all_gt[first[image_of] + matched[positive]]
+            pred = self.box_coder.decode(deltas[positive].float(), boxes[positive].float())
+            count = max(int(positive.sum()), 1)
+            reg = reg + (1.0 - aligned_iou(pred, target_boxes)).sum() / count
+        sampled = labels >= 0
+        cls = F.binary_cross_entropy_with_logits(
+            logits[sampled].float(), labels[sampled].float(), reduction="sum"
+        ) / sampled.sum().clamp(min=1)
+        losses = {"loss_rpn_cls": cls, "loss_rpn_reg": reg * float(self.reg_weight)}
+        if not all(bool(torch.isfinite(value)) for value in losses.values()):
+            raise NonFiniteLossError(
+                f"CascadeRPN: non-finite loss ({ {k: v.item() for k, v in losses.items()} }); check the "
+                "predicted deltas and the learning rate"
+            )
+        return losses

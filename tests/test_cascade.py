@@ -1,0 +1,140 @@
+"""Cascade refinement: adaptive-convolution offsets and centre-region assignment by hand, the stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.cascade import CascadeRPN, adaptive_offsets, assign_centre_region
+from lightning_rpn.export import ProposalNetwork
+from lightning_rpn.matching import match_anchors_batched
+from lightning_rpn.targets import AnchorTargetConfig
+from lightning_rpn.torchvision_adapter import TorchvisionRPN
+
+
+def test_adaptive_offsets_by_hand() -> None:
+    # level of stride 4, origin 0, a 2 x 3 map; every location holds the box (4, 0, 20, 8) pixels,
+    # in feature coordinates (1, 0, 5, 2): centre (x 3, y 1), half sizes (2, 1).
+    boxes = torch.tensor([4.0, 0, 20, 8]).expand(1, 6, 4)
+    offsets = adaptive_offsets(boxes, 2, 3, 4.0, 0.0)
+    assert offsets.shape == (1, 18, 2, 3)
+    # location (y 0, x 1): point (i, j) goes to (1 + i, 3 + 2 j) from (0 + i, 1 + j): dy 1, dx 2 + j
+    expected = torch.tensor([[1.0, 1 + 1 * j] for _ in range(3) for j in (0, 1, 2)]).reshape(18)
+    torch.testing.assert_close(offsets[0, :, 0, 1], expected)
+    # with origin 2 (anchor offset 0.5) the box is (0.5, -0.5, 4.5, 1.5): centre (2.5, 0.5)
+    shifted = adaptive_offsets(boxes, 2, 3, 4.0, 2.0)
+    torch.testing.assert_close(shifted[0, 0::2, 0, 1], torch.full((9,), 0.5))
+    torch.testing.assert_close(shifted[0, 1::2, 0, 1], torch.tensor([0.5, 1.5, 2.5] * 3))
+
+
+def test_deform_conv2d_samples_the_box_points() -> None:
+    # value 10 y + x; location (0, 1) with the box above samples (y, x) = (1 + i, 3 + 2 j)
+    image = (10 * torch.arange(4.0)[:, None] + torch.arange(6.0)[None]).reshape(1, 1, 4, 6)
+    offsets = adaptive_offsets(torch.tensor([4.0, 0, 20, 8]).expand(1, 24, 4), 4, 6, 4.0, 0.0)
+    for (i, j), value in {(-1, 1): 5.0, (1, -1): 21.0, (0, 0): 13.0}.items():
+        weight = torch.zeros(1, 1, 3, 3)
+        weight[0, 0, i + 1, j + 1] = 1.0
+        out = deform_conv2d(image, offsets, weight, padding=(1, 1))
+        assert out[0, 0, 0, 1].item() == pytest.approx(value)
+
+
+def _grid():
+    generator = AnchorGenerator(((16,), (32,)), ((1.0,),), (4, 8))
+    return generator, generator.grid([(8, 8), (4, 4)])
+
+
+def test_centre_region_assignment_by_hand() -> None:
+    _, grid = _grid()
+    gt = torch.tensor([
+        [0.0, 0, 16, 16],  # size 16 -> level 0; centre (8, 8)
+        [2, 2, 30, 30],  # size 28 -> level 1 (|log2 28/32| < |log2 28/16|); region +-2.8 -> (16, 16)
+        [13, 13, 15, 15],  # size 2 -> level 0; no centre in +-0.2: the nearest, round(14 / 4) = 4
+        [6, 6, 10, 10],  # size 4 -> level 0; region +-0.4 -> (8, 8), which box 0 claims too
+    ])
+    positive, matched = assign_centre_region(grid, gt, 0.2)
+    # ratio 0.2: box 0's region is +-1.6 -> (8, 8) only, where box 3 (smaller) wins
+    expected = {2 * 8 + 2: 3, 64 + 2 * 4 + 2: 1, 4 * 8 + 4: 2}
+    assert sorted(torch.nonzero(positive).squeeze(1).tolist()) == sorted(expected)
+    assert {row: int(matched[row]) for row in expected} == expected
+    wide, which = assign_centre_region(grid, gt[:1], 0.5)  # region +-4 -> x, y in {4, 8, 12}
+    rows = [y * 8 + x for y in (1, 2, 3) for x in (1, 2, 3)]
+    assert torch.nonzero(wide).squeeze(1).tolist() == rows and which[rows].eq(0).all()
+    none, _ = assign_centre_region(grid, torch.zeros(0, 4), 0.2)
+    assert not none.any()
+
+
+def _cascade(**kwargs) -> CascadeRPN:
+    generator, _ = _grid()
+    settings = dict(in_channels=8, target_config=AnchorTargetConfig(fg_iou=0.5, batch_size_per_image=64),
+                    post_nms_top_n_test=30, seed=5)
+    return CascadeRPN(generator, **{**settings, **kwargs})
+
+
+TARGETS = [{"boxes": torch.tensor([[4.0, 6, 20, 24], [14, 2, 30, 18]])}, {"boxes": torch.tensor([[8.0, 8, 24, 20]])}]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_every_stage_trains_and_proposals_come_from_the_last(stages: int) -> None:
+    torch.manual_seed(0)
+    rpn = _cascade(num_stages=stages).train()
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    proposals, losses = rpn(features, [(32, 32), (32, 32)], TARGETS, image_ids=[0, 1])
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and all(v.isfinite() for v in losses.values())
+    (losses["loss_rpn_cls"] + losses["loss_rpn_reg"]).backward()
+    assert len(rpn.stages) == stages and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rpn.parameters())
+    assert rpn.stages[-1].cls_logits is not None and all(s.cls_logits is None for s in rpn.stages[:-1])
+    assert [tuple(b.shape[1:]) for b, _ in proposals] == [(4,), (4,)]
+    rpn.eval()
+    again, _ = rpn(features, [(32, 32), (32, 32)], proposal_logits=True)
+    assert len(again[0]) == 3 and again[0][0].shape[0] <= 30
+
+
+def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_rpn.cascade as cascade
+
+    seen: list[torch.Tensor] = []
+
+    def spy(anchors, gt, *args, **kwargs):
+        seen.append(anchors.clone())
+        return match_anchors_batched(anchors, gt, *args, **kwargs)
+
+    monkeypatch.setattr(cascade, "match_anchors_batched", spy)
+    torch.manual_seed(0)
+    rpn = _cascade().train()
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    rpn(features, [(32, 32), (32, 32)], TARGETS, image_ids=[0, 1], need_proposals=False)
+    generator, grid = _grid()
+    deltas = torch.cat([rpn.stages[0](f)[1] for f in features], dim=1)
+    stage_one = rpn.box_coder.decode(deltas, grid.anchors.expand(2, -1, -1))
+    assert len(seen) == 2
+    for image in range(2):
+        torch.testing.assert_close(seen[image], stage_one[image])
+
+
+def test_errors_and_entry_points_that_do_not_take_it_yet() -> None:
+    with pytest.raises(ValueError, match="one anchor per location"):
+        CascadeRPN(AnchorGenerator(((16,), (32,)), (0.5, 1.0), (4, 8)), in_channels=8)
+    with pytest.raises(ValueError, match="num_stages must be an int >= 2"):
+        _cascade(num_stages=1)
+    with pytest.raises(ValueError, match="pass targets, not only anchor_targets"):
+        _cascade()([torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)], [(32, 32)],
+                   anchor_targets=(torch.zeros(1, 80, dtype=torch.long), torch.zeros(1, 80, 4)))
+    with pytest.raises(TypeError, match="rpn must be a lightning_rpn.RPN, got CascadeRPN"):
+        TorchvisionRPN(_cascade())
+    with pytest.raises(TypeError, match="rpn must be a lightning_rpn.RPN, got CascadeRPN"):
+        ProposalNetwork(torch.nn.Identity(), _cascade())
+
+
+def test_module_option_builds_and_trains_a_cascade() -> None:
+    from test_module import collate_for, synthetic_samples, tiny_model
+
+    one_anchor = dict(head="cascade", aspect_ratios=((1.0,),), anchor_sizes=((32,), (64,), (128,), (256,)))
+    model = tiny_model(**one_anchor, cascade_stages=3)
+    assert isinstance(model.rpn, CascadeRPN) and len(model.rpn.stages) == 3
+    batch = collate_for(model, assign_targets=False)(synthetic_samples())
+    proposals, losses = model(batch)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)
+    with pytest.raises(ValueError, match=r"model.head='cascade' does not support \{'model.quality': 'iou'\}"):
+        tiny_model(**one_anchor, quality="iou")
