@@ -1,16 +1,23 @@
-"""Tiled training data: window draws (images, positions, boxes, visibility), determinism, cache, data module."""
+"""Tiled training data: window draws (images, positions, boxes, visibility), determinism, cache, windowed reads,
+data module."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_rpn.data import annotated
+from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.datamodule import RPNDataModule
-from lightning_rpn.data.problems import Problem
+from lightning_rpn.data.image_io import load_rgb_image, raster_layout, read_image_size, verify_image
+from lightning_rpn.data.problems import DataError, Problem
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.tiles import ImageCache, TileConfig, TiledDataset, WindowSampler, cut_window
@@ -199,3 +206,92 @@ def test_window_targets_are_the_same_in_the_workers_and_in_the_model() -> None:
     batch = next(iter(loader))
     assert batch.sampling_keys == [8, 9] and batch.sampling_epoch == 2
     assert torch.equal(in_model_anchor_labels(model, batch, sampling_epoch=2), batch.anchor_labels.to(torch.int64))
+
+
+def _raster_files(root: Path, image: np.ndarray) -> dict[str, Path]:
+    """``image`` saved in every format, with a width (61) whose BMP rows are padded."""
+    files = {"npy": root / "a.npy", "gray.npy": root / "g.npy"}
+    np.save(files["npy"], image)
+    np.save(files["gray.npy"], np.ascontiguousarray(image[:, :, 1]))
+    for name, suffix, mode, options in (("tif", "tif", "RGB", {}), ("gray.tif", "tif", "L", {}),
+                                        ("ppm", "ppm", "RGB", {}), ("pgm", "pgm", "L", {}), ("bmp", "bmp", "RGB", {}),
+                                        ("png", "png", "RGB", {}), ("jpg", "jpg", "RGB", {}),
+                                        ("deflate.tif", "tif", "RGB", {"compression": "tiff_deflate"})):
+        files[name] = root / f"{name.replace('.', '_')}.{suffix}"
+        pixels = image if mode == "RGB" else image[:, :, 1]
+        Image.fromarray(np.ascontiguousarray(pixels)).save(files[name], **options)
+    return files
+
+
+def test_uncompressed_files_are_read_by_window_with_the_pixels_of_the_whole_decode(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    files = _raster_files(tmp_path, image)
+    window = (7, 3, 50, 41)
+    for name, path in files.items():
+        layout = raster_layout(path)
+        assert (layout is None) == (name in ("png", "jpg", "deflate.tif")), name
+        whole = load_rgb_image(path)
+        assert read_image_size(path) == verify_image(path) == (45, 61)
+        if layout is not None:
+            np.testing.assert_array_equal(layout.read(window), whole[3:41, 7:50], err_msg=name)
+            assert layout.read(window).flags.c_contiguous and layout.read(window).flags.writeable
+            assert layout.bottom_up == (name == "bmp")
+            assert layout.stride == {"bmp": 184, "gray.tif": 61, "pgm": 61, "gray.npy": 61}.get(name, 183)  # BMP: 4-byte rows
+    np.testing.assert_array_equal(load_rgb_image(files["npy"]), image)
+    with pytest.raises(ValueError, match=r"window \(0, 0, 62, 10\) is not inside the 61x45"):
+        raster_layout(files["npy"]).read((0, 0, 62, 10))
+    short = tmp_path / "short.npy"
+    short.write_bytes(files["npy"].read_bytes()[:-5])
+    assert raster_layout(short) is None and raster_layout(tmp_path / "missing.tif") is None
+    with pytest.raises(DataError, match="truncated or unreadable"):
+        load_rgb_image(short)
+    np.save(tmp_path / "f.npy", image.astype(np.float32))
+    with pytest.raises(DataError, match=r"\.npy image has shape \(45, 61, 3\), dtype float32; expected"):
+        read_image_size(tmp_path / "f.npy")
+
+
+@pytest.mark.parametrize("suffix", ["npy", "tif", "bmp"])
+def test_windows_read_from_a_file_map_equal_the_decoded_windows(tmp_path: Path, suffix: str, monkeypatch) -> None:
+    scenes = DenseScenes(2, size=160, density=400.0, min_object_size=10, max_object_size=24, split="maps")
+    images, annotations = [], []
+    for index in range(2):
+        scene = scenes[index]
+        name = f"scene{index}.{suffix}"
+        if suffix == "npy":
+            np.save(tmp_path / name, scene.image)
+        else:
+            Image.fromarray(scene.image).save(tmp_path / name)
+        images.append({"id": index + 1, "file_name": name, "height": 160, "width": 160})
+        for box in scene.boxes:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "category_id": 1, "iscrowd": int(len(annotations) % 17 == 0)})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": [{"id": 1, "name": "object"}]}))
+    coco = COCODetection(tmp_path, tmp_path / "ann.json")
+
+    def draws(window_reads: str, cache_mb: float = 1024.0) -> list[DetectionSample]:
+        config = TileConfig(size=64, per_epoch=8, box_probability=0.5, window_reads=window_reads, cache_mb=cache_mb)
+        tiled = TiledDataset(coco, config, min_visibility=0.4, seed=3)  # type: ignore[arg-type]
+        return [tiled[i] for i in range(16)]  # epochs 0 and 1
+
+    decoded = draws("never")
+    monkeypatch.setattr(annotated, "load_rgb_image", _no_decoding)
+    for mapped in (draws("always"), draws("auto", cache_mb=0.05)):  # 0.05 MB < one 160 x 160 x 3 image
+        for a, b in zip(decoded, mapped, strict=True):
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.boxes, b.boxes)
+            np.testing.assert_array_equal(a.crowd_boxes, b.crowd_boxes)
+            assert (a.image_id, a.source, a.original_size, a.removed_boxes, a.problems) == \
+                   (b.image_id, b.source, b.original_size, b.removed_boxes, b.problems)
+            assert type(b.image) is np.ndarray and b.image.flags.writeable  # a copy, not the file map
+    assert sum(len(s.boxes) for s in decoded) > 0 and sum(s.removed_boxes for s in decoded) > 0
+    assert len({s.image_id for s in decoded}) > 8
+    with pytest.raises(AssertionError, match="decoded"):
+        draws("auto")  # within the budget: decoded (and cached)
+    with pytest.raises(ValueError, match="data.tiles.window_reads='sometimes' is not one of auto, always, never"):
+        TileConfig(size=64, per_epoch=8, window_reads="sometimes")  # type: ignore[arg-type]
+
+
+def _no_decoding(path, **kwargs):
+    raise AssertionError(f"{path} was decoded whole")

@@ -8,6 +8,16 @@ Decoding is strict: a truncated file is an error even where ``PIL.ImageFile.LOAD
 was switched on (PIL would fill the missing rows with grey). :func:`verify_image` decodes the
 whole file, as training will (header checks pass truncated JPEGs); :func:`read_image_size`
 reads the header only.
+
+``.npy`` files (``H x W x 3`` or ``H x W`` uint8, C order) are images too, read with numpy.
+
+Windowed reads (:func:`raster_layout`, :meth:`RasterLayout.read`): where a file stores its
+pixels uncompressed, one row after another (``.npy``; uncompressed 8-bit RGB or grayscale TIFF
+whose strips PIL reads as one block; binary PPM / PGM; 24-bit BMP), a window is read from a
+memory map of the file, touching only the pages of its rows' spans. Compressed formats (PNG,
+JPEG, compressed TIFF) have no such layout: PIL decodes them whole, also to crop them (and it
+keeps RGB in 4 bytes a pixel, so it maps no RGB file either), as ``bench/bench_window_reads.py``
+measures.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -22,7 +33,15 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from lightning_rpn.data.problems import DataError, UnsafePathError
 
-__all__ = ["resolve_image_path", "load_rgb_image", "verify_image", "read_image_size", "to_rgb_uint8"]
+__all__ = [
+    "resolve_image_path",
+    "load_rgb_image",
+    "verify_image",
+    "read_image_size",
+    "to_rgb_uint8",
+    "RasterLayout",
+    "raster_layout",
+]
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
@@ -91,6 +110,9 @@ def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np
     """Decode ``path`` to ``H x W x 3`` uint8 RGB; a missing, corrupt or truncated file is a :class:`DataError`."""
     path = Path(path)
     _check_exists(path, image_id)
+    if _is_npy(path):
+        layout = _npy_layout(path, image_id)
+        return layout.read((0, 0, layout.width, layout.height))
     try:
         with _strict_decoding(), Image.open(path) as image:
             image.load()
@@ -107,6 +129,9 @@ def verify_image(path: Path | str, *, image_id: int | str | None = None) -> tupl
     """
     path = Path(path)
     _check_exists(path, image_id)
+    if _is_npy(path):
+        layout = _npy_layout(path, image_id)
+        return layout.height, layout.width
     try:
         with _strict_decoding(), Image.open(path) as image:
             width, height = image.size
@@ -121,6 +146,9 @@ def read_image_size(path: Path | str, *, image_id: int | str | None = None) -> t
     """``(h, w)`` from the file header only (fast; a truncated file passes); missing or unreadable is a :class:`DataError`."""
     path = Path(path)
     _check_exists(path, image_id)
+    if _is_npy(path):
+        layout = _npy_layout(path, image_id)
+        return layout.height, layout.width
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -128,3 +156,100 @@ def read_image_size(path: Path | str, *, image_id: int | str | None = None) -> t
     except _DECODE_ERRORS as error:
         raise _unreadable(path, error, image_id) from error
     return int(height), int(width)
+
+
+@dataclass(frozen=True)
+class RasterLayout:
+    """Where an uncompressed 8-bit image lies in its file: rows of ``stride`` bytes from ``offset``.
+
+    ``order`` is the stored channel order: ``"RGB"``, ``"BGR"`` or ``"L"`` (gray); ``bottom_up``:
+    the first stored row is the image's last (BMP).
+    """
+
+    path: Path
+    offset: int
+    height: int
+    width: int
+    stride: int
+    order: str
+    bottom_up: bool = False
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.order == "L" else 3
+
+    def pixels(self) -> np.ndarray:
+        """A read-only ``H x W x 3`` uint8 RGB view of the mapped file: slicing it reads only the slice's rows.
+
+        The file stays mapped while the view (or a view of it) lives; copy what is kept.
+        """
+        rows = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.height, self.stride))
+        if self.bottom_up:
+            rows = rows[::-1]
+        view = rows[:, : self.width * self.channels].reshape(self.height, self.width, self.channels)
+        if self.order == "L":
+            return np.broadcast_to(view, (self.height, self.width, 3))
+        return view[:, :, ::-1] if self.order == "BGR" else view
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        """A copy of the ``h x w x 3`` pixels of ``window = (x0, y0, x1, y1)`` (the file is unmapped after)."""
+        x0, y0, x1, y1 = window
+        if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
+            raise ValueError(f"RasterLayout.read: window {window} is not inside the {self.width}x{self.height} "
+                             f"(w x h) image {str(self.path)!r}")
+        return np.array(self.pixels()[y0:y1, x0:x1], order="C")
+
+
+_RAW_ORDERS = {("RGB", "RGB"): "RGB", ("RGB", "BGR"): "BGR", ("L", "L"): "L"}
+
+
+def raster_layout(path: Path | str) -> RasterLayout | None:
+    """The :class:`RasterLayout` of ``path`` when it can be read by window, else ``None``.
+
+    ``None`` also for a file that is missing, unreadable or shorter than its header says: the
+    whole-image path then reports it (:func:`load_rgb_image`).
+    """
+    path = Path(path)
+    try:
+        if _is_npy(path):
+            layout = _npy_layout(path, None)
+        else:
+            with Image.open(path) as image:
+                tiles = list(getattr(image, "tile", None) or [])
+                if len(tiles) != 1 or tiles[0][0] != "raw" or tuple(tiles[0][1]) != (0, 0, *image.size):
+                    return None
+                args = tiles[0][3] if isinstance(tiles[0][3], tuple) else (tiles[0][3],)
+                rawmode, stride, orientation = (*args, 0, 1)[:3]
+                order = _RAW_ORDERS.get((image.mode, rawmode))
+                if order is None or orientation not in (1, -1):
+                    return None
+                width, height = image.size
+                channels = 1 if order == "L" else 3
+                layout = RasterLayout(path, int(tiles[0][2]), height, width, int(stride) or width * channels,
+                                      order, bottom_up=orientation == -1)
+        needed = layout.offset + layout.height * layout.stride
+        return layout if os.path.getsize(path) >= needed else None
+    except (DataError, *_DECODE_ERRORS):
+        return None
+
+
+def _is_npy(path: Path) -> bool:
+    return path.suffix.lower() == ".npy"
+
+
+def _npy_layout(path: Path, image_id: int | str | None) -> RasterLayout:
+    """An ``.npy`` image's layout from its header; a wrong shape or dtype, or truncation, is a :class:`DataError`."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # maps the file, reads the header only
+    except (OSError, ValueError) as error:
+        raise _unreadable(path, error, image_id) from error
+    shape, dtype = array.shape, array.dtype
+    if dtype != np.uint8 or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3) \
+            or not array.flags.c_contiguous:
+        raise DataError(f".npy image has shape {shape}, dtype {dtype}; expected H x W x 3 or H x W uint8 "
+                        "in C order", file=str(path), image_id=image_id)
+    order = "RGB" if len(shape) == 3 else "L"
+    offset = int(array.offset)
+    del array
+    height, width = int(shape[0]), int(shape[1])
+    return RasterLayout(path, offset, height, width, width * (1 if order == "L" else 3), order)

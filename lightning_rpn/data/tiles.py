@@ -24,6 +24,15 @@ stays inside is dropped and counted in ``removed_boxes`` (the data report); boxe
 the window are not counted (they belong to other windows). Decoded source images are kept per
 process in an LRU cache bounded by ``cache_mb``, plus the image last cut (an image larger than
 the budget is decoded once per window).
+
+Windowed reads (``window_reads``): an image of a file-backed dataset (COCO, VOC) whose file
+stores its pixels uncompressed row by row (``.npy``, uncompressed TIFF, PPM / PGM, BMP: see
+:func:`~lightning_rpn.data.image_io.raster_layout`) can be read by window from a memory map
+instead, touching only the window's rows: ``"auto"`` does so for images larger than
+``cache_mb`` (which the cache could not keep), ``"always"`` for every such image, ``"never"``
+not at all. It needs the annotation to give the image's size, and the file's header to agree
+(otherwise the image is decoded whole, and checked, as always). A window comes out the same
+either way: pixels, boxes, ids and counts.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
+from lightning_rpn.data.image_io import RasterLayout, raster_layout
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.windows import clip_to_window, config_from_mapping, window_key, window_starts
 
@@ -46,6 +57,8 @@ __all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_win
 
 TileWeighting = Literal["area", "uniform", "boxes"]
 _WEIGHTINGS = ("area", "uniform", "boxes")
+WindowReads = Literal["auto", "always", "never"]
+_WINDOW_READS = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class TileConfig:
             ``"uniform"``.
         box_probability: chance that a window is placed to hold a chosen box whole.
         cache_mb: decoded images kept per worker process (LRU, megabytes).
+        window_reads: read windows from a memory map of files that allow it: ``"auto"`` for
+            images larger than ``cache_mb``, ``"always"`` or ``"never"``.
     """
 
     size: int
@@ -69,6 +84,7 @@ class TileConfig:
     weighting: TileWeighting = "area"
     box_probability: float = 0.5
     cache_mb: float = 1024.0
+    window_reads: WindowReads = "auto"
 
     def __post_init__(self) -> None:
         where = "data.tiles"
@@ -87,6 +103,8 @@ class TileConfig:
             raise ValueError(f"{where}.box_probability={self.box_probability!r} must be in [0, 1]")
         if not float(self.cache_mb) >= 0.0:
             raise ValueError(f"{where}.cache_mb={self.cache_mb!r} must be >= 0 (megabytes per worker)")
+        if self.window_reads not in _WINDOW_READS:
+            raise ValueError(f"{where}.window_reads={self.window_reads!r} is not one of {', '.join(_WINDOW_READS)}")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | TileConfig) -> TileConfig:
@@ -126,18 +144,19 @@ class ImageCache:
 def cut_window(
     sample: DetectionSample, window: tuple[int, int, int, int], min_visibility: float
 ) -> DetectionSample:
-    """``sample`` cropped to ``window = (x0, y0, x1, y1)``, boxes in window pixels (:func:`~lightning_rpn.windows.clip_to_window`).
+    """``sample`` cropped to ``window = (x0, y0, x1, y1)``, boxes in window pixels.
 
     Boxes keeping less than ``min_visibility`` of their area (and any positive area) are
     dropped and added to ``removed_boxes``; boxes wholly outside are left out uncounted;
-    crowd boxes are kept wherever they reach into the window.
+    crowd boxes are kept wherever they reach into the window. The rule is
+    :func:`~lightning_rpn.windows.clip_to_window`, which sliding-window losses apply too.
     """
     x0, y0, x1, y1 = window
     boxes, inside, keep = (t.numpy() for t in clip_to_window(torch.from_numpy(sample.boxes), window, min_visibility))
     crowd, crowd_inside, _ = (t.numpy() for t in clip_to_window(torch.from_numpy(sample.crowd_boxes), window, 0.0))
     return replace(
         sample,
-        image=np.ascontiguousarray(sample.image[y0:y1, x0:x1]),
+        image=np.array(sample.image[y0:y1, x0:x1], order="C"),  # a copy: keeps no source image or file map
         boxes=boxes[keep],
         crowd_boxes=crowd[crowd_inside],
         image_id=window_key(sample.image_id, window),
@@ -171,10 +190,12 @@ class TiledDataset(Dataset):
         self._weights: np.ndarray | None = None
         self._problems_sent: set[int] = set()
         self._last: tuple[int, DetectionSample] | None = None
+        self._rasters: dict[int, tuple[ImageRecord, RasterLayout] | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache"], state["_cache_pid"], state["_problems_sent"], state["_last"] = None, None, set(), None
+        state["_rasters"] = {}
         return state
 
     def __len__(self) -> int:
@@ -199,6 +220,26 @@ class TiledDataset(Dataset):
             self._cache.put(index, sample)
         self._last = (index, sample)  # an image over the budget is still decoded once per window
         return sample
+
+    def _raster(self, index: int) -> tuple[ImageRecord, RasterLayout] | None:
+        """``(record, layout)`` when image ``index`` is read by window (see the module docstring), else ``None``."""
+        if index not in self._rasters:
+            self._rasters[index] = None
+            records = self.dataset.records if isinstance(self.dataset, AnnotatedDataset) else None
+            record = None if records is None or self.config.window_reads == "never" else records[index]
+            if record is not None and record.checked and record.size is not None and (
+                self.config.window_reads == "always"
+                or record.size[0] * record.size[1] * 3 > self.config.cache_mb * 2**20
+            ):
+                layout = raster_layout(record.file)
+                if layout is not None and (layout.height, layout.width) == record.size:
+                    self._rasters[index] = (record, layout)
+        return self._rasters[index]
+
+    def _boxes(self, index: int) -> np.ndarray:
+        """The gt boxes of image ``index`` (from the annotation when it is read by window)."""
+        raster = self._raster(index)
+        return self._image(index).boxes if raster is None else raster[0].boxes
 
     def _describe(self, index: int) -> tuple[tuple[int, int], int]:
         """``((H, W), G)`` of image ``index``, from the annotation records where there are any."""
@@ -257,7 +298,7 @@ class TiledDataset(Dataset):
         (height, width), count = self._describe(image)
         box = None
         if count and rng.random() < self.config.box_probability:
-            boxes = self._image(image).boxes
+            boxes = self._boxes(image)
             if len(boxes):
                 box = boxes[int(rng.integers(len(boxes)))]
         x0 = self._position(rng, width, None if box is None else (float(box[0]), float(box[2])))
@@ -268,7 +309,14 @@ class TiledDataset(Dataset):
         if index < 0:
             raise IndexError(f"TiledDataset: index {index} must be >= 0 (epoch * per_epoch + window)")
         image, (x0, y0, x1, y1) = self.window(index)
-        sample = self._image(image)
+        raster = self._raster(image)
+        if raster is None:
+            sample = self._image(image)
+        else:  # what the dataset would return, with the file mapped instead of decoded
+            record, layout = raster
+            sample = DetectionSample(image=layout.pixels(), boxes=record.boxes, image_id=record.image_id,
+                                     source=str(record.file), crowd_boxes=record.crowd_boxes,
+                                     original_size=record.size)
         height, width = sample.image_size  # the decoded size rules where an annotation said otherwise
         x0, y0 = min(x0, max(0, width - self.config.size)), min(y0, max(0, height - self.config.size))
         window = (x0, y0, min(x0 + self.config.size, width), min(y0 + self.config.size, height))
