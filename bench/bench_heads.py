@@ -1,0 +1,165 @@
+"""Plain RPN vs localisation-quality scoring (OLN) vs cascade refinement, side by side (issue 17).
+
+Each variant trains from ``configs/shapes.yaml`` (``make fit``'s job) with its own config's
+model and data overrides (``configs/shapes_oln.yaml``, ``configs/shapes_cascade.yaml``), the same
+seed, data and number of steps, in a process of its own (so that its peak memory is its own),
+then is evaluated on the held-out synthetic ``val`` split:
+
+- AR@100, AR@1000 (IoU 0.50:0.95) and AR at IoU 0.70:0.95 (@100, @1000), the localisation the
+  cascade's second stage exists for;
+- the cross-category check: a second run of each variant trains on images whose shapes are
+  rectangles and ellipses only and is evaluated on images of triangles only (a kind it never
+  saw), AR@100 / AR@1000;
+- the training step's median wall time and the process's peak resident memory.
+
+The synthetic generator has no option for the shape kinds yet, so this script narrows
+``lightning_rpn.data.synthetic._SHAPES`` in its own processes (DataLoader workers fork and
+inherit it). Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
+(8 epochs of 1000 images at batch 8: 1000 steps).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --steps 300   # reduced budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {"plain": "shapes.yaml", "oln": "shapes_oln.yaml", "cascade": "shapes_cascade.yaml"}
+HIGH_IOU = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
+SEEN, UNSEEN = ("rectangle", "ellipse"), ("triangle",)
+
+
+def _sections(config: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    loaded = yaml.safe_load((REPO / "configs" / config).read_text())
+    return dict(loaded["model"]), dict(loaded["data"]), int(loaded.get("seed_everything", 0))
+
+
+def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] | None, eval_kinds: tuple[str, ...] | None,
+                val_images: int) -> dict[str, Any]:
+    """Train one variant for ``steps`` and evaluate it (runs in its own process)."""
+    import lightning.pytorch as pl
+    import torch
+
+    import lightning_rpn.data.synthetic as synthetic
+    from lightning_rpn import RPNDataModule, RPNModule
+    from lightning_rpn.data import RPNCollate, SyntheticShapes
+    from lightning_rpn.metrics import ProposalRecall
+
+    torch.set_num_threads(threads)
+    model_args, data_args, seed = _sections(VARIANTS[variant])
+    pl.seed_everything(seed, workers=True)
+    if kinds is not None:
+        synthetic._SHAPES = kinds
+    data_args.update(synthetic_val_images=val_images)
+    module = RPNModule(**{key: tuple(map(tuple, v)) if key in ("anchor_sizes", "aspect_ratios") else v
+                          for key, v in model_args.items()})
+    datamodule = RPNDataModule(**data_args)
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self._start)
+
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_s = time.perf_counter() - started
+    module.eval()
+    if eval_kinds is not None:
+        synthetic._SHAPES = eval_kinds
+    dataset = SyntheticShapes(val_images, split="val" if eval_kinds is None else "unseen-kinds")
+    metrics = {"all": ProposalRecall(), "high": ProposalRecall(iou_thresholds=HIGH_IOU)}
+    collate = RPNCollate(size_divisibility=module.size_divisibility, assign_targets=False)
+    with torch.no_grad():
+        for start in range(0, len(dataset), 8):
+            batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
+            proposals, _ = module(batch, with_targets=False)
+            for metric in metrics.values():
+                metric.update([boxes for boxes, _ in proposals], batch.gt_boxes)
+    results = {f"{name}/{key}": float(value) for name, metric in metrics.items() for key, value in metric.compute().items()}
+    return {
+        "variant": variant,
+        "AR@100": results["all/AR@100"],
+        "AR@1000": results["all/AR@1000"],
+        "AR0.7+@100": results["high/AR@100"],
+        "AR0.7+@1000": results["high/AR@1000"],
+        "step_ms": 1000 * statistics.median(timer.times[len(timer.times) // 10:]),
+        "train_s": train_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", variant, "--steps", str(options.steps), "--threads",
+               str(options.threads), "--val-images", str(options.val_images)] + (["--cross"] if cross else [])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        raise RuntimeError(f"{variant} (cross={cross}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "n/a"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of every run (make fit: 1000)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--val-images", type=int, default=200)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no-cross", action="store_true", help="skip the cross-category runs")
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        kinds = (SEEN, UNSEEN) if options.cross else (None, None)
+        row = run_variant(options.child, options.steps, options.threads, kinds[0], kinds[1], options.val_images)
+        print(json.dumps(row))
+        return 0
+
+    rows = {variant: _child(options, variant, cross=False) for variant in options.variants}
+    cross = {} if options.no_cross else {variant: _child(options, variant, cross=True) for variant in options.variants}
+    base = rows.get("plain")
+    print(f"{options.steps} steps per run, {options.threads} thread(s), {options.val_images} held-out images")
+    keys = ("AR@100", "AR@1000", "AR0.7+@100", "AR0.7+@1000", "step_ms", "peak_rss_mb")
+    print(f"{'variant':<10}" + "".join(f"{key:>14}" for key in keys))
+    for variant, row in rows.items():
+        print(f"{variant:<10}" + "".join(f"{row[key]:>14.3f}" for key in keys))
+        if base is not None and variant != "plain":
+            print(f"{'  / plain':<10}" + "".join(f"{_ratio(row[key], base[key]):>14}" for key in keys))
+    if cross:
+        print(f"cross-category: trained on {'+'.join(SEEN)}, evaluated on {'+'.join(UNSEEN)}")
+        for variant, row in cross.items():
+            plain = cross.get("plain")
+            ratio = "" if plain is None or variant == "plain" else (
+                f"   ({_ratio(row['AR@100'], plain['AR@100'])} / {_ratio(row['AR@1000'], plain['AR@1000'])} plain)")
+            print(f"{variant:<10} AR@100 {row['AR@100']:.3f}  AR@1000 {row['AR@1000']:.3f}{ratio}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
