@@ -9,6 +9,9 @@ centres ``(offset + j * anchor_stride) * stride``. Anchors are ordered ``(y, x, 
 level. With ``offset=0`` and ``anchor_stride=1`` the anchors equal torchvision's
 ``AnchorGenerator`` output for the same sizes, ratios and strides.
 
+:func:`level_anchors` builds one level's anchors from its feature size with torch ops only, so
+that the eager generator (which caches its output per feature shape) and the exported
+program (``export.py``, symbolic feature sizes under ``torch.export``) run the same code.
 Besides the per-level tensors, the generator returns an :class:`AnchorGrid`: the concatenated
 anchors together with the grid layout (cached per feature shape, so that matching, which
 caches its spatial index per anchor tensor, reuses it in every batch).
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AnchorGenerator", "AnchorGrid", "GridLevel", "grid_centres"]
+__all__ = ["AnchorGenerator", "AnchorGrid", "GridLevel", "grid_centres", "grid_size", "level_anchors"]
 
 _CACHE_SIZE = 16
 
@@ -129,6 +132,35 @@ def grid_centres(index: Tensor, step: Tensor, origin: Tensor) -> Tensor:
     return index * step + origin
 
 
+def grid_size(length: int, anchor_stride: int) -> int:
+    """Anchor-grid cells along a feature side of ``length``: ``ceil(length / anchor_stride)``.
+
+    Integer arithmetic only, so ``length`` may be a symbolic size under ``torch.export``.
+    """
+    return (length + anchor_stride - 1) // anchor_stride
+
+
+def level_anchors(
+    cell_anchors: Tensor, stride: int, feature_size: Sequence[int], offset: float = 0.0, anchor_stride: int = 1
+) -> Tensor:
+    """One level's anchors ``[H_l' * W_l' * A, 4]``, ordered ``(y, x, anchor)``, float32.
+
+    ``cell_anchors`` ``[A, 4]`` (on the output device), ``feature_size`` the level's
+    ``(H_l, W_l)``; the grid is ``grid_size(H_l, anchor_stride) x grid_size(W_l, anchor_stride)``
+    with centres ``(offset + j * anchor_stride) * stride``. Torch ops on the sizes only, so
+    ``torch.export`` traces it with dynamic feature sizes.
+    """
+    height, width = feature_size
+    device = cell_anchors.device
+    step = torch.tensor(float(anchor_stride * stride), dtype=torch.float32, device=device)
+    origin = torch.tensor(offset * stride, dtype=torch.float32, device=device)
+    xs = grid_centres(torch.arange(grid_size(width, anchor_stride), dtype=torch.float32, device=device), step, origin)
+    ys = grid_centres(torch.arange(grid_size(height, anchor_stride), dtype=torch.float32, device=device), step, origin)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    centres = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
+    return (centres + cell_anchors[None]).reshape(-1, 4)
+
+
 class AnchorGenerator:
     """Anchors for ``L`` feature levels: ``sizes x aspect_ratios`` per location.
 
@@ -197,8 +229,7 @@ class AnchorGenerator:
     def grid_shapes(self, feature_shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         """Anchor-grid size per level: ``(ceil(H_l / anchor_stride), ceil(W_l / anchor_stride))``."""
         shapes = self._check_shapes(feature_shapes)
-        n = self.anchor_stride
-        return [(-(-h // n), -(-w // n)) for h, w in shapes]
+        return [(grid_size(h, self.anchor_stride), grid_size(w, self.anchor_stride)) for h, w in shapes]
 
     def __call__(
         self,
@@ -243,18 +274,13 @@ class AnchorGenerator:
         levels = []
         per_level = []
         start = 0
-        for (height, width), stride, cell in zip(self.grid_shapes(shapes), self.strides, self.cell_anchors):
-            step = float(self.anchor_stride * stride)
-            origin = self.offset * stride
-            step32 = torch.tensor(step, dtype=torch.float32, device=device)
-            origin32 = torch.tensor(origin, dtype=torch.float32, device=device)
-            xs = grid_centres(torch.arange(width, dtype=torch.float32, device=device), step32, origin32)
-            ys = grid_centres(torch.arange(height, dtype=torch.float32, device=device), step32, origin32)
-            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-            centres = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
+        for shape, (height, width), stride, cell in zip(
+            shapes, self.grid_shapes(shapes), self.strides, self.cell_anchors
+        ):
             cell_dev = cell.to(device)
-            per_level.append((centres + cell_dev[None]).reshape(-1, 4))
-            level = GridLevel(stride, step, origin, height, width, cell_dev, start)
+            per_level.append(level_anchors(cell_dev, stride, shape, self.offset, self.anchor_stride))
+            level = GridLevel(stride, float(self.anchor_stride * stride), self.offset * stride, height, width,
+                              cell_dev, start)
             levels.append(level)
             start += level.num_anchors
         return AnchorGrid(torch.cat(per_level), tuple(levels))

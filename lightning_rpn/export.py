@@ -3,19 +3,29 @@
 Shapes: ``L`` levels, ``A`` anchors per location, ``H x W`` the (padded) input image,
 ``H_l x W_l`` the feature size of level ``l``, ``N_l`` anchors of level ``l``, ``P`` proposals.
 
-The eager :class:`~lightning_rpn.rpn.RPN` is built for speed in Python: cached anchors, host
-syncs and an early-stopping NMS loop. None of that can live in a graph with a dynamic image
-size, so :class:`ProposalNetwork` recomputes the same steps in a traceable form: anchors from
-the symbolic feature sizes (grid centres from :func:`~lightning_rpn.anchors.grid_centres`, as
-:class:`~lightning_rpn.anchors.AnchorGenerator` computes them), then per level top-k, decode, clip, filter and
-NMS, then the best ``post_nms_top_n`` of all levels, ordered as the eager RPN orders them
-(by logit, ties by level, then by rank within the level). Only the evaluation settings
-(``pre_nms_top_n_test`` / ``post_nms_top_n_test``) are exported.
+:class:`ProposalNetwork` runs the eager RPN's own functions on symbolic sizes: anchors from
+:func:`~lightning_rpn.anchors.level_anchors` (what :class:`~lightning_rpn.anchors.AnchorGenerator`
+builds and caches), candidates from :func:`~lightning_rpn.proposals.proposal_candidates` and the
+image's proposals from :func:`~lightning_rpn.proposals.select_image_proposals` with
+``nms_method="per_level"``, the form of the one NMS rule with no host sync (the eager CPU path
+computes the same rule with early stopping, which needs host syncs). Only the evaluation
+settings (``pre_nms_top_n_test`` / ``post_nms_top_n_test``) are exported.
+
+Sliding windows (an :class:`~lightning_rpn.module.RPNModule` with ``sliding_window``): the
+program is the per-window network, and :func:`load_proposal_network` returns a
+:class:`WindowedProposalNetwork` that cuts the image into windows and merges their proposals
+with :func:`~lightning_rpn.windows.sliding_window_proposals`, the eager function. The windows
+stay outside the graph because neither step has a graph form with dynamic sizes: the number
+of windows is a Python-integer function of the image size (``torch.export`` would specialise
+it to the example image), and the merge is a greedy suppression over a data-dependent set of
+cross-window pairs (a Python loop). The per-window network has a bounded input (the window),
+so windowed programs accept images of any size above ``min_image_size``.
 
 Limitations:
 
 - one image per call (``[1, 3, H, W]``); loop over images for a batch;
-- ``H`` and ``W`` lie in ``[min_image_size, max_image_size]`` (checked when called), where
+- ``H`` and ``W`` lie in ``[min_image_size, max_image_size]`` (checked when called; with
+  sliding windows only the windows are bounded by ``max_image_size``), where
   ``min_image_size = 2 * max(size_divisibility, anchor_stride * largest stride)``: a coarsest
   anchor grid of one cell would be specialised by ``torch.export``. Any
   such size runs, with anchors laid out on the feature maps the backbone yields, as the eager
@@ -23,23 +33,30 @@ Limitations:
   pass the unpadded size as ``image_size``) to get what :class:`RPNModule` computes;
 - the input dtype is fixed at export: uint8 pixels for an :class:`RPNModule` (normalised in the
   graph), float for a ``(backbone, rpn)`` pair (fed to the backbone as is);
-- outputs match the eager RPN up to float rounding in the box decoding (``exp`` may round
-  differently in vectorised and scalar code), see ``tests/test_export.py`` for the tolerance.
+- outputs match the eager RPN up to float rounding in the backbone, see ``tests/test_export.py``
+  for the tolerance.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
-from .anchors import grid_centres
+from .anchors import level_anchors
 from .head import objectness_logits
+from .proposals import proposal_candidates, select_image_proposals
 from .rpn import RPN
+from .windows import SlidingWindowConfig, sliding_window_proposals
 
-__all__ = ["ProposalNetwork", "export_proposal_network", "load_proposal_network"]
+__all__ = ["ProposalNetwork", "WindowedProposalNetwork", "export_proposal_network", "load_proposal_network"]
+
+WINDOWS_FILE = "lightning_rpn/sliding_window.json"
+"""Name of the window settings stored beside a windowed program (``torch.export.save`` extra file)."""
 
 
 class ProposalNetwork(nn.Module):
@@ -51,10 +68,11 @@ class ProposalNetwork(nn.Module):
             evaluation settings are used (the module shares the head's parameters).
         pixel_mean / pixel_std: ``[1, 3, 1, 1]`` normalisation applied to ``images.float()``
             before the backbone; ``None`` feeds the images to the backbone unchanged.
+        return_logits: also return the proposals' objectness logits (what the window merge ranks by).
 
     ``forward(images, image_size)`` with ``image_size`` an int64 ``[2]`` tensor ``(h, w)``, the
-    size before padding, returns ``(boxes [P, 4], scores [P])``, float32, best first.
-    ``min_image_size`` is the smallest side :func:`export_proposal_network` supports.
+    size before padding, returns ``(boxes [P, 4], scores [P])`` (``+ logits [P]``), float32,
+    best first. ``min_image_size`` is the smallest side :func:`export_proposal_network` supports.
     """
 
     def __init__(
@@ -63,6 +81,7 @@ class ProposalNetwork(nn.Module):
         rpn: RPN,
         pixel_mean: Tensor | None = None,
         pixel_std: Tensor | None = None,
+        return_logits: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(rpn, RPN):
@@ -74,11 +93,12 @@ class ProposalNetwork(nn.Module):
         self.box_coder = rpn.box_coder
         self.objectness = rpn.objectness
         generator = rpn.anchor_generator
+        self.strides = generator.strides
+        self.offset = generator.offset
         self.anchor_stride = generator.anchor_stride
         divisibility = int(getattr(backbone, "size_divisibility", max(generator.strides)))
         # The coarsest anchor grid must have 2+ cells a side: torch.export specialises size 1.
         self.min_image_size = 2 * max(divisibility, generator.anchor_stride * max(generator.strides))
-        self.spacing = tuple((float(generator.anchor_stride * s), generator.offset * s) for s in generator.strides)
         for level, cell in enumerate(generator.cell_anchors):
             self.register_buffer(f"cell_anchors_{level}", cell.clone(), persistent=False)
         self.pre_nms_top_n = int(rpn.pre_nms_top_n["test"])
@@ -86,63 +106,110 @@ class ProposalNetwork(nn.Module):
         self.nms_thresh = float(rpn.nms_thresh)
         self.min_size = float(rpn.min_size)
         self.score_thresh = float(rpn.score_thresh)
+        self.return_logits = return_logits
         self.normalize = pixel_mean is not None
         if pixel_mean is not None:
             self.register_buffer("pixel_mean", pixel_mean.detach().clone().float(), persistent=False)
             self.register_buffer("pixel_std", pixel_std.detach().clone().float(), persistent=False)
 
-    def _anchors(self, level: int, height: int, width: int) -> Tensor:
-        """``[H_l' * W_l' * A, 4]`` anchors in ``(y, x, anchor)`` order, as the eager generator."""
-        cell = getattr(self, f"cell_anchors_{level}")
-        n = self.anchor_stride
-        grid_h, grid_w = (height + n - 1) // n, (width + n - 1) // n
-        step, origin = (torch.tensor(v, dtype=torch.float32, device=cell.device) for v in self.spacing[level])
-        xs = grid_centres(torch.arange(grid_w, dtype=torch.float32, device=cell.device), step, origin)
-        ys = grid_centres(torch.arange(grid_h, dtype=torch.float32, device=cell.device), step, origin)
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        centres = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)
-        return (centres + cell[None]).reshape(-1, 4)
-
-    def forward(self, images: Tensor, image_size: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, image_size: Tensor) -> tuple[Tensor, ...]:
         inputs = (images.float() - self.pixel_mean) / self.pixel_std if self.normalize else images
         features = self.backbone(inputs)
-        if isinstance(features, dict):
-            features = list(features.values())
-        pred_objectness, pred_deltas = self.head(list(features))
-        height, width = image_size.to(torch.float32).unbind(0)
-        limits = torch.stack((width, height, width, height))
-
-        all_boxes, all_logits = [], []
-        for level, (feature, obj, dlt) in enumerate(zip(features, pred_objectness, pred_deltas)):
-            anchors = self._anchors(level, feature.shape[-2], feature.shape[-1])
-            logits = (objectness_logits(obj) if self.objectness == "softmax" else obj)[0].float()
-            k = torch.sym_min(self.pre_nms_top_n, logits.shape[0])
-            logits, idx = logits.topk(k)
-            boxes = self.box_coder.decode(dlt[0, idx], anchors[idx])
-            boxes = torch.minimum(boxes.clamp(min=0), limits)
-            side = boxes[:, 2:] - boxes[:, :2]
-            valid = (side[:, 0] >= self.min_size) & (side[:, 1] >= self.min_size)
-            valid = valid & (logits.sigmoid() >= self.score_thresh)
-            keep = torch.nonzero(valid).squeeze(1)
-            boxes, logits = boxes[keep], logits[keep]
-            kept = nms(boxes, logits, self.nms_thresh).sort().values  # back to rank order
-            all_boxes.append(boxes[kept])
-            all_logits.append(logits[kept])
-        boxes, logits = torch.cat(all_boxes), torch.cat(all_logits)
-        best = logits.sort(descending=True, stable=True).indices[: self.post_nms_top_n]
-        return boxes[best], logits[best].sigmoid()
+        features = list(features.values()) if isinstance(features, dict) else list(features)
+        pred_objectness, pred_deltas = self.head(features)
+        if self.objectness == "softmax":
+            pred_objectness = [objectness_logits(o) for o in pred_objectness]
+        anchors = [
+            level_anchors(getattr(self, f"cell_anchors_{level}"), stride, feature.shape[-2:], self.offset,
+                          self.anchor_stride)
+            for level, (feature, stride) in enumerate(zip(features, self.strides))
+        ]
+        boxes, logits, probs, valid, level_counts = proposal_candidates(
+            pred_objectness, pred_deltas, anchors, image_size[None], self.pre_nms_top_n, self.min_size,
+            self.score_thresh, self.box_coder,
+        )
+        best = select_image_proposals(
+            boxes[0], logits[0], valid[0], level_counts, self.nms_thresh, self.post_nms_top_n, "per_level"
+        )
+        if self.return_logits:
+            return boxes[0, best], probs[0, best], logits[0, best]
+        return boxes[0, best], probs[0, best]
 
 
-def _proposal_network(model: object) -> tuple[ProposalNetwork, torch.dtype]:
-    """The traceable network and its input dtype."""
+class WindowedProposalNetwork(nn.Module):
+    """Sliding-window proposals around an exported per-window network (see the module docstring).
+
+    Args:
+        window_network: ``(images [1, 3, h, w], image_size int64 [2]) -> (boxes, scores,
+            logits)``, e.g. a loaded per-window program (a :class:`ProposalNetwork` with
+            ``return_logits=True`` works too).
+        config: window layout and merge (the model's ``sliding_window``).
+        top_k: proposals kept per image after the merge.
+        nms_thresh: merge threshold when ``config.merge_thresh`` is ``None``.
+        size_divisibility: windows are zero padded to a multiple of this, as in a batch.
+
+    ``forward(images [1, 3, H, W], image_size int64 [2])`` -> ``(boxes [P, 4], scores [P])``
+    in image pixels, best first: :func:`~lightning_rpn.windows.sliding_window_proposals` on
+    ``images[0, :, :h, :w]`` with the windows run one at a time, as the eager
+    ``RPNModule(sliding_window=...)`` computes them.
+    """
+
+    def __init__(
+        self,
+        window_network: nn.Module,
+        config: SlidingWindowConfig,
+        top_k: int,
+        nms_thresh: float,
+        size_divisibility: int,
+    ) -> None:
+        super().__init__()
+        self.window_network = window_network
+        self.config = config
+        self.top_k = int(top_k)
+        self.nms_thresh = float(nms_thresh)
+        self.size_divisibility = int(size_divisibility)
+
+    def forward(self, images: Tensor, image_size: Tensor) -> tuple[Tensor, Tensor]:
+        if images.dim() != 4 or images.shape[:2] != (1, 3):
+            raise ValueError(f"WindowedProposalNetwork: expected images [1, 3, H, W], got shape {tuple(images.shape)}")
+        height, width = (int(side) for side in image_size.tolist())
+        boxes, scores, _ = sliding_window_proposals(
+            images[0, :, :height, :width], self._propose, self.config, self.top_k, self.nms_thresh,
+            self.size_divisibility,
+        )
+        return boxes, scores
+
+    def _propose(
+        self, images: Tensor, image_sizes: list[tuple[int, int]], windows: Sequence[tuple[int, int, int, int]] = ()
+    ) -> list[tuple[Tensor, ...]]:
+        """The window network on each window of a padded window batch (``windows``: unused, no losses)."""
+        return [
+            tuple(self.window_network(images[index : index + 1], torch.tensor(size, device=images.device)))
+            for index, size in enumerate(image_sizes)
+        ]
+
+
+def _proposal_network(model: object) -> tuple[ProposalNetwork, torch.dtype, dict | None]:
+    """The traceable network, its input dtype and the window settings (``None``: whole images)."""
     from .module import RPNModule  # Lightning is only needed for this input type
 
     if isinstance(model, ProposalNetwork):
-        return model, torch.uint8 if model.normalize else torch.float32
+        return model, torch.uint8 if model.normalize else torch.float32, None
     if isinstance(model, RPNModule):
-        return ProposalNetwork(model.backbone, model.rpn, model.pixel_mean, model.pixel_std), torch.uint8
+        config = model.sliding_window
+        network = ProposalNetwork(model.backbone, model.rpn, model.pixel_mean, model.pixel_std,
+                                  return_logits=config is not None)
+        windows = None
+        if config is not None:
+            windows = {
+                "config": asdict(config),
+                "top_k": config.top_k or int(model.rpn.post_nms_top_n["test"]),
+                "nms_thresh": float(model.rpn.nms_thresh),
+                "size_divisibility": int(model.size_divisibility),
+            }
+        return network, torch.uint8, windows
     if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[1], RPN):
-        return ProposalNetwork(*model), torch.float32
+        return ProposalNetwork(*model), torch.float32, None
     raise TypeError(
         "export_proposal_network: expected an RPNModule, a (backbone, RPN) pair or a "
         f"ProposalNetwork, got {type(model).__name__}"
@@ -170,9 +237,13 @@ def export_proposal_network(
             network's ``min_image_size``.
 
     Returns the ``ExportedProgram``; ``program.module()(images [1, 3, H, W], image_size int64
-    [2])`` gives ``(boxes [P, 4], scores [P])``. The model is put in eval mode.
+    [2])`` gives ``(boxes [P, 4], scores [P])``. For an ``RPNModule`` with ``sliding_window``
+    the program is the per-window network (it also returns the logits ``[P]``) and ``path``
+    stores the window settings with it, so that :func:`load_proposal_network` gives a
+    :class:`WindowedProposalNetwork`; the padded window must fit ``max_image_size``. The model
+    is put in eval mode.
     """
-    network, dtype = _proposal_network(model)
+    network, dtype, windows = _proposal_network(model)
     smallest = network.min_image_size
     height, width = (int(s) for s in example_image_size)
     for name, side in (("height", height), ("width", width)):
@@ -180,6 +251,14 @@ def export_proposal_network(
             raise ValueError(
                 f"export_proposal_network: example_image_size {name}={side} must lie in "
                 f"[min_image_size, max_image_size] = [{smallest}, {max_image_size}]"
+            )
+    if windows is not None:
+        size, divisibility = windows["config"]["size"], windows["size_divisibility"]
+        padded = -(-size // divisibility) * divisibility
+        if padded > max_image_size:
+            raise ValueError(
+                f"export_proposal_network: model.sliding_window.size={size} pads to {padded} "
+                f"(size_divisibility {divisibility}), above max_image_size={max_image_size}"
             )
     network.eval()
     if isinstance(model, nn.Module):
@@ -196,13 +275,26 @@ def export_proposal_network(
             dynamic_shapes={"images": {2: dim_h, 3: dim_w}, "image_size": None},
         )
     if path is not None:
-        torch.export.save(program, str(path))
+        extra = None if windows is None else {WINDOWS_FILE: json.dumps(windows)}
+        torch.export.save(program, str(path), extra_files=extra)
     return program
 
 
 def load_proposal_network(path: str | Path) -> nn.Module:
     """Load a program saved by :func:`export_proposal_network` as a callable module.
 
-    ``module(images [1, 3, H, W], image_size int64 [2])`` -> ``(boxes [P, 4], scores [P])``.
+    ``module(images [1, 3, H, W], image_size int64 [2])`` -> ``(boxes [P, 4], scores [P])``;
+    a windowed program comes back as a :class:`WindowedProposalNetwork` around it.
     """
-    return torch.export.load(str(path)).module()
+    extra = {WINDOWS_FILE: ""}
+    network = torch.export.load(str(path), extra_files=extra).module()
+    if not extra[WINDOWS_FILE]:
+        return network
+    windows = json.loads(extra[WINDOWS_FILE])
+    return WindowedProposalNetwork(
+        network,
+        SlidingWindowConfig.from_mapping(windows["config"]),
+        windows["top_k"],
+        windows["nms_thresh"],
+        windows["size_divisibility"],
+    )

@@ -24,6 +24,15 @@ Two things make it faster than decoding everything and looping over images:
 
 NMS ranks by logit rather than probability: both give the same order wherever the
 probabilities differ, and logits separate boxes that ``sigmoid`` rounds to the same value.
+
+The steps are two functions that the eager path and the exported program (``export.py``)
+share: :func:`proposal_candidates` (per-level top-k, decode, clip, min size and score filter,
+torch ops only, so ``torch.export`` traces it with dynamic sizes) and
+:func:`select_image_proposals` (one image's NMS within levels and top-k). The NMS rule is one;
+``nms_method`` picks how it is computed: ``"early_stop"`` (CPU, host syncs), ``"batched"``
+(one ``batched_nms`` call, CUDA) or ``"per_level"`` (one ``nms`` call per level with no host
+sync, the traceable form the exported program uses). All three keep the same boxes in the same
+order (``tests/test_proposals.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ from torchvision.ops import batched_nms, nms
 
 from .box_coder import BoxCoder
 
-__all__ = ["generate_proposals"]
+__all__ = ["NmsMethod", "generate_proposals", "proposal_candidates", "select_image_proposals"]
+
+NmsMethod = Literal["early_stop", "batched", "per_level"]
+NMS_METHODS: tuple[str, ...] = ("early_stop", "batched", "per_level")
 
 _DEFAULT_BOX_CODER = BoxCoder()
 
@@ -128,6 +140,91 @@ def _nms_all_levels_top(boxes: Tensor, logits: Tensor, levels: Tensor, iou_thres
     return kept[logits[kept].sort(descending=True, stable=True).indices[:max_keep]]
 
 
+def _nms_each_level_top(
+    boxes: Tensor, logits: Tensor, valid: Tensor, level_counts: Sequence[int], iou_threshold: float, max_keep: int
+) -> Tensor:
+    """Same result as :func:`_nms_per_level_top` on the ``valid`` candidates, as indices into all
+    of them: one ``nms`` call per level and no host sync, so it traces with symbolic counts."""
+    kept, start = [], 0
+    for count in level_counts:
+        level = torch.nonzero(valid[start : start + count]).squeeze(1) + start
+        kept.append(level[nms(boxes[level], logits[level], iou_threshold)])
+        start = start + count
+    kept_idx = torch.cat(kept).sort().values
+    return kept_idx[logits[kept_idx].sort(descending=True, stable=True).indices[:max_keep]]
+
+
+def proposal_candidates(
+    objectness: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    image_sizes: Tensor,
+    pre_nms_top_n: int,
+    min_size: float,
+    score_thresh: float,
+    box_coder: BoxCoder,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """The pre-NMS candidates of a batch: ``(boxes [B, K, 4], logits [B, K], probabilities [B, K],
+    valid [B, K] bool, level_counts)``.
+
+    Per image and level the ``min(pre_nms_top_n, N_l)`` best logits (``level_counts``, level
+    after level, descending within a level), their boxes decoded and clipped to
+    ``image_sizes`` (``[B, 2]`` ``(h, w)``, any number type); ``valid`` marks boxes with both
+    sides ``>= min_size`` and probability ``>= score_thresh``. Torch ops only (no host sync), so
+    it traces under ``torch.export`` with symbolic ``N_l``.
+    """
+    device = objectness[0].device
+    batch_idx = torch.arange(objectness[0].shape[0], device=device)[:, None]
+    top_logits, top_deltas, top_anchors, level_counts = [], [], [], []
+    for obj, dlt, anc in zip(objectness, deltas, anchors):
+        k = torch.sym_min(pre_nms_top_n, obj.shape[1])
+        logits, idx = obj.float().topk(k, dim=1)
+        top_logits.append(logits)
+        top_deltas.append(dlt[batch_idx, idx])
+        top_anchors.append(anc.to(device)[idx])
+        level_counts.append(k)
+    logits = torch.cat(top_logits, dim=1)
+    boxes = box_coder.decode(torch.cat(top_deltas, dim=1), torch.cat(top_anchors, dim=1))
+    limits = image_sizes.to(device=device, dtype=boxes.dtype).flip(-1).repeat(1, 2)  # (w, h, w, h)
+    boxes = torch.minimum(boxes.clamp(min=0), limits[:, None, :])
+    probs = logits.sigmoid()
+    side = boxes[..., 2:] - boxes[..., :2]
+    valid = (side[..., 0] >= min_size) & (side[..., 1] >= min_size) & (probs >= score_thresh)
+    return boxes, logits, probs, valid, level_counts
+
+
+def select_image_proposals(
+    boxes: Tensor,
+    logits: Tensor,
+    valid: Tensor,
+    level_counts: Sequence[int],
+    nms_thresh: float,
+    post_nms_top_n: int,
+    nms_method: NmsMethod,
+) -> Tensor:
+    """Indices into one image's ``K`` candidates of its proposals, best logit first.
+
+    ``boxes [K, 4]``, ``logits [K]``, ``valid [K]`` and ``level_counts`` as
+    :func:`proposal_candidates` gives them for the image: greedy NMS at ``nms_thresh`` within
+    each level over the valid candidates, then the ``post_nms_top_n`` best survivors of all
+    levels (ties by level, then by rank within the level). ``nms_method`` only chooses how
+    this is computed (see the module docstring).
+    """
+    if nms_method == "per_level":
+        return _nms_each_level_top(boxes, logits, valid, level_counts, nms_thresh, post_nms_top_n)
+    keep = torch.nonzero(valid).squeeze(1)
+    if nms_method == "early_stop":
+        counts = torch.stack([v.sum() for v in valid.split(list(level_counts))]).tolist()
+        best = _nms_per_level_top(boxes[keep], logits[keep], counts, nms_thresh, post_nms_top_n)
+    elif nms_method == "batched":
+        counts = torch.tensor(list(level_counts))
+        levels = torch.repeat_interleave(torch.arange(len(level_counts)), counts).to(valid.device)
+        best = _nms_all_levels_top(boxes[keep], logits[keep], levels[keep], nms_thresh, post_nms_top_n)
+    else:
+        raise ValueError(f"select_image_proposals: nms_method must be one of {NMS_METHODS}, got {nms_method!r}")
+    return keep[best]
+
+
 @overload
 def generate_proposals(
     objectness: Sequence[Tensor],
@@ -202,45 +299,18 @@ def generate_proposals(
             f"got {pre_nms_top_n} and {post_nms_top_n}"
         )
     coder = _DEFAULT_BOX_CODER if box_coder is None else box_coder
-    batch = len(image_sizes)
-    device = objectness[0].device
-    batch_idx = torch.arange(batch, device=device)[:, None]
-
-    top_logits, top_deltas, top_anchors, level_counts = [], [], [], []
-    for obj, dlt, anc in zip(objectness, deltas, anchors):
-        k = min(pre_nms_top_n, obj.shape[1])
-        logits, idx = obj.float().topk(k, dim=1)
-        top_logits.append(logits)
-        top_deltas.append(dlt[batch_idx, idx])
-        top_anchors.append(anc.to(device)[idx])
-        level_counts.append(k)
-    logits = torch.cat(top_logits, dim=1)  # [B, K], level-major, descending within a level
-    boxes = coder.decode(torch.cat(top_deltas, dim=1), torch.cat(top_anchors, dim=1))  # [B, K, 4]
-
-    sizes = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=device)
-    boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None, :])
-    probs = logits.sigmoid()
-    side = boxes[..., 2:] - boxes[..., :2]
-    valid = (side[..., 0] >= min_size) & (side[..., 1] >= min_size) & (probs >= score_thresh)
-
-    per_level = _stop_nms_early(device)
-    if per_level:  # surviving candidates per image and level, in one host sync
-        valid_counts = torch.stack([v.sum(dim=1) for v in valid.split(level_counts, dim=1)], dim=1).tolist()
-    else:
-        level_of = torch.repeat_interleave(
-            torch.arange(len(level_counts), device=device), torch.tensor(level_counts, device=device)
-        )
+    sizes = torch.tensor([(h, w) for h, w in image_sizes], dtype=torch.float32).reshape(-1, 2)
+    boxes, logits, probs, valid, level_counts = proposal_candidates(
+        objectness, deltas, anchors, sizes, pre_nms_top_n, min_size, score_thresh, coder
+    )
+    method: NmsMethod = "early_stop" if _stop_nms_early(boxes.device) else "batched"
     results: list = []
-    for image in range(batch):
-        keep = torch.nonzero(valid[image]).squeeze(1)
-        image_boxes, image_logits = boxes[image, keep], logits[image, keep]
-        if per_level:
-            best = _nms_per_level_top(image_boxes, image_logits, valid_counts[image], nms_thresh, post_nms_top_n)
-        else:
-            best = _nms_all_levels_top(image_boxes, image_logits, level_of[keep], nms_thresh, post_nms_top_n)
-        chosen = keep[best]
+    for image in range(len(image_sizes)):
+        chosen = select_image_proposals(
+            boxes[image], logits[image], valid[image], level_counts, nms_thresh, post_nms_top_n, method
+        )
         if return_logits:
-            results.append((image_boxes[best], probs[image, chosen], logits[image, chosen]))
+            results.append((boxes[image, chosen], probs[image, chosen], logits[image, chosen]))
         else:
-            results.append((image_boxes[best], probs[image, chosen]))
+            results.append((boxes[image, chosen], probs[image, chosen]))
     return results

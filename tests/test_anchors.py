@@ -9,7 +9,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from lightning_rpn.anchors import AnchorGenerator, AnchorGrid
+from lightning_rpn.anchors import AnchorGenerator, AnchorGrid, level_anchors
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5
@@ -168,3 +168,28 @@ def test_pickling_drops_the_cache() -> None:
     assert len(clone._cache) == 0
     assert torch.equal(torch.cat(clone([(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)])),
                        torch.cat(generator([(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)])))
+
+
+class _LevelAnchors(torch.nn.Module):
+    """``level_anchors`` on the size of its input, for torch.export."""
+
+    def __init__(self, cell_anchors: torch.Tensor, stride: int, offset: float, anchor_stride: int) -> None:
+        super().__init__()
+        self.register_buffer("cell_anchors", cell_anchors)
+        self.stride, self.offset, self.anchor_stride = stride, offset, anchor_stride
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return level_anchors(self.cell_anchors, self.stride, feature.shape[-2:], self.offset, self.anchor_stride)
+
+
+@pytest.mark.parametrize(("offset", "anchor_stride"), [(0.0, 1), (0.5, 3)])
+def test_level_anchors_exported_with_dynamic_sizes_equal_the_generator(offset: float, anchor_stride: int) -> None:
+    generator = AnchorGenerator(((24, 40),), (0.5, 1.0, 2.0), (16,), offset=offset, anchor_stride=anchor_stride)
+    smallest = 2 * anchor_stride  # a one-cell anchor grid would be specialised by torch.export
+    dims = {"feature": {i: torch.export.Dim(name, min=smallest, max=512) for i, name in enumerate("hw")}}
+    module = _LevelAnchors(generator.cell_anchors[0], 16, offset, anchor_stride)
+    exported = torch.export.export(module, (torch.zeros(8, 6),), dynamic_shapes=dims).module()
+    for shape in ((8, 6), (13, 29), (50, 7)):
+        expected = generator([shape])[0]
+        assert expected.shape[0] > 0
+        assert torch.equal(exported(torch.zeros(shape)), expected)

@@ -1,4 +1,5 @@
-"""torch.export of the proposal network: dynamic image size, outputs equal to the eager RPN."""
+"""torch.export of the proposal network: dynamic image size, outputs equal to the eager RPN,
+whole images and sliding windows."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import torch
 from torch import nn
 
 from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.export import ProposalNetwork, export_proposal_network, load_proposal_network
+from lightning_rpn.export import (
+    ProposalNetwork,
+    WindowedProposalNetwork,
+    export_proposal_network,
+    load_proposal_network,
+)
 from lightning_rpn.module import RPNModule
 from lightning_rpn.rpn import RPN
+from lightning_rpn.windows import SlidingWindowConfig, window_grid
 
 # torchvision's fake nms kernel calls a deprecated torch API while tracing; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated:FutureWarning")
@@ -142,3 +149,43 @@ def test_bad_arguments_are_named(module) -> None:
         export_proposal_network(module, (32, 96))
     with pytest.raises(TypeError, match="RPNModule, a \\(backbone, RPN\\) pair"):
         export_proposal_network(nn.Linear(2, 2), (64, 64))
+
+
+WINDOWS = {"size": 128, "overlap": 32, "window_batch": 3, "merge_metric": "ios", "top_k": 150}
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory) -> tuple[RPNModule, nn.Module]:
+    torch.manual_seed(0)
+    module = RPNModule(
+        backbone="tiny_fpn",
+        anchor_sizes=((16,), (32,), (64,), (128,)),
+        pre_nms_top_n_test=300,
+        post_nms_top_n_test=100,
+        sliding_window=WINDOWS,
+    ).eval()
+    path = tmp_path_factory.mktemp("export") / "windowed.pt2"
+    program = export_proposal_network(module, (128, 128), path)
+    assert len(program.module()(torch.zeros(1, 3, 128, 128, dtype=torch.uint8), torch.tensor([128, 128]))) == 3
+    return module, load_proposal_network(path)
+
+
+@pytest.mark.parametrize("image_size", [(200, 330), (128, 250), (96, 100)])
+def test_windowed_program_equals_eager_sliding_window(windowed, image_size) -> None:
+    module, loaded = windowed
+    assert isinstance(loaded, WindowedProposalNetwork)
+    assert loaded.config == SlidingWindowConfig(**WINDOWS) and loaded.top_k == 150
+    generator = torch.Generator().manual_seed(sum(image_size))
+    image = torch.randint(0, 256, (3, *image_size), dtype=torch.uint8, generator=generator)
+    eager = module.predict_images(image)  # whole images through RPNModule(sliding_window=...)
+    ours = loaded(image[None], torch.tensor(image_size))
+    _assert_close(ours, (eager["boxes"], eager["scores"]))
+    windows = len(window_grid(image_size, WINDOWS["size"], WINDOWS["overlap"]))
+    assert ours[0].shape[0] == (150 if windows > 1 else 100)  # top_k of the merge, or one window's
+    assert (ours[0][:, 2] <= image_size[1]).all() and (ours[0][:, 3] <= image_size[0]).all()
+
+
+def test_windowed_export_checks_the_window_size(windowed) -> None:
+    module, _ = windowed
+    with pytest.raises(ValueError, match=r"sliding_window.size=128 pads to 128 .* above max_image_size=100"):
+        export_proposal_network(module, (64, 64), max_image_size=100)

@@ -12,7 +12,13 @@ import lightning_rpn.proposals as proposals_module
 from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.box_coder import BoxCoder
 from lightning_rpn.head import objectness_logits
-from lightning_rpn.proposals import _nms_all_levels_top, _nms_per_level_top, generate_proposals
+from lightning_rpn.proposals import (
+    _nms_all_levels_top,
+    _nms_per_level_top,
+    generate_proposals,
+    proposal_candidates,
+    select_image_proposals,
+)
 
 
 IMAGE_SIZES = [(256, 320), (200, 288)]  # two images of different sizes, padded to 256 x 320
@@ -160,3 +166,27 @@ def test_bad_inputs_are_named() -> None:
         generate_proposals(objectness, deltas, [anchors[0], anchors[0], *anchors[2:]], IMAGE_SIZES)
     with pytest.raises(ValueError, match="levels"):
         generate_proposals(objectness, deltas[:-1], anchors, IMAGE_SIZES)
+
+
+@pytest.mark.parametrize("settings", [(1000, 1000, 0.7, 1e-3, 0.0), (300, 40, 0.5, 8.0, 0.6)])
+def test_nms_methods_select_the_same_proposals(settings) -> None:
+    # The exported program's "per_level" form and the eager "early_stop" / "batched" forms.
+    pre, post, nms, min_size, score = settings
+    objectness, deltas, anchors, _ = _inputs(6)
+    sizes = torch.tensor(IMAGE_SIZES)
+    boxes, logits, probs, valid, counts = proposal_candidates(
+        objectness, deltas, anchors, sizes, pre, min_size, score, BoxCoder()
+    )
+    assert boxes.shape[:2] == logits.shape == probs.shape == valid.shape and sum(counts) == boxes.shape[1]
+    assert 0 < int(valid.sum()) < valid.numel()
+    eager = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, pre, post, nms, min_size, score)
+    for image, (eager_boxes, eager_scores) in enumerate(eager):
+        chosen = [
+            select_image_proposals(boxes[image], logits[image], valid[image], counts, nms, post, method)
+            for method in ("early_stop", "batched", "per_level")
+        ]
+        assert chosen[0].numel() > 0
+        assert all(torch.equal(c, chosen[0]) for c in chosen[1:])
+        assert torch.equal(boxes[image, chosen[0]], eager_boxes) and torch.equal(probs[image, chosen[0]], eager_scores)
+    with pytest.raises(ValueError, match="nms_method must be one of .* got 'greedy'"):
+        select_image_proposals(boxes[0], logits[0], valid[0], counts, nms, post, "greedy")
