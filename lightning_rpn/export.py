@@ -51,7 +51,7 @@ from .anchors import level_anchors
 from .head import objectness_logits
 from .proposals import proposal_candidates, select_image_proposals
 from .rpn import RPN
-from .windows import SlidingWindowConfig, sliding_window_proposals
+from .windows import SlidingWindowConfig, Window, sliding_window_proposals
 
 __all__ = ["ProposalNetwork", "WindowedProposalNetwork", "export_proposal_network", "load_proposal_network"]
 
@@ -180,9 +180,9 @@ class WindowedProposalNetwork(nn.Module):
         return boxes, scores
 
     def _propose(
-        self, images: Tensor, image_sizes: list[tuple[int, int]], windows: Sequence[tuple[int, int, int, int]] = ()
+        self, images: Tensor, image_sizes: list[tuple[int, int]], windows: Sequence[Window]
     ) -> list[tuple[Tensor, ...]]:
-        """The window network on each window of a padded window batch (``windows``: unused, no losses)."""
+        """The window network on each window of a padded window batch (``windows`` unused: no losses)."""
         return [
             tuple(self.window_network(images[index : index + 1], torch.tensor(size, device=images.device)))
             for index, size in enumerate(image_sizes)
