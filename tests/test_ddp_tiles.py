@@ -1,0 +1,53 @@
+"""Tiled training under DDP: two CPU processes (gloo) through ``lightning-rpn fit`` with ``data.tiles``.
+
+Each rank's ``WindowSampler`` takes every second window of the epoch, so the ranks draw disjoint
+windows whose union is the one-process epoch of the same ``data.seed`` (its loader, built here
+from the same config), epoch after epoch (``set_epoch``); the run ends within its time limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from lightning_rpn.data.datamodule import RPNDataModule
+from test_cli import TINY_CONFIG, assert_ok, run_cli
+
+PROBES = str(Path(__file__).parent)
+PER_EPOCH, BATCH, EPOCHS = 8, 2, 2  # two steps per epoch and rank
+DATA = {"dataset": "scenes", "scene_options": {"size": 160, "density": 300.0, "max_object_size": 30},
+        "synthetic_train_images": 3, "synthetic_val_images": 1, "seed": 5, "batch_size": BATCH, "num_workers": 0,
+        "resize": "none", "train_transforms": [],
+        "tiles": {"size": 64, "per_epoch": PER_EPOCH, "box_probability": 0.5}}
+
+
+def test_ddp_ranks_draw_disjoint_windows_whose_union_is_the_single_process_epoch(tmp_path: Path) -> None:
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"].update(max_steps=EPOCHS * PER_EPOCH // (2 * BATCH), limit_val_batches=0, logger=False,
+                             callbacks=[{"class_path": "cli_probes.RecordImageIds", "init_args": {"prefix": "seen"}}])
+    config["data"] = copy.deepcopy(DATA)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    env = {"PYTHONPATH": os.pathsep.join([PROBES, os.environ.get("PYTHONPATH", "")])}
+    assert_ok(run_cli(["fit", "--config", "config.yaml", *ddp], tmp_path, timeout=120, env=env))  # no hang
+
+    records = [json.loads((tmp_path / f"seen.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2] and [r["rank"] for r in records] == [0, 1]
+    data = RPNDataModule(**copy.deepcopy(DATA))  # the same data config in one process
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert loader.sampler.num_replicas == 1
+    for epoch in range(EPOCHS):
+        loader.sampler.set_epoch(epoch)
+        single = [image_id for batch in loader for image_id in batch.image_ids]  # "scene@x0,y0,x1,y1"
+        seen = [[i for e, ids in r["steps"] if e == epoch for i in ids] for r in records]
+        assert [len(s) for s in seen] == [PER_EPOCH // 2] * 2
+        assert seen[0] == single[0::2] and seen[1] == single[1::2], (epoch, seen, single)
+        assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(single)
+        if epoch:
+            assert single != previous, "a new epoch draws new windows"
+        previous = single
