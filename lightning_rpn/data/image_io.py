@@ -111,8 +111,9 @@ def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np
     path = Path(path)
     _check_exists(path, image_id)
     if _is_npy(path):
-        layout = _npy_layout(path, image_id)
-        return layout.read((0, 0, layout.width, layout.height))
+        _npy_layout(path, image_id)  # shape, dtype and length checked
+        array = np.load(path, allow_pickle=False)  # read, not mapped: the mapped pages would count twice
+        return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
     try:
         with _strict_decoding(), Image.open(path) as image:
             image.load()
