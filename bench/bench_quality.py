@@ -13,12 +13,25 @@ generalisation check):
   smooth L1 beta 1/9, SGD with weight decay on every parameter, the same warm-up + cosine
   schedule and gradient clipping) on batches of the same data module.
 
+Two protocols (``--protocol``):
+
+- ``scenes`` (default): ``dataset: scenes`` as in the config, and the torchvision loop trains on
+  batches of our data module (the same crops: only the training recipe differs);
+- ``voc``: the reported real-data case. The scenes are written as JPEG files in a Pascal VOC
+  folder with fewer training images (``--train-images``, large: ``--train-size``) than the batch
+  size, our side trains on it through ``dataset: voc`` (the config's crops and flips, defaults
+  otherwise), and the torchvision loop reads the same files with its own 40-line pipeline
+  (:class:`PlainCrops`: ``batch_size`` random crops per step, images drawn with replacement,
+  boxes clipped to the crop), as a user's plain loop does. Any difference in our data path shows.
+
 Prints AR@100, AR@300, AR@1000, recall@0.5@100 and recall@0.7@1000 per side and seed, the
 means over seeds and the ratios ours / torchvision. Heavy: ~10 min per seed on 2 CPU cores at
 the default 300 steps; run it alone.
 
     .venv/bin/python bench/bench_quality.py --seeds 0 1
     .venv/bin/python bench/bench_quality.py --seeds 0 --ours-args --model.box_loss smooth_l1
+    .venv/bin/python bench/bench_quality.py --protocol voc --seeds 0 1
+    .venv/bin/python bench/bench_quality.py --ablations all      # the README's ablation table
 """
 
 from __future__ import annotations
@@ -26,12 +39,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from lightning.pytorch import seed_everything
 
 from lightning_rpn.cli import RPNLightningCLI
@@ -44,6 +61,65 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "scenes.yaml"
 KEYS = ("AR@100", "AR@300", "AR@1000", "recall@0.50@100", "recall@0.70@1000")
 UNSEEN = {"objects": "roofs", "background": "urban"}
+
+
+def write_voc_scenes(root: Path, seed: int, train_images: int, train_size: int, val_images: int,
+                     val_size: int) -> Path:
+    """Dense scenes as a Pascal VOC folder (JPEG, 1-based inclusive boxes), ``train``/``val`` splits."""
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, count, size in (("train", train_images, train_size), ("val", val_images, val_size)):
+        names = []
+        for index, sample in enumerate(DenseScenes(count, size, seed=seed, split=split)):
+            name = f"{split}_{index:03d}"
+            Image.fromarray(sample.image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+            objects = "".join(
+                f"<object><name>crown</name><difficult>0</difficult><bndbox><xmin>{int(x1) + 1}</xmin>"
+                f"<ymin>{int(y1) + 1}</ymin><xmax>{int(x2)}</xmax><ymax>{int(y2)}</ymax></bndbox></object>"
+                for x1, y1, x2, y2 in sample.boxes)
+            (root / "Annotations" / f"{name}.xml").write_text(
+                f"<annotation><filename>{name}.jpg</filename><size><width>{size}</width><height>{size}</height>"
+                f"<depth>3</depth></size>{objects}</annotation>")
+            names.append(name)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+class PlainCrops:
+    """A plain loop's data: ``batch_size`` random crops per step from a VOC folder, with flips.
+
+    Written without the package's data code (PIL + ElementTree): images are drawn uniformly
+    with replacement, the crop position uniformly, boxes are clipped to the crop and kept when
+    at least 1 px wide and high.
+    """
+
+    def __init__(self, root: Path, split: str, crop: int, batch_size: int, seed: int) -> None:
+        names = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+        self.images = [np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg").convert("RGB")) for name in names]
+        self.boxes = []
+        for name in names:
+            objects = ET.parse(root / "Annotations" / f"{name}.xml").findall("object/bndbox")
+            self.boxes.append(np.array([[float(o.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                                        for o in objects], np.float32).reshape(-1, 4) - [1, 1, 0, 0])
+        self.crop, self.batch_size, self.random = crop, batch_size, random.Random(seed)
+
+    def batch(self) -> tuple[torch.Tensor, list[tuple[int, int]], list[torch.Tensor]]:
+        images, boxes = [], []
+        for _ in range(self.batch_size):
+            index = self.random.randrange(len(self.images))
+            image, gt = self.images[index], self.boxes[index]
+            top = self.random.randint(0, image.shape[0] - self.crop)
+            left = self.random.randint(0, image.shape[1] - self.crop)
+            window = image[top:top + self.crop, left:left + self.crop]
+            gt = np.clip(gt - [left, top, left, top], 0, self.crop)
+            gt = gt[(gt[:, 2] - gt[:, 0] >= 1) & (gt[:, 3] - gt[:, 1] >= 1)]
+            if self.random.random() < 0.5:
+                window, gt = window[:, ::-1], np.stack([self.crop - gt[:, 2], gt[:, 1], self.crop - gt[:, 0], gt[:, 3]], 1)
+            if self.random.random() < 0.5:
+                window, gt = window[::-1], np.stack([gt[:, 0], self.crop - gt[:, 3], gt[:, 2], self.crop - gt[:, 1]], 1)
+            images.append(torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1))
+            boxes.append(torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float32)).reshape(-1, 4))
+        return torch.stack(images), [(self.crop, self.crop)] * self.batch_size, boxes
 
 
 def _cli(args: list[str]) -> RPNLightningCLI:
@@ -64,19 +140,26 @@ def evaluate(propose, scenes: DenseScenes, size_divisibility: int) -> dict[str, 
 def evaluate_held_out(propose, data, size_divisibility: int) -> tuple[dict[str, float], dict[str, float]]:
     """Recall on the config's validation scenes and on as many scenes of the unseen family."""
     scenes = data.build_dataset(data.splits["val"])
-    unseen = DenseScenes(len(scenes), scenes.size, **UNSEEN, seed=scenes.seed, split="unseen")
+    size = int(scenes[0].image.shape[0])
+    unseen = DenseScenes(len(scenes), size, **UNSEEN, seed=data.hparams.seed, split="unseen")
     return evaluate(propose, scenes, size_divisibility), evaluate(propose, unseen, size_divisibility)
 
 
-def _config_args(seed: int, steps: int, workdir: Path) -> list[str]:
-    """``configs/scenes.yaml`` for ``steps`` steps (10% warm-up), no checkpoints, no callbacks."""
+def _config_args(seed: int, steps: int, workdir: Path, voc_root: Path | None) -> list[str]:
+    """``configs/scenes.yaml`` for ``steps`` steps (10% warm-up), no checkpoints, no callbacks.
+
+    With ``voc_root``, the data is that VOC folder (the config's crops and flips, data defaults
+    otherwise).
+    """
+    data = [] if voc_root is None else ["--data.dataset", "voc", "--data.root", str(voc_root),
+                                        "--data.scene_options", "null"]
     return ["--config", str(CONFIG), "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
             "--model.warmup_steps", str(max(1, steps // 10)), "--trainer.default_root_dir", str(workdir),
-            "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
+            "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *data]
 
 
-def run_ours(seed: int, steps: int, extra: list[str], workdir: Path) -> tuple[dict, dict, float]:
-    cli = _cli([*_config_args(seed, steps, workdir), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: Path | None) -> tuple[dict, dict, float]:
+    cli = _cli([*_config_args(seed, steps, workdir, voc_root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
                 "--trainer.logger.save_dir", str(workdir), "--trainer.limit_val_batches", "0", *extra])
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -91,9 +174,9 @@ def run_ours(seed: int, steps: int, extra: list[str], workdir: Path) -> tuple[di
     return (*evaluate_held_out(propose, cli.datamodule, module.size_divisibility), seconds)
 
 
-def run_torchvision(seed: int, steps: int, workdir: Path) -> tuple[dict, dict, float]:
+def run_torchvision(seed: int, steps: int, workdir: Path, voc_root: Path | None) -> tuple[dict, dict, float]:
     # the same config and seed build the same initial weights and the same data module
-    cli = _cli([*_config_args(seed, steps, workdir), "--trainer.logger", "false"])
+    cli = _cli([*_config_args(seed, steps, workdir, voc_root), "--trainer.logger", "false"])
     module, data = cli.model, cli.datamodule
     hp = module.hparams
     # the same warm-up + cosine factor as our side
@@ -103,14 +186,20 @@ def run_torchvision(seed: int, steps: int, workdir: Path) -> tuple[dict, dict, f
     data.assign_targets = False
     seed_everything(seed, workers=True)
     start = time.perf_counter()
-    loader = data.train_dataloader()  # persistent workers: new crops every pass
-    done = 0
-    while done < steps:
-        for batch in loader:
-            loop.step(batch.images, batch.image_sizes, batch.gt_boxes)
-            done += 1
-            if done == steps:
-                break
+    if voc_root is not None:  # its own pipeline on the same files
+        crop = data.train_transform.spec[0]["RandomCrop"]["height"]
+        crops = PlainCrops(voc_root, "train", crop, data.batch_size, seed)
+        for _ in range(steps):
+            loop.step(*crops.batch())
+    else:
+        loader = data.train_dataloader()  # persistent workers: new crops every pass
+        done = 0
+        while done < steps:
+            for batch in loader:
+                loop.step(batch.images, batch.image_sizes, batch.gt_boxes)
+                done += 1
+                if done == steps:
+                    break
     seconds = time.perf_counter() - start
 
     def propose(batch):
@@ -124,7 +213,37 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _line(name: str, row: dict[str, float]) -> str:
-    return f"{name:<42}" + "".join(f"{row[key]:>18.3f}" for key in KEYS)
+    return f"{name:<42}" + "".join(f"{row[key]:>18.3f}" if row[key] == row[key] else f"{'-':>18}" for key in KEYS)
+
+
+# The ablation table (``--ablations``): each row is our CLI with these arguments, one choice
+# that differs from torchvision's recipe switched at a time.
+ABLATIONS: dict[str, list[str]] = {
+    "defaults": [],
+    "torchvision_recipe": ["--model.box_loss", "smooth_l1", "--model.channels_last", "false",
+                           "--model.norm_weight_decay", "0.0001"],
+    "smooth_l1": ["--model.box_loss", "smooth_l1"],
+    "norm_weight_decay": ["--model.norm_weight_decay", "0.0001"],
+    "no_channels_last": ["--model.channels_last", "false"],
+    "giou": ["--model.box_loss", "giou"],
+    "targets_in_model": ["--data.assign_targets", "false"],
+    "min_visibility_0": ["--data.min_visibility", "0"],
+    "each_image_once": ["--data.repeats", "1"],
+}
+
+
+def _print_table(results: dict[str, dict[str, list[dict[str, float]]]], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'':<42}" + "".join(f"{key:>18}" for key in KEYS))
+    for split in ("seen", "unseen"):
+        label = "same family" if split == "seen" else "unseen family (roofs/urban)"
+        print(label)
+        means = {row: _mean(runs[split]) for row, runs in results.items()}
+        reference = means.get("torchvision")
+        for row, values in means.items():
+            print(_line(f"  {row}", values))
+            if reference is not None and row != "torchvision":
+                print(_line("    ratio to torchvision", {k: values[k] / reference[k] if reference[k] >= 1e-3 else float("nan") for k in KEYS}))
 
 
 def main() -> int:
@@ -133,40 +252,53 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--sides", nargs="+", default=["ours", "torchvision"], choices=["ours", "torchvision"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--protocol", choices=["scenes", "voc"], default="scenes",
+                        help="scenes: the config's generated scenes, shared batches; voc: a VOC folder, "
+                             "each side its own data path (module docstring)")
+    parser.add_argument("--train-images", type=int, default=2, help="voc: training scenes (fewer than the batch)")
+    parser.add_argument("--train-size", type=int, default=1024, help="voc: side of a training scene (px)")
+    parser.add_argument("--val-images", type=int, default=4, help="voc: held-out scenes")
+    parser.add_argument("--val-size", type=int, default=640, help="voc: side of a held-out scene (px)")
+    parser.add_argument("--ablations", nargs="+", default=None, choices=[*ABLATIONS, "all"],
+                        help="our side once per named row of the ablation table (all: every row)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--ours-args", nargs=argparse.REMAINDER, default=[],
                         help="extra CLI arguments for our side (everything after this flag)")
     options = parser.parse_args()
+    if options.ablations and options.ours_args:
+        parser.error("--ablations and --ours-args exclude each other")
     torch.set_num_threads(options.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    if options.ablations:
+        names = list(ABLATIONS) if "all" in options.ablations else options.ablations
+        rows = {f"ours {name}": ABLATIONS[name] for name in names} if "ours" in options.sides else {}
+    else:
+        rows = {"ours": options.ours_args} if "ours" in options.sides else {}
+    if "torchvision" in options.sides:
+        rows = {"torchvision": [], **rows}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {row: {"seen": [], "unseen": []} for row in rows}
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         for seed in options.seeds:
-            for side in options.sides:
-                workdir = Path(tmp) / f"{side}_{seed}"
-                if side == "ours":
-                    seen, unseen, seconds = run_ours(seed, options.steps, options.ours_args, workdir)
+            voc_root = None
+            if options.protocol == "voc":
+                voc_root = write_voc_scenes(Path(tmp) / f"voc_{seed}", seed, options.train_images,
+                                            options.train_size, options.val_images, options.val_size)
+            for index, (row, extra) in enumerate(rows.items()):
+                workdir = Path(tmp) / f"run{index}_{seed}"
+                if row == "torchvision":
+                    seen, unseen, seconds = run_torchvision(seed, options.steps, workdir, voc_root)
                 else:
-                    seen, unseen, seconds = run_torchvision(seed, options.steps, workdir)
-                results.setdefault(side, {"seen": [], "unseen": []})
-                results[side]["seen"].append(seen)
-                results[side]["unseen"].append(unseen)
-                print(f"[{side} seed {seed}: {options.steps} steps in {seconds:.0f} s] "
+                    seen, unseen, seconds = run_ours(seed, options.steps, extra, workdir, voc_root)
+                results[row]["seen"].append(seen)
+                results[row]["unseen"].append(unseen)
+                print(f"[{row} seed {seed}: {options.steps} steps in {seconds:.0f} s] "
                       + ", ".join(f"{k} {v:.3f}" for k, v in seen.items()), flush=True)
-    print(f"\nheld-out scenes ({options.steps} steps, seeds {options.seeds}; ours: "
-          f"{' '.join(options.ours_args) or 'configs/scenes.yaml as is'})")
-    print(f"{'':<42}" + "".join(f"{key:>18}" for key in KEYS))
-    for split in ("seen", "unseen"):
-        label = "same family" if split == "seen" else "unseen family (roofs/urban)"
-        means = {side: _mean(rows[split]) for side, rows in results.items()}
-        for side, row in means.items():
-            print(_line(f"{side}, {label}", row))
-        if len(means) == 2:
-            ratio = {key: means["ours"][key] / max(means["torchvision"][key], 1e-9) for key in KEYS}
-            print(_line(f"ratio ours / torchvision, {split}", ratio))
+    described = "" if options.ablations else f"; ours: {' '.join(options.ours_args) or 'configs/scenes.yaml as is'}"
+    _print_table(results, f"held-out scenes ({options.protocol} protocol, {options.steps} steps, "
+                          f"seeds {options.seeds}{described})")
     if options.out is not None:
-        options.out.write_text(json.dumps({"steps": options.steps, "seeds": options.seeds,
-                                           "ours_args": options.ours_args, "results": results}, indent=2))
+        options.out.write_text(json.dumps({"protocol": options.protocol, "steps": options.steps, "seeds": options.seeds,
+                                           "rows": rows, "results": results}, indent=2))
     return 0
 
 

@@ -30,6 +30,7 @@ from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, Problem, check_policy
+from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
@@ -105,6 +106,11 @@ class RPNDataModule(LightningDataModule):
         tiles: train on random windows of the training images (``TileConfig`` keys ``size``,
             ``per_epoch``, ``overlap``, ``weighting``, ``box_probability``, ``cache_mb``): an
             epoch is ``per_epoch`` windows, drawn from the seed, the epoch and the window's index.
+        repeats: list the training images this many times per epoch (each copy its own random
+            augmentation and anchor sample); ``None``: once, or, when the split holds fewer
+            images than ``batch_size`` per process, just enough times to fill one batch (logged;
+            the epoch's last, partial batch is then dropped, a different one each epoch), so a
+            batch has ``batch_size`` items as configured. Not with ``tiles``.
         resize / min_sizes / max_size / fixed_size: the resize policy (``ResizePolicy``).
         size_divisibility: pad batches to a multiple of this (default: the model's).
         anchor_generator / target_config / box_coder: anchor setup when there is no model.
@@ -145,6 +151,7 @@ class RPNDataModule(LightningDataModule):
         val_transforms: list[dict[str, Any]] | None = None,
         min_visibility: float = 0.3,
         tiles: dict[str, Any] | None = None,
+        repeats: int | None = None,
         resize: Literal["none", "shortest_edge", "fixed"] = "none",
         min_sizes: list[int] | None = None,
         max_size: int = 1333,
@@ -172,6 +179,11 @@ class RPNDataModule(LightningDataModule):
                 f"and num_workers={num_workers} >= 0"
             )
         self.tiles = None if tiles is None else TileConfig.from_mapping(tiles)
+        if repeats is not None and (repeats < 1 or self.tiles is not None):
+            raise ValueError(f"RPNDataModule: repeats={repeats} must be >= 1, and is not used with tiles "
+                             "(tiles.per_epoch sets the epoch's length)")
+        self.repeats = repeats
+        self._drop_last_train = False  # set when setup repeats a small split to fill batches
         self.save_hyperparameters(ignore=["anchor_generator", "target_config", "box_coder"])
         self.dataset = dataset
         self.root = None if root is None else Path(root)
@@ -269,8 +281,26 @@ class RPNDataModule(LightningDataModule):
             if problems is not None and len(problems):
                 rank_zero_info(f"RPNDataModule: {role} split {self.splits[role]!r}: "
                                f"{len(problems)} annotation problems handled\n{problems.summary()}")
+            if role == "train" and self.tiles is None:
+                times = self._train_repeats(len(raw))  # type: ignore[arg-type]
+                raw = raw if times == 1 else RepeatedDataset(raw, times)
             transform = self.train_transform if role == "train" else self.val_transform
             self.datasets[role] = TransformedDataset(raw, transform)
+
+    def _train_repeats(self, num_images: int) -> int:
+        """``repeats``, or the fewest listings that fill one batch on every process (logged)."""
+        if self.repeats is not None:
+            return self.repeats
+        world_size = int(getattr(self.trainer, "world_size", 1) or 1)
+        times = repeats_to_fill(num_images, self.batch_size, world_size)
+        self._drop_last_train = times > 1
+        if times > 1:
+            processes = f" x {world_size} processes" if world_size > 1 else ""
+            rank_zero_info(
+                f"RPNDataModule: the train split {self.splits['train']!r} holds {num_images} images, fewer "
+                f"than batch_size={self.batch_size}{processes}: each epoch lists them {times} times so that "
+                "batches are full (data.repeats sets this; data.tiles draws random windows of large images)")
+        return times
 
     # ---- anchors --------------------------------------------------------------------------
     def _resolve_anchors(self, module: Any = None) -> None:
@@ -339,6 +369,7 @@ class RPNDataModule(LightningDataModule):
             collate_fn=collate or self.collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            drop_last=role == "train" and self._drop_last_train,
         )
 
     def train_dataloader(self) -> DataLoader:
