@@ -380,7 +380,7 @@ class RPNDataModule(LightningDataModule):
                           self.size_divisibility, assign_targets=False)
 
     def val_dataloader(self) -> DataLoader:
-        # a model on sliding windows computes no evaluation loss: whole-image targets would be wasted
+        # a model on sliding windows computes its evaluation losses per window: whole-image targets would be wasted
         collate = self._collate_without_targets() if self._window_eval else None
         return self._loader("val", self.val_batch_size, shuffle=False, collate=collate)
 
