@@ -157,3 +157,21 @@ def test_module_option_worker_and_in_model_targets_give_the_same_loss() -> None:
     for key in from_workers:
         torch.testing.assert_close(from_workers[key], in_model[key])
     assert all(scores.le(1).all() and scores.ge(0).all() for _, scores in proposals)
+
+
+def test_export_and_the_torchvision_drop_in() -> None:
+    from torchvision.models.detection.image_list import ImageList
+
+    from lightning_rpn.export import export_proposal_network
+    from lightning_rpn.torchvision_adapter import TorchvisionRPN
+    from test_module import tiny_model
+
+    with pytest.raises(NotImplementedError, match="cannot be exported yet"):
+        export_proposal_network(tiny_model(quality="iou", proposal_score="quality").eval(), (64, 64))
+    # the drop-in takes an RPN with quality scoring as it is: torchvision's loss keys, its proposals
+    torch.manual_seed(0)
+    adapter = TorchvisionRPN(_quality_rpn("geometric_mean")).train()
+    images = ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)])
+    features = {"p2": torch.randn(1, 8, 16, 16), "p3": torch.randn(1, 8, 8, 8)}
+    boxes, losses = adapter(images, features, [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]])}])
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg"} and boxes[0].shape[1] == 4
