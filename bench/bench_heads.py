@@ -12,9 +12,8 @@ then is evaluated on the held-out synthetic ``val`` split:
   saw), AR@100 / AR@1000;
 - the training step's median wall time and the process's peak resident memory.
 
-The synthetic generator has no option for the shape kinds yet, so this script narrows
-``lightning_rpn.data.synthetic._SHAPES`` in its own processes (DataLoader workers fork and
-inherit it). Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
+The kinds are chosen with ``data.synthetic_shape_kinds`` / ``SyntheticShapes(shape_kinds=...)``.
+Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
 (8 epochs of 1000 images at batch 8: 1000 steps).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1
@@ -52,17 +51,17 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
     import lightning.pytorch as pl
     import torch
 
-    import lightning_rpn.data.synthetic as synthetic
     from lightning_rpn import RPNDataModule, RPNModule
     from lightning_rpn.data import RPNCollate, SyntheticShapes
+    from lightning_rpn.data.synthetic import SHAPE_KINDS
     from lightning_rpn.metrics import ProposalRecall
 
     torch.set_num_threads(threads)
     model_args, data_args, seed = _sections(VARIANTS[variant])
     pl.seed_everything(seed, workers=True)
-    if kinds is not None:
-        synthetic._SHAPES = kinds
     data_args.update(synthetic_val_images=val_images)
+    if kinds is not None:
+        data_args.update(synthetic_shape_kinds=list(kinds))
     module = RPNModule(**{key: tuple(map(tuple, v)) if key in ("anchor_sizes", "aspect_ratios") else v
                           for key, v in model_args.items()})
     datamodule = RPNDataModule(**data_args)
@@ -88,9 +87,8 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
     trainer.fit(module, datamodule=datamodule)
     train_s = time.perf_counter() - started
     module.eval()
-    if eval_kinds is not None:
-        synthetic._SHAPES = eval_kinds
-    dataset = SyntheticShapes(val_images, split="val" if eval_kinds is None else "unseen-kinds")
+    dataset = SyntheticShapes(val_images, split="val" if eval_kinds is None else "unseen-kinds",
+                              shape_kinds=eval_kinds or SHAPE_KINDS)
     metrics = {"all": ProposalRecall(), "high": ProposalRecall(iou_thresholds=HIGH_IOU)}
     collate = RPNCollate(size_divisibility=module.size_divisibility, assign_targets=False)
     with torch.no_grad():

@@ -73,3 +73,19 @@ def test_invalid_parameters_are_named() -> None:
         SyntheticShapes(max_shapes=1000)
     with pytest.raises(IndexError, match="index 5"):
         SyntheticShapes(5)[5]
+
+
+def test_shape_kinds_choose_what_is_drawn() -> None:
+    from lightning_rpn.data.datamodule import RPNDataModule
+    from lightning_rpn.data.synthetic import SHAPE_KINDS
+
+    default = SyntheticShapes(4, seed=5)
+    explicit = SyntheticShapes(4, seed=5, shape_kinds=SHAPE_KINDS)
+    rectangles = SyntheticShapes(4, seed=5, shape_kinds=("rectangle",))
+    triangles = SyntheticShapes(4, seed=5, shape_kinds=["triangle"])
+    assert all(np.array_equal(default[i].image, explicit[i].image) for i in range(4))
+    assert not all(np.array_equal(rectangles[i].image, triangles[i].image) for i in range(4))
+    with pytest.raises(ValueError, match="shape_kinds"):
+        SyntheticShapes(4, shape_kinds=["hexagon"])
+    dm = RPNDataModule(synthetic_train_images=2, synthetic_shape_kinds=["triangle"], num_workers=0)
+    assert dm.build_dataset("train").shape_kinds == ("triangle",)

@@ -32,7 +32,7 @@ from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, Problem, check_policy
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.scenes import DenseScenes
-from lightning_rpn.data.synthetic import SyntheticShapes
+from lightning_rpn.data.synthetic import SHAPE_KINDS, SyntheticShapes
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
@@ -94,7 +94,8 @@ class RPNDataModule(LightningDataModule):
             ``background``, ``density``, ...); the scene counts are ``synthetic_train_images`` /
             ``synthetic_val_images``.
         synthetic_*: SyntheticShapes parameters (images in the train split / in any other split,
-            image side range, most shapes per image, smallest shape side).
+            image side range, most shapes per image, smallest shape side, shape kinds: default
+            all of ``SHAPE_KINDS``).
         seed: seed of the synthetic images.
         batch_size / val_batch_size: images per batch (validation defaults to ``batch_size``).
         num_workers: DataLoader workers (persistent when > 0); pin_memory: pinned batches.
@@ -141,6 +142,7 @@ class RPNDataModule(LightningDataModule):
         synthetic_max_size: int = 192,
         synthetic_max_shapes: int = 6,
         synthetic_min_box_size: float = 8.0,
+        synthetic_shape_kinds: list[str] | None = None,
         scene_options: dict[str, Any] | None = None,
         seed: int = 0,
         batch_size: int = 8,
@@ -236,8 +238,10 @@ class RPNDataModule(LightningDataModule):
         verify = hp.verify_images if verify_images is None else verify_images
         if self.dataset == "synthetic":
             num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
+            kinds = SHAPE_KINDS if hp.synthetic_shape_kinds is None else hp.synthetic_shape_kinds
             return SyntheticShapes(num, hp.synthetic_min_size, hp.synthetic_max_size, hp.synthetic_max_shapes,
-                                   seed=hp.seed, split=split, min_box_size=hp.synthetic_min_box_size)
+                                   seed=hp.seed, split=split, min_box_size=hp.synthetic_min_box_size,
+                                   shape_kinds=kinds)
         if self.dataset == "scenes":
             num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
             try:

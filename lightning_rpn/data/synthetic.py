@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -23,9 +24,9 @@ from torch.utils.data import Dataset
 
 from lightning_rpn.data.sample import DetectionSample
 
-__all__ = ["SyntheticShapes", "draw_shapes_image"]
+__all__ = ["SyntheticShapes", "draw_shapes_image", "SHAPE_KINDS"]
 
-_SHAPES = ("rectangle", "ellipse", "triangle")
+SHAPE_KINDS: tuple[str, ...] = ("rectangle", "ellipse", "triangle")
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -84,8 +85,9 @@ def draw_shapes_image(
     min_box_size: float = 8.0,
     max_box_fraction: float = 0.9,
     min_visible_fraction: float = 0.5,
+    kinds: Sequence[str] = SHAPE_KINDS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``num_shapes`` shapes on a textured ``height x width`` background.
+    """Draw ``num_shapes`` shapes of ``kinds`` on a textured ``height x width`` background.
 
     Returns the uint8 ``H x W x 3`` image and float32 ``[G, 4]`` xyxy boxes of the visible
     shapes (``G <= num_shapes``).
@@ -109,7 +111,7 @@ def draw_shapes_image(
     # larger shapes first, so that smaller ones occlude them only partly
     specs.sort(key=lambda spec: -spec[0])
     for index, (_, x1, y1, box_w, box_h) in enumerate(specs, start=1):
-        kind = _SHAPES[int(rng.integers(0, len(_SHAPES)))]
+        kind = kinds[int(rng.integers(0, len(kinds)))]
         outlined = rng.random() < 0.3
         thickness = -1 if not outlined else max(2, int(round(min(box_w, box_h) * rng.uniform(0.06, 0.15))))
         color = _shape_color(rng, image[y1:y1 + box_h, x1:x1 + box_w])
@@ -139,7 +141,8 @@ class SyntheticShapes(Dataset):
     """``num_images`` drawn-shape images of split ``split``, deterministic from ``seed``.
 
     Image sides are drawn independently from ``[min_size, max_size]``; each image has
-    ``1..max_shapes`` shapes (none with probability ``empty_fraction``).
+    ``1..max_shapes`` shapes (none with probability ``empty_fraction``) of ``shape_kinds``
+    (a subset of :data:`SHAPE_KINDS`: train on some kinds, evaluate on the others).
     """
 
     def __init__(
@@ -154,7 +157,10 @@ class SyntheticShapes(Dataset):
         max_box_fraction: float = 0.9,
         empty_fraction: float = 0.05,
         min_visible_fraction: float = 0.5,
+        shape_kinds: Sequence[str] = SHAPE_KINDS,
     ) -> None:
+        if not shape_kinds or any(kind not in SHAPE_KINDS for kind in shape_kinds):
+            raise ValueError(f"SyntheticShapes: shape_kinds={list(shape_kinds)!r} must be a non-empty list of {SHAPE_KINDS}")
         if num_images < 0:
             raise ValueError(f"SyntheticShapes: num_images={num_images} must be >= 0")
         if not 16 <= min_size <= max_size:
@@ -180,6 +186,7 @@ class SyntheticShapes(Dataset):
         self.max_box_fraction = max_box_fraction
         self.empty_fraction = empty_fraction
         self.min_visible_fraction = min_visible_fraction
+        self.shape_kinds = tuple(shape_kinds)
         self._split_key = zlib.crc32(split.encode("utf-8"))
 
     def __len__(self) -> int:
@@ -194,6 +201,7 @@ class SyntheticShapes(Dataset):
         empty = self.max_shapes == 0 or rng.random() < self.empty_fraction
         num_shapes = 0 if empty else int(rng.integers(1, self.max_shapes + 1))
         image, boxes = draw_shapes_image(
-            rng, height, width, num_shapes, self.min_box_size, self.max_box_fraction, self.min_visible_fraction
+            rng, height, width, num_shapes, self.min_box_size, self.max_box_fraction, self.min_visible_fraction,
+            self.shape_kinds,
         )
         return DetectionSample(image=image, boxes=boxes, image_id=index, source=f"synthetic://{self.split}/{index}")
