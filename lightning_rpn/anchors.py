@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import AnchorConfig
+
 __all__ = ["AnchorGenerator", "AnchorGrid", "GridLevel", "grid_centres", "grid_size", "level_anchors"]
 
 _CACHE_SIZE = 16
@@ -183,8 +185,8 @@ class AnchorGenerator:
         sizes: Sequence[float] | Sequence[Sequence[float]],
         aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
         strides: int | Sequence[int] = 16,
-        offset: float = 0.0,
-        anchor_stride: int = 1,
+        offset: float = AnchorConfig.offset,
+        anchor_stride: int = AnchorConfig.anchor_stride,
     ) -> None:
         if isinstance(strides, int) and not isinstance(strides, bool):
             strides = (strides,)

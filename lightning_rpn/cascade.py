@@ -38,12 +38,13 @@ from torchvision.ops import deform_conv2d
 
 from .anchors import AnchorGenerator, AnchorGrid
 from .box_coder import BoxCoder
+from .config import AnchorTargetConfig, ProposalConfig
 from .loss import NonFiniteLossError
 from .matching import check_gt_box_batch, match_anchors_batched
 from .proposals import generate_proposals
 from .quality import aligned_iou
 from .sampling import sample_anchors_with_positives
-from .targets import AnchorTargetConfig, sample_generator
+from .targets import sample_generator
 
 __all__ = ["CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
 
@@ -185,13 +186,13 @@ class CascadeRPN(nn.Module):
         centre_ratio: float = 0.2,
         box_coder: BoxCoder | None = None,
         target_config: AnchorTargetConfig | None = None,
-        pre_nms_top_n_train: int = 2000,
-        post_nms_top_n_train: int = 2000,
-        pre_nms_top_n_test: int = 1000,
-        post_nms_top_n_test: int = 1000,
-        nms_thresh: float = 0.7,
-        min_size: float = 1e-3,
-        score_thresh: float = 0.0,
+        pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
+        post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
+        pre_nms_top_n_test: int = ProposalConfig.pre_nms_top_n_test,
+        post_nms_top_n_test: int = ProposalConfig.post_nms_top_n_test,
+        nms_thresh: float = ProposalConfig.nms_thresh,
+        min_size: float = ProposalConfig.min_size,
+        score_thresh: float = ProposalConfig.score_thresh,
         reg_weight: float = 1.0,
         seed: int = 0,
     ) -> None:
@@ -207,6 +208,13 @@ class CascadeRPN(nn.Module):
                 raise ValueError(f"CascadeRPN: {name} must be an int >= {2 if name == 'num_stages' else 1}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
             raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
+        try:
+            self.proposal_config = ProposalConfig(
+                pre_nms_top_n_train, post_nms_top_n_train, pre_nms_top_n_test, post_nms_top_n_test,
+                nms_thresh, min_size, score_thresh,
+            )
+        except ValueError as error:
+            raise ValueError(f"CascadeRPN: {error}") from None
         channels = in_channels if conv_channels is None else conv_channels
         self.anchor_generator = anchor_generator
         self.stages = nn.ModuleList(

@@ -28,12 +28,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .config import OBJECTNESS_MODES, check_choice
 from .quality import parse_quality
 
 __all__ = ["RPNHead", "objectness_logits", "OBJECTNESS_MODES"]
 
 ObjectnessMode = Literal["sigmoid", "softmax"]
-OBJECTNESS_MODES: tuple[str, ...] = ("sigmoid", "softmax")
 
 
 def objectness_logits(pred_objectness: Tensor) -> Tensor:
@@ -88,8 +88,7 @@ class RPNHead(nn.Module):
             conv_channels = in_channels
         if not isinstance(conv_channels, int) or conv_channels < 1:
             raise ValueError(f"RPNHead: conv_channels must be an int >= 1 or None, got {conv_channels!r}")
-        if objectness not in OBJECTNESS_MODES:
-            raise ValueError(f"RPNHead: objectness must be one of {OBJECTNESS_MODES}, got {objectness!r}")
+        check_choice(objectness, OBJECTNESS_MODES, "RPNHead: objectness")
 
         self.in_channels = in_channels
         self.num_anchors = num_anchors

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .box_coder import BoxCoder
 from .boxes import aligned_giou
+from .config import BOX_LOSSES, LOSS_NORMALIZATIONS, LossConfig
 from .quality import aligned_iou, parse_quality, quality_loss
 
 __all__ = ["rpn_loss", "NonFiniteLossError", "LOSS_NORMALIZATIONS", "BOX_LOSSES"]
@@ -50,8 +51,6 @@ class NonFiniteLossError(ValueError):
     other errors (malformed ground truth, bad arguments).
     """
 
-LOSS_NORMALIZATIONS: tuple[str, ...] = ("sampled", "paper")
-BOX_LOSSES: tuple[str, ...] = ("smooth_l1", "l1", "giou", "iou")
 _DECODED_BOX_LOSSES = ("giou", "iou")
 
 
@@ -82,10 +81,10 @@ def rpn_loss(
     anchor_labels: Tensor,
     target_deltas: Tensor,
     *,
-    normalization: Literal["sampled", "paper"] = "sampled",
-    reg_weight: float | None = None,
-    smooth_l1_beta: float = 1.0 / 9.0,
-    box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "smooth_l1",
+    normalization: Literal["sampled", "paper"] = LossConfig.normalization,  # type: ignore[assignment]
+    reg_weight: float | None = LossConfig.reg_weight,
+    smooth_l1_beta: float = LossConfig.smooth_l1_beta,
+    box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = LossConfig.box_loss,  # type: ignore[assignment]
     anchors: Tensor | Sequence[Tensor] | None = None,
     box_coder: BoxCoder | None = None,
     num_anchor_locations: int | None = None,
@@ -117,16 +116,13 @@ def rpn_loss(
     No sampled anchors gives zero losses that are still connected to the predictions. A
     non-finite loss raises :class:`NonFiniteLossError` (a ``ValueError``) naming the input (and anchor) that caused it.
     """
-    if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(f"rpn_loss: normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
-    if box_loss not in BOX_LOSSES:
-        raise ValueError(f"rpn_loss: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-    if smooth_l1_beta < 0:
-        raise ValueError(f"rpn_loss: smooth_l1_beta must be >= 0, got {smooth_l1_beta}")
+    try:
+        config = LossConfig(normalization, reg_weight, smooth_l1_beta, box_loss)
+    except ValueError as error:
+        raise ValueError(f"rpn_loss: {error}") from None
     if objectness_weight < 0:
         raise ValueError(f"rpn_loss: objectness_weight must be >= 0, got {objectness_weight}")
-    if reg_weight is None:
-        reg_weight = 1.0 if normalization == "sampled" else 10.0
+    reg_weight = config.resolved_reg_weight
 
     objectness = _concat_levels(pred_objectness, "pred_objectness")
     deltas = _concat_levels(pred_deltas, "pred_deltas")

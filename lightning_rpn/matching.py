@@ -54,6 +54,7 @@ from torch import Tensor
 
 from .anchors import AnchorGrid
 from .boxes import box_ioa, box_iou
+from .config import AnchorTargetConfig
 from .cpu_kernels import match_stats_cpu
 
 __all__ = [
@@ -300,9 +301,9 @@ def crowd_coverage(anchors: Tensor, crowd_boxes: Sequence[Tensor | None]) -> Ten
 def match_anchors_batched(
     anchors: Tensor | AnchorGrid,
     gt_boxes: Sequence[Tensor],
-    fg_iou: float = 0.7,
-    bg_iou: float = 0.3,
-    allow_low_quality: bool = True,
+    fg_iou: float = AnchorTargetConfig.fg_iou,
+    bg_iou: float = AnchorTargetConfig.bg_iou,
+    allow_low_quality: bool = AnchorTargetConfig.allow_low_quality,
     *,
     image_sizes: Sequence[tuple[int, int]] | None = None,
     allowed_border: float | None = None,
@@ -328,9 +329,9 @@ def match_anchors_batched(
 def match_anchors(
     anchors: Tensor | AnchorGrid,
     gt_boxes: Tensor,
-    fg_iou: float = 0.7,
-    bg_iou: float = 0.3,
-    allow_low_quality: bool = True,
+    fg_iou: float = AnchorTargetConfig.fg_iou,
+    bg_iou: float = AnchorTargetConfig.bg_iou,
+    allow_low_quality: bool = AnchorTargetConfig.allow_low_quality,
     *,
     image_size: tuple[int, int] | None = None,
     allowed_border: float | None = None,

@@ -3,10 +3,11 @@
 Shapes: ``B`` images, ``Hp x Wp`` the padded batch, ``N`` anchors of an image, ``G`` gt boxes,
 ``P`` proposals of an image.
 
-The Python defaults are detectron2's ``rpn_R_50_FPN_1x`` recipe (ResNet-50 FPN, anchors 32-512
-on P2-P6, ratios 0.5/1/2, 256 sampled anchors per image, 2000/1000 pre/post-NMS proposals in
-training and 1000/1000 in evaluation, NMS 0.7, L1 box loss, SGD lr 0.02 with a 1000-step linear
-warm-up and x0.1 decays at 60k and 80k steps), so a config only states what differs.
+The Python defaults are detectron2's ``rpn_R_50_FPN_1x`` recipe (ResNet-50 FPN, and the
+settings of :mod:`lightning_rpn.config`, where each is declared once: anchors 32-512 on P2-P6,
+ratios 0.5/1/2, 256 sampled anchors per image, 2000/1000 pre/post-NMS proposals in training and
+1000/1000 in evaluation, NMS 0.7, L1 box loss, SGD lr 0.02 with a 1000-step linear warm-up and
+x0.1 decays at 60k and 80k steps), so a config only states what differs.
 
 Batches are :class:`~lightning_rpn.data.batch.RPNBatch` objects: uint8 images (converted here
 to float and normalised with ImageNet mean/std), ``image_sizes`` after resize, the gt boxes and,
@@ -56,6 +57,7 @@ from lightning_rpn.anchors import AnchorGenerator
 from lightning_rpn.backbones import build_backbone, check_backbone
 from lightning_rpn.box_coder import BoxCoder
 from lightning_rpn.cascade import CascadeRPN
+from lightning_rpn.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
 from lightning_rpn.boxes import clip_boxes_to_image
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
@@ -66,7 +68,6 @@ from lightning_rpn.head import RPNHead
 from lightning_rpn.loss import NonFiniteLossError
 from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.rpn import RPN
-from lightning_rpn.targets import AnchorTargetConfig
 from lightning_rpn.windows import (
     SlidingWindowConfig,
     Window,
@@ -259,50 +260,50 @@ class RPNModule(pl.LightningModule):
         weights: str | None = None,
         trainable_layers: int | None = None,
         frozen_bn: bool | None = None,
-        anchor_sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,)),
-        aspect_ratios: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0),),
-        anchor_offset: float = 0.0,
-        anchor_stride: int = 1,
-        fg_iou: float = 0.7,
-        bg_iou: float = 0.3,
-        allow_low_quality: bool = True,
-        allowed_border: float | None = None,
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
-        crowd_ioa: float | None = None,
+        anchor_sizes: tuple[tuple[float, ...], ...] = AnchorConfig.sizes,
+        aspect_ratios: tuple[tuple[float, ...], ...] = AnchorConfig.aspect_ratios,
+        anchor_offset: float = AnchorConfig.offset,
+        anchor_stride: int = AnchorConfig.anchor_stride,
+        fg_iou: float = AnchorTargetConfig.fg_iou,
+        bg_iou: float = AnchorTargetConfig.bg_iou,
+        allow_low_quality: bool = AnchorTargetConfig.allow_low_quality,
+        allowed_border: float | None = AnchorTargetConfig.allowed_border,
+        batch_size_per_image: int = AnchorTargetConfig.batch_size_per_image,
+        positive_fraction: float = AnchorTargetConfig.positive_fraction,
+        crowd_ioa: float | None = AnchorTargetConfig.crowd_ioa,
         box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
         head_conv_depth: int = 1,
         head_conv_channels: int | None = None,
         objectness: Literal["sigmoid", "softmax"] = "sigmoid",
-        loss_normalization: Literal["sampled", "paper"] = "sampled",
-        reg_weight: float | None = None,
-        box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "l1",
-        smooth_l1_beta: float = 1.0 / 9.0,
+        loss_normalization: Literal["sampled", "paper"] = LossConfig.normalization,  # type: ignore[assignment]
+        reg_weight: float | None = LossConfig.reg_weight,
+        box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = LossConfig.box_loss,  # type: ignore[assignment]
+        smooth_l1_beta: float = LossConfig.smooth_l1_beta,
         quality: str | None = None,
         proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
         head: Literal["rpn", "cascade"] = "rpn",
         cascade_stages: int = 2,
         cascade_dilation: int = 3,
         cascade_centre_ratio: float = 0.2,
-        pre_nms_top_n_train: int = 2000,
-        post_nms_top_n_train: int = 1000,
-        pre_nms_top_n_test: int = 1000,
-        post_nms_top_n_test: int = 1000,
-        nms_thresh: float = 0.7,
-        min_size: float = 1e-3,
-        score_thresh: float = 0.0,
+        pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
+        post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
+        pre_nms_top_n_test: int = ProposalConfig.pre_nms_top_n_test,
+        post_nms_top_n_test: int = ProposalConfig.post_nms_top_n_test,
+        nms_thresh: float = ProposalConfig.nms_thresh,
+        min_size: float = ProposalConfig.min_size,
+        score_thresh: float = ProposalConfig.score_thresh,
         anchor_sampling_seed: int = 0,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.02,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        norm_weight_decay: float = 0.0,
-        lr_schedule: Literal["multistep", "cosine"] = "multistep",
-        warmup_steps: int = 1000,
-        warmup_factor: float = 0.001,
-        milestones: tuple[int, ...] = (60000, 80000),
-        gamma: float = 0.1,
-        min_lr_factor: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = OptimConfig.optimizer,  # type: ignore[assignment]
+        lr: float = OptimConfig.lr,
+        momentum: float = OptimConfig.momentum,
+        weight_decay: float = OptimConfig.weight_decay,
+        norm_weight_decay: float = OptimConfig.norm_weight_decay,
+        lr_schedule: Literal["multistep", "cosine"] = OptimConfig.lr_schedule,  # type: ignore[assignment]
+        warmup_steps: int = OptimConfig.warmup_steps,
+        warmup_factor: float = OptimConfig.warmup_factor,
+        milestones: tuple[int, ...] = OptimConfig.milestones,
+        gamma: float = OptimConfig.gamma,
+        min_lr_factor: float = OptimConfig.min_lr_factor,
         recall_iou_thresholds: tuple[float, ...] = DEFAULT_IOU_THRESHOLDS,
         recall_max_proposals: tuple[int, ...] = (100, 300, 1000),
         nonfinite_loss: Literal["raise", "skip"] = "raise",
@@ -342,6 +343,12 @@ class RPNModule(pl.LightningModule):
         # reads this frame's arguments (``backbone`` rebound above); under LightningCLI the
         # parsed config instead, where a custom backbone is its class_path and init_args
         self.save_hyperparameters()
+        # checked now, not when configure_optimizers first runs
+        self.optim_config = OptimConfig(
+            optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            norm_weight_decay=norm_weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            warmup_factor=warmup_factor, milestones=tuple(milestones), gamma=gamma, min_lr_factor=min_lr_factor,
+        )
 
         strides = tuple(self.backbone.strides)
         try:
@@ -759,18 +766,12 @@ class RPNModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        hp = self.optim_config
         groups = weight_decay_groups([self], hp.weight_decay, hp.norm_weight_decay)
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        elif hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
         else:
-            raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {hp.optimizer!r}")
-        if hp.lr_schedule not in ("multistep", "cosine"):
-            raise ValueError(
-                f"model.lr_schedule must be 'multistep' or 'cosine', got {hp.lr_schedule!r}"
-            )
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         total = 0
         if hp.lr_schedule == "cosine":
             steps = self.trainer.estimated_stepping_batches
@@ -784,7 +785,7 @@ class RPNModule(pl.LightningModule):
             warmup_steps=hp.warmup_steps,
             warmup_factor=hp.warmup_factor,
             kind=hp.lr_schedule,
-            milestones=tuple(hp.milestones),
+            milestones=hp.milestones,
             gamma=hp.gamma,
             total_steps=total,
             min_factor=hp.min_lr_factor,

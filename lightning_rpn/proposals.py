@@ -45,6 +45,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
 from .box_coder import BoxCoder
+from .config import ProposalConfig
 
 __all__ = ["NmsMethod", "generate_proposals", "proposal_candidates", "select_image_proposals"]
 
@@ -265,11 +266,11 @@ def generate_proposals(
     deltas: Sequence[Tensor],
     anchors: Sequence[Tensor],
     image_sizes: Sequence[tuple[int, int]],
-    pre_nms_top_n: int = 1000,
-    post_nms_top_n: int = 1000,
-    nms_thresh: float = 0.7,
-    min_size: float = 1e-3,
-    score_thresh: float = 0.0,
+    pre_nms_top_n: int = ProposalConfig.pre_nms_top_n_test,
+    post_nms_top_n: int = ProposalConfig.post_nms_top_n_test,
+    nms_thresh: float = ProposalConfig.nms_thresh,
+    min_size: float = ProposalConfig.min_size,
+    score_thresh: float = ProposalConfig.score_thresh,
     *,
     box_coder: BoxCoder | None = None,
     return_logits: bool = False,

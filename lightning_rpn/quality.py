@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .boxes import iou_from_overlap
+from .config import PROPOSAL_SCORES
 
 __all__ = [
     "QUALITY_BRANCHES",
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 QUALITY_BRANCHES: tuple[str, ...] = ("centerness", "iou")
-PROPOSAL_SCORES: tuple[str, ...] = ("objectness", "quality", "geometric_mean")
 _TINY = torch.finfo(torch.float32).tiny
 
 

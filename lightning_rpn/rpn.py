@@ -28,12 +28,13 @@ from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
-from .head import OBJECTNESS_MODES, RPNHead, objectness_logits
-from .loss import BOX_LOSSES, LOSS_NORMALIZATIONS, rpn_loss
+from .config import OBJECTNESS_MODES, PROPOSAL_SCORES, AnchorTargetConfig, LossConfig, ProposalConfig, check_choice
+from .head import RPNHead, objectness_logits
+from .loss import rpn_loss
 from .matching import check_gt_box_batch
 from .proposals import generate_proposals
-from .quality import PROPOSAL_SCORES, parse_quality, score_logits
-from .targets import AnchorTargetConfig, assign_batch_targets, sample_generator
+from .quality import parse_quality, score_logits
+from .targets import assign_batch_targets, sample_generator
 
 __all__ = ["RPN"]
 
@@ -72,34 +73,34 @@ class RPN(nn.Module):
         in_channels: int = 256,
         box_coder: BoxCoder | None = None,
         target_config: AnchorTargetConfig | None = None,
-        pre_nms_top_n_train: int = 2000,
-        post_nms_top_n_train: int = 2000,
-        pre_nms_top_n_test: int = 1000,
-        post_nms_top_n_test: int = 1000,
-        nms_thresh: float = 0.7,
-        min_size: float = 1e-3,
-        score_thresh: float = 0.0,
-        loss_normalization: Literal["sampled", "paper"] = "sampled",
-        reg_weight: float | None = None,
-        smooth_l1_beta: float = 1.0 / 9.0,
-        box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = "smooth_l1",
+        pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
+        post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
+        pre_nms_top_n_test: int = ProposalConfig.pre_nms_top_n_test,
+        post_nms_top_n_test: int = ProposalConfig.post_nms_top_n_test,
+        nms_thresh: float = ProposalConfig.nms_thresh,
+        min_size: float = ProposalConfig.min_size,
+        score_thresh: float = ProposalConfig.score_thresh,
+        loss_normalization: Literal["sampled", "paper"] = LossConfig.normalization,  # type: ignore[assignment]
+        reg_weight: float | None = LossConfig.reg_weight,
+        smooth_l1_beta: float = LossConfig.smooth_l1_beta,
+        box_loss: Literal["smooth_l1", "l1", "giou", "iou"] = LossConfig.box_loss,  # type: ignore[assignment]
         objectness: Literal["sigmoid", "softmax"] = "sigmoid",
         seed: int = 0,
         quality: str | None = None,
         proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
     ) -> None:
         super().__init__()
-        if loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(
-                f"RPN: loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}"
+        try:
+            self.loss_config = LossConfig(loss_normalization, reg_weight, smooth_l1_beta, box_loss)
+            self.proposal_config = ProposalConfig(
+                pre_nms_top_n_train, post_nms_top_n_train, pre_nms_top_n_test, post_nms_top_n_test,
+                nms_thresh, min_size, score_thresh,
             )
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"RPN: box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        if objectness not in OBJECTNESS_MODES:
-            raise ValueError(f"RPN: objectness must be one of {OBJECTNESS_MODES}, got {objectness!r}")
+        except ValueError as error:
+            raise ValueError(f"RPN: {error}") from None
+        check_choice(objectness, OBJECTNESS_MODES, "RPN: objectness")
         branches = parse_quality(quality, "RPN: quality")
-        if proposal_score not in PROPOSAL_SCORES:
-            raise ValueError(f"RPN: proposal_score must be one of {PROPOSAL_SCORES}, got {proposal_score!r}")
+        check_choice(proposal_score, PROPOSAL_SCORES, "RPN: proposal_score")
         if proposal_score != "objectness" and not branches:
             raise ValueError(f"RPN: proposal_score={proposal_score!r} needs quality branches, got quality=None")
         num_anchors = anchor_generator.num_anchors_per_location()

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .config import AnchorTargetConfig
 from .cpu_kernels import draw_uniforms, sample_cpu, subset_of_uniforms
 from .matching import Backend, resolve_backend
 
@@ -31,8 +32,8 @@ __all__ = ["sample_anchors", "sample_anchors_batched", "sample_anchors_with_posi
 
 def sample_anchors(
     labels: Tensor,
-    batch_size_per_image: int = 256,
-    positive_fraction: float = 0.5,
+    batch_size_per_image: int = AnchorTargetConfig.batch_size_per_image,
+    positive_fraction: float = AnchorTargetConfig.positive_fraction,
     generator: torch.Generator | None = None,
     *,
     backend: Backend = "auto",

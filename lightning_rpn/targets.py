@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .anchors import AnchorGrid
 from .box_coder import BoxCoder
+from .config import AnchorTargetConfig
 from .matching import Backend, match_anchors_batched
 from .sampling import sample_anchors_with_positives
 
@@ -32,48 +31,6 @@ __all__ = [
     "dense_target_deltas",
     "sample_generator",
 ]
-
-
-@dataclass(frozen=True)
-class AnchorTargetConfig:
-    """How anchors are labelled and sampled (defaults: the Faster R-CNN recipe).
-
-    Attributes:
-        fg_iou: best IoU at or above which an anchor is positive.
-        bg_iou: best IoU below which an anchor is negative (in between: ignored).
-        allow_low_quality: also make each gt box's best anchors positive.
-        allowed_border: if set, anchors reaching more than this many pixels outside the
-            image are ignored and left out of matching; ``None`` keeps all anchors.
-        batch_size_per_image: anchors sampled per image for the loss.
-        positive_fraction: at most this fraction of the sample is positive.
-        crowd_ioa: if set, non-positive anchors whose intersection with a crowd box covers at
-            least this fraction of the anchor's area are ignored.
-    """
-
-    fg_iou: float = 0.7
-    bg_iou: float = 0.3
-    allow_low_quality: bool = True
-    allowed_border: float | None = None
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    crowd_ioa: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.bg_iou <= self.fg_iou <= 1.0:
-            raise ValueError(
-                f"AnchorTargetConfig: need 0 <= bg_iou <= fg_iou <= 1, got bg_iou={self.bg_iou}, fg_iou={self.fg_iou}"
-            )
-        if self.allowed_border is not None and self.allowed_border < 0:
-            raise ValueError(f"AnchorTargetConfig: allowed_border must be >= 0 or None, got {self.allowed_border}")
-        batch = self.batch_size_per_image
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
-            raise ValueError(
-                f"AnchorTargetConfig: batch_size_per_image must be a positive int, got {self.batch_size_per_image!r}"
-            )
-        if not 0.0 <= self.positive_fraction <= 1.0:
-            raise ValueError(f"AnchorTargetConfig: positive_fraction must be in [0, 1], got {self.positive_fraction}")
-        if self.crowd_ioa is not None and not 0.0 < self.crowd_ioa <= 1.0:
-            raise ValueError(f"AnchorTargetConfig: crowd_ioa must be in (0, 1] or None, got {self.crowd_ioa}")
 
 
 def sample_generator(seed: int, image_id: int | str, epoch: int = 0) -> torch.Generator:

@@ -60,7 +60,7 @@ def _check(losses: dict[str, torch.Tensor], cls: float, reg: float) -> None:
 def test_sampled_normalisation_by_hand(mode: str) -> None:
     objectness = LOGITS if mode == "sigmoid" else PAIRS
     cls_sum = CLS_SUM_SIGMOID if mode == "sigmoid" else CLS_SUM_SOFTMAX
-    losses = rpn_loss(objectness, PRED, LABELS, TARGET)
+    losses = rpn_loss(objectness, PRED, LABELS, TARGET, box_loss="smooth_l1")
     # N_cls = N_reg = 4 sampled anchors, lambda = 1.
     _check(losses, cls_sum / NUM_SAMPLED, 1.0 * REG_SUM_SMOOTH / NUM_SAMPLED)
 
@@ -69,7 +69,8 @@ def test_sampled_normalisation_by_hand(mode: str) -> None:
 def test_paper_normalisation_by_hand(mode: str) -> None:
     objectness = LOGITS if mode == "sigmoid" else PAIRS
     cls_sum = CLS_SUM_SIGMOID if mode == "sigmoid" else CLS_SUM_SOFTMAX
-    losses = rpn_loss(objectness, PRED, LABELS, TARGET, normalization="paper", num_anchor_locations=NUM_LOCATIONS)
+    losses = rpn_loss(objectness, PRED, LABELS, TARGET, normalization="paper", num_anchor_locations=NUM_LOCATIONS,
+                      box_loss="smooth_l1")
     # N_cls = 4 sampled anchors; N_reg = 2 locations x 1 image; lambda = 10.
     _check(losses, cls_sum / NUM_SAMPLED, 10.0 * REG_SUM_SMOOTH / (NUM_LOCATIONS * 1))
 
@@ -77,10 +78,15 @@ def test_paper_normalisation_by_hand(mode: str) -> None:
 def test_paper_normalisation_counts_locations_of_every_image() -> None:
     two = rpn_loss(
         LOGITS.repeat(2, 1), PRED.repeat(2, 1, 1), LABELS.repeat(2, 1), TARGET.repeat(2, 1, 1),
-        normalization="paper", num_anchor_locations=NUM_LOCATIONS, reg_weight=3.0,
+        normalization="paper", num_anchor_locations=NUM_LOCATIONS, reg_weight=3.0, box_loss="smooth_l1",
     )
     # Twice the sampled / positive anchors, N_cls = 8, N_reg = 2 locations x 2 images.
     _check(two, 2 * CLS_SUM_SIGMOID / 8, 3.0 * 2 * REG_SUM_SMOOTH / (NUM_LOCATIONS * 2))
+
+
+def test_default_box_loss_is_the_recipe_l1() -> None:
+    """``rpn_loss``, ``RPN`` and ``RPNModule`` share ``LossConfig``'s default: L1 (detectron2's beta 0)."""
+    _check(rpn_loss(LOGITS, PRED, LABELS, TARGET), CLS_SUM_SIGMOID / NUM_SAMPLED, REG_SUM_L1 / NUM_SAMPLED)
 
 
 def test_l1_box_loss_by_hand() -> None:
@@ -128,7 +134,7 @@ def test_sampled_normalisation_matches_torchvision_compute_loss() -> None:
     expected_cls, expected_reg = tv.compute_loss(
         objectness.reshape(-1, 1), deltas.reshape(-1, 4), list(labels.float()), list(targets)
     )
-    ours = rpn_loss(objectness, deltas, labels, targets)
+    ours = rpn_loss(objectness, deltas, labels, targets, box_loss="smooth_l1")  # torchvision: smooth L1, beta 1/9
     assert ours["loss_rpn_cls"].item() == pytest.approx(expected_cls.item(), rel=1e-5)
     assert ours["loss_rpn_reg"].item() == pytest.approx(expected_reg.item(), rel=1e-5)
 
