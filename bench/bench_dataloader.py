@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.sample import DetectionSample
@@ -131,7 +131,8 @@ def revision_collate(revision: str) -> Callable[[bool], object]:
     (package / "__init__.py").write_text("")  # the modules only, not the public API's imports
     sys.path.insert(0, str(root))
     collate = importlib.import_module(f"{name}.data.collate").RPNCollate
-    generator = importlib.import_module(f"{name}.anchors").AnchorGenerator(
+    anchors = f"{name}.core.anchors" if (package / "core").is_dir() else f"{name}.anchors"  # before issue 15's move
+    generator = importlib.import_module(anchors).AnchorGenerator(
         ANCHORS.sizes, ANCHORS.aspect_ratios, ANCHORS.strides)
     return lambda assign: collate(generator, assign_targets=assign)
 

@@ -54,7 +54,7 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
     from lightning_rpn import RPNDataModule, RPNModule
     from lightning_rpn.data import RPNCollate, SyntheticShapes
     from lightning_rpn.data.synthetic import SHAPE_KINDS
-    from lightning_rpn.metrics import ProposalRecall
+    from lightning_rpn.evaluation.metrics import ProposalRecall
 
     torch.set_num_threads(threads)
     model_args, data_args, seed = _sections(VARIANTS[variant])

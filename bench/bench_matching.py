@@ -34,8 +34,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as Torchvi
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.matching import match_anchors
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.matching import match_anchors
 
 SEED = 0
 SIZES = ((32,), (64,), (128,), (256,), (512,))

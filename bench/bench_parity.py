@@ -5,7 +5,7 @@ The full version of ``tests/test_training_parity.py``: ``configs/scenes.yaml``'s
 warm-up + cosine, gradient-norm clip 10) trained through Lightning, the same batches replayed
 through torchvision's ``RegionProposalNetwork`` in a plain loop from the same initial weights,
 with our sampled anchors injected into torchvision's sampler
-(:func:`lightning_rpn.torchvision_reference.compare_training`).
+(:func:`lightning_rpn.training.torchvision_reference.compare_training`).
 
 Two runs: our recipe set equal to torchvision's (smooth L1 beta 1/9, contiguous memory
 format), where every quantity must agree to float tolerance, then our defaults (L1 box loss,
@@ -26,7 +26,7 @@ import yaml
 from lightning.pytorch import seed_everything
 
 from lightning_rpn import RPNDataModule, RPNModule
-from lightning_rpn.torchvision_reference import compare_training
+from lightning_rpn.training.torchvision_reference import compare_training
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "scenes.yaml"
 EQUAL = {"box_loss": "smooth_l1", "smooth_l1_beta": 1 / 9, "channels_last": False}

@@ -20,8 +20,8 @@ import torch
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.proposals import generate_proposals
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.proposals import generate_proposals
 
 IMAGE_SIZES = [(800, 800), (781, 800)]
 SETTINGS = {"test (1000/1000)": (1000, 1000), "train (2000/2000)": (2000, 2000)}

@@ -23,7 +23,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from lightning_rpn.metrics import ProposalRecall
+from lightning_rpn.evaluation.metrics import ProposalRecall
 
 IMAGE_H, IMAGE_W = 480, 640
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.windows import window_grid
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.tiles import cut_window
-from lightning_rpn.windows import window_grid
+from lightning_rpn.training.datamodule import RPNDataModule
 
 ANCHORS = AnchorGenerator(((16,), (32,), (64,), (128,)), (0.5, 1.0, 2.0), (4, 8, 16, 32))
 MIN_VISIBILITY = 0.3

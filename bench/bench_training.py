@@ -54,7 +54,7 @@ from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.module import RPNModule
 
 ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
 ASPECT_RATIOS = (0.5, 1.0, 2.0)

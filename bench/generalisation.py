@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from lightning_rpn import RPNModule
 from lightning_rpn.data import DenseScenes, RPNCollate, SyntheticShapes
-from lightning_rpn.metrics import ProposalRecall
+from lightning_rpn.evaluation.metrics import ProposalRecall
 
 KEYS = ("AR@100", "AR@1000", "recall@0.50@100", "recall@0.70@1000")
 

@@ -5,7 +5,7 @@
     lightning-rpn fit --config configs/shapes.yaml          # train (resume: --ckpt_path last)
     lightning-rpn validate --config ... --ckpt_path PATH    # losses + recall table
     lightning-rpn test --config ... --ckpt_path PATH
-    lightning-rpn predict --config ... --ckpt_path PATH     # proposal files (proposal_io.ProposalWriter)
+    lightning-rpn predict --config ... --ckpt_path PATH     # proposal files (training.proposal_writer.ProposalWriter)
     lightning-rpn check-data --config ...                   # dataset report, no training
     lightning-rpn analyze-anchors --config ... [--optimize] # anchor coverage (+ k-means anchors)
 
@@ -47,8 +47,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_rpn.data.datamodule import RPNDataModule
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.datamodule import RPNDataModule
+from lightning_rpn.training.module import RPNModule
 
 __all__ = [
     "CONFIG_KEY",
@@ -367,9 +367,9 @@ class _AnalyzeAnchorsCLI(_NoRunCLI):
 def analyze_anchors(args: Sequence[str]) -> int:
     """``lightning-rpn analyze-anchors``: anchor coverage of a split's boxes, optional k-means.
 
-    Reads the same config as ``fit``; see :func:`lightning_rpn.anchor_analysis.run_analyze_anchors`.
+    Reads the same config as ``fit``; see :func:`lightning_rpn.tools.anchor_analysis.run_analyze_anchors`.
     """
-    from lightning_rpn.anchor_analysis import run_analyze_anchors
+    from lightning_rpn.tools.anchor_analysis import run_analyze_anchors
 
     cli = _parse_only(_AnalyzeAnchorsCLI, args)
     run_analyze_anchors(
@@ -418,7 +418,7 @@ def main(args: Sequence[str] | None = None) -> int:
     ``--config`` takes a file or a built-in config name (``--config shapes``); ``lightning-rpn
     configs list`` / ``configs copy NAME [DEST]`` list the built-in configs and write one out.
     """
-    from lightning_rpn.config_files import configs_command, resolve_config_args
+    from lightning_rpn.tools.config_files import configs_command, resolve_config_args
 
     argv = resolve_config_args(sys.argv[1:] if args is None else args)
     subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}

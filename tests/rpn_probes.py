@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.module import RPNModule
 
 
 def in_model_anchor_labels(model: RPNModule, batch: RPNBatch, sampling_epoch: int = 0) -> torch.Tensor:

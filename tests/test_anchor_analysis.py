@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_rpn.anchor_analysis import (
+from lightning_rpn.tools.anchor_analysis import (
     GTBoxSet,
     anchor_coverage,
     best_anchor_iou,
@@ -19,11 +19,11 @@ from lightning_rpn.anchor_analysis import (
     run_analyze_anchors,
     write_config_snippet,
 )
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.boxes import box_iou
-from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.boxes import box_iou
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
+from lightning_rpn.training.datamodule import RPNDataModule
 
 
 def random_boxes(height: int, width: int, count: int, seed: int) -> torch.Tensor:

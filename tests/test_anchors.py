@@ -9,7 +9,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from lightning_rpn.anchors import AnchorGenerator, AnchorGrid, level_anchors
+from lightning_rpn.core.anchors import AnchorGenerator, AnchorGrid, level_anchors
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from lightning_rpn.backbones import (
+from lightning_rpn.core.backbones import (
     BACKBONES,
     Backbone,
     build_backbone,

@@ -13,10 +13,10 @@ from test_data_builders import write_coco
 from test_data_datamodule import ANCHORS, _TinyModule
 
 from lightning_rpn.data.coco import COCODetection
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.image_io import load_rgb_image, read_image_size, verify_image
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.validation import validate_dataset
+from lightning_rpn.training.datamodule import RPNDataModule
 
 
 def save_truncated_jpeg(path: Path, height: int = 48, width: int = 64, keep: float = 0.6) -> Path:

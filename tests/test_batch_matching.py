@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.matching import match_anchors, match_anchors_batched
-from lightning_rpn.targets import (
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.matching import match_anchors, match_anchors_batched
+from lightning_rpn.core.targets import (
     AnchorTargetConfig,
     assign_anchor_targets,
     assign_batch_targets,

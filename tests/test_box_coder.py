@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection import _utils as det_utils
 
-from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.core.box_coder import BoxCoder
 
 
 def _boxes(n: int, seed: int, scale: float = 500.0, min_size: float = 2.0) -> torch.Tensor:

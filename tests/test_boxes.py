@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision import ops
 
-from lightning_rpn.boxes import (
+from lightning_rpn.core.boxes import (
     aligned_giou,
     box_area,
     box_iou,

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lightning_rpn.callbacks import (
+from lightning_rpn.training.callbacks import (
     GT_COLOR,
     ProposalImages,
     RecallCurves,
@@ -25,7 +25,7 @@ from lightning_rpn.callbacks import (
     recall_table,
 )
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.metrics import ProposalRecall
+from lightning_rpn.evaluation.metrics import ProposalRecall
 
 NUM_IMAGES = 3  # ProposalImages per epoch
 BATCHES = 2  # validation batches of 2 images per epoch

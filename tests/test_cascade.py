@@ -6,12 +6,12 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.cascade import CascadeRPN, adaptive_offsets, assign_centre_region
-from lightning_rpn.export import ProposalNetwork
-from lightning_rpn.matching import match_anchors_batched
-from lightning_rpn.targets import AnchorTargetConfig
-from lightning_rpn.torchvision_adapter import TorchvisionRPN
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.cascade import CascadeRPN, adaptive_offsets, assign_centre_region
+from lightning_rpn.core.matching import match_anchors_batched
+from lightning_rpn.core.targets import AnchorTargetConfig
+from lightning_rpn.tools.export import ProposalNetwork
+from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
 
 
 def test_adaptive_offsets_by_hand() -> None:
@@ -92,7 +92,7 @@ def test_every_stage_trains_and_proposals_come_from_the_last(stages: int) -> Non
 
 
 def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_rpn.cascade as cascade
+    import lightning_rpn.core.cascade as cascade
 
     seen: list[torch.Tensor] = []
 

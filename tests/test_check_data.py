@@ -13,8 +13,8 @@ from rich.console import Console
 from test_data_builders import save_image, write_coco, write_voc
 
 from lightning_rpn.cli import main
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.validation import validate_dataset
+from lightning_rpn.training.datamodule import RPNDataModule
 
 IMAGE = {"height": 40, "width": 60}
 

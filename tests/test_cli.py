@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 
-from lightning_rpn.boxes import clip_boxes_to_image
 from lightning_rpn.cli import CONFIG_KEY
+from lightning_rpn.core.boxes import clip_boxes_to_image
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
-from lightning_rpn.module import RPNModule
-from lightning_rpn.proposal_io import FORMATS, read_detectron2_proposals
+from lightning_rpn.evaluation.proposal_files import FORMATS, read_detectron2_proposals
+from lightning_rpn.training.module import RPNModule
 
 SCRIPT = shutil.which("lightning-rpn", path=str(Path(sys.executable).parent))
 COMMAND = [SCRIPT] if SCRIPT else [sys.executable, "-m", "lightning_rpn.cli"]
@@ -50,8 +50,8 @@ TINY_CONFIG = {
                 "init_args": {"dirpath": "run/checkpoints", "save_last": True,
                               "enable_version_counter": False},
             },
-            {"class_path": "lightning_rpn.callbacks.RecallTable"},
-            {"class_path": "lightning_rpn.proposal_io.ProposalWriter",
+            {"class_path": "lightning_rpn.training.callbacks.RecallTable"},
+            {"class_path": "lightning_rpn.training.proposal_writer.ProposalWriter",
              "init_args": {"output_dir": "run/proposals", "top_k": 50}},
         ],
     },

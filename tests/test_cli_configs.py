@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-from lightning_rpn.callbacks import RecallTable
 from lightning_rpn.cli import RPNLightningCLI, wandb_credentials_available
-from lightning_rpn.proposal_io import ProposalWriter
+from lightning_rpn.training.callbacks import RecallTable
+from lightning_rpn.training.proposal_writer import ProposalWriter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

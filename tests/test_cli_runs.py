@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.module import RPNModule
 from test_cli import TINY_CONFIG, assert_ok, run_cli
 from test_data_builders import save_image, write_voc
 
@@ -178,8 +178,8 @@ def test_validate_and_test_write_a_json_summary(evaluated: Path, command: str, s
 
 def test_predict_reports_recall_on_an_annotated_split(evaluated: Path) -> None:
     from lightning_rpn.data.synthetic import SyntheticShapes
-    from lightning_rpn.metrics import ProposalRecall
-    from lightning_rpn.proposal_io import FORMATS, read_detectron2_proposals
+    from lightning_rpn.evaluation.metrics import ProposalRecall
+    from lightning_rpn.evaluation.proposal_files import FORMATS, read_detectron2_proposals
 
     result = run_cli(["predict", *EVALUATE], evaluated)
     assert_ok(result)
@@ -215,11 +215,11 @@ def test_a_class_path_typo_ends_with_its_cause(where: str, tmp_path: Path, monke
     config = copy.deepcopy(TINY_CONFIG)
     args = ["fit", "--config", "config.yaml"]
     if where == "config":
-        config["trainer"]["callbacks"][1]["class_path"] = "lightning_rpn.callbacks.RecallTabel"
-        key, class_path, missing = "trainer.callbacks", "lightning_rpn.callbacks.RecallTabel", "RecallTabel"
+        config["trainer"]["callbacks"][1]["class_path"] = "lightning_rpn.training.callbacks.RecallTabel"
+        key, class_path, missing = "trainer.callbacks", "lightning_rpn.training.callbacks.RecallTabel", "RecallTabel"
     else:
-        args += ["--model.backbone.class_path", "lightning_rpn.backbones.TinyFPNX"]
-        key, class_path, missing = "model.backbone", "lightning_rpn.backbones.TinyFPNX", "TinyFPNX"
+        args += ["--model.backbone.class_path", "lightning_rpn.core.backbones.TinyFPNX"]
+        key, class_path, missing = "model.backbone", "lightning_rpn.core.backbones.TinyFPNX", "TinyFPNX"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exit_info:
         main(args)

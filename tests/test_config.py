@@ -8,8 +8,8 @@ import inspect
 import pytest
 
 from lightning_rpn import RPN, AnchorGenerator, RPNModule, generate_proposals, match_anchors, rpn_loss, sample_anchors
-from lightning_rpn.cascade import CascadeRPN
-from lightning_rpn.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
+from lightning_rpn.core.cascade import CascadeRPN
+from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
 
 
 def _defaults(function) -> dict[str, object]:

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
 from lightning_rpn.data.collate import RPNCollate, padded_size, set_sampling_epoch
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, TransformedDataset
-from lightning_rpn.rpn import RPN
-from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
 
 ANCHORS = AnchorGenerator(((16,), (32,), (64,)), (0.5, 1.0, 2.0), (8, 16, 32))
 

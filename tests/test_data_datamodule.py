@@ -11,12 +11,12 @@ import pytest
 import torch
 from test_data_builders import basic_coco, save_image, write_voc
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.validation import validate_dataset
-from lightning_rpn.targets import AnchorTargetConfig
+from lightning_rpn.training.datamodule import RPNDataModule
 
 ANCHORS = AnchorGenerator(((16,), (32,), (64,)), (0.5, 1.0, 2.0), (8, 16, 32))
 

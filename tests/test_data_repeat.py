@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.scenes import DenseScenes
+from lightning_rpn.training.datamodule import RPNDataModule
 
 ANCHORS = AnchorGenerator(((16,), (32,), (64,)), (0.5, 1.0, 2.0), (8, 16, 32))
 

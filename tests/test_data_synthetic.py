@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_rpn.boxes import box_iou
+from lightning_rpn.core.boxes import box_iou
 from lightning_rpn.data.synthetic import SyntheticShapes
 
 
@@ -76,7 +76,7 @@ def test_invalid_parameters_are_named() -> None:
 
 
 def test_shape_kinds_choose_what_is_drawn() -> None:
-    from lightning_rpn.data.datamodule import RPNDataModule
+    from lightning_rpn.training.datamodule import RPNDataModule
     from lightning_rpn.data.synthetic import SHAPE_KINDS
 
     default = SyntheticShapes(4, seed=5)

@@ -9,11 +9,11 @@ import numpy as np
 from rich.console import Console
 from test_data_builders import basic_coco, save_image, write_coco
 
-from lightning_rpn.anchors import AnchorGenerator
+from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.data.coco import COCODetection
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.validation import validate_dataset
+from lightning_rpn.training.datamodule import RPNDataModule
 
 
 def test_report_of_a_clean_coco_dataset(tmp_path: Path) -> None:

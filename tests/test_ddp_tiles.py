@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from lightning_rpn.data.datamodule import RPNDataModule
+from lightning_rpn.training.datamodule import RPNDataModule
 from test_cli import TINY_CONFIG, assert_ok, run_cli
 
 PROBES = str(Path(__file__).parent)

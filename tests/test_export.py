@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.export import (
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.tools.export import (
     ProposalNetwork,
     WindowedProposalNetwork,
     export_proposal_network,
     load_proposal_network,
 )
-from lightning_rpn.module import RPNModule
-from lightning_rpn.rpn import RPN
-from lightning_rpn.windows import SlidingWindowConfig, window_grid
+from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.windows import SlidingWindowConfig, window_grid
+from lightning_rpn.training.module import RPNModule
 
 # torchvision's fake nms kernel calls a deprecated torch API while tracing; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated:FutureWarning")

@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from lightning_rpn.loss import NonFiniteLossError
+from lightning_rpn.core.loss import NonFiniteLossError
 
 from test_cli import COMMAND, TINY_CONFIG, assert_ok, run_cli
 from test_module import collate_for, quiet_trainer, synthetic_samples, tiny_model

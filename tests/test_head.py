@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.head import RPNHead, objectness_logits
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.head import RPNHead, objectness_logits
 
 
 def _features(channels: int = 8) -> list[torch.Tensor]:

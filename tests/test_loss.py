@@ -9,10 +9,10 @@ import torch
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.head import RPNHead
-from lightning_rpn.loss import rpn_loss
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.head import RPNHead
+from lightning_rpn.core.loss import rpn_loss
 
 
 BETA = 1.0 / 9.0

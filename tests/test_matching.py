@@ -13,8 +13,8 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou as tv_box_iou
 
 from lightning_rpn import cpu_kernels, matching
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.matching import anchors_inside_image, match_anchors, match_anchors_batched
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.matching import anchors_inside_image, match_anchors, match_anchors_batched
 
 IMAGE = (256, 320)
 FPN = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou as tv_box_iou
 
-from lightning_rpn.metrics import COCO_AREA_RANGES, ProposalRecall, greedy_coverage
+from lightning_rpn.evaluation.metrics import COCO_AREA_RANGES, ProposalRecall, greedy_coverage
 
 THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_rpn.metrics import ProposalRecall
+from lightning_rpn.evaluation.metrics import ProposalRecall
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_metrics import random_image  # noqa: E402

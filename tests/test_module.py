@@ -10,13 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_rpn.backbones import infer_strides
+from lightning_rpn.core.backbones import infer_strides
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
-from lightning_rpn.module import LRSchedule, RPNModule, to_original_coordinates
+from lightning_rpn.training.module import RPNModule, to_original_coordinates
+from lightning_rpn.training.optim import LRSchedule
 
 
 TINY = dict(

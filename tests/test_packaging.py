@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lightning_rpn import cli
-from lightning_rpn.config_files import config_dir, config_names, config_path, copy_config, resolve_config_args
+from lightning_rpn.tools.config_files import config_dir, config_names, config_path, copy_config, resolve_config_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.stem for path in (REPO / "configs").glob("*.yaml"))
@@ -119,7 +119,7 @@ def test_the_wheel_carries_the_configs_and_py_typed(wheel: Path) -> None:
 
 def test_the_installed_wheel_finds_its_configs_outside_a_clone(venv: Path, tmp_path: Path) -> None:
     python, command = str(venv / "bin" / "python"), str(venv / "bin" / "lightning-rpn")
-    where = _run([python, "-c", "import lightning_rpn.config_files as c; print(c.__file__); print(c.config_dir())"],
+    where = _run([python, "-c", "import lightning_rpn.tools.config_files as c; print(c.__file__); print(c.config_dir())"],
                  tmp_path).stdout.split()
     assert all(str(venv) in path for path in where), where  # the wheel's package and its configs copy
     assert (Path(where[1]).parent / "py.typed").is_file()
@@ -135,6 +135,6 @@ def test_an_editable_install_reads_the_source_configs(tmp_path: Path) -> None:
     source = _copy_sources(tmp_path / "source")
     python = _fresh_env(tmp_path)
     _pip_install(python, "-e", str(source))
-    code = "import lightning_rpn.config_files as c; print(c.config_dir()); print(*c.config_names())"
+    code = "import lightning_rpn.tools.config_files as c; print(c.config_dir()); print(*c.config_names())"
     folder, *names = _run([str(python), "-c", code], tmp_path).stdout.split()
     assert folder == str(source / "configs") and names == CONFIGS

@@ -16,9 +16,9 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-import lightning_rpn.rpn
-import lightning_rpn.targets
-from lightning_rpn.box_coder import BoxCoder
+import lightning_rpn.core.rpn
+import lightning_rpn.core.targets
+from lightning_rpn.core.box_coder import BoxCoder
 from test_cli import TINY_CONFIG, assert_ok, run_cli
 from test_faults import _WatchStep, _batches
 from test_module import collate_for, quiet_trainer, synthetic_samples, tiny_model
@@ -50,11 +50,11 @@ def test_rpn_under_bf16_autocast_keeps_geometry_and_losses_in_fp32(monkeypatch, 
     model = tiny_model(objectness=objectness)
     batch = collate_for(model, assign_targets=False)(synthetic_samples(2))  # in-model matching
     calls: list = []
-    _spy(monkeypatch, lightning_rpn.targets, "match_anchors_batched", calls)
+    _spy(monkeypatch, lightning_rpn.core.targets, "match_anchors_batched", calls)
     _spy(monkeypatch, BoxCoder, "encode", calls)
     _spy(monkeypatch, BoxCoder, "decode", calls)
-    _spy(monkeypatch, lightning_rpn.rpn, "rpn_loss", calls)
-    _spy(monkeypatch, lightning_rpn.rpn, "generate_proposals", calls)
+    _spy(monkeypatch, lightning_rpn.core.rpn, "rpn_loss", calls)
+    _spy(monkeypatch, lightning_rpn.core.rpn, "generate_proposals", calls)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.train()
         _, losses = model(batch, need_proposals=False)

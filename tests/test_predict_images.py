@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.datamodule import RPNDataModule
+from lightning_rpn.training.module import RPNModule
 
 TINY = dict(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), warmup_steps=2,
             pre_nms_top_n_test=300, post_nms_top_n_test=100)

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.synthetic import SyntheticShapes
-from lightning_rpn.module import RPNModule
-from lightning_rpn.proposal_io import (
+from lightning_rpn.training.datamodule import RPNDataModule
+from lightning_rpn.training.module import RPNModule
+from lightning_rpn.evaluation.proposal_files import (
     FORMATS,
-    ProposalWriter,
     merge_proposal_parts,
     read_coco_proposals,
     read_detectron2_proposals,
     write_coco_proposals,
     write_detectron2_proposals,
 )
+from lightning_rpn.training.proposal_writer import ProposalWriter
 
 
 def make_records() -> list[dict]:

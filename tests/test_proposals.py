@@ -8,11 +8,11 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import batched_nms
 
-import lightning_rpn.proposals as proposals_module
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.head import objectness_logits
-from lightning_rpn.proposals import (
+import lightning_rpn.core.proposals as proposals_module
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.head import objectness_logits
+from lightning_rpn.core.proposals import (
     _nms_all_levels_top,
     _nms_per_level_top,
     generate_proposals,

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.head import RPNHead
-from lightning_rpn.loss import rpn_loss
-from lightning_rpn.quality import aligned_iou, centerness_targets, parse_quality, quality_loss, score_logits
-from lightning_rpn.rpn import RPN
-from lightning_rpn.targets import AnchorTargetConfig
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.head import RPNHead
+from lightning_rpn.core.loss import rpn_loss
+from lightning_rpn.core.quality import aligned_iou, centerness_targets, parse_quality, quality_loss, score_logits
+from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.targets import AnchorTargetConfig
 
 
 def _bce(logit: float, target: float) -> float:
@@ -162,8 +162,8 @@ def test_module_option_worker_and_in_model_targets_give_the_same_loss() -> None:
 def test_export_and_the_torchvision_drop_in() -> None:
     from torchvision.models.detection.image_list import ImageList
 
-    from lightning_rpn.export import export_proposal_network
-    from lightning_rpn.torchvision_adapter import TorchvisionRPN
+    from lightning_rpn.tools.export import export_proposal_network
+    from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
     from test_module import tiny_model
 
     with pytest.raises(NotImplementedError, match="cannot be exported yet"):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_rpn.rpn as rpn_module
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.head import RPNHead
-from lightning_rpn.loss import rpn_loss
-from lightning_rpn.proposals import generate_proposals
-from lightning_rpn.rpn import RPN
-from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+import lightning_rpn.core.rpn as rpn_module
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.head import RPNHead
+from lightning_rpn.core.loss import rpn_loss
+from lightning_rpn.core.proposals import generate_proposals
+from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
 
 
 IMAGE_SIZES = [(64, 64), (56, 60)]

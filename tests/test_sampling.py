@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_rpn import sampling
-from lightning_rpn.cpu_kernels import random_subset
-from lightning_rpn.sampling import sample_anchors
+from lightning_rpn.core.cpu_kernels import random_subset
+from lightning_rpn.core.sampling import sample_anchors
 
 
 def _labels(num_pos: int, num_neg: int, num_ignored: int, seed: int = 0) -> torch.Tensor:

@@ -8,11 +8,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-import lightning_rpn.rpn as rpn_module
+import lightning_rpn.core.rpn as rpn_module
 from lightning_rpn.data.collate import RPNCollate
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.synthetic import SyntheticShapes
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.datamodule import RPNDataModule
+from lightning_rpn.training.module import RPNModule
 
 TINY = dict(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), warmup_steps=2, lr=1e-3)
 

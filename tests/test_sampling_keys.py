@@ -15,7 +15,7 @@ from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import TransformedDataset
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.module import RPNModule
 from rpn_probes import in_model_anchor_labels
 
 TINY = dict(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)))

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from lightning_rpn.cli import CONFIG_KEY, main
-from lightning_rpn.module import RPNModule
+from lightning_rpn.training.module import RPNModule
 from test_cli import TINY_CONFIG, assert_ok, run_cli
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_rpn"
@@ -30,7 +30,7 @@ FORBIDDEN = {
     "pickle.load": re.compile(r"pickle\.load\("),
 }
 # detectron2's proposal-file format is a pickle; reading one means trusting that file
-ALLOWED = {("pickle.load", "proposal_io.py")}
+ALLOWED = {("pickle.load", "proposal_files.py")}
 
 
 def test_package_source_never_evaluates_code_or_loads_unsafely() -> None:

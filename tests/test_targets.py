@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.matching import match_anchors
-from lightning_rpn.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.matching import match_anchors
+from lightning_rpn.core.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
 
 IMAGE = (256, 320)
 GENERATOR = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
@@ -92,7 +92,7 @@ def test_sample_generator_is_stable_across_processes() -> None:
     keys = [(0, 1), (5, "a/b.jpg")]
     here = [torch.randint(0, 10**9, (3,), generator=sample_generator(s, i)).tolist() for s, i in keys]
     code = (
-        "import torch\nfrom lightning_rpn.targets import sample_generator\n"
+        "import torch\nfrom lightning_rpn.core.targets import sample_generator\n"
         "print([torch.randint(0, 10**9, (3,), generator=sample_generator(s, i)).tolist() "
         "for s, i in [(0, 1), (5, 'a/b.jpg')]])"
     )

@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_rpn.core.windows import window_starts
 from lightning_rpn.data import annotated
 from lightning_rpn.data.coco import COCODetection
-from lightning_rpn.data.datamodule import RPNDataModule
 from lightning_rpn.data.image_io import load_rgb_image, raster_layout, read_image_size, verify_image
 from lightning_rpn.data.problems import DataError, Problem
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.tiles import ImageCache, TileConfig, TiledDataset, WindowSampler, cut_window
-from lightning_rpn.windows import window_starts
+from lightning_rpn.training.datamodule import RPNDataModule
 from rpn_probes import in_model_anchor_labels
 
 
@@ -191,7 +191,7 @@ def test_datamodule_epochs_are_windows_with_their_own_sampling_keys() -> None:
 
 
 def test_window_targets_are_the_same_in_the_workers_and_in_the_model() -> None:
-    from lightning_rpn.module import RPNModule
+    from lightning_rpn.training.module import RPNModule
 
     torch.manual_seed(0)
     model = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,))).train()

@@ -9,7 +9,7 @@ import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 
-from lightning_rpn.torchvision_adapter import TorchvisionRPN
+from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
 
 TV_LOSS_KEYS = {"loss_objectness", "loss_rpn_box_reg"}
 

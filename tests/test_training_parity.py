@@ -14,7 +14,7 @@ import pytest
 from lightning.pytorch import seed_everything
 
 from lightning_rpn import RPNDataModule, RPNModule
-from lightning_rpn.torchvision_reference import compare_training
+from lightning_rpn.training.torchvision_reference import compare_training
 
 CROPS = [{"RandomCrop": {"height": 128, "width": 128}}, {"HorizontalFlip": {"p": 0.5}},
          {"VerticalFlip": {"p": 0.5}}]

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_rpn.boxes import box_iou
+from lightning_rpn.core.boxes import box_iou
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.tiles import cut_window
-from lightning_rpn.metrics import ProposalRecall
-from lightning_rpn.module import RPNModule
-from lightning_rpn.windows import (
+from lightning_rpn.evaluation.metrics import ProposalRecall
+from lightning_rpn.training.module import RPNModule
+from lightning_rpn.core.windows import (
     SlidingWindowConfig,
     WindowTargets,
     mean_window_losses,
@@ -222,7 +222,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     def peak_kb():  # VmHWM: this process's own peak (ru_maxrss starts at the forking parent's)
         with open("/proc/self/status") as status:
             return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
-    from lightning_rpn.module import RPNModule
+    from lightning_rpn.training.module import RPNModule
     from lightning_rpn.data.transforms import ResizePolicy
     side = int(sys.argv[1])
     model = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), post_nms_top_n_test=1000,

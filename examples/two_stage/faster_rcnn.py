@@ -31,7 +31,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
 from lightning_rpn import RPN, AnchorGenerator, AnchorTargetConfig, BoxCoder, ProposalRecall, RPNDataModule
-from lightning_rpn.backbones import build_backbone
+from lightning_rpn.core.backbones import build_backbone
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import set_sampling_epoch
 

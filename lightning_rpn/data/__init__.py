@@ -1,8 +1,8 @@
 """Data for RPN training: datasets (synthetic shapes, dense scenes, COCO, Pascal VOC), transforms, collate.
 
-Names are imported lazily so that DataLoader workers (which unpickle the collate and the
-datasets) do not import Lightning; only :class:`RPNDataModule` and :func:`validate_dataset`
-pull it in.
+The data layer imports ``core`` and itself, never Lightning, so DataLoader workers (which
+unpickle the collate and the datasets) stay light. Names are imported lazily;
+:class:`RPNDataModule` (a LightningDataModule, in ``training/``) is still served here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ _EXPORTS: dict[str, str] = {
     "TiledDataset": "lightning_rpn.data.tiles",
     "WindowSampler": "lightning_rpn.data.tiles",
     "RPNCollate": "lightning_rpn.data.collate",
-    "RPNDataModule": "lightning_rpn.data.datamodule",
+    # the LightningDataModule lives in training/; served here too, as before the layer folders
+    "RPNDataModule": "lightning_rpn.training.datamodule",
     "validate_dataset": "lightning_rpn.data.validation",
     "DatasetReport": "lightning_rpn.data.validation",
 }

@@ -1,7 +1,7 @@
 """Per-epoch accounting of boxes removed by transforms and of load-time problems.
 
 The counts travel inside each :class:`~lightning_rpn.data.batch.RPNBatch` (workers are separate
-processes), and :class:`~lightning_rpn.data.datamodule.RPNDataModule` adds them up here as
+processes), and :class:`~lightning_rpn.training.datamodule.RPNDataModule` adds them up here as
 batches reach the main process, then reports every epoch: removed boxes are never silent.
 """
 

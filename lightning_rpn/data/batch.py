@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_rpn.core.targets import dense_target_deltas
 from lightning_rpn.data.problems import Problem
-from lightning_rpn.targets import dense_target_deltas
 
 __all__ = ["RPNBatch"]
 
@@ -41,7 +41,7 @@ class RPNBatch:
     position in its dataset, else its image id; see ``DetectionSample.sampling_key``);
     ``removed_boxes`` counts ground-truth boxes the transforms removed in this
     batch and ``problems`` what was clipped or skipped while loading it (both reported by
-    :class:`~lightning_rpn.data.datamodule.RPNDataModule`).
+    :class:`~lightning_rpn.training.datamodule.RPNDataModule`).
     """
 
     images: Tensor

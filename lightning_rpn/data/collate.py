@@ -27,12 +27,12 @@ from typing import Any, Sequence
 
 import torch
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.cpu_kernels import load_kernels
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.cpu_kernels import load_kernels
+from lightning_rpn.core.targets import AnchorTargetConfig, assign_batch_targets, sample_generator
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.targets import AnchorTargetConfig, assign_batch_targets, sample_generator
 
 __all__ = ["RPNCollate", "padded_size", "set_sampling_epoch"]
 

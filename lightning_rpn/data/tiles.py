@@ -16,7 +16,7 @@ A window is drawn in three steps: an image, chosen with probability proportional
 (``weighting="area"``), its box count (``"boxes"``) or uniformly; a position, which with
 probability ``box_probability`` is one whose window holds a randomly chosen box of the image
 whole (where the box fits), and otherwise is uniform; with ``overlap`` set, positions are the
-sliding-window grid of stride ``size - overlap`` (the windows :mod:`lightning_rpn.windows`
+sliding-window grid of stride ``size - overlap`` (the windows :mod:`lightning_rpn.core.windows`
 predicts on), else any pixel offset. An image smaller than the window is one window.
 
 Boxes are clipped to the window; a box cut so that less than ``min_visibility`` of its area
@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from lightning_rpn.core.windows import clip_to_window, config_from_mapping, window_key, window_starts
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
 from lightning_rpn.data.image_io import RasterLayout, raster_layout
 from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.windows import clip_to_window, config_from_mapping, window_key, window_starts
 
 __all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window"]
 
@@ -63,7 +63,7 @@ _WINDOW_READS = ("auto", "always", "never")
 
 @dataclass(frozen=True)
 class TileConfig:
-    """The ``tiles`` option of :class:`~lightning_rpn.data.datamodule.RPNDataModule` (see the module docstring).
+    """The ``tiles`` option of :class:`~lightning_rpn.training.datamodule.RPNDataModule` (see the module docstring).
 
     Args:
         size: window side in pixels.
@@ -149,7 +149,7 @@ def cut_window(
     Boxes keeping less than ``min_visibility`` of their area (and any positive area) are
     dropped and added to ``removed_boxes``; boxes wholly outside are left out uncounted;
     crowd boxes are kept wherever they reach into the window. The rule is
-    :func:`~lightning_rpn.windows.clip_to_window`, which sliding-window losses apply too.
+    :func:`~lightning_rpn.core.windows.clip_to_window`, which sliding-window losses apply too.
     """
     x0, y0, x1, y1 = window
     boxes, inside, keep = (t.numpy() for t in clip_to_window(torch.from_numpy(sample.boxes), window, min_visibility))

@@ -2,7 +2,7 @@
 
 :func:`validate_dataset` takes a dataset (COCO, VOC, synthetic, or any dataset of
 :class:`~lightning_rpn.data.sample.DetectionSample` s) or an
-:class:`~lightning_rpn.data.datamodule.RPNDataModule` (each configured split is checked, its
+:class:`~lightning_rpn.training.datamodule.RPNDataModule` (each configured split is checked, its
 annotations read with ``on_bad_annotation="skip"`` and unsafe paths reported, so that every
 problem is listed rather than the first one raised; a split whose annotations cannot be read at
 all is one problem of that split). File-backed datasets are checked from their annotations
@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 from torch.utils.data import Dataset
 
-from lightning_rpn.boxes import box_iou
+from lightning_rpn.core.boxes import box_iou
 from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset, unreadable_image_problem
 from lightning_rpn.data.collate import padded_size
 from lightning_rpn.data.image_io import verify_image

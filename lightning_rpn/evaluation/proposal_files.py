@@ -3,7 +3,7 @@
 Shapes: ``P`` proposals of an image. A *proposal record* is a mapping
 ``{"image_id": int | str, "boxes": [P, 4] xyxy float32 (original-image pixels), "scores": [P]}``
 (objectness probabilities, best first), optionally with ``"objectness_logits": [P]``: what
-:meth:`lightning_rpn.module.RPNModule.predict_step` returns per image (logits included), and
+:meth:`lightning_rpn.training.module.RPNModule.predict_step` returns per image (logits included), and
 what the readers return (as tensors).
 
 Formats:
@@ -18,7 +18,8 @@ Formats:
   1.0); a record without them gets ``logit(score)``, which cannot tell such proposals apart.
 
 Every file is written to a temporary name next to it and moved into place with ``os.replace``,
-so a reader never sees a partial file. :class:`ProposalWriter` is the Lightning callback that
+so a reader never sees a partial file. Plain Python and torch (no Lightning):
+:class:`~lightning_rpn.training.proposal_writer.ProposalWriter` is the Lightning callback that
 writes both for a ``predict`` run, DDP included.
 """
 
@@ -33,16 +34,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 __all__ = [
     "FORMATS",
-    "ProposalWriter",
+    "proposal_records",
     "write_coco_proposals",
     "read_coco_proposals",
     "write_detectron2_proposals",
@@ -51,7 +49,7 @@ __all__ = [
 ]
 
 FORMATS: dict[str, str] = {"coco_json": "proposals_coco.json", "detectron2_pkl": "proposals_detectron2.pkl"}
-"""Output format name -> file name written by :class:`ProposalWriter`."""
+"""Output format name -> file name (what ``ProposalWriter`` writes)."""
 
 _LOGIT_EPS = 1e-12
 
@@ -78,7 +76,7 @@ def _json_id(image_id: Any) -> int | str:
     return image_id
 
 
-def _records(
+def proposal_records(
     proposals: Iterable[Mapping[str, Any]], where: str
 ) -> Iterable[tuple[int | str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """``(image_id, boxes [P, 4], scores [P], logits [P] or None)`` float32 per record, checked."""
@@ -124,7 +122,7 @@ def write_coco_proposals(
     with _atomic_open(path, "w") as handle:
         handle.write("[")
         first = True
-        for image_id, boxes, scores, _ in _records(proposals, f"write_coco_proposals({str(path)!r})"):
+        for image_id, boxes, scores, _ in proposal_records(proposals, f"write_coco_proposals({str(path)!r})"):
             xywh = boxes.astype(np.float64)
             xywh[:, 2:] -= xywh[:, :2]
             if decimals is not None:
@@ -182,7 +180,7 @@ def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str
     """
     path = Path(path)
     ids, all_boxes, all_logits = [], [], []
-    for image_id, boxes, scores, logits in _records(proposals, f"write_detectron2_proposals({str(path)!r})"):
+    for image_id, boxes, scores, logits in proposal_records(proposals, f"write_detectron2_proposals({str(path)!r})"):
         if logits is None:
             p = np.clip(scores.astype(np.float64), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
             logits = (np.log(p) - np.log1p(-p)).astype(np.float32)
@@ -229,7 +227,7 @@ def merge_proposal_parts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Records of per-rank part files, deduplicated by image id, in dataset order when known.
 
     A part file is a sequence of pickled ``(dataset_index | None, image_id, boxes, scores,
-    logits | None)`` tuples (what :class:`ProposalWriter` appends per image). Duplicates (the padding a
+    logits | None)`` tuples (what ``ProposalWriter`` appends per image). Duplicates (the padding a
     distributed sampler adds) keep their first copy; records without an index follow the
     indexed ones in rank order.
     """
@@ -248,94 +246,3 @@ def merge_proposal_parts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                     seen[image_id] = (key, arrival, record)
                 arrival += 1
     return [record for _, _, record in sorted(seen.values(), key=lambda item: item[:2])]
-
-
-class ProposalWriter(BasePredictionWriter):
-    """Write ``predict`` proposals of a whole dataset for a second stage (COCO JSON, detectron2 pickle).
-
-    Consumes :meth:`~lightning_rpn.module.RPNModule.predict_step` outputs (per image
-    ``image_id``, ``boxes`` in original-image pixels, ``scores``) and keeps the ``top_k`` best
-    proposals of each image. Each rank appends its images to ``output_dir/.parts/rank<k>.pkl``
-    as batches arrive (bounded memory); at the end of the epoch rank 0 merges the parts
-    (deduplicated, dataset order), writes :data:`FORMATS` files for ``formats`` into
-    ``output_dir`` atomically and removes the parts. ``output_dir`` must be visible to every
-    rank (a shared filesystem for multi-node runs). One predict dataloader.
-    """
-
-    def __init__(
-        self,
-        output_dir: str = "proposals",
-        formats: Sequence[str] = ("coco_json", "detectron2_pkl"),
-        top_k: int | None = 1000,
-        category_id: int = 1,
-    ) -> None:
-        super().__init__(write_interval="batch")
-        unknown = [f for f in formats if f not in FORMATS]
-        if unknown or not formats:
-            raise ValueError(f"ProposalWriter: formats {list(formats)!r} must be a non-empty subset of {list(FORMATS)}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"ProposalWriter: top_k must be positive or None, got {top_k}")
-        self.output_dir = Path(output_dir)
-        self.formats = tuple(formats)
-        self.top_k = top_k
-        self.category_id = category_id
-        self.written: dict[str, Path] = {}
-        self._handle: Any = None
-
-    def _part(self, rank: int) -> Path:
-        return self.output_dir / ".parts" / f"rank{rank}.pkl"
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        part = self._part(trainer.global_rank)
-        part.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = part.open("wb")
-        self.written = {}
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Sequence[Mapping[str, Any]],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if dataloader_idx != 0:
-            raise ValueError(f"ProposalWriter: writes one predict dataloader, got dataloader_idx={dataloader_idx}")
-        if self._handle is None:
-            raise RuntimeError("ProposalWriter: write_on_batch_end before on_predict_start")
-        indices = list(batch_indices) if batch_indices is not None and len(batch_indices) == len(prediction) else None
-        for position, (image_id, boxes, scores, logits) in enumerate(_records(prediction, "ProposalWriter")):
-            order = np.argsort(-(scores if logits is None else logits), kind="stable")[: self.top_k]
-            index = None if indices is None else int(indices[position])
-            kept_logits = None if logits is None else logits[order]
-            pickle.dump((index, image_id, boxes[order], scores[order], kept_logits), self._handle,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        trainer.strategy.barrier("ProposalWriter.parts_written")
-        if trainer.is_global_zero:
-            parts = [self._part(rank) for rank in range(trainer.world_size)]
-            records = merge_proposal_parts(parts)
-            for name in self.formats:
-                path = self.output_dir / FORMATS[name]
-                if name == "coco_json":
-                    write_coco_proposals(path, records, category_id=self.category_id)
-                else:
-                    write_detectron2_proposals(path, records)
-                self.written[name] = path
-            for part in parts:
-                part.unlink(missing_ok=True)
-            try:
-                parts[0].parent.rmdir()
-            except OSError:
-                pass
-            rank_zero_info(
-                f"ProposalWriter: proposals of {len(records)} images written to "
-                + ", ".join(str(p) for p in self.written.values())
-            )
-        trainer.strategy.barrier("ProposalWriter.merged")

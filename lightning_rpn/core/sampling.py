@@ -5,7 +5,7 @@ Shapes: ``B`` images, ``N`` anchors of an image.
 Of the labelled anchors (1 positive, 0 negative), keep at most
 ``batch_size_per_image * positive_fraction`` random positives and fill the rest of the
 mini-batch with random negatives; every other anchor becomes -1 (ignored). The random subsets
-come from Floyd's algorithm (:func:`~lightning_rpn.cpu_kernels.random_subset`), driven by one
+come from Floyd's algorithm (:func:`~lightning_rpn.core.cpu_kernels.random_subset`), driven by one
 draw of uniforms per image (the positives' first) from the given generator, on the
 generator's device (CPU by default) whatever device ``labels`` lives on, so a seeded CPU
 generator gives the same sample in a DataLoader worker and inside the model.

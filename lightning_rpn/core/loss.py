@@ -21,7 +21,7 @@ torchvision / detectron2; the paper's form is ``beta = 1``). ``box_loss="l1"`` u
 ``box_loss="giou"`` uses ``1 - GIoU`` and ``box_loss="iou"`` ``1 - IoU`` of the decoded
 predicted and target boxes.
 
-Localisation quality (the OLN idea, :mod:`~lightning_rpn.quality`): with ``pred_quality`` the
+Localisation quality (the OLN idea, :mod:`~lightning_rpn.core.quality`): with ``pred_quality`` the
 quality branches' binary cross-entropy, averaged over the positive anchors, is added to
 ``loss_rpn_cls`` (the loss of what scores the proposals), after the objectness term times
 ``objectness_weight`` (0 trains no classifier, OLN's choice).

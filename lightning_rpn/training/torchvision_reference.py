@@ -6,7 +6,7 @@ Shapes: ``B`` images, ``Hp x Wp`` the padded batch, ``N`` anchors of an image, `
 ``resnet_fpn_backbone``-style ``BackboneWithFPN``, ``AnchorGenerator``, ``RPNHead`` and
 ``RegionProposalNetwork``, an SGD optimiser, a ``LambdaLR`` schedule, gradient-norm clipping.
 :meth:`TorchvisionLoop.from_module` builds it with the same settings as an
-:class:`~lightning_rpn.module.RPNModule` and copies the module's weights into it, so that both
+:class:`~lightning_rpn.training.module.RPNModule` and copies the module's weights into it, so that both
 start from **identical weights**; :meth:`TorchvisionLoop.step` trains on one of our
 :class:`~lightning_rpn.data.batch.RPNBatch` batches (the same images, crops and boxes the module
 saw). With ``sampled_labels`` it makes torchvision's sampler draw the anchors our sampler drew,
@@ -35,9 +35,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from lightning_rpn.backbones import _last_conv_channels
-from lightning_rpn.matching import match_anchors
-from lightning_rpn.module import weight_decay_groups
+from lightning_rpn.core.backbones import _last_conv_channels
+from lightning_rpn.core.matching import match_anchors
+from lightning_rpn.training.optim import weight_decay_groups
 
 __all__ = [
     "InjectedSampler", "ParityReport", "StepDifference", "StepRecord", "StepRecorder", "TorchvisionLoop",

@@ -90,7 +90,7 @@ def assign_batch_targets(
     only, float32 ``[P, 4]`` in the row-major order of ``labels == 1`` (``dense_target_deltas``
     restores ``[B, N, 4]``). Row ``i`` uses ``generators[i]`` and ``crowd_boxes[i]``; runs
     without grad, in float32, on the anchors' device, with ``backend`` for matching and
-    sampling (see :mod:`~lightning_rpn.matching`).
+    sampling (see :mod:`~lightning_rpn.core.matching`).
     """
     count = len(gt_boxes)
     if len(image_sizes) != count or len(generators) != count or (crowd_boxes is not None and len(crowd_boxes) != count):

@@ -15,7 +15,7 @@ before (stage 1: the anchors):
 - stage ``s >= 2``: an adaptive 3x3 convolution (``torchvision.ops.deform_conv2d``) whose
   sampling points are spread over each location's stage ``s - 1`` box (:func:`adaptive_offsets`),
   + ReLU, then 1x1 deltas relative to that box; targets by IoU between those boxes and the gt
-  boxes with the project's rule (:func:`~lightning_rpn.matching.match_anchors_batched`) and
+  boxes with the project's rule (:func:`~lightning_rpn.core.matching.match_anchors_batched`) and
   sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,
   trained on the sampled boxes.
 
@@ -23,7 +23,7 @@ Each stage reads the previous stage's hidden features; the boxes passed on are d
 losses are ``1 - IoU`` of the decoded boxes with their gt boxes, averaged over each stage's
 positives and summed over stages (times ``reg_weight``) into ``loss_rpn_reg``; ``loss_rpn_cls``
 is the last stage's objectness log loss over its sampled boxes. Proposals are the last stage's
-boxes ranked by its objectness, through :func:`~lightning_rpn.proposals.generate_proposals`.
+boxes ranked by its objectness, through :func:`~lightning_rpn.core.proposals.generate_proposals`.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class CascadeStage(nn.Module):
 
 
 class CascadeRPN(nn.Module):
-    """Multi-stage proposal network over ``L`` levels, with :class:`~lightning_rpn.rpn.RPN`'s call interface.
+    """Multi-stage proposal network over ``L`` levels, with :class:`~lightning_rpn.core.rpn.RPN`'s call interface.
 
     Args:
         anchor_generator: one anchor per location (one size, one aspect ratio), ``anchor_stride`` 1.

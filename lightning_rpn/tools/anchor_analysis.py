@@ -14,7 +14,7 @@ translated over a regular grid, and the intersection of two axis-aligned boxes i
 ``overlap_x(dx) * overlap_y(dy)`` with each factor non-increasing in the centre distance along
 its axis. The best anchor of a group is therefore the one whose grid column and row are
 nearest to the box centre (clamped to the grid); its IoU is computed from the same float32
-coordinates :class:`~lightning_rpn.anchors.AnchorGenerator` produces (``grid_centres`` plus
+coordinates :class:`~lightning_rpn.core.anchors.AnchorGenerator` produces (``grid_centres`` plus
 the cell anchor), so the result equals ``box_iou(boxes, anchors).amax(1)`` bit for bit.
 
 :func:`optimize_anchors` keeps the number of sizes and aspect ratios of every level (so the
@@ -43,11 +43,11 @@ from rich.text import Text
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_rpn.anchors import AnchorGenerator, grid_centres
+from lightning_rpn.core.anchors import AnchorGenerator, grid_centres
 from lightning_rpn.data.annotated import AnnotatedDataset
 from lightning_rpn.data.image_io import read_image_size
 from lightning_rpn.data.transforms import ResizePolicy
-from lightning_rpn.metrics import COCO_AREA_RANGES
+from lightning_rpn.evaluation.metrics import COCO_AREA_RANGES
 
 __all__ = [
     "GTBoxSet",
@@ -219,7 +219,7 @@ def _level_best_iou(boxes: GTBoxSet, generator: AnchorGenerator, level: int) -> 
     anchor_cy = grid_centres(row, step32, origin32)
     ax1, ax2 = anchor_cx + cells[None, :, 0], anchor_cx + cells[None, :, 2]
     ay1, ay2 = anchor_cy + cells[None, :, 1], anchor_cy + cells[None, :, 3]
-    # The arithmetic of lightning_rpn.boxes.box_iou (same float32 bits).
+    # The arithmetic of lightning_rpn.core.boxes.box_iou (same float32 bits).
     inter_w = (torch.minimum(ax2, gt[:, 2:3]) - torch.maximum(ax1, gt[:, 0:1])).clamp(min=0)
     inter_h = (torch.minimum(ay2, gt[:, 3:4]) - torch.maximum(ay1, gt[:, 1:2])).clamp(min=0)
     inter = inter_w * inter_h

@@ -22,8 +22,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.box_coder import BoxCoder
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.data.accounting import BoxAccounting
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.coco import COCODetection
@@ -37,7 +38,6 @@ from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
 from lightning_rpn.data.voc import VOCDetection
-from lightning_rpn.targets import AnchorTargetConfig
 
 __all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS", "MAX_WARNED_PROBLEMS"]
 

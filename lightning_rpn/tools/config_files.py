@@ -24,7 +24,7 @@ def config_dir() -> Path:
     packaged = Path(str(resources.files("lightning_rpn"))) / "configs"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def config_names() -> list[str]:

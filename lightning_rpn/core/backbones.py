@@ -2,7 +2,7 @@
 
 Shapes: ``B`` images, ``L`` levels, ``H_l x W_l`` the feature size of level ``l``.
 
-The backbone interface (what :class:`~lightning_rpn.module.RPNModule` and the data pipeline
+The backbone interface (what :class:`~lightning_rpn.training.module.RPNModule` and the data pipeline
 need; a user's own ``nn.Module`` works if it provides the same):
 
 - ``forward(images: Tensor[B, 3, H, W]) -> list[Tensor[B, out_channels, H_l, W_l]]``, one
@@ -102,7 +102,7 @@ def check_backbone(backbone: nn.Module, where: str = "backbone") -> None:
         if not isinstance(value, kind):
             raise TypeError(
                 f"{where}: {type(backbone).__name__}.{name} must be {kind.__name__}, got "
-                f"{value!r}; see lightning_rpn.backbones for the backbone interface"
+                f"{value!r}; see lightning_rpn.core.backbones for the backbone interface"
             )
     if not backbone.strides or any(not isinstance(s, int) or s <= 0 for s in backbone.strides):
         raise TypeError(

@@ -5,7 +5,7 @@ size of level ``l``, ``G`` gt boxes of an image, ``P`` proposals of an image.
 
 :class:`TorchvisionRPN` has the interface torchvision's detectors call,
 ``forward(images: ImageList, features: dict[str, Tensor], targets) -> (boxes, losses)`` with the
-loss keys ``loss_objectness`` / ``loss_rpn_box_reg``, and runs our :class:`~lightning_rpn.rpn.RPN`
+loss keys ``loss_objectness`` / ``loss_rpn_box_reg``, and runs our :class:`~lightning_rpn.core.rpn.RPN`
 inside (grid-restricted anchor matching, batched proposal generation). So an existing model
 keeps everything else::
 
@@ -39,12 +39,12 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TorchvisionRPNHead
 
-from .anchors import AnchorGenerator
-from .backbones import infer_strides
-from .box_coder import BoxCoder
-from .head import RPNHead
-from .rpn import RPN
-from .targets import AnchorTargetConfig
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.backbones import infer_strides
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.head import RPNHead
+from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.targets import AnchorTargetConfig
 
 __all__ = ["TorchvisionRPN"]
 

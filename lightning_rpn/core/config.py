@@ -1,7 +1,7 @@
 """Every default of the recipe, declared once, in small frozen config objects.
 
 Each object holds one group of settings, checks them once when it is built and names the bad
-value; :class:`~lightning_rpn.rpn.RPN`, :class:`~lightning_rpn.module.RPNModule`, the data
+value; :class:`~lightning_rpn.core.rpn.RPN`, :class:`~lightning_rpn.training.module.RPNModule`, the data
 module and the CLI read their defaults from here (a flat argument's default is the class
 attribute, e.g. ``ProposalConfig.post_nms_top_n_train``), so they cannot disagree.
 
@@ -119,7 +119,7 @@ class AnchorTargetConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The RPN loss (see :func:`~lightning_rpn.loss.rpn_loss`).
+    """The RPN loss (see :func:`~lightning_rpn.core.loss.rpn_loss`).
 
     Attributes:
         normalization: ``"sampled"`` (detectron2 / torchvision) or ``"paper"``.
@@ -151,7 +151,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    """Proposal selection (see :func:`~lightning_rpn.proposals.generate_proposals`).
+    """Proposal selection (see :func:`~lightning_rpn.core.proposals.generate_proposals`).
 
     Attributes:
         pre_nms_top_n_train / post_nms_top_n_train: proposals kept per level before NMS / per

@@ -71,7 +71,7 @@ def _check_inputs(
         if obj.dim() != 2:
             raise ValueError(
                 f"generate_proposals: objectness[{level}] must be [B, N_l] logits, got {tuple(obj.shape)} "
-                "(softmax heads: convert pairs with lightning_rpn.head.objectness_logits)"
+                "(softmax heads: convert pairs with lightning_rpn.core.head.objectness_logits)"
             )
         n = obj.shape[1]
         if obj.shape[0] != batch:

@@ -27,10 +27,10 @@ anchors that are not positive and whose area is covered at least that much by on
 are ignored (-1) instead of negative.
 
 **Backends** compute the statistics only, with the IoU arithmetic of
-:func:`~lightning_rpn.boxes.iou_from_overlap`, so all give the same labels bit for bit;
+:func:`~lightning_rpn.core.boxes.iou_from_overlap`, so all give the same labels bit for bit;
 ``backend`` chooses one:
 
-* ``"compiled"`` (CPU): :mod:`~lightning_rpn.cpu_kernels`, a spatial index over the anchors
+* ``"compiled"`` (CPU): :mod:`~lightning_rpn.core.cpu_kernels`, a spatial index over the anchors
   (built once per anchor tensor and cached) through which each gt box visits only the anchors
   that overlap it; time and memory grow with the overlapping pairs, not with ``G x N``;
 * ``"torch"`` (any device): ``box_iou`` over chunks of anchors, memory bounded by

@@ -4,13 +4,13 @@ Shapes: ``B`` images, ``N`` anchors of an image (any ``[N, 4]`` tensor), ``G`` g
 an image, ``G_all`` those of all images concatenated, ``K`` low-quality candidate pairs,
 ``C`` size classes of an anchor index, ``T`` its cells.
 
-They serve the ``"compiled"`` backend of :func:`~lightning_rpn.matching.match_anchors_batched`
+They serve the ``"compiled"`` backend of :func:`~lightning_rpn.core.matching.match_anchors_batched`
 and ``sample_anchors_batched``, above all in DataLoader workers, where a few dozen small
 tensor ops per image cost more than their arithmetic: one kernel call per batch does all of
 its images.
 
 Matching (``match_stats_cpu``) computes only the statistics that
-:func:`~lightning_rpn.matching.decide_labels` turns into labels. An :class:`AnchorIndex`
+:func:`~lightning_rpn.core.matching.decide_labels` turns into labels. An :class:`AnchorIndex`
 (built in ``O(N)``, cached per anchor tensor) buckets the anchors by size class (the power of
 two of their width and of their height) and, within a class, by the cell of their centre on
 a uniform grid, in one counting sort. The anchors of a class that overlap a box have centres
@@ -18,7 +18,7 @@ within the box widened by the class's largest half-width / half-height, so each 
 the cells covering that window: a contiguous run of anchors per cell row. Only pairs that
 overlap at all get an IoU; every other pair has IoU 0, which changes no maximum.
 
-IoU is :func:`~lightning_rpn.boxes.iou_from_overlap` on float32 coordinates and areas, so
+IoU is :func:`~lightning_rpn.core.boxes.iou_from_overlap` on float32 coordinates and areas, so
 maxima and ties equal ``box_iou``'s bit for bit (tested against torchvision). Ties between gt
 boxes resolve to the lowest index (boxes are visited in order and only a strictly larger IoU
 replaces the best), as ``torch.max`` does.

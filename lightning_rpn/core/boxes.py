@@ -5,7 +5,7 @@ ground-truth boxes. IoU math runs in float32 whatever the input dtype, so that h
 callers get the same thresholds and ties as float32 callers.
 
 ``iou_from_overlap`` is the one IoU formula of the project: ``box_iou`` applies it to tensors
-and the compiled matching kernel (:mod:`~lightning_rpn.cpu_kernels`) to float32 scalars, so
+and the compiled matching kernel (:mod:`~lightning_rpn.core.cpu_kernels`) to float32 scalars, so
 every matching backend gets the same bits (and so the same thresholds and ties) as
 torchvision's ``box_iou``.
 """

@@ -14,7 +14,7 @@ One forward pass:
    the image id) as the pipeline, so both paths give identical targets;
 4. proposals (skipped with ``need_proposals=False``, e.g. for a faster training step), with
    the train or test top-k settings chosen by ``self.training``, ranked by ``proposal_score``:
-   the objectness, or (with ``quality`` branches, :mod:`~lightning_rpn.quality`) the geometric
+   the objectness, or (with ``quality`` branches, :mod:`~lightning_rpn.core.quality`) the geometric
    mean of the quality probabilities alone or together with the objectness.
 """
 
@@ -51,9 +51,9 @@ class RPN(nn.Module):
         target_config: anchor labelling and sampling for in-model targets.
         pre_nms_top_n_train / post_nms_top_n_train: proposal top-k per level / per image while
             ``self.training``; ``*_test`` otherwise.
-        nms_thresh, min_size, score_thresh: see :func:`~lightning_rpn.proposals.generate_proposals`.
+        nms_thresh, min_size, score_thresh: see :func:`~lightning_rpn.core.proposals.generate_proposals`.
         loss_normalization, reg_weight, smooth_l1_beta, box_loss: see
-            :func:`~lightning_rpn.loss.rpn_loss`.
+            :func:`~lightning_rpn.core.loss.rpn_loss`.
             With ``"paper"``, ``N_reg`` = anchor locations (``sum_l`` of the anchor-grid
             ``H_l x W_l``, i.e. ``N / A``) per image times ``B``.
         objectness: ``"sigmoid"`` or ``"softmax"``; must equal the head's mode.

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import Metric
 
-from lightning_rpn.boxes import check_gt_boxes
+from lightning_rpn.core.boxes import check_gt_boxes
 
 __all__ = [
     "COCO_AREA_RANGES",
@@ -104,7 +104,7 @@ def greedy_coverage(rows: Tensor, cols: Tensor, ious: Tensor, num_rows: int) -> 
 def _padded_iou(gt: Tensor, proposals: Tensor) -> Tensor:
     """IoU of padded batches ``[B, G, 4] x [B, P, 4] -> [B, G, P]`` in float32.
 
-    Same arithmetic as ``lightning_rpn.boxes.box_iou`` (so the same bits); zero-area padding
+    Same arithmetic as ``lightning_rpn.core.boxes.box_iou`` (so the same bits); zero-area padding
     rows give NaN, which the caller masks.
     """
     gx1, gy1, gx2, gy2 = (c[:, :, None] for c in gt.unbind(-1))

@@ -1,10 +1,10 @@
-"""RPNModule: a backbone + :class:`~lightning_rpn.rpn.RPN` as a LightningModule.
+"""RPNModule: a backbone + :class:`~lightning_rpn.core.rpn.RPN` as a LightningModule.
 
 Shapes: ``B`` images, ``Hp x Wp`` the padded batch, ``N`` anchors of an image, ``G`` gt boxes,
 ``P`` proposals of an image.
 
 The Python defaults are detectron2's ``rpn_R_50_FPN_1x`` recipe (ResNet-50 FPN, and the
-settings of :mod:`lightning_rpn.config`, where each is declared once: anchors 32-512 on P2-P6,
+settings of :mod:`lightning_rpn.core.config`, where each is declared once: anchors 32-512 on P2-P6,
 ratios 0.5/1/2, 256 sampled anchors per image, 2000/1000 pre/post-NMS proposals in training and
 1000/1000 in evaluation, NMS 0.7, L1 box loss, SGD lr 0.02 with a 1000-step linear warm-up and
 x0.1 decays at 60k and 80k steps), so a config only states what differs.
@@ -14,14 +14,14 @@ to float and normalised with ImageNet mean/std), ``image_sizes`` after resize, t
 when the data pipeline assigned them in its workers, ``anchor_labels`` / ``target_deltas``.
 Without precomputed targets the RPN assigns them in the model, with the same functions.
 
-``backbone`` is a name of :data:`lightning_rpn.backbones.BACKBONES` or any ``nn.Module`` with
+``backbone`` is a name of :data:`lightning_rpn.core.backbones.BACKBONES` or any ``nn.Module`` with
 the backbone interface: ``forward(images [B, 3, H, W] float, normalised) -> list`` of level
 features ``[B, out_channels, H_l, W_l]`` (finest first), and the attributes ``out_channels``
 (int), ``strides`` (tuple of ints, one per level) and ``size_divisibility`` (int).
 
 The data pipeline reads ``anchor_generator``, ``target_config``, ``box_coder`` and
 ``size_divisibility`` from this module, so model and data cannot disagree about anchors.
-Evaluation fills ``val_recall`` (a :class:`~lightning_rpn.metrics.ProposalRecall`); at the end
+Evaluation fills ``val_recall`` (a :class:`~lightning_rpn.evaluation.metrics.ProposalRecall`); at the end
 of each validation / test epoch every ``compute()`` key is logged as ``val/{key}`` /
 ``test/{key}``, copied to ``last_recall`` (``dict[str, float]``) with the recall curves in
 ``last_recall_curves``, and the metric is reset. ``predict`` fills it too, with the proposals
@@ -38,37 +38,37 @@ Under DDP the ranks agree: a batch is skipped everywhere when any rank saw a non
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from typing import Any, Literal, overload
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor, nn
 
-from lightning_rpn.anchors import AnchorGenerator
-from lightning_rpn.backbones import build_backbone, check_backbone
-from lightning_rpn.box_coder import BoxCoder
-from lightning_rpn.cascade import CascadeRPN
-from lightning_rpn.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
-from lightning_rpn.boxes import clip_boxes_to_image
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.backbones import build_backbone, check_backbone
+from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.boxes import clip_boxes_to_image
+from lightning_rpn.core.cascade import CascadeRPN
+from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
+from lightning_rpn.core.head import RPNHead
+from lightning_rpn.core.loss import NonFiniteLossError
+from lightning_rpn.core.rpn import RPN
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
 from lightning_rpn.data.image_io import load_rgb_image, to_rgb_uint8
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
-from lightning_rpn.head import RPNHead
-from lightning_rpn.loss import NonFiniteLossError
-from lightning_rpn.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
-from lightning_rpn.rpn import RPN
-from lightning_rpn.windows import (
+from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
+from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, weight_decay_groups
+from lightning_rpn.core.windows import (
     SlidingWindowConfig,
     Window,
     WindowTargets,
@@ -82,92 +82,11 @@ _RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training da
 # module's arguments are unknown, so loading such a checkpoint needs ``backbone=``.
 _CUSTOM_BACKBONE = "custom: "
 
+# LRSchedule and RunLambdaLR live in training.optim; named here too for code importing them from here
 __all__ = ["LRSchedule", "RPNModule", "RunLambdaLR", "to_original_coordinates"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def weight_decay_groups(
-    modules: Sequence[nn.Module], weight_decay: float, norm_weight_decay: float
-) -> list[dict[str, Any]]:
-    """The trainable parameters of ``modules`` as optimiser groups: normalisation-layer
-    parameters (BatchNorm, GroupNorm, LayerNorm) with ``norm_weight_decay``, the others with
-    ``weight_decay``."""
-    decay, norm = [], []
-    for part in modules:
-        for module in part.modules():
-            for parameter in module.parameters(recurse=False):
-                if parameter.requires_grad:
-                    (norm if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
-
-
-@dataclass
-class LRSchedule:
-    """Learning-rate factor of a step: linear warm-up, then multi-step or cosine decay.
-
-    A callable object (not a lambda) so that ``LambdaLR`` can save it in checkpoints.
-    """
-
-    warmup_steps: int
-    warmup_factor: float
-    kind: Literal["multistep", "cosine"]
-    milestones: tuple[int, ...]
-    gamma: float
-    total_steps: int
-    min_factor: float
-
-    def __call__(self, step: int) -> float:
-        if self.kind == "multistep":
-            factor = self.gamma ** bisect.bisect_right(self.milestones, step)
-        else:
-            progress = min(step, self.total_steps) / max(self.total_steps, 1)
-            cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-            factor = self.min_factor + (1.0 - self.min_factor) * cosine
-        if step < self.warmup_steps:
-            alpha = step / self.warmup_steps
-            factor *= self.warmup_factor * (1.0 - alpha) + alpha
-        return factor
-
-
-class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` whose schedule follows the run it is in, also when that run resumes.
-
-    ``LambdaLR.load_state_dict`` writes the saved schedule's fields (``total_steps``, milestones,
-    ...) and base learning rates over the resumed run's, so extending a finished cosine run
-    trained at its final learning rate. Here a resumed run takes only the step count from the
-    checkpoint, keeps the schedule built from its own config and trainer (``max_steps`` /
-    ``max_epochs``), logs what differs from the checkpoint's, and sets the optimizer to the
-    learning rate of the step it resumes at.
-    """
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_lambdas = state_dict.get("lr_lambdas") or [None]
-        saved_base_lrs = list(state_dict.get("base_lrs", self.base_lrs))
-        self.__dict__.update(
-            {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs")}
-        )
-        changes = [
-            f"{name} {saved_lambdas[0][name]!r} -> {value!r}"
-            for name, value in vars(self.lr_lambdas[0]).items()
-            if saved_lambdas[0] is not None and saved_lambdas[0].get(name, value) != value
-        ]
-        if saved_base_lrs != self.base_lrs:
-            changes.append(f"base lr {saved_base_lrs} -> {self.base_lrs}")
-        if changes:
-            rank_zero_info(
-                f"RPNModule: resuming at step {self.last_epoch}, the learning-rate schedule "
-                f"follows this run's config and trainer (max_steps / max_epochs), not the "
-                f"checkpoint's: {', '.join(changes)}"
-            )
-        lrs = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        self._last_lr = lrs
-
-
 class RPNModule(pl.LightningModule):
     """Train and evaluate a Region Proposal Network (see the module docstring).
 
@@ -198,12 +117,12 @@ class RPNModule(pl.LightningModule):
         reg_weight: box-loss weight lambda (``None``: 1 for "sampled", 10 for "paper").
         box_loss: ``"smooth_l1"``, ``"l1"``, ``"giou"`` or ``"iou"``.
         quality: ``None`` or localisation-quality branches of the head (the OLN idea,
-            :mod:`~lightning_rpn.quality`): ``"centerness"``, ``"iou"`` or ``"centerness+iou"``,
+            :mod:`~lightning_rpn.core.quality`): ``"centerness"``, ``"iou"`` or ``"centerness+iou"``,
             trained on the positive anchors.
         proposal_score: what ranks the proposals: ``"objectness"``, ``"quality"`` (the quality
             branches alone, no objectness classifier trained) or ``"geometric_mean"`` of both.
-        head: ``"rpn"`` (one head, :class:`~lightning_rpn.rpn.RPN`) or ``"cascade"`` (multi-stage
-            refinement of one anchor per location, :class:`~lightning_rpn.cascade.CascadeRPN`:
+        head: ``"rpn"`` (one head, :class:`~lightning_rpn.core.rpn.RPN`) or ``"cascade"`` (multi-stage
+            refinement of one anchor per location, :class:`~lightning_rpn.core.cascade.CascadeRPN`:
             IoU box losses, ``reg_weight`` default 1; ``box_loss`` and ``smooth_l1_beta`` do not
             apply, and ``quality``, the softmax head, ``"paper"`` normalisation and a deeper
             head are refused). Its targets come from the gt boxes in the model, so
@@ -244,14 +163,14 @@ class RPNModule(pl.LightningModule):
             format. Same results up to float rounding; on CPUs (oneDNN) and on GPUs with mixed
             precision, convolutions are faster in it (see the README's performance table).
         sliding_window: ``None`` (whole images) or the keys of
-            :class:`~lightning_rpn.windows.SlidingWindowConfig` (``size``, ``overlap``,
+            :class:`~lightning_rpn.core.windows.SlidingWindowConfig` (``size``, ``overlap``,
             ``window_batch``, ``merge_metric``, ``merge_thresh``, ``top_k``): validation, test,
             predict and ``predict_images`` propose on overlapping windows of each image (each
             with the ``*_test`` settings), merged into the image's ``top_k`` best (default
             ``post_nms_top_n_test``); memory follows the window batch, not the image.
             Evaluation losses are then each window's training loss (targets from the gt boxes
             clipped to it under the data module's ``min_visibility``, seeded per window),
-            averaged over the windows (:class:`~lightning_rpn.windows.WindowTargets`).
+            averaged over the windows (:class:`~lightning_rpn.core.windows.WindowTargets`).
     """
 
     def __init__(
@@ -822,7 +741,7 @@ class RPNModule(pl.LightningModule):
         or float (0..1); grayscale (``H x W``, ``[1, H, W]``) and RGBA (alpha dropped) too. A
         4-D array or tensor is a batch (``[B, H, W, 3]`` / ``[B, 3, H, W]``). They go through
         the evaluation pipeline: ``resize``, padding and collation as in
-        :class:`~lightning_rpn.data.datamodule.RPNDataModule`. ``resize=None`` uses the policy of
+        :class:`~lightning_rpn.training.datamodule.RPNDataModule`. ``resize=None`` uses the policy of
         the data the model was trained on (:attr:`resize_policy`, recorded at ``fit`` and kept
         in checkpoints; no resize when unknown); ``ResizePolicy()`` keeps the size. Returns per
         image ``{"boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``, best first: a

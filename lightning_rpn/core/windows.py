@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_rpn.boxes import box_area
+from lightning_rpn.core.boxes import box_area
 
 __all__ = [
     "SlidingWindowConfig",

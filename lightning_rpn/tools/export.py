@@ -4,17 +4,17 @@ Shapes: ``L`` levels, ``A`` anchors per location, ``H x W`` the (padded) input i
 ``H_l x W_l`` the feature size of level ``l``, ``N_l`` anchors of level ``l``, ``P`` proposals.
 
 :class:`ProposalNetwork` runs the eager RPN's own functions on symbolic sizes: anchors from
-:func:`~lightning_rpn.anchors.level_anchors` (what :class:`~lightning_rpn.anchors.AnchorGenerator`
-builds and caches), candidates from :func:`~lightning_rpn.proposals.proposal_candidates` and the
-image's proposals from :func:`~lightning_rpn.proposals.select_image_proposals` with
+:func:`~lightning_rpn.core.anchors.level_anchors` (what :class:`~lightning_rpn.core.anchors.AnchorGenerator`
+builds and caches), candidates from :func:`~lightning_rpn.core.proposals.proposal_candidates` and the
+image's proposals from :func:`~lightning_rpn.core.proposals.select_image_proposals` with
 ``nms_method="per_level"``, the form of the one NMS rule with no host sync (the eager CPU path
 computes the same rule with early stopping, which needs host syncs). Only the evaluation
 settings (``pre_nms_top_n_test`` / ``post_nms_top_n_test``) are exported.
 
-Sliding windows (an :class:`~lightning_rpn.module.RPNModule` with ``sliding_window``): the
+Sliding windows (an :class:`~lightning_rpn.training.module.RPNModule` with ``sliding_window``): the
 program is the per-window network, and :func:`load_proposal_network` returns a
 :class:`WindowedProposalNetwork` that cuts the image into windows and merges their proposals
-with :func:`~lightning_rpn.windows.sliding_window_proposals`, the eager function. The windows
+with :func:`~lightning_rpn.core.windows.sliding_window_proposals`, the eager function. The windows
 stay outside the graph because neither step has a graph form with dynamic sizes: the number
 of windows is a Python-integer function of the image size (``torch.export`` would specialise
 it to the example image), and the merge is a greedy suppression over a data-dependent set of
@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .anchors import level_anchors
-from .head import objectness_logits
-from .proposals import proposal_candidates, select_image_proposals
-from .rpn import RPN
-from .windows import SlidingWindowConfig, Window, sliding_window_proposals
+from lightning_rpn.core.anchors import level_anchors
+from lightning_rpn.core.head import objectness_logits
+from lightning_rpn.core.proposals import proposal_candidates, select_image_proposals
+from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.windows import SlidingWindowConfig, Window, sliding_window_proposals
 
 __all__ = ["ProposalNetwork", "WindowedProposalNetwork", "export_proposal_network", "load_proposal_network"]
 
@@ -64,7 +64,7 @@ class ProposalNetwork(nn.Module):
 
     Args:
         backbone: ``forward(images [1, 3, H, W]) -> list`` of level features (or a dict).
-        rpn: the trained :class:`~lightning_rpn.rpn.RPN`; its head, anchors, box coder and
+        rpn: the trained :class:`~lightning_rpn.core.rpn.RPN`; its head, anchors, box coder and
             evaluation settings are used (the module shares the head's parameters).
         pixel_mean / pixel_std: ``[1, 3, 1, 1]`` normalisation applied to ``images.float()``
             before the backbone; ``None`` feeds the images to the backbone unchanged.
@@ -149,7 +149,7 @@ class WindowedProposalNetwork(nn.Module):
         size_divisibility: windows are zero padded to a multiple of this, as in a batch.
 
     ``forward(images [1, 3, H, W], image_size int64 [2])`` -> ``(boxes [P, 4], scores [P])``
-    in image pixels, best first: :func:`~lightning_rpn.windows.sliding_window_proposals` on
+    in image pixels, best first: :func:`~lightning_rpn.core.windows.sliding_window_proposals` on
     ``images[0, :, :h, :w]`` with the windows run one at a time, as the eager
     ``RPNModule(sliding_window=...)`` computes them.
     """
@@ -191,7 +191,7 @@ class WindowedProposalNetwork(nn.Module):
 
 def _proposal_network(model: object) -> tuple[ProposalNetwork, torch.dtype, dict | None]:
     """The traceable network, its input dtype and the window settings (``None``: whole images)."""
-    from .module import RPNModule  # Lightning is only needed for this input type
+    from lightning_rpn.training.module import RPNModule  # Lightning is only needed for this input type
 
     if isinstance(model, ProposalNetwork):
         return model, torch.uint8 if model.normalize else torch.float32, None
@@ -226,7 +226,7 @@ def export_proposal_network(
     """Export ``model``'s evaluation-mode proposal network with a dynamic image size.
 
     Args:
-        model: an :class:`~lightning_rpn.module.RPNModule` (uint8 input, normalised in the
+        model: an :class:`~lightning_rpn.training.module.RPNModule` (uint8 input, normalised in the
             graph), a ``(backbone, rpn)`` pair (float input, fed to the backbone as is) or a
             :class:`ProposalNetwork`.
         example_image_size: ``(H, W)`` of the example input; any other size in range works

@@ -6,7 +6,7 @@ Shapes: ``B`` images, ``L`` levels, ``A`` anchors per location, ``H_l x W_l`` th
 For each level the head runs ``conv_depth`` 3x3 convolutions (+ ReLU; the first one at stride
 ``anchor_stride``, padding 1) followed by two sibling 1x1 convolutions: objectness and box
 deltas. Outputs are flattened in ``(y, x, anchor)`` order, the order of
-:class:`~lightning_rpn.anchors.AnchorGenerator`, so prediction ``j`` of a level belongs to
+:class:`~lightning_rpn.core.anchors.AnchorGenerator`, so prediction ``j`` of a level belongs to
 anchor ``j`` of that level.
 
 Objectness comes in two flavours:
@@ -16,7 +16,7 @@ Objectness comes in two flavours:
   source document's head -> ``[B, N_l, 2]``. :func:`objectness_logits` turns a pair into the
   equivalent binary logit so that proposals and scores work the same for both flavours.
 
-With ``quality`` (the OLN idea, :mod:`~lightning_rpn.quality`), a third sibling 1x1 convolution
+With ``quality`` (the OLN idea, :mod:`~lightning_rpn.core.quality`), a third sibling 1x1 convolution
 predicts ``Q`` localisation-quality logits per anchor (``"centerness"``, ``"iou"`` or both, in
 the order named) and ``forward`` returns them as a third list, ``[B, N_l, Q]`` per level.
 """
@@ -126,7 +126,7 @@ class RPNHead(nn.Module):
         if self.quality and torch.compiler.is_exporting():
             raise NotImplementedError(
                 f"RPNHead(quality={'+'.join(self.quality)!r}) cannot be exported yet: "
-                "lightning_rpn.export reads (objectness, deltas) only; export a model without model.quality"
+                "lightning_rpn.tools.export reads (objectness, deltas) only; export a model without model.quality"
             )
         if isinstance(features, Tensor):
             raise TypeError("RPNHead.forward: expected a list of [B, C, H, W] tensors (one per level), got a Tensor")

@@ -1,0 +1,118 @@
+"""ProposalWriter: the Lightning callback that writes a ``predict`` run's proposals to files.
+
+The formats, readers and writers are in :mod:`lightning_rpn.evaluation.proposal_files` (no
+Lightning); this callback collects each rank's predictions and writes them there, DDP included.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_rpn.evaluation.proposal_files import (
+    FORMATS,
+    merge_proposal_parts,
+    proposal_records,
+    write_coco_proposals,
+    write_detectron2_proposals,
+)
+
+__all__ = ["ProposalWriter"]
+
+
+class ProposalWriter(BasePredictionWriter):
+    """Write ``predict`` proposals of a whole dataset for a second stage (COCO JSON, detectron2 pickle).
+
+    Consumes :meth:`~lightning_rpn.training.module.RPNModule.predict_step` outputs (per image
+    ``image_id``, ``boxes`` in original-image pixels, ``scores``) and keeps the ``top_k`` best
+    proposals of each image. Each rank appends its images to ``output_dir/.parts/rank<k>.pkl``
+    as batches arrive (bounded memory); at the end of the epoch rank 0 merges the parts
+    (deduplicated, dataset order), writes :data:`FORMATS` files for ``formats`` into
+    ``output_dir`` atomically and removes the parts. ``output_dir`` must be visible to every
+    rank (a shared filesystem for multi-node runs). One predict dataloader.
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "proposals",
+        formats: Sequence[str] = ("coco_json", "detectron2_pkl"),
+        top_k: int | None = 1000,
+        category_id: int = 1,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown or not formats:
+            raise ValueError(f"ProposalWriter: formats {list(formats)!r} must be a non-empty subset of {list(FORMATS)}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"ProposalWriter: top_k must be positive or None, got {top_k}")
+        self.output_dir = Path(output_dir)
+        self.formats = tuple(formats)
+        self.top_k = top_k
+        self.category_id = category_id
+        self.written: dict[str, Path] = {}
+        self._handle: Any = None
+
+    def _part(self, rank: int) -> Path:
+        return self.output_dir / ".parts" / f"rank{rank}.pkl"
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        part = self._part(trainer.global_rank)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = part.open("wb")
+        self.written = {}
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Sequence[Mapping[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if dataloader_idx != 0:
+            raise ValueError(f"ProposalWriter: writes one predict dataloader, got dataloader_idx={dataloader_idx}")
+        if self._handle is None:
+            raise RuntimeError("ProposalWriter: write_on_batch_end before on_predict_start")
+        indices = list(batch_indices) if batch_indices is not None and len(batch_indices) == len(prediction) else None
+        for position, (image_id, boxes, scores, logits) in enumerate(proposal_records(prediction, "ProposalWriter")):
+            order = np.argsort(-(scores if logits is None else logits), kind="stable")[: self.top_k]
+            index = None if indices is None else int(indices[position])
+            kept_logits = None if logits is None else logits[order]
+            pickle.dump((index, image_id, boxes[order], scores[order], kept_logits), self._handle,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        trainer.strategy.barrier("ProposalWriter.parts_written")
+        if trainer.is_global_zero:
+            parts = [self._part(rank) for rank in range(trainer.world_size)]
+            records = merge_proposal_parts(parts)
+            for name in self.formats:
+                path = self.output_dir / FORMATS[name]
+                if name == "coco_json":
+                    write_coco_proposals(path, records, category_id=self.category_id)
+                else:
+                    write_detectron2_proposals(path, records)
+                self.written[name] = path
+            for part in parts:
+                part.unlink(missing_ok=True)
+            try:
+                parts[0].parent.rmdir()
+            except OSError:
+                pass
+            rank_zero_info(
+                f"ProposalWriter: proposals of {len(records)} images written to "
+                + ", ".join(str(p) for p in self.written.values())
+            )
+        trainer.strategy.barrier("ProposalWriter.merged")
