@@ -12,7 +12,6 @@ from lightning_rpn.core.boxes import (
     box_iou,
     check_gt_boxes,
     clip_boxes_to_image,
-    remove_small_boxes,
 )
 
 
@@ -47,13 +46,6 @@ def test_clip_boxes_to_image_matches_torchvision_on_batched_input() -> None:
     assert clipped.shape == boxes.shape
     assert torch.equal(clipped.reshape(-1, 4), ops.clip_boxes_to_image(boxes.reshape(-1, 4), (120, 200)))
     assert clipped[..., 0::2].max() <= 200 and clipped[..., 1::2].max() <= 120 and clipped.min() >= 0
-
-
-def test_remove_small_boxes_matches_torchvision() -> None:
-    boxes = _random_boxes(60, scale=10.0)
-    keep = remove_small_boxes(boxes, 4.0)
-    assert keep.dtype == torch.int64
-    assert torch.equal(keep, ops.remove_small_boxes(boxes, 4.0))
 
 
 def test_aligned_giou_is_the_diagonal_of_torchvision_giou() -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .config import AnchorConfig
 
-__all__ = ["AnchorGenerator", "AnchorGrid", "GridLevel", "grid_centres", "grid_size", "level_anchors"]
+__all__ = ["AnchorGenerator", "AnchorGrid", "GridLevel", "grid_centres", "grid_size", "level_anchors", "padded_size"]
 
 _CACHE_SIZE = 16
 
@@ -71,10 +71,6 @@ class AnchorGrid:
     @property
     def num_anchors(self) -> int:
         return self.anchors.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchors.device
 
 
 def _is_number(value: object) -> bool:
@@ -123,6 +119,14 @@ def _cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...]) ->
     widths = (width_factor[:, None] * size[None, :]).reshape(-1)
     heights = (height_factor[:, None] * size[None, :]).reshape(-1)
     return (torch.stack((-widths, -heights, widths, heights), dim=1) / 2).round()
+
+
+def padded_size(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
+    """The smallest ``(Hp, Wp)`` holding every ``(h, w)`` in ``sizes``, multiples of ``size_divisibility``."""
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    d = size_divisibility
+    return -(-height // d) * d, -(-width // d) * d
 
 
 def grid_centres(index: Tensor, step: Tensor, origin: Tensor) -> Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 import torchvision
@@ -39,23 +38,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
     "BACKBONES",
-    "Backbone",
     "StagedBackbone",
     "build_backbone",
     "check_backbone",
     "infer_strides",
 ]
-
-
-@runtime_checkable
-class Backbone(Protocol):
-    """What the RPN module needs from a backbone (see the module docstring)."""
-
-    out_channels: int
-    strides: tuple[int, ...]
-    size_divisibility: int
-
-    def __call__(self, images: Tensor) -> list[Tensor]: ...
 
 
 def infer_strides(body: nn.Module, size: int = 128) -> tuple[int, ...]:

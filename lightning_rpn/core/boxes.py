@@ -12,19 +12,30 @@ torchvision's ``box_iou``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "COCO_AREA_RANGES",
     "box_area",
     "box_iou",
     "box_ioa",
     "iou_from_overlap",
     "clip_boxes_to_image",
-    "remove_small_boxes",
     "aligned_giou",
     "check_gt_boxes",
 ]
+
+COCO_AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, math.inf),
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, math.inf),
+}
+"""COCO's box-area ranges (pixels squared, ``[low, high)``), read by the recall metric and the
+data report."""
 
 
 def _check_boxes_shape(boxes: Tensor, name: str) -> None:
@@ -85,15 +96,6 @@ def clip_boxes_to_image(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     x = boxes[..., 0::2].clamp(min=0, max=width)
     y = boxes[..., 1::2].clamp(min=0, max=height)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
-
-
-def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """Indices (int64) of the boxes whose width and height are both ``>= min_size``."""
-    _check_boxes_shape(boxes, "remove_small_boxes(boxes)")
-    widths = boxes[:, 2] - boxes[:, 0]
-    heights = boxes[:, 3] - boxes[:, 1]
-    keep = (widths >= min_size) & (heights >= min_size)
-    return torch.nonzero(keep).flatten()
 
 
 def aligned_giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:

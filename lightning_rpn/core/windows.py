@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_rpn.core.anchors import padded_size
 from lightning_rpn.core.boxes import box_area
 
 __all__ = [
@@ -286,8 +287,7 @@ def sliding_window_proposals(
     for start in range(0, len(windows), config.window_batch):
         chunk = windows[start : start + config.window_batch]
         sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in chunk]
-        pad_h = -(-max(h for h, _ in sizes) // size_divisibility) * size_divisibility
-        pad_w = -(-max(w for _, w in sizes) // size_divisibility) * size_divisibility
+        pad_h, pad_w = padded_size(sizes, size_divisibility)
         batch = torch.stack([
             F.pad(image[:, y0:y1, x0:x1], (0, pad_w - (x1 - x0), 0, pad_h - (y1 - y0)))
             for x0, y0, x1, y1 in chunk

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.anchors import AnchorGenerator, padded_size
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.cpu_kernels import load_kernels
 from lightning_rpn.core.targets import AnchorTargetConfig, assign_batch_targets, sample_generator
@@ -35,14 +35,6 @@ from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.sample import DetectionSample
 
 __all__ = ["RPNCollate", "padded_size", "set_sampling_epoch"]
-
-
-def padded_size(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
-    """The smallest ``(Hp, Wp)`` holding every ``(h, w)`` in ``sizes``, multiples of ``size_divisibility``."""
-    height = max(h for h, _ in sizes)
-    width = max(w for _, w in sizes)
-    d = size_divisibility
-    return -(-height // d) * d, -(-width // d) * d
 
 
 class RPNCollate:

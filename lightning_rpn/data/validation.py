@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 from torch.utils.data import Dataset
 
-from lightning_rpn.core.boxes import box_iou
+from lightning_rpn.core.boxes import COCO_AREA_RANGES, box_iou
 from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset, unreadable_image_problem
 from lightning_rpn.data.collate import padded_size
 from lightning_rpn.data.image_io import verify_image
@@ -49,7 +49,7 @@ __all__ = [
 PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
 ASPECT_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, float("inf")))
 """Width / height buckets (lower bound inclusive)."""
-AREA_BUCKETS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, float("inf"))}
+AREA_BUCKETS = {name: limits for name, limits in COCO_AREA_RANGES.items() if name != "all"}
 """COCO box-area ranges in pixels squared."""
 MAX_LISTED = 20
 """Problems a printed split report lists in full by default (all of them are counted)."""

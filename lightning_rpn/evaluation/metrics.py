@@ -33,7 +33,6 @@ across processes, so memory does not grow with the dataset.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torchmetrics import Metric
 
-from lightning_rpn.core.boxes import check_gt_boxes
+from lightning_rpn.core.boxes import COCO_AREA_RANGES, check_gt_boxes
 
 __all__ = [
     "COCO_AREA_RANGES",
@@ -51,12 +50,6 @@ __all__ = [
     "greedy_coverage",
 ]
 
-COCO_AREA_RANGES: dict[str, tuple[float, float]] = {
-    "all": (0.0, math.inf),
-    "small": (0.0, 32.0**2),
-    "medium": (32.0**2, 96.0**2),
-    "large": (96.0**2, math.inf),
-}
 DEFAULT_IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 DEFAULT_CURVE_PROPOSALS: tuple[int, ...] = (1, 10, 20, 50, 100, 200, 300, 500, 1000)
 
