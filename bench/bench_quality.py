@@ -229,6 +229,7 @@ ABLATIONS: dict[str, list[str]] = {
     "targets_in_model": ["--data.assign_targets", "false"],
     "min_visibility_0": ["--data.min_visibility", "0"],
     "each_image_once": ["--data.repeats", "1"],
+    "quality_scoring": ["--model.quality", "centerness+iou", "--model.proposal_score", "geometric_mean"],
 }
 
 
