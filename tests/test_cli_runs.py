@@ -16,13 +16,15 @@ import torch
 import yaml
 
 from lightning_rpn.training.module import RPNModule
-from test_cli import TINY_CONFIG, assert_ok, run_cli
-from test_data_builders import save_image, write_voc
+from helpers.cli import PROBES as HELPERS, TINY_CONFIG, assert_ok, run_cli
+from helpers.builders import save_image, write_voc
+
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
 TESTS = Path(__file__).resolve().parent
 CONFIGS = TESTS.parent / "configs"
 # backbone_probes.ProbeFPN by class_path, ahead of any PYTHONPATH already set
-PROBES = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+PROBES = {"PYTHONPATH": os.pathsep.join(filter(None, [HELPERS, os.environ.get("PYTHONPATH")]))}
 
 
 def write_config(workdir: Path, **sections: dict) -> dict:
@@ -34,10 +36,11 @@ def write_config(workdir: Path, **sections: dict) -> dict:
     return config
 
 
-def test_load_from_checkpoint_rebuilds_a_class_path_backbone(tmp_path: Path) -> None:
+def test_load_from_checkpoint_rebuilds_a_class_path_backbone(tmp_path: Path, monkeypatch) -> None:
     backbone = {"class_path": "backbone_probes.ProbeFPN", "init_args": {"width": 6}}
     write_config(tmp_path, model={"backbone": backbone})
     assert_ok(run_cli(["fit", "--config", "config.yaml", "--trainer.logger", "false"], tmp_path, env=PROBES))
+    monkeypatch.syspath_prepend(HELPERS)  # the checkpoint names the class as the run imported it
     path = tmp_path / "run/checkpoints/last.ckpt"
     model = RPNModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     assert type(model.backbone).__name__ == "ProbeFPN" and model.backbone.out_channels == 6

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_cli import assert_ok, run_cli
+from helpers.cli import assert_ok, run_cli
+
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "large_scenes.yaml"
 

@@ -15,6 +15,8 @@ import pytest
 from lightning_rpn import cli
 from lightning_rpn.tools.config_files import config_dir, config_names, config_path, copy_config, resolve_config_args
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(path.stem for path in (REPO / "configs").glob("*.yaml"))
 

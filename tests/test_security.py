@@ -16,7 +16,7 @@ import yaml
 
 from lightning_rpn.cli import CONFIG_KEY, main
 from lightning_rpn.training.module import RPNModule
-from test_cli import TINY_CONFIG, assert_ok, run_cli
+from helpers.cli import TINY_CONFIG, assert_ok, run_cli
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_rpn"
 SECRET = "secret-xyz-0123456789abcdef0123456789abcdef0123"  # W&B keys are 40+ characters
@@ -81,6 +81,7 @@ def trained_with_a_key(tmp_path_factory) -> tuple[Path, str]:
     return workdir, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_wandb_key_reaches_no_log_config_or_checkpoint(trained_with_a_key) -> None:
     workdir, output = trained_with_a_key
     assert list((workdir / "run/wandb").glob("offline-run-*/files"))
@@ -91,6 +92,7 @@ def test_wandb_key_reaches_no_log_config_or_checkpoint(trained_with_a_key) -> No
     assert SECRET not in output
 
 
+@pytest.mark.slow
 def test_our_checkpoint_loads_with_weights_only(trained_with_a_key) -> None:
     workdir, _ = trained_with_a_key
     path = workdir / "run/checkpoints/last.ckpt"
@@ -100,6 +102,7 @@ def test_our_checkpoint_loads_with_weights_only(trained_with_a_key) -> None:
     torch.testing.assert_close(model.state_dict(), checkpoint["state_dict"])
 
 
+@pytest.mark.slow
 def test_cli_loads_checkpoints_with_weights_only_by_default(trained_with_a_key, tmp_path) -> None:
     workdir, _ = trained_with_a_key
     # a checkpoint that only a full unpickler could load: weights_only refuses it

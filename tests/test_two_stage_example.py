@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 import math
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_stage" / "faster_rcnn.py"
 

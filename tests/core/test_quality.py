@@ -147,7 +147,7 @@ def test_quality_score_trains_no_classifier_and_targets_agree() -> None:
 
 
 def test_module_option_worker_and_in_model_targets_give_the_same_loss() -> None:
-    from test_module import collate_for, synthetic_samples, tiny_model
+    from helpers.model import collate_for, synthetic_samples, tiny_model
 
     model = tiny_model(quality="centerness+iou", proposal_score="geometric_mean", box_loss="iou").eval()
     samples = synthetic_samples()
@@ -164,7 +164,7 @@ def test_export_and_the_torchvision_drop_in() -> None:
 
     from lightning_rpn.tools.export import export_proposal_network
     from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
-    from test_module import tiny_model
+    from helpers.model import tiny_model
 
     with pytest.raises(NotImplementedError, match="cannot be exported yet"):
         export_proposal_network(tiny_model(quality="iou", proposal_score="quality").eval(), (64, 64))

@@ -19,48 +19,10 @@ from torch.utils.data import DataLoader
 
 from lightning_rpn.core.loss import NonFiniteLossError
 
-from test_cli import COMMAND, TINY_CONFIG, assert_ok, run_cli
-from test_module import collate_for, quiet_trainer, synthetic_samples, tiny_model
-
-PROBES = str(Path(__file__).parent)
+from helpers.cli import COMMAND, PROBES, TINY_CONFIG, assert_ok, run_cli
+from helpers.model import WatchStep, collate_for, quiet_trainer, synthetic_samples, tiny_model, training_batches
 
 
-def _batches(model, bad_index: int | None = None) -> list:
-    """Four training batches; batch ``bad_index`` has NaN box targets (a non-finite loss)."""
-    batch = collate_for(model)(synthetic_samples())
-    batches = [copy.deepcopy(batch) for _ in range(4)]
-    for index, item in enumerate(batches):
-        item.image_ids = [f"b{index}-{i}" for i in range(len(item))]
-    if bad_index is not None:
-        batches[bad_index].positive_deltas.fill_(float("nan"))
-    return batches
-
-
-class _WatchStep(pl.Callback):
-    """Parameters before / after training batch ``index``; optionally NaN one gradient there."""
-
-    def __init__(self, index: int, nan_gradient: bool = False) -> None:
-        self.index = index
-        self.nan_gradient = nan_gradient
-        self.current = -1
-        self.before: dict[str, torch.Tensor] = {}
-        self.after: dict[str, torch.Tensor] = {}
-
-    def _params(self, module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in module.named_parameters()}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.current = batch_idx
-        if batch_idx == self.index:
-            self.before = self._params(pl_module)
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        if self.nan_gradient and self.current == self.index:
-            pl_module.rpn.head.bbox_deltas.weight.grad[0, 0] = float("nan")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx == self.index:
-            self.after = self._params(pl_module)
 
 
 def _fit(tmp_path, model, batches, callback) -> pl.Trainer:
@@ -72,9 +34,9 @@ def _fit(tmp_path, model, batches, callback) -> pl.Trainer:
 @pytest.mark.parametrize("nan_gradient", [False, True], ids=["nan-loss", "nan-gradient"])
 def test_skip_leaves_the_weights_untouched_and_training_goes_on(tmp_path, nan_gradient) -> None:
     model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip")
-    watch = _WatchStep(1, nan_gradient=nan_gradient)
+    watch = WatchStep(1, nan_gradient=nan_gradient)
     with pytest.warns(UserWarning, match="skipped training batch 1 .*b1-0"):
-        trainer = _fit(tmp_path, model, _batches(model, bad_index=None if nan_gradient else 1), watch)
+        trainer = _fit(tmp_path, model, training_batches(model, bad_index=None if nan_gradient else 1), watch)
     for name, value in watch.before.items():
         assert torch.equal(value, watch.after[name]), f"{name} changed in the skipped step"
     assert model.skipped_nonfinite_batches == 1
@@ -88,13 +50,13 @@ def test_skip_leaves_the_weights_untouched_and_training_goes_on(tmp_path, nan_gr
 def test_raise_names_the_image_ids_of_the_non_finite_batch(tmp_path) -> None:
     model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
     with pytest.raises(ValueError, match=r"images \['b2-0', 'b2-1', 'b2-2', 'b2-3'\].*non-finite.*'skip'"):
-        _fit(tmp_path, model, _batches(model, bad_index=2), _WatchStep(0))
+        _fit(tmp_path, model, training_batches(model, bad_index=2), WatchStep(0))
 
 
 def test_raise_on_a_non_finite_gradient_names_the_parameter_and_images(tmp_path) -> None:
     model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
     with pytest.raises(ValueError, match=r"gradient of rpn.head.bbox_deltas.weight .*images \['b1-0'"):
-        _fit(tmp_path, model, _batches(model), _WatchStep(1, nan_gradient=True))
+        _fit(tmp_path, model, training_batches(model), WatchStep(1, nan_gradient=True))
 
 
 def test_skipped_count_survives_a_checkpoint(tmp_path) -> None:
@@ -116,7 +78,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, 
     """Lightning writes checkpoints to a temporary file and moves it in place on success."""
     model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
     trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0)
-    trainer.fit(model, DataLoader(_batches(model)[:1], batch_size=None))
+    trainer.fit(model, DataLoader(training_batches(model)[:1], batch_size=None))
     last = tmp_path / "last.ckpt"
     trainer.save_checkpoint(last)
     before = last.read_bytes()
@@ -177,6 +139,7 @@ def _final_weights(workdir: Path) -> dict[str, torch.Tensor]:
     ]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_from_last_and_matches(tmp_path) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     for workdir, version in ((whole, "whole"), (broken, "killed")):

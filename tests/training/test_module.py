@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -12,56 +11,12 @@ from torch.utils.data import DataLoader
 
 from lightning_rpn.core.backbones import infer_strides
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.data.collate import RPNCollate
-from lightning_rpn.data.sample import DetectionSample
-from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.training.module import RPNModule, to_original_coordinates
 from lightning_rpn.training.optim import LRSchedule
 
+from helpers.model import collate_for, quiet_trainer, synthetic_samples, tiny_model
 
-TINY = dict(
-    backbone="tiny_fpn",
-    anchor_sizes=((16,), (32,), (64,), (128,)),
-    warmup_steps=2,
-    post_nms_top_n_train=300,
-    pre_nms_top_n_test=300,
-    post_nms_top_n_test=100,
-    recall_max_proposals=(10, 100),
-)
-
-
-def tiny_model(**overrides) -> RPNModule:
-    return RPNModule(**{**TINY, **overrides})
-
-
-def synthetic_samples(count: int = 4) -> list[DetectionSample]:
-    dataset = SyntheticShapes(count, min_size=48, max_size=80, max_shapes=3, split="test-module")
-    return [dataset[i] for i in range(count)]
-
-
-def collate_for(model: RPNModule, assign_targets: bool = True) -> RPNCollate:
-    return RPNCollate(
-        model.anchor_generator,
-        model.target_config,
-        model.box_coder,
-        model.size_divisibility,
-        seed=model.hparams.anchor_sampling_seed,
-        assign_targets=assign_targets,
-    )
-
-
-def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def test_exposes_what_the_data_pipeline_reads() -> None:
@@ -315,7 +270,7 @@ def test_channels_last_gives_the_contiguous_results_and_loads_its_checkpoints(tm
 
 @pytest.mark.parametrize("worker_targets", [True, False], ids=["worker-targets", "in-model-targets"])
 def test_declared_strides_that_disagree_with_the_feature_maps_are_an_error(worker_targets: bool) -> None:
-    from backbone_probes import ProbeFPN
+    from helpers.backbone_probes import ProbeFPN
 
     model = tiny_model(backbone=ProbeFPN(declared_strides=[8, 16, 32, 64]))
     batch = collate_for(model, assign_targets=worker_targets)(synthetic_samples(2))
@@ -328,7 +283,7 @@ def test_declared_strides_that_disagree_with_the_feature_maps_are_an_error(worke
 
 
 def test_a_checkpoint_of_a_python_built_backbone_asks_for_it(tmp_path) -> None:
-    from backbone_probes import ProbeFPN
+    from helpers.backbone_probes import ProbeFPN
 
     model = tiny_model(backbone=ProbeFPN(width=6))
     batch = collate_for(model)(synthetic_samples(2))
@@ -336,7 +291,7 @@ def test_a_checkpoint_of_a_python_built_backbone_asks_for_it(tmp_path) -> None:
     trainer.fit(model, DataLoader([batch], batch_size=None))
     path = tmp_path / "custom.ckpt"
     trainer.save_checkpoint(path)
-    with pytest.raises(ValueError, match=r"backbone was a backbone_probes.ProbeFPN built in Python.*"
+    with pytest.raises(ValueError, match=r"backbone was a helpers.backbone_probes.ProbeFPN built in Python.*"
                                          r"load_from_checkpoint\(path, backbone=ProbeFPN\(...\)\)"):
         RPNModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     loaded = RPNModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import box_iou as tv_box_iou
 
 from lightning_rpn import cpu_kernels, matching
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.matching import anchors_inside_image, match_anchors, match_anchors_batched
 
-IMAGE = (256, 320)
+from helpers.matching import IMAGE, random_gt, torchvision_match
+
 FPN = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
 BACKENDS = ["compiled", "torch"]
 
@@ -25,24 +24,6 @@ def fpn_anchors(image=IMAGE) -> torch.Tensor:
     """torchvision-style plain anchors: the per-level tensors concatenated (a fresh tensor)."""
     return torch.cat(FPN(FPN.feature_shapes_for(image)))
 
-
-def torchvision_match(anchors, gt, fg=0.7, bg=0.3, low_quality=True):
-    matcher = det_utils.Matcher(fg, bg, allow_low_quality_matches=low_quality)
-    idx = matcher(tv_box_iou(gt, anchors))
-    labels = (idx >= 0).long()
-    labels[idx == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
-    return labels, idx.clamp(min=0)
-
-
-def random_gt(n: int, seed: int, image=IMAGE, max_size: float = 200.0, integer: bool = False) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    h, w = image
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([w - 2.0, h - 2.0])
-    wh = torch.rand(n, 2, generator=g) ** 2 * max_size + 1.0
-    boxes = torch.cat([xy, xy + wh], dim=1)
-    boxes[:, 2] = boxes[:, 2].clamp(max=w)
-    boxes[:, 3] = boxes[:, 3].clamp(max=h)
-    return boxes.round() if integer else boxes
 
 
 def assert_same_as_torchvision(anchors, gt, backend, fg=0.7, bg=0.3, low_quality=True):

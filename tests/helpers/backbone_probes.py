@@ -1,7 +1,7 @@
 """A user's own backbone class for the tests, importable by class_path (``backbone_probes.ProbeFPN``).
 
 Not collected by pytest (no ``test_`` prefix). Subprocess CLI runs find it with ``PYTHONPATH``
-set to this folder; in-process tests import it directly (pytest puts this folder on ``sys.path``).
+set to this folder (``helpers.cli.PROBES``); in-process tests import ``helpers.backbone_probes``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from torchvision.ops import box_iou as tv_box_iou
 
 from lightning_rpn.evaluation.metrics import COCO_AREA_RANGES, ProposalRecall, greedy_coverage
 
+from helpers.metrics import random_image
+
 THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
 
 
@@ -67,35 +69,6 @@ def reference_metric(proposals, gts, ks, thresholds=THRESHOLDS, area_ranges=COCO
 
 # ---------------------------------------------------------------- data
 
-
-def random_boxes(
-    n: int, gen: torch.Generator, size: float = 320.0, max_wh: float = 200.0
-) -> torch.Tensor:
-    xy = torch.rand(n, 2, generator=gen) * size
-    wh = torch.rand(n, 2, generator=gen) * max_wh + 2.0
-    return torch.cat([xy, xy + wh], dim=1)
-
-
-def jitter(boxes: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:
-    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-    return boxes + (torch.rand(boxes.shape, generator=gen) - 0.5) * scale * wh
-
-
-def random_image(
-    gen: torch.Generator, max_gt: int, max_props: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """gt boxes of mixed sizes; proposals mostly jittered copies of them (IoUs >= 0.5 occur)."""
-    num_gt = int(torch.randint(0, max_gt + 1, (1,), generator=gen))
-    num_props = int(torch.randint(0, max_props + 1, (1,), generator=gen))
-    gt = random_boxes(num_gt, gen)
-    if num_gt and num_props:
-        src = gt[torch.randint(0, num_gt, (num_props,), generator=gen)]
-        props = jitter(src, gen, 0.3)
-        noise = torch.rand(num_props, generator=gen) < 0.3
-        props[noise] = random_boxes(int(noise.sum()), gen)
-    else:
-        props = random_boxes(num_props, gen)
-    return props, gt
 
 
 def assert_matches_reference(metric: ProposalRecall, proposals, gts, ks) -> None:

@@ -22,7 +22,7 @@ from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.tiles import ImageCache, TileConfig, TiledDataset, WindowSampler, cut_window
 from lightning_rpn.training.datamodule import RPNDataModule
-from rpn_probes import in_model_anchor_labels
+from helpers.rpn_probes import in_model_anchor_labels
 
 
 class Images(Dataset):

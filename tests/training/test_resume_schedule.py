@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_cli import TINY_CONFIG, assert_ok, run_cli
+from helpers.cli import TINY_CONFIG, assert_ok, run_cli
 
 LR = 0.001
 STEPS_PER_EPOCH = 2  # 8 training images, batch 4

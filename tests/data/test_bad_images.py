@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from test_data_builders import write_coco
-from test_data_datamodule import ANCHORS, _TinyModule
+from helpers.builders import write_coco
+from helpers.datamodule import ANCHORS, TinyModule
 
 from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.image_io import load_rgb_image, read_image_size, verify_image
@@ -98,7 +98,7 @@ def test_training_with_skip_goes_on_and_counts_the_skips(tmp_path: Path) -> None
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
     with pytest.warns(UserWarning, match="load problems") as warned:
-        trainer.fit(_TinyModule(), datamodule=dm)
+        trainer.fit(TinyModule(), datamodule=dm)
     printed = "\n".join(str(w.message) for w in warned)  # one warning per batch that met a problem
     assert "cut.jpg" in printed and "gone.png" in printed
     assert trainer.global_step == 4  # every batch of both epochs trained
@@ -110,7 +110,7 @@ def test_verify_images_raises_before_the_first_step(tmp_path: Path) -> None:
     dm = RPNDataModule("coco", root=str(tmp_path), train_split="x", val_split=None, coco_images="images",
                        coco_annotations="annotations.json", verify_images=True, batch_size=2, num_workers=0,
                        anchor_generator=ANCHORS)
-    module = _TinyModule()
+    module = TinyModule()
     steps: list[int] = []
     module.on_train_batch_start = lambda batch, index: steps.append(index)  # type: ignore[method-assign]
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

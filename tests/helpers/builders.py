@@ -1,4 +1,4 @@
-"""Builders of tiny COCO and VOC datasets on disk, shared by the tests/test_data_*.py files."""
+"""Builders of tiny COCO and VOC datasets on disk, shared by the data and CLI tests."""
 
 from __future__ import annotations
 
@@ -92,11 +92,3 @@ def write_voc(root: Path, entries: dict[str, dict[str, Any]], split: str = "trai
             (root / "Annotations" / f"{image_id}.xml").write_text(xml)
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(entries) + "\n")
     return root
-
-
-def test_builders_write_loadable_files(tmp_path: Path) -> None:
-    images_root, ann_file = basic_coco(tmp_path / "coco")
-    assert Image.open(images_root / "sub" / "b.png").size == (30, 50)
-    assert len(json.loads(ann_file.read_text())["annotations"]) == 4
-    root = write_voc(tmp_path / "voc", {"x": {"size": (20, 30), "objects": [{"box": (1, 1, 5, 5)}]}})
-    assert "<xmin>1</xmin>" in (root / "Annotations" / "x.xml").read_text()

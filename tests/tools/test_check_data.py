@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from rich.console import Console
-from test_data_builders import save_image, write_coco, write_voc
+from helpers.builders import save_image, write_coco, write_voc
 
 from lightning_rpn.cli import main
 from lightning_rpn.data.validation import validate_dataset

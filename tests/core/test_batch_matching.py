@@ -16,7 +16,7 @@ from lightning_rpn.core.targets import (
     dense_target_deltas,
     sample_generator,
 )
-from test_matching import random_gt, torchvision_match
+from helpers.matching import random_gt, torchvision_match
 
 FPN = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
 PADDED = (256, 320)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ import torch.multiprocessing as mp
 
 from lightning_rpn.evaluation.metrics import ProposalRecall
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_metrics import random_image  # noqa: E402
+from helpers.metrics import random_image
+
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
 WORLD_SIZE = 2
 NUM_IMAGES = 24

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
-import torch
-from test_data_builders import basic_coco, save_image, write_voc
+from helpers.builders import basic_coco, save_image, write_voc
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
@@ -18,7 +17,8 @@ from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.validation import validate_dataset
 from lightning_rpn.training.datamodule import RPNDataModule
 
-ANCHORS = AnchorGenerator(((16,), (32,), (64,)), (0.5, 1.0, 2.0), (8, 16, 32))
+from helpers.datamodule import ANCHORS, TinyModule
+
 
 
 def small(**kwargs: object) -> RPNDataModule:
@@ -120,36 +120,13 @@ def test_removed_boxes_are_counted_and_reported(caplog: pytest.LogCaptureFixture
     assert dm.report() == ""  # counts were reset
 
 
-class _TinyModule(pl.LightningModule):
-    """Consumes RPNBatch; exposes the attributes the data module reads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Conv2d(3, 1, 1)
-        self.anchor_generator = ANCHORS
-        self.target_config = AnchorTargetConfig()
-        self.box_coder = BoxCoder()
-        self.size_divisibility = 32
-
-    def training_step(self, batch: RPNBatch, batch_idx: int) -> torch.Tensor:
-        assert batch.anchor_labels is not None and batch.images.device == self.device
-        assert batch.positive_deltas is not None and batch.positive_deltas.device == self.device
-        assert batch.target_deltas.shape == (*batch.anchor_labels.shape, 4)
-        return self.layer(batch.images.float()).mean()
-
-    def validation_step(self, batch: RPNBatch, batch_idx: int) -> None:
-        assert batch.anchor_labels is not None
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
 
 def test_fits_with_a_real_trainer_and_counts_removed_boxes(tmp_path: Path) -> None:
     dm = small(train_transforms=[{"RandomCrop": {"height": 64, "width": 64, "p": 1.0}}], min_visibility=0.9)
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, num_sanity_val_steps=0)
-    trainer.fit(_TinyModule(), datamodule=dm)
+    trainer.fit(TinyModule(), datamodule=dm)
     assert dm.collate.anchor_generator is ANCHORS
     assert "train/removed_boxes" in dm.last_report and dm.last_report["train/removed_boxes"] > 0
 
@@ -162,7 +139,7 @@ def test_the_data_report_prints_once_per_fit_covering_every_epoch(
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, num_sanity_val_steps=0)
     with caplog.at_level(logging.INFO):
-        trainer.fit(_TinyModule(), datamodule=dm)
+        trainer.fit(TinyModule(), datamodule=dm)
     reports = [r.getMessage() for r in caplog.records if "data report" in r.getMessage()]
     assert len(reports) == 1, reports  # not once per epoch, with a train and a validate line each
     assert reports[0].startswith("RPNDataModule data report (epochs 0-2):")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_builders import basic_coco, save_image, write_coco
+from helpers.builders import basic_coco, save_image, write_coco
 
 from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.problems import DataError, UnsafePathError

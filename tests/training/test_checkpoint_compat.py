@@ -1,6 +1,6 @@
 """A checkpoint written by an earlier lightning-rpn still loads and proposes the same boxes.
 
-``tests/data/rpn_module_v0.ckpt`` was written by ``lightning-rpn fit`` at commit a094e6e (before
+``tests/fixtures/rpn_module_v0.ckpt`` was written by ``lightning-rpn fit`` at commit a094e6e (before
 the package moved into layer folders and the defaults were declared once): ``tiny_fpn``, 60
 AdamW steps on 64x64 synthetic shapes, with ``RecallTable`` and ``ProposalWriter`` callbacks
 named by their old dotted paths. To keep it small (1 MB) its weights were stored as float16
@@ -20,7 +20,7 @@ import yaml
 
 from lightning_rpn import RPNDataModule, RPNModule
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 CHECKPOINT = DATA / "rpn_module_v0.ckpt"
 CONFIG_KEY = "lightning_rpn_config"  # the entry the CLI wrote the resolved config to
 

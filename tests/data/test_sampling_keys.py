@@ -16,7 +16,7 @@ from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import TransformedDataset
 from lightning_rpn.training.module import RPNModule
-from rpn_probes import in_model_anchor_labels
+from helpers.rpn_probes import in_model_anchor_labels
 
 TINY = dict(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)))
 

@@ -1,4 +1,4 @@
-"""Callbacks that the subprocess CLI tests load by class_path (``PYTHONPATH`` = this folder).
+"""Callbacks that the subprocess CLI tests load by class_path (``PYTHONPATH`` = this folder, ``helpers.cli.PROBES``).
 
 Not collected by pytest (no ``test_`` prefix); imported only inside ``lightning-rpn`` runs.
 """

@@ -7,6 +7,8 @@ from the same config), epoch after epoch (``set_epoch``); the run ends within it
 
 from __future__ import annotations
 
+import pytest
+
 import copy
 import json
 import os
@@ -15,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from lightning_rpn.training.datamodule import RPNDataModule
-from test_cli import TINY_CONFIG, assert_ok, run_cli
+from helpers.cli import PROBES, TINY_CONFIG, assert_ok, run_cli
 
-PROBES = str(Path(__file__).parent)
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 PER_EPOCH, BATCH, EPOCHS = 8, 2, 2  # two steps per epoch and rank
 DATA = {"dataset": "scenes", "scene_options": {"size": 160, "density": 300.0, "max_object_size": 30},
         "synthetic_train_images": 3, "synthetic_val_images": 1, "seed": 5, "batch_size": BATCH, "num_workers": 0,

@@ -20,10 +20,11 @@ import torch
 import yaml
 from torch.utils.data.distributed import DistributedSampler
 
-from test_cli import TINY_CONFIG, assert_ok, run_cli
-from test_module import collate_for, synthetic_samples, tiny_model
+from helpers.cli import PROBES, TINY_CONFIG, assert_ok, run_cli
+from helpers.model import collate_for, synthetic_samples, tiny_model
 
-PROBES = str(Path(__file__).parent)
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 TRAIN_IMAGES, VAL_IMAGES, BATCH = 16, 8, 4
 STEPS = 3  # two steps per epoch and rank: the third starts epoch 1
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]

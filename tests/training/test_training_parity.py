@@ -16,6 +16,8 @@ from lightning.pytorch import seed_everything
 from lightning_rpn import RPNDataModule, RPNModule
 from lightning_rpn.training.torchvision_reference import compare_training
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 CROPS = [{"RandomCrop": {"height": 128, "width": 128}}, {"HorizontalFlip": {"p": 0.5}},
          {"VerticalFlip": {"p": 0.5}}]
 

@@ -128,7 +128,7 @@ def test_errors_and_entry_points_that_do_not_take_it_yet() -> None:
 
 
 def test_module_option_builds_and_trains_a_cascade() -> None:
-    from test_module import collate_for, synthetic_samples, tiny_model
+    from helpers.model import collate_for, synthetic_samples, tiny_model
 
     one_anchor = dict(head="cascade", aspect_ratios=((1.0,),), anchor_sizes=((32,), (64,), (128,), (256,)))
     model = tiny_model(**one_anchor, cascade_stages=3)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 from rich.console import Console
-from test_data_builders import basic_coco, save_image, write_coco
+from helpers.builders import basic_coco, save_image, write_coco
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.data.coco import COCODetection

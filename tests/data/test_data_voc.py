@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_builders import save_image, write_voc
+from helpers.builders import save_image, write_voc
 
 from lightning_rpn.data.image_io import load_rgb_image, resolve_image_path
 from lightning_rpn.data.problems import DataError, UnsafePathError

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 import lightning_rpn.core.rpn
 import lightning_rpn.core.targets
 from lightning_rpn.core.box_coder import BoxCoder
-from test_cli import TINY_CONFIG, assert_ok, run_cli
-from test_faults import _WatchStep, _batches
-from test_module import collate_for, quiet_trainer, synthetic_samples, tiny_model
+from helpers.cli import TINY_CONFIG, assert_ok, run_cli
+from helpers.model import WatchStep, training_batches
+from helpers.model import collate_for, quiet_trainer, synthetic_samples, tiny_model
 
 
 def _spy(monkeypatch, owner, name: str, calls: list) -> None:
@@ -78,6 +78,7 @@ def test_rpn_under_bf16_autocast_keeps_geometry_and_losses_in_fp32(monkeypatch, 
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 def test_fit_with_bf16_mixed_precision_through_the_cli(tmp_path: Path) -> None:
     config = copy.deepcopy(TINY_CONFIG)
     config["trainer"].update(precision="bf16-mixed", logger=False)
@@ -97,10 +98,10 @@ def test_fp16_grad_scaler_and_non_finite_steps_leave_the_weights_untouched(tmp_p
     """fp16 AMP (the GPU path, here with a CPU GradScaler): the scaler owns inf/NaN gradients."""
     skip = fault == "nan-loss-skipped"
     model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip" if skip else "raise")
-    watch = _WatchStep(1, nan_gradient=not skip)
+    watch = WatchStep(1, nan_gradient=not skip)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[watch], plugins=[plugin])
-    trainer.fit(model, DataLoader(_batches(model, bad_index=1 if skip else None), batch_size=None))
+    trainer.fit(model, DataLoader(training_batches(model, bad_index=1 if skip else None), batch_size=None))
     assert all(torch.equal(value, watch.after[name]) for name, value in watch.before.items())
     assert trainer.global_step == 4 and model.skipped_nonfinite_batches == int(skip)
 
@@ -114,5 +115,5 @@ def test_16_mixed_on_the_cpu_runs_as_bf16_mixed(tmp_path) -> None:
         trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="16-mixed")
     plugin = trainer.precision_plugin
     assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
-    trainer.fit(model, DataLoader(_batches(model), batch_size=None))
+    trainer.fit(model, DataLoader(training_batches(model), batch_size=None))
     assert trainer.global_step == 2
