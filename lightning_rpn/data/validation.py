@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from rich.console import Console, Group
 from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 from torch.utils.data import Dataset
 
-from lightning_rpn.core.boxes import COCO_AREA_RANGES, box_iou
+from lightning_rpn.core.boxes import COCO_AREA_RANGES
+from lightning_rpn.core.coverage import GTBoxSet, best_anchor_iou
 from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset, unreadable_image_problem
-from lightning_rpn.data.collate import padded_size
 from lightning_rpn.data.image_io import verify_image
 from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, ProblemLog, sanitize_boxes, severity_of
 from lightning_rpn.data.transforms import ResizePolicy
@@ -257,14 +256,16 @@ class DatasetReport:
 
 
 class AnchorProbe:
-    """Best anchor IoU of gt boxes, on the first ``max_images`` images with boxes.
+    """Best anchor IoU of gt boxes (:func:`~lightning_rpn.core.coverage.best_anchor_iou`, the
+    computation ``analyze-anchors`` reports), on the first ``max_images`` images with boxes
+    (``None``: all of them).
 
     Images are resized with the evaluation resize policy and padded to ``size_divisibility``;
     the anchors are those the model would use for that single-image batch.
     """
 
     def __init__(self, anchor_generator: Any, size_divisibility: int | None = None,
-                 resize: ResizePolicy | None = None, max_images: int = 500) -> None:
+                 resize: ResizePolicy | None = None, max_images: int | None = None) -> None:
         self.anchor_generator = anchor_generator
         self.size_divisibility = size_divisibility or max(anchor_generator.strides)
         self.resize = resize or ResizePolicy()
@@ -272,14 +273,13 @@ class AnchorProbe:
         self.images = 0
 
     def add(self, report: SplitReport, size: tuple[int, int] | None, boxes: np.ndarray) -> None:
-        if size is None or len(boxes) == 0 or self.images >= self.max_images:
+        if size is None or len(boxes) == 0 or (self.max_images is not None and self.images >= self.max_images):
             return
         self.images += 1
         new_size = self.resize.target_size(size, train=False)
         scale = np.array([new_size[1] / size[1], new_size[0] / size[0]] * 2, dtype=np.float32)
-        padded = padded_size([new_size], self.size_divisibility)
-        anchors = torch.cat(self.anchor_generator(self.anchor_generator.feature_shapes_for(padded)))
-        best = box_iou(torch.from_numpy(np.asarray(boxes, np.float32) * scale), anchors).amax(dim=1)
+        box_set = GTBoxSet.from_images([(new_size, np.asarray(boxes, np.float32) * scale)], self.size_divisibility)
+        best, _ = best_anchor_iou(box_set, self.anchor_generator)
         report.best_anchor_iou.extend(best.tolist())
 
 
@@ -339,14 +339,14 @@ def validate_dataset(
     anchor_generator: Any = None,
     size_divisibility: int | None = None,
     resize: ResizePolicy | None = None,
-    max_anchor_images: int = 500,
+    max_anchor_images: int | None = None,
 ) -> DatasetReport:
     """Check a dataset, or the ``splits`` (roles) of an ``RPNDataModule``; a :class:`DatasetReport`.
 
     ``check_images`` decodes each image of file-backed datasets (missing, corrupt, truncated
     and mis-sized files are reported as problems). With an ``anchor_generator`` (a data
     module's own, by default), the report adds anchor coverage: the best anchor IoU of the gt
-    boxes of the first ``max_anchor_images`` images, after the evaluation ``resize``.
+    boxes of the first ``max_anchor_images`` images (``None``: all), after the evaluation ``resize``.
     """
     if isinstance(target, Dataset):
         datasets: list[tuple[str, Dataset | DataError]] = [(name, target)]

@@ -23,6 +23,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.boxes import box_iou
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
+from lightning_rpn.data.validation import validate_dataset
 from lightning_rpn.training.datamodule import RPNDataModule
 
 
@@ -174,3 +175,18 @@ def test_errors_name_the_problem() -> None:
         collect_gt_boxes(object())
     with pytest.raises(ValueError, match="padded_sizes"):
         GTBoxSet(torch.zeros(2, 4), torch.zeros(3, 2, dtype=torch.int64))
+
+
+def test_check_data_and_analyze_anchors_report_the_same_best_anchor_ious() -> None:
+    """One coverage computation (core.coverage): check-data's probe over every image equals
+    analyze-anchors' collection after the same resize, box for box."""
+    dataset = SyntheticShapes(12, min_size=60, max_size=140, max_shapes=4, split="coverage")
+    generator = AnchorGenerator(((16,), (32,), (64,)), (0.5, 1.0, 2.0), (8, 16, 32))
+    resize = ResizePolicy(mode="fixed", fixed_size=(96, 96))
+    report = validate_dataset(dataset, check_images=False, anchor_generator=generator, size_divisibility=32,
+                              resize=resize)
+    probed = torch.tensor(report.splits[0].best_anchor_iou)
+    collected, _ = best_anchor_iou(collect_gt_boxes(dataset, resize=resize, size_divisibility=32, progress=False),
+                                   generator)
+    assert len(probed) == len(collected) == sum(len(dataset[i].boxes) for i in range(len(dataset)))
+    torch.testing.assert_close(probed, collected, rtol=0, atol=1e-6)
