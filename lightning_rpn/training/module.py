@@ -39,7 +39,6 @@ Under DDP the ranks agree: a batch is skipped everywhere when any rank saw a non
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
@@ -49,7 +48,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from torch import Tensor, nn
 
 from lightning_rpn.core.anchors import AnchorGenerator
@@ -63,7 +61,7 @@ from lightning_rpn.core.loss import NonFiniteLossError
 from lightning_rpn.core.rpn import RPN
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
-from lightning_rpn.data.image_io import load_rgb_image, to_rgb_uint8
+from lightning_rpn.data.loose_images import ImageInput, as_hwc_uint8, is_single_image
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
@@ -749,13 +747,13 @@ class RPNModule(pl.LightningModule):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"predict_images: batch_size must be a positive int, got {batch_size!r}")
-        single = _is_single_image(images)
+        single = is_single_image(images)
         items = [images] if single else list(images)  # type: ignore[arg-type]
         policy = resize if resize is not None else self.resize_policy or ResizePolicy()
         transform = DetectionTransform(resize=policy, train=False)
         collate = RPNCollate(size_divisibility=self.size_divisibility, assign_targets=False)
         samples = [
-            transform(DetectionSample(image=_as_hwc_uint8(image, index), boxes=empty_boxes(), image_id=index,
+            transform(DetectionSample(image=as_hwc_uint8(image, index), boxes=empty_boxes(), image_id=index,
                                       source=f"predict_images[{index}]"))
             for index, image in enumerate(items)
         ]
@@ -780,58 +778,3 @@ def to_original_coordinates(
     scale_x = original_size[1] / image_size[1]
     scale = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
     return clip_boxes_to_image(boxes * scale, original_size)
-
-
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
-"""What ``predict_images`` takes as one image (see there)."""
-
-
-def _is_single_image(images: object) -> bool:
-    """Whether ``predict_images`` got one image rather than a sequence (or 4-D batch) of them."""
-    if isinstance(images, (np.ndarray, Tensor)):
-        return images.ndim != 4
-    return isinstance(images, (str, os.PathLike, Image.Image))
-
-
-def _as_hwc_uint8(image: ImageInput, index: int) -> np.ndarray:
-    """Image ``index`` of ``predict_images`` as ``H x W x 3`` uint8 RGB.
-
-    Paths are decoded like dataset files; PIL images of any mode are converted like them;
-    arrays are ``H x W [x C]`` and tensors ``[C, H, W]`` or ``H x W``, ``C`` 1, 3 or 4 (RGBA:
-    alpha dropped), uint8 in 0..255 or float in 0..1.
-    """
-    where, shape = f"predict_images: image {index}", tuple(getattr(image, "shape", ()))
-    if isinstance(image, (str, os.PathLike)):
-        return load_rgb_image(image, image_id=index)
-    if isinstance(image, Image.Image):
-        return to_rgb_uint8(image)
-    if isinstance(image, Tensor):
-        if image.dim() == 3:
-            image = image.permute(1, 2, 0)  # CHW -> HWC
-        array = image.detach().cpu().numpy()
-    elif isinstance(image, np.ndarray):
-        array = image
-    else:
-        raise TypeError(
-            f"{where} is a {type(image).__name__}; expected a path, a PIL image, an H x W x 3 array "
-            "or a [3, H, W] tensor"
-        )
-    layout = "[C, H, W]" if isinstance(image, Tensor) else "H x W x C"
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
-        raise ValueError(
-            f"{where} has shape {shape}; expected {layout} with C = 3 (1: gray, 4: RGBA) or H x W"
-        )
-    if np.issubdtype(array.dtype, np.floating):
-        low, high = (float(array.min()), float(array.max())) if np.isfinite(array).all() else (np.nan, np.nan)
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(
-                f"{where} is a float {layout} image with values in [{low}, {high}]; float images must be "
-                "in 0..1 (torchvision's convention); pass uint8 for 0..255"
-            )
-        array = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise TypeError(f"{where} has dtype {array.dtype}; expected uint8 (0..255) or float (0..1)")
-    rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
-    return np.ascontiguousarray(rgb)
