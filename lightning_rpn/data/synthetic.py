@@ -4,7 +4,9 @@ Each image (its size drawn between ``min_size`` and ``max_size`` per side) has a
 background (smooth colour noise, sometimes stripes, pixel noise) and 0..``max_shapes``
 rectangles, ellipses and triangles, filled or outlined, whose shorter side is at least
 ``min_box_size`` pixels, whose longer side reaches up to ``max_box_fraction`` of the image, and
-whose aspect ratio lies between 1:4 and 4:1. Shapes may overlap: a box is the tight box of the
+whose aspect ratio lies between 1:4 and 4:1. Shapes of ``unannotated_kinds`` are drawn like the
+others but get no box: objects of classes nobody labelled, as in a real training set (what
+open-world proposal methods are tested against). Shapes may overlap: a box is the tight box of the
 shape's visible pixels, and a shape left with less than ``min_visible_fraction`` of its pixels
 visible is removed from the image's boxes. A fraction ``empty_fraction`` of images has no
 shapes at all. Item ``i`` of split ``s`` depends only on ``(seed, s, i)``: the same in every
@@ -86,15 +88,19 @@ def draw_shapes_image(
     max_box_fraction: float = 0.9,
     min_visible_fraction: float = 0.5,
     kinds: Sequence[str] = SHAPE_KINDS,
+    unannotated_kinds: Sequence[str] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``num_shapes`` shapes of ``kinds`` on a textured ``height x width`` background.
+    """Draw ``num_shapes`` shapes of ``kinds`` and ``unannotated_kinds`` on a textured background.
 
     Returns the uint8 ``H x W x 3`` image and float32 ``[G, 4]`` xyxy boxes of the visible
-    shapes (``G <= num_shapes``).
+    shapes of ``kinds`` (``G <= num_shapes``); shapes of ``unannotated_kinds`` occlude and are
+    occluded like the others but have no box.
     """
+    drawable = (*kinds, *unannotated_kinds)
     image = _background(rng, height, width)
     labels = np.zeros((height, width), dtype=np.uint8)
     drawn_pixels: list[int] = []
+    annotated: list[bool] = []
     longest_cap = max_box_fraction * min(height, width)
     specs = []
     for _ in range(num_shapes):
@@ -111,7 +117,7 @@ def draw_shapes_image(
     # larger shapes first, so that smaller ones occlude them only partly
     specs.sort(key=lambda spec: -spec[0])
     for index, (_, x1, y1, box_w, box_h) in enumerate(specs, start=1):
-        kind = kinds[int(rng.integers(0, len(kinds)))]
+        kind = drawable[int(rng.integers(0, len(drawable)))]
         outlined = rng.random() < 0.3
         thickness = -1 if not outlined else max(2, int(round(min(box_w, box_h) * rng.uniform(0.06, 0.15))))
         color = _shape_color(rng, image[y1:y1 + box_h, x1:x1 + box_w])
@@ -122,11 +128,13 @@ def draw_shapes_image(
         for canvas, value in ((image, color), (labels, index)):
             _draw(canvas, kind, (x1, y1, x2, y2), triangle, value, thickness)
         drawn_pixels.append(int(np.count_nonzero(labels == index)))
+        annotated.append(kind in kinds)
     boxes = []
     if specs:
         visible = np.bincount(labels.ravel(), minlength=len(specs) + 1)
         for index in range(1, len(specs) + 1):
-            if visible[index] == 0 or visible[index] < min_visible_fraction * drawn_pixels[index - 1]:
+            hidden = visible[index] == 0 or visible[index] < min_visible_fraction * drawn_pixels[index - 1]
+            if hidden or not annotated[index - 1]:
                 continue
             ys, xs = np.nonzero(labels == index)
             boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
@@ -142,7 +150,8 @@ class SyntheticShapes(Dataset):
 
     Image sides are drawn independently from ``[min_size, max_size]``; each image has
     ``1..max_shapes`` shapes (none with probability ``empty_fraction``) of ``shape_kinds``
-    (a subset of :data:`SHAPE_KINDS`: train on some kinds, evaluate on the others).
+    (a subset of :data:`SHAPE_KINDS`: train on some kinds, evaluate on the others) and of
+    ``unannotated_kinds`` (drawn, never boxed: train with the others present but unlabelled).
     """
 
     def __init__(
@@ -158,9 +167,15 @@ class SyntheticShapes(Dataset):
         empty_fraction: float = 0.05,
         min_visible_fraction: float = 0.5,
         shape_kinds: Sequence[str] = SHAPE_KINDS,
+        unannotated_kinds: Sequence[str] = (),
     ) -> None:
         if not shape_kinds or any(kind not in SHAPE_KINDS for kind in shape_kinds):
             raise ValueError(f"SyntheticShapes: shape_kinds={list(shape_kinds)!r} must be a non-empty list of {SHAPE_KINDS}")
+        if any(kind not in SHAPE_KINDS or kind in shape_kinds for kind in unannotated_kinds):
+            raise ValueError(
+                f"SyntheticShapes: unannotated_kinds={list(unannotated_kinds)!r} must be kinds of {SHAPE_KINDS}"
+                f" not in shape_kinds={list(shape_kinds)!r}"
+            )
         if num_images < 0:
             raise ValueError(f"SyntheticShapes: num_images={num_images} must be >= 0")
         if not 16 <= min_size <= max_size:
@@ -187,6 +202,7 @@ class SyntheticShapes(Dataset):
         self.empty_fraction = empty_fraction
         self.min_visible_fraction = min_visible_fraction
         self.shape_kinds = tuple(shape_kinds)
+        self.unannotated_kinds = tuple(unannotated_kinds)
         self._split_key = zlib.crc32(split.encode("utf-8"))
 
     def __len__(self) -> int:
@@ -202,6 +218,6 @@ class SyntheticShapes(Dataset):
         num_shapes = 0 if empty else int(rng.integers(1, self.max_shapes + 1))
         image, boxes = draw_shapes_image(
             rng, height, width, num_shapes, self.min_box_size, self.max_box_fraction, self.min_visible_fraction,
-            self.shape_kinds,
+            self.shape_kinds, self.unannotated_kinds,
         )
         return DetectionSample(image=image, boxes=boxes, image_id=index, source=f"synthetic://{self.split}/{index}")

@@ -143,6 +143,7 @@ class RPNDataModule(LightningDataModule):
         synthetic_max_shapes: int = 6,
         synthetic_min_box_size: float = 8.0,
         synthetic_shape_kinds: list[str] | None = None,
+        synthetic_unannotated_kinds: list[str] | None = None,
         scene_options: dict[str, Any] | None = None,
         seed: int = 0,
         batch_size: int = 8,
@@ -241,7 +242,7 @@ class RPNDataModule(LightningDataModule):
             kinds = SHAPE_KINDS if hp.synthetic_shape_kinds is None else hp.synthetic_shape_kinds
             return SyntheticShapes(num, hp.synthetic_min_size, hp.synthetic_max_size, hp.synthetic_max_shapes,
                                    seed=hp.seed, split=split, min_box_size=hp.synthetic_min_box_size,
-                                   shape_kinds=kinds)
+                                   shape_kinds=kinds, unannotated_kinds=hp.synthetic_unannotated_kinds or ())
         if self.dataset == "scenes":
             num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
             try:

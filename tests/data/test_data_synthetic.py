@@ -89,3 +89,26 @@ def test_shape_kinds_choose_what_is_drawn() -> None:
         SyntheticShapes(4, shape_kinds=["hexagon"])
     dm = RPNDataModule(synthetic_train_images=2, synthetic_shape_kinds=["triangle"], num_workers=0)
     assert dm.build_dataset("train").shape_kinds == ("triangle",)
+
+
+def test_unannotated_kinds_are_drawn_without_boxes() -> None:
+    from lightning_rpn.training.datamodule import RPNDataModule
+    from lightning_rpn.data.synthetic import SHAPE_KINDS
+
+    # same kinds in the same order: the same pixels; the triangles lose their boxes only
+    everything = SyntheticShapes(40, seed=3, shape_kinds=SHAPE_KINDS)
+    unlabelled = SyntheticShapes(40, seed=3, shape_kinds=("rectangle", "ellipse"), unannotated_kinds=("triangle",))
+    missing = 0
+    for index in range(40):
+        full, partial = everything[index], unlabelled[index]
+        assert np.array_equal(full.image, partial.image)
+        kept = {tuple(box) for box in partial.boxes.tolist()}
+        assert kept <= {tuple(box) for box in full.boxes.tolist()}
+        missing += len(full.boxes) - len(partial.boxes)
+    total = sum(len(everything[i].boxes) for i in range(40))
+    assert 0.15 * total < missing < 0.5 * total  # about a third of the shapes are triangles
+    with pytest.raises(ValueError, match="unannotated_kinds"):
+        SyntheticShapes(4, shape_kinds=["triangle"], unannotated_kinds=["triangle"])
+    dm = RPNDataModule(synthetic_train_images=2, synthetic_shape_kinds=["rectangle"],
+                       synthetic_unannotated_kinds=["triangle"], num_workers=0)
+    assert dm.build_dataset("train").unannotated_kinds == ("triangle",)
