@@ -30,61 +30,61 @@ gt boxes (predictions are not logged).
 
 Non-finite training steps (``nonfinite_loss``): a non-finite loss, or finite loss with
 non-finite gradients, either raises a ``ValueError`` naming the batch's image ids
-(``"raise"``, the default) or skips the optimizer update for that batch (``"skip"``: no
-gradients reach the optimizer, so neither the weights nor the optimizer state change; the
-running count is logged as ``train/skipped_nonfinite_batches`` and kept in checkpoints).
-Under DDP the ranks agree: a batch is skipped everywhere when any rank saw a non-finite loss.
+(``"raise"``, the default) or skips the optimizer update for that batch (``"skip"``, counted
+as ``train/skipped_nonfinite_batches`` and kept in checkpoints); the module installs the policy,
+a callback (:mod:`lightning_rpn.training.nonfinite`), itself. Its other parts: optimisation
+(:mod:`~lightning_rpn.training.optim`), sliding-window evaluation
+(:mod:`~lightning_rpn.training.windowed`) and ``predict_images`` (:mod:`~lightning_rpn.training.predict`).
+
+Over 350 lines for one reason: the flat constructor (about fifty arguments, each documented) is
+the ``model:`` section of the YAML configs and of the checkpoints' hparams, and builds the parts.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict
-from functools import partial
 from typing import Any, Literal, overload
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_rpn.core.anchors import AnchorGenerator
-from lightning_rpn.core.backbones import build_backbone, check_backbone
+from lightning_rpn.core.backbone_interface import check_backbone, check_feature_strides
+from lightning_rpn.core.backbones import build_backbone
 from lightning_rpn.core.box_coder import BoxCoder
-from lightning_rpn.core.boxes import clip_boxes_to_image
 from lightning_rpn.core.cascade import CascadeRPN
 from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
 from lightning_rpn.core.head import RPNHead
 from lightning_rpn.core.loss import NonFiniteLossError
 from lightning_rpn.core.rpn import RPN
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.data.collate import RPNCollate, set_sampling_epoch
-from lightning_rpn.data.loose_images import ImageInput, as_hwc_uint8, is_single_image
-from lightning_rpn.data.sample import DetectionSample, empty_boxes
-from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
+from lightning_rpn.core.window_targets import WindowTargets
+from lightning_rpn.core.windows import SlidingWindowConfig
+from lightning_rpn.data.collate import set_sampling_epoch
+from lightning_rpn.data.loose_images import ImageInput
+from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
-from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, weight_decay_groups
-from lightning_rpn.core.windows import (
-    SlidingWindowConfig,
-    Window,
-    WindowTargets,
-    mean_window_losses,
-    sliding_window_proposals,
-)
+from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
+from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization
+from lightning_rpn.training.predict import predict_images, to_original_coordinates
+from lightning_rpn.training.windowed import window_losses, window_proposals
 
-_SKIPPED_KEY = "skipped_nonfinite_batches"
 _RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
 # hparams["backbone"] of a backbone module built in Python: this prefix + its class path. The
 # module's arguments are unknown, so loading such a checkpoint needs ``backbone=``.
 _CUSTOM_BACKBONE = "custom: "
 
-# LRSchedule and RunLambdaLR live in training.optim; named here too for code importing them from here
+# LRSchedule, RunLambdaLR (training.optim) and to_original_coordinates (training.predict) are
+# named here too, for code importing them from here
 __all__ = ["LRSchedule", "RPNModule", "RunLambdaLR", "to_original_coordinates"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class RPNModule(pl.LightningModule):
     """Train and evaluate a Region Proposal Network (see the module docstring).
 
@@ -229,8 +229,7 @@ class RPNModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.sliding_window = None if sliding_window is None else SlidingWindowConfig.from_mapping(sliding_window)
-        if nonfinite_loss not in ("raise", "skip"):
-            raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+        self.nonfinite_policy = NonFiniteLossPolicy(nonfinite_loss)  # checks the name
         if isinstance(backbone, nn.Module):
             check_backbone(backbone, where="RPNModule(backbone=...)")
             given = {"weights": weights, "trainable_layers": trainable_layers, "frozen_bn": frozen_bn}
@@ -362,10 +361,20 @@ class RPNModule(pl.LightningModule):
         self.last_recall: dict[str, float] = {}
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
         self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
-        self.skipped_nonfinite_batches = 0
-        self._step_image_ids: list[int | str] = []
-        self._drop_gradients = False
         self._strides_checked = False
+
+    @property
+    def skipped_nonfinite_batches(self) -> int:
+        """Training batches skipped so far for a non-finite loss or gradient (``nonfinite_loss="skip"``)."""
+        return self.nonfinite_policy.skipped
+
+    @skipped_nonfinite_batches.setter
+    def skipped_nonfinite_batches(self, count: int) -> None:
+        self.nonfinite_policy.skipped = count
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The non-finite policy (``nonfinite_loss``), installed in every trainer the module runs in."""
+        return [self.nonfinite_policy]
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
@@ -380,33 +389,14 @@ class RPNModule(pl.LightningModule):
         normalized = (images.float() - self.pixel_mean) / self.pixel_std
         return normalized.contiguous(memory_format=self.memory_format)
 
-    def _check_strides(self, images: Tensor, features: Sequence[Tensor] | dict[str, Tensor]) -> None:
-        """Compare the backbone's declared ``strides`` with its feature maps (first batch only).
-
-        The anchors are laid out with the declared strides; a wrong one would place them off
-        the features silently.
-        """
-        levels = list(features.values()) if isinstance(features, dict) else list(features)
-        declared = tuple(self.backbone.strides)
-        name = type(self.backbone).__name__
-        if len(levels) != len(declared):
-            raise ValueError(
-                f"RPNModule: backbone {name} returned {len(levels)} feature levels but declares "
-                f"strides {declared} ({len(declared)} levels)"
-            )
-        height, width = images.shape[-2:]
-        for level, (feature, stride) in enumerate(zip(levels, declared)):
-            if tuple(feature.shape[-2:]) != (height // stride, width // stride):
-                measured_h, measured_w = height / feature.shape[-2], width / feature.shape[-1]
-                measured = (f"{measured_h:g}" if measured_h == measured_w
-                            else f"{measured_h:g} (height) / {measured_w:g} (width)")
-                raise ValueError(
-                    f"RPNModule: backbone {name} declares strides {declared}, but level {level} "
-                    f"measures stride {measured}, not {stride}: its {feature.shape[-2]}x"
-                    f"{feature.shape[-1]} feature map of the {height}x{width} batch; fix "
-                    f"{name}.strides (anchors are laid out with them)"
-                )
-        self._strides_checked = True
+    def features(self, images: Tensor) -> list[Tensor] | dict[str, Tensor]:
+        """The backbone's level features of a padded uint8 batch ``[B, 3, Hp, Wp]``; on the first
+        batch, its declared ``strides`` are checked against them (anchors are laid out with them)."""
+        features = self.backbone(self.normalize(images))
+        if not self._strides_checked:
+            check_feature_strides(self.backbone, tuple(images.shape[-2:]), features, "RPNModule")
+            self._strides_checked = True
+        return features
 
     def _check_padding(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
@@ -430,9 +420,7 @@ class RPNModule(pl.LightningModule):
         ``proposal_logits`` adds each proposal's logit ``[P]``.
         """
         self._check_padding(batch.images)
-        features = self.backbone(self.normalize(batch.images))
-        if not self._strides_checked:
-            self._check_strides(batch.images, features)
+        features = self.features(batch.images)
         epoch = self.current_epoch
         return self.rpn(
             features,
@@ -481,72 +469,17 @@ class RPNModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor:
-        """The batch's loss; for a skipped non-finite batch a zero loss that updates nothing."""
-        self._step_image_ids = list(batch.image_ids)
-        if self.hparams.nonfinite_loss == "raise":
-            _, losses = self._run(batch, "training", need_proposals=False)
-            return self._log_losses("train", losses, len(batch))
-        error: NonFiniteLossError | None = None
+        """The batch's loss; a non-finite one goes to the non-finite policy (raise, or a zero loss
+        that updates nothing)."""
         try:
             _, losses = self._run(batch, "training", need_proposals=False)
-        except NonFiniteLossError as caught:
-            error = caught
-        # every rank must skip together, or DDP's gradient all-reduce would wait forever
-        if self.trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-            self._skip_batch(str(error) if error else "another process had a non-finite loss")
-            # a zero loss over every parameter keeps DDP's all-reduce in step (Lightning refuses
-            # a None step in distributed runs); on_before_optimizer_step drops its gradients
-            self._drop_gradients = True
-            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
-        loss = self._log_losses("train", losses, len(batch))
-        self.log(f"train/{_SKIPPED_KEY}", float(self.skipped_nonfinite_batches), on_step=True)
-        return loss
+        except NonFiniteLossError as error:
+            return self.nonfinite_policy.skipped_loss(self, error)
+        return self._log_losses("train", losses, len(batch))
 
     def on_train_epoch_start(self) -> None:
         """Workers sample this epoch's anchors (``RPNCollate.set_epoch``) before its first batch."""
         set_sampling_epoch([self.trainer.train_dataloader, self.trainer.val_dataloaders], self.current_epoch)
-
-    def _skip_batch(self, reason: str) -> None:
-        self.skipped_nonfinite_batches += 1
-        self.log(f"train/{_SKIPPED_KEY}", float(self.skipped_nonfinite_batches), on_step=True)
-        rank_zero_warn(
-            f"RPNModule: skipped training batch {self.skipped_nonfinite_batches} with a non-finite "
-            f"loss or gradient (model.nonfinite_loss='skip'): {reason}"
-        )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep non-finite gradients away from the weights (raise, or drop them when skipping).
-
-        With fp16 mixed precision the gradient scaler already skips steps with inf / NaN
-        gradients (that is how it calibrates its scale), so only skipped batches are handled.
-        """
-        if self._drop_gradients:
-            self._drop_gradients = False
-            self._drop_all_gradients()
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return
-        # the max-abs norm is NaN / inf exactly when some gradient entry is (it cannot overflow)
-        if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
-            return
-        bad = next(name for name, p in self.named_parameters()
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-        message = (
-            f"non-finite gradient of {bad} at global step {self.global_step} from images "
-            f"{self._step_image_ids}"
-        )
-        if self.hparams.nonfinite_loss == "raise":
-            raise ValueError(
-                f"RPNModule training step: {message}; lower model.lr, set "
-                f"trainer.gradient_clip_val, or set model.nonfinite_loss='skip'"
-            )
-        self._drop_all_gradients()
-        self._skip_batch(message)
-
-    def _drop_all_gradients(self) -> None:
-        for parameter in self.parameters():
-            parameter.grad = None  # optimizers leave parameters without gradients untouched
 
     def setup(self, stage: str) -> None:
         """At ``fit``, record the data module's ``resize_policy`` (kept in checkpoints) for ``predict_images``."""
@@ -555,58 +488,26 @@ class RPNModule(pl.LightningModule):
             self.resize_policy = policy
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_SKIPPED_KEY] = self.skipped_nonfinite_batches
+        checkpoint[SKIPPED_KEY] = self.skipped_nonfinite_batches
         checkpoint[_RESIZE_KEY] = None if self.resize_policy is None else asdict(self.resize_policy)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_nonfinite_batches = int(checkpoint.get(_SKIPPED_KEY, 0))
+        self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(_RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
-
-    def _propose_windows(
-        self, images: Tensor, image_sizes: list[tuple[int, int]], windows: list[Window],
-        targets: WindowTargets | None = None,
-    ) -> list[tuple[Tensor, ...]]:
-        """``(boxes, scores, logits)`` per window of a padded window batch (``sliding_window_proposals``' network);
-        with ``targets``, the windows' losses are added to ``targets.losses``."""
-        features = self.backbone(self.normalize(images))
-        if not self._strides_checked:
-            self._check_strides(images, features)
-        if targets is None:
-            return self.rpn(features, image_sizes, need_proposals=True, proposal_logits=True)[0]
-        window_targets, ids, keys = targets.for_windows(windows)
-        proposals, losses = self.rpn(
-            features, image_sizes, targets=window_targets, image_ids=ids, sampling_keys=keys,
-            sampling_epoch=self.current_epoch, need_proposals=True, proposal_logits=True,
-        )
-        targets.losses.append((len(windows), losses))
-        return proposals
 
     def _window_proposals(
         self, batch: RPNBatch, targets: list[WindowTargets] | None = None
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Per image of ``batch``, proposals from its sliding windows (``self.sliding_window``), resized-image pixels;
-        ``targets`` (one per image) collect the windows' losses."""
-        assert self.sliding_window is not None
-        return [
-            sliding_window_proposals(
-                batch.images[index, :, :height, :width],
-                self._propose_windows if targets is None else partial(self._propose_windows, targets=targets[index]),
-                self.sliding_window, self.sliding_window.top_k or self.rpn.post_nms_top_n["test"],
-                self.rpn.nms_thresh, self.size_divisibility,
-            )
-            for index, (height, width) in enumerate(batch.image_sizes)
-        ]
+        """Per image, ``(boxes, scores, logits)`` of its sliding windows (:func:`~lightning_rpn.training.windowed.window_proposals`)."""
+        return window_proposals(self, batch, targets)
 
     def _eval_step(self, batch: RPNBatch, stage: str) -> dict[str, Any]:
         if self.sliding_window is not None:  # losses per window, from the gt boxes cut by each
             datamodule = getattr(self._trainer, "datamodule", None)  # its rule for cut boxes, as in training
             visibility = getattr(getattr(datamodule, "hparams", None), "min_visibility", 0.0)
-            targets = [WindowTargets(gt, crowd, image_id, key, float(visibility)) for gt, crowd, image_id, key in
-                       zip(batch.gt_boxes, batch.crowd_boxes, batch.image_ids, batch.sampling_keys or batch.image_ids)]
-            proposals: list = [(boxes, scores) for boxes, scores, _ in self._window_proposals(batch, targets)]
-            parts = [part for image in targets for part in image.losses]
-            self._log_losses(stage, mean_window_losses(parts), sum(count for count, _ in parts))
+            proposals, losses, windows = window_losses(self, batch, float(visibility))
+            self._log_losses(stage, losses, windows)
         else:
             proposals, losses = self._run(batch, stage, need_proposals=True)
             self._log_losses(stage, losses, len(batch))
@@ -683,35 +584,7 @@ class RPNModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.optim_config
-        groups = weight_decay_groups([self], hp.weight_decay, hp.norm_weight_decay)
-        if hp.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        total = 0
-        if hp.lr_schedule == "cosine":
-            steps = self.trainer.estimated_stepping_batches
-            if not math.isfinite(steps):
-                raise ValueError(
-                    "model.lr_schedule='cosine' decays over the whole run: set trainer.max_steps "
-                    "or trainer.max_epochs (both are unlimited)"
-                )
-            total = int(steps)
-        schedule = LRSchedule(
-            warmup_steps=hp.warmup_steps,
-            warmup_factor=hp.warmup_factor,
-            kind=hp.lr_schedule,
-            milestones=hp.milestones,
-            gamma=hp.gamma,
-            total_steps=total,
-            min_factor=hp.min_lr_factor,
-        )
-        scheduler = RunLambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return configure_optimization(self.optim_config, self, lambda: self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------ inference helper
     @overload
@@ -725,7 +598,6 @@ class RPNModule(pl.LightningModule):
         batch_size: int = 1,
     ) -> list[dict[str, Tensor]]: ...
 
-    @torch.no_grad()
     def predict_images(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -745,36 +617,4 @@ class RPNModule(pl.LightningModule):
         image ``{"boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``, best first: a
         dict for one image, a list for a sequence or batch.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"predict_images: batch_size must be a positive int, got {batch_size!r}")
-        single = is_single_image(images)
-        items = [images] if single else list(images)  # type: ignore[arg-type]
-        policy = resize if resize is not None else self.resize_policy or ResizePolicy()
-        transform = DetectionTransform(resize=policy, train=False)
-        collate = RPNCollate(size_divisibility=self.size_divisibility, assign_targets=False)
-        samples = [
-            transform(DetectionSample(image=as_hwc_uint8(image, index), boxes=empty_boxes(), image_id=index,
-                                      source=f"predict_images[{index}]"))
-            for index, image in enumerate(items)
-        ]
-        was_training = self.training
-        self.eval()
-        results: list[dict[str, Tensor]] = []
-        try:
-            for start in range(0, len(samples), batch_size):
-                batch = collate(samples[start : start + batch_size]).to(self.device)
-                for item in self.predict_step(batch, start // batch_size):
-                    results.append({key: item[key] for key in ("boxes", "scores", "objectness_logits")})
-        finally:
-            self.train(was_training)
-        return results[0] if single else results
-
-
-def to_original_coordinates(
-    boxes: Tensor, image_size: tuple[int, int], original_size: tuple[int, int]
-) -> Tensor:
-    """Map ``[P, 4]`` boxes from resized-image pixels back to the original image and clip."""
-    scale_y = original_size[0] / image_size[0]
-    scale_x = original_size[1] / image_size[1]
-    scale = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
-    return clip_boxes_to_image(boxes * scale, original_size)
+        return predict_images(self, images, resize, batch_size)

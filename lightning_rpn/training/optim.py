@@ -1,15 +1,17 @@
-"""Optimisation of RPNModule: parameter groups for weight decay and the learning-rate schedule.
+"""Optimisation of RPNModule: parameter groups for weight decay, the optimizer and the learning-rate schedule.
 
 ``weight_decay_groups`` is shared with the torchvision reference loop, so both decay the same
 parameters; ``LRSchedule`` is the factor of a step (a picklable object, kept in checkpoints by
-``LambdaLR``) and ``RunLambdaLR`` the scheduler that follows the run it resumes in.
+``LambdaLR``), ``RunLambdaLR`` the scheduler that follows the run it resumes in, and
+``configure_optimization`` builds both from an :class:`~lightning_rpn.core.config.OptimConfig`
+(``RPNModule.configure_optimizers``).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +19,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-__all__ = ["LRSchedule", "RunLambdaLR", "weight_decay_groups"]
+from lightning_rpn.core.config import OptimConfig
+
+__all__ = ["LRSchedule", "RunLambdaLR", "configure_optimization", "weight_decay_groups"]
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -99,3 +103,41 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = lrs
+
+
+def configure_optimization(
+    config: OptimConfig, model: nn.Module, run_steps: Callable[[], float | int]
+) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer for ``model``: SGD (momentum) or AdamW over
+    :func:`weight_decay_groups`, and a per-step :class:`RunLambdaLR` of ``config``'s schedule.
+
+    ``run_steps`` gives the run's optimizer steps (the trainer's ``estimated_stepping_batches``),
+    the cosine's length; it is only called for the cosine schedule.
+    """
+    groups = weight_decay_groups([model], config.weight_decay, config.norm_weight_decay)
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    total = 0
+    if config.lr_schedule == "cosine":
+        steps = run_steps()
+        if not math.isfinite(steps):
+            raise ValueError(
+                "model.lr_schedule='cosine' decays over the whole run: set trainer.max_steps "
+                "or trainer.max_epochs (both are unlimited)"
+            )
+        total = int(steps)
+    schedule = LRSchedule(
+        warmup_steps=config.warmup_steps,
+        warmup_factor=config.warmup_factor,
+        kind=config.lr_schedule,
+        milestones=config.milestones,
+        gamma=config.gamma,
+        total_steps=total,
+        min_factor=config.min_lr_factor,
+    )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": RunLambdaLR(optimizer, schedule), "interval": "step", "frequency": 1},
+    }

@@ -1,4 +1,4 @@
-"""Fault tolerance: non-finite batches (raise / skip), atomic checkpoints, resume after kill -9."""
+"""Fault tolerance: atomic checkpoints, resume after kill -9 (non-finite batches: test_nonfinite.py)."""
 
 from __future__ import annotations
 
@@ -11,67 +11,13 @@ import time
 from pathlib import Path
 
 import fsspec.implementations.local
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from lightning_rpn.core.loss import NonFiniteLossError
-
 from helpers.cli import COMMAND, PROBES, TINY_CONFIG, assert_ok, run_cli
-from helpers.model import WatchStep, collate_for, quiet_trainer, synthetic_samples, tiny_model, training_batches
-
-
-
-
-def _fit(tmp_path, model, batches, callback) -> pl.Trainer:
-    trainer = quiet_trainer(tmp_path, max_steps=len(batches), limit_val_batches=0, callbacks=[callback])
-    trainer.fit(model, DataLoader(batches, batch_size=None))
-    return trainer
-
-
-@pytest.mark.parametrize("nan_gradient", [False, True], ids=["nan-loss", "nan-gradient"])
-def test_skip_leaves_the_weights_untouched_and_training_goes_on(tmp_path, nan_gradient) -> None:
-    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip")
-    watch = WatchStep(1, nan_gradient=nan_gradient)
-    with pytest.warns(UserWarning, match="skipped training batch 1 .*b1-0"):
-        trainer = _fit(tmp_path, model, training_batches(model, bad_index=None if nan_gradient else 1), watch)
-    for name, value in watch.before.items():
-        assert torch.equal(value, watch.after[name]), f"{name} changed in the skipped step"
-    assert model.skipped_nonfinite_batches == 1
-    assert float(trainer.callback_metrics["train/skipped_nonfinite_batches"]) == 1.0
-    assert trainer.global_step == 4  # the remaining batches trained
-    final = dict(model.named_parameters())
-    assert any(not torch.equal(watch.after[n], final[n].detach()) for n in watch.after)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_raise_names_the_image_ids_of_the_non_finite_batch(tmp_path) -> None:
-    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
-    with pytest.raises(ValueError, match=r"images \['b2-0', 'b2-1', 'b2-2', 'b2-3'\].*non-finite.*'skip'"):
-        _fit(tmp_path, model, training_batches(model, bad_index=2), WatchStep(0))
-
-
-def test_raise_on_a_non_finite_gradient_names_the_parameter_and_images(tmp_path) -> None:
-    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
-    with pytest.raises(ValueError, match=r"gradient of rpn.head.bbox_deltas.weight .*images \['b1-0'"):
-        _fit(tmp_path, model, training_batches(model), WatchStep(1, nan_gradient=True))
-
-
-def test_skipped_count_survives_a_checkpoint(tmp_path) -> None:
-    model = tiny_model(nonfinite_loss="skip")
-    model.skipped_nonfinite_batches = 3
-    checkpoint: dict = {}
-    model.on_save_checkpoint(checkpoint)
-    fresh = tiny_model(nonfinite_loss="skip")
-    fresh.on_load_checkpoint(checkpoint)
-    assert fresh.skipped_nonfinite_batches == 3
-
-
-def test_unknown_nonfinite_policy_is_rejected() -> None:
-    with pytest.raises(ValueError, match="nonfinite_loss must be 'raise' or 'skip', got 'ignore'"):
-        tiny_model(nonfinite_loss="ignore")
+from helpers.model import quiet_trainer, tiny_model, training_batches
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch) -> None:
@@ -181,15 +127,3 @@ def test_a_run_killed_mid_epoch_resumes_from_last_and_matches(tmp_path) -> None:
     assert resumed_ar == pytest.approx(whole_ar, abs=RESUME_AR_ATOL), f"max |dw| {worst}"
     assert any(not torch.equal(got[k], killed_at["state_dict"][k]) for k in got)  # it trained on
     assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
-
-
-def test_skip_policy_still_raises_for_malformed_ground_truth() -> None:
-    """Only a non-finite loss is skipped; a NaN gt box is a data error and stops training."""
-    model = tiny_model(nonfinite_loss="skip")
-    batch = collate_for(model)(synthetic_samples(2))
-    batch.anchor_labels = batch.positive_deltas = None
-    batch.gt_boxes[0] = torch.tensor([[1.0, float("nan"), 8.0, 9.0]])
-    with pytest.raises(ValueError, match="non-finite coordinates") as caught:
-        model.training_step(batch, 0)
-    assert not isinstance(caught.value, NonFiniteLossError)
-    assert model.skipped_nonfinite_batches == 0

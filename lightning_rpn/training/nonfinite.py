@@ -1,0 +1,112 @@
+"""The non-finite training-step policy, as a Lightning callback (``RPNModule(nonfinite_loss=...)``).
+
+A training batch whose loss is non-finite (the loss raises
+:class:`~lightning_rpn.core.loss.NonFiniteLossError`, naming its input), or whose loss is finite
+but whose gradients are not, either stops training with a ``ValueError`` naming the batch's
+image ids (``"raise"``) or is skipped (``"skip"``): no gradient reaches the optimizer, so neither
+the weights nor the optimizer state change, and the running count :attr:`~NonFiniteLossPolicy.skipped`
+is logged as ``train/skipped_nonfinite_batches``. Under DDP the ranks agree before the backward
+pass: a batch is skipped on every rank when any rank saw a non-finite loss (non-finite gradients
+are the same on every rank after the all-reduce).
+
+:class:`~lightning_rpn.training.module.RPNModule` installs one (``configure_callbacks``), hands it
+a caught non-finite loss (:meth:`NonFiniteLossPolicy.skipped_loss`) and keeps its count in
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_rpn.core.loss import NonFiniteLossError
+
+__all__ = ["NONFINITE_POLICIES", "SKIPPED_KEY", "NonFiniteLossPolicy"]
+
+NONFINITE_POLICIES = ("raise", "skip")
+SKIPPED_KEY = "skipped_nonfinite_batches"
+"""The count's name: logged as ``train/{SKIPPED_KEY}``, and RPNModule's checkpoint entry."""
+
+
+class NonFiniteLossPolicy(pl.Callback):
+    """Raise on, or skip, training batches with a non-finite loss or gradient (see the module docstring)."""
+
+    def __init__(self, mode: Literal["raise", "skip"] = "raise") -> None:
+        if mode not in NONFINITE_POLICIES:
+            raise ValueError(f"model.nonfinite_loss must be 'raise' or 'skip', got {mode!r}")
+        self.mode = mode
+        self.skipped = 0
+        self._image_ids: list[Any] = []
+        self._reason: str | None = None  # this rank's non-finite loss in the current batch
+        self._drop_gradients = False
+
+    def skipped_loss(self, pl_module: pl.LightningModule, error: NonFiniteLossError) -> Tensor:
+        """The training step's answer to a non-finite loss: ``error`` again under ``"raise"``;
+        under ``"skip"`` a zero loss over every trainable parameter, which keeps DDP's gradient
+        all-reduce in step (Lightning refuses a ``None`` step in distributed runs) and whose
+        gradients are dropped before the optimizer step."""
+        if self.mode == "raise":
+            raise error
+        self._reason = str(error)
+        return torch.stack([p.sum() for p in pl_module.parameters() if p.requires_grad]).sum() * 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._image_ids = list(getattr(batch, "image_ids", []))
+        self._reason = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Under ``"skip"``, every rank decides together whether this batch is skipped."""
+        if self.mode != "skip":
+            return
+        if trainer.strategy.reduce_boolean_decision(self._reason is not None, all=False):
+            self._skip(pl_module, self._reason or "another process had a non-finite loss")
+            self._drop_gradients = True
+        else:
+            pl_module.log(f"train/{SKIPPED_KEY}", float(self.skipped), on_step=True)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Keep non-finite gradients away from the weights (raise, or drop them when skipping).
+
+        With fp16 mixed precision the gradient scaler already skips steps with inf / NaN
+        gradients (that is how it calibrates its scale), so only skipped batches are handled.
+        """
+        if self._drop_gradients:
+            self._drop_gradients = False
+            _drop_all_gradients(pl_module)
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        # the max-abs norm is NaN / inf exactly when some gradient entry is (it cannot overflow)
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
+            return
+        bad = next(name for name, p in pl_module.named_parameters()
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
+        message = f"non-finite gradient of {bad} at global step {trainer.global_step} from images {self._image_ids}"
+        if self.mode == "raise":
+            raise ValueError(
+                f"{type(pl_module).__name__} training step: {message}; lower model.lr, set "
+                f"trainer.gradient_clip_val, or set model.nonfinite_loss='skip'"
+            )
+        _drop_all_gradients(pl_module)
+        self._skip(pl_module, message)
+
+    def _skip(self, pl_module: pl.LightningModule, reason: str) -> None:
+        self.skipped += 1
+        pl_module.log(f"train/{SKIPPED_KEY}", float(self.skipped), on_step=True)
+        rank_zero_warn(
+            f"{type(pl_module).__name__}: skipped training batch {self.skipped} with a non-finite "
+            f"loss or gradient (model.nonfinite_loss='skip'): {reason}"
+        )
+
+
+def _drop_all_gradients(module: torch.nn.Module) -> None:
+    for parameter in module.parameters():
+        parameter.grad = None  # optimizers leave parameters without gradients untouched
