@@ -30,7 +30,7 @@ are ignored (-1) instead of negative.
 :func:`~lightning_rpn.core.boxes.iou_from_overlap`, so all give the same labels bit for bit;
 ``backend`` chooses one:
 
-* ``"compiled"`` (CPU): :mod:`~lightning_rpn.core.cpu_kernels`, a spatial index over the anchors
+* ``"compiled"`` (CPU): :mod:`~lightning_rpn.core.match_kernel`, a spatial index over the anchors
   (built once per anchor tensor and cached) through which each gt box visits only the anchors
   that overlap it; time and memory grow with the overlapping pairs, not with ``G x N``;
 * ``"torch"`` (any device): ``box_iou`` over chunks of anchors, memory bounded by
@@ -55,7 +55,7 @@ from torch import Tensor
 from .anchors import AnchorGrid
 from .boxes import box_ioa, box_iou
 from .config import AnchorTargetConfig
-from .cpu_kernels import match_stats_cpu
+from .match_kernel import match_stats_cpu
 
 __all__ = [
     "Backend",
