@@ -38,6 +38,10 @@ are ignored (-1) instead of negative.
 * ``"auto"``: ``"compiled"`` for CPU anchors, ``"torch"`` elsewhere.
 
 :func:`match_anchors` is :func:`match_anchors_batched` for a batch of one.
+
+About 400 lines for one reason: the label rule, the checks of its inputs and the choice of the
+backend that computes its statistics are one idea, kept together so that every backend reads
+the same rule (the compiled backend's kernel is :mod:`~lightning_rpn.core.match_kernel`).
 """
 
 from __future__ import annotations
