@@ -24,12 +24,14 @@ losses are ``1 - IoU`` of the decoded boxes with their gt boxes, averaged over e
 positives and summed over stages (times ``reg_weight``) into ``loss_rpn_reg``; ``loss_rpn_cls``
 is the last stage's objectness log loss over its sampled boxes. Proposals are the last stage's
 boxes ranked by its objectness, through :func:`~lightning_rpn.core.proposals.generate_proposals`.
+The stages run in :meth:`CascadeRPN.predict`, which the exported program calls too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +42,12 @@ from .anchors import AnchorGenerator, AnchorGrid
 from .box_coder import BoxCoder
 from .config import AnchorTargetConfig, ProposalConfig
 from .loss import NonFiniteLossError
-from .matching import check_gt_box_batch, match_anchors_batched
-from .proposals import generate_proposals
+from .matching import match_anchors_batched
+from .proposer import ProposalInputs, RegionProposer
 from .quality import aligned_iou
 from .sampling import sample_anchors_with_positives
-from .targets import sample_generator
 
-__all__ = ["CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
+__all__ = ["CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
 
 
 def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, origin: float) -> Tensor:
@@ -155,8 +156,33 @@ class CascadeStage(nn.Module):
         return hidden, deltas, logits
 
 
-class CascadeRPN(nn.Module):
-    """Multi-stage proposal network over ``L`` levels, with :class:`~lightning_rpn.core.rpn.RPN`'s call interface.
+class CascadePrediction(NamedTuple):
+    """What the stages predict for a batch (see :meth:`CascadeRPN.predict`).
+
+    ``boxes[s]`` / ``deltas[s]``: stage ``s``'s input boxes and its deltas relative to them,
+    ``[B, N, 4]`` (stage 0's boxes are the anchors); ``logits``: the last stage's objectness
+    ``[B, N]``; ``per_level``: ``N_l`` of each level.
+    """
+
+    boxes: list[Tensor]
+    deltas: list[Tensor]
+    logits: Tensor
+    per_level: list[int]
+
+    def image_levels(self, image: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The proposal inputs of image ``image``, per level, detached: the last stage's logits
+        ``[1, N_l]`` and deltas ``[1, N_l, 4]``, and the boxes they refine ``[N_l, 4]`` (in the
+        places of :func:`~lightning_rpn.core.proposals.generate_proposals`' anchors)."""
+        picked = slice(image, image + 1)
+        return (
+            list(self.logits[picked].detach().split(self.per_level, dim=1)),
+            list(self.deltas[-1][picked].detach().split(self.per_level, dim=1)),
+            list(self.boxes[-1][image].detach().split(self.per_level, dim=0)),
+        )
+
+
+class CascadeRPN(RegionProposer):
+    """Multi-stage proposal network over ``L`` levels, called as :meth:`RegionProposer.forward` (as the RPN).
 
     Args:
         anchor_generator: one anchor per location (one size, one aspect ratio), ``anchor_stride`` 1.
@@ -170,10 +196,9 @@ class CascadeRPN(nn.Module):
         reg_weight: weight of every stage's box loss.
         seed: mixed with the epoch and each image's sampling key to seed the sampling.
 
-    ``forward`` takes the RPN's arguments. Its targets always come from ``targets`` (the stages'
-    assignments depend on the predicted boxes); precomputed ``anchor_targets`` are not used
-    (``data.assign_targets: false`` skips them in the DataLoader workers). Crowd boxes and
-    ``allowed_border`` are not used either.
+    Its targets always come from ``targets`` (the stages' assignments depend on the predicted
+    boxes); precomputed ``anchor_targets`` are not used (``data.assign_targets: false`` skips
+    them in the DataLoader workers). Crowd boxes and ``allowed_border`` are not used either.
     """
 
     def __init__(
@@ -196,7 +221,14 @@ class CascadeRPN(nn.Module):
         reg_weight: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        try:
+            proposal_config = ProposalConfig(
+                pre_nms_top_n_train, post_nms_top_n_train, pre_nms_top_n_test, post_nms_top_n_test,
+                nms_thresh, min_size, score_thresh,
+            )
+        except ValueError as error:
+            raise ValueError(f"CascadeRPN: {error}") from None
+        super().__init__(anchor_generator, box_coder, target_config, seed, proposal_config)
         if anchor_generator.num_anchors_per_location() != 1 or anchor_generator.anchor_stride != 1:
             raise ValueError(
                 "CascadeRPN: needs one anchor per location and anchor_stride 1 (model.anchor_sizes one size per "
@@ -208,75 +240,38 @@ class CascadeRPN(nn.Module):
                 raise ValueError(f"CascadeRPN: {name} must be an int >= {2 if name == 'num_stages' else 1}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
             raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
-        try:
-            self.proposal_config = ProposalConfig(
-                pre_nms_top_n_train, post_nms_top_n_train, pre_nms_top_n_test, post_nms_top_n_test,
-                nms_thresh, min_size, score_thresh,
-            )
-        except ValueError as error:
-            raise ValueError(f"CascadeRPN: {error}") from None
         channels = in_channels if conv_channels is None else conv_channels
-        self.anchor_generator = anchor_generator
         self.stages = nn.ModuleList(
             CascadeStage(in_channels if s == 0 else channels, channels, adaptive=s > 0, dilation=dilation,
                          with_objectness=s == num_stages - 1)
             for s in range(num_stages)
         )
         self.centre_ratio = centre_ratio
-        self.box_coder = BoxCoder() if box_coder is None else box_coder
-        self.target_config = AnchorTargetConfig() if target_config is None else target_config
-        self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
-        self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
-        self.nms_thresh = nms_thresh
-        self.min_size = min_size
-        self.score_thresh = score_thresh
         self.reg_weight = reg_weight
-        self.seed = seed
 
-    def forward(
-        self,
-        features: Sequence[Tensor] | Mapping[str, Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[Mapping[str, Tensor]] | None = None,
-        *,
-        anchor_targets: tuple[Tensor, Tensor] | None = None,
-        image_ids: Sequence[int | str] | None = None,
-        sampling_keys: Sequence[int | str] | None = None,
-        sampling_epoch: int = 0,
-        need_proposals: bool = True,
-        proposal_logits: bool = False,
-    ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
-        """Proposals per image ``(boxes [P, 4], probabilities [P][, logits [P]])`` and the losses
-        ``{"loss_rpn_cls", "loss_rpn_reg"}`` (when ``targets`` are given), as :meth:`RPN.forward`."""
-        levels = list(features.values()) if isinstance(features, Mapping) else list(features)
-        if len(levels) != self.anchor_generator.num_levels:
-            raise ValueError(
-                f"CascadeRPN: got {len(levels)} feature levels but the anchor generator has "
-                f"{self.anchor_generator.num_levels} (strides {self.anchor_generator.strides})"
-            )
+    def predict(self, levels: list[Tensor], anchors: list[Tensor]) -> CascadePrediction:
+        """Run the stages on ``levels`` (``[B, C, H_l, W_l]``) from ``anchors`` (per level ``[H_l * W_l, 4]``).
+
+        Torch ops on the feature sizes only, so ``torch.export`` traces it with dynamic sizes:
+        the eager forward and the exported program (:mod:`lightning_rpn.tools.export`) both
+        call it. The boxes passed from stage to stage are detached.
+        """
         batch = levels[0].shape[0]
-        if len(image_sizes) != batch:
-            raise ValueError(f"CascadeRPN: {len(image_sizes)} image_sizes for a batch of {batch} feature maps")
-        if anchor_targets is not None and targets is None:
-            raise ValueError(
-                "CascadeRPN: assigns its own targets from the gt boxes (they depend on the predicted boxes); "
-                "pass targets, not only anchor_targets"
-            )
-        sizes = [(int(h), int(w)) for h, w in image_sizes]
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in levels]
-        grid = self.anchor_generator.grid(shapes, device=levels[0].device)
-        per_level = [lv.num_anchors for lv in grid.levels]
-        boxes = grid.anchors.unsqueeze(0).expand(batch, -1, -1)  # [B, N, 4], the stage's input boxes
+        per_level = [a.shape[0] for a in anchors]
+        boxes = torch.cat(anchors).unsqueeze(0).expand(batch, -1, -1)  # [B, N, 4], the stage's input boxes
+        generator = self.anchor_generator
         inputs = levels
         stage_boxes, stage_deltas = [], []
         logits: Tensor | None = None
         for index, stage in enumerate(self.stages):
             level_boxes = boxes.split(per_level, dim=1)
             hidden, deltas, level_logits = [], [], []
-            for level, (feature, lv) in enumerate(zip(inputs, grid.levels)):
+            for level, (feature, stride) in enumerate(zip(inputs, generator.strides)):
                 offsets = None
                 if stage.adaptive:
-                    offsets = adaptive_offsets(level_boxes[level], lv.height, lv.width, lv.step, lv.origin)
+                    height, width = feature.shape[-2:]
+                    origin = generator.offset * stride
+                    offsets = adaptive_offsets(level_boxes[level], height, width, float(stride), origin)
                 h, d, o = stage(feature, offsets)
                 hidden.append(h)
                 deltas.append(d)
@@ -289,48 +284,31 @@ class CascadeRPN(nn.Module):
                 boxes = self.box_coder.decode(stage_deltas[-1].detach(), boxes)
             inputs = hidden
         assert logits is not None
+        return CascadePrediction(stage_boxes, stage_deltas, logits, per_level)
 
+    def _forward(self, inputs: ProposalInputs) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
+        """:meth:`RegionProposer.forward` of the cascade: the last stage's boxes, ranked by its objectness."""
+        if inputs.anchor_targets is not None and inputs.targets is None:
+            raise ValueError(
+                "CascadeRPN: assigns its own targets from the gt boxes (they depend on the predicted boxes); "
+                "pass targets, not only anchor_targets"
+            )
+        prediction = self.predict(inputs.levels, self.anchor_generator(inputs.shapes, device=inputs.device))
         losses: dict[str, Tensor] = {}
-        if targets is not None:
-            losses = self._losses(grid, stage_boxes, stage_deltas, logits, targets, sizes, image_ids,
-                                  sampling_keys, sampling_epoch, batch)
+        if inputs.targets is not None:
+            losses = self._losses(prediction, inputs)
         proposals: list[tuple[Tensor, ...]] = []
-        if need_proposals:
-            mode = "train" if self.training else "test"
-            last_boxes, last_deltas = stage_boxes[-1].detach(), stage_deltas[-1].detach()
-            for image in range(batch):
-                proposals += generate_proposals(
-                    list(logits[image : image + 1].detach().split(per_level, dim=1)),
-                    list(last_deltas[image : image + 1].split(per_level, dim=1)),
-                    list(last_boxes[image].split(per_level, dim=0)),
-                    sizes[image : image + 1],
-                    self.pre_nms_top_n[mode], self.post_nms_top_n[mode], self.nms_thresh, self.min_size,
-                    self.score_thresh, box_coder=self.box_coder, return_logits=proposal_logits,
-                )
+        if inputs.need_proposals:
+            for image, size in enumerate(inputs.image_sizes):
+                proposals += self._proposals(*prediction.image_levels(image), [size], inputs.proposal_logits)
         return proposals, losses
 
-    def _losses(
-        self,
-        grid: AnchorGrid,
-        stage_boxes: list[Tensor],
-        stage_deltas: list[Tensor],
-        logits: Tensor,
-        targets: Sequence[Mapping[str, Tensor]],
-        image_sizes: list[tuple[int, int]],
-        image_ids: Sequence[int | str] | None,
-        sampling_keys: Sequence[int | str] | None,
-        sampling_epoch: int,
-        batch: int,
-    ) -> dict[str, Tensor]:
+    def _losses(self, prediction: CascadePrediction, inputs: ProposalInputs) -> dict[str, Tensor]:
         """Every stage's IoU box loss (summed) and the last stage's objectness loss."""
-        if len(targets) != batch:
-            raise ValueError(f"CascadeRPN: {len(targets)} targets for a batch of {batch} images")
-        ids = list(range(batch)) if image_ids is None else list(image_ids)
-        keys = ids if sampling_keys is None else list(sampling_keys)
-        device = stage_deltas[0].device
-        gt_boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
-        check_gt_box_batch(gt_boxes, lambda i: f"CascadeRPN targets[{i}] (image_id={ids[i]!r})", image_sizes)
-        generators = [sample_generator(self.seed, key, sampling_epoch) for key in keys]
+        stage_boxes, stage_deltas, logits, _ = prediction
+        device = inputs.device
+        grid = self.anchor_generator.grid(inputs.shapes, device=device)
+        gt_boxes, generators = self._gt_boxes(inputs)
         config = self.target_config
         reg = torch.zeros((), device=device)
         labels = torch.zeros(0)

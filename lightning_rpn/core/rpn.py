@@ -24,23 +24,46 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .config import OBJECTNESS_MODES, PROPOSAL_SCORES, AnchorTargetConfig, LossConfig, ProposalConfig, check_choice
 from .head import RPNHead, objectness_logits
 from .loss import rpn_loss
-from .matching import check_gt_box_batch
-from .proposals import generate_proposals
+from .proposer import ProposalInputs, RegionProposer
 from .quality import parse_quality, score_logits
-from .targets import assign_batch_targets, sample_generator
+from .targets import assign_batch_targets
 
-__all__ = ["RPN"]
+__all__ = ["RPN", "proposal_score_logits"]
 
 
-class RPN(nn.Module):
-    """Region Proposal Network over ``L`` feature levels.
+def proposal_score_logits(
+    pred_objectness: Sequence[Tensor],
+    pred_quality: Sequence[Tensor] | None,
+    objectness: str,
+    proposal_score: str,
+) -> list[Tensor]:
+    """Per level ``[B, N_l]`` logits of the proposal score, what ranks the proposals.
+
+    ``pred_objectness``: the head's per-level objectness (``[B, N_l]``, or ``[B, N_l, 2]`` pairs
+    when ``objectness="softmax"``); ``pred_quality``: its ``[B, N_l, Q]`` quality logits or
+    ``None``. ``proposal_score`` as :class:`RPN`'s. The eager RPN and the exported program
+    (:mod:`lightning_rpn.tools.export`) both score with this function.
+    """
+    logits = list(pred_objectness)
+    if objectness == "softmax":
+        logits = [objectness_logits(o) for o in pred_objectness]
+    if pred_quality is None or proposal_score == "objectness":
+        return logits
+    return [
+        score_logits(([obj] if proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
+        for obj, quality in zip(logits, pred_quality)
+    ]
+
+
+class RPN(RegionProposer):
+    """Region Proposal Network over ``L`` feature levels, called as :meth:`RegionProposer.forward`.
 
     Args:
         anchor_generator: anchors per level (its ``anchor_stride`` must match the head's).
@@ -89,15 +112,16 @@ class RPN(nn.Module):
         quality: str | None = None,
         proposal_score: Literal["objectness", "quality", "geometric_mean"] = "objectness",
     ) -> None:
-        super().__init__()
         try:
-            self.loss_config = LossConfig(loss_normalization, reg_weight, smooth_l1_beta, box_loss)
-            self.proposal_config = ProposalConfig(
+            proposal_config = ProposalConfig(
                 pre_nms_top_n_train, post_nms_top_n_train, pre_nms_top_n_test, post_nms_top_n_test,
                 nms_thresh, min_size, score_thresh,
             )
+            loss_config = LossConfig(loss_normalization, reg_weight, smooth_l1_beta, box_loss)
         except ValueError as error:
             raise ValueError(f"RPN: {error}") from None
+        super().__init__(anchor_generator, box_coder, target_config, seed, proposal_config)
+        self.loss_config = loss_config
         check_choice(objectness, OBJECTNESS_MODES, "RPN: objectness")
         branches = parse_quality(quality, "RPN: quality")
         check_choice(proposal_score, PROPOSAL_SCORES, "RPN: proposal_score")
@@ -120,70 +144,20 @@ class RPN(nn.Module):
                     f"RPN: head.{name}={head_value!r} but the RPN expects {expected!r} "
                     f"(from {name if name in ('objectness', 'quality') else 'the anchor generator'})"
                 )
-        self.anchor_generator = anchor_generator
         self.head = head
-        self.box_coder = BoxCoder() if box_coder is None else box_coder
-        self.target_config = AnchorTargetConfig() if target_config is None else target_config
-        self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
-        self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
-        self.nms_thresh = nms_thresh
-        self.min_size = min_size
-        self.score_thresh = score_thresh
         self.loss_normalization = loss_normalization
         self.reg_weight = reg_weight
         self.smooth_l1_beta = smooth_l1_beta
         self.box_loss = box_loss
         self.objectness = objectness
-        self.seed = seed
         self.quality = branches
         self.proposal_score = proposal_score
 
-    def forward(
-        self,
-        features: Sequence[Tensor] | Mapping[str, Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[Mapping[str, Tensor]] | None = None,
-        *,
-        anchor_targets: tuple[Tensor, Tensor] | None = None,
-        image_ids: Sequence[int | str] | None = None,
-        sampling_keys: Sequence[int | str] | None = None,
-        sampling_epoch: int = 0,
-        need_proposals: bool = True,
-        proposal_logits: bool = False,
-    ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
-        """Proposals per image ``(boxes [P, 4], probabilities [P])`` and the loss dict.
-
-        Args:
-            features: per-level ``[B, C, H_l, W_l]`` maps (a dict is taken in its order).
-            image_sizes: ``(h, w)`` of each image before padding.
-            targets: per image ``{"boxes": [G, 4], "crowd_boxes": [C, 4] (optional)}``.
-            anchor_targets: precomputed ``(labels [B, N] integer, deltas float32 [B, N, 4])``;
-                takes precedence over ``targets``.
-            image_ids: ids naming each image in errors, and seeding its sampling unless
-                ``sampling_keys`` are given (default: index in the batch).
-            sampling_keys: what seeds each image's sampling (``RPNBatch.sampling_keys``: the
-                items' dataset positions, so that an image listed twice draws two samples).
-            sampling_epoch: the training epoch, mixed into the sampling seeds so that every
-                epoch samples afresh (pass the one the data pipeline used: ``RPNCollate.set_epoch``).
-            need_proposals: ``False`` skips proposal generation and returns ``[]``.
-            proposal_logits: proposals as ``(boxes, probabilities, logits [P])``: the logits
-                keep the ranking that float32 probabilities lose once they round to 1.0.
-
-        Losses ``{"loss_rpn_cls", "loss_rpn_reg"}`` are computed whenever ``targets`` or
-        ``anchor_targets`` are given, in train and eval mode alike; ``{}`` otherwise.
-        """
-        feature_list = list(features.values()) if isinstance(features, Mapping) else list(features)
-        if len(feature_list) != self.anchor_generator.num_levels:
-            raise ValueError(
-                f"RPN: got {len(feature_list)} feature levels but the anchor generator has "
-                f"{self.anchor_generator.num_levels} (strides {self.anchor_generator.strides})"
-            )
-        batch = feature_list[0].shape[0]
-        if len(image_sizes) != batch:
-            raise ValueError(f"RPN: {len(image_sizes)} image_sizes for a batch of {batch} feature maps")
-        sizes = [(int(h), int(w)) for h, w in image_sizes]
-        device = feature_list[0].device
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_list]
+    def _forward(self, inputs: ProposalInputs) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
+        """:meth:`RegionProposer.forward` of the RPN: ``anchor_targets`` take precedence over ``targets``."""
+        feature_list, sizes, shapes, batch, device = (
+            inputs.levels, inputs.image_sizes, inputs.shapes, inputs.batch, inputs.device
+        )
         anchors = self.anchor_generator(shapes, device=device)
         pred_objectness, pred_deltas, *rest = self.head(feature_list)
         pred_quality: list[Tensor] | None = rest[0] if self.quality else None
@@ -196,12 +170,10 @@ class RPN(nn.Module):
         num_anchors = sum(a.shape[0] for a in anchors)
 
         labels_and_deltas = None
-        if anchor_targets is not None:
-            labels_and_deltas = self._check_anchor_targets(anchor_targets, batch, num_anchors, device)
-        elif targets is not None:
-            labels_and_deltas = self._assign_targets(
-                targets, sizes, shapes, image_ids, sampling_keys, sampling_epoch, batch, device
-            )
+        if inputs.anchor_targets is not None:
+            labels_and_deltas = self._check_anchor_targets(inputs.anchor_targets, batch, num_anchors, device)
+        elif inputs.targets is not None:
+            labels_and_deltas = self._assign_targets(inputs)
 
         losses: dict[str, Tensor] = {}
         if labels_and_deltas is not None:
@@ -222,35 +194,10 @@ class RPN(nn.Module):
             )
 
         proposals: list[tuple[Tensor, ...]] = []
-        if need_proposals:
-            logits = self._score_logits(pred_objectness, pred_quality)
-            mode = "train" if self.training else "test"
-            proposals = generate_proposals(
-                logits,
-                pred_deltas,
-                anchors,
-                sizes,
-                self.pre_nms_top_n[mode],
-                self.post_nms_top_n[mode],
-                self.nms_thresh,
-                self.min_size,
-                self.score_thresh,
-                box_coder=self.box_coder,
-                return_logits=proposal_logits,
-            )
+        if inputs.need_proposals:
+            logits = proposal_score_logits(pred_objectness, pred_quality, self.objectness, self.proposal_score)
+            proposals = self._proposals(logits, pred_deltas, anchors, sizes, inputs.proposal_logits)
         return proposals, losses
-
-    def _score_logits(self, pred_objectness: list[Tensor], pred_quality: list[Tensor] | None) -> list[Tensor]:
-        """Per level ``[B, N_l]`` logits of the proposal score (``proposal_score``)."""
-        logits = pred_objectness
-        if self.objectness == "softmax":
-            logits = [objectness_logits(o) for o in pred_objectness]
-        if pred_quality is None or self.proposal_score == "objectness":
-            return logits
-        return [
-            score_logits(([obj] if self.proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
-            for obj, quality in zip(logits, pred_quality)
-        ]
 
     @staticmethod
     def _check_anchor_targets(
@@ -269,51 +216,16 @@ class RPN(nn.Module):
             )
         return labels.to(device), deltas.to(device)
 
-    def _assign_targets(
-        self,
-        targets: Sequence[Mapping[str, Tensor]],
-        image_sizes: list[tuple[int, int]],
-        shapes: list[tuple[int, int]],
-        image_ids: Sequence[int | str] | None,
-        sampling_keys: Sequence[int | str] | None,
-        sampling_epoch: int,
-        batch: int,
-        device: torch.device,
-    ) -> tuple[Tensor, Tensor]:
-        """Match and sample anchors of every image, as the data pipeline does (no grad).
-
-        Every gt box must be finite, non-empty and at least partly inside its image.
-        """
-        if len(targets) != batch:
-            raise ValueError(f"RPN: {len(targets)} targets for a batch of {batch} images")
-        ids = list(range(batch)) if image_ids is None else list(image_ids)
-        keys = ids if sampling_keys is None else list(sampling_keys)
-        if len(ids) != batch or len(keys) != batch:
-            raise ValueError(
-                f"RPN: {len(ids)} image_ids and {len(keys)} sampling_keys for a batch of {batch} images"
-            )
-        gt_boxes = []
-        for index, (target, image_id) in enumerate(zip(targets, ids)):
-            boxes = target.get("boxes")
-            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-                raise ValueError(
-                    f"RPN targets[{index}] (image_id={image_id!r}): the 'boxes' entry must be gt boxes "
-                    f"[G, 4], got {'nothing' if boxes is None else _describe(boxes)}"
-                )
-            gt_boxes.append(boxes.to(device=device, dtype=torch.float32))
-        check_gt_box_batch(gt_boxes, lambda i: f"RPN targets[{i}] (image_id={ids[i]!r})", image_sizes)
+    def _assign_targets(self, inputs: ProposalInputs) -> tuple[Tensor, Tensor]:
+        """Match and sample anchors of every image, as the data pipeline does (no grad)."""
+        gt_boxes, generators = self._gt_boxes(inputs)
+        assert inputs.targets is not None
         return assign_batch_targets(
-            self.anchor_generator.grid(shapes, device=device),
+            self.anchor_generator.grid(inputs.shapes, device=inputs.device),
             gt_boxes,
-            image_sizes,
+            inputs.image_sizes,
             self.target_config,
             self.box_coder,
-            [sample_generator(self.seed, key, sampling_epoch) for key in keys],
-            [target.get("crowd_boxes") for target in targets],
+            generators,
+            [target.get("crowd_boxes") for target in inputs.targets],
         )
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

@@ -8,6 +8,7 @@ from torchvision.ops import deform_conv2d
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.cascade import CascadeRPN, adaptive_offsets, assign_centre_region
+from lightning_rpn.core.config import ProposalConfig
 from lightning_rpn.core.matching import match_anchors_batched
 from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.tools.export import ProposalNetwork
@@ -111,6 +112,22 @@ def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: 
     assert len(seen) == 2
     for image in range(2):
         torch.testing.assert_close(seen[image], stage_one[image])
+
+
+def test_proposal_settings_and_target_checks_are_the_rpns() -> None:
+    generator, _ = _grid()
+    rpn = CascadeRPN(generator, in_channels=8, post_nms_top_n_test=12, nms_thresh=0.5, min_size=2.0)
+    assert rpn.proposal_config == ProposalConfig(post_nms_top_n_test=12, nms_thresh=0.5, min_size=2.0)
+    assert (rpn.post_nms_top_n["test"], rpn.nms_thresh, rpn.min_size) == (12, 0.5, 2.0)
+    with pytest.raises(ValueError, match="CascadeRPN: ProposalConfig: post_nms_top_n_test must be a positive int"):
+        CascadeRPN(generator, in_channels=8, post_nms_top_n_test=0)
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    with pytest.raises(ValueError, match=r"CascadeRPN targets\[1\] \(image_id='b'\): the 'boxes' entry"):
+        rpn(features, [(32, 32)] * 2, [TARGETS[0], {}], image_ids=["a", "b"])
+    with pytest.raises(ValueError, match="CascadeRPN: 1 image_ids and 1 sampling_keys for a batch of 2"):
+        rpn(features, [(32, 32)] * 2, TARGETS, image_ids=["a"])
+    with pytest.raises(ValueError, match="CascadeRPN: got 1 feature levels but the anchor generator has 2"):
+        rpn(features[:1], [(32, 32)] * 2)
 
 
 def test_errors_and_entry_points_that_do_not_take_it_yet() -> None:

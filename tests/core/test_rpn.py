@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_rpn.core.rpn as rpn_module
+import lightning_rpn.core.proposer as proposer_module
 from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.config import ProposalConfig
 from lightning_rpn.core.head import RPNHead
 from lightning_rpn.core.loss import rpn_loss
 from lightning_rpn.core.proposals import generate_proposals
+from lightning_rpn.core.proposer import ProposalInputs
 from lightning_rpn.core.rpn import RPN
 from lightning_rpn.core.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
 
@@ -135,7 +137,7 @@ def test_need_proposals_false_skips_proposal_generation(monkeypatch: pytest.Monk
     def fail(*args, **kwargs):
         raise AssertionError("generate_proposals must not run")
 
-    monkeypatch.setattr(rpn_module, "generate_proposals", fail)
+    monkeypatch.setattr(proposer_module, "generate_proposals", fail)
     proposals, losses = _rpn().train()(_features(), IMAGE_SIZES, _targets(), need_proposals=False)
     assert proposals == [] and set(losses) == {"loss_rpn_cls", "loss_rpn_reg"}
 
@@ -152,7 +154,7 @@ def test_softmax_head_paper_loss_dict_features_and_anchor_stride() -> None:
     objectness, deltas = rpn.head(list(features.values()))
     anchors = rpn.anchor_generator([f.shape[-2:] for f in features.values()])
     labels, targets = rpn._assign_targets(
-        _targets(), IMAGE_SIZES, [(16, 16), (8, 8)], None, None, 0, 2, torch.device("cpu")
+        ProposalInputs(list(features.values()), IMAGE_SIZES, _targets(), None, None, None, 0, True, False)
     )
     expected = rpn_loss(
         objectness, deltas, labels, targets, normalization="paper", box_loss="giou",
@@ -197,3 +199,13 @@ def test_bf16_autocast_gives_fp32_losses_and_proposals() -> None:
         proposals, losses = rpn(_features(), IMAGE_SIZES, _targets())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     assert all(b.dtype == s.dtype == torch.float32 and b.shape[0] == 60 for b, s in proposals)
+
+
+def test_proposal_settings_become_one_config_and_the_attributes_proposals_read() -> None:
+    rpn = RPN(_generator(), in_channels=8, pre_nms_top_n_test=50, post_nms_top_n_test=20, nms_thresh=0.5)
+    assert rpn.proposal_config == ProposalConfig(pre_nms_top_n_test=50, post_nms_top_n_test=20, nms_thresh=0.5)
+    assert (rpn.pre_nms_top_n, rpn.post_nms_top_n, rpn.nms_thresh, rpn.min_size, rpn.score_thresh) == (
+        {"train": 2000, "test": 50}, {"train": 1000, "test": 20}, 0.5, ProposalConfig.min_size, 0.0
+    )
+    with pytest.raises(ValueError, match="RPN: ProposalConfig: nms_thresh must be in"):
+        _rpn(nms_thresh=1.5)

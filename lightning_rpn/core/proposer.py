@@ -1,0 +1,219 @@
+"""What every proposal network shares: its proposal settings, its call interface and their checks.
+
+Shapes: ``B`` images, ``L`` levels, ``H_l x W_l`` the feature size of level ``l``, ``N_l``
+anchors (or boxes) of level ``l`` of an image, ``P`` proposals of an image.
+
+:class:`RegionProposer` is the base of :class:`~lightning_rpn.core.rpn.RPN` and
+:class:`~lightning_rpn.core.cascade.CascadeRPN`, so that both are called alike by
+``RPNModule``, the torchvision drop-in and the export:
+
+- the proposal settings: one :class:`~lightning_rpn.core.config.ProposalConfig`
+  (``proposal_config``, built by each subclass from its flat keywords), read into the
+  attributes the proposal step uses (``pre_nms_top_n`` / ``post_nms_top_n`` as
+  ``{"train", "test"}`` dicts, ``nms_thresh``, ``min_size``, ``score_thresh``);
+- ``forward(features, image_sizes, targets, *, ...)``, documented once here, which checks the
+  levels and the batch and hands a subclass's ``_forward`` the call as one
+  :class:`ProposalInputs`;
+- the gt boxes of ``targets``, checked (``_gt_boxes``), with each image's sampling generator;
+- :func:`~lightning_rpn.core.proposals.generate_proposals` with the train or test settings
+  chosen by ``self.training`` (``_proposals``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import AnchorGenerator
+from .box_coder import BoxCoder
+from .config import AnchorTargetConfig, ProposalConfig
+from .matching import check_gt_box_batch
+from .proposals import generate_proposals
+from .targets import sample_generator
+
+__all__ = ["ProposalInputs", "RegionProposer"]
+
+Proposals = list[tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class ProposalInputs:
+    """One call of :meth:`RegionProposer.forward`, its levels and sizes checked (see there)."""
+
+    levels: list[Tensor]
+    image_sizes: list[tuple[int, int]]
+    targets: Sequence[Mapping[str, Tensor]] | None
+    anchor_targets: tuple[Tensor, Tensor] | None
+    image_ids: Sequence[int | str] | None
+    sampling_keys: Sequence[int | str] | None
+    sampling_epoch: int
+    need_proposals: bool
+    proposal_logits: bool
+
+    @property
+    def batch(self) -> int:
+        return self.levels[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.levels[0].device
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """``(H_l, W_l)`` of every level."""
+        return [(int(level.shape[-2]), int(level.shape[-1])) for level in self.levels]
+
+    def keys(self, where: str) -> tuple[list[int | str], list[int | str]]:
+        """``(ids, sampling keys)`` of the images (default: the index in the batch)."""
+        batch = self.batch
+        ids = list(range(batch)) if self.image_ids is None else list(self.image_ids)
+        keys = ids if self.sampling_keys is None else list(self.sampling_keys)
+        if len(ids) != batch or len(keys) != batch:
+            raise ValueError(
+                f"{where}: {len(ids)} image_ids and {len(keys)} sampling_keys for a batch of {batch} images"
+            )
+        return ids, keys
+
+
+class RegionProposer(nn.Module):
+    """Base of the proposal networks (see the module docstring); subclasses implement ``_forward``.
+
+    Args:
+        anchor_generator: anchors per level.
+        box_coder: delta parametrisation (``None``: ``BoxCoder()``).
+        target_config: anchor labelling and sampling (``None``: ``AnchorTargetConfig()``).
+        seed: mixed with the epoch and each image's sampling key to seed its sampling.
+        proposal_config: the proposal settings.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        box_coder: BoxCoder | None,
+        target_config: AnchorTargetConfig | None,
+        seed: int,
+        proposal_config: ProposalConfig,
+    ) -> None:
+        super().__init__()
+        config = self.proposal_config = proposal_config
+        self.anchor_generator = anchor_generator
+        self.box_coder = BoxCoder() if box_coder is None else box_coder
+        self.target_config = AnchorTargetConfig() if target_config is None else target_config
+        self.seed = seed
+        self.pre_nms_top_n = {"train": config.pre_nms_top_n_train, "test": config.pre_nms_top_n_test}
+        self.post_nms_top_n = {"train": config.post_nms_top_n_train, "test": config.post_nms_top_n_test}
+        self.nms_thresh = config.nms_thresh
+        self.min_size = config.min_size
+        self.score_thresh = config.score_thresh
+
+    def forward(
+        self,
+        features: Sequence[Tensor] | Mapping[str, Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+        *,
+        anchor_targets: tuple[Tensor, Tensor] | None = None,
+        image_ids: Sequence[int | str] | None = None,
+        sampling_keys: Sequence[int | str] | None = None,
+        sampling_epoch: int = 0,
+        need_proposals: bool = True,
+        proposal_logits: bool = False,
+    ) -> tuple[Proposals, dict[str, Tensor]]:
+        """Proposals per image ``(boxes [P, 4], probabilities [P])`` and the loss dict.
+
+        Args:
+            features: per-level ``[B, C, H_l, W_l]`` maps (a dict is taken in its order).
+            image_sizes: ``(h, w)`` of each image before padding.
+            targets: per image ``{"boxes": [G, 4], "crowd_boxes": [C, 4] (optional)}``.
+            anchor_targets: precomputed ``(labels [B, N] integer, deltas float32 [B, N, 4])``;
+                takes precedence over ``targets`` where the network can use them (the RPN).
+            image_ids: ids naming each image in errors, and seeding its sampling unless
+                ``sampling_keys`` are given (default: index in the batch).
+            sampling_keys: what seeds each image's sampling (``RPNBatch.sampling_keys``: the
+                items' dataset positions, so that an image listed twice draws two samples).
+            sampling_epoch: the training epoch, mixed into the sampling seeds so that every
+                epoch samples afresh (pass the one the data pipeline used: ``RPNCollate.set_epoch``).
+            need_proposals: ``False`` skips proposal generation and returns ``[]``.
+            proposal_logits: proposals as ``(boxes, probabilities, logits [P])``: the logits
+                keep the ranking that float32 probabilities lose once they round to 1.0.
+
+        Losses ``{"loss_rpn_cls", "loss_rpn_reg"}`` are computed whenever targets are given,
+        in train and eval mode alike; ``{}`` otherwise.
+        """
+        name = type(self).__name__
+        levels = list(features.values()) if isinstance(features, Mapping) else list(features)
+        if len(levels) != self.anchor_generator.num_levels:
+            raise ValueError(
+                f"{name}: got {len(levels)} feature levels but the anchor generator has "
+                f"{self.anchor_generator.num_levels} (strides {self.anchor_generator.strides})"
+            )
+        batch = levels[0].shape[0]
+        if len(image_sizes) != batch:
+            raise ValueError(f"{name}: {len(image_sizes)} image_sizes for a batch of {batch} feature maps")
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        return self._forward(
+            ProposalInputs(levels, sizes, targets, anchor_targets, image_ids, sampling_keys, sampling_epoch,
+                           need_proposals, proposal_logits)
+        )
+
+    def _forward(self, inputs: ProposalInputs) -> tuple[Proposals, dict[str, Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _forward")
+
+    def _gt_boxes(self, inputs: ProposalInputs) -> tuple[list[Tensor], list[torch.Generator]]:
+        """Every image's gt boxes (float32 ``[G, 4]`` on the features' device) and sampling generator.
+
+        Every gt box must be finite, non-empty and at least partly inside its image; errors name
+        the image by its index and id.
+        """
+        name = type(self).__name__
+        targets = inputs.targets
+        assert targets is not None
+        if len(targets) != inputs.batch:
+            raise ValueError(f"{name}: {len(targets)} targets for a batch of {inputs.batch} images")
+        ids, keys = inputs.keys(name)
+        gt_boxes = []
+        for index, (target, image_id) in enumerate(zip(targets, ids)):
+            boxes = target.get("boxes")
+            if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+                got = "nothing" if boxes is None else _describe(boxes)
+                raise ValueError(
+                    f"{name} targets[{index}] (image_id={image_id!r}): the 'boxes' entry must be gt boxes "
+                    f"[G, 4], got {got}"
+                )
+            gt_boxes.append(boxes.to(device=inputs.device, dtype=torch.float32))
+        check_gt_box_batch(gt_boxes, lambda i: f"{name} targets[{i}] (image_id={ids[i]!r})", inputs.image_sizes)
+        return gt_boxes, [sample_generator(self.seed, key, inputs.sampling_epoch) for key in keys]
+
+    def _proposals(
+        self,
+        logits: Sequence[Tensor],
+        deltas: Sequence[Tensor],
+        anchors: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        return_logits: bool,
+    ) -> Proposals:
+        """:func:`~lightning_rpn.core.proposals.generate_proposals` with this network's settings
+        (the train ones while ``self.training``, else the test ones)."""
+        mode = "train" if self.training else "test"
+        return generate_proposals(
+            logits,
+            deltas,
+            anchors,
+            image_sizes,
+            self.pre_nms_top_n[mode],
+            self.post_nms_top_n[mode],
+            self.nms_thresh,
+            self.min_size,
+            self.score_thresh,
+            box_coder=self.box_coder,
+            return_logits=return_logits,
+        )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
