@@ -16,6 +16,7 @@ import yaml
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
+import lightning_rpn.core.proposer
 import lightning_rpn.core.rpn
 import lightning_rpn.core.targets
 from lightning_rpn.core.box_coder import BoxCoder
@@ -54,7 +55,7 @@ def test_rpn_under_bf16_autocast_keeps_geometry_and_losses_in_fp32(monkeypatch, 
     _spy(monkeypatch, BoxCoder, "encode", calls)
     _spy(monkeypatch, BoxCoder, "decode", calls)
     _spy(monkeypatch, lightning_rpn.core.rpn, "rpn_loss", calls)
-    _spy(monkeypatch, lightning_rpn.core.rpn, "generate_proposals", calls)
+    _spy(monkeypatch, lightning_rpn.core.proposer, "generate_proposals", calls)  # where RPN calls it
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.train()
         _, losses = model(batch, need_proposals=False)
