@@ -1,0 +1,116 @@
+"""Recall curves: recall vs IoU threshold and AR vs number of proposals, as a figure and per logger.
+
+The callback reads the LightningModule's ``last_recall_curves`` (see
+:mod:`~lightning_rpn.training.callbacks`); where it writes is :mod:`~lightning_rpn.training.log_targets`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure
+
+from lightning_rpn.training.log_targets import evaluation_stage, file_loggers, log_dir, reporting
+
+__all__ = ["RecallCurves", "recall_curves_figure"]
+
+
+def recall_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> Figure:
+    """Two panels: recall vs IoU threshold, and AR vs number of proposals (log x)."""
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    ax_iou, ax_k = fig.subplots(1, 2)
+    ious, recalls = curves["recall_vs_iou"]
+    ax_iou.plot(ious, recalls, marker="o")
+    ax_iou.set(xlabel="IoU threshold", ylabel="recall", title="Recall vs IoU", ylim=(0, 1.02))
+    budgets, ars = curves["recall_vs_proposals"]
+    ax_k.plot(budgets, ars, marker="o")
+    ax_k.set_xscale("log")
+    ax_k.set(xlabel="proposals per image", ylabel="AR", title="AR vs proposals", ylim=(0, 1.02))
+    for ax in (ax_iou, ax_k):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+class RecallCurves(Callback):
+    """Logs recall vs IoU and AR vs number of proposals after every validation / test epoch.
+
+    W&B: line plots ``{stage}/recall_vs_iou`` and ``{stage}/recall_vs_proposals``
+    (``wandb.plot.line`` over a ``wandb.Table``). TensorBoard: a matplotlib figure
+    ``{stage}/recall_curves``. Other loggers / none: rows appended to
+    ``recall_curves/{stage}_recall_vs_iou.csv`` and ``..._recall_vs_proposals.csv`` (columns
+    epoch, step, x, y) and a PNG of the figure per epoch under the log directory.
+
+    Args:
+        save_png: write the PNG next to the CSV files.
+    """
+
+    def __init__(self, save_png: bool = True) -> None:
+        self.save_png = save_png
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not reporting(trainer):
+            return
+        curves = getattr(pl_module, "last_recall_curves", None)
+        if not curves:
+            rank_zero_warn(f"RecallCurves: {type(pl_module).__name__}.last_recall_curves is empty")
+            return
+        stage, step = evaluation_stage(trainer), trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, curves, stage, step)
+            elif isinstance(logger, TensorBoardLogger):
+                fig = recall_curves_figure(curves)
+                logger.experiment.add_figure(f"{stage}/recall_curves", fig, global_step=step)
+        for logger in file_loggers(trainer):
+            self._write_files(log_dir(trainer, logger) / "recall_curves", curves, stage, trainer)
+
+    @staticmethod
+    def _log_wandb(logger: WandbLogger, curves: Mapping, stage: str, step: int) -> None:
+        import wandb
+
+        ious, recalls = curves["recall_vs_iou"]
+        budgets, ars = curves["recall_vs_proposals"]
+        iou_table = wandb.Table(
+            columns=["iou", "recall"], data=[list(r) for r in zip(ious, recalls, strict=True)]
+        )
+        k_table = wandb.Table(
+            columns=["proposals", "AR"], data=[list(r) for r in zip(budgets, ars, strict=True)]
+        )
+        charts = {
+            f"{stage}/recall_vs_iou": wandb.plot.line(
+                iou_table, "iou", "recall", title=f"{stage}: recall vs IoU (top {budgets[-1]})"
+            ),
+            f"{stage}/recall_vs_proposals": wandb.plot.line(
+                k_table, "proposals", "AR", title=f"{stage}: AR vs proposals per image"
+            ),
+        }
+        logger.log_metrics(charts, step=step)
+
+    def _write_files(self, folder: Path, curves: Mapping, stage: str, trainer: Trainer) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        for name, header in (
+            ("recall_vs_iou", "iou,recall"),
+            ("recall_vs_proposals", "proposals,AR"),
+        ):
+            path = folder / f"{stage}_{name}.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["epoch", "step", *header.split(",")])
+                for x, y in zip(*curves[name], strict=True):
+                    writer.writerow([epoch, step, x, y])
+        if self.save_png:
+            fig = recall_curves_figure(curves)
+            fig.savefig(folder / f"{stage}_epoch{epoch:03d}_step{step}.png", dpi=100)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, pl_module)
+
+    on_test_end = on_validation_end

@@ -1,0 +1,96 @@
+"""The proposal-recall table: ``ProposalRecall.compute()`` as a rich table, and the callback printing it.
+
+The callback reads the LightningModule's ``last_recall`` (see :mod:`~lightning_rpn.training.callbacks`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from rich.console import Console
+from rich.table import Table
+
+from lightning_rpn.training.log_targets import reporting
+
+__all__ = ["RecallTable", "recall_table"]
+
+
+def recall_table(
+    recall: Mapping[str, float], recall_thresholds: Sequence[float] = (0.5, 0.7), title: str = ""
+) -> Table:
+    """A rich table of ``ProposalRecall.compute()`` values: one row per k, AR per area range
+    and recall at ``recall_thresholds``. Ranges without gt boxes (value -1) show "-"."""
+    budgets = sorted({int(m.group(1)) for key in recall if (m := re.fullmatch(r"AR@(\d+)", key))})
+    areas = list(
+        dict.fromkeys(m.group(1) for key in recall if (m := re.fullmatch(r"AR_(.+)@\d+", key)))
+    )
+    columns = ["AR", *(f"AR_{area}" for area in areas), *(f"R@{t:.2f}" for t in recall_thresholds)]
+    table = Table(title=title or None)
+    table.add_column("top-k", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for k in budgets:
+        keys = [
+            f"AR@{k}",
+            *(f"AR_{area}@{k}" for area in areas),
+            *(f"recall@{t:.2f}@{k}" for t in recall_thresholds),
+        ]
+        cells = [
+            "-" if key not in recall or recall[key] < 0 else f"{recall[key]:.3f}" for key in keys
+        ]
+        table.add_row(str(k), *cells)
+    return table
+
+
+class RecallTable(Callback):
+    """Prints the proposal-recall table (AR per k and area range, recall@t) with rich.
+
+    Printed at the end of ``fit`` and of each ``validate`` / ``test`` run, from the module's
+    ``last_recall``; with ``every_epoch=True`` also after every validation epoch during fit; at
+    the end of ``predict`` when ``last_recall`` is set (``RPNModule``: the split has gt boxes).
+
+    Args:
+        recall_thresholds: IoU thresholds whose recall gets a column (must be among the
+            metric's ``iou_thresholds``; missing ones show "-").
+        every_epoch: also print after each validation epoch of ``fit``.
+    """
+
+    def __init__(
+        self, recall_thresholds: Sequence[float] = (0.5, 0.7), every_epoch: bool = False
+    ) -> None:
+        self.recall_thresholds = tuple(float(t) for t in recall_thresholds)
+        self.every_epoch = every_epoch
+
+    def _print(self, trainer: Trainer, pl_module: LightningModule, when: str) -> None:
+        if not reporting(trainer):
+            return
+        recall = getattr(pl_module, "last_recall", None)
+        if not recall:
+            rank_zero_warn(
+                f"RecallTable: {type(pl_module).__name__}.last_recall is empty; no table"
+            )
+            return
+        title = (
+            f"Proposal recall ({when}, epoch {trainer.current_epoch}, step {trainer.global_step})"
+        )
+        Console().print(recall_table(recall, self.recall_thresholds, title))
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._print(trainer, pl_module, "validate")
+        elif self.every_epoch:
+            self._print(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if getattr(pl_module, "last_recall", None):  # empty: the split has no gt boxes
+            self._print(trainer, pl_module, "predict, original-image pixels")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._print(trainer, pl_module, "end of fit")
