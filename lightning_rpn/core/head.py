@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from .config import OBJECTNESS_MODES, check_choice
@@ -123,11 +122,6 @@ class RPNHead(nn.Module):
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], ...]:
         """Per-level objectness (``[B, N_l]`` or ``[B, N_l, 2]``) and deltas ``[B, N_l, 4]``,
         plus the quality logits ``[B, N_l, Q]`` when the head has quality branches."""
-        if self.quality and torch.compiler.is_exporting():
-            raise NotImplementedError(
-                f"RPNHead(quality={'+'.join(self.quality)!r}) cannot be exported yet: "
-                "lightning_rpn.tools.export reads (objectness, deltas) only; export a model without model.quality"
-            )
         if isinstance(features, Tensor):
             raise TypeError("RPNHead.forward: expected a list of [B, C, H, W] tensors (one per level), got a Tensor")
         objectness: list[Tensor] = []

@@ -37,6 +37,7 @@ order (``tests/test_proposals.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, overload
 
@@ -53,6 +54,9 @@ NmsMethod = Literal["early_stop", "batched", "per_level"]
 NMS_METHODS: tuple[str, ...] = ("early_stop", "batched", "per_level")
 
 _DEFAULT_BOX_CODER = BoxCoder()
+
+_NMS_SENTINELS = torch.tensor([[-4.0, -4.0, -3.0, -3.0], [-2.0, -2.0, -1.0, -1.0]])
+"""Two boxes outside every image (``x, y < 0``), disjoint: see :func:`_nms_each_level_top`."""
 
 
 def _check_inputs(
@@ -145,11 +149,22 @@ def _nms_each_level_top(
     boxes: Tensor, logits: Tensor, valid: Tensor, level_counts: Sequence[int], iou_threshold: float, max_keep: int
 ) -> Tensor:
     """Same result as :func:`_nms_per_level_top` on the ``valid`` candidates, as indices into all
-    of them: one ``nms`` call per level and no host sync, so it traces with symbolic counts."""
+    of them: one ``nms`` call per level and no host sync, so it traces with symbolic counts.
+
+    torchvision's fake ``nms`` kernel declares that every call keeps at least 2 boxes (the
+    ``min=2`` default of the deprecated ``create_unbacked_symint`` it calls), and an exported
+    program asserts that at run time, so a level keeping 0 or 1 box would fail. Each call
+    therefore also gets two sentinel boxes (:data:`_NMS_SENTINELS`), left of and above the image
+    (candidates are clipped to it), disjoint from each other and ranked last: they suppress
+    nothing, always survive, and are dropped from the result.
+    """
     kept, start = [], 0
+    sentinels = _NMS_SENTINELS.to(boxes.device)
+    sentinel_logits = torch.full((2,), -math.inf, dtype=logits.dtype, device=logits.device)
     for count in level_counts:
         level = torch.nonzero(valid[start : start + count]).squeeze(1) + start
-        kept.append(level[nms(boxes[level], logits[level], iou_threshold)])
+        keep = nms(torch.cat((boxes[level], sentinels)), torch.cat((logits[level], sentinel_logits)), iou_threshold)
+        kept.append(level[keep[keep < level.shape[0]]])
         start = start + count
     kept_idx = torch.cat(kept).sort().values
     return kept_idx[logits[kept_idx].sort(descending=True, stable=True).indices[:max_keep]]

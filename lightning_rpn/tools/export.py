@@ -3,13 +3,18 @@
 Shapes: ``L`` levels, ``A`` anchors per location, ``H x W`` the (padded) input image,
 ``H_l x W_l`` the feature size of level ``l``, ``N_l`` anchors of level ``l``, ``P`` proposals.
 
-:class:`ProposalNetwork` runs the eager RPN's own functions on symbolic sizes: anchors from
+:class:`ProposalNetwork` runs the eager network's own functions on symbolic sizes: anchors from
 :func:`~lightning_rpn.core.anchors.level_anchors` (what :class:`~lightning_rpn.core.anchors.AnchorGenerator`
-builds and caches), candidates from :func:`~lightning_rpn.core.proposals.proposal_candidates` and the
-image's proposals from :func:`~lightning_rpn.core.proposals.select_image_proposals` with
-``nms_method="per_level"``, the form of the one NMS rule with no host sync (the eager CPU path
-computes the same rule with early stopping, which needs host syncs). Only the evaluation
-settings (``pre_nms_top_n_test`` / ``post_nms_top_n_test``) are exported.
+builds and caches); for an :class:`~lightning_rpn.core.rpn.RPN` its head, scored by
+:func:`~lightning_rpn.core.rpn.proposal_score_logits` (objectness, or with quality branches the
+``proposal_score`` combination); for a :class:`~lightning_rpn.core.cascade.CascadeRPN` its stages
+(:meth:`~lightning_rpn.core.cascade.CascadeRPN.predict`, ``torchvision.ops.deform_conv2d``, which has
+a fake kernel for tracing), whose last-stage boxes take the anchors' place; then candidates from
+:func:`~lightning_rpn.core.proposals.proposal_candidates` and the image's proposals from
+:func:`~lightning_rpn.core.proposals.select_image_proposals` with ``nms_method="per_level"``, the
+form of the one NMS rule with no host sync (the eager CPU path computes the same rule with early
+stopping, which needs host syncs). Only the evaluation settings (``pre_nms_top_n_test`` /
+``post_nms_top_n_test``) are exported.
 
 Sliding windows (an :class:`~lightning_rpn.training.module.RPNModule` with ``sliding_window``): the
 program is the per-window network, and :func:`load_proposal_network` returns a
@@ -33,8 +38,8 @@ Limitations:
   pass the unpadded size as ``image_size``) to get what :class:`RPNModule` computes;
 - the input dtype is fixed at export: uint8 pixels for an :class:`RPNModule` (normalised in the
   graph), float for a ``(backbone, rpn)`` pair (fed to the backbone as is);
-- outputs match the eager RPN up to float rounding in the backbone, see ``tests/test_export.py``
-  for the tolerance.
+- outputs match the eager network up to float rounding in the backbone, see
+  ``tests/tools/test_export.py`` for the tolerance.
 """
 
 from __future__ import annotations
@@ -48,27 +53,31 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rpn.core.anchors import level_anchors
-from lightning_rpn.core.head import objectness_logits
+from lightning_rpn.core.cascade import CascadeRPN
 from lightning_rpn.core.proposals import proposal_candidates, select_image_proposals
-from lightning_rpn.core.rpn import RPN
+from lightning_rpn.core.rpn import RPN, proposal_score_logits
 from lightning_rpn.core.windows import SlidingWindowConfig, Window, sliding_window_proposals
 
 __all__ = ["ProposalNetwork", "WindowedProposalNetwork", "export_proposal_network", "load_proposal_network"]
+
+EXPORTABLE = (RPN, CascadeRPN)
+"""The proposal networks :class:`ProposalNetwork` runs."""
 
 WINDOWS_FILE = "lightning_rpn/sliding_window.json"
 """Name of the window settings stored beside a windowed program (``torch.export.save`` extra file)."""
 
 
 class ProposalNetwork(nn.Module):
-    """Backbone + RPN head + proposal generation for one image, traceable by ``torch.export``.
+    """Backbone + proposal network + proposal generation for one image, traceable by ``torch.export``.
 
     Args:
         backbone: ``forward(images [1, 3, H, W]) -> list`` of level features (or a dict).
-        rpn: the trained :class:`~lightning_rpn.core.rpn.RPN`; its head, anchors, box coder and
-            evaluation settings are used (the module shares the head's parameters).
+        rpn: the trained :class:`~lightning_rpn.core.rpn.RPN` (any head, quality branches
+            included) or :class:`~lightning_rpn.core.cascade.CascadeRPN`; its prediction layers,
+            anchors, box coder and evaluation settings are used (the module shares its parameters).
         pixel_mean / pixel_std: ``[1, 3, 1, 1]`` normalisation applied to ``images.float()``
             before the backbone; ``None`` feeds the images to the backbone unchanged.
-        return_logits: also return the proposals' objectness logits (what the window merge ranks by).
+        return_logits: also return the proposals' score logits (what the window merge ranks by).
 
     ``forward(images, image_size)`` with ``image_size`` an int64 ``[2]`` tensor ``(h, w)``, the
     size before padding, returns ``(boxes [P, 4], scores [P])`` (``+ logits [P]``), float32,
@@ -78,20 +87,20 @@ class ProposalNetwork(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        rpn: RPN,
+        rpn: RPN | CascadeRPN,
         pixel_mean: Tensor | None = None,
         pixel_std: Tensor | None = None,
         return_logits: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(rpn, RPN):
-            raise TypeError(f"ProposalNetwork: rpn must be a lightning_rpn.RPN, got {type(rpn).__name__}")
+        if not isinstance(rpn, EXPORTABLE):
+            raise TypeError(
+                f"ProposalNetwork: rpn must be a lightning_rpn RPN or CascadeRPN, got {type(rpn).__name__}"
+            )
         if (pixel_mean is None) != (pixel_std is None):
             raise ValueError("ProposalNetwork: give both pixel_mean and pixel_std, or neither")
         self.backbone = backbone
-        self.head = rpn.head
-        self.box_coder = rpn.box_coder
-        self.objectness = rpn.objectness
+        self.rpn = rpn
         generator = rpn.anchor_generator
         self.strides = generator.strides
         self.offset = generator.offset
@@ -116,17 +125,15 @@ class ProposalNetwork(nn.Module):
         inputs = (images.float() - self.pixel_mean) / self.pixel_std if self.normalize else images
         features = self.backbone(inputs)
         features = list(features.values()) if isinstance(features, dict) else list(features)
-        pred_objectness, pred_deltas = self.head(features)
-        if self.objectness == "softmax":
-            pred_objectness = [objectness_logits(o) for o in pred_objectness]
         anchors = [
             level_anchors(getattr(self, f"cell_anchors_{level}"), stride, feature.shape[-2:], self.offset,
                           self.anchor_stride)
             for level, (feature, stride) in enumerate(zip(features, self.strides))
         ]
+        logits, deltas, anchors = self._level_predictions(features, anchors)
         boxes, logits, probs, valid, level_counts = proposal_candidates(
-            pred_objectness, pred_deltas, anchors, image_size[None], self.pre_nms_top_n, self.min_size,
-            self.score_thresh, self.box_coder,
+            logits, deltas, anchors, image_size[None], self.pre_nms_top_n, self.min_size, self.score_thresh,
+            self.rpn.box_coder,
         )
         best = select_image_proposals(
             boxes[0], logits[0], valid[0], level_counts, self.nms_thresh, self.post_nms_top_n, "per_level"
@@ -134,6 +141,19 @@ class ProposalNetwork(nn.Module):
         if self.return_logits:
             return boxes[0, best], probs[0, best], logits[0, best]
         return boxes[0, best], probs[0, best]
+
+    def _level_predictions(
+        self, features: list[Tensor], anchors: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per level the score logits ``[1, N_l]``, the deltas ``[1, N_l, 4]`` and the boxes they
+        refine ``[N_l, 4]``: the anchors for an RPN, the last stage's input boxes for a cascade."""
+        rpn = self.rpn
+        if isinstance(rpn, CascadeRPN):
+            return rpn.predict(features, anchors).image_levels(0)
+        pred_objectness, pred_deltas, *rest = rpn.head(features)
+        logits = proposal_score_logits(pred_objectness, rest[0] if rpn.quality else None, rpn.objectness,
+                                       rpn.proposal_score)
+        return logits, pred_deltas, anchors
 
 
 class WindowedProposalNetwork(nn.Module):
@@ -208,11 +228,11 @@ def _proposal_network(model: object) -> tuple[ProposalNetwork, torch.dtype, dict
                 "size_divisibility": int(model.size_divisibility),
             }
         return network, torch.uint8, windows
-    if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[1], RPN):
+    if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[1], EXPORTABLE):
         return ProposalNetwork(*model), torch.float32, None
     raise TypeError(
-        "export_proposal_network: expected an RPNModule, a (backbone, RPN) pair or a "
-        f"ProposalNetwork, got {type(model).__name__}"
+        "export_proposal_network: expected an RPNModule, a (backbone, RPN) pair (or (backbone, CascadeRPN)) "
+        f"or a ProposalNetwork, got {type(model).__name__}"
     )
 
 
@@ -227,8 +247,9 @@ def export_proposal_network(
 
     Args:
         model: an :class:`~lightning_rpn.training.module.RPNModule` (uint8 input, normalised in the
-            graph), a ``(backbone, rpn)`` pair (float input, fed to the backbone as is) or a
-            :class:`ProposalNetwork`.
+            graph; any head: plain, with quality branches, or ``head="cascade"``), a
+            ``(backbone, rpn)`` pair with an ``RPN`` or a ``CascadeRPN`` (float input, fed to the
+            backbone as is) or a :class:`ProposalNetwork`.
         example_image_size: ``(H, W)`` of the example input; any other size in range works
             afterwards.
         path: where to save the program (``torch.export.save``, e.g. ``"rpn.pt2"``); ``None``

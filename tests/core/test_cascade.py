@@ -11,7 +11,6 @@ from lightning_rpn.core.cascade import CascadeRPN, adaptive_offsets, assign_cent
 from lightning_rpn.core.config import ProposalConfig
 from lightning_rpn.core.matching import match_anchors_batched
 from lightning_rpn.core.targets import AnchorTargetConfig
-from lightning_rpn.tools.export import ProposalNetwork
 from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
 
 
@@ -140,8 +139,6 @@ def test_errors_and_entry_points_that_do_not_take_it_yet() -> None:
                    anchor_targets=(torch.zeros(1, 80, dtype=torch.long), torch.zeros(1, 80, 4)))
     with pytest.raises(TypeError, match="rpn must be a lightning_rpn.RPN, got CascadeRPN"):
         TorchvisionRPN(_cascade())
-    with pytest.raises(TypeError, match="rpn must be a lightning_rpn.RPN, got CascadeRPN"):
-        ProposalNetwork(torch.nn.Identity(), _cascade())
 
 
 def test_module_option_builds_and_trains_a_cascade() -> None:

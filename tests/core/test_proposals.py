@@ -190,3 +190,38 @@ def test_nms_methods_select_the_same_proposals(settings) -> None:
         assert torch.equal(boxes[image, chosen[0]], eager_boxes) and torch.equal(probs[image, chosen[0]], eager_scores)
     with pytest.raises(ValueError, match="nms_method must be one of .* got 'greedy'"):
         select_image_proposals(boxes[0], logits[0], valid[0], counts, nms, post, "greedy")
+
+
+class _PerLevel(torch.nn.Module):
+    """One image's ``per_level`` selection over two levels of ``K / 2`` candidates each."""
+
+    def forward(self, boxes: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        half = boxes.shape[0] // 2
+        return select_image_proposals(boxes, logits, valid, [half, boxes.shape[0] - half], 0.5, 10, "per_level")
+
+
+@pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated:FutureWarning")
+def test_exported_per_level_nms_runs_when_a_level_keeps_fewer_than_two_boxes() -> None:
+    """torchvision's fake nms kernel declares >= 2 kept boxes, which the program asserts at run time."""
+    rng = torch.Generator().manual_seed(0)
+    corners = torch.rand(12, 2, generator=rng) * 40
+    boxes = torch.cat((corners, corners + 8), dim=1)
+    logits = torch.randn(2, 6, generator=rng).sort(dim=1, descending=True).values.reshape(12)  # as candidates come
+    size = torch.export.Dim("half", min=2, max=100) * 2
+    program = torch.export.export(
+        _PerLevel(), (boxes, logits, torch.ones(12, dtype=torch.bool)),
+        dynamic_shapes={"boxes": {0: size}, "logits": {0: size}, "valid": {0: size}},
+    ).module()
+    same = torch.tensor([[5.0, 5.0, 20.0, 20.0]]).repeat(8, 1)  # level 0 keeps 1; level 1 none valid
+    cases = [
+        (boxes, logits, torch.ones(12, dtype=torch.bool)),
+        (same, torch.arange(8.0).flip(0), torch.tensor([True] * 4 + [False] * 4)),
+        (same, torch.arange(8.0).flip(0), torch.zeros(8, dtype=torch.bool)),
+    ]
+    for case_boxes, case_logits, case_valid in cases:
+        expected = select_image_proposals(case_boxes, case_logits, case_valid, [len(case_valid) // 2] * 2, 0.5, 10,
+                                          "early_stop")
+        assert torch.equal(program(case_boxes, case_logits, case_valid), expected)
+    assert [len(select_image_proposals(*case, [len(case[2]) // 2] * 2, 0.5, 10, "early_stop")) for case in cases] == [
+        10, 1, 0
+    ]

@@ -159,15 +159,12 @@ def test_module_option_worker_and_in_model_targets_give_the_same_loss() -> None:
     assert all(scores.le(1).all() and scores.ge(0).all() for _, scores in proposals)
 
 
-def test_export_and_the_torchvision_drop_in() -> None:
+def test_the_torchvision_drop_in_takes_quality_scoring() -> None:
+    """(The export of a quality head is tested in tests/tools/test_export.py.)"""
     from torchvision.models.detection.image_list import ImageList
 
-    from lightning_rpn.tools.export import export_proposal_network
     from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
-    from helpers.model import tiny_model
 
-    with pytest.raises(NotImplementedError, match="cannot be exported yet"):
-        export_proposal_network(tiny_model(quality="iou", proposal_score="quality").eval(), (64, 64))
     # the drop-in takes an RPN with quality scoring as it is: torchvision's loss keys, its proposals
     torch.manual_seed(0)
     adapter = TorchvisionRPN(_quality_rpn("geometric_mean")).train()

@@ -1,5 +1,5 @@
 """torch.export of the proposal network: dynamic image size, outputs equal to the eager RPN,
-whole images and sliding windows."""
+quality scoring and the cascade, whole images and sliding windows."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.cascade import CascadeRPN
 from lightning_rpn.tools.export import (
     ProposalNetwork,
     WindowedProposalNetwork,
@@ -59,6 +60,7 @@ def _assert_close(ours: tuple[torch.Tensor, torch.Tensor], eager: tuple[torch.Te
         ((192, 160), (181, 150)),  # padded batch: boxes clipped to the unpadded size
         ((64, 224), (64, 224)),
         ((100, 150), (100, 150)),  # not a multiple of size_divisibility: runs like the eager RPN
+        ((64, 64), (64, 64)),  # min_image_size: the coarsest level keeps one box after NMS
     ],
 )
 def test_exported_program_matches_eager_rpn(module, loaded, padded, image_size) -> None:
@@ -144,11 +146,84 @@ def test_float_pair_exports_with_dynamic_size() -> None:
             _assert_close(exported(images, torch.tensor(size)), rpn(backbone(images), [size])[0][0])
 
 
+def _quality_pair(proposal_score: str) -> tuple[nn.Module, RPN]:
+    torch.manual_seed(2)
+    generator = AnchorGenerator(((8, 16), (32, 48)), (0.5, 1.0), (4, 8))
+    rpn = RPN(generator, in_channels=8, quality="centerness+iou", proposal_score=proposal_score,
+              pre_nms_top_n_test=80, post_nms_top_n_test=50)
+    for parameter in rpn.head.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    return _TwoLevels(), rpn.eval()
+
+
+def _cascade_pair(num_stages: int) -> tuple[nn.Module, CascadeRPN]:
+    torch.manual_seed(3)
+    generator = AnchorGenerator(((16,), (32,)), ((1.0,),), (4, 8), offset=0.5)
+    rpn = CascadeRPN(generator, in_channels=8, num_stages=num_stages, pre_nms_top_n_test=80,
+                     post_nms_top_n_test=50, nms_thresh=0.6)
+    for parameter in rpn.parameters():  # stage-1 boxes away from the anchors, scores spread
+        nn.init.normal_(parameter, std=0.1)
+    return _TwoLevels(), rpn.eval()
+
+
+@pytest.mark.parametrize(
+    ("pair", "exported"),
+    [
+        (lambda: _quality_pair("quality"), False),
+        (lambda: _quality_pair("geometric_mean"), True),
+        (lambda: _cascade_pair(3), False),
+        (lambda: _cascade_pair(2), True),
+    ],
+    ids=["quality", "quality_geometric_mean_exported", "cascade_3_stages", "cascade_exported"],
+)
+def test_quality_heads_and_cascades_export_equal_to_eager(pair, exported: bool) -> None:
+    """The scores are the eager ones: the quality combination, or the cascade's last stage."""
+    backbone, rpn = pair()
+    network = ProposalNetwork(backbone, rpn).eval()
+    if exported:
+        program = export_proposal_network((backbone, rpn), (64, 48))
+        names = {str(node.target) for node in program.graph.nodes}
+        assert isinstance(rpn, RPN) or "torchvision.deform_conv2d.default" in names
+        network = program.module()
+    for size in ((64, 48), (56, 88), (40, 72)):
+        images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+        with torch.no_grad():
+            eager = rpn(backbone(images), [size])[0][0]
+            ours = network(images, torch.tensor(size))
+        _assert_close(ours, eager)
+        assert 10 < ours[0].shape[0] <= 50 and (ours[1][:-1] >= ours[1][1:]).all()
+
+
+def test_cascade_module_exports_saves_and_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = RPNModule(
+        backbone="tiny_fpn",
+        head="cascade",
+        anchor_sizes=((16,), (32,), (64,), (128,)),
+        aspect_ratios=((1.0,),),
+        head_conv_channels=16,
+        pre_nms_top_n_test=300,
+        post_nms_top_n_test=100,
+    ).eval()
+    path = tmp_path / "cascade.pt2"
+    export_proposal_network(module, (128, 96), path)
+    loaded = load_proposal_network(path)
+    for padded, image_size in (((64, 64), (64, 64)), ((96, 128), (90, 121))):
+        images = torch.randint(0, 256, (1, 3, *padded), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            eager = module.rpn(module.backbone(module.normalize(images)), [image_size])[0][0]
+            ours = loaded(images, torch.tensor(image_size))
+        _assert_close(ours, eager)
+        assert ours[0].shape[0] > 10 and (ours[0][:, 2] <= image_size[1]).all()
+
+
 def test_bad_arguments_are_named(module) -> None:
     with pytest.raises(ValueError, match=r"height=32 must lie in .*\[64, 4096\]"):
         export_proposal_network(module, (32, 96))
     with pytest.raises(TypeError, match="RPNModule, a \\(backbone, RPN\\) pair"):
         export_proposal_network(nn.Linear(2, 2), (64, 64))
+    with pytest.raises(TypeError, match="rpn must be a lightning_rpn RPN or CascadeRPN, got Linear"):
+        ProposalNetwork(nn.Identity(), nn.Linear(2, 2))
 
 
 WINDOWS = {"size": 128, "overlap": 32, "window_batch": 3, "merge_metric": "ios", "top_k": 150}
