@@ -6,8 +6,10 @@ size of level ``l``, ``G`` gt boxes of an image, ``P`` proposals of an image.
 :class:`TorchvisionRPN` has the interface torchvision's detectors call,
 ``forward(images: ImageList, features: dict[str, Tensor], targets) -> (boxes, losses)`` with the
 loss keys ``loss_objectness`` / ``loss_rpn_box_reg``, and runs our :class:`~lightning_rpn.core.rpn.RPN`
-inside (grid-restricted anchor matching, batched proposal generation). So an existing model
-keeps everything else::
+(grid-restricted anchor matching, batched proposal generation) or
+:class:`~lightning_rpn.core.cascade.CascadeRPN` inside, through the interface both share
+(:class:`~lightning_rpn.core.proposer.RegionProposer`). So an existing model keeps everything
+else::
 
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(...)
     model.rpn = TorchvisionRPN.from_detector(model)
@@ -15,8 +17,11 @@ keeps everything else::
 :meth:`TorchvisionRPN.from_torchvision` copies the anchor sizes and ratios, the matcher,
 sampler, box coder and proposal settings and the head weights, so evaluation proposals equal
 torchvision's (and, sampling aside, so do the losses). To use settings torchvision lacks
-(``allowed_border``, other box losses, a softmax head), wrap an :class:`RPN` of your own:
-``model.rpn = TorchvisionRPN(RPN(AnchorGenerator(sizes, ratios, strides), in_channels=256, ...))``.
+(``allowed_border``, other box losses, a softmax head, quality scoring), wrap an :class:`RPN`
+of your own: ``model.rpn = TorchvisionRPN(RPN(AnchorGenerator(sizes, ratios, strides),
+in_channels=256, ...))``; for cascade refinement, a :class:`CascadeRPN` (one anchor per
+location): ``TorchvisionRPN(CascadeRPN(AnchorGenerator(sizes, ((1.0,),), strides), in_channels=256))``
+(its losses are its own: the objectness of the last stage and every stage's IoU loss).
 Differences from torchvision's class:
 
 - anchor strides are fixed at construction (torchvision derives them per batch as
@@ -43,6 +48,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.backbones import infer_strides
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.head import RPNHead
+from lightning_rpn.core.proposer import RegionProposer
 from lightning_rpn.core.rpn import RPN
 from lightning_rpn.core.targets import AnchorTargetConfig
 
@@ -100,20 +106,23 @@ def _copy_head(head: nn.Module, num_anchors: int) -> RPNHead:
 
 
 class TorchvisionRPN(nn.Module):
-    """torchvision's ``RegionProposalNetwork`` interface around our :class:`RPN`.
+    """torchvision's ``RegionProposalNetwork`` interface around our :class:`RPN` or :class:`CascadeRPN`.
 
     Args:
-        rpn: the wrapped RPN (its anchor strides must be the backbone's feature strides).
+        rpn: the wrapped network (its anchor strides must be the backbone's feature strides).
 
     In training mode ``targets`` are required and the losses are returned as
     ``{"loss_objectness", "loss_rpn_box_reg"}``; in eval mode the losses are ``{}``, as in
-    torchvision. Proposals use the RPN's train or test top-k settings accordingly.
+    torchvision. Proposals use the network's train or test top-k settings accordingly.
     """
 
-    def __init__(self, rpn: RPN) -> None:
+    def __init__(self, rpn: RegionProposer) -> None:
         super().__init__()
-        if not isinstance(rpn, RPN):
-            raise TypeError(f"TorchvisionRPN: rpn must be a lightning_rpn.RPN, got {type(rpn).__name__}")
+        if not isinstance(rpn, RegionProposer):
+            raise TypeError(
+                "TorchvisionRPN: rpn must be a lightning_rpn RPN or CascadeRPN (a RegionProposer), "
+                f"got {type(rpn).__name__}"
+            )
         self.rpn = rpn
         self.calls = 0
 

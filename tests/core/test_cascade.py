@@ -1,4 +1,7 @@
-"""Cascade refinement: adaptive-convolution offsets and centre-region assignment by hand, the stages."""
+"""Cascade refinement: adaptive-convolution offsets and centre-region assignment by hand, the stages.
+
+Its export and the torchvision drop-in are tested with those (tests/tools/).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from lightning_rpn.core.cascade import CascadeRPN, adaptive_offsets, assign_cent
 from lightning_rpn.core.config import ProposalConfig
 from lightning_rpn.core.matching import match_anchors_batched
 from lightning_rpn.core.targets import AnchorTargetConfig
-from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
 
 
 def test_adaptive_offsets_by_hand() -> None:
@@ -129,7 +131,7 @@ def test_proposal_settings_and_target_checks_are_the_rpns() -> None:
         rpn(features[:1], [(32, 32)] * 2)
 
 
-def test_errors_and_entry_points_that_do_not_take_it_yet() -> None:
+def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="one anchor per location"):
         CascadeRPN(AnchorGenerator(((16,), (32,)), (0.5, 1.0), (4, 8)), in_channels=8)
     with pytest.raises(ValueError, match="num_stages must be an int >= 2"):
@@ -137,8 +139,6 @@ def test_errors_and_entry_points_that_do_not_take_it_yet() -> None:
     with pytest.raises(ValueError, match="pass targets, not only anchor_targets"):
         _cascade()([torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)], [(32, 32)],
                    anchor_targets=(torch.zeros(1, 80, dtype=torch.long), torch.zeros(1, 80, 4)))
-    with pytest.raises(TypeError, match="rpn must be a lightning_rpn.RPN, got CascadeRPN"):
-        TorchvisionRPN(_cascade())
 
 
 def test_module_option_builds_and_trains_a_cascade() -> None:

@@ -1,4 +1,5 @@
-"""TorchvisionRPN: drop-in for torchvision's RegionProposalNetwork in a real Faster R-CNN."""
+"""TorchvisionRPN: drop-in for torchvision's RegionProposalNetwork in a real Faster R-CNN, with our
+RPN or a CascadeRPN inside."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 
+from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.cascade import CascadeRPN
+from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
 
 TV_LOSS_KEYS = {"loss_objectness", "loss_rpn_box_reg"}
@@ -157,6 +161,8 @@ def test_errors_name_the_problem(detector_and_features) -> None:
         TorchvisionRPN.from_torchvision(model.rpn, strides=(4, 8, 16, 32))
     with pytest.raises(TypeError, match="RegionProposalNetwork"):
         TorchvisionRPN.from_torchvision(adapter, strides=(4,))
+    with pytest.raises(TypeError, match="rpn must be a lightning_rpn RPN or CascadeRPN .* got RegionProposalNetwork"):
+        TorchvisionRPN(model.rpn)
 
 
 
@@ -180,3 +186,53 @@ def test_eval_proposals_are_identical_when_the_padded_size_is_a_multiple_of_64(
         (ours,), _ = adapter(image_list, features)
     assert tuple(image_list.tensors.shape[-2:]) == ((96, 128) if size_divisible == 32 else (128, 128))
     assert (ours.shape == theirs.shape and torch.equal(ours, theirs)) == identical
+
+
+def _cascade(**kwargs) -> CascadeRPN:
+    """A small cascade over torchvision's ResNet-FPN levels: one 32-512 px anchor per location."""
+    torch.manual_seed(0)
+    generator = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((1.0,),), (4, 8, 16, 32, 64))
+    settings = dict(in_channels=256, conv_channels=16, target_config=AnchorTargetConfig(fg_iou=0.5),
+                    post_nms_top_n_train=300, post_nms_top_n_test=200)
+    return CascadeRPN(generator, **{**settings, **kwargs})
+
+
+def test_cascade_gives_torchvision_losses_in_training_and_its_proposals_in_eval(detector_and_features) -> None:
+    _, image_list, targets, features = detector_and_features
+    adapter = TorchvisionRPN(_cascade()).train()
+    boxes, losses = adapter(image_list, features, targets)
+    assert set(losses) == TV_LOSS_KEYS and all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in adapter.rpn.parameters())
+    assert len(boxes) == 2 and all(b.shape[1:] == (4,) and 0 < b.shape[0] <= 300 and not b.requires_grad for b in boxes)
+    adapter.eval()
+    with torch.no_grad():
+        boxes, losses = adapter(image_list, features, targets)
+        own = adapter.rpn(list(features.values()), image_list.image_sizes)[0]
+    assert losses == {} and len(boxes) == len(own) == 2
+    for ours, (expected, _), (height, width) in zip(boxes, own, image_list.image_sizes):
+        assert ours.dtype == torch.float32 and 0 < ours.shape[0] <= 200 and torch.equal(ours, expected)
+        assert (ours[:, 2] <= width).all() and (ours[:, 3] <= height).all() and (ours[:, :2] >= 0).all()
+
+
+def test_faster_rcnn_with_a_cascade_trains_and_detects() -> None:
+    torch.manual_seed(0)
+    model = _detector(box_batch_size_per_image=64)
+    model.backbone.body.requires_grad_(False)
+    model.rpn = TorchvisionRPN(_cascade())
+    model.train()
+    last_stage = model.rpn.rpn.stages[-1].cls_logits.weight
+    before = last_stage.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    for _ in range(2):
+        losses = model(_images(), _targets())
+        assert set(losses) == TV_LOSS_KEYS | {"loss_classifier", "loss_box_reg"}
+        assert all(torch.isfinite(value) for value in losses.values())
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert not torch.equal(last_stage, before)
+    model.eval()
+    with torch.no_grad():
+        detections = model(_images())
+    assert len(detections) == 2 and all(set(d) == {"boxes", "labels", "scores"} for d in detections)
