@@ -30,7 +30,6 @@ The stages run in :meth:`CascadeRPN.predict`, which the exported program calls t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
