@@ -12,11 +12,12 @@
 Anchors and strides are declared once, in the model section: the data module reads the
 anchor generator, target config, box coder and size divisibility from the model in ``setup``.
 Every checkpoint carries the resolved config (key ``"lightning_rpn_config"``, YAML text) besides
-the model's hyperparameters, so ``RPNModule.load_from_checkpoint(path)`` needs no config file.
+the model's hyperparameters, so ``RPNModule.load_from_checkpoint(path)`` needs no config file
+(that and the other files a run leaves: :mod:`lightning_rpn.training.run_files`).
 
 W&B is the configs' logger. Without credentials (``WANDB_API_KEY`` or a ``wandb login`` entry
 in ``~/.netrc``) and without an explicit ``WANDB_MODE``, runs log offline and the command
-prints the ``wandb sync`` line that uploads them later.
+prints the ``wandb sync`` line that uploads them later (:mod:`lightning_rpn.training.wandb_mode`).
 
 Scale-out, precision and faults use Lightning's own machinery: ``--trainer.devices N
 --trainer.strategy ddp`` (``--trainer.num_nodes`` under SLURM or torchrun),
@@ -29,8 +30,6 @@ the config).
 
 from __future__ import annotations
 
-import json
-import netrc
 import os
 import re
 import sys
@@ -38,17 +37,18 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ActionYesNo
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
+from lightning_rpn.training.run_files import check_checkpoint_dirs, write_metrics_summary
+from lightning_rpn.training.wandb_mode import default_wandb_offline, wandb_credentials_available
 
 __all__ = [
     "CONFIG_KEY",
@@ -117,90 +117,6 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
-
-
-def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
-    """Keep a new ``fit`` from overwriting the checkpoints another run left in its folder.
-
-    The configs fix each ``ModelCheckpoint.dirpath``, so a second run of the same config finds
-    the first run's files there. Unless it resumes from that folder (``--ckpt_path last``, or a
-    file in the folder), Lightning's version counter gives the new run's files a ``-v1``,
-    ``-v2``, ... suffix, which is announced here; with ``enable_version_counter: false`` they
-    would replace the earlier ones, which is a ``ValueError`` naming the folder and files.
-    """
-    for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
-            continue  # no fixed folder: Lightning uses the logger's new version folder
-        folder = Path(callback.dirpath)
-        earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-        if ckpt_path == "last":
-            resumes_here = any(name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) for name in earlier)
-        else:
-            resumes_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
-        if resumes_here or not earlier:
-            continue
-        # the constructor argument enable_version_counter (ModelCheckpoint has no public getter)
-        if not getattr(callback, "_enable_version_counter", True):
-            raise ValueError(
-                f"lightning-rpn fit: the ModelCheckpoint folder {folder} (dirpath) holds "
-                f"checkpoints of an earlier run ({', '.join(earlier)}) and its "
-                f"enable_version_counter: false would overwrite them. Resume that run with "
-                f"--ckpt_path last, or drop enable_version_counter: false (this run's files then "
-                f"get a -v1 suffix), or choose another dirpath, or move those files away"
-            )
-        if trainer.is_global_zero:
-            print(
-                f"lightning-rpn: {folder} holds checkpoints of an earlier run ({', '.join(earlier)}); "
-                f"they stay, this run's files get a version suffix (e.g. last-v1.ckpt), and "
-                f"--ckpt_path last resumes the newest last*.ckpt",
-                file=sys.stderr,
-            )
-
-
-def write_metrics_summary(
-    trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, command: str
-) -> Path | None:
-    """Write the final recall and losses of ``validate`` / ``test`` / ``predict`` as JSON.
-
-    The file is ``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json``
-    (``...-no_checkpoint.json`` without one) with the command, the resolved checkpoint path,
-    the dataset (name, root, split), the coordinates the recall was measured in, every
-    ``ProposalRecall.compute()`` key of ``model.last_recall`` (AR@k per area range, recall at
-    each IoU threshold) and, for validate / test, the losses. Written on global rank 0; nothing
-    (``None``) when there is no recall, as for a predict split without gt boxes.
-    """
-    recall = getattr(model, "last_recall", None)
-    if not trainer.is_global_zero or not recall:
-        return None
-    role = {"validate": "val", "test": "test", "predict": "predict"}[command]
-    splits = getattr(datamodule, "splits", {})
-    images = getattr(datamodule, "predict_images", None) if command == "predict" else None
-    root = getattr(datamodule, "root", None)
-    checkpoint = trainer.ckpt_path
-    summary = {
-        "command": command,
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-        "dataset": {
-            "name": getattr(datamodule, "dataset", type(datamodule).__name__),
-            "root": None if root is None else str(root),
-            "split": splits.get(role) if images is None else None,
-            "images": images,
-        },
-        "coordinates": "original images" if command == "predict" else "resized images",
-        "metrics": recall,
-    }
-    if command != "predict":
-        prefix = f"{'val' if command == 'validate' else 'test'}/"
-        summary["losses"] = {
-            key[len(prefix):]: float(value)
-            for key, value in trainer.callback_metrics.items()
-            if key.startswith(prefix) and key[len(prefix):].startswith("loss")
-        }
-    stem = Path(checkpoint).stem if checkpoint else "no_checkpoint"
-    path = Path(trainer.default_root_dir) / "metrics" / f"{command}-{stem}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
 
 
 class RPNLightningCLI(LightningCLI):
@@ -382,34 +298,6 @@ def analyze_anchors(args: Sequence[str]) -> int:
         seed=cli.config["anchor_seed"],
     )
     return 0
-
-
-def _wandb_host() -> str:
-    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    return urlparse(base).hostname or "api.wandb.ai"
-
-
-def wandb_credentials_available() -> bool:
-    """Whether W&B can log online: ``WANDB_API_KEY`` set or a netrc entry for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        return netrc.netrc(path).authenticators(_wandb_host()) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def default_wandb_offline() -> None:
-    """Set ``WANDB_MODE=offline`` when no mode is chosen and no credentials exist, and say so."""
-    if "WANDB_MODE" in os.environ or wandb_credentials_available():
-        return
-    os.environ["WANDB_MODE"] = "offline"
-    print(
-        "lightning-rpn: no W&B credentials (WANDB_API_KEY or `wandb login`); W&B logs offline. "
-        "The `wandb sync <run dir>` command that uploads the run is printed at the end.",
-        file=sys.stderr,
-    )
 
 
 def main(args: Sequence[str] | None = None) -> int:

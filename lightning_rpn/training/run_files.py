@@ -1,0 +1,103 @@
+"""The files of a ``lightning-rpn`` run: earlier runs' checkpoints kept, the final metrics written.
+
+A new ``fit`` never overwrites the checkpoints another run left in its folder
+(:func:`check_checkpoint_dirs`); ``validate`` / ``test`` / ``predict`` write their final recall
+and losses as JSON (:func:`write_metrics_summary`). The resolved config, the third file a run
+leaves, is saved by the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["check_checkpoint_dirs", "write_metrics_summary"]
+
+
+def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """Keep a new ``fit`` from overwriting the checkpoints another run left in its folder.
+
+    The configs fix each ``ModelCheckpoint.dirpath``, so a second run of the same config finds
+    the first run's files there. Unless it resumes from that folder (``--ckpt_path last``, or a
+    file in the folder), Lightning's version counter gives the new run's files a ``-v1``,
+    ``-v2``, ... suffix, which is announced here; with ``enable_version_counter: false`` they
+    would replace the earlier ones, which is a ``ValueError`` naming the folder and files.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+            continue  # no fixed folder: Lightning uses the logger's new version folder
+        folder = Path(callback.dirpath)
+        earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if ckpt_path == "last":
+            resumes_here = any(name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) for name in earlier)
+        else:
+            resumes_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
+        if resumes_here or not earlier:
+            continue
+        # the constructor argument enable_version_counter (ModelCheckpoint has no public getter)
+        if not getattr(callback, "_enable_version_counter", True):
+            raise ValueError(
+                f"lightning-rpn fit: the ModelCheckpoint folder {folder} (dirpath) holds "
+                f"checkpoints of an earlier run ({', '.join(earlier)}) and its "
+                f"enable_version_counter: false would overwrite them. Resume that run with "
+                f"--ckpt_path last, or drop enable_version_counter: false (this run's files then "
+                f"get a -v1 suffix), or choose another dirpath, or move those files away"
+            )
+        if trainer.is_global_zero:
+            print(
+                f"lightning-rpn: {folder} holds checkpoints of an earlier run ({', '.join(earlier)}); "
+                f"they stay, this run's files get a version suffix (e.g. last-v1.ckpt), and "
+                f"--ckpt_path last resumes the newest last*.ckpt",
+                file=sys.stderr,
+            )
+
+
+def write_metrics_summary(
+    trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, command: str
+) -> Path | None:
+    """Write the final recall and losses of ``validate`` / ``test`` / ``predict`` as JSON.
+
+    The file is ``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json``
+    (``...-no_checkpoint.json`` without one) with the command, the resolved checkpoint path,
+    the dataset (name, root, split), the coordinates the recall was measured in, every
+    ``ProposalRecall.compute()`` key of ``model.last_recall`` (AR@k per area range, recall at
+    each IoU threshold) and, for validate / test, the losses. Written on global rank 0; nothing
+    (``None``) when there is no recall, as for a predict split without gt boxes.
+    """
+    recall = getattr(model, "last_recall", None)
+    if not trainer.is_global_zero or not recall:
+        return None
+    role = {"validate": "val", "test": "test", "predict": "predict"}[command]
+    splits = getattr(datamodule, "splits", {})
+    images = getattr(datamodule, "predict_images", None) if command == "predict" else None
+    root = getattr(datamodule, "root", None)
+    checkpoint = trainer.ckpt_path
+    summary = {
+        "command": command,
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "dataset": {
+            "name": getattr(datamodule, "dataset", type(datamodule).__name__),
+            "root": None if root is None else str(root),
+            "split": splits.get(role) if images is None else None,
+            "images": images,
+        },
+        "coordinates": "original images" if command == "predict" else "resized images",
+        "metrics": recall,
+    }
+    if command != "predict":
+        prefix = f"{'val' if command == 'validate' else 'test'}/"
+        summary["losses"] = {
+            key[len(prefix):]: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(prefix) and key[len(prefix):].startswith("loss")
+        }
+    stem = Path(checkpoint).stem if checkpoint else "no_checkpoint"
+    path = Path(trainer.default_root_dir) / "metrics" / f"{command}-{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
