@@ -6,20 +6,23 @@ sampling seed) from ``trainer.lightning_module``. Values given to the constructo
 there is no model (plain PyTorch use, benchmarks) and must agree with the model's when both
 exist (a mismatch is a ``ValueError`` naming both).
 
-Dataset paths: ``root`` holds the data. COCO reads ``root / coco_images.format(split=...)``
-and ``root / coco_annotations.format(split=...)``; VOC reads ``ImageSets/Main/{split}.txt``
-under ``root``; the synthetic dataset needs no files (``split`` seeds it). ``predict_images``
-(a folder of images) overrides the predict split, which defaults to the validation split.
+Each split's dataset is built by :mod:`~lightning_rpn.training.split_datasets` (the paths under
+``root``); ``predict_images`` (a folder of images) overrides the predict split, which defaults
+to the validation split. Removed boxes and load problems are counted over a run and reported at
+its end (:mod:`~lightning_rpn.training.data_report`).
+
+Over 350 lines for one reason: the flat constructor (forty arguments, each documented) is the
+``data:`` section of the YAML configs; what it configures lives in the modules named above.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rpn.core.anchors import AnchorGenerator
@@ -27,50 +30,22 @@ from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.data.accounting import BoxAccounting
 from lightning_rpn.data.batch import RPNBatch
-from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
-from lightning_rpn.data.problems import BadAnnotationPolicy, Problem, check_policy
+from lightning_rpn.data.problems import BadAnnotationPolicy, check_policy
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
-from lightning_rpn.data.scenes import DenseScenes
-from lightning_rpn.data.synthetic import SHAPE_KINDS, SyntheticShapes
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
-from lightning_rpn.data.voc import VOCDetection
+from lightning_rpn.training.anchor_agreement import AnchorSetup, agree_with_model
+from lightning_rpn.training.data_report import MAX_WARNED_PROBLEMS, RunDataReport
+from lightning_rpn.training.split_datasets import build_split_dataset
 
 __all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS", "MAX_WARNED_PROBLEMS"]
 
 DEFAULT_TRAIN_TRANSFORMS: TransformSpec = [{"HorizontalFlip": {"p": 0.5}}]
 
-MAX_WARNED_PROBLEMS = 20
-"""Load problems printed as they first occur during a run (all are counted in the end-of-run report)."""
-
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-
-
-def _same_anchors(a: AnchorGenerator, b: AnchorGenerator) -> bool:
-    """Whether two generators produce the same anchors (strides, layout and cell anchors)."""
-    if a is b:
-        return True
-    if a.strides != b.strides or a.anchor_stride != b.anchor_stride or a.offset != b.offset:
-        return False
-    cells_a, cells_b = a.cell_anchors, b.cell_anchors
-    return len(cells_a) == len(cells_b) and all(
-        x.shape == y.shape and torch.equal(x, y) for x, y in zip(cells_a, cells_b)
-    )
-
-
-def _same_setting(a: object, b: object) -> bool:
-    """Equal dataclasses (target config) or equal attribute dicts (box coder)."""
-    if a is b or a == b:
-        return True
-    return type(a) is type(b) and vars(a) == vars(b)
-
-
-def _describe_anchors(g: AnchorGenerator) -> str:
-    return (f"AnchorGenerator(sizes={g.sizes}, aspect_ratios={g.aspect_ratios}, strides={g.strides}, "
-            f"offset={g.offset}, anchor_stride={g.anchor_stride})")
 
 
 class RPNDataModule(LightningDataModule):
@@ -212,11 +187,7 @@ class RPNDataModule(LightningDataModule):
         self.sampling_seed = sampling_seed
         self.assign_targets = assign_targets
         self.datasets: dict[str, Dataset] = {}
-        self.accounting = BoxAccounting()
-        self.last_report: dict[str, float] = {}
-        self._report_epochs: tuple[int, int] | None = None  # first and last epoch counted since the last report
-        self._seen_problems: set[Problem] = set()
-        self._warned_problems = 0
+        self.data_report = RunDataReport()
         self._collate: RPNCollate | None = None
         self._window_eval = False  # the model proposes on sliding windows: no evaluation targets
 
@@ -235,31 +206,10 @@ class RPNDataModule(LightningDataModule):
         of raising (what ``check-data`` uses).
         """
         hp = self.hparams
-        policy = on_bad_annotation or hp.on_bad_annotation
-        verify = hp.verify_images if verify_images is None else verify_images
-        if self.dataset == "synthetic":
-            num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
-            kinds = SHAPE_KINDS if hp.synthetic_shape_kinds is None else hp.synthetic_shape_kinds
-            return SyntheticShapes(num, hp.synthetic_min_size, hp.synthetic_max_size, hp.synthetic_max_shapes,
-                                   seed=hp.seed, split=split, min_box_size=hp.synthetic_min_box_size,
-                                   shape_kinds=kinds, unannotated_kinds=hp.synthetic_unannotated_kinds or ())
-        if self.dataset == "scenes":
-            num = hp.synthetic_train_images if split == self.splits["train"] else hp.synthetic_val_images
-            try:
-                return DenseScenes(num, **(hp.scene_options or {}), seed=hp.seed, split=split)
-            except TypeError as error:
-                raise ValueError(f"RPNDataModule: data.scene_options {hp.scene_options!r}: {error}") from None
-        assert self.root is not None
-        if self.dataset == "coco":
-            return COCODetection(
-                self.root / hp.coco_images.format(split=split),
-                self.root / hp.coco_annotations.format(split=split),
-                category_ids=hp.category_ids, category_names=hp.category_names,
-                include_crowd=hp.include_crowd, on_bad_annotation=policy, verify_images=verify,
-                report_unsafe_paths=report_unsafe_paths,
-            )
-        return VOCDetection(self.root, split, keep_difficult=hp.keep_difficult, class_names=hp.category_names,
-                            on_bad_annotation=policy, verify_images=verify, report_unsafe_paths=report_unsafe_paths)
+        return build_split_dataset(
+            hp, self.root, split, split == self.splits["train"], on_bad_annotation or hp.on_bad_annotation,
+            hp.verify_images if verify_images is None else verify_images, report_unsafe_paths,
+        )
 
     def prepare_data(self) -> None:
         """Nothing to download; checks that the dataset folder exists."""
@@ -309,39 +259,15 @@ class RPNDataModule(LightningDataModule):
 
     # ---- anchors --------------------------------------------------------------------------
     def _resolve_anchors(self, module: Any = None) -> None:
-        """Take the anchor setup from the model when there is one; check it agrees with ours."""
+        """Take the anchor setup from the model when there is one; check it agrees with ours (:func:`agree_with_model`)."""
         if module is None and self.trainer is not None:
             module = getattr(self.trainer, "lightning_module", None)
         if module is not None:
-            model_anchors = getattr(module, "anchor_generator", None)
-            if model_anchors is not None:
-                if self.anchor_generator is not None and not _same_anchors(self.anchor_generator, model_anchors):
-                    raise ValueError(
-                        "RPNDataModule: data.anchor_generator "
-                        f"{_describe_anchors(self.anchor_generator)} disagrees with the model's "
-                        f"{_describe_anchors(model_anchors)}; leave it unset to use the model's"
-                    )
-                self.anchor_generator = model_anchors
-            for name in ("target_config", "box_coder"):
-                model_value = getattr(module, name, None)
-                ours = getattr(self, name)
-                if model_value is None:
-                    continue
-                if ours is not None and not _same_setting(ours, model_value):
-                    raise ValueError(f"RPNDataModule: data.{name}={vars(ours)!r} disagrees with the model's "
-                                     f"{vars(model_value)!r}; leave it unset to use the model's")
-                setattr(self, name, model_value)
-            model_div = getattr(module, "size_divisibility", None)
-            if model_div is not None:
-                if self.size_divisibility is None:
-                    self.size_divisibility = int(model_div)
-                elif self.size_divisibility % int(model_div):
-                    raise ValueError(f"RPNDataModule: data.size_divisibility={self.size_divisibility} is not a "
-                                     f"multiple of the model's size_divisibility={int(model_div)}")
+            names = [f.name for f in fields(AnchorSetup)]
+            setup = agree_with_model(AnchorSetup(**{name: getattr(self, name) for name in names}), module)
+            for name in names:
+                setattr(self, name, getattr(setup, name))
             self._window_eval = getattr(module, "sliding_window", None) is not None
-            model_seed = getattr(getattr(module, "rpn", None), "seed", None)
-            if self.sampling_seed is None and model_seed is not None:
-                self.sampling_seed = int(model_seed)
         self._collate = None
 
     @property
@@ -384,14 +310,16 @@ class RPNDataModule(LightningDataModule):
         return RPNCollate(self.anchor_generator, self.target_config, self.box_coder,
                           self.size_divisibility, assign_targets=False)
 
-    def val_dataloader(self) -> DataLoader:
+    def _evaluation_loader(self, role: str) -> DataLoader:
         # a model on sliding windows computes its evaluation losses per window: whole-image targets would be wasted
         collate = self._collate_without_targets() if self._window_eval else None
-        return self._loader("val", self.val_batch_size, shuffle=False, collate=collate)
+        return self._loader(role, self.val_batch_size, shuffle=False, collate=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        collate = self._collate_without_targets() if self._window_eval else None
-        return self._loader("test", self.val_batch_size, shuffle=False, collate=collate)
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", self.val_batch_size, shuffle=False, collate=self._collate_without_targets())
@@ -407,29 +335,23 @@ class RPNDataModule(LightningDataModule):
         return validate_dataset(self, check_images=check_images, splits=splits)
 
     # ---- reporting ------------------------------------------------------------------------
+    @property
+    def accounting(self) -> BoxAccounting:
+        """Boxes removed and load problems counted since the last :meth:`report`."""
+        return self.data_report.accounting
+
+    @property
+    def last_report(self) -> dict[str, float]:
+        """The counts of the last :meth:`report` as metrics (empty before the first one)."""
+        return self.data_report.last
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count removed boxes and load problems; warn about each load problem the first time it occurs."""
         if isinstance(batch, RPNBatch):
             trainer = self.trainer
             stage = str(trainer.state.stage.value) if trainer is not None and trainer.state.stage else "run"
-            epoch = trainer.current_epoch if trainer is not None else 0
-            first, last = self._report_epochs or (epoch, epoch)
-            self._report_epochs = (min(first, epoch), max(last, epoch))
-            self.accounting.add_batch(stage, batch)
-            self._warn_new_problems(stage, batch.problems)
+            self.data_report.add_batch(stage, trainer.current_epoch if trainer is not None else 0, batch)
         return batch
-
-    def _warn_new_problems(self, stage: str, problems: Sequence[Problem]) -> None:
-        """One warning per batch that brings problems not seen before, up to :data:`MAX_WARNED_PROBLEMS` in all."""
-        new = [p for p in dict.fromkeys(problems) if p not in self._seen_problems]
-        self._seen_problems.update(new)
-        shown = new[: max(0, MAX_WARNED_PROBLEMS - self._warned_problems)]
-        self._warned_problems += len(shown)
-        if shown:
-            more = ("" if self._warned_problems < MAX_WARNED_PROBLEMS else
-                    f"\n  (no more are printed as they occur: {MAX_WARNED_PROBLEMS} shown)")
-            rank_zero_warn(f"RPNDataModule: {stage}: load problems (each printed once, all counted in the data "
-                           "report at the end of the run):\n" + "\n".join(f"  {p}" for p in shown) + more)
 
     def report(self) -> str:
         """Print (rank zero) and return the counts since the last report, then reset them.
@@ -437,16 +359,7 @@ class RPNDataModule(LightningDataModule):
         Called once at the end of each ``fit`` / ``validate`` / ``test`` / ``predict`` run
         (``teardown``), so the report covers the whole run: every epoch, train and val.
         """
-        if not self.accounting.stages():
-            return ""
-        first, last = self._report_epochs or (0, 0)
-        epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
-        text = f"RPNDataModule data report ({epochs}):\n" + self.accounting.summary()
-        rank_zero_info(text)
-        self.last_report = self.accounting.metrics()
-        self.accounting.reset()
-        self._report_epochs = None
-        return text
+        return self.data_report.report()
 
     def teardown(self, stage: str) -> None:
         self.report()
