@@ -29,12 +29,12 @@ _EXPORTS: dict[str, str] = {
     "dump_transform_spec": "lightning_rpn.data.transforms",
     "TileConfig": "lightning_rpn.data.tiles",
     "TiledDataset": "lightning_rpn.data.tiles",
-    "WindowSampler": "lightning_rpn.data.tiles",
+    "WindowSampler": "lightning_rpn.data.window_sampler",
     "RPNCollate": "lightning_rpn.data.collate",
     # the LightningDataModule lives in training/; served here too, as before the layer folders
     "RPNDataModule": "lightning_rpn.training.datamodule",
     "validate_dataset": "lightning_rpn.data.validation",
-    "DatasetReport": "lightning_rpn.data.validation",
+    "DatasetReport": "lightning_rpn.data.dataset_report",
 }
 
 __all__ = sorted(_EXPORTS)

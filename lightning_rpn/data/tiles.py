@@ -7,10 +7,9 @@ Four aerial orthophotos give four items an epoch when a data module iterates fil
 wants many random crops of them instead. :class:`TiledDataset` wraps any dataset of this
 package (COCO, VOC, synthetic shapes, dense scenes): its item ``epoch * per_epoch + i`` is
 window ``i`` of ``epoch``, drawn from ``(seed, epoch, i)`` alone, so the same window comes out
-in any worker, process or run. :class:`WindowSampler` hands the DataLoader the ``per_epoch``
-indices of the epoch Lightning gives it (``set_epoch``, called by the trainer before each
-epoch's first batch, also with persistent workers). The index is the item's
-``dataset_index``, hence its anchor-sampling key in the workers and in the model alike.
+in any worker, process or run. :class:`~lightning_rpn.data.window_sampler.WindowSampler` hands
+the DataLoader the ``per_epoch`` indices of the epoch Lightning gives it. The index is the
+item's ``dataset_index``, hence its anchor-sampling key in the workers and in the model alike.
 
 A window is drawn in three steps: an image, chosen with probability proportional to its area
 (``weighting="area"``), its box count (``"boxes"``) or uniformly; a position, which with
@@ -22,8 +21,8 @@ predicts on), else any pixel offset. An image smaller than the window is one win
 Boxes are clipped to the window; a box cut so that less than ``min_visibility`` of its area
 stays inside is dropped and counted in ``removed_boxes`` (the data report); boxes wholly outside
 the window are not counted (they belong to other windows). Decoded source images are kept per
-process in an LRU cache bounded by ``cache_mb``, plus the image last cut (an image larger than
-the budget is decoded once per window).
+process in an LRU cache bounded by ``cache_mb`` (:mod:`~lightning_rpn.data.image_cache`), plus
+the image last cut (an image larger than the budget is decoded once per window).
 
 Windowed reads (``window_reads``): an image of a file-backed dataset (COCO, VOC) whose file
 stores its pixels uncompressed row by row (``.npy``, uncompressed TIFF, PPM / PGM, BMP: see
@@ -39,19 +38,20 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
 from lightning_rpn.core.windows import clip_to_window, config_from_mapping, window_key, window_starts
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
+from lightning_rpn.data.image_cache import ImageCache
 from lightning_rpn.data.image_io import RasterLayout, raster_layout
 from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.data.window_sampler import WindowSampler
 
 __all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window"]
 
@@ -110,35 +110,6 @@ class TileConfig:
     def from_mapping(cls, options: Mapping[str, Any] | TileConfig) -> TileConfig:
         """A config from the YAML mapping ``data.tiles`` (unknown or missing keys are named)."""
         return config_from_mapping(cls, options, "data.tiles", "{size: 512, per_epoch: 1000}", ("size", "per_epoch"))
-
-
-class ImageCache:
-    """Least-recently-used samples, bounded by the bytes of their images (one per process)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self.bytes = 0
-        self._items: OrderedDict[int, DetectionSample] = OrderedDict()
-
-    def get(self, key: int) -> DetectionSample | None:
-        sample = self._items.get(key)
-        if sample is not None:
-            self._items.move_to_end(key)
-        return sample
-
-    def put(self, key: int, sample: DetectionSample) -> None:
-        """Keep ``sample`` (evicting the oldest), unless its image alone exceeds the budget."""
-        size = int(sample.image.nbytes)
-        if size > self.max_bytes or key in self._items:
-            return
-        while self._items and self.bytes + size > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= int(old.image.nbytes)
-        self._items[key] = sample
-        self.bytes += size
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def cut_window(
@@ -324,32 +295,3 @@ class TiledDataset(Dataset):
         problems = [] if image in self._problems_sent else sample.problems
         self._problems_sent.add(image)
         return cut_window(replace(sample, problems=problems), window, self.min_visibility)
-
-
-class WindowSampler(DistributedSampler):
-    """The indices ``epoch * per_epoch + i`` of the epoch set by :meth:`set_epoch`, this rank's share.
-
-    Process ``rank`` of ``num_replicas`` takes ``i = rank, rank + num_replicas, ...``, every
-    rank the same count (a few windows repeat when ``num_replicas`` does not divide
-    ``per_epoch``, so DDP ranks stay in step). A ``DistributedSampler`` so that Lightning keeps
-    it under DDP instead of wrapping it (a wrapper would not pass ``set_epoch`` on).
-    """
-
-    def __init__(self, per_epoch: int, num_replicas: int = 1, rank: int = 0) -> None:
-        # DistributedSampler.__init__ wants a dataset and a process group; nothing of it is used
-        Sampler.__init__(self)
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"WindowSampler: rank={rank} must be in [0, num_replicas={num_replicas})")
-        self.per_epoch, self.num_replicas, self.rank, self.epoch = per_epoch, num_replicas, rank, 0
-        self.num_samples = -(-per_epoch // num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the windows of ``epoch`` next (Lightning calls this before every training epoch)."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        start = self.epoch * self.per_epoch
-        return iter([start + (self.rank + k * self.num_replicas) % self.per_epoch for k in range(self.num_samples)])
-
-    def __len__(self) -> int:
-        return self.num_samples
