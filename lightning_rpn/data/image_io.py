@@ -23,7 +23,7 @@ measures.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -128,24 +128,23 @@ def verify_image(path: Path | str, *, image_id: int | str | None = None) -> tupl
     JPEGs decode at reduced resolution (``Image.draft``), which still reads every byte of the
     compressed data, so truncation is found at a fraction of the full decoding cost.
     """
-    path = Path(path)
-    _check_exists(path, image_id)
-    if _is_npy(path):
-        layout = _npy_layout(path, image_id)
-        return layout.height, layout.width
-    try:
-        with _strict_decoding(), Image.open(path) as image:
-            width, height = image.size
-            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except _DECODE_ERRORS as error:
-        raise _unreadable(path, error, image_id) from error
-    return int(height), int(width)
+
+    def decode(image: Image.Image) -> None:
+        width, height = image.size
+        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+        image.load()
+
+    with _strict_decoding():
+        return _checked_size(Path(path), image_id, decode)
 
 
 def read_image_size(path: Path | str, *, image_id: int | str | None = None) -> tuple[int, int]:
     """``(h, w)`` from the file header only (fast; a truncated file passes); missing or unreadable is a :class:`DataError`."""
-    path = Path(path)
+    return _checked_size(Path(path), image_id, lambda image: image.verify())  # the format's own header check
+
+
+def _checked_size(path: Path, image_id: int | str | None, check: Callable[[Image.Image], None]) -> tuple[int, int]:
+    """``(h, w)`` of an existing ``path`` whose opened image passes ``check`` (``.npy``: its header)."""
     _check_exists(path, image_id)
     if _is_npy(path):
         layout = _npy_layout(path, image_id)
@@ -153,7 +152,7 @@ def read_image_size(path: Path | str, *, image_id: int | str | None = None) -> t
     try:
         with Image.open(path) as image:
             width, height = image.size
-            image.verify()
+            check(image)
     except _DECODE_ERRORS as error:
         raise _unreadable(path, error, image_id) from error
     return int(height), int(width)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
@@ -36,7 +37,7 @@ from torch.utils.data import Dataset
 
 from lightning_rpn.data.sample import DetectionSample
 
-__all__ = ["DenseScenes", "draw_dense_scene", "SCENE_OBJECTS", "SCENE_BACKGROUNDS"]
+__all__ = ["DenseScenes", "SceneStyle", "draw_dense_scene", "SCENE_OBJECTS", "SCENE_BACKGROUNDS"]
 
 SceneObjects = Literal["crowns", "roofs"]
 SceneBackground = Literal["field", "urban"]
@@ -108,34 +109,48 @@ def _roof_mask(rng: np.random.Generator, radius_x: float, radius_y: float) -> tu
     return alpha, shading
 
 
+@dataclass(frozen=True)
+class SceneStyle:
+    """What a scene looks like (see the module docstring); every scene default is declared here once.
+
+    Args:
+        objects / background: the object and background families.
+        density: objects per 1000 x 1000 px.
+        min_object_size / max_object_size: object side range (pixels).
+        contrast: object-background colour difference (0..255).
+        overlap: minimum centre distance as a fraction of the sum of two objects' radii.
+    """
+
+    objects: SceneObjects = "crowns"
+    background: SceneBackground = "field"
+    density: float = 250.0
+    min_object_size: float = 15.0
+    max_object_size: float = 70.0
+    contrast: float = 45.0
+    overlap: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.objects not in SCENE_OBJECTS:
+            raise ValueError(f"DenseScenes: objects={self.objects!r} is not one of {SCENE_OBJECTS}")
+        if self.background not in SCENE_BACKGROUNDS:
+            raise ValueError(f"DenseScenes: background={self.background!r} is not one of {SCENE_BACKGROUNDS}")
+        if not 2 <= self.min_object_size <= self.max_object_size:
+            raise ValueError(f"DenseScenes: expected 2 <= min_object_size <= max_object_size, got "
+                             f"{self.min_object_size}, {self.max_object_size}")
+
+
 def draw_dense_scene(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    objects: SceneObjects = "crowns",
-    background: SceneBackground = "field",
-    density: float = 250.0,
-    min_object_size: float = 15.0,
-    max_object_size: float = 70.0,
-    contrast: float = 45.0,
-    overlap: float = 0.6,
+    rng: np.random.Generator, height: int, width: int, style: SceneStyle = SceneStyle()
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one scene. Returns the uint8 ``H x W x 3`` image and float32 ``[G, 4]`` xyxy boxes.
 
-    ``density`` is the number of objects per 1000 x 1000 px (fewer where they do not fit at
-    the minimum distance); object sizes (the longer side) are log-uniform in
-    ``[min_object_size, max_object_size]``.
+    ``style.density`` objects per 1000 x 1000 px (fewer where they do not fit at the minimum
+    distance); object sizes (the longer side) are log-uniform in
+    ``[style.min_object_size, style.max_object_size]``.
     """
-    if objects not in SCENE_OBJECTS:
-        raise ValueError(f"draw_dense_scene: objects={objects!r} is not one of {SCENE_OBJECTS}")
-    if background not in SCENE_BACKGROUNDS:
-        raise ValueError(f"draw_dense_scene: background={background!r} is not one of {SCENE_BACKGROUNDS}")
-    if not 2 <= min_object_size <= max_object_size:
-        raise ValueError(
-            f"draw_dense_scene: expected 2 <= min_object_size <= max_object_size, got "
-            f"{min_object_size}, {max_object_size}"
-        )
-    image = _background(rng, background, height, width)
+    objects, density, overlap = style.objects, style.density, style.overlap
+    min_object_size, max_object_size, contrast = style.min_object_size, style.max_object_size, style.contrast
+    image = _background(rng, style.background, height, width)
     target = int(rng.poisson(density * height * width / 1e6))
     centres = np.zeros((0, 2), np.float32)
     radii = np.zeros((0,), np.float32)
@@ -191,11 +206,8 @@ class DenseScenes(Dataset):
     Args:
         num_images: scenes in the split.
         size: side of every scene in pixels.
-        objects / background: the object and background families.
-        density: objects per 1000 x 1000 px.
-        min_object_size / max_object_size: object side range (pixels).
-        contrast: object-background colour difference (0..255).
-        overlap: minimum centre distance as a fraction of the sum of two objects' radii.
+        objects / background / density / min_object_size / max_object_size / contrast / overlap:
+            the :class:`SceneStyle` (its defaults).
         seed: with ``split`` and the index, determines each scene.
         split: split name (``"train"``, ``"val"``, ...): different names give different scenes.
         cache_bytes: keep drawn scenes in memory up to this many bytes (per process, so per
@@ -206,13 +218,13 @@ class DenseScenes(Dataset):
         self,
         num_images: int = 8,
         size: int = 1000,
-        objects: SceneObjects = "crowns",
-        background: SceneBackground = "field",
-        density: float = 250.0,
-        min_object_size: float = 15.0,
-        max_object_size: float = 70.0,
-        contrast: float = 45.0,
-        overlap: float = 0.6,
+        objects: SceneObjects = SceneStyle.objects,
+        background: SceneBackground = SceneStyle.background,
+        density: float = SceneStyle.density,
+        min_object_size: float = SceneStyle.min_object_size,
+        max_object_size: float = SceneStyle.max_object_size,
+        contrast: float = SceneStyle.contrast,
+        overlap: float = SceneStyle.overlap,
         seed: int = 0,
         split: str = "train",
         cache_bytes: int = 256 * 2**20,
@@ -221,25 +233,11 @@ class DenseScenes(Dataset):
             raise ValueError(f"DenseScenes: num_images={num_images} must be >= 0")
         if size < 64:
             raise ValueError(f"DenseScenes: size={size} must be >= 64 pixels")
-        if not 2 <= min_object_size <= max_object_size <= size:
-            raise ValueError(
-                f"DenseScenes: expected 2 <= min_object_size <= max_object_size <= size, got "
-                f"{min_object_size}, {max_object_size}, {size}"
-            )
-        if objects not in SCENE_OBJECTS or background not in SCENE_BACKGROUNDS:
-            raise ValueError(
-                f"DenseScenes: objects={objects!r} / background={background!r} must be one of "
-                f"{SCENE_OBJECTS} / {SCENE_BACKGROUNDS}"
-            )
+        if max_object_size > size:
+            raise ValueError(f"DenseScenes: max_object_size={max_object_size} must be <= size={size}")
+        self.style = SceneStyle(objects, background, density, min_object_size, max_object_size, contrast, overlap)
         self.num_images = num_images
         self.size = size
-        self.objects = objects
-        self.background = background
-        self.density = density
-        self.min_object_size = min_object_size
-        self.max_object_size = max_object_size
-        self.contrast = contrast
-        self.overlap = overlap
         self.seed = seed
         self.split = split
         self._split_key = zlib.crc32(f"scenes:{split}".encode("utf-8"))
@@ -257,15 +255,12 @@ class DenseScenes(Dataset):
         drawn = self._cache.get(index)
         if drawn is None:
             rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, index])
-            drawn = draw_dense_scene(
-                rng, self.size, self.size, self.objects, self.background, self.density,
-                self.min_object_size, self.max_object_size, self.contrast, self.overlap,
-            )
+            drawn = draw_dense_scene(rng, self.size, self.size, self.style)
             if self._cached_bytes + drawn[0].nbytes <= self.cache_bytes:
                 self._cache[index] = drawn
                 self._cached_bytes += drawn[0].nbytes
         image, boxes = drawn[0].copy(), drawn[1].copy()  # callers may modify their copy
         return DetectionSample(
             image=image, boxes=boxes, image_id=index,
-            source=f"scenes://{self.objects}-{self.background}/{self.split}/{index}",
+            source=f"scenes://{self.style.objects}-{self.style.background}/{self.split}/{index}",
         )
