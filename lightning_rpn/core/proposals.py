@@ -133,11 +133,6 @@ def _nms_per_level_top(
     return kept_idx[order[:max_keep]]
 
 
-def _stop_nms_early(device: torch.device) -> bool:
-    """Early-stopping per-level NMS everywhere but CUDA (see the module docstring)."""
-    return device.type != "cuda"
-
-
 def _nms_all_levels_top(boxes: Tensor, logits: Tensor, levels: Tensor, iou_threshold: float, max_keep: int) -> Tensor:
     """Same result as :func:`_nms_per_level_top` in one ``batched_nms`` call (for CUDA, where
     NMS is one parallel kernel and every extra call costs a launch and a host sync)."""
@@ -255,6 +250,7 @@ def generate_proposals(
     *,
     box_coder: BoxCoder | None = ...,
     return_logits: Literal[False] = ...,
+    nms_method: NmsMethod | None = ...,
 ) -> list[tuple[Tensor, Tensor]]: ...
 
 
@@ -272,6 +268,7 @@ def generate_proposals(
     *,
     box_coder: BoxCoder | None = ...,
     return_logits: Literal[True],
+    nms_method: NmsMethod | None = ...,
 ) -> list[tuple[Tensor, Tensor, Tensor]]: ...
 
 
@@ -289,6 +286,7 @@ def generate_proposals(
     *,
     box_coder: BoxCoder | None = None,
     return_logits: bool = False,
+    nms_method: NmsMethod | None = None,
 ) -> list[tuple[Tensor, Tensor]] | list[tuple[Tensor, Tensor, Tensor]]:
     """Proposals per image: ``(boxes [P, 4], objectness probabilities [P])``, best first.
 
@@ -305,6 +303,8 @@ def generate_proposals(
         box_coder: delta parametrisation (default ``BoxCoder()``).
         return_logits: also return each proposal's objectness logit, ``(boxes, probabilities,
             logits [P])``: probabilities saturate at 1.0 in float32, logits keep the ranking.
+        nms_method: how NMS is computed (same boxes either way, see the module docstring);
+            ``None`` chooses by device: ``"early_stop"`` off CUDA, ``"batched"`` on CUDA.
 
     Runs without gradients; boxes, scores and logits are float32.
     """
@@ -319,7 +319,7 @@ def generate_proposals(
     boxes, logits, probs, valid, level_counts = proposal_candidates(
         objectness, deltas, anchors, sizes, pre_nms_top_n, min_size, score_thresh, coder
     )
-    method: NmsMethod = "early_stop" if _stop_nms_early(boxes.device) else "batched"
+    method: NmsMethod = nms_method or ("early_stop" if boxes.device.type != "cuda" else "batched")
     results: list = []
     for image in range(len(image_sizes)):
         chosen = select_image_proposals(

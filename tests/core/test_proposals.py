@@ -8,7 +8,6 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import batched_nms
 
-import lightning_rpn.core.proposals as proposals_module
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.head import objectness_logits
@@ -88,10 +87,10 @@ def test_same_boxes_as_torchvision_filter_proposals(seed: int, settings) -> None
 
 
 @pytest.mark.parametrize("settings", SETTINGS[:2])
-def test_one_call_nms_path_used_on_cuda_gives_the_same_boxes(settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proposals_module, "_stop_nms_early", lambda device: False)
+@pytest.mark.parametrize("nms_method", ["early_stop", "batched", "per_level"])
+def test_every_nms_method_gives_torchvisions_boxes(settings, nms_method: str) -> None:
     objectness, deltas, anchors, counts = _inputs(5)
-    ours = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, *settings)
+    ours = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, *settings, nms_method=nms_method)
     _assert_same(ours, _torchvision(objectness, deltas, anchors, counts, IMAGE_SIZES, *settings))
 
 
