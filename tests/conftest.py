@@ -22,3 +22,15 @@ def _one_intra_op_thread() -> None:
     """The suite's tensors are small: on 2 cores, intra-op threads only add barrier waits, and
     DataLoader workers and DDP processes already use the cores."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_fit(tmp_path_factory: pytest.TempPathFactory):
+    """``helpers.cli.fit_tiny_run`` once per session, started in the background (``.result()``
+    waits for the ``FitRun``) so that CLI runs which do not need it go beside it. The CLI and
+    security tests read it; the ones that write (resume) work on a copy."""
+    from helpers.cli import fit_tiny_run, in_background
+
+    run = in_background(fit_tiny_run, tmp_path_factory.mktemp("tiny_fit"))
+    yield run
+    run.exception()  # finished before the session's folders are cleaned up

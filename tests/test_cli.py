@@ -1,12 +1,16 @@
 """End to end: the real ``lightning-rpn`` console script on tiny synthetic data.
 
-One module-scoped ``fit`` run (W&B offline, as the configs' default logger) feeds the other
-tests: resume with ``--ckpt_path last``, ``validate``, ``predict`` and ``load_from_checkpoint``.
+The session's shared ``fit`` (``tiny_fit``: W&B offline, as the configs' default logger) feeds the
+other tests: ``load_from_checkpoint``, ``validate``, ``test`` and ``predict`` (started side by
+side, as they only read the checkpoint) and resuming with ``--ckpt_path last`` (on a copy).
+``check-data`` and ``analyze-anchors`` need no checkpoint and run beside the fit.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import cv2
@@ -18,25 +22,54 @@ from lightning_rpn.cli import CONFIG_KEY
 from lightning_rpn.core.boxes import clip_boxes_to_image
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.evaluation.metrics import ProposalRecall
 from lightning_rpn.evaluation.proposal_files import FORMATS, read_detectron2_proposals
 from lightning_rpn.training.module import RPNModule
 
-from helpers.cli import TINY_CONFIG, assert_ok, run_cli
+from helpers.builders import save_image
+from helpers.cli import TINY_CONFIG, FitRun, assert_ok, run_cli, start_cli
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
+EVALUATE = ["--config", "config.yaml", "--ckpt_path", "run/checkpoints/last.ckpt", "--trainer.logger", "false"]
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A working directory with config.yaml and a 2-step fit (W&B offline)."""
-    workdir = tmp_path_factory.mktemp("cli")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    result = run_cli(["fit", "--config", "config.yaml"], workdir)
-    assert_ok(result)
-    return workdir
+def fit(tiny_fit: Future[FitRun], tool_runs: dict) -> FitRun:
+    """The session's shared fit (the tool runs, which need no checkpoint, start beside it)."""
+    return tiny_fit.result()
 
 
-def test_fit_leaves_checkpoint_config_and_recall_table(trained: Path) -> None:
+@pytest.fixture(scope="module")
+def trained(fit: FitRun) -> Path:
+    """The shared fit's working directory: config.yaml and run/ (checkpoints, W&B offline run)."""
+    return fit.workdir
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``validate``, ``test``, ``predict`` of the shared checkpoint, and ``predict`` on a folder of
+    two unannotated images (in a folder of its own, so its proposal files stay apart)."""
+    folder = tmp_path_factory.mktemp("unannotated")
+    for i in range(2):
+        save_image(folder / "images" / f"{i}.png", 70, 90, seed=i)
+    shutil.copy2(trained / "config.yaml", folder / "config.yaml")
+    checkpoint = str(trained / "run/checkpoints/last.ckpt")
+    runs: dict[str, Future] = {
+        "validate": start_cli(["validate", *EVALUATE], trained),
+        "test": start_cli(["test", *EVALUATE], trained),
+        "predict": start_cli(["predict", *EVALUATE], trained),
+        "predict_folder": start_cli(
+            ["predict", "--config", "config.yaml", "--ckpt_path", checkpoint, "--trainer.logger", "false",
+             "--data.predict_images", str(folder / "images"), "--trainer.default_root_dir", str(folder / "out")],
+            folder),
+    }
+    yield {name: (run, folder if name == "predict_folder" else trained) for name, run in runs.items()}
+    wait(runs.values())  # none left writing into the shared run's folder
+
+
+def test_fit_leaves_checkpoint_config_and_recall_table(fit: FitRun) -> None:
+    trained = fit.workdir
     last = trained / "run/checkpoints/last.ckpt"
     assert last.is_file()
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
@@ -47,6 +80,7 @@ def test_fit_leaves_checkpoint_config_and_recall_table(trained: Path) -> None:
     assert checkpoint["hyper_parameters"]["anchor_sizes"] == [[16.0], [32.0], [64.0], [128.0]]
     assert (trained / "run/config.yaml").is_file()
     assert list((trained / "run/wandb").glob("offline-run-*")), "W&B offline run directory missing"
+    assert "Proposal recall (end of fit" in fit.output
 
 
 def test_load_from_checkpoint_needs_no_config(trained: Path) -> None:
@@ -57,24 +91,35 @@ def test_load_from_checkpoint_needs_no_config(trained: Path) -> None:
     assert model.val_recall.max_proposals == (10, 100)
 
 
-def test_validate_prints_the_recall_table(trained: Path) -> None:
-    result = run_cli(
-        ["validate", "--config", "config.yaml", "--ckpt_path", "run/checkpoints/last.ckpt",
-         "--trainer.logger", "false"],
-        trained,
-    )
-    assert_ok(result)
-    assert "Proposal recall (validate" in result.stdout
-    assert "val/AR@100" in result.stdout
+def _every_recall_key(ks: tuple[int, ...] = (10, 100)) -> set[str]:
+    areas = ("", "_small", "_medium", "_large")
+    ious = [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
+    return {f"AR{a}@{k}" for a in areas for k in ks} | {f"recall@{t}@{k}" for t in ious for k in ks}
 
 
-def test_predict_writes_proposals_in_original_coordinates(trained: Path) -> None:
-    result = run_cli(
-        ["predict", "--config", "config.yaml", "--ckpt_path", "run/checkpoints/last.ckpt",
-         "--trainer.logger", "false"],
-        trained,
-    )
+@pytest.mark.parametrize(("command", "split"), [("validate", "val"), ("test", "test")])
+def test_validate_and_test_print_the_recall_table_and_write_a_json_summary(
+    evaluated, command: str, split: str
+) -> None:
+    run, workdir = evaluated[command]
+    result = run.result()
     assert_ok(result)
+    assert f"Proposal recall ({command}" in result.stdout
+    assert f"{split}/AR@100" in result.stdout
+    path = workdir / "run/metrics" / f"{command}-last.json"
+    assert f"lightning-rpn {command}: metrics written to {Path('run/metrics') / path.name}" in result.stderr
+    summary = json.loads(path.read_text())
+    assert summary["command"] == command
+    assert summary["checkpoint"] == str((workdir / "run/checkpoints/last.ckpt").resolve())
+    assert summary["dataset"] == {"name": "synthetic", "root": None, "split": split, "images": None}
+    assert set(summary["metrics"]) == _every_recall_key()
+    assert 0 <= summary["metrics"]["AR@100"] <= 1
+    assert set(summary["losses"]) == {"loss", "loss_rpn_cls", "loss_rpn_reg"}
+
+
+def test_predict_writes_proposals_in_original_coordinates(evaluated) -> None:
+    run, trained = evaluated["predict"]
+    assert_ok(run.result())
     records = read_detectron2_proposals(trained / "run/proposals" / FORMATS["detectron2_pkl"])
     dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
     assert [r["image_id"] for r in records] == [0, 1, 2, 3]
@@ -85,45 +130,69 @@ def test_predict_writes_proposals_in_original_coordinates(trained: Path) -> None
     for record, item, sample in zip(records, expected, (dataset[i] for i in range(4))):
         height, width = sample.image_size
         boxes = torch.as_tensor(record["boxes"])
-        assert 0 < len(boxes) <= 50 and len(record["scores"]) == len(boxes)
+        assert 0 < len(boxes) <= 100 and len(record["scores"]) == len(boxes)
         assert boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
         # the same proposals as the in-process evaluation pipeline, mapped back by the same scale
-        torch.testing.assert_close(boxes, item["boxes"][:50], atol=1e-3, rtol=0)
+        torch.testing.assert_close(boxes, item["boxes"][:100], atol=1e-3, rtol=0)
     # by hand: run the 64x64 image as it is, then scale x by w / 64 and y by h / 64 and clip
     sample = dataset[1]
     height, width = sample.image_size
     small = cv2.resize(sample.image, (64, 64), interpolation=cv2.INTER_LINEAR)
     (at_64,) = model.predict_images([small])
     scale = torch.tensor([width / 64, height / 64, width / 64, height / 64])
-    by_hand = clip_boxes_to_image(at_64["boxes"][:50] * scale, (height, width))
+    by_hand = clip_boxes_to_image(at_64["boxes"][:100] * scale, (height, width))
     torch.testing.assert_close(torch.as_tensor(records[1]["boxes"]), by_hand, atol=1e-3, rtol=0)
 
 
-def test_fit_resumes_from_last_checkpoint(trained: Path) -> None:
+def test_predict_reports_recall_on_an_annotated_split(evaluated) -> None:
+    run, trained = evaluated["predict"]
+    result = run.result()
+    assert_ok(result)
+    assert "Proposal recall (predict, original-image pixels" in result.stdout
+    summary = json.loads((trained / "run/metrics/predict-last.json").read_text())
+    assert summary["dataset"]["split"] == "val" and summary["coordinates"] == "original images"
+    # the same recall as the written proposals against the original annotations
+    records = read_detectron2_proposals(trained / "run/proposals" / FORMATS["detectron2_pkl"])
+    dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
+    recall = ProposalRecall(max_proposals=(10, 100))
+    recall.update([torch.as_tensor(r["boxes"]) for r in records],
+                  [torch.as_tensor(dataset[r["image_id"]].boxes).reshape(-1, 4) for r in records])
+    expected = {key: float(value) for key, value in recall.compute().items()}
+    assert summary["metrics"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_predict_on_a_folder_without_annotations_reports_no_recall(evaluated) -> None:
+    run, folder = evaluated["predict_folder"]
+    result = run.result()
+    assert_ok(result)
+    assert "Proposal recall" not in result.stdout and "metrics written" not in result.stderr
+    assert not (folder / "out/metrics").exists()
+    records = read_detectron2_proposals(folder / "run/proposals" / FORMATS["detectron2_pkl"])
+    assert len(records) == 2 and all(len(r["boxes"]) > 0 for r in records)
+
+
+def test_fit_resumes_from_last_checkpoint(trained: Path, tmp_path: Path) -> None:
+    shutil.copy2(trained / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(trained / "run/checkpoints", tmp_path / "run/checkpoints")
     result = run_cli(
         ["fit", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.max_steps", "3",
          "--trainer.logger", "false"],
-        trained,
+        tmp_path,
     )
     assert_ok(result)
-    checkpoint = torch.load(trained / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == 3  # continued from step 2, not restarted
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3  # the new budget, reached from the restored step 2
+    output = " ".join((result.stdout + result.stderr).split())
+    assert f"Restoring states from the checkpoint path at {tmp_path / 'run/checkpoints/last.ckpt'}" in output
 
 
-def test_check_data_reports_the_splits(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
-    assert_ok(result)
-    assert "split train (train)" in result.stdout and "split val (val)" in result.stdout
-    assert "problems found: 0" in result.stdout
-
-
-def test_check_data_exits_1_on_bad_annotations(tmp_path: Path) -> None:
+def _bad_coco(root: Path) -> dict:
+    """One image whose second box has a NaN width; the config that checks it."""
     from PIL import Image
 
-    (tmp_path / "images").mkdir()
-    (tmp_path / "annotations").mkdir()
-    Image.new("RGB", (40, 30)).save(tmp_path / "images/a.png")
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    Image.new("RGB", (40, 30)).save(root / "images/a.png")
     coco = {
         "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
         "annotations": [
@@ -133,26 +202,51 @@ def test_check_data_exits_1_on_bad_annotations(tmp_path: Path) -> None:
         ],
         "categories": [{"id": 1, "name": "thing"}],
     }
-    (tmp_path / "annotations/instances_images.json").write_text(json.dumps(coco))
-    config = {**TINY_CONFIG, "data": {"dataset": "coco", "root": str(tmp_path), "train_split": "images",
-                                      "val_split": None, "coco_images": "{split}", "num_workers": 0}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = run_cli(["check-data", "--config", "config.yaml"], tmp_path)
+    (root / "annotations/instances_images.json").write_text(json.dumps(coco))
+    return {**TINY_CONFIG, "data": {"dataset": "coco", "root": str(root), "train_split": "images",
+                                    "val_split": None, "coco_images": "{split}", "num_workers": 0}}
+
+
+@pytest.fixture(scope="module")
+def tool_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``check-data`` of the tiny config and of a bad COCO set, ``analyze-anchors --optimize``: each
+    in a folder of its own, started at once, {name: (the run, its folder)}."""
+    commands = {
+        "check_data": (TINY_CONFIG, ["check-data", "--config", "config.yaml"]),
+        "check_bad_data": (_bad_coco, ["check-data", "--config", "config.yaml"]),
+        "analyze_anchors": (TINY_CONFIG, ["analyze-anchors", "--config", "config.yaml", "--optimize",
+                                          "--output_dir", "anchors", "--max_images", "8"]),
+    }
+    runs = {}
+    for name, (config, args) in commands.items():
+        folder = tmp_path_factory.mktemp(name)
+        config = config(folder) if callable(config) else config
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        runs[name] = (start_cli(args, folder), folder)
+    yield runs
+    wait([run for run, _ in runs.values()])
+
+
+def test_check_data_reports_the_splits(tool_runs: dict) -> None:
+    result = tool_runs["check_data"][0].result()
+    assert_ok(result)
+    assert "split train (train)" in result.stdout and "split val (val)" in result.stdout
+    assert "problems found: 0" in result.stdout
+
+
+def test_check_data_exits_1_on_bad_annotations(tool_runs: dict) -> None:
+    result = tool_runs["check_bad_data"][0].result()
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 error(s), 0 warning(s)" in result.stderr
     report = " ".join(result.stdout.split())  # rich wraps long lines
     assert "annotation 8: bbox [5, 5, nan, 10] (x, y, w, h) has non-finite coordinates" in report
 
 
-def test_analyze_anchors_optimize_writes_plot_and_snippet(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    result = run_cli(
-        ["analyze-anchors", "--config", "config.yaml", "--optimize", "--output_dir", "anchors",
-         "--max_images", "8"],
-        tmp_path,
-    )
+def test_analyze_anchors_optimize_writes_plot_and_snippet(tool_runs: dict) -> None:
+    run, folder = tool_runs["analyze_anchors"]
+    result = run.result()
     assert_ok(result)
-    assert (tmp_path / "anchors/anchor_analysis.png").stat().st_size > 0
-    snippet = yaml.safe_load((tmp_path / "anchors/anchors.yaml").read_text())["model"]
+    assert (folder / "anchors/anchor_analysis.png").stat().st_size > 0
+    snippet = yaml.safe_load((folder / "anchors/anchors.yaml").read_text())["model"]
     assert len(snippet["anchor_sizes"]) == len(snippet["aspect_ratios"]) == 4  # one per level
     assert "config snippet" in result.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,9 @@ import yaml
 
 from lightning_rpn.cli import CONFIG_KEY, main
 from lightning_rpn.training.module import RPNModule
-from helpers.cli import TINY_CONFIG, assert_ok, run_cli
+from helpers.cli import SECRET, TINY_CONFIG, FitRun, run_cli
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_rpn"
-SECRET = "secret-xyz-0123456789abcdef0123456789abcdef0123"  # W&B keys are 40+ characters
 
 FORBIDDEN = {
     "eval()": re.compile(r"(?<![.\w])eval\("),
@@ -72,13 +72,10 @@ def test_class_path_must_name_a_class_of_the_declared_type(tmp_path: Path, monke
 
 
 @pytest.fixture(scope="module")
-def trained_with_a_key(tmp_path_factory) -> tuple[Path, str]:
-    """A 2-step W&B-offline fit with WANDB_API_KEY set in the environment."""
-    workdir = tmp_path_factory.mktemp("secret")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    result = run_cli(["fit", "--config", "config.yaml"], workdir, env={"WANDB_API_KEY": SECRET})
-    assert_ok(result)
-    return workdir, result.stdout + result.stderr
+def trained_with_a_key(tiny_fit: Future[FitRun]) -> tuple[Path, str]:
+    """The session's shared 2-step W&B-offline fit, run with ``WANDB_API_KEY=SECRET`` in its environment."""
+    run = tiny_fit.result()
+    return run.workdir, run.output
 
 
 @pytest.mark.slow

@@ -1,12 +1,25 @@
-"""The real ``lightning-rpn`` console script for end-to-end tests: a tiny config and a runner."""
+"""The real ``lightning-rpn`` console script for end-to-end tests: a tiny config and runners.
+
+Each run is a new process whose imports (torch, Lightning) alone take seconds of CPU at one
+thread, so runs that do not depend on each other go side by side (``start_cli``) while the test
+process only waits.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import shutil
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+
+T = TypeVar("T")
 
 
 PROBES = str(Path(__file__).resolve().parent)
@@ -82,5 +95,59 @@ def run_cli(
     return result
 
 
+PARALLEL_RUNS = max(1, min(2, len(os.sched_getaffinity(0))))
+"""How many background runs go at once: one per core, at most two (the suite's machine)."""
+
+_RUNNER = ThreadPoolExecutor(max_workers=PARALLEL_RUNS, thread_name_prefix="background-run")
+
+
+def in_background(function: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    """``function(*args, **kwargs)`` (a subprocess run) on the shared pool of ``PARALLEL_RUNS``
+    threads; ``.result()`` waits for it and raises what it raised."""
+    return _RUNNER.submit(function, *args, **kwargs)
+
+
+def start_cli(
+    args: list[str], cwd: Path, timeout: float = 180, env: dict[str, str] | None = None
+) -> Future[subprocess.CompletedProcess]:
+    """``run_cli`` in the background (``in_background``)."""
+    return in_background(run_cli, args, cwd, timeout, env)
+
+
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+SECRET = "secret-xyz-0123456789abcdef0123456789abcdef0123"
+"""The ``WANDB_API_KEY`` of the shared fit (W&B keys are 40+ characters): it must reach no file or output."""
+
+
+@dataclass(frozen=True)
+class FitRun:
+    """A finished ``lightning-rpn fit`` in ``workdir`` (``config.yaml``, ``run/``) and what it printed."""
+
+    workdir: Path
+    output: str
+
+
+def fit_tiny_run(workdir: Path) -> FitRun:
+    """The suite's shared fit: ``TINY_CONFIG`` for 2 steps, W&B offline with ``WANDB_API_KEY=SECRET``.
+
+    The ProposalWriter keeps every proposal (100, as many as AR@100 sees) and a test split is
+    named, so ``validate``, ``test`` and ``predict`` all read this one checkpoint.
+    """
+    config = copy.deepcopy(TINY_CONFIG)
+    (writer,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ProposalWriter")]
+    writer["init_args"]["top_k"] = 100
+    config["data"]["test_split"] = "test"
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli(["fit", "--config", "config.yaml"], workdir, env={"WANDB_API_KEY": SECRET})
+    assert_ok(result)
+    return FitRun(workdir, result.stdout + result.stderr)
+
+
+def selected_params(request: Any, test_name: str, param: str) -> list[Any]:
+    """The values of ``param`` that the selected items of ``test_name`` in the requesting module
+    take: a fixture that starts their runs up front starts only those a test will read."""
+    return sorted({item.callspec.params[param] for item in request.session.items
+                   if getattr(item, "originalname", None) == test_name and item.module is request.module})
