@@ -30,6 +30,17 @@ def build(config: str, tmp_path: Path, *overrides: str) -> RPNLightningCLI:
     )
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RPNLightningCLI]:
+    """Every config built once, without pretrained weights and with a data root (the COCO and VOC
+    configs need one): the tests below only read what was built (a ResNet-50 or VGG-16 each)."""
+    root = tmp_path_factory.mktemp("data_root")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["lightning-rpn"])
+        return {path.name: build(path.name, root, "--model.weights", "null", "--data.root", str(root))
+                for path in sorted(CONFIGS.glob("*.yaml"))}
+
+
 def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
     cli = build("shapes.yaml", tmp_path)
     assert cli.model.hparams.backbone == "tiny_fpn"
@@ -42,13 +53,12 @@ def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
-def test_every_config_shows_the_losses_in_the_rich_progress_bar(config: str, tmp_path: Path) -> None:
-    cli = build(config, tmp_path, "--model.weights", "null", "--data.root", str(tmp_path))
-    assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
+def test_every_config_shows_the_losses_in_the_rich_progress_bar(config: str, built: dict) -> None:
+    assert isinstance(built[config].trainer.progress_bar_callback, RichProgressBar)
 
 
-def test_coco_config_is_detectron2_rpn_r50_fpn_1x(tmp_path: Path) -> None:
-    cli = build("coco_r50_fpn_1x.yaml", tmp_path, "--model.weights", "null", "--data.root", str(tmp_path))
+def test_coco_config_is_detectron2_rpn_r50_fpn_1x(built: dict) -> None:
+    cli = built["coco_r50_fpn_1x.yaml"]
     hp = cli.model.hparams
     assert cli.model.backbone.strides == (4, 8, 16, 32, 64)
     assert cli.model.anchor_generator.sizes == ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
@@ -73,8 +83,8 @@ def test_coco_config_names_real_torchvision_weights() -> None:
     assert torchvision.models.get_weight("ResNet50_Weights.IMAGENET1K_V1") is not None
 
 
-def test_voc_config_is_the_papers_vgg16_rpn(tmp_path: Path) -> None:
-    cli = build("voc_vgg16_c4.yaml", tmp_path, "--model.weights", "null", "--data.root", str(tmp_path))
+def test_voc_config_is_the_papers_vgg16_rpn(built: dict) -> None:
+    cli = built["voc_vgg16_c4.yaml"]
     model = cli.model
     assert model.backbone.strides == (16,) and model.backbone.out_channels == 512
     assert model.anchor_generator.num_anchors_per_location() == 9
