@@ -54,10 +54,10 @@ def test_two_stage_detector_trains_both_stages_and_predicts(tmp_path) -> None:
 def test_the_documented_command_runs_across_epochs_and_validates() -> None:
     """README: ``--max_steps 300`` over 400 images (50 batches of 8) stopped at once with
     ``val_check_interval (100) must be <= the number of training batches (50)``. Here the same
-    command line with a smaller epoch: 12 steps over 10 batches of 8, validation at step 12."""
+    command line with a smaller epoch: 3 steps over 2 batches of 8, validation at step 3."""
     readme = (EXAMPLE.parent / "README.md").read_text()
     assert "python examples/two_stage/faster_rcnn.py --max_steps 300" in readme
-    trainer = load_example().main(["--max_steps", "12", "--train_images", "80"])
-    assert trainer.global_step == 12  # into the second epoch
-    assert trainer.num_training_batches == 10 and trainer.val_check_batch == 12
+    trainer = load_example().main(["--max_steps", "3", "--train_images", "16"])
+    assert trainer.global_step == 3  # into the second epoch
+    assert trainer.num_training_batches == 2 and trainer.val_check_batch == 3
     assert 0.0 <= float(trainer.callback_metrics["val/proposal_AR@100"]) <= 1.0
