@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers.cli import assert_ok, run_cli
+from helpers.cli import assert_ok, run_cli, start_cli
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
@@ -41,7 +41,10 @@ def test_large_scenes_config_trains_on_windows_and_validates_whole_scenes(tmp_pa
     checkpoint = tmp_path / "run/checkpoints/last.ckpt"
     assert checkpoint.is_file()
 
-    validate = run_cli(["validate", "--config", "config.yaml", "--ckpt_path", str(checkpoint)], tmp_path, timeout=300)
+    # both only read the checkpoint and write their own summaries: side by side
+    validate, predict = [start_cli([command, "--config", "config.yaml", "--ckpt_path", str(checkpoint)], tmp_path,
+                                   timeout=300) for command in ("validate", "predict")]
+    validate = validate.result()
     assert_ok(validate)
     (summary,) = (tmp_path / "run/metrics").glob("validate-*.json")
     summary = json.loads(summary.read_text())
@@ -50,7 +53,7 @@ def test_large_scenes_config_trains_on_windows_and_validates_whole_scenes(tmp_pa
     assert set(losses) == {"loss", "loss_rpn_cls", "loss_rpn_reg"} and all(v > 0 for v in losses.values()), losses
     assert losses["loss"] == pytest.approx(losses["loss_rpn_cls"] + losses["loss_rpn_reg"], rel=1e-5)
 
-    predict = run_cli(["predict", "--config", "config.yaml", "--ckpt_path", str(checkpoint)], tmp_path, timeout=300)
+    predict = predict.result()
     assert_ok(predict)
     predicted = json.loads((tmp_path / "run/metrics/predict-last.json").read_text())
     assert predicted["coordinates"] != "resized images" and 0.0 <= predicted["metrics"]["AR@1000"] <= 1.0

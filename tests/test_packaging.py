@@ -3,6 +3,7 @@ a wheel carries a copy; ``--config NAME``, ``configs list`` and ``configs copy``
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 
 from lightning_rpn import cli
 from lightning_rpn.tools.config_files import config_dir, config_names, config_path, copy_config, resolve_config_args
+
+from helpers.cli import in_background
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
@@ -61,7 +64,9 @@ def test_configs_list_and_copy(tmp_path, capsys) -> None:
 
 
 def _run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """``command`` without this process's ``PYTHONPATH``: a fresh environment sees only its own packages."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result
 
@@ -121,16 +126,23 @@ def test_the_wheel_carries_the_configs_and_py_typed(wheel: Path) -> None:
 
 def test_the_installed_wheel_finds_its_configs_outside_a_clone(venv: Path, tmp_path: Path) -> None:
     python, command = str(venv / "bin" / "python"), str(venv / "bin" / "lightning-rpn")
-    where = _run([python, "-c", "import lightning_rpn.tools.config_files as c; print(c.__file__); print(c.config_dir())"],
-                 tmp_path).stdout.split()
+    # independent commands (each imports the package afresh), side by side
+    where, listed, _, *printed = [run.result() for run in [
+        in_background(_run, [python, "-c", "import lightning_rpn.tools.config_files as c; "
+                                           "print(c.__file__); print(c.config_dir())"], tmp_path),
+        in_background(_run, [command, "configs", "list"], tmp_path),
+        in_background(_run, [command, "configs", "copy", "shapes", "mine.yaml"], tmp_path),
+        # the name, and the README's clone path
+        *(in_background(_run, [command, "fit", "--config", config, "--print_config"], tmp_path)
+          for config in ("shapes", "configs/shapes.yaml")),
+    ]]
+    where = where.stdout.split()
     assert all(str(venv) in path for path in where), where  # the wheel's package and its configs copy
     assert (Path(where[1]).parent / "py.typed").is_file()
-    assert _run([command, "configs", "list"], tmp_path).stdout.split() == CONFIGS
-    _run([command, "configs", "copy", "shapes", "mine.yaml"], tmp_path)
+    assert listed.stdout.split() == CONFIGS
     assert (tmp_path / "mine.yaml").read_bytes() == (REPO / "configs" / "shapes.yaml").read_bytes()
-    for config in ("shapes", "configs/shapes.yaml"):  # the name, and the README's clone path
-        printed = _run([command, "fit", "--config", config, "--print_config"], tmp_path).stdout
-        assert "tiny_fpn" in printed and "max_epochs: 8" in printed, config
+    for config, output in zip(("shapes", "configs/shapes.yaml"), printed):
+        assert "tiny_fpn" in output.stdout and "max_epochs: 8" in output.stdout, config
 
 
 def test_an_editable_install_reads_the_source_configs(tmp_path: Path) -> None:
