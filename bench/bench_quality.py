@@ -25,13 +25,15 @@ Two protocols (``--protocol``):
   boxes clipped to the crop), as a user's plain loop does. Any difference in our data path shows.
 
 Prints AR@100, AR@300, AR@1000, recall@0.5@100 and recall@0.7@1000 per side and seed, the
-means over seeds and the ratios ours / torchvision. Heavy: ~10 min per seed on 2 CPU cores at
+means over seeds and the ratios ours / torchvision (``--eval-nms 0.7 0.5``: every trained model is
+also evaluated at each NMS threshold, against torchvision at the same threshold). Heavy: ~10 min per seed on 2 CPU cores at
 the default 300 steps; run it alone.
 
     .venv/bin/python bench/bench_quality.py --seeds 0 1
     .venv/bin/python bench/bench_quality.py --seeds 0 --ours-args --model.box_loss smooth_l1
     .venv/bin/python bench/bench_quality.py --protocol voc --seeds 0 1
     .venv/bin/python bench/bench_quality.py --ablations all      # the README's ablation table
+    .venv/bin/python bench/bench_quality.py --seeds 0 --eval-nms 0.7 0.6 0.5 0.4   # its NMS row
 """
 
 from __future__ import annotations
@@ -137,6 +139,17 @@ def evaluate(propose, scenes: DenseScenes, size_divisibility: int) -> dict[str, 
     return {key: float(results[key]) for key in KEYS}
 
 
+def evaluate_at_nms(propose, data, size_divisibility: int, rpn, nms_values: list[float | None]
+                    ) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """:func:`evaluate_held_out` once per NMS threshold set on ``rpn`` (``None``: its own), by row suffix."""
+    rows = {}
+    for nms in nms_values:
+        if nms is not None:
+            rpn.nms_thresh = nms
+        rows["" if nms is None else f" @nms {nms:g}"] = evaluate_held_out(propose, data, size_divisibility)
+    return rows
+
+
 def evaluate_held_out(propose, data, size_divisibility: int) -> tuple[dict[str, float], dict[str, float]]:
     """Recall on the config's validation scenes and on as many scenes of the unseen family."""
     scenes = data.build_dataset(data.splits["val"])
@@ -158,7 +171,8 @@ def _config_args(seed: int, steps: int, workdir: Path, voc_root: Path | None) ->
             "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *data]
 
 
-def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: Path | None) -> tuple[dict, dict, float]:
+def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: Path | None,
+             nms_values: list[float | None]) -> tuple[dict, float]:
     cli = _cli([*_config_args(seed, steps, workdir, voc_root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
                 "--trainer.logger.save_dir", str(workdir), "--trainer.limit_val_batches", "0", *extra])
     start = time.perf_counter()
@@ -171,10 +185,11 @@ def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: P
         proposals, _ = module(batch, with_targets=False)
         return [boxes for boxes, _ in proposals]
 
-    return (*evaluate_held_out(propose, cli.datamodule, module.size_divisibility), seconds)
+    return evaluate_at_nms(propose, cli.datamodule, module.size_divisibility, module.rpn, nms_values), seconds
 
 
-def run_torchvision(seed: int, steps: int, workdir: Path, voc_root: Path | None) -> tuple[dict, dict, float]:
+def run_torchvision(seed: int, steps: int, workdir: Path, voc_root: Path | None,
+                    nms_values: list[float | None]) -> tuple[dict, float]:
     # the same config and seed build the same initial weights and the same data module
     cli = _cli([*_config_args(seed, steps, workdir, voc_root), "--trainer.logger", "false"])
     module, data = cli.model, cli.datamodule
@@ -205,7 +220,7 @@ def run_torchvision(seed: int, steps: int, workdir: Path, voc_root: Path | None)
     def propose(batch):
         return loop.proposals(batch.images, batch.image_sizes)
 
-    return (*evaluate_held_out(propose, data, module.size_divisibility), seconds)
+    return evaluate_at_nms(propose, data, module.size_divisibility, loop.rpn, nms_values), seconds
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -240,10 +255,11 @@ def _print_table(results: dict[str, dict[str, list[dict[str, float]]]], title: s
         label = "same family" if split == "seen" else "unseen family (roofs/urban)"
         print(label)
         means = {row: _mean(runs[split]) for row, runs in results.items()}
-        reference = means.get("torchvision")
         for row, values in means.items():
             print(_line(f"  {row}", values))
-            if reference is not None and row != "torchvision":
+            # against torchvision at the same NMS threshold (the row's " @nms T" suffix)
+            reference = means.get("torchvision" + row[row.index(" @nms"):] if " @nms" in row else "torchvision")
+            if reference is not None and not row.startswith("torchvision"):
                 print(_line("    ratio to torchvision", {k: values[k] / reference[k] if reference[k] >= 1e-3 else float("nan") for k in KEYS}))
 
 
@@ -262,6 +278,8 @@ def main() -> int:
     parser.add_argument("--val-size", type=int, default=640, help="voc: side of a held-out scene (px)")
     parser.add_argument("--ablations", nargs="+", default=None, choices=[*ABLATIONS, "all"],
                         help="our side once per named row of the ablation table (all: every row)")
+    parser.add_argument("--eval-nms", type=float, nargs="+", default=None, metavar="T",
+                        help="evaluate every trained model at each of these NMS thresholds (the README's NMS row)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--ours-args", nargs=argparse.REMAINDER, default=[],
                         help="extra CLI arguments for our side (everything after this flag)")
@@ -277,7 +295,8 @@ def main() -> int:
         rows = {"ours": options.ours_args} if "ours" in options.sides else {}
     if "torchvision" in options.sides:
         rows = {"torchvision": [], **rows}
-    results: dict[str, dict[str, list[dict[str, float]]]] = {row: {"seen": [], "unseen": []} for row in rows}
+    nms_values: list[float | None] = options.eval_nms or [None]
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         for seed in options.seeds:
             voc_root = None
@@ -287,13 +306,15 @@ def main() -> int:
             for index, (row, extra) in enumerate(rows.items()):
                 workdir = Path(tmp) / f"run{index}_{seed}"
                 if row == "torchvision":
-                    seen, unseen, seconds = run_torchvision(seed, options.steps, workdir, voc_root)
+                    evaluated, seconds = run_torchvision(seed, options.steps, workdir, voc_root, nms_values)
                 else:
-                    seen, unseen, seconds = run_ours(seed, options.steps, extra, workdir, voc_root)
-                results[row]["seen"].append(seen)
-                results[row]["unseen"].append(unseen)
-                print(f"[{row} seed {seed}: {options.steps} steps in {seconds:.0f} s] "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in seen.items()), flush=True)
+                    evaluated, seconds = run_ours(seed, options.steps, extra, workdir, voc_root, nms_values)
+                for suffix, (seen, unseen) in evaluated.items():
+                    runs = results.setdefault(row + suffix, {"seen": [], "unseen": []})
+                    runs["seen"].append(seen)
+                    runs["unseen"].append(unseen)
+                    print(f"[{row}{suffix} seed {seed}: {options.steps} steps in {seconds:.0f} s] "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in seen.items()), flush=True)
     described = "" if options.ablations else f"; ours: {' '.join(options.ours_args) or 'configs/scenes.yaml as is'}"
     _print_table(results, f"held-out scenes ({options.protocol} protocol, {options.steps} steps, "
                           f"seeds {options.seeds}{described})")
