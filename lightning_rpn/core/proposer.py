@@ -7,10 +7,11 @@ anchors (or boxes) of level ``l`` of an image, ``P`` proposals of an image.
 :class:`~lightning_rpn.core.cascade.CascadeRPN`, so that both are called alike by
 ``RPNModule``, the torchvision drop-in and the export:
 
-- the proposal settings: one :class:`~lightning_rpn.core.config.ProposalConfig`
-  (``proposal_config``, built by each subclass from its flat keywords), read into the
-  attributes the proposal step uses (``pre_nms_top_n`` / ``post_nms_top_n`` as
-  ``{"train", "test"}`` dicts, ``nms_thresh``, ``min_size``, ``score_thresh``);
+- the proposal settings: one :class:`~lightning_rpn.core.config.ProposalConfig` (built by
+  each subclass from its flat keywords), read into the attributes the proposal step uses
+  (``pre_nms_top_n`` / ``post_nms_top_n`` as ``{"train", "test"}`` dicts, ``nms_thresh``,
+  ``min_size``, ``score_thresh``), which stay the one source of truth (code may set them);
+  ``proposal_config`` is derived from them;
 - ``forward(features, image_sizes, targets, *, ...)``, documented once here, which checks the
   levels and the batch and hands a subclass's ``_forward`` the call as one
   :class:`ProposalInputs`;
@@ -98,7 +99,7 @@ class RegionProposer(nn.Module):
         proposal_config: ProposalConfig,
     ) -> None:
         super().__init__()
-        config = self.proposal_config = proposal_config
+        config = proposal_config
         self.anchor_generator = anchor_generator
         self.box_coder = BoxCoder() if box_coder is None else box_coder
         self.target_config = AnchorTargetConfig() if target_config is None else target_config
@@ -108,6 +109,19 @@ class RegionProposer(nn.Module):
         self.nms_thresh = config.nms_thresh
         self.min_size = config.min_size
         self.score_thresh = config.score_thresh
+
+    @property
+    def proposal_config(self) -> ProposalConfig:
+        """The current proposal settings, read from the attributes the proposal step uses."""
+        return ProposalConfig(
+            pre_nms_top_n_train=self.pre_nms_top_n["train"],
+            post_nms_top_n_train=self.post_nms_top_n["train"],
+            pre_nms_top_n_test=self.pre_nms_top_n["test"],
+            post_nms_top_n_test=self.post_nms_top_n["test"],
+            nms_thresh=self.nms_thresh,
+            min_size=self.min_size,
+            score_thresh=self.score_thresh,
+        )
 
     def forward(
         self,

@@ -209,3 +209,10 @@ def test_proposal_settings_become_one_config_and_the_attributes_proposals_read()
     )
     with pytest.raises(ValueError, match="RPN: ProposalConfig: nms_thresh must be in"):
         _rpn(nms_thresh=1.5)
+
+
+def test_proposal_config_follows_settings_changed_on_the_network() -> None:
+    rpn = RPN(_generator(), in_channels=8, nms_thresh=0.5)
+    rpn.nms_thresh = 0.6
+    rpn.post_nms_top_n["test"] = 7
+    assert rpn.proposal_config == ProposalConfig(nms_thresh=0.6, post_nms_top_n_test=7)
