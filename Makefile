@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/shapes.yaml
+# pytest-xdist workers of `make test` (one per core of the 2-core CI machine; 0: one process)
+TEST_WORKERS ?= 2
 
 .PHONY: fit test bench help
 
@@ -20,7 +22,7 @@ fit: $(BIN)/python
 
 test: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
-	WANDB_MODE=offline $(BIN)/python -m pytest
+	WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 bench: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'

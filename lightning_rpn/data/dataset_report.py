@@ -238,5 +238,6 @@ class DatasetReport:
 
     def __str__(self) -> str:
         buffer = io.StringIO()
-        Console(width=120, file=buffer, color_system=None).print(self)
+        # soft wrap: each problem stays one line (file, image and annotation greppable together)
+        Console(width=120, file=buffer, color_system=None).print(self, soft_wrap=True)
         return buffer.getvalue()
