@@ -232,7 +232,7 @@ def _line(name: str, row: dict[str, float]) -> str:
 
 
 # The ablation table (``--ablations``): each row is our CLI with these arguments, one choice
-# that differs from torchvision's recipe switched at a time.
+# that differs from torchvision's recipe switched at a time, or a candidate default (the last rows).
 ABLATIONS: dict[str, list[str]] = {
     "defaults": [],
     "torchvision_recipe": ["--model.box_loss", "smooth_l1", "--model.channels_last", "false",
@@ -245,6 +245,10 @@ ABLATIONS: dict[str, list[str]] = {
     "min_visibility_0": ["--data.min_visibility", "0"],
     "each_image_once": ["--data.repeats", "1"],
     "quality_scoring": ["--model.quality", "centerness+iou", "--model.proposal_score", "geometric_mean"],
+    "sampled_512": ["--model.batch_size_per_image", "512"],
+    "head_depth_2": ["--model.head_conv_depth", "2"],
+    "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
+                            "--model.proposal_score", "geometric_mean"],
 }
 
 
