@@ -95,7 +95,8 @@ def run_cli(
     return result
 
 
-PARALLEL_RUNS = max(1, min(2, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+PARALLEL_RUNS = max(1, min(2, len(os.sched_getaffinity(0)) // _WORKERS))
 """How many background runs go at once: one per core, at most two (the suite's machine), shared
 among the pytest-xdist workers (``make test`` runs two)."""
 
