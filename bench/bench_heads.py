@@ -122,7 +122,9 @@ def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, 
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise RuntimeError(f"{variant} (cross={cross}) failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"done: {variant}{' (cross)' if cross else ''} {json.dumps(row)}", file=sys.stderr, flush=True)
+    return row
 
 
 def _ratio(value: float, base: float) -> str:
