@@ -19,7 +19,10 @@ before (stage 1: the anchors):
   sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,
   trained on the sampled boxes.
 
-Each stage reads the previous stage's hidden features; the boxes passed on are detached. Box
+Each stage multiplies its raw deltas by its ``delta_scale`` ``(sx, sy, sw, sh)`` (the "target
+standard deviations" of mmdetection's Cascade RPN, e.g. ``(0.1, 0.1, 0.5, 0.5)`` then
+``(0.05, 0.05, 0.1, 0.1)``): a later stage's corrections are finer, so a small scale keeps its
+raw outputs of order one. Each stage reads the previous stage's hidden features; the boxes passed on are detached. Box
 losses are ``1 - IoU`` of the decoded boxes with their gt boxes, averaged over each stage's
 positives and summed over stages (times ``reg_weight``) into ``loss_rpn_reg``; ``loss_rpn_cls``
 is the last stage's objectness log loss over its sampled boxes. Proposals are the last stage's
@@ -30,6 +33,7 @@ The stages run in :meth:`CascadeRPN.predict`, which the exported program calls t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -126,10 +130,17 @@ class CascadeStage(nn.Module):
 
     ``forward(feature [B, C, H, W], offsets [B, 2K, H, W] | None)`` -> ``(hidden [B, C', H, W],
     deltas [B, H * W, 4], logits [B, H * W] or None)``; ``offsets`` are required iff ``adaptive``.
+    The deltas are the 1x1 convolution's output times ``delta_scale`` (per coordinate).
     """
 
-    def __init__(self, in_channels: int, channels: int, adaptive: bool, dilation: int, with_objectness: bool) -> None:
+    def __init__(self, in_channels: int, channels: int, adaptive: bool, dilation: int, with_objectness: bool,
+                 delta_scale: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> None:
         super().__init__()
+        scale = tuple(float(v) for v in delta_scale)
+        if len(scale) != 4 or not all(math.isfinite(v) and v > 0 for v in scale):
+            raise ValueError(f"CascadeStage: delta_scale must be 4 positive numbers (sx, sy, sw, sh), got {delta_scale!r}")
+        # not in the state dict: it is a setting (hparams), so checkpoints without it still load
+        self.register_buffer("delta_scale", torch.tensor(scale), persistent=False)
         self.adaptive = adaptive
         self.dilation = 1 if adaptive else dilation
         self.weight = nn.Parameter(torch.empty(channels, in_channels, 3, 3))
@@ -150,7 +161,7 @@ class CascadeStage(nn.Module):
             hidden = deform_conv2d(feature.contiguous(), offsets.to(feature.dtype), self.weight, self.bias, padding=(1, 1))
         hidden = F.relu(hidden)
         b, _, h, w = hidden.shape
-        deltas = self.bbox_deltas(hidden).permute(0, 2, 3, 1).reshape(b, h * w, 4)
+        deltas = self.bbox_deltas(hidden).permute(0, 2, 3, 1).reshape(b, h * w, 4) * self.delta_scale.to(hidden.dtype)
         logits = None if self.cls_logits is None else self.cls_logits(hidden).reshape(b, h * w)
         return hidden, deltas, logits
 
@@ -193,6 +204,7 @@ class CascadeRPN(RegionProposer):
         box_coder, target_config: delta parametrisation; IoU matching and sampling of stages >= 2.
         pre_nms_top_n_* / post_nms_top_n_* / nms_thresh / min_size / score_thresh: as the RPN's.
         reg_weight: weight of every stage's box loss.
+        delta_scales: one ``(sx, sy, sw, sh)`` per stage multiplying its raw deltas (``None``: ones).
         seed: mixed with the epoch and each image's sampling key to seed the sampling.
 
     Its targets always come from ``targets`` (the stages' assignments depend on the predicted
@@ -218,6 +230,7 @@ class CascadeRPN(RegionProposer):
         min_size: float = ProposalConfig.min_size,
         score_thresh: float = ProposalConfig.score_thresh,
         reg_weight: float = 1.0,
+        delta_scales: Sequence[Sequence[float]] | None = None,
         seed: int = 0,
     ) -> None:
         try:
@@ -240,11 +253,17 @@ class CascadeRPN(RegionProposer):
         if not 0.0 < centre_ratio <= 1.0:
             raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
         channels = in_channels if conv_channels is None else conv_channels
-        self.stages = nn.ModuleList(
-            CascadeStage(in_channels if s == 0 else channels, channels, adaptive=s > 0, dilation=dilation,
-                         with_objectness=s == num_stages - 1)
-            for s in range(num_stages)
-        )
+        scales = [(1.0,) * 4] * num_stages if delta_scales is None else list(delta_scales)
+        if len(scales) != num_stages:
+            raise ValueError(f"CascadeRPN: delta_scales needs one (sx, sy, sw, sh) per stage ({num_stages}), got {len(scales)}")
+        try:
+            self.stages = nn.ModuleList(
+                CascadeStage(in_channels if s == 0 else channels, channels, adaptive=s > 0, dilation=dilation,
+                             with_objectness=s == num_stages - 1, delta_scale=scales[s])
+                for s in range(num_stages)
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"CascadeRPN: delta_scales: {error}") from None
         self.centre_ratio = centre_ratio
         self.reg_weight = reg_weight
 

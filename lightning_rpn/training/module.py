@@ -128,6 +128,8 @@ class RPNModule(pl.LightningModule):
         cascade_stages: stages of the cascade (>= 2).
         cascade_dilation: dilation of the cascade's first 3x3 convolution.
         cascade_centre_ratio: central fraction of a gt box whose locations the first stage regresses.
+        cascade_delta_scales: one ``(sx, sy, sw, sh)`` per cascade stage multiplying its raw deltas
+            (mmdetection's target stds; ``None``: ones).
         smooth_l1_beta: beta of the smooth L1 loss.
         pre_nms_top_n_train: proposals kept per level before NMS in training.
         post_nms_top_n_train: proposals kept per image after NMS in training.
@@ -202,6 +204,7 @@ class RPNModule(pl.LightningModule):
         cascade_stages: int = 2,
         cascade_dilation: int = 3,
         cascade_centre_ratio: float = 0.2,
+        cascade_delta_scales: tuple[tuple[float, float, float, float], ...] | None = None,
         pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
         post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
         pre_nms_top_n_test: int = ProposalConfig.pre_nms_top_n_test,
@@ -314,6 +317,7 @@ class RPNModule(pl.LightningModule):
                 conv_channels=head_conv_channels,
                 dilation=cascade_dilation,
                 centre_ratio=cascade_centre_ratio,
+                delta_scales=cascade_delta_scales,
                 box_coder=self.box_coder,
                 target_config=self.target_config,
                 reg_weight=1.0 if reg_weight is None else reg_weight,

@@ -115,6 +115,27 @@ def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: 
         torch.testing.assert_close(seen[image], stage_one[image])
 
 
+def test_delta_scales_multiply_each_stages_raw_deltas() -> None:
+    torch.manual_seed(0)
+    plain = _cascade()
+    scales = ((0.1, 0.1, 0.5, 0.5), (0.05, 0.05, 0.1, 0.1))
+    scaled = _cascade(delta_scales=scales)
+    scaled.load_state_dict(plain.state_dict())  # the scales are settings, not in the state dict
+    assert set(plain.state_dict()) == set(scaled.state_dict())
+    features = [torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)]
+    anchors = scaled.anchor_generator([(8, 8), (4, 4)], device=torch.device("cpu"))
+    ours, theirs = scaled.predict(features, anchors), plain.predict(features, anchors)
+    torch.testing.assert_close(ours.deltas[0], theirs.deltas[0] * torch.tensor(scales[0]))
+    # stage 2 sees other boxes (stage 1 decoded its scaled deltas), so check it on its own
+    hidden = scaled.stages[0](features[0])[0]
+    offsets = torch.zeros(1, 18, 8, 8)
+    torch.testing.assert_close(scaled.stages[1](hidden, offsets)[1], plain.stages[1](hidden, offsets)[1] * torch.tensor(scales[1]))
+    with pytest.raises(ValueError, match=r"delta_scales needs one \(sx, sy, sw, sh\) per stage \(2\), got 1"):
+        _cascade(delta_scales=scales[:1])
+    with pytest.raises(ValueError, match="delta_scales: CascadeStage: delta_scale must be 4 positive numbers"):
+        _cascade(delta_scales=((0.1, 0.1, 0.5, 0.5), (0.1, 0.0, 0.1, 0.1)))
+
+
 def test_proposal_settings_and_target_checks_are_the_rpns() -> None:
     generator, _ = _grid()
     rpn = CascadeRPN(generator, in_channels=8, post_nms_top_n_test=12, nms_thresh=0.5, min_size=2.0)
@@ -147,6 +168,8 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     one_anchor = dict(head="cascade", aspect_ratios=((1.0,),), anchor_sizes=((32,), (64,), (128,), (256,)))
     model = tiny_model(**one_anchor, cascade_stages=3)
     assert isinstance(model.rpn, CascadeRPN) and len(model.rpn.stages) == 3
+    scaled = tiny_model(**one_anchor, cascade_delta_scales=((0.1, 0.1, 0.5, 0.5), (0.05, 0.05, 0.1, 0.1)))
+    assert scaled.rpn.stages[1].delta_scale.tolist() == pytest.approx([0.05, 0.05, 0.1, 0.1])
     batch = collate_for(model, assign_targets=False)(synthetic_samples())
     proposals, losses = model(batch)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)
