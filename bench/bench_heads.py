@@ -21,6 +21,8 @@ Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --steps 300   # reduced budget
+    # a variant with changed model settings (YAML values), e.g. the README's ablation rows
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --variants oln --set proposal_score=geometric_mean
 """
 
 from __future__ import annotations
@@ -48,8 +50,19 @@ def _sections(config: str) -> tuple[dict[str, Any], dict[str, Any], int]:
     return dict(loaded["model"]), dict(loaded["data"]), int(loaded.get("seed_everything", 0))
 
 
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["fg_iou=0.7", "cascade_delta_scales=[[0.1, 0.1, 0.5, 0.5], [1, 1, 1, 1]]"]`` -> model settings (YAML values)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"bench_heads: --set expects KEY=VALUE (a model setting, YAML value), got {pair!r}")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
+
+
 def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] | None, eval_kinds: tuple[str, ...] | None,
-                val_images: int, unannotated: bool = False) -> dict[str, Any]:
+                val_images: int, unannotated: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one variant for ``steps`` and evaluate it (runs in its own process)."""
     import lightning.pytorch as pl
     import torch
@@ -61,6 +74,7 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
 
     torch.set_num_threads(threads)
     model_args, data_args, seed = _sections(VARIANTS[variant])
+    model_args.update(settings or {})
     pl.seed_everything(seed, workers=True)
     data_args.update(synthetic_val_images=val_images)
     if kinds is not None:
@@ -119,6 +133,7 @@ def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, 
     command = [sys.executable, __file__, "--child", variant, "--steps", str(options.steps), "--threads",
                str(options.threads), "--val-images", str(options.val_images),
                "--cross-protocol", options.cross_protocol] + (["--cross"] if cross else [])
+    command += [item for pair in options.set for item in ("--set", pair)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise RuntimeError(f"{variant} (cross={cross}) failed:\n{done.stderr[-4000:]}")
@@ -140,20 +155,24 @@ def main() -> int:
     parser.add_argument("--no-cross", action="store_true", help="skip the cross-category runs")
     parser.add_argument("--cross-protocol", choices=["unannotated", "absent"], default="unannotated",
                         help="unseen kinds in the training images without boxes (default), or left out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a model setting of every variant run (YAML value; repeatable)")
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
+    settings = parse_settings(options.set)
     if options.child:
         kinds = (SEEN, UNSEEN) if options.cross else (None, None)
         row = run_variant(options.child, options.steps, options.threads, kinds[0], kinds[1], options.val_images,
-                          unannotated=options.cross_protocol == "unannotated")
+                          unannotated=options.cross_protocol == "unannotated", settings=settings)
         print(json.dumps(row))
         return 0
 
     rows = {variant: _child(options, variant, cross=False) for variant in options.variants}
     cross = {} if options.no_cross else {variant: _child(options, variant, cross=True) for variant in options.variants}
     base = rows.get("plain")
-    print(f"{options.steps} steps per run, {options.threads} thread(s), {options.val_images} held-out images")
+    print(f"{options.steps} steps per run, {options.threads} thread(s), {options.val_images} held-out images"
+          + (f", settings {settings}" if settings else ""))
     keys = ("AR@100", "AR@1000", "AR0.7+@100", "AR0.7+@1000", "step_ms", "peak_rss_mb")
     print(f"{'variant':<10}" + "".join(f"{key:>14}" for key in keys))
     for variant, row in rows.items():
