@@ -9,20 +9,25 @@ then is evaluated on the held-out synthetic ``val`` split:
   cascade's second stage exists for;
 - the cross-category check: a second run of each variant trains with boxes on rectangles and
   ellipses only and is evaluated on images of triangles only (a kind it never learned),
-  AR@100 / AR@1000. ``--cross-protocol unannotated`` (default, OLN's VOC -> non-VOC setting)
+  AR@100 / AR@1000 (``--unseen`` holds out other kinds: the rest are the trained ones). ``--cross-protocol unannotated`` (default, OLN's VOC -> non-VOC setting)
   draws triangles in the training images without boxes, so a classifier learns to call them
   background; ``absent`` leaves them out of the training images;
-- the training step's median wall time and the process's peak resident memory.
+- the training step's median wall time and the process's peak resident memory;
+- with ``--eval-scores``, the same trained model's proposals ranked by each given score (models
+  with quality branches), so that scoring is compared on one network.
 
 The kinds are chosen with ``data.synthetic_shape_kinds`` and ``data.synthetic_unannotated_kinds``
 (``SyntheticShapes(shape_kinds=..., unannotated_kinds=...)``).
 Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
-(8 epochs of 1000 images at batch 8: 1000 steps).
+(8 epochs of 1000 images at batch 8: 1000 steps). ``--seed`` changes the training seed (weight
+initialisation, shuffling, augmentation and anchor sampling; the images stay the same).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --steps 300   # reduced budget
     # a variant with changed model settings (YAML values), e.g. the README's ablation rows
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --variants oln --set proposal_score=geometric_mean
+    # another training seed; ellipses as the unseen kind
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --seed 1 --unseen ellipse
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {"plain": "shapes.yaml", "oln": "shapes_oln.yaml", "cascade": "shapes_cascade.yaml"}
 HIGH_IOU = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
-SEEN, UNSEEN = ("rectangle", "ellipse"), ("triangle",)
+UNSEEN = ("triangle",)
 
 
 def _sections(config: str) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -61,28 +66,58 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
+def seen_kinds(unseen: tuple[str, ...]) -> tuple[str, ...]:
+    """The kinds trained with boxes in the cross-category runs: every synthetic kind not in ``unseen``."""
+    from lightning_rpn.data.synthetic import SHAPE_KINDS
+
+    unknown = sorted(set(unseen) - set(SHAPE_KINDS))
+    seen = tuple(kind for kind in SHAPE_KINDS if kind not in unseen)
+    if unknown or not seen:
+        raise SystemExit(f"bench_heads: --unseen takes some but not all of {SHAPE_KINDS}, got {list(unseen)}")
+    return seen
+
+
+def build_module(variant: str, settings: dict[str, Any], seed: int | None) -> Any:
+    """The variant's ``RPNModule`` from its config's model section, ``settings`` and the training ``seed``."""
+    from lightning_rpn import RPNModule
+
+    model_args = _sections(VARIANTS[variant])[0]
+    if seed is not None:
+        model_args["anchor_sampling_seed"] = seed
+    model_args.update(settings)
+    return RPNModule(**{key: tuple(map(tuple, v)) if key in ("anchor_sizes", "aspect_ratios") else v
+                        for key, v in model_args.items()})
+
+
+def check_settings(variants: list[str], settings: dict[str, Any]) -> None:
+    """Build every variant's model once here, so that a mistyped ``--set`` fails before any run starts."""
+    for variant in variants:
+        try:
+            build_module(variant, settings, None)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"bench_heads: {variant} ({VARIANTS[variant]}) with --set {settings}: {error}") from None
+
+
 def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] | None, eval_kinds: tuple[str, ...] | None,
-                val_images: int, unannotated: bool = False, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train one variant for ``steps`` and evaluate it (runs in its own process)."""
+                val_images: int, unannotated: bool = False, settings: dict[str, Any] | None = None,
+                seed: int | None = None, eval_scores: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train one variant for ``steps`` and evaluate it (runs in its own process), also ranked by each of ``eval_scores``."""
     import lightning.pytorch as pl
     import torch
 
-    from lightning_rpn import RPNDataModule, RPNModule
-    from lightning_rpn.data import RPNCollate, SyntheticShapes
+    from lightning_rpn import RPNDataModule
+    from lightning_rpn.data import SyntheticShapes
     from lightning_rpn.data.synthetic import SHAPE_KINDS
-    from lightning_rpn.evaluation.metrics import ProposalRecall
 
     torch.set_num_threads(threads)
-    model_args, data_args, seed = _sections(VARIANTS[variant])
-    model_args.update(settings or {})
-    pl.seed_everything(seed, workers=True)
+    _, data_args, config_seed = _sections(VARIANTS[variant])
+    pl.seed_everything(config_seed if seed is None else seed, workers=True)
     data_args.update(synthetic_val_images=val_images)
     if kinds is not None:
         data_args.update(synthetic_shape_kinds=list(kinds))
         if unannotated:
             data_args.update(synthetic_unannotated_kinds=list(eval_kinds or ()))
-    module = RPNModule(**{key: tuple(map(tuple, v)) if key in ("anchor_sizes", "aspect_ratios") else v
-                          for key, v in model_args.items()})
+    module = build_module(variant, settings or {}, seed)
     datamodule = RPNDataModule(**data_args)
 
     class StepTimer(pl.Callback):
@@ -108,7 +143,31 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
     module.eval()
     dataset = SyntheticShapes(val_images, split="val" if eval_kinds is None else "unseen-kinds",
                               shape_kinds=eval_kinds or SHAPE_KINDS)
-    metrics = {"all": ProposalRecall(), "high": ProposalRecall(iou_thresholds=HIGH_IOU)}
+    by_score = {}
+    if getattr(module.rpn, "quality", ()):  # an RPN with quality branches: rank its proposals each way
+        trained_score = module.rpn.proposal_score
+        for score in eval_scores:
+            module.rpn.proposal_score = score
+            by_score[score] = evaluate(module, dataset)
+        module.rpn.proposal_score = trained_score
+    return {
+        "variant": variant,
+        **evaluate(module, dataset),
+        "by_score": by_score,
+        "step_ms": 1000 * statistics.median(timer.times[len(timer.times) // 10:]),
+        "train_s": train_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def evaluate(module: Any, dataset: Any) -> dict[str, float]:
+    """AR@100 / AR@1000 over IoU 0.5:0.95 and over 0.7:0.95 of ``module``'s proposals on ``dataset``."""
+    import torch
+
+    from lightning_rpn.data import RPNCollate
+    from lightning_rpn.evaluation.metrics import ProposalRecall
+
+    metrics = {"": ProposalRecall(), "0.7+": ProposalRecall(iou_thresholds=HIGH_IOU)}
     collate = RPNCollate(size_divisibility=module.size_divisibility, assign_targets=False)
     with torch.no_grad():
         for start in range(0, len(dataset), 8):
@@ -116,23 +175,16 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
             proposals, _ = module(batch, with_targets=False)
             for metric in metrics.values():
                 metric.update([boxes for boxes, _ in proposals], batch.gt_boxes)
-    results = {f"{name}/{key}": float(value) for name, metric in metrics.items() for key, value in metric.compute().items()}
-    return {
-        "variant": variant,
-        "AR@100": results["all/AR@100"],
-        "AR@1000": results["all/AR@1000"],
-        "AR0.7+@100": results["high/AR@100"],
-        "AR0.7+@1000": results["high/AR@1000"],
-        "step_ms": 1000 * statistics.median(timer.times[len(timer.times) // 10:]),
-        "train_s": train_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    results = {name: metric.compute() for name, metric in metrics.items()}
+    return {f"AR{name}@{top}": float(results[name][f"AR@{top}"]) for name in metrics for top in (100, 1000)}
 
 
 def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", variant, "--steps", str(options.steps), "--threads",
                str(options.threads), "--val-images", str(options.val_images),
-               "--cross-protocol", options.cross_protocol] + (["--cross"] if cross else [])
+               "--cross-protocol", options.cross_protocol, "--unseen", *options.unseen] + (["--cross"] if cross else [])
+    command += [] if options.seed is None else ["--seed", str(options.seed)]
+    command += ["--eval-scores", *options.eval_scores] if options.eval_scores else []
     command += [item for pair in options.set for item in ("--set", pair)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
@@ -155,38 +207,57 @@ def main() -> int:
     parser.add_argument("--no-cross", action="store_true", help="skip the cross-category runs")
     parser.add_argument("--cross-protocol", choices=["unannotated", "absent"], default="unannotated",
                         help="unseen kinds in the training images without boxes (default), or left out")
+    parser.add_argument("--unseen", nargs="+", default=list(UNSEEN), metavar="KIND",
+                        help="the kinds held out of the cross-category runs' boxes (default: triangle)")
+    parser.add_argument("--eval-scores", nargs="+", default=[], choices=["objectness", "quality", "geometric_mean"],
+                        help="also evaluate each trained model ranked by these proposal scores (models with quality "
+                             "branches whose objectness is trained, e.g. --set proposal_score=geometric_mean)")
+    parser.add_argument("--seed", type=int, help="training seed (default: the config's seed_everything)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a model setting of every variant run (YAML value; repeatable)")
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--cross", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     settings = parse_settings(options.set)
+    unseen = tuple(options.unseen)
+    seen = seen_kinds(unseen)
     if options.child:
-        kinds = (SEEN, UNSEEN) if options.cross else (None, None)
+        kinds = (seen, unseen) if options.cross else (None, None)
         row = run_variant(options.child, options.steps, options.threads, kinds[0], kinds[1], options.val_images,
-                          unannotated=options.cross_protocol == "unannotated", settings=settings)
+                          unannotated=options.cross_protocol == "unannotated", settings=settings, seed=options.seed,
+                          eval_scores=tuple(options.eval_scores))
         print(json.dumps(row))
         return 0
+
+    check_settings(options.variants, settings)
 
     rows = {variant: _child(options, variant, cross=False) for variant in options.variants}
     cross = {} if options.no_cross else {variant: _child(options, variant, cross=True) for variant in options.variants}
     base = rows.get("plain")
     print(f"{options.steps} steps per run, {options.threads} thread(s), {options.val_images} held-out images"
-          + (f", settings {settings}" if settings else ""))
+          + ("" if options.seed is None else f", seed {options.seed}") + (f", settings {settings}" if settings else ""))
     keys = ("AR@100", "AR@1000", "AR0.7+@100", "AR0.7+@1000", "step_ms", "peak_rss_mb")
     print(f"{'variant':<10}" + "".join(f"{key:>14}" for key in keys))
     for variant, row in rows.items():
         print(f"{variant:<10}" + "".join(f"{row[key]:>14.3f}" for key in keys))
         if base is not None and variant != "plain":
             print(f"{'  / plain':<10}" + "".join(f"{_ratio(row[key], base[key]):>14}" for key in keys))
+        for score, ranked in row["by_score"].items():
+            print(f"  ranked by {score}: " + "  ".join(
+                f"{key} {ranked[key]:.3f}" + ("" if base is None else f" ({_ratio(ranked[key], base[key])})")
+                for key in keys[:4]))
     if cross:
-        print(f"cross-category ({options.cross_protocol}): trained with boxes on {'+'.join(SEEN)}, "
-              f"evaluated on {'+'.join(UNSEEN)}")
+        print(f"cross-category ({options.cross_protocol}): trained with boxes on {'+'.join(seen)}, "
+              f"evaluated on {'+'.join(unseen)}")
         for variant, row in cross.items():
             plain = cross.get("plain")
             ratio = "" if plain is None or variant == "plain" else (
                 f"   ({_ratio(row['AR@100'], plain['AR@100'])} / {_ratio(row['AR@1000'], plain['AR@1000'])} plain)")
             print(f"{variant:<10} AR@100 {row['AR@100']:.3f}  AR@1000 {row['AR@1000']:.3f}{ratio}")
+            for score, ranked in row["by_score"].items():
+                ratio = "" if plain is None else (
+                    f"   ({_ratio(ranked['AR@100'], plain['AR@100'])} / {_ratio(ranked['AR@1000'], plain['AR@1000'])} plain)")
+                print(f"  ranked by {score}: AR@100 {ranked['AR@100']:.3f}  AR@1000 {ranked['AR@1000']:.3f}{ratio}")
     return 0
 
 

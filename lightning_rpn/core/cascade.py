@@ -17,7 +17,10 @@ before (stage 1: the anchors):
   + ReLU, then 1x1 deltas relative to that box; targets by IoU between those boxes and the gt
   boxes with the project's rule (:func:`~lightning_rpn.core.matching.match_anchors_batched`) and
   sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,
-  trained on the sampled boxes.
+  trained on the sampled boxes, and optionally localisation quality (``quality``, the branches
+  of :mod:`~lightning_rpn.core.quality`: centerness of its input box's centre, IoU of its output
+  box, trained on its positives), which ranks the proposals alone or with the objectness
+  (``proposal_score``, as the RPN's).
 
 Each stage multiplies its raw deltas by its ``delta_scale`` ``(sx, sy, sw, sh)`` (the "target
 standard deviations" of mmdetection's Cascade RPN, e.g. ``(0.1, 0.1, 0.5, 0.5)`` then
@@ -25,8 +28,9 @@ standard deviations" of mmdetection's Cascade RPN, e.g. ``(0.1, 0.1, 0.5, 0.5)``
 raw outputs of order one. Each stage reads the previous stage's hidden features; the boxes passed on are detached. Box
 losses are ``1 - IoU`` of the decoded boxes with their gt boxes, averaged over each stage's
 positives and summed over stages (times ``reg_weight``) into ``loss_rpn_reg``; ``loss_rpn_cls``
-is the last stage's objectness log loss over its sampled boxes. Proposals are the last stage's
-boxes ranked by its objectness, through :func:`~lightning_rpn.core.proposals.generate_proposals`.
+is the last stage's objectness log loss over its sampled boxes (not with ``proposal_score=
+"quality"``) plus its quality losses. Proposals are the last stage's boxes ranked by the
+proposal score, through :func:`~lightning_rpn.core.proposals.generate_proposals`.
 The stages run in :meth:`CascadeRPN.predict`, which the exported program calls too.
 """
 
@@ -47,7 +51,7 @@ from .config import AnchorTargetConfig, ProposalConfig
 from .loss import NonFiniteLossError
 from .matching import match_anchors_batched
 from .proposer import ProposalInputs, RegionProposer
-from .quality import aligned_iou
+from .quality import aligned_iou, parse_quality, quality_loss, score_logits
 from .sampling import sample_anchors_with_positives
 
 __all__ = ["CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
@@ -126,15 +130,16 @@ def assign_centre_region(grid: AnchorGrid, gt_boxes: Tensor, centre_ratio: float
 
 
 class CascadeStage(nn.Module):
-    """One stage: 3x3 conv (dilated, or adaptive to given offsets) + ReLU, 1x1 deltas (and objectness).
+    """One stage: 3x3 conv (dilated, or adaptive to given offsets) + ReLU, 1x1 deltas (and objectness, quality).
 
     ``forward(feature [B, C, H, W], offsets [B, 2K, H, W] | None)`` -> ``(hidden [B, C', H, W],
-    deltas [B, H * W, 4], logits [B, H * W] or None)``; ``offsets`` are required iff ``adaptive``.
-    The deltas are the 1x1 convolution's output times ``delta_scale`` (per coordinate).
+    deltas [B, H * W, 4], logits [B, H * W] or None, quality [B, H * W, Q] or None)``; ``offsets``
+    are required iff ``adaptive``. The deltas are the 1x1 convolution's output times
+    ``delta_scale`` (per coordinate); ``Q = num_quality`` quality logits (objectness stages only).
     """
 
     def __init__(self, in_channels: int, channels: int, adaptive: bool, dilation: int, with_objectness: bool,
-                 delta_scale: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> None:
+                 delta_scale: Sequence[float] = (1.0, 1.0, 1.0, 1.0), num_quality: int = 0) -> None:
         super().__init__()
         scale = tuple(float(v) for v in delta_scale)
         if len(scale) != 4 or not all(math.isfinite(v) and v > 0 for v in scale):
@@ -147,12 +152,13 @@ class CascadeStage(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.bbox_deltas = nn.Conv2d(channels, 4, 1)
         self.cls_logits = nn.Conv2d(channels, 1, 1) if with_objectness else None
+        self.quality_logits = nn.Conv2d(channels, num_quality, 1) if with_objectness and num_quality else None
         nn.init.normal_(self.weight, std=0.01)
-        for conv in filter(None, (self.bbox_deltas, self.cls_logits)):
+        for conv in filter(None, (self.bbox_deltas, self.cls_logits, self.quality_logits)):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, feature: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, feature: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         if self.adaptive != (offsets is not None):
             raise ValueError(f"CascadeStage: offsets are {'required' if self.adaptive else 'not used'} here")
         if offsets is None:
@@ -163,7 +169,8 @@ class CascadeStage(nn.Module):
         b, _, h, w = hidden.shape
         deltas = self.bbox_deltas(hidden).permute(0, 2, 3, 1).reshape(b, h * w, 4) * self.delta_scale.to(hidden.dtype)
         logits = None if self.cls_logits is None else self.cls_logits(hidden).reshape(b, h * w)
-        return hidden, deltas, logits
+        quality = None if self.quality_logits is None else self.quality_logits(hidden).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        return hidden, deltas, logits, quality
 
 
 class CascadePrediction(NamedTuple):
@@ -171,21 +178,25 @@ class CascadePrediction(NamedTuple):
 
     ``boxes[s]`` / ``deltas[s]``: stage ``s``'s input boxes and its deltas relative to them,
     ``[B, N, 4]`` (stage 0's boxes are the anchors); ``logits``: the last stage's objectness
-    ``[B, N]``; ``per_level``: ``N_l`` of each level.
+    ``[B, N]``; ``quality``: its quality logits ``[B, N, Q]`` or ``None``; ``scores``: the logits
+    of the proposal score ``[B, N]`` (the objectness unless quality ranks); ``per_level``:
+    ``N_l`` of each level.
     """
 
     boxes: list[Tensor]
     deltas: list[Tensor]
     logits: Tensor
+    quality: Tensor | None
+    scores: Tensor
     per_level: list[int]
 
     def image_levels(self, image: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The proposal inputs of image ``image``, per level, detached: the last stage's logits
-        ``[1, N_l]`` and deltas ``[1, N_l, 4]``, and the boxes they refine ``[N_l, 4]`` (in the
-        places of :func:`~lightning_rpn.core.proposals.generate_proposals`' anchors)."""
+        """The proposal inputs of image ``image``, per level, detached: the last stage's score
+        logits ``[1, N_l]`` and deltas ``[1, N_l, 4]``, and the boxes they refine ``[N_l, 4]`` (in
+        the places of :func:`~lightning_rpn.core.proposals.generate_proposals`' anchors)."""
         picked = slice(image, image + 1)
         return (
-            list(self.logits[picked].detach().split(self.per_level, dim=1)),
+            list(self.scores[picked].detach().split(self.per_level, dim=1)),
             list(self.deltas[-1][picked].detach().split(self.per_level, dim=1)),
             list(self.boxes[-1][image].detach().split(self.per_level, dim=0)),
         )
@@ -205,6 +216,11 @@ class CascadeRPN(RegionProposer):
         pre_nms_top_n_* / post_nms_top_n_* / nms_thresh / min_size / score_thresh: as the RPN's.
         reg_weight: weight of every stage's box loss.
         delta_scales: one ``(sx, sy, sw, sh)`` per stage multiplying its raw deltas (``None``: ones).
+        quality: ``None`` or the last stage's localisation-quality branches (``"iou"``,
+            ``"centerness"``, ``"centerness+iou"``), trained on its positives.
+        proposal_score: what ranks the proposals, as :class:`~lightning_rpn.core.rpn.RPN`'s:
+            ``"objectness"``, ``"quality"`` (its objectness is then not trained) or
+            ``"geometric_mean"``.
         seed: mixed with the epoch and each image's sampling key to seed the sampling.
 
     Its targets always come from ``targets`` (the stages' assignments depend on the predicted
@@ -231,6 +247,8 @@ class CascadeRPN(RegionProposer):
         score_thresh: float = ProposalConfig.score_thresh,
         reg_weight: float = 1.0,
         delta_scales: Sequence[Sequence[float]] | None = None,
+        quality: str | None = None,
+        proposal_score: str = "objectness",
         seed: int = 0,
     ) -> None:
         try:
@@ -252,6 +270,13 @@ class CascadeRPN(RegionProposer):
                 raise ValueError(f"CascadeRPN: {name} must be an int >= {2 if name == 'num_stages' else 1}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
             raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
+        branches = parse_quality(quality, "CascadeRPN: quality")
+        if proposal_score not in ("objectness", "quality", "geometric_mean"):
+            raise ValueError(
+                f"CascadeRPN: proposal_score must be 'objectness', 'quality' or 'geometric_mean', got {proposal_score!r}"
+            )
+        if proposal_score != "objectness" and not branches:
+            raise ValueError(f"CascadeRPN: proposal_score={proposal_score!r} needs quality branches, got quality=None")
         channels = in_channels if conv_channels is None else conv_channels
         scales = [(1.0,) * 4] * num_stages if delta_scales is None else list(delta_scales)
         if len(scales) != num_stages:
@@ -259,13 +284,16 @@ class CascadeRPN(RegionProposer):
         try:
             self.stages = nn.ModuleList(
                 CascadeStage(in_channels if s == 0 else channels, channels, adaptive=s > 0, dilation=dilation,
-                             with_objectness=s == num_stages - 1, delta_scale=scales[s])
+                             with_objectness=s == num_stages - 1, delta_scale=scales[s],
+                             num_quality=len(branches))
                 for s in range(num_stages)
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"CascadeRPN: delta_scales: {error}") from None
         self.centre_ratio = centre_ratio
         self.reg_weight = reg_weight
+        self.quality = branches
+        self.proposal_score = proposal_score
 
     def predict(self, levels: list[Tensor], anchors: list[Tensor]) -> CascadePrediction:
         """Run the stages on ``levels`` (``[B, C, H_l, W_l]``) from ``anchors`` (per level ``[H_l * W_l, 4]``).
@@ -281,28 +309,34 @@ class CascadeRPN(RegionProposer):
         inputs = levels
         stage_boxes, stage_deltas = [], []
         logits: Tensor | None = None
+        quality: Tensor | None = None
         for index, stage in enumerate(self.stages):
             level_boxes = boxes.split(per_level, dim=1)
-            hidden, deltas, level_logits = [], [], []
+            hidden, deltas, level_logits, level_quality = [], [], [], []
             for level, (feature, stride) in enumerate(zip(inputs, generator.strides)):
                 offsets = None
                 if stage.adaptive:
                     height, width = feature.shape[-2:]
                     origin = generator.offset * stride
                     offsets = adaptive_offsets(level_boxes[level], height, width, float(stride), origin)
-                h, d, o = stage(feature, offsets)
+                h, d, o, q = stage(feature, offsets)
                 hidden.append(h)
                 deltas.append(d)
                 level_logits.append(o)
+                level_quality.append(q)
             stage_boxes.append(boxes)
             stage_deltas.append(torch.cat(deltas, dim=1))
             if index == len(self.stages) - 1:
                 logits = torch.cat(level_logits, dim=1)
+                quality = torch.cat(level_quality, dim=1) if self.quality else None
             else:
                 boxes = self.box_coder.decode(stage_deltas[-1].detach(), boxes)
             inputs = hidden
         assert logits is not None
-        return CascadePrediction(stage_boxes, stage_deltas, logits, per_level)
+        scores = logits
+        if quality is not None and self.proposal_score != "objectness":
+            scores = score_logits(([logits] if self.proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
+        return CascadePrediction(stage_boxes, stage_deltas, logits, quality, scores, per_level)
 
     def _forward(self, inputs: ProposalInputs) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """:meth:`RegionProposer.forward` of the cascade: the last stage's boxes, ranked by its objectness."""
@@ -322,8 +356,8 @@ class CascadeRPN(RegionProposer):
         return proposals, losses
 
     def _losses(self, prediction: CascadePrediction, inputs: ProposalInputs) -> dict[str, Tensor]:
-        """Every stage's IoU box loss (summed) and the last stage's objectness loss."""
-        stage_boxes, stage_deltas, logits, _ = prediction
+        """Every stage's IoU box loss (summed) and the last stage's objectness and quality losses."""
+        stage_boxes, stage_deltas, logits, quality = prediction[:4]
         device = inputs.device
         grid = self.anchor_generator.grid(inputs.shapes, device=device)
         gt_boxes, generators = self._gt_boxes(inputs)
@@ -362,6 +396,11 @@ class CascadeRPN(RegionProposer):
         cls = F.binary_cross_entropy_with_logits(
             logits[sampled].float(), labels[sampled].float(), reduction="sum"
         ) / sampled.sum().clamp(min=1)
+        if quality is not None:  # the last stage's positives, boxes and targets are those of the loop's last pass
+            cls = cls * (0.0 if self.proposal_score == "quality" else 1.0) + quality_loss(
+                {name: quality[positive][:, branch] for branch, name in enumerate(self.quality)},
+                boxes[positive].float(), pred, target_boxes,
+            )
         losses = {"loss_rpn_cls": cls, "loss_rpn_reg": reg * float(self.reg_weight)}
         if not all(bool(torch.isfinite(value)) for value in losses.values()):
             raise NonFiniteLossError(

@@ -122,8 +122,8 @@ class RPNModule(pl.LightningModule):
         head: ``"rpn"`` (one head, :class:`~lightning_rpn.core.rpn.RPN`) or ``"cascade"`` (multi-stage
             refinement of one anchor per location, :class:`~lightning_rpn.core.cascade.CascadeRPN`:
             IoU box losses, ``reg_weight`` default 1; ``box_loss`` and ``smooth_l1_beta`` do not
-            apply, and ``quality``, the softmax head, ``"paper"`` normalisation and a deeper
-            head are refused). Its targets come from the gt boxes in the model, so
+            apply, ``quality`` and ``proposal_score`` are its last stage's, and the softmax head,
+            ``"paper"`` normalisation and a deeper head are refused). Its targets come from the gt boxes in the model, so
             ``data.assign_targets: false`` saves the DataLoader workers the anchor targets.
         cascade_stages: stages of the cascade (>= 2).
         cascade_dilation: dilation of the cascade's first 3x3 convolution.
@@ -304,9 +304,8 @@ class RPNModule(pl.LightningModule):
         )
         self.rpn: RPN | CascadeRPN
         if head == "cascade":
-            given = {"quality": quality, "objectness": objectness, "loss_normalization": loss_normalization,
-                     "head_conv_depth": head_conv_depth}
-            plain = {"quality": None, "objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1}
+            given = {"objectness": objectness, "loss_normalization": loss_normalization, "head_conv_depth": head_conv_depth}
+            plain = {"objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1}
             unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
             if unsupported:
                 raise ValueError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults")
@@ -321,6 +320,8 @@ class RPNModule(pl.LightningModule):
                 box_coder=self.box_coder,
                 target_config=self.target_config,
                 reg_weight=1.0 if reg_weight is None else reg_weight,
+                quality=quality,
+                proposal_score=proposal_score,
                 seed=anchor_sampling_seed,
                 **proposal_settings,
             )

@@ -173,5 +173,63 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     batch = collate_for(model, assign_targets=False)(synthetic_samples())
     proposals, losses = model(batch)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)
-    with pytest.raises(ValueError, match=r"model.head='cascade' does not support \{'model.quality': 'iou'\}"):
-        tiny_model(**one_anchor, quality="iou")
+    with pytest.raises(ValueError, match=r"model.head='cascade' does not support \{'model.objectness': 'softmax'\}"):
+        tiny_model(**one_anchor, objectness="softmax")
+    scored = tiny_model(**one_anchor, quality="iou", proposal_score="geometric_mean")
+    assert (scored.rpn.quality, scored.rpn.proposal_score) == (("iou",), "geometric_mean")
+    proposals, losses = scored(batch)
+    assert all(value.isfinite() for value in losses.values()) and len(proposals) == len(batch)
+
+
+def _with_quality(quality: str, proposal_score: str) -> tuple[CascadeRPN, CascadeRPN]:
+    """A cascade with quality branches and the same cascade without them (the shared weights copied)."""
+    torch.manual_seed(0)
+    scored = _cascade(quality=quality, proposal_score=proposal_score).train()
+    plain = _cascade().train()
+    missing = plain.load_state_dict(scored.state_dict(), strict=False)
+    assert missing.missing_keys == [] and all("quality_logits" in key for key in missing.unexpected_keys)
+    return scored, plain
+
+
+def test_quality_branches_train_on_the_last_stages_positives(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_rpn.core.cascade as cascade
+    from lightning_rpn.core.quality import aligned_iou, quality_loss
+
+    calls = []
+    monkeypatch.setattr(cascade, "quality_loss", lambda *args: calls.append(args) or quality_loss(*args))
+    scored, plain = _with_quality("centerness+iou", "geometric_mean")
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    _, ours = scored(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1], need_proposals=False)
+    _, theirs = plain(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1], need_proposals=False)
+    (branches, input_boxes, pred_boxes, gt_boxes), = calls
+    assert set(branches) == {"centerness", "iou"} and input_boxes.shape[0] > 0
+    # the positives are the last stage's: its input boxes match their gt boxes at IoU >= fg_iou 0.5
+    assert (aligned_iou(input_boxes, gt_boxes) >= 0.5).all()
+    torch.testing.assert_close(ours["loss_rpn_reg"], theirs["loss_rpn_reg"])
+    torch.testing.assert_close(ours["loss_rpn_cls"], theirs["loss_rpn_cls"] + quality_loss(branches, input_boxes, pred_boxes, gt_boxes))
+
+
+def test_quality_alone_ranks_and_leaves_the_objectness_untrained() -> None:
+    from lightning_rpn.core.quality import score_logits
+
+    scored, _ = _with_quality("iou", "quality")
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    _, losses = scored(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1], need_proposals=False)
+    losses["loss_rpn_cls"].backward()
+    last = scored.stages[-1]
+    assert last.cls_logits.weight.grad.abs().sum() == 0 and last.quality_logits.weight.grad.abs().sum() > 0
+    anchors = scored.anchor_generator([(8, 8), (4, 4)], device=torch.device("cpu"))
+    prediction = scored.predict(features, anchors)
+    assert prediction.quality.shape == (2, 80, 1)
+    torch.testing.assert_close(prediction.scores, prediction.quality[..., 0])
+    scored.proposal_score = "geometric_mean"
+    both = scored.predict(features, anchors)
+    torch.testing.assert_close(both.scores, score_logits([both.logits, both.quality[..., 0]]))
+    scored.eval()
+    proposals, _ = scored(features, [(32, 32)] * 2, proposal_logits=True)
+    logits = proposals[0][-1]  # ranked by the geometric mean, best first
+    assert (logits[:-1] >= logits[1:]).all() and logits[0] == both.scores[0].max()
+    with pytest.raises(ValueError, match="CascadeRPN: proposal_score='quality' needs quality branches"):
+        _cascade(proposal_score="quality")
+    with pytest.raises(ValueError, match="CascadeRPN: quality: expected None or"):
+        _cascade(quality="objectness")
