@@ -26,8 +26,8 @@ initialisation, shuffling, augmentation and anchor sampling; the images stay the
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --steps 300   # reduced budget
     # a variant with changed model settings (YAML values), e.g. the README's ablation rows
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --variants oln --set proposal_score=geometric_mean
-    # another training seed; ellipses as the unseen kind
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --seed 1 --unseen ellipse
+    # another training seed; ellipses as the unseen kind, only the cross-category runs
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --seed 1 --unseen ellipse --cross-only
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def main() -> int:
     parser.add_argument("--val-images", type=int, default=200)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--no-cross", action="store_true", help="skip the cross-category runs")
+    parser.add_argument("--cross-only", action="store_true", help="only the cross-category runs")
     parser.add_argument("--cross-protocol", choices=["unannotated", "absent"], default="unannotated",
                         help="unseen kinds in the training images without boxes (default), or left out")
     parser.add_argument("--unseen", nargs="+", default=list(UNSEEN), metavar="KIND",
@@ -229,15 +230,18 @@ def main() -> int:
         print(json.dumps(row))
         return 0
 
+    if options.no_cross and options.cross_only:
+        raise SystemExit("bench_heads: --no-cross and --cross-only leave nothing to run")
     check_settings(options.variants, settings)
 
-    rows = {variant: _child(options, variant, cross=False) for variant in options.variants}
+    rows = {} if options.cross_only else {variant: _child(options, variant, cross=False) for variant in options.variants}
     cross = {} if options.no_cross else {variant: _child(options, variant, cross=True) for variant in options.variants}
     base = rows.get("plain")
     print(f"{options.steps} steps per run, {options.threads} thread(s), {options.val_images} held-out images"
           + ("" if options.seed is None else f", seed {options.seed}") + (f", settings {settings}" if settings else ""))
     keys = ("AR@100", "AR@1000", "AR0.7+@100", "AR0.7+@1000", "step_ms", "peak_rss_mb")
-    print(f"{'variant':<10}" + "".join(f"{key:>14}" for key in keys))
+    if rows:
+        print(f"{'variant':<10}" + "".join(f"{key:>14}" for key in keys))
     for variant, row in rows.items():
         print(f"{variant:<10}" + "".join(f"{row[key]:>14.3f}" for key in keys))
         if base is not None and variant != "plain":

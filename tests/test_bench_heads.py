@@ -41,6 +41,11 @@ def test_unseen_kinds_leave_the_others_seen(bench_heads) -> None:
             bench_heads.seen_kinds(unseen)
 
 
+def test_options_that_leave_nothing_to_run_are_refused() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--no-cross", "--cross-only"], capture_output=True, text=True)
+    assert done.returncode == 1 and "--no-cross and --cross-only leave nothing to run" in done.stderr
+
+
 def test_a_tiny_run_ranks_one_model_by_each_score() -> None:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--steps", "2", "--val-images", "4", "--variants", "oln", "--unseen", "ellipse",
