@@ -51,7 +51,7 @@ from .config import AnchorTargetConfig, ProposalConfig
 from .loss import NonFiniteLossError
 from .matching import match_anchors_batched
 from .proposer import ProposalInputs, RegionProposer
-from .quality import aligned_iou, parse_quality, quality_loss, score_logits
+from .quality import aligned_iou, parse_scoring, quality_loss, rank_logits
 from .sampling import sample_anchors_with_positives
 
 __all__ = ["CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
@@ -270,13 +270,7 @@ class CascadeRPN(RegionProposer):
                 raise ValueError(f"CascadeRPN: {name} must be an int >= {2 if name == 'num_stages' else 1}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
             raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
-        branches = parse_quality(quality, "CascadeRPN: quality")
-        if proposal_score not in ("objectness", "quality", "geometric_mean"):
-            raise ValueError(
-                f"CascadeRPN: proposal_score must be 'objectness', 'quality' or 'geometric_mean', got {proposal_score!r}"
-            )
-        if proposal_score != "objectness" and not branches:
-            raise ValueError(f"CascadeRPN: proposal_score={proposal_score!r} needs quality branches, got quality=None")
+        branches = parse_scoring(quality, proposal_score, "CascadeRPN")
         channels = in_channels if conv_channels is None else conv_channels
         scales = [(1.0,) * 4] * num_stages if delta_scales is None else list(delta_scales)
         if len(scales) != num_stages:
@@ -333,13 +327,11 @@ class CascadeRPN(RegionProposer):
                 boxes = self.box_coder.decode(stage_deltas[-1].detach(), boxes)
             inputs = hidden
         assert logits is not None
-        scores = logits
-        if quality is not None and self.proposal_score != "objectness":
-            scores = score_logits(([logits] if self.proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
+        scores = rank_logits(logits, quality, self.proposal_score)
         return CascadePrediction(stage_boxes, stage_deltas, logits, quality, scores, per_level)
 
     def _forward(self, inputs: ProposalInputs) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
-        """:meth:`RegionProposer.forward` of the cascade: the last stage's boxes, ranked by its objectness."""
+        """:meth:`RegionProposer.forward` of the cascade: the last stage's boxes, ranked by the proposal score."""
         if inputs.anchor_targets is not None and inputs.targets is None:
             raise ValueError(
                 "CascadeRPN: assigns its own targets from the gt boxes (they depend on the predicted boxes); "

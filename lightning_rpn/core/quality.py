@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .boxes import iou_from_overlap
-from .config import PROPOSAL_SCORES
+from .config import PROPOSAL_SCORES, check_choice
 
 __all__ = [
     "QUALITY_BRANCHES",
     "PROPOSAL_SCORES",
     "parse_quality",
+    "parse_scoring",
+    "rank_logits",
     "centerness_targets",
     "aligned_iou",
     "quality_loss",
@@ -61,6 +63,18 @@ def parse_quality(quality: str | None, where: str = "quality") -> tuple[str, ...
             f"(e.g. 'centerness', 'centerness+iou'), got {quality!r}"
         )
     return names
+
+
+def parse_scoring(quality: str | None, proposal_score: str, where: str) -> tuple[str, ...]:
+    """The branch names of ``quality``, checked with ``proposal_score`` (which needs branches unless ``"objectness"``).
+
+    ``ValueError`` naming ``where`` (e.g. ``"RPN"``) for an unknown score or branch.
+    """
+    branches = parse_quality(quality, f"{where}: quality")
+    check_choice(proposal_score, PROPOSAL_SCORES, f"{where}: proposal_score")
+    if proposal_score != "objectness" and not branches:
+        raise ValueError(f"{where}: proposal_score={proposal_score!r} needs quality branches, got quality=None")
+    return branches
 
 
 def centerness_targets(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -111,6 +125,15 @@ def quality_loss(
             raise ValueError(f"quality_loss: unknown branch {name!r}; expected one of {QUALITY_BRANCHES}")
         total = total + F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / count
     return total
+
+
+def rank_logits(objectness: Tensor, quality: Tensor | None, proposal_score: str) -> Tensor:
+    """The logits ``[B, N]`` that rank proposals: ``objectness`` ``[B, N]``, or with ``quality``
+    ``[B, N, Q]`` the geometric mean of the quality branches (``"quality"``) or of them and the
+    objectness (``"geometric_mean"``)."""
+    if quality is None or proposal_score == "objectness":
+        return objectness
+    return score_logits(([objectness] if proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
 
 
 def score_logits(logits: Sequence[Tensor]) -> Tensor:

@@ -28,11 +28,11 @@ from torch import Tensor
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
-from .config import OBJECTNESS_MODES, PROPOSAL_SCORES, AnchorTargetConfig, LossConfig, ProposalConfig, check_choice
+from .config import OBJECTNESS_MODES, AnchorTargetConfig, LossConfig, ProposalConfig, check_choice
 from .head import RPNHead, objectness_logits
 from .loss import rpn_loss
 from .proposer import ProposalInputs, RegionProposer
-from .quality import parse_quality, score_logits
+from .quality import parse_scoring, rank_logits
 from .targets import assign_batch_targets
 
 __all__ = ["RPN", "proposal_score_logits"]
@@ -54,12 +54,9 @@ def proposal_score_logits(
     logits = list(pred_objectness)
     if objectness == "softmax":
         logits = [objectness_logits(o) for o in pred_objectness]
-    if pred_quality is None or proposal_score == "objectness":
+    if pred_quality is None:
         return logits
-    return [
-        score_logits(([obj] if proposal_score == "geometric_mean" else []) + list(quality.unbind(-1)))
-        for obj, quality in zip(logits, pred_quality)
-    ]
+    return [rank_logits(obj, quality, proposal_score) for obj, quality in zip(logits, pred_quality)]
 
 
 class RPN(RegionProposer):
@@ -123,10 +120,7 @@ class RPN(RegionProposer):
         super().__init__(anchor_generator, box_coder, target_config, seed, proposal_config)
         self.loss_config = loss_config
         check_choice(objectness, OBJECTNESS_MODES, "RPN: objectness")
-        branches = parse_quality(quality, "RPN: quality")
-        check_choice(proposal_score, PROPOSAL_SCORES, "RPN: proposal_score")
-        if proposal_score != "objectness" and not branches:
-            raise ValueError(f"RPN: proposal_score={proposal_score!r} needs quality branches, got quality=None")
+        branches = parse_scoring(quality, proposal_score, "RPN")
         num_anchors = anchor_generator.num_anchors_per_location()
         if head is None:
             head = RPNHead(

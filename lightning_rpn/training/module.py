@@ -123,8 +123,9 @@ class RPNModule(pl.LightningModule):
             refinement of one anchor per location, :class:`~lightning_rpn.core.cascade.CascadeRPN`:
             IoU box losses, ``reg_weight`` default 1; ``box_loss`` and ``smooth_l1_beta`` do not
             apply, ``quality`` and ``proposal_score`` are its last stage's, and the softmax head,
-            ``"paper"`` normalisation and a deeper head are refused). Its targets come from the gt boxes in the model, so
-            ``data.assign_targets: false`` saves the DataLoader workers the anchor targets.
+            ``"paper"`` normalisation and a deeper head are refused). Its targets come from the
+            gt boxes in the model, so ``data.assign_targets: false`` saves the DataLoader workers
+            the anchor targets.
         cascade_stages: stages of the cascade (>= 2).
         cascade_dilation: dilation of the cascade's first 3x3 convolution.
         cascade_centre_ratio: central fraction of a gt box whose locations the first stage regresses.
