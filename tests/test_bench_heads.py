@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.scripts import REPO, load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_heads.py"
+SCRIPT = REPO / "bench" / "bench_heads.py"
 
 
 @pytest.fixture(scope="module")
 def bench_heads():
-    spec = importlib.util.spec_from_file_location("bench_heads", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_heads.py", "bench_heads")
 
 
 def test_settings_are_yaml_values_and_mistakes_stop_before_any_run(bench_heads) -> None:

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-import importlib.util
 import math
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from helpers.scripts import REPO, load_script
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "two_stage" / "faster_rcnn.py"
+EXAMPLE = REPO / "examples" / "two_stage" / "faster_rcnn.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("two_stage_faster_rcnn", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(str(EXAMPLE.relative_to(REPO)), "two_stage_faster_rcnn")
 
 
 def test_two_stage_detector_trains_both_stages_and_predicts(tmp_path) -> None:
