@@ -9,9 +9,10 @@ then is evaluated on the held-out synthetic ``val`` split:
   cascade's second stage exists for;
 - the cross-category check: a second run of each variant trains with boxes on rectangles and
   ellipses only and is evaluated on images of triangles only (a kind it never learned),
-  AR@100 / AR@1000 (``--unseen`` holds out other kinds: the rest are the trained ones). ``--cross-protocol unannotated`` (default, OLN's VOC -> non-VOC setting)
-  draws triangles in the training images without boxes, so a classifier learns to call them
-  background; ``absent`` leaves them out of the training images;
+  AR@100 / AR@1000 (``--unseen`` holds out other kinds, the rest are trained with boxes).
+  ``--cross-protocol unannotated`` (default, OLN's VOC -> non-VOC setting) draws the held-out
+  kinds in the training images without boxes, so a classifier learns to call them background;
+  ``absent`` leaves them out of the training images;
 - the training step's median wall time and the process's peak resident memory;
 - with ``--eval-scores``, the same trained model's proposals ranked by each given score (models
   with quality branches), so that scoring is compared on one network.
