@@ -15,7 +15,9 @@ then is evaluated on the held-out synthetic ``val`` split:
   ``absent`` leaves them out of the training images;
 - the training step's median wall time and the process's peak resident memory;
 - with ``--eval-scores``, the same trained model's proposals ranked by each given score (models
-  with quality branches), so that scoring is compared on one network.
+  with quality branches), so that scoring is compared on one network;
+- with ``--eval-nms``, the same trained model at each NMS threshold (against the plain RPN at
+  that threshold).
 
 The kinds are chosen with ``data.synthetic_shape_kinds`` and ``data.synthetic_unannotated_kinds``
 (``SyntheticShapes(shape_kinds=..., unannotated_kinds=...)``).
@@ -101,8 +103,13 @@ def check_settings(variants: list[str], settings: dict[str, Any]) -> None:
 
 def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] | None, eval_kinds: tuple[str, ...] | None,
                 val_images: int, unannotated: bool = False, settings: dict[str, Any] | None = None,
-                seed: int | None = None, eval_scores: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Train one variant for ``steps`` and evaluate it (runs in its own process), also ranked by each of ``eval_scores``."""
+                seed: int | None = None, eval_scores: tuple[str, ...] = (), eval_nms: tuple[float, ...] = ()
+                ) -> dict[str, Any]:
+    """Train one variant for ``steps`` and evaluate it (runs in its own process).
+
+    The same trained model is also evaluated ranked by each of ``eval_scores`` (quality branches
+    only) and at each NMS threshold of ``eval_nms``.
+    """
     import lightning.pytorch as pl
     import torch
 
@@ -144,21 +151,32 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
     module.eval()
     dataset = SyntheticShapes(val_images, split="val" if eval_kinds is None else "unseen-kinds",
                               shape_kinds=eval_kinds or SHAPE_KINDS)
+    results = evaluate(module, dataset)
     by_score = {}
     if getattr(module.rpn, "quality", ()):  # an RPN with quality branches: rank its proposals each way
-        trained_score = module.rpn.proposal_score
-        for score in eval_scores:
-            module.rpn.proposal_score = score
-            by_score[score] = evaluate(module, dataset)
-        module.rpn.proposal_score = trained_score
+        by_score = {score: results if score == module.rpn.proposal_score
+                    else evaluate_with(module, dataset, "proposal_score", score) for score in eval_scores}
+    by_nms = {nms: results if nms == module.rpn.nms_thresh else evaluate_with(module, dataset, "nms_thresh", nms)
+              for nms in eval_nms}
     return {
         "variant": variant,
-        **evaluate(module, dataset),
+        **results,
         "by_score": by_score,
+        "by_nms": by_nms,
         "step_ms": 1000 * statistics.median(timer.times[len(timer.times) // 10:]),
         "train_s": train_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def evaluate_with(module: Any, dataset: Any, setting: str, value: Any) -> dict[str, float]:
+    """:func:`evaluate` with the proposal network's ``setting`` (e.g. ``nms_thresh``) changed to ``value``, then restored."""
+    trained = getattr(module.rpn, setting)
+    setattr(module.rpn, setting, value)
+    try:
+        return evaluate(module, dataset)
+    finally:
+        setattr(module.rpn, setting, trained)
 
 
 def evaluate(module: Any, dataset: Any) -> dict[str, float]:
@@ -186,6 +204,7 @@ def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, 
                "--cross-protocol", options.cross_protocol, "--unseen", *options.unseen] + (["--cross"] if cross else [])
     command += [] if options.seed is None else ["--seed", str(options.seed)]
     command += ["--eval-scores", *options.eval_scores] if options.eval_scores else []
+    command += ["--eval-nms", *map(str, options.eval_nms)] if options.eval_nms else []
     command += [item for pair in options.set for item in ("--set", pair)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
@@ -193,6 +212,15 @@ def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, 
     row = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"done: {variant}{' (cross)' if cross else ''} {json.dumps(row)}", file=sys.stderr, flush=True)
     return row
+
+
+def _reevaluations(row: dict[str, Any], plain: dict[str, Any] | None) -> list[tuple[str, dict, dict | None]]:
+    """``(label, result, reference)`` of ``row``'s re-evaluations: each score against the plain
+    RPN's own result, each NMS threshold against the plain RPN at that threshold (if it has it)."""
+    scores = [(f"ranked by {score}", result, plain) for score, result in row["by_score"].items()]
+    thresholds = [(f"at NMS {nms}", result, None if plain is None else plain["by_nms"].get(nms))
+                  for nms, result in row["by_nms"].items()]
+    return scores + thresholds
 
 
 def _ratio(value: float, base: float) -> str:
@@ -214,6 +242,9 @@ def main() -> int:
     parser.add_argument("--eval-scores", nargs="+", default=[], choices=["objectness", "quality", "geometric_mean"],
                         help="also evaluate each trained model ranked by these proposal scores (models with quality "
                              "branches whose objectness is trained, e.g. --set proposal_score=geometric_mean)")
+    parser.add_argument("--eval-nms", nargs="+", type=float, default=[], metavar="T",
+                        help="also evaluate each trained model at these NMS IoU thresholds (ratios against the "
+                             "plain RPN at the same threshold)")
     parser.add_argument("--seed", type=int, help="training seed (default: the config's seed_everything)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a model setting of every variant run (YAML value; repeatable)")
@@ -227,10 +258,12 @@ def main() -> int:
         kinds = (seen, unseen) if options.cross else (None, None)
         row = run_variant(options.child, options.steps, options.threads, kinds[0], kinds[1], options.val_images,
                           unannotated=options.cross_protocol == "unannotated", settings=settings, seed=options.seed,
-                          eval_scores=tuple(options.eval_scores))
+                          eval_scores=tuple(options.eval_scores), eval_nms=tuple(options.eval_nms))
         print(json.dumps(row))
         return 0
 
+    if any(not 0.0 < nms <= 1.0 for nms in options.eval_nms):
+        raise SystemExit(f"bench_heads: --eval-nms takes IoU thresholds in (0, 1], got {options.eval_nms}")
     if options.no_cross and options.cross_only:
         raise SystemExit("bench_heads: --no-cross and --cross-only leave nothing to run")
     check_settings(options.variants, settings)
@@ -247,22 +280,21 @@ def main() -> int:
         print(f"{variant:<10}" + "".join(f"{row[key]:>14.3f}" for key in keys))
         if base is not None and variant != "plain":
             print(f"{'  / plain':<10}" + "".join(f"{_ratio(row[key], base[key]):>14}" for key in keys))
-        for score, ranked in row["by_score"].items():
-            print(f"  ranked by {score}: " + "  ".join(
-                f"{key} {ranked[key]:.3f}" + ("" if base is None else f" ({_ratio(ranked[key], base[key])})")
+        for label, result, reference in _reevaluations(row, base):
+            print(f"  {label}: " + "  ".join(
+                f"{key} {result[key]:.3f}" + ("" if reference is None else f" ({_ratio(result[key], reference[key])})")
                 for key in keys[:4]))
     if cross:
         print(f"cross-category ({options.cross_protocol}): trained with boxes on {'+'.join(seen)}, "
               f"evaluated on {'+'.join(unseen)}")
+        plain = cross.get("plain")
         for variant, row in cross.items():
-            plain = cross.get("plain")
-            ratio = "" if plain is None or variant == "plain" else (
-                f"   ({_ratio(row['AR@100'], plain['AR@100'])} / {_ratio(row['AR@1000'], plain['AR@1000'])} plain)")
-            print(f"{variant:<10} AR@100 {row['AR@100']:.3f}  AR@1000 {row['AR@1000']:.3f}{ratio}")
-            for score, ranked in row["by_score"].items():
-                ratio = "" if plain is None else (
-                    f"   ({_ratio(ranked['AR@100'], plain['AR@100'])} / {_ratio(ranked['AR@1000'], plain['AR@1000'])} plain)")
-                print(f"  ranked by {score}: AR@100 {ranked['AR@100']:.3f}  AR@1000 {ranked['AR@1000']:.3f}{ratio}")
+            evaluations = [(f"{variant:<10}", row, None if variant == "plain" else plain),
+                           *((f"  {label}:", result, reference) for label, result, reference in _reevaluations(row, plain))]
+            for label, result, reference in evaluations:
+                ratio = "" if reference is None else (f"   ({_ratio(result['AR@100'], reference['AR@100'])} / "
+                                                      f"{_ratio(result['AR@1000'], reference['AR@1000'])} plain)")
+                print(f"{label} AR@100 {result['AR@100']:.3f}  AR@1000 {result['AR@1000']:.3f}{ratio}")
     return 0
 
 

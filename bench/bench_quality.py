@@ -247,6 +247,11 @@ ABLATIONS: dict[str, list[str]] = {
     "quality_scoring": ["--model.quality", "centerness+iou", "--model.proposal_score", "geometric_mean"],
     "sampled_512": ["--model.batch_size_per_image", "512"],
     "head_depth_2": ["--model.head_conv_depth", "2"],
+    # the cascade head of configs/shapes_cascade.yaml (3 stages, box-loss weight 2) on one square
+    # anchor per location of the same sizes; it assigns its own targets (#17)
+    "cascade": ["--model.head", "cascade", "--model.anchor_sizes", "[[32], [64], [128], [256], [512]]",
+                "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
+                "--data.assign_targets", "false"],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],
 }

@@ -42,10 +42,16 @@ def test_options_that_leave_nothing_to_run_are_refused() -> None:
     assert done.returncode == 1 and "--no-cross and --cross-only leave nothing to run" in done.stderr
 
 
-def test_a_tiny_run_ranks_one_model_by_each_score() -> None:
+def test_nms_thresholds_outside_0_1_are_refused() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--eval-nms", "0.7", "70"], capture_output=True, text=True)
+    assert done.returncode == 1 and "--eval-nms takes IoU thresholds in (0, 1], got [0.7, 70.0]" in done.stderr
+
+
+def test_a_tiny_run_ranks_one_model_by_each_score_and_nms() -> None:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--steps", "2", "--val-images", "4", "--variants", "oln", "--unseen", "ellipse",
-         "--seed", "3", "--set", "proposal_score=geometric_mean", "--eval-scores", "objectness", "quality"],
+         "--seed", "3", "--set", "proposal_score=geometric_mean", "--eval-scores", "objectness", "geometric_mean",
+         "--eval-nms", "0.5", "0.7"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -53,4 +59,8 @@ def test_a_tiny_run_ranks_one_model_by_each_score() -> None:
     assert "2 steps per run, 1 thread(s), 4 held-out images, seed 3" in out
     assert "trained with boxes on rectangle+triangle, evaluated on ellipse" in out
     # the seen-kind run and the cross-category run, each ranked both ways
-    assert out.count("ranked by objectness:") == 2 and out.count("ranked by quality:") == 2
+    assert out.count("ranked by objectness:") == 2 and out.count("ranked by geometric_mean:") == 2
+    assert out.count("at NMS 0.5:") == 2 and out.count("at NMS 0.7:") == 2
+    # the trained ranking and threshold are the run's own result, not evaluated again
+    seen = next(line for line in out.splitlines() if line.startswith("oln "))
+    assert f"AR@100 {seen.split()[1]}" in next(line for line in out.splitlines() if "ranked by geometric_mean:" in line)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
+from lightning_rpn.core.adaptive_conv import adaptive_conv2d
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.cascade import CascadeRPN, adaptive_offsets, assign_centre_region
 from lightning_rpn.core.config import ProposalConfig
@@ -31,14 +32,16 @@ def test_adaptive_offsets_by_hand() -> None:
     torch.testing.assert_close(shifted[0, 1::2, 0, 1], torch.tensor([0.5, 1.5, 2.5] * 3))
 
 
-def test_deform_conv2d_samples_the_box_points() -> None:
+@pytest.mark.parametrize("conv", [lambda *a: deform_conv2d(*a, padding=(1, 1)), adaptive_conv2d],
+                         ids=["deform_conv2d", "adaptive_conv2d"])
+def test_adaptive_convolution_samples_the_box_points(conv) -> None:
     # value 10 y + x; location (0, 1) with the box above samples (y, x) = (1 + i, 3 + 2 j)
     image = (10 * torch.arange(4.0)[:, None] + torch.arange(6.0)[None]).reshape(1, 1, 4, 6)
     offsets = adaptive_offsets(torch.tensor([4.0, 0, 20, 8]).expand(1, 24, 4), 4, 6, 4.0, 0.0)
     for (i, j), value in {(-1, 1): 5.0, (1, -1): 21.0, (0, 0): 13.0}.items():
         weight = torch.zeros(1, 1, 3, 3)
         weight[0, 0, i + 1, j + 1] = 1.0
-        out = deform_conv2d(image, offsets, weight, padding=(1, 1))
+        out = conv(image, offsets, weight)
         assert out[0, 0, 0, 1].item() == pytest.approx(value)
 
 
