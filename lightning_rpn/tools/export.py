@@ -8,8 +8,8 @@ Shapes: ``L`` levels, ``A`` anchors per location, ``H x W`` the (padded) input i
 builds and caches); for an :class:`~lightning_rpn.core.rpn.RPN` its head, scored by
 :func:`~lightning_rpn.core.rpn.proposal_score_logits` (objectness, or with quality branches the
 ``proposal_score`` combination); for a :class:`~lightning_rpn.core.cascade.CascadeRPN` its stages
-(:meth:`~lightning_rpn.core.cascade.CascadeRPN.predict`, its adaptive convolution ``grid_sample`` and a matrix product, which
-a fake kernel for tracing), whose last-stage boxes take the anchors' place; then candidates from
+(:meth:`~lightning_rpn.core.cascade.CascadeRPN.predict`, whose adaptive convolution is a
+``grid_sample`` and a matrix product, which trace with symbolic sizes), whose last-stage boxes take the anchors' place; then candidates from
 :func:`~lightning_rpn.core.proposals.proposal_candidates` and the image's proposals from
 :func:`~lightning_rpn.core.proposals.select_image_proposals` with ``nms_method="per_level"``, the
 form of the one NMS rule with no host sync (the eager CPU path computes the same rule with early
