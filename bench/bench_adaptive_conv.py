@@ -2,7 +2,7 @@
 
 Both compute the same thing (asserted here on every setting, forward and gradients, float32
 tolerance); the inputs are the cascade's: offsets from :func:`~lightning_rpn.core.cascade.adaptive_offsets`
-over random boxes of 0.5-4x the level's stride-8 anchor, one per location. Settings:
+over random boxes of 4-32 px (1-8 strides) per side, one per location. Settings:
 
 - ``shapes``: ``make fit``'s cascade (``configs/shapes_cascade.yaml``): a batch of 8 images of
   192 px, ``tiny_fpn`` (32 channels), the stride-4 level (48 x 48);

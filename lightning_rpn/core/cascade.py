@@ -12,8 +12,10 @@ before (stage 1: the anchors):
   the level whose anchor size is nearest to its size (in log scale), and the locations of that
   level whose centres lie in the box's central region (``centre_ratio`` of its width and
   height, and always the location nearest its centre) regress it; no objectness is learnt.
-- stage ``s >= 2``: an adaptive 3x3 convolution (:func:`~lightning_rpn.core.adaptive_conv.adaptive_conv2d`,
-  ``torchvision.ops.deform_conv2d``'s computation, faster on the CPU) whose sampling points are spread over each location's stage ``s - 1`` box (:func:`adaptive_offsets`),
+- stage ``s >= 2``: an adaptive 3x3 convolution
+  (:func:`~lightning_rpn.core.adaptive_conv.adaptive_conv2d`, ``torchvision.ops.deform_conv2d``'s
+  computation, faster on the CPU) whose sampling points are spread over each location's stage
+  ``s - 1`` box (:func:`adaptive_offsets`),
   + ReLU, then 1x1 deltas relative to that box; targets by IoU between those boxes and the gt
   boxes with the project's rule (:func:`~lightning_rpn.core.matching.match_anchors_batched`) and
   sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,

@@ -9,7 +9,8 @@ builds and caches); for an :class:`~lightning_rpn.core.rpn.RPN` its head, scored
 :func:`~lightning_rpn.core.rpn.proposal_score_logits` (objectness, or with quality branches the
 ``proposal_score`` combination); for a :class:`~lightning_rpn.core.cascade.CascadeRPN` its stages
 (:meth:`~lightning_rpn.core.cascade.CascadeRPN.predict`, whose adaptive convolution is a
-``grid_sample`` and a matrix product, which trace with symbolic sizes), whose last-stage boxes take the anchors' place; then candidates from
+``grid_sample`` and a matrix product, which trace with symbolic sizes), whose last-stage boxes
+take the anchors' place; then candidates from
 :func:`~lightning_rpn.core.proposals.proposal_candidates` and the image's proposals from
 :func:`~lightning_rpn.core.proposals.select_image_proposals` with ``nms_method="per_level"``, the
 form of the one NMS rule with no host sync (the eager CPU path computes the same rule with early
