@@ -26,8 +26,10 @@ Two protocols (``--protocol``):
 
 Prints AR@100, AR@300, AR@1000, recall@0.5@100 and recall@0.7@1000 per side and seed, the
 means over seeds and the ratios ours / torchvision (``--eval-nms 0.7 0.5``: every trained model is
-also evaluated at each NMS threshold, against torchvision at the same threshold). Heavy: ~10 min per seed on 2 CPU cores at
-the default 300 steps; run it alone.
+also evaluated at each NMS threshold, against torchvision at the same threshold; ``--eval-pre-nms
+1000 4000`` likewise with that many candidates per level before NMS). ``--keep DIR`` saves our
+side's trained models as checkpoints (it refuses to overwrite one). Heavy: ~10 min per seed on 2
+CPU cores at the default 300 steps; run it alone.
 
     .venv/bin/python bench/bench_quality.py --seeds 0 1
     .venv/bin/python bench/bench_quality.py --seeds 0 --ours-args --model.box_loss smooth_l1
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -139,14 +142,25 @@ def evaluate(propose, scenes: DenseScenes, size_divisibility: int) -> dict[str, 
     return {key: float(results[key]) for key in KEYS}
 
 
-def evaluate_at_nms(propose, data, size_divisibility: int, rpn, nms_values: list[float | None]
-                    ) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
-    """:func:`evaluate_held_out` once per NMS threshold set on ``rpn`` (``None``: its own), by row suffix."""
+def evaluate_at_nms(propose, data, size_divisibility: int, rpn, nms_values: list[float | None],
+                    pre_nms_values: list[int | None]) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """:func:`evaluate_held_out` once per (NMS threshold, pre-NMS candidates per level) set on ``rpn``.
+
+    ``None`` keeps the model's own value; the rows are keyed by suffix (" @nms T", " @pre K").
+    ``rpn`` is ours (``pre_nms_top_n["test"]``) or torchvision's (``_pre_nms_top_n["testing"]``).
+    """
     rows = {}
     for nms in nms_values:
-        if nms is not None:
-            rpn.nms_thresh = nms
-        rows["" if nms is None else f" @nms {nms:g}"] = evaluate_held_out(propose, data, size_divisibility)
+        for pre in pre_nms_values:
+            if nms is not None:
+                rpn.nms_thresh = nms
+            if pre is not None:
+                if hasattr(rpn, "_pre_nms_top_n"):
+                    rpn._pre_nms_top_n["testing"] = pre
+                else:
+                    rpn.pre_nms_top_n["test"] = pre
+            suffix = ("" if nms is None else f" @nms {nms:g}") + ("" if pre is None else f" @pre {pre}")
+            rows[suffix] = evaluate_held_out(propose, data, size_divisibility)
     return rows
 
 
@@ -158,26 +172,32 @@ def evaluate_held_out(propose, data, size_divisibility: int) -> tuple[dict[str, 
     return evaluate(propose, scenes, size_divisibility), evaluate(propose, unseen, size_divisibility)
 
 
-def _config_args(seed: int, steps: int, workdir: Path, voc_root: Path | None) -> list[str]:
-    """``configs/scenes.yaml`` for ``steps`` steps (10% warm-up), no checkpoints, no callbacks.
+def _config_args(seed: int, steps: int, workdir: Path, voc_root: Path | None,
+                 optimiser: Sequence[str] = ()) -> list[str]:
+    """``configs/scenes.yaml`` for ``steps`` steps (10% warm-up), no checkpoints, no callbacks,
+    with ``optimiser`` (CLI arguments for both sides, e.g. ``--model.optimizer adamw``).
 
     With ``voc_root``, the data is that VOC folder (the config's crops and flips, data defaults
     otherwise).
     """
     data = [] if voc_root is None else ["--data.dataset", "voc", "--data.root", str(voc_root),
                                         "--data.scene_options", "null"]
-    return ["--config", str(CONFIG), "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
+    return ["--config", str(CONFIG), "--seed_everything", str(seed), "--trainer.max_steps", str(steps), *optimiser,
             "--model.warmup_steps", str(max(1, steps // 10)), "--trainer.default_root_dir", str(workdir),
             "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *data]
 
 
 def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: Path | None,
-             nms_values: list[float | None]) -> tuple[dict, float]:
-    cli = _cli([*_config_args(seed, steps, workdir, voc_root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+             nms_values: list[float | None], pre_nms_values: list[int | None], keep: Path | None,
+             optimiser: Sequence[str] = ()) -> tuple[dict, float]:
+    cli = _cli([*_config_args(seed, steps, workdir, voc_root, optimiser), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
                 "--trainer.logger.save_dir", str(workdir), "--trainer.limit_val_batches", "0", *extra])
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        cli.trainer.save_checkpoint(keep)
     module = cli.model.eval()
 
     @torch.no_grad()
@@ -185,13 +205,16 @@ def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: P
         proposals, _ = module(batch, with_targets=False)
         return [boxes for boxes, _ in proposals]
 
-    return evaluate_at_nms(propose, cli.datamodule, module.size_divisibility, module.rpn, nms_values), seconds
+    return evaluate_at_nms(propose, cli.datamodule, module.size_divisibility, module.rpn, nms_values,
+                           pre_nms_values), seconds
 
 
 def run_torchvision(seed: int, steps: int, workdir: Path, voc_root: Path | None,
-                    nms_values: list[float | None]) -> tuple[dict, float]:
-    # the same config and seed build the same initial weights and the same data module
-    cli = _cli([*_config_args(seed, steps, workdir, voc_root), "--trainer.logger", "false"])
+                    nms_values: list[float | None], pre_nms_values: list[int | None],
+                    optimiser: Sequence[str] = ()) -> tuple[dict, float]:
+    # the same config and seed build the same initial weights and the same data module; the
+    # loop uses the module's optimiser (SGD, or AdamW with --optimizer adamw)
+    cli = _cli([*_config_args(seed, steps, workdir, voc_root, optimiser), "--trainer.logger", "false"])
     module, data = cli.model, cli.datamodule
     hp = module.hparams
     # the same warm-up + cosine factor as our side
@@ -220,7 +243,7 @@ def run_torchvision(seed: int, steps: int, workdir: Path, voc_root: Path | None,
     def propose(batch):
         return loop.proposals(batch.images, batch.image_sizes)
 
-    return evaluate_at_nms(propose, data, module.size_divisibility, loop.rpn, nms_values), seconds
+    return evaluate_at_nms(propose, data, module.size_divisibility, loop.rpn, nms_values, pre_nms_values), seconds
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -247,11 +270,18 @@ ABLATIONS: dict[str, list[str]] = {
     "quality_scoring": ["--model.quality", "centerness+iou", "--model.proposal_score", "geometric_mean"],
     "sampled_512": ["--model.batch_size_per_image", "512"],
     "head_depth_2": ["--model.head_conv_depth", "2"],
-    # the cascade head of configs/shapes_cascade.yaml (3 stages, box-loss weight 2) on one square
-    # anchor per location of the same sizes; it assigns its own targets (#17)
-    "cascade": ["--model.head", "cascade", "--model.anchor_sizes", "[[32], [64], [128], [256], [512]]",
+    # the cascade head of configs/shapes_cascade.yaml (3 stages, box-loss weight 2, IoU 0.5
+    # positives) on one square anchor per location, 16..256 px for the 15-70 px objects; it
+    # assigns its own targets (#17)
+    "cascade": ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64], [128], [256]]",
                 "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
-                "--data.assign_targets", "false"],
+                "--model.fg_iou", "0.5", "--data.assign_targets", "false"],
+    # the shapes configs' optimiser (AdamW, lr 0.002) instead of the protocol's SGD lr 0.02
+    "adamw": ["--model.optimizer", "adamw", "--model.lr", "0.002"],
+    "cascade_adamw": ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64], [128], [256]]",
+                      "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
+                      "--model.fg_iou", "0.5", "--data.assign_targets", "false",
+                      "--model.optimizer", "adamw", "--model.lr", "0.002"],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],
 }
@@ -267,7 +297,7 @@ def _print_table(results: dict[str, dict[str, list[dict[str, float]]]], title: s
         for row, values in means.items():
             print(_line(f"  {row}", values))
             # against torchvision at the same NMS threshold (the row's " @nms T" suffix)
-            reference = means.get("torchvision" + row[row.index(" @nms"):] if " @nms" in row else "torchvision")
+            reference = means.get("torchvision" + row[row.index(" @"):] if " @" in row else "torchvision")
             if reference is not None and not row.startswith("torchvision"):
                 print(_line("    ratio to torchvision", {k: values[k] / reference[k] if reference[k] >= 1e-3 else float("nan") for k in KEYS}))
 
@@ -289,6 +319,13 @@ def main() -> int:
                         help="our side once per named row of the ablation table (all: every row)")
     parser.add_argument("--eval-nms", type=float, nargs="+", default=None, metavar="T",
                         help="evaluate every trained model at each of these NMS thresholds (the README's NMS row)")
+    parser.add_argument("--eval-pre-nms", type=int, nargs="+", default=None, metavar="K",
+                        help="also evaluate with K candidates per level before NMS (default: the model's 1000)")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+                        help="both sides' optimiser (default: the config's SGD)")
+    parser.add_argument("--lr", type=float, default=None, help="both sides' peak learning rate (default: the config's)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="save our side's trained models here (DIR/<row>_<seed>.ckpt) for later evaluation")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--ours-args", nargs=argparse.REMAINDER, default=[],
                         help="extra CLI arguments for our side (everything after this flag)")
@@ -305,6 +342,19 @@ def main() -> int:
     if "torchvision" in options.sides:
         rows = {"torchvision": [], **rows}
     nms_values: list[float | None] = options.eval_nms or [None]
+    pre_nms_values: list[int | None] = options.eval_pre_nms or [None]
+    optimiser = [*(["--model.optimizer", options.optimizer] if options.optimizer else []),
+                 *(["--model.lr", str(options.lr)] if options.lr is not None else [])]
+    if any(k < 1 for k in options.eval_pre_nms or []):
+        parser.error("--eval-pre-nms: candidates per level must be >= 1")
+
+    def kept(row: str, seed: int) -> Path | None:
+        return None if options.keep is None else options.keep / f"{row.replace(' ', '_')}_{seed}.ckpt"
+
+    existing = [str(path) for seed in options.seeds for row in rows
+                if row != "torchvision" and (path := kept(row, seed)) is not None and path.exists()]
+    if existing:
+        parser.error(f"--keep: would overwrite {', '.join(existing)}; choose another directory")
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         for seed in options.seeds:
@@ -315,9 +365,11 @@ def main() -> int:
             for index, (row, extra) in enumerate(rows.items()):
                 workdir = Path(tmp) / f"run{index}_{seed}"
                 if row == "torchvision":
-                    evaluated, seconds = run_torchvision(seed, options.steps, workdir, voc_root, nms_values)
+                    evaluated, seconds = run_torchvision(seed, options.steps, workdir, voc_root, nms_values,
+                                                         pre_nms_values, optimiser)
                 else:
-                    evaluated, seconds = run_ours(seed, options.steps, extra, workdir, voc_root, nms_values)
+                    evaluated, seconds = run_ours(seed, options.steps, extra, workdir, voc_root, nms_values,
+                                                  pre_nms_values, kept(row, seed), optimiser)
                 for suffix, (seen, unseen) in evaluated.items():
                     runs = results.setdefault(row + suffix, {"seen": [], "unseen": []})
                     runs["seen"].append(seen)
@@ -325,6 +377,8 @@ def main() -> int:
                     print(f"[{row}{suffix} seed {seed}: {options.steps} steps in {seconds:.0f} s] "
                           + ", ".join(f"{k} {v:.3f}" for k, v in seen.items()), flush=True)
     described = "" if options.ablations else f"; ours: {' '.join(options.ours_args) or 'configs/scenes.yaml as is'}"
+    if optimiser:
+        described += f"; both: {' '.join(optimiser)}"
     _print_table(results, f"held-out scenes ({options.protocol} protocol, {options.steps} steps, "
                           f"seeds {options.seeds}{described})")
     if options.out is not None:

@@ -11,10 +11,11 @@ the weights after the last step.
 from __future__ import annotations
 
 import pytest
+import torch
 from lightning.pytorch import seed_everything
 
 from lightning_rpn import RPNDataModule, RPNModule
-from lightning_rpn.training.torchvision_reference import compare_training
+from lightning_rpn.training.torchvision_reference import TorchvisionLoop, compare_training
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
@@ -61,3 +62,16 @@ def test_harness_reports_a_recipe_difference():
     assert report.steps[0].loss_cls < 1e-5  # same objectness
     assert report.steps[0].loss_reg > 1e-2  # different box loss
     assert report.steps[0].gradients["head"] > 1e-3
+
+
+@pytest.mark.parametrize("optimizer, expected", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_torchvision_loop_uses_the_modules_optimiser(optimizer, expected):
+    # bench_quality --optimizer adamw trains both sides with AdamW: the loop must follow the module
+    module = _module(optimizer=optimizer, lr=0.002, weight_decay=1e-3)
+    loop = TorchvisionLoop.from_module(module)
+    assert type(loop.optimizer) is expected
+    groups = loop.optimizer.param_groups
+    assert {group["lr"] for group in groups} == {0.002}
+    assert {group["weight_decay"] for group in groups} == {1e-3}  # a plain loop decays norms too
+    if optimizer == "sgd":
+        assert {group["momentum"] for group in groups} == {0.9}
