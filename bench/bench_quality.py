@@ -151,9 +151,9 @@ def evaluate_at_nms(propose, data, size_divisibility: int, rpn, nms_values: list
     """
     rows = {}
     for nms in nms_values:
+        if nms is not None:
+            rpn.nms_thresh = nms
         for pre in pre_nms_values:
-            if nms is not None:
-                rpn.nms_thresh = nms
             if pre is not None:
                 if hasattr(rpn, "_pre_nms_top_n"):
                     rpn._pre_nms_top_n["testing"] = pre
@@ -256,6 +256,10 @@ def _line(name: str, row: dict[str, float]) -> str:
 
 # The ablation table (``--ablations``): each row is our CLI with these arguments, one choice
 # that differs from torchvision's recipe switched at a time, or a candidate default (the last rows).
+CASCADE = ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64], [128], [256]]",
+           "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
+           "--model.fg_iou", "0.5", "--data.assign_targets", "false"]
+ADAMW = ["--model.optimizer", "adamw", "--model.lr", "0.002"]
 ABLATIONS: dict[str, list[str]] = {
     "defaults": [],
     "torchvision_recipe": ["--model.box_loss", "smooth_l1", "--model.channels_last", "false",
@@ -273,15 +277,10 @@ ABLATIONS: dict[str, list[str]] = {
     # the cascade head of configs/shapes_cascade.yaml (3 stages, box-loss weight 2, IoU 0.5
     # positives) on one square anchor per location, 16..256 px for the 15-70 px objects; it
     # assigns its own targets (#17)
-    "cascade": ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64], [128], [256]]",
-                "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
-                "--model.fg_iou", "0.5", "--data.assign_targets", "false"],
+    "cascade": CASCADE,
     # the shapes configs' optimiser (AdamW, lr 0.002) instead of the protocol's SGD lr 0.02
-    "adamw": ["--model.optimizer", "adamw", "--model.lr", "0.002"],
-    "cascade_adamw": ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64], [128], [256]]",
-                      "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
-                      "--model.fg_iou", "0.5", "--data.assign_targets", "false",
-                      "--model.optimizer", "adamw", "--model.lr", "0.002"],
+    "adamw": ADAMW,
+    "cascade_adamw": [*CASCADE, *ADAMW],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],
 }

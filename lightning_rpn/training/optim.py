@@ -105,6 +105,13 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = lrs
 
 
+def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``"sgd"`` (with ``momentum``) or ``"adamw"`` over parameter ``groups`` at ``lr``."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def configure_optimization(
     config: OptimConfig, model: nn.Module, run_steps: Callable[[], float | int]
 ) -> dict[str, Any]:
@@ -115,10 +122,7 @@ def configure_optimization(
     the cosine's length; it is only called for the cosine schedule.
     """
     groups = weight_decay_groups([model], config.weight_decay, config.norm_weight_decay)
-    if config.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
     total = 0
     if config.lr_schedule == "cosine":
         steps = run_steps()

@@ -34,7 +34,7 @@ from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from lightning_rpn.core.backbones import _last_conv_channels
-from lightning_rpn.training.optim import weight_decay_groups
+from lightning_rpn.training.optim import build_optimizer, weight_decay_groups
 
 __all__ = ["InjectedSampler", "StepRecord", "TorchvisionLoop", "copy_weights"]
 
@@ -133,8 +133,8 @@ class TorchvisionLoop:
         ``make_optimizer`` receives parameter groups ``[{"params", "weight_decay"}]``: the
         normalisation layers' parameters get ``norm_weight_decay`` (``None``: the module's
         ``weight_decay``, as a plain loop does), the others ``weight_decay``; default: the
-        module's optimiser (SGD with its ``lr`` and ``momentum``, or AdamW with its ``lr``). ``schedule`` is the ``LambdaLR`` factor (default:
-        constant 1).
+        module's optimiser (SGD with its ``lr`` and ``momentum``, or AdamW with its ``lr``).
+        ``schedule`` is the ``LambdaLR`` factor (default: constant 1).
         """
         hp = module.hparams
         arch = str(hp.backbone).removesuffix("_fpn")
@@ -175,10 +175,8 @@ class TorchvisionLoop:
         names = {id(parameter): name for parameter, name in zip(theirs, ours)}
         norm_decay = hp.weight_decay if norm_weight_decay is None else norm_weight_decay
         groups = weight_decay_groups([backbone, head], hp.weight_decay, norm_decay)
-        if make_optimizer is None and hp.optimizer == "adamw":
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        elif make_optimizer is None:
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        if make_optimizer is None:
+            optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum)
         else:
             optimizer = make_optimizer(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda step: 1.0))
