@@ -1,8 +1,8 @@
 """Training parity with torchvision's RPN, step by step, on the dense-scene training batches.
 
 The full version of ``tests/test_training_parity.py``: ``configs/scenes.yaml``'s model and data
-(ResNet-18 FPN from scratch, random 256-px crops of dense scenes, worker-side targets, SGD with
-warm-up + cosine, gradient-norm clip 10) trained through Lightning, the same batches replayed
+(ResNet-18 FPN from scratch, random 256-px crops of dense scenes, worker-side targets, AdamW
+with warm-up + cosine, gradient-norm clip 10; the loop builds the module's optimiser) trained through Lightning, the same batches replayed
 through torchvision's ``RegionProposalNetwork`` in a plain loop from the same initial weights,
 with our sampled anchors injected into torchvision's sampler
 (:func:`lightning_rpn.training.torchvision_reference.compare_training`).

@@ -75,6 +75,20 @@ def test_coco_config_is_detectron2_rpn_r50_fpn_1x(built: dict) -> None:
     )
 
 
+def test_scenes_config_is_the_dense_protocol_with_our_optimiser(built: dict) -> None:
+    """The reported real-data protocol (issue 12) but for the optimiser: AdamW lr 0.002, chosen
+    over the protocol's SGD lr 0.02 by bench/bench_quality.py (README, "Proposal quality")."""
+    cli = built["scenes.yaml"]
+    hp = cli.model.hparams
+    assert (hp.backbone, hp.weights, cli.model.backbone.strides) == ("resnet18_fpn", None, (4, 8, 16, 32, 64))
+    assert cli.model.anchor_generator.sizes == ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
+    assert cli.model.anchor_generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
+    assert cli.model.target_config.batch_size_per_image == 256
+    assert (hp.optimizer, hp.lr, hp.weight_decay, hp.lr_schedule) == ("adamw", 0.002, 1e-4, "cosine")
+    assert (cli.trainer.max_steps, hp.warmup_steps, cli.trainer.gradient_clip_val) == (300, 30, 10.0)
+    assert cli.datamodule.batch_size == 4
+
+
 def test_coco_config_names_real_torchvision_weights() -> None:
     import torchvision
 

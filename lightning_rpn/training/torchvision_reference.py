@@ -14,6 +14,7 @@ names (``TorchvisionLoop``, ``copy_weights``, ...) are served here too.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +151,11 @@ def compare_training(
     trainer.fit(module, datamodule=datamodule)
     optimizer = trainer.optimizers[0]
     schedule = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0])
-    defaults = {key: value for key, value in optimizer.defaults.items() if key != "weight_decay"}
+    # the trained optimiser's settings, as its constructor takes them (``defaults`` also holds
+    # internal flags, e.g. AdamW's ``decoupled_weight_decay``); weight decay is per group
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {key: value for key, value in optimizer.defaults.items()
+                if key in accepted and key not in ("params", "weight_decay")}
     loop = TorchvisionLoop.from_module(
         initial, gradient_clip_norm=gradient_clip_val,
         make_optimizer=lambda groups: type(optimizer)(groups, **defaults), schedule=schedule,

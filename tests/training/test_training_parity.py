@@ -55,6 +55,18 @@ def test_training_matches_torchvision_step_by_step_for_20_steps():
         assert worst[f"weights_{part}"] < 1e-4, (part, worst)
 
 
+@pytest.mark.timeout(300)
+def test_training_matches_torchvision_with_adamw():
+    """configs/scenes.yaml trains with AdamW: the harness replays it with the same optimiser."""
+    seed_everything(0)
+    report = compare_training(_module(optimizer="adamw", lr=0.002), _scene_data(), steps=4, gradient_clip_val=10.0)
+    worst = report.worst()
+    assert worst["sampled_differ"] == 0.0 and worst["loss_reg"] < 1e-5, worst
+    for part in ("head", "fpn", "backbone"):
+        assert worst[f"grad_{part}"] < 1e-4, (part, worst)
+        assert worst[f"weights_{part}"] < 1e-4, (part, worst)
+
+
 def test_harness_reports_a_recipe_difference():
     """Our L1 box loss against torchvision's smooth L1: the harness must see it."""
     seed_everything(0)

@@ -1,0 +1,39 @@
+"""bench/bench_quality.py: our side trains with the config's optimiser, torchvision's with the
+reported protocol's SGD, and ``--optimizer`` sets both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.scripts import load_script
+
+from lightning_rpn.training.torchvision_reference import TorchvisionLoop
+
+
+@pytest.fixture(scope="module")
+def bench_quality():
+    return load_script("bench/bench_quality.py", "bench_quality")
+
+
+def _optimiser(bench_quality, tmp_path, optimiser: list[str]) -> torch.optim.Optimizer:
+    args = bench_quality._config_args(0, 3, tmp_path, None, optimiser)
+    cli = bench_quality._cli([*args, "--trainer.logger", "false"])
+    return TorchvisionLoop.from_module(cli.model).optimizer
+
+
+@pytest.mark.parametrize("both, ours, torchvision", [
+    ([], (torch.optim.AdamW, 0.002), (torch.optim.SGD, 0.02)),  # the config against the protocol
+    (["adamw"], (torch.optim.AdamW, 0.002), (torch.optim.AdamW, 0.002)),
+    (["sgd"], (torch.optim.SGD, 0.02), (torch.optim.SGD, 0.02)),
+])
+def test_each_side_gets_its_optimiser(bench_quality, tmp_path, both, ours, torchvision) -> None:
+    both_args = bench_quality.OPTIMISERS[both[0]] if both else []
+    for side_args, (kind, lr) in ((both_args, ours), (bench_quality.torchvision_optimiser(both_args), torchvision)):
+        optimiser = _optimiser(bench_quality, tmp_path, side_args)
+        assert type(optimiser) is kind
+        assert {group["lr"] for group in optimiser.param_groups} == {lr}
+
+
+def test_the_sgd_ablation_is_the_protocols_optimiser(bench_quality) -> None:
+    assert bench_quality.ABLATIONS["sgd"] == bench_quality.OPTIMISERS["sgd"]
+    assert bench_quality.torchvision_optimiser([]) == bench_quality.OPTIMISERS["sgd"]
