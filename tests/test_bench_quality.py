@@ -37,3 +37,14 @@ def test_each_side_gets_its_optimiser(bench_quality, tmp_path, both, ours, torch
 def test_the_sgd_ablation_is_the_protocols_optimiser(bench_quality) -> None:
     assert bench_quality.ABLATIONS["sgd"] == bench_quality.OPTIMISERS["sgd"]
     assert bench_quality.torchvision_optimiser([]) == bench_quality.OPTIMISERS["sgd"]
+
+
+def test_torchvision_recipe_rows_differ_only_by_the_optimiser(bench_quality, tmp_path) -> None:
+    """``torchvision_recipe`` is the protocol (SGD) and ``torchvision_rpn_recipe`` the config's
+    AdamW, both with torchvision's box loss, memory format and norm weight decay."""
+    for row, optimizer in (("torchvision_recipe", "sgd"), ("torchvision_rpn_recipe", "adamw")):
+        args = [*bench_quality._config_args(0, 3, tmp_path, None), *bench_quality.ABLATIONS[row]]
+        hp = bench_quality._cli([*args, "--trainer.logger", "false"]).model.hparams
+        assert (hp.optimizer, hp.box_loss, hp.channels_last, hp.norm_weight_decay) == (
+            optimizer, "smooth_l1", False, 1e-4)
+        assert hp.smooth_l1_beta == pytest.approx(1 / 9)
