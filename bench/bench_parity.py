@@ -2,9 +2,9 @@
 
 The full version of ``tests/test_training_parity.py``: ``configs/scenes.yaml``'s model and data
 (ResNet-18 FPN from scratch, random 256-px crops of dense scenes, worker-side targets, AdamW
-with warm-up + cosine, gradient-norm clip 10; the loop builds the module's optimiser) trained through Lightning, the same batches replayed
-through torchvision's ``RegionProposalNetwork`` in a plain loop from the same initial weights,
-with our sampled anchors injected into torchvision's sampler
+with warm-up + cosine, gradient-norm clip 10) trained through Lightning, the same batches
+replayed through torchvision's ``RegionProposalNetwork`` in a plain loop from the same initial
+weights, with our sampled anchors injected into torchvision's sampler
 (:func:`lightning_rpn.training.torchvision_reference.compare_training`).
 
 Two runs: our recipe set equal to torchvision's (smooth L1 beta 1/9, contiguous memory

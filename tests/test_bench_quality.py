@@ -3,10 +3,13 @@ reported protocol's SGD, and ``--optimizer`` sets both."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 from helpers.scripts import load_script
 
+from lightning_rpn import RPNModule
 from lightning_rpn.training.torchvision_reference import TorchvisionLoop
 
 
@@ -15,10 +18,10 @@ def bench_quality():
     return load_script("bench/bench_quality.py", "bench_quality")
 
 
-def _optimiser(bench_quality, tmp_path, optimiser: list[str]) -> torch.optim.Optimizer:
+def _model(bench_quality, tmp_path, optimiser: Sequence[str], extra: Sequence[str] = ()) -> RPNModule:
+    """The model a side of the benchmark builds: the config with ``optimiser``, then ``extra``."""
     args = bench_quality._config_args(0, 3, tmp_path, None, optimiser)
-    cli = bench_quality._cli([*args, "--trainer.logger", "false"])
-    return TorchvisionLoop.from_module(cli.model).optimizer
+    return bench_quality._cli([*args, *extra, "--trainer.logger", "false"]).model
 
 
 @pytest.mark.parametrize("both, ours, torchvision", [
@@ -29,7 +32,7 @@ def _optimiser(bench_quality, tmp_path, optimiser: list[str]) -> torch.optim.Opt
 def test_each_side_gets_its_optimiser(bench_quality, tmp_path, both, ours, torchvision) -> None:
     both_args = bench_quality.OPTIMISERS[both[0]] if both else []
     for side_args, (kind, lr) in ((both_args, ours), (bench_quality.torchvision_optimiser(both_args), torchvision)):
-        optimiser = _optimiser(bench_quality, tmp_path, side_args)
+        optimiser = TorchvisionLoop.from_module(_model(bench_quality, tmp_path, side_args)).optimizer
         assert type(optimiser) is kind
         assert {group["lr"] for group in optimiser.param_groups} == {lr}
 
@@ -43,8 +46,7 @@ def test_torchvision_recipe_rows_differ_only_by_the_optimiser(bench_quality, tmp
     """``torchvision_recipe`` is the protocol (SGD) and ``torchvision_rpn_recipe`` the config's
     AdamW, both with torchvision's box loss, memory format and norm weight decay."""
     for row, optimizer in (("torchvision_recipe", "sgd"), ("torchvision_rpn_recipe", "adamw")):
-        args = [*bench_quality._config_args(0, 3, tmp_path, None), *bench_quality.ABLATIONS[row]]
-        hp = bench_quality._cli([*args, "--trainer.logger", "false"]).model.hparams
+        hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS[row]).hparams
         assert (hp.optimizer, hp.box_loss, hp.channels_last, hp.norm_weight_decay) == (
             optimizer, "smooth_l1", False, 1e-4)
         assert hp.smooth_l1_beta == pytest.approx(1 / 9)

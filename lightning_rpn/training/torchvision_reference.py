@@ -14,7 +14,6 @@ names (``TorchvisionLoop``, ``copy_weights``, ...) are served here too.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,16 +148,10 @@ def compare_training(
         limit_val_batches=0, **trainer_kwargs,
     )
     trainer.fit(module, datamodule=datamodule)
-    optimizer = trainer.optimizers[0]
     schedule = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0])
-    # the trained optimiser's settings, as its constructor takes them (``defaults`` also holds
-    # internal flags, e.g. AdamW's ``decoupled_weight_decay``); weight decay is per group
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    defaults = {key: value for key, value in optimizer.defaults.items()
-                if key in accepted and key not in ("params", "weight_decay")}
+    # the loop builds the module's optimiser with the function our run used (build_optimizer)
     loop = TorchvisionLoop.from_module(
-        initial, gradient_clip_norm=gradient_clip_val,
-        make_optimizer=lambda groups: type(optimizer)(groups, **defaults), schedule=schedule,
+        initial, gradient_clip_norm=gradient_clip_val, schedule=schedule,
         norm_weight_decay=getattr(initial.hparams, "norm_weight_decay", 0.0),
     )
     differences = []
