@@ -205,3 +205,21 @@ def test_a_class_path_typo_ends_with_its_cause(where: str, tmp_path: Path, monke
                          f"'{class_path.rpartition('.')[0]}' has no attribute '{missing}'")
     assert len(lines) < 25  # no usage text of every option
     assert "`lightning-rpn fit --help` lists every option" in lines[0]
+
+
+def test_a_run_writes_only_in_its_folder_after_wandb_ran_in_the_test_process(tmp_path: Path, monkeypatch) -> None:
+    """W&B started in this process leaves its service's address in ``WANDB_SERVICE``; a CLI run
+    that inherited it wrote its console log under this process's working directory (the
+    checkout in ``make test``). ``run_cli`` gives each run a shell's environment."""
+    import wandb
+
+    parent, workdir = tmp_path / "parent", tmp_path / "work"
+    parent.mkdir()
+    workdir.mkdir()
+    monkeypatch.chdir(parent)
+    wandb.init(mode="offline", dir=str(parent), project="lightning-rpn-tests").finish()
+    assert "WANDB_SERVICE" in os.environ
+    write_config(workdir)
+    assert_ok(run_cli(["fit", "--config", "config.yaml"], workdir))
+    assert list((workdir / "run/wandb").glob("offline-run-*/files/output.log"))
+    assert sorted(path.name for path in parent.iterdir()) == ["wandb"]  # wandb.init's own folder only

@@ -64,8 +64,9 @@ def test_configs_list_and_copy(tmp_path, capsys) -> None:
 
 
 def _run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``command`` without this process's ``PYTHONPATH``: a fresh environment sees only its own packages."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    """``command`` without this process's ``PYTHONPATH`` (a fresh environment sees only its own
+    packages) and W&B service (see ``cli_environment``)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "WANDB_SERVICE")}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result

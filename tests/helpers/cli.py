@@ -84,11 +84,22 @@ TINY_CONFIG = {
 }
 
 
+def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI run: W&B offline and quiet, one thread, as a user's shell has it.
+
+    Without ``WANDB_SERVICE``: once a test in this process has started W&B, wandb puts its
+    service's address there, and a child that inherits it logs through that service, which
+    resolves the run's relative paths (``save_dir: run``) from this process's working
+    directory, the checkout, instead of the run's ``cwd``.
+    """
+    inherited = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    return {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
 def run_cli(
     args: list[str], cwd: Path, timeout: float = 180, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-           **(env or {})}
+    env = cli_environment(env)
     result = subprocess.run(
         [*COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
