@@ -30,6 +30,7 @@ the config).
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -41,7 +42,7 @@ from typing import Any, NoReturn
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ActionYesNo
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -119,6 +120,32 @@ class ResolvedConfigCallback(SaveConfigCallback):
         checkpoint[CONFIG_KEY] = self._config_text()
 
 
+def _is_progress_bar(class_path: object) -> bool:
+    """Whether ``class_path`` names a ``ProgressBar`` subclass (unimportable: no, the parser reports it)."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(found, type) and issubclass(found, ProgressBar)
+
+
+def _drop_progress_bars(trainer: Any) -> None:
+    """With ``--trainer.enable_progress_bar false``, leave out the config's progress-bar callbacks.
+
+    Lightning refuses a progress-bar callback on a trainer without one; the shipped configs
+    list ``RichProgressBar``, and turning it off (logs to a file, CI) is an ordinary flag.
+    """
+    callbacks = trainer.get("callbacks")
+    if trainer.get("enable_progress_bar") is not False or not isinstance(callbacks, list):
+        return
+    dropped = [c for c in callbacks if hasattr(c, "get") and _is_progress_bar(c.get("class_path"))]
+    if dropped:
+        trainer["callbacks"] = [c for c in callbacks if c not in dropped]
+        names = ", ".join(str(c.get("class_path")).rpartition(".")[2] for c in dropped)
+        print(f"lightning-rpn: enable_progress_bar is false, so the config's {names} is left out", file=sys.stderr)
+
+
 class RPNLightningCLI(LightningCLI):
     """LightningCLI with RPNModule / RPNDataModule, config saving and W&B offline hints.
 
@@ -141,7 +168,8 @@ class RPNLightningCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading.
+        """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading;
+        no progress-bar callback when the progress bar is off (:func:`_drop_progress_bars`).
 
         ``--ckpt_path`` checkpoints load with ``weights_only=True`` unless ``--weights_only
         false`` is given: our checkpoints hold tensors and plain types only, and a
@@ -150,6 +178,11 @@ class RPNLightningCLI(LightningCLI):
         default_wandb_offline()
         if self.subcommand and self.config[self.subcommand].get("weights_only") is None:
             self.config[self.subcommand]["weights_only"] = True
+        _drop_progress_bars(self._run_config()["trainer"])
+
+    def _run_config(self) -> Any:
+        """The parsed config of the run: the subcommand's section, or all of it without one."""
+        return self.config[self.subcommand] if self.subcommand else self.config
 
     def after_instantiate_classes(self) -> None:
         """Without a logger (``--trainer.logger false``) leave out the callbacks that need one.
@@ -206,7 +239,8 @@ class _NoRunCLI(RPNLightningCLI):
     """Parses the same config as ``fit`` (no subcommand) for a command that logs nothing."""
 
     def before_instantiate_classes(self) -> None:
-        """No W&B notice: nothing is logged."""
+        """No W&B notice: nothing is logged. The trainer is built, so no progress-bar conflict either."""
+        _drop_progress_bars(self._run_config()["trainer"])
 
 
 class _CheckDataCLI(_NoRunCLI):

@@ -72,11 +72,12 @@ CONFIG_NAMES = sorted(path.name for path in CONFIGS.glob("*.yaml"))
 @pytest.fixture(scope="module")
 def config_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Each selected config's tiny fit, all started at once: {config name: (its folder, the run)}."""
-    tiny = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+    tiny = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "2",
             "--trainer.limit_val_batches", "1", "--model.weights", "null", "--data.num_workers", "0",
             "--data.batch_size", "2", "--data.min_sizes", "[96]", "--data.max_size", "128"]
     runs = {}
-    for name in selected_params(request, "test_every_config_trains_with_the_logger_off", "config_name"):
+    for name in selected_params(request, "test_every_config_trains_with_the_logger_and_progress_bar_off", "config_name"):
         config = yaml.safe_load((CONFIGS / name).read_text())
         extra = ["--data.synthetic_train_images", "4", "--data.synthetic_val_images", "2"] \
             if config["data"]["dataset"] in ("synthetic", "scenes") else []
@@ -88,12 +89,14 @@ def config_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.parametrize("config_name", CONFIG_NAMES)
-def test_every_config_trains_with_the_logger_off(config_name: str, config_runs: dict) -> None:
+def test_every_config_trains_with_the_logger_and_progress_bar_off(config_name: str, config_runs: dict) -> None:
     workdir, run = config_runs[config_name]
     result = run.result()
     assert_ok(result)
     assert "LearningRateMonitor is left out" in result.stderr
     config = yaml.safe_load((CONFIGS / config_name).read_text())
+    if any(c["class_path"].endswith("RichProgressBar") for c in config["trainer"]["callbacks"]):
+        assert "enable_progress_bar is false, so the config's RichProgressBar is left out" in result.stderr
     (checkpoints,) = [c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]
                       if c["class_path"].endswith("ModelCheckpoint")]
     assert (workdir / checkpoints / "last.ckpt").is_file()
