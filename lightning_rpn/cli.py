@@ -215,7 +215,27 @@ class RPNLightningCLI(LightningCLI):
         check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
 
     def after_fit(self) -> None:
+        self._validate_final_weights()
         self._report_wandb()
+
+    def _validate_final_weights(self) -> None:
+        """Validate the final weights when fit ended between validations.
+
+        A budget that ends off the validation cadence (``--trainer.max_steps`` not a multiple
+        of the epoch, a resumed run given a new budget, ``check_val_every_n_epoch``) would
+        otherwise end with no recall of the weights it saved as ``last.ckpt``. Skipped when fit
+        was interrupted or has no validation data; ``best.ckpt`` stays the best of the
+        validations made during fit.
+        """
+        trainer, model = self.trainer, self.model
+        validated = getattr(model, "last_recall_step", None)
+        if trainer.interrupted or not trainer.enable_validation or validated == trainer.global_step:
+            return
+        if trainer.is_global_zero:
+            last = "no validation in this run" if validated is None else f"last validated at step {validated}"
+            print(f"lightning-rpn fit: ended at step {trainer.global_step} ({last}); validating the final weights",
+                  file=sys.stderr)
+        trainer.validate(model, datamodule=self.datamodule, verbose=False)
 
     def _write_summary(self, command: str) -> None:
         path = write_metrics_summary(self.trainer, self.model, self.datamodule, command)

@@ -226,3 +226,15 @@ def test_a_run_writes_only_in_its_folder_after_wandb_ran_in_the_test_process(tmp
     assert_ok(run_cli(["fit", "--config", "config.yaml"], workdir))
     assert list((workdir / "run/wandb").glob("offline-run-*/files/output.log"))
     assert sorted(path.name for path in parent.iterdir()) == ["wandb"]  # wandb.init's own folder only
+
+
+def test_fit_ending_between_validations_validates_the_final_weights(tmp_path: Path) -> None:
+    """8 images at batch 4 are 2 steps an epoch: a budget of 3 steps stops between validations,
+    and the run still ends with the recall of the weights it saved, titled with their step."""
+    write_config(tmp_path, trainer={"max_steps": 3, "logger": False})
+    result = run_cli(["fit", "--config", "config.yaml"], tmp_path)
+    assert_ok(result)
+    assert "lightning-rpn fit: ended at step 3 (last validated at step 2); validating the final weights" in result.stderr
+    assert "Proposal recall (end of fit, step 3; last validated at step 2)" in result.stdout
+    assert "Proposal recall (validate, epoch 2, step 3)" in result.stdout
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()

@@ -366,6 +366,7 @@ class RPNModule(pl.LightningModule):
         )
         self.last_recall: dict[str, float] = {}
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
+        self.last_recall_step: int | None = None  # the global step whose weights gave last_recall
         self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
         self._strides_checked = False
 
@@ -533,6 +534,7 @@ class RPNModule(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
+        self.last_recall_step = self.global_step
         self.val_recall.reset()
 
     def on_validation_epoch_end(self) -> None:
@@ -543,7 +545,7 @@ class RPNModule(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self.val_recall.reset()
-        self.last_recall, self.last_recall_curves = {}, {}
+        self.last_recall, self.last_recall_curves, self.last_recall_step = {}, {}, None
 
     def on_predict_batch_end(
         self, outputs: list[dict[str, Any]], batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0
@@ -567,6 +569,7 @@ class RPNModule(pl.LightningModule):
         if float(results[f"AR@{k}"]) >= 0:  # -1: no gt box in the whole split
             self.last_recall = {key: float(value) for key, value in results.items()}
             self.last_recall_curves = self.val_recall.curves()
+            self.last_recall_step = self.global_step
         self.val_recall.reset()
 
     def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:

@@ -74,9 +74,11 @@ class RecallTable(Callback):
                 f"RecallTable: {type(pl_module).__name__}.last_recall is empty; no table"
             )
             return
-        title = (
-            f"Proposal recall ({when}, epoch {trainer.current_epoch}, step {trainer.global_step})"
-        )
+        step = getattr(pl_module, "last_recall_step", None)
+        if step is None or step == trainer.global_step:
+            title = f"Proposal recall ({when}, epoch {trainer.current_epoch}, step {trainer.global_step})"
+        else:  # e.g. fit stopped by max_steps between validations: say which weights it describes
+            title = f"Proposal recall ({when}, step {trainer.global_step}; last validated at step {step})"
         Console().print(recall_table(recall, self.recall_thresholds, title))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
