@@ -340,7 +340,8 @@ def main() -> int:
                         help="also evaluate with K candidates per level before NMS (default: the model's 1000)")
     parser.add_argument("--optimizer", choices=list(OPTIMISERS), default=None,
                         help="both sides' optimiser at its peak lr (sgd 0.02, adamw 0.002; default: ours "
-                             "the config's AdamW, torchvision the protocol's SGD)")
+                             "the config's AdamW, torchvision the protocol's SGD); an --ablations row that sets "
+                             "the optimiser itself (sgd, torchvision_recipe, cascade_sgd) keeps its own on our side")
     parser.add_argument("--lr", type=float, default=None,
                         help="both sides' peak learning rate (default: the optimiser's above)")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
