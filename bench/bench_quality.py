@@ -272,7 +272,7 @@ def _line(name: str, row: dict[str, float]) -> str:
 # that differs from torchvision's recipe switched at a time, or a candidate default (the last rows).
 CASCADE = ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64], [128], [256]]",
            "--model.aspect_ratios", "[[1.0]]", "--model.cascade_stages", "3", "--model.reg_weight", "2.0",
-           "--model.fg_iou", "0.5", "--data.assign_targets", "false"]
+           "--model.cascade_centre_ratio", "0.5", "--model.fg_iou", "0.5", "--data.assign_targets", "false"]
 # torchvision's RPN-level recipe: smooth L1 beta 1/9 (our smooth_l1_beta default), contiguous
 # memory, weight decay on normalisation layers
 TORCHVISION_RPN = ["--model.box_loss", "smooth_l1", "--model.channels_last", "false",
@@ -294,8 +294,8 @@ ABLATIONS: dict[str, list[str]] = {
     "quality_scoring": ["--model.quality", "centerness+iou", "--model.proposal_score", "geometric_mean"],
     "sampled_512": ["--model.batch_size_per_image", "512"],
     "head_depth_2": ["--model.head_conv_depth", "2"],
-    # the cascade head of configs/shapes_cascade.yaml (3 stages, box-loss weight 2, IoU 0.5
-    # positives) on one square anchor per location, 16..256 px for the 15-70 px objects; it
+    # the cascade head of configs/shapes_cascade.yaml (3 stages, box-loss weight 2, centre ratio
+    # 0.5, IoU 0.5 positives) on one square anchor per location, 16..256 px for the 15-70 px objects; it
     # assigns its own targets (#17)
     "cascade": CASCADE,
     "cascade_sgd": [*CASCADE, *OPTIMISERS["sgd"]],

@@ -50,3 +50,14 @@ def test_torchvision_recipe_rows_differ_only_by_the_optimiser(bench_quality, tmp
         assert (hp.optimizer, hp.box_loss, hp.channels_last, hp.norm_weight_decay) == (
             optimizer, "smooth_l1", False, 1e-4)
         assert hp.smooth_l1_beta == pytest.approx(1 / 9)
+
+
+def test_the_cascade_ablation_is_the_shapes_cascade_configs_head(bench_quality, tmp_path) -> None:
+    """``--ablations cascade`` measures the head of ``configs/shapes_cascade.yaml`` on the dense
+    scenes (its anchors sized for them): the README compares the two, so they must not drift."""
+    import yaml
+
+    shapes = yaml.safe_load((bench_quality.ROOT / "configs" / "shapes_cascade.yaml").read_text())["model"]
+    hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS["cascade"]).hparams
+    for key in ("head", "aspect_ratios", "cascade_stages", "cascade_centre_ratio", "reg_weight", "fg_iou"):
+        assert yaml.safe_load(yaml.safe_dump(hp[key])) == shapes[key], key  # lists and tuples alike
