@@ -532,10 +532,14 @@ class RPNModule(pl.LightningModule):
         # compute() already summed the states of every process, so each rank holds the global
         # values; sync_dist=True says so (averaging equal values), and Lightning stops warning
         self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
+        self._keep_recall(results)
+        self.val_recall.reset()
+
+    def _keep_recall(self, results: dict[str, Tensor]) -> None:
+        """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, at this global step."""
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
         self.last_recall_step = self.global_step
-        self.val_recall.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._end_recall_epoch("val")
@@ -567,9 +571,7 @@ class RPNModule(pl.LightningModule):
         results = self.val_recall.compute()
         k = self.val_recall.max_proposals[0]
         if float(results[f"AR@{k}"]) >= 0:  # -1: no gt box in the whole split
-            self.last_recall = {key: float(value) for key, value in results.items()}
-            self.last_recall_curves = self.val_recall.curves()
-            self.last_recall_step = self.global_step
+            self._keep_recall(results)
         self.val_recall.reset()
 
     def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:
