@@ -59,5 +59,6 @@ def test_the_cascade_ablation_is_the_shapes_cascade_configs_head(bench_quality, 
 
     shapes = yaml.safe_load((bench_quality.ROOT / "configs" / "shapes_cascade.yaml").read_text())["model"]
     hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS["cascade"]).hparams
-    for key in ("head", "aspect_ratios", "cascade_stages", "cascade_centre_ratio", "reg_weight", "fg_iou"):
+    for key in ("head", "aspect_ratios", "cascade_stages", "cascade_centre_ratio", "cascade_objectness_level", "reg_weight",
+                "fg_iou"):
         assert yaml.safe_load(yaml.safe_dump(hp[key])) == shapes[key], key  # lists and tuples alike

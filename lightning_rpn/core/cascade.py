@@ -19,7 +19,9 @@ before (stage 1: the anchors):
   + ReLU, then 1x1 deltas relative to that box; targets by IoU between those boxes and the gt
   boxes with the project's rule (:func:`~lightning_rpn.core.matching.match_anchors_batched`) and
   sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,
-  trained on the sampled boxes, and optionally localisation quality (``quality``, the branches
+  trained on the sampled boxes (with ``objectness_level`` "size" or "best", a gt box's positives
+  on other levels than its own are negatives: see :func:`own_level_positives`), and
+  optionally localisation quality (``quality``, the branches
   of :mod:`~lightning_rpn.core.quality`: centerness of its input box's centre, IoU of its output
   box, trained on its positives), which ranks the proposals alone or with the objectness
   (``proposal_score``, as the RPN's).
@@ -56,7 +58,13 @@ from .proposer import ProposalInputs, RegionProposer
 from .quality import aligned_iou, parse_scoring, quality_loss, rank_logits
 from .sampling import sample_anchors_with_positives
 
-__all__ = ["CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region"]
+__all__ = [
+    "CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region", "best_levels",
+    "gt_levels", "own_level_positives",
+]
+
+OBJECTNESS_LEVELS = ("any", "size", "best")
+"""Which levels' positives of a gt box the cascade's objectness learns (``CascadeRPN(objectness_level=...)``)."""
 
 
 def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, origin: float) -> Tensor:
@@ -89,6 +97,52 @@ def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, orig
     return offsets.permute(0, 2, 1).reshape(batch, 2 * rows.numel(), height, width)
 
 
+def gt_levels(grid: AnchorGrid, gt_boxes: Tensor) -> Tensor:
+    """The level ``int64 [G]`` of each gt box: the one whose anchor size is nearest its size ``sqrt(w h)`` in log scale.
+
+    ``grid`` must have one anchor per location.
+    """
+    sizes = torch.tensor(
+        [float((cell[0, 2] - cell[0, 0]) * (cell[0, 3] - cell[0, 1])) ** 0.5 for cell in (lv.cell_anchors for lv in grid.levels)],
+        device=gt_boxes.device,
+    )
+    gt = gt_boxes.float()
+    side = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])).sqrt()
+    return torch.log2(side[:, None] / sizes[None]).abs().argmin(dim=1)
+
+
+def own_level_positives(positive: Tensor, matched: Tensor, location_levels: Tensor, gt_level: Tensor) -> Tensor:
+    """Of one image's IoU positives ``bool [N]``, those on their gt box's own level (``bool [N]``).
+
+    ``matched [N]``: each location's gt index; ``location_levels [N]``: each location's level;
+    ``gt_level [G]``: each gt box's (:func:`gt_levels`). A refined box converges on its object
+    from every level near the object's size, so without this the objectness learns several
+    near-identical proposals per object, which crowd the top of the list in dense scenes.
+    A gt box with no positive on its own level keeps its positives on every level.
+    """
+    if gt_level.numel() == 0:
+        return positive
+    own = positive & (location_levels == gt_level[matched])
+    has_own = torch.zeros(gt_level.numel(), dtype=torch.bool, device=positive.device)
+    has_own[matched[own]] = True
+    return own | (positive & ~has_own[matched])
+
+
+def best_levels(positive: Tensor, matched: Tensor, ious: Tensor, location_levels: Tensor, num_gt: int) -> Tensor:
+    """The level ``int64 [G]`` of each gt box's best positive (highest ``ious``), -1 for a gt box with none.
+
+    ``positive``, ``matched``, ``ious``, ``location_levels``: ``[N]`` for one image, as in
+    :func:`own_level_positives`.
+    """
+    level = torch.full((num_gt,), -1, dtype=torch.int64, device=ious.device)
+    if num_gt == 0:
+        return level
+    best = torch.full((num_gt,), -1.0, device=ious.device).scatter_reduce(0, matched[positive], ious[positive], "amax")
+    is_best = positive & (ious == best[matched])
+    level[matched[is_best]] = location_levels[is_best]
+    return level
+
+
 def assign_centre_region(grid: AnchorGrid, gt_boxes: Tensor, centre_ratio: float) -> tuple[Tensor, Tensor]:
     """Stage-1 targets: ``(positive bool [N], matched int64 [N])`` for one image (see the module docstring).
 
@@ -105,11 +159,7 @@ def assign_centre_region(grid: AnchorGrid, gt_boxes: Tensor, centre_ratio: float
     width, height = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
     centre_x, centre_y = (gt[:, 0] + gt[:, 2]) * 0.5, (gt[:, 1] + gt[:, 3]) * 0.5
     area = width * height
-    sizes = torch.tensor(
-        [float((cell[0, 2] - cell[0, 0]) * (cell[0, 3] - cell[0, 1])) ** 0.5 for cell in (lv.cell_anchors for lv in grid.levels)],
-        device=device,
-    )
-    level_of = (torch.log2(area.sqrt()[:, None] / sizes[None])).abs().argmin(dim=1)
+    level_of = gt_levels(grid, gt)
     for index, level in enumerate(grid.levels):
         chosen = torch.nonzero(level_of == index).squeeze(1)
         if chosen.numel() == 0:
@@ -218,6 +268,11 @@ class CascadeRPN(RegionProposer):
         pre_nms_top_n_* / post_nms_top_n_* / nms_thresh / min_size / score_thresh: as the RPN's.
         reg_weight: weight of every stage's box loss.
         delta_scales: one ``(sx, sy, sw, sh)`` per stage multiplying its raw deltas (``None``: ones).
+        objectness_level: which of a gt box's positives the last stage's objectness learns as
+            positives: ``"any"`` (all), ``"size"`` (those on its stage-1 level, :func:`gt_levels`)
+            or ``"best"`` (those on the level of its best refined box, :func:`best_levels`); the
+            others are its negatives (:func:`own_level_positives`). Box and quality losses keep
+            every positive.
         quality: ``None`` or the last stage's localisation-quality branches (``"iou"``,
             ``"centerness"``, ``"centerness+iou"``), trained on its positives.
         proposal_score: what ranks the proposals, as :class:`~lightning_rpn.core.rpn.RPN`'s:
@@ -249,6 +304,7 @@ class CascadeRPN(RegionProposer):
         score_thresh: float = ProposalConfig.score_thresh,
         reg_weight: float = 1.0,
         delta_scales: Sequence[Sequence[float]] | None = None,
+        objectness_level: str = "any",
         quality: str | None = None,
         proposal_score: str = "objectness",
         seed: int = 0,
@@ -287,6 +343,9 @@ class CascadeRPN(RegionProposer):
         except (TypeError, ValueError) as error:
             raise ValueError(f"CascadeRPN: delta_scales: {error}") from None
         self.centre_ratio = centre_ratio
+        if objectness_level not in OBJECTNESS_LEVELS:
+            raise ValueError(f"CascadeRPN: objectness_level must be one of {OBJECTNESS_LEVELS}, got {objectness_level!r}")
+        self.objectness_level = objectness_level
         self.reg_weight = reg_weight
         self.quality = branches
         self.proposal_score = proposal_score
@@ -386,6 +445,10 @@ class CascadeRPN(RegionProposer):
             pred = self.box_coder.decode(deltas[positive].float(), boxes[positive].float())
             count = max(int(positive.sum()), 1)
             reg = reg + (1.0 - aligned_iou(pred, target_boxes)).sum() / count
+        if self.objectness_level != "any":  # the last stage's positives, as below
+            with torch.no_grad():
+                labels = self._own_level_labels(labels, matched, grid, gt_boxes, prediction.per_level,
+                                                aligned_iou(pred.detach(), target_boxes))
         sampled = labels >= 0
         cls = F.binary_cross_entropy_with_logits(
             logits[sampled].float(), labels[sampled].float(), reduction="sum"
@@ -402,3 +465,26 @@ class CascadeRPN(RegionProposer):
                 "predicted deltas and the learning rate"
             )
         return losses
+
+    def _own_level_labels(self, labels: Tensor, matched: Tensor, grid: AnchorGrid, gt_boxes: list[Tensor],
+                          per_level: list[int], positive_ious: Tensor) -> Tensor:
+        """Sampled labels ``[B, N]`` with the positives off their gt box's own level turned negative.
+
+        ``positive_ious [P]``: the refined box's IoU with its gt box of each positive (``labels == 1``,
+        in row-major order).
+        """
+        location_levels = torch.repeat_interleave(
+            torch.arange(len(per_level), device=labels.device), torch.tensor(per_level, device=labels.device)
+        )
+        positive = labels == 1
+        ious = torch.zeros(labels.shape, device=labels.device)
+        ious[positive] = positive_ious.float()
+        relabelled = labels.clone()
+        for image, gt in enumerate(gt_boxes):
+            if self.objectness_level == "size":
+                gt_level = gt_levels(grid, gt)
+            else:
+                gt_level = best_levels(positive[image], matched[image], ious[image], location_levels, gt.shape[0])
+            own = own_level_positives(positive[image], matched[image], location_levels, gt_level)
+            relabelled[image][positive[image] & ~own] = 0
+        return relabelled

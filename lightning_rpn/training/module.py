@@ -129,6 +129,11 @@ class RPNModule(pl.LightningModule):
         cascade_stages: stages of the cascade (>= 2).
         cascade_dilation: dilation of the cascade's first 3x3 convolution.
         cascade_centre_ratio: central fraction of a gt box whose locations the first stage regresses.
+        cascade_objectness_level: which positives of a gt box the cascade's objectness learns:
+            ``"any"`` (every level), ``"size"`` (its first-stage level's) or ``"best"`` (those on
+            the level of its best refined box); its boxes on other levels are background, so one
+            object does not fill the top of the list with near-identical boxes from several
+            levels (dense scenes).
         cascade_delta_scales: one ``(sx, sy, sw, sh)`` per cascade stage multiplying its raw deltas
             (mmdetection's target stds; ``None``: ones).
         smooth_l1_beta: beta of the smooth L1 loss.
@@ -205,6 +210,7 @@ class RPNModule(pl.LightningModule):
         cascade_stages: int = 2,
         cascade_dilation: int = 3,
         cascade_centre_ratio: float = 0.2,
+        cascade_objectness_level: Literal["any", "size", "best"] = "any",
         cascade_delta_scales: tuple[tuple[float, float, float, float], ...] | None = None,
         pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
         post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
@@ -317,6 +323,7 @@ class RPNModule(pl.LightningModule):
                 conv_channels=head_conv_channels,
                 dilation=cascade_dilation,
                 centre_ratio=cascade_centre_ratio,
+                objectness_level=cascade_objectness_level,
                 delta_scales=cascade_delta_scales,
                 box_coder=self.box_coder,
                 target_config=self.target_config,

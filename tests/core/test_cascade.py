@@ -11,7 +11,9 @@ from torchvision.ops import deform_conv2d
 
 from lightning_rpn.core.adaptive_conv import adaptive_conv2d
 from lightning_rpn.core.anchors import AnchorGenerator
-from lightning_rpn.core.cascade import CascadeRPN, adaptive_offsets, assign_centre_region
+from lightning_rpn.core.cascade import (
+    CascadeRPN, adaptive_offsets, assign_centre_region, best_levels, gt_levels, own_level_positives,
+)
 from lightning_rpn.core.config import ProposalConfig
 from lightning_rpn.core.matching import match_anchors_batched
 from lightning_rpn.core.targets import AnchorTargetConfig
@@ -70,6 +72,33 @@ def test_centre_region_assignment_by_hand() -> None:
     assert not none.any()
 
 
+def test_own_level_positives_by_hand() -> None:
+    _, grid = _grid()
+    gt = torch.tensor([[0.0, 0, 16, 16], [2, 2, 30, 30], [0, 0, 8, 8]])
+    assert gt_levels(grid, gt).tolist() == [0, 1, 0]  # sizes 16, 28, 8 against anchors 16 and 32
+    levels = torch.tensor([0, 0, 0, 1, 1, 1])
+    positive = torch.tensor([True, False, True, True, True, True])
+    matched = torch.tensor([0, 0, 1, 0, 1, 2])
+    # gt 0 (level 0): row 0 kept, row 3 (level 1) dropped; gt 1 (level 1): row 4 kept, row 2 dropped;
+    # gt 2 (level 0) has its only positive on level 1 (row 5): kept
+    own = own_level_positives(positive, matched, levels, gt_levels(grid, gt))
+    assert own.tolist() == [True, False, False, False, True, True]
+    assert own_level_positives(positive, matched, levels, torch.zeros(0, dtype=torch.int64)).equal(positive)
+
+
+def test_best_levels_by_hand() -> None:
+    levels = torch.tensor([0, 0, 1, 1, 2])
+    positive = torch.tensor([True, True, True, False, True])
+    matched = torch.tensor([0, 1, 0, 1, 1])
+    ious = torch.tensor([0.6, 0.9, 0.8, 0.99, 0.7])  # row 3's 0.99 is not a positive
+    # gt 0: rows 0 (0.6, level 0) and 2 (0.8, level 1) -> 1; gt 1: rows 1 (0.9, level 0) and 4 -> 0; gt 2: none
+    assert best_levels(positive, matched, ious, levels, 3).tolist() == [1, 0, -1]
+    own = own_level_positives(positive, matched, levels, best_levels(positive, matched, ious, levels, 3))
+    assert own.tolist() == [False, True, True, False, False]
+    nothing = torch.zeros(5, dtype=torch.bool)
+    assert best_levels(nothing, torch.zeros(5, dtype=torch.int64), ious, levels, 0).shape == (0,)
+
+
 def _cascade(**kwargs) -> CascadeRPN:
     generator, _ = _grid()
     settings = dict(in_channels=8, target_config=AnchorTargetConfig(fg_iou=0.5, batch_size_per_image=64),
@@ -94,6 +123,41 @@ def test_every_stage_trains_and_proposals_come_from_the_last(stages: int) -> Non
     rpn.eval()
     again, _ = rpn(features, [(32, 32), (32, 32)], proposal_logits=True)
     assert len(again[0]) == 3 and again[0][0].shape[0] <= 30
+
+
+@pytest.mark.parametrize("mode", ["size", "best"])
+def test_own_level_objectness_changes_only_the_objectness_labels(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    import lightning_rpn.core.cascade as cascade
+
+    labels_seen: list[torch.Tensor] = []
+    original = cascade.F.binary_cross_entropy_with_logits
+
+    def spy(logits, labels, *args, **kwargs):
+        labels_seen.append(labels.clone())
+        return original(logits, labels, *args, **kwargs)
+
+    monkeypatch.setattr(cascade.F, "binary_cross_entropy_with_logits", spy)
+    features = [torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1)),
+                torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(2))]
+    # fg IoU 0.4, so that the near-anchor stage-1 boxes of both levels match these boxes: image 0's
+    # (size 22, own level 0) has 9 positives on level 0 and 1 on level 1, image 1's (size 24,
+    # own level 1) 9 on level 0 and 5 on level 1
+    targets = [{"boxes": torch.tensor([[5.0, 5, 27, 27]])}, {"boxes": torch.tensor([[4.0, 4, 28, 28]])}]
+    losses = {}
+    empty = [{"boxes": torch.zeros(0, 4)}, targets[0]]
+    assert _cascade(objectness_level=mode).train()(features, [(32, 32)] * 2, empty, image_ids=[0, 1])[1]["loss_rpn_cls"].isfinite()
+    labels_seen.clear()
+    for level in ("any", mode):
+        torch.manual_seed(0)
+        rpn = _cascade(objectness_level=level, target_config=AnchorTargetConfig(fg_iou=0.4, bg_iou=0.3)).train()
+        losses[level] = rpn(features, [(32, 32), (32, 32)], targets, image_ids=[0, 1], need_proposals=False)[1]
+    every_level, own_level = labels_seen
+    assert losses[mode]["loss_rpn_reg"].item() == pytest.approx(losses["any"]["loss_rpn_reg"].item())
+    assert own_level.numel() == every_level.numel() and (own_level <= every_level).all()
+    # "size": 9 + 5 stay positive; "best": one level's per image, so fewer than all 24
+    assert own_level.sum().item() == 9 + 5 if mode == "size" else 0 < own_level.sum().item() < 24
+    with pytest.raises(ValueError, match=r"objectness_level must be one of \('any', 'size', 'best'\), got 'own'"):
+        _cascade(objectness_level="own")
 
 
 def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,6 +237,7 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     assert isinstance(model.rpn, CascadeRPN) and len(model.rpn.stages) == 3
     scaled = tiny_model(**one_anchor, cascade_delta_scales=((0.1, 0.1, 0.5, 0.5), (0.05, 0.05, 0.1, 0.1)))
     assert scaled.rpn.stages[1].delta_scale.tolist() == pytest.approx([0.05, 0.05, 0.1, 0.1])
+    assert tiny_model(**one_anchor, cascade_objectness_level="best").rpn.objectness_level == "best"
     batch = collate_for(model, assign_targets=False)(synthetic_samples())
     proposals, losses = model(batch)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)
