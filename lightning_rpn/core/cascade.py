@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +63,9 @@ __all__ = [
     "gt_levels", "own_level_positives",
 ]
 
-OBJECTNESS_LEVELS = ("any", "size", "best")
+ObjectnessLevel = Literal["any", "size", "best"]
 """Which levels' positives of a gt box the cascade's objectness learns (``CascadeRPN(objectness_level=...)``)."""
+OBJECTNESS_LEVELS: tuple[str, ...] = ("any", "size", "best")
 
 
 def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, origin: float) -> Tensor:
@@ -304,7 +305,7 @@ class CascadeRPN(RegionProposer):
         score_thresh: float = ProposalConfig.score_thresh,
         reg_weight: float = 1.0,
         delta_scales: Sequence[Sequence[float]] | None = None,
-        objectness_level: str = "any",
+        objectness_level: ObjectnessLevel = "any",
         quality: str | None = None,
         proposal_score: str = "objectness",
         seed: int = 0,
@@ -447,8 +448,7 @@ class CascadeRPN(RegionProposer):
             reg = reg + (1.0 - aligned_iou(pred, target_boxes)).sum() / count
         if self.objectness_level != "any":  # the last stage's positives, as below
             with torch.no_grad():
-                labels = self._own_level_labels(labels, matched, grid, gt_boxes, prediction.per_level,
-                                                aligned_iou(pred.detach(), target_boxes))
+                labels = self._own_level_labels(labels, matched, grid, gt_boxes, aligned_iou(pred.detach(), target_boxes))
         sampled = labels >= 0
         cls = F.binary_cross_entropy_with_logits(
             logits[sampled].float(), labels[sampled].float(), reduction="sum"
@@ -467,14 +467,15 @@ class CascadeRPN(RegionProposer):
         return losses
 
     def _own_level_labels(self, labels: Tensor, matched: Tensor, grid: AnchorGrid, gt_boxes: list[Tensor],
-                          per_level: list[int], positive_ious: Tensor) -> Tensor:
+                          positive_ious: Tensor) -> Tensor:
         """Sampled labels ``[B, N]`` with the positives off their gt box's own level turned negative.
 
         ``positive_ious [P]``: the refined box's IoU with its gt box of each positive (``labels == 1``,
         in row-major order).
         """
         location_levels = torch.repeat_interleave(
-            torch.arange(len(per_level), device=labels.device), torch.tensor(per_level, device=labels.device)
+            torch.arange(len(grid.levels), device=labels.device),
+            torch.tensor([level.num_anchors for level in grid.levels], device=labels.device),
         )
         positive = labels == 1
         ious = torch.zeros(labels.shape, device=labels.device)

@@ -55,7 +55,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.backbone_interface import check_backbone, check_feature_strides
 from lightning_rpn.core.backbones import build_backbone
 from lightning_rpn.core.box_coder import BoxCoder
-from lightning_rpn.core.cascade import CascadeRPN
+from lightning_rpn.core.cascade import CascadeRPN, ObjectnessLevel
 from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
 from lightning_rpn.core.head import RPNHead
 from lightning_rpn.core.loss import NonFiniteLossError
@@ -210,7 +210,7 @@ class RPNModule(pl.LightningModule):
         cascade_stages: int = 2,
         cascade_dilation: int = 3,
         cascade_centre_ratio: float = 0.2,
-        cascade_objectness_level: Literal["any", "size", "best"] = "any",
+        cascade_objectness_level: ObjectnessLevel = "any",
         cascade_delta_scales: tuple[tuple[float, float, float, float], ...] | None = None,
         pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
         post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
