@@ -103,12 +103,13 @@ def check_settings(variants: list[str], settings: dict[str, Any]) -> None:
 
 def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] | None, eval_kinds: tuple[str, ...] | None,
                 val_images: int, unannotated: bool = False, settings: dict[str, Any] | None = None,
-                seed: int | None = None, eval_scores: tuple[str, ...] = (), eval_nms: tuple[float, ...] = ()
-                ) -> dict[str, Any]:
+                seed: int | None = None, eval_scores: tuple[str, ...] = (), eval_nms: tuple[float, ...] = (),
+                eval_iterations: tuple[int, ...] = ()) -> dict[str, Any]:
     """Train one variant for ``steps`` and evaluate it (runs in its own process).
 
     The same trained model is also evaluated ranked by each of ``eval_scores`` (quality branches
-    only) and at each NMS threshold of ``eval_nms``.
+    only), at each NMS threshold of ``eval_nms`` and, a cascade, with each number of test
+    iterations of ``eval_iterations``.
     """
     import lightning.pytorch as pl
     import torch
@@ -158,11 +159,16 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
                     else evaluate_with(module, dataset, "proposal_score", score) for score in eval_scores}
     by_nms = {nms: results if nms == module.rpn.nms_thresh else evaluate_with(module, dataset, "nms_thresh", nms)
               for nms in eval_nms}
+    by_iterations = {}
+    if hasattr(module.rpn, "test_iterations"):
+        by_iterations = {k: results if k == module.rpn.test_iterations
+                         else evaluate_with(module, dataset, "test_iterations", k) for k in eval_iterations}
     return {
         "variant": variant,
         **results,
         "by_score": by_score,
         "by_nms": by_nms,
+        "by_iterations": by_iterations,
         "step_ms": 1000 * statistics.median(timer.times[len(timer.times) // 10:]),
         "train_s": train_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -205,6 +211,7 @@ def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, 
     command += [] if options.seed is None else ["--seed", str(options.seed)]
     command += ["--eval-scores", *options.eval_scores] if options.eval_scores else []
     command += ["--eval-nms", *map(str, options.eval_nms)] if options.eval_nms else []
+    command += ["--eval-test-iterations", *map(str, options.eval_test_iterations)] if options.eval_test_iterations else []
     command += [item for pair in options.set for item in ("--set", pair)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
@@ -215,9 +222,11 @@ def _child(options: argparse.Namespace, variant: str, cross: bool) -> dict[str, 
 
 
 def _reevaluations(row: dict[str, Any], plain: dict[str, Any] | None) -> list[tuple[str, dict, dict | None]]:
-    """``(label, result, reference)`` of ``row``'s re-evaluations: each score against the plain
-    RPN's own result, each NMS threshold against the plain RPN at that threshold (if it has it)."""
+    """``(label, result, reference)`` of ``row``'s re-evaluations: each score and number of test
+    iterations against the plain RPN's own result, each NMS threshold against the plain RPN at
+    that threshold (if it has it)."""
     scores = [(f"ranked by {score}", result, plain) for score, result in row["by_score"].items()]
+    scores += [(f"with {k} test iteration(s)", result, plain) for k, result in row.get("by_iterations", {}).items()]
     thresholds = [(f"at NMS {nms}", result, None if plain is None else plain["by_nms"].get(nms))
                   for nms, result in row["by_nms"].items()]
     return scores + thresholds
@@ -245,6 +254,9 @@ def main() -> int:
     parser.add_argument("--eval-nms", nargs="+", type=float, default=[], metavar="T",
                         help="also evaluate each trained model at these NMS IoU thresholds (ratios against the "
                              "plain RPN at the same threshold)")
+    parser.add_argument("--eval-test-iterations", nargs="+", type=int, default=[], metavar="K",
+                        help="also evaluate each trained cascade with its last stage refining its boxes K more "
+                             "times (cascade_test_iterations)")
     parser.add_argument("--seed", type=int, help="training seed (default: the config's seed_everything)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a model setting of every variant run (YAML value; repeatable)")
@@ -258,12 +270,15 @@ def main() -> int:
         kinds = (seen, unseen) if options.cross else (None, None)
         row = run_variant(options.child, options.steps, options.threads, kinds[0], kinds[1], options.val_images,
                           unannotated=options.cross_protocol == "unannotated", settings=settings, seed=options.seed,
-                          eval_scores=tuple(options.eval_scores), eval_nms=tuple(options.eval_nms))
+                          eval_scores=tuple(options.eval_scores), eval_nms=tuple(options.eval_nms),
+                          eval_iterations=tuple(options.eval_test_iterations))
         print(json.dumps(row))
         return 0
 
     if any(not 0.0 < nms <= 1.0 for nms in options.eval_nms):
         raise SystemExit(f"bench_heads: --eval-nms takes IoU thresholds in (0, 1], got {options.eval_nms}")
+    if any(k < 0 for k in options.eval_test_iterations):
+        raise SystemExit(f"bench_heads: --eval-test-iterations must be >= 0, got {options.eval_test_iterations}")
     if options.no_cross and options.cross_only:
         raise SystemExit("bench_heads: --no-cross and --cross-only leave nothing to run")
     check_settings(options.variants, settings)

@@ -201,7 +201,9 @@ def _config_args(seed: int, steps: int, workdir: Path, voc_root: Path | None,
 
 def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: Path | None,
              nms_values: list[float | None], pre_nms_values: list[int | None], keep: Path | None,
-             optimiser: Sequence[str] = ()) -> tuple[dict, float]:
+             optimiser: Sequence[str] = (), test_iterations: Sequence[int] = ()) -> tuple[dict, float]:
+    """Our CLI trained on the scenes, evaluated at each NMS / pre-NMS setting and, a cascade, with
+    each number of ``test_iterations`` of its last stage (rows " @iter K")."""
     cli = _cli([*_config_args(seed, steps, workdir, voc_root, optimiser), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
                 "--trainer.logger.save_dir", str(workdir), "--trainer.limit_val_batches", "0", *extra])
     start = time.perf_counter()
@@ -217,8 +219,14 @@ def run_ours(seed: int, steps: int, extra: list[str], workdir: Path, voc_root: P
         proposals, _ = module(batch, with_targets=False)
         return [boxes for boxes, _ in proposals]
 
-    return evaluate_at_nms(propose, cli.datamodule, module.size_divisibility, module.rpn, nms_values,
-                           pre_nms_values), seconds
+    rows = evaluate_at_nms(propose, cli.datamodule, module.size_divisibility, module.rpn, nms_values, pre_nms_values)
+    if hasattr(module.rpn, "test_iterations"):
+        trained = module.rpn.test_iterations
+        for iterations in test_iterations:
+            module.rpn.test_iterations = iterations
+            rows[f" @iter {iterations}"] = evaluate_held_out(propose, cli.datamodule, module.size_divisibility)
+        module.rpn.test_iterations = trained
+    return rows, seconds
 
 
 def torchvision_optimiser(optimiser: Sequence[str]) -> list[str]:
@@ -313,6 +321,9 @@ ABLATIONS: dict[str, list[str]] = {
                                      "--model.cascade_objectness_level", "any"],
     "cascade_centre_0.2_size_level": [*CASCADE, "--model.cascade_centre_ratio", "0.2",
                                       "--model.cascade_objectness_level", "size"],
+    # and with its later stages' box losses over every IoU positive, not the sampler's 128 an image
+    "cascade_centre_0.2_all_positives": [*CASCADE, "--model.cascade_centre_ratio", "0.2",
+                                         "--model.cascade_box_loss_positives", "all"],
     "cascade_sgd": [*CASCADE, *OPTIMISERS["sgd"]],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],
@@ -353,6 +364,9 @@ def main() -> int:
                         help="evaluate every trained model at each of these NMS thresholds (the README's NMS row)")
     parser.add_argument("--eval-pre-nms", type=int, nargs="+", default=None, metavar="K",
                         help="also evaluate with K candidates per level before NMS (default: the model's 1000)")
+    parser.add_argument("--eval-test-iterations", type=int, nargs="+", default=[], metavar="K",
+                        help="also evaluate our cascade rows with their last stage refining its boxes K more "
+                             "times (model.cascade_test_iterations)")
     parser.add_argument("--optimizer", choices=list(OPTIMISERS), default=None,
                         help="both sides' optimiser at its peak lr (sgd 0.02, adamw 0.002; default: ours "
                              "the config's AdamW, torchvision the protocol's SGD); an --ablations row that sets "
@@ -382,6 +396,8 @@ def main() -> int:
                  *(["--model.lr", str(options.lr)] if options.lr is not None else [])]
     if any(k < 1 for k in options.eval_pre_nms or []):
         parser.error("--eval-pre-nms: candidates per level must be >= 1")
+    if any(k < 0 for k in options.eval_test_iterations):
+        parser.error("--eval-test-iterations: iterations must be >= 0")
 
     def kept(row: str, seed: int) -> Path | None:
         return None if options.keep is None else options.keep / f"{row.replace(' ', '_')}_{seed}.ckpt"
@@ -404,7 +420,8 @@ def main() -> int:
                                                          pre_nms_values, optimiser)
                 else:
                     evaluated, seconds = run_ours(seed, options.steps, extra, workdir, voc_root, nms_values,
-                                                  pre_nms_values, kept(row, seed), optimiser)
+                                                  pre_nms_values, kept(row, seed), optimiser,
+                                                  options.eval_test_iterations)
                 for suffix, (seen, unseen) in evaluated.items():
                     runs = results.setdefault(row + suffix, {"seen": [], "unseen": []})
                     runs["seen"].append(seen)

@@ -64,3 +64,23 @@ def test_a_tiny_run_ranks_one_model_by_each_score_and_nms() -> None:
     # the trained ranking and threshold are the run's own result, not evaluated again
     seen = next(line for line in out.splitlines() if line.startswith("oln "))
     assert f"AR@100 {seen.split()[1]}" in next(line for line in out.splitlines() if "ranked by geometric_mean:" in line)
+
+
+def test_a_tiny_cascade_run_is_evaluated_at_each_number_of_test_iterations() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--steps", "2", "--val-images", "4", "--variants", "cascade", "--no-cross",
+         "--seed", "3", "--eval-test-iterations", "0", "1", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    own = next(line for line in lines if line.startswith("cascade ")).split()[1]
+    evaluated = [line for line in lines if "test iteration(s):" in line]
+    assert [line.split(" test")[0].strip() for line in evaluated] == ["with 0", "with 1", "with 2"]
+    # the config's own number is the run's result; the others are evaluations of the same model
+    assert sum(f"AR@100 {own}" in line for line in evaluated) >= 1
+
+
+def test_negative_test_iterations_are_refused() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--eval-test-iterations", "-1"], capture_output=True, text=True)
+    assert done.returncode == 1 and "--eval-test-iterations must be >= 0, got [-1]" in done.stderr

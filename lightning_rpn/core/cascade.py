@@ -18,9 +18,12 @@ before (stage 1: the anchors):
   ``s - 1`` box (:func:`adaptive_offsets`),
   + ReLU, then 1x1 deltas relative to that box; targets by IoU between those boxes and the gt
   boxes with the project's rule (:func:`~lightning_rpn.core.matching.match_anchors_batched`) and
-  sampler (``target_config``, seeded like the RPN's). The last stage also predicts objectness,
-  trained on the sampled boxes (with ``objectness_level`` "size" or "best", a gt box's positives
-  on other levels than its own are negatives: see :func:`own_level_positives`), and
+  sampler (``target_config``, seeded like the RPN's); its box loss averages over the sampled
+  positives (``box_loss_positives="sampled"``, as the RPN's) or over every IoU positive
+  (``"all"``: in dense scenes an image has several hundred, four times the sampler's share). The
+  last stage also predicts objectness, trained on the sampled boxes (with ``objectness_level``
+  "size" or "best", a gt box's positives on other levels than its own are negatives: see
+  :func:`own_level_positives`), and
   optionally localisation quality (``quality``, the branches
   of :mod:`~lightning_rpn.core.quality`: centerness of its input box's centre, IoU of its output
   box, trained on its positives), which ranks the proposals alone or with the objectness
@@ -34,7 +37,9 @@ losses are ``1 - IoU`` of the decoded boxes with their gt boxes, averaged over e
 positives and summed over stages (times ``reg_weight``) into ``loss_rpn_reg``; ``loss_rpn_cls``
 is the last stage's objectness log loss over its sampled boxes (not with ``proposal_score=
 "quality"``) plus its quality losses. Proposals are the last stage's boxes ranked by the
-proposal score, through :func:`~lightning_rpn.core.proposals.generate_proposals`.
+proposal score, through :func:`~lightning_rpn.core.proposals.generate_proposals`; in eval mode
+the last stage can first refine its own boxes again (``test_iterations``, with its weights and
+input features; on a network trained as usual: inference only).
 The stages run in :meth:`CascadeRPN.predict`, which the exported program calls too.
 """
 
@@ -59,13 +64,16 @@ from .quality import aligned_iou, parse_scoring, quality_loss, rank_logits
 from .sampling import sample_anchors_with_positives
 
 __all__ = [
-    "CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region", "best_levels",
-    "gt_levels", "own_level_positives",
+    "BoxLossPositives", "CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region",
+    "best_levels", "gt_levels", "own_level_positives",
 ]
 
 ObjectnessLevel = Literal["any", "size", "best"]
 """Which levels' positives of a gt box the cascade's objectness learns (``CascadeRPN(objectness_level=...)``)."""
 OBJECTNESS_LEVELS: tuple[str, ...] = ("any", "size", "best")
+BoxLossPositives = Literal["sampled", "all"]
+"""Which IoU positives of stages >= 2 the box losses average over (``CascadeRPN(box_loss_positives=...)``)."""
+BOX_LOSS_POSITIVES: tuple[str, ...] = ("sampled", "all")
 
 
 def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, origin: float) -> Tensor:
@@ -230,7 +238,8 @@ class CascadePrediction(NamedTuple):
     """What the stages predict for a batch (see :meth:`CascadeRPN.predict`).
 
     ``boxes[s]`` / ``deltas[s]``: stage ``s``'s input boxes and its deltas relative to them,
-    ``[B, N, 4]`` (stage 0's boxes are the anchors); ``logits``: the last stage's objectness
+    ``[B, N, 4]`` (stage 0's boxes are the anchors; the last stage's are those of its last pass
+    with ``test_iterations``); ``logits``: the last stage's objectness
     ``[B, N]``; ``quality``: its quality logits ``[B, N, Q]`` or ``None``; ``scores``: the logits
     of the proposal score ``[B, N]`` (the objectness unless quality ranks); ``per_level``:
     ``N_l`` of each level.
@@ -274,6 +283,11 @@ class CascadeRPN(RegionProposer):
             or ``"best"`` (those on the level of its best refined box, :func:`best_levels`); the
             others are its negatives (:func:`own_level_positives`). Box and quality losses keep
             every positive.
+        box_loss_positives: which IoU positives the box losses of stages >= 2 (and the quality
+            losses) average over: ``"sampled"`` (the sampler's, as the RPN's) or ``"all"``. The
+            objectness always learns from the sampled boxes.
+        test_iterations: in eval mode, how many more times the last stage refines its own boxes
+            (the Iterative RPN idea, at inference only: training is unchanged).
         quality: ``None`` or the last stage's localisation-quality branches (``"iou"``,
             ``"centerness"``, ``"centerness+iou"``), trained on its positives.
         proposal_score: what ranks the proposals, as :class:`~lightning_rpn.core.rpn.RPN`'s:
@@ -306,6 +320,8 @@ class CascadeRPN(RegionProposer):
         reg_weight: float = 1.0,
         delta_scales: Sequence[Sequence[float]] | None = None,
         objectness_level: ObjectnessLevel = "any",
+        box_loss_positives: BoxLossPositives = "sampled",
+        test_iterations: int = 0,
         quality: str | None = None,
         proposal_score: str = "objectness",
         seed: int = 0,
@@ -324,9 +340,11 @@ class CascadeRPN(RegionProposer):
                 f"level, model.aspect_ratios [[1.0]]), got {anchor_generator!r} with "
                 f"{anchor_generator.num_anchors_per_location()} anchors per location"
             )
-        for name, value in (("num_stages", num_stages), ("dilation", dilation), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "num_stages" else 1):
-                raise ValueError(f"CascadeRPN: {name} must be an int >= {2 if name == 'num_stages' else 1}, got {value!r}")
+        least = {"num_stages": 2, "dilation": 1, "in_channels": 1, "test_iterations": 0}
+        for name, value in (("num_stages", num_stages), ("dilation", dilation), ("in_channels", in_channels),
+                            ("test_iterations", test_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least[name]:
+                raise ValueError(f"CascadeRPN: {name} must be an int >= {least[name]}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
             raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
         branches = parse_scoring(quality, proposal_score, "CascadeRPN")
@@ -347,6 +365,10 @@ class CascadeRPN(RegionProposer):
         if objectness_level not in OBJECTNESS_LEVELS:
             raise ValueError(f"CascadeRPN: objectness_level must be one of {OBJECTNESS_LEVELS}, got {objectness_level!r}")
         self.objectness_level = objectness_level
+        if box_loss_positives not in BOX_LOSS_POSITIVES:
+            raise ValueError(f"CascadeRPN: box_loss_positives must be one of {BOX_LOSS_POSITIVES}, got {box_loss_positives!r}")
+        self.box_loss_positives = box_loss_positives
+        self.test_iterations = test_iterations
         self.reg_weight = reg_weight
         self.quality = branches
         self.proposal_score = proposal_score
@@ -356,41 +378,51 @@ class CascadeRPN(RegionProposer):
 
         Torch ops on the feature sizes only, so ``torch.export`` traces it with dynamic sizes:
         the eager forward and the exported program (:mod:`lightning_rpn.tools.export`) both
-        call it. The boxes passed from stage to stage are detached.
+        call it. The boxes passed from stage to stage are detached. In eval mode the last stage
+        then refines its own boxes ``test_iterations`` more times (same weights and input
+        features); the scores stay those of its first pass.
         """
         batch = levels[0].shape[0]
         per_level = [a.shape[0] for a in anchors]
         boxes = torch.cat(anchors).unsqueeze(0).expand(batch, -1, -1)  # [B, N, 4], the stage's input boxes
-        generator = self.anchor_generator
         inputs = levels
         stage_boxes, stage_deltas = [], []
         logits: Tensor | None = None
         quality: Tensor | None = None
         for index, stage in enumerate(self.stages):
-            level_boxes = boxes.split(per_level, dim=1)
-            hidden, deltas, level_logits, level_quality = [], [], [], []
-            for level, (feature, stride) in enumerate(zip(inputs, generator.strides)):
-                offsets = None
-                if stage.adaptive:
-                    height, width = feature.shape[-2:]
-                    origin = generator.offset * stride
-                    offsets = adaptive_offsets(level_boxes[level], height, width, float(stride), origin)
-                h, d, o, q = stage(feature, offsets)
-                hidden.append(h)
-                deltas.append(d)
-                level_logits.append(o)
-                level_quality.append(q)
+            hidden, deltas, logits, quality = self._run_stage(stage, inputs, boxes, per_level)
             stage_boxes.append(boxes)
-            stage_deltas.append(torch.cat(deltas, dim=1))
-            if index == len(self.stages) - 1:
-                logits = torch.cat(level_logits, dim=1)
-                quality = torch.cat(level_quality, dim=1) if self.quality else None
-            else:
-                boxes = self.box_coder.decode(stage_deltas[-1].detach(), boxes)
-            inputs = hidden
+            stage_deltas.append(deltas)
+            if index < len(self.stages) - 1:
+                boxes = self.box_coder.decode(deltas.detach(), boxes)
+                inputs = hidden
+        for _ in range(0 if self.training else self.test_iterations):
+            boxes = self.box_coder.decode(stage_deltas[-1], stage_boxes[-1])
+            stage_boxes[-1], stage_deltas[-1] = boxes, self._run_stage(self.stages[-1], inputs, boxes, per_level)[1]
         assert logits is not None
         scores = rank_logits(logits, quality, self.proposal_score)
         return CascadePrediction(stage_boxes, stage_deltas, logits, quality, scores, per_level)
+
+    def _run_stage(self, stage: CascadeStage, inputs: list[Tensor], boxes: Tensor, per_level: list[int]
+                   ) -> tuple[list[Tensor], Tensor, Tensor | None, Tensor | None]:
+        """``stage`` on every level's ``inputs`` (an adaptive one placed on ``boxes [B, N, 4]``): its
+        hidden features per level, deltas ``[B, N, 4]``, objectness ``[B, N]`` and quality
+        ``[B, N, Q]`` (``None`` where it has none)."""
+        generator = self.anchor_generator
+        level_boxes = boxes.split(per_level, dim=1)
+        hidden, deltas, logits, quality = [], [], [], []
+        for level, (feature, stride) in enumerate(zip(inputs, generator.strides)):
+            offsets = None
+            if stage.adaptive:
+                height, width = feature.shape[-2:]
+                offsets = adaptive_offsets(level_boxes[level], height, width, float(stride), generator.offset * stride)
+            h, d, o, q = stage(feature, offsets)
+            hidden.append(h)
+            deltas.append(d)
+            logits.append(o)
+            quality.append(q)
+        return (hidden, torch.cat(deltas, dim=1), None if logits[0] is None else torch.cat(logits, dim=1),
+                None if quality[0] is None else torch.cat(quality, dim=1))
 
     def _forward(self, inputs: ProposalInputs) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """:meth:`RegionProposer.forward` of the cascade: the last stage's boxes, ranked by the proposal score."""
@@ -425,12 +457,12 @@ class CascadeRPN(RegionProposer):
                     positive = torch.stack([p for p, _ in assigned])
                     matched = torch.stack([m for _, m in assigned])
                 else:
-                    rows = []
-                    matched_rows = []
+                    rows, matched_rows, positive_rows = [], [], []
                     for image, gt in enumerate(gt_boxes):
                         row, match = match_anchors_batched(
                             boxes[image].detach().float(), [gt], config.fg_iou, config.bg_iou, config.allow_low_quality
                         )
+                        positive_rows.append(row[0] == 1)
                         row = sample_anchors_with_positives(
                             row, config.batch_size_per_image, config.positive_fraction, [generators[image]]
                         )[0]
@@ -438,7 +470,7 @@ class CascadeRPN(RegionProposer):
                         matched_rows.append(match[0])
                     labels = torch.stack(rows)
                     matched = torch.stack(matched_rows)
-                    positive = labels == 1
+                    positive = torch.stack(positive_rows) if self.box_loss_positives == "all" else labels == 1
                 first = torch.tensor([0] + [gt.shape[0] for gt in gt_boxes], device=device).cumsum(0)
                 image_of = torch.nonzero(positive)[:, 0]
                 all_gt = torch.cat([torch.zeros(0, 4, device=device), *gt_boxes])
@@ -448,7 +480,8 @@ class CascadeRPN(RegionProposer):
             reg = reg + (1.0 - aligned_iou(pred, target_boxes)).sum() / count
         if self.objectness_level != "any":  # the last stage's positives, as below
             with torch.no_grad():
-                labels = self._own_level_labels(labels, matched, grid, gt_boxes, aligned_iou(pred.detach(), target_boxes))
+                labels = self._own_level_labels(labels, positive, matched, grid, gt_boxes,
+                                                aligned_iou(pred.detach(), target_boxes))
         sampled = labels >= 0
         cls = F.binary_cross_entropy_with_logits(
             logits[sampled].float(), labels[sampled].float(), reduction="sum"
@@ -466,18 +499,18 @@ class CascadeRPN(RegionProposer):
             )
         return losses
 
-    def _own_level_labels(self, labels: Tensor, matched: Tensor, grid: AnchorGrid, gt_boxes: list[Tensor],
-                          positive_ious: Tensor) -> Tensor:
+    def _own_level_labels(self, labels: Tensor, positive: Tensor, matched: Tensor, grid: AnchorGrid,
+                          gt_boxes: list[Tensor], positive_ious: Tensor) -> Tensor:
         """Sampled labels ``[B, N]`` with the positives off their gt box's own level turned negative.
 
-        ``positive_ious [P]``: the refined box's IoU with its gt box of each positive (``labels == 1``,
-        in row-major order).
+        ``positive [B, N]``: the box loss's positives (the sampled ones or every IoU positive), which
+        pick each gt box's best level; ``positive_ious [P]``: the refined box's IoU with its gt box
+        of each of them, in row-major order.
         """
         location_levels = torch.repeat_interleave(
             torch.arange(len(grid.levels), device=labels.device),
             torch.tensor([level.num_anchors for level in grid.levels], device=labels.device),
         )
-        positive = labels == 1
         ious = torch.zeros(labels.shape, device=labels.device)
         ious[positive] = positive_ious.float()
         relabelled = labels.clone()
@@ -487,5 +520,5 @@ class CascadeRPN(RegionProposer):
             else:
                 gt_level = best_levels(positive[image], matched[image], ious[image], location_levels, gt.shape[0])
             own = own_level_positives(positive[image], matched[image], location_levels, gt_level)
-            relabelled[image][positive[image] & ~own] = 0
+            relabelled[image][(labels[image] == 1) & ~own] = 0
         return relabelled

@@ -55,7 +55,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.backbone_interface import check_backbone, check_feature_strides
 from lightning_rpn.core.backbones import build_backbone
 from lightning_rpn.core.box_coder import BoxCoder
-from lightning_rpn.core.cascade import CascadeRPN, ObjectnessLevel
+from lightning_rpn.core.cascade import BoxLossPositives, CascadeRPN, ObjectnessLevel
 from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
 from lightning_rpn.core.head import RPNHead
 from lightning_rpn.core.loss import NonFiniteLossError
@@ -134,6 +134,12 @@ class RPNModule(pl.LightningModule):
             the level of its best refined box); its boxes on other levels are background, so one
             object does not fill the top of the list with near-identical boxes from several
             levels (dense scenes).
+        cascade_box_loss_positives: which IoU positives the box losses of the cascade's later
+            stages average over: ``"sampled"`` (the sampler's ``batch_size_per_image *
+            positive_fraction`` at most, as the RPN's) or ``"all"`` (every one; dense scenes have
+            several hundred an image).
+        cascade_test_iterations: how many more times the cascade's last stage refines its own
+            boxes in validation, test and predict (training unchanged).
         cascade_delta_scales: one ``(sx, sy, sw, sh)`` per cascade stage multiplying its raw deltas
             (mmdetection's target stds; ``None``: ones).
         smooth_l1_beta: beta of the smooth L1 loss.
@@ -211,6 +217,8 @@ class RPNModule(pl.LightningModule):
         cascade_dilation: int = 3,
         cascade_centre_ratio: float = 0.2,
         cascade_objectness_level: ObjectnessLevel = "any",
+        cascade_box_loss_positives: BoxLossPositives = "sampled",
+        cascade_test_iterations: int = 0,
         cascade_delta_scales: tuple[tuple[float, float, float, float], ...] | None = None,
         pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
         post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
@@ -324,6 +332,8 @@ class RPNModule(pl.LightningModule):
                 dilation=cascade_dilation,
                 centre_ratio=cascade_centre_ratio,
                 objectness_level=cascade_objectness_level,
+                box_loss_positives=cascade_box_loss_positives,
+                test_iterations=cascade_test_iterations,
                 delta_scales=cascade_delta_scales,
                 box_coder=self.box_coder,
                 target_config=self.target_config,

@@ -160,6 +160,73 @@ def test_own_level_objectness_changes_only_the_objectness_labels(monkeypatch: py
         _cascade(objectness_level="own")
 
 
+def test_box_losses_over_every_iou_positive_leave_the_objectness_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_rpn.core.cascade as cascade
+
+    box_counts: list[int] = []
+    labels_seen: list[torch.Tensor] = []
+    original_iou, original_bce = cascade.aligned_iou, cascade.F.binary_cross_entropy_with_logits
+
+    def iou_spy(pred, target):
+        box_counts.append(pred.shape[0])
+        return original_iou(pred, target)
+
+    def bce_spy(logits, labels, *args, **kwargs):
+        labels_seen.append(labels.clone())
+        return original_bce(logits, labels, *args, **kwargs)
+
+    monkeypatch.setattr(cascade, "aligned_iou", iou_spy)
+    monkeypatch.setattr(cascade.F, "binary_cross_entropy_with_logits", bce_spy)
+    features = [torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1)),
+                torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(2))]
+    # the boxes of the ownership test: 10 and 14 IoU-0.4 positives in stage 2; a sampler of 4
+    # boxes an image keeps at most 2 of them
+    targets = [{"boxes": torch.tensor([[5.0, 5, 27, 27]])}, {"boxes": torch.tensor([[4.0, 4, 28, 28]])}]
+    config = AnchorTargetConfig(fg_iou=0.4, bg_iou=0.3, batch_size_per_image=4)
+    losses = {}
+    for which in ("sampled", "all"):
+        torch.manual_seed(0)
+        rpn = _cascade(box_loss_positives=which, target_config=config).train()
+        losses[which] = rpn(features, [(32, 32), (32, 32)], targets, image_ids=[0, 1], need_proposals=False)[1]
+    sampled_counts, all_counts = box_counts[:2], box_counts[2:]
+    assert sampled_counts[0] == all_counts[0]  # stage 1: the centre region, never sampled
+    assert sampled_counts[1] <= 4 and all_counts[1] == 24
+    torch.testing.assert_close(labels_seen[0], labels_seen[1])
+    assert losses["all"]["loss_rpn_cls"].item() == pytest.approx(losses["sampled"]["loss_rpn_cls"].item())
+    assert losses["all"]["loss_rpn_reg"].item() != pytest.approx(losses["sampled"]["loss_rpn_reg"].item())
+    # with one level per object (its best level picked among every positive), the same sampled
+    # boxes, some positives turned negative
+    torch.manual_seed(0)
+    best = _cascade(box_loss_positives="all", objectness_level="best", target_config=config).train()
+    assert all(v.isfinite() for v in best(features, [(32, 32)] * 2, targets, image_ids=[0, 1], need_proposals=False)[1].values())
+    assert labels_seen[2].shape == labels_seen[1].shape and (labels_seen[2] <= labels_seen[1]).all()
+    with pytest.raises(ValueError, match=r"box_loss_positives must be one of \('sampled', 'all'\), got 'every'"):
+        _cascade(box_loss_positives="every")
+
+
+def test_test_iterations_refine_the_last_boxes_again_in_eval_only() -> None:
+    torch.manual_seed(0)
+    rpn = _cascade(num_stages=2)
+    for parameter in rpn.parameters():  # boxes that move at every pass
+        torch.nn.init.normal_(parameter, std=0.1)
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    anchors = rpn.anchor_generator([(8, 8), (4, 4)])
+    with torch.no_grad():
+        once = rpn.eval().predict(features, anchors)
+        rpn.test_iterations = 1
+        twice = rpn.predict(features, anchors)
+        trained = rpn.train().predict(features, anchors)
+    refined = rpn.box_coder.decode(once.deltas[-1], once.boxes[-1])
+    torch.testing.assert_close(twice.boxes[-1], refined)  # the last pass starts from the first's boxes
+    hand = rpn._run_stage(rpn.stages[-1], [rpn.stages[0](f)[0] for f in features], refined, once.per_level)[1]
+    torch.testing.assert_close(twice.deltas[-1], hand)
+    assert not torch.allclose(twice.deltas[-1], once.deltas[-1])
+    torch.testing.assert_close(twice.scores, once.scores)  # ranked by the first pass
+    torch.testing.assert_close(trained.deltas[-1], once.deltas[-1])  # training is unchanged
+    with pytest.raises(ValueError, match="test_iterations must be an int >= 0, got -1"):
+        _cascade(test_iterations=-1)
+
+
 def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_rpn.core.cascade as cascade
 
@@ -238,6 +305,8 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     scaled = tiny_model(**one_anchor, cascade_delta_scales=((0.1, 0.1, 0.5, 0.5), (0.05, 0.05, 0.1, 0.1)))
     assert scaled.rpn.stages[1].delta_scale.tolist() == pytest.approx([0.05, 0.05, 0.1, 0.1])
     assert tiny_model(**one_anchor, cascade_objectness_level="best").rpn.objectness_level == "best"
+    assert tiny_model(**one_anchor, cascade_box_loss_positives="all").rpn.box_loss_positives == "all"
+    assert tiny_model(**one_anchor, cascade_test_iterations=1).rpn.test_iterations == 1
     batch = collate_for(model, assign_targets=False)(synthetic_samples())
     proposals, losses = model(batch)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)

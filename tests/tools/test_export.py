@@ -156,11 +156,11 @@ def _quality_pair(proposal_score: str) -> tuple[nn.Module, RPN]:
     return _TwoLevels(), rpn.eval()
 
 
-def _cascade_pair(num_stages: int, **quality: str) -> tuple[nn.Module, CascadeRPN]:
+def _cascade_pair(num_stages: int, **settings: object) -> tuple[nn.Module, CascadeRPN]:
     torch.manual_seed(3)
     generator = AnchorGenerator(((16,), (32,)), ((1.0,),), (4, 8), offset=0.5)
     rpn = CascadeRPN(generator, in_channels=8, num_stages=num_stages, pre_nms_top_n_test=80,
-                     post_nms_top_n_test=50, nms_thresh=0.6, **quality)
+                     post_nms_top_n_test=50, nms_thresh=0.6, **settings)
     for parameter in rpn.parameters():  # stage-1 boxes away from the anchors, scores spread
         nn.init.normal_(parameter, std=0.1)
     return _TwoLevels(), rpn.eval()
@@ -174,9 +174,10 @@ def _cascade_pair(num_stages: int, **quality: str) -> tuple[nn.Module, CascadeRP
         (lambda: _cascade_pair(3), False),
         (lambda: _cascade_pair(2), True),
         (lambda: _cascade_pair(2, quality="iou", proposal_score="geometric_mean"), True),
+        (lambda: _cascade_pair(2, test_iterations=1), True),
     ],
     ids=["quality", "quality_geometric_mean_exported", "cascade_3_stages", "cascade_exported",
-         "cascade_quality_exported"],
+         "cascade_quality_exported", "cascade_test_iteration_exported"],
 )
 def test_quality_heads_and_cascades_export_equal_to_eager(pair, exported: bool) -> None:
     """The scores are the eager ones: the quality combination, or the cascade's last stage."""
