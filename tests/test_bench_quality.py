@@ -59,6 +59,7 @@ def test_the_cascade_ablation_is_the_shapes_cascade_configs_head(bench_quality, 
 
     shapes = yaml.safe_load((bench_quality.ROOT / "configs" / "shapes_cascade.yaml").read_text())["model"]
     hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS["cascade"]).hparams
-    for key in ("head", "aspect_ratios", "cascade_stages", "cascade_centre_ratio", "cascade_objectness_level", "reg_weight",
-                "fg_iou"):
+    keys = ["head", "aspect_ratios", "reg_weight", "fg_iou", *(key for key in shapes if key.startswith("cascade_"))]
+    assert len(keys) == 4 + 5  # every cascade setting of the config is compared
+    for key in keys:
         assert yaml.safe_load(yaml.safe_dump(hp[key])) == shapes[key], key  # lists and tuples alike
