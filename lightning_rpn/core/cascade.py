@@ -361,12 +361,12 @@ class CascadeRPN(RegionProposer):
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"CascadeRPN: delta_scales: {error}") from None
+        for name, value, choices in (("objectness_level", objectness_level, OBJECTNESS_LEVELS),
+                                     ("box_loss_positives", box_loss_positives, BOX_LOSS_POSITIVES)):
+            if value not in choices:
+                raise ValueError(f"CascadeRPN: {name} must be one of {choices}, got {value!r}")
         self.centre_ratio = centre_ratio
-        if objectness_level not in OBJECTNESS_LEVELS:
-            raise ValueError(f"CascadeRPN: objectness_level must be one of {OBJECTNESS_LEVELS}, got {objectness_level!r}")
         self.objectness_level = objectness_level
-        if box_loss_positives not in BOX_LOSS_POSITIVES:
-            raise ValueError(f"CascadeRPN: box_loss_positives must be one of {BOX_LOSS_POSITIVES}, got {box_loss_positives!r}")
         self.box_loss_positives = box_loss_positives
         self.test_iterations = test_iterations
         self.reg_weight = reg_weight
@@ -457,20 +457,17 @@ class CascadeRPN(RegionProposer):
                     positive = torch.stack([p for p, _ in assigned])
                     matched = torch.stack([m for _, m in assigned])
                 else:
-                    rows, matched_rows, positive_rows = [], [], []
-                    for image, gt in enumerate(gt_boxes):
-                        row, match = match_anchors_batched(
-                            boxes[image].detach().float(), [gt], config.fg_iou, config.bg_iou, config.allow_low_quality
-                        )
-                        positive_rows.append(row[0] == 1)
-                        row = sample_anchors_with_positives(
-                            row, config.batch_size_per_image, config.positive_fraction, [generators[image]]
-                        )[0]
-                        rows.append(row[0])
-                        matched_rows.append(match[0])
-                    labels = torch.stack(rows)
-                    matched = torch.stack(matched_rows)
-                    positive = torch.stack(positive_rows) if self.box_loss_positives == "all" else labels == 1
+                    # each image's boxes are its own, so each is matched alone; the sampling is batched
+                    matches = [
+                        match_anchors_batched(box.float(), [gt], config.fg_iou, config.bg_iou, config.allow_low_quality)
+                        for box, gt in zip(boxes.detach(), gt_boxes)
+                    ]
+                    iou_labels = torch.cat([row for row, _ in matches])
+                    matched = torch.cat([match for _, match in matches])
+                    labels = sample_anchors_with_positives(
+                        iou_labels, config.batch_size_per_image, config.positive_fraction, generators
+                    )[0]
+                    positive = iou_labels == 1 if self.box_loss_positives == "all" else labels == 1
                 first = torch.tensor([0] + [gt.shape[0] for gt in gt_boxes], device=device).cumsum(0)
                 image_of = torch.nonzero(positive)[:, 0]
                 all_gt = torch.cat([torch.zeros(0, 4, device=device), *gt_boxes])
