@@ -238,8 +238,9 @@ class CascadePrediction(NamedTuple):
     """What the stages predict for a batch (see :meth:`CascadeRPN.predict`).
 
     ``boxes[s]`` / ``deltas[s]``: stage ``s``'s input boxes and its deltas relative to them,
-    ``[B, N, 4]`` (stage 0's boxes are the anchors; the last stage's are those of its last pass
-    with ``test_iterations``); ``logits``: the last stage's objectness
+    ``[B, N, 4]`` (stage 0's boxes are the anchors; in eval mode the last stage's are those of
+    its last pass with ``test_iterations``; in training ``train_iterations`` more entries
+    follow, one per pass); ``logits``: the last stage's objectness
     ``[B, N]``; ``quality``: its quality logits ``[B, N, Q]`` or ``None``; ``scores``: the logits
     of the proposal score ``[B, N]`` (the objectness unless quality ranks); ``per_level``:
     ``N_l`` of each level.
@@ -287,7 +288,10 @@ class CascadeRPN(RegionProposer):
             losses) average over: ``"sampled"`` (the sampler's, as the RPN's) or ``"all"``. The
             objectness always learns from the sampled boxes.
         test_iterations: in eval mode, how many more times the last stage refines its own boxes
-            (the Iterative RPN idea, at inference only: training is unchanged).
+            (the Iterative RPN idea, at inference).
+        train_iterations: in training, how many more times the last stage refines its own boxes
+            (detached), each pass adding a box loss like a stage's: it then learns the boxes it
+            refines at test time. Objectness and quality still learn from its first pass.
         quality: ``None`` or the last stage's localisation-quality branches (``"iou"``,
             ``"centerness"``, ``"centerness+iou"``), trained on its positives.
         proposal_score: what ranks the proposals, as :class:`~lightning_rpn.core.rpn.RPN`'s:
@@ -322,6 +326,7 @@ class CascadeRPN(RegionProposer):
         objectness_level: ObjectnessLevel = "any",
         box_loss_positives: BoxLossPositives = "sampled",
         test_iterations: int = 0,
+        train_iterations: int = 0,
         quality: str | None = None,
         proposal_score: str = "objectness",
         seed: int = 0,
@@ -340,9 +345,9 @@ class CascadeRPN(RegionProposer):
                 f"level, model.aspect_ratios [[1.0]]), got {anchor_generator!r} with "
                 f"{anchor_generator.num_anchors_per_location()} anchors per location"
             )
-        least = {"num_stages": 2, "dilation": 1, "in_channels": 1, "test_iterations": 0}
+        least = {"num_stages": 2, "dilation": 1, "in_channels": 1, "test_iterations": 0, "train_iterations": 0}
         for name, value in (("num_stages", num_stages), ("dilation", dilation), ("in_channels", in_channels),
-                            ("test_iterations", test_iterations)):
+                            ("test_iterations", test_iterations), ("train_iterations", train_iterations)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least[name]:
                 raise ValueError(f"CascadeRPN: {name} must be an int >= {least[name]}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
@@ -369,6 +374,7 @@ class CascadeRPN(RegionProposer):
         self.objectness_level = objectness_level
         self.box_loss_positives = box_loss_positives
         self.test_iterations = test_iterations
+        self.train_iterations = train_iterations
         self.reg_weight = reg_weight
         self.quality = branches
         self.proposal_score = proposal_score
@@ -378,9 +384,11 @@ class CascadeRPN(RegionProposer):
 
         Torch ops on the feature sizes only, so ``torch.export`` traces it with dynamic sizes:
         the eager forward and the exported program (:mod:`lightning_rpn.tools.export`) both
-        call it. The boxes passed from stage to stage are detached. In eval mode the last stage
-        then refines its own boxes ``test_iterations`` more times (same weights and input
-        features); the scores stay those of its first pass.
+        call it. The boxes passed from stage to stage are detached. The last stage then refines
+        its own boxes ``test_iterations`` (eval mode) or ``train_iterations`` (training) more
+        times, with its weights and input features; the scores stay those of its first pass. In
+        eval mode each pass replaces the last stage's boxes and deltas; in training each is
+        appended (``boxes[num_stages + i]``) for its box loss.
         """
         batch = levels[0].shape[0]
         per_level = [a.shape[0] for a in anchors]
@@ -396,9 +404,14 @@ class CascadeRPN(RegionProposer):
             if index < len(self.stages) - 1:
                 boxes = self.box_coder.decode(deltas.detach(), boxes)
                 inputs = hidden
-        for _ in range(0 if self.training else self.test_iterations):
-            boxes = self.box_coder.decode(stage_deltas[-1], stage_boxes[-1])
-            stage_boxes[-1], stage_deltas[-1] = boxes, self._run_stage(self.stages[-1], inputs, boxes, per_level)[1]
+        for _ in range(self.train_iterations if self.training else self.test_iterations):
+            boxes = self.box_coder.decode(stage_deltas[-1].detach(), stage_boxes[-1])
+            deltas = self._run_stage(self.stages[-1], inputs, boxes, per_level)[1]
+            if self.training:
+                stage_boxes.append(boxes)
+                stage_deltas.append(deltas)
+            else:
+                stage_boxes[-1], stage_deltas[-1] = boxes, deltas
         assert logits is not None
         scores = rank_logits(logits, quality, self.proposal_score)
         return CascadePrediction(stage_boxes, stage_deltas, logits, quality, scores, per_level)
@@ -442,39 +455,24 @@ class CascadeRPN(RegionProposer):
         return proposals, losses
 
     def _losses(self, prediction: CascadePrediction, inputs: ProposalInputs) -> dict[str, Tensor]:
-        """Every stage's IoU box loss (summed) and the last stage's objectness and quality losses."""
+        """Every stage's (and training iteration's) IoU box loss, summed, and the last stage's
+        objectness and quality losses (of its first pass)."""
         stage_boxes, stage_deltas, logits, quality = prediction[:4]
         device = inputs.device
         grid = self.anchor_generator.grid(inputs.shapes, device=device)
         gt_boxes, generators = self._gt_boxes(inputs)
-        config = self.target_config
         reg = torch.zeros((), device=device)
-        labels = torch.zeros(0)
+        passes = []
         for index, (boxes, deltas) in enumerate(zip(stage_boxes, stage_deltas)):
             with torch.no_grad():
-                if index == 0:
-                    assigned = [assign_centre_region(grid, gt, self.centre_ratio) for gt in gt_boxes]
-                    positive = torch.stack([p for p, _ in assigned])
-                    matched = torch.stack([m for _, m in assigned])
-                else:
-                    # each image's boxes are its own, so each is matched alone; the sampling is batched
-                    matches = [
-                        match_anchors_batched(box.float(), [gt], config.fg_iou, config.bg_iou, config.allow_low_quality)
-                        for box, gt in zip(boxes.detach(), gt_boxes)
-                    ]
-                    iou_labels = torch.cat([row for row, _ in matches])
-                    matched = torch.cat([match for _, match in matches])
-                    labels = sample_anchors_with_positives(
-                        iou_labels, config.batch_size_per_image, config.positive_fraction, generators
-                    )[0]
-                    positive = iou_labels == 1 if self.box_loss_positives == "all" else labels == 1
-                first = torch.tensor([0] + [gt.shape[0] for gt in gt_boxes], device=device).cumsum(0)
-                image_of = torch.nonzero(positive)[:, 0]
-                all_gt = torch.cat([torch.zeros(0, 4, device=device), *gt_boxes])
-                target_boxes = all_gt[first[image_of] + matched[positive]]
+                labels, positive, matched, target_boxes = self._pass_targets(index, boxes, gt_boxes, generators, grid)
             pred = self.box_coder.decode(deltas[positive].float(), boxes[positive].float())
             count = max(int(positive.sum()), 1)
             reg = reg + (1.0 - aligned_iou(pred, target_boxes)).sum() / count
+            passes.append((labels, positive, matched, boxes, pred, target_boxes))
+        # the last stage's first pass: what its objectness and quality learn from
+        labels, positive, matched, boxes, pred, target_boxes = passes[len(self.stages) - 1]
+        assert labels is not None
         if self.objectness_level != "any":  # the last stage's positives, as below
             with torch.no_grad():
                 labels = self._own_level_labels(labels, positive, matched, grid, gt_boxes,
@@ -483,7 +481,7 @@ class CascadeRPN(RegionProposer):
         cls = F.binary_cross_entropy_with_logits(
             logits[sampled].float(), labels[sampled].float(), reduction="sum"
         ) / sampled.sum().clamp(min=1)
-        if quality is not None:  # the last stage's positives, boxes and targets are those of the loop's last pass
+        if quality is not None:
             cls = cls * (0.0 if self.proposal_score == "quality" else 1.0) + quality_loss(
                 {name: quality[positive][:, branch] for branch, name in enumerate(self.quality)},
                 boxes[positive].float(), pred, target_boxes,
@@ -495,6 +493,36 @@ class CascadeRPN(RegionProposer):
                 "predicted deltas and the learning rate"
             )
         return losses
+
+    def _pass_targets(self, index: int, boxes: Tensor, gt_boxes: list[Tensor], generators: list[torch.Generator],
+                      grid: AnchorGrid) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+        """Targets of pass ``index`` (a stage, or a training iteration after the last) on its input
+        ``boxes [B, N, 4]``: sampled labels ``[B, N]`` (``None`` for stage 1, which has no
+        objectness), the box loss's positives ``[B, N]``, matched gt indices ``[B, N]`` and the gt
+        box of each positive ``[P, 4]`` (row-major)."""
+        device = boxes.device
+        labels = None
+        if index == 0:
+            assigned = [assign_centre_region(grid, gt, self.centre_ratio) for gt in gt_boxes]
+            positive = torch.stack([p for p, _ in assigned])
+            matched = torch.stack([m for _, m in assigned])
+        else:
+            config = self.target_config
+            # each image's boxes are its own, so each is matched alone; the sampling is batched
+            matches = [
+                match_anchors_batched(box.float(), [gt], config.fg_iou, config.bg_iou, config.allow_low_quality)
+                for box, gt in zip(boxes.detach(), gt_boxes)
+            ]
+            iou_labels = torch.cat([row for row, _ in matches])
+            matched = torch.cat([match for _, match in matches])
+            labels = sample_anchors_with_positives(
+                iou_labels, config.batch_size_per_image, config.positive_fraction, generators
+            )[0]
+            positive = iou_labels == 1 if self.box_loss_positives == "all" else labels == 1
+        first = torch.tensor([0] + [gt.shape[0] for gt in gt_boxes], device=device).cumsum(0)
+        image_of = torch.nonzero(positive)[:, 0]
+        all_gt = torch.cat([torch.zeros(0, 4, device=device), *gt_boxes])
+        return labels, positive, matched, all_gt[first[image_of] + matched[positive]]
 
     def _own_level_labels(self, labels: Tensor, positive: Tensor, matched: Tensor, grid: AnchorGrid,
                           gt_boxes: list[Tensor], positive_ious: Tensor) -> Tensor:

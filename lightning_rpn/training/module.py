@@ -139,7 +139,9 @@ class RPNModule(pl.LightningModule):
             positive_fraction`` at most, as the RPN's) or ``"all"`` (every one; dense scenes have
             several hundred an image).
         cascade_test_iterations: how many more times the cascade's last stage refines its own
-            boxes in validation, test and predict (training unchanged).
+            boxes in validation, test and predict.
+        cascade_train_iterations: how many more times it refines them in training, each pass
+            with its own box loss (so it learns the boxes it refines at test time).
         cascade_delta_scales: one ``(sx, sy, sw, sh)`` per cascade stage multiplying its raw deltas
             (mmdetection's target stds; ``None``: ones).
         smooth_l1_beta: beta of the smooth L1 loss.
@@ -219,6 +221,7 @@ class RPNModule(pl.LightningModule):
         cascade_objectness_level: ObjectnessLevel = "any",
         cascade_box_loss_positives: BoxLossPositives = "sampled",
         cascade_test_iterations: int = 0,
+        cascade_train_iterations: int = 0,
         cascade_delta_scales: tuple[tuple[float, float, float, float], ...] | None = None,
         pre_nms_top_n_train: int = ProposalConfig.pre_nms_top_n_train,
         post_nms_top_n_train: int = ProposalConfig.post_nms_top_n_train,
@@ -334,6 +337,7 @@ class RPNModule(pl.LightningModule):
                 objectness_level=cascade_objectness_level,
                 box_loss_positives=cascade_box_loss_positives,
                 test_iterations=cascade_test_iterations,
+                train_iterations=cascade_train_iterations,
                 delta_scales=cascade_delta_scales,
                 box_coder=self.box_coder,
                 target_config=self.target_config,

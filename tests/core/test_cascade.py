@@ -227,6 +227,49 @@ def test_test_iterations_refine_the_last_boxes_again_in_eval_only() -> None:
         _cascade(test_iterations=-1)
 
 
+def test_train_iterations_add_a_box_loss_on_the_last_stages_own_boxes() -> None:
+    from torchvision.ops import box_iou
+
+    config = AnchorTargetConfig(fg_iou=0.5, bg_iou=0.3, allow_low_quality=False, batch_size_per_image=64)
+    features = [torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1)),
+                torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(2))]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 27, 27], [2, 12, 14, 30]])}, {"boxes": torch.tensor([[4.0, 4, 28, 28]])}]
+    networks = {}
+    for iterations in (0, 1):
+        torch.manual_seed(0)
+        networks[iterations] = _cascade(num_stages=2, train_iterations=iterations, box_loss_positives="all",
+                                        target_config=config)
+        for parameter in networks[iterations].parameters():  # boxes that move at every pass
+            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(parameter.numel()))
+    once, twice = networks[0].train(), networks[1].train()
+    anchors = once.anchor_generator([(8, 8), (4, 4)])
+    with torch.no_grad():
+        plain, iterated = once.predict(features, anchors), twice.predict(features, anchors)
+    assert len(plain.boxes) == 2 and len(iterated.boxes) == 3
+    refined = twice.box_coder.decode(iterated.deltas[1], iterated.boxes[1])
+    torch.testing.assert_close(iterated.boxes[2], refined)  # the pass starts from the last stage's boxes
+    hand = twice._run_stage(twice.stages[-1], [twice.stages[0](f)[0] for f in features], refined, plain.per_level)[1]
+    torch.testing.assert_close(iterated.deltas[2], hand)
+    torch.testing.assert_close(iterated.scores, plain.scores)
+    plain_losses = once(features, [(32, 32)] * 2, targets, image_ids=[0, 1], need_proposals=False)[1]
+    iterated_losses = twice(features, [(32, 32)] * 2, targets, image_ids=[0, 1], need_proposals=False)[1]
+    # the objectness learns from the first pass; the box loss gains the pass's 1 - IoU over its positives
+    torch.testing.assert_close(iterated_losses["loss_rpn_cls"], plain_losses["loss_rpn_cls"])
+    extra = []
+    for image, target in enumerate(targets):
+        best_iou, best_gt = box_iou(refined[image], target["boxes"]).max(dim=1)
+        positive = best_iou >= 0.5
+        output = twice.box_coder.decode(hand[image][positive], refined[image][positive])
+        extra.append(1 - box_iou(output, target["boxes"][best_gt[positive]]).diagonal())
+    expected = plain_losses["loss_rpn_reg"] + torch.cat(extra).mean()  # reg_weight 1
+    assert torch.cat(extra).numel() > 4
+    torch.testing.assert_close(iterated_losses["loss_rpn_reg"], expected)
+    with torch.no_grad():  # eval mode: no training pass
+        torch.testing.assert_close(twice.eval().predict(features, anchors).boxes[-1], once.eval().predict(features, anchors).boxes[-1])
+    with pytest.raises(ValueError, match="train_iterations must be an int >= 0, got -1"):
+        _cascade(train_iterations=-1)
+
+
 def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_rpn.core.cascade as cascade
 
@@ -307,6 +350,7 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     assert tiny_model(**one_anchor, cascade_objectness_level="best").rpn.objectness_level == "best"
     assert tiny_model(**one_anchor, cascade_box_loss_positives="all").rpn.box_loss_positives == "all"
     assert tiny_model(**one_anchor, cascade_test_iterations=1).rpn.test_iterations == 1
+    assert tiny_model(**one_anchor, cascade_train_iterations=2).rpn.train_iterations == 2
     batch = collate_for(model, assign_targets=False)(synthetic_samples())
     proposals, losses = model(batch)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)
