@@ -327,6 +327,18 @@ ABLATIONS: dict[str, list[str]] = {
                                      "--model.cascade_objectness_level", "any"],
     "cascade_centre_0.2_size_level": [*CASCADE, "--model.cascade_centre_ratio", "0.2", *SAMPLED_ONE_PASS,
                                       "--model.cascade_objectness_level", "size"],
+    # the centre-0.2 head with one more: its last stage trained on its own boxes once more
+    # (model.cascade_train_iterations), stages 2-3 positives from IoU 0.6, or an IoU branch
+    # ranking with the objectness
+    "cascade_centre_0.2_train_iteration": [*CASCADE, "--model.cascade_centre_ratio", "0.2",
+                                           "--model.cascade_train_iterations", "1"],
+    "cascade_centre_0.2_fg_0.6": [*CASCADE, "--model.cascade_centre_ratio", "0.2", "--model.fg_iou", "0.6"],
+    "cascade_centre_0.2_iou_quality": [*CASCADE, "--model.cascade_centre_ratio", "0.2", "--model.quality", "iou",
+                                       "--model.proposal_score", "geometric_mean"],
+    "cascade_centre_0.2_fg_0.6_iou_quality": [*CASCADE, "--model.cascade_centre_ratio", "0.2", "--model.fg_iou", "0.6",
+                                              "--model.quality", "iou", "--model.proposal_score", "geometric_mean"],
+    "cascade_centre_0.2_train_iteration_fg_0.6": [*CASCADE, "--model.cascade_centre_ratio", "0.2",
+                                                  "--model.cascade_train_iterations", "1", "--model.fg_iou", "0.6"],
     "cascade_sgd": [*CASCADE, *OPTIMISERS["sgd"]],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],

@@ -63,3 +63,17 @@ def test_the_cascade_ablation_is_the_shapes_cascade_configs_head(bench_quality, 
     assert len(keys) == 4 + 5  # every cascade setting of the config is compared
     for key in keys:
         assert yaml.safe_load(yaml.safe_dump(hp[key])) == shapes[key], key  # lists and tuples alike
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("cascade_centre_0.2_train_iteration", dict(cascade_train_iterations=1, fg_iou=0.5, quality=None)),
+    ("cascade_centre_0.2_fg_0.6", dict(cascade_train_iterations=0, fg_iou=0.6, quality=None)),
+    ("cascade_centre_0.2_iou_quality", dict(fg_iou=0.5, quality="iou", proposal_score="geometric_mean")),
+    ("cascade_centre_0.2_train_iteration_fg_0.6", dict(cascade_train_iterations=1, fg_iou=0.6)),
+])
+def test_the_dense_cascade_rows_change_one_setting_of_the_centre_02_head(bench_quality, tmp_path, row, expected) -> None:
+    """Each README row names what it adds to ``cascade_centre_0.2``; a later flag must win."""
+    hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS[row]).hparams
+    assert hp.cascade_centre_ratio == 0.2 and hp.cascade_test_iterations == 1
+    for key, value in expected.items():
+        assert hp[key] == value, key

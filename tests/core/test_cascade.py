@@ -350,10 +350,12 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     assert tiny_model(**one_anchor, cascade_objectness_level="best").rpn.objectness_level == "best"
     assert tiny_model(**one_anchor, cascade_box_loss_positives="all").rpn.box_loss_positives == "all"
     assert tiny_model(**one_anchor, cascade_test_iterations=1).rpn.test_iterations == 1
-    assert tiny_model(**one_anchor, cascade_train_iterations=2).rpn.train_iterations == 2
+    iterated = tiny_model(**one_anchor, cascade_train_iterations=2)
+    assert iterated.rpn.train_iterations == 2
     batch = collate_for(model, assign_targets=False)(synthetic_samples())
     proposals, losses = model(batch)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_reg"} and len(proposals) == len(batch)
+    assert all(value.isfinite() for value in iterated(batch)[1].values())
     with pytest.raises(ValueError, match=r"model.head='cascade' does not support \{'model.objectness': 'softmax'\}"):
         tiny_model(**one_anchor, objectness="softmax")
     scored = tiny_model(**one_anchor, quality="iou", proposal_score="geometric_mean")
