@@ -39,7 +39,8 @@ is the last stage's objectness log loss over its sampled boxes (not with ``propo
 "quality"``) plus its quality losses. Proposals are the last stage's boxes ranked by the
 proposal score, through :func:`~lightning_rpn.core.proposals.generate_proposals`; in eval mode
 the last stage can first refine its own boxes again (``test_iterations``, with its weights and
-input features; on a network trained as usual: inference only).
+input features), and in training do the same with a box loss for each pass
+(``train_iterations``), so that it learns the boxes it refines at test time.
 The stages run in :meth:`CascadeRPN.predict`, which the exported program calls too.
 """
 
