@@ -69,9 +69,10 @@ def test_the_cascade_ablation_is_the_shapes_cascade_configs_head(bench_quality, 
     ("cascade_centre_0.2_train_iteration", dict(cascade_train_iterations=1, fg_iou=0.5, quality=None)),
     ("cascade_centre_0.2_fg_0.6", dict(cascade_train_iterations=0, fg_iou=0.6, quality=None)),
     ("cascade_centre_0.2_iou_quality", dict(fg_iou=0.5, quality="iou", proposal_score="geometric_mean")),
-    ("cascade_centre_0.2_train_iteration_fg_0.6", dict(cascade_train_iterations=1, fg_iou=0.6)),
+    ("cascade_centre_0.2_fg_0.6_iou_quality", dict(cascade_train_iterations=0, fg_iou=0.6, quality="iou")),
+    ("cascade_centre_0.2_train_iteration_fg_0.6", dict(cascade_train_iterations=1, fg_iou=0.6, quality=None)),
 ])
-def test_the_dense_cascade_rows_change_one_setting_of_the_centre_02_head(bench_quality, tmp_path, row, expected) -> None:
+def test_the_dense_cascade_rows_change_the_settings_they_name(bench_quality, tmp_path, row, expected) -> None:
     """Each README row names what it adds to ``cascade_centre_0.2``; a later flag must win."""
     hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS[row]).hparams
     assert hp.cascade_centre_ratio == 0.2 and hp.cascade_test_iterations == 1
