@@ -288,6 +288,8 @@ CASCADE = ["--model.head", "cascade", "--model.anchor_sizes", "[[16], [32], [64]
            "--model.cascade_centre_ratio", "0.5", "--model.cascade_objectness_level", "best", "--model.fg_iou", "0.5",
            "--model.cascade_box_loss_positives", "all", "--model.cascade_test_iterations", "1",
            "--data.assign_targets", "false"]
+# CASCADE with the paper's stage-1 centre ratio: the base of the dense-scene cascade rows
+CASCADE_CENTRE_02 = [*CASCADE, "--model.cascade_centre_ratio", "0.2"]
 # the cascade rows measured before the config had these two (the README's figures for them)
 SAMPLED_ONE_PASS = ["--model.cascade_box_loss_positives", "sampled", "--model.cascade_test_iterations", "0"]
 # torchvision's RPN-level recipe: smooth L1 beta 1/9 (our smooth_l1_beta default), contiguous
@@ -318,27 +320,26 @@ ABLATIONS: dict[str, list[str]] = {
     "cascade": CASCADE,
     # the same with the paper's stage-1 centre region (the central fifth of each box), better on
     # these touching objects (README)
-    "cascade_centre_0.2": [*CASCADE, "--model.cascade_centre_ratio", "0.2"],
+    "cascade_centre_0.2": CASCADE_CENTRE_02,
     # and with the box losses over the sampler's positives and no test iteration (the row before)
-    "cascade_centre_0.2_sampled": [*CASCADE, "--model.cascade_centre_ratio", "0.2", *SAMPLED_ONE_PASS],
+    "cascade_centre_0.2_sampled": [*CASCADE_CENTRE_02, *SAMPLED_ONE_PASS],
     # and with the objectness learnt on every level (the paper's), or on each object's stage-1
     # level: the first lets near-identical boxes of one object from several levels crowd the top 100
-    "cascade_centre_0.2_any_level": [*CASCADE, "--model.cascade_centre_ratio", "0.2", *SAMPLED_ONE_PASS,
+    "cascade_centre_0.2_any_level": [*CASCADE_CENTRE_02, *SAMPLED_ONE_PASS,
                                      "--model.cascade_objectness_level", "any"],
-    "cascade_centre_0.2_size_level": [*CASCADE, "--model.cascade_centre_ratio", "0.2", *SAMPLED_ONE_PASS,
+    "cascade_centre_0.2_size_level": [*CASCADE_CENTRE_02, *SAMPLED_ONE_PASS,
                                       "--model.cascade_objectness_level", "size"],
     # the centre-0.2 head with one more: its last stage trained on its own boxes once more
     # (model.cascade_train_iterations), stages 2-3 positives from IoU 0.6, or an IoU branch
     # ranking with the objectness
-    "cascade_centre_0.2_train_iteration": [*CASCADE, "--model.cascade_centre_ratio", "0.2",
-                                           "--model.cascade_train_iterations", "1"],
-    "cascade_centre_0.2_fg_0.6": [*CASCADE, "--model.cascade_centre_ratio", "0.2", "--model.fg_iou", "0.6"],
-    "cascade_centre_0.2_iou_quality": [*CASCADE, "--model.cascade_centre_ratio", "0.2", "--model.quality", "iou",
+    "cascade_centre_0.2_train_iteration": [*CASCADE_CENTRE_02, "--model.cascade_train_iterations", "1"],
+    "cascade_centre_0.2_fg_0.6": [*CASCADE_CENTRE_02, "--model.fg_iou", "0.6"],
+    "cascade_centre_0.2_iou_quality": [*CASCADE_CENTRE_02, "--model.quality", "iou",
                                        "--model.proposal_score", "geometric_mean"],
-    "cascade_centre_0.2_fg_0.6_iou_quality": [*CASCADE, "--model.cascade_centre_ratio", "0.2", "--model.fg_iou", "0.6",
+    "cascade_centre_0.2_fg_0.6_iou_quality": [*CASCADE_CENTRE_02, "--model.fg_iou", "0.6",
                                               "--model.quality", "iou", "--model.proposal_score", "geometric_mean"],
-    "cascade_centre_0.2_train_iteration_fg_0.6": [*CASCADE, "--model.cascade_centre_ratio", "0.2",
-                                                  "--model.cascade_train_iterations", "1", "--model.fg_iou", "0.6"],
+    "cascade_centre_0.2_train_iteration_fg_0.6": [*CASCADE_CENTRE_02, "--model.cascade_train_iterations", "1",
+                                                  "--model.fg_iou", "0.6"],
     "cascade_sgd": [*CASCADE, *OPTIMISERS["sgd"]],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],
