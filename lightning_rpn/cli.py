@@ -48,7 +48,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
-from lightning_rpn.training.run_files import check_checkpoint_dirs, write_metrics_summary
+from lightning_rpn.training.run_files import check_checkpoint_dirs, warn_if_last_waits_for_best, write_metrics_summary
 from lightning_rpn.training.wandb_mode import default_wandb_offline, wandb_credentials_available
 
 __all__ = [
@@ -211,8 +211,10 @@ class RPNLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`)."""
+        """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`),
+        and say when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`)."""
         check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        warn_if_last_waits_for_best(self.trainer)
 
     def after_fit(self) -> None:
         self._validate_final_weights()

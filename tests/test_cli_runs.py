@@ -97,18 +97,23 @@ def test_every_config_trains_with_the_logger_and_progress_bar_off(config_name: s
     config = yaml.safe_load((CONFIGS / config_name).read_text())
     if any(c["class_path"].endswith("RichProgressBar") for c in config["trainer"]["callbacks"]):
         assert "enable_progress_bar is false, so the config's RichProgressBar is left out" in result.stderr
-    (checkpoints,) = [c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]
-                      if c["class_path"].endswith("ModelCheckpoint")]
-    assert (workdir / checkpoints / "last.ckpt").is_file()
+    (checkpoints,) = {c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]
+                      if c["class_path"].endswith("Checkpoint")}
+    # best.ckpt only where the 2 steps reach a validation (not scenes.yaml's every 75 epochs)
+    assert {p.name for p in (workdir / checkpoints).iterdir()} - {"best.ckpt"} == {"last.ckpt"}
+    last = torch.load(workdir / checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2
 
 
-def _checkpointing(version_counter: bool | None) -> dict:
-    """The shipped configs' checkpointing: best by val/AR@100 and last, in a fixed folder."""
-    init_args = {"dirpath": "run/checkpoints", "filename": "best", "monitor": "val/AR@100", "mode": "max",
-                 "save_last": True}
+def _checkpointing(version_counter: bool | None, monitor: str = "val/AR@100", mode: str = "max") -> list[dict]:
+    """The shipped configs' checkpointing: best by ``monitor`` and the latest weights as last, in a
+    fixed folder."""
+    best = {"dirpath": "run/checkpoints", "filename": "best", "monitor": monitor, "mode": mode}
+    last = {"dirpath": "run/checkpoints"}
     if version_counter is not None:
-        init_args["enable_version_counter"] = version_counter
-    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": init_args}
+        best["enable_version_counter"] = last["enable_version_counter"] = version_counter
+    return [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": best},
+            {"class_path": "lightning_rpn.training.callbacks.LastCheckpoint", "init_args": last}]
 
 
 def _digests(folder: Path) -> dict[str, bytes]:
@@ -121,7 +126,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and a backbone named by class_path; the tests below read it or work on a copy."""
     workdir = tmp_path_factory.mktemp("first_run")
     backbone = {"class_path": "backbone_probes.ProbeFPN", "init_args": {"width": 6}}
-    write_config(workdir, trainer={"logger": False, "callbacks": [_checkpointing(None)]}, model={"backbone": backbone})
+    write_config(workdir, trainer={"logger": False, "callbacks": _checkpointing(None)}, model={"backbone": backbone})
     assert_ok(run_cli(["fit", "--config", "config.yaml"], workdir, env=PROBES))
     return workdir
 
@@ -166,7 +171,7 @@ def test_a_second_run_keeps_the_first_runs_checkpoints_and_last_resumes_the_newe
 def test_a_run_that_would_overwrite_checkpoints_is_refused(first_run: Path, tmp_path: Path) -> None:
     workdir = _copy_run(first_run, tmp_path)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["trainer"]["callbacks"] = [_checkpointing(False)]
+    config["trainer"]["callbacks"] = _checkpointing(False)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     before = _digests(workdir / "run/checkpoints")
     assert sorted(before) == ["best.ckpt", "last.ckpt"]
@@ -178,11 +183,38 @@ def test_a_run_that_would_overwrite_checkpoints_is_refused(first_run: Path, tmp_
     assert _digests(workdir / "run/checkpoints") == before  # (resuming there: test_cli.py)
 
 
-def test_shipped_configs_keep_the_checkpoint_version_counter() -> None:
+def test_a_run_whose_best_stops_improving_still_saves_its_last_weights(tmp_path: Path) -> None:
+    """3 epochs whose monitored value (the epoch, mode min) never improves after the first: best.ckpt
+    stays at epoch 0, LastCheckpoint's last.ckpt holds the end of the run (with Lightning 2.6's
+    save_last on the best callback it would be epoch 0 too); that layout is named in a message."""
+    write_config(tmp_path, trainer={"logger": False, "max_steps": 6,
+                                    "callbacks": _checkpointing(None, monitor="epoch", mode="min")})
+    result = run_cli(["fit", "--config", "config.yaml"], tmp_path)
+    assert_ok(result)
+    steps = {p.name: torch.load(p, map_location="cpu", weights_only=True)["global_step"]
+             for p in (tmp_path / "run/checkpoints").glob("*.ckpt")}
+    assert steps == {"best.ckpt": 2, "last.ckpt": 6}
+    assert "writes last.ckpt only when" not in result.stderr
+    assert "holds checkpoints of an earlier run" not in result.stderr
+    best_saves_last, last = _checkpointing(None)
+    best_saves_last["init_args"]["save_last"] = True
+    write_config(tmp_path, trainer={"logger": False, "callbacks": [best_saves_last, last]})
+    result = run_cli(["fit", "--config", "config.yaml"], tmp_path)
+    assert_ok(result)
+    assert "ModelCheckpoint(monitor='val/AR@100', save_last=True) writes last.ckpt only when val/AR@100 " \
+           "improves (Lightning >= 2.6)" in " ".join(result.stderr.split())
+    assert " ".join(result.stderr.split()).count("holds checkpoints of an earlier run") == 1  # once a folder
+
+
+def test_shipped_configs_keep_the_checkpoint_version_counter_and_save_the_latest_weights_as_last() -> None:
     for path in sorted(CONFIGS.glob("*.yaml")):
         callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
-        (checkpoint,) = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
-        assert checkpoint["init_args"].get("enable_version_counter", True), path.name
+        checkpoints = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("Checkpoint")]
+        assert all(c.get("enable_version_counter", True) for c in checkpoints), path.name
+        best, last = checkpoints
+        assert best["filename"] == "best" and best["monitor"].startswith("val/AR@") and not best.get("save_last")
+        assert callbacks[1]["class_path"] == "lightning_rpn.training.callbacks.LastCheckpoint", path.name
+        assert last == {"dirpath": best["dirpath"]}, path.name
 
 
 @pytest.mark.parametrize("where", ["config", "flag"])

@@ -1,4 +1,4 @@
-"""Lightning callbacks: a recall table, recall curves and sample images with proposals.
+"""Lightning callbacks: a recall table, recall curves, sample images with proposals, and ``last.ckpt``.
 
 Shapes: ``B`` images of a batch, ``G`` gt boxes and ``P`` proposals of an image.
 
@@ -19,17 +19,20 @@ per logger: ``WandbLogger`` gets W&B line plots and ``wandb.Image`` s with box o
 ``TensorBoardLogger`` matplotlib figures and ``add_image_with_boxes``, any other logger (CSV,
 ...) or no logger CSV files and PNGs under its log directory (:mod:`.log_targets`).
 
-One module per callback: :mod:`.recall_table`, :mod:`.recall_curves`, :mod:`.proposal_images`;
+One module per callback: :mod:`.recall_table`, :mod:`.recall_curves`, :mod:`.proposal_images`,
+:mod:`.last_checkpoint` (``LastCheckpoint``: the final weights as ``last.ckpt``, whatever the
+validation said);
 this module names them all, as the shipped configs do (``lightning_rpn.training.callbacks.RecallTable``).
 """
 
 from __future__ import annotations
 
+from lightning_rpn.training.last_checkpoint import LastCheckpoint
 from lightning_rpn.training.proposal_images import GT_COLOR, PROPOSAL_COLOR, ProposalImages
 from lightning_rpn.training.recall_curves import RecallCurves, recall_curves_figure
 from lightning_rpn.training.recall_table import RecallTable, recall_table
 
 __all__ = [
-    "GT_COLOR", "PROPOSAL_COLOR", "ProposalImages", "RecallCurves", "RecallTable", "recall_curves_figure",
+    "GT_COLOR", "LastCheckpoint", "PROPOSAL_COLOR", "ProposalImages", "RecallCurves", "RecallTable", "recall_curves_figure",
     "recall_table",
 ]

@@ -1,7 +1,8 @@
 """The files of a ``lightning-rpn`` run: earlier runs' checkpoints kept, the final metrics written.
 
 A new ``fit`` never overwrites the checkpoints another run left in its folder
-(:func:`check_checkpoint_dirs`); ``validate`` / ``test`` / ``predict`` write their final recall
+(:func:`check_checkpoint_dirs`) and is told when its ``last.ckpt`` would lag behind its end
+(:func:`warn_if_last_waits_for_best`); ``validate`` / ``test`` / ``predict`` write their final recall
 and losses as JSON (:func:`write_metrics_summary`). The resolved config, the third file a run
 leaves, is saved by the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
 """
@@ -13,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["check_checkpoint_dirs", "write_metrics_summary"]
+__all__ = ["check_checkpoint_dirs", "warn_if_last_waits_for_best", "write_metrics_summary"]
 
 
 def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
@@ -25,13 +27,16 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
     The configs fix each ``ModelCheckpoint.dirpath``, so a second run of the same config finds
     the first run's files there. Unless it resumes from that folder (``--ckpt_path last``, or a
     file in the folder), Lightning's version counter gives the new run's files a ``-v1``,
-    ``-v2``, ... suffix, which is announced here; with ``enable_version_counter: false`` they
-    would replace the earlier ones, which is a ``ValueError`` naming the folder and files.
+    ``-v2``, ... suffix, which is announced once a folder; with ``enable_version_counter: false``
+    on any of the folder's callbacks they would replace the earlier ones, which is a
+    ``ValueError`` naming the folder and files.
     """
+    callbacks_by_folder: dict[Path, list[ModelCheckpoint]] = {}
     for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
-            continue  # no fixed folder: Lightning uses the logger's new version folder
-        folder = Path(callback.dirpath)
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            callbacks_by_folder.setdefault(Path(callback.dirpath), []).append(callback)
+        # no fixed folder: Lightning uses the logger's new version folder
+    for folder, callbacks in callbacks_by_folder.items():
         earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if ckpt_path == "last":
             resumes_here = any(name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) for name in earlier)
@@ -40,7 +45,7 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
         if resumes_here or not earlier:
             continue
         # the constructor argument enable_version_counter (ModelCheckpoint has no public getter)
-        if not getattr(callback, "_enable_version_counter", True):
+        if not all(getattr(callback, "_enable_version_counter", True) for callback in callbacks):
             raise ValueError(
                 f"lightning-rpn fit: the ModelCheckpoint folder {folder} (dirpath) holds "
                 f"checkpoints of an earlier run ({', '.join(earlier)}) and its "
@@ -53,6 +58,31 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
                 f"lightning-rpn: {folder} holds checkpoints of an earlier run ({', '.join(earlier)}); "
                 f"they stay, this run's files get a version suffix (e.g. last-v1.ckpt), and "
                 f"--ckpt_path last resumes the newest last*.ckpt",
+                file=sys.stderr,
+            )
+
+
+def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
+    """Say when ``last.ckpt`` would wait for a new best.
+
+    Since Lightning 2.6 a ``ModelCheckpoint`` with a ``monitor`` writes its ``save_last`` file
+    only at a step where it also writes a top-k file, i.e. when the monitored metric improves;
+    a run whose last epochs do not improve it ends with a ``last.ckpt`` from an earlier step,
+    which ``--ckpt_path last`` then resumes, redoing those epochs. The shipped configs save
+    ``last.ckpt`` with :class:`~lightning_rpn.training.last_checkpoint.LastCheckpoint` instead.
+    """
+    major, minor = (int(part) for part in lightning.__version__.split(".")[:2])
+    if (major, minor) < (2, 6) or not trainer.is_global_zero:
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if (isinstance(callback, ModelCheckpoint) and callback.monitor is not None and callback.save_last
+                and callback.save_top_k != -1):
+            print(
+                f"lightning-rpn: ModelCheckpoint(monitor={callback.monitor!r}, save_last={callback.save_last!r}) "
+                f"writes last.ckpt only when {callback.monitor} improves (Lightning >= 2.6), so it can hold "
+                f"an earlier step than the end of the run; drop save_last and add "
+                f"lightning_rpn.training.callbacks.LastCheckpoint with the same dirpath, as the shipped "
+                f"configs do (it saves the latest weights with each validation and at the end of fit)",
                 file=sys.stderr,
             )
 
