@@ -9,7 +9,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lightning_rpn.cli import RPNLightningCLI, wandb_credentials_available
-from lightning_rpn.training.callbacks import RecallTable
+from lightning_rpn.training.callbacks import LastCheckpoint, RecallTable
 from lightning_rpn.training.proposal_writer import ProposalWriter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -48,8 +48,9 @@ def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
     callbacks = cli.trainer.callbacks
     assert any(isinstance(c, RecallTable) for c in callbacks)
     assert any(isinstance(c, ProposalWriter) for c in callbacks)
-    (checkpoint,) = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    assert checkpoint.save_last and checkpoint.monitor == "val/AR@100"
+    best, last = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    assert best.monitor == "val/AR@100" and not best.save_last
+    assert isinstance(last, LastCheckpoint) and last.dirpath == best.dirpath
 
 
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))

@@ -24,7 +24,8 @@ def test_large_scenes_config_trains_on_windows_and_validates_whole_scenes(tmp_pa
                              enable_progress_bar=False, default_root_dir="run")
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
                                       if not c["class_path"].endswith(("LearningRateMonitor", "RichProgressBar"))]
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = "run/checkpoints"
+    for checkpoint in config["trainer"]["callbacks"][:2]:  # best and last
+        checkpoint["init_args"]["dirpath"] = "run/checkpoints"
     config["model"].update(backbone="tiny_fpn", anchor_sizes=[[16], [32], [64], [128]], warmup_steps=1,
                            pre_nms_top_n_test=200, post_nms_top_n_test=300, recall_max_proposals=[100, 1000],
                            sliding_window={"size": 128, "overlap": 48, "window_batch": 3, "merge_metric": "ios"})
