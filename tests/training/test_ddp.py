@@ -38,9 +38,9 @@ def _config() -> dict:
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": "run", "name": "csv", "version": "fit"}},
         callbacks=[
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": "run/checkpoints", "save_last": True,
-                           "enable_version_counter": False}},
+            # no save on the way (every 3 epochs): last.ckpt is its save at the end of fit, on both ranks
+            {"class_path": "lightning_rpn.training.callbacks.LastCheckpoint",
+             "init_args": {"dirpath": "run/checkpoints", "every_n_epochs": 3, "enable_version_counter": False}},
             {"class_path": "cli_probes.RecordImageIds", "init_args": {"prefix": "seen"}},
             {"class_path": "cli_probes.InjectNaN", "init_args": {"step": 1, "rank": 0}},
         ],
