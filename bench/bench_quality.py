@@ -298,6 +298,8 @@ TORCHVISION_RPN = ["--model.box_loss", "smooth_l1", "--model.channels_last", "fa
                    "--model.norm_weight_decay", "0.0001"]
 ABLATIONS: dict[str, list[str]] = {
     "defaults": [],
+    # the plain RPN with the cascade rows' anchor sizes (16-256 px, still 3 ratios a location)
+    "defaults_anchors_16": ["--model.anchor_sizes", "[[16], [32], [64], [128], [256]]"],
     # the reported protocol's optimiser: our side at torchvision's settings but for the recipe rows below
     "sgd": OPTIMISERS["sgd"],
     "torchvision_recipe": [*OPTIMISERS["sgd"], *TORCHVISION_RPN],
@@ -340,6 +342,11 @@ ABLATIONS: dict[str, list[str]] = {
                                               "--model.quality", "iou", "--model.proposal_score", "geometric_mean"],
     "cascade_centre_0.2_train_iteration_fg_0.6": [*CASCADE_CENTRE_02, "--model.cascade_train_iterations", "1",
                                                   "--model.fg_iou", "0.6"],
+    "cascade_centre_0.2_train_iteration_reg_3": [*CASCADE_CENTRE_02, "--model.cascade_train_iterations", "1",
+                                                 "--model.reg_weight", "3"],
+    # configs/scenes_cascade.yaml (the dense scenes' cascade config) as a row
+    "scenes_cascade": [*CASCADE_CENTRE_02, "--model.cascade_train_iterations", "1", "--model.reg_weight", "3",
+                       "--model.pre_nms_top_n_test", "2000"],
     "cascade_sgd": [*CASCADE, *OPTIMISERS["sgd"]],
     "sampled_512_quality": ["--model.batch_size_per_image", "512", "--model.quality", "centerness+iou",
                             "--model.proposal_score", "geometric_mean"],

@@ -65,12 +65,26 @@ def test_the_cascade_ablation_is_the_shapes_cascade_configs_head(bench_quality, 
         assert yaml.safe_load(yaml.safe_dump(hp[key])) == shapes[key], key  # lists and tuples alike
 
 
+def test_the_scenes_cascade_row_is_the_scenes_cascade_config(bench_quality, tmp_path) -> None:
+    """``--ablations scenes_cascade`` is scenes.yaml with every setting scenes_cascade.yaml adds."""
+    import yaml
+
+    configs = bench_quality.ROOT / "configs"
+    plain, cascade = (yaml.safe_load((configs / name).read_text()) for name in ("scenes.yaml", "scenes_cascade.yaml"))
+    added = {key: value for key, value in cascade["model"].items() if plain["model"].get(key) != value}
+    assert len(added) == 12 and cascade["data"] == {**plain["data"], "assign_targets": False}
+    hp = _model(bench_quality, tmp_path, [], bench_quality.ABLATIONS["scenes_cascade"]).hparams
+    for key, value in added.items():
+        assert yaml.safe_load(yaml.safe_dump(hp[key])) == value, key
+
+
 @pytest.mark.parametrize("row, expected", [
     ("cascade_centre_0.2_train_iteration", dict(cascade_train_iterations=1, fg_iou=0.5, quality=None)),
     ("cascade_centre_0.2_fg_0.6", dict(cascade_train_iterations=0, fg_iou=0.6, quality=None)),
     ("cascade_centre_0.2_iou_quality", dict(fg_iou=0.5, quality="iou", proposal_score="geometric_mean")),
     ("cascade_centre_0.2_fg_0.6_iou_quality", dict(cascade_train_iterations=0, fg_iou=0.6, quality="iou")),
     ("cascade_centre_0.2_train_iteration_fg_0.6", dict(cascade_train_iterations=1, fg_iou=0.6, quality=None)),
+    ("cascade_centre_0.2_train_iteration_reg_3", dict(cascade_train_iterations=1, reg_weight=3.0, fg_iou=0.5)),
 ])
 def test_the_dense_cascade_rows_change_the_settings_they_name(bench_quality, tmp_path, row, expected) -> None:
     """Each README row names what it adds to ``cascade_centre_0.2``; a later flag must win."""
