@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,6 +63,10 @@ def training_step(module, optimizer: torch.optim.Optimizer, batch) -> None:
     optimizer.step()
 
 
+def torchvision_step(loop: TorchvisionLoop, batch) -> None:
+    loop.step(batch.images, batch.image_sizes, batch.gt_boxes)
+
+
 def step_times(rows: list[str], batches: int, rounds: int, workdir: Path) -> dict[str, list[float]]:
     """Seconds of each training step, every row (and torchvision) taking its turn each round;
     the first round warms up and is left out."""
@@ -71,10 +76,9 @@ def step_times(rows: list[str], batches: int, rounds: int, workdir: Path) -> dic
         module, data = build(row, workdir)
         if crops is None:
             crops = training_batches(data, batches)
-        steps[row] = lambda batch, m=module, o=torch.optim.AdamW(module.parameters(), lr=1e-4): training_step(m, o, batch)
+        steps[row] = partial(training_step, module, torch.optim.AdamW(module.parameters(), lr=1e-4))
         if row == PLAIN:
-            loop = TorchvisionLoop.from_module(module)
-            steps["torchvision"] = lambda batch, loop=loop: loop.step(batch.images, batch.image_sizes, batch.gt_boxes)
+            steps["torchvision"] = partial(torchvision_step, TorchvisionLoop.from_module(module))
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(rounds + 1):
         for name, step in steps.items():

@@ -33,6 +33,6 @@ from lightning_rpn.training.recall_curves import RecallCurves, recall_curves_fig
 from lightning_rpn.training.recall_table import RecallTable, recall_table
 
 __all__ = [
-    "GT_COLOR", "LastCheckpoint", "PROPOSAL_COLOR", "ProposalImages", "RecallCurves", "RecallTable", "recall_curves_figure",
-    "recall_table",
+    "GT_COLOR", "LastCheckpoint", "PROPOSAL_COLOR", "ProposalImages", "RecallCurves", "RecallTable",
+    "recall_curves_figure", "recall_table",
 ]

@@ -21,8 +21,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = ["LastCheckpoint"]
 

@@ -33,9 +33,9 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
     """
     callbacks_by_folder: dict[Path, list[ModelCheckpoint]] = {}
     for callback in trainer.checkpoint_callbacks:
+        # without a fixed folder Lightning writes to the logger's new version folder: nothing to keep
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
             callbacks_by_folder.setdefault(Path(callback.dirpath), []).append(callback)
-        # no fixed folder: Lightning uses the logger's new version folder
     for folder, callbacks in callbacks_by_folder.items():
         earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if ckpt_path == "last":
