@@ -6,11 +6,13 @@ CONFIG ?= configs/shapes.yaml
 # pytest-xdist workers of `make test` (one per core of the 2-core CI machine; 0: one process)
 TEST_WORKERS ?= 2
 
-.PHONY: fit test bench help
+.PHONY: fit test test-oldest bench help
 
 help:
 	@echo "make fit    build .venv if missing, install lightning-rpn, train on $(CONFIG)"
 	@echo "make test   build or refresh .venv with the test extra, run the whole test suite"
+	@echo "make test-oldest  the suite again, with the oldest admitted lightning, jsonargparse,"
+	@echo "                  torchmetrics and albumentations (tests/oldest-versions.txt)"
 	@echo "make bench  run every benchmark under bench/ (ours and torchvision side by side)"
 
 $(BIN)/python:
@@ -23,6 +25,14 @@ fit: $(BIN)/python
 test: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+
+# the oldest admitted releases, installed into .oldest/ and put first on the path (their own
+# dependencies are the test environment's)
+test-oldest: $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -rf .oldest
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target .oldest -r tests/oldest-versions.txt
+	PYTHONPATH=.oldest NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 bench: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -12,6 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from lightning_rpn import cli
 from lightning_rpn.tools.config_files import config_dir, config_names, config_path, copy_config, resolve_config_args
@@ -153,3 +156,22 @@ def test_an_editable_install_reads_the_source_configs(tmp_path: Path) -> None:
     code = "import lightning_rpn.tools.config_files as c; print(c.config_dir()); print(*c.config_names())"
     folder, *names = _run([str(python), "-c", code], tmp_path).stdout.split()
     assert folder == str(source / "configs") and names == CONFIGS
+
+
+def test_the_oldest_tested_versions_are_the_declared_floors() -> None:
+    # `make test-oldest` runs the suite on tests/oldest-versions.txt: each direct dependency
+    # there must be the floor that pyproject.toml declares, or the check tests something else
+    tomllib = pytest.importorskip("tomllib")
+    declared = {}
+    for spec in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(spec)
+        floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        declared[canonicalize_name(requirement.name)] = floors[0] if floors else None
+    pinned = {}
+    for line in (REPO / "tests" / "oldest-versions.txt").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, version = line.split("==")
+            pinned[canonicalize_name(name)] = Version(version)
+    direct = {name: version for name, version in pinned.items() if name in declared}
+    assert set(direct) >= {"lightning", "jsonargparse", "torchmetrics", "albumentations"}
+    assert {name: declared[name] for name in direct} == direct

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -65,14 +64,14 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
 def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
     """Say when ``last.ckpt`` would wait for a new best.
 
-    Since Lightning 2.6 a ``ModelCheckpoint`` with a ``monitor`` writes its ``save_last`` file
-    only at a step where it also writes a top-k file, i.e. when the monitored metric improves;
+    Since Lightning 2.6 (the oldest this package supports) a ``ModelCheckpoint`` with a
+    ``monitor`` writes its ``save_last`` file only at a step where it also writes a top-k file,
+    i.e. when the monitored metric improves;
     a run whose last epochs do not improve it ends with a ``last.ckpt`` from an earlier step,
     which ``--ckpt_path last`` then resumes, redoing those epochs. The shipped configs save
     ``last.ckpt`` with :class:`~lightning_rpn.training.last_checkpoint.LastCheckpoint` instead.
     """
-    major, minor = (int(part) for part in lightning.__version__.split(".")[:2])
-    if (major, minor) < (2, 6) or not trainer.is_global_zero:
+    if not trainer.is_global_zero:
         return
     for callback in trainer.checkpoint_callbacks:
         if (isinstance(callback, ModelCheckpoint) and callback.monitor is not None and callback.save_last
