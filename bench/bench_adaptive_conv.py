@@ -18,6 +18,8 @@ and the ratio torchvision / ours.
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import statistics
 import sys

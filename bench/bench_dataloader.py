@@ -18,6 +18,8 @@ temporary directory and imported under another name).
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import importlib
 import io

@@ -35,6 +35,8 @@ initialisation, shuffling, augmentation and anchor sampling; the images stay the
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import resource

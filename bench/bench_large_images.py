@@ -24,6 +24,8 @@ a skipped or failed run is reported as such.
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import subprocess

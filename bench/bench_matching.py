@@ -19,6 +19,8 @@ to the image, fixed seed). ``match_anchors`` gets that tensor as it is: no grid 
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import math

@@ -17,6 +17,8 @@ quantity over all steps.
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import sys
 from pathlib import Path

@@ -12,6 +12,8 @@ asserted equal (scores in order, boxes up to the order of exactly-equal scores).
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import statistics
 import time

@@ -43,6 +43,8 @@ CPU cores at the default 300 steps; run it alone.
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import os

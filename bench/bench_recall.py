@@ -13,6 +13,8 @@ Run: ``python bench/bench_recall.py [--images 300] [--seed 0]``
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import contextlib
 import io

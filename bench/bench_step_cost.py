@@ -20,6 +20,8 @@ Prints both with the ratios to ``defaults``. Run it alone, with ``OMP_NUM_THREAD
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import subprocess

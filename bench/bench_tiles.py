@@ -14,6 +14,8 @@ rounds; the figure is the median of the per-round ratios. Target: tiled >= 0.9 x
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import statistics

@@ -32,6 +32,8 @@ torchvision / ours >= 1.1 on coco and >= 2 on dense.
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import copy
 import math

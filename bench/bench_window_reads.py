@@ -18,6 +18,8 @@ and deflate-compressed TIFF. Each case runs in a fresh process that reads ``--wi
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import json
 import subprocess

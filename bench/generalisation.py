@@ -12,6 +12,8 @@ there (its "unseen family" rows).
 
 from __future__ import annotations
 
+import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
+
 import argparse
 import sys
 
