@@ -212,8 +212,13 @@ class RPNLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`),
-        and say when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`)."""
+        and say when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`).
+
+        Lightning's "Checkpoint directory ... exists and is not empty" warning is left out: the
+        folder holds either the run being resumed or files that stay, which the check names.
+        """
         check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         warn_if_last_waits_for_best(self.trainer)
 
     def after_fit(self) -> None:

@@ -156,12 +156,14 @@ def test_a_second_run_keeps_the_first_runs_checkpoints_and_last_resumes_the_newe
     second = run_cli([*fit, "--trainer.max_steps", "4"], workdir, env=PROBES)
     assert_ok(second)
     assert "holds checkpoints of an earlier run (best.ckpt, last.ckpt)" in " ".join(second.stderr.split())
+    assert "exists and is not empty" not in second.stderr  # Lightning's warning: the notice above says more
     assert sorted(_digests(folder)) == ["best-v1.ckpt", "best.ckpt", "last-v1.ckpt", "last.ckpt"]
     assert {name: _digests(folder)[name] for name in first} == first  # untouched
     third = run_cli([*fit, "--ckpt_path", "last", "--trainer.max_steps", "6"], workdir, env=PROBES)
     assert_ok(third)
     assert f"Restoring states from the checkpoint path at {folder / 'last-v1.ckpt'}" in " ".join(
         (third.stdout + third.stderr).split())
+    assert "exists and is not empty" not in third.stderr
     steps = {name: torch.load(folder / name, map_location="cpu", weights_only=True)["global_step"]
              for name in ("last.ckpt", "last-v1.ckpt")}
     assert steps == {"last.ckpt": 2, "last-v1.ckpt": 6}  # the newest run went on, in its own files
