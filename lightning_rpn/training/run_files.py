@@ -66,10 +66,10 @@ def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
 
     Since Lightning 2.6 (the oldest this package supports) a ``ModelCheckpoint`` with a
     ``monitor`` writes its ``save_last`` file only at a step where it also writes a top-k file,
-    i.e. when the monitored metric improves;
-    a run whose last epochs do not improve it ends with a ``last.ckpt`` from an earlier step,
-    which ``--ckpt_path last`` then resumes, redoing those epochs. The shipped configs save
-    ``last.ckpt`` with :class:`~lightning_rpn.training.last_checkpoint.LastCheckpoint` instead.
+    i.e. when the monitored metric improves; a run whose last epochs do not improve it ends
+    with a ``last.ckpt`` from an earlier step, which ``--ckpt_path last`` then resumes, redoing
+    those epochs. The shipped configs save ``last.ckpt`` with
+    :class:`~lightning_rpn.training.last_checkpoint.LastCheckpoint` instead.
     """
     if not trainer.is_global_zero:
         return
