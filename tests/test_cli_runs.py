@@ -108,7 +108,8 @@ def test_every_config_trains_with_the_logger_and_progress_bar_off(config_name: s
 def _checkpointing(version_counter: bool | None, monitor: str = "val/AR@100", mode: str = "max") -> list[dict]:
     """The shipped configs' checkpointing: best by ``monitor`` and the latest weights as last, in a
     fixed folder."""
-    best = {"dirpath": "run/checkpoints", "filename": "best", "monitor": monitor, "mode": mode}
+    best = {"dirpath": "run/checkpoints", "filename": "best", "monitor": monitor, "mode": mode,
+            "save_on_train_epoch_end": False}
     last = {"dirpath": "run/checkpoints"}
     if version_counter is not None:
         best["enable_version_counter"] = last["enable_version_counter"] = version_counter
@@ -159,14 +160,16 @@ def test_a_second_run_keeps_the_first_runs_checkpoints_and_last_resumes_the_newe
     assert "exists and is not empty" not in second.stderr  # Lightning's warning: the notice above says more
     assert sorted(_digests(folder)) == ["best-v1.ckpt", "best.ckpt", "last-v1.ckpt", "last.ckpt"]
     assert {name: _digests(folder)[name] for name in first} == first  # untouched
-    third = run_cli([*fit, "--ckpt_path", "last", "--trainer.max_steps", "6"], workdir, env=PROBES)
+    # 7 steps: the resumed run stops inside an epoch, where the best callback would find no metric
+    third = run_cli([*fit, "--ckpt_path", "last", "--trainer.max_steps", "7"], workdir, env=PROBES)
     assert_ok(third)
+    assert "could not find the monitored key" not in third.stderr
     assert f"Restoring states from the checkpoint path at {folder / 'last-v1.ckpt'}" in " ".join(
         (third.stdout + third.stderr).split())
     assert "exists and is not empty" not in third.stderr
     steps = {name: torch.load(folder / name, map_location="cpu", weights_only=True)["global_step"]
              for name in ("last.ckpt", "last-v1.ckpt")}
-    assert steps == {"last.ckpt": 2, "last-v1.ckpt": 6}  # the newest run went on, in its own files
+    assert steps == {"last.ckpt": 2, "last-v1.ckpt": 7}  # the newest run went on, in its own files
     assert {name: _digests(folder)[name] for name in first} == first
 
 
@@ -215,6 +218,7 @@ def test_shipped_configs_keep_the_checkpoint_version_counter_and_save_the_latest
         assert all(c.get("enable_version_counter", True) for c in checkpoints), path.name
         best, last = checkpoints
         assert best["filename"] == "best" and best["monitor"].startswith("val/AR@") and not best.get("save_last")
+        assert best["save_on_train_epoch_end"] is False, path.name  # saved where the metric is
         assert callbacks[1]["class_path"] == "lightning_rpn.training.callbacks.LastCheckpoint", path.name
         assert last == {"dirpath": best["dirpath"]}, path.name
 
