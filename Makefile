@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/shapes.yaml
 # pytest-xdist workers of `make test` (one per core of the 2-core CI machine; 0: one process)
 TEST_WORKERS ?= 2
+PYTEST = WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: fit test test-oldest bench help
 
@@ -24,7 +25,7 @@ fit: $(BIN)/python
 
 test: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
-	WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+	$(PYTEST)
 
 # the oldest admitted releases, installed into .oldest/ and put first on the path (their own
 # dependencies are the test environment's)
@@ -32,7 +33,7 @@ test-oldest: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	rm -rf .oldest
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --target .oldest -r tests/oldest-versions.txt
-	PYTHONPATH=.oldest NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+	PYTHONPATH=.oldest NO_ALBUMENTATIONS_UPDATE=1 $(PYTEST)
 
 bench: $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_quality  # noqa: E402  (this folder's module)
+import bench_quality  # this folder's module (the script's folder is on the path)
 
-from lightning_rpn.training.torchvision_loop import TorchvisionLoop  # noqa: E402
+from lightning_rpn.training.torchvision_loop import TorchvisionLoop
 
 PLAIN = "defaults"
 
