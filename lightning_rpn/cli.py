@@ -41,10 +41,11 @@ from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import yaml
-from jsonargparse import ActionYesNo
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from jsonargparse import ActionYesNo, Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from rich.console import Console
 
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
@@ -66,6 +67,9 @@ __all__ = [
 ]
 
 CONFIG_KEY = "lightning_rpn_config"
+# what stands in for RichProgressBar when stdout is not a terminal, and its line interval
+TEXT_PROGRESS = "lightning_rpn.training.callbacks.TextProgress"
+TEXT_PROGRESS_INTERVAL_S = 30.0
 
 _DESCRIPTION = (
     "Train and evaluate Region Proposal Networks. Subcommands: fit, validate, test, predict "
@@ -120,14 +124,45 @@ class ResolvedConfigCallback(SaveConfigCallback):
         checkpoint[CONFIG_KEY] = self._config_text()
 
 
-def _is_progress_bar(class_path: object) -> bool:
-    """Whether ``class_path`` names a ``ProgressBar`` subclass (unimportable: no, the parser reports it)."""
+def _imported_class(class_path: object) -> type | None:
+    """The class ``class_path`` names, or ``None`` where it does not import (the parser reports it)."""
     module, _, name = str(class_path).rpartition(".")
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False
-    return isinstance(found, type) and issubclass(found, ProgressBar)
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _is_progress_bar(class_path: object) -> bool:
+    """Whether ``class_path`` names a ``ProgressBar`` subclass."""
+    found = _imported_class(class_path)
+    return found is not None and issubclass(found, ProgressBar)
+
+
+def _stdout_is_live() -> bool:
+    """Whether rich redraws a live display on stdout (a terminal, or Jupyter), by rich's own test."""
+    console = Console()
+    return console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal)
+
+
+def _text_progress_off_terminal(trainer: Any) -> None:
+    """Off a terminal (a job log, ``| tee``, CI), swap the config's ``RichProgressBar`` for
+    :class:`~lightning_rpn.training.text_progress.TextProgress`: rich draws its bar there once,
+    when training ends, so a long run would show no progress at all until it is over.
+    """
+    callbacks = trainer.get("callbacks")
+    if not isinstance(callbacks, list) or _stdout_is_live():
+        return
+    swapped = False
+    for index, callback in enumerate(callbacks):
+        found = _imported_class(callback.get("class_path")) if hasattr(callback, "get") else None
+        if found is not None and issubclass(found, RichProgressBar):
+            callbacks[index] = Namespace(class_path=TEXT_PROGRESS, init_args=Namespace(interval_s=TEXT_PROGRESS_INTERVAL_S))
+            swapped = True
+    if swapped:
+        print(f"lightning-rpn: stdout is not a terminal, so progress is printed as a line every "
+              f"{TEXT_PROGRESS_INTERVAL_S:g} s (TextProgress) instead of the config's RichProgressBar", file=sys.stderr)
 
 
 def _drop_progress_bars(trainer: Any) -> None:
@@ -169,7 +204,8 @@ class RPNLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading;
-        no progress-bar callback when the progress bar is off (:func:`_drop_progress_bars`).
+        no progress-bar callback when the progress bar is off (:func:`_drop_progress_bars`), and
+        progress lines instead of rich's bar off a terminal (:func:`_text_progress_off_terminal`).
 
         ``--ckpt_path`` checkpoints load with ``weights_only=True`` unless ``--weights_only
         false`` is given: our checkpoints hold tensors and plain types only, and a
@@ -179,6 +215,7 @@ class RPNLightningCLI(LightningCLI):
         if self.subcommand and self.config[self.subcommand].get("weights_only") is None:
             self.config[self.subcommand]["weights_only"] = True
         _drop_progress_bars(self._run_config()["trainer"])
+        _text_progress_off_terminal(self._run_config()["trainer"])
 
     def _run_config(self) -> Any:
         """The parsed config of the run: the subcommand's section, or all of it without one."""

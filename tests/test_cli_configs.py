@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
+from lightning_rpn import cli
 from lightning_rpn.cli import RPNLightningCLI, wandb_credentials_available
-from lightning_rpn.training.callbacks import LastCheckpoint, RecallTable
+from lightning_rpn.training.callbacks import LastCheckpoint, RecallTable, TextProgress
 from lightning_rpn.training.proposal_writer import ProposalWriter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,6 +40,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RPNLightningCLI
     root = tmp_path_factory.mktemp("data_root")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["lightning-rpn"])
+        patch.setattr(cli, "_stdout_is_live", lambda: True)  # as in a terminal (pytest captures stdout)
         return {path.name: build(path.name, root, "--model.weights", "null", "--data.root", str(root))
                 for path in sorted(CONFIGS.glob("*.yaml"))}
 
@@ -56,6 +60,29 @@ def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_every_config_shows_the_losses_in_the_rich_progress_bar(config: str, built: dict) -> None:
     assert isinstance(built[config].trainer.progress_bar_callback, RichProgressBar)
+
+
+def test_off_a_terminal_the_rich_progress_bar_gives_way_to_progress_lines(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "_stdout_is_live", lambda: False)
+    built_off_terminal = build("shapes.yaml", tmp_path)
+    progress = built_off_terminal.trainer.progress_bar_callback
+    assert isinstance(progress, TextProgress) and progress.interval_s == cli.TEXT_PROGRESS_INTERVAL_S
+    assert not any(isinstance(c, RichProgressBar) for c in built_off_terminal.trainer.callbacks)
+    assert "stdout is not a terminal, so progress is printed as a line every 30 s" in capsys.readouterr().err
+    # the progress bar turned off wins: no bar of either kind
+    off = build("shapes.yaml", tmp_path, "--trainer.enable_progress_bar", "false")
+    assert off.trainer.progress_bar_callback is None
+
+
+def test_stdout_is_live_follows_rich(monkeypatch) -> None:
+    for name in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert not cli._stdout_is_live()  # pytest's captured stdout
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich's own override of its terminal test
+    assert cli._stdout_is_live()
+    monkeypatch.setenv("TERM", "dumb")  # a terminal that cannot redraw a line
+    assert not cli._stdout_is_live()
 
 
 def test_coco_config_is_detectron2_rpn_r50_fpn_1x(built: dict) -> None:
@@ -119,3 +146,16 @@ def test_wandb_credentials_come_from_env_or_netrc(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_credentials_available()
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_generated_data_configs_log_within_an_epoch(config: str) -> None:
+    """Lightning warns when an epoch has fewer steps than ``log_every_n_steps``; the generated
+    sets' sizes are in the config, so the shipped ones are checked here."""
+    settings = yaml.safe_load((CONFIGS / config).read_text())
+    data = settings["data"]
+    if data["dataset"] not in ("synthetic", "scenes"):
+        pytest.skip("an epoch's length depends on the user's data")
+    tiles = data.get("tiles")
+    items = tiles["per_epoch"] if tiles else data["synthetic_train_images"]
+    assert math.ceil(items / data["batch_size"]) >= settings["trainer"]["log_every_n_steps"]

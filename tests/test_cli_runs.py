@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 from concurrent.futures import wait
@@ -276,3 +277,23 @@ def test_fit_ending_between_validations_validates_the_final_weights(tmp_path: Pa
     assert "Proposal recall (end of fit, step 3; last validated at step 2)" in result.stdout
     assert "Proposal recall (validate, epoch 2, step 3)" in result.stdout
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+
+
+def test_a_fit_logged_to_a_file_prints_progress_lines_instead_of_the_rich_bar(tmp_path: Path) -> None:
+    """Off a terminal rich draws its bar only when training ends; the CLI prints lines instead."""
+    callbacks = [*TINY_CONFIG["trainer"]["callbacks"], {"class_path": "lightning.pytorch.callbacks.RichProgressBar"}]
+    write_config(tmp_path, trainer={"max_steps": 3, "logger": False, "enable_progress_bar": True,
+                                    "callbacks": callbacks})
+    result = run_cli(["fit", "--config", "config.yaml"], tmp_path)  # stdout is a pipe
+    assert_ok(result)
+    assert "stdout is not a terminal, so progress is printed as a line every 30 s" in result.stderr
+    lines = result.stdout.splitlines()
+    assert "train: from step 0 of 3, a line every 30.0s" in lines
+    steps = [line.split(" |")[0] for line in lines if line.startswith("train step")]
+    assert steps == ["train step 1/3 (33%)", "train step 3/3 (100%)"]  # the first and the last
+    # 2 steps an epoch; the tiny config's budgets are 10 and 100 proposals
+    assert any(re.match(r"validation at step 2: done in .* \| AR@10 [\d.]+ \| AR@100 [\d.]+ \| val/loss", line)
+               for line in lines)
+    assert not [line for line in lines if line.startswith(("Epoch ", "Validation "))]  # no rich bar
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    assert "lightning_rpn.training.callbacks.TextProgress" in [c["class_path"] for c in saved["trainer"]["callbacks"]]

@@ -1,0 +1,115 @@
+"""TextProgress: plain progress lines for output that is not a terminal (a job log, CI)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lightning_rpn.training.callbacks import TextProgress
+from lightning_rpn.training.text_progress import format_duration
+
+
+class LoggingModel(BoringModel):
+    """BoringModel logging a training loss and a validation value to the progress bar, with a
+    ``last_recall`` as ``RPNModule`` sets it."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val/AR@100", 0.25, prog_bar=True)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_recall = {"AR@100": 0.5, "AR@1000": 0.75, "AR_small@100": 0.125}
+
+
+def fit(tmp_path: Path, progress: TextProgress, max_steps: int, ckpt_path: str | None = None, **trainer) -> Trainer:
+    torch.manual_seed(0)
+    run = Trainer(max_steps=max_steps, callbacks=[progress], logger=False, default_root_dir=tmp_path,
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=4, limit_val_batches=2,
+                  **trainer)
+    run.fit(LoggingModel(), ckpt_path=ckpt_path)
+    return run
+
+
+@pytest.mark.parametrize("seconds, text", [(0.04, "0.0s"), (4.25, "4.2s"), (59.9, "59.9s"), (60, "1m 0s"),
+                                           (3725.4, "1h 2m 5s"), (float("nan"), "?"), (-1, "?")])
+def test_durations_read_as_hours_minutes_seconds(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_every_step_with_no_interval_its_share_and_eta_and_the_logged_metrics(tmp_path: Path) -> None:
+    out = io.StringIO()
+    fit(tmp_path, TextProgress(interval_s=0, stream=out), max_steps=6, enable_checkpointing=False)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train: from step 0 of 6, a line every 0.0s"
+    steps = [line for line in lines if line.startswith("train step")]
+    assert [int(re.match(r"train step (\d+)/6", line).group(1)) for line in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[2].startswith("train step 3/6 (50%) | epoch 0 | ")
+    # no ETA from the first step (it holds the start-up) nor at the last
+    assert [" eta " in line for line in steps] == [False, True, True, True, True, False]
+    assert all(re.search(r"\| train/loss [-\d.e]+$", line) for line in steps)
+    # 4 batches an epoch: a validation after steps 4 (end of epoch 0), and none at 6 (mid-epoch)
+    (done,) = [line for line in lines if line.startswith("validation at step 4: done in")]
+    assert done.endswith("| AR@100 0.500 | AR@1000 0.750 | val/AR@100 0.25")
+    assert lines[-1].startswith("train: ended at step 6 after ")
+
+
+def test_a_long_interval_prints_the_first_and_the_last_step_only(tmp_path: Path) -> None:
+    out = io.StringIO()
+    fit(tmp_path, TextProgress(interval_s=3600, stream=out), max_steps=6, enable_checkpointing=False)
+    steps = [line for line in out.getvalue().splitlines() if line.startswith("train step")]
+    assert [line.split(" |")[0] for line in steps] == ["train step 1/6 (17%)", "train step 6/6 (100%)"]
+
+
+def test_a_resumed_run_counts_from_its_checkpoint_to_its_new_budget(tmp_path: Path) -> None:
+    first = fit(tmp_path, TextProgress(interval_s=3600, stream=io.StringIO()), max_steps=4)
+    checkpoint = first.checkpoint_callback.best_model_path or first.checkpoint_callback.last_model_path
+    out = io.StringIO()
+    fit(tmp_path, TextProgress(interval_s=3600, stream=out), max_steps=7, ckpt_path=checkpoint)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train: from step 4 of 7, a line every 1h 0m 0s"
+    steps = [line.split(" |")[0] for line in lines if line.startswith("train step")]
+    assert steps == ["train step 5/7 (71%)", "train step 7/7 (100%)"]
+
+
+def test_validate_alone_prints_its_batches_and_its_metrics(tmp_path: Path) -> None:
+    out = io.StringIO()
+    trainer = Trainer(callbacks=[TextProgress(interval_s=0, stream=out)], logger=False, default_root_dir=tmp_path,
+                      enable_model_summary=False, limit_val_batches=3)
+    trainer.validate(LoggingModel(), verbose=False)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" | elapsed")[0] for line in lines[:3]] == [
+        "validation: batch 1/3", "validation: batch 2/3", "validation: batch 3/3"]
+    assert lines[-1].startswith("validation: done in") and lines[-1].endswith("| AR@100 0.500 | AR@1000 0.750 | val/AR@100 0.25")
+
+
+def test_disabled_it_prints_nothing(tmp_path: Path) -> None:
+    out = io.StringIO()
+    progress = TextProgress(interval_s=0, stream=out)
+    progress.disable()
+    fit(tmp_path, progress, max_steps=2, enable_checkpointing=False)
+    assert out.getvalue() == ""
+
+
+def test_a_negative_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="interval_s must be >= 0"):
+        TextProgress(interval_s=-1)
+
+
+def test_with_gradient_accumulation_a_line_is_an_optimiser_step(tmp_path: Path) -> None:
+    out = io.StringIO()
+    fit(tmp_path, TextProgress(interval_s=0, stream=out), max_steps=2, enable_checkpointing=False,
+        accumulate_grad_batches=2)
+    steps = [line.split(" |")[0] for line in out.getvalue().splitlines() if line.startswith("train step")]
+    assert steps == ["train step 1/2 (50%)", "train step 2/2 (100%)"]
