@@ -45,6 +45,7 @@ from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
 from lightning_rpn.training.datamodule import RPNDataModule
@@ -124,6 +125,13 @@ class ResolvedConfigCallback(SaveConfigCallback):
         checkpoint[CONFIG_KEY] = self._config_text()
 
 
+def _notice(message: str) -> None:
+    """``lightning-rpn: message`` on stderr, from the first process only: under DDP every process
+    parses the command line, and a notice about the config would print once per process."""
+    if rank_zero_only.rank == 0:
+        print(f"lightning-rpn: {message}", file=sys.stderr)
+
+
 def _imported_class(class_path: object) -> type | None:
     """The class ``class_path`` names, or ``None`` where it does not import (the parser reports it)."""
     module, _, name = str(class_path).rpartition(".")
@@ -161,8 +169,8 @@ def _text_progress_off_terminal(trainer: Any) -> None:
             callbacks[index] = Namespace(class_path=TEXT_PROGRESS, init_args=Namespace(interval_s=TEXT_PROGRESS_INTERVAL_S))
             swapped = True
     if swapped:
-        print(f"lightning-rpn: stdout is not a terminal, so progress is printed as a line every "
-              f"{TEXT_PROGRESS_INTERVAL_S:g} s (TextProgress) instead of the config's RichProgressBar", file=sys.stderr)
+        _notice(f"stdout is not a terminal, so progress is printed as a line every {TEXT_PROGRESS_INTERVAL_S:g} s "
+                "(TextProgress) instead of the config's RichProgressBar")
 
 
 def _drop_progress_bars(trainer: Any) -> None:
@@ -178,7 +186,7 @@ def _drop_progress_bars(trainer: Any) -> None:
     if dropped:
         trainer["callbacks"] = [c for c in callbacks if c not in dropped]
         names = ", ".join(str(c.get("class_path")).rpartition(".")[2] for c in dropped)
-        print(f"lightning-rpn: enable_progress_bar is false, so the config's {names} is left out", file=sys.stderr)
+        _notice(f"enable_progress_bar is false, so the config's {names} is left out")
 
 
 class RPNLightningCLI(LightningCLI):
@@ -232,8 +240,7 @@ class RPNLightningCLI(LightningCLI):
         kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         if len(kept) < len(self.trainer.callbacks):
             self.trainer.callbacks = kept
-            print("lightning-rpn: no logger, so LearningRateMonitor is left out (learning rates "
-                  "are not logged)", file=sys.stderr)
+            _notice("no logger, so LearningRateMonitor is left out (learning rates are not logged)")
 
     def _report_wandb(self) -> None:
         if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):

@@ -43,6 +43,9 @@ def _config() -> dict:
              "init_args": {"dirpath": "run/checkpoints", "every_n_epochs": 3, "enable_version_counter": False}},
             {"class_path": "cli_probes.RecordImageIds", "init_args": {"prefix": "seen"}},
             {"class_path": "cli_probes.InjectNaN", "init_args": {"step": 1, "rank": 0}},
+            # left out of the fit (progress bar off), swapped for progress lines in the validate
+            # with the bar on (stdout a pipe): each notice and line from rank 0 only
+            {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         ],
     )
     config["model"]["objectness"] = "softmax"  # 2A logits per location: all must get gradients
@@ -69,12 +72,24 @@ def ddp_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("ddp")
     (workdir / "config.yaml").write_text(yaml.safe_dump(_config()))
     checkpoint = ["--ckpt_path", "run/checkpoints/last.ckpt", "--trainer.logger.init_args.version"]
-    assert_ok(_run(["fit", "--config", "config.yaml", *DDP, "--trainer.limit_val_batches", "0"], workdir))
-    validate = _run(["validate", "--config", "config.yaml", *DDP, *checkpoint, "ddp"], workdir)
+    fit = _run(["fit", "--config", "config.yaml", *DDP, "--trainer.limit_val_batches", "0"], workdir)
+    assert_ok(fit)
+    (workdir / "fit_ddp.log").write_text(fit.stdout + fit.stderr)
+    validate = _run(["validate", "--config", "config.yaml", *DDP, *checkpoint, "ddp",
+                     "--trainer.enable_progress_bar", "true"], workdir)
     assert_ok(validate)
     (workdir / "validate_ddp.log").write_text(validate.stdout + validate.stderr)
     assert_ok(_run(["validate", "--config", "config.yaml", *checkpoint, "single"], workdir))
     return workdir
+
+
+def test_the_cli_notices_and_progress_lines_come_once_not_once_per_process(ddp_run: Path) -> None:
+    fit = (ddp_run / "fit_ddp.log").read_text()
+    assert fit.count("lightning-rpn: enable_progress_bar is false, so the config's RichProgressBar is left out") == 1
+    validate = (ddp_run / "validate_ddp.log").read_text()
+    assert validate.count("lightning-rpn: stdout is not a terminal, so progress is printed as a line") == 1
+    (line,) = [line for line in validate.splitlines() if line.startswith("validation")]
+    assert line.startswith("validation: done in ")
 
 
 def test_fit_runs_two_ddp_processes_without_unused_parameters(ddp_run: Path) -> None:
