@@ -90,9 +90,12 @@ def cli_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     Without ``WANDB_SERVICE``: once a test in this process has started W&B, wandb puts its
     service's address there, and a child that inherits it logs through that service, which
     resolves the run's relative paths (``save_dir: run``) from this process's working
-    directory, the checkout, instead of the run's ``cwd``.
+    directory, the checkout, instead of the run's ``cwd``. Without rich's overrides of its
+    terminal test (``FORCE_COLOR``, ``TTY_COMPATIBLE``, ``TTY_INTERACTIVE``): stdout is a pipe,
+    and a CI machine that sets one would otherwise get the rich bar instead of progress lines.
     """
-    inherited = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    left_out = {"WANDB_SERVICE", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
+    inherited = {key: value for key, value in os.environ.items() if key not in left_out}
     return {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
