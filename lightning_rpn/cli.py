@@ -132,20 +132,17 @@ def _notice(message: str) -> None:
         print(f"lightning-rpn: {message}", file=sys.stderr)
 
 
-def _imported_class(class_path: object) -> type | None:
-    """The class ``class_path`` names, or ``None`` where it does not import (the parser reports it)."""
-    module, _, name = str(class_path).rpartition(".")
+def _names_subclass(callback: object, base: type) -> bool:
+    """Whether a config's callback entry names (``class_path``) a subclass of ``base``; an entry
+    whose class does not import is not one (the parser reports it)."""
+    if not hasattr(callback, "get"):
+        return False
+    module, _, name = str(callback.get("class_path")).rpartition(".")
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return None
-    return found if isinstance(found, type) else None
-
-
-def _is_progress_bar(class_path: object) -> bool:
-    """Whether ``class_path`` names a ``ProgressBar`` subclass."""
-    found = _imported_class(class_path)
-    return found is not None and issubclass(found, ProgressBar)
+        return False
+    return isinstance(found, type) and issubclass(found, base)
 
 
 def _stdout_is_live() -> bool:
@@ -164,8 +161,7 @@ def _text_progress_off_terminal(trainer: Any) -> None:
         return
     swapped = False
     for index, callback in enumerate(callbacks):
-        found = _imported_class(callback.get("class_path")) if hasattr(callback, "get") else None
-        if found is not None and issubclass(found, RichProgressBar):
+        if _names_subclass(callback, RichProgressBar):
             callbacks[index] = Namespace(class_path=TEXT_PROGRESS, init_args=Namespace(interval_s=TEXT_PROGRESS_INTERVAL_S))
             swapped = True
     if swapped:
@@ -182,7 +178,7 @@ def _drop_progress_bars(trainer: Any) -> None:
     callbacks = trainer.get("callbacks")
     if trainer.get("enable_progress_bar") is not False or not isinstance(callbacks, list):
         return
-    dropped = [c for c in callbacks if hasattr(c, "get") and _is_progress_bar(c.get("class_path"))]
+    dropped = [c for c in callbacks if _names_subclass(c, ProgressBar)]
     if dropped:
         trainer["callbacks"] = [c for c in callbacks if c not in dropped]
         names = ", ".join(str(c.get("class_path")).rpartition(".")[2] for c in dropped)

@@ -9,9 +9,10 @@ of ``make fit``)::
     train step 444/1000 (44%) | epoch 3 | 0.129 s/step | elapsed 1m 9s | eta 1m 12s | train/loss 0.08377
 
 and for a validation (test, predict) loop a line at most every ``interval_s`` inside it and one
-when it ends, with the module's ``last_recall`` AR values where it has them (``RPNModule`` does). Step times are the mean since the previous line, so the ETA follows the recent
-pace (validations excluded; none on the first line, whose step includes the start-up). The CLI
-puts it in place of ``RichProgressBar`` when stdout is not a terminal (:mod:`lightning_rpn.cli`);
+when it ends, with the module's ``last_recall`` AR values where it has them (``RPNModule``
+does). Step times are the mean since the previous line, so the ETA follows the recent pace
+(validations excluded; none on the first line, whose step includes the start-up). The CLI puts
+it in place of ``RichProgressBar`` when stdout is not a terminal (:mod:`lightning_rpn.cli`);
 elsewhere it is an ordinary callback.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 __all__ = ["TextProgress", "format_duration"]
 
@@ -57,6 +59,7 @@ class TextProgress(ProgressBar):
         self._fit_started = 0.0
         self._last_line_time = 0.0
         self._last_line_step = 0
+        self._total: int | None = None  # the fit's last step, set when training starts
         self._printed_first = False
         self._eval_started = 0.0
         self._eval_last_line = 0.0
@@ -80,7 +83,9 @@ class TextProgress(ProgressBar):
                  if key.startswith(prefix) and isinstance(value, (int, float))]
         return " | ".join(shown)
 
-    def _total_steps(self, trainer: Trainer) -> int | None:
+    @staticmethod
+    def _total_steps(trainer: Trainer) -> int | None:
+        """The fit's last step: ``max_steps`` where set, else Lightning's estimate from the epochs."""
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if total is None:
             estimated = trainer.estimated_stepping_batches
@@ -92,7 +97,7 @@ class TextProgress(ProgressBar):
         self._fit_started = self._last_line_time = time.monotonic()
         self._last_line_step = trainer.global_step
         self._printed_first = False
-        total = self._total_steps(trainer)
+        self._total = total = self._total_steps(trainer)
         of = f" of {total}" if total is not None else ""
         self.print(f"train: from step {trainer.global_step}{of}, a line every {format_duration(self.interval_s)}")
 
@@ -103,7 +108,7 @@ class TextProgress(ProgressBar):
         step = trainer.global_step
         if step <= self._last_line_step:  # no optimiser step yet (gradient accumulation)
             return
-        total = self._total_steps(trainer)
+        total = self._total
         last = total is not None and step >= total
         if self._printed_first and not last and now - self._last_line_time < self.interval_s:
             return
@@ -119,12 +124,13 @@ class TextProgress(ProgressBar):
         self._last_line_time, self._last_line_step, self._printed_first = now, step, True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.print(f"train: ended at step {trainer.global_step} after {format_duration(time.monotonic() - self._fit_started)}")
+        took = format_duration(time.monotonic() - self._fit_started)
+        self.print(f"train: ended at step {trainer.global_step} after {took}")
 
     # validation, test, predict
     def _eval_start(self, name: str, trainer: Trainer) -> None:
         self._eval_started = self._eval_last_line = time.monotonic()
-        self._eval_name = name + (f" at step {trainer.global_step}" if trainer.state.fn == "fit" else "")
+        self._eval_name = name + (f" at step {trainer.global_step}" if trainer.state.fn == TrainerFn.FITTING else "")
 
     def _eval_batch(self, batch_idx: int, total: float) -> None:
         now = time.monotonic()
@@ -136,7 +142,7 @@ class TextProgress(ProgressBar):
 
     def _eval_end(self, trainer: Trainer, pl_module: LightningModule, prefix: str) -> None:
         took = time.monotonic() - self._eval_started
-        if trainer.state.fn == "fit":  # keep a validation out of the training pace
+        if trainer.state.fn == TrainerFn.FITTING:  # keep a validation out of the training pace
             self._last_line_time += took
         parts = [f"{self._eval_name}: done in {format_duration(took)}"]
         # the module's recall of this loop (``last_recall``, see callbacks), AR at each budget
