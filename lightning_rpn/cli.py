@@ -325,6 +325,8 @@ class _CheckDataCLI(_NoRunCLI):
         parser.add_argument("--report", type=str | None, default=None,
                             help="check-data: also write every problem to this .json (the whole report) "
                             "or .csv (one row per problem) file.")
+        parser.add_argument("--force", action=ActionYesNo, default=False,
+                            help="check-data: replace an existing --report file.")
         parser.add_argument("--strict", action=ActionYesNo, default=False,
                             help="check-data: exit 1 on warnings too (boxes slightly outside the image, "
                             "which training clips).")
@@ -344,18 +346,19 @@ def check_data(args: Sequence[str]) -> int:
     Reads the same config as ``fit`` (``--config FILE``, ``--data.*`` overrides); the splits
     are checked by :func:`lightning_rpn.data.validation.validate_dataset`. Warnings (repairs
     that training makes on its own) exit 0 unless ``--strict``. ``--list_all`` prints every
-    problem, ``--report FILE.json|FILE.csv`` writes them all.
+    problem, ``--report FILE.json|FILE.csv`` writes them all (an existing file only with
+    ``--force``; the path is checked before the data).
     """
     from lightning_rpn.data.validation import report_path, validate_dataset
 
     cli = _parse_only(_CheckDataCLI, args)
-    path = report_path(cli.config["report"]) if cli.config["report"] else None
+    path = report_path(cli.config["report"], overwrite=cli.config["force"]) if cli.config["report"] else None
     report = validate_dataset(cli.datamodule, check_images=cli.config["check_images"])
     report.max_listed = None if cli.config["list_all"] else report.max_listed
-    print(report)
     summary = f"{report.num_errors} error(s), {report.num_warnings} warning(s)"
     if path is not None:
         summary += f"; every problem written to {report.write(path)}"
+    report.print()
     print(f"lightning-rpn check-data: {summary}", file=sys.stderr)
     return int(report.num_errors > 0 or (cli.config["strict"] and report.num_warnings > 0))
 
@@ -401,6 +404,15 @@ def analyze_anchors(args: Sequence[str]) -> int:
     return 0
 
 
+def _replace_unencodable_output() -> None:
+    """Characters the console's encoding lacks (a cp1252 Windows console or redirect: table lines,
+    '×') print as '?' rather than raise after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if callable(getattr(stream, "reconfigure", None)) and not encoding.startswith("utf"):
+            stream.reconfigure(errors="replace")
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-rpn`` console script.
 
@@ -409,6 +421,7 @@ def main(args: Sequence[str] | None = None) -> int:
     """
     from lightning_rpn.tools.config_files import configs_command, resolve_config_args
 
+    _replace_unencodable_output()
     argv = resolve_config_args(sys.argv[1:] if args is None else args)
     subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}
     if argv and argv[0] in subcommands:

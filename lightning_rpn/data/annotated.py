@@ -24,7 +24,7 @@ import numpy as np
 from rich.progress import track
 from torch.utils.data import Dataset
 
-from lightning_rpn.data.image_io import load_rgb_image, verify_image
+from lightning_rpn.data.image_io import exif_turns_image, load_rgb_image, verify_image
 from lightning_rpn.data.problems import (
     AnnotationRef,
     BadAnnotationPolicy,
@@ -38,7 +38,7 @@ from lightning_rpn.data.problems import (
 )
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 
-__all__ = ["ImageRecord", "AnnotatedDataset", "unreadable_image_problem"]
+__all__ = ["ImageRecord", "AnnotatedDataset", "size_mismatch_detail", "unreadable_image_problem"]
 
 T = TypeVar("T")
 
@@ -72,6 +72,21 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=empty_boxes)
     crowd_boxes: np.ndarray = field(default_factory=empty_boxes)
     checked: bool = False
+
+
+def size_mismatch_detail(record: ImageRecord, size: tuple[int, int], clip_hint: bool = False) -> str:
+    """Why the image file's ``size (h, w)`` and ``record`` 's annotated size disagree; with
+    ``clip_hint``, how to trust the file instead (not when the file's EXIF orientation explains it)."""
+    assert record.size is not None
+    detail = (f"image file {record.file} is {size[1]}x{size[0]} (w x h) but the annotation says "
+              f"{record.size[1]}x{record.size[0]}")
+    if record.size == size[::-1] and exif_turns_image(record.file):
+        return detail + (
+            ": the file's EXIF orientation turns it by 90 degrees, so it was likely annotated as displayed; "
+            "boxes refer to the pixels as stored (EXIF is not applied), so save the image turned "
+            "(PIL.ImageOps.exif_transpose) or annotate the stored pixels"
+        )
+    return detail + (" (set on_bad_annotation='clip' to trust the file)" if clip_hint else "")
 
 
 def unreadable_image_problem(record: ImageRecord, error: DataError, note: str = "") -> Problem:
@@ -134,14 +149,11 @@ class AnnotatedDataset(Dataset):
         if record.checked and record.size == size:
             return
         if record.size is not None and record.size != size:
-            detail = (
-                f"image file {record.file} is {size[1]}x{size[0]} (w x h) but the annotation "
-                f"says {record.size[1]}x{record.size[0]}"
-            )
             if self.on_bad_annotation == "raise":
-                raise DataError(detail + " (set on_bad_annotation='clip' to trust the file)",
+                raise DataError(size_mismatch_detail(record, size, clip_hint=True),
                                 file=record.annotation_file, image_id=record.image_id)
-            log.add(Problem("size_mismatch", "clipped", detail + "; boxes re-checked against the file",
+            log.add(Problem("size_mismatch", "clipped",
+                            size_mismatch_detail(record, size) + "; boxes re-checked against the file",
                             record.annotation_file, record.image_id))
         self._set_boxes(record, size, log)
 
@@ -156,10 +168,8 @@ class AnnotatedDataset(Dataset):
             self.problems.add(unreadable_image_problem(record, error))
             return False
         if self.on_bad_annotation == "skip" and record.size is not None and record.size != size:
-            self.problems.add(Problem(
-                "size_mismatch", "skipped",
-                f"image file {record.file} is {size[1]}x{size[0]} (w x h) but the annotation says "
-                f"{record.size[1]}x{record.size[0]}", record.annotation_file, record.image_id))
+            self.problems.add(Problem("size_mismatch", "skipped", size_mismatch_detail(record, size),
+                                      record.annotation_file, record.image_id))
             return False
         self._apply_size(record, size, self.problems)
         return True

@@ -14,9 +14,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from rich.console import Console, Group
@@ -182,12 +183,24 @@ class SplitReport:
         return Group(*parts)
 
 
-def report_path(path: Path | str) -> Path:
-    """``path`` as a :class:`Path`; ``ValueError`` unless it ends in one of :data:`REPORT_SUFFIXES`."""
+def report_path(path: Path | str, overwrite: bool = True) -> Path:
+    """``path`` as a :class:`Path` that :meth:`DatasetReport.write` can write, checked before a long
+    check: ``ValueError`` unless it ends in one of :data:`REPORT_SUFFIXES`, its folder can be made
+    and written, and (unless ``overwrite``) no file is there yet."""
     path = Path(path)
+    where = f"check-data --report {str(path)!r}"
     if path.suffix.lower() not in REPORT_SUFFIXES:
-        raise ValueError(f"check-data --report {str(path)!r}: expected a file name ending in "
-                         f"{' or '.join(REPORT_SUFFIXES)}, got suffix {path.suffix!r}")
+        raise ValueError(f"{where}: expected a file name ending in {' or '.join(REPORT_SUFFIXES)}, "
+                         f"got suffix {path.suffix!r}")
+    if path.exists() and (path.is_dir() or not overwrite):
+        raise ValueError(f"{where}: {'a folder' if path.is_dir() else 'a file'} of that name exists; "
+                         "choose another name" + ("" if path.is_dir() else " or pass --force to replace it"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot make its folder ({error})") from error
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{where}: its folder {str(path.parent)!r} is not writable")
     return path
 
 
@@ -222,7 +235,6 @@ class DatasetReport:
     def write(self, path: Path | str) -> Path:
         """Write every problem of every split to ``path``: JSON (the whole :meth:`to_dict`) or CSV (one row per problem)."""
         path = report_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".json":
             path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
             return path
@@ -236,8 +248,12 @@ class DatasetReport:
     def __rich__(self) -> Group:
         return Group(*(s.render(self.max_listed) for s in self.splits))
 
+    def print(self, file: TextIO | None = None) -> None:
+        """Print the tables to ``file`` (standard output), in ASCII where its encoding has no box characters."""
+        # soft wrap: each problem stays one line (file, image and annotation greppable together)
+        Console(width=120, file=file, color_system=None).print(self, soft_wrap=True)
+
     def __str__(self) -> str:
         buffer = io.StringIO()
-        # soft wrap: each problem stays one line (file, image and annotation greppable together)
-        Console(width=120, file=buffer, color_system=None).print(self, soft_wrap=True)
+        self.print(buffer)
         return buffer.getvalue()

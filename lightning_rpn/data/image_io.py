@@ -5,7 +5,9 @@ scaled from the full 16-bit range to 8 bits (value / 257). EXIF orientation is n
 annotations refer to the pixels as stored, as in COCO.
 
 Decoding is strict: a truncated file is an error even where ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
-was switched on (PIL would fill the missing rows with grey). :func:`verify_image` decodes the
+was switched on (PIL would fill the missing rows with grey). PIL's decompression-bomb limit
+(``Image.MAX_IMAGE_PIXELS``, about 179 million pixels) does not apply to dataset files: they are
+the user's own, and orthophotos exceed it (an uncompressed one is then read by window, below). :func:`verify_image` decodes the
 whole file, as training will (header checks pass truncated JPEGs); :func:`read_image_size`
 reads the header only.
 
@@ -38,12 +40,15 @@ __all__ = [
     "load_rgb_image",
     "verify_image",
     "read_image_size",
+    "exif_turns_image",
     "to_rgb_uint8",
     "RasterLayout",
     "raster_layout",
 ]
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+_EXIF_ORIENTATION = 0x0112
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -87,14 +92,16 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
 
 
 @contextmanager
-def _strict_decoding() -> Iterator[None]:
-    """PIL raises on truncated files inside this block, whatever ``LOAD_TRUNCATED_IMAGES`` says."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+def _open_dataset_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)`` as a dataset file is read: truncation raises whatever
+    ``LOAD_TRUNCATED_IMAGES`` says, and no decompression-bomb limit (both restored after)."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
     try:
-        yield
+        with Image.open(path) as image:
+            yield image
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = previous
 
 
 def _unreadable(path: Path, error: Exception, image_id: int | str | None) -> DataError:
@@ -115,7 +122,7 @@ def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np
         array = np.load(path, allow_pickle=False)  # read, not mapped: the mapped pages would count twice
         return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
     try:
-        with _strict_decoding(), Image.open(path) as image:
+        with _open_dataset_image(path) as image:
             image.load()
             return to_rgb_uint8(image)
     except _DECODE_ERRORS as error:
@@ -134,13 +141,22 @@ def verify_image(path: Path | str, *, image_id: int | str | None = None) -> tupl
         image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
         image.load()
 
-    with _strict_decoding():
-        return _checked_size(Path(path), image_id, decode)
+    return _checked_size(Path(path), image_id, decode)
 
 
 def read_image_size(path: Path | str, *, image_id: int | str | None = None) -> tuple[int, int]:
     """``(h, w)`` from the file header only (fast; a truncated file passes); missing or unreadable is a :class:`DataError`."""
     return _checked_size(Path(path), image_id, lambda image: image.verify())  # the format's own header check
+
+
+def exif_turns_image(path: Path | str) -> bool:
+    """Whether ``path`` 's EXIF orientation (5-8) turns it by 90 degrees for display (False when
+    it has none or cannot be read): an annotation tool that applies it sees width and height swapped."""
+    try:
+        with _open_dataset_image(Path(path)) as image:
+            return image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except _DECODE_ERRORS:
+        return False
 
 
 def _checked_size(path: Path, image_id: int | str | None, check: Callable[[Image.Image], None]) -> tuple[int, int]:
@@ -150,7 +166,7 @@ def _checked_size(path: Path, image_id: int | str | None, check: Callable[[Image
         layout = _npy_layout(path, image_id)
         return layout.height, layout.width
     try:
-        with Image.open(path) as image:
+        with _open_dataset_image(path) as image:
             width, height = image.size
             check(image)
     except _DECODE_ERRORS as error:
@@ -214,7 +230,7 @@ def raster_layout(path: Path | str) -> RasterLayout | None:
         if _is_npy(path):
             layout = _npy_layout(path, None)
         else:
-            with Image.open(path) as image:
+            with _open_dataset_image(path) as image:
                 tiles = list(getattr(image, "tile", None) or [])
                 if len(tiles) != 1 or tiles[0][0] != "raw" or tuple(tiles[0][1]) != (0, 0, *image.size):
                     return None

@@ -27,6 +27,7 @@ __all__ = [
     "BAD_ANNOTATION_POLICIES",
     "BoxFormat",
     "WARNING_KINDS",
+    "BOX_PROBLEM_KINDS",
     "OUTSIDE_TOLERANCE_PX",
     "OUTSIDE_TOLERANCE_FRACTION",
     "DataError",
@@ -53,6 +54,8 @@ Severity = Literal["error", "warning"]
 WARNING_KINDS = frozenset({"slightly_outside"})
 """Problem kinds that every policy repairs without complaint (``check-data`` exits 0 on these
 unless ``--strict``); every other kind is an error."""
+BOX_PROBLEM_KINDS = frozenset({"non_finite", "looks_like_xywh", "empty_box", "outside_image", "slightly_outside"})
+"""The kinds :func:`sanitize_boxes` records: a box checked against another image size is judged again."""
 
 OUTSIDE_TOLERANCE_PX = 2.0
 """A box may overshoot the image by this many pixels and still count as 'slightly outside'."""
@@ -227,7 +230,8 @@ def sanitize_boxes(
     corners (``xyxy``, ``voc``) name boxes that look like ``(x, y, w, h)`` as such.
     """
     written = np.asarray(written, dtype=np.float64).reshape(-1, 4)
-    boxes = to_xyxy(written, box_format)
+    # judged as they will be stored: a box only float64 can tell from empty is empty in float32
+    boxes = to_xyxy(written, box_format).astype(np.float32).astype(np.float64)
     height, width = float(image_size[0]), float(image_size[1])
     tol_x = max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * width)
     tol_y = max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * height)

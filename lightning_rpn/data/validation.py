@@ -25,7 +25,12 @@ from rich.progress import track
 from torch.utils.data import Dataset
 
 from lightning_rpn.core.coverage import GTBoxSet, best_anchor_iou
-from lightning_rpn.data.annotated import PROGRESS_MIN_ITEMS, AnnotatedDataset, unreadable_image_problem
+from lightning_rpn.data.annotated import (
+    PROGRESS_MIN_ITEMS,
+    AnnotatedDataset,
+    size_mismatch_detail,
+    unreadable_image_problem,
+)
 from lightning_rpn.data.dataset_report import (
     AREA_BUCKETS,
     ASPECT_BUCKETS,
@@ -36,8 +41,8 @@ from lightning_rpn.data.dataset_report import (
     SplitReport,
     report_path,
 )
-from lightning_rpn.data.image_io import verify_image
-from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, sanitize_boxes
+from lightning_rpn.data.image_io import read_image_size, verify_image
+from lightning_rpn.data.problems import BOX_PROBLEM_KINDS, AnnotationRef, DataError, Problem, sanitize_boxes
 from lightning_rpn.data.transforms import ResizePolicy
 
 __all__ = [
@@ -77,24 +82,27 @@ class AnchorProbe:
 def _check_annotated(
     dataset: AnnotatedDataset, report: SplitReport, check_images: bool, probe: AnchorProbe | None
 ) -> None:
-    report.problems.extend(dataset.problems)
+    """Each record's image decoded (``check_images``; else its header read where the annotation
+    gives no size) and its boxes checked against the file's size; the dataset's own problems kept
+    but for the box problems of images whose file size differs from the annotated one (found again)."""
     records = dataset.records
+    rechecked: set[tuple[str, int | str]] = set()
     for record in track(records, description=f"Checking {report.name}", disable=len(records) < PROGRESS_MIN_ITEMS,
                         transient=True):
         size = record.size
-        if check_images:
+        if check_images or size is None:
             try:
-                size = verify_image(record.file, image_id=record.image_id)
+                read = verify_image if check_images else read_image_size
+                size = read(record.file, image_id=record.image_id)
             except DataError as error:
                 report.problems.add(unreadable_image_problem(record, error))
                 continue
             if record.size is not None and record.size != size:
-                report.problems.add(Problem(
-                    "size_mismatch", "clipped",
-                    f"image file {record.file} is {size[1]}x{size[0]} (w x h) but the annotation says "
-                    f"{record.size[1]}x{record.size[0]}", record.annotation_file, record.image_id))
+                report.problems.add(Problem("size_mismatch", "clipped", size_mismatch_detail(record, size),
+                                            record.annotation_file, record.image_id))
         boxes, crowd = record.boxes, record.crowd_boxes
-        if size is not None and (not record.checked or size != record.size):
+        if not record.checked or size != record.size:
+            rechecked.add((record.annotation_file, record.image_id))
             ref = AnnotationRef(record.annotation_file, record.image_id)
             boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size, "skip", ref,
                                       report.problems, dataset.box_format)
@@ -104,6 +112,8 @@ def _check_annotated(
         report.add_image(size, boxes, np.asarray(crowd, np.float32).reshape(-1, 4))
         if probe is not None:
             probe.add(report, size, boxes)
+    report.problems.extend(p for p in dataset.problems
+                           if p.kind not in BOX_PROBLEM_KINDS or (p.file, p.image_id) not in rechecked)
 
 
 def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | None) -> None:
@@ -174,4 +184,7 @@ def validate_dataset(
             _check_annotated(inner, report, check_images, probe)
         else:
             _check_items(inner, report, probe)
+        if len(inner) == 0:  # type: ignore[arg-type]
+            report.problems.add(Problem("empty_split", "skipped", "the split lists no images; training and "
+                                        "evaluation refuse it", getattr(inner, "annotation_file", None)))
     return DatasetReport(reports)

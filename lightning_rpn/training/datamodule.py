@@ -32,7 +32,7 @@ from lightning_rpn.data.accounting import BoxAccounting
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
-from lightning_rpn.data.problems import BadAnnotationPolicy, check_policy
+from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, check_policy
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
@@ -229,6 +229,7 @@ class RPNDataModule(LightningDataModule):
                 continue
             else:
                 raw = self.build_dataset(self.splits[role])  # type: ignore[arg-type]
+                self._check_not_empty(role, raw)
                 if role == "train" and self.tiles is not None:
                     raw = TiledDataset(raw, self.tiles, self.hparams.min_visibility, self.hparams.seed,
                                        str(self.splits[role]))
@@ -241,6 +242,17 @@ class RPNDataModule(LightningDataModule):
                 raw = raw if times == 1 else RepeatedDataset(raw, times)
             transform = self.train_transform if role == "train" else self.val_transform
             self.datasets[role] = TransformedDataset(raw, transform)
+
+    def _check_not_empty(self, role: str, dataset: Dataset) -> None:
+        """A :class:`DataError` naming the split and its file when ``dataset`` has no image (none
+        listed, or every one dropped by ``on_bad_annotation``), before a DataLoader fails on it."""
+        if len(dataset):  # type: ignore[arg-type]
+            return
+        problems = getattr(dataset, "problems", None)
+        dropped = f"; every image was dropped:\n{problems.summary()}" if problems is not None and len(problems) else ""
+        raise DataError(f"RPNDataModule: the {role} split {self.splits[role]!r} holds no images "
+                        f"(dataset={self.dataset!r}, root={None if self.root is None else str(self.root)!r}){dropped}",
+                        file=getattr(dataset, "annotation_file", None))
 
     def _train_repeats(self, num_images: int) -> int:
         """``repeats``, or the fewest listings that fill one batch on every process (logged)."""

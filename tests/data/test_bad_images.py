@@ -13,7 +13,7 @@ from helpers.builders import write_coco
 from helpers.datamodule import ANCHORS, TinyModule
 
 from lightning_rpn.data.coco import COCODetection
-from lightning_rpn.data.image_io import load_rgb_image, read_image_size, verify_image
+from lightning_rpn.data.image_io import load_rgb_image, raster_layout, read_image_size, verify_image
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.validation import validate_dataset
 from lightning_rpn.training.datamodule import RPNDataModule
@@ -118,3 +118,33 @@ def test_verify_images_raises_before_the_first_step(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"cut\.jpg, image 2: .*truncated"):
         trainer.fit(module, datamodule=dm)
     assert steps == []
+
+
+def test_images_over_pils_decompression_bomb_limit_are_read(tmp_path: Path, monkeypatch) -> None:
+    # an orthophoto over PIL's limit (about 179 million pixels) is the user's own file, not an attack
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2 x 1000 < 48 x 64: PIL alone raises
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 48)).save(path)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert load_rgb_image(path).shape == (48, 64, 3)
+    assert verify_image(path) == read_image_size(path) == (48, 64)
+    raw = tmp_path / "big.ppm"
+    Image.new("RGB", (64, 48)).save(raw)
+    assert raster_layout(raw) is not None  # read by window, the way very large files are
+    assert Image.MAX_IMAGE_PIXELS == 1000 and ImageFile.LOAD_TRUNCATED_IMAGES is False  # both restored
+
+
+def test_an_empty_split_fails_setup_naming_it(tmp_path: Path) -> None:
+    write_coco(tmp_path, [], [])
+    dm = RPNDataModule("coco", root=str(tmp_path), train_split="x", val_split=None, coco_images="images",
+                       coco_annotations="annotations.json", num_workers=0, anchor_generator=ANCHORS)
+    with pytest.raises(DataError, match=r"annotations\.json: RPNDataModule: the train split 'x' holds no images"):
+        dm.setup("fit")
+    images = [{"id": i, "file_name": f"gone{i}.png", "height": 48, "width": 64} for i in (1, 2)]
+    write_coco(tmp_path, images, [], create_files=False)  # every image missing: dropped by skip + verify_images
+    dm = RPNDataModule("coco", root=str(tmp_path), train_split="x", val_split=None, coco_images="images",
+                       coco_annotations="annotations.json", num_workers=0, anchor_generator=ANCHORS,
+                       on_bad_annotation="skip", verify_images=True)
+    with pytest.raises(DataError, match=r"holds no images .*every image was dropped"):
+        dm.setup("fit")

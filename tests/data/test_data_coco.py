@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from helpers.builders import basic_coco, save_image, write_coco
 
 from lightning_rpn.data.coco import COCODetection
@@ -53,6 +54,7 @@ def test_crowd_can_be_dropped(tmp_path: Path) -> None:
     ([1, 2, float("inf"), 4], "non-finite"),
     ([1, 2, 0, 4], "empty"),
     ([1, 2, -3, 4], "empty"),
+    ([40, 2, 1e-6, 4], "empty"),  # x2 > x1 in float64 only: empty as stored (float32)
     ([100, 2, 10, 10], "entirely outside"),
     ([30, 10, 50, 10], "extends outside"),
 ])
@@ -146,3 +148,15 @@ def test_structural_json_errors_name_the_file(tmp_path: Path) -> None:
     args = one_image(tmp_path / "m", [1, 2, 3])
     with pytest.raises(DataError, match="annotation 70.*not 4 numbers"):
         COCODetection(*args)
+
+
+def test_size_swapped_by_exif_orientation_is_explained(tmp_path: Path) -> None:
+    images_root, ann = write_coco(tmp_path, [{"id": 1, "file_name": "turned.jpg", "height": 64, "width": 48}],
+                                  [{"id": 1, "image_id": 1, "bbox": [2, 40, 20, 20], "category_id": 1}],
+                                  create_files=False)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64 wide, shown turned by 90 degrees: 48 wide, as annotated
+    Image.new("RGB", (64, 48)).save(images_root / "turned.jpg", exif=exif.tobytes())
+    with pytest.raises(DataError, match="EXIF orientation turns it by 90 degrees") as info:
+        COCODetection(images_root, ann)[0]
+    assert "on_bad_annotation='clip'" not in str(info.value)  # clipping would mis-frame every box

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,78 @@ def test_boxes_clipped_without_complaint_are_warnings(tmp_path: Path, capsys: py
     assert "problems found: 1 (0 errors, 1 warnings)" in out and "warning: " in out
     code, _, _ = run_check_data(tmp_path, capsys, "--strict")
     assert code == 1
+
+
+def test_an_existing_report_file_is_kept_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    many_bad_boxes(tmp_path, n=2)
+    annotations = tmp_path / "annotations.json"
+    written = annotations.read_text()
+    with pytest.raises(ValueError, match=r"annotations\.json'?: a file of that name exists.*--force"):
+        run_check_data(tmp_path, capsys, "--report", str(annotations))
+    assert annotations.read_text() == written  # the user's annotations, not a report
+    report = tmp_path / "problems.json"
+    report.write_text("mine")
+    with pytest.raises(ValueError, match="a file of that name exists"):
+        run_check_data(tmp_path, capsys, "--report", str(report))
+    assert report.read_text() == "mine"
+    run_check_data(tmp_path, capsys, "--report", str(report), "--force")
+    assert json.loads(report.read_text())["train (x)"]["errors"] == 2
+
+
+def test_an_unwritable_report_path_fails_before_the_check(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    many_bad_boxes(tmp_path, n=1)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr("lightning_rpn.data.validation.validate_dataset",
+                        lambda *args, **kwargs: pytest.fail("the data was checked before the report path"))
+    with pytest.raises(ValueError, match="a_file/r.json'?: cannot make its folder"):
+        run_check_data(tmp_path, capsys, "--report", str(tmp_path / "a_file/r.json"))
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ValueError, match="a folder of that name exists"):
+        run_check_data(tmp_path, capsys, "--report", str(tmp_path / "folder.json"))
+
+
+def test_an_empty_split_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_coco(tmp_path, [], [])
+    code, out, err = run_check_data(tmp_path, capsys)
+    assert code == 1 and "1 error(s)" in err
+    assert "empty_split" in out and "the split lists no images" in out
+
+
+def test_images_without_a_size_have_their_boxes_checked_without_decoding(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    anns = [{"id": 1, "image_id": 1, "bbox": [1, 1, float("nan"), 5], "category_id": 1},
+            {"id": 2, "image_id": 1, "bbox": [500, 1, 5, 5], "category_id": 1},
+            {"id": 3, "image_id": 1, "bbox": [1, 1, 0, 5], "category_id": 1},
+            {"id": 4, "image_id": 1, "bbox": [1, 1, 5, 5], "category_id": 1}]
+    images_root, _ = write_coco(tmp_path, [{"id": 1, "file_name": "a.png"}], anns,  # no width / height
+                                create_files=False)
+    save_image(images_root / "a.png", 40, 60)
+    code, out, err = run_check_data(tmp_path, capsys, "--check_images", "false", "--report",
+                                    str(tmp_path / "r.json"))
+    assert code == 1 and "3 error(s)" in err
+    (split,) = json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail).values()
+    assert sorted(p["kind"] for p in split["problems"]) == ["empty_box", "non_finite", "outside_image"]
+    assert split["boxes"] == 1
+
+
+def test_boxes_rechecked_against_the_file_size_are_reported_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    anns = [{"id": 1, "image_id": 1, "bbox": [5, 5, 0, 10], "category_id": 1},
+            {"id": 2, "image_id": 1, "bbox": [50, 5, 14.5, 10], "category_id": 1}]  # outside 64 px, inside 65
+    images_root, _ = write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "height": 48, "width": 64}], anns,
+                                create_files=False)
+    save_image(images_root / "a.png", 48, 65)
+    _, _, err = run_check_data(tmp_path, capsys, "--report", str(tmp_path / "r.json"))
+    (split,) = json.loads((tmp_path / "r.json").read_text()).values()
+    assert sorted(p["kind"] for p in split["problems"]) == ["empty_box", "size_mismatch"], split["problems"]
+
+
+def test_the_report_prints_on_a_console_without_box_characters(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    many_bad_boxes(tmp_path, n=1)
+    config = tmp_path / "config.yaml"
+    run_check_data(tmp_path, capsys)
+    done = subprocess.run([sys.executable, "-m", "lightning_rpn.cli", "check-data", "--config", str(config),
+                           "--report", str(tmp_path / "r.json")],
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "cp1252"}, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr.decode(errors="replace")[-2000:]
+    assert b"| images " in done.stdout and (tmp_path / "r.json").is_file()
