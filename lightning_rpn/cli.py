@@ -206,6 +206,16 @@ class RPNLightningCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the run's own model config when ``--ckpt_path`` names a file.
+
+        Lightning parses such a checkpoint's hyperparameters over the command line and config, so
+        ``--ckpt_path runs/x/last.ckpt --model.lr 0.01`` dropped the new ``lr`` (and ``validate``
+        its ``--model.*`` settings) where ``--ckpt_path last`` kept them. A run follows its own
+        config either way; a checkpoint trained as another network is refused when it loads
+        (:func:`~lightning_rpn.training.checkpoint_agreement.check_checkpoint_agrees`).
+        """
+
     def before_instantiate_classes(self) -> None:
         """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading;
         no progress-bar callback when the progress bar is off (:func:`_drop_progress_bars`), and

@@ -23,7 +23,7 @@ from lightning_rpn.core.boxes import clip_boxes_to_image
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import ProposalRecall
-from lightning_rpn.evaluation.proposal_files import FORMATS, read_detectron2_proposals
+from lightning_rpn.evaluation.proposal_files import read_detectron2_proposals
 from lightning_rpn.training.module import RPNModule
 
 from helpers.builders import save_image
@@ -120,7 +120,7 @@ def test_validate_and_test_print_the_recall_table_and_write_a_json_summary(
 def test_predict_writes_proposals_in_original_coordinates(evaluated) -> None:
     run, trained = evaluated["predict"]
     assert_ok(run.result())
-    records = read_detectron2_proposals(trained / "run/proposals" / FORMATS["detectron2_pkl"])
+    records = read_detectron2_proposals(trained / "run/proposals/proposals_detectron2-last.pkl")
     dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
     assert [r["image_id"] for r in records] == [0, 1, 2, 3]
     model = RPNModule.load_from_checkpoint(trained / "run/checkpoints/last.ckpt", map_location="cpu")
@@ -152,7 +152,7 @@ def test_predict_reports_recall_on_an_annotated_split(evaluated) -> None:
     summary = json.loads((trained / "run/metrics/predict-last.json").read_text())
     assert summary["dataset"]["split"] == "val" and summary["coordinates"] == "original images"
     # the same recall as the written proposals against the original annotations
-    records = read_detectron2_proposals(trained / "run/proposals" / FORMATS["detectron2_pkl"])
+    records = read_detectron2_proposals(trained / "run/proposals/proposals_detectron2-last.pkl")
     dataset = SyntheticShapes(4, min_size=64, max_size=96, max_shapes=3, seed=0, split="val")
     recall = ProposalRecall(max_proposals=(10, 100))
     recall.update([torch.as_tensor(r["boxes"]) for r in records],
@@ -167,7 +167,7 @@ def test_predict_on_a_folder_without_annotations_reports_no_recall(evaluated) ->
     assert_ok(result)
     assert "Proposal recall" not in result.stdout and "metrics written" not in result.stderr
     assert not (folder / "out/metrics").exists()
-    records = read_detectron2_proposals(folder / "run/proposals" / FORMATS["detectron2_pkl"])
+    records = read_detectron2_proposals(folder / "run/proposals/proposals_detectron2-last.pkl")
     assert len(records) == 2 and all(len(r["boxes"]) > 0 for r in records)
 
 
@@ -184,6 +184,23 @@ def test_fit_resumes_from_last_checkpoint(trained: Path, tmp_path: Path) -> None
     assert checkpoint["global_step"] == 3  # the new budget, reached from the restored step 2
     output = " ".join((result.stdout + result.stderr).split())
     assert f"Restoring states from the checkpoint path at {tmp_path / 'run/checkpoints/last.ckpt'}" in output
+
+
+def test_a_checkpoint_file_keeps_the_run_config_and_refuses_another_network(trained: Path, tmp_path: Path) -> None:
+    # Lightning parses a --ckpt_path file's hyperparameters over the command line; `last` it does not
+    shutil.copy2(trained / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(trained / "run/checkpoints", tmp_path / "run/checkpoints")
+    checkpoint = str(tmp_path / "run/checkpoints/last.ckpt")
+    result = run_cli(["fit", "--config", "config.yaml", "--ckpt_path", checkpoint, "--trainer.max_steps", "3",
+                      "--model.lr", "0.0123", "--trainer.logger", "false"], tmp_path)
+    assert_ok(result)
+    assert "-> [0.0123, 0.0123]" in result.stdout + result.stderr  # the resumed schedule's new base lr
+    result = run_cli(["validate", "--config", "config.yaml", "--ckpt_path", checkpoint, "--trainer.logger", "false",
+                      "--model.anchor_sizes", "[[64], [128], [256], [512]]"], tmp_path)
+    assert result.returncode != 0
+    output = " ".join((result.stdout + result.stderr).split())
+    assert (f"the checkpoint {checkpoint} was trained as another network than this run builds (anchor_sizes: "
+            "checkpoint [[16.0], [32.0], [64.0], [128.0]], this run [[64.0], [128.0], [256.0], [512.0]])") in output
 
 
 def _bad_coco(root: Path) -> dict:

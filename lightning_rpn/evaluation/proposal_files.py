@@ -49,7 +49,8 @@ __all__ = [
 ]
 
 FORMATS: dict[str, str] = {"coco_json": "proposals_coco.json", "detectron2_pkl": "proposals_detectron2.pkl"}
-"""Output format name -> file name (what ``ProposalWriter`` writes)."""
+"""Output format name -> base file name; ``ProposalWriter`` adds ``-<checkpoint stem>`` (and
+``-v<n>`` for a repeat) before the suffix: :func:`~lightning_rpn.training.proposal_writer.proposal_paths`."""
 
 _LOGIT_EPS = 1e-12
 

@@ -67,6 +67,7 @@ from lightning_rpn.data.collate import set_sampling_epoch
 from lightning_rpn.data.loose_images import ImageInput
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
+from lightning_rpn.training.checkpoint_agreement import check_checkpoint_agrees
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
@@ -520,6 +521,10 @@ class RPNModule(pl.LightningModule):
         checkpoint[_RESIZE_KEY] = None if self.resize_policy is None else asdict(self.resize_policy)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they
+        load; restore the skip count and the training resize."""
+        check_checkpoint_agrees(checkpoint.get("hyper_parameters", {}), self.hparams,
+                                getattr(self._trainer, "ckpt_path", None))
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(_RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)

@@ -1,12 +1,14 @@
 """ProposalWriter: the Lightning callback that writes a ``predict`` run's proposals to files.
 
 The formats, readers and writers are in :mod:`lightning_rpn.evaluation.proposal_files` (no
-Lightning); this callback collects each rank's predictions and writes them there, DDP included.
+Lightning); this callback collects each rank's predictions and writes them there, DDP included,
+in files named after the checkpoint that never replace an earlier predict's.
 """
 
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,36 @@ from lightning_rpn.evaluation.proposal_files import (
     write_coco_proposals,
     write_detectron2_proposals,
 )
+from lightning_rpn.training.run_files import checkpoint_stem
 
-__all__ = ["ProposalWriter"]
+__all__ = ["ProposalWriter", "proposal_paths"]
+
+
+def proposal_paths(output_dir: Path, stem: str, version: int = 0) -> dict[str, Path]:
+    """Each format's file in ``output_dir`` for checkpoint ``stem`` (``proposals_coco-last.json``, ...).
+
+    Named as the metrics summary of the same predict is (``metrics/predict-<stem>.json``);
+    ``version`` 1, 2, ... adds ``-v1``, ``-v2``, ... after the stem, as Lightning's checkpoints do.
+    """
+    tag = stem if version == 0 else f"{stem}-v{version}"
+    return {name: output_dir / f"{Path(file).stem}-{tag}{Path(file).suffix}" for name, file in FORMATS.items()}
+
+
+def _free_proposal_paths(output_dir: Path, stem: str) -> tuple[dict[str, Path], list[Path]]:
+    """The first version of :func:`proposal_paths` none of whose files exists, and the files it passed over.
+
+    Every format counts, so the files of one predict share one version and no version is shared
+    by two predicts (an earlier one may have written other formats).
+    """
+    kept: list[Path] = []
+    version = 0
+    while True:
+        paths = proposal_paths(output_dir, stem, version)
+        taken = [path for path in paths.values() if path.exists()]
+        if not taken:
+            return paths, kept
+        kept += taken
+        version += 1
 
 
 class ProposalWriter(BasePredictionWriter):
@@ -34,9 +64,17 @@ class ProposalWriter(BasePredictionWriter):
     ``image_id``, ``boxes`` in original-image pixels, ``scores``) and keeps the ``top_k`` best
     proposals of each image. Each rank appends its images to ``output_dir/.parts/rank<k>.pkl``
     as batches arrive (bounded memory); at the end of the epoch rank 0 merges the parts
-    (deduplicated, dataset order), writes :data:`FORMATS` files for ``formats`` into
-    ``output_dir`` atomically and removes the parts. ``output_dir`` must be visible to every
-    rank (a shared filesystem for multi-node runs). One predict dataloader.
+    (deduplicated, dataset order), writes the files of ``formats`` into ``output_dir``
+    atomically and removes the parts. ``output_dir`` must be visible to every rank (a shared
+    filesystem for multi-node runs). One predict dataloader.
+
+    The files are named after the checkpoint, as the metrics summary is
+    (``proposals_coco-<checkpoint stem>.json``, ``proposals_detectron2-<checkpoint stem>.pkl``,
+    ``no_checkpoint`` without one), and never replace a file: when a name is taken (the same
+    checkpoint predicted again, e.g. on other images) this predict's files get the first free
+    version suffix ``-v1``, ``-v2``, ... and rank 0 prints on stderr which files stay and which
+    are new. Rank 0 alone decides the names and writes the files; ``written`` (format -> path)
+    is the same on every rank once predict ends.
     """
 
     def __init__(
@@ -98,8 +136,16 @@ class ProposalWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             parts = [self._part(rank) for rank in range(trainer.world_size)]
             records = merge_proposal_parts(parts)
+            paths, kept = _free_proposal_paths(self.output_dir, checkpoint_stem(trainer.ckpt_path))
+            if kept:
+                print(
+                    f"ProposalWriter: {self.output_dir} holds proposals of an earlier predict "
+                    f"({', '.join(p.name for p in kept)}); they stay, this predict writes "
+                    + ", ".join(paths[name].name for name in self.formats),
+                    file=sys.stderr,
+                )
             for name in self.formats:
-                path = self.output_dir / FORMATS[name]
+                path = paths[name]
                 if name == "coco_json":
                     write_coco_proposals(path, records, category_id=self.category_id)
                 else:
@@ -115,4 +161,5 @@ class ProposalWriter(BasePredictionWriter):
                 f"ProposalWriter: proposals of {len(records)} images written to "
                 + ", ".join(str(p) for p in self.written.values())
             )
-        trainer.strategy.barrier("ProposalWriter.merged")
+        # a collective: the other ranks wait here for rank 0's files, then know their paths
+        self.written = trainer.strategy.broadcast(self.written, src=0)

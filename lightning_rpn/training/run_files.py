@@ -3,8 +3,9 @@
 A new ``fit`` never overwrites the checkpoints another run left in its folder
 (:func:`check_checkpoint_dirs`) and is told when its ``last.ckpt`` would lag behind its end
 (:func:`warn_if_last_waits_for_best`); ``validate`` / ``test`` / ``predict`` write their final recall
-and losses as JSON (:func:`write_metrics_summary`). The resolved config, the third file a run
-leaves, is saved by the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
+and losses as JSON (:func:`write_metrics_summary`), named after the checkpoint as ``predict``'s
+proposal files are (:func:`checkpoint_stem`). The resolved config, the third file a run leaves, is
+saved by the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["check_checkpoint_dirs", "warn_if_last_waits_for_best", "write_metrics_summary"]
+__all__ = ["check_checkpoint_dirs", "checkpoint_stem", "warn_if_last_waits_for_best", "write_metrics_summary"]
 
 
 def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
@@ -86,6 +87,16 @@ def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
             )
 
 
+def checkpoint_stem(checkpoint: str | Path | None) -> str:
+    """The name a ``validate`` / ``test`` / ``predict`` gives its files after its checkpoint.
+
+    The checkpoint's file name without suffix (``last`` for ``.../last.ckpt``), or
+    ``no_checkpoint`` without one, so that the metrics summary and the proposal files of one
+    run carry the same name.
+    """
+    return Path(checkpoint).stem if checkpoint else "no_checkpoint"
+
+
 def write_metrics_summary(
     trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, command: str
 ) -> Path | None:
@@ -125,8 +136,7 @@ def write_metrics_summary(
             for key, value in trainer.callback_metrics.items()
             if key.startswith(prefix) and key[len(prefix):].startswith("loss")
         }
-    stem = Path(checkpoint).stem if checkpoint else "no_checkpoint"
-    path = Path(trainer.default_root_dir) / "metrics" / f"{command}-{stem}.json"
+    path = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(checkpoint)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path

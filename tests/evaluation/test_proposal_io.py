@@ -14,7 +14,6 @@ from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
 from lightning_rpn.evaluation.proposal_files import (
-    FORMATS,
     merge_proposal_parts,
     read_coco_proposals,
     read_detectron2_proposals,
@@ -125,10 +124,12 @@ def test_trainer_predict_writes_both_formats_in_original_coordinates(tmp_path) -
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
                          default_root_dir=tmp_path)
     trainer.predict(model, datamodule=data, return_predictions=False)
-    assert set(writer.written) == set(FORMATS)
+    # no checkpoint: named as its metrics summary would be (file names: tests/training/test_proposal_writer.py)
+    assert writer.written == {"coco_json": tmp_path / "out/proposals_coco-no_checkpoint.json",
+                              "detectron2_pkl": tmp_path / "out/proposals_detectron2-no_checkpoint.pkl"}
     assert not (tmp_path / "out" / ".parts").exists()
-    d2 = read_detectron2_proposals(tmp_path / "out" / FORMATS["detectron2_pkl"])
-    coco = read_coco_proposals(tmp_path / "out" / FORMATS["coco_json"])
+    d2 = read_detectron2_proposals(writer.written["detectron2_pkl"])
+    coco = read_coco_proposals(writer.written["coco_json"])
     raw = SyntheticShapes(5, 48, 80, 3, seed=0, split="val")
     assert [r["image_id"] for r in d2] == [raw[i].image_id for i in range(5)]
     assert [r["image_id"] for r in coco] == [r["image_id"] for r in d2 if len(r["boxes"])]

@@ -1,0 +1,148 @@
+"""ProposalWriter's file names: after the checkpoint, as the metrics summary, and never over an earlier predict's.
+
+The writer's hooks run with a stand-in trainer (rank, world size, checkpoint path, a strategy
+whose barrier and broadcast are no-ops or gloo collectives); what it writes is checked with the
+readers of :mod:`lightning_rpn.evaluation.proposal_files`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_rpn.evaluation.proposal_files import read_coco_proposals, read_detectron2_proposals
+from lightning_rpn.training.proposal_writer import ProposalWriter, proposal_paths
+from lightning_rpn.training.run_files import checkpoint_stem, write_metrics_summary
+
+
+class _OneProcess:
+    """The strategy of a single-process run: nothing to wait for, nothing to share."""
+
+    def barrier(self, name: str | None = None) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+
+class _Gloo:
+    """The collectives a DDP strategy runs, on the process group of the test's workers."""
+
+    def barrier(self, name: str | None = None) -> None:
+        dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+
+def _trainer(ckpt_path: str | None, rank: int = 0, world_size: int = 1, strategy: Any = None) -> SimpleNamespace:
+    return SimpleNamespace(ckpt_path=ckpt_path, global_rank=rank, world_size=world_size,
+                           is_global_zero=rank == 0, strategy=strategy or _OneProcess())
+
+
+def _image(image_id: int, score: float) -> dict[str, Any]:
+    return {"image_id": image_id, "boxes": torch.tensor([[1.0, 2.0, 11.0, 12.0]]), "scores": torch.tensor([score])}
+
+
+def _predict(writer: ProposalWriter, trainer: SimpleNamespace, images: list[dict[str, Any]]) -> dict[str, Path]:
+    """One ``predict`` of ``images`` through the writer's hooks; the paths it reports."""
+    writer.on_predict_start(trainer, None)
+    writer.write_on_batch_end(trainer, None, images, None, None, 0, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    return writer.written
+
+
+def test_files_are_named_after_the_checkpoint_like_the_metrics_summary(tmp_path: Path) -> None:
+    writer = ProposalWriter(str(tmp_path / "proposals"))
+    written = _predict(writer, _trainer(str(tmp_path / "checkpoints/last-v1.ckpt")), [_image(7, 0.9)])
+    assert written == {"coco_json": tmp_path / "proposals/proposals_coco-last-v1.json",
+                       "detectron2_pkl": tmp_path / "proposals/proposals_detectron2-last-v1.pkl"}
+    assert sorted(p.name for p in (tmp_path / "proposals").iterdir()) == [
+        "proposals_coco-last-v1.json", "proposals_detectron2-last-v1.pkl"]
+    assert [r["image_id"] for r in read_detectron2_proposals(written["detectron2_pkl"])] == [7]
+    assert _predict(ProposalWriter(str(tmp_path / "none"), formats=("coco_json",)), _trainer(None),
+                    [_image(7, 0.9)]) == {"coco_json": tmp_path / "none/proposals_coco-no_checkpoint.json"}
+    # the metrics summary of the same predict carries the same name
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(tmp_path / "checkpoints/last-v1.ckpt"),
+                              default_root_dir=str(tmp_path), callback_metrics={})
+    model = SimpleNamespace(last_recall={"AR@100": 0.5})
+    summary = write_metrics_summary(trainer, model, SimpleNamespace(), "predict")
+    assert summary == tmp_path / "metrics/predict-last-v1.json"
+    assert checkpoint_stem(trainer.ckpt_path) == "last-v1" and checkpoint_stem(None) == "no_checkpoint"
+
+
+def test_a_second_predict_never_replaces_the_first_ones_files(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "proposals"
+    writer = ProposalWriter(str(out))
+    first = _predict(writer, _trainer("ckpts/last.ckpt"), [_image(1, 0.9)])
+    first_bytes = {name: path.read_bytes() for name, path in first.items()}
+    # another checkpoint: its own files, no notice
+    other = _predict(writer, _trainer("ckpts/last-v1.ckpt"), [_image(2, 0.8)])
+    assert other["coco_json"].name == "proposals_coco-last-v1.json"
+    assert capsys.readouterr().err == ""
+    # the same checkpoint again (other images): a version suffix, one notice naming the files kept;
+    # -v1 is taken by checkpoint last-v1's files, so the version passes over it
+    again = _predict(writer, _trainer("ckpts/last.ckpt"), [_image(3, 0.7)])
+    assert again == proposal_paths(out, "last", 2)
+    assert again["detectron2_pkl"].name == "proposals_detectron2-last-v2.pkl"
+    (notice,) = capsys.readouterr().err.splitlines()
+    assert str(out) in notice and "they stay" in notice
+    for name in ("proposals_coco-last.json", "proposals_detectron2-last.pkl", "proposals_coco-last-v1.json",
+                 "proposals_detectron2-last-v1.pkl", "proposals_coco-last-v2.json", "proposals_detectron2-last-v2.pkl"):
+        assert name in notice
+    assert {name: path.read_bytes() for name, path in first.items()} == first_bytes
+    assert [r["image_id"] for r in read_coco_proposals(again["coco_json"])] == [3]
+    assert [r["image_id"] for r in read_coco_proposals(other["coco_json"])] == [2]
+    # the files of one predict share one version, even when it writes one format
+    (out / "proposals_detectron2-last-v3.pkl").write_bytes(b"a user's file")
+    third = _predict(ProposalWriter(str(out), formats=("coco_json",)), _trainer("ckpts/last.ckpt"), [_image(4, 0.6)])
+    assert third == {"coco_json": out / "proposals_coco-last-v4.json"}
+    assert (out / "proposals_detectron2-last-v3.pkl").read_bytes() == b"a user's file"
+    assert "proposals_detectron2-last-v3.pkl" in capsys.readouterr().err
+    assert {name: path.read_bytes() for name, path in first.items()} == first_bytes
+
+WORLD_SIZE = 2
+
+
+def _ddp_worker(rank: int, init_file: str, out: str) -> None:
+    """One rank of a two-process predict: half the images each, the writer's names checked on both."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    stderr, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        writer = ProposalWriter(out)
+        trainer = _trainer("ckpts/best.ckpt", rank, WORLD_SIZE, _Gloo())
+        runs = [{name: str(path) for name, path in _predict(writer, trainer, [_image(2 * i + rank, 0.5)]).items()}
+                for i in range(2)]  # the same checkpoint twice: the second gets -v1
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"runs": runs, "stderr": sys.stderr.getvalue()}))
+    finally:
+        sys.stderr = stderr
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ddp_ranks_agree_on_one_set_of_files_rank_zero_names(tmp_path: Path) -> None:
+    out = tmp_path / "proposals"
+    out.mkdir()
+    # fork (as test_metrics_ddp does): the children reuse the parent's imports
+    mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD_SIZE, start_method="fork")
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    expected = [{name: str(path) for name, path in proposal_paths(out, "best", version).items()} for version in (0, 1)]
+    assert ranks[0]["runs"] == ranks[1]["runs"] == expected
+    assert "proposals_coco-best-v1.json" in ranks[0]["stderr"] and ranks[1]["stderr"] == ""
+    assert sorted(p.name for p in out.glob("proposals_*")) == sorted(
+        Path(path).name for run in expected for path in run.values())
+    assert not (out / ".parts").exists()
+    for run, images in zip(expected, ([0, 1], [2, 3])):
+        assert [r["image_id"] for r in read_detectron2_proposals(run["detectron2_pkl"])] == images
