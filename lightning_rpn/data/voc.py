@@ -28,7 +28,8 @@ def read_split_ids(root: Path | str, split: str) -> list[str]:
     path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"VOC split file for split {split!r} does not exist", file=str(path))
-    ids = [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not part of the first id
+    ids = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"image id {duplicate!r} is listed twice", file=str(path))

@@ -11,7 +11,7 @@ from helpers.builders import save_image, write_voc
 
 from lightning_rpn.data.image_io import load_rgb_image, resolve_image_path
 from lightning_rpn.data.problems import DataError, UnsafePathError
-from lightning_rpn.data.voc import VOCDetection
+from lightning_rpn.data.voc import VOCDetection, read_split_ids
 
 
 def test_loads_split_with_one_based_boxes_and_difficult_as_crowd(tmp_path: Path) -> None:
@@ -101,3 +101,10 @@ def test_resolve_image_path_accepts_nested_and_rejects_escapes(tmp_path: Path) -
     for bad in ("../b.png", "/abs.png", "a/../../b.png", "..\\b.png", "D:/x.png"):
         with pytest.raises(UnsafePathError):
             resolve_image_path(tmp_path, bad, file="ann.json", image_id=3)
+
+
+def test_a_split_file_with_a_byte_order_mark_lists_its_first_id(tmp_path: Path) -> None:
+    root = write_voc(tmp_path, {"first": {"size": (20, 20), "objects": [{"box": (2, 2, 9, 9)}]}})
+    split_file = root / "ImageSets/Main/train.txt"
+    split_file.write_text("\ufefffirst\n", encoding="utf-8")  # as Windows Notepad saves it
+    assert read_split_ids(root, "train") == ["first"]
