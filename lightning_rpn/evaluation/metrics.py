@@ -9,7 +9,9 @@ repeat ``min(P, G)`` times: pick the gt box whose best remaining proposal has th
 record that IoU as the box's coverage, remove both. Unmatched boxes, and every box of an image
 without proposals, have coverage 0. ``recall@t = #(coverage >= t) / #boxes`` and
 ``AR@k = mean_t recall@t``. Ties are broken like that loop run with ``torch.max``: lowest gt
-index, then lowest proposal index (the better-scored one).
+index, then lowest proposal index (the better-scored one). IoUs are float32 and every comparison
+(thresholds, area bounds) is made in float32, as in detectron2: a box covered at IoU exactly
+``t`` counts at ``t``.
 
 Area ranges (``lo <= box area < hi``) follow detectron2: each range keeps only its own gt boxes
 and is matched on its own: a box outside the range never takes a proposal away from one inside.
@@ -114,7 +116,8 @@ class ProposalRecall(Metric):
     """Recall and average recall of class-agnostic proposals (see the module docstring).
 
     Args:
-        iou_thresholds: IoU thresholds in (0, 1]; AR averages recall over them.
+        iou_thresholds: IoU thresholds in (0, 1] (compared in float32); AR averages recall over
+            them.
         max_proposals: proposal budgets k reported by ``compute()`` (``AR@k`` ...).
         area_ranges: name -> ``(lo, hi)`` gt-box area range ``lo <= area < hi``; must contain
             ``"all"``. Defaults to the COCO limits (small < 32², medium < 96², large >= 96²).
@@ -147,7 +150,8 @@ class ProposalRecall(Metric):
     ) -> None:
         super().__init__(**kwargs)
         thresholds = [float(t) for t in iou_thresholds]
-        if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
+        as_float32 = torch.tensor(thresholds, dtype=torch.float32)  # as update() compares them
+        if not thresholds or not bool(((as_float32 > 0) & (as_float32 <= 1)).all()):
             raise ValueError(
                 "ProposalRecall: iou_thresholds must be non-empty and in (0, 1], "
                 f"got {list(iou_thresholds)}"
@@ -183,7 +187,6 @@ class ProposalRecall(Metric):
         }
         self.curve_proposals: tuple[int, ...] = tuple(sorted(set(curve) | set(budgets)))
         self._k_index = {k: i for i, k in enumerate(self.curve_proposals)}
-        self._min_iou = min(thresholds)
 
         num_k, num_t, num_r = len(self.curve_proposals), len(thresholds), len(self.area_names)
         self.add_state(
@@ -212,8 +215,10 @@ class ProposalRecall(Metric):
             < torch.tensor([len(g) for g in gts], device=device)[:, None]
         )
         gt_area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
-        lows = torch.tensor([lo for lo, _ in self.area_ranges.values()], device=device)
-        highs = torch.tensor([hi for _, hi in self.area_ranges.values()], device=device)
+        # float32 bounds (not the default dtype): compared in the areas' precision
+        lows, highs = torch.tensor(
+            list(self.area_ranges.values()), dtype=torch.float32, device=device
+        ).unbind(1)
         in_range = (
             gt_valid & (gt_area >= lows[:, None, None]) & (gt_area < highs[:, None, None])
         )  # [R, B, G]
@@ -228,7 +233,9 @@ class ProposalRecall(Metric):
         props = pad_sequence(kept, batch_first=True)  # [B, P, 4]
         prop_valid = torch.arange(props.shape[1], device=device) < num_props[:, None]
         iou = _padded_iou(gt, props)
-        useful = gt_valid[:, :, None] & prop_valid[:, None, :] & (iou >= self._min_iou)
+        # float32 thresholds, as the IoUs: the filter and the hit counts compare the same values
+        thresholds = torch.tensor(self.iou_thresholds, dtype=torch.float32, device=device)
+        useful = gt_valid[:, :, None] & prop_valid[:, None, :] & (iou >= thresholds.min())
 
         # pairs that can reach a threshold, copied once per (budget k, area range) holding them;
         # each copy is its own matching problem: problem = (k, range, image)
@@ -245,8 +252,7 @@ class ProposalRecall(Metric):
             ious=iou[image[pair], gt_i[pair], prop_i[pair]],
             num_rows=len(budgets) * num_r * num_images * num_gt,
         )
-        coverage = coverage.view(len(budgets), num_r, 1, num_images * num_gt).double()
-        thresholds = torch.tensor(self.iou_thresholds, dtype=torch.float64, device=device)
+        coverage = coverage.view(len(budgets), num_r, 1, num_images * num_gt)
         hits = (coverage >= thresholds[:, None]).sum(dim=3)  # [K, R, T]
         self.hits += hits.transpose(1, 2).to(self.hits.device)
 

@@ -15,6 +15,11 @@ from helpers.metrics import random_image
 THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
 
 
+def float32(value: float) -> float:
+    """``value`` rounded to float32: IoUs are float32, and thresholds are compared in float32."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
 # ---------------------------------------------------------------- plain reference
 
 
@@ -55,7 +60,7 @@ def reference_metric(proposals, gts, ks, thresholds=THRESHOLDS, area_ranges=COCO
                 covered += reference_coverage(props, gt[keep], k)
             for t in thresholds:
                 recall[k, t, name] = (
-                    sum(c >= t for c in covered) / len(covered) if covered else -1.0
+                    sum(c >= float32(t) for c in covered) / len(covered) if covered else -1.0
                 )
     for k in ks:
         for name in area_ranges:
@@ -225,6 +230,29 @@ def test_greedy_is_not_per_box_best():
     assert out["recall@0.60@2"] == 1.0 and out["recall@0.65@2"] == 0.5
 
 
+@pytest.mark.parametrize("t", THRESHOLDS)
+def test_coverage_equal_to_a_threshold_counts_at_it(t):
+    # IoU 100 * 100t / 100^2 is t in float32, and detectron2 compares in float32: a hit at t
+    props, gt = [box(0, 0, 100, round(100 * t))], [box(0, 0, 100, 100)]
+    assert tv_box_iou(torch.tensor(gt), torch.tensor(props)).item() == float32(t)
+    out = single(ProposalRecall(max_proposals=(1,)), props, gt)
+    assert [out[f"recall@{u:.2f}@1"] for u in THRESHOLDS] == [float(u <= t) for u in THRESHOLDS]
+    assert out["AR@1"] == pytest.approx(sum(u <= t for u in THRESHOLDS) / len(THRESHOLDS))
+
+
+def test_area_bounds_compare_in_float32_whatever_the_default_dtype():
+    # area float32(0.7) reaches the bound 0.7 in float32 (as detectron2), not in float64
+    ranges = {"all": (0.0, math.inf), "from_0.7": (0.7, math.inf)}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        metric = ProposalRecall(max_proposals=(1,), area_ranges=ranges)
+        out = single(metric, [box(0, 0, 1, 0.7)], [box(0, 0, 1, 0.7)])
+    finally:
+        torch.set_default_dtype(previous)
+    assert metric.num_boxes.tolist() == [1, 1] and out["AR_from_0.7@1"] == 1.0
+
+
 def test_area_ranges_split_boxes_and_match_separately():
     small, medium, large = box(0, 0, 20, 20), box(100, 100, 150, 150), box(200, 200, 400, 400)
     props = [large, box(0, 0, 20, 22)]
@@ -330,6 +358,7 @@ def test_update_rejects_bad_inputs(proposals, targets, error, match):
     ("kwargs", "match"),
     [
         ({"iou_thresholds": (0.0, 0.5)}, "iou_thresholds"),
+        ({"iou_thresholds": (1e-46,)}, "iou_thresholds"),  # 0 in float32
         ({"iou_thresholds": (0.5, 0.501)}, "distinct"),
         ({"max_proposals": (100, 0)}, "max_proposals"),
         ({"max_proposals": ()}, "max_proposals"),
