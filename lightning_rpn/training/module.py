@@ -69,7 +69,7 @@ from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.training.checkpoint_agreement import check_checkpoint_agrees
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
-from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization
+from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
 from lightning_rpn.training.windowed import window_losses, window_proposals
 
@@ -621,7 +621,7 @@ class RPNModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimization(self.optim_config, self, lambda: self.trainer.estimated_stepping_batches)
+        return configure_optimization(self.optim_config, self, lambda: fit_total_steps(self.trainer))
 
     # ------------------------------------------------------------------ inference helper
     @overload

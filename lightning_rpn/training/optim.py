@@ -4,7 +4,8 @@
 parameters; ``LRSchedule`` is the factor of a step (a picklable object, kept in checkpoints by
 ``LambdaLR``), ``RunLambdaLR`` the scheduler that follows the run it resumes in, and
 ``configure_optimization`` builds both from an :class:`~lightning_rpn.core.config.OptimConfig`
-(``RPNModule.configure_optimizers``).
+(``RPNModule.configure_optimizers``). ``fit_total_steps`` is the step a fit ends at, from the
+step it resumed at: the cosine's length and :class:`~lightning_rpn.training.text_progress.TextProgress`'s total.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_rpn.core.config import OptimConfig
 
-__all__ = ["LRSchedule", "RunLambdaLR", "configure_optimization", "weight_decay_groups"]
+__all__ = ["LRSchedule", "RunLambdaLR", "configure_optimization", "fit_total_steps", "weight_decay_groups"]
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -39,6 +42,39 @@ def weight_decay_groups(
                 if parameter.requires_grad:
                     (norm if isinstance(module, _NORM_LAYERS) else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
+
+
+def fit_total_steps(trainer: Trainer) -> float:
+    """The global step ``trainer``'s fit ends at: the end of ``max_epochs`` or ``max_steps``,
+    whichever comes first (``inf`` when neither bounds it).
+
+    Counted from the step and epoch the fit resumed at, then the epochs left at the current
+    optimizer steps per epoch (batches, devices, ``accumulate_grad_batches``), where
+    ``trainer.estimated_stepping_batches`` takes ``max_epochs`` x today's steps per epoch: a run
+    resumed after its steps per epoch changed would end elsewhere. Lightning restores the loops
+    before the schedulers, so this is right from ``RunLambdaLR.load_state_dict`` on.
+    """
+    max_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        return max_steps
+    if trainer.train_dataloader is None:  # as estimated_stepping_batches: during configure_optimizers
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return max_steps
+    accumulate = trainer.accumulate_grad_batches
+    per_epoch = math.ceil(batches / accumulate)
+    epochs = trainer.fit_loop.epoch_progress.current
+    epochs_left = max(trainer.max_epochs - epochs.processed, 0)
+    steps_left = epochs_left * per_epoch
+    if epochs.started > epochs.processed and epochs_left:  # resumed inside an epoch: the rest of it
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        done = progress.current.processed
+        if progress.is_last_batch or done >= batches:  # saved at its end (e.g. after its validation)
+            steps_left -= per_epoch
+        else:  # its remaining batches, stepping at every accumulate-th and the last
+            steps_left -= done // accumulate
+    return min(trainer.global_step + steps_left, max_steps)
 
 
 @dataclass
@@ -77,15 +113,30 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     trained at its final learning rate. Here a resumed run takes only the step count from the
     checkpoint, keeps the schedule built from its own config and trainer (``max_steps`` /
     ``max_epochs``), logs what differs from the checkpoint's, and sets the optimizer to the
-    learning rate of the step it resumes at.
+    learning rate of the step it resumes at. ``cosine_steps`` (not saved) gives the cosine's
+    length (:func:`fit_total_steps`) and is asked again on resume: Lightning has restored the
+    loops by then, so a run whose steps per epoch changed decays to the step it really ends at.
     """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, schedule: LRSchedule, cosine_steps: Callable[[], int] | None = None
+    ) -> None:
+        super().__init__(optimizer, schedule)
+        self.cosine_steps = cosine_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        del state["cosine_steps"]  # a closure over the trainer, and of this run only
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_lambdas = state_dict.get("lr_lambdas") or [None]
         saved_base_lrs = list(state_dict.get("base_lrs", self.base_lrs))
         self.__dict__.update(
-            {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs")}
+            {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs", "cosine_steps")}
         )
+        if self.cosine_steps is not None:
+            self.lr_lambdas[0].total_steps = self.cosine_steps()
         changes = [
             f"{name} {saved_lambdas[0][name]!r} -> {value!r}"
             for name, value in vars(self.lr_lambdas[0]).items()
@@ -112,26 +163,30 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _cosine_length(run_steps: Callable[[], float | int]) -> int:
+    """``run_steps()`` as the cosine's length; an unbounded run has none."""
+    steps = run_steps()
+    if not math.isfinite(steps):
+        raise ValueError(
+            "model.lr_schedule='cosine' decays over the whole run: set trainer.max_steps "
+            "or trainer.max_epochs (both are unlimited)"
+        )
+    return int(steps)
+
+
 def configure_optimization(
     config: OptimConfig, model: nn.Module, run_steps: Callable[[], float | int]
 ) -> dict[str, Any]:
     """Lightning's ``configure_optimizers`` answer for ``model``: SGD (momentum) or AdamW over
     :func:`weight_decay_groups`, and a per-step :class:`RunLambdaLR` of ``config``'s schedule.
 
-    ``run_steps`` gives the run's optimizer steps (the trainer's ``estimated_stepping_batches``),
-    the cosine's length; it is only called for the cosine schedule.
+    ``run_steps`` gives the step the run ends at (:func:`fit_total_steps`), the cosine's length;
+    it is only called for the cosine schedule, here and again when a checkpoint is restored.
     """
     groups = weight_decay_groups([model], config.weight_decay, config.norm_weight_decay)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
-    total = 0
-    if config.lr_schedule == "cosine":
-        steps = run_steps()
-        if not math.isfinite(steps):
-            raise ValueError(
-                "model.lr_schedule='cosine' decays over the whole run: set trainer.max_steps "
-                "or trainer.max_epochs (both are unlimited)"
-            )
-        total = int(steps)
+    cosine_steps = partial(_cosine_length, run_steps) if config.lr_schedule == "cosine" else None
+    total = cosine_steps() if cosine_steps is not None else 0
     schedule = LRSchedule(
         warmup_steps=config.warmup_steps,
         warmup_factor=config.warmup_factor,
@@ -141,7 +196,5 @@ def configure_optimization(
         total_steps=total,
         min_factor=config.min_lr_factor,
     )
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": RunLambdaLR(optimizer, schedule), "interval": "step", "frequency": 1},
-    }
+    scheduler = RunLambdaLR(optimizer, schedule, cosine_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -28,6 +28,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_rpn.training.optim import fit_total_steps
+
 __all__ = ["TextProgress", "format_duration"]
 
 
@@ -85,12 +87,10 @@ class TextProgress(ProgressBar):
 
     @staticmethod
     def _total_steps(trainer: Trainer) -> int | None:
-        """The fit's last step: ``max_steps`` where set, else Lightning's estimate from the epochs."""
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if total is None:
-            estimated = trainer.estimated_stepping_batches
-            total = int(estimated) if math.isfinite(estimated) else None
-        return total
+        """The fit's last step, as the cosine schedule counts it (:func:`fit_total_steps`, also
+        after a resume that changed the steps per epoch); ``None`` when unbounded."""
+        total = fit_total_steps(trainer)
+        return int(total) if math.isfinite(total) else None
 
     # training
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

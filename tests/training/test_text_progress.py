@@ -33,11 +33,12 @@ class LoggingModel(BoringModel):
         self.last_recall = {"AR@100": 0.5, "AR@1000": 0.75, "AR_small@100": 0.125}
 
 
-def fit(tmp_path: Path, progress: TextProgress, max_steps: int, ckpt_path: str | None = None, **trainer) -> Trainer:
+def fit(tmp_path: Path, progress: TextProgress, max_steps: int, ckpt_path: str | None = None, batches: int = 4,
+        **trainer) -> Trainer:
     torch.manual_seed(0)
     run = Trainer(max_steps=max_steps, callbacks=[progress], logger=False, default_root_dir=tmp_path,
-                  enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=4, limit_val_batches=2,
-                  **trainer)
+                  enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=batches,
+                  limit_val_batches=2, **trainer)
     run.fit(LoggingModel(), ckpt_path=ckpt_path)
     return run
 
@@ -81,6 +82,26 @@ def test_a_resumed_run_counts_from_its_checkpoint_to_its_new_budget(tmp_path: Pa
     assert lines[0] == "train: from step 4 of 7, a line every 1h 0m 0s"
     steps = [line.split(" |")[0] for line in lines if line.startswith("train step")]
     assert steps == ["train step 5/7 (71%)", "train step 7/7 (100%)"]
+
+
+def test_a_resumed_epoch_budget_counts_the_new_steps_per_epoch_from_its_checkpoint(tmp_path: Path) -> None:
+    """2 epochs of 2 steps, then 2 more of 4 (a smaller batch size): the fit ends at step 12,
+    where max_epochs x today's steps per epoch would say 16."""
+    first = fit(tmp_path, TextProgress(interval_s=3600, stream=io.StringIO()), max_steps=-1, max_epochs=2, batches=2)
+    assert first.global_step == 4
+    out = io.StringIO()
+    fit(tmp_path, TextProgress(interval_s=3600, stream=out), max_steps=-1, max_epochs=4, batches=4,
+        ckpt_path=first.checkpoint_callback.last_model_path or first.checkpoint_callback.best_model_path)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train: from step 4 of 12, a line every 1h 0m 0s"
+    steps = [line.split(" |")[0] for line in lines if line.startswith("train step")]
+    assert steps == ["train step 5/12 (42%)", "train step 12/12 (100%)"]
+
+
+def test_max_steps_beyond_the_epochs_is_not_the_total(tmp_path: Path) -> None:
+    out = io.StringIO()
+    fit(tmp_path, TextProgress(interval_s=3600, stream=out), max_steps=100, max_epochs=1, enable_checkpointing=False)
+    assert out.getvalue().splitlines()[0] == "train: from step 0 of 4, a line every 1h 0m 0s"
 
 
 def test_validate_alone_prints_its_batches_and_its_metrics(tmp_path: Path) -> None:

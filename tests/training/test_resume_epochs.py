@@ -1,0 +1,92 @@
+"""Resuming an epoch-budgeted run whose optimiser steps per epoch changed (batch size, devices,
+``accumulate_grad_batches``, dataset size): the cosine schedule and ``TextProgress`` end at the
+step the fit really ends at, not at ``max_epochs`` x today's steps per epoch.
+
+A real ``Trainer`` fits the tiny model for 2 epochs of 2 batches, then resumes from its checkpoint
+with ``max_epochs`` 3 or 4 over 4 batches an epoch (the same images in smaller batches, as a
+smaller ``batch_size`` gives), from the end of an epoch (saved after its validation, as the CLI's
+``last.ckpt``) or from inside one.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_rpn.training.module import RPNModule
+from lightning_rpn.training.optim import RunLambdaLR
+from lightning_rpn.training.text_progress import TextProgress
+
+from helpers.model import quiet_trainer, tiny_model, training_batches
+
+LR = 1e-3
+MIN_FACTOR = 0.1  # the cosine's end: LR * MIN_FACTOR
+
+
+def _model() -> RPNModule:
+    return tiny_model(optimizer="adamw", lr=LR, warmup_steps=1, lr_schedule="cosine", min_lr_factor=MIN_FACTOR)
+
+
+def _first_run(tmp_path: Path, checkpoint: ModelCheckpoint) -> Path:
+    """2 epochs x 2 batches (steps 1-4), validated after each epoch; the checkpoint's path."""
+    model = _model()
+    batches = training_batches(model)[:2]
+    trainer = quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint],
+                            limit_val_batches=1)
+    trainer.fit(model, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
+    assert trainer.global_step == 4
+    return Path(checkpoint.last_model_path or checkpoint.best_model_path)
+
+
+@pytest.mark.parametrize(
+    "saved, max_epochs, accumulate, resumed_at, end",
+    [
+        # after epoch 1's validation (step 4): epochs 2-3 of 4 steps
+        ("epoch end", 4, 1, 4, 4 + 2 * 4),
+        # at step 3, after batch 0 of epoch 1: its batches 1-3, then epoch 2 of 4 steps
+        ("mid-epoch", 3, 1, 3, 3 + 3 + 4),
+        # the same stepping every 2nd batch (at epoch batches 2 and 4): 2 steps, then epoch 2 of 2
+        ("mid-epoch", 3, 2, 3, 3 + 2 + 2),
+    ],
+)
+def test_a_resumed_epoch_budget_decays_to_the_step_the_fit_ends_at(
+    tmp_path: Path, saved: str, max_epochs: int, accumulate: int, resumed_at: int, end: int
+) -> None:
+    if saved == "epoch end":
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    else:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=3, save_top_k=-1,
+                                     filename="step3")
+    path = _first_run(tmp_path, checkpoint)
+
+    model = _model()
+    out = io.StringIO()
+    trainer = quiet_trainer(tmp_path, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
+                            limit_val_batches=0, enable_progress_bar=True,
+                            callbacks=[TextProgress(interval_s=3600, stream=out)])
+    trainer.fit(model, DataLoader(training_batches(model), batch_size=None), ckpt_path=path)
+
+    assert trainer.global_step == end
+    (scheduler,) = [config.scheduler for config in trainer.lr_scheduler_configs]
+    assert isinstance(scheduler, RunLambdaLR)
+    assert scheduler.lr_lambdas[0].total_steps == end
+    assert scheduler.last_epoch == end
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * MIN_FACTOR)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"train: from step {resumed_at} of {end},")
+    steps = [line.split(" |")[0] for line in lines if line.startswith("train step")]
+    assert steps[-1] == f"train step {end}/{end} (100%)"
+
+
+def test_max_steps_still_caps_a_resumed_epoch_budget(tmp_path: Path) -> None:
+    path = _first_run(tmp_path, ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True))
+    model = _model()
+    trainer = quiet_trainer(tmp_path, max_epochs=4, max_steps=7, limit_val_batches=0)
+    trainer.fit(model, DataLoader(training_batches(model), batch_size=None), ckpt_path=path)
+    assert trainer.global_step == 7
+    assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 7
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * MIN_FACTOR)
