@@ -217,17 +217,44 @@ def test_crowd_regions_ignore_covered_non_positive_anchors(backend: str) -> None
     assert torch.equal(unused[0], plain)
 
 
-def test_the_index_is_cached_per_tensor_and_rebuilt_after_an_in_place_change() -> None:
+def test_the_index_is_cached_by_value_and_rebuilt_after_an_in_place_change() -> None:
     anchors = fpn_anchors()
     gt = random_gt(30, 30)
     first = match_anchors(anchors, gt, backend="compiled")
     index = cpu_kernels.anchor_index(anchors)
     assert cpu_kernels.anchor_index(anchors) is index
-    assert cpu_kernels.anchor_index(anchors.clone()) is not index
-    anchors.add_(7.0)  # the version counter moves: a new index, and labels for the new anchors
+    assert cpu_kernels.anchor_index(anchors.clone()) is index  # torchvision's generator: new tensors each call
+    anchors.add_(7.0)  # new values: a new index, and labels for the new anchors
     assert cpu_kernels.anchor_index(anchors) is not index
     moved = match_anchors(anchors, gt, backend="compiled")
     assert torch.equal(moved[0], torchvision_match(anchors, gt)[0]) and not torch.equal(moved[0], first[0])
+
+
+@pytest.mark.parametrize("write", ["numpy: rows reversed", "numpy: one anchor moved", ".data: shifted"])
+def test_a_write_the_version_counter_misses_still_rebuilds_the_index(write: str) -> None:
+    anchors = fpn_anchors()  # as torch.from_numpy(buffer): writes to the buffer reach the tensor
+    gt = random_gt(30, 32)
+    match_anchors(anchors, gt, backend="compiled")  # caches the index of the values before the write
+    version = anchors._version
+    if write == "numpy: rows reversed":  # same values, other rows: the sum does not change
+        anchors.numpy()[:] = anchors.numpy()[::-1].copy()
+    elif write == "numpy: one anchor moved":
+        anchors.numpy()[len(anchors) // 3] = gt[0].numpy()
+    else:
+        anchors.data.add_(7.0)
+    assert anchors._version == version  # the tensor's version counter did not see the write
+    labels, matched = match_anchors(anchors, gt, backend="compiled")
+    expected = match_anchors(anchors, gt, backend="torch")
+    assert torch.equal(labels, expected[0]) and torch.equal(matched, expected[1])
+
+
+def test_an_inference_tensor_reuses_its_index_until_its_values_change() -> None:
+    with torch.inference_mode():
+        anchors = fpn_anchors()
+        index = cpu_kernels.anchor_index(anchors)
+        assert cpu_kernels.anchor_index(anchors) is index
+        anchors.add_(7.0)  # inference tensors have no version counter
+        assert cpu_kernels.anchor_index(anchors) is not index
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
