@@ -50,7 +50,12 @@ from rich.console import Console
 
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
-from lightning_rpn.training.run_files import check_checkpoint_dirs, warn_if_last_waits_for_best, write_metrics_summary
+from lightning_rpn.training.run_files import (
+    check_checkpoint_dirs,
+    evaluation_checkpoint,
+    warn_if_last_waits_for_best,
+    write_metrics_summary,
+)
 from lightning_rpn.training.wandb_mode import default_wandb_offline, wandb_credentials_available
 
 __all__ = [
@@ -298,6 +303,15 @@ class RPNLightningCLI(LightningCLI):
         path = write_metrics_summary(self.trainer, self.model, self.datamodule, command)
         if path is not None:
             print(f"lightning-rpn {command}: metrics written to {path}", file=sys.stderr)
+
+    def _resolve_checkpoint_keyword(self) -> None:
+        """``--ckpt_path best`` / ``last`` of ``validate`` / ``test`` / ``predict`` found on disk, or
+        refused (:func:`~lightning_rpn.training.run_files.evaluation_checkpoint`): never the
+        recall of untrained weights."""
+        section = self.config_init[self.subcommand]
+        section["ckpt_path"] = evaluation_checkpoint(self.trainer, section.get("ckpt_path"), self.subcommand)
+
+    before_validate = before_test = before_predict = _resolve_checkpoint_keyword
 
     def after_validate(self) -> None:
         self._write_summary("validate")

@@ -203,6 +203,15 @@ def test_a_checkpoint_file_keeps_the_run_config_and_refuses_another_network(trai
             "checkpoint [[16.0], [32.0], [64.0], [128.0]], this run [[64.0], [128.0], [256.0], [512.0]])") in output
 
 
+def test_validate_last_without_a_checkpoint_refuses_to_report_untrained_weights(trained: Path, tmp_path: Path) -> None:
+    # Lightning warns "no last checkpoint available" and validates the weights it just initialised
+    shutil.copy2(trained / "config.yaml", tmp_path / "config.yaml")
+    result = run_cli(["validate", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.logger", "false"],
+                     tmp_path)
+    assert result.returncode != 0 and "Proposal recall" not in result.stdout
+    assert f"validate --ckpt_path last: no last*.ckpt in {tmp_path / 'run/checkpoints'}; train first" in result.stderr
+
+
 def _bad_coco(root: Path) -> dict:
     """One image whose second box has a NaN width; the config that checks it."""
     from PIL import Image

@@ -11,6 +11,7 @@ saved by the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["check_checkpoint_dirs", "checkpoint_stem", "warn_if_last_waits_for_best", "write_metrics_summary"]
+__all__ = ["check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "warn_if_last_waits_for_best", "write_metrics_summary"]
 
 
 def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
@@ -85,6 +86,41 @@ def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
                 f"configs do (it saves the latest weights with each validation and at the end of fit)",
                 file=sys.stderr,
             )
+
+
+def evaluation_checkpoint(trainer: pl.Trainer, ckpt_path: str | None, command: str) -> str | None:
+    """The checkpoint a ``validate`` / ``test`` / ``predict`` in a new process loads for ``ckpt_path``.
+
+    Lightning resolves ``"best"`` from what its ``ModelCheckpoint`` remembers of a ``fit`` in the
+    same process (nothing here: a ``ValueError`` that the callback "is not configured to save the
+    best model"), and ``"last"`` with no last checkpoint to no checkpoint at all, with a warning:
+    the command would then report the recall of untrained weights. Here ``"best"`` is the newest
+    ``{filename}.ckpt`` / ``{filename}-vN.ckpt`` in the folder of the config's first monitored
+    ``ModelCheckpoint`` (the latest run's best, as ``"last"`` is the latest run's last), and
+    either keyword finding no file is a ``ValueError`` naming the folders. Paths and ``None``
+    are returned as given.
+    """
+    if ckpt_path not in ("best", "last"):
+        return ckpt_path
+    with_folder = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
+    if ckpt_path == "best":
+        callbacks = [c for c in with_folder if c.monitor is not None and c.filename and "{" not in c.filename][:1]
+        stem = callbacks[0].filename if callbacks else "best"
+        pattern = re.compile(rf"{re.escape(stem)}(-v\d+)?\.ckpt")
+        wanted = "no ModelCheckpoint with a monitor, a dirpath and a plain filename"
+    else:
+        callbacks, stem = with_folder, ModelCheckpoint.CHECKPOINT_NAME_LAST
+        pattern = re.compile(rf"{re.escape(stem)}.*\.ckpt")
+        wanted = "no ModelCheckpoint with a dirpath"
+    where = f"lightning-rpn {command} --ckpt_path {ckpt_path}"
+    folders = sorted({Path(c.dirpath) for c in callbacks})  # type: ignore[arg-type]
+    if not folders:
+        raise ValueError(f"{where}: the config has {wanted} to find it in; pass a checkpoint path")
+    found = [path for folder in folders if folder.is_dir() for path in folder.iterdir() if pattern.fullmatch(path.name)]
+    if not found:
+        raise ValueError(f"{where}: no {stem}*.ckpt in {', '.join(map(str, folders))}; train first (fit) "
+                         "or pass a checkpoint path")
+    return str(max(found, key=lambda path: path.stat().st_mtime))
 
 
 def checkpoint_stem(checkpoint: str | Path | None) -> str:
