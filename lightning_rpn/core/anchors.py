@@ -246,7 +246,9 @@ class AnchorGenerator:
         """Anchors per level, each ``[H_l' * W_l' * A, 4]`` ordered ``(y, x, anchor)``.
 
         ``feature_shapes`` are the backbone's ``(H_l, W_l)`` (feature tensors are accepted
-        too); ``H_l' x W_l'`` is the anchor grid (see ``anchor_stride``). Cached.
+        too); ``H_l' x W_l'`` is the anchor grid (see ``anchor_stride``). Cached: every call
+        returns the same tensors (views of :meth:`grid`'s), so clone before changing them in
+        place (clipping to an image, say), or later calls get the changed anchors.
         """
         shapes = self._check_shapes(feature_shapes)
         device = torch.device("cpu") if device is None else torch.device(device)
