@@ -145,7 +145,9 @@ def validate_dataset(
     """Check a dataset, or the ``splits`` (roles) of an ``RPNDataModule``; a :class:`DatasetReport`.
 
     ``check_images`` decodes each image of file-backed datasets (missing, corrupt, truncated
-    and mis-sized files are reported as problems). With an ``anchor_generator`` (a data
+    and mis-sized files are reported as problems); without it, only the images whose annotation
+    gives no size are opened, for the size in their header. A split without images is an
+    ``empty_split`` error. With an ``anchor_generator`` (a data
     module's own, by default), the report adds anchor coverage: the best anchor IoU of the gt
     boxes of the first ``max_anchor_images`` images (``None``: all), after the evaluation ``resize``.
     """
