@@ -5,7 +5,9 @@ A training batch whose loss is non-finite (the loss raises
 but whose gradients are not, either stops training with a ``ValueError`` naming the batch's
 image ids (``"raise"``) or is skipped (``"skip"``): no gradient reaches the optimizer, so neither
 the weights nor the optimizer state change, and the running count :attr:`~NonFiniteLossPolicy.skipped`
-is logged as ``train/skipped_nonfinite_batches``. Under DDP the ranks agree before the backward
+is logged as ``train/skipped_nonfinite_batches``. With gradient accumulation a skipped batch adds
+nothing to its step's gradient and the other batches of the step still train; a step whose
+batches were all skipped does not happen, nor one whose summed gradient is non-finite. Under DDP the ranks agree before the backward
 pass: a batch is skipped on every rank when any rank saw a non-finite loss (non-finite gradients
 are the same on every rank after the all-reduce).
 
@@ -43,7 +45,8 @@ class NonFiniteLossPolicy(pl.Callback):
         self.skipped = 0
         self._image_ids: list[Any] = []
         self._reason: str | None = None  # this rank's non-finite loss in the current batch
-        self._drop_gradients = False
+        self._batches_in_step = 0  # batches accumulated since the last optimizer step ...
+        self._skipped_in_step = 0  # ... and how many of them were skipped
 
     def skipped_loss(self, pl_module: pl.LightningModule, error: NonFiniteLossError) -> Tensor:
         """The training step's answer to a non-finite loss: ``error`` again under ``"raise"``;
@@ -64,9 +67,10 @@ class NonFiniteLossPolicy(pl.Callback):
         """Under ``"skip"``, every rank decides together whether this batch is skipped."""
         if self.mode != "skip":
             return
+        self._batches_in_step += 1
         if trainer.strategy.reduce_boolean_decision(self._reason is not None, all=False):
             self._skip(pl_module, self._reason or "another process had a non-finite loss")
-            self._drop_gradients = True
+            self._skipped_in_step += 1  # its zero loss adds zero gradients
         else:
             pl_module.log(f"train/{SKIPPED_KEY}", float(self.skipped), on_step=True)
 
@@ -77,8 +81,9 @@ class NonFiniteLossPolicy(pl.Callback):
         With fp16 mixed precision the gradient scaler already skips steps with inf / NaN
         gradients (that is how it calibrates its scale), so only skipped batches are handled.
         """
-        if self._drop_gradients:
-            self._drop_gradients = False
+        all_skipped = self._batches_in_step > 0 and self._skipped_in_step == self._batches_in_step
+        self._batches_in_step = self._skipped_in_step = 0
+        if all_skipped:
             _drop_all_gradients(pl_module)
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]

@@ -118,3 +118,20 @@ def test_every_rank_skips_when_any_rank_saw_a_non_finite_loss(another_rank) -> N
     has_gradients = [p.grad is not None for p in model.parameters() if p.requires_grad]
     assert all(has_gradients) != another_rank  # a skipped batch's gradients are dropped
 
+
+
+@pytest.mark.parametrize("bad", [[1], [0, 1]], ids=["one-of-two", "both"])
+def test_with_accumulation_a_skipped_batch_leaves_the_rest_of_its_step(tmp_path, bad) -> None:
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip")
+    batches = training_batches(model)
+    for index in bad:
+        batches[index].positive_deltas.fill_(float("nan"))
+    watch = WatchStep(1)  # the second batch of the first step of two: the optimizer steps after it
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, accumulate_grad_batches=2, callbacks=[watch])
+    with pytest.warns(UserWarning, match="skipped training batch"):
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+    assert model.skipped_nonfinite_batches == len(bad) and trainer.global_step == 2
+    # the first step applied batch 0's gradient when only batch 1 was skipped, and nothing when both were
+    changed = any(not torch.equal(watch.before[n], watch.after[n]) for n in watch.before)
+    assert changed == (len(bad) == 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
