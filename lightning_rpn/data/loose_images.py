@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -43,6 +44,8 @@ def as_hwc_uint8(image: ImageInput, index: int) -> np.ndarray:
     if isinstance(image, Tensor):
         if image.dim() == 3:
             image = image.permute(1, 2, 0)  # CHW -> HWC
+        if image.dtype == torch.bfloat16:  # numpy has no bfloat16
+            image = image.float()
         array = image.detach().cpu().numpy()
     elif isinstance(image, np.ndarray):
         array = image

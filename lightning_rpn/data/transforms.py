@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -49,6 +50,7 @@ __all__ = [
 TransformSpec = list[dict[str, Any]]
 
 _BOX_FIELD = "box_kind"  # 0: ground truth, 1: crowd
+_UNKNOWN_ARGUMENT = r"Argument\(s\) .* are not valid for transform"
 _CONTAINERS = {"OneOf", "SomeOf", "Sequential", "OneOrOther", "SelectiveChannelTransform"}
 
 
@@ -58,9 +60,9 @@ def _build_one(entry: Any, where: str) -> A.BasicTransform | A.BaseCompose:
             f"{where}: expected a single-key mapping like {{'HorizontalFlip': {{'p': 0.5}}}}, got {entry!r}"
         )
     (name, kwargs), = entry.items()
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where}: arguments of {name!r} must be a mapping like {{'p': 0.5}}, got {kwargs!r}")
     kwargs = {} if kwargs is None else dict(kwargs)
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{where}: arguments of {name!r} must be a mapping, got {kwargs!r}")
     cls = getattr(A, str(name), None)
     if not isinstance(cls, type) or not issubclass(cls, (A.BasicTransform, A.BaseCompose)):
         raise ValueError(f"{where}: {name!r} is not an albumentations transform (albumentations {A.__version__})")
@@ -69,8 +71,12 @@ def _build_one(entry: Any, where: str) -> A.BasicTransform | A.BaseCompose:
     if name in _CONTAINERS and "transforms" in kwargs:
         kwargs["transforms"] = _build_list(kwargs["transforms"], f"{where}.{name}.transforms")
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+        with warnings.catch_warnings():
+            # albumentations only warns about an argument it does not know (a typo, a 1.x name)
+            # and builds the transform with its default: what the config asked for would not run
+            warnings.filterwarnings("error", message=_UNKNOWN_ARGUMENT)
+            return cls(**kwargs)
+    except (TypeError, ValueError, UserWarning) as error:
         raise ValueError(f"{where}: cannot build {name}(**{kwargs!r}): {error}") from error
 
 

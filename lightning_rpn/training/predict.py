@@ -51,7 +51,8 @@ def predict_images(
                                   source=f"predict_images[{index}]"))
         for index, image in enumerate(items)
     ]
-    was_training = module.training
+    # each submodule's mode, restored as it was (a backbone the caller froze in eval mode stays so)
+    modes = {submodule: submodule.training for submodule in module.modules()}
     module.eval()
     results: list[dict[str, Tensor]] = []
     try:
@@ -60,7 +61,8 @@ def predict_images(
             for item in module.predict_step(batch, start // batch_size):
                 results.append({key: item[key] for key in _OUTPUT_KEYS})
     finally:
-        module.train(was_training)
+        for submodule, training in modes.items():
+            submodule.training = training
     return results[0] if single else results
 
 

@@ -54,6 +54,12 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     ([{"HorizontalFlip": {"p": 0.5}, "VerticalFlip": {}}], "single-key"),
     ({"HorizontalFlip": {}}, "list"),
     ([{"RandomCrop": {"height": 10}}], "RandomCrop"),
+    # albumentations only warns about an unknown argument and builds the transform without it
+    ([{"RandomBrightnessContrast": {"brightness_limt": 0.9}}], r"transforms\[0\]: .*'brightness_limt' are not valid"),
+    ([{"GaussNoise": {"var_limit": [10, 50]}}], "'var_limit' are not valid"),  # albumentations 1.x's name
+    ([{"OneOf": {"transforms": [{"Blur": {"blur_limt": 3}}]}}], r"OneOf\.transforms\[0\]: .*'blur_limt'"),
+    ([{"HorizontalFlip": 0.5}], "arguments of 'HorizontalFlip' must be a mapping"),
+    ([{"HorizontalFlip": [1, 2]}], "arguments of 'HorizontalFlip' must be a mapping"),
 ])
 def test_bad_specs_name_the_entry(spec: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):

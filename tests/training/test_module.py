@@ -143,6 +143,16 @@ def test_predict_images_resizes_like_evaluation_and_returns_original_coordinates
     torch.testing.assert_close(plain["boxes"], expected["boxes"])
 
 
+def test_predict_images_restores_each_submodule_mode_and_takes_bfloat16() -> None:
+    model = tiny_model()
+    model.backbone.eval()  # frozen by the caller: its batch-norm statistics must not move
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    image = torch.rand(3, 48, 64)
+    model.predict_images(image.to(torch.bfloat16))
+    assert model.training and not model.backbone.training and not any(m.training for m in norms)
+    assert model.rpn.training
+
+
 def test_anchor_levels_must_match_the_backbone() -> None:
     with pytest.raises(ValueError, match=r"model.anchor_sizes.*strides \(4, 8, 16, 32\).*3 levels"):
         RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,)))
