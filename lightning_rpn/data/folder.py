@@ -12,7 +12,9 @@ from lightning_rpn.data.sample import DetectionSample
 
 __all__ = ["ImageFolder", "IMAGE_SUFFIXES"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm", ".npy")
+"""What :func:`~lightning_rpn.data.image_io.load_rgb_image` reads (``.npy``: uint8 arrays; PPM / PGM: the
+uncompressed formats very large images are read by window from)."""
 
 
 class ImageFolder(Dataset):
