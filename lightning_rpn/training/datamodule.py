@@ -302,7 +302,7 @@ class RPNDataModule(LightningDataModule):
         if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
             trainer = self.trainer
             sampler = WindowSampler(self.tiles.per_epoch, trainer.world_size if trainer else 1,
-                                    trainer.global_rank if trainer else 0)
+                                    trainer.global_rank if trainer else 0, done=lambda: self._windows_done(batch_size))
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
@@ -314,6 +314,12 @@ class RPNDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             drop_last=role == "train" and self._drop_last_train,
         )
+
+    def _windows_done(self, batch_size: int) -> int:
+        """This rank's windows of the current training epoch already trained: those of the batches
+        a checkpoint saved inside the epoch had completed (0 as an epoch starts)."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.completed * batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

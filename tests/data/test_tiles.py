@@ -295,3 +295,33 @@ def test_windows_read_from_a_file_map_equal_the_decoded_windows(tmp_path: Path, 
 
 def _no_decoding(path, **kwargs):
     raise AssertionError(f"{path} was decoded whole")
+
+
+def test_a_run_resumed_inside_an_epoch_trains_the_rest_of_its_windows(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from helpers.model import quiet_trainer, tiny_model
+
+    class Keys(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[list[int]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(list(batch.sampling_keys))
+
+    def fit(max_steps: int, ckpt_path: str | None = None, save: bool = False) -> list[list[int]]:
+        keys = Keys()
+        callbacks = [keys] + ([ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)] if save else [])
+        dm = RPNDataModule(dataset="scenes", scene_options={"size": 128, "density": 300.0, "max_object_size": 30},
+                           synthetic_train_images=2, synthetic_val_images=1, batch_size=2, num_workers=0,
+                           tiles={"size": 64, "per_epoch": 8}, train_transforms=[])
+        trainer = quiet_trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, callbacks=callbacks,
+                                enable_checkpointing=save)
+        trainer.fit(tiny_model(), dm, ckpt_path=ckpt_path)
+        return keys.seen
+
+    uninterrupted = fit(6)  # epoch 0: windows 0-7 in four batches; epoch 1: 8-11
+    fit(1, save=True)  # a checkpoint after the first batch of epoch 0
+    resumed = fit(6, ckpt_path=str(next(tmp_path.glob("*step=1.ckpt"))))
+    assert uninterrupted == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert resumed == uninterrupted[1:]  # windows 2-7 of epoch 0 (was 0-5 again), then epoch 1
