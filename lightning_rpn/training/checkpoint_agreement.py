@@ -54,12 +54,13 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
     that differs from the ``saved`` checkpoint's (``checkpoint``: its path, for the message).
 
     A name the checkpoint does not record (an older version) or records as an object (a backbone
-    module passed to ``load_from_checkpoint``) is not compared.
+    module passed to ``load_from_checkpoint``), or that ``current`` leaves out, is not compared.
     """
     differ = [
-        f"{name}: checkpoint {saved[name]!r}, this run {current.get(name)!r}"
+        f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
         for name in WEIGHT_DEFINING_HPARAMS
-        if name in saved and _is_data(saved[name]) and _comparable(saved[name]) != _comparable(current.get(name))
+        if name in saved and name in current and _is_data(saved[name])
+        and _comparable(saved[name]) != _comparable(current[name])
     ]
     if differ:
         where = f" {checkpoint}" if checkpoint else ""

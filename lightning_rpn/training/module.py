@@ -523,7 +523,10 @@ class RPNModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they
         load; restore the skip count and the training resize."""
-        check_checkpoint_agrees(checkpoint.get("hyper_parameters", {}), self.hparams,
+        current = dict(self.hparams)
+        if str(current.get("backbone")).startswith(_CUSTOM_BACKBONE):  # a module: its weights' shapes tell
+            current.pop("backbone")
+        check_checkpoint_agrees(checkpoint.get("hyper_parameters", {}), current,
                                 getattr(self._trainer, "ckpt_path", None))
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(_RESIZE_KEY)
