@@ -25,7 +25,7 @@ from lightning_rpn.evaluation.proposal_files import (
     write_coco_proposals,
     write_detectron2_proposals,
 )
-from lightning_rpn.training.run_files import checkpoint_stem
+from lightning_rpn.training.run_files import checkpoint_stem, free_version, versioned
 
 __all__ = ["ProposalWriter", "proposal_paths"]
 
@@ -36,25 +36,8 @@ def proposal_paths(output_dir: Path, stem: str, version: int = 0) -> dict[str, P
     Named as the metrics summary of the same predict is (``metrics/predict-<stem>.json``);
     ``version`` 1, 2, ... adds ``-v1``, ``-v2``, ... after the stem, as Lightning's checkpoints do.
     """
-    tag = stem if version == 0 else f"{stem}-v{version}"
-    return {name: output_dir / f"{Path(file).stem}-{tag}{Path(file).suffix}" for name, file in FORMATS.items()}
-
-
-def _free_proposal_paths(output_dir: Path, stem: str) -> tuple[dict[str, Path], list[Path]]:
-    """The first version of :func:`proposal_paths` none of whose files exists, and the files it passed over.
-
-    Every format counts, so the files of one predict share one version and no version is shared
-    by two predicts (an earlier one may have written other formats).
-    """
-    kept: list[Path] = []
-    version = 0
-    while True:
-        paths = proposal_paths(output_dir, stem, version)
-        taken = [path for path in paths.values() if path.exists()]
-        if not taken:
-            return paths, kept
-        kept += taken
-        version += 1
+    return {name: versioned(output_dir / f"{Path(file).stem}-{stem}{Path(file).suffix}", version)
+            for name, file in FORMATS.items()}
 
 
 class ProposalWriter(BasePredictionWriter):
@@ -136,7 +119,11 @@ class ProposalWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             parts = [self._part(rank) for rank in range(trainer.world_size)]
             records = merge_proposal_parts(parts)
-            paths, kept = _free_proposal_paths(self.output_dir, checkpoint_stem(trainer.ckpt_path))
+            # every format counts: the files of one predict share one version (an earlier one may
+            # have written other formats)
+            stem = checkpoint_stem(trainer.ckpt_path)
+            version, kept = free_version(lambda v: list(proposal_paths(self.output_dir, stem, v).values()))
+            paths = proposal_paths(self.output_dir, stem, version)
             if kept:
                 print(
                     f"ProposalWriter: {self.output_dir} holds proposals of an earlier predict "

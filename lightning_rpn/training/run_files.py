@@ -14,12 +14,16 @@ import json
 import re
 import sys
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "warn_if_last_waits_for_best", "write_metrics_summary"]
+__all__ = [
+    "check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "free_version", "versioned",
+    "warn_if_last_waits_for_best", "write_metrics_summary",
+]
 
 
 def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
@@ -133,6 +137,22 @@ def checkpoint_stem(checkpoint: str | Path | None) -> str:
     return Path(checkpoint).stem if checkpoint else "no_checkpoint"
 
 
+def free_version(paths: Callable[[int], Sequence[Path]]) -> tuple[int, list[Path]]:
+    """The first version ``0, 1, 2, ...`` none of whose ``paths(version)`` exists, and the existing
+    files of the versions passed over: a run's output never replaces an earlier run's."""
+    kept: list[Path] = []
+    version = 0
+    while taken := [path for path in paths(version) if path.exists()]:
+        kept += taken
+        version += 1
+    return version, kept
+
+
+def versioned(path: Path, version: int) -> Path:
+    """``path`` with ``-v{version}`` before its suffix (``version`` 0: as it is), as Lightning names checkpoints."""
+    return path if version == 0 else path.with_name(f"{path.stem}-v{version}{path.suffix}")
+
+
 def write_metrics_summary(
     trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, command: str
 ) -> Path | None:
@@ -143,7 +163,8 @@ def write_metrics_summary(
     the dataset (name, root, split), the coordinates the recall was measured in, every
     ``ProposalRecall.compute()`` key of ``model.last_recall`` (AR@k per area range, recall at
     each IoU threshold) and, for validate / test, the losses. Written on global rank 0; nothing
-    (``None``) when there is no recall, as for a predict split without gt boxes.
+    (``None``) when there is no recall, as for a predict split without gt boxes. A file an
+    earlier command left under that name stays: this one gets ``-v1``, ``-v2``, ... and a notice.
     """
     recall = getattr(model, "last_recall", None)
     if not trainer.is_global_zero or not recall:
@@ -172,7 +193,12 @@ def write_metrics_summary(
             for key, value in trainer.callback_metrics.items()
             if key.startswith(prefix) and key[len(prefix):].startswith("loss")
         }
-    path = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(checkpoint)}.json"
+    base = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(checkpoint)}.json"
+    version, kept = free_version(lambda v: [versioned(base, v)])
+    path = versioned(base, version)
+    if kept:
+        print(f"lightning-rpn {command}: {', '.join(p.name for p in kept)} in {base.parent} stay (earlier runs); "
+              f"this one's metrics go to {path.name}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path

@@ -146,3 +146,13 @@ def test_ddp_ranks_agree_on_one_set_of_files_rank_zero_names(tmp_path: Path) -> 
     assert not (out / ".parts").exists()
     for run, images in zip(expected, ([0, 1], [2, 3])):
         assert [r["image_id"] for r in read_detectron2_proposals(run["detectron2_pkl"])] == images
+
+
+def test_a_second_metrics_summary_of_a_checkpoint_keeps_the_first(tmp_path: Path, capsys) -> None:
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path="ckpts/last.ckpt", default_root_dir=str(tmp_path),
+                              callback_metrics={})
+    first = write_metrics_summary(trainer, SimpleNamespace(last_recall={"AR@100": 0.5}), SimpleNamespace(), "validate")
+    again = write_metrics_summary(trainer, SimpleNamespace(last_recall={"AR@100": 0.6}), SimpleNamespace(), "validate")
+    assert (first.name, again.name) == ("validate-last.json", "validate-last-v1.json")
+    assert json.loads(first.read_text())["metrics"] == {"AR@100": 0.5}  # another evaluation's record, kept
+    assert "validate-last.json in" in capsys.readouterr().err
