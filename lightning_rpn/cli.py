@@ -76,6 +76,9 @@ CONFIG_KEY = "lightning_rpn_config"
 # what stands in for RichProgressBar when stdout is not a terminal, and its line interval
 TEXT_PROGRESS = "lightning_rpn.training.callbacks.TextProgress"
 TEXT_PROGRESS_INTERVAL_S = 30.0
+USAGE_ERROR = 2
+"""Exit status of a command refused before it starts (an output it may not write), as argparse's;
+``check-data`` exits 1 for data with errors."""
 
 _DESCRIPTION = (
     "Train and evaluate Region Proposal Networks. Subcommands: fit, validate, test, predict "
@@ -371,12 +374,16 @@ def check_data(args: Sequence[str]) -> int:
     are checked by :func:`lightning_rpn.data.validation.validate_dataset`. Warnings (repairs
     that training makes on its own) exit 0 unless ``--strict``. ``--list_all`` prints every
     problem, ``--report FILE.json|FILE.csv`` writes them all (an existing file only with
-    ``--force``; the path is checked before the data).
+    ``--force``; the path is checked before the data: exit 2 when it cannot be written).
     """
     from lightning_rpn.data.validation import report_path, validate_dataset
 
     cli = _parse_only(_CheckDataCLI, args)
-    path = report_path(cli.config["report"], overwrite=cli.config["force"]) if cli.config["report"] else None
+    try:
+        path = report_path(cli.config["report"], overwrite=cli.config["force"]) if cli.config["report"] else None
+    except ValueError as error:
+        print(f"lightning-rpn {error}", file=sys.stderr)
+        return USAGE_ERROR
     report = validate_dataset(cli.datamodule, check_images=cli.config["check_images"])
     report.max_listed = None if cli.config["list_all"] else report.max_listed
     summary = f"{report.num_errors} error(s), {report.num_warnings} warning(s)"
@@ -400,6 +407,9 @@ class _AnalyzeAnchorsCLI(_NoRunCLI):
         )
         parser.add_argument("--output_dir", type=str, default="anchor_analysis",
                             help="analyze-anchors: where the plot, report and snippet go.")
+        parser.add_argument("--force", action=ActionYesNo, default=False,
+                            help="analyze-anchors: replace the files of an earlier run in --output_dir "
+                            "(without it, any of them there is an error before the analysis).")
         parser.add_argument("--split", type=str, default="train",
                             help="analyze-anchors: data split whose gt boxes are analysed.")
         parser.add_argument("--max_images", type=int | None, default=None,
@@ -412,10 +422,17 @@ def analyze_anchors(args: Sequence[str]) -> int:
     """``lightning-rpn analyze-anchors``: anchor coverage of a split's boxes, optional k-means.
 
     Reads the same config as ``fit``; see :func:`lightning_rpn.tools.anchor_analysis.run_analyze_anchors`.
+    Files of an earlier run in ``--output_dir`` (or a hand-written ``anchors.yaml``, with
+    ``--optimize``) are replaced only with ``--force``; otherwise exit 2 before the analysis.
     """
-    from lightning_rpn.tools.anchor_analysis import run_analyze_anchors
+    from lightning_rpn.tools.anchor_analysis import output_paths, run_analyze_anchors
 
     cli = _parse_only(_AnalyzeAnchorsCLI, args)
+    try:
+        output_paths(cli.config["output_dir"], cli.config["optimize"], overwrite=cli.config["force"])
+    except (ValueError, FileExistsError) as error:
+        print(f"lightning-rpn {error}", file=sys.stderr)
+        return USAGE_ERROR
     run_analyze_anchors(
         cli.model,
         cli.datamodule,
@@ -424,6 +441,7 @@ def analyze_anchors(args: Sequence[str]) -> int:
         split=cli.config["split"],
         max_images=cli.config["max_images"],
         seed=cli.config["anchor_seed"],
+        overwrite=cli.config["force"],
     )
     return 0
 

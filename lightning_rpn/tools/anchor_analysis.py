@@ -6,8 +6,9 @@ The steps, one module each: the boxes as the training pipeline sees them
 (:mod:`~lightning_rpn.tools.anchor_collection`), their exact coverage by the anchors
 (:mod:`lightning_rpn.core.coverage`, shared with ``check-data``), a better design with the same
 anchor count (:mod:`~lightning_rpn.tools.anchor_optimization`) and the report, plot and config
-snippet (:mod:`~lightning_rpn.tools.anchor_report`). This module runs them; its names are the
-public ones of all steps.
+snippet (:mod:`~lightning_rpn.tools.anchor_report`). This module runs them, and refuses to
+replace the files of an earlier run (or a hand-written ``anchors.yaml``) unless told to; its names
+are the public ones of all steps.
 """
 
 from __future__ import annotations
@@ -34,8 +35,34 @@ __all__ = [
     "plot_anchor_analysis",
     "write_config_snippet",
     "analyze_anchors",
+    "output_paths",
     "run_analyze_anchors",
 ]
+
+OUTPUT_FILES = {"plot": "anchor_analysis.png", "report": "anchor_analysis.json", "config_snippet": "anchors.yaml"}
+"""The files an analysis writes into its output folder, by their key in :attr:`AnchorAnalysis.files`."""
+
+
+def output_paths(output_dir: str | Path, optimize: bool, overwrite: bool = False) -> dict[str, Path]:
+    """The files an analysis writes into ``output_dir`` (the snippet only with ``optimize``), checked
+    before the analysis: ``FileExistsError`` naming those already there unless ``overwrite`` (an
+    earlier report or a hand-written ``anchors.yaml`` is never replaced unasked), ``ValueError``
+    where ``output_dir`` is a file or one of them a folder."""
+    out = Path(output_dir)
+    where = f"analyze-anchors --output_dir {str(out)!r}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{where}: a file of that name exists; choose a folder")
+    paths = {key: out / name for key, name in OUTPUT_FILES.items() if optimize or key != "config_snippet"}
+    folders = [path.name for path in paths.values() if path.is_dir()]
+    if folders:
+        raise ValueError(f"{where}: {', '.join(folders)} there is a folder; choose another --output_dir")
+    existing = [path.name for path in paths.values() if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{where}: {', '.join(existing)} already there (an earlier run's or written by hand); "
+            "choose another --output_dir or pass --force to replace them"
+        )
+    return paths
 
 
 def analyze_anchors(
@@ -44,32 +71,40 @@ def analyze_anchors(
     optimize: bool = False,
     output_dir: str | Path | None = None,
     seed: int = 0,
+    overwrite: bool = False,
+    fg_iou: float | None = None,
 ) -> AnchorAnalysis:
     """Coverage and box statistics (and with ``optimize``, a better design) of ``boxes``.
 
     With ``output_dir``: writes ``anchor_analysis.png``, ``anchor_analysis.json`` and, when
-    optimising, ``anchors.yaml`` (the config snippet); their paths are in ``files``.
+    optimising, ``anchors.yaml`` (the config snippet); their paths are in ``files``. Any of them
+    already there is an error before the analysis (:func:`output_paths`) unless ``overwrite``;
+    ``notes`` names the files replaced, and an ``anchors.yaml`` this run (without ``optimize``)
+    left as it was. ``fg_iou``: the model's positive threshold, whose coverage the optimised
+    design keeps (:func:`optimize_anchors`).
     """
     if len(boxes) == 0:
         raise ValueError("analyze_anchors: no ground-truth boxes found (empty dataset or split?)")
+    paths = None if output_dir is None else output_paths(output_dir, optimize, overwrite)
     analysis = AnchorAnalysis(
         anchor_generator, anchor_coverage(boxes, anchor_generator), box_stats(boxes), boxes.num_images
     )
     if optimize:
-        analysis.optimized = optimize_anchors(boxes, anchor_generator, seed=seed)
+        analysis.optimized = optimize_anchors(boxes, anchor_generator, seed=seed, fg_iou=fg_iou)
         analysis.optimized_coverage = anchor_coverage(boxes, analysis.optimized)
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        analysis.files["plot"] = str(plot_anchor_analysis(boxes, anchor_generator, out / "anchor_analysis.png",
-                                                          analysis.optimized))
+    if paths is not None:
+        replaced = [path.name for path in paths.values() if path.exists()]
+        if replaced:
+            analysis.notes.append(f"replaced the earlier {', '.join(replaced)} in {output_dir}")
+        stale = Path(output_dir) / OUTPUT_FILES["config_snippet"]
+        if not optimize and stale.exists():
+            analysis.notes.append(f"kept {stale}: not this run's snippet (this run did not optimise)")
+        analysis.files["plot"] = str(plot_anchor_analysis(boxes, anchor_generator, paths["plot"], analysis.optimized))
         if analysis.optimized is not None:
-            snippet = out / "anchors.yaml"
-            write_config_snippet(analysis.optimized, snippet)
-            analysis.files["config_snippet"] = str(snippet)
-        report = out / "anchor_analysis.json"
-        analysis.files["report"] = str(report)
-        report.write_text(json.dumps(analysis.to_dict(), indent=2), encoding="utf-8")
+            write_config_snippet(analysis.optimized, paths["config_snippet"])
+            analysis.files["config_snippet"] = str(paths["config_snippet"])
+        analysis.files["report"] = str(paths["report"])
+        paths["report"].write_text(json.dumps(analysis.to_dict(), indent=2), encoding="utf-8")
     return analysis
 
 
@@ -82,12 +117,14 @@ def run_analyze_anchors(
     max_images: int | None = None,
     seed: int = 0,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> AnchorAnalysis:
     """``lightning-rpn analyze-anchors``: analyse the model's anchors on a data module's split.
 
-    ``model`` supplies ``anchor_generator`` and ``size_divisibility`` (an ``RPNModule``);
-    ``datamodule`` (an ``RPNDataModule``) the dataset and resize policy. Prints the report
-    and writes the files of :func:`analyze_anchors` to ``output_dir``.
+    ``model`` supplies ``anchor_generator``, ``size_divisibility`` and ``target_config.fg_iou``
+    (an ``RPNModule``); ``datamodule`` (an ``RPNDataModule``) the dataset and resize policy.
+    Prints the report and writes the files of :func:`analyze_anchors` to ``output_dir``; one of
+    them already there is an error before the boxes are read, unless ``overwrite``.
     """
     generator = getattr(model, "anchor_generator", None)
     if not isinstance(generator, AnchorGenerator):
@@ -95,8 +132,11 @@ def run_analyze_anchors(
             f"run_analyze_anchors: model must have an AnchorGenerator `anchor_generator`, "
             f"got {type(generator).__name__} from {type(model).__name__}"
         )
+    output_paths(output_dir, optimize, overwrite)
     size_divisibility = getattr(model, "size_divisibility", None) or max(generator.strides)
+    fg_iou = getattr(getattr(model, "target_config", None), "fg_iou", None)
     boxes = collect_gt_boxes(datamodule, split=split, size_divisibility=size_divisibility, max_images=max_images)
-    analysis = analyze_anchors(boxes, generator, optimize=optimize, output_dir=output_dir, seed=seed)
+    analysis = analyze_anchors(boxes, generator, optimize=optimize, output_dir=output_dir, seed=seed,
+                               overwrite=overwrite, fg_iou=fg_iou)
     (console or Console()).print(analysis)
     return analysis

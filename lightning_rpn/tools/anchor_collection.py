@@ -5,7 +5,9 @@ Shapes: ``G`` ground-truth boxes (all images).
 For ``analyze-anchors`` (:mod:`lightning_rpn.tools.anchor_analysis`): file-backed datasets
 (COCO, VOC) are read from their annotations (image headers only when an annotation has no
 size), other datasets are iterated; the boxes and each box's padded image size go into a
-:class:`~lightning_rpn.core.coverage.GTBoxSet`, which the coverage reads.
+:class:`~lightning_rpn.core.coverage.GTBoxSet`, which the coverage reads. The package's
+:class:`~lightning_rpn.data.transforms.TransformedDataset` is looked through (no augmentation)
+and a ``torch.utils.data.Subset`` keeps to its own items; any other wrapper is iterated as it is.
 """
 
 from __future__ import annotations
@@ -15,23 +17,37 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import track
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from lightning_rpn.core.coverage import GTBoxSet
 from lightning_rpn.data.annotated import AnnotatedDataset
 from lightning_rpn.data.image_io import read_image_size
-from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.data.transforms import ResizePolicy, TransformedDataset
 
 __all__ = ["collect_gt_boxes"]
 
 
+def _items(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset to read and the indices into it of ``dataset``'s items, in order.
+
+    Looks through :class:`TransformedDataset` (its augmentations would change the boxes) and
+    ``Subset`` (its indices map into its dataset), so that a subset of a COCO set is still read
+    from the annotations; stops at any other dataset, whose items are its own.
+    """
+    indices = list(range(len(dataset)))  # type: ignore[arg-type]
+    while isinstance(dataset, (TransformedDataset, Subset)):
+        if isinstance(dataset, Subset):
+            indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
 def _image_boxes(dataset: Dataset, progress: bool, description: str, max_images: int | None):
     """``(original (h, w), boxes [G_i, 4])`` per image: annotations plus headers when possible."""
-    inner = getattr(dataset, "dataset", dataset)  # unwrap TransformedDataset: no augmentation
-    count = len(inner)  # type: ignore[arg-type]
+    inner, indices = _items(dataset)
     if max_images is not None:
-        count = min(count, max_images)
-    steps = track(range(count), description=description, disable=not progress, transient=True)
+        indices = indices[:max_images]
+    steps = track(indices, description=description, disable=not progress, transient=True)
     if isinstance(inner, AnnotatedDataset):
         for index in steps:
             record = inner.records[index]

@@ -3,23 +3,35 @@
 Shapes: ``G`` ground-truth boxes, ``K`` k-means clusters, ``L`` levels.
 
 :func:`optimize_anchors` keeps the number of sizes and aspect ratios of every level (so the
-anchor count and the head stay the same), starts from the better of the current design, a
+anchor count and the head stay the same), starts from the best of the current design, a
 k-means fit (distance ``1 - IoU`` of centre-aligned shapes) and a size/ratio quantile fit, and
 refines sizes and ratios by a coordinate-wise local search on the exact coverage of the real
-boxes (:mod:`lightning_rpn.core.coverage`, the computation ``check-data`` reports).
+boxes (:mod:`lightning_rpn.core.coverage`, the computation ``check-data`` reports). The fits see
+the box shapes clipped to their 1st-99th percentile of size and ratio, so that one extreme box
+cannot claim an anchor shape of its own; the values they and the search propose are rounded to
+significant digits (never to 0), no anchor of a proposed design rounds to zero width or height,
+and the design returned covers no fewer boxes than the current one at IoU 0.5, 0.7 or the
+model's ``fg_iou``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_rpn.core.anchors import AnchorGenerator
-from lightning_rpn.core.coverage import GTBoxSet, level_best_iou, per_level_best_iou, row_max
+from lightning_rpn.core.coverage import COVERAGE_THRESHOLDS, GTBoxSet, level_best_iou, per_level_best_iou, row_max
 
 __all__ = ["optimize_anchors"]
+
+SIGNIFICANT_DIGITS = 3
+"""Digits the sizes and ratios of a design keep: a positive value never rounds to 0, and the
+rounding (at most 0.5%) stays below the search's finest step (1/16 octave, 4.4%)."""
+
+FIT_PERCENTILES = (0.01, 0.99)
+"""The range of box size and ratio quantiles the k-means and quantile fits see (clipped to it)."""
 
 
 def _shape_iou(wh: Tensor, centres: Tensor) -> Tensor:
@@ -58,11 +70,42 @@ def _kmeans_shapes(wh: Tensor, k: int, generator: torch.Generator, iterations: i
     return current
 
 
-def _round_design(sizes: list[list[float]], ratios: list[list[float]]) -> tuple[tuple[tuple[float, ...], ...], ...]:
+def _fit_shapes(wh: Tensor) -> Tensor:
+    """``[G', 2]`` float64 shapes the fits see: boxes of positive, finite width and height, their
+    log size and log ratio clipped to :data:`FIT_PERCENTILES` of the data, so that an outlier (a
+    2500 x 1 px line among 50 px boxes) joins the nearest shapes rather than seeding a cluster
+    (and an anchor) of its own."""
+    wh = wh.double()
+    wh = wh[torch.isfinite(wh).all(dim=1) & (wh > 0).all(dim=1)]
+    if wh.shape[0] == 0:
+        return wh
+    log_size = 0.5 * torch.log(wh[:, 0] * wh[:, 1])
+    log_ratio = torch.log(wh[:, 1] / wh[:, 0])
+    q = torch.tensor(FIT_PERCENTILES, dtype=torch.float64)
+    size_range, ratio_range = torch.quantile(log_size, q), torch.quantile(log_ratio, q)
+    log_size = log_size.clamp(float(size_range[0]), float(size_range[1]))
+    log_ratio = log_ratio.clamp(float(ratio_range[0]), float(ratio_range[1]))
+    return torch.stack([torch.exp(log_size - 0.5 * log_ratio), torch.exp(log_size + 0.5 * log_ratio)], dim=1)
+
+
+def _significant(value: float) -> float:
+    """``value`` rounded to :data:`SIGNIFICANT_DIGITS` significant digits (positive stays positive)."""
+    return float(f"{float(value):.{SIGNIFICANT_DIGITS}g}")
+
+
+def _round_design(sizes: Sequence, ratios: Sequence) -> tuple[list[list[float]], list[list[float]]]:
+    """A fitted design's sizes and ratios to :data:`SIGNIFICANT_DIGITS` digits: short in the config
+    snippet, and never 0 (a 1 / 3990 ratio rounded to 3 decimals was 0.0, which no generator accepts)."""
     return (
-        tuple(tuple(round(float(s), 1) for s in level) for level in sizes),
-        tuple(tuple(round(float(r), 3) for r in level) for level in ratios),
+        [[_significant(s) for s in level] for level in sizes],
+        [[_significant(r) for r in level] for level in ratios],
     )
+
+
+def _degenerate(cells: Tensor) -> bool:
+    """Whether a cell anchor of ``cells [A, 4]`` has zero width or height (the generator rounds
+    them to whole pixels): it covers nothing, so the search never proposes one."""
+    return bool((cells[:, 2:] <= cells[:, :2]).any())
 
 
 def _kmeans_design(
@@ -111,11 +154,19 @@ def _quantile_design(wh: Tensor, reference: AnchorGenerator) -> tuple[list[list[
     return sizes, ratios
 
 
-def _objective(per_level: Tensor) -> float:
-    """Coverage at IoU 0.7 plus coverage at 0.5 (neither is traded away for the other), plus a
-    tenth of the mean best IoU, which makes the search surface smoother."""
+def _covered(best: Tensor, thresholds: Sequence[float]) -> list[int]:
+    """Boxes whose best anchor IoU ``best [G]`` reaches each of ``thresholds``."""
+    return [int((best >= t).sum()) for t in thresholds]
+
+
+def _objective(per_level: Tensor, floor: dict[float, int]) -> float:
+    """Coverage at IoU 0.5 plus coverage at 0.7, plus a tenth of the mean best IoU (which makes the
+    search surface smoother); ``-inf`` where fewer boxes reach an IoU of ``floor`` than it says
+    (the current design's counts; empty: no floor)."""
     best, _ = row_max(per_level)
-    return float((best >= 0.7).float().mean() + (best >= 0.5).float().mean() + 0.1 * best.mean())
+    if any(c < f for c, f in zip(_covered(best, list(floor)), floor.values())):
+        return float("-inf")
+    return float(sum(_covered(best, COVERAGE_THRESHOLDS)) / best.shape[0] + 0.1 * best.mean())
 
 
 def optimize_anchors(
@@ -124,67 +175,101 @@ def optimize_anchors(
     max_boxes: int = 20000,
     seed: int = 0,
     max_passes: int = 4,
+    fg_iou: float | None = None,
 ) -> AnchorGenerator:
     """Sizes and ratios per level that maximise the anchors' coverage of ``boxes``.
 
     Keeps the strides, offset, anchor stride and the number of sizes and ratios of each level
-    (same anchor count, same head). Starts from the better of the current design and a shape
-    k-means fit (``1 - IoU`` distance) and a quantile fit, then a coordinate-wise local search multiplies one size
-    or ratio at a time by ``2^(+-step)`` (steps 1/2 down to 1/16 octave) and keeps any change
-    that raises the objective: coverage at IoU 0.7 + coverage at 0.5 + 0.1 x mean best IoU,
-    evaluated exactly on (at most ``max_boxes``, a seeded sample of) the real boxes. The result
-    never scores below the current design on the boxes searched. Deterministic for a seed.
+    (same anchor count, same head). Starts from the best of the current design, a shape k-means
+    fit (``1 - IoU`` distance) and a quantile fit (both of the shapes clipped to their 1st-99th
+    percentile of size and ratio), then a coordinate-wise local search multiplies one size or
+    ratio at a time by ``2^(+-step)`` (steps 1/2 down to 1/16 octave) and keeps any change that
+    raises the objective: coverage at IoU 0.5 + coverage at 0.7 + 0.1 x mean best IoU, evaluated
+    exactly on (at most ``max_boxes``, a seeded sample of) the real boxes. The values the fits and
+    the search propose are rounded to :data:`SIGNIFICANT_DIGITS` significant digits, and a design
+    with a zero-width or zero-height anchor is never proposed.
+
+    The search runs twice, free and floored (no step below the current design's coverage at IoU
+    0.5, 0.7 or ``fg_iou``, the model's positive threshold where given); the better result of the
+    two that covers at least as many of the boxes searched as the current design at each of these
+    IoUs is returned, so none of these coverages drops. Deterministic for a seed.
     """
     if len(boxes) == 0:
         raise ValueError("optimize_anchors: no ground-truth boxes to fit the anchors to")
+    if fg_iou is not None and not 0.0 <= fg_iou <= 1.0:
+        raise ValueError(f"optimize_anchors: fg_iou must be in [0, 1], got {fg_iou!r}")
     generator = torch.Generator().manual_seed(seed)
     if len(boxes) > max_boxes:
         boxes = boxes.subset(torch.randperm(len(boxes), generator=generator)[:max_boxes])
+    shapes = _fit_shapes(boxes.wh)
+    if shapes.shape[0] == 0:
+        raise ValueError("optimize_anchors: no ground-truth box has a positive, finite width and height")
 
     def build(sizes: Sequence, ratios: Sequence) -> AnchorGenerator:
-        rounded_sizes, rounded_ratios = _round_design(list(sizes), list(ratios))
         return AnchorGenerator(
-            rounded_sizes,
-            rounded_ratios,
+            tuple(tuple(level) for level in sizes),
+            tuple(tuple(level) for level in ratios),
             anchor_generator.strides,
             offset=anchor_generator.offset,
             anchor_stride=anchor_generator.anchor_stride,
         )
 
-    start_sizes = [list(s) for s in anchor_generator.sizes]
-    start_ratios = [list(r) for r in anchor_generator.aspect_ratios]
-    candidates = [
-        (start_sizes, start_ratios),
-        _kmeans_design(boxes.wh, anchor_generator, generator),
-        _quantile_design(boxes.wh, anchor_generator),
-    ]
-    scored = []
-    for sizes, ratios in candidates:
-        per_level, _ = per_level_best_iou(boxes, build(sizes, ratios))
-        scored.append((_objective(per_level), sizes, ratios, per_level))
-    best_score, sizes, ratios, per_level = max(scored, key=lambda item: item[0])
+    current_iou, _ = per_level_best_iou(boxes, anchor_generator)
+    kept = sorted(set(COVERAGE_THRESHOLDS) if fg_iou is None else {*COVERAGE_THRESHOLDS, float(fg_iou)})
+    floor = dict(zip(kept, _covered(row_max(current_iou)[0], kept)))
+    starts = [([list(s) for s in anchor_generator.sizes], [list(r) for r in anchor_generator.aspect_ratios],
+               current_iou)]
+    for sizes, ratios in (
+        _round_design(*_kmeans_design(shapes, anchor_generator, generator)),
+        _round_design(*_quantile_design(shapes, anchor_generator)),
+    ):
+        candidate = build(sizes, ratios)
+        if not any(_degenerate(cells) for cells in candidate.cell_anchors):
+            starts.append((sizes, ratios, per_level_best_iou(boxes, candidate)[0]))
+    # The free search often ends above the floor by a path that dips below it; where it ends below,
+    # the floored one (which can always keep the current design) gives the answer.
+    results = [_local_search(boxes, build, starts, bound, max_passes) for bound in ({}, floor)]
+    sizes, ratios, _ = max(results, key=lambda result: _objective(result[2], floor))
+    return build(sizes, ratios)
+
+
+def _local_search(
+    boxes: GTBoxSet,
+    build: Callable[[Sequence, Sequence], AnchorGenerator],
+    starts: list[tuple[list[list[float]], list[list[float]], Tensor]],
+    floor: dict[float, int],
+    max_passes: int,
+) -> tuple[list[list[float]], list[list[float]], Tensor]:
+    """From the best of ``starts`` (sizes, ratios, ``[G, L]`` best IoU per level) under ``floor``,
+    multiply one size or ratio at a time by ``2^(+-step)`` (steps 1/2 down to 1/16 octave) while
+    that raises :func:`_objective`; the design reached and its ``[G, L]`` best IoU per level."""
+    best_score, sizes, ratios, per_level = max(
+        ((_objective(per_level, floor), sizes, ratios, per_level) for sizes, ratios, per_level in starts),
+        key=lambda item: item[0],
+    )
     sizes = [list(s) for s in sizes]
     ratios = [list(r) for r in ratios]
-
     for step in (0.5, 0.25, 0.125, 0.0625):
         factor = 2.0**step
         for _ in range(max_passes):
             improved = False
-            for level in range(anchor_generator.num_levels):
+            for level in range(len(sizes)):
                 for values in (sizes[level], ratios[level]):
                     for index in range(len(values)):
                         for scale in (factor, 1.0 / factor):
                             old = values[index]
-                            values[index] = old * scale
+                            values[index] = _significant(old * scale)
                             candidate = build(sizes, ratios)
-                            level_iou, _ = level_best_iou(boxes, candidate, level)
-                            trial = per_level.clone()
-                            trial[:, level] = level_iou
-                            score = _objective(trial)
+                            score = float("-inf")
+                            if not _degenerate(candidate.cell_anchors[level]):
+                                level_iou, _ = level_best_iou(boxes, candidate, level)
+                                trial = per_level.clone()
+                                trial[:, level] = level_iou
+                                score = _objective(trial, floor)
                             if score > best_score + 1e-12:
                                 best_score, per_level, improved = score, trial, True
                                 break
                             values[index] = old
             if not improved:
                 break
-    return build(sizes, ratios)
+    return sizes, ratios, per_level

@@ -141,6 +141,8 @@ class AnchorAnalysis:
     optimized: AnchorGenerator | None = None
     optimized_coverage: dict[str, float] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the reader of the files should know: earlier files replaced, a snippet not this run's."""
 
     @property
     def config_snippet(self) -> str | None:
@@ -154,6 +156,8 @@ class AnchorAnalysis:
             "box_stats": self.box_stats,
             "files": self.files,
         }
+        if self.notes:
+            out["notes"] = self.notes
         if self.optimized is not None:
             out["optimized_anchors"] = _design(self.optimized)
             out["optimized_coverage"] = self.optimized_coverage
@@ -204,6 +208,7 @@ class AnchorAnalysis:
             parts.append(Text("config snippet (paste into the model section):\n" + (self.config_snippet or "")))
         for name, file in self.files.items():
             parts.append(Text(f"{name}: {file}"))
+        parts.extend(Text(f"note: {note}") for note in self.notes)
         return Group(*parts)
 
     def __str__(self) -> str:

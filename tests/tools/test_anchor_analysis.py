@@ -190,3 +190,113 @@ def test_check_data_and_analyze_anchors_report_the_same_best_anchor_ious() -> No
                                    generator)
     assert len(probed) == len(collected) == sum(len(dataset[i].boxes) for i in range(len(dataset)))
     torch.testing.assert_close(probed, collected, rtol=0, atol=1e-6)
+
+
+def blob_images(count: int = 50, seed: int = 0) -> list:
+    """``count`` 640 x 640 images of four 10-110 px boxes each."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(count):
+        wh = torch.rand(4, 2, generator=g) * 100 + 10
+        xy = torch.rand(4, 2, generator=g) * 500
+        images.append(((640, 640), torch.cat([xy, xy + wh], 1).numpy()))
+    return images
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_optimize_is_not_derailed_by_one_extreme_box(seed: int) -> None:
+    """One 2500 x 1 px line among 200 boxes: k-means++ seeded a cluster on it, whose 1 / 2500
+    ratio rounded to 0.0 (ValueError); it no longer claims an anchor shape of its own."""
+    default = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),), (4, 8, 16, 32))
+    images = blob_images()
+    boxes = GTBoxSet.from_images(images + [((3000, 3000), np.array([[0.0, 100.0, 2500.0, 101.0]]))], 32)
+    optimized = optimize_anchors(boxes, default, seed=seed)
+    before, after = anchor_coverage(boxes, default), anchor_coverage(boxes, optimized)
+    assert after["coverage@0.50"] >= before["coverage@0.50"] and after["coverage@0.70"] >= before["coverage@0.70"]
+    ratios = [r for level in optimized.aspect_ratios for r in level]
+    assert 1 / 8 < min(ratios) and max(ratios) < 8  # no anchor spent on the line
+    without = optimize_anchors(GTBoxSet.from_images(images, 32), default, seed=seed)
+    assert after["coverage@0.70"] >= anchor_coverage(boxes, without)["coverage@0.70"] - 0.03
+
+
+@pytest.mark.parametrize(
+    "image_boxes",
+    [
+        [[10.0, 10.0, 10.03, 10.03]],  # a 0.03 px box: size 0.03 rounded to 1 decimal was 0.0
+        [[5.0, 5.0, 5.2, 5.01]],  # 0.2 x 0.01 px
+        [[0.0, 100.0, 3990.0, 101.0], [0.0, 200.0, 3000.0, 201.0]],  # ratios 1/3990 and 1/3000
+        [[100.0, 0.0, 101.0, 3990.0]],  # ratio 3990
+        [[10.0, 10.0, 50.0, 40.0]],  # one ordinary box
+    ],
+)
+def test_optimize_builds_every_design_it_proposes(image_boxes: list) -> None:
+    default = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),), (4, 8, 16, 32))
+    boxes = GTBoxSet.from_images([((4000, 4000), np.array(image_boxes))], 32)
+    optimized = optimize_anchors(boxes, default)
+    values = [v for design in (optimized.sizes, optimized.aspect_ratios) for level in design for v in level]
+    assert all(v > 0 and float(f"{v:.3g}") == v for v in values)  # 3 significant digits, never 0
+    cells = torch.cat(optimized.cell_anchors)
+    assert bool((cells[:, 2:] > cells[:, :2]).all())  # no zero-width or zero-height anchor
+    before, after = anchor_coverage(boxes, default), anchor_coverage(boxes, optimized)
+    assert after["coverage@0.50"] >= before["coverage@0.50"] and after["coverage@0.70"] >= before["coverage@0.70"]
+
+
+@pytest.mark.parametrize("fg_iou", [None, 0.3, 0.5])
+def test_optimize_lowers_no_coverage_of_the_current_design(fg_iou: float | None) -> None:
+    """The shapes data with the shapes config's anchors: the search traded 4% of the boxes at IoU
+    0.5 (shapes.yaml's fg_iou) for more at 0.7 (0.935 -> 0.895)."""
+    default = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),), (4, 8, 16, 32))
+    data = RPNDataModule(synthetic_train_images=40, synthetic_val_images=2)
+    boxes = collect_gt_boxes(data, size_divisibility=32, progress=False)
+    thresholds = (0.3, 0.5, 0.7)
+    optimized = optimize_anchors(boxes, default, **({} if fg_iou is None else {"fg_iou": fg_iou}))
+    before = anchor_coverage(boxes, default, thresholds)
+    after = anchor_coverage(boxes, optimized, thresholds)
+    for t in (0.5, 0.7) + (() if fg_iou is None else (fg_iou,)):
+        assert after[f"coverage@{t:.2f}"] >= before[f"coverage@{t:.2f}"], t
+    assert after["coverage@0.50"] + after["coverage@0.70"] > before["coverage@0.50"] + before["coverage@0.70"]
+
+
+def test_optimize_checks_fg_iou() -> None:
+    with pytest.raises(ValueError, match=r"fg_iou must be in \[0, 1\]"):
+        optimize_anchors(thin_boxes(1), AnchorGenerator((32,), (1.0,), 16), fg_iou=1.5)
+
+
+class _Listed(torch.utils.data.Dataset):
+    """The samples of a list."""
+
+    def __init__(self, samples: list) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
+
+
+class _Wrapping(_Listed):
+    """The samples of a list, with a ``.dataset`` (not the package's wrapper: not looked through)."""
+
+    def __init__(self, samples: list, dataset: torch.utils.data.Dataset) -> None:
+        super().__init__(samples)
+        self.dataset = dataset
+
+
+def test_collect_gt_boxes_reads_a_subset_s_own_items() -> None:
+    """A Subset of 2 of 20 images was read as all 20 (any ``.dataset`` was unwrapped)."""
+    from dataclasses import replace
+
+    from torch.utils.data import Subset
+
+    from lightning_rpn.data.transforms import TransformedDataset
+
+    raw = SyntheticShapes(20, seed=0, split="train")
+    expected = collect_gt_boxes(_Listed([raw[5], raw[2]]), progress=False)
+    augmented = TransformedDataset(raw, lambda sample: replace(sample, boxes=sample.boxes[:1] * 0.5))
+    for source in (Subset(raw, [5, 2]), Subset(augmented, [5, 2]), Subset(Subset(raw, list(range(10))), [5, 2])):
+        got = collect_gt_boxes(source, progress=False)
+        assert got.num_images == 2 and torch.equal(got.boxes, expected.boxes)
+    assert collect_gt_boxes(Subset(raw, [5, 2, 7]), max_images=2, progress=False).num_images == 2
+    wrapper = collect_gt_boxes(_Wrapping([raw[5], raw[2]], raw), progress=False)
+    assert wrapper.num_images == 2 and torch.equal(wrapper.boxes, expected.boxes)

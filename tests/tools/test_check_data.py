@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,8 +113,8 @@ def test_every_problem_can_be_listed_or_written(tmp_path: Path, capsys: pytest.C
     run_check_data(tmp_path, capsys, "--report", str(tmp_path / "problems.csv"))
     rows = list(csv.DictReader(open(tmp_path / "problems.csv", newline="")))
     assert len(rows) == 25 and rows[0]["split"] == "train (x)" and rows[0]["annotation_id"] == "100"
-    with pytest.raises(ValueError, match=r"problems\.txt.*\.json or \.csv"):
-        run_check_data(tmp_path, capsys, "--report", str(tmp_path / "problems.txt"))
+    code, _, err = run_check_data(tmp_path, capsys, "--report", str(tmp_path / "problems.txt"))
+    assert code == 2 and re.search(r"problems\.txt.*\.json or \.csv", err)
 
 
 def test_boxes_clipped_without_complaint_are_warnings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -130,13 +131,13 @@ def test_an_existing_report_file_is_kept_unless_forced(tmp_path: Path, capsys: p
     many_bad_boxes(tmp_path, n=2)
     annotations = tmp_path / "annotations.json"
     written = annotations.read_text()
-    with pytest.raises(ValueError, match=r"annotations\.json'?: a file of that name exists.*--force"):
-        run_check_data(tmp_path, capsys, "--report", str(annotations))
+    code, _, err = run_check_data(tmp_path, capsys, "--report", str(annotations))
+    assert code == 2 and re.search(r"annotations\.json'?: a file of that name exists.*--force", err)
     assert annotations.read_text() == written  # the user's annotations, not a report
     report = tmp_path / "problems.json"
     report.write_text("mine")
-    with pytest.raises(ValueError, match="a file of that name exists"):
-        run_check_data(tmp_path, capsys, "--report", str(report))
+    code, _, err = run_check_data(tmp_path, capsys, "--report", str(report))
+    assert code == 2 and "a file of that name exists" in err
     assert report.read_text() == "mine"
     run_check_data(tmp_path, capsys, "--report", str(report), "--force")
     assert json.loads(report.read_text())["train (x)"]["errors"] == 2
@@ -148,11 +149,11 @@ def test_an_unwritable_report_path_fails_before_the_check(tmp_path: Path, capsys
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr("lightning_rpn.data.validation.validate_dataset",
                         lambda *args, **kwargs: pytest.fail("the data was checked before the report path"))
-    with pytest.raises(ValueError, match="a_file/r.json'?: cannot make its folder"):
-        run_check_data(tmp_path, capsys, "--report", str(tmp_path / "a_file/r.json"))
+    code, _, err = run_check_data(tmp_path, capsys, "--report", str(tmp_path / "a_file/r.json"))
+    assert code == 2 and re.search("a_file/r.json'?: cannot make its folder", err)
     (tmp_path / "folder.json").mkdir()
-    with pytest.raises(ValueError, match="a folder of that name exists"):
-        run_check_data(tmp_path, capsys, "--report", str(tmp_path / "folder.json"))
+    code, _, err = run_check_data(tmp_path, capsys, "--report", str(tmp_path / "folder.json"))
+    assert code == 2 and "a folder of that name exists" in err
 
 
 def test_an_empty_split_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
