@@ -43,7 +43,7 @@ from lightning_rpn.data.dataset_report import (
 )
 from lightning_rpn.data.image_io import read_image_size, verify_image
 from lightning_rpn.data.problems import BOX_PROBLEM_KINDS, AnnotationRef, DataError, Problem, sanitize_boxes
-from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.data.transforms import ResizePolicy, TransformedDataset
 
 __all__ = [
     "validate_dataset", "DatasetReport", "SplitReport", "AnchorProbe", "PERCENTILES", "ASPECT_BUCKETS",
@@ -181,7 +181,9 @@ def validate_dataset(
             continue
         probe = None if anchor_generator is None else AnchorProbe(
             anchor_generator, size_divisibility, resize, max_anchor_images)
-        inner = getattr(dataset, "dataset", dataset)  # unwrap TransformedDataset
+        # the data module's splits come wrapped in their transform; any other wrapper (a Subset) is
+        # checked item by item, as it is
+        inner = dataset.dataset if isinstance(dataset, TransformedDataset) else dataset
         if isinstance(inner, AnnotatedDataset):
             _check_annotated(inner, report, check_images, probe)
         else:

@@ -80,3 +80,11 @@ def test_check_data_of_a_datamodule_adds_anchor_coverage_and_ok(tmp_path: Path) 
     bad = RPNDataModule("coco", root=str(tmp_path), train_split="x", val_split=None, coco_images="images",
                         coco_annotations="annotations.json")
     assert not bad.check_data().ok
+
+
+def test_a_subset_is_checked_alone(tmp_path: Path) -> None:
+    from torch.utils.data import Subset
+
+    dataset = COCODetection(*basic_coco(tmp_path))
+    (split,) = validate_dataset(Subset(dataset, [0])).splits
+    assert split.images == 1 and split.boxes == len(dataset[0].boxes)
