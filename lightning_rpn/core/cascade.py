@@ -371,6 +371,8 @@ class CascadeRPN(RegionProposer):
                                      ("box_loss_positives", box_loss_positives, BOX_LOSS_POSITIVES)):
             if value not in choices:
                 raise ValueError(f"CascadeRPN: {name} must be one of {choices}, got {value!r}")
+        if not (math.isfinite(reg_weight) and reg_weight >= 0):
+            raise ValueError(f"CascadeRPN: reg_weight must be a finite number >= 0, got {reg_weight!r}")
         self.centre_ratio = centre_ratio
         self.objectness_level = objectness_level
         self.box_loss_positives = box_loss_positives
@@ -465,6 +467,13 @@ class CascadeRPN(RegionProposer):
         reg = torch.zeros((), device=device)
         passes = []
         for index, (boxes, deltas) in enumerate(zip(stage_boxes, stage_deltas)):
+            if not (torch.isfinite(boxes).all() and torch.isfinite(deltas).all()):
+                # before matching them, which refuses non-finite boxes as bad input: a diverged
+                # network, for the non-finite policy (raise with its hint, or skip the batch)
+                raise NonFiniteLossError(
+                    f"CascadeRPN: non-finite {'anchors' if index == 0 else 'boxes'} or deltas of pass {index + 1}; "
+                    "check the learning rate (or set trainer.gradient_clip_val)"
+                )
             with torch.no_grad():
                 labels, positive, matched, target_boxes = self._pass_targets(index, boxes, gt_boxes, generators, grid)
             pred = self.box_coder.decode(deltas[positive].float(), boxes[positive].float())

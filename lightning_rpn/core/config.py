@@ -22,6 +22,7 @@ Pure Python: no torch, no Lightning, importable anywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,8 +139,8 @@ class LossConfig:
         check_choice(self.box_loss, BOX_LOSSES, "LossConfig: box_loss")
         if self.smooth_l1_beta < 0:
             raise ValueError(f"LossConfig: smooth_l1_beta must be >= 0, got {self.smooth_l1_beta}")
-        if self.reg_weight is not None and self.reg_weight < 0:
-            raise ValueError(f"LossConfig: reg_weight must be >= 0 or None, got {self.reg_weight}")
+        if self.reg_weight is not None and not (math.isfinite(self.reg_weight) and self.reg_weight >= 0):
+            raise ValueError(f"LossConfig: reg_weight must be a finite number >= 0 or None, got {self.reg_weight}")
 
     @property
     def resolved_reg_weight(self) -> float:

@@ -124,7 +124,7 @@ class RPNModule(pl.LightningModule):
             refinement of one anchor per location, :class:`~lightning_rpn.core.cascade.CascadeRPN`:
             IoU box losses, ``reg_weight`` default 1; ``box_loss`` and ``smooth_l1_beta`` do not
             apply, ``quality`` and ``proposal_score`` are its last stage's, and the softmax head,
-            ``"paper"`` normalisation and a deeper head are refused). Its targets come from the
+            ``"paper"`` normalisation, a deeper head, ``crowd_ioa`` and ``allowed_border`` are refused). Its targets come from the
             gt boxes in the model, so ``data.assign_targets: false`` saves the DataLoader workers
             the anchor targets.
         cascade_stages: stages of the cascade (>= 2).
@@ -323,8 +323,10 @@ class RPNModule(pl.LightningModule):
         )
         self.rpn: RPN | CascadeRPN
         if head == "cascade":
-            given = {"objectness": objectness, "loss_normalization": loss_normalization, "head_conv_depth": head_conv_depth}
-            plain = {"objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1}
+            given = {"objectness": objectness, "loss_normalization": loss_normalization, "head_conv_depth": head_conv_depth,
+                     "crowd_ioa": crowd_ioa, "allowed_border": allowed_border}
+            plain = {"objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1, "crowd_ioa": None,
+                     "allowed_border": None}
             unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
             if unsupported:
                 raise ValueError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults")

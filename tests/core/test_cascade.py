@@ -15,6 +15,7 @@ from lightning_rpn.core.cascade import (
     CascadeRPN, adaptive_offsets, assign_centre_region, best_levels, gt_levels, own_level_positives,
 )
 from lightning_rpn.core.config import ProposalConfig
+from lightning_rpn.core.loss import NonFiniteLossError
 from lightning_rpn.core.matching import match_anchors_batched
 from lightning_rpn.core.targets import AnchorTargetConfig
 
@@ -330,6 +331,9 @@ def test_proposal_settings_and_target_checks_are_the_rpns() -> None:
 
 
 def test_errors_name_the_problem() -> None:
+    for weight in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="reg_weight must be a finite number >= 0"):
+            _cascade(reg_weight=weight)
     with pytest.raises(ValueError, match="one anchor per location"):
         CascadeRPN(AnchorGenerator(((16,), (32,)), (0.5, 1.0), (4, 8)), in_channels=8)
     with pytest.raises(ValueError, match="num_stages must be an int >= 2"):
@@ -358,6 +362,8 @@ def test_module_option_builds_and_trains_a_cascade() -> None:
     assert all(value.isfinite() for value in iterated(batch)[1].values())
     with pytest.raises(ValueError, match=r"model.head='cascade' does not support \{'model.objectness': 'softmax'\}"):
         tiny_model(**one_anchor, objectness="softmax")
+    with pytest.raises(ValueError, match=r"does not support \{'model.crowd_ioa': 0.5, 'model.allowed_border': 0\}"):
+        tiny_model(**one_anchor, crowd_ioa=0.5, allowed_border=0)  # its targets would ignore them
     scored = tiny_model(**one_anchor, quality="iou", proposal_score="geometric_mean")
     assert (scored.rpn.quality, scored.rpn.proposal_score) == (("iou",), "geometric_mean")
     proposals, losses = scored(batch)
@@ -416,3 +422,19 @@ def test_quality_alone_ranks_and_leaves_the_objectness_untrained() -> None:
         _cascade(proposal_score="quality")
     with pytest.raises(ValueError, match="CascadeRPN: quality: expected None or"):
         _cascade(quality="objectness")
+
+
+@pytest.mark.parametrize("where", ["stage 1 deltas", "stage 2 deltas", "features"])
+def test_a_diverged_cascade_is_a_non_finite_loss_for_the_policy(where: str) -> None:
+    # matching refuses non-finite boxes as bad input; a diverged network must reach the non-finite
+    # policy (raise with its hint, or skip the batch) instead
+    torch.manual_seed(0)
+    rpn = _cascade().train()
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    if where == "features":
+        features[0][0, 0, 0, 0] = float("inf")
+    else:
+        with torch.no_grad():
+            rpn.stages[0 if where == "stage 1 deltas" else 1].bbox_deltas.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"CascadeRPN: non-finite .* of pass [12]; check the learning rate"):
+        rpn(features, [(32, 32), (32, 32)], TARGETS, image_ids=[0, 1])

@@ -60,6 +60,8 @@ def test_functions_and_module_share_the_target_and_anchor_defaults() -> None:
         ({"milestones": (80000, 60000)}, "model.milestones must be increasing"),
         ({"post_nms_top_n_test": 0}, "post_nms_top_n_test must be a positive int"),
         ({"box_loss": "ciou"}, "box_loss must be one of"),
+        ({"reg_weight": float("nan")}, "reg_weight must be a finite number >= 0"),
+        ({"reg_weight": -1.0}, "reg_weight must be a finite number >= 0"),
     ],
 )
 def test_bad_settings_fail_when_the_module_is_built(settings: dict, message: str) -> None:
