@@ -90,3 +90,19 @@ def test_max_steps_still_caps_a_resumed_epoch_budget(tmp_path: Path) -> None:
     assert trainer.global_step == 7
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 7
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * MIN_FACTOR)
+
+
+@pytest.mark.parametrize("saved", ["epoch end", "end of fit"])
+def test_a_run_extended_with_max_steps_trains_every_epoch_left(tmp_path: Path, saved: str) -> None:
+    # the README's way of extending a finished run by steps sets max_epochs and max_steps; with
+    # max_steps set Lightning replayed the saved epoch empty and counted it again (one epoch lost)
+    from lightning_rpn.training.last_checkpoint import LastCheckpoint
+
+    checkpoint = (ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True) if saved == "epoch end"
+                  else LastCheckpoint(dirpath=tmp_path / "checkpoints", every_n_epochs=10))
+    path = _first_run(tmp_path, checkpoint)
+    model = _model()
+    trainer = quiet_trainer(tmp_path, max_epochs=4, max_steps=100, limit_val_batches=0)
+    trainer.fit(model, DataLoader(training_batches(model)[:2], batch_size=None), ckpt_path=path)
+    assert trainer.global_step == 4 + 2 * 2 and trainer.current_epoch == 4
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * MIN_FACTOR)
