@@ -36,6 +36,7 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,6 +49,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
+from lightning_rpn.core.backbones import weights_from_checkpoint
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
 from lightning_rpn.training.run_files import (
@@ -239,6 +241,17 @@ class RPNLightningCLI(LightningCLI):
         _drop_progress_bars(self._run_config()["trainer"])
         _text_progress_off_terminal(self._run_config()["trainer"])
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; pretrained backbone weights are not downloaded when a
+        checkpoint will replace them (:func:`~lightning_rpn.core.backbones.weights_from_checkpoint`)."""
+        with weights_from_checkpoint() if self._checkpoint_holds_the_weights() else nullcontext():
+            super().instantiate_classes()
+
+    def _checkpoint_holds_the_weights(self) -> bool:
+        """``validate`` / ``test`` / ``predict`` with a ``--ckpt_path`` (found on disk, or refused:
+        :func:`~lightning_rpn.training.run_files.evaluation_checkpoint`)."""
+        return self.subcommand in ("validate", "test", "predict") and bool(self._run_config().get("ckpt_path"))
+
     def _run_config(self) -> Any:
         """The parsed config of the run: the subcommand's section, or all of it without one."""
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -330,7 +343,11 @@ class RPNLightningCLI(LightningCLI):
 
 
 class _NoRunCLI(RPNLightningCLI):
-    """Parses the same config as ``fit`` (no subcommand) for a command that logs nothing."""
+    """Parses the same config as ``fit`` (no subcommand) for a command that logs nothing and
+    trains nothing (no pretrained weights downloaded)."""
+
+    def _checkpoint_holds_the_weights(self) -> bool:
+        return True  # no weights are used at all
 
     def before_instantiate_classes(self) -> None:
         """No W&B notice: nothing is logged. The trainer is built, so no progress-bar conflict either."""

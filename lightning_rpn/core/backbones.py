@@ -16,8 +16,11 @@ FPN, strides 4-32, for fast CPU runs on the synthetic data set).
 from __future__ import annotations
 
 import os
+import socket
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torchvision
@@ -34,7 +37,12 @@ __all__ = [
     "build_backbone",
     "check_backbone",
     "infer_strides",
+    "weights_from_checkpoint",
 ]
+
+DOWNLOAD_TIMEOUT_S = 60.0
+"""Seconds a pretrained-weight download may wait for the network before it is an error."""
+_LOAD_PRETRAINED: ContextVar[bool] = ContextVar("load_pretrained", default=True)
 
 
 class StagedBackbone(nn.Module):
@@ -154,18 +162,53 @@ def _load_checkpoint(network: nn.Module, path: str) -> None:
         ) from None
 
 
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Inside it, backbones with pretrained ``weights`` are built as with them (frozen batch norm,
+    frozen layers) but their weights are neither downloaded nor read: a checkpoint loaded next
+    holds every weight (``validate`` / ``test`` / ``predict --ckpt_path``), or only the anchors
+    are needed (``check-data``, ``analyze-anchors``), also on a machine without internet."""
+    token = _LOAD_PRETRAINED.set(False)
+    try:
+        yield
+    finally:
+        _LOAD_PRETRAINED.reset(token)
+
+
+def _build_classifier(arch: str, enum: torchvision.models.WeightsEnum | None, weights: str,
+                      kwargs: dict[str, object]) -> nn.Module:
+    """``torchvision.models.<arch>(weights=enum, **kwargs)``; a failed or stalled download of
+    ``enum`` is a ``ValueError`` naming ``model.weights`` and what to pass instead."""
+    if enum is None:
+        return getattr(torchvision.models, arch)(weights=None, **kwargs)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub's download sets none: a silent network hangs
+    try:
+        return getattr(torchvision.models, arch)(weights=enum, **kwargs)
+    except OSError as error:  # URLError, timeouts, connection errors
+        raise ValueError(
+            f"model.weights={weights!r}: downloading them failed ({error}). Without internet pass "
+            f"--model.weights null (random initialisation) or a local file of these weights; once "
+            f"downloaded they are kept in {torch.hub.get_dir()}/checkpoints"
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _classifier(
     arch: str, weights: str | None, frozen_bn: bool | None
 ) -> tuple[nn.Module, bool]:
-    """The torchvision classification network with weights loaded; and whether it was loaded."""
+    """The torchvision classification network with weights loaded; and whether it was loaded
+    (built for pretrained weights but left unloaded inside :func:`weights_from_checkpoint`)."""
     enum, path = _resolve_weights(arch, weights)
     pretrained = weights is not None
     freeze = pretrained if frozen_bn is None else frozen_bn
-    kwargs: dict[str, object] = {"weights": enum}
+    kwargs: dict[str, object] = {}
     if not arch.startswith("vgg"):
         kwargs["norm_layer"] = FrozenBatchNorm2d if freeze else nn.BatchNorm2d
-    network = getattr(torchvision.models, arch)(**kwargs)
-    if path is not None:
+    load = _LOAD_PRETRAINED.get()
+    network = _build_classifier(arch, enum if load else None, str(weights), kwargs)
+    if path is not None and load:
         _load_checkpoint(network, path)
     return network, pretrained
 

@@ -13,6 +13,7 @@ from lightning_rpn.core.backbones import (
     build_backbone,
     check_backbone,
     infer_strides,
+    weights_from_checkpoint,
 )
 
 
@@ -144,3 +145,40 @@ def test_check_backbone_names_the_missing_attribute() -> None:
 def test_infer_strides_rejects_a_probe_smaller_than_the_stride() -> None:
     with pytest.raises(ValueError, match="level 1 .* one integer stride"):
         infer_strides(_TwoLevel(), size=24)
+
+
+@pytest.fixture
+def no_internet(monkeypatch):
+    """torch.hub's downloads fail as on a machine without internet; the calls are counted."""
+    from urllib.error import URLError
+
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(args)
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fail)
+    return calls
+
+
+def test_a_failed_download_names_model_weights_and_the_way_out(no_internet) -> None:
+    with pytest.raises(ValueError, match=r"model.weights='ResNet18_Weights.IMAGENET1K_V1': downloading them failed "
+                                         r"\(.*Name or service not known.*--model.weights null"):
+        build_backbone("resnet18_fpn", weights="ResNet18_Weights.IMAGENET1K_V1")
+
+
+def test_weights_a_checkpoint_replaces_are_not_downloaded_but_shape_the_network(no_internet, tmp_path) -> None:
+    with weights_from_checkpoint():
+        backbone = build_backbone("resnet18_fpn", weights="ResNet18_Weights.IMAGENET1K_V1")
+    path = tmp_path / "another-network.pth"
+    assert no_internet == []
+    # the network of the pretrained case: frozen batch norm, the default 3 trainable stages
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    trainable = [any(p.requires_grad for p in stage.parameters()) for stage in backbone.stages]
+    assert trainable == [False, False, True, True, True]
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)  # would not fit: never read
+    with weights_from_checkpoint():
+        build_backbone("resnet18_fpn", weights=str(path))
+    with pytest.raises(ValueError, match="downloading them failed"):  # outside the context: downloaded
+        build_backbone("resnet18_fpn", weights="ResNet18_Weights.IMAGENET1K_V1")

@@ -200,3 +200,22 @@ def test_the_report_prints_on_a_console_without_box_characters(tmp_path: Path, c
                           capture_output=True, env={**os.environ, "PYTHONIOENCODING": "cp1252"}, cwd=tmp_path)
     assert done.returncode == 1, done.stderr.decode(errors="replace")[-2000:]
     assert b"| images " in done.stdout and (tmp_path / "r.json").is_file()
+
+
+def test_check_data_needs_no_pretrained_weights(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shipped real-data configs name torchvision weights; check-data only needs the anchors
+    import torch
+
+    def offline(*args, **kwargs):
+        raise OSError("no internet")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    write_coco(tmp_path, [{"id": 1, "file_name": "a.png", **IMAGE}],
+               [{"id": 1, "image_id": 1, "bbox": [1, 1, 20, 20], "category_id": 1}])
+    config = {"model": {"backbone": "resnet18_fpn", "weights": "ResNet18_Weights.IMAGENET1K_V1"},
+              "data": {"dataset": "coco", "root": str(tmp_path), "train_split": "x", "val_split": None,
+                       "coco_images": "images", "coco_annotations": "annotations.json", "num_workers": 0},
+              "trainer": {"logger": False}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["check-data", "--config", str(tmp_path / "config.yaml")]) == 0
