@@ -3,8 +3,9 @@
 VOC pixel coordinates are 1-based and inclusive; a box ``xmin..xmax`` becomes
 ``(xmin - 1, ymin - 1, xmax, ymax)`` in the package's 0-based xyxy convention. Every class
 collapses to one "object" class (``class_names`` keeps only some). ``difficult`` objects are
-left out of the ground truth by default but kept as crowd boxes, so that anchors on them are
-neither positives nor negatives and recall does not count them; ``keep_difficult=True`` makes
+left out of the ground truth by default but kept as crowd boxes: never positives, not counted by
+recall, and with ``model.crowd_ioa`` set the anchors mostly inside them are neither positives
+nor negatives (without it they are negatives, as anywhere else); ``keep_difficult=True`` makes
 them ordinary ground truth.
 """
 
@@ -67,6 +68,7 @@ class VOCDetection(AnnotatedDataset):
         self.split = split
         self.keep_difficult = keep_difficult
         self.class_names = None if class_names is None else set(class_names)
+        self._names_seen: set[str] = set()
         split_file = str(self.root / "ImageSets" / "Main" / f"{split}.txt")
         for image_id in self._progress(read_split_ids(self.root, split), f"Reading VOC {split}"):
             where = split_file
@@ -83,6 +85,11 @@ class VOCDetection(AnnotatedDataset):
                     raise
                 self.problems.add(Problem("bad_annotation_file", "skipped", error.reason, where, image_id,
                                           error.annotation_id))
+        unknown = sorted((self.class_names or set()) - self._names_seen)
+        if unknown:  # a misspelt name would otherwise drop every box of its class without a word
+            raise DataError(f"class_names {unknown} name no object of the split (names found: "
+                            f"{sorted(self._names_seen)}; names are compared exactly, case included)",
+                            file=split_file)
         self._finish()
 
     def _parse(self, image_id: str, xml_path: Path) -> ImageRecord:
@@ -107,6 +114,7 @@ class VOCDetection(AnnotatedDataset):
         boxes, ids, crowd, crowd_ids = [], [], [], []
         for index, obj in enumerate(tree.findall("object")):
             name = (obj.findtext("name") or "").strip()
+            self._names_seen.add(name)
             if self.class_names is not None and name not in self.class_names:
                 continue
             ann_id = f"object {index} ({name})"

@@ -150,6 +150,9 @@ class RPNDataModule(LightningDataModule):
             raise ValueError(f"RPNDataModule: scene_options apply to dataset='scenes' only, not {dataset!r}")
         if dataset in ("coco", "voc") and root is None:
             raise ValueError(f"RPNDataModule: dataset={dataset!r} needs root (the dataset folder)")
+        if dataset == "voc" and category_ids is not None:
+            raise ValueError("RPNDataModule: VOC classes are chosen by name (data.category_names); "
+                             f"data.category_ids={category_ids!r} applies to COCO only")
         check_policy(on_bad_annotation, "RPNDataModule")
         if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0) or num_workers < 0:
             raise ValueError(

@@ -108,3 +108,15 @@ def test_a_split_file_with_a_byte_order_mark_lists_its_first_id(tmp_path: Path) 
     split_file = root / "ImageSets/Main/train.txt"
     split_file.write_text("\ufefffirst\n", encoding="utf-8")  # as Windows Notepad saves it
     assert read_split_ids(root, "train") == ["first"]
+
+
+def test_a_class_name_no_object_has_is_an_error_and_voc_takes_no_category_ids(tmp_path: Path) -> None:
+    from lightning_rpn.training.datamodule import RPNDataModule
+
+    root = write_voc(tmp_path, {"a": {"size": (20, 20), "objects": [{"box": (2, 2, 9, 9), "name": "car"}]}})
+    assert len(VOCDetection(root, "train", class_names=["car"])[0].boxes) == 1
+    with pytest.raises(DataError, match=r"class_names \['Car', 'horse'\] name no object of the split "
+                                        r"\(names found: \['car'\]"):
+        VOCDetection(root, "train", class_names=["car", "Car", "horse"])
+    with pytest.raises(ValueError, match="VOC classes are chosen by name"):
+        RPNDataModule("voc", root=str(root), category_ids=[1])
