@@ -143,6 +143,17 @@ def test_wandb_credentials_come_from_env_or_netrc(tmp_path: Path, monkeypatch: p
     assert not wandb_credentials_available()
     netrc_file.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
     assert wandb_credentials_available()
+    # `wandb login` writes its entry for the installed wandb's default host (0.31: not api.wandb.ai)
+    import wandb
+    from urllib.parse import urlparse
+
+    host = urlparse(wandb.Settings().base_url).hostname
+    netrc_file.write_text(f"machine {host} login user password 0123456789abcdef\n")
+    assert wandb_credentials_available()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a server of one's own: its entry only
+    assert not wandb_credentials_available()
+    netrc_file.write_text("machine wandb.example.org login user password 0123456789abcdef\n")
+    assert wandb_credentials_available()
     monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_credentials_available()

@@ -1,7 +1,9 @@
 """W&B without credentials: log offline rather than fail, and say how to upload later.
 
 Credentials are ``WANDB_API_KEY`` or a ``wandb login`` entry in the netrc file for the W&B
-host (``WANDB_BASE_URL``, default api.wandb.ai). An explicit ``WANDB_MODE`` is always kept.
+host: ``WANDB_BASE_URL``'s, else the installed wandb's default (api.forge.coreweave.com for
+wandb 0.31, where ``wandb login`` writes its entry) or api.wandb.ai (older wandb's). An explicit
+``WANDB_MODE`` is always kept.
 """
 
 from __future__ import annotations
@@ -14,20 +16,31 @@ from urllib.parse import urlparse
 __all__ = ["default_wandb_offline", "wandb_credentials_available"]
 
 
-def _wandb_host() -> str:
-    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    return urlparse(base).hostname or "api.wandb.ai"
+def _wandb_hosts() -> set[str]:
+    """The hosts whose netrc entry logs W&B in (see the module docstring)."""
+    base = os.environ.get("WANDB_BASE_URL")
+    if base:
+        return {urlparse(base).hostname or base}
+    hosts = {"api.wandb.ai"}
+    try:
+        import wandb
+
+        hosts.add(urlparse(wandb.Settings().base_url).hostname or "api.wandb.ai")
+    except (ImportError, ValueError, AttributeError):  # no settings to read: the classic host
+        pass
+    return hosts
 
 
 def wandb_credentials_available() -> bool:
-    """Whether W&B can log online: ``WANDB_API_KEY`` set or a netrc entry for the W&B host."""
+    """Whether W&B can log online: ``WANDB_API_KEY`` set or a netrc entry for a W&B host."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
-        return netrc.netrc(path).authenticators(_wandb_host()) is not None
+        entries = netrc.netrc(path)
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return any(entries.authenticators(host) is not None for host in _wandb_hosts())
 
 
 def default_wandb_offline() -> None:
