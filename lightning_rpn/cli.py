@@ -143,8 +143,8 @@ def _notice(message: str) -> None:
 
 
 def _names_subclass(callback: object, base: type) -> bool:
-    """Whether a config's callback entry names (``class_path``) a subclass of ``base``; an entry
-    whose class does not import is not one (the parser reports it)."""
+    """Whether a config's callback (or logger) entry names (``class_path``) a subclass of
+    ``base``; an entry whose class does not import is not one (the parser reports it)."""
     if not hasattr(callback, "get"):
         return False
     module, _, name = str(callback.get("class_path")).rpartition(".")
@@ -235,7 +235,9 @@ class RPNLightningCLI(LightningCLI):
         false`` is given: our checkpoints hold tensors and plain types only, and a
         ``weights_only`` load cannot run code hidden in an untrusted file.
         """
-        default_wandb_offline()
+        logger = self._run_config()["trainer"].get("logger")
+        if any(_names_subclass(entry, WandbLogger) for entry in (logger if isinstance(logger, list) else [logger])):
+            default_wandb_offline()  # its notice only for a run that logs to W&B
         if self.subcommand and self.config[self.subcommand].get("weights_only") is None:
             self.config[self.subcommand]["weights_only"] = True
         _drop_progress_bars(self._run_config()["trainer"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -170,3 +171,17 @@ def test_generated_data_configs_log_within_an_epoch(config: str) -> None:
     tiles = data.get("tiles")
     items = tiles["per_epoch"] if tiles else data["synthetic_train_images"]
     assert math.ceil(items / data["batch_size"]) >= settings["trainer"]["log_every_n_steps"]
+
+
+@pytest.mark.parametrize("logger", ["false", "lightning.pytorch.loggers.CSVLogger", "default"])
+def test_wandb_goes_offline_only_for_a_run_that_logs_to_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture, logger: str) -> None:
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
+    args = ["--config", str(CONFIGS / "shapes.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    args += [] if logger == "default" else ["--trainer.logger", logger]  # shapes.yaml's logger: W&B
+    RPNLightningCLI(args=args, run=False, save_config_callback=None)
+    notice = "no W&B credentials" in capsys.readouterr().err
+    assert notice == (logger == "default") and (os.environ.get("WANDB_MODE") == "offline") == notice

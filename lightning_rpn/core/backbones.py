@@ -128,6 +128,9 @@ def _resolve_weights(
         return None, None
     if os.path.exists(weights):
         return None, weights
+    if weights.lower() in ("none", "null", ""):
+        raise ValueError(f"weights={weights!r}: for no pretrained weights write null (YAML and the command "
+                         "line: --model.weights null); this is read as a name")
     try:
         enum = torchvision.models.get_weight(weights)
     except (ValueError, KeyError, AttributeError) as error:

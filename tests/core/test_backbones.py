@@ -101,6 +101,8 @@ def test_weight_names_are_resolved_and_checked_against_the_architecture() -> Non
         build_backbone("resnet18_fpn", weights="ResNet50_Weights.IMAGENET1K_V1")
     with pytest.raises(ValueError, match="not an existing file"):
         build_backbone("resnet18_fpn", weights="no/such/file.pth")
+    with pytest.raises(ValueError, match=r"weights='None': for no pretrained weights write null"):
+        build_backbone("resnet18_fpn", weights="None")  # `--model.weights None` is a string
 
 
 def test_unknown_name_lists_the_choices() -> None:
