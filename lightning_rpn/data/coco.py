@@ -131,7 +131,8 @@ class COCODetection(AnnotatedDataset):
             raise DataError(f"image entry {entry!r} lacks 'id' or 'file_name'", file=self.annotation_file)
         image_id = entry["id"]
         if image_id in records:
-            raise DataError("duplicate image id", file=self.annotation_file, image_id=image_id)
+            raise DataError(f"duplicate image id: {entry['file_name']!r} has the id of "
+                            f"{records[image_id].file.name!r}", file=self.annotation_file, image_id=image_id)
         path = resolve_image_path(self.images_root, entry["file_name"], file=self.annotation_file, image_id=image_id)
         width, height = entry.get("width"), entry.get("height")
         size = None
@@ -149,6 +150,7 @@ class COCODetection(AnnotatedDataset):
         ids: dict[Any, list[Any]] = defaultdict(list)
         crowd: dict[Any, list[list[float]]] = defaultdict(list)
         crowd_ids: dict[Any, list[Any]] = defaultdict(list)
+        as_text: dict[str, Any] | None = None  # the image ids as strings, once an annotation misses
         for ann in self._progress(annotations, "Reading COCO annotations"):
             ann_id = ann.get("id") if isinstance(ann, dict) else None
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
@@ -159,7 +161,11 @@ class COCODetection(AnnotatedDataset):
             if image_id in dropped:
                 continue  # its image entry was skipped and reported
             if image_id not in records:
-                problem = ("unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'")
+                if as_text is None:  # 1 and "1" are different ids in JSON: name the near miss
+                    as_text = {str(known): known for known in records}
+                near = as_text.get(str(image_id))
+                hint = "" if near is None else f" ('images' has {near!r})"
+                problem = ("unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'{hint}")
             elif not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
                 isinstance(v, (int, float)) or v is None for v in bbox
             ):

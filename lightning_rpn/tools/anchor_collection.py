@@ -75,6 +75,8 @@ def collect_gt_boxes(
     an annotation has no size); other datasets are iterated. Augmentations are not applied;
     the resize is the evaluation one (for multi-scale training, the last ``min_sizes``).
     """
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"collect_gt_boxes: max_images must be a positive int or None (all), got {max_images!r}")
     if isinstance(source, Dataset):
         dataset, where = source, type(source).__name__
     elif callable(getattr(source, "build_dataset", None)) and isinstance(getattr(source, "splits", None), dict):

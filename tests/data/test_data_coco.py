@@ -91,6 +91,17 @@ def test_unknown_image_id_raises_or_is_skipped(tmp_path: Path) -> None:
         COCODetection(*args)
     ds = COCODetection(*args, on_bad_annotation="skip")
     assert len(ds) == 1 and ds.problems.problems[0].kind == "unknown_image"
+    # 1 and "1" are different ids in JSON: the message names the near miss
+    args = write_coco(tmp_path, images, [{"id": 6, "image_id": "1", "bbox": [1, 1, 5, 5], "category_id": 1}])
+    with pytest.raises(DataError, match=r"image id '1', which is not in 'images' \('images' has 1\)"):
+        COCODetection(*args)
+
+
+def test_a_duplicate_image_id_names_both_files(tmp_path: Path) -> None:
+    images = [{"id": 1, "file_name": "a.png", "height": 20, "width": 20},
+              {"id": 1, "file_name": "b.png", "height": 20, "width": 20}]
+    with pytest.raises(DataError, match=r"image 1: duplicate image id: 'b.png' has the id of 'a.png'"):
+        COCODetection(*write_coco(tmp_path, images, []))
 
 
 def test_missing_and_corrupt_image_files(tmp_path: Path) -> None:

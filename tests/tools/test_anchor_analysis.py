@@ -143,6 +143,9 @@ def test_collect_gt_boxes_applies_the_configured_resize() -> None:
     assert len(boxes) == len(expected) > 0
     np.testing.assert_allclose(boxes.boxes.numpy(), expected, rtol=1e-5, atol=1e-3)
     assert torch.equal(boxes.padded_sizes, torch.tensor([[128, 96]]).expand(len(boxes), 2))
+    for bad in (0, -1):  # `--max_images -1` read "no ground-truth boxes found (empty dataset or split?)"
+        with pytest.raises(ValueError, match=f"max_images must be a positive int or None \\(all\\), got {bad}"):
+            collect_gt_boxes(data, split="train", progress=False, max_images=bad)
 
 
 def test_run_analyze_anchors_writes_plot_report_and_snippet(tmp_path, capsys) -> None:
