@@ -506,8 +506,8 @@ class RPNModule(pl.LightningModule):
         try:
             _, losses = self._run(batch, "training", need_proposals=False)
         except NonFiniteLossError as error:
-            return self.nonfinite_policy.skipped_loss(self, error)
-        return self._log_losses("train", losses, len(batch))
+            return self.nonfinite_policy.step_loss(self, None, error)
+        return self.nonfinite_policy.step_loss(self, self._log_losses("train", losses, len(batch)))
 
     def on_train_epoch_start(self) -> None:
         """Workers sample this epoch's anchors (``RPNCollate.set_epoch``) before its first batch."""

@@ -7,9 +7,10 @@ image ids (``"raise"``) or is skipped (``"skip"``): no gradient reaches the opti
 the weights nor the optimizer state change, and the running count :attr:`~NonFiniteLossPolicy.skipped`
 is logged as ``train/skipped_nonfinite_batches``. With gradient accumulation a skipped batch adds
 nothing to its step's gradient and the other batches of the step still train; a step whose
-batches were all skipped does not happen, nor one whose summed gradient is non-finite. Under DDP the ranks agree before the backward
-pass: a batch is skipped on every rank when any rank saw a non-finite loss (non-finite gradients
-are the same on every rank after the all-reduce).
+batches were all skipped does not happen, nor one whose summed gradient is non-finite. Under DDP
+the ranks agree in the training step: a batch is skipped on every rank when any rank saw a
+non-finite loss, every rank then backpropagates the zero loss (so no rank's gradient of it
+reaches the all-reduce), and non-finite gradients are the same on every rank after the all-reduce.
 
 :class:`~lightning_rpn.training.module.RPNModule` installs one (``configure_callbacks``), hands it
 a caught non-finite loss (:meth:`NonFiniteLossPolicy.skipped_loss`) and keeps its count in
@@ -44,35 +45,38 @@ class NonFiniteLossPolicy(pl.Callback):
         self.mode = mode
         self.skipped = 0
         self._image_ids: list[Any] = []
-        self._reason: str | None = None  # this rank's non-finite loss in the current batch
         self._batches_in_step = 0  # batches accumulated since the last optimizer step ...
         self._skipped_in_step = 0  # ... and how many of them were skipped
 
-    def skipped_loss(self, pl_module: pl.LightningModule, error: NonFiniteLossError) -> Tensor:
-        """The training step's answer to a non-finite loss: ``error`` again under ``"raise"``;
-        under ``"skip"`` a zero loss over every trainable parameter, which keeps DDP's gradient
-        all-reduce in step (Lightning refuses a ``None`` step in distributed runs) and whose
-        gradients are dropped before the optimizer step."""
+    def step_loss(self, pl_module: pl.LightningModule, loss: Tensor | None,
+                  error: NonFiniteLossError | None = None) -> Tensor:
+        """The training step's loss: ``loss``, or for a non-finite one (``error``) that error again
+        under ``"raise"``. Under ``"skip"`` every rank decides together whether the batch is
+        skipped (any rank's loss non-finite), and a skipped batch's loss, on every rank, is a zero
+        over every trainable parameter: its gradients are zeros (and DDP's all-reduce stays in
+        step: Lightning refuses a ``None`` step in distributed runs)."""
         if self.mode == "raise":
-            raise error
-        self._reason = str(error)
+            if error is not None:
+                raise error
+            assert loss is not None
+            return loss
+        trainer = pl_module._trainer
+        skip = error is not None
+        if trainer is not None:
+            skip = trainer.strategy.reduce_boolean_decision(skip, all=False)
+            self._batches_in_step += 1
+        if not skip:
+            if trainer is not None:
+                pl_module.log(f"train/{SKIPPED_KEY}", float(self.skipped), on_step=True)
+            assert loss is not None
+            return loss
+        self._skip(pl_module, str(error) if error is not None else "another process had a non-finite loss")
+        self._skipped_in_step += 1
         return torch.stack([p.sum() for p in pl_module.parameters() if p.requires_grad]).sum() * 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._image_ids = list(getattr(batch, "image_ids", []))
-        self._reason = None
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        """Under ``"skip"``, every rank decides together whether this batch is skipped."""
-        if self.mode != "skip":
-            return
-        self._batches_in_step += 1
-        if trainer.strategy.reduce_boolean_decision(self._reason is not None, all=False):
-            self._skip(pl_module, self._reason or "another process had a non-finite loss")
-            self._skipped_in_step += 1  # its zero loss adds zero gradients
-        else:
-            pl_module.log(f"train/{SKIPPED_KEY}", float(self.skipped), on_step=True)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:

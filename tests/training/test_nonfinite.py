@@ -100,24 +100,23 @@ class _Strategy:
 
 
 @pytest.mark.parametrize("another_rank", [False, True], ids=["all-finite", "another-rank-non-finite"])
-def test_every_rank_skips_when_any_rank_saw_a_non_finite_loss(another_rank) -> None:
+def test_every_rank_skips_when_any_rank_saw_a_non_finite_loss(another_rank, monkeypatch) -> None:
     model = tiny_model(nonfinite_loss="skip")
-    policy = model.nonfinite_policy
-    trainer = SimpleNamespace(strategy=_Strategy(another_rank), precision_plugin=None, global_step=0)
+    strategy = _Strategy(another_rank)
+    monkeypatch.setattr(model, "_trainer", SimpleNamespace(strategy=strategy, current_epoch=0, global_step=0))
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
     batch = collate_for(model)(synthetic_samples(2))
-    policy.on_train_batch_start(trainer, model, batch, 0)
-    loss = model.training_step(batch, 0)  # finite on this rank
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        policy.on_before_backward(trainer, model, loss)
+        loss = model.training_step(batch, 0)  # finite on this rank
     assert any("another process had a non-finite loss" in str(w.message) for w in caught) == another_rank
-    assert trainer.strategy.asked == [False]
+    assert strategy.asked == [False]
     loss.backward()
-    policy.on_before_optimizer_step(trainer, model, None)
     assert model.skipped_nonfinite_batches == int(another_rank)
-    has_gradients = [p.grad is not None for p in model.parameters() if p.requires_grad]
-    assert all(has_gradients) != another_rank  # a skipped batch's gradients are dropped
-
+    # a batch skipped for another rank's loss backpropagates the zero loss here too: none of this
+    # rank's gradient reaches DDP's all-reduce (or an accumulated step)
+    nonzero = [bool(p.grad.abs().sum() > 0) for p in model.parameters() if p.requires_grad]
+    assert any(nonzero) != another_rank
 
 
 @pytest.mark.parametrize("bad", [[1], [0, 1]], ids=["one-of-two", "both"])
