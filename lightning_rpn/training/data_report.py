@@ -2,14 +2,17 @@
 
 :class:`RunDataReport` counts every batch (``add_batch``), warns about each load problem the
 first time it occurs (at most :data:`MAX_WARNED_PROBLEMS` in all), and prints the counts of the
-whole run at its end (``report``), keeping them as metrics (``last``).
+whole run at its end (``report``), keeping them as metrics (``last``). Under DDP each process
+counts the images it loads: the printed report is process 0's share and says so, and every
+process warns about the load problems it meets (prefixed with its rank), so none goes unseen.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_rpn.data.accounting import BoxAccounting
 from lightning_rpn.data.batch import RPNBatch
@@ -30,6 +33,8 @@ class RunDataReport:
         self._epochs: tuple[int, int] | None = None  # first and last epoch counted since the last report
         self._seen_problems: set[Problem] = set()
         self._warned_problems = 0
+        self.process = (0, 1)
+        """This process's rank and the number of processes (set by the data module from its trainer)."""
 
     def add_batch(self, stage: str, epoch: int, batch: RPNBatch) -> None:
         """Count ``batch`` under ``stage``; warn about the load problems not seen before."""
@@ -47,8 +52,11 @@ class RunDataReport:
         if shown:
             more = ("" if self._warned_problems < MAX_WARNED_PROBLEMS else
                     f"\n  (no more are printed as they occur: {MAX_WARNED_PROBLEMS} shown)")
-            rank_zero_warn(f"RPNDataModule: {stage}: load problems (each printed once, all counted in the data "
-                           "report at the end of the run):\n" + "\n".join(f"  {p}" for p in shown) + more)
+            rank, world = self.process
+            where = f"[rank {rank}] " if world > 1 else ""
+            warnings.warn(f"{where}RPNDataModule: {stage}: load problems (each printed once, all counted in the "
+                          "data report at the end of the run):\n" + "\n".join(f"  {p}" for p in shown) + more,
+                          stacklevel=2)
 
     def report(self) -> str:
         """Print (rank zero) and return the counts since the last report, keep them in ``last``, reset them."""
@@ -56,7 +64,9 @@ class RunDataReport:
             return ""
         first, last = self._epochs or (0, 0)
         epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
-        text = f"RPNDataModule data report ({epochs}):\n" + self.accounting.summary()
+        rank, world = self.process
+        share = f", process {rank} of {world}: the images it loaded" if world > 1 else ""
+        text = f"RPNDataModule data report ({epochs}{share}):\n" + self.accounting.summary()
         rank_zero_info(text)
         self.last = self.accounting.metrics()
         self.accounting.reset()

@@ -371,6 +371,8 @@ class RPNDataModule(LightningDataModule):
         if isinstance(batch, RPNBatch):
             trainer = self.trainer
             stage = str(trainer.state.stage.value) if trainer is not None and trainer.state.stage else "run"
+            if trainer is not None:
+                self.data_report.process = (trainer.global_rank, trainer.world_size)
             self.data_report.add_batch(stage, trainer.current_epoch if trainer is not None else 0, batch)
         return batch
 

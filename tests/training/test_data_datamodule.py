@@ -145,3 +145,16 @@ def test_the_data_report_prints_once_per_fit_covering_every_epoch(
     assert reports[0].startswith("RPNDataModule data report (epochs 0-2):")
     assert "train: 24 images" in reports[0] and "validate: 12 images" in reports[0]
     assert dm.last_report["train/removed_boxes"] > 0
+
+
+def test_under_ddp_the_report_says_whose_share_and_every_rank_warns() -> None:
+    from lightning_rpn.data.problems import Problem
+    from lightning_rpn.training.data_report import RunDataReport
+
+    report = RunDataReport()
+    report.process = (1, 2)  # rank 1 of 2: only its own images pass through its data module
+    problems = [Problem("unreadable_image", "skipped", "gone")]
+    batch = type("Batch", (), {"gt_boxes": [], "removed_boxes": 0, "problems": problems, "__len__": lambda self: 2})()
+    with pytest.warns(UserWarning, match=r"^\[rank 1\] RPNDataModule: train: load problems"):
+        report.add_batch("train", 0, batch)  # rank_zero_warn would have dropped it on rank 1
+    assert "(epoch 0, process 1 of 2: the images it loaded)" in report.report()
