@@ -36,6 +36,7 @@ across processes, so memory does not grow with the dataset.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,6 +49,7 @@ __all__ = [
     "COCO_AREA_RANGES",
     "DEFAULT_CURVE_PROPOSALS",
     "DEFAULT_IOU_THRESHOLDS",
+    "RecallResults",
     "ProposalRecall",
     "greedy_coverage",
 ]
@@ -110,6 +112,34 @@ def _padded_iou(gt: Tensor, proposals: Tensor) -> Tensor:
     inter_h = (torch.minimum(gy2, py2) - torch.maximum(gy1, py1)).clamp_(min=0)
     inter = inter_w.mul_(inter_h)
     return inter / (area_gt + area_prop - inter)
+
+
+class RecallResults(dict):
+    """``ProposalRecall.compute()``'s keys and values; a recall key whose threshold has other
+    decimals (``recall@0.7@1000``, as the design's API example writes it) finds its key
+    (``recall@0.70@1000``); the keys themselves keep two decimals."""
+
+    @staticmethod
+    def _canonical(key: object) -> object:
+        parts = key.split("@") if isinstance(key, str) else []
+        if len(parts) != 3 or parts[0] != "recall":
+            return key
+        try:
+            return f"recall@{float(parts[1]):.2f}@{parts[2]}"
+        except ValueError:
+            return key
+
+    def __missing__(self, key: object) -> Tensor:
+        canonical = self._canonical(key)
+        if canonical != key and dict.__contains__(self, canonical):
+            return dict.__getitem__(self, canonical)
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or dict.__contains__(self, self._canonical(key))
+
+    def get(self, key: object, default: Any = None) -> Any:
+        return self[key] if key in self else default
 
 
 class ProposalRecall(Metric):
@@ -323,7 +353,7 @@ class ProposalRecall(Metric):
         """AR and recall keys for every budget in ``max_proposals`` (see the class docstring)."""
         recall = self._recall()
         average = recall.mean(dim=1)  # [K, R]; -1 stays -1 for empty ranges
-        out: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = RecallResults()
         for k in self.max_proposals:
             k_i = self._k_index[k]
             for r_i, name in enumerate(self.area_names):

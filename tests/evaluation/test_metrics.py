@@ -382,3 +382,15 @@ def test_cuda_matches_cpu():
     gpu.update([p.cuda() for p in proposals], [g.cuda() for g in gts])
     got, want = gpu.compute(), cpu.compute()
     assert all(float(got[k]) == pytest.approx(float(want[k]), abs=1e-6) for k in want)
+
+
+def test_a_recall_key_is_found_with_the_threshold_written_as_the_design_writes_it():
+    # DESIGN's API example writes "recall@0.7@1000"; the keys have two decimals
+    metric = ProposalRecall(max_proposals=(1,))
+    metric.update([torch.tensor([box(0, 0, 100, 70)])], [torch.tensor([box(0, 0, 100, 100)])])
+    out = metric.compute()
+    assert "recall@0.70@1" in out and "recall@0.7@1" in out and out["recall@0.7@1"] == out["recall@0.70@1"] == 1.0
+    assert out.get("recall@0.9@1") == out["recall@0.90@1"] == 0.0 and out.get("recall@0.33@1") is None
+    assert not any(key.startswith("recall@0.7@") for key in out)  # logged keys keep two decimals
+    with pytest.raises(KeyError):
+        out["recall@0.7@2"]
