@@ -4,8 +4,10 @@ A new ``fit`` never overwrites the checkpoints another run left in its folder
 (:func:`check_checkpoint_dirs`) and is told when its ``last.ckpt`` would lag behind its end
 (:func:`warn_if_last_waits_for_best`); ``validate`` / ``test`` / ``predict`` write their final recall
 and losses as JSON (:func:`write_metrics_summary`), named after the checkpoint as ``predict``'s
-proposal files are (:func:`checkpoint_stem`). The resolved config, the third file a run leaves, is
-saved by the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
+proposal files are (:func:`checkpoint_stem`), and like them never replacing an earlier file
+(:func:`free_version`); their ``--ckpt_path best`` / ``last`` is found on disk or refused
+(:func:`evaluation_checkpoint`). The resolved config, the third file a run leaves, is saved by
+the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
