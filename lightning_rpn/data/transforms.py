@@ -22,6 +22,7 @@ after the augmentations, by :class:`DetectionTransform`, in one interpolation st
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Mapping
@@ -50,7 +51,6 @@ __all__ = [
 TransformSpec = list[dict[str, Any]]
 
 _BOX_FIELD = "box_kind"  # 0: ground truth, 1: crowd
-_UNKNOWN_ARGUMENT = r"Argument\(s\) .* are not valid for transform"
 _CONTAINERS = {"OneOf", "SomeOf", "Sequential", "OneOrOther", "SelectiveChannelTransform"}
 
 
@@ -70,13 +70,18 @@ def _build_one(entry: Any, where: str) -> A.BasicTransform | A.BaseCompose:
         raise ValueError(f"{where}: 'Compose' is added by the pipeline; list its transforms directly")
     if name in _CONTAINERS and "transforms" in kwargs:
         kwargs["transforms"] = _build_list(kwargs["transforms"], f"{where}.{name}.transforms")
+    # albumentations drops an argument it does not know (a typo, a 1.x name; 2.0.8 warns, 2.0.0
+    # says nothing) and builds the transform with its default: what the config asked would not run
+    parameters = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        unknown = [key for key in kwargs if key not in parameters or key == "self"]
+        if unknown:
+            known = ", ".join(key for key in parameters if key != "self")
+            raise ValueError(f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))} "
+                             f"(albumentations {A.__version__}: {known})")
     try:
-        with warnings.catch_warnings():
-            # albumentations only warns about an argument it does not know (a typo, a 1.x name)
-            # and builds the transform with its default: what the config asked for would not run
-            warnings.filterwarnings("error", message=_UNKNOWN_ARGUMENT)
-            return cls(**kwargs)
-    except (TypeError, ValueError, UserWarning) as error:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: cannot build {name}(**{kwargs!r}): {error}") from error
 
 
