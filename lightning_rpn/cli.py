@@ -217,14 +217,19 @@ class RPNLightningCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Keep the run's own model config when ``--ckpt_path`` names a file.
+        """Keep the run's own model config when ``--ckpt_path`` names a file and a ``--config`` is given.
 
         Lightning parses such a checkpoint's hyperparameters over the command line and config, so
         ``--ckpt_path runs/x/last.ckpt --model.lr 0.01`` dropped the new ``lr`` (and ``validate``
-        its ``--model.*`` settings) where ``--ckpt_path last`` kept them. A run follows its own
-        config either way; a checkpoint trained as another network is refused when it loads
-        (:func:`~lightning_rpn.training.checkpoint_agreement.check_checkpoint_agrees`).
+        its ``--model.*`` settings) where ``--ckpt_path last`` kept them. A run with a config
+        follows it either way; a checkpoint trained as another network is refused when it loads
+        (:func:`~lightning_rpn.training.checkpoint_agreement.check_checkpoint_agrees`). Without a
+        ``--config`` (``predict --ckpt_path P --data.predict_images DIR``) the model is the
+        checkpoint's, as Lightning builds it.
         """
+        subcommand = self.config.get("subcommand")
+        if subcommand and not self.config[subcommand].get("config"):
+            super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading;

@@ -203,6 +203,16 @@ def test_a_checkpoint_file_keeps_the_run_config_and_refuses_another_network(trai
             "checkpoint [[16.0], [32.0], [64.0], [128.0]], this run [[64.0], [128.0], [256.0], [512.0]])") in output
 
 
+def test_predict_with_a_checkpoint_alone_builds_the_checkpoints_model(trained: Path, tmp_path: Path) -> None:
+    # no --config: the model is the checkpoint's (tiny_fpn), not RPNModule's defaults (resnet50_fpn)
+    save_image(tmp_path / "images/0.png", 70, 90)
+    checkpoint = str(trained / "run/checkpoints/last.ckpt")
+    result = run_cli(["predict", "--ckpt_path", checkpoint, "--data.predict_images", str(tmp_path / "images"),
+                      "--trainer.logger", "false", "--trainer.accelerator", "cpu"], tmp_path)
+    assert_ok(result)
+    assert f"Restoring states from the checkpoint path at {checkpoint}" in " ".join(result.stderr.split())
+
+
 def test_validate_last_without_a_checkpoint_refuses_to_report_untrained_weights(trained: Path, tmp_path: Path) -> None:
     # Lightning warns "no last checkpoint available" and validates the weights it just initialised
     shutil.copy2(trained / "config.yaml", tmp_path / "config.yaml")
