@@ -240,13 +240,14 @@ class RPNLightningCLI(LightningCLI):
         false`` is given: our checkpoints hold tensors and plain types only, and a
         ``weights_only`` load cannot run code hidden in an untrusted file.
         """
-        logger = self._run_config()["trainer"].get("logger")
+        trainer = self._run_config()["trainer"]
+        logger = trainer.get("logger")
         if any(_names_subclass(entry, WandbLogger) for entry in (logger if isinstance(logger, list) else [logger])):
             default_wandb_offline()  # its notice only for a run that logs to W&B
         if self.subcommand and self.config[self.subcommand].get("weights_only") is None:
             self.config[self.subcommand]["weights_only"] = True
-        _drop_progress_bars(self._run_config()["trainer"])
-        _text_progress_off_terminal(self._run_config()["trainer"])
+        _drop_progress_bars(trainer)
+        _text_progress_off_terminal(trainer)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; pretrained backbone weights are not downloaded when a

@@ -28,25 +28,23 @@ WEIGHT_DEFINING_HPARAMS = (
 tensors of other shapes or outputs of another meaning."""
 
 
-def _is_data(value: Any) -> bool:
-    """Whether ``value`` is what a config holds (no module or other object)."""
-    if isinstance(value, (Mapping, Namespace)):
-        return all(_is_data(item) for item in (value.values() if isinstance(value, Mapping) else vars(value).values()))
-    if isinstance(value, (list, tuple)):
-        return all(_is_data(item) for item in value)
-    return value is None or isinstance(value, (str, int, float, bool))
+_OBJECT = object()
+"""What a value that is no config data (a module, or holding one) compares as: it is not compared."""
 
 
 def _comparable(value: Any) -> Any:
-    """``value`` with YAML's lists and the module's tuples, ints and floats, Namespaces and dicts alike."""
+    """``value`` with YAML's lists and the module's tuples, ints and floats, Namespaces and dicts
+    alike; :data:`_OBJECT` for anything a config does not hold."""
     if isinstance(value, (Mapping, Namespace)):
         items = value.items() if isinstance(value, Mapping) else vars(value).items()
-        return tuple(sorted((str(key), _comparable(item)) for key, item in items))
+        parts = tuple(sorted((str(key), _comparable(item)) for key, item in items))
+        return _OBJECT if any(part is _OBJECT for _, part in parts) else parts
     if isinstance(value, (list, tuple)):
-        return tuple(_comparable(item) for item in value)
+        parts = tuple(_comparable(item) for item in value)
+        return _OBJECT if any(part is _OBJECT for part in parts) else parts
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    return value
+    return value if value is None or isinstance(value, (str, bool)) else _OBJECT
 
 
 def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | None = None) -> None:
@@ -59,7 +57,7 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
     differ = [
         f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
         for name in WEIGHT_DEFINING_HPARAMS
-        if name in saved and name in current and _is_data(saved[name])
+        if name in saved and name in current and _comparable(saved[name]) is not _OBJECT
         and _comparable(saved[name]) != _comparable(current[name])
     ]
     if differ:
