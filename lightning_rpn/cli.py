@@ -123,6 +123,23 @@ class ResolvedConfigCallback(SaveConfigCallback):
     def _config_text(self) -> str:
         return self.parser.dump(self.config, skip_none=False)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Save ``config.yaml`` in the trainer's root when the logger has no folder.
+
+        A ``WandbLogger`` without ``save_dir`` (``--trainer.logger.init_args.save_dir null``)
+        gives ``trainer.log_dir`` ``None``, which Lightning's own setup asserts against; the
+        run's other files then go to ``trainer.default_root_dir`` as well (see
+        :func:`~lightning_rpn.training.log_targets.log_dir`).
+        """
+        if self.save_to_log_dir and not self.already_saved and trainer.log_dir is None:
+            self.save_to_log_dir = False
+            if trainer.is_global_zero:
+                folder = Path(trainer.default_root_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, folder / self.config_filename, skip_none=False,
+                                 overwrite=self.overwrite, multifile=self.multifile)
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

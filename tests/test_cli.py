@@ -222,6 +222,16 @@ def test_validate_last_without_a_checkpoint_refuses_to_report_untrained_weights(
     assert f"validate --ckpt_path last: no last*.ckpt in {tmp_path / 'run/checkpoints'}; train first" in result.stderr
 
 
+def test_fit_with_a_wandb_logger_without_save_dir_saves_its_config_in_the_root(tmp_path: Path) -> None:
+    # WandbLogger(save_dir=None) has no log_dir; Lightning's SaveConfigCallback asserted on it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    result = run_cli(["fit", "--config", "config.yaml", "--trainer.logger.init_args.save_dir", "null",
+                      "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"], tmp_path)
+    assert_ok(result)
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())  # the trainer's default_root_dir
+    assert saved["trainer"]["logger"]["init_args"]["save_dir"] is None and saved["trainer"]["max_steps"] == 1
+
+
 def _bad_coco(root: Path) -> dict:
     """One image whose second box has a NaN width; the config that checks it."""
     from PIL import Image
