@@ -343,7 +343,23 @@ class RPNDataModule(LightningDataModule):
         return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.val_batch_size, shuffle=False, collate=self._collate_without_targets())
+        loader = self._loader("predict", self.val_batch_size, shuffle=False, collate=self._collate_without_targets())
+        self._check_an_image_per_process(len(self.datasets["predict"]))
+        return loader
+
+    def _check_an_image_per_process(self, num_images: int) -> None:
+        """Refuse ``predict`` on more processes than images, naming the fix.
+
+        Lightning's predict hands each process its own share without repeating an image (the
+        proposal files hold each once) and fails with a bare ``AssertionError`` when a share is empty.
+        """
+        world_size = int(getattr(self.trainer, "world_size", 1) or 1)
+        if num_images >= world_size:
+            return
+        source = (f"the folder {str(self.predict_images)!r}" if self.predict_images is not None
+                  else f"the predict split {self.splits['predict']!r}")
+        raise DataError(f"RPNDataModule: predict runs on {world_size} processes but {source} holds {num_images} "
+                        f"image(s), and each process needs one: run it with --trainer.devices {max(num_images, 1)}")
 
     def check_data(
         self, model: Any = None, splits: Sequence[str] = ("train", "val"), check_images: bool = True

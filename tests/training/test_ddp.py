@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch.utils.data.distributed import DistributedSampler
 
+from helpers.builders import save_image
 from helpers.cli import PROBES, TINY_CONFIG, assert_ok, run_cli
 from helpers.model import collate_for, synthetic_samples, tiny_model
 
@@ -118,6 +119,16 @@ def test_each_rank_trains_on_different_seeded_images(ddp_run: Path) -> None:
     assert sorted(seen[0] + seen[1]) != list(range(TRAIN_IMAGES))  # epoch 1: first batch only
     first = [json.loads((ddp_run / f"seen.rank{r}.json").read_text())["steps"] for r in (0, 1)]
     assert sorted(i for steps in first for e, ids in steps if e == 0 for i in ids) == list(range(TRAIN_IMAGES))
+
+
+def test_predict_on_more_processes_than_images_names_the_fix(ddp_run: Path, tmp_path: Path) -> None:
+    # Lightning's predict sampler died with a bare AssertionError on the process left without an image
+    save_image(tmp_path / "images/0.png", 70, 90)
+    result = _run(["predict", "--config", "config.yaml", *DDP, "--ckpt_path", "run/checkpoints/last.ckpt",
+                   "--trainer.logger", "false", "--data.predict_images", str(tmp_path / "images")], ddp_run)
+    assert result.returncode != 0 and "AssertionError" not in result.stderr
+    assert (f"predict runs on 2 processes but the folder {str(tmp_path / 'images')!r} holds 1 image(s), and each "
+            "process needs one: run it with --trainer.devices 1") in " ".join(result.stderr.split())
 
 
 def test_ddp_validation_recall_equals_the_single_process_value(ddp_run: Path) -> None:
