@@ -392,6 +392,7 @@ class RPNModule(pl.LightningModule):
         self.last_recall: dict[str, float] = {}
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
         self.last_recall_step: int | None = None  # the global step whose weights gave last_recall
+        self.last_recall_epoch: int | None = None  # and the epoch it validated
         self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
         self._strides_checked = False
 
@@ -570,10 +571,10 @@ class RPNModule(pl.LightningModule):
         self.val_recall.reset()
 
     def _keep_recall(self, results: dict[str, Tensor]) -> None:
-        """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, at this global step."""
+        """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, at this global step and epoch."""
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
-        self.last_recall_step = self.global_step
+        self.last_recall_step, self.last_recall_epoch = self.global_step, self.current_epoch
 
     def on_validation_epoch_end(self) -> None:
         self._end_recall_epoch("val")
@@ -583,7 +584,8 @@ class RPNModule(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self.val_recall.reset()
-        self.last_recall, self.last_recall_curves, self.last_recall_step = {}, {}, None
+        self.last_recall, self.last_recall_curves = {}, {}
+        self.last_recall_step = self.last_recall_epoch = None
 
     def on_predict_batch_end(
         self, outputs: list[dict[str, Any]], batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0

@@ -76,7 +76,10 @@ class RecallTable(Callback):
             return
         step = getattr(pl_module, "last_recall_step", None)
         if step is None or step == trainer.global_step:
-            title = f"Proposal recall ({when}, epoch {trainer.current_epoch}, step {trainer.global_step})"
+            # the validated epoch: at the end of fit Lightning's counter already names the next one
+            epoch = getattr(pl_module, "last_recall_epoch", None)
+            epoch = trainer.current_epoch if epoch is None else epoch
+            title = f"Proposal recall ({when}, epoch {epoch}, step {trainer.global_step})"
         else:  # e.g. fit stopped by max_steps between validations: say which weights it describes
             title = f"Proposal recall ({when}, step {trainer.global_step}; last validated at step {step})"
         Console().print(recall_table(recall, self.recall_thresholds, title))

@@ -87,7 +87,7 @@ def test_fit_with_bf16_mixed_precision_through_the_cli(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = run_cli(["fit", "--config", "config.yaml"], tmp_path)
     assert_ok(result)
-    assert "Proposal recall (end of fit, epoch 1, step 2)" in result.stdout
+    assert "Proposal recall (end of fit, epoch 0, step 2)" in result.stdout  # the validated epoch, not the next
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
     weights = [v for v in checkpoint["state_dict"].values() if v.is_floating_point()]
