@@ -46,6 +46,7 @@ from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
@@ -118,27 +119,67 @@ class RPNArgumentParser(LightningArgumentParser):
 
 
 class ResolvedConfigCallback(SaveConfigCallback):
-    """Save the resolved config to the log dir, into every checkpoint, and to W&B."""
+    """Save the resolved config to the log dir, into every checkpoint, and to W&B.
+
+    The saved ``ckpt_path`` is the file the run loaded, not the keyword that found it
+    (``--ckpt_path last`` / ``best``): run again later, the config would load a newer file.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checkpoint_recorded = False
 
     def _config_text(self) -> str:
         return self.parser.dump(self.config, skip_none=False)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Save ``config.yaml`` in the trainer's root when the logger has no folder.
+    def _config_file(self, trainer: pl.Trainer) -> Path:
+        """The logger's folder, or the trainer's root when the logger has none: a ``WandbLogger``
+        without ``save_dir`` gives ``trainer.log_dir`` ``None``, which Lightning's own setup asserts
+        against (the run's other files go to the root too, see
+        :func:`~lightning_rpn.training.log_targets.log_dir`). Call it on every process: it broadcasts."""
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.config_filename
 
-        A ``WandbLogger`` without ``save_dir`` (``--trainer.logger.init_args.save_dir null``)
-        gives ``trainer.log_dir`` ``None``, which Lightning's own setup asserts against; the
-        run's other files then go to ``trainer.default_root_dir`` as well (see
-        :func:`~lightning_rpn.training.log_targets.log_dir`).
-        """
-        if self.save_to_log_dir and not self.already_saved and trainer.log_dir is None:
-            self.save_to_log_dir = False
-            if trainer.is_global_zero:
-                folder = Path(trainer.default_root_dir)
-                folder.mkdir(parents=True, exist_ok=True)
-                self.parser.save(self.config, folder / self.config_filename, skip_none=False,
-                                 overwrite=self.overwrite, multifile=self.multifile)
-        super().setup(trainer, pl_module, stage)
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        path = self._config_file(trainer) if self.save_to_log_dir else None
+        if not trainer.is_global_zero:
+            return
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, path, skip_none=False, multifile=self.multifile,
+                             overwrite=self.overwrite or self.already_saved)  # a second save replaces our own
+        self.save_config(trainer, pl_module, stage)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            self._write(trainer, pl_module, stage)
+            self.already_saved = trainer.strategy.broadcast(True)
+
+    def _record_loaded_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Replace a ``ckpt_path`` keyword by the file Lightning resolved it to (``null``: none found),
+        once the checkpoint is loaded, and save the config again. Only the command's own load: fit's
+        closing validation of its final weights loads nothing."""
+        if self._checkpoint_recorded:
+            return
+        self._checkpoint_recorded = True
+        named = self.config.get("ckpt_path")
+        loaded = None if trainer.ckpt_path is None else str(trainer.ckpt_path)
+        if named is None or str(named) == loaded:
+            return
+        self.config.ckpt_path = loaded
+        self._write(trainer, pl_module, str(trainer.state.fn))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_loaded_checkpoint(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not fit's validation loops
+            self._record_loaded_checkpoint(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_loaded_checkpoint(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_loaded_checkpoint(trainer, pl_module)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:

@@ -184,6 +184,13 @@ def test_fit_resumes_from_last_checkpoint(trained: Path, tmp_path: Path) -> None
     assert checkpoint["global_step"] == 3  # the new budget, reached from the restored step 2
     output = " ".join((result.stdout + result.stderr).split())
     assert f"Restoring states from the checkpoint path at {tmp_path / 'run/checkpoints/last.ckpt'}" in output
+    # the saved config names the file `last` found, not the keyword (a later run would load a newer one)
+    last = str(tmp_path / "run/checkpoints/last.ckpt")
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["ckpt_path"] == last
+    assert yaml.safe_load(checkpoint[CONFIG_KEY])["ckpt_path"] == last
+    assert_ok(run_cli(["validate", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.logger", "false"],
+                      tmp_path))
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["ckpt_path"] == last
 
 
 def test_a_checkpoint_file_keeps_the_run_config_and_refuses_another_network(trained: Path, tmp_path: Path) -> None:
