@@ -11,15 +11,16 @@ the user's own, and orthophotos exceed it (an uncompressed one is then read by w
 whole file, as training will (header checks pass truncated JPEGs); :func:`read_image_size`
 reads the header only.
 
-``.npy`` files (``H x W x 3`` or ``H x W`` uint8, C order) are images too, read with numpy.
+``.npy`` files (``H x W x 3`` or ``H x W`` uint8, C or Fortran order: ``np.asfortranarray``,
+MATLAB and other column-major tools save the latter) are images too, read with numpy.
 
 Windowed reads (:func:`raster_layout`, :meth:`RasterLayout.read`): where a file stores its
-pixels uncompressed, one row after another (``.npy``; uncompressed 8-bit RGB or grayscale TIFF
-whose strips PIL reads as one block; binary PPM / PGM; 24-bit BMP), a window is read from a
-memory map of the file, touching only the pages of its rows' spans. Compressed formats (PNG,
-JPEG, compressed TIFF) have no such layout: PIL decodes them whole, also to crop them (and it
-keeps RGB in 4 bytes a pixel, so it maps no RGB file either), as ``bench/bench_window_reads.py``
-measures.
+pixels uncompressed, one row after another (C-order ``.npy``; uncompressed 8-bit RGB or grayscale TIFF
+whose strips PIL reads as one block; binary PPM / PGM; 24-bit BMP) or one column after another
+(Fortran-order ``.npy``: a plane per channel), a window is read from a memory map of the file,
+touching only the pages of its rows' (columns') spans. Compressed formats (PNG, JPEG, compressed
+TIFF) have no such layout: PIL decodes them whole, also to crop them (and it keeps RGB in 4 bytes
+a pixel, so it maps no RGB file either), as ``bench/bench_window_reads.py`` measures.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np
     if _is_npy(path):
         _npy_layout(path, image_id)  # shape, dtype and length checked
         array = np.load(path, allow_pickle=False)  # read, not mapped: the mapped pages would count twice
-        return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+        rgb = np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+        return np.ascontiguousarray(rgb)  # a Fortran-order file: copied to C order, as every reader returns
     try:
         with _open_dataset_image(path) as image:
             image.load()
@@ -179,7 +181,8 @@ class RasterLayout:
     """Where an uncompressed 8-bit image lies in its file: rows of ``stride`` bytes from ``offset``.
 
     ``order`` is the stored channel order: ``"RGB"``, ``"BGR"`` or ``"L"`` (gray); ``bottom_up``:
-    the first stored row is the image's last (BMP).
+    the first stored row is the image's last (BMP). ``column_major``: the file stores columns of
+    ``stride`` bytes instead, one channel plane after another (a Fortran-order ``.npy``).
     """
 
     path: Path
@@ -189,16 +192,28 @@ class RasterLayout:
     stride: int
     order: str
     bottom_up: bool = False
+    column_major: bool = False
 
     @property
     def channels(self) -> int:
         return 1 if self.order == "L" else 3
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the file the pixels span from ``offset`` (a shorter file is truncated)."""
+        return self.channels * self.width * self.stride if self.column_major else self.height * self.stride
+
     def pixels(self) -> np.ndarray:
-        """A read-only ``H x W x 3`` uint8 RGB view of the mapped file: slicing it reads only the slice's rows.
+        """A read-only ``H x W x 3`` uint8 RGB view of the mapped file: slicing it reads only the slice's
+        rows (columns, when ``column_major``).
 
         The file stays mapped while the view (or a view of it) lives; copy what is kept.
         """
+        if self.column_major:
+            planes = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset,
+                               shape=(self.channels, self.width, self.stride))
+            view = planes[:, :, : self.height].transpose(2, 1, 0)
+            return np.broadcast_to(view, (self.height, self.width, 3))  # gray: one plane for all three
         rows = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.height, self.stride))
         if self.bottom_up:
             rows = rows[::-1]
@@ -243,8 +258,7 @@ def raster_layout(path: Path | str) -> RasterLayout | None:
                 channels = 1 if order == "L" else 3
                 layout = RasterLayout(path, int(tiles[0][2]), height, width, int(stride) or width * channels,
                                       order, bottom_up=orientation == -1)
-        needed = layout.offset + layout.height * layout.stride
-        return layout if os.path.getsize(path) >= needed else None
+        return layout if os.path.getsize(path) >= layout.offset + layout.nbytes else None
     except (DataError, *_DECODE_ERRORS):
         return None
 
@@ -260,12 +274,13 @@ def _npy_layout(path: Path, image_id: int | str | None) -> RasterLayout:
     except (OSError, ValueError) as error:
         raise _unreadable(path, error, image_id) from error
     shape, dtype = array.shape, array.dtype
-    if dtype != np.uint8 or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3) \
-            or not array.flags.c_contiguous:
-        raise DataError(f".npy image has shape {shape}, dtype {dtype}; expected H x W x 3 or H x W uint8 "
-                        "in C order", file=str(path), image_id=image_id)
+    if dtype != np.uint8 or len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
+        raise DataError(f".npy image has shape {shape}, dtype {dtype}; expected H x W x 3 or H x W uint8",
+                        file=str(path), image_id=image_id)
+    column_major = not array.flags.c_contiguous  # np.load maps C or Fortran order, as the header says
     order = "RGB" if len(shape) == 3 else "L"
     offset = int(array.offset)
     del array
     height, width = int(shape[0]), int(shape[1])
-    return RasterLayout(path, offset, height, width, width * (1 if order == "L" else 3), order)
+    stride = height if column_major else width * (1 if order == "L" else 3)
+    return RasterLayout(path, offset, height, width, stride, order, column_major=column_major)

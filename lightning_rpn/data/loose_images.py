@@ -38,6 +38,10 @@ def as_hwc_uint8(image: ImageInput, index: int) -> np.ndarray:
     """
     where, shape = f"predict_images: image {index}", tuple(getattr(image, "shape", ()))
     if isinstance(image, (str, os.PathLike)):
+        if os.path.isdir(image):
+            raise ValueError(f"{where} is the folder {os.fspath(image)!r}; pass its image files "
+                             "(lightning_rpn.data.ImageFolder(folder).files lists the ones the readers read), "
+                             "or set data.predict_images to the folder")
         return load_rgb_image(image, image_id=index)
     if isinstance(image, Image.Image):
         return to_rgb_uint8(image)

@@ -7,12 +7,20 @@ left out of the ground truth by default but kept as crowd boxes: never positives
 recall, and with ``model.crowd_ioa`` set the anchors mostly inside them are neither positives
 nor negatives (without it they are negatives, as anywhere else); ``keep_difficult=True`` makes
 them ordinary ground truth.
+
+The image of id ``X`` is ``JPEGImages/X.jpg``, the VOC layout that torchvision, detectron2 and
+mmdetection read; where that file does not exist, the annotation's ``<filename>`` (VOC-style sets
+of other formats, e.g. labelImg's PNGs), then ``X`` with ``<filename>``'s extension (files renamed
+after annotation, leaving ``<filename>`` stale). The image is looked for while the annotations are
+read (one ``stat`` per candidate), so an image found at none of these paths is reported then,
+naming every path tried, and training and ``check-data`` read the same file.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +30,10 @@ from lightning_rpn.data.image_io import resolve_image_path
 from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError
 
 __all__ = ["VOCDetection", "read_split_ids"]
+
+
+class _ImageNotFound(DataError):
+    """No image file at any path an annotation may mean (:meth:`VOCDetection._image_file`)."""
 
 
 def read_split_ids(root: Path | str, split: str) -> list[str]:
@@ -76,6 +88,11 @@ class VOCDetection(AnnotatedDataset):
                 xml_path = resolve_image_path(self.root / "Annotations", f"{image_id}.xml", file=where, image_id=image_id)
                 where = str(xml_path)
                 self.records.append(self._parse(image_id, xml_path))
+            except _ImageNotFound as error:
+                if self.on_bad_annotation == "raise":
+                    raise DataError(f"{error.reason} (on_bad_annotation='skip' leaves such images out)",
+                                    file=where, image_id=image_id) from error
+                self.problems.add(Problem("unreadable_image", "skipped", error.reason, where, image_id))
             except UnsafePathError as error:
                 if not self.report_unsafe_paths:
                     raise
@@ -100,8 +117,7 @@ class VOCDetection(AnnotatedDataset):
             tree = ET.parse(xml_path).getroot()
         except ET.ParseError as error:
             raise DataError(f"annotation XML is malformed ({error})", file=where, image_id=image_id) from error
-        file_name = (tree.findtext("filename") or "").strip() or f"{image_id}.jpg"
-        path = resolve_image_path(self.root / "JPEGImages", file_name, file=where, image_id=image_id)
+        path = self._image_file(image_id, (tree.findtext("filename") or "").strip(), where)
         size = None
         size_node = tree.find("size")
         if size_node is not None and size_node.findtext("width") and size_node.findtext("height"):
@@ -140,3 +156,30 @@ class VOCDetection(AnnotatedDataset):
         record.written_crowd_boxes = np.asarray(crowd, dtype=np.float64).reshape(-1, 4)
         record.crowd_annotation_ids = crowd_ids
         return record
+
+    def _image_file(self, image_id: str, written: str, where: str) -> Path:
+        """The first existing candidate of :meth:`_image_candidates`; none is an :class:`_ImageNotFound`."""
+        tried = []
+        for path, reason in self._image_candidates(image_id, written, where):
+            if path.is_file():
+                return path
+            tried.append(f"{path} ({reason})")
+        raise _ImageNotFound(f"image file does not exist; tried {', '.join(tried)}: put the image at one of "
+                             "these paths or correct <filename>", file=where, image_id=image_id)
+
+    def _image_candidates(self, image_id: str, written: str, where: str) -> Iterator[tuple[Path, str]]:
+        """``(path, why)`` of each file ``image_id`` 's image may be, in the order of the module docstring.
+
+        Lazily: ``<filename>`` is not even resolved (nor refused as unsafe) where ``{id}.jpg`` exists.
+        """
+        suffix = PurePosixPath(written.replace("\\", "/")).suffix
+        names = [(f"{image_id}.jpg", "the image id, as VOC names images"), (written, "<filename>"),
+                 (f"{image_id}{suffix}" if suffix else "", "the image id with <filename>'s extension")]
+        seen: set[Path] = set()
+        for name, reason in names:
+            if not name:
+                continue
+            path = resolve_image_path(self.root / "JPEGImages", name, file=where, image_id=image_id)
+            if path not in seen:
+                seen.add(path)
+                yield path, reason

@@ -50,7 +50,8 @@ def test_missing_or_malformed_annotation_raises_or_skips_the_image(tmp_path: Pat
         "ok": {"size": (20, 20), "objects": [{"box": (2, 2, 9, 9)}]},
         "nofile": {"size": (20, 20), "xml": None},
         "broken": {"size": (20, 20), "xml": "<annotation><object>"},
-        "badnum": {"size": (20, 20), "xml": "<annotation><object><bndbox><xmin>a</xmin></bndbox></object></annotation>"},
+        "badnum": {"size": (20, 20), "xml": "<annotation><filename>badnum.png</filename>"  # the image is a PNG
+                                            "<object><bndbox><xmin>a</xmin></bndbox></object></annotation>"},
     })
     with pytest.raises(DataError, match="nofile.xml.*does not exist"):
         VOCDetection(root, "train")
