@@ -63,6 +63,21 @@ def test_every_config_shows_the_losses_in_the_rich_progress_bar(config: str, bui
     assert isinstance(built[config].trainer.progress_bar_callback, RichProgressBar)
 
 
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_the_progress_bar_names_the_step_budget_not_a_negative_last_epoch(config: str, built: dict) -> None:
+    # Lightning's RichProgressBar wrote "Epoch 149/-2" for a run budgeted in steps (max_epochs -1)
+    trainer = built[config].trainer
+    bar = trainer.progress_bar_callback
+    bar.setup(trainer, built[config].model, "fit")
+    description = bar._get_train_description(149)
+    if trainer.max_epochs is None:  # max_steps alone: Lightning writes no last epoch
+        assert description.strip() == "Epoch 149"
+    elif trainer.max_epochs < 0:
+        assert description.strip() == f"Epoch 149 (max_steps {trainer.max_steps})"
+    else:
+        assert description.strip() == f"Epoch 149/{trainer.max_epochs - 1}"
+
+
 def test_off_a_terminal_the_rich_progress_bar_gives_way_to_progress_lines(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli, "_stdout_is_live", lambda: False)
     built_off_terminal = build("shapes.yaml", tmp_path)

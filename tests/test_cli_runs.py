@@ -96,8 +96,8 @@ def test_every_config_trains_with_the_logger_and_progress_bar_off(config_name: s
     assert_ok(result)
     assert "LearningRateMonitor is left out" in result.stderr
     config = yaml.safe_load((CONFIGS / config_name).read_text())
-    if any(c["class_path"].endswith("RichProgressBar") for c in config["trainer"]["callbacks"]):
-        assert "enable_progress_bar is false, so the config's RichProgressBar is left out" in result.stderr
+    if any(c["class_path"].endswith("RichProgress") for c in config["trainer"]["callbacks"]):
+        assert "enable_progress_bar is false, so the config's RichProgress is left out" in result.stderr
     (checkpoints,) = {c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"]
                       if c["class_path"].endswith("Checkpoint")}
     # best.ckpt only where the 2 steps reach a validation (not scenes.yaml's every 75 epochs)

@@ -23,7 +23,7 @@ def test_large_scenes_config_trains_on_windows_and_validates_whole_scenes(tmp_pa
     config["trainer"].update(accelerator="cpu", max_steps=4, check_val_every_n_epoch=1, logger=False,
                              enable_progress_bar=False, default_root_dir="run")
     config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
-                                      if not c["class_path"].endswith(("LearningRateMonitor", "RichProgressBar"))]
+                                      if not c["class_path"].endswith(("LearningRateMonitor", "RichProgress"))]
     for checkpoint in config["trainer"]["callbacks"][:2]:  # best and last
         checkpoint["init_args"]["dirpath"] = "run/checkpoints"
     config["model"].update(backbone="tiny_fpn", anchor_sizes=[[16], [32], [64], [128]], warmup_steps=1,

@@ -22,7 +22,7 @@ per logger: ``WandbLogger`` gets W&B line plots and ``wandb.Image`` s with box o
 One module per callback: :mod:`.recall_table`, :mod:`.recall_curves`, :mod:`.proposal_images`,
 :mod:`.last_checkpoint` (``LastCheckpoint``: the final weights as ``last.ckpt``, whatever the
 validation said), :mod:`.text_progress` (``TextProgress``: progress as plain lines, for logs
-written to a file);
+written to a file), :mod:`.rich_progress` (``RichProgress``: the configs' live bar);
 this module names them all, as the shipped configs do (``lightning_rpn.training.callbacks.RecallTable``).
 """
 
@@ -32,9 +32,10 @@ from lightning_rpn.training.last_checkpoint import LastCheckpoint
 from lightning_rpn.training.proposal_images import GT_COLOR, PROPOSAL_COLOR, ProposalImages
 from lightning_rpn.training.recall_curves import RecallCurves, recall_curves_figure
 from lightning_rpn.training.recall_table import RecallTable, recall_table
+from lightning_rpn.training.rich_progress import RichProgress
 from lightning_rpn.training.text_progress import TextProgress
 
 __all__ = [
     "GT_COLOR", "LastCheckpoint", "PROPOSAL_COLOR", "ProposalImages", "RecallCurves", "RecallTable",
-    "TextProgress", "recall_curves_figure", "recall_table",
+    "RichProgress", "TextProgress", "recall_curves_figure", "recall_table",
 ]
