@@ -261,6 +261,9 @@ class RPNLightningCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        # Lightning's own use of a torch API that torch has deprecated: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
@@ -326,8 +329,13 @@ class RPNLightningCLI(LightningCLI):
         """Without a logger (``--trainer.logger false``) leave out the callbacks that need one.
 
         ``LearningRateMonitor`` raises on a trainer without loggers; turning logging off is an
-        ordinary flag, so every config keeps working with it.
+        ordinary flag, so every config keeps working with it. A ``WandbLogger``'s ``save_dir`` is
+        made before W&B starts: wandb looks for a git repository there and warns "git root ... does
+        not exist" on a first run.
         """
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.save_dir is not None:
+                Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
         if self.trainer.loggers:
             return
         kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
