@@ -11,12 +11,18 @@ Built-in backbones (:data:`BACKBONES`): ``resnet18_fpn``, ``resnet34_fpn``, ``re
 stride-8/16/32 stages, strides 8-64), ``vgg16_c4`` (conv5_3, one level, stride 16, 512
 channels: the 14x14x512 map of a 224x224 input), and ``tiny_fpn`` (a small plain CNN with an
 FPN, strides 4-32, for fast CPU runs on the synthetic data set).
+
+Two rules say how a named backbone is built from its settings, so that a checkpoint's settings can
+be compared by what they build (:mod:`lightning_rpn.training.checkpoint_agreement`):
+:func:`batch_norm_layer` (frozen with pretrained weights by default) and :func:`trainable_stages`
+(freezing applies to pretrained weights only: a frozen random stage never learns).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,15 +40,19 @@ from .backbone_interface import check_backbone, infer_strides  # importable from
 __all__ = [
     "BACKBONES",
     "StagedBackbone",
+    "batch_norm_layer",
     "build_backbone",
     "check_backbone",
     "infer_strides",
+    "trainable_stages",
     "weights_from_checkpoint",
 ]
 
 DOWNLOAD_TIMEOUT_S = 60.0
 """Seconds a pretrained-weight download may wait for the network before it is an error."""
 _LOAD_PRETRAINED: ContextVar[bool] = ContextVar("load_pretrained", default=True)
+DEFAULT_TRAINABLE_LAYERS = 3
+"""Stages, from the top, that train on pretrained weights when ``trainable_layers`` is not given."""
 
 
 class StagedBackbone(nn.Module):
@@ -97,6 +107,8 @@ class StagedBackbone(nn.Module):
         self.size_divisibility = max(self.strides)
 
     def forward(self, images: Tensor) -> list[Tensor]:
+        if self.training and images.shape[0] == 1:
+            self._check_batch_statistics(images)
         x = images
         tapped: OrderedDict[str, Tensor] = OrderedDict()
         for index, stage in enumerate(self.stages):
@@ -107,17 +119,62 @@ class StagedBackbone(nn.Module):
             return list(tapped.values())
         return list(self.fpn(tapped).values())
 
+    def _check_batch_statistics(self, images: Tensor) -> None:
+        """``ValueError`` naming the batch and image size where training BatchNorm would see one
+        value per channel (one image whose last stage is a 1x1 map): torch's own error names
+        neither, and a norm without batch statistics would change what every other batch computes."""
+        stride = self.strides[len(self.taps) - 1]  # the last stage's
+        height, width = images.shape[-2:]
+        if height > stride or width > stride:
+            return
+        if any(isinstance(m, nn.BatchNorm2d) and m.training for m in self.stages.modules()):
+            raise ValueError(
+                f"{type(self).__name__}: a training batch of 1 image of {height}x{width} px leaves a 1x1 "
+                f"map at stride {stride}, one value per channel, and BatchNorm needs more for batch "
+                f"statistics. Train with batches of 2 or more images (data.batch_size; a last batch of one "
+                f"image too) or with images larger than {stride} px on a side"
+            )
+
     def freeze_stages(self, trainable_layers: int) -> None:
         """Stop gradients in all but the last ``trainable_layers`` stages (FPN stays trainable)."""
-        if not 0 <= trainable_layers <= len(self.stages):
-            raise ValueError(
-                f"trainable_layers must be in [0, {len(self.stages)}] for this backbone, "
-                f"got {trainable_layers}"
-            )
+        _check_trainable_layers(trainable_layers, len(self.stages))
         for index, stage in enumerate(self.stages):
             trainable = index >= len(self.stages) - trainable_layers
             for parameter in stage.parameters():
                 parameter.requires_grad_(trainable)
+
+
+def _check_trainable_layers(trainable_layers: int, num_stages: int) -> None:
+    if not 0 <= trainable_layers <= num_stages:
+        raise ValueError(
+            f"trainable_layers must be in [0, {num_stages}] for this backbone, got {trainable_layers}"
+        )
+
+
+def trainable_stages(weights: str | None, trainable_layers: int | None, num_stages: int) -> int:
+    """How many of ``num_stages`` stages, from the top, train: ``trainable_layers`` (default
+    :data:`DEFAULT_TRAINABLE_LAYERS`) with pretrained ``weights``, every stage without (a frozen
+    random stage never learns; :func:`build_backbone` warns when it ignores ``trainable_layers``)."""
+    if trainable_layers is not None:
+        _check_trainable_layers(trainable_layers, num_stages)
+    if weights is None:
+        return num_stages
+    return DEFAULT_TRAINABLE_LAYERS if trainable_layers is None else trainable_layers
+
+
+def batch_norm_layer(name: str, weights: str | None, frozen_bn: bool | None) -> type[nn.Module] | None:
+    """The batch norm of backbone ``name`` built with ``weights`` and ``frozen_bn``: FrozenBatchNorm2d
+    (``frozen_bn=None``: with pretrained weights, the usual recipe for small detection batches) or
+    BatchNorm2d; ``None`` for ``vgg16_c4``, which has none. The two hold other parameters (an
+    optimiser's state of one does not fit the other) but load each other's weights."""
+    if name == "vgg16_c4":
+        return None
+    if name == "tiny_fpn":
+        if frozen_bn:
+            raise ValueError("tiny_fpn: frozen_bn=True is not supported (it is trained from scratch)")
+        return nn.BatchNorm2d
+    frozen = weights is not None if frozen_bn is None else frozen_bn
+    return FrozenBatchNorm2d if frozen else nn.BatchNorm2d
 
 
 def _resolve_weights(
@@ -198,26 +255,20 @@ def _build_classifier(arch: str, enum: torchvision.models.WeightsEnum | None, we
         socket.setdefaulttimeout(previous)
 
 
-def _classifier(
-    arch: str, weights: str | None, frozen_bn: bool | None
-) -> tuple[nn.Module, bool]:
-    """The torchvision classification network with weights loaded; and whether it was loaded
-    (built for pretrained weights but left unloaded inside :func:`weights_from_checkpoint`)."""
+def _classifier(arch: str, weights: str | None, norm: type[nn.Module] | None) -> nn.Module:
+    """The torchvision classification network with batch norm ``norm`` and ``weights`` loaded
+    (outside :func:`weights_from_checkpoint`)."""
     enum, path = _resolve_weights(arch, weights)
-    pretrained = weights is not None
-    freeze = pretrained if frozen_bn is None else frozen_bn
-    kwargs: dict[str, object] = {}
-    if not arch.startswith("vgg"):
-        kwargs["norm_layer"] = FrozenBatchNorm2d if freeze else nn.BatchNorm2d
+    kwargs: dict[str, object] = {} if norm is None else {"norm_layer": norm}
     load = _LOAD_PRETRAINED.get()
     network = _build_classifier(arch, enum if load else None, str(weights), kwargs)
     if path is not None and load:
         _load_checkpoint(network, path)
-    return network, pretrained
+    return network
 
 
-def _resnet_fpn(arch: str, weights: str | None, frozen_bn: bool | None) -> StagedBackbone:
-    net, _ = _classifier(arch, weights, frozen_bn)
+def _resnet_fpn(arch: str, weights: str | None, norm: type[nn.Module] | None) -> StagedBackbone:
+    net = _classifier(arch, weights, norm)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4]
     channels = [_last_conv_channels(stage) for stage in stages[1:]]
@@ -251,16 +302,16 @@ def _group_by_stride(blocks: nn.Sequential, probe_size: int = 64) -> list[nn.Seq
     return [nn.Sequential(*stage) for stage in stages]
 
 
-def _mobilenet_v3_large_fpn(weights: str | None, frozen_bn: bool | None) -> StagedBackbone:
-    net, _ = _classifier("mobilenet_v3_large", weights, frozen_bn)
+def _mobilenet_v3_large_fpn(weights: str | None, norm: type[nn.Module] | None) -> StagedBackbone:
+    net = _classifier("mobilenet_v3_large", weights, norm)
     stages = _group_by_stride(net.features)  # strides 2, 4, 8, 16, 32
     taps = (2, 3, 4)
     channels = [_last_conv_channels(stages[index]) for index in taps]
     return StagedBackbone(stages, taps=taps, tap_channels=channels)
 
 
-def _vgg16_c4(weights: str | None, frozen_bn: bool | None) -> StagedBackbone:
-    net, _ = _classifier("vgg16", weights, frozen_bn)
+def _vgg16_c4(weights: str | None, norm: type[nn.Module] | None) -> StagedBackbone:
+    net = _classifier("vgg16", weights, norm)
     layers = list(net.features.children())[:-1]  # drop pool5: conv5_3 + ReLU is the output
     pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
     bounds = [0, *pools, len(layers)]
@@ -273,39 +324,38 @@ def _vgg16_c4(weights: str | None, frozen_bn: bool | None) -> StagedBackbone:
     )
 
 
-def _tiny_fpn(weights: str | None, frozen_bn: bool | None) -> StagedBackbone:
+def _tiny_fpn(weights: str | None, norm: type[nn.Module] | None) -> StagedBackbone:
     """Five conv stages (16-128 channels, BatchNorm) and a 32-channel FPN; for CPU runs.
 
     The FPN output convolutions and the RPN head at stride 4 dominate the cost; 32 channels
     train about 1.5x faster than 64 on CPU and reach the same recall on the synthetic shapes.
     """
+    layer = norm or nn.BatchNorm2d
 
     def block(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            layer(cout),
             nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            layer(cout),
             nn.ReLU(inplace=True),
         )
 
-    if frozen_bn:
-        raise ValueError("tiny_fpn: frozen_bn=True is not supported (it is trained from scratch)")
     widths = (16, 32, 64, 96, 128)
     stages = [block(3, widths[0])] + [block(a, b) for a, b in zip(widths[:-1], widths[1:])]
     backbone = StagedBackbone(
         stages, taps=(1, 2, 3, 4), tap_channels=widths[1:], fpn_channels=32, extra_max_pool=False
     )
-    if weights is not None:
+    if weights is not None and _LOAD_PRETRAINED.get():
         _load_checkpoint(backbone, weights)
     return backbone
 
 
-BACKBONES: dict[str, Callable[[str | None, bool | None], StagedBackbone]] = {
-    "resnet18_fpn": lambda w, f: _resnet_fpn("resnet18", w, f),
-    "resnet34_fpn": lambda w, f: _resnet_fpn("resnet34", w, f),
-    "resnet50_fpn": lambda w, f: _resnet_fpn("resnet50", w, f),
+BACKBONES: dict[str, Callable[[str | None, type[nn.Module] | None], StagedBackbone]] = {
+    "resnet18_fpn": lambda w, n: _resnet_fpn("resnet18", w, n),
+    "resnet34_fpn": lambda w, n: _resnet_fpn("resnet34", w, n),
+    "resnet50_fpn": lambda w, n: _resnet_fpn("resnet50", w, n),
     "mobilenet_v3_large_fpn": _mobilenet_v3_large_fpn,
     "vgg16_c4": _vgg16_c4,
     "tiny_fpn": _tiny_fpn,
@@ -325,15 +375,24 @@ def build_backbone(
         weights: a torchvision weight name (``"ResNet50_Weights.IMAGENET1K_V1"``), a local
             checkpoint of the classification network (``torch.load(weights_only=True)``), or
             ``None`` for random initialisation.
-        trainable_layers: how many stages, counted from the top, get gradients (ResNet: 5 =
-            everything incl. the stem). ``None``: 3 with weights, all without.
+        trainable_layers: how many stages, counted from the top, get gradients with pretrained
+            ``weights`` (ResNet: 5 = everything incl. the stem). ``None``: 3. Without weights every
+            stage trains, and a value that would freeze one is ignored with a warning.
         frozen_bn: replace BatchNorm by FrozenBatchNorm2d. ``None``: frozen with weights (the
             usual recipe for small detection batches), trainable BatchNorm without.
     """
     if name not in BACKBONES:
         raise ValueError(f"backbone={name!r} is unknown; expected one of {sorted(BACKBONES)}")
-    backbone = BACKBONES[name](weights, frozen_bn)
-    if trainable_layers is None:
-        trainable_layers = 3 if weights is not None else len(backbone.stages)
-    backbone.freeze_stages(trainable_layers)
+    backbone = BACKBONES[name](weights, batch_norm_layer(name, weights, frozen_bn))
+    stages = len(backbone.stages)
+    trainable = trainable_stages(weights, trainable_layers, stages)
+    if trainable_layers is not None and trainable_layers != trainable:
+        warnings.warn(
+            f"{name}: trainable_layers={trainable_layers} is ignored: without pretrained weights "
+            f"(model.weights null) all {stages} stages train, as a frozen random stage never learns. "
+            "Give weights to freeze the lower stages, or leave trainable_layers unset (null)",
+            UserWarning,
+            stacklevel=2,
+        )
+    backbone.freeze_stages(trainable)
     return backbone

@@ -9,6 +9,11 @@ anchors, box coding, head) must then be the checkpoint's. Otherwise the weights 
 load with a bare tensor-size mismatch, or load and mean something else: other anchor sizes of the
 same count put every proposal in the wrong place, with no error. :func:`check_checkpoint_agrees`
 names each difference instead.
+
+Resuming ``fit`` also restores the optimiser's state, which holds the parameters that trained:
+:func:`check_resume_agrees` names the backbone settings (``weights``, ``frozen_bn``,
+``trainable_layers``) that change them. They need not agree to evaluate: FrozenBatchNorm2d and
+BatchNorm2d load each other's weights and compute the same in eval mode.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["WEIGHT_DEFINING_HPARAMS", "check_checkpoint_agrees"]
+from lightning_rpn.core.backbones import BACKBONES, batch_norm_layer, trainable_stages
+from lightning_rpn.core.quality import parse_quality
+
+__all__ = ["RESUME_DEFINING_HPARAMS", "WEIGHT_DEFINING_HPARAMS", "check_checkpoint_agrees", "check_resume_agrees"]
 
 WEIGHT_DEFINING_HPARAMS = (
     "backbone", "anchor_sizes", "aspect_ratios", "anchor_offset", "anchor_stride", "box_coder_weights",
@@ -26,6 +34,11 @@ WEIGHT_DEFINING_HPARAMS = (
 )
 """``RPNModule`` arguments that a checkpoint's weights were trained for: a different value gives
 tensors of other shapes or outputs of another meaning."""
+
+
+RESUME_DEFINING_HPARAMS = ("weights", "frozen_bn", "trainable_layers")
+"""``RPNModule`` arguments that, with a built-in backbone, decide which parameters train
+(:func:`~lightning_rpn.core.backbones.batch_norm_layer`, :func:`~lightning_rpn.core.backbones.trainable_stages`)."""
 
 
 _OBJECT = object()
@@ -47,6 +60,17 @@ def _comparable(value: Any) -> Any:
     return value if value is None or isinstance(value, (str, bool)) else _OBJECT
 
 
+def _normalised(name: str, value: Any) -> Any:
+    """``value`` as the model reads it: ``quality`` as its branch names (``"centerness + iou"`` is
+    ``"centerness+iou"``; their order stays: it is the order of the head's outputs)."""
+    if name == "quality" and isinstance(value, str):
+        try:
+            return parse_quality(value)
+        except ValueError:
+            return value
+    return _comparable(value)
+
+
 def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | None = None) -> None:
     """``ValueError`` naming every :data:`WEIGHT_DEFINING_HPARAMS` value of the ``current`` model
     that differs from the ``saved`` checkpoint's (``checkpoint``: its path, for the message).
@@ -58,7 +82,7 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
         f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
         for name in WEIGHT_DEFINING_HPARAMS
         if name in saved and name in current and _comparable(saved[name]) is not _OBJECT
-        and _comparable(saved[name]) != _comparable(current[name])
+        and _normalised(name, saved[name]) != _normalised(name, current[name])
     ]
     if differ:
         where = f" {checkpoint}" if checkpoint else ""
@@ -67,3 +91,45 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
             f"({'; '.join(differ)}). A run follows its own config, so pass the config it was trained "
             "with (the run folder's config.yaml, or the values above as --model.* flags)"
         )
+
+
+def _trained_parameters(hparams: Mapping[str, Any], num_stages: int) -> tuple[str, int]:
+    """The backbone's batch norm (its class name, or "none") and how many stages train."""
+    norm = batch_norm_layer(hparams["backbone"], hparams["weights"], hparams["frozen_bn"])
+    trainable = trainable_stages(hparams["weights"], hparams["trainable_layers"], num_stages)
+    return "none" if norm is None else norm.__name__, trainable
+
+
+def check_resume_agrees(
+    saved: Mapping[str, Any], current: Mapping[str, Any], num_stages: int, checkpoint: str | None = None
+) -> None:
+    """``ValueError`` naming the :data:`RESUME_DEFINING_HPARAMS` of ``current`` and ``saved`` (the
+    checkpoint ``fit`` resumes) that train other backbone parameters: another batch norm or other
+    trainable stages (of the ``num_stages`` of the backbone both name). The optimiser's state of
+    the checkpoint would not fit them (torch only says that a parameter group's size differs).
+
+    Compared only for a built-in backbone named by both and settings recorded by both.
+    """
+    if not all(name in saved and name in current for name in ("backbone", *RESUME_DEFINING_HPARAMS)):
+        return
+    backbone = current["backbone"]
+    if not isinstance(backbone, str) or backbone not in BACKBONES or saved["backbone"] != backbone:
+        return
+    saved_norm, saved_stages = _trained_parameters(saved, num_stages)
+    norm, stages = _trained_parameters(current, num_stages)
+    effects = []
+    if saved_norm != norm:
+        effects.append(f"the backbone's batch norm: checkpoint {saved_norm}, this run {norm}")
+    if saved_stages != stages:
+        effects.append(f"trainable backbone stages of {num_stages}: checkpoint {saved_stages}, this run {stages}")
+    if not effects:
+        return
+    settings = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
+                for name in RESUME_DEFINING_HPARAMS if _comparable(saved[name]) != _comparable(current[name])]
+    where = f" {checkpoint}" if checkpoint else ""
+    raise ValueError(
+        f"RPNModule: fit cannot resume the checkpoint{where} with other trainable parameters than it was "
+        f"trained with, which its optimiser state holds ({'; '.join(settings)}; so {'; '.join(effects)}). "
+        "Resume with the checkpoint's model.weights, model.frozen_bn and model.trainable_layers (the run "
+        "folder's config.yaml); validate, test and predict load its weights either way"
+    )

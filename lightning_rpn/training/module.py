@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.backbone_interface import check_backbone, check_feature_strides
-from lightning_rpn.core.backbones import build_backbone
+from lightning_rpn.core.backbones import StagedBackbone, build_backbone
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.cascade import BoxLossPositives, CascadeRPN, ObjectnessLevel
 from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
@@ -67,7 +67,7 @@ from lightning_rpn.data.collate import set_sampling_epoch
 from lightning_rpn.data.loose_images import ImageInput
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
-from lightning_rpn.training.checkpoint_agreement import check_checkpoint_agrees
+from lightning_rpn.training.checkpoint_agreement import check_checkpoint_agrees, check_resume_agrees
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
@@ -94,8 +94,8 @@ class RPNModule(pl.LightningModule):
         backbone: a built-in backbone name or an ``nn.Module`` with the backbone interface.
         weights: torchvision weight name (``"ResNet50_Weights.IMAGENET1K_V1"``) or a local
             checkpoint of the classification network, for a named backbone; ``None``: random.
-        trainable_layers: backbone stages (from the top) that train; ``None``: 3 with weights,
-            all without.
+        trainable_layers: backbone stages (from the top) that train with pretrained weights;
+            ``None``: 3. Without weights all train (a value that would freeze one is ignored, with a warning).
         frozen_bn: FrozenBatchNorm2d in the backbone; ``None``: frozen iff weights are given.
         anchor_sizes: anchor sizes (pixels) per level, or one tuple for every level.
         aspect_ratios: ``h / w`` ratios per level, or one tuple for every level.
@@ -526,14 +526,19 @@ class RPNModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they
-        load; restore the skip count and the training resize; resume a checkpoint saved at an
-        epoch's end at the next epoch's start (:func:`finish_saved_epoch`)."""
+        load, and a fit resumed with other trainable backbone parameters (:func:`check_resume_agrees`),
+        before the optimiser's state loads; restore the skip count and the training resize; resume a
+        checkpoint saved at an epoch's end at the next epoch's start (:func:`finish_saved_epoch`)."""
         finish_saved_epoch(checkpoint)
         current = dict(self.hparams)
         if str(current.get("backbone")).startswith(_CUSTOM_BACKBONE):  # a module: its weights' shapes tell
             current.pop("backbone")
-        check_checkpoint_agrees(checkpoint.get("hyper_parameters", {}), current,
-                                getattr(self._trainer, "ckpt_path", None))
+        saved = checkpoint.get("hyper_parameters", {})
+        path = getattr(self._trainer, "ckpt_path", None)
+        check_checkpoint_agrees(saved, current, path)
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if fitting and "optimizer_states" in checkpoint and isinstance(self.backbone, StagedBackbone):
+            check_resume_agrees(saved, current, len(self.backbone.stages), path)
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(_RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)

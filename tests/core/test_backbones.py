@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -10,6 +12,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_rpn.core.backbones import (
     BACKBONES,
+    batch_norm_layer,
     build_backbone,
     check_backbone,
     infer_strides,
@@ -56,13 +59,52 @@ def test_vgg16_c4_gives_the_14x14x512_map_of_a_224_input() -> None:
     assert tuple(feature.shape) == (1, 512, 14, 14)
 
 
+def _trainable(backbone: nn.Module) -> list[bool]:
+    return [any(p.requires_grad for p in stage.parameters()) for stage in backbone.stages]
+
+
 def test_trainable_layers_freeze_the_lower_stages_only() -> None:
-    backbone = build_backbone("resnet18_fpn", trainable_layers=2)
-    trainable = [any(p.requires_grad for p in stage.parameters()) for stage in backbone.stages]
-    assert trainable == [False, False, False, True, True]
+    with weights_from_checkpoint():  # pretrained weights, not downloaded
+        backbone = build_backbone("resnet18_fpn", weights="ResNet18_Weights.IMAGENET1K_V1", trainable_layers=2)
+    assert _trainable(backbone) == [False, False, False, True, True]
     assert all(p.requires_grad for p in backbone.fpn.parameters())
     with pytest.raises(ValueError, match="trainable_layers must be in \\[0, 5\\]"):
         build_backbone("tiny_fpn", trainable_layers=6)
+
+
+def test_trainable_layers_without_weights_are_ignored_with_a_warning() -> None:
+    # freezing applies to pretrained weights: a frozen random stage never learns
+    with pytest.warns(UserWarning, match=r"resnet18_fpn: trainable_layers=2 is ignored: without pretrained weights "
+                                         r"\(model.weights null\) all 5 stages train"):
+        backbone = build_backbone("resnet18_fpn", trainable_layers=2)
+    assert _trainable(backbone) == [True] * 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a value that freezes nothing is no mistake
+        assert _trainable(build_backbone("tiny_fpn", trainable_layers=5)) == [True] * 5
+
+
+def test_batch_norm_follows_the_weights_unless_frozen_bn_is_given() -> None:
+    assert batch_norm_layer("resnet18_fpn", "ResNet18_Weights.IMAGENET1K_V1", None) is FrozenBatchNorm2d
+    assert batch_norm_layer("resnet18_fpn", None, None) is nn.BatchNorm2d
+    assert batch_norm_layer("mobilenet_v3_large_fpn", None, True) is FrozenBatchNorm2d
+    assert batch_norm_layer("resnet50_fpn", "w.pth", False) is nn.BatchNorm2d
+    assert batch_norm_layer("tiny_fpn", "w.pth", None) is nn.BatchNorm2d
+    assert batch_norm_layer("vgg16_c4", "VGG16_Weights.IMAGENET1K_V1", None) is None
+    with pytest.raises(ValueError, match="tiny_fpn: frozen_bn=True is not supported"):
+        batch_norm_layer("tiny_fpn", None, True)
+
+
+def test_one_training_image_with_a_1x1_last_stage_is_a_clear_error() -> None:
+    backbone = build_backbone("tiny_fpn").train()
+    with pytest.raises(ValueError, match=r"a training batch of 1 image of 32x32 px leaves a 1x1 map at stride 32, "
+                                         r"one value per channel, .* batches of 2 or more images \(data.batch_size.*"
+                                         r"images larger than 32 px on a side"):
+        backbone(torch.randn(1, 3, 32, 32))
+    backbone(torch.randn(2, 3, 32, 32))  # batch statistics of 2 values
+    backbone(torch.randn(1, 3, 64, 32))
+    with torch.no_grad():
+        backbone.eval()(torch.randn(1, 3, 32, 32))  # running statistics
+    build_backbone("resnet18_fpn", frozen_bn=True).train()(torch.randn(1, 3, 32, 32))  # no batch statistics
 
 
 def test_frozen_bn_option_and_default_without_weights() -> None:
@@ -184,3 +226,9 @@ def test_weights_a_checkpoint_replaces_are_not_downloaded_but_shape_the_network(
         build_backbone("resnet18_fpn", weights=str(path))
     with pytest.raises(ValueError, match="downloading them failed"):  # outside the context: downloaded
         build_backbone("resnet18_fpn", weights="ResNet18_Weights.IMAGENET1K_V1")
+
+
+def test_tiny_fpn_weights_a_checkpoint_replaces_are_not_read(tmp_path) -> None:
+    with weights_from_checkpoint():  # the file is gone (another machine): validate --ckpt_path still builds
+        backbone = build_backbone("tiny_fpn", weights=str(tmp_path / "gone.pth"))
+    assert _trainable(backbone) == [False, False, True, True, True]
