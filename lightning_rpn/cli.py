@@ -318,8 +318,13 @@ class RPNLightningCLI(LightningCLI):
 
     def _checkpoint_holds_the_weights(self) -> bool:
         """``validate`` / ``test`` / ``predict`` with a ``--ckpt_path`` (found on disk, or refused:
-        :func:`~lightning_rpn.training.run_files.evaluation_checkpoint`)."""
-        return self.subcommand in ("validate", "test", "predict") and bool(self._run_config().get("ckpt_path"))
+        :func:`~lightning_rpn.training.run_files.evaluation_checkpoint`), and ``fit`` resuming a
+        checkpoint file. Not ``fit --ckpt_path last``: with no last checkpoint yet, Lightning
+        starts afresh, from the pretrained weights."""
+        ckpt_path = self._run_config().get("ckpt_path")
+        if self.subcommand == "fit":
+            return ckpt_path is not None and Path(str(ckpt_path)).is_file()
+        return self.subcommand in ("validate", "test", "predict") and bool(ckpt_path)
 
     def _run_config(self) -> Any:
         """The parsed config of the run: the subcommand's section, or all of it without one."""

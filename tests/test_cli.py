@@ -210,6 +210,18 @@ def test_a_checkpoint_file_keeps_the_run_config_and_refuses_another_network(trai
             "checkpoint [[16.0], [32.0], [64.0], [128.0]], this run [[64.0], [128.0], [256.0], [512.0]])") in output
 
 
+def test_fit_resuming_a_checkpoint_file_reads_no_pretrained_weights(trained: Path, tmp_path: Path) -> None:
+    # the checkpoint holds every weight: resuming on a machine without the weights file (or internet) works
+    shutil.copy2(trained / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(trained / "run/checkpoints", tmp_path / "run/checkpoints")
+    result = run_cli(["fit", "--config", "config.yaml", "--ckpt_path", str(tmp_path / "run/checkpoints/last.ckpt"),
+                      "--trainer.max_steps", "3", "--trainer.logger", "false", "--model.weights",
+                      str(tmp_path / "gone.pth"), "--model.trainable_layers", "5"], tmp_path)
+    assert_ok(result)
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 3
+
+
 def test_predict_with_a_checkpoint_alone_builds_the_checkpoints_model(trained: Path, tmp_path: Path) -> None:
     # no --config: the model is the checkpoint's (tiny_fpn), not RPNModule's defaults (resnet50_fpn)
     save_image(tmp_path / "images/0.png", 70, 90)
