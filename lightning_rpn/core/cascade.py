@@ -239,9 +239,9 @@ class CascadePrediction(NamedTuple):
     """What the stages predict for a batch (see :meth:`CascadeRPN.predict`).
 
     ``boxes[s]`` / ``deltas[s]``: stage ``s``'s input boxes and its deltas relative to them,
-    ``[B, N, 4]`` (stage 0's boxes are the anchors; in eval mode the last stage's are those of
-    its last pass with ``test_iterations``; in training ``train_iterations`` more entries
-    follow, one per pass); ``logits``: the last stage's objectness
+    ``[B, N, 4]`` (stage 0's boxes are the anchors; then one more entry per pass of the last
+    stage over its own boxes: ``test_iterations`` in eval mode, ``train_iterations`` in
+    training); ``logits``: the last stage's objectness
     ``[B, N]``; ``quality``: its quality logits ``[B, N, Q]`` or ``None``; ``scores``: the logits
     of the proposal score ``[B, N]`` (the objectness unless quality ranks); ``per_level``:
     ``N_l`` of each level.
@@ -389,9 +389,10 @@ class CascadeRPN(RegionProposer):
         the eager forward and the exported program (:mod:`lightning_rpn.tools.export`) both
         call it. The boxes passed from stage to stage are detached. The last stage then refines
         its own boxes ``test_iterations`` (eval mode) or ``train_iterations`` (training) more
-        times, with its weights and input features; the scores stay those of its first pass. In
-        eval mode each pass replaces the last stage's boxes and deltas; in training each is
-        appended (``boxes[num_stages + i]``) for its box loss.
+        times, with its weights and input features; the scores stay those of its first pass. Each
+        pass is appended (``boxes[num_stages + i]``): the proposals refine the last one, and the
+        losses (evaluation's too) are those of training: the objectness of the last stage's first
+        pass, on the boxes that pass saw, and every pass's box loss.
         """
         batch = levels[0].shape[0]
         per_level = [a.shape[0] for a in anchors]
@@ -409,12 +410,8 @@ class CascadeRPN(RegionProposer):
                 inputs = hidden
         for _ in range(self.train_iterations if self.training else self.test_iterations):
             boxes = self.box_coder.decode(stage_deltas[-1].detach(), stage_boxes[-1])
-            deltas = self._run_stage(self.stages[-1], inputs, boxes, per_level)[1]
-            if self.training:
-                stage_boxes.append(boxes)
-                stage_deltas.append(deltas)
-            else:
-                stage_boxes[-1], stage_deltas[-1] = boxes, deltas
+            stage_boxes.append(boxes)
+            stage_deltas.append(self._run_stage(self.stages[-1], inputs, boxes, per_level)[1])
         assert logits is not None
         scores = rank_logits(logits, quality, self.proposal_score)
         return CascadePrediction(stage_boxes, stage_deltas, logits, quality, scores, per_level)

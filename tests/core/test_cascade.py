@@ -271,6 +271,22 @@ def test_train_iterations_add_a_box_loss_on_the_last_stages_own_boxes() -> None:
         _cascade(train_iterations=-1)
 
 
+def test_evaluation_losses_with_test_iterations_are_the_training_losses() -> None:
+    # the objectness was scored against targets of the refined boxes it never saw (the pass replaced them)
+    torch.manual_seed(0)
+    rpn = _cascade(num_stages=2, train_iterations=1, test_iterations=1, box_loss_positives="all")
+    for parameter in rpn.parameters():  # boxes that move at every pass
+        torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(parameter.numel()))
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    with torch.no_grad():
+        training = rpn.train()(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1], need_proposals=False)[1]
+        evaluation = rpn.eval()(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1], need_proposals=False)[1]
+        prediction = rpn.predict(features, rpn.anchor_generator([(8, 8), (4, 4)]))
+    for key in ("loss_rpn_cls", "loss_rpn_reg"):
+        torch.testing.assert_close(evaluation[key], training[key])
+    assert len(prediction.boxes) == 3  # anchors, stage 2's boxes, the test iteration's (the proposals refine it)
+
+
 def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_rpn.core.cascade as cascade
 
