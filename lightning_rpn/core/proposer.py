@@ -50,7 +50,7 @@ class ProposalInputs:
     anchor_targets: tuple[Tensor, Tensor] | None
     image_ids: Sequence[int | str] | None
     sampling_keys: Sequence[int | str] | None
-    sampling_epoch: int
+    sampling_epoch: int | None
     need_proposals: bool
     proposal_logits: bool
 
@@ -77,6 +77,14 @@ class ProposalInputs:
                 f"{where}: {len(ids)} image_ids and {len(keys)} sampling_keys for a batch of {batch} images"
             )
         return ids, keys
+
+
+def _fresh_generator() -> torch.Generator:
+    """A CPU generator seeded from torch's global generator: a new sample at every call, repeatable
+    under ``torch.manual_seed``."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return generator
 
 
 class RegionProposer(nn.Module):
@@ -132,7 +140,7 @@ class RegionProposer(nn.Module):
         anchor_targets: tuple[Tensor, Tensor] | None = None,
         image_ids: Sequence[int | str] | None = None,
         sampling_keys: Sequence[int | str] | None = None,
-        sampling_epoch: int = 0,
+        sampling_epoch: int | None = None,
         need_proposals: bool = True,
         proposal_logits: bool = False,
     ) -> tuple[Proposals, dict[str, Tensor]]:
@@ -148,8 +156,12 @@ class RegionProposer(nn.Module):
                 ``sampling_keys`` are given (default: index in the batch).
             sampling_keys: what seeds each image's sampling (``RPNBatch.sampling_keys``: the
                 items' dataset positions, so that an image listed twice draws two samples).
-            sampling_epoch: the training epoch, mixed into the sampling seeds so that every
-                epoch samples afresh (pass the one the data pipeline used: ``RPNCollate.set_epoch``).
+            sampling_epoch: the training epoch, mixed with ``seed`` and each image's key into its
+                sampling seed, so that every epoch samples afresh and a run is reproducible and
+                resumable: the data pipeline's targets (pass the epoch it used:
+                ``RPNCollate.set_epoch``). ``None``: every call draws a fresh sample from torch's
+                global generator, as torchvision's sampler does (a training loop of one's own
+                that passes no epoch must not sample the same anchors at every step).
             need_proposals: ``False`` skips proposal generation and returns ``[]``.
             proposal_logits: proposals as ``(boxes, probabilities, logits [P])``: the logits
                 keep the ranking that float32 probabilities lose once they round to 1.0.
@@ -199,6 +211,8 @@ class RegionProposer(nn.Module):
                 )
             gt_boxes.append(boxes.to(device=inputs.device, dtype=torch.float32))
         check_gt_box_batch(gt_boxes, lambda i: f"{name} targets[{i}] (image_id={ids[i]!r})", inputs.image_sizes)
+        if inputs.sampling_epoch is None:
+            return gt_boxes, [_fresh_generator() for _ in keys]
         return gt_boxes, [sample_generator(self.seed, key, inputs.sampling_epoch) for key in keys]
 
     def _proposals(

@@ -11,7 +11,8 @@ One forward pass:
 3. losses, if training targets are available: either ``anchor_targets`` precomputed by the
    data pipeline (used as given), or assigned here from ``targets`` under ``no_grad`` with the
    same function and the same per-image generator (seeded by ``seed``, ``sampling_epoch`` and
-   the image id) as the pipeline, so both paths give identical targets;
+   the image id) as the pipeline, so both paths give identical targets (without a
+   ``sampling_epoch``, from torch's global generator: a fresh sample at every call);
 4. proposals (skipped with ``need_proposals=False``, e.g. for a faster training step), with
    the train or test top-k settings chosen by ``self.training``, ranked by ``proposal_score``:
    the objectness, or (with ``quality`` branches, :mod:`~lightning_rpn.core.quality`) the geometric

@@ -29,9 +29,10 @@ Differences from torchvision's class:
   level's stride); both agree whenever the padded size is a multiple of the largest stride,
   which torchvision's default ``size_divisible=32`` does not ensure for a stride-64 level
   (set ``detector.transform.size_divisible = 64`` for identical proposals);
-- anchor sampling draws from a per-image generator seeded by ``rpn.seed``, the call count and
-  the image's batch index (reproducible), not from the global RNG;
 - it is not TorchScript-scriptable.
+
+Anchor sampling draws from torch's global generator at every training step, as torchvision's
+sampler does (a new sample each step, repeatable under ``torch.manual_seed``).
 """
 
 from __future__ import annotations
@@ -124,7 +125,6 @@ class TorchvisionRPN(nn.Module):
                 f"got {type(rpn).__name__}"
             )
         self.rpn = rpn
-        self.calls = 0
 
     @classmethod
     def from_torchvision(cls, rpn: RegionProposalNetwork, strides: Sequence[int]) -> TorchvisionRPN:
@@ -203,14 +203,9 @@ class TorchvisionRPN(nn.Module):
                     f"{tuple(feature.shape[-2:])} on a {tuple(padded)} batch, expected {expected} for "
                     f"stride {stride}; the strides {self.rpn.anchor_generator.strides} do not fit the backbone"
                 )
-        image_ids = None
-        if self.training:
-            image_ids = [f"{self.calls}:{index}" for index in range(len(images.image_sizes))]
-            self.calls += 1
-        proposals, losses = self.rpn(
+        proposals, losses = self.rpn(  # no sampling epoch: each step samples afresh, as torchvision's
             feature_list,
             images.image_sizes,
             targets=targets if self.training else None,
-            image_ids=image_ids,
         )
         return [boxes for boxes, _ in proposals], {_LOSS_KEYS[key]: value for key, value in losses.items()}

@@ -95,12 +95,28 @@ def test_precomputed_targets_equal_in_model_targets() -> None:
     precomputed = (torch.stack(labels), torch.stack(deltas))
     assert (precomputed[0] == 1).any() and (precomputed[0] == 0).any()
     _, from_pipeline = rpn(features, IMAGE_SIZES, anchor_targets=precomputed, need_proposals=False)
-    _, in_model = rpn(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, need_proposals=False)
+    _, in_model = rpn(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, sampling_epoch=0, need_proposals=False)
     for key in ("loss_rpn_cls", "loss_rpn_reg"):
         assert torch.equal(from_pipeline[key], in_model[key])
     # A different seed samples differently.
-    _, other_seed = _rpn(seed=8)(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, need_proposals=False)
+    _, other_seed = _rpn(seed=8)(features, IMAGE_SIZES, _targets(), image_ids=IMAGE_IDS, sampling_epoch=0,
+                                 need_proposals=False)
     assert not torch.equal(other_seed["loss_rpn_cls"], in_model["loss_rpn_cls"])
+
+
+def test_without_a_sampling_epoch_every_call_samples_afresh_from_the_global_generator() -> None:
+    # a training loop of the user's own passes no epoch: it drew the same anchors at every step
+    rpn = _rpn().train()
+    features = _features()
+
+    def cls_losses() -> list[float]:
+        return [float(rpn(features, IMAGE_SIZES, _targets(), need_proposals=False)[1]["loss_rpn_cls"]) for _ in range(3)]
+
+    torch.manual_seed(0)
+    first = cls_losses()
+    torch.manual_seed(0)
+    assert cls_losses() == first  # repeatable under torch.manual_seed, as torchvision's sampler
+    assert len(set(first)) == 3  # a new sample at every call
 
 
 def test_anchor_targets_shape_mismatch_names_both_counts() -> None:
