@@ -7,8 +7,9 @@ image, image sizes that disagree with the annotation, unknown image ids) raise b
 ``on_bad_annotation="skip"`` drops the offending box or image instead, and ``"clip"`` clips
 what clipping can repair and skips the rest. Boxes only slightly outside the image (by at most
 :data:`OUTSIDE_TOLERANCE_PX` or :data:`OUTSIDE_TOLERANCE_FRACTION` of the image side) are
-clipped under every policy: they are the only *warnings* (:data:`WARNING_KINDS`); every other
-problem is an *error*, one that the default policy refuses.
+clipped under every policy: they are *warnings* (:data:`WARNING_KINDS`), as are boxes that no
+training window keeps (``box_larger_than_window``: the data is sound, the window too small);
+every other problem is an *error*, one that the default policy refuses.
 
 Boxes are checked as written in their file (:data:`BoxFormat`: xyxy, COCO ``xywh`` or VOC's
 1-based ``xmin, ymin, xmax, ymax``) and problem messages quote them that way.
@@ -51,7 +52,7 @@ BoxFormat = Literal["xyxy", "xywh", "voc"]
 VOC's 1-based inclusive ``(xmin, ymin, xmax, ymax)``."""
 
 Severity = Literal["error", "warning"]
-WARNING_KINDS = frozenset({"slightly_outside"})
+WARNING_KINDS = frozenset({"slightly_outside", "box_larger_than_window"})
 """Problem kinds that every policy repairs without complaint (``check-data`` exits 0 on these
 unless ``--strict``); every other kind is an error."""
 BOX_PROBLEM_KINDS = frozenset({"non_finite", "looks_like_xywh", "empty_box", "outside_image", "slightly_outside"})

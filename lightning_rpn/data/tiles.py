@@ -16,11 +16,16 @@ A window is drawn in three steps: an image, chosen with probability proportional
 probability ``box_probability`` is one whose window holds a randomly chosen box of the image
 whole (where the box fits), and otherwise is uniform; with ``overlap`` set, positions are the
 sliding-window grid of stride ``size - overlap`` (the windows :mod:`lightning_rpn.core.windows`
-predicts on), else any pixel offset. An image smaller than the window is one window.
+predicts on), else any pixel offset. An image smaller than the window is one window. The draw
+needs each image's size (and its box count): from the annotation, else, for a file-backed
+dataset, from the file's header (no decode), else from the image itself.
 
 Boxes are clipped to the window; a box cut so that less than ``min_visibility`` of its area
 stays inside is dropped and counted in ``removed_boxes`` (the data report); boxes wholly outside
-the window are not counted (they belong to other windows). Decoded source images are kept per
+the window are not counted (they belong to other windows). A box so much larger than the window
+that no window keeps ``min_visibility`` of it is never trained: the image's first window says so
+in its ``problems`` (kind ``box_larger_than_window``, warned once by the data report), naming the
+image and the window size that would hold those boxes. Decoded source images are kept per
 process in an LRU cache bounded by ``cache_mb`` (:mod:`~lightning_rpn.data.image_cache`), plus
 the image last cut (an image larger than the budget is decoded once per window).
 
@@ -49,11 +54,16 @@ from torch.utils.data import Dataset
 from lightning_rpn.core.windows import clip_to_window, config_from_mapping, window_key, window_starts
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
 from lightning_rpn.data.image_cache import ImageCache
-from lightning_rpn.data.image_io import RasterLayout, raster_layout
+from lightning_rpn.data.image_io import RasterLayout, raster_layout, read_image_size
+from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, ProblemLog, sanitize_boxes
 from lightning_rpn.data.sample import DetectionSample
+from lightning_rpn.data.window_fit import boxes_no_window_keeps, untrainable_boxes_problem
 from lightning_rpn.data.window_sampler import WindowSampler
 
-__all__ = ["TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window"]
+__all__ = [
+    "TileConfig", "TiledDataset", "WindowSampler", "ImageCache", "cut_window", "boxes_no_window_keeps",
+    "untrainable_boxes_problem",
+]
 
 TileWeighting = Literal["area", "uniform", "boxes"]
 _WEIGHTINGS = ("area", "uniform", "boxes")
@@ -162,6 +172,7 @@ class TiledDataset(Dataset):
         self._problems_sent: set[int] = set()
         self._last: tuple[int, DetectionSample] | None = None
         self._rasters: dict[int, tuple[ImageRecord, RasterLayout] | None] = {}
+        self._described: dict[int, tuple[tuple[int, int], int]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -213,15 +224,40 @@ class TiledDataset(Dataset):
         return self._image(index).boxes if raster is None else raster[0].boxes
 
     def _describe(self, index: int) -> tuple[tuple[int, int], int]:
-        """``((H, W), G)`` of image ``index``, from the annotation records where there are any."""
+        """``((H, W), G)`` of image ``index`` (see the module docstring), found once per process."""
+        if index not in self._described:
+            self._described[index] = self._read_description(index)
+        return self._described[index]
+
+    def _read_description(self, index: int) -> tuple[tuple[int, int], int]:
+        """``((H, W), G)`` from the annotation, else the file's header, else the image."""
         records = getattr(self.dataset, "records", None)
         if records is not None and records[index].size is not None and records[index].checked:
             return records[index].size, len(records[index].boxes)
         side = getattr(self.dataset, "size", None)  # DenseScenes: every scene is size x size
         if isinstance(side, int) and self.config.weighting != "boxes":
             return (side, side), 1
+        described = self._header_description(index) if isinstance(self.dataset, AnnotatedDataset) else None
+        if described is not None:
+            return described
         sample = self._image(index)
         return sample.image_size, len(sample.boxes)
+
+    def _header_description(self, index: int) -> tuple[tuple[int, int], int] | None:
+        """``((H, W), G)`` of an annotated image whose annotation gives no size: the size from its
+        file's header, its boxes checked against that size as decoding it would (the dataset's
+        ``on_bad_annotation``, problems left to the decode); ``None`` when the header cannot be
+        read (the decode then applies ``on_bad_annotation`` to the file)."""
+        dataset: AnnotatedDataset = self.dataset  # type: ignore[assignment]
+        record = dataset.records[index]
+        try:
+            size = read_image_size(record.file, image_id=record.image_id)
+        except DataError:
+            return None
+        ref = AnnotationRef(record.annotation_file, record.image_id)
+        boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size, dataset.on_bad_annotation, ref,
+                                  ProblemLog(), dataset.box_format)
+        return size, len(boxes)
 
     def image_weights(self) -> np.ndarray:
         """Probability of each image being drawn (``weighting``), computed once per process."""
@@ -292,6 +328,12 @@ class TiledDataset(Dataset):
         x0, y0 = min(x0, max(0, width - self.config.size)), min(y0, max(0, height - self.config.size))
         window = (x0, y0, min(x0 + self.config.size, width), min(y0 + self.config.size, height))
         # an image's load problems travel with its first window in this process: counted once
-        problems = [] if image in self._problems_sent else sample.problems
+        problems = [] if image in self._problems_sent else sample.problems + self._untrainable_boxes(sample)
         self._problems_sent.add(image)
         return cut_window(replace(sample, problems=problems), window, self.min_visibility)
+
+    def _untrainable_boxes(self, sample: DetectionSample) -> list[Problem]:
+        """The problem of the boxes of ``sample`` that no window keeps, if any (:func:`untrainable_boxes_problem`)."""
+        problem = untrainable_boxes_problem(sample.boxes, sample.image_size, self.config.size, self.min_visibility,
+                                            sample.source, sample.image_id)
+        return [] if problem is None else [problem]

@@ -43,6 +43,7 @@ from lightning_rpn.data.dataset_report import (
 )
 from lightning_rpn.data.image_io import read_image_size, verify_image
 from lightning_rpn.data.problems import BOX_PROBLEM_KINDS, AnnotationRef, DataError, Problem, sanitize_boxes
+from lightning_rpn.data.window_fit import untrainable_boxes_problem
 from lightning_rpn.data.transforms import ResizePolicy, TransformedDataset
 
 __all__ = [
@@ -79,8 +80,22 @@ class AnchorProbe:
         report.best_anchor_iou.extend(best.tolist())
 
 
+WindowFit = tuple[int, float]
+"""``(data.tiles.size, min_visibility)`` of a split trained on windows: boxes no window keeps are reported."""
+
+
+def _check_window_fit(report: SplitReport, windows: WindowFit | None, size: tuple[int, int] | None,
+                      boxes: np.ndarray, file: str | None, image_id: int | str) -> None:
+    """Report the boxes of an image that no training window keeps (``box_larger_than_window``)."""
+    if windows is not None and size is not None and len(boxes):
+        problem = untrainable_boxes_problem(boxes, size, windows[0], windows[1], file, image_id)
+        if problem is not None:
+            report.problems.add(problem)
+
+
 def _check_annotated(
-    dataset: AnnotatedDataset, report: SplitReport, check_images: bool, probe: AnchorProbe | None
+    dataset: AnnotatedDataset, report: SplitReport, check_images: bool, probe: AnchorProbe | None,
+    windows: WindowFit | None = None,
 ) -> None:
     """Each record's image decoded (``check_images``; else its header read where the annotation
     gives no size) and its boxes checked against the file's size; the dataset's own problems kept
@@ -110,13 +125,15 @@ def _check_annotated(
                                       report.problems, dataset.box_format)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         report.add_image(size, boxes, np.asarray(crowd, np.float32).reshape(-1, 4))
+        _check_window_fit(report, windows, size, boxes, record.file, record.image_id)
         if probe is not None:
             probe.add(report, size, boxes)
     report.problems.extend(p for p in dataset.problems
                            if p.kind not in BOX_PROBLEM_KINDS or (p.file, p.image_id) not in rechecked)
 
 
-def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | None) -> None:
+def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | None,
+                 windows: WindowFit | None = None) -> None:
     n = len(dataset)  # type: ignore[arg-type]
     for index in track(range(n), description=f"Checking {report.name}", disable=n < PROGRESS_MIN_ITEMS,
                        transient=True):
@@ -128,6 +145,7 @@ def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | Non
             continue
         report.problems.extend(sample.problems)
         report.add_image(sample.image_size, sample.boxes, sample.crowd_boxes)
+        _check_window_fit(report, windows, sample.image_size, sample.boxes, sample.source, sample.image_id)
         if probe is not None:
             probe.add(report, sample.image_size, sample.boxes)
 
@@ -150,11 +168,17 @@ def validate_dataset(
     ``empty_split`` error. With an ``anchor_generator`` (a data
     module's own, by default), the report adds anchor coverage: the best anchor IoU of the gt
     boxes of the first ``max_anchor_images`` images (``None``: all), after the evaluation ``resize``.
+    A data module's train split trained on windows (``data.tiles``) also gets a
+    ``box_larger_than_window`` warning for each image with boxes that no window keeps.
     """
+    windows: dict[str, WindowFit | None] = {}
     if isinstance(target, Dataset):
         datasets: list[tuple[str, Dataset | DataError]] = [(name, target)]
     elif callable(getattr(target, "build_dataset", None)) and isinstance(getattr(target, "splits", None), dict):
         datasets = []  # an RPNDataModule (duck-typed: no Lightning import here)
+        tiles = getattr(target, "tiles", None)
+        hparams = getattr(target, "hparams", {})
+        train_windows = None if tiles is None else (tiles.size, float(hparams.get("min_visibility", 0.0)))
         for role in splits:
             if role not in target.splits:
                 raise ValueError(f"validate_dataset: unknown split role {role!r}; expected one of {sorted(target.splits)}")
@@ -166,6 +190,7 @@ def validate_dataset(
                 except DataError as error:
                     built = error
                 datasets.append((f"{role} ({split})", built))
+                windows[f"{role} ({split})"] = train_windows if role == "train" else None
         anchor_generator = anchor_generator or getattr(target, "anchor_generator", None)
         size_divisibility = size_divisibility or getattr(target, "size_divisibility", None)
         resize = resize or getattr(target, "resize_policy", None)
@@ -173,6 +198,7 @@ def validate_dataset(
         raise TypeError(f"validate_dataset: expected a Dataset or RPNDataModule, got {type(target).__name__}")
     reports = []
     for split_name, dataset in datasets:
+        fit = windows.get(split_name)
         report = SplitReport(split_name)
         reports.append(report)
         if isinstance(dataset, DataError):
@@ -185,9 +211,9 @@ def validate_dataset(
         # checked item by item, as it is
         inner = dataset.dataset if isinstance(dataset, TransformedDataset) else dataset
         if isinstance(inner, AnnotatedDataset):
-            _check_annotated(inner, report, check_images, probe)
+            _check_annotated(inner, report, check_images, probe, fit)
         else:
-            _check_items(inner, report, probe)
+            _check_items(inner, report, probe, fit)
         if len(inner) == 0:  # type: ignore[arg-type]
             report.problems.add(Problem("empty_split", "skipped", "the split lists no images; training and "
                                         "evaluation refuse it", getattr(inner, "annotation_file", None)))

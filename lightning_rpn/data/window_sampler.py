@@ -3,34 +3,42 @@
 Item ``epoch * per_epoch + i`` of a :class:`~lightning_rpn.data.tiles.TiledDataset` is window
 ``i`` of ``epoch``; :class:`WindowSampler` hands the DataLoader the indices of the current
 epoch (``set_epoch``, called by the trainer before each epoch's first batch, also with
-persistent workers), so no shuffling is needed: the index is the draw. A run resumed inside an
-epoch goes on with that epoch's windows it had not trained (``done``), not with its first ones
-again.
+persistent workers), so no shuffling is needed: the index is the draw.
+
+Ranks take the windows by stride (rank ``r`` of ``W``: ``i = r, r + W, ...``) and stay in step,
+so after ``b`` batches of ``B`` windows on every rank the epoch's first ``b * B * W`` windows are
+trained, whatever ``W``: a prefix. :class:`WindowProgress` counts that prefix as training goes
+(what a checkpoint keeps), and a run resumed inside an epoch, on any number of processes, goes on
+with the windows after it (``done``), not with the epoch's first ones again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch.utils.data import DistributedSampler, Sampler
 
-__all__ = ["WindowSampler"]
+__all__ = ["WindowSampler", "WindowProgress"]
 
 
 class WindowSampler(DistributedSampler):
     """The indices ``epoch * per_epoch + i`` of the epoch set by :meth:`set_epoch`, this rank's share.
 
-    Process ``rank`` of ``num_replicas`` takes ``i = rank, rank + num_replicas, ...``, every
-    rank the same count (a few windows repeat when ``num_replicas`` does not divide
-    ``per_epoch``, so DDP ranks stay in step). A ``DistributedSampler`` so that Lightning keeps
-    it under DDP instead of wrapping it (a wrapper would not pass ``set_epoch`` on).
+    Process ``rank`` of ``num_replicas`` takes ``i = done + rank, done + rank + num_replicas,
+    ...``, every rank the same count (a few windows repeat, from the epoch's first, when
+    ``num_replicas`` does not divide what is left, so DDP ranks stay in step). A
+    ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it (a wrapper
+    would not pass ``set_epoch`` on).
 
-    ``done`` (read as an epoch's iteration starts) says how many of this rank's windows of the
-    epoch are already trained: a run resumed from a checkpoint saved inside the epoch skips them.
+    ``done(epoch)`` (asked as an epoch's iteration starts) says how many of the epoch's first
+    windows are already trained, all ranks together: a run resumed from a checkpoint saved
+    inside the epoch skips them. ``len()`` stays the whole epoch's share, which Lightning counts
+    the epoch's batches from.
     """
 
     def __init__(self, per_epoch: int, num_replicas: int = 1, rank: int = 0,
-                 done: Callable[[], int] | None = None) -> None:
+                 done: Callable[[int], int] | None = None) -> None:
         # DistributedSampler.__init__ wants a dataset and a process group; nothing of it is used
         Sampler.__init__(self)
         if not 0 <= rank < num_replicas:
@@ -44,10 +52,87 @@ class WindowSampler(DistributedSampler):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
+        done = 0 if self.done is None else min(max(0, self.done(self.epoch)), self.per_epoch)
+        count = -(-(self.per_epoch - done) // self.num_replicas)
         start = self.epoch * self.per_epoch
-        skip = 0 if self.done is None else max(0, self.done())
-        return iter([start + (self.rank + k * self.num_replicas) % self.per_epoch
-                     for k in range(skip, self.num_samples)])
+        return iter([start + (done + self.rank + k * self.num_replicas) % self.per_epoch for k in range(count)])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def batches_for(windows: int, batch_size: int, num_replicas: int) -> int:
+    """Batches each of ``num_replicas`` ranks takes to train ``windows`` windows by stride."""
+    per_rank = -(-windows // num_replicas)
+    return -(-per_rank // batch_size)
+
+
+def _batches(count: int) -> str:
+    """``"1 batch"``, ``"2 batches"``."""
+    return f"{count} batch" if count == 1 else f"{count} batches"
+
+
+class WindowProgress:
+    """The windows tiled training has trained, all ranks together: the first ``done(...)`` of ``epoch``.
+
+    Created with the position training starts from (``epoch``, ``start`` windows of it done: a
+    checkpoint's :meth:`state`, see :meth:`resume_position`). :meth:`begin` is the sampler's
+    ``done``; :meth:`first_batch` takes the trainer's count of the epoch's batches as its first
+    batch of this run comes (a resumed epoch's count starts at the batches restored), so that
+    :meth:`done` follows from the trainer's count of batches trained since, at today's world size.
+    """
+
+    def __init__(self, per_epoch: int, epoch: int = 0, start: int = 0) -> None:
+        self.per_epoch, self.epoch, self.start = per_epoch, epoch, start
+        self.first: int | None = None  # the trainer's batch count before this epoch's first batch of this run
+
+    def begin(self, epoch: int) -> int:
+        """Windows of ``epoch`` already trained as the sampler starts it: the start position's for its epoch, else 0."""
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+        self.first = None
+        return self.start
+
+    def first_batch(self, batches: int, batch_size: int, num_replicas: int) -> str | None:
+        """Record ``batches`` (the trainer's count before this epoch's first batch of this run);
+        when it is a resumed epoch whose rest is not the trainer's rest of ``len(loader)`` batches
+        (the checkpoint came from another number of processes), what happens, else ``None``."""
+        if self.first is not None:
+            return None
+        self.first = batches
+        left = self.per_epoch - self.start
+        if not self.start or not left:
+            return None
+        ours, whole = batches_for(left, batch_size, num_replicas), batches_for(self.per_epoch, batch_size, num_replicas)
+        theirs = max(whole - batches, 1)  # Lightning ends the epoch at its length (after one batch when past it)
+        if ours == theirs:
+            return None
+        where = (f"epoch {self.epoch} was resumed with {self.start} of its {self.per_epoch} windows trained "
+                 f"(data.tiles.per_epoch), but the trainer counts {_batches(batches)} of its {whole} per process "
+                 "done (the checkpoint was saved on another number of processes or with another batch size)")
+        if ours < theirs:
+            return (f"{where}: it trains the {left} windows left in {_batches(ours)} per process and ends there, "
+                    f"{_batches(theirs - ours)} short of Lightning's count, so Lightning does not validate at this "
+                    "epoch's end (the next epochs are whole)")
+        skipped = left - theirs * batch_size * num_replicas
+        return (f"{where}: Lightning runs only {_batches(theirs)} more of it per process, so its last "
+                f"{skipped} windows (from window {self.per_epoch - skipped}) are not trained; resume with the "
+                "checkpoint's number of processes and data.batch_size, or from a checkpoint saved at an epoch's end, "
+                "to train them all")
+
+    def done(self, batches: int, batch_size: int, num_replicas: int) -> int:
+        """Windows of :attr:`epoch` trained once the trainer counts ``batches`` of it (at most ``per_epoch``)."""
+        trained = 0 if self.first is None else max(batches - self.first, 0) * batch_size * num_replicas
+        return min(self.start + trained, self.per_epoch)
+
+    def state(self, batches: int, batch_size: int, num_replicas: int, epoch_over: bool) -> dict[str, Any]:
+        """What a checkpoint keeps: the epoch, its windows trained, and whether the trainer ended it."""
+        done = self.done(batches, batch_size, num_replicas)
+        return {"epoch": self.epoch, "done": done, "finished": bool(epoch_over or done >= self.per_epoch)}
+
+    @staticmethod
+    def resume_position(state: dict[str, Any]) -> tuple[int, int]:
+        """``(epoch, windows done)`` a run resumed from :meth:`state` starts at (the next epoch's start
+        when that epoch was over)."""
+        epoch, done = int(state["epoch"]), int(state["done"])
+        return (epoch + 1, 0) if state["finished"] else (epoch, done)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rpn.core.anchors import AnchorGenerator
@@ -35,6 +35,7 @@ from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, check_policy
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
+from lightning_rpn.data.window_sampler import WindowProgress
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, validate_dataset
 from lightning_rpn.training.anchor_agreement import AnchorSetup, agree_with_model
@@ -193,6 +194,8 @@ class RPNDataModule(LightningDataModule):
         self.data_report = RunDataReport()
         self._collate: RPNCollate | None = None
         self._window_eval = False  # the model proposes on sliding windows: no evaluation targets
+        self._window_progress: WindowProgress | None = None  # tiled training's windows trained
+        self._window_resume: tuple[int, int] | None = None  # (epoch, windows done) of a loaded checkpoint
 
     # ---- datasets -------------------------------------------------------------------------
     def build_dataset(
@@ -304,8 +307,11 @@ class RPNDataModule(LightningDataModule):
         sampler = None
         if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
             trainer = self.trainer
+            self._window_progress = WindowProgress(self.tiles.per_epoch, *self._window_start(batch_size))
             sampler = WindowSampler(self.tiles.per_epoch, trainer.world_size if trainer else 1,
-                                    trainer.global_rank if trainer else 0, done=lambda: self._windows_done(batch_size))
+                                    trainer.global_rank if trainer else 0, done=self._window_progress.begin)
+            # persistent workers take the first indices as Lightning makes the iterator, before its set_epoch
+            sampler.set_epoch(self._window_progress.epoch)
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
@@ -318,11 +324,43 @@ class RPNDataModule(LightningDataModule):
             drop_last=role == "train" and self._drop_last_train,
         )
 
-    def _windows_done(self, batch_size: int) -> int:
-        """This rank's windows of the current training epoch already trained: those of the batches
-        a checkpoint saved inside the epoch had completed (0 as an epoch starts)."""
+    def _window_start(self, batch_size: int) -> tuple[int, int]:
+        """``(epoch, windows of it trained)`` that tiled training starts at: a loaded checkpoint's
+        position; else the trainer's epoch from its start, or, resuming a checkpoint saved without
+        that position, the trainer's count of batches at today's world size and batch size."""
+        if self._window_resume is not None:
+            start, self._window_resume = self._window_resume, None
+            return start
         trainer = self.trainer
-        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.completed * batch_size
+        if trainer is None or not trainer.fit_loop.restarting:
+            return (0 if trainer is None else trainer.current_epoch), 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        return WindowProgress.resume_position({
+            "epoch": trainer.fit_loop.epoch_progress.current.processed, "finished": batches.is_last_batch,
+            "done": batches.current.processed * batch_size * trainer.world_size})
+
+    def _first_window_batch(self, trainer: Any) -> None:
+        """Give the window progress the trainer's batch count as an epoch's first batch comes; warn
+        (once) when a resumed epoch cannot train exactly the windows it has left."""
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        message = self._window_progress.first_batch(batches, self.batch_size, trainer.world_size)
+        if message is not None:
+            rank_zero_warn(f"RPNDataModule: data.tiles: {message}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The windows tiled training has trained (checkpoints keep them, so that a run resumed on any
+        number of processes trains the rest of the epoch: :class:`WindowProgress`)."""
+        trainer, progress = self.trainer, self._window_progress
+        if trainer is None or progress is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress
+        return {"tiles": progress.state(batches.current.processed, self.batch_size, trainer.world_size,
+                                        batches.is_last_batch)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Where a checkpoint's tiled training stood: the next training loader starts there."""
+        tiles = state_dict.get("tiles")
+        self._window_resume = None if tiles is None else WindowProgress.resume_position(tiles)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -389,6 +427,8 @@ class RPNDataModule(LightningDataModule):
             stage = str(trainer.state.stage.value) if trainer is not None and trainer.state.stage else "run"
             if trainer is not None:
                 self.data_report.process = (trainer.global_rank, trainer.world_size)
+            if trainer is not None and trainer.training and self._window_progress is not None:
+                self._first_window_batch(trainer)
             self.data_report.add_batch(stage, trainer.current_epoch if trainer is not None else 0, batch)
         return batch
 

@@ -82,6 +82,22 @@ def test_check_data_of_a_datamodule_adds_anchor_coverage_and_ok(tmp_path: Path) 
     assert not bad.check_data().ok
 
 
+def test_check_data_warns_of_train_boxes_no_window_keeps() -> None:
+    # tiled training drops a box larger than its windows everywhere: check-data said nothing
+    options = {"size": 128, "density": 300.0, "min_object_size": 60, "max_object_size": 64}
+    dm = RPNDataModule(dataset="scenes", scene_options=options, synthetic_train_images=1, synthetic_val_images=1,
+                       num_workers=0, tiles={"size": 32, "per_epoch": 8}, min_visibility=0.5)
+    report = dm.check_data()
+    train, val = report.splits
+    (problem,) = train.problems
+    assert (problem.kind, problem.severity, problem.image_id) == ("box_larger_than_window", "warning", 0)
+    assert "larger than a window (data.tiles.size=32)" in problem.detail
+    assert not val.problems and report.ok  # a warning (validation is on whole images): check-data exits 0
+    untiled = RPNDataModule(dataset="scenes", scene_options=options, synthetic_train_images=1,
+                            synthetic_val_images=1, num_workers=0, min_visibility=0.5)
+    assert not untiled.check_data().splits[0].problems
+
+
 def test_a_subset_is_checked_alone(tmp_path: Path) -> None:
     from torch.utils.data import Subset
 

@@ -20,7 +20,9 @@ from lightning_rpn.data.image_io import load_rgb_image, raster_layout, read_imag
 from lightning_rpn.data.problems import DataError, Problem
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.scenes import DenseScenes
-from lightning_rpn.data.tiles import ImageCache, TileConfig, TiledDataset, WindowSampler, cut_window
+from lightning_rpn.data.tiles import (
+    ImageCache, TileConfig, TiledDataset, WindowSampler, boxes_no_window_keeps, cut_window,
+)
 from lightning_rpn.training.datamodule import RPNDataModule
 from helpers.rpn_probes import in_model_anchor_labels
 
@@ -114,6 +116,60 @@ def test_weighting_by_area_boxes_or_uniform() -> None:
     assert all(0.28 < uniform[i] / 2000 < 0.39 for i in range(3))
     with pytest.raises(ValueError, match="weighting='boxes': split 'train' has no boxes"):
         TiledDataset(Images([(64, 64)], [[]]), TileConfig(size=32, per_epoch=2, weighting="boxes")).window(0)
+
+
+def test_weights_of_images_the_annotation_gives_no_size_come_from_file_headers(tmp_path: Path, monkeypatch) -> None:
+    """Area and box-count weights read each file's header, not its pixels (a whole decode of every
+    image, orthophotos included, before the first window); boxes are counted as decoding checks them."""
+    sizes = [(90, 120), (200, 150), (64, 64)]
+    images, annotations = [], []
+    for index, (h, w) in enumerate(sizes):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / f"{index}.png")
+        images.append({"id": index + 1, "file_name": f"{index}.png"})  # no height / width
+        for bbox in ([2, 2, 20, 20], [5, 5, 10, 10], [300, 300, 10, 10])[: index + 1]:  # image 3's last: outside
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "bbox": bbox, "category_id": 1})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                   "categories": [{"id": 1, "name": "object"}]}))
+    coco = COCODetection(tmp_path, tmp_path / "ann.json", on_bad_annotation="skip")
+    assert not any(record.checked for record in coco.records)
+    monkeypatch.setattr(annotated, "load_rgb_image", _no_decoding)
+    area = TiledDataset(coco, TileConfig(size=32, per_epoch=4, weighting="area")).image_weights()
+    np.testing.assert_allclose(area, np.array([h * w for h, w in sizes]) / sum(h * w for h, w in sizes))
+    boxes = TiledDataset(coco, TileConfig(size=32, per_epoch=4, weighting="boxes")).image_weights()
+    np.testing.assert_allclose(boxes, [0.2, 0.4, 0.4])  # 1, 2, 2: the box outside image 3 is skipped
+    monkeypatch.undo()
+    decoded = [len(coco[i].boxes) for i in range(3)]
+    assert decoded == [1, 2, 2], "the same counts as the decode"
+
+
+def test_boxes_no_window_can_keep_are_named_once_with_their_image() -> None:
+    boxes = np.array([[0, 0, 160, 160], [0, 0, 90, 90], [0, 0, 250, 30], [0, 0, 200, 30], [5, 5, 5, 40]], np.float32)
+    assert boxes_no_window_keeps(boxes, (256, 256), 64, 0.3).tolist() == [True, False, True, False, False]
+    assert not boxes_no_window_keeps(boxes[:2], (256, 256), 64, 0.0).any()  # min_visibility 0 keeps any part
+    assert not boxes_no_window_keeps(boxes[1:2], (100, 100), 128, 0.9).any()  # the image is one window
+    images = Images([(256, 256), (256, 256)], [[[10, 10, 170, 170], [200, 200, 220, 220]], [[10, 10, 100, 100]]])
+    tiled = TiledDataset(images, TileConfig(size=64, per_epoch=40, box_probability=1.0), min_visibility=0.3)
+    items = [tiled[i] for i in range(40)]
+    assert {item.image_id.split("@")[0] for item in items} == {"0", "1"}
+    problems = [p for item in items for p in item.problems]  # the image's first window in this process
+    assert [(p.kind, p.action, p.file, p.image_id) for p in problems] == [
+        ("box_larger_than_window", "skipped", "images/0", 0)]
+    assert "1 of its 2 boxes are larger than a window (data.tiles.size=64)" in problems[0].detail
+    assert "data.tiles.size >= 160 hold them whole" in problems[0].detail
+    big = [item for item in items
+           if item.image_id.startswith("0@") and (item.boxes[:, 2:] - item.boxes[:, :2] > 20).any()]
+    assert not big and sum(item.removed_boxes for item in items) > 0, "never trained: what the problem says"
+
+    dm = RPNDataModule(dataset="scenes", scene_options={"size": 128, "density": 300.0, "min_object_size": 60,
+                                                        "max_object_size": 64},
+                       synthetic_train_images=1, synthetic_val_images=1, batch_size=4, num_workers=0,
+                       tiles={"size": 32, "per_epoch": 8}, train_transforms=[], min_visibility=0.5)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match=r"scenes://.*image 0: 3 of its 5 boxes are larger than a window") as caught:
+        for batch in dm.train_dataloader():
+            dm.on_before_batch_transfer(batch, 0)
+    assert sum("larger than a window" in str(w.message) for w in caught) == 1, "warned once"
+    assert "box_larger_than_window (skipped)" in dm.report()
 
 
 def test_box_windows_hold_a_whole_box_and_grid_windows_sit_on_the_grid() -> None:
@@ -297,7 +353,10 @@ def _no_decoding(path, **kwargs):
     raise AssertionError(f"{path} was decoded whole")
 
 
-def test_a_run_resumed_inside_an_epoch_trains_the_rest_of_its_windows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_resumed_inside_an_epoch_trains_the_rest_of_its_windows(tmp_path: Path, workers: int) -> None:
+    """With workers, Lightning makes the loader's iterator (and the workers take their first indices)
+    before it sets the resumed epoch: the windows still come from the checkpoint's epoch and position."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from helpers.model import quiet_trainer, tiny_model
@@ -313,15 +372,15 @@ def test_a_run_resumed_inside_an_epoch_trains_the_rest_of_its_windows(tmp_path: 
         keys = Keys()
         callbacks = [keys] + ([ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)] if save else [])
         dm = RPNDataModule(dataset="scenes", scene_options={"size": 128, "density": 300.0, "max_object_size": 30},
-                           synthetic_train_images=2, synthetic_val_images=1, batch_size=2, num_workers=0,
+                           synthetic_train_images=2, synthetic_val_images=1, batch_size=2, num_workers=workers,
                            tiles={"size": 64, "per_epoch": 8}, train_transforms=[])
         trainer = quiet_trainer(tmp_path, max_steps=max_steps, limit_val_batches=0, callbacks=callbacks,
                                 enable_checkpointing=save)
         trainer.fit(tiny_model(), dm, ckpt_path=ckpt_path)
         return keys.seen
 
-    uninterrupted = fit(6)  # epoch 0: windows 0-7 in four batches; epoch 1: 8-11
-    fit(1, save=True)  # a checkpoint after the first batch of epoch 0
-    resumed = fit(6, ckpt_path=str(next(tmp_path.glob("*step=1.ckpt"))))
-    assert uninterrupted == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
-    assert resumed == uninterrupted[1:]  # windows 2-7 of epoch 0 (was 0-5 again), then epoch 1
+    uninterrupted = [[2 * k, 2 * k + 1] for k in range(8)]  # epoch 0: windows 0-7 in four batches; epoch 1: 8-15
+    assert fit(5, save=True) == uninterrupted[:5]  # checkpoints after every batch
+    for step in (1, 4, 5):  # inside epoch 0, after its last batch, inside epoch 1
+        resumed = fit(8, ckpt_path=str(next(tmp_path.glob(f"*step={step}.ckpt"))))
+        assert resumed == uninterrupted[step:], step  # was windows 0-5 of epoch 0 again with a worker
