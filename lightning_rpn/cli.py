@@ -60,6 +60,7 @@ from lightning_rpn.training.run_files import (
     write_metrics_summary,
 )
 from lightning_rpn.training.wandb_mode import default_wandb_offline, wandb_credentials_available
+from lightning_rpn.training.wandb_resume import continue_wandb_run, record_wandb_run
 
 __all__ = [
     "CONFIG_KEY",
@@ -191,6 +192,7 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
+        record_wandb_run(trainer, checkpoint)
 
 
 def _notice(message: str) -> None:
@@ -362,12 +364,17 @@ class RPNLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`),
-        and say when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`).
+        go on logging to the W&B run of a resumed checkpoint (:func:`continue_wandb_run`), and say
+        when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`).
 
         Lightning's "Checkpoint directory ... exists and is not empty" warning is left out: the
         folder holds either the run being resumed or files that stay, which the check names.
         """
         check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        run_id = continue_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))
+        if run_id is not None:
+            _notice(f"the checkpoint was logged to W&B run {run_id}: this run goes on logging there "
+                    "(--trainer.logger.init_args.id names another)")
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         warn_if_last_waits_for_best(self.trainer)
 

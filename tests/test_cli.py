@@ -25,6 +25,7 @@ from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import ProposalRecall
 from lightning_rpn.evaluation.proposal_files import read_detectron2_proposals
 from lightning_rpn.training.module import RPNModule
+from lightning_rpn.training.wandb_resume import WANDB_RUN_KEY
 
 from helpers.builders import save_image
 from helpers.cli import TINY_CONFIG, FitRun, assert_ok, run_cli, start_cli
@@ -191,6 +192,22 @@ def test_fit_resumes_from_last_checkpoint(trained: Path, tmp_path: Path) -> None
     assert_ok(run_cli(["validate", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.logger", "false"],
                       tmp_path))
     assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["ckpt_path"] == last
+
+
+def test_a_resumed_fit_goes_on_logging_to_the_checkpoints_wandb_run(trained: Path, tmp_path: Path) -> None:
+    # a resumed run opened a new W&B run: one job's curves split over two runs
+    shutil.copy2(trained / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(trained / "run/checkpoints", tmp_path / "run/checkpoints")
+    first = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)[WANDB_RUN_KEY]
+    (first_run,) = (trained / "run/wandb").glob("offline-run-*")
+    assert first_run.name.endswith(f"-{first}")
+    result = run_cli(["fit", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.max_steps", "3"], tmp_path)
+    assert_ok(result)
+    assert f"the checkpoint was logged to W&B run {first}: this run goes on logging there" in result.stderr
+    (resumed_run,) = (tmp_path / "run/wandb").glob("offline-run-*")
+    assert resumed_run.name.endswith(f"-{first}")  # `wandb sync` of both folders appends, in start order
+    checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 3 and checkpoint[WANDB_RUN_KEY] == first
 
 
 def test_a_checkpoint_file_keeps_the_run_config_and_refuses_another_network(trained: Path, tmp_path: Path) -> None:

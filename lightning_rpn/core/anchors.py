@@ -20,9 +20,11 @@ caches its spatial index per anchor tensor, reuses it in every batch).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,11 +76,21 @@ class AnchorGrid:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (numpy's included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """Python numbers and lists for numpy / torch values (``np.int64(32)``, ``np.array([32, 64])``,
+    a tensor): sizes computed with numpy, e.g. by k-means, are common arguments."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (list, tuple)) else value
 
 
 def _per_level(name: str, value: object, num_levels: int) -> tuple[tuple[float, ...], ...]:
     """Normalise ``value`` to one tuple of positive numbers per level (broadcasting one tuple)."""
+    value = _plain(value)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = [_plain(v) for v in value]
     if _is_number(value):
         value = (value,)
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) == 0:
@@ -192,6 +204,9 @@ class AnchorGenerator:
         offset: float = AnchorConfig.offset,
         anchor_stride: int = AnchorConfig.anchor_stride,
     ) -> None:
+        strides, offset, anchor_stride = _plain(strides), _plain(offset), _plain(anchor_stride)
+        if isinstance(strides, Sequence) and not isinstance(strides, str):
+            strides = [_plain(s) for s in strides]
         if isinstance(strides, int) and not isinstance(strides, bool):
             strides = (strides,)
         if not isinstance(strides, Sequence) or len(strides) == 0:

@@ -180,10 +180,24 @@ class RegionProposer(nn.Module):
         if len(image_sizes) != batch:
             raise ValueError(f"{name}: {len(image_sizes)} image_sizes for a batch of {batch} feature maps")
         sizes = [(int(h), int(w)) for h, w in image_sizes]
+        self._check_sizes_fit(levels[0], sizes)
         return self._forward(
             ProposalInputs(levels, sizes, targets, anchor_targets, image_ids, sampling_keys, sampling_epoch,
                            need_proposals, proposal_logits)
         )
+
+    def _check_sizes_fit(self, finest: Tensor, sizes: list[tuple[int, int]]) -> None:
+        """``ValueError`` for an image size larger than the finest level covers (``H_0 * stride``):
+        such a size is not the batch's, and its proposals would be clipped to a place no feature saw."""
+        stride = self.anchor_generator.strides[0]
+        covered = (int(finest.shape[-2]) * stride, int(finest.shape[-1]) * stride)
+        for index, (height, width) in enumerate(sizes):
+            if height > covered[0] or width > covered[1]:
+                raise ValueError(
+                    f"{type(self).__name__}: image_sizes[{index}] is {(height, width)} (h, w), larger than the "
+                    f"{covered} px that the features cover ({tuple(finest.shape[-2:])} at stride {stride}); "
+                    "image_sizes are the (h, w) of the images the features were computed from, before padding"
+                )
 
     def _forward(self, inputs: ProposalInputs) -> tuple[Proposals, dict[str, Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must implement _forward")
@@ -202,6 +216,12 @@ class RegionProposer(nn.Module):
         ids, keys = inputs.keys(name)
         gt_boxes = []
         for index, (target, image_id) in enumerate(zip(targets, ids)):
+            if not isinstance(target, Mapping):
+                raise TypeError(
+                    f"{name} targets[{index}] (image_id={image_id!r}): expected a dict {{'boxes': Tensor[G, 4]}} "
+                    f"per image (torchvision's format), got {_describe(target)}; for plain box tensors pass "
+                    "[{'boxes': b} for b in boxes]"
+                )
             boxes = target.get("boxes")
             if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
                 got = "nothing" if boxes is None else _describe(boxes)

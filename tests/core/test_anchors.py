@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import numpy as np
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -57,6 +58,21 @@ def test_single_tuple_is_broadcast_to_every_level() -> None:
     shapes = [(4, 4), (2, 2), (1, 1)]
     for a, b in zip(flat(shapes), explicit(shapes)):
         assert torch.equal(a, b)
+
+
+def test_numpy_and_tensor_arguments_build_the_same_generator() -> None:
+    # sizes from numpy (k-means, np.arange) were refused: "mixes numbers and tuples", "must be positive ints"
+    expected = AnchorGenerator(((32,), (64,)), (0.5, 1.0), (8, 16), offset=0.5)
+    for built in (
+        AnchorGenerator([[np.int64(32)], [np.int64(64)]], [np.float32(0.5), 1.0], (np.int64(8), np.int64(16)), 0.5),
+        AnchorGenerator([np.array([32.0]), np.array([64.0])], np.array([0.5, 1.0]), np.array([8, 16]), np.float64(0.5)),
+        AnchorGenerator(torch.tensor([[32], [64]]), torch.tensor([0.5, 1.0]), [8, 16], torch.tensor(0.5)),
+    ):
+        assert (built.sizes, built.aspect_ratios, built.strides, built.offset) == (
+            expected.sizes, expected.aspect_ratios, expected.strides, expected.offset)
+        assert all(type(s) is int for s in built.strides)
+        for mine, theirs in zip(built([(4, 4), (2, 2)]), expected([(4, 4), (2, 2)])):
+            assert torch.equal(mine, theirs)
 
 
 def test_level_count_mismatch_names_both_lengths() -> None:

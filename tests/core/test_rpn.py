@@ -149,6 +149,21 @@ def test_gt_box_wholly_outside_its_image_is_named(outside: list[float]) -> None:
     _rpn()(_features(), IMAGE_SIZES, targets, image_ids=IMAGE_IDS)
 
 
+def test_plain_box_tensors_as_targets_are_a_type_error_naming_the_format() -> None:
+    # match_anchors and ProposalRecall take [G, 4] tensors; the RPN's bare AttributeError named nothing
+    boxes = [target["boxes"] for target in _targets()]
+    with pytest.raises(TypeError, match=r"targets\[0\] \(image_id='img-a'\): expected a dict \{'boxes': Tensor\[G, 4\]\}"
+                                        r".*got a tensor of shape \(2, 4\); for plain box tensors pass"):
+        _rpn()(_features(), IMAGE_SIZES, boxes, image_ids=IMAGE_IDS)
+
+
+def test_an_image_size_beyond_what_the_features_cover_is_named() -> None:
+    # 16 x 16 features at stride 4 cover 64 x 64 px: a 640 x 480 image was accepted and clipped to
+    with pytest.raises(ValueError, match=r"image_sizes\[1\] is \(640, 480\) \(h, w\), larger than the \(64, 64\) px"):
+        _rpn().eval()(_features(), [IMAGE_SIZES[0], (640, 480)])
+    _rpn().eval()(_features(), [(64, 64), (64, 64)])  # the whole canvas: fine
+
+
 def test_need_proposals_false_skips_proposal_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("generate_proposals must not run")

@@ -90,11 +90,13 @@ def test_worker_targets_equal_the_rpn_in_model_targets() -> None:
     batch = RPNCollate(ANCHORS, config, seed=5)(samples)
     features = [torch.randn(len(samples), 8, h, w) for h, w in ANCHORS.feature_shapes_for(tuple(batch.images.shape[-2:]))]
     _, from_worker = rpn(features, batch.image_sizes, anchor_targets=batch.anchor_targets, need_proposals=False)
-    _, in_model = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, need_proposals=False)
+    _, in_model = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, sampling_epoch=0,
+                      need_proposals=False)
     assert set(from_worker) == {"loss_rpn_cls", "loss_rpn_reg"}
     for key in from_worker:
         assert torch.equal(from_worker[key], in_model[key]), key
-    _, other_seed = rpn(features, batch.image_sizes, batch.targets, image_ids=[0, 1, 2], need_proposals=False)
+    _, other_seed = rpn(features, batch.image_sizes, batch.targets, image_ids=[0, 1, 2], sampling_epoch=0,
+                        need_proposals=False)
     assert not torch.equal(other_seed["loss_rpn_cls"], from_worker["loss_rpn_cls"])
     # a later epoch: the collate and the in-model path mix in the same epoch
     collate = RPNCollate(ANCHORS, config, seed=5)
@@ -104,7 +106,8 @@ def test_worker_targets_equal_the_rpn_in_model_targets() -> None:
     _, from_worker = rpn(features, batch.image_sizes, anchor_targets=batch.anchor_targets, need_proposals=False)
     _, in_model = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, sampling_epoch=3,
                       need_proposals=False)
-    _, epoch_0 = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, need_proposals=False)
+    _, epoch_0 = rpn(features, batch.image_sizes, batch.targets, image_ids=batch.image_ids, sampling_epoch=0,
+                     need_proposals=False)
     for key in from_worker:
         assert torch.equal(from_worker[key], in_model[key]), key
     assert not torch.equal(epoch_0["loss_rpn_cls"], in_model["loss_rpn_cls"])
