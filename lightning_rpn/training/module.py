@@ -71,7 +71,7 @@ from lightning_rpn.training.checkpoint_agreement import check_checkpoint_agrees,
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
-from lightning_rpn.training.resume_state import finish_saved_epoch
+from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 from lightning_rpn.training.windowed import window_losses, window_proposals
 
 _RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
@@ -528,8 +528,10 @@ class RPNModule(pl.LightningModule):
         """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they
         load, and a fit resumed with other trainable backbone parameters (:func:`check_resume_agrees`),
         before the optimiser's state loads; restore the skip count and the training resize; resume a
-        checkpoint saved at an epoch's end at the next epoch's start (:func:`finish_saved_epoch`)."""
-        finish_saved_epoch(checkpoint)
+        checkpoint saved at an epoch's end at the next epoch's start (:func:`finish_saved_epoch`), one
+        saved after ``max_steps`` stopped inside an epoch with that epoch's next batch
+        (:func:`reopen_stopped_epoch`)."""
+        finish_saved_epoch(checkpoint) or reopen_stopped_epoch(checkpoint)
         current = dict(self.hparams)
         if str(current.get("backbone")).startswith(_CUSTOM_BACKBONE):  # a module: its weights' shapes tell
             current.pop("backbone")

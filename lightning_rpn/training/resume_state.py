@@ -1,4 +1,4 @@
-"""A checkpoint saved at the end of a training epoch resumed as the start of the next one.
+"""Checkpoints saved where an epoch ends, or where ``fit`` stopped inside one, resumed where they stand.
 
 Lightning (2.6) resumes such a checkpoint by replaying the finished epoch with no batches when
 ``trainer.max_steps`` is set (it then always "restarts" the loops, and the replay counts the epoch
@@ -9,13 +9,19 @@ issue 19617 is of the same family). Without ``max_steps`` it starts the next epo
 extending a run by steps sets ``max_steps``. :func:`finish_saved_epoch` writes the loop state
 of such a checkpoint as Lightning's own state between two epochs, which resumes the same way
 with and without ``max_steps``.
+
+A ``fit`` stopped by ``max_steps`` inside an epoch counts that epoch as processed before the
+epoch-end and end-of-fit saves (``last.ckpt``), so such a checkpoint resumed at the next epoch
+and the rest of the stopped one was never trained. :func:`reopen_stopped_epoch` writes it as
+Lightning's own checkpoint at the end of that batch (the epoch begun, the batch processed), which
+Lightning resumes with the epoch's next batch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["finish_saved_epoch"]
+__all__ = ["finish_saved_epoch", "reopen_stopped_epoch"]
 
 
 def finish_saved_epoch(checkpoint: dict[str, Any]) -> bool:
@@ -32,4 +38,31 @@ def finish_saved_epoch(checkpoint: dict[str, Any]) -> bool:
         counts.update({"processed": counts["started"], "completed": counts["started"]})
     batches["current"] = {key: 0 for key in batches["current"]}
     batches["is_last_batch"] = False
+    return True
+
+
+def reopen_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
+    """When ``checkpoint`` was saved after ``fit`` stopped inside an epoch (``max_steps``) and
+    Lightning had counted that epoch as ended (its epoch-end or end-of-fit saves), write it as
+    Lightning's own checkpoint at the end of that batch, in place: the epoch begun, not processed;
+    the batch processed, not completed; its optimiser step not yet counted for the loggers.
+    Whether it did. Called before Lightning restores its loops from the checkpoint."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or "epoch_progress" not in loop or "epoch_loop.batch_progress" not in loop:
+        return False
+    batches, epoch = loop["epoch_loop.batch_progress"], loop["epoch_progress"]["current"]
+    done = batches["current"]
+    if batches.get("is_last_batch") or not 0 < done["completed"] == done["processed"]:
+        return False  # at an epoch's end, or saved inside it by Lightning itself
+    if epoch["processed"] != epoch["started"]:
+        return False  # the epoch goes on: a checkpoint Lightning resumes itself
+    for counts in loop["epoch_progress"].values():
+        counts["processed"] -= 1
+        counts["completed"] = min(counts["completed"], counts["processed"])
+    for counts in (batches["current"], batches["total"]):
+        counts["completed"] -= 1
+    stepped = loop.get("epoch_loop.state_dict", {})
+    if "_batches_that_stepped" in stepped:
+        stepped["_batches_that_stepped"] -= 1
+    checkpoint["epoch"] = epoch["completed"]
     return True

@@ -14,9 +14,11 @@ import io
 from pathlib import Path
 
 import pytest
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from lightning_rpn.training.last_checkpoint import LastCheckpoint
 from lightning_rpn.training.module import RPNModule
 from lightning_rpn.training.optim import RunLambdaLR
 from lightning_rpn.training.text_progress import TextProgress
@@ -106,3 +108,32 @@ def test_a_run_extended_with_max_steps_trains_every_epoch_left(tmp_path: Path, s
     trainer.fit(model, DataLoader(training_batches(model)[:2], batch_size=None), ckpt_path=path)
     assert trainer.global_step == 4 + 2 * 2 and trainer.current_epoch == 4
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * MIN_FACTOR)
+
+
+class BatchRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append((trainer.current_epoch, batch_idx))
+
+
+@pytest.mark.parametrize("max_steps, validate_every_batches", [(6, None), (7, 2)])
+def test_a_fit_stopped_inside_an_epoch_resumes_with_the_epochs_next_batch(
+    tmp_path: Path, max_steps: int, validate_every_batches: int | None
+) -> None:
+    # max_steps 6 (7) of 4-batch epochs stops inside epoch 1; Lightning has counted that epoch as ended
+    # when its epoch-end save (validating every 2 batches: LastCheckpoint's end-of-fit save) writes
+    # last.ckpt, so the resume began epoch 2 and the rest of epoch 1 never trained
+    model = _model()
+    batches = training_batches(model)
+    loaders = DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None)
+    last = LastCheckpoint(dirpath=tmp_path / "checkpoints")
+    quiet_trainer(tmp_path, max_steps=max_steps, enable_checkpointing=True, callbacks=[last], limit_val_batches=1,
+                  val_check_interval=validate_every_batches).fit(model, *loaders)
+    recorder = BatchRecorder()
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[recorder], limit_val_batches=1,
+                            val_check_interval=validate_every_batches)
+    trainer.fit(_model(), *loaders, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    rest_of_epoch_1 = [(1, batch) for batch in range(max_steps - 4, 4)]
+    assert recorder.batches == [*rest_of_epoch_1, (2, 0), (2, 1), (2, 2), (2, 3)] and trainer.global_step == 12
