@@ -12,9 +12,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.proposer import RegionProposer
 from lightning_rpn.core.targets import AnchorTargetConfig
 
 __all__ = ["AnchorSetup", "agree_with_model"]
@@ -55,14 +57,33 @@ def _describe_anchors(g: AnchorGenerator) -> str:
             f"offset={g.offset}, anchor_stride={g.anchor_stride})")
 
 
+def _proposer(module: Any) -> Any:
+    """The model's proposal network: its ``rpn``, else its one ``RegionProposer`` submodule (a
+    user's module may name it otherwise); ``None`` when there is none or several."""
+    named = getattr(module, "rpn", None)
+    if named is not None:
+        return named
+    found = [m for m in module.modules() if isinstance(m, RegionProposer)] if isinstance(module, nn.Module) else []
+    return found[0] if len(found) == 1 else None
+
+
+def _model_value(module: Any, proposer: Any, name: str) -> Any:
+    """``module.{name}`` (``RPNModule`` exposes its RPN's), else its proposal network's."""
+    value = getattr(module, name, None)
+    return getattr(proposer, name, None) if value is None else value
+
+
 def agree_with_model(ours: AnchorSetup, module: Any) -> AnchorSetup:
     """``ours`` with every value the model ``module`` has taken from it; a disagreement is a ``ValueError``.
 
-    The sampling seed is the model RPN's ``seed`` unless ``ours`` sets one; a size divisibility
-    of ours stays when it is a multiple of the model's.
+    Each value is the module's attribute, else its proposal network's (``module.rpn``, or its one
+    ``RegionProposer``): a user's module that exposes only the anchors still gets its RPN's
+    target rule in the workers. The sampling seed is the model RPN's ``seed`` unless ``ours``
+    sets one; a size divisibility of ours stays when it is a multiple of the model's.
     """
     setup = ours
-    model_anchors = getattr(module, "anchor_generator", None)
+    proposer = _proposer(module)
+    model_anchors = _model_value(module, proposer, "anchor_generator")
     if model_anchors is not None:
         if ours.anchor_generator is not None and not _same_anchors(ours.anchor_generator, model_anchors):
             raise ValueError(
@@ -72,7 +93,7 @@ def agree_with_model(ours: AnchorSetup, module: Any) -> AnchorSetup:
             )
         setup = replace(setup, anchor_generator=model_anchors)
     for name in ("target_config", "box_coder"):
-        model_value = getattr(module, name, None)
+        model_value = _model_value(module, proposer, name)
         value = getattr(ours, name)
         if model_value is None:
             continue
@@ -87,7 +108,7 @@ def agree_with_model(ours: AnchorSetup, module: Any) -> AnchorSetup:
         elif ours.size_divisibility % int(model_div):
             raise ValueError(f"RPNDataModule: data.size_divisibility={ours.size_divisibility} is not a "
                              f"multiple of the model's size_divisibility={int(model_div)}")
-    model_seed = getattr(getattr(module, "rpn", None), "seed", None)
+    model_seed = getattr(proposer, "seed", None)
     if ours.sampling_seed is None and model_seed is not None:
         setup = replace(setup, sampling_seed=int(model_seed))
     return setup

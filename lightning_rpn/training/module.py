@@ -47,6 +47,7 @@ from dataclasses import asdict
 from typing import Any, Literal, overload
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -395,6 +396,7 @@ class RPNModule(pl.LightningModule):
         self.last_recall_epoch: int | None = None  # and the epoch it validated
         self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
         self._strides_checked = False
+        self._unit_range_warned = False
 
     @property
     def skipped_nonfinite_batches(self) -> int:
@@ -406,21 +408,39 @@ class RPNModule(pl.LightningModule):
         self.nonfinite_policy.skipped = count
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The non-finite policy (``nonfinite_loss``), installed in every trainer the module runs in."""
+        """The non-finite policy (``nonfinite_loss``), installed in every trainer the module runs in
+        (once: a ``validate`` after ``fit`` on the same trainer finds it there, and Lightning would
+        warn that it overrides a callback "passed to Trainer")."""
+        trainer = self._trainer
+        if trainer is not None and any(callback is self.nonfinite_policy for callback in trainer.callbacks):
+            return []
         return [self.nonfinite_policy]
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet mean/std.
+        """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> normalised with ImageNet mean/std, in the
+        module's floating dtype (float32; half / bf16 / float64 after ``.to(dtype)`` or a
+        ``*-true`` precision) and memory format (``channels_last``), ready for the backbone.
 
-        The result is in the module's memory format (``channels_last``), ready for the backbone.
+        Float images whose values all lie in [0, 1] (torchvision's ``ToTensor`` scale) get a
+        warning, once: batches are 0-255, and such images would look nearly black.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"RPNModule: expected images [B, 3, H, W], got shape {tuple(images.shape)}"
             )
-        normalized = (images.float() - self.pixel_mean) / self.pixel_std
+        if images.is_floating_point() and not self._unit_range_warned and not torch.compiler.is_compiling():
+            self._warn_if_unit_range(images)
+        normalized = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         return normalized.contiguous(memory_format=self.memory_format)
+
+    def _warn_if_unit_range(self, images: Tensor) -> None:
+        if images.numel() and float(images.max()) <= 1.0 and float(images.min()) >= 0.0:
+            self._unit_range_warned = True
+            rank_zero_warn(
+                "RPNModule: the float images of this batch all lie in [0, 1], but batch images are 0-255 "
+                "(uint8, as RPNCollate makes them); scale them by 255 (predict_images takes [0, 1] floats)"
+            )
 
     def features(self, images: Tensor) -> list[Tensor] | dict[str, Tensor]:
         """The backbone's level features of a padded uint8 batch ``[B, 3, Hp, Wp]``; on the first
@@ -452,6 +472,12 @@ class RPNModule(pl.LightningModule):
         sampled for the current epoch, else from the gt boxes, sampled for the current epoch);
         ``proposal_logits`` adds each proposal's logit ``[P]``.
         """
+        if not isinstance(batch, RPNBatch):
+            raise TypeError(
+                f"RPNModule: a batch must be an RPNBatch (lightning_rpn.data.RPNBatch), got {type(batch).__name__}; "
+                "a DataLoader of your own makes them with collate_fn=lightning_rpn.data.RPNCollate(...) over "
+                "DetectionSample items (see the README's library section), or use RPNDataModule"
+            )
         self._check_padding(batch.images)
         features = self.features(batch.images)
         epoch = self.current_epoch

@@ -60,6 +60,28 @@ def test_anchor_setup_comes_from_the_model() -> None:
     assert batch.images.shape[-1] % 64 == 0 and ((batch.anchor_labels != -1).sum(1) <= 32).all()
 
 
+def test_a_users_module_gives_its_rpns_target_rule_to_the_workers() -> None:
+    # a LightningModule of one's own exposing only its anchors: the workers assigned with the default
+    # 0.7 / 0.3 rule while its RPN (named anything) used 0.5 / 0.4, and the RPN trained on the workers'
+    from torch import nn
+
+    from lightning_rpn.core.rpn import RPN
+
+    rule = AnchorTargetConfig(fg_iou=0.5, bg_iou=0.4, batch_size_per_image=32)
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor_generator, self.size_divisibility = ANCHORS, 64
+            self.proposals = RPN(ANCHORS, in_channels=8, target_config=rule, seed=9)
+
+    dm = small()
+    attach(dm, Detector())
+    dm.setup("fit")
+    assert dm.collate.target_config is rule and dm.collate.seed == 9
+    assert dm.collate.box_coder is dm.trainer.lightning_module.proposals.box_coder
+
+
 def test_disagreeing_anchor_settings_name_both_values() -> None:
     other = AnchorGenerator(((16,), (32,), (48,)), (0.5, 1.0, 2.0), (8, 16, 32))
     dm = small(anchor_generator=other)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.training.module import RPNModule, to_original_coordinates
 from lightning_rpn.training.optim import LRSchedule
 
-from helpers.model import collate_for, quiet_trainer, synthetic_samples, tiny_model
+from helpers.model import collate_for, quiet_trainer, synthetic_samples, tiny_model, training_batches
 
 
 
@@ -307,3 +309,33 @@ def test_a_checkpoint_of_a_python_built_backbone_asks_for_it(tmp_path) -> None:
     loaded = RPNModule.load_from_checkpoint(path, map_location="cpu", weights_only=True,
                                             backbone=ProbeFPN(width=6))
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_a_batch_that_is_no_rpn_batch_is_a_type_error_naming_the_way() -> None:
+    model = tiny_model()
+    with pytest.raises(TypeError, match=r"a batch must be an RPNBatch .*got tuple; .*RPNCollate"):
+        model((torch.zeros(2, 3, 64, 64), [{"boxes": torch.zeros(0, 4)}] * 2))
+
+
+def test_float_images_on_the_unit_scale_are_warned_of_once() -> None:
+    # ToTensor's [0, 1] floats were read as 0-255: near-black images, silently
+    model = tiny_model().eval()
+    batch = collate_for(model, assign_targets=False)(synthetic_samples(2))
+    unit = batch.images.float() / 255
+    with pytest.warns(UserWarning, match=r"float images of this batch all lie in \[0, 1\].*scale them by 255"):
+        model.normalize(unit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.normalize(unit)  # once
+        tiny_model().normalize(batch.images.float())  # 0-255 floats: fine
+
+
+def test_validate_after_fit_on_the_same_trainer_gives_no_callback_override_warning(tmp_path, caplog) -> None:
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
+    batches = DataLoader(training_batches(model)[:1], batch_size=None)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=1)
+    trainer.fit(model, batches, batches)
+    with caplog.at_level(logging.INFO):
+        trainer.validate(model, batches, verbose=False)
+    assert "configure_callbacks" not in caplog.text
+    assert sum(type(c).__name__ == "NonFiniteLossPolicy" for c in trainer.callbacks) == 1

@@ -118,3 +118,16 @@ def test_16_mixed_on_the_cpu_runs_as_bf16_mixed(tmp_path) -> None:
     assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed" and plugin.scaler is None
     trainer.fit(model, DataLoader(training_batches(model), batch_size=None))
     assert trainer.global_step == 2
+
+
+def test_true_half_precision_trains_and_predicts(tmp_path) -> None:
+    # the images were cast to float32 against half weights: "Input type (torch.FloatTensor) and weight
+    # type (CPUBFloat16Type) should be the same"
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0)
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="bf16-true")
+    trainer.fit(model, DataLoader(training_batches(model), batch_size=None))
+    assert trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for dtype in (torch.bfloat16, torch.float16):
+        (found,) = tiny_model().to(dtype).eval().predict_images([torch.zeros(40, 60, 3, dtype=torch.uint8).numpy()])
+        assert found["boxes"].shape[1] == 4 and found["boxes"].dtype == found["scores"].dtype == torch.float32
