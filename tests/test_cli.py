@@ -269,14 +269,15 @@ def test_fit_with_a_wandb_logger_without_save_dir_saves_its_config_in_the_root(t
 
 
 def test_fit_prints_no_warning_the_user_cannot_act_on(tmp_path: Path) -> None:
-    # wandb: "git root run does not exist" (the logger's save_dir made only later); Lightning's use of
-    # torch's deprecated LeafSpec
+    # wandb: "git root run does not exist" (the logger's save_dir made only later), "The anonymous setting
+    # has no effect"; Lightning's use of torch's deprecated LeafSpec
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     result = run_cli(["fit", "--config", "config.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"],
                      tmp_path, env={"WANDB_SILENT": "false"})
     assert_ok(result)
     output = result.stdout + result.stderr
     assert "wandb" in output and "git root" not in output and "LeafSpec" not in output
+    assert "anonymous setting" not in output  # Lightning passes anonymous=None, which wandb warns about
 
 
 def _bad_coco(root: Path) -> dict:

@@ -1,5 +1,10 @@
 """W&B without credentials: log offline rather than fail, and say how to upload later.
 
+:func:`prepare_wandb_logger` readies a ``WandbLogger`` before its run starts: its folder made
+(wandb looks for a git repository there and warns "git root ... does not exist" on a first run)
+and Lightning's ``anonymous=None`` left out of ``wandb.init`` (wandb 0.2x warns "The anonymous
+setting has no effect" whenever the argument is passed, ``None`` too).
+
 Credentials are ``WANDB_API_KEY`` or a ``wandb login`` entry in the netrc file for the W&B
 host: ``WANDB_BASE_URL``'s, else the installed wandb's default (api.forge.coreweave.com for
 wandb 0.31, where ``wandb login`` writes its entry) or api.wandb.ai (older wandb's). An explicit
@@ -11,9 +16,11 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["default_wandb_offline", "wandb_credentials_available"]
+__all__ = ["default_wandb_offline", "prepare_wandb_logger", "wandb_credentials_available"]
 
 
 def _wandb_hosts() -> set[str]:
@@ -53,3 +60,13 @@ def default_wandb_offline() -> None:
         "The `wandb sync <run dir>` command that uploads the run is printed at the end.",
         file=sys.stderr,
     )
+
+
+def prepare_wandb_logger(logger: Any) -> None:
+    """Make a ``WandbLogger``'s ``save_dir`` and drop a ``None`` ``anonymous`` from the arguments its
+    run will start with (see the module docstring); nothing once the run has started."""
+    if logger.save_dir is not None:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+    init = getattr(logger, "_wandb_init", None)  # Lightning keeps wandb.init's arguments until the run starts
+    if isinstance(init, dict) and getattr(logger, "_experiment", None) is None and init.get("anonymous", 0) is None:
+        del init["anonymous"]
