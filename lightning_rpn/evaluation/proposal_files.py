@@ -9,8 +9,11 @@ what the readers return (as tensors).
 Formats:
 
 * COCO results JSON: a list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``,
-  class-agnostic (one category id for every proposal). Images without proposals do not
-  appear. Coordinates are rounded to ``decimals`` (default 0.01 px) to keep files small.
+  class-agnostic (one category id for every proposal). That id must be one of the annotation
+  file's categories: pycocotools' class-agnostic evaluation (``params.useCats = 0``) still
+  keeps only results whose category the annotation file lists (``ProposalWriter`` takes the
+  dataset's). Images without proposals do not appear. Coordinates are rounded to
+  ``decimals`` (default 0.01 px) to keep files small.
 * detectron2 precomputed proposals (``DATASETS.PROPOSAL_FILES_TRAIN`` / ``..._TEST``): a pickle
   of ``{"ids": [image ids], "boxes": [float32 [P, 4] xyxy], "objectness_logits": [float32 [P]],
   "bbox_mode": 0}`` (``BoxMode.XYXY_ABS``). The logits are the records' ``objectness_logits``
@@ -118,7 +121,11 @@ def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
 def write_coco_proposals(
     path: str | Path, proposals: Iterable[Mapping[str, Any]], category_id: int = 1, decimals: int | None = 2
 ) -> Path:
-    """Write proposal records as a class-agnostic COCO results JSON (``bbox`` xywh); streamed."""
+    """Write proposal records as a class-agnostic COCO results JSON (``bbox`` xywh); streamed.
+
+    ``category_id`` goes on every result: a category of the annotation file they will be
+    evaluated against (pycocotools drops the others, even with ``useCats = 0``).
+    """
     path = Path(path)
     with _atomic_open(path, "w") as handle:
         handle.write("[")

@@ -2,19 +2,28 @@
 
 ``WandbLogger`` and ``TensorBoardLogger`` take logger-native media; every other logger (CSV,
 ...), or no logger at all, gets files under its log directory (:func:`file_loggers`,
-:func:`log_dir`). Shared by :mod:`~lightning_rpn.training.recall_curves` and
+:func:`log_dir`), named after the evaluation (:func:`evaluation_name`) and never replacing an
+earlier file (:func:`evaluation_files`); each folder is announced once (:func:`announce_folder`).
+Shared by :mod:`~lightning_rpn.training.recall_curves` and
 :mod:`~lightning_rpn.training.proposal_images`.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["evaluation_stage", "file_loggers", "log_dir", "reporting"]
+from lightning_rpn.training.run_files import checkpoint_stem, free_version
+
+__all__ = [
+    "announce_folder", "evaluation_files", "evaluation_name", "evaluation_stage", "file_loggers", "loaded_checkpoint",
+    "log_dir", "reporting",
+]
 
 
 def reporting(trainer: Trainer) -> bool:
@@ -41,3 +50,45 @@ def file_loggers(trainer: Trainer) -> list[Logger | None]:
     if not trainer.loggers:
         return [None]
     return [lg for lg in trainer.loggers if not isinstance(lg, (WandbLogger, TensorBoardLogger))]
+
+
+def loaded_checkpoint(trainer: Trainer) -> str | None:
+    """The checkpoint (resolved path) a ``validate`` / ``test`` took its weights from.
+
+    ``None`` during ``fit`` and for weights already in the process (``trainer.validate(model)``),
+    whose epoch and step counters tell which weights they are; a loaded checkpoint's are not
+    restored (0 in a new process), so its file names it.
+    """
+    if trainer.state.fn == TrainerFn.FITTING or not trainer.ckpt_path:
+        return None
+    return str(Path(trainer.ckpt_path).resolve())
+
+
+def evaluation_name(trainer: Trainer) -> str:
+    """The stem of the running evaluation's files: ``val_epoch003_step500`` for the weights in the
+    process, ``val-<checkpoint stem>`` (``test-best``, ...) for a loaded checkpoint."""
+    stage, checkpoint = evaluation_stage(trainer), loaded_checkpoint(trainer)
+    if checkpoint is not None:
+        return f"{stage}-{checkpoint_stem(checkpoint)}"
+    return f"{stage}_epoch{trainer.current_epoch:03d}_step{trainer.global_step}"
+
+
+def evaluation_files(trainer: Trainer, paths: Callable[[str], list[Path]]) -> tuple[str, list[Path]]:
+    """The running evaluation's file stem and ``paths(stem)``, none of which exists yet.
+
+    The stem is :func:`evaluation_name`, with ``-v1``, ``-v2``, ... when a file of that name is
+    taken (another run in the same folder, the same checkpoint evaluated again): the files of one
+    evaluation share one stem, and an earlier one's stay.
+    """
+    name = evaluation_name(trainer)
+    version, _ = free_version(lambda v: paths(name if v == 0 else f"{name}-v{v}"))
+    stem = name if version == 0 else f"{name}-v{version}"
+    return stem, paths(stem)
+
+
+def announce_folder(announced: set[Path], folder: Path, message: str) -> None:
+    """Print ``message`` on stderr the first time ``folder`` is written (``announced`` remembers), so
+    a command names where its files went once, as it names its metrics file."""
+    if folder not in announced:
+        announced.add(folder)
+        print(message, file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,14 @@ from torch import Tensor
 from torch.nn.functional import pad
 from torchvision.utils import draw_bounding_boxes
 
-from lightning_rpn.training.log_targets import evaluation_stage, file_loggers, log_dir, reporting
+from lightning_rpn.training.log_targets import (
+    announce_folder,
+    evaluation_files,
+    evaluation_stage,
+    file_loggers,
+    log_dir,
+    reporting,
+)
 
 __all__ = ["GT_COLOR", "PROPOSAL_COLOR", "ProposalImages"]
 
@@ -56,7 +64,12 @@ class ProposalImages(Callback):
     ``"objectness"``, so the W&B slider filters by it). TensorBoard: ``add_image_with_boxes``
     per image (``{stage}/proposals/{i}``; proposals labelled with their objectness). Other
     loggers / none: PNGs drawn with ``torchvision.utils.draw_bounding_boxes`` (gt green,
-    proposals red) in ``proposal_images/`` under the log directory.
+    proposals red) in ``proposal_images/`` under the log directory, named
+    ``{evaluation}_{n}_{image id}.png``: ``{evaluation}`` is ``{stage}_epoch{E:03d}_step{S}`` in
+    ``fit``, ``{stage}-{checkpoint stem}`` for a checkpoint a ``validate`` / ``test`` loaded
+    (:func:`~lightning_rpn.training.log_targets.evaluation_name`), with ``-v1``, ``-v2``, ... when an
+    earlier file has the name (no file is replaced). The folder is printed on stderr the first
+    time it is written.
 
     Args:
         num_images: images per epoch (the first ones of the epoch, on rank 0).
@@ -71,6 +84,7 @@ class ProposalImages(Callback):
         self.num_images = num_images
         self.top_k = top_k
         self._samples: list[_Sample] = []
+        self._announced: set[Path] = set()
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._samples = []
@@ -132,14 +146,18 @@ class ProposalImages(Callback):
                         labels=["gt"] * len(s.gt_boxes) + [f"{v:.2f}" for v in s.scores.tolist()],
                     )
         for logger in file_loggers(trainer):
-            folder = log_dir(trainer, logger) / "proposal_images"
-            folder.mkdir(parents=True, exist_ok=True)
-            for n, s in enumerate(samples):
-                name = re.sub(r"[^\w.-]", "_", str(s.image_id))
-                path = (
-                    folder / f"{stage}_epoch{trainer.current_epoch:03d}_step{step}_{n}_{name}.png"
-                )
-                Image.fromarray(self._draw(s).permute(1, 2, 0).numpy()).save(path)
+            self._write_files(log_dir(trainer, logger) / "proposal_images", samples, trainer)
+
+    def _write_files(self, folder: Path, samples: list[_Sample], trainer: Trainer) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        names = [re.sub(r"[^\w.-]", "_", str(s.image_id)) for s in samples]
+        stem, paths = evaluation_files(
+            trainer, lambda stem: [folder / f"{stem}_{n}_{name}.png" for n, name in enumerate(names)]
+        )
+        for s, path in zip(samples, paths, strict=True):
+            Image.fromarray(self._draw(s).permute(1, 2, 0).numpy()).save(path)
+        announce_folder(self._announced, folder, f"ProposalImages: {len(paths)} images with gt and proposals "
+                                                 f"written to {folder} ({stem}_*.png)")
 
     @staticmethod
     def _draw(s: _Sample) -> Tensor:

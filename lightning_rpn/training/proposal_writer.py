@@ -18,6 +18,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_rpn.data.coco import load_coco_json
 from lightning_rpn.evaluation.proposal_files import (
     FORMATS,
     merge_proposal_parts,
@@ -25,9 +26,9 @@ from lightning_rpn.evaluation.proposal_files import (
     write_coco_proposals,
     write_detectron2_proposals,
 )
-from lightning_rpn.training.run_files import checkpoint_stem, free_version, versioned
+from lightning_rpn.training.run_files import checkpoint_stem, free_version, metrics_summary_path, versioned
 
-__all__ = ["ProposalWriter", "proposal_paths"]
+__all__ = ["ProposalWriter", "dataset_category_id", "predicted_category_id", "proposal_paths"]
 
 
 def proposal_paths(output_dir: Path, stem: str, version: int = 0) -> dict[str, Path]:
@@ -38,6 +39,36 @@ def proposal_paths(output_dir: Path, stem: str, version: int = 0) -> dict[str, P
     """
     return {name: versioned(output_dir / f"{Path(file).stem}-{stem}{Path(file).suffix}", version)
             for name, file in FORMATS.items()}
+
+
+def dataset_category_id(dataset: Any) -> int | None:
+    """The lowest category id ``dataset`` (or a dataset it wraps, ``.dataset``) keeps, or ``None``.
+
+    A COCO dataset (:class:`~lightning_rpn.data.coco.COCODetection`, or any dataset with
+    ``category_ids`` and ``annotation_file``) keeps its ``category_ids`` filter, else every
+    category of its annotation file (read again here: the dataset keeps only its filter).
+    """
+    seen: set[int] = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        if hasattr(dataset, "category_ids") and hasattr(dataset, "annotation_file"):
+            ids = dataset.category_ids
+            if ids is None:
+                categories = load_coco_json(dataset.annotation_file).get("categories") or []
+                ids = [c.get("id") for c in categories if isinstance(c, dict)]
+            ints = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+            return min(ints) if ints else None
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def predicted_category_id(trainer: pl.Trainer) -> int:
+    """The COCO ``category_id`` of the proposals of ``trainer``'s predict: the predicted dataset's
+    (:func:`dataset_category_id`), else 1."""
+    loaders = getattr(trainer, "predict_dataloaders", None)
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    found = dataset_category_id(getattr(loader, "dataset", None))
+    return 1 if found is None else found
 
 
 class ProposalWriter(BasePredictionWriter):
@@ -56,8 +87,24 @@ class ProposalWriter(BasePredictionWriter):
     ``no_checkpoint`` without one), and never replace a file: when a name is taken (the same
     checkpoint predicted again, e.g. on other images) this predict's files get the first free
     version suffix ``-v1``, ``-v2``, ... and rank 0 prints on stderr which files stay and which
-    are new. Rank 0 alone decides the names and writes the files; ``written`` (format -> path)
-    is the same on every rank once predict ends.
+    are new. The version is one whose metrics summary name
+    (:func:`~lightning_rpn.training.run_files.metrics_summary_path`) is free as well, and the
+    summary of this predict takes it and lists these files and ``top_k``: ``predict-last-v2.json``
+    describes ``proposals_coco-last-v2.json``. Rank 0 alone decides the names and writes the
+    files; ``written`` (format -> path) and ``version`` are the same on every rank once predict
+    ends.
+
+    Args:
+        output_dir: folder of the files.
+        formats: ``"coco_json"`` and / or ``"detectron2_pkl"``.
+        top_k: proposals kept per image (the best-scored; ``None``: all that predict returned).
+            The recall predict prints and summarises counts every proposal it returned.
+        category_id: the ``category_id`` of every COCO result. ``None`` (default): the lowest
+            category id the predicted dataset keeps (its ``category_ids`` filter, else the
+            ``categories`` of its COCO ``annotation_file``), because pycocotools' class-agnostic
+            evaluation (``params.useCats = 0``) still drops results whose category the annotation
+            file does not list, scoring them 0; 1 when the dataset names no categories (a folder
+            of images, VOC, synthetic data).
     """
 
     def __init__(
@@ -65,7 +112,7 @@ class ProposalWriter(BasePredictionWriter):
         output_dir: str = "proposals",
         formats: Sequence[str] = ("coco_json", "detectron2_pkl"),
         top_k: int | None = 1000,
-        category_id: int = 1,
+        category_id: int | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         unknown = [f for f in formats if f not in FORMATS]
@@ -78,6 +125,7 @@ class ProposalWriter(BasePredictionWriter):
         self.top_k = top_k
         self.category_id = category_id
         self.written: dict[str, Path] = {}
+        self.version = 0
         self._handle: Any = None
 
     def _part(self, rank: int) -> Path:
@@ -87,7 +135,7 @@ class ProposalWriter(BasePredictionWriter):
         part = self._part(trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         self._handle = part.open("wb")
-        self.written = {}
+        self.written, self.version = {}, 0
 
     def write_on_batch_end(
         self,
@@ -120,21 +168,25 @@ class ProposalWriter(BasePredictionWriter):
             parts = [self._part(rank) for rank in range(trainer.world_size)]
             records = merge_proposal_parts(parts)
             # every format counts: the files of one predict share one version (an earlier one may
-            # have written other formats)
+            # have written other formats), which the metrics summary of this predict takes too
             stem = checkpoint_stem(trainer.ckpt_path)
-            version, kept = free_version(lambda v: list(proposal_paths(self.output_dir, stem, v).values()))
+            version, kept = free_version(lambda v: [*proposal_paths(self.output_dir, stem, v).values(),
+                                                    metrics_summary_path(trainer, "predict", v)])
             paths = proposal_paths(self.output_dir, stem, version)
             if kept:
                 print(
-                    f"ProposalWriter: {self.output_dir} holds proposals of an earlier predict "
-                    f"({', '.join(p.name for p in kept)}); they stay, this predict writes "
+                    f"ProposalWriter: files of an earlier predict of checkpoint {stem!r} "
+                    f"({', '.join(map(str, kept))}); they stay, this predict writes "
                     + ", ".join(paths[name].name for name in self.formats),
                     file=sys.stderr,
                 )
+            coco = ""
             for name in self.formats:
                 path = paths[name]
                 if name == "coco_json":
-                    write_coco_proposals(path, records, category_id=self.category_id)
+                    category_id = self.category_id if self.category_id is not None else predicted_category_id(trainer)
+                    write_coco_proposals(path, records, category_id=category_id)
+                    coco = f" (COCO category_id {category_id})"
                 else:
                     write_detectron2_proposals(path, records)
                 self.written[name] = path
@@ -144,9 +196,10 @@ class ProposalWriter(BasePredictionWriter):
                 parts[0].parent.rmdir()
             except OSError:
                 pass
+            self.version = version
             rank_zero_info(
                 f"ProposalWriter: proposals of {len(records)} images written to "
-                + ", ".join(str(p) for p in self.written.values())
+                + ", ".join(str(p) for p in self.written.values()) + coco
             )
         # a collective: the other ranks wait here for rank 0's files, then know their paths
-        self.written = trainer.strategy.broadcast(self.written, src=0)
+        self.written, self.version = trainer.strategy.broadcast((self.written, self.version), src=0)

@@ -15,7 +15,16 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
-from lightning_rpn.training.log_targets import evaluation_stage, file_loggers, log_dir, reporting
+from lightning_rpn.training.log_targets import (
+    announce_folder,
+    evaluation_files,
+    evaluation_stage,
+    file_loggers,
+    loaded_checkpoint,
+    log_dir,
+    reporting,
+)
+from lightning_rpn.training.run_files import free_version, versioned
 
 __all__ = ["RecallCurves", "recall_curves_figure"]
 
@@ -36,6 +45,20 @@ def recall_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[fl
     return fig
 
 
+def _csv_path(path: Path, header: list[str]) -> Path:
+    """``path``, or ``path`` with ``-v1``, ``-v2``, ...: the first that is new or starts with ``header``,
+    so that rows are never appended to a CSV of other columns."""
+
+    def other_layout(version: int) -> list[Path]:
+        candidate = versioned(path, version)
+        if not candidate.exists():
+            return []
+        with candidate.open(newline="") as f:
+            return [] if next(csv.reader(f), None) == header else [candidate]
+
+    return versioned(path, free_version(other_layout)[0])
+
+
 class RecallCurves(Callback):
     """Logs recall vs IoU and AR vs number of proposals after every validation / test epoch.
 
@@ -43,7 +66,13 @@ class RecallCurves(Callback):
     (``wandb.plot.line`` over a ``wandb.Table``). TensorBoard: a matplotlib figure
     ``{stage}/recall_curves``. Other loggers / none: rows appended to
     ``recall_curves/{stage}_recall_vs_iou.csv`` and ``..._recall_vs_proposals.csv`` (columns
-    epoch, step, x, y) and a PNG of the figure per epoch under the log directory.
+    epoch, step, checkpoint, x, y; ``checkpoint`` is the file a ``validate`` / ``test`` loaded,
+    empty for the weights of a ``fit``) and a PNG of the figure per evaluation under the log
+    directory: ``{stage}_epoch{E:03d}_step{S}.png`` in ``fit``, ``{stage}-{checkpoint stem}.png``
+    for a loaded checkpoint (:func:`~lightning_rpn.training.log_targets.evaluation_name`). No
+    file is replaced: a taken PNG name gets ``-v1``, ``-v2``, ..., and a CSV of another layout
+    (an older version's) is left as it is, the rows going to ``..._recall_vs_iou-v1.csv``. The
+    folder is printed on stderr the first time it is written.
 
     Args:
         save_png: write the PNG next to the CSV files.
@@ -51,6 +80,7 @@ class RecallCurves(Callback):
 
     def __init__(self, save_png: bool = True) -> None:
         self.save_png = save_png
+        self._announced: set[Path] = set()
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not reporting(trainer):
@@ -93,22 +123,25 @@ class RecallCurves(Callback):
 
     def _write_files(self, folder: Path, curves: Mapping, stage: str, trainer: Trainer) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        epoch, step = trainer.current_epoch, trainer.global_step
-        for name, header in (
-            ("recall_vs_iou", "iou,recall"),
-            ("recall_vs_proposals", "proposals,AR"),
-        ):
-            path = folder / f"{stage}_{name}.csv"
+        epoch, step, checkpoint = trainer.current_epoch, trainer.global_step, loaded_checkpoint(trainer) or ""
+        written = []
+        for name, columns in (("recall_vs_iou", ["iou", "recall"]), ("recall_vs_proposals", ["proposals", "AR"])):
+            header = ["epoch", "step", "checkpoint", *columns]
+            path = _csv_path(folder / f"{stage}_{name}.csv", header)
             new = not path.exists()
             with path.open("a", newline="") as f:
                 writer = csv.writer(f)
                 if new:
-                    writer.writerow(["epoch", "step", *header.split(",")])
+                    writer.writerow(header)
                 for x, y in zip(*curves[name], strict=True):
-                    writer.writerow([epoch, step, x, y])
+                    writer.writerow([epoch, step, checkpoint, x, y])
+            written.append(path.name)
         if self.save_png:
-            fig = recall_curves_figure(curves)
-            fig.savefig(folder / f"{stage}_epoch{epoch:03d}_step{step}.png", dpi=100)
+            _, (png,) = evaluation_files(trainer, lambda stem: [folder / f"{stem}.png"])
+            recall_curves_figure(curves).savefig(png, dpi=100)
+            written.insert(0, png.name)
+        announce_folder(self._announced, folder, f"RecallCurves: recall curves written to {folder} "
+                                                 f"({', '.join(written)})")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._log(trainer, pl_module)

@@ -5,9 +5,10 @@ A new ``fit`` never overwrites the checkpoints another run left in its folder
 (:func:`warn_if_last_waits_for_best`); ``validate`` / ``test`` / ``predict`` write their final recall
 and losses as JSON (:func:`write_metrics_summary`), named after the checkpoint as ``predict``'s
 proposal files are (:func:`checkpoint_stem`), and like them never replacing an earlier file
-(:func:`free_version`); their ``--ckpt_path best`` / ``last`` is found on disk or refused
-(:func:`evaluation_checkpoint`). The resolved config, the third file a run leaves, is saved by
-the CLI's own ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
+(:func:`free_version`); a predict's summary lists its proposal files and takes their version;
+their ``--ckpt_path best`` / ``last`` is found on disk or refused (:func:`evaluation_checkpoint`).
+The resolved config, the third file a run leaves, is saved by the CLI's own
+``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
 __all__ = [
-    "check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "free_version", "versioned",
-    "warn_if_last_waits_for_best", "write_metrics_summary",
+    "check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "free_version", "metrics_summary_path",
+    "versioned", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
 
@@ -139,11 +140,11 @@ def checkpoint_stem(checkpoint: str | Path | None) -> str:
     return Path(checkpoint).stem if checkpoint else "no_checkpoint"
 
 
-def free_version(paths: Callable[[int], Sequence[Path]]) -> tuple[int, list[Path]]:
-    """The first version ``0, 1, 2, ...`` none of whose ``paths(version)`` exists, and the existing
-    files of the versions passed over: a run's output never replaces an earlier run's."""
+def free_version(paths: Callable[[int], Sequence[Path]], first: int = 0) -> tuple[int, list[Path]]:
+    """The first version ``first, first + 1, ...`` none of whose ``paths(version)`` exists, and the
+    existing files of the versions passed over: a run's output never replaces an earlier run's."""
     kept: list[Path] = []
-    version = 0
+    version = first
     while taken := [path for path in paths(version) if path.exists()]:
         kept += taken
         version += 1
@@ -155,6 +156,46 @@ def versioned(path: Path, version: int) -> Path:
     return path if version == 0 else path.with_name(f"{path.stem}-v{version}{path.suffix}")
 
 
+def metrics_summary_path(trainer: pl.Trainer, command: str, version: int = 0) -> Path:
+    """``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json`` with ``-v{version}``
+    (none for 0): where :func:`write_metrics_summary` writes, which ``ProposalWriter`` keeps free
+    for the summary of its own predict."""
+    base = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(trainer.ckpt_path)}.json"
+    return versioned(base, version)
+
+
+def _written_proposals(trainer: pl.Trainer) -> list[Any]:
+    """The prediction writers of ``trainer`` that wrote files in its last predict (their ``written``)."""
+    return [callback for callback in getattr(trainer, "callbacks", [])
+            if isinstance(callback, BasePredictionWriter) and getattr(callback, "written", None)]
+
+
+def _predicted_proposals(writers: Sequence[Any], recall: dict[str, float]) -> dict[str, Any]:
+    """What predict's recall was computed on, and the proposal files the same predict wrote.
+
+    The recall counts every proposal ``predict_step`` returned (the model's own per-image
+    limit, as ``validate`` / ``test`` do); a writer keeps each image's best ``top_k`` of them, so
+    ``AR@k`` with ``k <= top_k`` is also the files' recall, and a larger ``k`` counts proposals
+    the files do not hold.
+    """
+    budgets = sorted({int(key.rsplit("@", 1)[1]) for key in recall if key.startswith("AR@")})
+    files = []
+    for writer in writers:
+        top_k = getattr(writer, "top_k", None)
+        entry: dict[str, Any] = {"top_k": top_k,
+                                 "paths": {name: str(Path(path).resolve()) for name, path in writer.written.items()}}
+        beyond = [k for k in budgets if top_k is not None and k > top_k]
+        if beyond:
+            entry["note"] = (f"these files hold each image's best {top_k} proposals: AR@k and recall@t@k for "
+                             f"k = {', '.join(map(str, beyond))} (> {top_k}) count proposals they do not hold")
+        files.append(entry)
+    return {
+        "recall_of": "every proposal predict_step returned per image (the model's own limit, "
+                     "e.g. RPNModule's post_nms_top_n_test), before any writer's top_k",
+        "files": files,
+    }
+
+
 def write_metrics_summary(
     trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, command: str
 ) -> Path | None:
@@ -164,9 +205,13 @@ def write_metrics_summary(
     (``...-no_checkpoint.json`` without one) with the command, the resolved checkpoint path,
     the dataset (name, root, split), the coordinates the recall was measured in, every
     ``ProposalRecall.compute()`` key of ``model.last_recall`` (AR@k per area range, recall at
-    each IoU threshold) and, for validate / test, the losses. Written on global rank 0; nothing
-    (``None``) when there is no recall, as for a predict split without gt boxes. A file an
-    earlier command left under that name stays: this one gets ``-v1``, ``-v2``, ... and a notice.
+    each IoU threshold), for validate / test the losses and, for predict, ``proposals``: what
+    the recall was computed on (every proposal ``predict_step`` returned, not a writer's
+    ``top_k``) and each prediction writer's ``top_k`` and the files it wrote in this predict.
+    Written on global rank 0; nothing (``None``) when there is no recall, as for a predict
+    split without gt boxes. A file an earlier command left under that name stays: this one gets
+    ``-v1``, ``-v2``, ... and a notice; after a ``ProposalWriter`` it takes the writer's version
+    (no lower), so that ``predict-last-v2.json`` describes ``proposals_coco-last-v2.json``.
     """
     recall = getattr(model, "last_recall", None)
     if not trainer.is_global_zero or not recall:
@@ -188,18 +233,21 @@ def write_metrics_summary(
         "coordinates": "original images" if command == "predict" else "resized images",
         "metrics": recall,
     }
-    if command != "predict":
+    writers = _written_proposals(trainer) if command == "predict" else []
+    if command == "predict":
+        summary["proposals"] = _predicted_proposals(writers, recall)
+    else:
         prefix = f"{'val' if command == 'validate' else 'test'}/"
         summary["losses"] = {
             key[len(prefix):]: float(value)
             for key, value in trainer.callback_metrics.items()
             if key.startswith(prefix) and key[len(prefix):].startswith("loss")
         }
-    base = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(checkpoint)}.json"
-    version, kept = free_version(lambda v: [versioned(base, v)])
-    path = versioned(base, version)
+    first = max((getattr(writer, "version", 0) for writer in writers), default=0)  # the writer's files' version
+    version, kept = free_version(lambda v: [metrics_summary_path(trainer, command, v)], first)
+    path = metrics_summary_path(trainer, command, version)
     if kept:
-        print(f"lightning-rpn {command}: {', '.join(p.name for p in kept)} in {base.parent} stay (earlier runs); "
+        print(f"lightning-rpn {command}: {', '.join(p.name for p in kept)} in {path.parent} stay (earlier runs); "
               f"this one's metrics go to {path.name}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -319,3 +319,81 @@ def test_curves_figure_has_two_panels():
 def test_proposal_images_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_images"):
         ProposalImages(num_images=0)
+
+
+# ---------------------------------------------------------------- file names of standalone evaluations
+
+
+def _save_checkpoints(tmp_path: Path) -> list[Path]:
+    """Two checkpoints of the fake module (a fit, then other weights), ``ckpts/a.ckpt`` and ``ckpts/b.ckpt``."""
+    model = FakeRPNModule()
+    trainer = make_trainer(tmp_path / "fit", False, [], max_epochs=1)
+    trainer.fit(model, loader(), loader())
+    paths = [tmp_path / "ckpts" / "a.ckpt", tmp_path / "ckpts" / "b.ckpt"]
+    trainer.save_checkpoint(paths[0])
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    trainer.save_checkpoint(paths[1])
+    return paths
+
+
+def _validate(root: Path, checkpoint: Path) -> None:
+    """A ``validate`` of ``checkpoint`` as a new command does it: a new trainer and callbacks, no logger."""
+    callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]
+    trainer = make_trainer(root, False, callbacks)
+    trainer.validate(FakeRPNModule(), loader(), ckpt_path=str(checkpoint), verbose=False)
+
+
+def test_validations_of_two_checkpoints_keep_each_others_files(tmp_path, capsys):
+    a, b = _save_checkpoints(tmp_path)
+    root = tmp_path / "run"
+    capsys.readouterr()
+    _validate(root, a)
+    first = {p.name: p.read_bytes() for p in root.rglob("*.png")}
+    err = capsys.readouterr().err
+    # each command names its folders once, on stderr
+    assert err.count(f"RecallCurves: recall curves written to {root / 'recall_curves'} (val-a.png") == 1
+    assert err.count(f"ProposalImages: {NUM_IMAGES} images with gt and proposals written to "
+                     f"{root / 'proposal_images'} (val-a_*.png)") == 1
+    _validate(root, b)
+    _validate(root, a)  # the same checkpoint again: a version suffix, the first files stay
+    assert "(val-a-v1.png" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "recall_curves").glob("*.png")) == ["val-a-v1.png", "val-a.png", "val-b.png"]
+    images = sorted(p.name for p in (root / "proposal_images").glob("*.png"))
+    assert len(images) == 3 * NUM_IMAGES and images[:2] == ["val-a-v1_0_img_0-0.png", "val-a-v1_1_img_0-1.png"]
+    assert "val-b_2_img_1-0.png" in images
+    assert {p.name: p.read_bytes() for p in root.rglob("*.png") if p.name in first} == first
+    # the CSV rows say which checkpoint they describe
+    with (root / "recall_curves" / "val_recall_vs_proposals.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["checkpoint"] for r in rows] == [str(a.resolve())] * 4 + [str(b.resolve())] * 4 + [str(a.resolve())] * 4
+
+
+def test_fit_files_keep_their_names_and_a_second_fit_keeps_the_first_ones(tmp_path, capsys):
+    callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]
+    make_trainer(tmp_path, False, callbacks).fit(FakeRPNModule(), loader(), loader())
+    curves = tmp_path / "recall_curves"
+    assert sorted(p.name for p in curves.glob("*.png")) == ["val_epoch000_step2.png", "val_epoch001_step4.png"]
+    assert capsys.readouterr().err.count("RecallCurves: recall curves written to") == 1  # once, not per epoch
+    first = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
+    # a new run in the same folder (logger false: no version folder of its own)
+    callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]
+    make_trainer(tmp_path, False, callbacks, max_epochs=1).fit(FakeRPNModule(), loader(), loader())
+    assert (curves / "val_epoch000_step2-v1.png").is_file()
+    assert (tmp_path / "proposal_images" / "val_epoch000_step2-v1_0_img_0-0.png").is_file()
+    assert {p: p.read_bytes() for p in first} == first
+    with (curves / "val_recall_vs_iou.csv").open() as f:
+        assert {r["checkpoint"] for r in csv.DictReader(f)} == {""}  # the weights of a fit, no file
+
+
+def test_rows_are_never_appended_to_a_csv_of_other_columns(tmp_path):
+    curves = tmp_path / "recall_curves"
+    curves.mkdir()
+    older = "epoch,step,iou,recall\n0,2,0.5,0.9\n"  # an older version's layout
+    (curves / "val_recall_vs_iou.csv").write_text(older)
+    make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1).fit(FakeRPNModule(), loader(), loader())
+    assert (curves / "val_recall_vs_iou.csv").read_text() == older
+    with (curves / "val_recall_vs_iou-v1.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 10
+    with (curves / "val_recall_vs_proposals.csv").open() as f:
+        assert next(csv.reader(f)) == ["epoch", "step", "checkpoint", "proposals", "AR"]

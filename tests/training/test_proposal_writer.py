@@ -46,9 +46,12 @@ class _Gloo:
         return box[0]
 
 
-def _trainer(ckpt_path: str | None, rank: int = 0, world_size: int = 1, strategy: Any = None) -> SimpleNamespace:
-    return SimpleNamespace(ckpt_path=ckpt_path, global_rank=rank, world_size=world_size,
-                           is_global_zero=rank == 0, strategy=strategy or _OneProcess())
+def _trainer(ckpt_path: str | None, root: Path, rank: int = 0, world_size: int = 1, strategy: Any = None,
+             callbacks: tuple = ()) -> SimpleNamespace:
+    """A trainer whose ``default_root_dir`` is ``root`` (its ``metrics/``); ``callbacks`` for the summary."""
+    return SimpleNamespace(ckpt_path=ckpt_path, default_root_dir=str(root), global_rank=rank, world_size=world_size,
+                           is_global_zero=rank == 0, strategy=strategy or _OneProcess(), callbacks=list(callbacks),
+                           callback_metrics={})
 
 
 def _image(image_id: int, score: float) -> dict[str, Any]:
@@ -65,13 +68,13 @@ def _predict(writer: ProposalWriter, trainer: SimpleNamespace, images: list[dict
 
 def test_files_are_named_after_the_checkpoint_like_the_metrics_summary(tmp_path: Path) -> None:
     writer = ProposalWriter(str(tmp_path / "proposals"))
-    written = _predict(writer, _trainer(str(tmp_path / "checkpoints/last-v1.ckpt")), [_image(7, 0.9)])
+    written = _predict(writer, _trainer(str(tmp_path / "checkpoints/last-v1.ckpt"), tmp_path), [_image(7, 0.9)])
     assert written == {"coco_json": tmp_path / "proposals/proposals_coco-last-v1.json",
                        "detectron2_pkl": tmp_path / "proposals/proposals_detectron2-last-v1.pkl"}
     assert sorted(p.name for p in (tmp_path / "proposals").iterdir()) == [
         "proposals_coco-last-v1.json", "proposals_detectron2-last-v1.pkl"]
     assert [r["image_id"] for r in read_detectron2_proposals(written["detectron2_pkl"])] == [7]
-    assert _predict(ProposalWriter(str(tmp_path / "none"), formats=("coco_json",)), _trainer(None),
+    assert _predict(ProposalWriter(str(tmp_path / "none"), formats=("coco_json",)), _trainer(None, tmp_path),
                     [_image(7, 0.9)]) == {"coco_json": tmp_path / "none/proposals_coco-no_checkpoint.json"}
     # the metrics summary of the same predict carries the same name
     trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(tmp_path / "checkpoints/last-v1.ckpt"),
@@ -85,15 +88,15 @@ def test_files_are_named_after_the_checkpoint_like_the_metrics_summary(tmp_path:
 def test_a_second_predict_never_replaces_the_first_ones_files(tmp_path: Path, capsys) -> None:
     out = tmp_path / "proposals"
     writer = ProposalWriter(str(out))
-    first = _predict(writer, _trainer("ckpts/last.ckpt"), [_image(1, 0.9)])
+    first = _predict(writer, _trainer("ckpts/last.ckpt", tmp_path), [_image(1, 0.9)])
     first_bytes = {name: path.read_bytes() for name, path in first.items()}
     # another checkpoint: its own files, no notice
-    other = _predict(writer, _trainer("ckpts/last-v1.ckpt"), [_image(2, 0.8)])
+    other = _predict(writer, _trainer("ckpts/last-v1.ckpt", tmp_path), [_image(2, 0.8)])
     assert other["coco_json"].name == "proposals_coco-last-v1.json"
     assert capsys.readouterr().err == ""
     # the same checkpoint again (other images): a version suffix, one notice naming the files kept;
     # -v1 is taken by checkpoint last-v1's files, so the version passes over it
-    again = _predict(writer, _trainer("ckpts/last.ckpt"), [_image(3, 0.7)])
+    again = _predict(writer, _trainer("ckpts/last.ckpt", tmp_path), [_image(3, 0.7)])
     assert again == proposal_paths(out, "last", 2)
     assert again["detectron2_pkl"].name == "proposals_detectron2-last-v2.pkl"
     (notice,) = capsys.readouterr().err.splitlines()
@@ -106,7 +109,7 @@ def test_a_second_predict_never_replaces_the_first_ones_files(tmp_path: Path, ca
     assert [r["image_id"] for r in read_coco_proposals(other["coco_json"])] == [2]
     # the files of one predict share one version, even when it writes one format
     (out / "proposals_detectron2-last-v3.pkl").write_bytes(b"a user's file")
-    third = _predict(ProposalWriter(str(out), formats=("coco_json",)), _trainer("ckpts/last.ckpt"), [_image(4, 0.6)])
+    third = _predict(ProposalWriter(str(out), formats=("coco_json",)), _trainer("ckpts/last.ckpt", tmp_path), [_image(4, 0.6)])
     assert third == {"coco_json": out / "proposals_coco-last-v4.json"}
     assert (out / "proposals_detectron2-last-v3.pkl").read_bytes() == b"a user's file"
     assert "proposals_detectron2-last-v3.pkl" in capsys.readouterr().err
@@ -121,7 +124,7 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
     stderr, sys.stderr = sys.stderr, io.StringIO()
     try:
         writer = ProposalWriter(out)
-        trainer = _trainer("ckpts/best.ckpt", rank, WORLD_SIZE, _Gloo())
+        trainer = _trainer("ckpts/best.ckpt", Path(out).parent, rank, WORLD_SIZE, _Gloo())
         runs = [{name: str(path) for name, path in _predict(writer, trainer, [_image(2 * i + rank, 0.5)]).items()}
                 for i in range(2)]  # the same checkpoint twice: the second gets -v1
         Path(out, f"rank{rank}.json").write_text(json.dumps({"runs": runs, "stderr": sys.stderr.getvalue()}))
@@ -156,3 +159,99 @@ def test_a_second_metrics_summary_of_a_checkpoint_keeps_the_first(tmp_path: Path
     assert (first.name, again.name) == ("validate-last.json", "validate-last-v1.json")
     assert json.loads(first.read_text())["metrics"] == {"AR@100": 0.5}  # another evaluation's record, kept
     assert "validate-last.json in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- COCO category of the results
+
+
+def _coco_split(tmp_path: Path, categories: list[int], filter_ids: list[int] | None = None) -> Any:
+    """A predict loader over a one-image COCO split whose box ``[10, 20, 30, 40]`` (xywh) has category 7."""
+    from helpers.builders import write_coco
+    from torch.utils.data import DataLoader
+
+    from lightning_rpn.data.coco import COCODetection
+    from lightning_rpn.data.transforms import TransformedDataset
+
+    images_root, annotations = write_coco(
+        tmp_path / "coco", [{"id": 5, "file_name": "a.png", "height": 80, "width": 60}],
+        [{"id": 1, "image_id": 5, "bbox": [10, 20, 30, 40], "category_id": 7, "area": 1200, "iscrowd": 0}],
+        categories=[{"id": i, "name": f"c{i}"} for i in categories],
+    )
+    dataset = COCODetection(images_root, annotations, category_ids=filter_ids)
+    return DataLoader(TransformedDataset(dataset, None)), annotations
+
+
+def _box_of_the_gt() -> dict[str, Any]:
+    return {"image_id": 5, "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]]), "scores": torch.tensor([0.9])}
+
+
+@pytest.mark.parametrize(("categories", "filter_ids", "expected"), [([7], None, 7), ([9, 7], None, 7), ([3, 7], [7], 7)])
+def test_coco_results_carry_a_category_of_the_predicted_dataset(tmp_path, categories, filter_ids, expected) -> None:
+    loader, _ = _coco_split(tmp_path, categories, filter_ids)
+    trainer = _trainer("ckpts/last.ckpt", tmp_path)
+    trainer.predict_dataloaders = loader
+    written = _predict(ProposalWriter(str(tmp_path / "out"), formats=("coco_json",)), trainer, [_box_of_the_gt()])
+    assert {entry["category_id"] for entry in json.loads(written["coco_json"].read_text())} == {expected}
+
+
+def test_coco_results_category_without_dataset_categories_or_given(tmp_path) -> None:
+    loader, _ = _coco_split(tmp_path, [7])
+    trainer = _trainer("ckpts/last.ckpt", tmp_path)
+    trainer.predict_dataloaders = [loader]
+    written = _predict(ProposalWriter(str(tmp_path / "given"), category_id=3), trainer, [_box_of_the_gt()])
+    assert json.loads(written["coco_json"].read_text())[0]["category_id"] == 3  # an explicit id is kept
+    folder = _trainer("ckpts/last.ckpt", tmp_path)  # a folder of images: no categories
+    folder.predict_dataloaders = SimpleNamespace(dataset=SimpleNamespace(root="images"))
+    written = _predict(ProposalWriter(str(tmp_path / "folder")), folder, [_box_of_the_gt()])
+    assert json.loads(written["coco_json"].read_text())[0]["category_id"] == 1
+
+
+def test_pycocotools_class_agnostic_recall_of_the_written_results(tmp_path) -> None:
+    pytest.importorskip("pycocotools")
+    import contextlib
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    loader, annotations = _coco_split(tmp_path, [7])
+    trainer = _trainer("ckpts/last.ckpt", tmp_path)
+    trainer.predict_dataloaders = loader
+    written = _predict(ProposalWriter(str(tmp_path / "out")), trainer, [_box_of_the_gt()])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        evaluation = COCOeval(gt, gt.loadRes(str(written["coco_json"])), "bbox")
+        evaluation.params.useCats = 0
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[8] == pytest.approx(1.0)  # AR@100: the proposal is the gt box (0 with category 1)
+
+
+# ---------------------------------------------------------------- predict's summary and its proposal files
+
+
+def test_the_predict_summary_names_its_files_and_top_k_and_shares_their_version(tmp_path) -> None:
+    out = tmp_path / "proposals"
+    # an earlier predict of the checkpoint on images without gt: proposal files, no summary
+    _predict(ProposalWriter(str(out)), _trainer("ckpts/last.ckpt", tmp_path), [_image(1, 0.9)])
+    writer = ProposalWriter(str(out), top_k=5)
+    trainer = _trainer("ckpts/last.ckpt", tmp_path, callbacks=[writer])
+    written = _predict(writer, trainer, [_image(2, 0.8)])
+    recall = {"AR@1": 0.25, "AR@10": 0.5, "AR@100": 0.75}
+    summary = write_metrics_summary(trainer, SimpleNamespace(last_recall=recall), SimpleNamespace(), "predict")
+    assert written["coco_json"].name == "proposals_coco-last-v1.json"
+    assert summary == tmp_path / "metrics/predict-last-v1.json"  # the files' version, not the free -v0
+    proposals = json.loads(summary.read_text())["proposals"]
+    assert "every proposal predict_step returned" in proposals["recall_of"]
+    (files,) = proposals["files"]
+    assert files["top_k"] == 5
+    assert files["paths"] == {name: str(path.resolve()) for name, path in written.items()}
+    assert "k = 10, 100 (> 5)" in files["note"]
+    # an earlier predict without a writer left a summary: this predict's files skip its version
+    (tmp_path / "metrics/predict-best.json").write_text("{}")
+    writer = ProposalWriter(str(out), top_k=None)
+    trainer = _trainer("ckpts/best.ckpt", tmp_path, callbacks=[writer])
+    written = _predict(writer, trainer, [_image(3, 0.7)])
+    summary = write_metrics_summary(trainer, SimpleNamespace(last_recall=recall), SimpleNamespace(), "predict")
+    assert (written["coco_json"].name, summary.name) == ("proposals_coco-best-v1.json", "predict-best-v1.json")
+    assert "note" not in json.loads(summary.read_text())["proposals"]["files"][0]  # top_k None: every proposal
