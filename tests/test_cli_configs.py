@@ -59,6 +59,14 @@ def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_config_writes_predict_proposals_into_its_run_folder(config: str, built: dict) -> None:
+    # the dense-scene configs had no ProposalWriter: predict wrote nothing and said nothing
+    (writer,) = [c for c in built[config].trainer.callbacks if isinstance(c, ProposalWriter)]
+    assert writer.output_dir.parts[:2] == ("runs", config.removesuffix(".yaml"))
+    assert writer.top_k >= max(built[config].model.hparams.recall_max_proposals)
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_every_config_shows_the_losses_in_the_rich_progress_bar(config: str, built: dict) -> None:
     assert isinstance(built[config].trainer.progress_bar_callback, RichProgressBar)
 
