@@ -7,7 +7,8 @@
     lightning-rpn test --config ... --ckpt_path PATH
     lightning-rpn predict --config ... --ckpt_path PATH     # proposal files (training.proposal_writer.ProposalWriter)
     lightning-rpn check-data --config ...                   # dataset report, no training
-    lightning-rpn analyze-anchors --config ... [--optimize] # anchor coverage (+ k-means anchors)
+    lightning-rpn analyze-anchors --config ... [--optimize] # anchor coverage (+ a better design, same anchor count)
+    lightning-rpn configs list | copy NAME [DEST]           # the built-in configs (--config NAME)
 
 Anchors and strides are declared once, in the model section: the data module reads the
 anchor generator, target config, box coder and size divisibility from the model in ``setup``.
@@ -42,7 +43,7 @@ from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import yaml
-from jsonargparse import ActionYesNo, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -59,7 +60,7 @@ from lightning_rpn.training.run_files import (
     warn_if_last_waits_for_best,
     write_metrics_summary,
 )
-from lightning_rpn.training.wandb_mode import default_wandb_offline, wandb_credentials_available
+from lightning_rpn.training.wandb_mode import default_wandb_offline, prepare_wandb_logger, wandb_credentials_available
 from lightning_rpn.training.wandb_resume import continue_wandb_run, record_wandb_run
 
 __all__ = [
@@ -81,14 +82,25 @@ CONFIG_KEY = "lightning_rpn_config"
 TEXT_PROGRESS = "lightning_rpn.training.callbacks.TextProgress"
 TEXT_PROGRESS_INTERVAL_S = 30.0
 USAGE_ERROR = 2
-"""Exit status of a command refused before it starts (an output it may not write), as argparse's;
-``check-data`` exits 1 for data with errors."""
+"""Exit status of a command refused before it starts (an output it may not write, a split or
+checkpoint the config does not give), as argparse's; ``check-data`` exits 1 for data with errors."""
 
 _DESCRIPTION = (
     "Train and evaluate Region Proposal Networks. Subcommands: fit, validate, test, predict "
-    "(LightningCLI), check-data (dataset report: `lightning-rpn check-data --config FILE`) and "
-    "analyze-anchors (anchor coverage: `lightning-rpn analyze-anchors --config FILE [--optimize]`)."
+    "(LightningCLI), check-data (dataset report: `lightning-rpn check-data --config FILE`), "
+    "analyze-anchors (anchor coverage: `lightning-rpn analyze-anchors --config FILE [--optimize]`) and "
+    "configs (the built-in configs: `lightning-rpn configs list`, `lightning-rpn configs copy NAME [DEST]`). "
+    "Each takes --help."
 )
+CONFIG_HELP = (
+    "A YAML or JSON config file, or the name of a built-in config (`lightning-rpn configs list`; "
+    "a local NAME.yaml of that name is read instead, with a notice)."
+)
+
+
+class _Refusal(Exception):
+    """A command refused before it starts, for a setting the user gives (the message says which
+    and what to do): :func:`main` prints the message as one line and exits :data:`USAGE_ERROR`."""
 
 
 _CLASS_PATH_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)")
@@ -255,6 +267,10 @@ def _drop_progress_bars(trainer: Any) -> None:
         _notice(f"enable_progress_bar is false, so the config's {names} is left out")
 
 
+_EVALUATION_ROLES = {"validate": "val", "test": "test", "predict": "predict"}
+"""The data split role each evaluation command runs on."""
+
+
 class RPNLightningCLI(LightningCLI):
     """LightningCLI with RPNModule / RPNDataModule, config saving and W&B offline hints.
 
@@ -278,6 +294,14 @@ class RPNLightningCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, whose ``-c/--config`` help says it also takes a built-in config name
+        (:func:`~lightning_rpn.tools.config_files.resolve_config_args`)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={pl.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile, help=CONFIG_HELP)
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         """Keep the run's own model config when ``--ckpt_path`` names a file and a ``--config`` is given.
@@ -336,13 +360,13 @@ class RPNLightningCLI(LightningCLI):
         """Without a logger (``--trainer.logger false``) leave out the callbacks that need one.
 
         ``LearningRateMonitor`` raises on a trainer without loggers; turning logging off is an
-        ordinary flag, so every config keeps working with it. A ``WandbLogger``'s ``save_dir`` is
-        made before W&B starts: wandb looks for a git repository there and warns "git root ... does
-        not exist" on a first run.
+        ordinary flag, so every config keeps working with it. A ``WandbLogger`` is readied before
+        W&B starts (:func:`~lightning_rpn.training.wandb_mode.prepare_wandb_logger`: no warnings
+        the user cannot act on).
         """
         for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger.save_dir is not None:
-                Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+            if isinstance(logger, WandbLogger):
+                prepare_wandb_logger(logger)
         if self.trainer.loggers:
             return
         kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
@@ -406,14 +430,34 @@ class RPNLightningCLI(LightningCLI):
         if path is not None:
             print(f"lightning-rpn {command}: metrics written to {path}", file=sys.stderr)
 
+    def _before_evaluation(self) -> None:
+        """Refuse ``validate`` / ``test`` / ``predict`` without the split they run on, and resolve
+        their ``--ckpt_path`` keyword (:meth:`_resolve_checkpoint_keyword`)."""
+        self._require_evaluation_split()
+        self._resolve_checkpoint_keyword()
+
+    def _require_evaluation_split(self) -> None:
+        """A :class:`_Refusal` naming the setting when the config gives the command no split (``test``
+        without ``data.test_split``): the data module's own error came as a traceback from the loader."""
+        role, data = _EVALUATION_ROLES[self.subcommand], self.datamodule
+        if data.splits[role] is not None or (role == "predict" and data.predict_images is not None):
+            return
+        fix = ("--data.predict_split NAME (default: the val split) or --data.predict_images DIR"
+               if role == "predict" else f"--data.{role}_split NAME")
+        raise _Refusal(f"lightning-rpn {self.subcommand}: the config gives no {role} split to run on; "
+                       f"set one in its data section or pass {fix}")
+
     def _resolve_checkpoint_keyword(self) -> None:
         """``--ckpt_path best`` / ``last`` of ``validate`` / ``test`` / ``predict`` found on disk, or
-        refused (:func:`~lightning_rpn.training.run_files.evaluation_checkpoint`): never the
-        recall of untrained weights."""
+        refused (:func:`~lightning_rpn.training.run_files.evaluation_checkpoint`: its ``ValueError``
+        names the keyword and the folders, a :class:`_Refusal`): never the recall of untrained weights."""
         section = self.config_init[self.subcommand]
-        section["ckpt_path"] = evaluation_checkpoint(self.trainer, section.get("ckpt_path"), self.subcommand)
+        try:
+            section["ckpt_path"] = evaluation_checkpoint(self.trainer, section.get("ckpt_path"), self.subcommand)
+        except ValueError as error:
+            raise _Refusal(str(error)) from error
 
-    before_validate = before_test = before_predict = _resolve_checkpoint_keyword
+    before_validate = before_test = before_predict = _before_evaluation
 
     def after_validate(self) -> None:
         self._write_summary("validate")
@@ -430,7 +474,10 @@ class RPNLightningCLI(LightningCLI):
 
 class _NoRunCLI(RPNLightningCLI):
     """Parses the same config as ``fit`` (no subcommand) for a command that logs nothing and
-    trains nothing (no pretrained weights downloaded)."""
+    trains nothing (no pretrained weights downloaded). ``command`` and ``description`` head its ``--help``."""
+
+    command = ""
+    description = ""
 
     def _checkpoint_holds_the_weights(self) -> bool:
         return True  # no weights are used at all
@@ -442,6 +489,10 @@ class _NoRunCLI(RPNLightningCLI):
 
 class _CheckDataCLI(_NoRunCLI):
     """``check-data``: the ``fit`` config plus the report options."""
+
+    command = "check-data"
+    description = ("Check every configured split (images, boxes, their sizes and the anchors' coverage of "
+                   "them) without training; exit 1 on errors. Takes the config of `fit`.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -464,22 +515,28 @@ class _CheckDataCLI(_NoRunCLI):
 
 def _parse_only(cli_class: type[_NoRunCLI], args: Sequence[str]) -> RPNLightningCLI:
     """Parse the ``fit`` config plus a subcommand's options; build model and data, run nothing."""
+    parser_kwargs = {"prog": f"lightning-rpn {cli_class.command}", "description": cli_class.description}
     with warnings.catch_warnings():
         # the argv tail is passed on purpose (without the subcommand); LightningCLI warns about it
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return cli_class(args=args, run=False, save_config_callback=None)
+        return cli_class(args=args, run=False, save_config_callback=None, parser_kwargs=parser_kwargs)
+
+
+CHECKED_ROLES = ("train", "val", "test")
+"""The split roles ``check-data`` reports on (those the config gives)."""
 
 
 def check_data(args: Sequence[str]) -> int:
     """``lightning-rpn check-data``: report on every configured split; exit 1 on errors.
 
     Reads the same config as ``fit`` (``--config FILE``, ``--data.*`` overrides); the splits
-    are checked by :func:`lightning_rpn.data.validation.validate_dataset`. Warnings (repairs
-    that training makes on its own) exit 0 unless ``--strict``. ``--list_all`` prints every
-    problem, ``--report FILE.json|FILE.csv`` writes them all (an existing file only with
-    ``--force``; the path is checked before the data: exit 2 when it cannot be written).
+    are checked by :meth:`RPNDataModule.check_data` with the model's anchor setup, so the report
+    has the anchors' coverage of the boxes (the model is built without its pretrained weights).
+    Warnings (repairs that training makes on its own) exit 0 unless ``--strict``. ``--list_all``
+    prints every problem, ``--report FILE.json|FILE.csv`` writes them all (an existing file only
+    with ``--force``; the path is checked before the data: exit 2 when it cannot be written).
     """
-    from lightning_rpn.data.validation import report_path, validate_dataset
+    from lightning_rpn.data.validation import report_path
 
     cli = _parse_only(_CheckDataCLI, args)
     try:
@@ -487,7 +544,7 @@ def check_data(args: Sequence[str]) -> int:
     except ValueError as error:
         print(f"lightning-rpn {error}", file=sys.stderr)
         return USAGE_ERROR
-    report = validate_dataset(cli.datamodule, check_images=cli.config["check_images"])
+    report = cli.datamodule.check_data(cli.model, splits=CHECKED_ROLES, check_images=cli.config["check_images"])
     report.max_listed = None if cli.config["list_all"] else report.max_listed
     summary = f"{report.num_errors} error(s), {report.num_warnings} warning(s)"
     if path is not None:
@@ -500,13 +557,19 @@ def check_data(args: Sequence[str]) -> int:
 class _AnalyzeAnchorsCLI(_NoRunCLI):
     """``analyze-anchors``: the ``fit`` config plus the anchor-analysis options."""
 
+    command = "analyze-anchors"
+    description = ("How well the model's anchors cover a split's boxes (the recall ceiling they impose), "
+                   "and with --optimize a better design at the same anchor count. Takes the config of `fit`.")
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--optimize",
             action=ActionYesNo,
             default=False,
-            help="analyze-anchors: also fit anchor sizes / ratios to the boxes (k-means) and "
-            "write the config snippet anchors.yaml.",
+            help="analyze-anchors: also search anchor sizes and ratios per level at the same anchor count "
+            "(from the current design, a k-means and a quantile fit of the box shapes, improved one value at a "
+            "time on the boxes' exact coverage, never lowering the coverage at IoU 0.5, 0.7 or the model's "
+            "fg_iou) and write the config snippet anchors.yaml.",
         )
         parser.add_argument("--output_dir", type=str, default="anchor_analysis",
                             help="analyze-anchors: where the plot, report and snippet go.")
@@ -514,21 +577,26 @@ class _AnalyzeAnchorsCLI(_NoRunCLI):
                             help="analyze-anchors: replace the files of an earlier run in --output_dir "
                             "(without it, any of them there is an error before the analysis).")
         parser.add_argument("--split", type=str, default="train",
-                            help="analyze-anchors: data split whose gt boxes are analysed.")
+                            help="analyze-anchors: the split whose gt boxes are analysed: a role (train, val, "
+                            "test, predict) or the split name the config gives one (e.g. val2017).")
         parser.add_argument("--max_images", type=int | None, default=None,
                             help="analyze-anchors: analyse at most this many images.")
         parser.add_argument("--anchor_seed", type=int, default=0,
-                            help="analyze-anchors: seed of the k-means anchor search.")
+                            help="analyze-anchors: seed of the --optimize search (its k-means start and "
+                            "box sample).")
 
 
 def analyze_anchors(args: Sequence[str]) -> int:
-    """``lightning-rpn analyze-anchors``: anchor coverage of a split's boxes, optional k-means.
+    """``lightning-rpn analyze-anchors``: anchor coverage of a split's boxes, optionally a better design.
 
     Reads the same config as ``fit``; see :func:`lightning_rpn.tools.anchor_analysis.run_analyze_anchors`.
     Files of an earlier run in ``--output_dir`` (or a hand-written ``anchors.yaml``, with
-    ``--optimize``) are replaced only with ``--force``; otherwise exit 2 before the analysis.
+    ``--optimize``) are replaced only with ``--force``; otherwise exit 2 before the analysis. A
+    ``--split`` the config does not give, or one without boxes, exits 2 with one line; data that
+    cannot be read (a missing annotation file) exits 1 with one line, as ``check-data``'s errors.
     """
-    from lightning_rpn.tools.anchor_analysis import output_paths, run_analyze_anchors
+    from lightning_rpn.data.problems import DataError
+    from lightning_rpn.tools.anchor_analysis import AnalysisInputError, output_paths, run_analyze_anchors
 
     cli = _parse_only(_AnalyzeAnchorsCLI, args)
     try:
@@ -536,16 +604,24 @@ def analyze_anchors(args: Sequence[str]) -> int:
     except (ValueError, FileExistsError) as error:
         print(f"lightning-rpn {error}", file=sys.stderr)
         return USAGE_ERROR
-    run_analyze_anchors(
-        cli.model,
-        cli.datamodule,
-        optimize=cli.config["optimize"],
-        output_dir=cli.config["output_dir"],
-        split=cli.config["split"],
-        max_images=cli.config["max_images"],
-        seed=cli.config["anchor_seed"],
-        overwrite=cli.config["force"],
-    )
+    try:
+        run_analyze_anchors(
+            cli.model,
+            cli.datamodule,
+            optimize=cli.config["optimize"],
+            output_dir=cli.config["output_dir"],
+            split=cli.config["split"],
+            max_images=cli.config["max_images"],
+            seed=cli.config["anchor_seed"],
+            overwrite=cli.config["force"],
+        )
+    except AnalysisInputError as error:
+        print(f"lightning-rpn {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except DataError as error:
+        print(f"lightning-rpn analyze-anchors: {error} (`lightning-rpn check-data` reports every problem)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -561,19 +637,26 @@ def _replace_unencodable_output() -> None:
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-rpn`` console script.
 
-    ``--config`` takes a file or a built-in config name (``--config shapes``); ``lightning-rpn
-    configs list`` / ``configs copy NAME [DEST]`` list the built-in configs and write one out.
+    ``--config`` takes a file or a built-in config name (``--config shapes``; a local
+    ``shapes.yaml`` wins, with a notice); ``lightning-rpn configs list`` / ``configs copy NAME
+    [DEST]`` list the built-in configs and write one out. A command refused before it starts
+    prints one line and returns :data:`USAGE_ERROR`.
     """
     from lightning_rpn.tools.config_files import configs_command, resolve_config_args
 
     _replace_unencodable_output()
-    argv = resolve_config_args(sys.argv[1:] if args is None else args)
+    argv = resolve_config_args(sys.argv[1:] if args is None else args, notice=_notice)
     subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}
     if argv and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the console script's own argv (no "args" warning)
-    RPNLightningCLI(args=None if args is None else argv)
+    try:
+        RPNLightningCLI(args=None if args is None else argv)
+    except _Refusal as refusal:
+        if rank_zero_only.rank == 0:
+            print(refusal, file=sys.stderr)
+        return USAGE_ERROR
     return 0
 
 

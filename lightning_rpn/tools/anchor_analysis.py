@@ -35,12 +35,37 @@ __all__ = [
     "plot_anchor_analysis",
     "write_config_snippet",
     "analyze_anchors",
+    "AnalysisInputError",
     "output_paths",
     "run_analyze_anchors",
+    "split_role",
 ]
 
 OUTPUT_FILES = {"plot": "anchor_analysis.png", "report": "anchor_analysis.json", "config_snippet": "anchors.yaml"}
 """The files an analysis writes into its output folder, by their key in :attr:`AnchorAnalysis.files`."""
+
+
+class AnalysisInputError(ValueError):
+    """What the analysis is asked to read cannot be analysed: a split the config does not set, or
+    one without gt boxes. A setting to change (the CLI prints it as one line), not a fault."""
+
+
+def split_role(datamodule: Any, split: str) -> str:
+    """The role (``train``, ``val``, ``test``, ``predict``) of an ``RPNDataModule`` that ``split``
+    names: a role, or the split name the config gives one (``val2017``); an
+    :class:`AnalysisInputError` naming the configured splits when it names none, or two different ones."""
+    splits: dict[str, str | None] = datamodule.splits
+    roles = {role for role, name in splits.items() if name is not None and split in (role, name)}
+    configured = ", ".join(f"{role} ({name})" for role, name in splits.items() if name is not None) or "none"
+    names = sorted({str(splits[role]) for role in roles})
+    if len(names) == 1:
+        return min(roles, key=list(splits).index)
+    if names:
+        raise AnalysisInputError(f"analyze-anchors --split {split!r} names two splits ({', '.join(names)}); "
+                                 f"give the role or the split name of one: {configured}")
+    unset = f"the config sets no data.{split}_split; " if split in splits else ""
+    raise AnalysisInputError(f"analyze-anchors --split {split!r}: {unset}the config's splits are {configured}; "
+                             "give a role (train, val, test, predict) or its split name")
 
 
 def output_paths(output_dir: str | Path, optimize: bool, overwrite: bool = False) -> dict[str, Path]:
@@ -76,15 +101,17 @@ def analyze_anchors(
 ) -> AnchorAnalysis:
     """Coverage and box statistics (and with ``optimize``, a better design) of ``boxes``.
 
-    With ``output_dir``: writes ``anchor_analysis.png``, ``anchor_analysis.json`` and, when
-    optimising, ``anchors.yaml`` (the config snippet); their paths are in ``files``. Any of them
+    With ``output_dir``: writes ``anchor_analysis.png``, ``anchor_analysis.json`` (strict JSON: the
+    coverage of an area range without boxes is ``null``) and, when optimising, ``anchors.yaml``
+    (the config snippet); their paths are in ``files``. Any of them
     already there is an error before the analysis (:func:`output_paths`) unless ``overwrite``;
     ``notes`` names the files replaced, and an ``anchors.yaml`` this run (without ``optimize``)
     left as it was. ``fg_iou``: the model's positive threshold, whose coverage the optimised
     design keeps (:func:`optimize_anchors`).
     """
     if len(boxes) == 0:
-        raise ValueError("analyze_anchors: no ground-truth boxes found (empty dataset or split?)")
+        raise AnalysisInputError(f"analyze_anchors: no ground-truth boxes in {boxes.num_images} image(s) "
+                                 "(empty dataset or split?)")
     paths = None if output_dir is None else output_paths(output_dir, optimize, overwrite)
     analysis = AnchorAnalysis(
         anchor_generator, anchor_coverage(boxes, anchor_generator), box_stats(boxes), boxes.num_images
@@ -104,7 +131,7 @@ def analyze_anchors(
             write_config_snippet(analysis.optimized, paths["config_snippet"])
             analysis.files["config_snippet"] = str(paths["config_snippet"])
         analysis.files["report"] = str(paths["report"])
-        paths["report"].write_text(json.dumps(analysis.to_dict(), indent=2), encoding="utf-8")
+        paths["report"].write_text(json.dumps(analysis.to_dict(), indent=2, allow_nan=False), encoding="utf-8")
     return analysis
 
 
@@ -123,8 +150,10 @@ def run_analyze_anchors(
 
     ``model`` supplies ``anchor_generator``, ``size_divisibility`` and ``target_config.fg_iou``
     (an ``RPNModule``); ``datamodule`` (an ``RPNDataModule``) the dataset and resize policy.
+    ``split``: a role of the data module or the split name the config gives one (:func:`split_role`).
     Prints the report and writes the files of :func:`analyze_anchors` to ``output_dir``; one of
-    them already there is an error before the boxes are read, unless ``overwrite``.
+    them already there is an error before the boxes are read, unless ``overwrite``. A split the
+    config does not set, or one without boxes, is an :class:`AnalysisInputError`.
     """
     generator = getattr(model, "anchor_generator", None)
     if not isinstance(generator, AnchorGenerator):
@@ -135,7 +164,14 @@ def run_analyze_anchors(
     output_paths(output_dir, optimize, overwrite)
     size_divisibility = getattr(model, "size_divisibility", None) or max(generator.strides)
     fg_iou = getattr(getattr(model, "target_config", None), "fg_iou", None)
-    boxes = collect_gt_boxes(datamodule, split=split, size_divisibility=size_divisibility, max_images=max_images)
+    splits = getattr(datamodule, "splits", None)
+    role = split_role(datamodule, split) if isinstance(splits, dict) else split
+    boxes = collect_gt_boxes(datamodule, split=role, size_divisibility=size_divisibility, max_images=max_images)
+    if len(boxes) == 0:
+        where = f"the {role} split {splits[role]!r}" if isinstance(splits, dict) else "the dataset"
+        found = ("lists no images" if boxes.num_images == 0
+                 else f"has no gt boxes in the {boxes.num_images} image(s) read")
+        raise AnalysisInputError(f"analyze-anchors --split {split}: {where} {found}; choose a split with boxes")
     analysis = analyze_anchors(boxes, generator, optimize=optimize, output_dir=output_dir, seed=seed,
                                overwrite=overwrite, fg_iou=fg_iou)
     (console or Console()).print(analysis)

@@ -10,8 +10,8 @@ boxes (:mod:`lightning_rpn.core.coverage`, the computation ``check-data`` report
 the box shapes clipped to their 1st-99th percentile of size and ratio, so that one extreme box
 cannot claim an anchor shape of its own; the values they and the search propose are rounded to
 significant digits (never to 0), no anchor of a proposed design rounds to zero width or height,
-and the design returned covers no fewer boxes than the current one at IoU 0.5, 0.7 or the
-model's ``fg_iou``.
+no level of it holds two equal anchors (unless the current design's does), and the design
+returned covers no fewer boxes than the current one at IoU 0.5, 0.7 or the model's ``fg_iou``.
 """
 
 from __future__ import annotations
@@ -102,10 +102,17 @@ def _round_design(sizes: Sequence, ratios: Sequence) -> tuple[list[list[float]],
     )
 
 
-def _degenerate(cells: Tensor) -> bool:
-    """Whether a cell anchor of ``cells [A, 4]`` has zero width or height (the generator rounds
-    them to whole pixels): it covers nothing, so the search never proposes one."""
-    return bool((cells[:, 2:] <= cells[:, :2]).any())
+def _distinct(cells: Tensor) -> int:
+    """The number of different anchors among a level's ``cells [A, 4]`` (rounded to whole pixels)."""
+    return int(torch.unique(cells, dim=0).shape[0])
+
+
+def _wasteful(cells: Tensor, distinct: int) -> bool:
+    """Whether a level's ``cells [A, 4]`` waste an anchor: one of zero width or height (the
+    generator rounds them to whole pixels; it covers nothing), or fewer than ``distinct``
+    different anchors (an anchor equal to another only adds cost: a few boxes made the fits
+    repeat one shape, ratios ``[0.667, 0.667, 0.667]``). The search never proposes either."""
+    return bool((cells[:, 2:] <= cells[:, :2]).any()) or _distinct(cells) < distinct
 
 
 def _kmeans_design(
@@ -187,7 +194,8 @@ def optimize_anchors(
     raises the objective: coverage at IoU 0.5 + coverage at 0.7 + 0.1 x mean best IoU, evaluated
     exactly on (at most ``max_boxes``, a seeded sample of) the real boxes. The values the fits and
     the search propose are rounded to :data:`SIGNIFICANT_DIGITS` significant digits, and a design
-    with a zero-width or zero-height anchor is never proposed.
+    with a zero-width or zero-height anchor, or with fewer different anchors on a level than the
+    current design has there (two equal anchors), is never proposed.
 
     The search runs twice, free and floored (no step below the current design's coverage at IoU
     0.5, 0.7 or ``fg_iou``, the model's positive threshold where given); the better result of the
@@ -219,12 +227,13 @@ def optimize_anchors(
     floor = dict(zip(kept, _covered(row_max(current_iou)[0], kept)))
     starts = [([list(s) for s in anchor_generator.sizes], [list(r) for r in anchor_generator.aspect_ratios],
                current_iou)]
+    distinct = [_distinct(cells) for cells in anchor_generator.cell_anchors]
     for sizes, ratios in (
         _round_design(*_kmeans_design(shapes, anchor_generator, generator)),
         _round_design(*_quantile_design(shapes, anchor_generator)),
     ):
         candidate = build(sizes, ratios)
-        if not any(_degenerate(cells) for cells in candidate.cell_anchors):
+        if not any(_wasteful(cells, d) for cells, d in zip(candidate.cell_anchors, distinct)):
             starts.append((sizes, ratios, per_level_best_iou(boxes, candidate)[0]))
     # The free search often ends above the floor by a path that dips below it; where it ends below,
     # the floored one (which can always keep the current design) gives the answer.
@@ -242,13 +251,15 @@ def _local_search(
 ) -> tuple[list[list[float]], list[list[float]], Tensor]:
     """From the best of ``starts`` (sizes, ratios, ``[G, L]`` best IoU per level) under ``floor``,
     multiply one size or ratio at a time by ``2^(+-step)`` (steps 1/2 down to 1/16 octave) while
-    that raises :func:`_objective`; the design reached and its ``[G, L]`` best IoU per level."""
+    that raises :func:`_objective` and wastes no anchor (:func:`_wasteful`: no step makes two
+    anchors of a level equal); the design reached and its ``[G, L]`` best IoU per level."""
     best_score, sizes, ratios, per_level = max(
         ((_objective(per_level, floor), sizes, ratios, per_level) for sizes, ratios, per_level in starts),
         key=lambda item: item[0],
     )
     sizes = [list(s) for s in sizes]
     ratios = [list(r) for r in ratios]
+    distinct = [_distinct(cells) for cells in build(sizes, ratios).cell_anchors]
     for step in (0.5, 0.25, 0.125, 0.0625):
         factor = 2.0**step
         for _ in range(max_passes):
@@ -261,13 +272,14 @@ def _local_search(
                             values[index] = _significant(old * scale)
                             candidate = build(sizes, ratios)
                             score = float("-inf")
-                            if not _degenerate(candidate.cell_anchors[level]):
+                            if not _wasteful(candidate.cell_anchors[level], distinct[level]):
                                 level_iou, _ = level_best_iou(boxes, candidate, level)
                                 trial = per_level.clone()
                                 trial[:, level] = level_iou
                                 score = _objective(trial, floor)
                             if score > best_score + 1e-12:
                                 best_score, per_level, improved = score, trial, True
+                                distinct[level] = _distinct(candidate.cell_anchors[level])
                                 break
                             values[index] = old
             if not improved:

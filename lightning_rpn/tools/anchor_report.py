@@ -55,6 +55,15 @@ def _anchor_shapes(anchor_generator: AnchorGenerator) -> np.ndarray:
     return (cells[:, 2:] - cells[:, :2]).numpy()
 
 
+def _size_bins(sqrt_area: np.ndarray, count: int = 40) -> np.ndarray:
+    """``count + 1`` log-spaced histogram edges spanning ``sqrt_area`` (non-empty); boxes all of one
+    size get edges 10% either side (equal edges made ``hist`` raise after the analysis)."""
+    low, high = max(float(sqrt_area.min()), 1e-3), max(float(sqrt_area.max()), 1.0)
+    if high <= low * 1.01:
+        low, high = low / 1.1, high * 1.1
+    return np.geomspace(low, high, count + 1)
+
+
 def plot_anchor_analysis(
     boxes: GTBoxSet,
     anchor_generator: AnchorGenerator,
@@ -88,8 +97,7 @@ def plot_anchor_analysis(
     sqrt_area = np.sqrt(wh[:, 0] * wh[:, 1])
     ax = axes[0, 1]
     if len(sqrt_area):
-        bins = np.geomspace(max(sqrt_area.min(), 1e-3), max(sqrt_area.max(), 1.0), 40)
-        ax.hist(sqrt_area, bins=bins, color="tab:blue", alpha=0.7)
+        ax.hist(sqrt_area, bins=_size_bins(sqrt_area), color="tab:blue", alpha=0.7)
     for name, design, color, _ in designs:
         for i, size in enumerate(sorted({s for level in design.sizes for s in level})):
             ax.axvline(size, color=color, linestyle="--", label=f"{name} sizes" if i == 0 else None)
@@ -125,6 +133,13 @@ def plot_anchor_analysis(
     return path
 
 
+def _json_coverage(coverage: dict[str, float] | None) -> dict[str, float | None] | None:
+    """``coverage`` for strict JSON: the NaN of an area range without boxes becomes ``None`` (``null``)."""
+    if coverage is None:
+        return None
+    return {key: value if math.isfinite(value) else None for key, value in coverage.items()}
+
+
 def _design(g: AnchorGenerator) -> dict[str, Any]:
     return {"anchor_sizes": [list(s) for s in g.sizes], "aspect_ratios": [list(r) for r in g.aspect_ratios],
             "strides": list(g.strides)}
@@ -149,10 +164,12 @@ class AnchorAnalysis:
         return None if self.optimized is None else write_config_snippet(self.optimized)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain types (``anchor_analysis.json``); a coverage of an area range without
+        boxes, NaN in :attr:`coverage`, is ``None`` here (JSON ``null``)."""
         out: dict[str, Any] = {
             "num_images": self.num_images,
             "anchors": _design(self.anchor_generator),
-            "coverage": self.coverage,
+            "coverage": _json_coverage(self.coverage),
             "box_stats": self.box_stats,
             "files": self.files,
         }
@@ -160,7 +177,7 @@ class AnchorAnalysis:
             out["notes"] = self.notes
         if self.optimized is not None:
             out["optimized_anchors"] = _design(self.optimized)
-            out["optimized_coverage"] = self.optimized_coverage
+            out["optimized_coverage"] = _json_coverage(self.optimized_coverage)
         return out
 
     def __rich__(self) -> Group:

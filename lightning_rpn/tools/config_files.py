@@ -4,19 +4,28 @@ The repository's top-level ``configs/`` folder is their single source. A wheel c
 inside the package, ``lightning_rpn/configs/`` (``setup.py`` copies it at build time); a clone
 or an editable install reads ``configs/`` beside the package. ``lightning-rpn configs list``
 prints the names, ``lightning-rpn configs copy NAME [DEST]`` writes one out to edit.
+
+A ``--config NAME`` that names no file means the local ``NAME.yaml`` (or ``NAME.yml``) when there
+is one, with a notice naming it, and otherwise the built-in config: the copy a user made with
+``configs copy NAME`` and edited is what ``--config NAME`` then runs, as a relative path is read
+from the working folder first.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
 __all__ = ["config_dir", "config_names", "config_path", "copy_config", "configs_command", "resolve_config_args"]
 
 _SUFFIX = ".yaml"
+_LOCAL_SUFFIXES = (_SUFFIX, ".yml")
+"""The suffixes a ``--config NAME`` looks for in the working folder, in this order."""
+_CONFIG_FLAGS = ("--config", "-c")
 
 
 def config_dir() -> Path:
@@ -46,43 +55,75 @@ def config_path(name: str) -> Path:
 
 
 def copy_config(name: str, destination: str | Path = ".", overwrite: bool = False) -> Path:
-    """Copy built-in config ``name`` to ``destination`` (a file, or a folder to put ``NAME.yaml`` in).
+    """Copy built-in config ``name`` to ``destination``: a file, or a folder to put ``NAME.yaml`` in
+    (an existing folder, or a path ending in a separator, ``out/``, which is created).
 
     An existing file is kept unless ``overwrite``; returns the path written.
     """
     source = config_path(name)
     target = Path(destination)
-    if target.is_dir():
+    if target.is_dir() or _names_a_folder(destination):
         target = target / source.name
     if target.exists() and not overwrite:
         raise FileExistsError(f"{str(target)!r} exists; choose another destination or pass --force to replace it")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise FileExistsError(f"{str(target.parent)!r} is a file, not a folder; choose another destination")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
 
 
-def resolve_config_args(args: Sequence[str]) -> list[str]:
-    """``args`` with each ``--config NAME`` naming no file replaced by built-in config ``NAME``'s path.
+def _names_a_folder(destination: str | Path) -> bool:
+    """Whether ``destination`` is written as a folder: a string ending in a path separator
+    (``Path`` drops it, so ``out/`` would otherwise be a file named ``out``)."""
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    return isinstance(destination, str) and destination.endswith(separators)
 
-    ``NAME`` is ``shapes``, ``shapes.yaml`` or, outside a clone, the README's
-    ``configs/shapes.yaml``. A value naming an existing file is left as it is (a local file
-    wins), and so is anything else, for the CLI to report.
+
+def _print_notice(message: str) -> None:
+    """``lightning-rpn: message`` on stderr."""
+    print(f"lightning-rpn: {message}", file=sys.stderr)
+
+
+def resolve_config_args(args: Sequence[str], notice: Callable[[str], None] = _print_notice) -> list[str]:
+    """``args`` with each ``--config NAME`` (``-c NAME``) naming no file replaced by the file it means.
+
+    That is the local ``NAME.yaml`` (or ``NAME.yml``) when there is one, with a ``notice`` naming
+    it (the edited copy of ``configs copy NAME`` wins over the built-in), else built-in config
+    ``NAME``'s path. ``NAME`` is ``shapes``, ``shapes.yaml`` or, outside a clone, the README's
+    ``configs/shapes.yaml``. A value naming an existing file is left as it is, and so is anything
+    else, for the CLI to report.
     """
     resolved = list(args)
     for index, arg in enumerate(resolved):
-        if arg == "--config" and index + 1 < len(resolved):
-            resolved[index + 1] = _resolve(resolved[index + 1])
+        if arg in _CONFIG_FLAGS and index + 1 < len(resolved):
+            resolved[index + 1] = _resolve(resolved[index + 1], notice)
         elif arg.startswith("--config="):
-            resolved[index] = "--config=" + _resolve(arg[len("--config=") :])
+            resolved[index] = "--config=" + _resolve(arg[len("--config=") :], notice)
     return resolved
 
 
-def _resolve(value: str) -> str:
+def _resolve(value: str, notice: Callable[[str], None]) -> str:
     path = Path(value)
-    if path.exists() or path.parent not in (Path("."), Path("configs")):
+    if path.exists():
         return value
     stem = path.name[: -len(_SUFFIX)] if path.name.endswith(_SUFFIX) else path.name
-    return str(config_path(stem)) if stem in config_names() else value
+    builtin = stem in config_names() and path.parent in (Path("."), Path("configs"))
+    local = _local_config(path)
+    if local is not None:
+        shadowed = builtin and config_path(stem).resolve() != local.resolve()
+        also = f", not the built-in config {stem!r} ({config_path(stem)})" if shadowed else ""
+        notice(f"--config {value}: reading the local file {local}{also}")
+        return str(local)
+    return str(config_path(stem)) if builtin else value
+
+
+def _local_config(path: Path) -> Path | None:
+    """``path`` plus ``.yaml`` or else ``.yml``, whichever file exists, for a ``path`` without either suffix."""
+    if path.suffix.lower() in _LOCAL_SUFFIXES:
+        return None
+    candidates = (path.with_name(path.name + suffix) for suffix in _LOCAL_SUFFIXES)
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def configs_command(args: Sequence[str]) -> int:
@@ -92,9 +133,12 @@ def configs_command(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="lightning-rpn configs", description="The built-in configs.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print the built-in config names and where they are")
-    copy = commands.add_parser("copy", help="write a built-in config to a file to edit")
+    copy = commands.add_parser("copy", help="write a built-in config to a file to edit (then `--config NAME` "
+                               "reads the local NAME.yaml)")
     copy.add_argument("name", help="a built-in config name, e.g. shapes")
-    copy.add_argument("destination", nargs="?", default=".", help="a file, or a folder (default: .)")
+    copy.add_argument("destination", nargs="?", default=".",
+                      help="a file, or a folder to write NAME.yaml in: an existing one, or one written with a "
+                      "trailing slash (out/), which is created (default: .)")
     copy.add_argument("--force", action="store_true", help="replace an existing file")
     options = parser.parse_args(list(args))
     if options.command == "list":

@@ -303,3 +303,36 @@ def test_collect_gt_boxes_reads_a_subset_s_own_items() -> None:
     assert collect_gt_boxes(Subset(raw, [5, 2, 7]), max_images=2, progress=False).num_images == 2
     wrapper = collect_gt_boxes(_Wrapping([raw[5], raw[2]], raw), progress=False)
     assert wrapper.num_images == 2 and torch.equal(wrapper.boxes, expected.boxes)
+
+
+@pytest.mark.parametrize(
+    "image_boxes",
+    [
+        [[10.0, 10.0, 34.0, 26.0]],  # one box: every fit proposed its shape, ratios [0.667, 0.667, 0.667]
+        [[10.0, 10.0, 34.0, 26.0], [0.0, 0.0, 40.0, 80.0]],
+        [[10.0, 10.0, 34.0, 26.0]] * 5,
+    ],
+)
+def test_optimize_on_few_boxes_proposes_no_two_equal_anchors(image_boxes: list) -> None:
+    default = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),), (4, 8, 16, 32))
+    boxes = GTBoxSet.from_images([((128, 128), np.array(image_boxes))], 32)
+    optimized = optimize_anchors(boxes, default)
+    for level, cells in enumerate(optimized.cell_anchors):
+        assert torch.unique(cells, dim=0).shape[0] == cells.shape[0], (level, optimized.aspect_ratios[level])
+    before, after = anchor_coverage(boxes, default), anchor_coverage(boxes, optimized)
+    assert after["coverage@0.50"] >= before["coverage@0.50"] and after["coverage@0.70"] >= before["coverage@0.70"]
+
+
+def test_a_user_design_with_equal_anchors_is_still_searched() -> None:
+    # the search keeps a level's count of different anchors; it does not freeze a level that has fewer
+    repeated = AnchorGenerator(((32,),), ((1.0, 1.0, 1.0),), (8,))
+    boxes = GTBoxSet.from_images(blob_images(10), 32)
+    optimized = optimize_anchors(boxes, repeated)
+    assert anchor_coverage(boxes, optimized)["coverage@0.50"] > anchor_coverage(boxes, repeated)["coverage@0.50"]
+
+
+def test_plot_of_boxes_all_of_one_size(tmp_path) -> None:
+    # equal histogram edges: numpy raised "bins must increase monotonically" after the analysis
+    boxes = GTBoxSet.from_images([((40, 60), np.array([[1.0, 1.0, 21.0, 21.0]] * 3))], 32)
+    path = plot_anchor_analysis(boxes, AnchorGenerator((32,), (1.0,), 16), tmp_path / "a.png")
+    assert path.stat().st_size > 1000

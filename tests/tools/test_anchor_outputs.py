@@ -101,3 +101,66 @@ def test_cli_refuses_an_existing_file_unless_force(tmp_path: Path, capsys: pytes
     assert main([*args, "--force"]) == 0
     assert "replaced the earlier anchors.yaml" in " ".join(capsys.readouterr().out.split())
     assert (out / "anchors.yaml").read_text() != HAND_WRITTEN
+
+
+def test_the_report_is_strict_json_with_null_for_an_area_range_without_boxes(tmp_path: Path) -> None:
+    # a bare NaN (not JSON) was written for the large range, which holds none of these boxes
+    analyze_anchors(boxes(), GENERATOR, optimize=True, output_dir=tmp_path)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads((tmp_path / "anchor_analysis.json").read_text(), parse_constant=refuse)
+    for key in ("coverage", "optimized_coverage"):
+        assert report[key]["boxes_large"] == 0
+        assert report[key]["coverage_large@0.50"] is None and report[key]["coverage_large@0.70"] is None
+        assert report[key]["coverage@0.50"] is not None
+
+
+def run_cli_on_coco(tmp_path: Path, capsys: pytest.CaptureFixture, annotations: list, *flags: str) -> tuple[int, str]:
+    """Exit code and stderr of ``analyze-anchors`` on a one-image COCO set whose train split is ``x2017``."""
+    from helpers.builders import write_coco
+
+    write_coco(tmp_path, [{"id": 1, "file_name": "a.png", "height": 40, "width": 60}], annotations)
+    config = {
+        "trainer": {"accelerator": "cpu", "logger": False},
+        "model": {"backbone": "tiny_fpn", "anchor_sizes": [[16], [32], [64], [128]]},
+        "data": {"dataset": "coco", "root": str(tmp_path), "train_split": "x2017", "val_split": None,
+                 "coco_images": "images", "coco_annotations": "annotations.json", "num_workers": 0},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    code = main(["analyze-anchors", "--config", str(tmp_path / "config.yaml"), "--output_dir", str(tmp_path / "out"),
+                 *flags])
+    return code, capsys.readouterr().err
+
+
+BOX = [{"id": 1, "image_id": 1, "bbox": [1, 1, 20, 20], "category_id": 1}]
+
+
+def test_cli_takes_the_split_name_or_names_the_splits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `--split val2017` wanted a role and ended in a ValueError traceback
+    assert run_cli_on_coco(tmp_path, capsys, BOX, "--split", "x2017")[0] == 0
+    assert json.loads((tmp_path / "out" / "anchor_analysis.json").read_text())["coverage"]["boxes"] == 1
+    code, err = run_cli_on_coco(tmp_path, capsys, BOX, "--split", "val2017", "--force")
+    assert code == 2 and "Traceback" not in err
+    assert ("lightning-rpn analyze-anchors --split 'val2017': the config's splits are train (x2017); give a role "
+            "(train, val, test, predict) or its split name") in err
+    code, err = run_cli_on_coco(tmp_path, capsys, BOX, "--split", "test", "--force")
+    assert code == 2 and "the config sets no data.test_split" in err
+
+
+def test_cli_refuses_a_split_without_boxes_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = run_cli_on_coco(tmp_path, capsys, [])
+    assert code == 2 and "Traceback" not in err
+    assert ("lightning-rpn analyze-anchors --split train: the train split 'x2017' has no gt boxes in the 1 image(s) "
+            "read; choose a split with boxes") in err
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(anchor_analysis, "collect_gt_boxes", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        run_cli_on_coco(tmp_path, capsys, BOX)

@@ -219,3 +219,14 @@ def test_check_data_needs_no_pretrained_weights(tmp_path: Path, capsys: pytest.C
               "trainer": {"logger": False}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["check-data", "--config", str(tmp_path / "config.yaml")]) == 0
+
+
+def test_the_cli_report_has_the_model_s_anchor_coverage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the command never gave the data module the model's anchors: "anchor_coverage": {} on every split
+    write_coco(tmp_path, [{"id": 1, "file_name": "a.png", **IMAGE}],
+               [{"id": 1, "image_id": 1, "bbox": [1, 1, 16, 16], "category_id": 1},
+                {"id": 2, "image_id": 1, "bbox": [30, 5, 24, 12], "category_id": 1}])
+    code, out, _ = run_check_data(tmp_path, capsys, "--report", str(tmp_path / "r.json"))
+    assert code == 0 and "anchor coverage (2 boxes)" in out
+    coverage = json.loads((tmp_path / "r.json").read_text())["train (x)"]["anchor_coverage"]
+    assert coverage["boxes_checked"] == 2 and coverage["best_iou>=0.5"] == 1.0  # the 16 px box is an anchor

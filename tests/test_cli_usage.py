@@ -1,0 +1,83 @@
+"""The ``lightning-rpn`` help names every subcommand and what ``--config`` takes; a command the
+config gives nothing to run on is refused in one line (exit 2), and any other error keeps its
+traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_rpn import cli
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+    "model": {"backbone": "tiny_fpn", "anchor_sizes": [[16], [32], [64], [128]]},
+    "data": {"dataset": "synthetic", "synthetic_train_images": 4, "synthetic_val_images": 2, "num_workers": 0},
+}
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny synthetic config in ``tmp_path``, the working folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    return path
+
+
+def help_text(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """The ``--help`` output of ``lightning-rpn ARGS``, whitespace collapsed."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_the_top_level_help_names_configs_and_built_in_names(config: Path, capsys: pytest.CaptureFixture) -> None:
+    text = help_text(capsys)
+    assert "configs (the built-in configs: `lightning-rpn configs list`" in text
+    assert "-c CONFIG, --config CONFIG A YAML or JSON config file, or the name of a built-in config" in text
+
+
+@pytest.mark.parametrize("command", ["check-data", "analyze-anchors"])
+def test_a_tool_s_help_is_headed_by_its_own_name(config: Path, capsys: pytest.CaptureFixture, command: str) -> None:
+    text = help_text(capsys, command)
+    assert text.startswith(f"usage: lightning-rpn {command} [-c CONFIG]")
+    assert "or the name of a built-in config" in text
+
+
+def test_the_optimize_help_says_what_the_search_does(config: Path, capsys: pytest.CaptureFixture) -> None:
+    text = help_text(capsys, "analyze-anchors")
+    assert "also search anchor sizes and ratios per level at the same anchor count" in text
+    assert "never lowering the coverage at IoU 0.5, 0.7 or the model's fg_iou" in text
+
+
+def test_test_without_a_test_split_is_one_line_naming_the_setting(config: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    # was a ValueError traceback from the data module's loader
+    assert cli.main(["test", "--config", str(config), "--ckpt_path", "none.ckpt"]) == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("lightning-rpn test: the config gives no test split to run on; set one in its data section or "
+            "pass --data.test_split NAME") in err
+
+
+def test_best_without_a_monitored_checkpoint_is_one_line(config: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["validate", "--config", str(config), "--ckpt_path", "best"]) == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "lightning-rpn validate --ckpt_path best: the config has no ModelCheckpoint with a monitor" in err
+
+
+def test_an_unexpected_error_keeps_its_traceback(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "evaluation_checkpoint", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["validate", "--config", str(config), "--ckpt_path", "best"])

@@ -1,0 +1,64 @@
+"""``--config NAME`` and ``configs copy``: a user's edited copy of a built-in config is what
+``--config NAME`` runs (with a notice), ``-c`` takes names too, and a destination written as a
+folder is one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_rpn import cli
+from lightning_rpn.tools.config_files import config_path, resolve_config_args
+
+
+@pytest.fixture
+def outside_the_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working folder is ``tmp_path``, which has no ``configs/`` folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
+    return tmp_path
+
+
+def test_an_edited_copy_wins_over_the_built_in_name_with_a_notice(
+    outside_the_clone: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # the README's workflow: copy, edit, run by name; the built-in ran, unedited, without a word
+    assert cli.main(["configs", "copy", "shapes"]) == 0
+    copied = outside_the_clone / "shapes.yaml"
+    copied.write_text(copied.read_text().replace("max_epochs: 8", "max_epochs: 3"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", "shapes", "--print_config"])
+    out = capsys.readouterr()
+    assert "max_epochs: 3" in out.out
+    assert out.err.count("\n") == 1 and "--config shapes: reading the local file shapes.yaml" in out.err
+    assert str(config_path("shapes")) in out.err  # names the built-in it did not read
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_a_local_name_resolves_to_its_file(outside_the_clone: Path, suffix: str) -> None:
+    (outside_the_clone / f"mine{suffix}").write_text("seed_everything: 1\n")
+    notices: list[str] = []
+    assert resolve_config_args(["fit", "-c", "mine"], notices.append) == ["fit", "-c", f"mine{suffix}"]
+    assert notices == [f"--config mine: reading the local file mine{suffix}"]  # no built-in of that name
+
+
+def test_the_short_flag_takes_built_in_names(outside_the_clone: Path) -> None:
+    shapes = str(config_path("shapes"))
+    assert resolve_config_args(["fit", "-c", "shapes"]) == ["fit", "-c", shapes]
+    assert resolve_config_args(["validate", "-c", "shapes.yaml"]) == ["validate", "-c", shapes]
+
+
+def test_copy_into_a_folder_written_with_a_trailing_slash(outside_the_clone: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    # `configs copy shapes out/` wrote a file named `out`
+    assert cli.main(["configs", "copy", "shapes", "out/"]) == 0
+    assert (outside_the_clone / "out").is_dir()
+    assert (outside_the_clone / "out" / "shapes.yaml").read_bytes() == config_path("shapes").read_bytes()
+    assert capsys.readouterr().out.strip() == str(Path("out") / "shapes.yaml")
+    (outside_the_clone / "afile").write_text("mine\n")
+    assert cli.main(["configs", "copy", "shapes", "afile/"]) == 1
+    assert "'afile' is a file, not a folder" in capsys.readouterr().err
+    assert (outside_the_clone / "afile").read_text() == "mine\n"
