@@ -46,7 +46,8 @@ def weight_decay_groups(
 
 def fit_total_steps(trainer: Trainer) -> float:
     """The global step ``trainer``'s fit ends at: the end of ``max_epochs`` or ``max_steps``,
-    whichever comes first (``inf`` when neither bounds it).
+    whichever comes first (``inf`` when neither bounds it; with manual optimisation, whose
+    optimiser steps per batch only the module knows, ``max_steps`` alone bounds it).
 
     Counted from the step and epoch the fit resumed at, then the epochs left at the current
     optimizer steps per epoch (batches, devices, ``accumulate_grad_batches``), where
@@ -55,8 +56,9 @@ def fit_total_steps(trainer: Trainer) -> float:
     before the schedulers, so this is right from ``RunLambdaLR.load_state_dict`` on.
     """
     max_steps = trainer.max_steps if trainer.max_steps != -1 else math.inf
-    if trainer.max_epochs is None or trainer.max_epochs < 0:
-        return max_steps
+    module = trainer.lightning_module
+    if trainer.max_epochs is None or trainer.max_epochs < 0 or (module is not None and not module.automatic_optimization):
+        return max_steps  # manual optimisation: the module's optimiser steps per batch are its own
     if trainer.train_dataloader is None:  # as estimated_stepping_batches: during configure_optimizers
         trainer.fit_loop.setup_data()
     batches = trainer.num_training_batches

@@ -104,6 +104,35 @@ def test_max_steps_beyond_the_epochs_is_not_the_total(tmp_path: Path) -> None:
     assert out.getvalue().splitlines()[0] == "train: from step 0 of 4, a line every 1h 0m 0s"
 
 
+class TwoOptimizerModel(BoringModel):
+    """Manual optimisation with two optimisers: two global steps a batch (a two-stage detector's loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.second = torch.nn.Linear(32, 2)
+
+    def training_step(self, batch, batch_idx):
+        for optimizer, layer in zip(self.optimizers(), (self.layer, self.second)):
+            optimizer.zero_grad()
+            self.manual_backward(layer(batch).sum())
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.layer.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)]
+
+
+def test_manual_optimisation_counts_no_epoch_total_it_cannot_know(tmp_path: Path) -> None:
+    # "train step 8/4 (200%)": the epoch total counted a step a batch, the module made two
+    out = io.StringIO()
+    run = Trainer(max_epochs=1, callbacks=[TextProgress(interval_s=0, stream=out)], logger=False, default_root_dir=tmp_path,
+                  enable_model_summary=False, enable_checkpointing=False, limit_train_batches=4, limit_val_batches=0)
+    run.fit(TwoOptimizerModel())
+    lines = out.getvalue().splitlines()
+    assert run.global_step == 8 and lines[0] == "train: from step 0, a line every 0.0s"
+    assert [line.split(" |")[0] for line in lines if line.startswith("train step")][-1] == "train step 8"
+
+
 def test_validate_alone_prints_its_batches_and_its_metrics(tmp_path: Path) -> None:
     out = io.StringIO()
     trainer = Trainer(callbacks=[TextProgress(interval_s=0, stream=out)], logger=False, default_root_dir=tmp_path,
