@@ -88,6 +88,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _head_width_given(hparams: dict[str, Any], width: int | None) -> dict[str, Any]:
+    """``hparams`` with ``head_conv_channels: None`` written as the backbone ``width`` it means, so that
+    a checkpoint of ``None`` and a run of that number (or the other way round) agree."""
+    if width is None or "head_conv_channels" not in hparams or hparams["head_conv_channels"] is not None:
+        return hparams
+    return {**hparams, "head_conv_channels": int(width)}
+
+
 class RPNModule(pl.LightningModule):
     """Train and evaluate a Region Proposal Network (see the module docstring).
 
@@ -562,6 +570,8 @@ class RPNModule(pl.LightningModule):
         if str(current.get("backbone")).startswith(_CUSTOM_BACKBONE):  # a module: its weights' shapes tell
             current.pop("backbone")
         saved = checkpoint.get("hyper_parameters", {})
+        width = getattr(self.backbone, "out_channels", None)  # what head_conv_channels None means
+        saved, current = _head_width_given(saved, width), _head_width_given(current, width)
         path = getattr(self._trainer, "ckpt_path", None)
         check_checkpoint_agrees(saved, current, path)
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"

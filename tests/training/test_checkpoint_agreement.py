@@ -69,3 +69,13 @@ def test_backbone_settings_that_train_the_same_parameters_resume() -> None:
     custom = {"class_path": "my.Backbone", "init_args": {"width": 8}}
     check_resume_agrees({**PRETRAINED, "backbone": custom}, {**PRETRAINED, "backbone": custom, "weights": None}, 5)
     check_resume_agrees({"backbone": "resnet18_fpn"}, {**PRETRAINED, "weights": None}, 5)  # not recorded
+
+
+def test_head_channels_none_agrees_with_the_backbone_width_it_means() -> None:
+    # head_conv_channels null and 32 (tiny_fpn's out_channels) build the same head: refused as another network
+    from helpers.model import tiny_model
+
+    saved = {"hyper_parameters": dict(tiny_model(head_conv_channels=None).hparams)}
+    tiny_model(head_conv_channels=32).on_load_checkpoint(saved)
+    with pytest.raises(ValueError, match=r"head_conv_channels: checkpoint 32, this run 16"):
+        tiny_model(head_conv_channels=16).on_load_checkpoint(saved)
