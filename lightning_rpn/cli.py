@@ -360,13 +360,8 @@ class RPNLightningCLI(LightningCLI):
         """Without a logger (``--trainer.logger false``) leave out the callbacks that need one.
 
         ``LearningRateMonitor`` raises on a trainer without loggers; turning logging off is an
-        ordinary flag, so every config keeps working with it. A ``WandbLogger`` is readied before
-        W&B starts (:func:`~lightning_rpn.training.wandb_mode.prepare_wandb_logger`: no warnings
-        the user cannot act on).
+        ordinary flag, so every config keeps working with it.
         """
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                prepare_wandb_logger(logger)
         if self.trainer.loggers:
             return
         kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
@@ -388,13 +383,15 @@ class RPNLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`),
-        go on logging to the W&B run of a resumed checkpoint (:func:`continue_wandb_run`), and say
+        ready a W&B logger (:meth:`_prepare_wandb`) to go on logging to the run of a resumed
+        checkpoint (:func:`continue_wandb_run`), and say
         when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`).
 
         Lightning's "Checkpoint directory ... exists and is not empty" warning is left out: the
         folder holds either the run being resumed or files that stay, which the check names.
         """
         check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        self._prepare_wandb()
         run_id = continue_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))
         if run_id is not None:
             _notice(f"the checkpoint was logged to W&B run {run_id}: this run goes on logging there "
@@ -431,10 +428,20 @@ class RPNLightningCLI(LightningCLI):
             print(f"lightning-rpn {command}: metrics written to {path}", file=sys.stderr)
 
     def _before_evaluation(self) -> None:
-        """Refuse ``validate`` / ``test`` / ``predict`` without the split they run on, and resolve
-        their ``--ckpt_path`` keyword (:meth:`_resolve_checkpoint_keyword`)."""
+        """Refuse ``validate`` / ``test`` / ``predict`` without the split they run on, resolve their
+        ``--ckpt_path`` keyword (:meth:`_resolve_checkpoint_keyword`), ready a W&B logger
+        (:meth:`_prepare_wandb`)."""
         self._require_evaluation_split()
         self._resolve_checkpoint_keyword()
+        self._prepare_wandb()
+
+    def _prepare_wandb(self) -> None:
+        """Ready a ``WandbLogger`` before its run starts (its folder made, no warnings the user cannot
+        act on: :func:`~lightning_rpn.training.wandb_mode.prepare_wandb_logger`); only for a command
+        that runs, so that ``check-data`` or a parsed config makes no folder."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                prepare_wandb_logger(logger)
 
     def _require_evaluation_split(self) -> None:
         """A :class:`_Refusal` naming the setting when the config gives the command no split (``test``

@@ -46,6 +46,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RPNLightningCLI
                 for path in sorted(CONFIGS.glob("*.yaml"))}
 
 
+def test_building_a_config_that_logs_to_wandb_makes_no_folder(tmp_path: Path, monkeypatch) -> None:
+    # the W&B logger's save_dir was made as the classes were built: check-data, analyze-anchors and
+    # a parsed config left an empty runs/<job>/ in the working folder
+    monkeypatch.chdir(tmp_path)
+    RPNLightningCLI(args=["--config", str(CONFIGS / "shapes.yaml")], run=False, save_config_callback=None)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_shapes_config_is_the_small_cpu_job(tmp_path: Path) -> None:
     cli = build("shapes.yaml", tmp_path)
     assert cli.model.hparams.backbone == "tiny_fpn"
