@@ -260,11 +260,16 @@ class RPNDataModule(LightningDataModule):
                         f"(dataset={self.dataset!r}, root={None if self.root is None else str(self.root)!r}){dropped}",
                         file=getattr(dataset, "annotation_file", None))
 
+    @property
+    def _world_size(self) -> int:
+        """The trainer's number of processes (1 without a trainer)."""
+        return int(getattr(self.trainer, "world_size", 1) or 1)
+
     def _train_repeats(self, num_images: int) -> int:
         """``repeats``, or the fewest listings that fill one batch on every process (logged)."""
         if self.repeats is not None:
             return self.repeats
-        world_size = int(getattr(self.trainer, "world_size", 1) or 1)
+        world_size = self._world_size
         times = repeats_to_fill(num_images, self.batch_size, world_size)
         self._drop_last_train = times > 1
         if times > 1:
@@ -308,7 +313,7 @@ class RPNDataModule(LightningDataModule):
         if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
             trainer = self.trainer
             self._window_progress = WindowProgress(self.tiles.per_epoch, *self._window_start(batch_size))
-            sampler = WindowSampler(self.tiles.per_epoch, trainer.world_size if trainer else 1,
+            sampler = WindowSampler(self.tiles.per_epoch, self._world_size,
                                     trainer.global_rank if trainer else 0, done=self._window_progress.begin)
             # persistent workers take the first indices as Lightning makes the iterator, before its set_epoch
             sampler.set_epoch(self._window_progress.epoch)
@@ -391,7 +396,7 @@ class RPNDataModule(LightningDataModule):
         Lightning's predict hands each process its own share without repeating an image (the
         proposal files hold each once) and fails with a bare ``AssertionError`` when a share is empty.
         """
-        world_size = int(getattr(self.trainer, "world_size", 1) or 1)
+        world_size = self._world_size
         if num_images >= world_size:
             return
         source = (f"the folder {str(self.predict_images)!r}" if self.predict_images is not None
