@@ -308,7 +308,11 @@ class RPNDataModule(LightningDataModule):
         if role not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
         if role not in self.datasets:
-            raise ValueError(f"RPNDataModule: no {role} split configured ({role}_split is None)")
+            raise DataError(
+                f"RPNDataModule: no {role} split to load: {role}_split is None. Name one with "
+                f"RPNDataModule({role}_split=...) or --data.{role}_split NAME"
+                + (" (or --data.predict_images FOLDER)" if role == "predict" else "")
+            )
         sampler = None
         if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
             trainer = self.trainer

@@ -14,6 +14,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.data.batch import RPNBatch
+from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.validation import validate_dataset
 from lightning_rpn.training.datamodule import RPNDataModule
 
@@ -47,6 +48,14 @@ def test_synthetic_fit_loaders_with_constructor_anchors() -> None:
     assert len(list(dm.val_dataloader())) == 2
     assert dm.train_dataloader().persistent_workers is False
     assert small(num_workers=2).hparams.num_workers == 2
+
+
+def test_a_split_left_unset_names_the_setting_that_sets_it() -> None:
+    dm = small(anchor_generator=ANCHORS, val_split=None)
+    with pytest.raises(DataError, match=r"val_split is None.*--data.val_split NAME"):
+        dm.val_dataloader()
+    with pytest.raises(DataError, match=r"--data.predict_images FOLDER"):
+        dm.predict_dataloader()
 
 
 def test_anchor_setup_comes_from_the_model() -> None:
