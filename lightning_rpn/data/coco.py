@@ -75,6 +75,7 @@ class COCODetection(AnnotatedDataset):
         self.annotation_file = str(annotation_file)
         data = load_coco_json(annotation_file)
         self.category_ids = self._select_categories(data, category_ids, category_names)
+        self.kept_category_ids = self._kept_categories(data)
         records, dropped = self._parse_images(data["images"])
         self._parse_annotations(data["annotations"], records, dropped, include_crowd)
         self.records = list(records.values())
@@ -104,6 +105,15 @@ class COCODetection(AnnotatedDataset):
                 )
             selected.add(cat_id)
         return selected
+
+    def _kept_categories(self, data: dict[str, Any]) -> tuple[int, ...]:
+        """The integer category ids whose boxes this dataset keeps: the filter, else the file's
+        ``categories`` (what a class-agnostic results file must name, see ``ProposalWriter``)."""
+        if self.category_ids is not None:
+            ids: list[Any] = list(self.category_ids)
+        else:
+            ids = [c.get("id") for c in data.get("categories") or [] if isinstance(c, dict)]
+        return tuple(sorted(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
 
     def _parse_images(self, images: list[Any]) -> tuple[dict[Any, ImageRecord], set[Any]]:
         """Records by image id, and the ids of image entries skipped (their annotations go with them)."""

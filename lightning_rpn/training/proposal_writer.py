@@ -18,7 +18,6 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_rpn.data.coco import load_coco_json
 from lightning_rpn.evaluation.proposal_files import (
     FORMATS,
     merge_proposal_parts,
@@ -45,19 +44,14 @@ def dataset_category_id(dataset: Any) -> int | None:
     """The lowest category id ``dataset`` (or a dataset it wraps, ``.dataset``) keeps, or ``None``.
 
     A COCO dataset (:class:`~lightning_rpn.data.coco.COCODetection`, or any dataset with
-    ``category_ids`` and ``annotation_file``) keeps its ``category_ids`` filter, else every
-    category of its annotation file (read again here: the dataset keeps only its filter).
+    ``kept_category_ids``) keeps its ``category_ids`` filter, else every category of its
+    annotation file.
     """
     seen: set[int] = set()
     while dataset is not None and id(dataset) not in seen:
         seen.add(id(dataset))
-        if hasattr(dataset, "category_ids") and hasattr(dataset, "annotation_file"):
-            ids = dataset.category_ids
-            if ids is None:
-                categories = load_coco_json(dataset.annotation_file).get("categories") or []
-                ids = [c.get("id") for c in categories if isinstance(c, dict)]
-            ints = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
-            return min(ints) if ints else None
+        if hasattr(dataset, "kept_category_ids"):
+            return min(dataset.kept_category_ids, default=None)
         dataset = getattr(dataset, "dataset", None)
     return None
 
