@@ -22,6 +22,7 @@ anchors (or boxes) of level ``l`` of an image, ``P`` proposals of an image.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -167,9 +168,18 @@ class RegionProposer(nn.Module):
                 keep the ranking that float32 probabilities lose once they round to 1.0.
 
         Losses ``{"loss_rpn_cls", "loss_rpn_reg"}`` are computed whenever targets are given,
-        in train and eval mode alike; ``{}`` otherwise.
+        in train and eval mode alike; ``{}`` otherwise (in training mode with gradients on, with
+        a warning: a training loop that forgot its targets would otherwise train without them).
         """
         name = type(self).__name__
+        if self.training and targets is None and anchor_targets is None and torch.is_grad_enabled():
+            warnings.warn(
+                f"{name} is in training mode but got no targets, so it returns no losses ({{}}); pass "
+                "targets=[{'boxes': Tensor[G, 4]}, ...] to train it, or call .eval() (or torch.no_grad()) "
+                "for proposals only",
+                UserWarning,
+                stacklevel=4,  # the caller of the module: forward, Module._call_impl, Module.__call__
+            )
         levels = list(features.values()) if isinstance(features, Mapping) else list(features)
         if len(levels) != self.anchor_generator.num_levels:
             raise ValueError(

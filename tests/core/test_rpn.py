@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -76,6 +78,18 @@ def test_eval_mode_uses_test_settings_and_still_returns_losses() -> None:
         assert torch.equal(boxes, exp_boxes) and torch.equal(scores, exp_scores)
     proposals, losses = rpn(features, IMAGE_SIZES)
     assert losses == {} and len(proposals) == 2
+
+
+def test_training_mode_without_targets_warns_that_no_losses_come_back() -> None:
+    rpn = _rpn().train()
+    with pytest.warns(UserWarning, match="training mode but got no targets"):
+        proposals, losses = rpn(_features(), IMAGE_SIZES)
+    assert losses == {} and len(proposals) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():  # proposals only: no warning
+            rpn(_features(), IMAGE_SIZES)
+        rpn.eval()(_features(), IMAGE_SIZES)
 
 
 def test_precomputed_targets_equal_in_model_targets() -> None:
