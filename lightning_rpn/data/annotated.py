@@ -38,7 +38,7 @@ from lightning_rpn.data.problems import (
 )
 from lightning_rpn.data.sample import DetectionSample, empty_boxes
 
-__all__ = ["ImageRecord", "AnnotatedDataset", "size_mismatch_detail", "unreadable_image_problem"]
+__all__ = ["ImageRecord", "AnnotatedDataset", "boxes_at_size", "size_mismatch_detail", "unreadable_image_problem"]
 
 T = TypeVar("T")
 
@@ -72,6 +72,18 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=empty_boxes)
     crowd_boxes: np.ndarray = field(default_factory=empty_boxes)
     checked: bool = False
+
+
+def boxes_at_size(
+    record: ImageRecord, size: tuple[int, int], policy: BadAnnotationPolicy, log: ProblemLog, box_format: BoxFormat
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes, crowd_boxes)`` float32 xyxy: ``record`` 's written boxes checked against an image of
+    ``size (h, w)`` under ``policy``, their problems added to ``log``."""
+    ref = AnnotationRef(record.annotation_file, record.image_id)
+    boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size, policy, ref, log, box_format)
+    crowd, _ = sanitize_boxes(record.written_crowd_boxes, record.crowd_annotation_ids, size, policy, ref, log,
+                              box_format)
+    return boxes, crowd
 
 
 def size_mismatch_detail(record: ImageRecord, size: tuple[int, int], clip_hint: bool = False) -> str:
@@ -137,11 +149,7 @@ class AnnotatedDataset(Dataset):
             record.crowd_boxes = to_xyxy(record.written_crowd_boxes, self.box_format).astype(np.float32)
             record.checked = False
             return
-        ref = AnnotationRef(record.annotation_file, record.image_id)
-        record.boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size,
-                                         self.on_bad_annotation, ref, log, self.box_format)
-        record.crowd_boxes, _ = sanitize_boxes(record.written_crowd_boxes, record.crowd_annotation_ids, size,
-                                               self.on_bad_annotation, ref, log, self.box_format)
+        record.boxes, record.crowd_boxes = boxes_at_size(record, size, self.on_bad_annotation, log, self.box_format)
         record.size, record.checked = size, True
 
     def _apply_size(self, record: ImageRecord, size: tuple[int, int], log: ProblemLog) -> None:

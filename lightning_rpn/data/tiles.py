@@ -52,10 +52,10 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_rpn.core.windows import clip_to_window, config_from_mapping, window_key, window_starts
-from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
+from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord, boxes_at_size
 from lightning_rpn.data.image_cache import ImageCache
 from lightning_rpn.data.image_io import RasterLayout, raster_layout, read_image_size
-from lightning_rpn.data.problems import AnnotationRef, DataError, Problem, ProblemLog, sanitize_boxes
+from lightning_rpn.data.problems import DataError, Problem, ProblemLog
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.window_fit import boxes_no_window_keeps, untrainable_boxes_problem
 from lightning_rpn.data.window_sampler import WindowSampler
@@ -254,9 +254,7 @@ class TiledDataset(Dataset):
             size = read_image_size(record.file, image_id=record.image_id)
         except DataError:
             return None
-        ref = AnnotationRef(record.annotation_file, record.image_id)
-        boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size, dataset.on_bad_annotation, ref,
-                                  ProblemLog(), dataset.box_format)
+        boxes, _ = boxes_at_size(record, size, dataset.on_bad_annotation, ProblemLog(), dataset.box_format)
         return size, len(boxes)
 
     def image_weights(self) -> np.ndarray:

@@ -28,6 +28,7 @@ from lightning_rpn.core.coverage import GTBoxSet, best_anchor_iou
 from lightning_rpn.data.annotated import (
     PROGRESS_MIN_ITEMS,
     AnnotatedDataset,
+    boxes_at_size,
     size_mismatch_detail,
     unreadable_image_problem,
 )
@@ -42,7 +43,7 @@ from lightning_rpn.data.dataset_report import (
     report_path,
 )
 from lightning_rpn.data.image_io import read_image_size, verify_image
-from lightning_rpn.data.problems import BOX_PROBLEM_KINDS, AnnotationRef, DataError, Problem, sanitize_boxes
+from lightning_rpn.data.problems import BOX_PROBLEM_KINDS, DataError, Problem
 from lightning_rpn.data.window_fit import untrainable_boxes_problem
 from lightning_rpn.data.transforms import ResizePolicy, TransformedDataset
 
@@ -118,11 +119,7 @@ def _check_annotated(
         boxes, crowd = record.boxes, record.crowd_boxes
         if not record.checked or size != record.size:
             rechecked.add((record.annotation_file, record.image_id))
-            ref = AnnotationRef(record.annotation_file, record.image_id)
-            boxes, _ = sanitize_boxes(record.written_boxes, record.annotation_ids, size, "skip", ref,
-                                      report.problems, dataset.box_format)
-            crowd, _ = sanitize_boxes(record.written_crowd_boxes, record.crowd_annotation_ids, size, "skip", ref,
-                                      report.problems, dataset.box_format)
+            boxes, crowd = boxes_at_size(record, size, "skip", report.problems, dataset.box_format)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         report.add_image(size, boxes, np.asarray(crowd, np.float32).reshape(-1, 4))
         _check_window_fit(report, windows, size, boxes, record.file, record.image_id)
