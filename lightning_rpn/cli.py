@@ -44,7 +44,7 @@ from typing import Any, NoReturn
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -54,9 +54,11 @@ from rich.console import Console
 from lightning_rpn.core.backbones import weights_from_checkpoint
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
+from lightning_rpn.training.proposal_writer import ProposalWriter
 from lightning_rpn.training.run_files import (
     check_checkpoint_dirs,
     evaluation_checkpoint,
+    newest_checkpoint,
     warn_if_last_waits_for_best,
     write_metrics_summary,
 )
@@ -357,17 +359,29 @@ class RPNLightningCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def after_instantiate_classes(self) -> None:
-        """Without a logger (``--trainer.logger false``) leave out the callbacks that need one.
-
+        """A ``predict`` without a prediction writer gets a :class:`ProposalWriter` (:meth:`_write_predictions`).
+        Without a logger (``--trainer.logger false``) leave out the callbacks that need one:
         ``LearningRateMonitor`` raises on a trainer without loggers; turning logging off is an
         ordinary flag, so every config keeps working with it.
         """
+        self._write_predictions()
         if self.trainer.loggers:
             return
         kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         if len(kept) < len(self.trainer.callbacks):
             self.trainer.callbacks = kept
             _notice("no logger, so LearningRateMonitor is left out (learning rates are not logged)")
+
+    def _write_predictions(self) -> None:
+        """``predict`` with no ``BasePredictionWriter`` among the callbacks (a checkpoint alone, as in
+        ``predict --ckpt_path P --data.predict_images DIR``, or a config without one) would compute
+        every proposal and keep none: a :class:`ProposalWriter` into ``<default_root_dir>/proposals``."""
+        if self.subcommand != "predict" or any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            return
+        output_dir = Path(self.trainer.default_root_dir) / "proposals"
+        self.trainer.callbacks.append(ProposalWriter(str(output_dir), top_k=None))  # every proposal the model returns
+        _notice(f"no ProposalWriter among the callbacks, so predict writes its proposals into {output_dir} "
+                "(a lightning_rpn.training.proposal_writer.ProposalWriter callback chooses the folder, formats and top_k)")
 
     def _report_wandb(self) -> None:
         if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
@@ -391,6 +405,7 @@ class RPNLightningCLI(LightningCLI):
         folder holds either the run being resumed or files that stay, which the check names.
         """
         check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        self._say_when_last_starts_afresh()
         self._prepare_wandb()
         run_id = continue_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))
         if run_id is not None:
@@ -398,6 +413,22 @@ class RPNLightningCLI(LightningCLI):
                     "(--trainer.logger.init_args.id names another)")
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         warn_if_last_waits_for_best(self.trainer)
+
+    def _say_when_last_starts_afresh(self) -> None:
+        """``fit --ckpt_path last`` with no ``last*.ckpt`` yet starts from the beginning (the README's
+        way to run a job that may or may not resume): one line saying so, instead of Lightning's
+        warning whose hint (``save_last=True`` on a monitored checkpoint) is the layout that loses
+        ``last.ckpt`` (:func:`~lightning_rpn.training.run_files.warn_if_last_waits_for_best`)."""
+        if self.config["fit"].get("ckpt_path") != "last":
+            return
+        try:
+            folders, found = newest_checkpoint(self.trainer, "last", "lightning-rpn fit")
+        except ValueError:  # no checkpoint folder in the config: Lightning's own resolution and warning
+            return
+        if found is None:
+            warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
+            _notice(f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, folders))} yet, so this run "
+                    "starts from the beginning")
 
     def after_fit(self) -> None:
         self._validate_final_weights()
@@ -414,7 +445,8 @@ class RPNLightningCLI(LightningCLI):
         """
         trainer, model = self.trainer, self.model
         validated = getattr(model, "last_recall_step", None)
-        if trainer.interrupted or not trainer.enable_validation or validated == trainer.global_step:
+        if (trainer.interrupted or not trainer.enable_validation or validated == trainer.global_step
+                or not getattr(self.datamodule, "has_val_split", True)):
             return
         if trainer.is_global_zero:
             last = "no validation in this run" if validated is None else f"last validated at step {validated}"

@@ -247,6 +247,10 @@ def test_predict_with_a_checkpoint_alone_builds_the_checkpoints_model(trained: P
                       "--trainer.logger", "false", "--trainer.accelerator", "cpu"], tmp_path)
     assert_ok(result)
     assert f"Restoring states from the checkpoint path at {checkpoint}" in " ".join(result.stderr.split())
+    # no config, so no ProposalWriter of its own: one is added rather than proposals computed and dropped
+    assert "no ProposalWriter among the callbacks" in result.stderr
+    (record,) = read_detectron2_proposals(tmp_path / "proposals/proposals_detectron2-last.pkl")
+    assert len(record["boxes"]) > 0
 
 
 def test_validate_last_without_a_checkpoint_refuses_to_report_untrained_weights(trained: Path, tmp_path: Path) -> None:
@@ -270,14 +274,18 @@ def test_fit_with_a_wandb_logger_without_save_dir_saves_its_config_in_the_root(t
 
 def test_fit_prints_no_warning_the_user_cannot_act_on(tmp_path: Path) -> None:
     # wandb: "git root run does not exist" (the logger's save_dir made only later), "The anonymous setting
-    # has no effect"; Lightning's use of torch's deprecated LeafSpec
+    # has no effect"; Lightning's use of torch's deprecated LeafSpec; Lightning's "HINT: Set
+    # ModelCheckpoint(..., save_last=True)" for a first `--ckpt_path last`; RecallTable's "no table" for a
+    # fit without validation
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    result = run_cli(["fit", "--config", "config.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"],
-                     tmp_path, env={"WANDB_SILENT": "false"})
+    result = run_cli(["fit", "--config", "config.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                      "--ckpt_path", "last"], tmp_path, env={"WANDB_SILENT": "false"})
     assert_ok(result)
     output = result.stdout + result.stderr
     assert "wandb" in output and "git root" not in output and "LeafSpec" not in output
     assert "anonymous setting" not in output  # Lightning passes anonymous=None, which wandb warns about
+    assert "save_last" not in output and "last_recall is empty" not in output
+    assert f"--ckpt_path last: no last*.ckpt in {tmp_path / 'run/checkpoints'} yet" in " ".join(result.stderr.split())
 
 
 def _bad_coco(root: Path) -> dict:

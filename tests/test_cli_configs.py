@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from lightning_rpn import cli
 from lightning_rpn.cli import RPNLightningCLI, wandb_credentials_available
 from lightning_rpn.training.callbacks import LastCheckpoint, RecallTable, TextProgress
 from lightning_rpn.training.proposal_writer import ProposalWriter
+
+from helpers.cli import TINY_CONFIG
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -216,3 +220,17 @@ def test_wandb_goes_offline_only_for_a_run_that_logs_to_it(tmp_path: Path, monke
     RPNLightningCLI(args=args, run=False, save_config_callback=None)
     notice = "no W&B credentials" in capsys.readouterr().err
     assert notice == (logger == "default") and (os.environ.get("WANDB_MODE") == "offline") == notice
+
+
+def test_fit_without_a_val_split_trains_and_ends_without_validating(tmp_path: Path, monkeypatch, capsys) -> None:
+    # Lightning loaded the val loader (our DataError: no val split) at the start of fit, and the CLI
+    # validated the final weights on it after a fit that had not validated
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"]["logger"] = False
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Total length of `list` across ranks is zero")
+        run = RPNLightningCLI(args=["fit", "--config", "config.yaml", "--data.val_split", "null"])
+    assert run.trainer.global_step == 2 and (tmp_path / "run/checkpoints/last.ckpt").is_file()
+    assert "validating the final weights" not in capsys.readouterr().err

@@ -104,7 +104,7 @@ class VOCDetection(AnnotatedDataset):
                                           error.annotation_id))
         unknown = sorted((self.class_names or set()) - self._names_seen)
         if unknown:  # a misspelt name would otherwise drop every box of its class without a word
-            raise DataError(f"class_names {unknown} name no object of the split (names found: "
+            raise DataError(f"class_names (data.category_names) {unknown} name no object of the split (names found: "
                             f"{sorted(self._names_seen)}; names are compared exactly, case included)",
                             file=split_file)
         self._finish()

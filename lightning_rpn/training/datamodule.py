@@ -17,11 +17,13 @@ Over 350 lines for one reason: the flat constructor (forty arguments, each docum
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
@@ -383,8 +385,18 @@ class RPNDataModule(LightningDataModule):
         collate = self._collate_without_targets() if self._window_eval else None
         return self._loader(role, self.val_batch_size, shuffle=False, collate=collate)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """The val split's loader; ``[]`` while fitting without a val split (``val_split: null``), which
+        Lightning reads as "no validation" (``validate`` without one is a ``DataError``)."""
+        if self.splits["val"] is None and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # meant so
+            return []
         return self._evaluation_loader("val")
+
+    @property
+    def has_val_split(self) -> bool:
+        """Whether a val split is configured (``fit`` validates on it; without one, fit does not validate)."""
+        return self.splits["val"] is not None
 
     def test_dataloader(self) -> DataLoader:
         return self._evaluation_loader("test")

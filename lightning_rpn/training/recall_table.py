@@ -49,8 +49,8 @@ def recall_table(
 class RecallTable(Callback):
     """Prints the proposal-recall table (AR per k and area range, recall@t) with rich.
 
-    Printed at the end of ``fit`` and of each ``validate`` / ``test`` run, from the module's
-    ``last_recall``; with ``every_epoch=True`` also after every validation epoch during fit; at
+    Printed at the end of ``fit`` (when it validated) and of each ``validate`` / ``test`` run, from
+    the module's ``last_recall``; with ``every_epoch=True`` also after every validation epoch during fit; at
     the end of ``predict`` when ``last_recall`` is set (``RPNModule``: the split has gt boxes).
 
     Args:
@@ -98,4 +98,5 @@ class RecallTable(Callback):
             self._print(trainer, pl_module, "predict, original-image pixels")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._print(trainer, pl_module, "end of fit")
+        if getattr(pl_module, "last_recall", None):  # empty: no validation in this fit (the CLI then validates)
+            self._print(trainer, pl_module, "end of fit")

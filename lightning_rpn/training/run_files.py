@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
 __all__ = [
     "check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "free_version", "metrics_summary_path",
-    "versioned", "warn_if_last_waits_for_best", "write_metrics_summary",
+    "newest_checkpoint", "versioned", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
 
@@ -101,33 +101,54 @@ def evaluation_checkpoint(trainer: pl.Trainer, ckpt_path: str | None, command: s
     Lightning resolves ``"best"`` from what its ``ModelCheckpoint`` remembers of a ``fit`` in the
     same process (nothing here: a ``ValueError`` that the callback "is not configured to save the
     best model"), and ``"last"`` with no last checkpoint to no checkpoint at all, with a warning:
-    the command would then report the recall of untrained weights. Here ``"best"`` is the newest
-    ``{filename}.ckpt`` / ``{filename}-vN.ckpt`` in the folder of the config's first monitored
-    ``ModelCheckpoint`` (the latest run's best, as ``"last"`` is the latest run's last), and
-    either keyword finding no file is a ``ValueError`` naming the folders. Paths and ``None``
-    are returned as given.
+    the command would then report the recall of untrained weights. Here either keyword is
+    :func:`newest_checkpoint`, and finding no file is a ``ValueError`` naming the folders. Paths
+    and ``None`` are returned as given.
     """
     if ckpt_path not in ("best", "last"):
         return ckpt_path
-    with_folder = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
-    if ckpt_path == "best":
-        callbacks = [c for c in with_folder if c.monitor is not None and c.filename and "{" not in c.filename][:1]
-        stem = callbacks[0].filename if callbacks else "best"
+    folders, found = newest_checkpoint(trainer, ckpt_path, f"lightning-rpn {command}")
+    if found is None:
+        stem = ModelCheckpoint.CHECKPOINT_NAME_LAST if ckpt_path == "last" else _best_stem(trainer)
+        raise ValueError(f"lightning-rpn {command} --ckpt_path {ckpt_path}: no {stem}*.ckpt in "
+                         f"{', '.join(map(str, folders))}; train first (fit) or pass a checkpoint path")
+    return found
+
+
+def _checkpoints_with_folder(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+    return [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath is not None]
+
+
+def _best_stem(trainer: pl.Trainer) -> str:
+    """The file name of the first monitored ``ModelCheckpoint`` with a plain filename (``best``)."""
+    callbacks = [c for c in _checkpoints_with_folder(trainer)
+                 if c.monitor is not None and c.filename and "{" not in c.filename][:1]
+    return callbacks[0].filename if callbacks else "best"  # type: ignore[return-value]
+
+
+def newest_checkpoint(trainer: pl.Trainer, keyword: str, where: str) -> tuple[list[Path], str | None]:
+    """``(folders searched, the newest file or None)`` for ``--ckpt_path best`` / ``last``.
+
+    ``"best"``: ``{filename}.ckpt`` / ``{filename}-vN.ckpt`` in the folder of the config's first
+    monitored ``ModelCheckpoint`` (the latest run's best); ``"last"``: ``last*.ckpt`` in the
+    folders of every ``ModelCheckpoint`` (the latest run's last). ``ValueError`` starting with
+    ``where`` when the config has no such folder.
+    """
+    with_folder = _checkpoints_with_folder(trainer)
+    if keyword == "best":
+        stem = _best_stem(trainer)
+        callbacks = [c for c in with_folder if c.monitor is not None and c.filename == stem][:1]
         pattern = re.compile(rf"{re.escape(stem)}(-v\d+)?\.ckpt")
         wanted = "no ModelCheckpoint with a monitor, a dirpath and a plain filename"
     else:
-        callbacks, stem = with_folder, ModelCheckpoint.CHECKPOINT_NAME_LAST
-        pattern = re.compile(rf"{re.escape(stem)}.*\.ckpt")
+        callbacks = with_folder
+        pattern = re.compile(rf"{re.escape(ModelCheckpoint.CHECKPOINT_NAME_LAST)}.*\.ckpt")
         wanted = "no ModelCheckpoint with a dirpath"
-    where = f"lightning-rpn {command} --ckpt_path {ckpt_path}"
     folders = sorted({Path(c.dirpath) for c in callbacks})  # type: ignore[arg-type]
     if not folders:
-        raise ValueError(f"{where}: the config has {wanted} to find it in; pass a checkpoint path")
+        raise ValueError(f"{where} --ckpt_path {keyword}: the config has {wanted} to find it in; pass a checkpoint path")
     found = [path for folder in folders if folder.is_dir() for path in folder.iterdir() if pattern.fullmatch(path.name)]
-    if not found:
-        raise ValueError(f"{where}: no {stem}*.ckpt in {', '.join(map(str, folders))}; train first (fit) "
-                         "or pass a checkpoint path")
-    return str(max(found, key=lambda path: path.stat().st_mtime))
+    return folders, (str(max(found, key=lambda path: path.stat().st_mtime)) if found else None)
 
 
 def checkpoint_stem(checkpoint: str | Path | None) -> str:

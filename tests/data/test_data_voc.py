@@ -116,7 +116,7 @@ def test_a_class_name_no_object_has_is_an_error_and_voc_takes_no_category_ids(tm
 
     root = write_voc(tmp_path, {"a": {"size": (20, 20), "objects": [{"box": (2, 2, 9, 9), "name": "car"}]}})
     assert len(VOCDetection(root, "train", class_names=["car"])[0].boxes) == 1
-    with pytest.raises(DataError, match=r"class_names \['Car', 'horse'\] name no object of the split "
+    with pytest.raises(DataError, match=r"class_names \(data.category_names\) \['Car', 'horse'\] name no object of the split "
                                         r"\(names found: \['car'\]"):
         VOCDetection(root, "train", class_names=["car", "Car", "horse"])
     with pytest.raises(ValueError, match="VOC classes are chosen by name"):

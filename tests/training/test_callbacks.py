@@ -6,6 +6,7 @@ import csv
 import json
 import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,12 @@ def test_recall_table_warns_without_recall_and_prints_every_epoch(tmp_path, caps
     trainer.fit(FakeRPNModule(), loader(), loader())
     out = capsys.readouterr().out
     assert out.count("Proposal recall (val, epoch") == 2 and out.count("(end of fit") == 1
+    # a fit that never validated: no table and no warning (the CLI validates its final weights next)
+    trainer = make_trainer(tmp_path, False, [RecallTable()], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="RecallTable")
+        trainer.fit(FakeRPNModule(), loader())
+    assert "Proposal recall" not in capsys.readouterr().out
 
 
 def test_curves_figure_has_two_panels():
