@@ -238,15 +238,25 @@ def _stdout_is_live() -> bool:
 def _text_progress_off_terminal(trainer: Any) -> None:
     """Off a terminal (a job log, ``| tee``, CI), swap the config's ``RichProgressBar`` for
     :class:`~lightning_rpn.training.text_progress.TextProgress`: rich draws its bar there once,
-    when training ends, so a long run would show no progress at all until it is over.
+    when training ends, so a long run would show no progress at all until it is over. Without a
+    progress-bar callback (no config, as in ``predict --ckpt_path P``), ``TextProgress`` stands in
+    for Lightning's default bar, which draws the same way.
     """
     callbacks = trainer.get("callbacks")
-    if not isinstance(callbacks, list) or _stdout_is_live():
+    if trainer.get("enable_progress_bar") is False or _stdout_is_live():
+        return
+    text_progress = Namespace(class_path=TEXT_PROGRESS, init_args=Namespace(interval_s=TEXT_PROGRESS_INTERVAL_S))
+    if callbacks is None or (isinstance(callbacks, list) and not any(_names_subclass(c, ProgressBar) for c in callbacks)):
+        trainer["callbacks"] = [*(callbacks or []), text_progress]
+        _notice(f"stdout is not a terminal, so progress is printed as a line every {TEXT_PROGRESS_INTERVAL_S:g} s "
+                "(TextProgress)")
+        return
+    if not isinstance(callbacks, list):
         return
     swapped = False
     for index, callback in enumerate(callbacks):
         if _names_subclass(callback, RichProgressBar):
-            callbacks[index] = Namespace(class_path=TEXT_PROGRESS, init_args=Namespace(interval_s=TEXT_PROGRESS_INTERVAL_S))
+            callbacks[index] = text_progress
             swapped = True
     if swapped:
         _notice(f"stdout is not a terminal, so progress is printed as a line every {TEXT_PROGRESS_INTERVAL_S:g} s "

@@ -108,6 +108,11 @@ def test_off_a_terminal_the_rich_progress_bar_gives_way_to_progress_lines(tmp_pa
     # the progress bar turned off wins: no bar of either kind
     off = build("shapes.yaml", tmp_path, "--trainer.enable_progress_bar", "false")
     assert off.trainer.progress_bar_callback is None
+    # no progress bar in the config, or no config at all: progress lines, not Lightning's default bar
+    bare = RPNLightningCLI(args=["--model.backbone", "tiny_fpn", "--model.weights", "null", "--model.anchor_sizes",
+                                 "[[16], [32], [64], [128]]", "--trainer.logger", "false"],
+                           run=False, save_config_callback=None)
+    assert isinstance(bare.trainer.progress_bar_callback, TextProgress)
 
 
 def test_stdout_is_live_follows_rich(monkeypatch) -> None:
