@@ -596,11 +596,20 @@ def check_data(args: Sequence[str]) -> int:
     report = cli.datamodule.check_data(cli.model, splits=CHECKED_ROLES, check_images=cli.config["check_images"])
     report.max_listed = None if cli.config["list_all"] else report.max_listed
     summary = f"{report.num_errors} error(s), {report.num_warnings} warning(s)"
+    if report.num_errors:
+        policy = cli.datamodule.hparams.get("on_bad_annotation", "raise")
+        summary += (f" (the actions listed are check-data's, which reads on to list every problem; fit with "
+                    f"data.on_bad_annotation={policy!r} {_POLICY_EFFECT[policy]})")
     if path is not None:
         summary += f"; every problem written to {report.write(path)}"
     report.print()
     print(f"lightning-rpn check-data: {summary}", file=sys.stderr)
     return int(report.num_errors > 0 or (cli.config["strict"] and report.num_warnings > 0))
+
+
+_POLICY_EFFECT = {"raise": "stops at the first error", "skip": "skips each as listed",
+                  "clip": "clips what clipping repairs and skips the rest"}
+"""What ``fit`` does with the errors ``check-data`` lists, by ``data.on_bad_annotation``."""
 
 
 class _AnalyzeAnchorsCLI(_NoRunCLI):

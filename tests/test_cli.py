@@ -340,6 +340,7 @@ def test_check_data_exits_1_on_bad_annotations(tool_runs: dict) -> None:
     result = tool_runs["check_bad_data"][0].result()
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 error(s), 0 warning(s)" in result.stderr
+    assert "fit with data.on_bad_annotation='raise' stops at the first error" in " ".join(result.stderr.split())
     report = " ".join(result.stdout.split())  # rich wraps long lines
     assert "annotation 8: bbox [5, 5, nan, 10] (x, y, w, h) has non-finite coordinates" in report
 
