@@ -40,6 +40,7 @@ from lightning_rpn.core.window_targets import Window, WindowTargets, clip_to_win
 
 __all__ = [
     "SlidingWindowConfig",
+    "WindowProgressFn",
     "config_from_mapping",
     "window_starts",
     "window_grid",
@@ -56,6 +57,10 @@ ProposeFn = Callable[[Tensor, list[tuple[int, int]], list[Window]], Sequence[tup
 """``propose(images uint8 [B, 3, Hp, Wp] padded, image_sizes, windows)`` -> per window ``(boxes, scores, logits)``.
 
 ``windows`` are the batch's ``(x0, y0, x1, y1)`` in the image (what :class:`WindowTargets` cuts by)."""
+
+WindowProgressFn = Callable[[int, int], None]
+"""``progress(windows_done, windows_total)`` of one image, after each window batch: a minute-long
+image shows its progress (``TextProgress`` prints it) without this module knowing a trainer."""
 
 EDGE_TOLERANCE = 1.0
 """A proposal within this many pixels of an inner window edge is cut by it."""
@@ -261,17 +266,21 @@ def _reaches(boxes: Tensor, window: Tensor) -> Tensor:
 def sliding_window_proposals(
     image: Tensor,
     propose: ProposeFn,
-    config: SlidingWindowConfig,
+    config: SlidingWindowConfig | Mapping[str, Any],
     top_k: int,
     nms_thresh: float,
     size_divisibility: int = 32,
+    progress: WindowProgressFn | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Whole-image ``(boxes [k, 4], scores [k], logits [k])`` from windows of ``image`` (uint8 ``[3, H, W]``).
 
     ``propose`` is the network (see :data:`ProposeFn`); windows are zero padded to a multiple
-    of ``size_divisibility`` as a batch would be. ``nms_thresh`` is the merge threshold when
-    ``config.merge_thresh`` is ``None``.
+    of ``size_divisibility`` as a batch would be. ``config`` is a :class:`SlidingWindowConfig`
+    or its mapping (``{"size": 512, "overlap": 96}``, as in the YAML). ``nms_thresh`` is the
+    merge threshold when ``config.merge_thresh`` is ``None``. ``progress(done, total)`` is
+    called after each window batch (see :data:`WindowProgressFn`).
     """
+    config = SlidingWindowConfig.from_mapping(config)
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"sliding_window_proposals: expected an image [3, H, W], got shape {tuple(image.shape)}")
     image_size = (int(image.shape[1]), int(image.shape[2]))
@@ -291,6 +300,8 @@ def sliding_window_proposals(
             boxes.append(window_boxes + window_boxes.new_tensor([x0, y0, x0, y0]))
             scores.append(window_scores)
             logits.append(window_logits)
+        if progress is not None:
+            progress(start + len(chunk), len(windows))
     thresh = nms_thresh if config.merge_thresh is None else float(config.merge_thresh)
     keep = merge_window_proposals(boxes, logits, windows, image_size, thresh, config.merge_metric, top_k)
     return torch.cat(boxes)[keep], torch.cat(scores)[keep], torch.cat(logits)[keep]

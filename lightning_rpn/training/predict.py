@@ -6,7 +6,9 @@ Shapes: ``P`` proposals of an image.
 :mod:`lightning_rpn.data.loose_images`) through the evaluation pipeline of
 :class:`~lightning_rpn.training.datamodule.RPNDataModule` (resize, padding, collation) and the
 module's ``predict_step``; :func:`to_original_coordinates` maps boxes from resized-image pixels
-back to the original image, for ``predict_step`` and the recall of predictions.
+back to the original image, for ``predict_step`` and the recall of predictions. Images are
+decoded a batch at a time, just before their batch runs: memory follows ``batch_size``, not the
+length of the list (a 6000 x 4000 image is 70 MB decoded).
 """
 
 from __future__ import annotations
@@ -46,18 +48,20 @@ def predict_images(
     policy = resize if resize is not None else module.resize_policy or ResizePolicy()
     transform = DetectionTransform(resize=policy, train=False)
     collate = RPNCollate(size_divisibility=module.size_divisibility, assign_targets=False)
-    samples = [
-        transform(DetectionSample(image=as_hwc_uint8(image, index), boxes=empty_boxes(), image_id=index,
-                                  source=f"predict_images[{index}]"))
-        for index, image in enumerate(items)
-    ]
+
+    def sample(index: int) -> DetectionSample:
+        """Image ``index`` decoded and through the evaluation transform."""
+        return transform(DetectionSample(image=as_hwc_uint8(items[index], index), boxes=empty_boxes(),
+                                         image_id=index, source=f"predict_images[{index}]"))
+
     # each submodule's mode, restored as it was (a backbone the caller froze in eval mode stays so)
     modes = {submodule: submodule.training for submodule in module.modules()}
     module.eval()
     results: list[dict[str, Tensor]] = []
     try:
-        for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start : start + batch_size]).to(module.device)
+        for start in range(0, len(items), batch_size):
+            indices = range(start, min(start + batch_size, len(items)))
+            batch = collate([sample(index) for index in indices]).to(module.device)
             for item in module.predict_step(batch, start // batch_size):
                 results.append({key: item[key] for key in _OUTPUT_KEYS})
     finally:

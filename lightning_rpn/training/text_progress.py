@@ -10,7 +10,13 @@ of ``make fit``)::
 
 and for a validation (test, predict) loop a line at most every ``interval_s`` inside it and one
 when it ends, with the module's ``last_recall`` AR values where it has them (``RPNModule``
-does). Step times are the mean since the previous line, so the ETA follows the recent pace
+does). A batch of sliding-window evaluation (``model.sliding_window``: one 6000 x 4000 image is
+minutes of windows) prints at most every ``interval_s`` inside the batch too, with its windows
+done (the :class:`~lightning_rpn.training.windowed.WindowProgress` hook)::
+
+    validation: batch 3/3, windows 120/468 | elapsed 1m 2s
+
+Step times are the mean since the previous line, so the ETA follows the recent pace
 (validations excluded; none on the first line, whose step includes the start-up). The CLI puts
 it in place of ``RichProgressBar`` when stdout is not a terminal (:mod:`lightning_rpn.cli`);
 elsewhere it is an ordinary callback.
@@ -66,6 +72,7 @@ class TextProgress(ProgressBar):
         self._eval_started = 0.0
         self._eval_last_line = 0.0
         self._eval_name = ""
+        self._eval_batch_label: str | None = None  # "batch 3/3" while inside an evaluation batch
 
     def disable(self) -> None:
         self._enabled = False
@@ -131,14 +138,31 @@ class TextProgress(ProgressBar):
     def _eval_start(self, name: str, trainer: Trainer) -> None:
         self._eval_started = self._eval_last_line = time.monotonic()
         self._eval_name = name + (f" at step {trainer.global_step}" if trainer.state.fn == TrainerFn.FITTING else "")
+        self._eval_batch_label = None
 
-    def _eval_batch(self, batch_idx: int, total: float) -> None:
+    @staticmethod
+    def _batch_label(batch_idx: int, total: float) -> str:
+        return f"batch {batch_idx + 1}" + (f"/{int(total)}" if math.isfinite(total) else "")
+
+    def _eval_line(self, progress: str) -> None:
+        """``"<loop>: <progress> | elapsed ..."``, at most every ``interval_s``."""
         now = time.monotonic()
         if now - self._eval_last_line < self.interval_s:
             return
-        of = f"/{int(total)}" if math.isfinite(total) else ""
-        self.print(f"{self._eval_name}: batch {batch_idx + 1}{of} | elapsed {format_duration(now - self._eval_started)}")
+        self.print(f"{self._eval_name}: {progress} | elapsed {format_duration(now - self._eval_started)}")
         self._eval_last_line = now
+
+    def _eval_batch_start(self, batch_idx: int, total: float) -> None:
+        self._eval_batch_label = self._batch_label(batch_idx, total)
+
+    def _eval_batch(self, batch_idx: int, total: float) -> None:
+        self._eval_batch_label = None
+        self._eval_line(self._batch_label(batch_idx, total))
+
+    def on_sliding_windows(self, trainer: Trainer, pl_module: LightningModule, done: int, total: int) -> None:
+        """Inside an evaluation batch, a line with its sliding windows done (``WindowProgress``)."""
+        if self._eval_batch_label is not None:
+            self._eval_line(f"{self._eval_batch_label}, windows {done}/{total}")
 
     def _eval_end(self, trainer: Trainer, pl_module: LightningModule, prefix: str) -> None:
         took = time.monotonic() - self._eval_started
@@ -156,6 +180,11 @@ class TextProgress(ProgressBar):
         if not trainer.sanity_checking:
             self._eval_start("validation", trainer)
 
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._eval_batch_start(batch_idx, trainer.num_val_batches[dataloader_idx])
+
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
@@ -168,6 +197,10 @@ class TextProgress(ProgressBar):
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_start("test", trainer)
 
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._eval_batch_start(batch_idx, trainer.num_test_batches[dataloader_idx])
+
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_batch(batch_idx, trainer.num_test_batches[dataloader_idx])
@@ -177,6 +210,10 @@ class TextProgress(ProgressBar):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_start("predict", trainer)
+
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._eval_batch_start(batch_idx, trainer.num_predict_batches[dataloader_idx])
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:

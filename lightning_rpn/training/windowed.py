@@ -8,23 +8,57 @@ settings), merged into the image's ``top_k`` best. Evaluation losses are then ea
 training loss, with targets from the gt boxes clipped to it under the data module's
 ``min_visibility`` and seeded per window (:class:`~lightning_rpn.core.window_targets.WindowTargets`),
 averaged over the windows.
+
+Progress: a 6000 x 4000 image is hundreds of windows and minutes on a CPU, inside one batch. The
+trainer's callbacks with an ``on_sliding_windows`` hook (:class:`WindowProgress`; ``TextProgress``
+has one) hear after each window batch how many of the batch's windows are done.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor
 
 from lightning_rpn.core.window_targets import WindowTargets, mean_window_losses
-from lightning_rpn.core.windows import Window, sliding_window_proposals
+from lightning_rpn.core.windows import Window, WindowProgressFn, sliding_window_proposals, window_grid
 from lightning_rpn.data.batch import RPNBatch
 
 if TYPE_CHECKING:
     from lightning_rpn.training.module import RPNModule
 
-__all__ = ["window_losses", "window_proposals"]
+__all__ = ["WindowProgress", "window_losses", "window_proposals"]
+
+
+@runtime_checkable
+class WindowProgress(Protocol):
+    """A trainer callback told, after each window batch of a running evaluation batch, that
+    ``done`` of the batch's ``total`` windows (all its images) are through the network."""
+
+    def on_sliding_windows(self, trainer: Any, pl_module: Any, done: int, total: int) -> None: ...
+
+
+def _progress_per_image(module: RPNModule, batch: RPNBatch) -> list[WindowProgressFn | None]:
+    """Per image of ``batch``, the ``progress`` of its ``sliding_window_proposals``: the batch's
+    windows done so far, told to the running trainer's :class:`WindowProgress` callbacks
+    (``None`` when there are none, e.g. ``predict_images``)."""
+    trainer = module._trainer
+    listeners = [] if trainer is None or trainer.state.status != TrainerStatus.RUNNING else [
+        callback for callback in trainer.callbacks if isinstance(callback, WindowProgress)]
+    if not listeners:
+        return [None] * len(batch.image_sizes)
+    config = module.sliding_window
+    assert config is not None
+    counts = [len(window_grid(size, config.size, config.overlap)) for size in batch.image_sizes]
+    total = sum(counts)
+
+    def tell(before: int, done: int, _image_total: int) -> None:
+        for callback in listeners:
+            callback.on_sliding_windows(trainer, module, before + done, total)
+
+    return [partial(tell, sum(counts[:index])) for index in range(len(counts))]
 
 
 def _propose_windows(
@@ -53,12 +87,13 @@ def window_proposals(
     windows' losses."""
     config = module.sliding_window
     assert config is not None
+    progress = _progress_per_image(module, batch)
     return [
         sliding_window_proposals(
             batch.images[index, :, :height, :width],
             partial(_propose_windows, module, targets=None if targets is None else targets[index]),
             config, config.top_k or module.rpn.post_nms_top_n["test"],
-            module.rpn.nms_thresh, module.size_divisibility,
+            module.rpn.nms_thresh, module.size_divisibility, progress[index],
         )
         for index, (height, width) in enumerate(batch.image_sizes)
     ]

@@ -111,6 +111,24 @@ def test_a_box_straddling_two_windows_comes_out_once_as_on_the_whole_image() -> 
     torch.testing.assert_close(dup, inner)
 
 
+def test_a_mapping_config_is_the_yaml_one_and_progress_follows_the_window_batches() -> None:
+    """``{"size": .., "overlap": ..}`` (the YAML's mapping) was an AttributeError ('dict' object has no
+    attribute 'size'); ``progress`` hears the windows done after each window batch."""
+    box = torch.tensor([[100.0, 40.0, 150.0, 90.0], [200.0, 100.0, 240.0, 150.0]])
+    image = coordinate_image(200, 300)  # 2 rows x 3 columns of 160-px windows
+    reference = sliding_window_proposals(image, oracle(box), SlidingWindowConfig(160, 40, window_batch=3), 100, 0.7)
+    told: list[tuple[int, int]] = []
+    mapped = sliding_window_proposals(image, oracle(box), {"size": 160, "overlap": 40, "window_batch": 3}, 100, 0.7,
+                                      progress=lambda done, total: told.append((done, total)))
+    for got, expected in zip(mapped, reference):
+        torch.testing.assert_close(got, expected)
+    assert told == [(3, 6), (6, 6)]
+    with pytest.raises(ValueError, match=r"model.sliding_window.overlap=160 must be an int in \[0, size=160\)"):
+        sliding_window_proposals(image, oracle(box), {"size": 160, "overlap": 160}, 100, 0.7)
+    with pytest.raises(ValueError, match=r"model.sliding_window: unknown key\(s\) \['stride'\]"):
+        sliding_window_proposals(image, oracle(box), {"stride": 100}, 100, 0.7)
+
+
 def test_merge_keeps_same_window_pairs_and_prefers_interior() -> None:
     windows = [(0, 0, 100, 100), (60, 0, 160, 100)]
     same = torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0]])  # IoU 0.9, one window

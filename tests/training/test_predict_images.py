@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import lightning_rpn.training.predict as predict_module
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.training.datamodule import RPNDataModule
@@ -115,3 +116,29 @@ def test_default_resize_is_the_training_datas_also_after_loading(image: np.ndarr
     loaded = RPNModule.load_from_checkpoint(tmp_path / "model.ckpt", map_location="cpu", weights_only=True)
     assert loaded.resize_policy == fixed
     _same(loaded.predict_images(image), default)
+
+
+def test_images_are_decoded_a_batch_at_a_time(model: RPNModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory follows the batch, not the list: every image was decoded before the first
+    prediction (+80 MB per 6000 x 4000 image in the list); the proposals stay the same."""
+    images = [item.image for item in SyntheticShapes(5, min_size=64, max_size=64, max_shapes=3, split="lazy")]
+    expected = [model.predict_images(image) for image in images]
+    decoded: list[int] = []
+    decoded_at_step: list[list[int]] = []
+    decode, step = predict_module.as_hwc_uint8, model.predict_step
+
+    def counted_decode(image, index):
+        decoded.append(index)
+        return decode(image, index)
+
+    def noted_step(batch, batch_idx):
+        decoded_at_step.append(list(decoded))
+        return step(batch, batch_idx)
+
+    monkeypatch.setattr(predict_module, "as_hwc_uint8", counted_decode)
+    monkeypatch.setattr(model, "predict_step", noted_step)
+    results = model.predict_images(images, batch_size=2)
+    assert decoded_at_step == [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4]]
+    assert len(results) == 5
+    for result, alone in zip(results, expected):
+        _same(result, alone)

@@ -6,12 +6,17 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
+from torch.utils.data import DataLoader
 
+from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.training.callbacks import TextProgress
+from lightning_rpn.training.module import RPNModule
 from lightning_rpn.training.text_progress import format_duration
 
 
@@ -163,3 +168,30 @@ def test_with_gradient_accumulation_a_line_is_an_optimiser_step(tmp_path: Path) 
         accumulate_grad_batches=2)
     steps = [line.split(" |")[0] for line in out.getvalue().splitlines() if line.startswith("train step")]
     assert steps == ["train step 1/2 (50%)", "train step 2/2 (100%)"]
+
+
+def windowed_loader(sizes: list[tuple[int, int]]) -> DataLoader:
+    """One batch of blank images of ``sizes`` (``H, W``), each with a box, as ``RPNCollate`` pads them."""
+    samples = [DetectionSample(image=np.zeros((h, w, 3), np.uint8), boxes=np.array([[10, 10, 50, 50]], np.float32),
+                               image_id=index, source=f"blank {index}") for index, (h, w) in enumerate(sizes)]
+    return DataLoader(samples, batch_size=len(samples), collate_fn=RPNCollate(assign_targets=False))
+
+
+@pytest.mark.parametrize("loop", ["predict", "validate"])
+def test_sliding_windows_print_inside_a_batch(tmp_path: Path, loop: str) -> None:
+    """One large image is one batch of minutes (3 min 39 s for a 6000 x 4000 image on a CPU); its
+    windows were silent until the batch ended."""
+    torch.manual_seed(0)
+    model = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), pre_nms_top_n_test=100,
+                      post_nms_top_n_test=50, sliding_window={"size": 128, "overlap": 32, "window_batch": 4})
+    out = io.StringIO()
+    trainer = Trainer(callbacks=[TextProgress(interval_s=0, stream=out)], logger=False, default_root_dir=tmp_path,
+                      enable_model_summary=False)
+    loader = windowed_loader([(300, 300), (128, 300)])  # 9 windows (3 x 3), then 3 (1 x 3)
+    getattr(trainer, loop)(model, loader, **({"verbose": False} if loop == "validate" else {}))
+    name = "validation" if loop == "validate" else "predict"
+    lines = [line.split(" | elapsed")[0] for line in out.getvalue().splitlines()]
+    assert lines[:5] == [f"{name}: batch 1/1, windows {done}/12" for done in (4, 8, 9, 12)] + [f"{name}: batch 1/1"]
+    assert lines[5].startswith(f"{name}: done in")
+    model.predict_images(np.zeros((300, 300, 3), np.uint8))  # outside the trainer's loops: silent
+    assert len(out.getvalue().splitlines()) == 6
