@@ -223,4 +223,5 @@ class RPN(RegionProposer):
             self.box_coder,
             generators,
             [target.get("crowd_boxes") for target in inputs.targets],
+            image_ids=inputs.keys("RPN")[0],
         )

@@ -9,19 +9,25 @@ dense or, with ``compact=True``, with only the positives' deltas (what DataLoade
 send); ``assign_anchor_targets`` is a batch of one. The data pipeline (in DataLoader workers)
 and the RPN's in-model path both go through ``assign_batch_targets``, so both give identical
 targets for the same generator states.
+
+With ``allowed_border`` set (Faster R-CNN's 0), an image whose anchors all reach farther outside
+it (a small image, large anchors) keeps no anchor: it adds nothing to the loss, and a data set of
+such images trains nothing. The first such image with gt boxes warns, once per process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from .anchors import AnchorGrid
 from .box_coder import BoxCoder
 from .config import AnchorTargetConfig
-from .matching import Backend, match_anchors_batched
+from .matching import Backend, anchors_inside_image, match_anchors_batched
 from .sampling import sample_anchors_with_positives
 
 __all__ = [
@@ -31,6 +37,8 @@ __all__ = [
     "dense_target_deltas",
     "sample_generator",
 ]
+
+_warned_no_anchor_inside = False  # the border warning is given once per process
 
 
 def sample_generator(seed: int, image_id: int | str, epoch: int = 0) -> torch.Generator:
@@ -59,14 +67,16 @@ def assign_anchor_targets(
     crowd_boxes: Tensor | None = None,
     *,
     backend: Backend = "auto",
+    image_id: int | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Labels int64 ``[N]`` (1 / 0 / -1 after sampling) and float32 ``[N, 4]`` target deltas.
 
     ``assign_batch_targets`` for one image: deltas are the encoded matched gt box for sampled
-    positives and 0 elsewhere; crowd boxes are never matched.
+    positives and 0 elsewhere; crowd boxes are never matched. ``image_id`` names the image in warnings.
     """
     labels, deltas = assign_batch_targets(
-        anchors, [gt_boxes], [image_size], config, box_coder, [generator], [crowd_boxes], backend=backend
+        anchors, [gt_boxes], [image_size], config, box_coder, [generator], [crowd_boxes], backend=backend,
+        image_ids=None if image_id is None else [image_id],
     )
     return labels[0], deltas[0]
 
@@ -82,6 +92,7 @@ def assign_batch_targets(
     *,
     compact: bool = False,
     backend: Backend = "auto",
+    image_ids: Sequence[int | str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sampled anchor labels and regression targets of a batch of images sharing ``anchors [N, 4]``.
 
@@ -90,7 +101,8 @@ def assign_batch_targets(
     only, float32 ``[P, 4]`` in the row-major order of ``labels == 1`` (``dense_target_deltas``
     restores ``[B, N, 4]``). Row ``i`` uses ``generators[i]`` and ``crowd_boxes[i]``; runs
     without grad, in float32, on the anchors' device, with ``backend`` for matching and
-    sampling (see :mod:`~lightning_rpn.core.matching`).
+    sampling (see :mod:`~lightning_rpn.core.matching`). ``image_ids`` name the images in the
+    warning given when ``config.allowed_border`` leaves an image with gt boxes no anchor.
     """
     count = len(gt_boxes)
     if len(image_sizes) != count or len(generators) != count or (crowd_boxes is not None and len(crowd_boxes) != count):
@@ -103,6 +115,8 @@ def assign_batch_targets(
     device = anchor_boxes.device
     with torch.no_grad():
         gt = [boxes.to(device=device, dtype=torch.float32) for boxes in gt_boxes]
+        if config.allowed_border is not None and not _warned_no_anchor_inside:
+            _warn_if_no_anchor_inside(anchor_boxes, gt, image_sizes, config.allowed_border, image_ids)
         labels, matched = match_anchors_batched(
             anchor_boxes,
             gt,
@@ -129,6 +143,41 @@ def assign_batch_targets(
     if compact:
         return sampled, positive_deltas
     return sampled.long(), dense_target_deltas(sampled, positive_deltas)
+
+
+def _warn_if_no_anchor_inside(
+    anchor_boxes: Tensor,
+    gt: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    allowed_border: float,
+    image_ids: Sequence[int | str] | None,
+) -> None:
+    """Warn (once per process) when the border filter leaves an image with gt boxes no anchor:
+    its loss is then exactly 0, and nothing trains on it."""
+    global _warned_no_anchor_inside
+    rows = [i for i, boxes in enumerate(gt) if boxes.shape[0]]
+    if not rows:
+        return
+    kept = torch.stack([anchors_inside_image(anchor_boxes, image_sizes[i], allowed_border) for i in rows]).any(1)
+    empty = [i for i, any_kept in zip(rows, kept.tolist()) if not any_kept]
+    if not empty:
+        return
+    row = empty[0]
+    height, width = image_sizes[row]
+    sides = anchor_boxes[:, 2:] - anchor_boxes[:, :2]
+    anchor_w, anchor_h = sides[int(torch.argmin(sides.prod(1)))].tolist()
+    image = f"image {image_ids[row]!r}" if image_ids is not None else f"image {row} of the batch"
+    warnings.warn(
+        f"{image} ({width}x{height} px, w x h, as trained) has {gt[row].shape[0]} gt box(es) but no anchor "
+        f"within model.allowed_border={allowed_border:g} px of its border (the smallest anchor is "
+        f"{anchor_w:.0f}x{anchor_h:.0f} px): every anchor is ignored, so the image adds nothing to the loss "
+        "(0 when all images are like it) and trains nothing. Set model.allowed_border: null to keep border "
+        "anchors (or a larger value), or train on larger images (data.min_sizes) or with smaller anchors. "
+        "Warned once.",
+        UserWarning,
+        stacklevel=3,
+    )
+    _warned_no_anchor_inside = True
 
 
 def dense_target_deltas(anchor_labels: Tensor, positive_deltas: Tensor) -> Tensor:

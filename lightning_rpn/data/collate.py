@@ -140,6 +140,7 @@ class RPNCollate:
             [sample_generator(self.seed, key, epoch) for key in batch.sampling_keys],
             [crowd if len(crowd) else None for crowd in batch.crowd_boxes],
             compact=True,
+            image_ids=batch.image_ids,
         )
 
 

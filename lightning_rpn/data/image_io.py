@@ -1,7 +1,10 @@
 """Reading image files safely: paths kept inside the images root, every mode to 8-bit RGB.
 
 Grayscale, palette, CMYK and alpha images become RGB (alpha is dropped); 16-bit images are
-scaled from the full 16-bit range to 8 bits (value / 257). EXIF orientation is not applied:
+scaled from the full 16-bit range to 8 bits (value / 257), whatever range their data uses (what
+a trained model saw stays the same): a file whose maximum is below :data:`NARROW_RANGE_LIMIT`
+(12-bit sensor data stored in 16 bits) keeps only a few grey levels, and reading it warns, once
+per file and process (:func:`narrow_sixteen_bit_range` says why). EXIF orientation is not applied:
 annotations refer to the pixels as stored, as in COCO.
 
 Decoding is strict: a truncated file is an error even where ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``
@@ -26,6 +29,7 @@ a pixel, so it maps no RGB file either), as ``bench/bench_window_reads.py`` meas
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +47,8 @@ __all__ = [
     "read_image_size",
     "exif_turns_image",
     "to_rgb_uint8",
+    "NARROW_RANGE_LIMIT",
+    "narrow_sixteen_bit_range",
     "RasterLayout",
     "raster_layout",
 ]
@@ -52,6 +58,12 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Imag
 _EXIF_ORIENTATION = 0x0112
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+NARROW_RANGE_LIMIT = 4096
+"""A 16-bit image whose maximum is below this (12-bit data or narrower) keeps at most 17 of the
+256 grey levels once scaled to 8 bits: :func:`narrow_sixteen_bit_range` reports it."""
+
+_NARROW_WARNED: set[str] = set()  # files warned about in this process
 
 
 def resolve_image_path(
@@ -92,6 +104,33 @@ def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy
 
 
+def narrow_sixteen_bit_range(image: Image.Image) -> str | None:
+    """Why the 16-bit ``image`` turns nearly black in 8 bits (its maximum is below
+    :data:`NARROW_RANGE_LIMIT`), else ``None`` (also for every other mode, without decoding it)."""
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return None
+    low, high = (max(int(v), 0) for v in image.getextrema())
+    if high >= NARROW_RANGE_LIMIT:
+        return None
+    levels = round(high / 257) - round(low / 257) + 1
+    return (f"16-bit image with maximum value {high} (below {NARROW_RANGE_LIMIT}: 12-bit or narrower data "
+            f"stored in 16 bits) is scaled from the full 16-bit range to 8 bits (value / 257) and keeps "
+            f"{levels} grey level(s), nearly black; rescale the file to the full 0..65535 range, or to 8 bits, "
+            "before training on it")
+
+
+def _warn_narrow_range(image: Image.Image, path: Path) -> None:
+    """Warn (once per file and process: windows of a large image decode it again) when
+    :func:`narrow_sixteen_bit_range` finds ``image`` 's range too narrow."""
+    key = os.path.abspath(path)
+    if key in _NARROW_WARNED:
+        return
+    reason = narrow_sixteen_bit_range(image)
+    if reason is not None:
+        _NARROW_WARNED.add(key)
+        warnings.warn(f"{path}: {reason}", UserWarning, stacklevel=3)
+
+
 @contextmanager
 def _open_dataset_image(path: Path) -> Iterator[Image.Image]:
     """``Image.open(path)`` as a dataset file is read: truncation raises whatever
@@ -126,6 +165,7 @@ def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np
     try:
         with _open_dataset_image(path) as image:
             image.load()
+            _warn_narrow_range(image, path)
             return to_rgb_uint8(image)
     except _DECODE_ERRORS as error:
         raise _unreadable(path, error, image_id) from error

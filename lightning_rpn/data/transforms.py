@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.sample import DetectionSample
 
 __all__ = [
@@ -222,6 +223,17 @@ class DetectionTransform:
             self.compose.set_random_seed(int(seed) % 2**32)
             self._seeded_pid = os.getpid()
 
+    def _pipeline_error(self, sample: DetectionSample, error: Exception) -> DataError:
+        """A :class:`DataError` naming the image, its size and the setting of a pipeline that failed on it."""
+        height, width = sample.image_size
+        setting = "data.train_transforms" if self.train else "data.val_transforms"
+        message = f"{setting} failed on this {width}x{height} (w x h) image: {type(error).__name__}: {error}"
+        if type(error).__name__ == "CropSizeError":  # albumentations' own class, not exported at the top
+            message += ("; the crop does not fit the image: put PadIfNeeded (min_height, min_width at least "
+                        "the crop size) before the crop, use a smaller crop, or (large images) train on "
+                        "windows with data.tiles instead of cropping")
+        return DataError(message, file=sample.source, image_id=sample.image_id)
+
     def __call__(self, sample: DetectionSample) -> DetectionSample:
         image, boxes, crowd = sample.image, sample.boxes, sample.crowd_boxes
         removed = 0
@@ -229,7 +241,10 @@ class DetectionTransform:
             self._seed_for_process()
             all_boxes = np.concatenate([boxes, crowd]) if len(crowd) else boxes
             kinds = [0] * len(boxes) + [1] * len(crowd)
-            out = self.compose(image=image, bboxes=all_boxes, **{_BOX_FIELD: kinds})
+            try:
+                out = self.compose(image=image, bboxes=all_boxes, **{_BOX_FIELD: kinds})
+            except Exception as error:  # an albumentations error names neither the image nor the setting
+                raise self._pipeline_error(sample, error) from error
             image = out["image"]
             kept = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             kept_kinds = np.asarray(out[_BOX_FIELD], dtype=np.int64).reshape(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ import torch
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.matching import match_anchors
-from lightning_rpn.core.targets import AnchorTargetConfig, assign_anchor_targets, sample_generator
+from lightning_rpn.core import targets
+from lightning_rpn.core.targets import (
+    AnchorTargetConfig,
+    assign_anchor_targets,
+    assign_batch_targets,
+    sample_generator,
+)
 
 IMAGE = (256, 320)
 GENERATOR = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0), (4, 8, 16, 32, 64))
@@ -99,6 +106,44 @@ def test_sample_generator_is_stable_across_processes() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(here)
     assert here[0] != torch.randint(0, 10**9, (3,), generator=sample_generator(1, 1)).tolist()
+
+
+PAPER_ANCHORS = AnchorGenerator(((128, 256, 512),), ((0.5, 1.0, 2.0),), (16,))
+
+
+def border_warnings(image_sizes: list[tuple[int, int]], allowed_border: float | None, **kwargs) -> list[str]:
+    """The border warnings of one assignment of a box in each image (the VGG16 C4 recipe's anchors)."""
+    padded = (max(h for h, _ in image_sizes), max(w for _, w in image_sizes))
+    grid = PAPER_ANCHORS.grid(PAPER_ANCHORS.feature_shapes_for(padded))
+    gt = [torch.tensor([[10.0, 10.0, 60.0, 60.0]])] * len(image_sizes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels, _ = assign_batch_targets(grid, gt, image_sizes, AnchorTargetConfig(allowed_border=allowed_border),
+                                         BoxCoder(), [None] * len(image_sizes), **kwargs)
+    found = [str(w.message) for w in caught if "allowed_border" in str(w.message)]
+    assert not found or (labels[-1] >= 0).sum() == 0  # the warned image keeps no anchor
+    return found
+
+
+def test_border_filter_leaving_an_image_no_anchor_warns_once(monkeypatch) -> None:
+    """allowed_border 0 (the paper's rule) on a 128 px image with 128-512 px anchors: every anchor is
+    ignored and the loss is exactly 0; this said nothing."""
+    monkeypatch.setattr(targets, "_warned_no_anchor_inside", False, raising=False)
+    (message,) = border_warnings([(600, 800), (128, 170)], 0.0)
+    for part in ("image 1 of the batch", "170x128 px", "1 gt box", "model.allowed_border=0 px",
+                 "smallest anchor is 182x90 px", "model.allowed_border: null"):
+        assert part in message
+    assert border_warnings([(128, 170)], 0.0) == []  # once per process
+    monkeypatch.setattr(targets, "_warned_no_anchor_inside", False)
+    (named,) = border_warnings([(600, 800), (128, 170)], 0.0, image_ids=["big", "small"])
+    assert named.startswith("image 'small' (170x128 px")
+
+
+def test_border_filter_keeping_anchors_or_off_does_not_warn(monkeypatch) -> None:
+    monkeypatch.setattr(targets, "_warned_no_anchor_inside", False, raising=False)
+    assert border_warnings([(600, 800)], 0.0) == []
+    assert border_warnings([(128, 170)], None) == []
+    assert border_warnings([(128, 170)], 200.0) == []
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.transforms import (
     DetectionTransform,
     ResizePolicy,
+    TransformedDataset,
     build_transform,
     dump_transform_spec,
     load_transform_spec,
@@ -108,3 +110,19 @@ def test_transform_pickles_and_keeps_behaviour() -> None:
     clone = pickle.loads(pickle.dumps(transform))
     out = clone(sample([[1, 1, 30, 30]]))
     assert min(out.image.shape[:2]) <= 48 and out.image.dtype == np.uint8
+
+
+def test_a_transform_that_cannot_apply_names_the_image_its_size_and_what_to_do() -> None:
+    """RandomCrop larger than the image: albumentations' CropSizeError named no file."""
+    small = DetectionSample(image=np.zeros((30, 40, 3), np.uint8), boxes=np.array([[1, 1, 20, 20]], np.float32),
+                            image_id=7, source="images/small.jpg")
+    dataset = TransformedDataset([small], DetectionTransform([{"RandomCrop": {"height": 96, "width": 96}}],
+                                                             train=True))
+    with pytest.raises(DataError) as caught:
+        dataset[0]
+    message = str(caught.value)
+    for part in ("images/small.jpg", "image 7", "40x30 (w x h)", "data.train_transforms", "CropSizeError",
+                 "PadIfNeeded", "smaller crop", "data.tiles"):
+        assert part in message
+    assert caught.value.file == "images/small.jpg" and caught.value.image_id == 7
+    assert type(caught.value.__cause__).__name__ == "CropSizeError"
