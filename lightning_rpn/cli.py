@@ -52,6 +52,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
 from lightning_rpn.core.backbones import weights_from_checkpoint
+from lightning_rpn.data.problems import DataError
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RPNModule
 from lightning_rpn.training.proposal_writer import ProposalWriter
@@ -83,6 +84,9 @@ CONFIG_KEY = "lightning_rpn_config"
 # what stands in for RichProgressBar when stdout is not a terminal, and its line interval
 TEXT_PROGRESS = "lightning_rpn.training.callbacks.TextProgress"
 TEXT_PROGRESS_INTERVAL_S = 30.0
+DATA_ERROR = 1
+"""Exit status of a command stopped by a data problem (a :class:`~lightning_rpn.data.problems.DataError`),
+printed as its message alone, as ``check-data`` exits 1 for data with errors."""
 USAGE_ERROR = 2
 """Exit status of a command refused before it starts (an output it may not write, a split or
 checkpoint the config does not give), as argparse's; ``check-data`` exits 1 for data with errors."""
@@ -715,6 +719,10 @@ def main(args: Sequence[str] | None = None) -> int:
         if rank_zero_only.rank == 0:
             print(refusal, file=sys.stderr)
         return USAGE_ERROR
+    except DataError as error:  # its message names the file, image and annotation: a traceback adds nothing
+        print(f"lightning-rpn: {error}\n(`lightning-rpn check-data --config ...` lists every problem of the data)",
+              file=sys.stderr)
+        return DATA_ERROR
     return 0
 
 

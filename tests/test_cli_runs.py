@@ -297,3 +297,26 @@ def test_a_fit_logged_to_a_file_prints_progress_lines_instead_of_the_rich_bar(tm
     assert not [line for line in lines if line.startswith(("Epoch ", "Validation "))]  # no rich bar
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     assert "lightning_rpn.training.callbacks.TextProgress" in [c["class_path"] for c in saved["trainer"]["callbacks"]]
+
+
+def test_fit_on_a_training_split_without_boxes_stops_with_the_data_error_alone(tmp_path: Path) -> None:
+    # a category filter or an export that kept no annotation: training on it trained nothing, silently;
+    # now a DataError, printed as its message (no traceback) with exit status 1, as check-data's
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images/a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}], "annotations": [],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "annotations/instances_images.json").write_text(json.dumps(coco))
+    data = {"dataset": "coco", "root": str(tmp_path), "train_split": "images", "val_split": None,
+            "coco_images": "{split}", "num_workers": 0}
+    write_config(tmp_path, data=data)
+    result = run_cli(["fit", "--config", "config.yaml", "--trainer.logger", "false"], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())
+    assert "instances_images.json" in message and "the train split 'images'" in message
+    assert "check-data --config" in message
+    assert not (tmp_path / "run/checkpoints").exists()

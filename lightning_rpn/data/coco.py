@@ -2,15 +2,18 @@
 
 COCO boxes are ``(x, y, w, h)``; they become ``(x1, y1, x2, y2)``. Every category collapses to
 one "object" class; ``category_ids`` / ``category_names`` keep only some categories (the
-others are left out, which is not a problem). ``iscrowd`` annotations become crowd boxes,
-kept apart from the ground truth (excluded from anchor matching and from recall), or are
-dropped with ``include_crowd=False``. Images without annotations are valid (empty).
+others are left out, which is not a problem; a selection that keeps no annotation of the file
+is an error). An annotation whose ``category_id`` is missing or not in ``categories`` is kept,
+as is one that reuses another's ``id``: both are warnings. ``iscrowd`` (0 or 1, or false /
+true; anything else is an error) annotations become crowd boxes, kept apart from the ground
+truth (excluded from anchor matching and from recall), or are dropped with
+``include_crowd=False``. Images without annotations are valid (empty).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,10 +79,33 @@ class COCODetection(AnnotatedDataset):
         data = load_coco_json(annotation_file)
         self.category_ids = self._select_categories(data, category_ids, category_names)
         self.kept_category_ids = self._kept_categories(data)
+        self._category_names = {_hashable(c.get("id")): c.get("name") for c in data.get("categories") or []
+                                if isinstance(c, dict)}
         records, dropped = self._parse_images(data["images"])
-        self._parse_annotations(data["annotations"], records, dropped, include_crowd)
+        selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
+        self._check_selection_kept_some(selected, category_ids, category_names)
         self.records = list(records.values())
         self._finish()
+
+    def _check_selection_kept_some(
+        self, selected: Counter[Any], ids: Sequence[int] | None, names: Sequence[str] | None
+    ) -> None:
+        """Raise when the category filter left out every annotation of the file (``selected``: the
+        category id of each annotation it saw, and whether it kept it), as a misspelt or wrong
+        category would otherwise leave a split without a box."""
+        if self.category_ids is None or not selected or any(kept for (_, kept) in selected):
+            return
+        chosen = " and ".join(f"category_{kind} (data.category_{kind}) {list(value)!r}"
+                              for kind, value in (("ids", ids), ("names", names)) if value is not None)
+        used: Counter[Any] = Counter()
+        for (category, _), n in selected.items():
+            used[category] += n
+        listed = ", ".join(f"{category!r}" + (f" ({self._category_names[category]!r})" if category in
+                                               self._category_names else "") + f": {n}"
+                           for category, n in used.most_common(10))
+        raise DataError(f"the category filter {chosen} keeps none of the file's {sum(used.values())} annotations "
+                        f"(annotations per category_id: {listed}{', ...' if len(used) > 10 else ''}); choose "
+                        "categories that the annotations use", file=self.annotation_file)
 
     def _select_categories(
         self, data: dict[str, Any], ids: Sequence[int] | None, names: Sequence[str] | None
@@ -155,38 +181,35 @@ class COCODetection(AnnotatedDataset):
 
     def _parse_annotations(
         self, annotations: list[Any], records: dict[Any, ImageRecord], dropped: set[Any], include_crowd: bool
-    ) -> None:
+    ) -> Counter[Any]:
+        """Fill the records' boxes; the ``(category_id, kept by the category filter)`` of every
+        annotation the filter saw, counted (for :meth:`_check_selection_kept_some`)."""
         boxes: dict[Any, list[list[float]]] = defaultdict(list)
         ids: dict[Any, list[Any]] = defaultdict(list)
         crowd: dict[Any, list[list[float]]] = defaultdict(list)
         crowd_ids: dict[Any, list[Any]] = defaultdict(list)
-        as_text: dict[str, Any] | None = None  # the image ids as strings, once an annotation misses
+        first_use: dict[Any, Any] = {}  # annotation id -> the image id of the first annotation with it
+        selected: Counter[Any] = Counter()
+        self._images_as_text: dict[str, Any] | None = None  # the image ids as strings, once an annotation misses
         for ann in self._progress(annotations, "Reading COCO annotations"):
             ann_id = ann.get("id") if isinstance(ann, dict) else None
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
-            if self.category_ids is not None and isinstance(ann, dict) and ann.get("category_id") not in self.category_ids:
-                continue
-            bbox = ann.get("bbox") if isinstance(ann, dict) else None
-            problem = None
             if image_id in dropped:
                 continue  # its image entry was skipped and reported
-            if image_id not in records:
-                if as_text is None:  # 1 and "1" are different ids in JSON: name the near miss
-                    as_text = {str(known): known for known in records}
-                near = as_text.get(str(image_id))
-                hint = "" if near is None else f" ('images' has {near!r})"
-                problem = ("unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'{hint}")
-            elif not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
-                isinstance(v, (int, float)) or v is None for v in bbox
-            ):
-                problem = ("malformed_bbox", f"bbox {bbox!r} is not 4 numbers (x, y, w, h)")
+            if isinstance(ann, dict):
+                self._check_id_unique(ann_id, image_id, first_use)
+                kept = self._category_kept(ann, ann_id, image_id)
+                selected[(_hashable(ann.get("category_id")), kept)] += 1
+                if not kept:
+                    continue
+            problem = self._annotation_problem(ann, image_id, records)
             if problem is not None:
                 if self.on_bad_annotation == "raise":
                     raise DataError(problem[1] + " (set on_bad_annotation='skip' to drop it)",
                                     file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
                 self.problems.add(Problem(problem[0], "skipped", problem[1], self.annotation_file, image_id, ann_id))
                 continue
-            written = [float("nan") if v is None else float(v) for v in bbox]  # type: ignore[union-attr]
+            written = [float("nan") if v is None else float(v) for v in ann["bbox"]]
             if ann.get("iscrowd", 0):
                 if include_crowd:
                     crowd[image_id].append(written)
@@ -199,3 +222,61 @@ class COCODetection(AnnotatedDataset):
             record.annotation_ids = ids.get(image_id, [])
             record.written_crowd_boxes = np.asarray(crowd.get(image_id, []), dtype=np.float64).reshape(-1, 4)
             record.crowd_annotation_ids = crowd_ids.get(image_id, [])
+        return selected
+
+    def _check_id_unique(self, ann_id: Any, image_id: Any, first_use: dict[Any, Any]) -> None:
+        """Record a warning when ``ann_id`` was used before: messages naming it would be ambiguous."""
+        if ann_id is None or not isinstance(ann_id, (int, float, str)):
+            return
+        if ann_id in first_use:
+            self.problems.add(Problem(
+                "duplicate_annotation_id", "kept",
+                f"annotation id {ann_id!r} is used again (first by an annotation of image {first_use[ann_id]!r}), "
+                "so problems naming it are ambiguous; give each annotation its own id",
+                self.annotation_file, image_id, ann_id))
+        else:
+            first_use[ann_id] = image_id
+
+    def _category_kept(self, ann: dict[str, Any], ann_id: Any, image_id: Any) -> bool:
+        """Whether the category filter keeps ``ann``; a ``category_id`` that is missing or not in the
+        file's ``categories`` (when it has any) is a warning, the box kept (one class) unless filtered out."""
+        category = _hashable(ann.get("category_id"))
+        kept = self.category_ids is None or category in self.category_ids
+        known = self._category_names
+        if known and category not in known:
+            near = next((k for k in known if str(k) == str(category)), None) if "category_id" in ann else None
+            detail = ("the annotation has no category_id" if "category_id" not in ann else
+                      f"category_id {category!r} is not an id of 'categories'"
+                      + ("" if near is None else f" ('categories' has {near!r})"))
+            outcome = "every category is one class" if kept else "not a category the filter selects"
+            self.problems.add(Problem("unknown_category", "kept" if kept else "skipped", f"{detail}; {outcome}",
+                                      self.annotation_file, image_id, ann_id))
+        return kept
+
+    def _annotation_problem(self, ann: Any, image_id: Any, records: dict[Any, ImageRecord]) -> tuple[str, str] | None:
+        """``(kind, detail)`` of what makes ``ann`` unusable (unknown image, malformed bbox, bad iscrowd), else None."""
+        if image_id not in records:
+            if self._images_as_text is None:  # 1 and "1" are different ids in JSON: name the near miss
+                self._images_as_text = {str(known): known for known in records}
+            near = self._images_as_text.get(str(image_id))
+            hint = "" if near is None else f" ('images' has {near!r})"
+            return "unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'{hint}"
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) or v is None for v in bbox
+        ):
+            return "malformed_bbox", f"bbox {bbox!r} is not 4 numbers (x, y, w, h)"
+        crowd = ann.get("iscrowd", 0)
+        if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
+            kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
+            return "bad_iscrowd", f"iscrowd {crowd!r} is {kind}; expected the number 0 or 1 (or false / true)"
+        return None
+
+
+def _hashable(value: Any) -> Any:
+    """``value``, or its ``repr`` where it cannot be a dict key or set member (a list in a broken file)."""
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value

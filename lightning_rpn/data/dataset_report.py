@@ -4,9 +4,9 @@ A :class:`SplitReport` is filled by :func:`~lightning_rpn.data.validation.valida
 :class:`DatasetReport` of all splits prints as rich tables (file names and boxes printed as
 they are, never read as console markup; the first ``max_listed`` problems of each split, errors
 first), converts to a dict, writes every problem to a JSON or CSV file (:meth:`~DatasetReport.write`),
-and separates errors from warnings (:data:`~lightning_rpn.data.problems.WARNING_KINDS`, boxes
-slightly outside the image that every policy clips): it is :attr:`~DatasetReport.ok` when
-there are no errors.
+and separates errors from warnings (:data:`~lightning_rpn.data.problems.WARNING_KINDS`: boxes
+slightly outside the image that every policy clips, and other data that is used as it is, such
+as an evaluation split without a box): it is :attr:`~DatasetReport.ok` when there are no errors.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class SplitReport:
 
     @property
     def ok(self) -> bool:
-        """No errors (warnings, boxes slightly outside the image that are always clipped, are ok)."""
+        """No errors (warnings, such as boxes slightly outside the image that are always clipped, are ok)."""
         return self.num_errors == 0
 
     def ordered_problems(self) -> list[Problem]:

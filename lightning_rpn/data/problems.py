@@ -8,8 +8,10 @@ image, image sizes that disagree with the annotation, unknown image ids) raise b
 what clipping can repair and skips the rest. Boxes only slightly outside the image (by at most
 :data:`OUTSIDE_TOLERANCE_PX` or :data:`OUTSIDE_TOLERANCE_FRACTION` of the image side) are
 clipped under every policy: they are *warnings* (:data:`WARNING_KINDS`), as are boxes that no
-training window keeps (``box_larger_than_window``: the data is sound, the window too small);
-every other problem is an *error*, one that the default policy refuses.
+training window keeps (``box_larger_than_window``: the data is sound, the window too small),
+COCO annotations of a category not in ``categories`` and reused annotation ids (the box is kept),
+and evaluation splits without a ground-truth box (recall is undefined there); every other
+problem is an *error*, one that the default policy refuses.
 
 Boxes are checked as written in their file (:data:`BoxFormat`: xyxy, COCO ``xywh`` or VOC's
 1-based ``xmin, ymin, xmax, ymax``) and problem messages quote them that way.
@@ -52,9 +54,12 @@ BoxFormat = Literal["xyxy", "xywh", "voc"]
 VOC's 1-based inclusive ``(xmin, ymin, xmax, ymax)``."""
 
 Severity = Literal["error", "warning"]
-WARNING_KINDS = frozenset({"slightly_outside", "box_larger_than_window"})
-"""Problem kinds that every policy repairs without complaint (``check-data`` exits 0 on these
-unless ``--strict``); every other kind is an error."""
+WARNING_KINDS = frozenset({
+    "slightly_outside", "box_larger_than_window", "unknown_category", "duplicate_annotation_id",
+    "no_eval_boxes",
+})
+"""Problem kinds that every policy repairs, or uses as they are, without complaint (``check-data``
+exits 0 on these unless ``--strict``); every other kind is an error."""
 BOX_PROBLEM_KINDS = frozenset({"non_finite", "looks_like_xywh", "empty_box", "outside_image", "slightly_outside"})
 """The kinds :func:`sanitize_boxes` records: a box checked against another image size is judged again."""
 
@@ -106,10 +111,11 @@ def _describe(file: str | None, image_id: int | str | None, annotation_id: int |
 
 @dataclass(frozen=True)
 class Problem:
-    """One handled problem: what was wrong (``kind``), what was done (``action``), and where."""
+    """One handled problem: what was wrong (``kind``), what was done (``action``: ``"kept"`` where the
+    data is used as it is), and where."""
 
     kind: str
-    action: Literal["clipped", "skipped", "converted"]
+    action: Literal["clipped", "skipped", "converted", "kept"]
     detail: str
     file: str | None = None
     image_id: int | str | None = None

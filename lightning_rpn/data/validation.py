@@ -5,9 +5,12 @@
 :class:`~lightning_rpn.training.datamodule.RPNDataModule` (each configured split is checked, its
 annotations read with ``on_bad_annotation="skip"`` and unsafe paths reported, so that every
 problem is listed rather than the first one raised; a split whose annotations cannot be read at
-all is one problem of that split). File-backed datasets are checked from their annotations
-plus every image decoded, as training will decode it (a truncated file is found); other
-datasets are iterated. Given anchors, the report adds their coverage of the gt boxes
+all is one problem of that split). A split whose images hold no ground-truth box (and no error
+that explains it) is an error for the train role (``no_boxes``: training learns only background
+from it, and ``fit`` refuses it) and a warning for any other (``no_eval_boxes``: recall is
+undefined on it). File-backed datasets are checked from their annotations plus every image
+decoded, as training will decode it (a truncated file is found); other datasets are iterated.
+Given anchors, the report adds their coverage of the gt boxes
 (:class:`AnchorProbe`).
 
 The returned :class:`~lightning_rpn.data.dataset_report.DatasetReport` (with its
@@ -49,8 +52,29 @@ from lightning_rpn.data.transforms import ResizePolicy, TransformedDataset
 
 __all__ = [
     "validate_dataset", "DatasetReport", "SplitReport", "AnchorProbe", "PERCENTILES", "ASPECT_BUCKETS",
-    "AREA_BUCKETS", "MAX_LISTED", "REPORT_SUFFIXES", "report_path",
+    "AREA_BUCKETS", "MAX_LISTED", "REPORT_SUFFIXES", "report_path", "no_boxes_problem", "listing_file",
 ]
+
+_NO_BOX_CAUSES = ("likely causes: data.category_ids / category_names selecting categories that no annotation "
+                  "uses, every box marked iscrowd (COCO) or difficult (VOC; data.keep_difficult: true keeps those), "
+                  "every box dropped by on_bad_annotation, or annotations without any box")
+
+
+def listing_file(dataset: Any) -> str | None:
+    """The file that lists a file-backed dataset's images (COCO's annotation file, VOC's split file)."""
+    return getattr(dataset, "annotation_file", None) or getattr(dataset, "split_file", None)
+
+
+def no_boxes_problem(role: str | None, images: int, crowd_boxes: int, file: str | None) -> Problem:
+    """The problem of a split whose ``images`` hold no ground-truth box: an error for the ``"train"``
+    ``role`` (no positive anchor, nothing for box regression to learn), else a warning (recall is undefined)."""
+    crowd = f" (only {crowd_boxes} crowd / difficult boxes, which are never positives)" if crowd_boxes else ""
+    held = f"its {images} image(s) hold no ground-truth box{crowd}: "
+    if role == "train":
+        return Problem("no_boxes", "skipped", held + "no anchor would be a positive, so training would learn only "
+                       f"background (loss_rpn_reg 0 at every step), and fit refuses it; {_NO_BOX_CAUSES}", file)
+    meaningless = "; best.ckpt chosen on it is meaningless" if role == "val" else ""
+    return Problem("no_eval_boxes", "kept", f"{held}recall is undefined (-1){meaningless}; {_NO_BOX_CAUSES}", file)
 
 
 class AnchorProbe:
@@ -162,13 +186,16 @@ def validate_dataset(
     ``check_images`` decodes each image of file-backed datasets (missing, corrupt, truncated
     and mis-sized files are reported as problems); without it, only the images whose annotation
     gives no size are opened, for the size in their header. A split without images is an
-    ``empty_split`` error. With an ``anchor_generator`` (a data
+    ``empty_split`` error; one whose images hold no gt box (and that has no error, whose boxes
+    were skipped) a ``no_boxes`` error for the train role of a data module, else a
+    ``no_eval_boxes`` warning. With an ``anchor_generator`` (a data
     module's own, by default), the report adds anchor coverage: the best anchor IoU of the gt
     boxes of the first ``max_anchor_images`` images (``None``: all), after the evaluation ``resize``.
     A data module's train split trained on windows (``data.tiles``) also gets a
     ``box_larger_than_window`` warning for each image with boxes that no window keeps.
     """
     windows: dict[str, WindowFit | None] = {}
+    roles: dict[str, str] = {}
     if isinstance(target, Dataset):
         datasets: list[tuple[str, Dataset | DataError]] = [(name, target)]
     elif callable(getattr(target, "build_dataset", None)) and isinstance(getattr(target, "splits", None), dict):
@@ -188,6 +215,7 @@ def validate_dataset(
                     built = error
                 datasets.append((f"{role} ({split})", built))
                 windows[f"{role} ({split})"] = train_windows if role == "train" else None
+                roles[f"{role} ({split})"] = role
         anchor_generator = anchor_generator or getattr(target, "anchor_generator", None)
         size_divisibility = size_divisibility or getattr(target, "size_divisibility", None)
         resize = resize or getattr(target, "resize_policy", None)
@@ -213,5 +241,8 @@ def validate_dataset(
             _check_items(inner, report, probe, fit)
         if len(inner) == 0:  # type: ignore[arg-type]
             report.problems.add(Problem("empty_split", "skipped", "the split lists no images; training and "
-                                        "evaluation refuse it", getattr(inner, "annotation_file", None)))
+                                        "evaluation refuse it", listing_file(inner)))
+        elif report.images and not report.boxes and report.ok:  # else errors, their boxes skipped, explain it
+            report.problems.add(no_boxes_problem(roles.get(split_name), report.images, report.crowd_boxes,
+                                                 listing_file(inner)))
     return DatasetReport(reports)

@@ -36,17 +36,36 @@ class _ImageNotFound(DataError):
     """No image file at any path an annotation may mean (:meth:`VOCDetection._image_file`)."""
 
 
+_CLASS_FLAGS = frozenset({"-1", "0", "1"})
+"""The second column of VOC's per-class split files (``aeroplane_train.txt``): not in / difficult / in."""
+
+
 def read_split_ids(root: Path | str, split: str) -> list[str]:
-    """Image ids listed in ``root/ImageSets/Main/{split}.txt`` (first column, blank lines skipped)."""
+    """Image ids listed in ``root/ImageSets/Main/{split}.txt`` (blank lines skipped).
+
+    A line is an id, optionally followed by a ``-1`` / ``0`` / ``1`` class flag (the per-class
+    lists); any other line (an id with a space) is a :class:`DataError` naming it.
+    """
     path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"VOC split file for split {split!r} does not exist", file=str(path))
     # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not part of the first id
-    ids = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    ids = [_split_line_id(line, number, str(path)) for number, line in enumerate(lines, 1) if line.strip()]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"image id {duplicate!r} is listed twice", file=str(path))
     return ids
+
+
+def _split_line_id(line: str, number: int, file: str) -> str:
+    """The image id of split-file line ``number``: its first column, when a class flag at most follows."""
+    columns = line.split()
+    if len(columns) == 1 or (len(columns) == 2 and columns[1] in _CLASS_FLAGS):
+        return columns[0]
+    raise DataError(f"line {number} {line.strip()!r} has {len(columns)} columns; expected an image id, optionally "
+                    "followed by a -1 / 0 / 1 class flag (image ids with spaces are not supported by the VOC "
+                    "format: rename such files and their annotations)", file=file)
 
 
 class VOCDetection(AnnotatedDataset):
@@ -82,6 +101,8 @@ class VOCDetection(AnnotatedDataset):
         self.class_names = None if class_names is None else set(class_names)
         self._names_seen: set[str] = set()
         split_file = str(self.root / "ImageSets" / "Main" / f"{split}.txt")
+        self.split_file = split_file
+        """The file listing the split's image ids (what a split-wide problem names)."""
         for image_id in self._progress(read_split_ids(self.root, split), f"Reading VOC {split}"):
             where = split_file
             try:

@@ -31,6 +31,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.targets import AnchorTargetConfig
 from lightning_rpn.data.accounting import BoxAccounting
+from lightning_rpn.data.annotated import AnnotatedDataset
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.folder import ImageFolder
@@ -39,7 +40,7 @@ from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.window_sampler import WindowProgress
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
-from lightning_rpn.data.validation import DatasetReport, validate_dataset
+from lightning_rpn.data.validation import DatasetReport, listing_file, no_boxes_problem, validate_dataset
 from lightning_rpn.training.anchor_agreement import AnchorSetup, agree_with_model
 from lightning_rpn.training.data_report import MAX_WARNED_PROBLEMS, RunDataReport
 from lightning_rpn.training.split_datasets import build_split_dataset
@@ -238,6 +239,7 @@ class RPNDataModule(LightningDataModule):
             else:
                 raw = self.build_dataset(self.splits[role])  # type: ignore[arg-type]
                 self._check_not_empty(role, raw)
+                self._check_has_boxes(role, raw)
                 if role == "train" and self.tiles is not None:
                     raw = TiledDataset(raw, self.tiles, self.hparams.min_visibility, self.hparams.seed,
                                        str(self.splits[role]))
@@ -260,7 +262,24 @@ class RPNDataModule(LightningDataModule):
         dropped = f"; every image was dropped:\n{problems.summary()}" if problems is not None and len(problems) else ""
         raise DataError(f"RPNDataModule: the {role} split {self.splits[role]!r} holds no images "
                         f"(dataset={self.dataset!r}, root={None if self.root is None else str(self.root)!r}){dropped}",
-                        file=getattr(dataset, "annotation_file", None))
+                        file=listing_file(dataset))
+
+    def _check_has_boxes(self, role: str, dataset: Dataset) -> None:
+        """Refuse a train split whose images hold no ground-truth box (a :class:`DataError` naming the
+        split, its file and the likely causes); warn, once, about a val or test split without one
+        (its recall is undefined). Only annotated datasets are checked: their boxes are known without
+        decoding an image (generated ones always have boxes)."""
+        if role == "predict" or not isinstance(dataset, AnnotatedDataset):
+            return
+        if any(len(record.boxes) for record in dataset.records):
+            return
+        crowd = sum(len(record.crowd_boxes) for record in dataset.records)
+        problem = no_boxes_problem(role, len(dataset.records), crowd, listing_file(dataset))
+        where = f"RPNDataModule: the {role} split {self.splits[role]!r} (dataset={self.dataset!r})"
+        if role == "train":
+            handled = f"\nannotation problems handled:\n{dataset.problems.summary()}" if len(dataset.problems) else ""
+            raise DataError(f"{where}: {problem.detail}{handled}", file=problem.file)
+        rank_zero_warn(f"{problem.file}: {where}: {problem.detail}")
 
     @property
     def _world_size(self) -> int:
