@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar, RichProgressBar
@@ -54,7 +55,7 @@ from rich.console import Console
 from lightning_rpn.core.backbones import weights_from_checkpoint
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.training.datamodule import RPNDataModule
-from lightning_rpn.training.module import RPNModule
+from lightning_rpn.training.module import RESIZE_KEY, RPNModule
 from lightning_rpn.training.proposal_writer import ProposalWriter
 from lightning_rpn.training.run_files import (
     check_checkpoint_dirs,
@@ -333,6 +334,25 @@ class RPNLightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and not self.config[subcommand].get("config"):
             super()._parse_ckpt_path()
+            self._resize_as_the_checkpoint_trained(self.config[subcommand])
+
+    @staticmethod
+    def _resize_as_the_checkpoint_trained(run: Namespace) -> None:
+        """Without a ``--config``, the data module's resize is its default (none) unless the command
+        line sets one: evaluate and predict with the resize of the checkpoint's training data
+        (``RPNModule.resize_policy``, as ``predict_images`` does), not on images of another scale."""
+        ckpt_path, data = run.get("ckpt_path"), run.get("data")
+        if not ckpt_path or not Path(str(ckpt_path)).is_file() or data is None or data.get("resize") != "none":
+            return
+        policy = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=True).get(RESIZE_KEY)
+        if policy is None or policy.get("mode") == "none":
+            return
+        data["resize"], data["min_sizes"] = policy["mode"], list(policy["min_sizes"])
+        data["max_size"] = policy["max_size"]
+        data["fixed_size"] = None if policy.get("fixed_size") is None else list(policy["fixed_size"])
+        _notice(f"no --config: images are resized as the checkpoint's training data was (resize {policy['mode']!r}, "
+                f"min_sizes {list(policy['min_sizes'])}, max_size {policy['max_size']}, fixed_size "
+                f"{policy.get('fixed_size')}); --data.resize shortest_edge or fixed sets another")
 
     def before_instantiate_classes(self) -> None:
         """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading;

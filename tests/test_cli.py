@@ -251,6 +251,12 @@ def test_predict_with_a_checkpoint_alone_builds_the_checkpoints_model(trained: P
     assert "no ProposalWriter among the callbacks" in result.stderr
     (record,) = read_detectron2_proposals(tmp_path / "proposals/proposals_detectron2-last.pkl")
     assert len(record["boxes"]) > 0
+    # the images are resized as the checkpoint's training data was (a fixed 64 x 64), as predict_images does
+    assert "images are resized as the checkpoint's training data was (resize 'fixed'" in " ".join(result.stderr.split())
+    (expected,) = RPNModule.load_from_checkpoint(checkpoint, map_location="cpu").predict_images(
+        [str(tmp_path / "images/0.png")])
+    top = min(50, len(record["boxes"]))
+    assert torch.allclose(torch.as_tensor(record["boxes"][:top]), expected["boxes"][:top], atol=0.02)
 
 
 def test_validate_last_without_a_checkpoint_refuses_to_report_untrained_weights(trained: Path, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ from lightning_rpn.training.predict import predict_images, to_original_coordinat
 from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 from lightning_rpn.training.windowed import window_losses, window_proposals
 
-_RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
+RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
 # hparams["backbone"] of a backbone module built in Python: this prefix + its class path. The
 # module's arguments are unknown, so loading such a checkpoint needs ``backbone=``.
 _CUSTOM_BACKBONE = "custom: "
@@ -556,7 +556,7 @@ class RPNModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[SKIPPED_KEY] = self.skipped_nonfinite_batches
-        checkpoint[_RESIZE_KEY] = None if self.resize_policy is None else asdict(self.resize_policy)
+        checkpoint[RESIZE_KEY] = None if self.resize_policy is None else asdict(self.resize_policy)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they
@@ -578,7 +578,7 @@ class RPNModule(pl.LightningModule):
         if fitting and "optimizer_states" in checkpoint and isinstance(self.backbone, StagedBackbone):
             check_resume_agrees(saved, current, len(self.backbone.stages), path)
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
-        resize = checkpoint.get(_RESIZE_KEY)
+        resize = checkpoint.get(RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
 
     def _window_proposals(
