@@ -84,6 +84,9 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
         if name in saved and name in current and _comparable(saved[name]) is not _OBJECT
         and _normalised(name, saved[name]) != _normalised(name, current[name])
     ]
+    if saved.get("proposal_score") == "quality" and current.get("proposal_score", "quality") != "quality":
+        differ.append(f"proposal_score: checkpoint 'quality', whose objectness branch never trained, this run "
+                      f"{current['proposal_score']!r}, which ranks by it")
     if differ:
         where = f" {checkpoint}" if checkpoint else ""
         raise ValueError(

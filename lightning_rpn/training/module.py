@@ -132,9 +132,9 @@ class RPNModule(pl.LightningModule):
             branches alone, no objectness classifier trained) or ``"geometric_mean"`` of both.
         head: ``"rpn"`` (one head, :class:`~lightning_rpn.core.rpn.RPN`) or ``"cascade"`` (multi-stage
             refinement of one anchor per location, :class:`~lightning_rpn.core.cascade.CascadeRPN`:
-            IoU box losses, ``reg_weight`` default 1; ``box_loss`` and ``smooth_l1_beta`` do not
-            apply, ``quality`` and ``proposal_score`` are its last stage's, and the softmax head,
-            ``"paper"`` normalisation, a deeper head, ``crowd_ioa`` and ``allowed_border`` are refused). Its targets come from the
+            IoU box losses, ``reg_weight`` default 1; ``quality`` and ``proposal_score`` are its last
+            stage's, and ``box_loss``, ``smooth_l1_beta``, the softmax head, ``"paper"``
+            normalisation, a deeper head, ``crowd_ioa`` and ``allowed_border`` are refused). Its targets come from the
             gt boxes in the model, so ``data.assign_targets: false`` saves the DataLoader workers
             the anchor targets.
         cascade_stages: stages of the cascade (>= 2).
@@ -333,13 +333,16 @@ class RPNModule(pl.LightningModule):
         )
         self.rpn: RPN | CascadeRPN
         if head == "cascade":
+            # its box losses are IoU losses: box_loss and smooth_l1_beta would be ignored
             given = {"objectness": objectness, "loss_normalization": loss_normalization, "head_conv_depth": head_conv_depth,
-                     "crowd_ioa": crowd_ioa, "allowed_border": allowed_border}
+                     "crowd_ioa": crowd_ioa, "allowed_border": allowed_border, "box_loss": box_loss,
+                     "smooth_l1_beta": smooth_l1_beta}
             plain = {"objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1, "crowd_ioa": None,
-                     "allowed_border": None}
+                     "allowed_border": None, "box_loss": LossConfig.box_loss, "smooth_l1_beta": LossConfig.smooth_l1_beta}
             unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
             if unsupported:
-                raise ValueError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults")
+                raise ValueError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults "
+                                 "(its box losses are IoU losses)")
             self.rpn = CascadeRPN(
                 self.anchor_generator,
                 in_channels=self.backbone.out_channels,

@@ -43,6 +43,17 @@ def test_quality_is_compared_as_the_model_reads_it() -> None:
         check_checkpoint_agrees({"quality": None}, {"quality": "iou"})
 
 
+def test_ranking_by_the_objectness_of_a_model_that_never_trained_it_is_refused() -> None:
+    trained_without = {"quality": "centerness+iou", "proposal_score": "quality"}
+    for ranking in ("objectness", "geometric_mean"):
+        with pytest.raises(ValueError, match=rf"proposal_score: checkpoint 'quality', whose objectness branch never "
+                                             rf"trained, this run '{ranking}'"):
+            check_checkpoint_agrees(trained_without, {**trained_without, "proposal_score": ranking})
+    check_checkpoint_agrees(trained_without, trained_without)
+    # a model that trained its objectness may be ranked by its quality branches alone, or by both
+    check_checkpoint_agrees({**trained_without, "proposal_score": "geometric_mean"}, trained_without)
+
+
 PRETRAINED = {"backbone": "resnet18_fpn", "weights": "ResNet18_Weights.IMAGENET1K_V1", "frozen_bn": None,
               "trainable_layers": None}
 

@@ -339,3 +339,11 @@ def test_validate_after_fit_on_the_same_trainer_gives_no_callback_override_warni
         trainer.validate(model, batches, verbose=False)
     assert "configure_callbacks" not in caplog.text
     assert sum(type(c).__name__ == "NonFiniteLossPolicy" for c in trainer.callbacks) == 1
+
+
+def test_the_cascade_refuses_box_loss_settings_it_would_ignore() -> None:
+    # its box losses are IoU losses: model.box_loss / smooth_l1_beta were accepted and did nothing
+    one_anchor = dict(head="cascade", anchor_sizes=[[16], [32], [64], [128]], aspect_ratios=[[1.0]])
+    with pytest.raises(ValueError, match=r"does not support \{'model.box_loss': 'giou', 'model.smooth_l1_beta': 0.5\}"):
+        tiny_model(**one_anchor, box_loss="giou", smooth_l1_beta=0.5)
+    assert tiny_model(**one_anchor).rpn is not None  # the defaults build
