@@ -610,6 +610,7 @@ def check_data(args: Sequence[str]) -> int:
     with ``--force``; the path is checked before the data: exit 2 when it cannot be written).
     """
     from lightning_rpn.data.validation import report_path
+    from lightning_rpn.tools.anchor_analysis import head_coverage_note
 
     cli = _parse_only(_CheckDataCLI, args)
     try:
@@ -618,6 +619,7 @@ def check_data(args: Sequence[str]) -> int:
         print(f"lightning-rpn {error}", file=sys.stderr)
         return USAGE_ERROR
     report = cli.datamodule.check_data(cli.model, splits=CHECKED_ROLES, check_images=cli.config["check_images"])
+    report.coverage_note = head_coverage_note(cli.model)
     report.max_listed = None if cli.config["list_all"] else report.max_listed
     summary = f"{report.num_errors} error(s), {report.num_warnings} warning(s)"
     if report.num_errors:
@@ -640,7 +642,8 @@ class _AnalyzeAnchorsCLI(_NoRunCLI):
     """``analyze-anchors``: the ``fit`` config plus the anchor-analysis options."""
 
     command = "analyze-anchors"
-    description = ("How well the model's anchors cover a split's boxes (the recall ceiling they impose), "
+    description = ("How well the model's anchors cover a split's boxes (the recall ceiling they impose on the plain "
+                   "RPN head), "
                    "and with --optimize a better design at the same anchor count. Takes the config of `fit`.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -648,7 +651,8 @@ class _AnalyzeAnchorsCLI(_NoRunCLI):
             "--optimize",
             action=ActionYesNo,
             default=False,
-            help="analyze-anchors: also search anchor sizes and ratios per level at the same anchor count "
+            help="analyze-anchors: also search anchor sizes and ratios per level (sizes only for model.head: cascade, "
+            "which keeps one square anchor per location) at the same anchor count "
             "(from the current design, a k-means and a quantile fit of the box shapes, improved one value at a "
             "time on the boxes' exact coverage, never lowering the coverage at IoU 0.5, 0.7 or the model's "
             "fg_iou) and write the config snippet anchors.yaml.",

@@ -239,3 +239,11 @@ def test_fit_without_a_val_split_trains_and_ends_without_validating(tmp_path: Pa
         run = RPNLightningCLI(args=["fit", "--config", "config.yaml", "--data.val_split", "null"])
     assert run.trainer.global_step == 2 and (tmp_path / "run/checkpoints/last.ckpt").is_file()
     assert "validating the final weights" not in capsys.readouterr().err
+
+
+def test_check_data_on_a_cascade_config_says_the_coverage_is_not_its_ceiling(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    status = cli.check_data(["--config", str(CONFIGS / "shapes_cascade.yaml"), "--data.synthetic_train_images", "4",
+                             "--data.synthetic_val_images", "2", "--trainer.logger", "false"])
+    assert status == 0
+    assert "note on the coverage: model.head is 'cascade'" in " ".join(capsys.readouterr().out.split())

@@ -66,7 +66,7 @@ from .sampling import sample_anchors_with_positives
 
 __all__ = [
     "BoxLossPositives", "CascadePrediction", "CascadeRPN", "CascadeStage", "adaptive_offsets", "assign_centre_region",
-    "best_levels", "gt_levels", "own_level_positives",
+    "best_levels", "check_one_square_anchor", "gt_levels", "own_level_positives",
 ]
 
 ObjectnessLevel = Literal["any", "size", "best"]
@@ -266,11 +266,31 @@ class CascadePrediction(NamedTuple):
         )
 
 
+def check_one_square_anchor(anchor_generator: AnchorGenerator) -> None:
+    """``ValueError`` unless ``anchor_generator`` has the cascade's anchors: one per location, square
+    (ratio 1.0: stage 1 regresses a gt box of any shape from its centre region, and a stretched anchor
+    only skews where the later stages start), ``anchor_stride`` 1."""
+    if anchor_generator.num_anchors_per_location() != 1 or anchor_generator.anchor_stride != 1:
+        raise ValueError(
+            "CascadeRPN: needs one anchor per location and anchor_stride 1 (model.anchor_sizes one size per "
+            f"level, model.aspect_ratios [[1.0]]), got {anchor_generator!r} with "
+            f"{anchor_generator.num_anchors_per_location()} anchors per location"
+        )
+    ratios = [list(level) for level in anchor_generator.aspect_ratios]
+    if any(ratio != 1.0 for level in ratios for ratio in level):
+        raise ValueError(
+            f"CascadeRPN: needs one square anchor per location (model.aspect_ratios [[1.0]]), got "
+            f"model.aspect_ratios {ratios}; set model.aspect_ratios: [[1.0]] (`analyze-anchors --optimize` on "
+            "a cascade config searches the sizes only)"
+        )
+
+
 class CascadeRPN(RegionProposer):
     """Multi-stage proposal network over ``L`` levels, called as :meth:`RegionProposer.forward` (as the RPN).
 
     Args:
-        anchor_generator: one anchor per location (one size, one aspect ratio), ``anchor_stride`` 1.
+        anchor_generator: one square anchor per location (one size, aspect ratio 1.0), ``anchor_stride`` 1
+            (:func:`check_one_square_anchor`).
         in_channels: feature channels; ``conv_channels`` those of the stages (``None``: the same).
         num_stages: stages (>= 2): one centre-region stage, then adaptive IoU-assigned ones.
         dilation: dilation of stage 1's 3x3 convolution.
@@ -340,12 +360,7 @@ class CascadeRPN(RegionProposer):
         except ValueError as error:
             raise ValueError(f"CascadeRPN: {error}") from None
         super().__init__(anchor_generator, box_coder, target_config, seed, proposal_config)
-        if anchor_generator.num_anchors_per_location() != 1 or anchor_generator.anchor_stride != 1:
-            raise ValueError(
-                "CascadeRPN: needs one anchor per location and anchor_stride 1 (model.anchor_sizes one size per "
-                f"level, model.aspect_ratios [[1.0]]), got {anchor_generator!r} with "
-                f"{anchor_generator.num_anchors_per_location()} anchors per location"
-            )
+        check_one_square_anchor(anchor_generator)
         least = {"num_stages": 2, "dilation": 1, "in_channels": 1, "test_iterations": 0, "train_iterations": 0}
         for name, value in (("num_stages", num_stages), ("dilation", dilation), ("in_channels", in_channels),
                             ("test_iterations", test_iterations), ("train_iterations", train_iterations)):

@@ -134,8 +134,9 @@ class SplitReport:
     def __rich__(self) -> Group:
         return self.render(MAX_LISTED)
 
-    def render(self, max_listed: int | None = MAX_LISTED) -> Group:
-        """The split's tables and its first ``max_listed`` problems (``None``: all), errors first."""
+    def render(self, max_listed: int | None = MAX_LISTED, coverage_note: str | None = None) -> Group:
+        """The split's tables and its first ``max_listed`` problems (``None``: all), errors first;
+        ``coverage_note`` printed under the anchor coverage (:attr:`DatasetReport.coverage_note`)."""
         summary = Table(title=Text(f"split {self.name}"), show_header=False)
         summary.add_row("images", f"{self.images} ({self.empty_images} without boxes)")
         summary.add_row("boxes", f"{self.boxes} (+{self.crowd_boxes} crowd / ignored)")
@@ -165,6 +166,8 @@ class SplitReport:
                 if key != "boxes_checked":
                     table.add_row(key, f"{value:.3f}")
             parts.append(table)
+            if coverage_note is not None:
+                parts.append(Text(f"note on the coverage: {coverage_note}"))
         problems = Table(title=f"problems found: {len(self.problems)} "
                                f"({self.num_errors} errors, {self.num_warnings} warnings)")
         for column in ("severity", "kind", "action"):
@@ -211,6 +214,9 @@ class DatasetReport:
     splits: list[SplitReport]
     max_listed: int | None = MAX_LISTED
     """Problems listed in full per split when printed (``None``: all)."""
+    coverage_note: str | None = None
+    """Printed under each split's anchor coverage where it is not the model's recall ceiling (a
+    cascade's, set by ``check-data`` from the model's head)."""
 
     @property
     def num_problems(self) -> int:
@@ -246,7 +252,7 @@ class DatasetReport:
         return path
 
     def __rich__(self) -> Group:
-        return Group(*(s.render(self.max_listed) for s in self.splits))
+        return Group(*(s.render(self.max_listed, self.coverage_note) for s in self.splits))
 
     def print(self, file: TextIO | None = None) -> None:
         """Print the tables to ``file`` (standard output), in ASCII where its encoding has no box characters."""

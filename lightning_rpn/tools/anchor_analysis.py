@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
 from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.cascade import CascadeRPN, check_one_square_anchor
 from lightning_rpn.core.coverage import GTBoxSet, anchor_coverage, best_anchor_iou
 from lightning_rpn.tools.anchor_collection import collect_gt_boxes
 from lightning_rpn.tools.anchor_optimization import optimize_anchors
@@ -36,6 +37,10 @@ __all__ = [
     "write_config_snippet",
     "analyze_anchors",
     "AnalysisInputError",
+    "CASCADE_COVERAGE_NOTE",
+    "CASCADE_SEARCH_NOTE",
+    "head_coverage_note",
+    "model_head",
     "output_paths",
     "run_analyze_anchors",
     "split_role",
@@ -43,6 +48,31 @@ __all__ = [
 
 OUTPUT_FILES = {"plot": "anchor_analysis.png", "report": "anchor_analysis.json", "config_snippet": "anchors.yaml"}
 """The files an analysis writes into its output folder, by their key in :attr:`AnchorAnalysis.files`."""
+
+
+CASCADE_COVERAGE_NOTE = (
+    "model.head is 'cascade': this coverage is the plain RPN's ceiling (its positives are the anchors a gt box "
+    "overlaps at IoU >= fg_iou), not the cascade's. The cascade's stage 1 regresses every gt box from the "
+    "locations in its central region (model.cascade_centre_ratio) on the level whose anchor size is nearest "
+    "its size, whatever their IoU, and its later stages match the refined boxes, so a low figure here "
+    "(even 0.000 at IoU 0.7) does not cap its recall; it still shows how the anchor sizes fit the box sizes."
+)
+"""Printed next to the anchor coverage of a cascade (``analyze-anchors``, ``check-data``)."""
+
+CASCADE_SEARCH_NOTE = "sizes only: a cascade takes one square anchor per location (ratio 1.0)"
+"""What ``analyze-anchors --optimize`` keeps fixed for a cascade (report and config snippet)."""
+
+
+def model_head(model: Any) -> Literal["rpn", "cascade"]:
+    """``"cascade"`` for an ``RPNModule`` whose ``rpn`` is a :class:`CascadeRPN` (or for a
+    ``CascadeRPN``), else ``"rpn"``."""
+    return "cascade" if isinstance(getattr(model, "rpn", model), CascadeRPN) else "rpn"
+
+
+def head_coverage_note(model: Any) -> str | None:
+    """The note to print next to ``model``'s anchor coverage (:data:`CASCADE_COVERAGE_NOTE` for a
+    cascade; ``None``: the coverage is the model's recall ceiling, no note)."""
+    return CASCADE_COVERAGE_NOTE if model_head(model) == "cascade" else None
 
 
 class AnalysisInputError(ValueError):
@@ -98,6 +128,7 @@ def analyze_anchors(
     seed: int = 0,
     overwrite: bool = False,
     fg_iou: float | None = None,
+    head: Literal["rpn", "cascade"] = "rpn",
 ) -> AnchorAnalysis:
     """Coverage and box statistics (and with ``optimize``, a better design) of ``boxes``.
 
@@ -107,8 +138,14 @@ def analyze_anchors(
     already there is an error before the analysis (:func:`output_paths`) unless ``overwrite``;
     ``notes`` names the files replaced, and an ``anchors.yaml`` this run (without ``optimize``)
     left as it was. ``fg_iou``: the model's positive threshold, whose coverage the optimised
-    design keeps (:func:`optimize_anchors`).
+    design keeps (:func:`optimize_anchors`). ``head``: the model's; for ``"cascade"`` (whose one square
+    anchor per location is checked) the coverage carries :data:`CASCADE_COVERAGE_NOTE` and the
+    search keeps the ratios (:data:`CASCADE_SEARCH_NOTE`).
     """
+    if head not in ("rpn", "cascade"):
+        raise ValueError(f"analyze_anchors: head must be 'rpn' or 'cascade', got {head!r}")
+    if head == "cascade":
+        check_one_square_anchor(anchor_generator)
     if len(boxes) == 0:
         raise AnalysisInputError(f"analyze_anchors: no ground-truth boxes in {boxes.num_images} image(s) "
                                  "(empty dataset or split?)")
@@ -116,8 +153,12 @@ def analyze_anchors(
     analysis = AnchorAnalysis(
         anchor_generator, anchor_coverage(boxes, anchor_generator), box_stats(boxes), boxes.num_images
     )
+    if head == "cascade":
+        analysis.coverage_note = CASCADE_COVERAGE_NOTE
     if optimize:
-        analysis.optimized = optimize_anchors(boxes, anchor_generator, seed=seed, fg_iou=fg_iou)
+        analysis.optimized = optimize_anchors(boxes, anchor_generator, seed=seed, fg_iou=fg_iou,
+                                              search_ratios=head != "cascade")
+        analysis.optimize_note = CASCADE_SEARCH_NOTE if head == "cascade" else None
         analysis.optimized_coverage = anchor_coverage(boxes, analysis.optimized)
     if paths is not None:
         replaced = [path.name for path in paths.values() if path.exists()]
@@ -128,7 +169,7 @@ def analyze_anchors(
             analysis.notes.append(f"kept {stale}: not this run's snippet (this run did not optimise)")
         analysis.files["plot"] = str(plot_anchor_analysis(boxes, anchor_generator, paths["plot"], analysis.optimized))
         if analysis.optimized is not None:
-            write_config_snippet(analysis.optimized, paths["config_snippet"])
+            write_config_snippet(analysis.optimized, paths["config_snippet"], comment=analysis.optimize_note)
             analysis.files["config_snippet"] = str(paths["config_snippet"])
         analysis.files["report"] = str(paths["report"])
         paths["report"].write_text(json.dumps(analysis.to_dict(), indent=2, allow_nan=False), encoding="utf-8")
@@ -149,7 +190,8 @@ def run_analyze_anchors(
     """``lightning-rpn analyze-anchors``: analyse the model's anchors on a data module's split.
 
     ``model`` supplies ``anchor_generator``, ``size_divisibility`` and ``target_config.fg_iou``
-    (an ``RPNModule``); ``datamodule`` (an ``RPNDataModule``) the dataset and resize policy.
+    (an ``RPNModule``) and its head (:func:`model_head`); ``datamodule`` (an ``RPNDataModule``) the
+    dataset and resize policy.
     ``split``: a role of the data module or the split name the config gives one (:func:`split_role`).
     Prints the report and writes the files of :func:`analyze_anchors` to ``output_dir``; one of
     them already there is an error before the boxes are read, unless ``overwrite``. A split the
@@ -173,6 +215,6 @@ def run_analyze_anchors(
                  else f"has no gt boxes in the {boxes.num_images} image(s) read")
         raise AnalysisInputError(f"analyze-anchors --split {split}: {where} {found}; choose a split with boxes")
     analysis = analyze_anchors(boxes, generator, optimize=optimize, output_dir=output_dir, seed=seed,
-                               overwrite=overwrite, fg_iou=fg_iou)
+                               overwrite=overwrite, fg_iou=fg_iou, head=model_head(model))
     (console or Console()).print(analysis)
     return analysis

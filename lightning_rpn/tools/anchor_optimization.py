@@ -3,15 +3,16 @@
 Shapes: ``G`` ground-truth boxes, ``K`` k-means clusters, ``L`` levels.
 
 :func:`optimize_anchors` keeps the number of sizes and aspect ratios of every level (so the
-anchor count and the head stay the same), starts from the best of the current design, a
-k-means fit (distance ``1 - IoU`` of centre-aligned shapes) and a size/ratio quantile fit, and
-refines sizes and ratios by a coordinate-wise local search on the exact coverage of the real
-boxes (:mod:`lightning_rpn.core.coverage`, the computation ``check-data`` reports). The fits see
-the box shapes clipped to their 1st-99th percentile of size and ratio, so that one extreme box
-cannot claim an anchor shape of its own; the values they and the search propose are rounded to
-significant digits (never to 0), no anchor of a proposed design rounds to zero width or height,
-no level of it holds two equal anchors (unless the current design's does), and the design
-returned covers no fewer boxes than the current one at IoU 0.5, 0.7 or the model's ``fg_iou``.
+anchor count and the head stay the same), starts from the best of the current design, a k-means
+fit (distance ``1 - IoU`` of centre-aligned shapes) and a size/ratio quantile fit, and refines
+sizes and ratios (or, with ``search_ratios=False``, sizes only) by a coordinate-wise local
+search on the exact coverage of the real boxes (:mod:`lightning_rpn.core.coverage`, the
+computation ``check-data`` reports). The fits see the box shapes clipped to their 1st-99th
+percentile of size and ratio, so that one extreme box cannot claim an anchor shape of its own;
+the values they and the search propose are rounded to significant digits (never to 0), no anchor
+of a proposed design rounds to zero width or height, no level of it holds two equal anchors
+(unless the current design's does), and the design returned covers no fewer boxes than the
+current one at IoU 0.5, 0.7 or the model's ``fg_iou``.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def optimize_anchors(
     seed: int = 0,
     max_passes: int = 4,
     fg_iou: float | None = None,
+    search_ratios: bool = True,
 ) -> AnchorGenerator:
     """Sizes and ratios per level that maximise the anchors' coverage of ``boxes``.
 
@@ -201,6 +203,10 @@ def optimize_anchors(
     0.5, 0.7 or ``fg_iou``, the model's positive threshold where given); the better result of the
     two that covers at least as many of the boxes searched as the current design at each of these
     IoUs is returned, so none of these coverages drops. Deterministic for a seed.
+
+    ``search_ratios=False`` searches the sizes only: every design (the fits' included) keeps the
+    current design's ratios, as a head that takes one square anchor per location needs
+    (``model.head: cascade``).
     """
     if len(boxes) == 0:
         raise ValueError("optimize_anchors: no ground-truth boxes to fit the anchors to")
@@ -232,12 +238,13 @@ def optimize_anchors(
         _round_design(*_kmeans_design(shapes, anchor_generator, generator)),
         _round_design(*_quantile_design(shapes, anchor_generator)),
     ):
+        ratios = ratios if search_ratios else [list(r) for r in anchor_generator.aspect_ratios]
         candidate = build(sizes, ratios)
         if not any(_wasteful(cells, d) for cells, d in zip(candidate.cell_anchors, distinct)):
             starts.append((sizes, ratios, per_level_best_iou(boxes, candidate)[0]))
     # The free search often ends above the floor by a path that dips below it; where it ends below,
     # the floored one (which can always keep the current design) gives the answer.
-    results = [_local_search(boxes, build, starts, bound, max_passes) for bound in ({}, floor)]
+    results = [_local_search(boxes, build, starts, bound, max_passes, search_ratios) for bound in ({}, floor)]
     sizes, ratios, _ = max(results, key=lambda result: _objective(result[2], floor))
     return build(sizes, ratios)
 
@@ -248,11 +255,13 @@ def _local_search(
     starts: list[tuple[list[list[float]], list[list[float]], Tensor]],
     floor: dict[float, int],
     max_passes: int,
+    search_ratios: bool = True,
 ) -> tuple[list[list[float]], list[list[float]], Tensor]:
     """From the best of ``starts`` (sizes, ratios, ``[G, L]`` best IoU per level) under ``floor``,
-    multiply one size or ratio at a time by ``2^(+-step)`` (steps 1/2 down to 1/16 octave) while
-    that raises :func:`_objective` and wastes no anchor (:func:`_wasteful`: no step makes two
-    anchors of a level equal); the design reached and its ``[G, L]`` best IoU per level."""
+    multiply one size or ratio (only sizes without ``search_ratios``) at a time by ``2^(+-step)``
+    (steps 1/2 down to 1/16 octave) while that raises :func:`_objective` and wastes no anchor
+    (:func:`_wasteful`: no step makes two anchors of a level equal); the design reached and its
+    ``[G, L]`` best IoU per level."""
     best_score, sizes, ratios, per_level = max(
         ((_objective(per_level, floor), sizes, ratios, per_level) for sizes, ratios, per_level in starts),
         key=lambda item: item[0],
@@ -265,7 +274,7 @@ def _local_search(
         for _ in range(max_passes):
             improved = False
             for level in range(len(sizes)):
-                for values in (sizes[level], ratios[level]):
+                for values in (sizes[level], ratios[level]) if search_ratios else (sizes[level],):
                     for index in range(len(values)):
                         for scale in (factor, 1.0 / factor):
                             old = values[index]

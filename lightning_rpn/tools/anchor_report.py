@@ -30,8 +30,12 @@ from lightning_rpn.core.coverage import COVERAGE_THRESHOLDS, GTBoxSet, anchor_co
 __all__ = ["AnchorAnalysis", "box_stats", "plot_anchor_analysis", "write_config_snippet"]
 
 
-def write_config_snippet(anchor_generator: AnchorGenerator, path: str | Path | None = None) -> str:
-    """YAML for the model section (``RPNModule`` ``anchor_sizes`` / ``aspect_ratios``); written to ``path`` if given."""
+def write_config_snippet(
+    anchor_generator: AnchorGenerator, path: str | Path | None = None, comment: str | None = None
+) -> str:
+    """YAML for the model section (``RPNModule`` ``anchor_sizes`` / ``aspect_ratios``); written to ``path`` if given.
+
+    ``comment``: one more header line (what the search kept fixed)."""
     body = {
         "model": {
             "anchor_sizes": [list(level) for level in anchor_generator.sizes],
@@ -40,7 +44,8 @@ def write_config_snippet(anchor_generator: AnchorGenerator, path: str | Path | N
     }
     text = (
         "# from `lightning-rpn analyze-anchors --optimize` (same anchor count)\n"
-        f"# strides {list(anchor_generator.strides)}\n"
+        + ("" if comment is None else f"# {comment}\n")
+        + f"# strides {list(anchor_generator.strides)}\n"
         + yaml.safe_dump(body, default_flow_style=None, sort_keys=False)
     )
     if path is not None:
@@ -158,10 +163,14 @@ class AnchorAnalysis:
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """What the reader of the files should know: earlier files replaced, a snippet not this run's."""
+    coverage_note: str | None = None
+    """What the coverage means for the model's head where it is not its recall ceiling (a cascade's)."""
+    optimize_note: str | None = None
+    """What the search kept fixed (a cascade's square anchors), in the report and the config snippet."""
 
     @property
     def config_snippet(self) -> str | None:
-        return None if self.optimized is None else write_config_snippet(self.optimized)
+        return None if self.optimized is None else write_config_snippet(self.optimized, comment=self.optimize_note)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain types (``anchor_analysis.json``); a coverage of an area range without
@@ -170,6 +179,7 @@ class AnchorAnalysis:
             "num_images": self.num_images,
             "anchors": _design(self.anchor_generator),
             "coverage": _json_coverage(self.coverage),
+            **({} if self.coverage_note is None else {"coverage_note": self.coverage_note}),
             "box_stats": self.box_stats,
             "files": self.files,
         }
@@ -177,6 +187,8 @@ class AnchorAnalysis:
             out["notes"] = self.notes
         if self.optimized is not None:
             out["optimized_anchors"] = _design(self.optimized)
+            if self.optimize_note is not None:
+                out["optimize_note"] = self.optimize_note
             out["optimized_coverage"] = _json_coverage(self.optimized_coverage)
         return out
 
@@ -221,6 +233,8 @@ class AnchorAnalysis:
             row.append(f"{self.optimized_coverage['mean_best_iou']:.3f}")
         table.add_row(*row)
         parts.append(table)
+        if self.coverage_note is not None:
+            parts.append(Text(f"note on the coverage: {self.coverage_note}"))
         if self.optimized is not None:
             parts.append(Text("config snippet (paste into the model section):\n" + (self.config_snippet or "")))
         for name, file in self.files.items():

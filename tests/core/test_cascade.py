@@ -352,6 +352,10 @@ def test_errors_name_the_problem() -> None:
             _cascade(reg_weight=weight)
     with pytest.raises(ValueError, match="one anchor per location"):
         CascadeRPN(AnchorGenerator(((16,), (32,)), (0.5, 1.0), (4, 8)), in_channels=8)
+    # one anchor per location, but stretched (what `analyze-anchors --optimize` used to write)
+    with pytest.raises(ValueError, match=r"one square anchor per location \(model.aspect_ratios \[\[1.0\]\]\), "
+                                         r"got model.aspect_ratios \[\[0.672\], \[2.14\]\]; set model.aspect_ratios"):
+        CascadeRPN(AnchorGenerator(((16,), (32,)), ((0.672,), (2.14,)), (4, 8)), in_channels=8)
     with pytest.raises(ValueError, match="num_stages must be an int >= 2"):
         _cascade(num_stages=1)
     with pytest.raises(ValueError, match="pass targets, not only anchor_targets"):
