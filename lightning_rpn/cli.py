@@ -344,7 +344,8 @@ class RPNLightningCLI(LightningCLI):
         ckpt_path, data = run.get("ckpt_path"), run.get("data")
         if not ckpt_path or not Path(str(ckpt_path)).is_file() or data is None or data.get("resize") != "none":
             return
-        policy = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=True).get(RESIZE_KEY)
+        path = str(ckpt_path)
+        policy = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(RESIZE_KEY)
         if policy is None or policy.get("mode") == "none":
             return
         data["resize"], data["min_sizes"] = policy["mode"], list(policy["min_sizes"])
@@ -720,6 +721,34 @@ def _replace_unencodable_output() -> None:
             stream.reconfigure(errors="replace")
 
 
+def _report_interruption(error: BaseException) -> int | None:
+    """When ``error`` comes from Ctrl-C or SIGTERM (:func:`interruption_of`), print where ``fit``
+    stopped and what ``last.ckpt`` holds (rank zero), and return the shell's status of a process
+    killed by that signal (130, 143): a ``fit && test`` chain or a scheduler must not take an
+    interrupted run for a finished one. ``None`` for any other error."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_rpn.training.last_checkpoint import Interruption, interruption_of
+
+    names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    stop = interruption_of(error)
+    if stop is None:
+        return None
+    if isinstance(stop, Interruption):
+        signum = stop.signal
+        saved = (f"{stop.path} holds step {stop.saved_step}: continue with `--ckpt_path last`" if stop.path
+                 else "no last.ckpt was saved in this run")
+        line = f"fit interrupted ({names[signum]}) at step {stop.step}; {saved}"
+    else:
+        signum = signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT
+        line = f"interrupted ({names[signum]})"
+    if rank_zero_only.rank == 0:
+        print(f"lightning-rpn: {line}", file=sys.stderr)
+    return 128 + signum
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-rpn`` console script.
 
@@ -747,6 +776,11 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"lightning-rpn: {error}\n(`lightning-rpn check-data --config ...` lists every problem of the data)",
               file=sys.stderr)
         return DATA_ERROR
+    except BaseException as error:  # Ctrl-C, SIGTERM: one line and 128 + the signal, not 0 or tracebacks
+        code = _report_interruption(error)
+        if code is None:
+            raise
+        return code
     return 0
 
 

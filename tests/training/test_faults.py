@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from helpers.cli import COMMAND, PROBES, TINY_CONFIG, assert_ok, run_cli
+from helpers.cli import COMMAND, PROBES, TINY_CONFIG, assert_ok, cli_environment, run_cli
 from helpers.model import quiet_trainer, tiny_model, training_batches
 
 
@@ -127,3 +127,38 @@ def test_a_run_killed_mid_epoch_resumes_from_last_and_matches(tmp_path) -> None:
     assert resumed_ar == pytest.approx(whole_ar, abs=RESUME_AR_ATOL), f"max |dw| {worst}"
     assert any(not torch.equal(got[k], killed_at["state_dict"][k]) for k in got)  # it trained on
     assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM (real CLI)
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
+def test_an_interrupted_fit_exits_with_the_signal_and_says_what_last_holds(tmp_path, signum, workers) -> None:
+    """Ctrl-C / SLURM's scancel (the signal to the process group, DataLoader workers included)
+    after the first progress line: exit 128 + signal (not 0 or 1), one line naming the step,
+    last.ckpt and `--ckpt_path last`, last.ckpt at that step, no traceback."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"].update(max_steps=10_000, enable_progress_bar=True, callbacks=[
+        {"class_path": "lightning_rpn.training.callbacks.LastCheckpoint", "init_args": {"dirpath": "run/checkpoints"}}])
+    config["data"]["num_workers"] = workers
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([*COMMAND, "fit", "--config", "config.yaml"], cwd=tmp_path, env=cli_environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("train step 1/"):
+                os.killpg(process.pid, signum)
+                break
+        output = "".join(lines) + process.stdout.read()
+        assert process.wait(timeout=60) == 128 + signum, output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    last = (tmp_path / "run" / "checkpoints" / "last.ckpt").resolve()
+    (report,) = [line for line in output.splitlines() if line.startswith("lightning-rpn: fit interrupted")]
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert step >= 1 and report == (f"lightning-rpn: fit interrupted ({name}) at step {step}; {last} holds step "
+                                    f"{step}: continue with `--ckpt_path last`")
+    assert "Traceback" not in output
