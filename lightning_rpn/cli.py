@@ -439,7 +439,10 @@ class RPNLightningCLI(LightningCLI):
         Lightning's "Checkpoint directory ... exists and is not empty" warning is left out: the
         folder holds either the run being resumed or files that stay, which the check names.
         """
-        check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        try:
+            check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+        except ValueError as error:  # a folder it may not overwrite or cannot write: one line, before training
+            raise _Refusal(str(error)) from error
         self._say_when_last_starts_afresh()
         self._prepare_wandb()
         run_id = continue_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))

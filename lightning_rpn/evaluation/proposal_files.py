@@ -21,7 +21,8 @@ Formats:
   1.0); a record without them gets ``logit(score)``, which cannot tell such proposals apart.
 
 Every file is written to a temporary name next to it and moved into place with ``os.replace``,
-so a reader never sees a partial file. Plain Python and torch (no Lightning):
+so a reader never sees a partial file; the temporary files a killed process left
+(``.{name}.tmp{pid}``) are removed by :func:`remove_stale_temporaries`. Plain Python and torch (no Lightning):
 :class:`~lightning_rpn.training.proposal_writer.ProposalWriter` is the Lightning callback that
 writes both for a ``predict`` run, DDP included.
 """
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +51,7 @@ __all__ = [
     "write_detectron2_proposals",
     "read_detectron2_proposals",
     "merge_proposal_parts",
+    "remove_stale_temporaries",
 ]
 
 FORMATS: dict[str, str] = {"coco_json": "proposals_coco.json", "detectron2_pkl": "proposals_detectron2.pkl"}
@@ -103,6 +106,44 @@ def proposal_records(
                     f"{where}: image {image_id!r} has {len(scores)} scores but {len(logits)} objectness_logits"
                 )
         yield image_id, boxes, scores, logits
+
+
+_TEMPORARY = re.compile(
+    r"\.(?:" + "|".join(rf"{re.escape(Path(f).stem)}-.+{re.escape(Path(f).suffix)}" for f in FORMATS.values())
+    + r")\.tmp(?P<pid>[1-9][0-9]*)"
+)
+"""A temporary proposal file's name: ``.proposals_coco-<stem>.json.tmp<pid>`` or the detectron2 one."""
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user counts too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary proposal files in ``folder`` that a killed write left; the removed paths.
+
+    Only names of exactly the form :func:`_atomic_open` gives a proposal file
+    (``.proposals_coco-<stem>.json.tmp<pid>``, ``.proposals_detectron2-<stem>.pkl.tmp<pid>``) whose
+    process no longer runs: another write in progress on this machine, and every other file,
+    stay. (A write in progress on another machine sharing the folder cannot be told apart.)
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not path.is_symlink() and not _running(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @contextmanager

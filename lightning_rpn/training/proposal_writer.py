@@ -22,6 +22,7 @@ from lightning_rpn.evaluation.proposal_files import (
     FORMATS,
     merge_proposal_parts,
     proposal_records,
+    remove_stale_temporaries,
     write_coco_proposals,
     write_detectron2_proposals,
 )
@@ -65,6 +66,14 @@ def predicted_category_id(trainer: pl.Trainer) -> int:
     return 1 if found is None else found
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` unless it holds files (another rank's parts, or a user's)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 class ProposalWriter(BasePredictionWriter):
     """Write ``predict`` proposals of a whole dataset for a second stage (COCO JSON, detectron2 pickle).
 
@@ -74,7 +83,10 @@ class ProposalWriter(BasePredictionWriter):
     as batches arrive (bounded memory); at the end of the epoch rank 0 merges the parts
     (deduplicated, dataset order), writes the files of ``formats`` into ``output_dir``
     atomically and removes the parts. ``output_dir`` must be visible to every rank (a shared
-    filesystem for multi-node runs). One predict dataloader.
+    filesystem for multi-node runs). One predict dataloader. A predict that fails or is
+    interrupted (Ctrl+C) removes its parts; when a predict starts, rank 0 removes the temporary
+    files a killed predict's write left in ``output_dir``
+    (:func:`~lightning_rpn.evaluation.proposal_files.remove_stale_temporaries`) and says so.
 
     The files are named after the checkpoint, as the metrics summary is
     (``proposals_coco-<checkpoint stem>.json``, ``proposals_detectron2-<checkpoint stem>.pkl``,
@@ -126,10 +138,25 @@ class ProposalWriter(BasePredictionWriter):
         return self.output_dir / ".parts" / f"rank{rank}.pkl"
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            removed = remove_stale_temporaries(self.output_dir)
+            if removed:
+                print(f"ProposalWriter: removed {', '.join(path.name for path in removed)} from {self.output_dir}, "
+                      f"the unfinished file(s) of an earlier predict that was killed", file=sys.stderr)
         part = self._part(trainer.global_rank)
         part.parent.mkdir(parents=True, exist_ok=True)
         self._handle = part.open("wb")
         self.written, self.version = {}, 0
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A failed or interrupted predict: close and remove this rank's parts file (and the folder
+        once empty), which no later step would merge."""
+        if self._handle is None:
+            return
+        self._handle.close()
+        self._handle = None
+        self._part(trainer.global_rank).unlink(missing_ok=True)
+        _remove_if_empty(self._part(trainer.global_rank).parent)
 
     def write_on_batch_end(
         self,
@@ -186,10 +213,7 @@ class ProposalWriter(BasePredictionWriter):
                 self.written[name] = path
             for part in parts:
                 part.unlink(missing_ok=True)
-            try:
-                parts[0].parent.rmdir()
-            except OSError:
-                pass
+            _remove_if_empty(parts[0].parent)
             self.version = version
             rank_zero_info(
                 f"ProposalWriter: proposals of {len(records)} images written to "

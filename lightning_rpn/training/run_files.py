@@ -1,7 +1,8 @@
 """The files of a ``lightning-rpn`` run: earlier runs' checkpoints kept, the final metrics written.
 
-A new ``fit`` never overwrites the checkpoints another run left in its folder
-(:func:`check_checkpoint_dirs`) and is told when its ``last.ckpt`` would lag behind its end
+A new ``fit`` never overwrites the checkpoints another run left in its folder, and finds out
+before training, not at its first save, that a folder cannot be written
+(:func:`check_checkpoint_dirs`), and is told when its ``last.ckpt`` would lag behind its end
 (:func:`warn_if_last_waits_for_best`); ``validate`` / ``test`` / ``predict`` write their final recall
 and losses as JSON (:func:`write_metrics_summary`), named after the checkpoint as ``predict``'s
 proposal files are (:func:`checkpoint_stem`), and like them never replacing an earlier file
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
     file in the folder), Lightning's version counter gives the new run's files a ``-v1``,
     ``-v2``, ... suffix, which is announced once a folder; with ``enable_version_counter: false``
     on any of the folder's callbacks they would replace the earlier ones, which is a
-    ``ValueError`` naming the folder and files.
+    ``ValueError`` naming the folder and files. Each local folder is also created and written
+    to here (:func:`_check_writable`), so that one that cannot be is a ``ValueError`` before
+    training rather than an ``OSError`` at the first save, after a whole epoch.
     """
     callbacks_by_folder: dict[Path, list[ModelCheckpoint]] = {}
     for callback in trainer.checkpoint_callbacks:
@@ -45,6 +49,7 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
             callbacks_by_folder.setdefault(Path(callback.dirpath), []).append(callback)
     for folder, callbacks in callbacks_by_folder.items():
+        _check_writable(folder, callbacks)
         earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if ckpt_path == "last":
             resumes_here = any(name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) for name in earlier)
@@ -68,6 +73,31 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
                 f"--ckpt_path last resumes the newest last*.ckpt",
                 file=sys.stderr,
             )
+
+
+def _check_writable(folder: Path, callbacks: Sequence[ModelCheckpoint]) -> None:
+    """Create the checkpoint folder ``folder`` (with its parents), and create and remove a file there.
+
+    Lightning would first do both at the end of the first epoch; a ``ValueError`` naming the
+    callbacks, their ``dirpath`` and the reason comes here instead. Remote folders (``s3://...``)
+    are left to Lightning.
+    """
+    if "://" in str(callbacks[0].dirpath):
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # unnamed where supported, removed on close
+            pass
+    except OSError as error:
+        names = ", ".join(sorted({type(callback).__name__ for callback in callbacks}))
+        blocking = next((parent for parent in folder.parents if parent.exists()), None)
+        reason = error.strerror or str(error)
+        if blocking is not None and not blocking.is_dir():
+            reason += f": {blocking} is a file"
+        raise ValueError(
+            f"lightning-rpn fit: the checkpoint folder {folder} ({names} dirpath) cannot be created and "
+            f"written to ({reason}); choose another dirpath, or make that folder writable, and run again"
+        ) from error
 
 
 def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:

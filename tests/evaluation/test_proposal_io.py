@@ -154,3 +154,24 @@ def test_trainer_predict_writes_both_formats_in_original_coordinates(tmp_path) -
     by_id = {r["image_id"]: r for r in coco}
     for record in d2:
         torch.testing.assert_close(by_id[record["image_id"]]["boxes"], record["boxes"], atol=0.011, rtol=0)
+
+
+def test_only_stale_temporary_proposal_files_are_removed(tmp_path) -> None:
+    """.proposals_*-<stem>.<suffix>.tmp<pid> of a process that is gone: removed; anything else stays."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_rpn.evaluation.proposal_files import remove_stale_temporaries
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    stale = [tmp_path / f".proposals_coco-last.json.tmp{dead}", tmp_path / f".proposals_detectron2-best-v2.pkl.tmp{dead}"]
+    kept = [tmp_path / f".proposals_coco-last.json.tmp{os.getpid()}", tmp_path / f".proposals_coco.json.tmp{dead}",
+            tmp_path / f".proposals_coco-last.json.tmp{dead}x", tmp_path / f".mine.json.tmp{dead}",
+            tmp_path / "proposals_coco-last.json"]
+    for path in stale + kept:
+        path.write_text("[")
+    assert remove_stale_temporaries(tmp_path) == sorted(stale)
+    assert all(path.exists() for path in kept)
+    assert remove_stale_temporaries(tmp_path / "missing") == []

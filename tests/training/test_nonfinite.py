@@ -134,3 +134,39 @@ def test_with_accumulation_a_skipped_batch_leaves_the_rest_of_its_step(tmp_path,
     changed = any(not torch.equal(watch.before[n], watch.after[n]) for n in watch.before)
     assert changed == (len(bad) == 1)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _nan_batches(model, bad: list[int]) -> list:
+    batches = training_batches(model)
+    for index in bad:
+        batches[index].positive_deltas.fill_(float("nan"))
+    return batches
+
+
+def test_skip_stops_when_batches_keep_failing_in_a_row(tmp_path) -> None:
+    """Weights that make every batch non-finite do not recover by skipping: the run stops, saying so."""
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip")
+    model.nonfinite_policy.max_consecutive = 3
+    with pytest.warns(UserWarning, match="skipped training batch"), \
+            pytest.raises(ValueError, match=r"3 training batches in a row .*b2-0.*weights have most likely diverged"):
+        _fit(tmp_path, model, _nan_batches(model, [0, 1, 2, 3]), WatchStep(0))
+    assert model.skipped_nonfinite_batches == 3
+
+
+def test_a_step_between_skips_starts_the_count_in_a_row_again(tmp_path) -> None:
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip")
+    model.nonfinite_policy.max_consecutive = 3
+    with pytest.warns(UserWarning, match="this fit skipped 3 training batches with a non-finite"):
+        trainer = _fit(tmp_path, model, _nan_batches(model, [0, 1, 3]), WatchStep(0))
+    assert model.skipped_nonfinite_batches == 3 and trainer.global_step == 4
+
+
+def test_the_end_of_fit_names_the_skipped_count_only_when_there_were_some(tmp_path) -> None:
+    model = tiny_model(optimizer="adamw", lr=1e-3, warmup_steps=0, nonfinite_loss="skip")
+    model.skipped_nonfinite_batches = 5  # a resumed run's count
+    with pytest.warns(UserWarning, match=r"this fit skipped 1 training batch \(6 since the run began\)"):
+        _fit(tmp_path / "a", model, training_batches(model, bad_index=2), WatchStep(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "b", model, training_batches(model), WatchStep(0))
+    assert not any("this fit skipped" in str(w.message) for w in caught)

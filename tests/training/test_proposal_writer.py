@@ -8,6 +8,8 @@ readers of :mod:`lightning_rpn.evaluation.proposal_files`.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import json
 import sys
 from pathlib import Path
@@ -256,3 +258,28 @@ def test_the_predict_summary_names_its_files_and_top_k_and_shares_their_version(
     summary = write_metrics_summary(trainer, SimpleNamespace(last_recall=recall), SimpleNamespace(), "predict")
     assert (written["coco_json"].name, summary.name) == ("proposals_coco-best-v1.json", "predict-best-v1.json")
     assert "note" not in json.loads(summary.read_text())["proposals"]["files"][0]  # top_k None: every proposal
+
+
+def test_a_failed_predict_removes_its_parts(tmp_path: Path) -> None:
+    """Ctrl+C or an error in predict: Lightning's on_exception closes and removes this rank's parts file."""
+    writer, trainer = ProposalWriter(output_dir=str(tmp_path / "proposals")), _trainer("run/last.ckpt", tmp_path)
+    writer.on_predict_start(trainer, None)
+    writer.write_on_batch_end(trainer, None, [_image(1, 0.9)], None, None, 0, 0)
+    writer.on_exception(trainer, None, KeyboardInterrupt())
+    assert not (tmp_path / "proposals").exists() or not any((tmp_path / "proposals").rglob("*"))
+    assert _predict(writer, trainer, [_image(2, 0.8)])  # the next predict writes as usual
+
+
+def test_a_predict_removes_the_unfinished_files_of_a_killed_one_only(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "proposals"
+    folder.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    stale = folder / f".proposals_coco-last-v1.json.tmp{dead}"
+    kept = [folder / f".proposals_coco-best.json.tmp{os.getpid()}",  # a write in progress
+            folder / f".notes.json.tmp{dead}", folder / f"proposals_coco-last.json.tmp{dead}"]  # a user's
+    for path in (stale, *kept):
+        path.write_text("[")
+    _predict(ProposalWriter(output_dir=str(folder)), _trainer("run/last.ckpt", tmp_path), [_image(1, 0.9)])
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert f"removed {stale.name} from {folder}" in capsys.readouterr().err

@@ -1,0 +1,36 @@
+"""check_checkpoint_dirs creates each checkpoint folder and writes there before training: a folder
+that cannot be is a ValueError naming the callback and dirpath, not an OSError at the first save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_rpn.training.last_checkpoint import LastCheckpoint
+from lightning_rpn.training.run_files import check_checkpoint_dirs
+
+
+def _trainer(*callbacks: pl.Callback) -> pl.Trainer:
+    return pl.Trainer(callbacks=list(callbacks), logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_a_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    folder = tmp_path / "afile" / "ckpts"
+    best = ModelCheckpoint(dirpath=folder, monitor="val/AR@100", mode="max")
+    trainer = _trainer(best, LastCheckpoint(dirpath=folder))
+    with pytest.raises(ValueError, match="cannot be created") as refused:
+        check_checkpoint_dirs(trainer, None)
+    message = str(refused.value)
+    assert f"{folder} (LastCheckpoint, ModelCheckpoint dirpath)" in message
+    assert f"{tmp_path / 'afile'} is a file" in message and "choose another dirpath" in message
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_missing_checkpoint_folder_is_created_and_left_empty(tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "x" / "checkpoints"
+    check_checkpoint_dirs(_trainer(ModelCheckpoint(dirpath=folder)), None)
+    assert folder.is_dir() and not any(folder.iterdir())
