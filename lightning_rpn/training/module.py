@@ -31,7 +31,8 @@ gt boxes (predictions are not logged).
 Non-finite training steps (``nonfinite_loss``): a non-finite loss, or finite loss with
 non-finite gradients, either raises a ``ValueError`` naming the batch's image ids
 (``"raise"``, the default) or skips the optimizer update for that batch (``"skip"``, counted
-as ``train/skipped_nonfinite_batches`` and kept in checkpoints); the module installs the policy,
+as ``train/skipped_nonfinite_batches`` and kept in checkpoints; ten in a row stop training: the
+weights have then diverged); the module installs the policy,
 a callback (:mod:`lightning_rpn.training.nonfinite`), itself. Its other parts: optimisation
 (:mod:`~lightning_rpn.training.optim`), sliding-window evaluation
 (:mod:`~lightning_rpn.training.windowed`) and ``predict_images`` (:mod:`~lightning_rpn.training.predict`).
@@ -182,8 +183,8 @@ class RPNModule(pl.LightningModule):
         recall_iou_thresholds: IoU thresholds averaged by AR.
         recall_max_proposals: proposal budgets k reported as ``AR@k``.
         nonfinite_loss: ``"raise"`` (stop, naming the batch's image ids) or ``"skip"`` (no
-            update from that batch; counted as ``train/skipped_nonfinite_batches``) when a
-            training loss or gradient is non-finite.
+            update from that batch; counted as ``train/skipped_nonfinite_batches``; the 10th in a
+            row stops training) when a training loss or gradient is non-finite.
         channels_last: run the backbone and the head in the channels-last (NHWC) memory
             format. Same results up to float rounding; on CPUs (oneDNN) and on GPUs with mixed
             precision, convolutions are faster in it (see the README's performance table).
