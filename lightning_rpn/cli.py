@@ -284,6 +284,9 @@ def _drop_progress_bars(trainer: Any) -> None:
         _notice(f"enable_progress_bar is false, so the config's {names} is left out")
 
 
+_RESIZE_ARGS = frozenset({"--data.resize", "--data.min_sizes", "--data.max_size", "--data.fixed_size"})
+"""Command-line settings of the data module's resize (a checkpoint alone takes its own otherwise)."""
+
 _EVALUATION_ROLES = {"validate": "val", "test": "test", "predict": "predict"}
 """The data split role each evaluation command runs on."""
 
@@ -299,6 +302,7 @@ class RPNLightningCLI(LightningCLI):
         # Lightning's own use of a torch API that torch has deprecated: nothing a user can act on
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning)
+        self._given_args = list(sys.argv[1:] if args is None else args)  # what the command line itself sets
         kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
@@ -334,15 +338,17 @@ class RPNLightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and not self.config[subcommand].get("config"):
             super()._parse_ckpt_path()
-            self._resize_as_the_checkpoint_trained(self.config[subcommand])
+            if not any(arg.split("=")[0] in _RESIZE_ARGS or arg.startswith("--data=") or arg == "--data"
+                       for arg in self._given_args):
+                self._resize_as_the_checkpoint_trained(self.config[subcommand])
 
     @staticmethod
     def _resize_as_the_checkpoint_trained(run: Namespace) -> None:
-        """Without a ``--config``, the data module's resize is its default (none) unless the command
-        line sets one: evaluate and predict with the resize of the checkpoint's training data
-        (``RPNModule.resize_policy``, as ``predict_images`` does), not on images of another scale."""
+        """Without a ``--config`` nor a resize on the command line, evaluate and predict with the
+        resize of the checkpoint's training data (``RPNModule.resize_policy``, as ``predict_images``
+        does), not the data module's default (none): images of another scale than it learnt."""
         ckpt_path, data = run.get("ckpt_path"), run.get("data")
-        if not ckpt_path or not Path(str(ckpt_path)).is_file() or data is None or data.get("resize") != "none":
+        if not ckpt_path or not Path(str(ckpt_path)).is_file() or data is None:
             return
         path = str(ckpt_path)
         policy = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(RESIZE_KEY)
@@ -353,7 +359,7 @@ class RPNLightningCLI(LightningCLI):
         data["fixed_size"] = None if policy.get("fixed_size") is None else list(policy["fixed_size"])
         _notice(f"no --config: images are resized as the checkpoint's training data was (resize {policy['mode']!r}, "
                 f"min_sizes {list(policy['min_sizes'])}, max_size {policy['max_size']}, fixed_size "
-                f"{policy.get('fixed_size')}); --data.resize shortest_edge or fixed sets another")
+                f"{policy.get('fixed_size')}); --data.resize sets another")
 
     def before_instantiate_classes(self) -> None:
         """Choose W&B offline mode (after parsing, so ``--help`` stays quiet); safe loading;
@@ -724,6 +730,21 @@ def _replace_unencodable_output() -> None:
             stream.reconfigure(errors="replace")
 
 
+def _data_error_message(error: DataError) -> str:
+    """``error`` 's own message: one raised in a DataLoader worker comes back with the worker's whole
+    traceback as its message (torch's ``ExceptionWrapper``), whose last line is the message."""
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
+def _rank_prefix() -> str:
+    """``"[rank k] "`` under several processes: each prints its own data error (only one may have hit it)."""
+    return f"[rank {rank_zero_only.rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def _report_interruption(error: BaseException) -> int | None:
     """When ``error`` comes from Ctrl-C or SIGTERM (:func:`interruption_of`), print where ``fit``
     stopped and what ``last.ckpt`` holds (rank zero), and return the shell's status of a process
@@ -776,8 +797,8 @@ def main(args: Sequence[str] | None = None) -> int:
             print(refusal, file=sys.stderr)
         return USAGE_ERROR
     except DataError as error:  # its message names the file, image and annotation: a traceback adds nothing
-        print(f"lightning-rpn: {error}\n(`lightning-rpn check-data --config ...` lists every problem of the data)",
-              file=sys.stderr)
+        print(f"lightning-rpn: {_rank_prefix()}{_data_error_message(error)}\n"
+              "(`lightning-rpn check-data --config ...` lists every problem of the data)", file=sys.stderr)
         return DATA_ERROR
     except BaseException as error:  # Ctrl-C, SIGTERM: one line and 128 + the signal, not 0 or tracebacks
         code = _report_interruption(error)

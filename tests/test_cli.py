@@ -257,6 +257,12 @@ def test_predict_with_a_checkpoint_alone_builds_the_checkpoints_model(trained: P
         [str(tmp_path / "images/0.png")])
     top = min(50, len(record["boxes"]))
     assert torch.allclose(torch.as_tensor(record["boxes"][:top]), expected["boxes"][:top], atol=0.02)
+    # a resize on the command line wins, `none` included
+    unresized = run_cli(["predict", "--ckpt_path", checkpoint, "--data.predict_images", str(tmp_path / "images"),
+                         "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--data.resize", "none",
+                         "--trainer.default_root_dir", str(tmp_path / "unresized")], tmp_path)
+    assert_ok(unresized)
+    assert "images are resized as the checkpoint's training data was" not in unresized.stderr
 
 
 def test_validate_last_without_a_checkpoint_refuses_to_report_untrained_weights(trained: Path, tmp_path: Path) -> None:

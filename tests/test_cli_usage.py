@@ -82,3 +82,22 @@ def test_an_unexpected_error_keeps_its_traceback(config: Path, monkeypatch: pyte
     monkeypatch.setattr(cli, "evaluation_checkpoint", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["validate", "--config", str(config), "--ckpt_path", "best"])
+
+
+def test_a_data_error_from_a_dataloader_worker_prints_its_own_message(monkeypatch) -> None:
+    # torch re-raises a worker's exception with the worker's whole traceback as its message
+    from torch._utils import ExceptionWrapper
+
+    from lightning_rpn.data.problems import DataError
+
+    try:
+        raise DataError("image file is corrupt", file="train/2.jpg", image_id=3)
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert cli._data_error_message(raised.value) == "train/2.jpg, image 3: image file is corrupt"
+    assert cli._data_error_message(DataError("plain", file="a.json")) == "a.json: plain"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli._rank_prefix() == "[rank 0] "

@@ -168,11 +168,13 @@ class RegionProposer(nn.Module):
                 keep the ranking that float32 probabilities lose once they round to 1.0.
 
         Losses ``{"loss_rpn_cls", "loss_rpn_reg"}`` are computed whenever targets are given,
-        in train and eval mode alike; ``{}`` otherwise (in training mode with gradients on, with
-        a warning: a training loop that forgot its targets would otherwise train without them).
+        in train and eval mode alike; ``{}`` otherwise (in training mode with gradients on and
+        trainable parameters, with a warning: a training loop that forgot its targets would
+        otherwise train without them).
         """
         name = type(self).__name__
-        if self.training and targets is None and anchor_targets is None and torch.is_grad_enabled():
+        if (self.training and targets is None and anchor_targets is None and torch.is_grad_enabled()
+                and any(parameter.requires_grad for parameter in self.parameters())):  # not a frozen RPN
             warnings.warn(
                 f"{name} is in training mode but got no targets, so it returns no losses ({{}}); pass "
                 "targets=[{'boxes': Tensor[G, 4]}, ...] to train it, or call .eval() (or torch.no_grad()) "

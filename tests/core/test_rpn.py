@@ -90,6 +90,7 @@ def test_training_mode_without_targets_warns_that_no_losses_come_back() -> None:
         with torch.no_grad():  # proposals only: no warning
             rpn(_features(), IMAGE_SIZES)
         rpn.eval()(_features(), IMAGE_SIZES)
+        rpn.train().requires_grad_(False)(_features(), IMAGE_SIZES)  # a frozen RPN giving proposals: trains nothing
 
 
 def test_precomputed_targets_equal_in_model_targets() -> None:
