@@ -27,7 +27,7 @@ from torch import Tensor
 from .anchors import AnchorGrid
 from .box_coder import BoxCoder
 from .config import AnchorTargetConfig
-from .matching import Backend, anchors_inside_image, match_anchors_batched
+from .matching import Backend, match_anchors_batched
 from .sampling import sample_anchors_with_positives
 
 __all__ = [
@@ -115,8 +115,6 @@ def assign_batch_targets(
     device = anchor_boxes.device
     with torch.no_grad():
         gt = [boxes.to(device=device, dtype=torch.float32) for boxes in gt_boxes]
-        if config.allowed_border is not None and not _warned_no_anchor_inside:
-            _warn_if_no_anchor_inside(anchor_boxes, gt, image_sizes, config.allowed_border, image_ids)
         labels, matched = match_anchors_batched(
             anchor_boxes,
             gt,
@@ -130,6 +128,8 @@ def assign_batch_targets(
             compact=True,
             backend=backend,
         )
+        if config.allowed_border is not None and not _warned_no_anchor_inside:
+            _warn_if_no_anchor_left(labels, anchor_boxes, gt, image_sizes, config.allowed_border, image_ids)
         sampled, image, anchor = sample_anchors_with_positives(
             labels, config.batch_size_per_image, config.positive_fraction, generators, inplace=True, backend=backend
         )
@@ -145,20 +145,22 @@ def assign_batch_targets(
     return sampled.long(), dense_target_deltas(sampled, positive_deltas)
 
 
-def _warn_if_no_anchor_inside(
+def _warn_if_no_anchor_left(
+    labels: Tensor,
     anchor_boxes: Tensor,
     gt: Sequence[Tensor],
     image_sizes: Sequence[tuple[int, int]],
     allowed_border: float,
     image_ids: Sequence[int | str] | None,
 ) -> None:
-    """Warn (once per process) when the border filter leaves an image with gt boxes no anchor:
-    its loss is then exactly 0, and nothing trains on it."""
+    """Warn (once per process) when matching under the border filter left an image with gt boxes no
+    labelled anchor (``labels [B, N]`` all -1): its loss is then exactly 0, and nothing trains on it.
+    Read from the labels, so the border test is not computed a second time."""
     global _warned_no_anchor_inside
     rows = [i for i, boxes in enumerate(gt) if boxes.shape[0]]
     if not rows:
         return
-    kept = torch.stack([anchors_inside_image(anchor_boxes, image_sizes[i], allowed_border) for i in rows]).any(1)
+    kept = (labels[rows] != -1).any(1)
     empty = [i for i, any_kept in zip(rows, kept.tolist()) if not any_kept]
     if not empty:
         return
