@@ -140,13 +140,19 @@ class SceneStyle:
 
 
 def draw_dense_scene(
-    rng: np.random.Generator, height: int, width: int, style: SceneStyle = SceneStyle()
+    rng: np.random.Generator, height: int, width: int, style: SceneStyle = SceneStyle(),
+    owners: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one scene. Returns the uint8 ``H x W x 3`` image and float32 ``[G, 4]`` xyxy boxes.
 
     ``style.density`` objects per 1000 x 1000 px (fewer where they do not fit at the minimum
     distance); object sizes (the longer side) are log-uniform in
     ``[style.min_object_size, style.max_object_size]``.
+
+    ``owners``, an integer ``H x W`` array, receives for each pixel the index of the box whose
+    object covers it last (alpha above one half, the rule that makes the boxes), -1 where no
+    object does: what stays visible of each object once later ones are drawn over it (the
+    localisation ceiling, ``bench/bench_scene_ceiling.py``). The scene drawn is the same.
     """
     objects, density, overlap = style.objects, style.density, style.overlap
     min_object_size, max_object_size, contrast = style.min_object_size, style.max_object_size, style.contrast
@@ -156,6 +162,10 @@ def draw_dense_scene(
     radii = np.zeros((0,), np.float32)
     boxes = []
     make_mask = _crown_mask if objects == "crowns" else _roof_mask
+    if owners is not None:
+        if owners.shape != (height, width):
+            raise ValueError(f"draw_dense_scene: owners has shape {owners.shape}, expected {(height, width)}")
+        owners[...] = -1
     for _ in range(target):
         size = math.exp(rng.uniform(math.log(min_object_size), math.log(max_object_size)))
         aspect = math.exp(rng.uniform(math.log(0.8), math.log(1.25)) if objects == "crowns"
@@ -192,6 +202,8 @@ def draw_dense_scene(
         texture = 10.0 * rng.normal(size=alpha.shape).astype(np.float32)
         value = colour * (0.6 + 0.4 * shading)[:, :, None] + texture[:, :, None]
         local += alpha[:, :, None] * (value - local)
+        if owners is not None:
+            owners[ya:yb, xa:xb][alpha > 0.5] = len(boxes)
         centres = np.vstack([centres, centre[None]])
         radii = np.append(radii, radius)
         boxes.append((xa + inside_x.min(), ya + inside_y.min(), xa + inside_x.max() + 1, ya + inside_y.max() + 1))
@@ -249,13 +261,10 @@ class DenseScenes(Dataset):
         return self.num_images
 
     def __getitem__(self, index: int) -> DetectionSample:
-        if not -self.num_images <= index < self.num_images:
-            raise IndexError(f"DenseScenes({self.split!r}): index {index} out of range for {self.num_images} scenes")
-        index = index % self.num_images
+        index = self._checked(index)
         drawn = self._cache.get(index)
         if drawn is None:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, index])
-            drawn = draw_dense_scene(rng, self.size, self.size, self.style)
+            drawn = draw_dense_scene(self._rng(index), self.size, self.size, self.style)
             if self._cached_bytes + drawn[0].nbytes <= self.cache_bytes:
                 self._cache[index] = drawn
                 self._cached_bytes += drawn[0].nbytes
@@ -264,3 +273,20 @@ class DenseScenes(Dataset):
             image=image, boxes=boxes, image_id=index,
             source=f"scenes://{self.style.objects}-{self.style.background}/{self.split}/{index}",
         )
+
+    def owners(self, index: int) -> np.ndarray:
+        """Scene ``index``'s int64 ``H x W`` map of which box's object each pixel shows (-1: none).
+
+        See :func:`draw_dense_scene`; the scene is drawn again (not cached).
+        """
+        owners = np.empty((self.size, self.size), np.int64)
+        draw_dense_scene(self._rng(self._checked(index)), self.size, self.size, self.style, owners=owners)
+        return owners
+
+    def _checked(self, index: int) -> int:
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"DenseScenes({self.split!r}): index {index} out of range for {self.num_images} scenes")
+        return index % self.num_images
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, index])

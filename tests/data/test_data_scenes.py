@@ -65,3 +65,38 @@ def test_scenes_are_drawn_once_within_the_cache_budget() -> None:
     assert len(scenes._cache) == 1
     uncached = DenseScenes(3, size=128, seed=1, cache_bytes=0)
     assert np.array_equal(uncached[0].image, again.image) and not uncached._cache
+
+
+def test_owners_map_each_box_to_what_stays_visible_of_its_object() -> None:
+    from lightning_rpn.data.scenes import SceneStyle, draw_dense_scene
+
+    style = SceneStyle(density=900.0, overlap=0.4)
+    image, boxes = draw_dense_scene(np.random.default_rng(5), 160, 160, style)
+    owners = np.full((160, 160), 7, np.int64)
+    same_image, same_boxes = draw_dense_scene(np.random.default_rng(5), 160, 160, style, owners=owners)
+    assert np.array_equal(image, same_image) and np.array_equal(boxes, same_boxes)  # the same scene
+    assert owners.min() == -1 and set(np.unique(owners[owners >= 0])) <= set(range(len(boxes)))
+    occluded = 0
+    for index, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+        ys, xs = np.nonzero(owners == index)
+        if len(xs) == 0:
+            occluded += 1
+            continue
+        assert x1 <= xs.min() and y1 <= ys.min() and xs.max() < x2 and ys.max() < y2
+        occluded += (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) != (x1, y1, x2, y2)
+    assert (owners[owners >= 0] == len(boxes) - 1).any()  # the last object drawn is whole
+    assert occluded > 0  # at this density some objects are partly drawn over
+    with pytest.raises(ValueError, match=r"owners has shape \(10, 10\), expected \(160, 160\)"):
+        draw_dense_scene(np.random.default_rng(5), 160, 160, style, owners=np.zeros((10, 10), np.int64))
+
+
+def test_a_scenes_owner_map_is_that_of_its_drawing() -> None:
+    from lightning_rpn.data.scenes import draw_dense_scene
+
+    scenes = DenseScenes(2, size=128, density=600.0, seed=3, split="val")
+    owners = np.empty((128, 128), np.int64)
+    _, boxes = draw_dense_scene(np.random.default_rng([3, scenes._split_key, 1]), 128, 128, scenes.style, owners=owners)
+    assert np.array_equal(scenes.owners(1), owners) and np.array_equal(scenes.owners(-1), owners)
+    assert np.array_equal(scenes[1].boxes, boxes)
+    with pytest.raises(IndexError, match=r"DenseScenes\('val'\): index 2 out of range for 2 scenes"):
+        scenes.owners(2)
