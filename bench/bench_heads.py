@@ -9,7 +9,9 @@ then is evaluated on the held-out synthetic ``val`` split:
   cascade's second stage exists for;
 - the cross-category check: a second run of each variant trains with boxes on rectangles and
   ellipses only and is evaluated on images of triangles only (a kind it never learned),
-  AR@100 / AR@1000 (``--unseen`` holds out other kinds, the rest are trained with boxes).
+  AR@100 / AR@1000 (``--unseen`` holds out other kinds, the rest are trained with boxes;
+  ``--unseen outlined`` holds out a style instead: trained on filled shapes of every kind,
+  evaluated on images of outlined shapes only).
   ``--cross-protocol unannotated`` (default, OLN's VOC -> non-VOC setting) draws the held-out
   kinds in the training images without boxes, so a classifier learns to call them background;
   ``absent`` leaves them out of the training images;
@@ -20,7 +22,8 @@ then is evaluated on the held-out synthetic ``val`` split:
   that threshold).
 
 The kinds are chosen with ``data.synthetic_shape_kinds`` and ``data.synthetic_unannotated_kinds``
-(``SyntheticShapes(shape_kinds=..., unannotated_kinds=...)``).
+(``SyntheticShapes(shape_kinds=..., unannotated_kinds=...)``), the outlined shapes with
+``data.synthetic_outlined_fraction`` and ``data.synthetic_unannotated_outlined``.
 Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
 (8 epochs of 1000 images at batch 8: 1000 steps). ``--seed`` changes the training seed (weight
 initialisation, shuffling, augmentation and anchor sampling; the images stay the same).
@@ -31,6 +34,8 @@ initialisation, shuffling, augmentation and anchor sampling; the images stay the
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --variants oln --set proposal_score=geometric_mean
     # another training seed; ellipses as the unseen kind, only the cross-category runs
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --seed 1 --unseen ellipse --cross-only
+    # outlined shapes held out (trained on filled ones), only the cross-category runs
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --variants plain oln --unseen outlined --cross-only
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {"plain": "shapes.yaml", "oln": "shapes_oln.yaml", "cascade": "shapes_cascade.yaml"}
 HIGH_IOU = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 UNSEEN = ("triangle",)
+OUTLINED = "outlined"  # --unseen value: the outlined style of every kind
 
 
 def _sections(config: str) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -82,6 +88,31 @@ def seen_kinds(unseen: tuple[str, ...]) -> tuple[str, ...]:
     return seen
 
 
+def cross_data(unseen: tuple[str, ...], unannotated: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The cross-category runs' training data (``RPNDataModule`` overrides) and held-out images
+    (``SyntheticShapes`` options): ``unseen`` kinds, or ``("outlined",)``, the outlined shapes of
+    every kind; ``unannotated``: drawn without boxes in training (else left out of it)."""
+    from lightning_rpn.data.synthetic import SHAPE_KINDS
+
+    if OUTLINED in unseen:
+        if len(unseen) > 1:
+            raise SystemExit(f"bench_heads: --unseen {OUTLINED} holds out a style of every kind, give it alone "
+                             f"(got {list(unseen)})")
+        train = {"synthetic_unannotated_outlined": True} if unannotated else {"synthetic_outlined_fraction": 0.0}
+        return train, {"shape_kinds": SHAPE_KINDS, "outlined_fraction": 1.0}
+    train = {"synthetic_shape_kinds": list(seen_kinds(unseen))}
+    if unannotated:
+        train["synthetic_unannotated_kinds"] = list(unseen)
+    return train, {"shape_kinds": unseen}
+
+
+def cross_label(unseen: tuple[str, ...]) -> str:
+    """What the cross-category runs train on with boxes and are evaluated on, in words."""
+    if unseen == (OUTLINED,):
+        return "trained with boxes on filled shapes of every kind, evaluated on outlined shapes"
+    return f"trained with boxes on {'+'.join(seen_kinds(unseen))}, evaluated on {'+'.join(unseen)}"
+
+
 def build_module(variant: str, settings: dict[str, Any], seed: int | None) -> Any:
     """The variant's ``RPNModule`` from its config's model section, ``settings`` and the training ``seed``."""
     from lightning_rpn import RPNModule
@@ -103,11 +134,12 @@ def check_settings(variants: list[str], settings: dict[str, Any]) -> None:
             raise SystemExit(f"bench_heads: {variant} ({VARIANTS[variant]}) with --set {settings}: {error}") from None
 
 
-def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] | None, eval_kinds: tuple[str, ...] | None,
-                val_images: int, unannotated: bool = False, settings: dict[str, Any] | None = None,
+def run_variant(variant: str, steps: int, threads: int, cross: tuple[dict[str, Any], dict[str, Any]] | None,
+                val_images: int, settings: dict[str, Any] | None = None,
                 seed: int | None = None, eval_scores: tuple[str, ...] = (), eval_nms: tuple[float, ...] = (),
                 eval_iterations: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Train one variant for ``steps`` and evaluate it (runs in its own process).
+    """Train one variant for ``steps`` and evaluate it (runs in its own process); ``cross``: the
+    cross-category run's data (:func:`cross_data`), else the config's and its ``val`` split.
 
     The same trained model is also evaluated ranked by each of ``eval_scores`` (quality branches
     only), at each NMS threshold of ``eval_nms`` and, a cascade, with each number of test
@@ -118,16 +150,13 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
 
     from lightning_rpn import RPNDataModule
     from lightning_rpn.data import SyntheticShapes
-    from lightning_rpn.data.synthetic import SHAPE_KINDS
 
     torch.set_num_threads(threads)
     _, data_args, config_seed = _sections(VARIANTS[variant])
     pl.seed_everything(config_seed if seed is None else seed, workers=True)
     data_args.update(synthetic_val_images=val_images)
-    if kinds is not None:
-        data_args.update(synthetic_shape_kinds=list(kinds))
-        if unannotated:
-            data_args.update(synthetic_unannotated_kinds=list(eval_kinds or ()))
+    if cross is not None:
+        data_args.update(cross[0])
     module = build_module(variant, settings or {}, seed)
     datamodule = RPNDataModule(**data_args)
 
@@ -152,8 +181,8 @@ def run_variant(variant: str, steps: int, threads: int, kinds: tuple[str, ...] |
     trainer.fit(module, datamodule=datamodule)
     train_s = time.perf_counter() - started
     module.eval()
-    dataset = SyntheticShapes(val_images, split="val" if eval_kinds is None else "unseen-kinds",
-                              shape_kinds=eval_kinds or SHAPE_KINDS)
+    dataset = (SyntheticShapes(val_images, split="val") if cross is None
+               else SyntheticShapes(val_images, split="unseen-kinds", **cross[1]))
     results = evaluate(module, dataset)
     by_score = {}
     if getattr(module.rpn, "quality", ()):  # an RPN with quality branches: rank its proposals each way
@@ -249,7 +278,8 @@ def main() -> int:
     parser.add_argument("--cross-protocol", choices=["unannotated", "absent"], default="unannotated",
                         help="unseen kinds in the training images without boxes (default), or left out")
     parser.add_argument("--unseen", nargs="+", default=list(UNSEEN), metavar="KIND",
-                        help="the kinds held out of the cross-category runs' boxes (default: triangle)")
+                        help="the kinds held out of the cross-category runs' boxes (default: triangle), or "
+                             "'outlined': the outlined shapes of every kind"),
     parser.add_argument("--eval-scores", nargs="+", default=[], choices=["objectness", "quality", "geometric_mean"],
                         help="also evaluate each trained model ranked by these proposal scores (models with quality "
                              "branches whose objectness is trained, e.g. --set proposal_score=geometric_mean)")
@@ -267,11 +297,10 @@ def main() -> int:
     options = parser.parse_args()
     settings = parse_settings(options.set)
     unseen = tuple(options.unseen)
-    seen = seen_kinds(unseen)
+    cross_runs = cross_data(unseen, options.cross_protocol == "unannotated")
     if options.child:
-        kinds = (seen, unseen) if options.cross else (None, None)
-        row = run_variant(options.child, options.steps, options.threads, kinds[0], kinds[1], options.val_images,
-                          unannotated=options.cross_protocol == "unannotated", settings=settings, seed=options.seed,
+        row = run_variant(options.child, options.steps, options.threads, cross_runs if options.cross else None,
+                          options.val_images, settings=settings, seed=options.seed,
                           eval_scores=tuple(options.eval_scores), eval_nms=tuple(options.eval_nms),
                           eval_iterations=tuple(options.eval_test_iterations))
         print(json.dumps(row))
@@ -302,8 +331,7 @@ def main() -> int:
                 f"{key} {result[key]:.3f}" + ("" if reference is None else f" ({_ratio(result[key], reference[key])})")
                 for key in keys[:4]))
     if cross:
-        print(f"cross-category ({options.cross_protocol}): trained with boxes on {'+'.join(seen)}, "
-              f"evaluated on {'+'.join(unseen)}")
+        print(f"cross-category ({options.cross_protocol}): {cross_label(unseen)}")
         plain = cross.get("plain")
         for variant, row in cross.items():
             evaluations = [(f"{variant:<10}", row, None if variant == "plain" else plain),

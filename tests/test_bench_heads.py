@@ -37,6 +37,20 @@ def test_unseen_kinds_leave_the_others_seen(bench_heads) -> None:
             bench_heads.seen_kinds(unseen)
 
 
+def test_outlined_shapes_are_held_out_as_a_style_of_every_kind(bench_heads) -> None:
+    train, held_out = bench_heads.cross_data(("outlined",), unannotated=True)
+    assert train == {"synthetic_unannotated_outlined": True}
+    assert held_out == {"shape_kinds": ("rectangle", "ellipse", "triangle"), "outlined_fraction": 1.0}
+    assert bench_heads.cross_data(("outlined",), unannotated=False)[0] == {"synthetic_outlined_fraction": 0.0}
+    assert bench_heads.cross_data(("triangle",), unannotated=True) == (
+        {"synthetic_shape_kinds": ["rectangle", "ellipse"], "synthetic_unannotated_kinds": ["triangle"]},
+        {"shape_kinds": ("triangle",)})
+    assert bench_heads.cross_data(("triangle",), unannotated=False)[0] == {"synthetic_shape_kinds": ["rectangle", "ellipse"]}
+    assert "evaluated on outlined shapes" in bench_heads.cross_label(("outlined",))
+    with pytest.raises(SystemExit, match="--unseen outlined holds out a style of every kind, give it alone"):
+        bench_heads.cross_data(("outlined", "triangle"), unannotated=True)
+
+
 def test_options_that_leave_nothing_to_run_are_refused() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--no-cross", "--cross-only"], capture_output=True, text=True)
     assert done.returncode == 1 and "--no-cross and --cross-only leave nothing to run" in done.stderr

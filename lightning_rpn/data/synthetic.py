@@ -2,11 +2,12 @@
 
 Each image (its size drawn between ``min_size`` and ``max_size`` per side) has a textured
 background (smooth colour noise, sometimes stripes, pixel noise) and 0..``max_shapes``
-rectangles, ellipses and triangles, filled or outlined, whose shorter side is at least
+rectangles, ellipses and triangles, filled or outlined (``outlined_fraction`` of them), whose shorter side is at least
 ``min_box_size`` pixels, whose longer side reaches up to ``max_box_fraction`` of the image, and
 whose aspect ratio lies between 1:4 and 4:1. Shapes of ``unannotated_kinds`` are drawn like the
 others but get no box: objects of classes nobody labelled, as in a real training set (what
-open-world proposal methods are tested against). Shapes may overlap: a box is the tight box of the
+open-world proposal methods are tested against); with ``unannotated_outlined`` so are the outlined
+shapes of every kind (an unseen style rather than an unseen kind). Shapes may overlap: a box is the tight box of the
 shape's visible pixels, and a shape left with less than ``min_visible_fraction`` of its pixels
 visible is removed from the image's boxes. A fraction ``empty_fraction`` of images has no
 shapes at all. Item ``i`` of split ``s`` depends only on ``(seed, s, i)``: the same in every
@@ -89,12 +90,16 @@ def draw_shapes_image(
     min_visible_fraction: float = 0.5,
     kinds: Sequence[str] = SHAPE_KINDS,
     unannotated_kinds: Sequence[str] = (),
+    outlined_fraction: float = 0.3,
+    unannotated_outlined: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``num_shapes`` shapes of ``kinds`` and ``unannotated_kinds`` on a textured background.
 
     Returns the uint8 ``H x W x 3`` image and float32 ``[G, 4]`` xyxy boxes of the visible
     shapes of ``kinds`` (``G <= num_shapes``); shapes of ``unannotated_kinds`` occlude and are
-    occluded like the others but have no box.
+    occluded like the others but have no box. Each shape is outlined with probability
+    ``outlined_fraction`` (the random draws are the same whatever it is), and has no box when it
+    is and ``unannotated_outlined`` is set.
     """
     drawable = (*kinds, *unannotated_kinds)
     image = _background(rng, height, width)
@@ -118,7 +123,7 @@ def draw_shapes_image(
     specs.sort(key=lambda spec: -spec[0])
     for index, (_, x1, y1, box_w, box_h) in enumerate(specs, start=1):
         kind = drawable[int(rng.integers(0, len(drawable)))]
-        outlined = rng.random() < 0.3
+        outlined = rng.random() < outlined_fraction
         thickness = -1 if not outlined else max(2, int(round(min(box_w, box_h) * rng.uniform(0.06, 0.15))))
         color = _shape_color(rng, image[y1:y1 + box_h, x1:x1 + box_w])
         x2, y2 = x1 + box_w - 1, y1 + box_h - 1  # inclusive pixel coordinates for OpenCV
@@ -128,7 +133,7 @@ def draw_shapes_image(
         for canvas, value in ((image, color), (labels, index)):
             _draw(canvas, kind, (x1, y1, x2, y2), triangle, value, thickness)
         drawn_pixels.append(int(np.count_nonzero(labels == index)))
-        annotated.append(kind in kinds)
+        annotated.append(kind in kinds and not (outlined and unannotated_outlined))
     boxes = []
     if specs:
         visible = np.bincount(labels.ravel(), minlength=len(specs) + 1)
@@ -152,6 +157,8 @@ class SyntheticShapes(Dataset):
     ``1..max_shapes`` shapes (none with probability ``empty_fraction``) of ``shape_kinds``
     (a subset of :data:`SHAPE_KINDS`: train on some kinds, evaluate on the others) and of
     ``unannotated_kinds`` (drawn, never boxed: train with the others present but unlabelled).
+    ``outlined_fraction`` of the shapes are outlined, not filled; ``unannotated_outlined`` leaves
+    them unboxed as well (``outlined_fraction=1`` then evaluates on outlined shapes alone).
     """
 
     def __init__(
@@ -168,6 +175,8 @@ class SyntheticShapes(Dataset):
         min_visible_fraction: float = 0.5,
         shape_kinds: Sequence[str] = SHAPE_KINDS,
         unannotated_kinds: Sequence[str] = (),
+        outlined_fraction: float = 0.3,
+        unannotated_outlined: bool = False,
     ) -> None:
         if not shape_kinds or any(kind not in SHAPE_KINDS for kind in shape_kinds):
             raise ValueError(f"SyntheticShapes: shape_kinds={list(shape_kinds)!r} must be a non-empty list of {SHAPE_KINDS}")
@@ -191,6 +200,8 @@ class SyntheticShapes(Dataset):
             )
         if not 0.0 <= empty_fraction <= 1.0:
             raise ValueError(f"SyntheticShapes: empty_fraction={empty_fraction} must be in [0, 1]")
+        if not 0.0 <= outlined_fraction <= 1.0:
+            raise ValueError(f"SyntheticShapes: outlined_fraction={outlined_fraction} must be in [0, 1]")
         self.num_images = num_images
         self.min_size = min_size
         self.max_size = max_size
@@ -203,6 +214,8 @@ class SyntheticShapes(Dataset):
         self.min_visible_fraction = min_visible_fraction
         self.shape_kinds = tuple(shape_kinds)
         self.unannotated_kinds = tuple(unannotated_kinds)
+        self.outlined_fraction = outlined_fraction
+        self.unannotated_outlined = unannotated_outlined
         self._split_key = zlib.crc32(split.encode("utf-8"))
 
     def __len__(self) -> int:
@@ -218,6 +231,6 @@ class SyntheticShapes(Dataset):
         num_shapes = 0 if empty else int(rng.integers(1, self.max_shapes + 1))
         image, boxes = draw_shapes_image(
             rng, height, width, num_shapes, self.min_box_size, self.max_box_fraction, self.min_visible_fraction,
-            self.shape_kinds, self.unannotated_kinds,
+            self.shape_kinds, self.unannotated_kinds, self.outlined_fraction, self.unannotated_outlined,
         )
         return DetectionSample(image=image, boxes=boxes, image_id=index, source=f"synthetic://{self.split}/{index}")

@@ -74,7 +74,8 @@ class RPNDataModule(LightningDataModule):
             ``synthetic_val_images``.
         synthetic_*: SyntheticShapes parameters (images in the train split / in any other split,
             image side range, most shapes per image, smallest shape side, shape kinds: default
-            all of ``SHAPE_KINDS``).
+            all of ``SHAPE_KINDS``, kinds drawn without boxes, share of outlined shapes and whether
+            they are drawn without boxes: the cross-category protocol of ``bench/bench_heads.py``).
         seed: seed of the synthetic images.
         batch_size / val_batch_size: images per batch (validation defaults to ``batch_size``).
         num_workers: DataLoader workers (persistent when > 0); pin_memory: pinned batches.
@@ -123,6 +124,8 @@ class RPNDataModule(LightningDataModule):
         synthetic_min_box_size: float = 8.0,
         synthetic_shape_kinds: list[str] | None = None,
         synthetic_unannotated_kinds: list[str] | None = None,
+        synthetic_outlined_fraction: float = 0.3,
+        synthetic_unannotated_outlined: bool = False,
         scene_options: dict[str, Any] | None = None,
         seed: int = 0,
         batch_size: int = 8,

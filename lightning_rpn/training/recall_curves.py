@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
@@ -67,7 +68,9 @@ class RecallCurves(Callback):
     ``{stage}/recall_curves``. Other loggers / none: rows appended to
     ``recall_curves/{stage}_recall_vs_iou.csv`` and ``..._recall_vs_proposals.csv`` (columns
     epoch, step, checkpoint, x, y; ``checkpoint`` is the file a ``validate`` / ``test`` loaded,
-    empty for the weights of a ``fit``) and a PNG of the figure per evaluation under the log
+    empty for the weights of a ``fit``; each ``fit`` has CSV files of its own, ``-v1``, ... when
+    an earlier run's are there, which its checkpoints record so that a resumed ``fit`` goes on
+    in them) and a PNG of the figure per evaluation under the log
     directory: ``{stage}_epoch{E:03d}_step{S}.png`` in ``fit``, ``{stage}-{checkpoint stem}.png``
     for a loaded checkpoint (:func:`~lightning_rpn.training.log_targets.evaluation_name`). No
     file is replaced: a taken PNG name gets ``-v1``, ``-v2``, ..., and a CSV of another layout
@@ -81,6 +84,26 @@ class RecallCurves(Callback):
     def __init__(self, save_png: bool = True) -> None:
         self.save_png = save_png
         self._announced: set[Path] = set()
+        self._fit_csv_names: dict[str, str] = {}  # this fit's CSV file name per base name
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resumed fit's checkpoint restores them
+            self._fit_csv_names = {}
+
+    def state_dict(self) -> dict[str, dict[str, str]]:
+        return {"fit_csv_names": dict(self._fit_csv_names)}
+
+    def load_state_dict(self, state_dict: dict[str, dict[str, str]]) -> None:
+        self._fit_csv_names = dict(state_dict.get("fit_csv_names", {}))
+
+    def _fit_csv_path(self, base: Path) -> Path:
+        """This fit's CSV for ``base``: the file it began (a resumed fit's, from its checkpoint),
+        else the first of ``base``, ``-v1``, ... that no earlier run wrote."""
+        name = self._fit_csv_names.get(base.name)
+        if name is None:
+            name = versioned(base, free_version(lambda version: [versioned(base, version)])[0]).name
+            self._fit_csv_names[base.name] = name
+        return base.with_name(name)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not reporting(trainer):
@@ -127,7 +150,8 @@ class RecallCurves(Callback):
         written = []
         for name, columns in (("recall_vs_iou", ["iou", "recall"]), ("recall_vs_proposals", ["proposals", "AR"])):
             header = ["epoch", "step", "checkpoint", *columns]
-            path = _csv_path(folder / f"{stage}_{name}.csv", header)
+            base = folder / f"{stage}_{name}.csv"
+            path = self._fit_csv_path(base) if trainer.state.fn == TrainerFn.FITTING else _csv_path(base, header)
             new = not path.exists()
             with path.open("a", newline="") as f:
                 writer = csv.writer(f)

@@ -40,7 +40,9 @@ def build_split_dataset(
             kinds = SHAPE_KINDS if hp["synthetic_shape_kinds"] is None else hp["synthetic_shape_kinds"]
             return SyntheticShapes(num, hp["synthetic_min_size"], hp["synthetic_max_size"], hp["synthetic_max_shapes"],
                                    seed=hp["seed"], split=split, min_box_size=hp["synthetic_min_box_size"],
-                                   shape_kinds=kinds, unannotated_kinds=hp["synthetic_unannotated_kinds"] or ())
+                                   shape_kinds=kinds, unannotated_kinds=hp["synthetic_unannotated_kinds"] or (),
+                                   outlined_fraction=hp["synthetic_outlined_fraction"],
+                                   unannotated_outlined=hp["synthetic_unannotated_outlined"])
         try:
             return DenseScenes(num, **(hp["scene_options"] or {}), seed=hp["seed"], split=split)
         except TypeError as error:

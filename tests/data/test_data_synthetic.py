@@ -102,3 +102,32 @@ def test_unannotated_kinds_are_drawn_without_boxes() -> None:
     dm = RPNDataModule(synthetic_train_images=2, synthetic_shape_kinds=["rectangle"],
                        synthetic_unannotated_kinds=["triangle"], num_workers=0)
     assert dm.build_dataset("train").unannotated_kinds == ("triangle",)
+
+
+def test_outlined_shapes_can_be_held_out_as_an_unseen_style() -> None:
+    from lightning_rpn.training.datamodule import RPNDataModule
+
+    default, explicit = SyntheticShapes(30, seed=4), SyntheticShapes(30, seed=4, outlined_fraction=0.3)
+    unlabelled = SyntheticShapes(30, seed=4, unannotated_outlined=True)
+    missing = 0
+    for index in range(30):
+        assert np.array_equal(default[index].image, explicit[index].image)
+        assert np.array_equal(default[index].boxes, explicit[index].boxes)
+        assert np.array_equal(default[index].image, unlabelled[index].image)  # the same pixels, fewer boxes
+        kept = {tuple(box) for box in unlabelled[index].boxes.tolist()}
+        assert kept <= {tuple(box) for box in default[index].boxes.tolist()}
+        missing += len(default[index].boxes) - len(unlabelled[index].boxes)
+    total = sum(len(default[i].boxes) for i in range(30))
+    assert 0.1 * total < missing < 0.5 * total  # about 30% of the shapes are outlined
+    # every shape outlined: a filled shape covers its whole box, an outline leaves its centre open
+    outlined, filled = SyntheticShapes(30, seed=4, outlined_fraction=1.0), SyntheticShapes(30, seed=4, outlined_fraction=0.0)
+    assert sum(len(outlined[i].boxes) for i in range(30)) > 0
+    assert all(len(SyntheticShapes(30, seed=4, outlined_fraction=1.0, unannotated_outlined=True)[i].boxes) == 0
+               for i in range(30))
+    assert any(not np.array_equal(outlined[i].image, filled[i].image) for i in range(30))
+    with pytest.raises(ValueError, match=r"outlined_fraction=1.5 must be in \[0, 1\]"):
+        SyntheticShapes(4, outlined_fraction=1.5)
+    dm = RPNDataModule(synthetic_train_images=2, synthetic_outlined_fraction=0.0, synthetic_unannotated_outlined=True,
+                       num_workers=0)
+    train = dm.build_dataset("train")
+    assert (train.outlined_fraction, train.unannotated_outlined) == (0.0, True)

@@ -390,7 +390,27 @@ def test_fit_files_keep_their_names_and_a_second_fit_keeps_the_first_ones(tmp_pa
     assert (tmp_path / "proposal_images" / "val_epoch000_step2-v1_0_img_0-0.png").is_file()
     assert {p: p.read_bytes() for p in first} == first
     with (curves / "val_recall_vs_iou.csv").open() as f:
-        assert {r["checkpoint"] for r in csv.DictReader(f)} == {""}  # the weights of a fit, no file
+        first_rows = list(csv.DictReader(f))
+    assert len(first_rows) == 20 and {r["checkpoint"] for r in first_rows} == {""}  # a fit's weights, no file
+    with (curves / "val_recall_vs_iou-v1.csv").open() as f:  # the second fit's rows, apart from the first's
+        assert [(r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("0", "2")] * 10
+
+
+def test_a_resumed_fit_goes_on_in_its_own_csv_files(tmp_path):
+    curves = tmp_path / "recall_curves"
+    make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1).fit(FakeRPNModule(), loader(), loader())
+    trainer = make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1)  # a second run: -v1 files
+    trainer.fit(FakeRPNModule(), loader(), loader())
+    trainer.save_checkpoint(tmp_path / "second.ckpt")
+    make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1).fit(FakeRPNModule(), loader(), loader())  # -v2
+    resumed = make_trainer(tmp_path, False, [RecallCurves()], max_epochs=2)
+    resumed.fit(FakeRPNModule(), loader(), loader(), ckpt_path=str(tmp_path / "second.ckpt"))
+    with (curves / "val_recall_vs_proposals-v1.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0"] * 4 + ["1"] * 4  # the second run, resumed
+    for name in ("val_recall_vs_proposals.csv", "val_recall_vs_proposals-v2.csv"):
+        with (curves / name).open() as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["0"] * 4
+    assert not (curves / "val_recall_vs_proposals-v3.csv").exists()
 
 
 def test_rows_are_never_appended_to_a_csv_of_other_columns(tmp_path):
