@@ -99,7 +99,7 @@ def adaptive_offsets(boxes: Tensor, height: int, width: int, stride: float, orig
         torch.arange(width, device=boxes.device, dtype=torch.float32),
         indexing="ij",
     )
-    steps = torch.arange(-1.0, 2.0, device=boxes.device)
+    steps = torch.arange(-1.0, 2.0, device=boxes.device, dtype=torch.float32)
     rows, cols = (t.reshape(-1) for t in torch.meshgrid(steps, steps, indexing="ij"))  # [K]
     dy = cy[..., None] + rows * half_h[..., None] - (ys.reshape(-1, 1) + rows)  # [B, H * W, K]
     dx = cx[..., None] + cols * half_w[..., None] - (xs.reshape(-1, 1) + cols)
@@ -115,6 +115,7 @@ def gt_levels(grid: AnchorGrid, gt_boxes: Tensor) -> Tensor:
     sizes = torch.tensor(
         [float((cell[0, 2] - cell[0, 0]) * (cell[0, 3] - cell[0, 1])) ** 0.5 for cell in (lv.cell_anchors for lv in grid.levels)],
         device=gt_boxes.device,
+        dtype=torch.float32,
     )
     gt = gt_boxes.float()
     side = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])).sqrt()
@@ -147,7 +148,9 @@ def best_levels(positive: Tensor, matched: Tensor, ious: Tensor, location_levels
     level = torch.full((num_gt,), -1, dtype=torch.int64, device=ious.device)
     if num_gt == 0:
         return level
-    best = torch.full((num_gt,), -1.0, device=ious.device).scatter_reduce(0, matched[positive], ious[positive], "amax")
+    best = torch.full((num_gt,), -1.0, dtype=ious.dtype, device=ious.device).scatter_reduce(
+        0, matched[positive], ious[positive], "amax"
+    )
     is_best = positive & (ious == best[matched])
     level[matched[is_best]] = location_levels[is_best]
     return level
@@ -476,7 +479,7 @@ class CascadeRPN(RegionProposer):
         device = inputs.device
         grid = self.anchor_generator.grid(inputs.shapes, device=device)
         gt_boxes, generators = self._gt_boxes(inputs)
-        reg = torch.zeros((), device=device)
+        reg = torch.zeros((), dtype=torch.float32, device=device)
         passes = []
         for index, (boxes, deltas) in enumerate(zip(stage_boxes, stage_deltas)):
             if not (torch.isfinite(boxes).all() and torch.isfinite(deltas).all()):
@@ -543,7 +546,7 @@ class CascadeRPN(RegionProposer):
             positive = iou_labels == 1 if self.box_loss_positives == "all" else labels == 1
         first = torch.tensor([0] + [gt.shape[0] for gt in gt_boxes], device=device).cumsum(0)
         image_of = torch.nonzero(positive)[:, 0]
-        all_gt = torch.cat([torch.zeros(0, 4, device=device), *gt_boxes])
+        all_gt = torch.cat([torch.zeros(0, 4, dtype=torch.float32, device=device), *gt_boxes])
         return labels, positive, matched, all_gt[first[image_of] + matched[positive]]
 
     def _own_level_labels(self, labels: Tensor, positive: Tensor, matched: Tensor, grid: AnchorGrid,
@@ -558,7 +561,7 @@ class CascadeRPN(RegionProposer):
             torch.arange(len(grid.levels), device=labels.device),
             torch.tensor([level.num_anchors for level in grid.levels], device=labels.device),
         )
-        ious = torch.zeros(labels.shape, device=labels.device)
+        ious = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         ious[positive] = positive_ious.float()
         relabelled = labels.clone()
         for image, gt in enumerate(gt_boxes):

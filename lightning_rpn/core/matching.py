@@ -206,7 +206,7 @@ def decide_labels(
 @functools.lru_cache(maxsize=64)
 def _unlisted_label(fg_iou: float, bg_iou: float) -> int:
     """The label of an anchor without statistics: the thresholds applied to best IoU 0."""
-    return int(_threshold_labels(torch.zeros(1), fg_iou, bg_iou, torch.int64))
+    return int(_threshold_labels(torch.zeros(1, dtype=torch.float32), fg_iou, bg_iou, torch.int64))
 
 
 def _threshold_labels(best_iou: Tensor, fg_iou: float, bg_iou: float, dtype: torch.dtype) -> Tensor:
@@ -250,12 +250,12 @@ def match_stats(
 def _torch_stats(anchors: Tensor, gt_boxes: Sequence[Tensor], inside: Tensor | None) -> MatchStats:
     """The ``"torch"`` backend: ``box_iou`` over chunks of anchors, image by image."""
     device, num_anchors = anchors.device, anchors.shape[0]
-    best_iou = torch.zeros(len(gt_boxes), num_anchors, device=device)
+    best_iou = torch.zeros(len(gt_boxes), num_anchors, dtype=torch.float32, device=device)
     best_gt = torch.zeros(len(gt_boxes), num_anchors, dtype=torch.int64, device=device)
     gt_best, pair_anchor, pair_gt, pair_iou = [], [], [], []
     first_gt = 0
     for image, gt in enumerate(gt_boxes):
-        image_best = torch.full((gt.shape[0],), -1.0, device=device)
+        image_best = torch.full((gt.shape[0],), -1.0, dtype=torch.float32, device=device)
         chunk = max(1, _IOU_BUDGET // max(gt.shape[0], 1))
         for begin in range(0, num_anchors if gt.shape[0] else 0, chunk):
             iou = box_iou(gt, anchors[begin : begin + chunk])  # [G, chunk]
@@ -272,14 +272,15 @@ def _torch_stats(anchors: Tensor, gt_boxes: Sequence[Tensor], inside: Tensor | N
         gt_best.append(image_best)
         first_gt += gt.shape[0]
     no_pairs = torch.zeros(0, dtype=torch.int64, device=device)
+    no_ious = torch.zeros(0, dtype=torch.float32, device=device)
     return MatchStats(
         torch.arange(best_iou.numel(), device=device),
         best_iou.view(-1),
         best_gt.view(-1),
-        torch.cat(gt_best) if gt_best else torch.zeros(0, device=device),
+        torch.cat(gt_best) if gt_best else no_ious,
         torch.cat([no_pairs, *pair_anchor]),
         torch.cat([no_pairs, *pair_gt]),
-        torch.cat([torch.zeros(0, device=device), *pair_iou]),
+        torch.cat([no_ious, *pair_iou]),
         num_anchors,
     )
 
@@ -291,7 +292,7 @@ def crowd_coverage(anchors: Tensor, crowd_boxes: Sequence[Tensor | None]) -> Ten
     """
     if not any(crowd is not None and crowd.numel() for crowd in crowd_boxes):
         return None
-    coverage = torch.zeros(len(crowd_boxes), anchors.shape[0], device=anchors.device)
+    coverage = torch.zeros(len(crowd_boxes), anchors.shape[0], dtype=torch.float32, device=anchors.device)
     for image, crowd in enumerate(crowd_boxes):
         if crowd is None or not crowd.numel():
             continue

@@ -513,9 +513,7 @@ class RPNModule(pl.LightningModule):
         except ValueError as error:
             hint = ""
             if isinstance(error, NonFiniteLossError):
-                hint = (
-                    "; lower model.lr, set trainer.gradient_clip_val, or check these images' boxes"
-                )
+                hint = self._float16_hint() + "; lower model.lr, set trainer.gradient_clip_val, or check these images' boxes"
                 if stage == "training":
                     hint += " (model.nonfinite_loss='skip' skips such batches)"
             # keep a non-finite loss recognisable to callers (training_step's skip policy)
@@ -524,6 +522,18 @@ class RPNModule(pl.LightningModule):
                 f"RPNModule {stage} step (global step {self.global_step}) on images "
                 f"{list(batch.image_ids)}: {error}{hint}"
             ) from error
+
+    def _float16_hint(self) -> str:
+        """The non-finite hint's first advice when parameters are float16 (``16-true``, ``.half()``), else ``""``:
+        float16 overflows above 65504 and loses gradients below 6e-8, which no learning rate fixes."""
+        if not any(parameter.dtype == torch.float16 for parameter in self.parameters()):
+            return ""
+        precision = getattr(self._trainer, "precision", None)
+        source = f"trainer.precision {precision!r}" if precision is not None else "a model cast with .half()"
+        return (
+            f"; the parameters are float16 ({source}), whose range (6e-8 to 65504) activations and gradients "
+            "easily leave: train with --trainer.precision 16-mixed, bf16-mixed or bf16-true"
+        )
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> Tensor:
         loss = losses["loss_rpn_cls"] + losses["loss_rpn_reg"]

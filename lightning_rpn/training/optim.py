@@ -158,8 +158,29 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = lrs
 
 
+def check_optimizer_dtype(name: str, groups: list[dict[str, Any]]) -> None:
+    """``ValueError`` for ``"adamw"`` over float16 parameters (``trainer.precision 16-true``, ``.half()``).
+
+    Its ``eps`` (1e-8) is 0 in float16, and so is the square of any gradient below 2.4e-4: the
+    first step where a parameter's gradient is zero or tiny divides by 0 and writes NaN or inf
+    into it, whatever the learning rate or gradient clipping, and the next step's loss is
+    non-finite. The mixed precisions keep float32 weights (and optimiser state) and do not
+    have the problem.
+    """
+    if name != "adamw" or not any(p.dtype == torch.float16 for group in groups for p in group["params"]):
+        return
+    raise ValueError(
+        "model.optimizer='adamw' cannot update float16 parameters (trainer.precision '16-true', or a model "
+        "cast with .half()): AdamW's eps=1e-8 is 0 in float16, so its first step with a zero or tiny gradient "
+        "writes NaN into the weights, whatever model.lr or trainer.gradient_clip_val. Train with "
+        "--trainer.precision 16-mixed, bf16-mixed or bf16-true, or keep 16-true with --model.optimizer sgd"
+    )
+
+
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
-    """``"sgd"`` (with ``momentum``) or ``"adamw"`` over parameter ``groups`` at ``lr``."""
+    """``"sgd"`` (with ``momentum``) or ``"adamw"`` over parameter ``groups`` at ``lr``
+    (:func:`check_optimizer_dtype` first)."""
+    check_optimizer_dtype(name, groups)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     return torch.optim.AdamW(groups, lr=lr)
