@@ -38,7 +38,12 @@ Limitations:
   RPN does; pad images to a multiple of ``size_divisibility`` as the data pipeline does (and
   pass the unpadded size as ``image_size``) to get what :class:`RPNModule` computes;
 - the input dtype is fixed at export: uint8 pixels for an :class:`RPNModule` (normalised in the
-  graph), float for a ``(backbone, rpn)`` pair (fed to the backbone as is);
+  graph), the backbone's floating dtype for a ``(backbone, rpn)`` pair (fed to the backbone as
+  is); the backbone runs in its parameters' dtype and memory format, as
+  :meth:`RPNModule.normalize <lightning_rpn.training.module.RPNModule.normalize>` feeds it (half /
+  bf16 models export too), and the boxes come back in the dtype the eager network returns;
+- the program owns a copy of the weights, contiguous (so that ``torch.export.save`` stores each
+  as one whole tensor) and not requiring grad: later changes to the model do not reach it;
 - outputs match the eager network up to float rounding in the backbone, see
   ``tests/tools/test_export.py`` for the tolerance.
 """
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,13 +82,18 @@ class ProposalNetwork(nn.Module):
         rpn: the trained :class:`~lightning_rpn.core.rpn.RPN` (any head, quality branches
             included) or :class:`~lightning_rpn.core.cascade.CascadeRPN`; its prediction layers,
             anchors, box coder and evaluation settings are used (the module shares its parameters).
-        pixel_mean / pixel_std: ``[1, 3, 1, 1]`` normalisation applied to ``images.float()``
-            before the backbone; ``None`` feeds the images to the backbone unchanged.
+        pixel_mean / pixel_std: ``[1, 3, 1, 1]`` normalisation applied to the images, cast to
+            the backbone parameters' dtype, before the backbone; ``None`` feeds the images to the
+            backbone unchanged (but for that cast).
         return_logits: also return the proposals' score logits (what the window merge ranks by).
 
     ``forward(images, image_size)`` with ``image_size`` an int64 ``[2]`` tensor ``(h, w)``, the
-    size before padding, returns ``(boxes [P, 4], scores [P])`` (``+ logits [P]``), float32,
-    best first. ``min_image_size`` is the smallest side :func:`export_proposal_network` supports.
+    size before padding, returns ``(boxes [P, 4], scores [P])`` (``+ logits [P]``), best first,
+    float32 as the eager RPN returns them. ``min_image_size`` is the smallest side
+    :func:`export_proposal_network` supports. The backbone input is brought to the memory format of
+    the backbone's weights at construction (``channels_last`` for a default ``RPNModule``), as
+    :meth:`RPNModule.normalize <lightning_rpn.training.module.RPNModule.normalize>` does, so that
+    the program runs the same kernels whatever layout its own weights are stored in.
     """
 
     def __init__(
@@ -117,14 +128,24 @@ class ProposalNetwork(nn.Module):
         self.min_size = float(rpn.min_size)
         self.score_thresh = float(rpn.score_thresh)
         self.return_logits = return_logits
+        self.memory_format = _weights_memory_format(backbone)
         self.normalize = pixel_mean is not None
         if pixel_mean is not None:
-            self.register_buffer("pixel_mean", pixel_mean.detach().clone().float(), persistent=False)
-            self.register_buffer("pixel_std", pixel_std.detach().clone().float(), persistent=False)
+            self.register_buffer("pixel_mean", pixel_mean.detach().clone(), persistent=False)
+            self.register_buffer("pixel_std", pixel_std.detach().clone(), persistent=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The backbone parameters' floating dtype (float32 when it has none): what it is fed."""
+        return next((p.dtype for p in self.backbone.parameters() if p.is_floating_point()), torch.float32)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The images' dtype: uint8 pixels when normalising, else the backbone's floating dtype."""
+        return torch.uint8 if self.normalize else self.compute_dtype
 
     def forward(self, images: Tensor, image_size: Tensor) -> tuple[Tensor, ...]:
-        inputs = (images.float() - self.pixel_mean) / self.pixel_std if self.normalize else images
-        features = self.backbone(inputs)
+        features = self.backbone(self._backbone_input(images))
         features = list(features.values()) if isinstance(features, dict) else list(features)
         anchors = [
             level_anchors(getattr(self, f"cell_anchors_{level}"), stride, feature.shape[-2:], self.offset,
@@ -142,6 +163,15 @@ class ProposalNetwork(nn.Module):
         if self.return_logits:
             return boxes[0, best], probs[0, best], logits[0, best]
         return boxes[0, best], probs[0, best]
+
+    def _backbone_input(self, images: Tensor) -> Tensor:
+        """``images`` as :meth:`RPNModule.normalize` gives them to the backbone: in its dtype (a
+        bf16 backbone takes bf16), normalised in that dtype, in its memory format."""
+        dtype = self.compute_dtype
+        inputs = images.to(dtype)
+        if self.normalize:
+            inputs = (inputs - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
+        return inputs.contiguous(memory_format=self.memory_format)
 
     def _level_predictions(
         self, features: list[Tensor], anchors: list[Tensor]
@@ -210,12 +240,31 @@ class WindowedProposalNetwork(nn.Module):
         ]
 
 
-def _proposal_network(model: object) -> tuple[ProposalNetwork, torch.dtype, dict | None]:
-    """The traceable network, its input dtype and the window settings (``None``: whole images)."""
+def _weights_memory_format(module: nn.Module) -> torch.memory_format:
+    """``channels_last`` when some 4-D weight of ``module`` is stored channels-last (as
+    ``RPNModule(channels_last=True)`` stores them), else ``contiguous_format``: the layout its
+    convolutions run in eagerly."""
+    channels_last = any(
+        p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+        for p in module.parameters()
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _exported_copy(network: ProposalNetwork) -> ProposalNetwork:
+    """A copy of ``network`` for the program to own: contiguous weights (the
+    ``channels_last`` ones make ``torch.export.save`` warn "No complete tensor found") that do
+    not require grad (a loaded program's outputs would, and ``.numpy()`` would refuse them). The
+    user's model is left as it is; the copy keeps ``network.memory_format`` for its input."""
+    return deepcopy(network).to(memory_format=torch.contiguous_format).requires_grad_(False)
+
+
+def _proposal_network(model: object) -> tuple[ProposalNetwork, dict | None]:
+    """The traceable network and the window settings (``None``: whole images)."""
     from lightning_rpn.training.module import RPNModule  # Lightning is only needed for this input type
 
     if isinstance(model, ProposalNetwork):
-        return model, torch.uint8 if model.normalize else torch.float32, None
+        return model, None
     if isinstance(model, RPNModule):
         config = model.sliding_window
         network = ProposalNetwork(model.backbone, model.rpn, model.pixel_mean, model.pixel_std,
@@ -228,9 +277,9 @@ def _proposal_network(model: object) -> tuple[ProposalNetwork, torch.dtype, dict
                 "nms_thresh": float(model.rpn.nms_thresh),
                 "size_divisibility": int(model.size_divisibility),
             }
-        return network, torch.uint8, windows
+        return network, windows
     if isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[1], EXPORTABLE):
-        return ProposalNetwork(*model), torch.float32, None
+        return ProposalNetwork(*model), None
     raise TypeError(
         "export_proposal_network: expected an RPNModule, a (backbone, RPN) pair (or (backbone, CascadeRPN)) "
         f"or a ProposalNetwork, got {type(model).__name__}"
@@ -248,9 +297,10 @@ def export_proposal_network(
 
     Args:
         model: an :class:`~lightning_rpn.training.module.RPNModule` (uint8 input, normalised in the
-            graph; any head: plain, with quality branches, or ``head="cascade"``), a
-            ``(backbone, rpn)`` pair with an ``RPN`` or a ``CascadeRPN`` (float input, fed to the
-            backbone as is) or a :class:`ProposalNetwork`.
+            graph; any head: plain, with quality branches, or ``head="cascade"``; float32, or half
+            / bf16 after ``.to(dtype)``), a ``(backbone, rpn)`` pair with an ``RPN`` or a
+            ``CascadeRPN`` (float input in the backbone's dtype, fed to the backbone as is) or a
+            :class:`ProposalNetwork`.
         example_image_size: ``(H, W)`` of the example input; any other size in range works
             afterwards.
         path: where to save the program (``torch.export.save``, e.g. ``"rpn.pt2"``); ``None``
@@ -263,9 +313,9 @@ def export_proposal_network(
     the program is the per-window network (it also returns the logits ``[P]``) and ``path``
     stores the window settings with it, so that :func:`load_proposal_network` gives a
     :class:`WindowedProposalNetwork`; the padded window must fit ``max_image_size``. The model
-    is put in eval mode.
+    is put in eval mode; the program runs a copy of its weights (contiguous, not requiring grad).
     """
-    network, dtype, windows = _proposal_network(model)
+    network, windows = _proposal_network(model)
     smallest = network.min_image_size
     height, width = (int(s) for s in example_image_size)
     for name, side in (("height", height), ("width", width)):
@@ -285,10 +335,11 @@ def export_proposal_network(
     network.eval()
     if isinstance(model, nn.Module):
         model.eval()
+    network = _exported_copy(network)
     dim_h = torch.export.Dim("height", min=smallest, max=max_image_size)
     dim_w = torch.export.Dim("width", min=smallest, max=max_image_size)
     device = next(network.parameters()).device
-    images = torch.zeros(1, 3, height, width, dtype=dtype, device=device)
+    images = torch.zeros(1, 3, height, width, dtype=network.input_dtype, device=device)
     image_size = torch.tensor([height, width], dtype=torch.int64, device=device)
     with torch.no_grad():
         program = torch.export.export(
@@ -306,10 +357,12 @@ def load_proposal_network(path: str | Path) -> nn.Module:
     """Load a program saved by :func:`export_proposal_network` as a callable module.
 
     ``module(images [1, 3, H, W], image_size int64 [2])`` -> ``(boxes [P, 4], scores [P])``;
-    a windowed program comes back as a :class:`WindowedProposalNetwork` around it.
+    a windowed program comes back as a :class:`WindowedProposalNetwork` around it. The weights
+    do not require grad (loading makes them parameters that would), so the outputs convert with
+    ``.numpy()``.
     """
     extra = {WINDOWS_FILE: ""}
-    network = torch.export.load(str(path), extra_files=extra).module()
+    network = torch.export.load(str(path), extra_files=extra).module().requires_grad_(False)
     if not extra[WINDOWS_FILE]:
         return network
     windows = json.loads(extra[WINDOWS_FILE])
