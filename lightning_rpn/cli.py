@@ -290,6 +290,9 @@ _RESIZE_ARGS = frozenset({"--data.resize", "--data.min_sizes", "--data.max_size"
 _EVALUATION_ROLES = {"validate": "val", "test": "test", "predict": "predict"}
 """The data split role each evaluation command runs on."""
 
+_MISSING_CALLBACKS_WARNING = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need"
+"""The start of Lightning's warning that a loaded checkpoint holds states of callbacks the trainer lacks."""
+
 
 class RPNLightningCLI(LightningCLI):
     """LightningCLI with RPNModule / RPNDataModule, config saving and W&B offline hints.
@@ -307,6 +310,8 @@ class RPNLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
         kwargs.setdefault("parser_class", RPNArgumentParser)
+        # the seed a run without one gets: Lightning's default (True) seeds 0 too, but warns "No seed found"
+        kwargs.setdefault("seed_everything_default", 0)
         super().__init__(
             RPNModule,
             RPNDataModule,
@@ -540,7 +545,35 @@ class RPNLightningCLI(LightningCLI):
         except ValueError as error:
             raise _Refusal(str(error)) from error
 
-    before_validate = before_test = before_predict = _before_evaluation
+    before_validate = before_test = _before_evaluation
+
+    def before_predict(self) -> None:
+        """As ``validate`` / ``test`` (:meth:`_before_evaluation`), and no predictions kept in memory
+        when a writer streams them to disk (:meth:`_stream_predictions`)."""
+        self._before_evaluation()
+        self._stream_predictions()
+
+    def _stream_predictions(self) -> None:
+        """``return_predictions=False`` for a ``predict`` with a ``BasePredictionWriter`` among the callbacks
+        (always, since :meth:`_write_predictions`), unless ``--return_predictions`` is given: Lightning's
+        default keeps every batch's predictions until predict ends (about 23 KB an image at 1000
+        proposals, gigabytes for a large dataset) although the writer has them on disk and the command
+        returns nothing. A writer with ``write_interval="epoch"`` still gets them: Lightning keeps them for it."""
+        section = self.config_init["predict"]
+        if section.get("return_predictions") is None and any(
+                isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            section["return_predictions"] = False
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; for ``validate`` / ``test`` / ``predict``, without Lightning's warning that
+        the checkpoint's callbacks (``ModelCheckpoint``, ...) are missing: their states only matter to a
+        ``fit`` that resumes, which keeps the warning."""
+        if subcommand not in _EVALUATION_ROLES:
+            super()._run_subcommand(subcommand)
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_MISSING_CALLBACKS_WARNING)
+            super()._run_subcommand(subcommand)
 
     def after_validate(self) -> None:
         self._write_summary("validate")

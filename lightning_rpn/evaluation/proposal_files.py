@@ -51,6 +51,7 @@ __all__ = [
     "write_detectron2_proposals",
     "read_detectron2_proposals",
     "merge_proposal_parts",
+    "MergedParts",
     "remove_stale_temporaries",
 ]
 
@@ -225,7 +226,9 @@ def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str
     """Write proposal records as detectron2's precomputed-proposals pickle.
 
     The logits are each record's ``objectness_logits``, or ``logit(score)`` for a record
-    without them (lossy where float32 probabilities saturate).
+    without them (lossy where float32 probabilities saturate). The file is one pickled dict of
+    lists, so every image's boxes and logits (the file's content, which detectron2 loads whole
+    too) are in memory while it is written; the records themselves are read one at a time.
     """
     path = Path(path)
     ids, all_boxes, all_logits = [], [], []
@@ -272,26 +275,75 @@ def read_detectron2_proposals(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def merge_proposal_parts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def _part_entries(path: Path) -> Iterator[tuple[int | None, int | str, int]]:
+    """``(dataset_index, image_id, byte offset)`` of each record of a part file, one record in memory at a time."""
+    with path.open("rb") as handle:
+        while True:
+            offset = handle.tell()
+            try:
+                index, image_id, *_ = pickle.load(handle)
+            except EOFError:
+                return
+            yield index, image_id, offset
+
+
+class MergedParts(Sequence[dict[str, Any]]):
+    """The records of per-rank part files in merged order, read from the files when used.
+
+    Holds only where each kept record lies (part and byte offset), a few numbers per image, so a
+    whole dataset's proposals are never in memory at once: iterating reads one record at a time
+    (each part file opened once), indexing reads the one record asked for. Built by
+    :func:`merge_proposal_parts`; valid while the part files exist.
+    """
+
+    def __init__(self, paths: Sequence[Path], entries: Sequence[tuple[int, int]]) -> None:
+        self._paths = list(paths)
+        self._entries = list(entries)  # (part number, byte offset) per record, in merged order
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _record(handle: IO[bytes], offset: int) -> dict[str, Any]:
+        handle.seek(offset)
+        _, image_id, boxes, scores, logits = pickle.load(handle)
+        return {"image_id": image_id, "boxes": boxes, "scores": scores, "objectness_logits": logits}
+
+    def __getitem__(self, position: int | slice) -> Any:
+        if isinstance(position, slice):
+            return [self[i] for i in range(*position.indices(len(self)))]
+        part, offset = self._entries[position]
+        with self._paths[part].open("rb") as handle:
+            return self._record(handle, offset)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        handles: dict[int, IO[bytes]] = {}
+        try:
+            for part, offset in self._entries:
+                if part not in handles:
+                    handles[part] = self._paths[part].open("rb")
+                yield self._record(handles[part], offset)
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+
+def merge_proposal_parts(paths: Sequence[str | Path]) -> MergedParts:
     """Records of per-rank part files, deduplicated by image id, in dataset order when known.
 
     A part file is a sequence of pickled ``(dataset_index | None, image_id, boxes, scores,
     logits | None)`` tuples (what ``ProposalWriter`` appends per image). Duplicates (the padding a
     distributed sampler adds) keep their first copy; records without an index follow the
-    indexed ones in rank order.
+    indexed ones in rank order. The records are read once here for their ids and again, one at a
+    time, when the result is used (:class:`MergedParts`): memory holds a few numbers per image,
+    not the proposals.
     """
-    seen: dict[int | str, tuple[float, int, dict[str, Any]]] = {}
+    paths = [Path(path) for path in paths]
+    seen: dict[int | str, tuple[float, int, int, int]] = {}
     arrival = 0
-    for path in paths:
-        with Path(path).open("rb") as handle:
-            while True:
-                try:
-                    index, image_id, boxes, scores, logits = pickle.load(handle)
-                except EOFError:
-                    break
-                if image_id not in seen:
-                    key = float(index) if index is not None else math.inf
-                    record = {"image_id": image_id, "boxes": boxes, "scores": scores, "objectness_logits": logits}
-                    seen[image_id] = (key, arrival, record)
-                arrival += 1
-    return [record for _, _, record in sorted(seen.values(), key=lambda item: item[:2])]
+    for part, path in enumerate(paths):
+        for index, image_id, offset in _part_entries(path):
+            if image_id not in seen:
+                seen[image_id] = (float(index) if index is not None else math.inf, arrival, part, offset)
+            arrival += 1
+    return MergedParts(paths, [(part, offset) for _, _, part, offset in sorted(seen.values())])

@@ -80,9 +80,15 @@ class ProposalWriter(BasePredictionWriter):
     Consumes :meth:`~lightning_rpn.training.module.RPNModule.predict_step` outputs (per image
     ``image_id``, ``boxes`` in original-image pixels, ``scores``) and keeps the ``top_k`` best
     proposals of each image. Each rank appends its images to ``output_dir/.parts/rank<k>.pkl``
-    as batches arrive (bounded memory); at the end of the epoch rank 0 merges the parts
-    (deduplicated, dataset order), writes the files of ``formats`` into ``output_dir``
-    atomically and removes the parts. ``output_dir`` must be visible to every rank (a shared
+    as batches arrive; at the end of the epoch rank 0 merges the parts (deduplicated, dataset
+    order), writes the files of ``formats`` into ``output_dir`` atomically and removes the parts.
+    Memory: the merge reads the parts one image at a time
+    (:func:`~lightning_rpn.evaluation.proposal_files.merge_proposal_parts`) and the COCO JSON is
+    written as it is read; the detectron2 pickle, one pickled dict, holds every image's kept boxes
+    and logits while it is written (as detectron2 does when it loads it). Lightning's
+    ``trainer.predict`` also keeps every prediction unless it is called with
+    ``return_predictions=False``, which ``lightning-rpn predict`` passes when a prediction writer
+    is among the callbacks. ``output_dir`` must be visible to every rank (a shared
     filesystem for multi-node runs). One predict dataloader. A predict that fails or is
     interrupted (Ctrl+C) removes its parts; when a predict starts, rank 0 removes the temporary
     files a killed predict's write left in ``output_dir``
