@@ -14,6 +14,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.rpn import RPN
 from lightning_rpn.tools.export import export_proposal_network, load_proposal_network
 from lightning_rpn.training.module import RPNModule
+from helpers.model import tiny_model
 
 # torchvision's fake nms kernel calls a deprecated torch API while tracing; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated:FutureWarning")
@@ -32,13 +33,7 @@ HEADS = {
 
 def _module(**settings: object) -> RPNModule:
     torch.manual_seed(0)
-    return RPNModule(
-        backbone="tiny_fpn",
-        anchor_sizes=((16,), (32,), (64,), (128,)),
-        pre_nms_top_n_test=300,
-        post_nms_top_n_test=100,
-        **settings,
-    ).eval()
+    return tiny_model(**settings).eval()
 
 
 def _images(seed: int = 1) -> torch.Tensor:
