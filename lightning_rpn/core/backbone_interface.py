@@ -6,8 +6,10 @@ The built-in backbones (:mod:`lightning_rpn.core.backbones`) have it, and a user
 ``nn.Module`` works if it provides the same:
 
 - ``forward(images: Tensor[B, 3, H, W]) -> list[Tensor[B, out_channels, H_l, W_l]]``, one
-  feature map per level, finest first. ``images`` are float and already normalised (the
-  module converts the uint8 batch and applies ImageNet mean/std).
+  feature map per level, finest first (a dict is taken in its order, and a single tensor is one
+  level, as torchvision's ``GeneralizedRCNN`` takes it: a C4 backbone such as
+  ``nn.Sequential(*list(resnet.children())[:-3])`` works as it is). ``images`` are float and
+  already normalised (the module converts the uint8 batch and applies ImageNet mean/std).
 - ``out_channels: int``: channels of every level (the RPN head is shared across levels).
 - ``strides: tuple[int, ...]``: input pixels per feature cell, one per level, increasing.
   They are measured on the network by a dry run (:func:`infer_strides`), never typed twice.
@@ -17,17 +19,38 @@ The built-in backbones (:mod:`lightning_rpn.core.backbones`) have it, and a user
   generator assumes when the data pipeline computes targets in its workers.
 
 :func:`check_backbone` checks the attributes when a backbone is given; :func:`check_feature_strides`
-checks the declared strides against the feature maps of a first batch.
+checks the declared strides against the feature maps of a first batch; :func:`feature_levels` reads
+a backbone's output as its list of levels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_backbone", "check_feature_strides", "infer_strides"]
+__all__ = ["check_backbone", "check_feature_strides", "feature_levels", "infer_strides"]
+
+Features = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+"""A backbone's output: one tensor per level in a list or a dict, or a single tensor (one level)."""
+
+
+def feature_levels(features: Features, where: str) -> list[Tensor]:
+    """``features`` as a list of per-level tensors: a dict in its order, a single tensor as one level.
+
+    A single tensor must not be iterated: that would split it along the batch, one image per "level".
+    """
+    if isinstance(features, Tensor):
+        return [features]
+    levels = list(features.values()) if isinstance(features, Mapping) else list(features)
+    for level, feature in enumerate(levels):
+        if not isinstance(feature, Tensor):
+            raise TypeError(
+                f"{where}: feature level {level} is a {type(feature).__name__}, not a Tensor; features are "
+                "one [B, C, H_l, W_l] tensor per level (a list, a dict, or a single tensor for one level)"
+            )
+    return levels
 
 
 def infer_strides(body: nn.Module, size: int = 128) -> tuple[int, ...]:
@@ -46,9 +69,7 @@ def infer_strides(body: nn.Module, size: int = 128) -> tuple[int, ...]:
     try:
         with torch.no_grad():
             for side in (size, 2 * size):
-                features = body(torch.zeros(1, 3, side, side, device=device))
-                if isinstance(features, dict):
-                    features = list(features.values())
+                features = feature_levels(body(torch.zeros(1, 3, side, side, device=device)), "infer_strides")
                 measured.append([(side, tuple(f.shape[-2:])) for f in features])
     finally:
         body.train(was_training)
@@ -88,13 +109,11 @@ def check_backbone(backbone: nn.Module, where: str = "backbone") -> None:
         )
 
 
-def check_feature_strides(
-    backbone: nn.Module, image_size: tuple[int, int], features: Sequence[Tensor] | dict[str, Tensor], where: str
-) -> None:
+def check_feature_strides(backbone: nn.Module, image_size: tuple[int, int], features: Features, where: str) -> None:
     """Raise a ValueError if ``backbone``'s declared ``strides`` disagree with its ``features``
     of a padded ``image_size`` batch: the anchors are laid out with the declared strides, and a
     wrong one would place them off the features silently."""
-    levels = list(features.values()) if isinstance(features, dict) else list(features)
+    levels = feature_levels(features, f"{where}: backbone {type(backbone).__name__}")
     declared = tuple(backbone.strides)
     name = type(backbone).__name__
     if len(levels) != len(declared):

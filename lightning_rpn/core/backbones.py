@@ -204,8 +204,13 @@ def _resolve_weights(
     return enum, None
 
 
-def _load_checkpoint(network: nn.Module, path: str) -> None:
-    """Load a state dict saved by ``torch.save`` (optionally under 'state_dict' or 'model')."""
+def _load_checkpoint(network: nn.Module, path: str, what: str, unused: tuple[str, ...] = ()) -> None:
+    """Load a state dict saved by ``torch.save`` (optionally under 'state_dict' or 'model').
+
+    ``what`` names the network the file must hold, for the error. Keys under the ``unused`` prefixes (a
+    classifier's head, which no backbone keeps) may be missing. Weights that do not fit are a
+    ``ValueError`` summing up the mismatch (see :func:`_mismatch`), not the list of every key.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
@@ -214,12 +219,64 @@ def _load_checkpoint(network: nn.Module, path: str) -> None:
                 break
     if not isinstance(state, dict):
         raise ValueError(f"weights={path!r}: expected a state dict, got {type(state).__name__}")
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
+    expected = network.state_dict()
+    reshaped = [
+        key for key, value in state.items()
+        if key in expected and isinstance(value, Tensor) and value.shape != expected[key].shape
+    ]
+    # not strict: the network's own loading rules apply first (frozen batch norm drops
+    # num_batches_tracked), then what is left over is summed up; the state's _metadata (layer
+    # versions) is kept unless other-shaped entries, an error anyway, have to be left out
+    fitting = {k: v for k, v in state.items() if k not in reshaped} if reshaped else state
+    result = network.load_state_dict(fitting, strict=False)
+    missing = [key for key in result.missing_keys if not key.startswith(unused)]
+    problem = _mismatch(missing, list(result.unexpected_keys), reshaped, set(expected))
+    if problem:
         raise ValueError(
-            f"weights={path!r} do not fit {type(network).__name__}: {error}"
-        ) from None
+            f"model.weights={path!r} do not fit {type(network).__name__}: {problem}. model.weights must "
+            f"be the state_dict of {what}, as torch.save(network.state_dict(), path) writes it"
+        )
+
+
+_LISTED_KEYS = 3
+"""Keys named per kind of mismatch in a weights error (a detection checkpoint has hundreds)."""
+
+
+def _mismatch(missing: list[str], unexpected: list[str], reshaped: list[str], expected: set[str]) -> str:
+    """What kept a state dict from loading into a network of state-dict keys ``expected`` ('' if
+    nothing): the counts and first keys of the missing, unexpected and other-shaped entries, and a
+    prefix under which the unexpected keys hold the network's (a detection model's checkpoint)."""
+    parts = [
+        f"{len(keys)} {kind} key(s) ({_first_keys(keys)})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("other-shaped", reshaped))
+        if keys
+    ]
+    prefix = _stripped_prefix(unexpected, expected)
+    if prefix:
+        parts.append(
+            f"the file holds the network's weights under {prefix!r} (a detection model's or a wrapper's "
+            f"checkpoint): save the network's own state_dict, or the entries under {prefix!r} with the "
+            "prefix stripped"
+        )
+    return "; ".join(parts)
+
+
+def _first_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LISTED_KEYS])
+    return shown if len(keys) <= _LISTED_KEYS else f"{shown}, ..."
+
+
+def _stripped_prefix(unexpected: list[str], expected: set[str]) -> str:
+    """The dotted prefix (``'backbone.body.'``) under which ``unexpected`` holds keys of ``expected``
+    (the most of them, at least one), or ''."""
+    counts: dict[str, int] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            if ".".join(parts[cut:]) in expected:
+                prefix = ".".join(parts[:cut]) + "."
+                counts[prefix] = counts.get(prefix, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else ""
 
 
 @contextmanager
@@ -263,7 +320,7 @@ def _classifier(arch: str, weights: str | None, norm: type[nn.Module] | None) ->
     load = _LOAD_PRETRAINED.get()
     network = _build_classifier(arch, enum if load else None, str(weights), kwargs)
     if path is not None and load:
-        _load_checkpoint(network, path)
+        _load_checkpoint(network, path, f"torchvision's {arch} classification network", unused=("fc.", "classifier."))
     return network
 
 
@@ -348,7 +405,7 @@ def _tiny_fpn(weights: str | None, norm: type[nn.Module] | None) -> StagedBackbo
         stages, taps=(1, 2, 3, 4), tap_channels=widths[1:], fpn_channels=32, extra_max_pool=False
     )
     if weights is not None and _LOAD_PRETRAINED.get():
-        _load_checkpoint(backbone, weights)
+        _load_checkpoint(backbone, weights, "a tiny_fpn backbone")
     return backbone
 
 

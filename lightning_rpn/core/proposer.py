@@ -10,7 +10,9 @@ anchors (or boxes) of level ``l`` of an image, ``P`` proposals of an image.
 - the proposal settings: one :class:`~lightning_rpn.core.config.ProposalConfig` (built by
   each subclass from its flat keywords), read into the attributes the proposal step uses
   (``pre_nms_top_n`` / ``post_nms_top_n`` as ``{"train", "test"}`` dicts, ``nms_thresh``,
-  ``min_size``, ``score_thresh``), which stay the one source of truth (code may set them);
+  ``min_size``, ``score_thresh``), which stay the one source of truth (code may set them:
+  ``pre_nms_top_n`` / ``post_nms_top_n`` to such a dict, to torchvision's
+  ``{"training", "testing"}`` one, or to one int for both modes, or change a dict entry);
   ``proposal_config`` is derived from them;
 - ``forward(features, image_sizes, targets, *, ...)``, documented once here, which checks the
   levels and the batch and hands a subclass's ``_forward`` the call as one
@@ -30,13 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
+from .backbone_interface import Features, feature_levels
 from .box_coder import BoxCoder
 from .config import AnchorTargetConfig, ProposalConfig
 from .matching import check_gt_box_batch
 from .proposals import generate_proposals
 from .targets import sample_generator
 
-__all__ = ["ProposalInputs", "RegionProposer"]
+__all__ = ["ProposalInputs", "RegionProposer", "top_n_by_mode"]
 
 Proposals = list[tuple[Tensor, ...]]
 
@@ -120,13 +123,41 @@ class RegionProposer(nn.Module):
         self.score_thresh = config.score_thresh
 
     @property
+    def pre_nms_top_n(self) -> dict[str, int]:
+        """Candidates kept per image and level before NMS, ``{"train": n, "test": n}`` (an entry may
+        be changed in place; set an int for both modes, or torchvision's ``{"training", "testing"}``)."""
+        return self._pre_nms_top_n_by_mode
+
+    @pre_nms_top_n.setter
+    def pre_nms_top_n(self, value: int | Mapping[str, int]) -> None:
+        self._pre_nms_top_n_by_mode = top_n_by_mode(value, f"{type(self).__name__}.pre_nms_top_n")
+
+    @property
+    def post_nms_top_n(self) -> dict[str, int]:
+        """Proposals kept per image after NMS, ``{"train": n, "test": n}`` (set as ``pre_nms_top_n``)."""
+        return self._post_nms_top_n_by_mode
+
+    @post_nms_top_n.setter
+    def post_nms_top_n(self, value: int | Mapping[str, int]) -> None:
+        self._post_nms_top_n_by_mode = top_n_by_mode(value, f"{type(self).__name__}.post_nms_top_n")
+
+    def _top_n(self, mode: str) -> tuple[int, int]:
+        """``(pre_nms_top_n, post_nms_top_n)`` of ``mode``, checked again: a dict entry changed in
+        place (``rpn.pre_nms_top_n["testing"] = 500``) bypasses the setters."""
+        name = type(self).__name__
+        pre = top_n_by_mode(self.pre_nms_top_n, f"{name}.pre_nms_top_n")
+        post = top_n_by_mode(self.post_nms_top_n, f"{name}.post_nms_top_n")
+        return pre[mode], post[mode]
+
+    @property
     def proposal_config(self) -> ProposalConfig:
         """The current proposal settings, read from the attributes the proposal step uses."""
+        (pre_train, post_train), (pre_test, post_test) = self._top_n("train"), self._top_n("test")
         return ProposalConfig(
-            pre_nms_top_n_train=self.pre_nms_top_n["train"],
-            post_nms_top_n_train=self.post_nms_top_n["train"],
-            pre_nms_top_n_test=self.pre_nms_top_n["test"],
-            post_nms_top_n_test=self.post_nms_top_n["test"],
+            pre_nms_top_n_train=pre_train,
+            post_nms_top_n_train=post_train,
+            pre_nms_top_n_test=pre_test,
+            post_nms_top_n_test=post_test,
             nms_thresh=self.nms_thresh,
             min_size=self.min_size,
             score_thresh=self.score_thresh,
@@ -134,7 +165,7 @@ class RegionProposer(nn.Module):
 
     def forward(
         self,
-        features: Sequence[Tensor] | Mapping[str, Tensor],
+        features: Features,
         image_sizes: Sequence[tuple[int, int]],
         targets: Sequence[Mapping[str, Tensor]] | None = None,
         *,
@@ -148,7 +179,8 @@ class RegionProposer(nn.Module):
         """Proposals per image ``(boxes [P, 4], probabilities [P])`` and the loss dict.
 
         Args:
-            features: per-level ``[B, C, H_l, W_l]`` maps (a dict is taken in its order).
+            features: per-level ``[B, C, H_l, W_l]`` maps (a dict is taken in its order, a single
+                tensor is one level).
             image_sizes: ``(h, w)`` of each image before padding.
             targets: per image ``{"boxes": [G, 4], "crowd_boxes": [C, 4] (optional)}``.
             anchor_targets: precomputed ``(labels [B, N] integer, deltas float32 [B, N, 4])``;
@@ -182,7 +214,7 @@ class RegionProposer(nn.Module):
                 UserWarning,
                 stacklevel=4,  # the caller of the module: forward, Module._call_impl, Module.__call__
             )
-        levels = list(features.values()) if isinstance(features, Mapping) else list(features)
+        levels = feature_levels(features, name)
         if len(levels) != self.anchor_generator.num_levels:
             raise ValueError(
                 f"{name}: got {len(levels)} feature levels but the anchor generator has "
@@ -257,20 +289,44 @@ class RegionProposer(nn.Module):
     ) -> Proposals:
         """:func:`~lightning_rpn.core.proposals.generate_proposals` with this network's settings
         (the train ones while ``self.training``, else the test ones)."""
-        mode = "train" if self.training else "test"
+        pre_nms_top_n, post_nms_top_n = self._top_n("train" if self.training else "test")
         return generate_proposals(
             logits,
             deltas,
             anchors,
             image_sizes,
-            self.pre_nms_top_n[mode],
-            self.post_nms_top_n[mode],
+            pre_nms_top_n,
+            post_nms_top_n,
             self.nms_thresh,
             self.min_size,
             self.score_thresh,
             box_coder=self.box_coder,
             return_logits=return_logits,
         )
+
+
+_TOP_N_KEYS = {"train": "train", "test": "test", "training": "train", "testing": "test"}
+"""The modes' keys of a top-n setting: ours and torchvision's (``RegionProposalNetwork``)."""
+
+
+def top_n_by_mode(value: object, where: str) -> dict[str, int]:
+    """A top-n setting as ``{"train": n, "test": n}``: from one positive int (both modes), from such a
+    dict, or from torchvision's ``{"training": n, "testing": n}``; a ``ValueError`` naming the
+    accepted forms otherwise."""
+    if _positive_int(value):
+        return {"train": int(value), "test": int(value)}
+    if isinstance(value, Mapping):
+        modes = {_TOP_N_KEYS.get(key): count for key, count in value.items()}
+        if len(value) == 2 and set(modes) == {"train", "test"} and all(map(_positive_int, modes.values())):
+            return {mode: int(count) for mode, count in modes.items()}
+    raise ValueError(
+        f"{where} must be a positive int (both modes), {{'train': n, 'test': n}} or torchvision's "
+        f"{{'training': n, 'testing': n}} with positive ints, got {value!r}"
+    )
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _describe(value: object) -> str:

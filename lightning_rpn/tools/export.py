@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_rpn.core.anchors import level_anchors
+from lightning_rpn.core.backbone_interface import feature_levels
 from lightning_rpn.core.cascade import CascadeRPN
 from lightning_rpn.core.proposals import proposal_candidates, select_image_proposals
 from lightning_rpn.core.rpn import RPN, proposal_score_logits
@@ -145,8 +146,7 @@ class ProposalNetwork(nn.Module):
         return torch.uint8 if self.normalize else self.compute_dtype
 
     def forward(self, images: Tensor, image_size: Tensor) -> tuple[Tensor, ...]:
-        features = self.backbone(self._backbone_input(images))
-        features = list(features.values()) if isinstance(features, dict) else list(features)
+        features = feature_levels(self.backbone(self._backbone_input(images)), "export")
         anchors = [
             level_anchors(getattr(self, f"cell_anchors_{level}"), stride, feature.shape[-2:], self.offset,
                           self.anchor_stride)

@@ -107,8 +107,10 @@ class RPNModule(pl.LightningModule):
         trainable_layers: backbone stages (from the top) that train with pretrained weights;
             ``None``: 3. Without weights all train (a value that would freeze one is ignored, with a warning).
         frozen_bn: FrozenBatchNorm2d in the backbone; ``None``: frozen iff weights are given.
-        anchor_sizes: anchor sizes (pixels) per level, or one tuple for every level.
-        aspect_ratios: ``h / w`` ratios per level, or one tuple for every level.
+        anchor_sizes: anchor sizes (pixels) per level (``((32,), (64,), ...)``, one size per level), or
+            one tuple for every level: a flat ``(32, 64)`` puts both sizes on every level.
+        aspect_ratios: ``h / w`` ratios per level, or one tuple for every level (``(0.5, 1.0, 2.0)``,
+            on the command line ``--model.aspect_ratios '[0.5, 1.0, 2.0]'``).
         anchor_offset: anchor centres at ``(offset + j * anchor_stride) * stride``.
         anchor_stride: anchors at every n-th feature cell (the head's first conv stride).
         fg_iou: IoU at or above which an anchor is positive.
@@ -205,8 +207,8 @@ class RPNModule(pl.LightningModule):
         weights: str | None = None,
         trainable_layers: int | None = None,
         frozen_bn: bool | None = None,
-        anchor_sizes: tuple[tuple[float, ...], ...] = AnchorConfig.sizes,
-        aspect_ratios: tuple[tuple[float, ...], ...] = AnchorConfig.aspect_ratios,
+        anchor_sizes: tuple[tuple[float, ...], ...] | tuple[float, ...] = AnchorConfig.sizes,
+        aspect_ratios: tuple[tuple[float, ...], ...] | tuple[float, ...] = AnchorConfig.aspect_ratios,
         anchor_offset: float = AnchorConfig.offset,
         anchor_stride: int = AnchorConfig.anchor_stride,
         fg_iou: float = AnchorTargetConfig.fg_iou,
