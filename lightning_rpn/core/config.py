@@ -23,6 +23,7 @@ Pure Python: no torch, no Lightning, importable anywhere.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,29 @@ def check_choice(value: Any, options: tuple[str, ...], where: str) -> None:
 def _positive_int(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{where} must be a positive int, got {value!r}")
+
+
+def _number(value: Any) -> bool:
+    """A real number (an int, a float, a NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _in_range(
+    value: Any, low: float, high: float, where: str, closed_low: bool = True, closed_high: bool = True
+) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is a number from ``low`` to ``high``
+    (each end included unless told); NaN is refused too (it compares false with everything)."""
+    above = _number(value) and (value >= low if closed_low else value > low)
+    below = _number(value) and (value <= high if closed_high else value < high)
+    if not (above and below):
+        interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+        raise ValueError(f"{where} must be a number in {interval}, got {value!r}")
+
+
+def _finite_at_least_zero(value: Any, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``value`` is a finite number >= 0."""
+    if not (_number(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -175,8 +199,9 @@ class ProposalConfig:
             _positive_int(getattr(self, name), f"ProposalConfig: {name}")
         if not 0.0 <= self.nms_thresh <= 1.0:
             raise ValueError(f"ProposalConfig: nms_thresh must be in [0, 1], got {self.nms_thresh}")
-        if self.min_size < 0:
-            raise ValueError(f"ProposalConfig: min_size must be >= 0, got {self.min_size}")
+        # NaN compares false with every score and side: every proposal dropped, silently
+        _finite_at_least_zero(self.min_size, "ProposalConfig: min_size")
+        _in_range(self.score_thresh, 0.0, 1.0, "ProposalConfig: score_thresh", closed_high=False)
 
     def top_n(self, training: bool) -> tuple[int, int]:
         """``(pre_nms_top_n, post_nms_top_n)`` of training or evaluation."""
@@ -223,4 +248,10 @@ class OptimConfig:
             raise ValueError(f"model.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"model.milestones must be increasing, got {list(self.milestones)}")
+        _finite_at_least_zero(self.weight_decay, "model.weight_decay")
+        _finite_at_least_zero(self.norm_weight_decay, "model.norm_weight_decay")
+        _in_range(self.momentum, 0.0, 1.0, "model.momentum", closed_high=False)
+        _in_range(self.gamma, 0.0, 1.0, "model.gamma", closed_low=False)
+        _in_range(self.warmup_factor, 0.0, 1.0, "model.warmup_factor")
+        _in_range(self.min_lr_factor, 0.0, 1.0, "model.min_lr_factor")
         object.__setattr__(self, "milestones", tuple(int(step) for step in self.milestones))

@@ -10,10 +10,11 @@ load with a bare tensor-size mismatch, or load and mean something else: other an
 same count put every proposal in the wrong place, with no error. :func:`check_checkpoint_agrees`
 names each difference instead.
 
-Resuming ``fit`` also restores the optimiser's state, which holds the parameters that trained:
-:func:`check_resume_agrees` names the backbone settings (``weights``, ``frozen_bn``,
-``trainable_layers``) that change them. They need not agree to evaluate: FrozenBatchNorm2d and
-BatchNorm2d load each other's weights and compute the same in eval mode.
+Resuming ``fit`` also restores the optimiser's state, which holds the parameters that trained
+in the layout of the optimiser that trained them: :func:`check_resume_agrees` names another
+``optimizer`` (:func:`check_optimizer_agrees`) and the backbone settings (``weights``,
+``frozen_bn``, ``trainable_layers``) that change the parameters. They need not agree to evaluate:
+FrozenBatchNorm2d and BatchNorm2d load each other's weights and compute the same in eval mode.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from typing import Any
 from lightning_rpn.core.backbones import BACKBONES, batch_norm_layer, trainable_stages
 from lightning_rpn.core.quality import parse_quality
 
-__all__ = ["RESUME_DEFINING_HPARAMS", "WEIGHT_DEFINING_HPARAMS", "check_checkpoint_agrees", "check_resume_agrees"]
+__all__ = [
+    "RESUME_DEFINING_HPARAMS",
+    "WEIGHT_DEFINING_HPARAMS",
+    "check_checkpoint_agrees",
+    "check_optimizer_agrees",
+    "check_resume_agrees",
+]
 
 WEIGHT_DEFINING_HPARAMS = (
     "backbone", "anchor_sizes", "aspect_ratios", "anchor_offset", "anchor_stride", "box_coder_weights",
@@ -36,9 +43,14 @@ WEIGHT_DEFINING_HPARAMS = (
 tensors of other shapes or outputs of another meaning."""
 
 
-RESUME_DEFINING_HPARAMS = ("weights", "frozen_bn", "trainable_layers")
-"""``RPNModule`` arguments that, with a built-in backbone, decide which parameters train
-(:func:`~lightning_rpn.core.backbones.batch_norm_layer`, :func:`~lightning_rpn.core.backbones.trainable_stages`)."""
+RESUME_DEFINING_HPARAMS = ("optimizer", "weights", "frozen_bn", "trainable_layers")
+"""``RPNModule`` arguments that decide what a checkpoint's optimiser state holds: the ``optimizer``
+(SGD's momentum buffers or AdamW's moments and step counts) and, with a built-in backbone,
+:data:`_TRAINING_HPARAMS`."""
+
+_TRAINING_HPARAMS = ("weights", "frozen_bn", "trainable_layers")
+"""Those that decide which backbone parameters train (:func:`~lightning_rpn.core.backbones.batch_norm_layer`,
+:func:`~lightning_rpn.core.backbones.trainable_stages`)."""
 
 
 _OBJECT = object()
@@ -103,17 +115,39 @@ def _trained_parameters(hparams: Mapping[str, Any], num_stages: int) -> tuple[st
     return "none" if norm is None else norm.__name__, trainable
 
 
+def check_optimizer_agrees(
+    saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | None = None
+) -> None:
+    """``ValueError`` when ``current`` names another ``optimizer`` than ``saved`` (the checkpoint
+    ``fit`` resumes): the other optimiser would read the checkpoint's state and stop at its first
+    step with a bare ``KeyError`` (``'step'``, ``'momentum'``). Not compared unless both record it."""
+    if "optimizer" not in saved or "optimizer" not in current or saved["optimizer"] == current["optimizer"]:
+        return
+    where = f" {checkpoint}" if checkpoint else ""
+    trained, wanted = saved["optimizer"], current["optimizer"]
+    raise ValueError(
+        f"RPNModule: fit cannot resume the checkpoint{where} with another optimizer than it was trained with "
+        f"(model.optimizer: checkpoint {trained!r}, this run {wanted!r}; the optimiser state it holds is "
+        f"{trained}'s, which {wanted} cannot read). Resume with --model.optimizer {trained} (the run folder's "
+        f"config.yaml), or start a new fit from its weights: RPNModule.load_from_checkpoint(path, "
+        f"optimizer={wanted!r}), then Trainer.fit without ckpt_path"
+    )
+
+
 def check_resume_agrees(
     saved: Mapping[str, Any], current: Mapping[str, Any], num_stages: int, checkpoint: str | None = None
 ) -> None:
     """``ValueError`` naming the :data:`RESUME_DEFINING_HPARAMS` of ``current`` and ``saved`` (the
-    checkpoint ``fit`` resumes) that train other backbone parameters: another batch norm or other
-    trainable stages (of the ``num_stages`` of the backbone both name). The optimiser's state of
-    the checkpoint would not fit them (torch only says that a parameter group's size differs).
+    checkpoint ``fit`` resumes) that its optimiser's state does not fit: another ``optimizer``
+    (:func:`check_optimizer_agrees`), or backbone settings that train other parameters: another
+    batch norm or other trainable stages (of the ``num_stages`` of the backbone both name; torch
+    only says that a parameter group's size differs).
 
-    Compared only for a built-in backbone named by both and settings recorded by both.
+    The backbone settings are compared only for a built-in backbone named by both and settings
+    recorded by both.
     """
-    if not all(name in saved and name in current for name in ("backbone", *RESUME_DEFINING_HPARAMS)):
+    check_optimizer_agrees(saved, current, checkpoint)
+    if not all(name in saved and name in current for name in ("backbone", *_TRAINING_HPARAMS)):
         return
     backbone = current["backbone"]
     if not isinstance(backbone, str) or backbone not in BACKBONES or saved["backbone"] != backbone:
@@ -128,7 +162,7 @@ def check_resume_agrees(
     if not effects:
         return
     settings = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
-                for name in RESUME_DEFINING_HPARAMS if _comparable(saved[name]) != _comparable(current[name])]
+                for name in _TRAINING_HPARAMS if _comparable(saved[name]) != _comparable(current[name])]
     where = f" {checkpoint}" if checkpoint else ""
     raise ValueError(
         f"RPNModule: fit cannot resume the checkpoint{where} with other trainable parameters than it was "

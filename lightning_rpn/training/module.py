@@ -69,7 +69,11 @@ from lightning_rpn.data.collate import set_sampling_epoch
 from lightning_rpn.data.loose_images import ImageInput
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
-from lightning_rpn.training.checkpoint_agreement import check_checkpoint_agrees, check_resume_agrees
+from lightning_rpn.training.checkpoint_agreement import (
+    check_checkpoint_agrees,
+    check_optimizer_agrees,
+    check_resume_agrees,
+)
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
@@ -576,8 +580,9 @@ class RPNModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they
-        load, and a fit resumed with other trainable backbone parameters (:func:`check_resume_agrees`),
-        before the optimiser's state loads; restore the skip count and the training resize; resume a
+        load, and a fit resumed with another optimiser or other trainable backbone parameters
+        (:func:`check_resume_agrees`, :func:`check_optimizer_agrees`), before the optimiser's state
+        loads; restore the skip count and the training resize; resume a
         checkpoint saved at an epoch's end at the next epoch's start (:func:`finish_saved_epoch`), one
         saved after ``max_steps`` stopped inside an epoch with that epoch's next batch
         (:func:`reopen_stopped_epoch`)."""
@@ -591,8 +596,11 @@ class RPNModule(pl.LightningModule):
         path = getattr(self._trainer, "ckpt_path", None)
         check_checkpoint_agrees(saved, current, path)
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
-        if fitting and "optimizer_states" in checkpoint and isinstance(self.backbone, StagedBackbone):
-            check_resume_agrees(saved, current, len(self.backbone.stages), path)
+        if fitting and "optimizer_states" in checkpoint:
+            if isinstance(self.backbone, StagedBackbone):
+                check_resume_agrees(saved, current, len(self.backbone.stages), path)
+            else:  # a backbone of one's own: only the optimiser decides what its state holds
+                check_optimizer_agrees(saved, current, path)
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)

@@ -5,7 +5,8 @@ parameters; ``LRSchedule`` is the factor of a step (a picklable object, kept in 
 ``LambdaLR``), ``RunLambdaLR`` the scheduler that follows the run it resumes in, and
 ``configure_optimization`` builds both from an :class:`~lightning_rpn.core.config.OptimConfig`
 (``RPNModule.configure_optimizers``). ``fit_total_steps`` is the step a fit ends at, from the
-step it resumed at: the cosine's length and :class:`~lightning_rpn.training.text_progress.TextProgress`'s total.
+step it resumed at: the cosine's length, :class:`~lightning_rpn.training.text_progress.TextProgress`'s total
+and what :func:`warn_if_schedule_outlasts_run` compares the warm-up and the milestones with.
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_rpn.core.config import OptimConfig
 
-__all__ = ["LRSchedule", "RunLambdaLR", "configure_optimization", "fit_total_steps", "weight_decay_groups"]
+__all__ = [
+    "LRSchedule",
+    "RunLambdaLR",
+    "configure_optimization",
+    "fit_total_steps",
+    "warn_if_schedule_outlasts_run",
+    "weight_decay_groups",
+]
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -107,6 +115,17 @@ class LRSchedule:
         return factor
 
 
+RUN_GROUP_SETTINGS = ("weight_decay", "momentum")
+"""Parameter-group settings of the config (``model.weight_decay`` / ``model.norm_weight_decay`` per
+group, SGD's ``model.momentum``) that a resumed run takes from its own optimiser:
+``Optimizer.load_state_dict`` restores the checkpoint's."""
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The :data:`RUN_GROUP_SETTINGS` each parameter group of ``optimizer`` holds."""
+    return [{key: group[key] for key in RUN_GROUP_SETTINGS if key in group} for group in optimizer.param_groups]
+
+
 class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` whose schedule follows the run it is in, also when that run resumes.
 
@@ -118,24 +137,34 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     learning rate of the step it resumes at. ``cosine_steps`` (not saved) gives the cosine's
     length (:func:`fit_total_steps`) and is asked again on resume: Lightning has restored the
     loops by then, so a run whose steps per epoch changed decays to the step it really ends at.
+
+    Lightning loads the optimiser's state just before, and torch's ``Optimizer.load_state_dict``
+    restores every group setting saved with it: the groups' weight decays and momentum
+    (:data:`RUN_GROUP_SETTINGS`, as built here: ``group_settings``, not saved) are set back to this
+    run's too, and named in the same notice when they differ.
     """
+
+    _RUN_ONLY = ("cosine_steps", "group_settings")
+    """Attributes of this run alone: neither saved nor loaded."""
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, schedule: LRSchedule, cosine_steps: Callable[[], int] | None = None
     ) -> None:
         super().__init__(optimizer, schedule)
         self.cosine_steps = cosine_steps
+        self.group_settings = _group_settings(optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        del state["cosine_steps"]  # a closure over the trainer, and of this run only
+        for name in self._RUN_ONLY:  # a closure over the trainer, the run's own settings
+            del state[name]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_lambdas = state_dict.get("lr_lambdas") or [None]
         saved_base_lrs = list(state_dict.get("base_lrs", self.base_lrs))
         self.__dict__.update(
-            {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs", "cosine_steps")}
+            {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs", *self._RUN_ONLY)}
         )
         if self.cosine_steps is not None:
             self.lr_lambdas[0].total_steps = self.cosine_steps()
@@ -146,16 +175,31 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         ]
         if saved_base_lrs != self.base_lrs:
             changes.append(f"base lr {saved_base_lrs} -> {self.base_lrs}")
+        changes += self._restore_group_settings()
         if changes:
             rank_zero_info(
-                f"RPNModule: resuming at step {self.last_epoch}, the learning-rate schedule "
-                f"follows this run's config and trainer (max_steps / max_epochs), not the "
-                f"checkpoint's: {', '.join(changes)}"
+                f"RPNModule: resuming at step {self.last_epoch}, the learning-rate schedule and the "
+                f"optimiser's weight decays and momentum follow this run's config and trainer "
+                f"(max_steps / max_epochs), not the checkpoint's: {', '.join(changes)}"
             )
         lrs = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = lrs
+
+    def _restore_group_settings(self) -> list[str]:
+        """Set the optimiser's groups back to this run's :data:`RUN_GROUP_SETTINGS` (the loaded state
+        holds the checkpoint's); each that differed as ``"name [per group] -> [per group]"``."""
+        saved = _group_settings(self.optimizer)
+        for group, settings in zip(self.optimizer.param_groups, self.group_settings, strict=True):
+            group.update(settings)
+        changes = []
+        for name in RUN_GROUP_SETTINGS:
+            before = [settings.get(name) for settings in saved]
+            after = [settings.get(name) for settings in self.group_settings]
+            if before != after:
+                changes.append(f"{name} {before} -> {after}")
+        return changes
 
 
 def check_optimizer_dtype(name: str, groups: list[dict[str, Any]]) -> None:
@@ -197,19 +241,61 @@ def _cosine_length(run_steps: Callable[[], float | int]) -> int:
     return int(steps)
 
 
+def _run_end(model: nn.Module, run_steps: Callable[[], float | int]) -> float:
+    """``run_steps()`` while a Trainer runs ``model``; ``inf`` (no end to compare with) for a
+    multi-step schedule built without one (``configure_optimizers`` called by hand)."""
+    return run_steps() if getattr(model, "_trainer", None) is not None else math.inf
+
+
+def warn_if_schedule_outlasts_run(schedule: LRSchedule, run_end: float) -> None:
+    """Warn (rank zero) when ``schedule``'s warm-up or a milestone reaches ``run_end``, the
+    optimizer step the run ends at (:func:`fit_total_steps`).
+
+    The defaults are the COCO recipe's (1000 warm-up steps, x0.1 at 60k and 80k of 90k steps),
+    which a shorter run inherits from a config that leaves them out: its learning rate then
+    never reaches ``model.lr``, or never decays. A run of unknown length is not compared. A
+    resumed run is compared with its own end (``configure_optimizers`` runs before Lightning
+    restores the loops: its ``max_steps``, or ``max_epochs`` at today's steps per epoch), so
+    extending a short run past its warm-up is not warned again.
+    """
+    if not math.isfinite(run_end) or run_end <= 0:
+        return
+    end = int(run_end)
+    if schedule.warmup_steps >= end:
+        peak = max(schedule(step) for step in range(end))
+        rank_zero_warn(
+            f"RPNModule: model.warmup_steps={schedule.warmup_steps} is not shorter than this run, which "
+            f"ends at optimizer step {end} (trainer.max_steps / max_epochs): the warm-up never ends and "
+            f"the learning rate peaks at {peak:.2g} x model.lr. Set --model.warmup_steps below {end} "
+            f"(e.g. {end // 10}, a tenth of the run); the default 1000 is the COCO recipe's"
+        )
+    late = [step for step in schedule.milestones if step >= end]
+    if schedule.kind == "multistep" and late:
+        rank_zero_warn(
+            f"RPNModule: model.milestones={list(schedule.milestones)}: {', '.join(map(str, late))} "
+            f"{'is' if len(late) == 1 else 'are'} not before the optimizer step this run ends at ({end}; "
+            f"trainer.max_steps / max_epochs), so the learning rate is never multiplied by model.gamma there. "
+            f"Set the milestones inside the run (the COCO recipe's 60000 and 80000 are 2/3 and 8/9 of its "
+            f"90000 steps) or use --model.lr_schedule cosine"
+        )
+
+
 def configure_optimization(
     config: OptimConfig, model: nn.Module, run_steps: Callable[[], float | int]
 ) -> dict[str, Any]:
     """Lightning's ``configure_optimizers`` answer for ``model``: SGD (momentum) or AdamW over
     :func:`weight_decay_groups`, and a per-step :class:`RunLambdaLR` of ``config``'s schedule.
 
-    ``run_steps`` gives the step the run ends at (:func:`fit_total_steps`), the cosine's length;
-    it is only called for the cosine schedule, here and again when a checkpoint is restored.
+    ``run_steps`` gives the step the run ends at (:func:`fit_total_steps`), the cosine's length
+    (asked again when a checkpoint is restored) and what the warm-up and the milestones are
+    compared with (:func:`warn_if_schedule_outlasts_run`); for the multi-step schedule only while
+    a Trainer runs ``model``.
     """
     groups = weight_decay_groups([model], config.weight_decay, config.norm_weight_decay)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
     cosine_steps = partial(_cosine_length, run_steps) if config.lr_schedule == "cosine" else None
     total = cosine_steps() if cosine_steps is not None else 0
+    run_end = total if cosine_steps is not None else _run_end(model, run_steps)
     schedule = LRSchedule(
         warmup_steps=config.warmup_steps,
         warmup_factor=config.warmup_factor,
@@ -219,5 +305,6 @@ def configure_optimization(
         total_steps=total,
         min_factor=config.min_lr_factor,
     )
+    warn_if_schedule_outlasts_run(schedule, run_end)
     scheduler = RunLambdaLR(optimizer, schedule, cosine_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
