@@ -806,21 +806,34 @@ def _report_interruption(error: BaseException) -> int | None:
     return 128 + signum
 
 
+def _refuse_transforms(error: ValueError) -> int:
+    """A transform spec the config gives that cannot run (its message names the setting,
+    ``data.train_transforms[i]``, and what to do), printed as one line like any other refused
+    setting: :data:`USAGE_ERROR`, not a traceback through the data module's constructor."""
+    if rank_zero_only.rank == 0:
+        print(f"lightning-rpn: {error}", file=sys.stderr)
+    return USAGE_ERROR
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-rpn`` console script.
 
     ``--config`` takes a file or a built-in config name (``--config shapes``; a local
     ``shapes.yaml`` wins, with a notice); ``lightning-rpn configs list`` / ``configs copy NAME
     [DEST]`` list the built-in configs and write one out. A command refused before it starts
-    prints one line and returns :data:`USAGE_ERROR`.
+    (a transform spec that cannot run included) prints one line and returns :data:`USAGE_ERROR`.
     """
+    from lightning_rpn.data.transforms import TransformSpecError
     from lightning_rpn.tools.config_files import configs_command, resolve_config_args
 
     _replace_unencodable_output()
     argv = resolve_config_args(sys.argv[1:] if args is None else args, notice=_notice)
     subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}
     if argv and argv[0] in subcommands:
-        return subcommands[argv[0]](argv[1:])
+        try:
+            return subcommands[argv[0]](argv[1:])
+        except TransformSpecError as error:  # check-data and analyze-anchors build the data module too
+            return _refuse_transforms(error)
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the console script's own argv (no "args" warning)
     try:
@@ -829,6 +842,8 @@ def main(args: Sequence[str] | None = None) -> int:
         if rank_zero_only.rank == 0:
             print(refusal, file=sys.stderr)
         return USAGE_ERROR
+    except TransformSpecError as error:
+        return _refuse_transforms(error)
     except DataError as error:  # its message names the file, image and annotation: a traceback adds nothing
         print(f"lightning-rpn: {_rank_prefix()}{_data_error_message(error)}\n"
               "(`lightning-rpn check-data --config ...` lists every problem of the data)", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 Transform spec format (what configs and YAML files hold): a list with one single-key mapping
 per albumentations transform, the key being the class name and the value its keyword
-arguments; containers (``OneOf``, ``SomeOf``, ``Sequential``) take their children as a spec
-list under ``transforms``::
+arguments; containers (``OneOf``, ``SomeOf``, ``Sequential``, ``RandomOrder``,
+``SelectiveChannelTransform``) take their children as a spec list under ``transforms``, and
+``OneOrOther`` takes one entry each under ``first`` and ``second``::
 
     train_transforms:
       - HorizontalFlip: {p: 0.5}
@@ -14,10 +15,17 @@ list under ``transforms``::
           p: 0.5
 
 :func:`build_transform` wraps the spec in ``A.Compose`` with
-``BboxParams(format="pascal_voc", clip=True, min_visibility=...)``; :func:`transform_to_spec`
-turns a built pipeline back into a spec (every argument explicit, YAML-safe), so
-``build -> to_spec -> YAML -> build`` gives the same pipeline. The resize policy is applied
-after the augmentations, by :class:`DetectionTransform`, in one interpolation step.
+``BboxParams(format="pascal_voc", clip=True, min_visibility=...)`` and refuses, when it is
+built, what cannot run here (:class:`TransformSpecError`): transforms that change the image's
+format (pipelines return ``H x W x 3`` uint8; the model normalises), transforms needing inputs
+other than the image and its boxes, and, for evaluation (``pixel_only``), any transform that
+moves pixels or boxes. Boxes follow the package's rules (:class:`_BoxRules`): clipped after
+every transform; a ground-truth box is kept while the share of its area before all transforms
+that is still in the image is at least ``min_visibility`` (the shares of successive transforms
+multiply); a crowd box while any part of it is in the image, as in ``data.tiles`` windows.
+:func:`transform_to_spec` turns a built pipeline back into a spec (every argument explicit,
+YAML-safe), so ``build -> to_spec -> YAML -> build`` gives the same pipeline. The resize policy
+is applied after the augmentations, by :class:`DetectionTransform`, in one interpolation step.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ import cv2
 import numpy as np
 import torch
 import yaml
+from albumentations.core.bbox_utils import BboxProcessor, calculate_bbox_areas_in_pixels, clip_bboxes
 
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.sample import DetectionSample
 
 __all__ = [
     "TransformSpec",
+    "TransformSpecError",
     "ResizePolicy",
     "build_transform",
     "transform_to_spec",
@@ -52,62 +62,176 @@ __all__ = [
 TransformSpec = list[dict[str, Any]]
 
 _BOX_FIELD = "box_kind"  # 0: ground truth, 1: crowd
-_CONTAINERS = {"OneOf", "SomeOf", "Sequential", "OneOrOther", "SelectiveChannelTransform"}
+_VISIBLE_FIELD = "box_visible"  # share of the box's area before the transforms still in the image
+_GROUND_TRUTH, _CROWD = 0, 1
+_OUTPUT_FORMAT = {"Normalize", "ToFloat", "FromFloat", "ToTensorV2"}
+"""Transforms that turn the ``H x W x 3`` uint8 image into another format (float, a tensor)."""
+_SUPPLIED = {"image", "bboxes"}
+"""What the pipeline is called with (besides the boxes' label fields)."""
+_AREA_EPSILON = 1e-7  # albumentations' own, in its visibility ratio: one cut keeps the boxes it keeps
 
 
-def _build_one(entry: Any, where: str) -> A.BasicTransform | A.BaseCompose:
-    if not isinstance(entry, dict) or len(entry) != 1:
-        raise ValueError(
+class TransformSpecError(ValueError):
+    """A transform spec that cannot be built or cannot run here; the message names the entry
+    (``data.train_transforms[1]``) and says what to do."""
+
+
+def _format_problem(transform: A.BasicTransform) -> str | None:
+    """Why ``transform`` would return something other than an ``H x W x 3`` uint8 image, if it would."""
+    name = type(transform).__name__
+    channels = getattr(transform, "num_output_channels", 3)
+    if name not in _OUTPUT_FORMAT and channels == 3:
+        return None
+    made = f"{channels}-channel images" if channels != 3 else "float images or tensors"
+    return (f"{name} makes {made}, but the pipeline must return H x W x 3 uint8 images: leave it out "
+            "(the model normalises images itself, with the ImageNet mean and std, and the collate makes the tensors)")
+
+
+def _input_problem(transform: A.BasicTransform) -> str | None:
+    """Why ``transform`` cannot run on an image and its boxes alone (albumentations' declared needs), if it cannot."""
+    name = type(transform).__name__
+    if "image" not in transform.targets:
+        return f"{name} works on {', '.join(sorted(transform.targets))}, not on images: leave it out"
+    needed = sorted(set(transform.targets_as_params) - _SUPPLIED)
+    if needed:
+        return (f"{name} needs {', '.join(needed)} besides the image, which this pipeline never supplies "
+                "(it gets one image and its boxes): leave it out")
+    return None
+
+
+def _pixel_problem(transform: A.BasicTransform) -> str | None:
+    """Why ``transform`` has no place in an evaluation pipeline (it moves pixels or boxes), if it has none."""
+    if not isinstance(transform, A.DualTransform):
+        return None
+    return (f"{type(transform).__name__} moves pixels or changes boxes (an albumentations DualTransform), but "
+            "evaluation transforms may only change pixel values: predict maps proposals back to the original "
+            "image by the resize alone. Resize with data.resize (min_sizes, max_size, fixed_size); for large "
+            "images, evaluate on windows with model.sliding_window (data.tiles trains on windows)")
+
+
+def _check_usable(transform: A.BasicTransform, where: str, pixel_only: bool) -> None:
+    """Refuse ``transform`` (a :class:`TransformSpecError` naming ``where``) when it cannot run here."""
+    for problem in (_format_problem(transform), _input_problem(transform),
+                    _pixel_problem(transform) if pixel_only else None):
+        if problem is not None:
+            raise TransformSpecError(f"{where}: {problem}")
+
+
+def _check_arguments(cls: type, name: str, kwargs: dict[str, Any], where: str) -> None:
+    """albumentations drops an argument it does not know (a typo, a 1.x name; 2.0.8 warns, 2.0.0
+    says nothing) and builds the transform with its default: what the config asked would not run."""
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [key for key in kwargs if key not in parameters or key == "self"]
+    if unknown:
+        known = ", ".join(key for key in parameters if key != "self")
+        raise TransformSpecError(f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))} "
+                                 f"(albumentations {A.__version__}: {known})")
+
+
+def _build_children(cls: type, kwargs: dict[str, Any], where: str, pixel_only: bool) -> dict[str, Any]:
+    """A container's arguments with its children built: the spec list under ``transforms`` and
+    each single entry under an argument declared as a transform (``OneOrOther``'s ``first``, ``second``)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    built = dict(kwargs)
+    for key, value in kwargs.items():
+        declared = str(parameters[key].annotation) if key in parameters else ""
+        if key == "transforms":
+            built[key] = _build_list(value, f"{where}.{cls.__name__}.transforms", pixel_only)
+        elif isinstance(value, Mapping) and "Transform" in declared:
+            built[key] = _build_one(value, f"{where}.{cls.__name__}.{key}", pixel_only)
+    return built
+
+
+def _build_one(entry: Any, where: str, pixel_only: bool = False) -> A.BasicTransform | A.BaseCompose:
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+        raise TransformSpecError(
             f"{where}: expected a single-key mapping like {{'HorizontalFlip': {{'p': 0.5}}}}, got {entry!r}"
         )
     (name, kwargs), = entry.items()
     if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ValueError(f"{where}: arguments of {name!r} must be a mapping like {{'p': 0.5}}, got {kwargs!r}")
+        raise TransformSpecError(f"{where}: arguments of {name!r} must be a mapping like {{'p': 0.5}}, got {kwargs!r}")
     kwargs = {} if kwargs is None else dict(kwargs)
     cls = getattr(A, str(name), None)
     if not isinstance(cls, type) or not issubclass(cls, (A.BasicTransform, A.BaseCompose)):
-        raise ValueError(f"{where}: {name!r} is not an albumentations transform (albumentations {A.__version__})")
-    if name == "Compose":
-        raise ValueError(f"{where}: 'Compose' is added by the pipeline; list its transforms directly")
-    if name in _CONTAINERS and "transforms" in kwargs:
-        kwargs["transforms"] = _build_list(kwargs["transforms"], f"{where}.{name}.transforms")
-    # albumentations drops an argument it does not know (a typo, a 1.x name; 2.0.8 warns, 2.0.0
-    # says nothing) and builds the transform with its default: what the config asked would not run
-    parameters = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        unknown = [key for key in kwargs if key not in parameters or key == "self"]
-        if unknown:
-            known = ", ".join(key for key in parameters if key != "self")
-            raise ValueError(f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))} "
-                             f"(albumentations {A.__version__}: {known})")
+        raise TransformSpecError(
+            f"{where}: {name!r} is not an albumentations transform (albumentations {A.__version__})")
+    if issubclass(cls, A.Compose):  # ReplayCompose too: its own boxes processing and replay have no use here
+        raise TransformSpecError(f"{where}: {name!r} is a whole pipeline, and the pipeline's own Compose is added "
+                                 "for you: list its transforms directly (group them with Sequential)")
+    if issubclass(cls, A.BaseCompose):
+        kwargs = _build_children(cls, kwargs, where, pixel_only)
+    _check_arguments(cls, str(name), kwargs, where)
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: cannot build {name}(**{kwargs!r}): {error}") from error
+        transform = cls(**kwargs)
+    except Exception as error:  # albumentations raises ValueError, TypeError, AttributeError, pydantic's errors
+        raise TransformSpecError(f"{where}: cannot build {name}(**{kwargs!r}): {type(error).__name__}: {error}") \
+            from error
+    if isinstance(transform, A.BasicTransform):
+        _check_usable(transform, where, pixel_only)
+    return transform
 
 
-def _build_list(spec: Any, where: str) -> list:
+def _build_list(spec: Any, where: str, pixel_only: bool = False) -> list:
     if not isinstance(spec, (list, tuple)):
-        raise ValueError(f"{where}: expected a list of transforms, got {type(spec).__name__} {spec!r}")
-    return [_build_one(entry, f"{where}[{i}]") for i, entry in enumerate(spec)]
+        raise TransformSpecError(f"{where}: expected a list of transforms, got {type(spec).__name__} {spec!r}")
+    return [_build_one(entry, f"{where}[{i}]", pixel_only) for i, entry in enumerate(spec)]
+
+
+class _BoxRules(BboxProcessor):
+    """albumentations' box processor with the package's rules, applied after every transform.
+
+    Rows are albumentations boxes (normalised ``x1, y1, x2, y2``) followed by the label columns
+    ``box_kind`` and ``box_visible``. Each box is clipped to the image (albumentations' own
+    clipping and areas). A box the clipping cut has its visible share multiplied by the part
+    the cut kept, so the share stays measured against the box before all transforms (two crops
+    keeping 55 % each leave 30 %); a cut ground-truth box is dropped when its share falls under
+    ``min_visibility`` (a single cut keeps exactly the boxes albumentations' own check keeps), a
+    crowd box only when nothing of it is left. Clipping after each transform also means a box a
+    crop removed does not come back over padding or a rotation's corners.
+    """
+
+    def filter(self, data: np.ndarray, shape: Any) -> np.ndarray:
+        if not len(data):
+            return data
+        labels = list(self.params.label_fields)
+        first_label = data.shape[1] - len(labels)
+        kind, visible = first_label + labels.index(_BOX_FIELD), first_label + labels.index(_VISIBLE_FIELD)
+        clipped = clip_bboxes(data, shape)
+        area, inside = calculate_bbox_areas_in_pixels(data, shape), calculate_bbox_areas_in_pixels(clipped, shape)
+        cut = ((data[:, :4] < 0) | (data[:, :4] > 1)).any(axis=1)
+        share = np.where(cut, data[:, visible] * inside / (area + _AREA_EPSILON), data[:, visible])
+        clipped[:, visible] = share
+        too_little = cut & (data[:, kind] == _GROUND_TRUTH) & (share < self.params.min_visibility)
+        return clipped[(inside > 0) & ~too_little]
 
 
 def build_transform(
-    spec: TransformSpec | None, min_visibility: float = 0.0, where: str = "transforms"
+    spec: TransformSpec | None, min_visibility: float = 0.0, where: str = "transforms", pixel_only: bool = False
 ) -> A.Compose:
-    """``A.Compose`` of ``spec`` with pascal_voc boxes, clipping, and ``min_visibility``."""
+    """``A.Compose`` of ``spec`` with pascal_voc boxes, clipping, ``min_visibility`` and the box rules.
+
+    Called as ``compose(image=..., bboxes=..., box_kind=[0 ground truth | 1 crowd, ...],
+    box_visible=[1.0, ...])`` (:class:`DetectionTransform` does). ``pixel_only`` (evaluation)
+    refuses transforms that move pixels or boxes. Errors are :class:`TransformSpecError` naming
+    the entry under ``where`` (``data.train_transforms``).
+    """
     if not 0.0 <= min_visibility <= 1.0:
-        raise ValueError(f"{where}: min_visibility={min_visibility} must be in [0, 1]")
-    transforms = _build_list(spec or [], where)
+        raise TransformSpecError(f"{where}: min_visibility={min_visibility} must be in [0, 1]")
+    transforms = _build_list(spec or [], where, pixel_only)
     with warnings.catch_warnings():
         # an empty pipeline is valid here (evaluation without augmentation)
         warnings.filterwarnings("ignore", message="Got processor for bboxes, but no transform")
-        return A.Compose(
+        compose = A.Compose(
             transforms,
-            bbox_params=A.BboxParams(
-                format="pascal_voc", label_fields=[_BOX_FIELD], clip=True, min_visibility=min_visibility
-            ),
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=[_BOX_FIELD, _VISIBLE_FIELD], clip=True,
+                                     min_visibility=min_visibility, check_each_transform=True),
         )
+    # albumentations builds its box processor itself (no hook for another): the package's rules go to
+    # that one object, which the pipeline and every container in it check the boxes with
+    compose.processors["bboxes"].__class__ = _BoxRules
+    return compose
 
 
 def _yaml_safe(value: Any) -> Any:
@@ -120,18 +244,29 @@ def _yaml_safe(value: Any) -> Any:
     return value
 
 
-def _entry_to_spec(serialized: dict[str, Any]) -> dict[str, Any]:
+def _unserialized_arguments(container: A.BaseCompose, serialized: dict[str, Any]) -> dict[str, Any]:
+    """A container's arguments that albumentations' ``to_dict`` leaves out (``SelectiveChannelTransform``'s
+    ``channels``), read from the container; its children are under ``transforms`` already."""
+    parameters = inspect.signature(type(container).__init__).parameters
+    return {key: getattr(container, key) for key, parameter in parameters.items()
+            if key != "self" and key not in serialized and "Transform" not in str(parameter.annotation)
+            and hasattr(container, key)}
+
+
+def _entry_to_spec(serialized: dict[str, Any], transform: A.BasicTransform | A.BaseCompose) -> dict[str, Any]:
     args = {k: v for k, v in serialized.items() if k != "__class_fullname__"}
     name = serialized["__class_fullname__"].rsplit(".", 1)[-1]
-    if "transforms" in args:
-        args["transforms"] = [_entry_to_spec(child) for child in args["transforms"]]
+    if isinstance(transform, A.BaseCompose):
+        args.update(_unserialized_arguments(transform, args))
+        args["transforms"] = [_entry_to_spec(child, built)
+                              for child, built in zip(args["transforms"], transform.transforms)]
     return {name: _yaml_safe(args)}
 
 
 def transform_to_spec(transform: A.BaseCompose) -> TransformSpec:
     """The spec list of a pipeline built by :func:`build_transform` (all arguments explicit)."""
     serialized = A.to_dict(transform)["transform"]
-    return [_entry_to_spec(child) for child in serialized["transforms"]]
+    return [_entry_to_spec(child, built) for child, built in zip(serialized["transforms"], transform.transforms)]
 
 
 def load_transform_spec(text_or_path: str | os.PathLike[str]) -> TransformSpec:
@@ -199,7 +334,10 @@ class DetectionTransform:
 
     Picklable. The albumentations random state is re-seeded once per process from torch's
     seed (in a DataLoader worker, the worker's seed), so workers draw different augmentations
-    and ``seed_everything`` makes runs repeatable.
+    and ``seed_everything`` makes runs repeatable. ``pixel_only`` (the data module's evaluation
+    pipeline) refuses transforms that move pixels or boxes: predict maps boxes back by the
+    resize alone. ``setting`` (``data.train_transforms`` or ``data.val_transforms``) is named
+    in every error.
     """
 
     def __init__(
@@ -208,12 +346,14 @@ class DetectionTransform:
         min_visibility: float = 0.0,
         resize: ResizePolicy | None = None,
         train: bool = False,
+        pixel_only: bool = False,
     ) -> None:
         self.spec: TransformSpec = list(spec or [])
         self.min_visibility = min_visibility
         self.resize = resize or ResizePolicy()
         self.train = train
-        self.compose = build_transform(self.spec, min_visibility, "train_transforms" if train else "val_transforms")
+        self.setting = "data.train_transforms" if train else "data.val_transforms"
+        self.compose = build_transform(self.spec, min_visibility, self.setting, pixel_only)
         self._seeded_pid: int | None = None
 
     def _seed_for_process(self) -> None:
@@ -226,13 +366,25 @@ class DetectionTransform:
     def _pipeline_error(self, sample: DetectionSample, error: Exception) -> DataError:
         """A :class:`DataError` naming the image, its size and the setting of a pipeline that failed on it."""
         height, width = sample.image_size
-        setting = "data.train_transforms" if self.train else "data.val_transforms"
-        message = f"{setting} failed on this {width}x{height} (w x h) image: {type(error).__name__}: {error}"
+        message = f"{self.setting} failed on this {width}x{height} (w x h) image: {type(error).__name__}: {error}"
         if type(error).__name__ == "CropSizeError":  # albumentations' own class, not exported at the top
             message += ("; the crop does not fit the image: put PadIfNeeded (min_height, min_width at least "
                         "the crop size) before the crop, use a smaller crop, or (large images) train on "
                         "windows with data.tiles instead of cropping")
         return DataError(message, file=sample.source, image_id=sample.image_id)
+
+    def _checked_image(self, sample: DetectionSample, image: Any) -> np.ndarray:
+        """``image`` when the pipeline returned an ``H x W x 3`` uint8 array; otherwise a :class:`DataError`
+        naming the setting (a transform :func:`build_transform` does not know turned it into another format)."""
+        if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            return image
+        height, width = sample.image_size
+        shape = tuple(getattr(image, "shape", ()))
+        kind = f"{type(image).__name__} of shape {shape} dtype {getattr(image, 'dtype', '?')}"
+        message = (f"{self.setting} turned this {width}x{height} (w x h) image into a {kind}, but it must "
+                   "return H x W x 3 uint8 images: leave out the transform that changes the format "
+                   "(Normalize, ToFloat, ToTensorV2, ToGray with one channel; the model normalises images itself)")
+        raise DataError(message, file=sample.source, image_id=sample.image_id)
 
     def __call__(self, sample: DetectionSample) -> DetectionSample:
         image, boxes, crowd = sample.image, sample.boxes, sample.crowd_boxes
@@ -240,15 +392,16 @@ class DetectionTransform:
         if self.spec:
             self._seed_for_process()
             all_boxes = np.concatenate([boxes, crowd]) if len(crowd) else boxes
-            kinds = [0] * len(boxes) + [1] * len(crowd)
+            labels = {_BOX_FIELD: [_GROUND_TRUTH] * len(boxes) + [_CROWD] * len(crowd),
+                      _VISIBLE_FIELD: [1.0] * len(all_boxes)}
             try:
-                out = self.compose(image=image, bboxes=all_boxes, **{_BOX_FIELD: kinds})
+                out = self.compose(image=image, bboxes=all_boxes, **labels)
             except Exception as error:  # an albumentations error names neither the image nor the setting
                 raise self._pipeline_error(sample, error) from error
-            image = out["image"]
+            image = self._checked_image(sample, out["image"])
             kept = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             kept_kinds = np.asarray(out[_BOX_FIELD], dtype=np.int64).reshape(-1)
-            boxes, crowd = kept[kept_kinds == 0], kept[kept_kinds == 1]
+            boxes, crowd = kept[kept_kinds == _GROUND_TRUTH], kept[kept_kinds == _CROWD]
             removed = len(sample.boxes) - len(boxes)
         size = (int(image.shape[0]), int(image.shape[1]))
         new_size = self.resize.target_size(size, self.train)
@@ -265,7 +418,6 @@ class DetectionTransform:
             crowd_boxes=crowd[(crowd[:, 2] > crowd[:, 0]) & (crowd[:, 3] > crowd[:, 1])],
             removed_boxes=sample.removed_boxes + removed,
         )
-
 
 
 class TransformedDataset(torch.utils.data.Dataset):

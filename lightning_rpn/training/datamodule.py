@@ -81,9 +81,11 @@ class RPNDataModule(LightningDataModule):
         num_workers: DataLoader workers (persistent when > 0); pin_memory: pinned batches.
         train_transforms / val_transforms: albumentations spec lists (see ``transforms``);
             ``None`` gives ``[{"HorizontalFlip": {"p": 0.5}}]`` for training and nothing for
-            evaluation.
-        min_visibility: boxes keeping less than this fraction of their area after a transform
-            (or a training window) are removed (counted, and reported at the end of the run).
+            evaluation. ``val_transforms`` may only change pixel values (no flip, crop, pad or
+            resize: ``resize`` sizes evaluation images, and predict maps boxes back by it alone).
+        min_visibility: ground-truth boxes keeping less than this fraction of their area before
+            the transforms (or in a training window) are removed (counted, and reported at the
+            end of the run); crowd boxes stay while any part of them is in the image.
         tiles: train on random windows of the training images (``TileConfig`` keys ``size``,
             ``per_epoch``, ``overlap``, ``weighting``, ``box_probability``, ``cache_mb``): an
             epoch is ``per_epoch`` windows, drawn from the seed, the epoch and the window's index.
@@ -189,7 +191,9 @@ class RPNDataModule(LightningDataModule):
         self.train_transform = DetectionTransform(
             DEFAULT_TRAIN_TRANSFORMS if train_transforms is None else train_transforms,
             min_visibility, self.resize_policy, train=True)
-        self.val_transform = DetectionTransform(val_transforms or [], min_visibility, self.resize_policy, train=False)
+        # the evaluation pipeline also runs predict, which maps boxes back by the resize alone: pixel values only
+        self.val_transform = DetectionTransform(val_transforms or [], min_visibility, self.resize_policy, train=False,
+                                                pixel_only=True)
         self.size_divisibility = size_divisibility
         self.anchor_generator = anchor_generator
         self.target_config = target_config
