@@ -13,8 +13,13 @@ index, then lowest proposal index (the better-scored one). IoUs are float32 and 
 (thresholds, area bounds) is made in float32, as in detectron2: a box covered at IoU exactly
 ``t`` counts at ``t``.
 
-Area ranges (``lo <= box area < hi``) follow detectron2: each range keeps only its own gt boxes
-and is matched on its own: a box outside the range never takes a proposal away from one inside.
+Area ranges: a gt box belongs to a range when ``lo <= area < hi``, its area being that of the
+box, ``(x2 - x1) * (y2 - y1)``, or the one given to ``update(areas=...)`` (the module gives the
+area in original-image pixels, COCO's scale, when it evaluates resized images). Each range keeps
+only its own gt boxes and is matched on its own: a box outside the range never takes a proposal
+away from one inside. COCOeval and detectron2 sort by the annotation's ``area`` (the
+segmentation's, on COCO) within ``[lo, hi]``, so ``AR_small/medium/large`` differ somewhat from
+theirs on COCO; ``AR@k`` and ``recall@t@k`` do not depend on the ranges.
 
 How it stays fast. The loop above is the greedy matching that accepts (gt, proposal) pairs in
 decreasing IoU order. Two facts make it cheap to batch:
@@ -155,8 +160,11 @@ class ProposalRecall(Metric):
             (merged with ``max_proposals``).
         kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
-    ``update(proposals, targets)``: ``proposals[i]`` are image i's boxes ``[P, 4]`` sorted by
-    score, best first; ``targets[i]`` its gt boxes ``[G, 4]``; both xyxy pixels.
+    ``update(proposals, targets, areas=None)``: ``proposals[i]`` are image i's boxes ``[P, 4]``
+    sorted by score, best first; ``targets[i]`` its gt boxes ``[G, 4]``; both xyxy pixels.
+    ``areas[i]`` (``[G]``, optional) are the areas that place image i's gt boxes in the area
+    ranges instead of the boxes' own: the areas in original-image pixels when the boxes are in
+    resized ones (matching and IoUs use the boxes either way).
 
     ``compute()`` returns float tensors keyed ``"AR@{k}"``, ``"AR_{area}@{k}"`` (every range but
     ``"all"``) and ``"recall@{t:.2f}@{k}"`` for each k in ``max_proposals`` and each threshold t.
@@ -230,9 +238,15 @@ class ProposalRecall(Metric):
             raise ValueError(f"ProposalRecall: {name} must hold positive ints, got {k!r}")
         return k
 
-    def update(self, proposals: Sequence[Tensor], targets: Sequence[Tensor]) -> None:
+    def update(
+        self,
+        proposals: Sequence[Tensor],
+        targets: Sequence[Tensor],
+        areas: Sequence[Tensor] | None = None,
+    ) -> None:
         """Accumulate hit counts for a batch of images (see the class docstring)."""
         boxes, gts = self._check_inputs(proposals, targets)
+        gt_areas = None if areas is None else self._check_areas(areas, gts)
         if not gts:
             return
         device = gts[0].device
@@ -244,7 +258,10 @@ class ProposalRecall(Metric):
             torch.arange(gt.shape[1], device=device)
             < torch.tensor([len(g) for g in gts], device=device)[:, None]
         )
-        gt_area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
+        if gt_areas is None:
+            gt_area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
+        else:
+            gt_area = pad_sequence(gt_areas, batch_first=True)  # [B, G]
         # float32 bounds (not the default dtype): compared in the areas' precision
         lows, highs = torch.tensor(
             list(self.area_ranges.values()), dtype=torch.float32, device=device
@@ -342,6 +359,26 @@ class ProposalRecall(Metric):
                     f"ProposalRecall.update: proposals[{image}] has non-finite coordinates"
                 )
         return boxes, gts
+
+    @staticmethod
+    def _check_areas(areas: Sequence[Tensor], gts: list[Tensor]) -> list[Tensor]:
+        """``areas`` as float32 ``[G]`` tensors on the gt boxes' devices, one per image."""
+        if isinstance(areas, Tensor) or len(areas) != len(gts):
+            count = "a tensor" if isinstance(areas, Tensor) else f"{len(areas)} area tensors"
+            raise ValueError(
+                f"ProposalRecall.update: got {count} for {len(gts)} images; pass areas as a "
+                "list with one [G] tensor per image, like targets"
+            )
+        out: list[Tensor] = []
+        for i, (a, g) in enumerate(zip(areas, gts)):
+            if not isinstance(a, Tensor) or a.shape != (len(g),) or not bool(torch.isfinite(a).all()):
+                shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                raise ValueError(
+                    f"ProposalRecall.update: areas[{i}] must be {len(g)} finite areas (one per "
+                    f"gt box of targets[{i}]), got {shape}"
+                )
+            out.append(a.to(device=g.device, dtype=torch.float32))
+        return out
 
     def _recall(self) -> Tensor:
         """Recall per (k, threshold, area range) ``[K, T, R]`` in float64, -1 where no gt box."""

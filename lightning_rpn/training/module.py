@@ -57,6 +57,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.backbone_interface import check_backbone, check_feature_strides
 from lightning_rpn.core.backbones import StagedBackbone, build_backbone
 from lightning_rpn.core.box_coder import BoxCoder
+from lightning_rpn.core.boxes import box_area
 from lightning_rpn.core.cascade import BoxLossPositives, CascadeRPN, ObjectnessLevel
 from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
 from lightning_rpn.core.head import RPNHead
@@ -91,6 +92,15 @@ __all__ = ["LRSchedule", "RPNModule", "RunLambdaLR", "to_original_coordinates"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _original_areas(batch: RPNBatch) -> list[Tensor]:
+    """Per image, its gt boxes' areas in original-image pixels (the boxes mapped back as ``predict``
+    maps them), so the recall's area ranges sort boxes at COCO's scale whatever the resize."""
+    return [
+        box_area(to_original_coordinates(boxes.float(), resized, original))
+        for boxes, resized, original in zip(batch.gt_boxes, batch.image_sizes, batch.original_sizes)
+    ]
 
 
 def _head_width_given(hparams: dict[str, Any], width: int | None) -> dict[str, Any]:
@@ -620,7 +630,10 @@ class RPNModule(pl.LightningModule):
         else:
             proposals, losses = self._run(batch, stage, need_proposals=True)
             self._log_losses(stage, losses, len(batch))
-        self.val_recall.update([boxes for boxes, _ in proposals], batch.gt_boxes)
+        # area ranges at the original image's scale, as predict and COCO: the resize scales areas
+        self.val_recall.update(
+            [boxes for boxes, _ in proposals], batch.gt_boxes, areas=_original_areas(batch)
+        )
         return {"proposals": proposals}
 
     def validation_step(self, batch: RPNBatch, batch_idx: int) -> dict[str, Any]:
