@@ -267,7 +267,9 @@ def warn_if_schedule_outlasts_run(schedule: LRSchedule, run_end: float) -> None:
             f"RPNModule: model.warmup_steps={schedule.warmup_steps} is not shorter than this run, which "
             f"ends at optimizer step {end} (trainer.max_steps / max_epochs): the warm-up never ends and "
             f"the learning rate peaks at {peak:.2g} x model.lr. Set --model.warmup_steps below {end} "
-            f"(e.g. {end // 10}, a tenth of the run); the default 1000 is the COCO recipe's"
+            f"(e.g. {end // 10}, a tenth of the run)"
+            + (f"; the default {OptimConfig.warmup_steps} is the COCO recipe's"
+               if schedule.warmup_steps == OptimConfig.warmup_steps else "")
         )
     late = [step for step in schedule.milestones if step >= end]
     if schedule.kind == "multistep" and late:

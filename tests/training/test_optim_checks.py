@@ -45,6 +45,9 @@ def test_a_warmup_as_long_as_the_run_is_warned_with_the_lr_it_reaches(tmp_path: 
     (message,) = _schedule_warnings(model, quiet_trainer(tmp_path, max_steps=300))
     assert "model.warmup_steps=1000 is not shorter than this run, which ends at optimizer step 300" in message
     assert "the learning rate peaks at 0.079 x model.lr" in message
+    assert message.endswith("the default 1000 is the COCO recipe's")
+    (own,) = _schedule_warnings(tiny_model(lr_schedule="cosine", warmup_steps=400), quiet_trainer(tmp_path, max_steps=300))
+    assert "model.warmup_steps=400" in own and "default" not in own  # a value of the config's own: no word of the default
     # SGD, multi-step: the warm-up and both default milestones
     messages = _schedule_warnings(tiny_model(warmup_steps=1000), quiet_trainer(tmp_path, max_steps=300))
     assert len(messages) == 2
