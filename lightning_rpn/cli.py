@@ -59,6 +59,7 @@ from lightning_rpn.training.module import RESIZE_KEY, RPNModule
 from lightning_rpn.training.proposal_writer import ProposalWriter
 from lightning_rpn.training.run_files import (
     check_checkpoint_dirs,
+    check_checkpoint_file,
     evaluation_checkpoint,
     newest_checkpoint,
     warn_if_last_waits_for_best,
@@ -451,8 +452,9 @@ class RPNLightningCLI(LightningCLI):
         folder holds either the run being resumed or files that stay, which the check names.
         """
         try:
+            check_checkpoint_file(self.config["fit"].get("ckpt_path"), "fit")
             check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
-        except ValueError as error:  # a folder it may not overwrite or cannot write: one line, before training
+        except ValueError as error:  # no such checkpoint, a folder it may not overwrite or cannot write: one line
             raise _Refusal(str(error)) from error
         self._say_when_last_starts_afresh()
         self._prepare_wandb()

@@ -26,8 +26,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
 __all__ = [
-    "check_checkpoint_dirs", "checkpoint_stem", "evaluation_checkpoint", "free_version", "metrics_summary_path",
-    "newest_checkpoint", "versioned", "warn_if_last_waits_for_best", "write_metrics_summary",
+    "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "evaluation_checkpoint", "free_version",
+    "metrics_summary_path", "newest_checkpoint", "versioned", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
 
@@ -125,6 +125,25 @@ def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
             )
 
 
+_LIGHTNING_KEYWORDS = ("best", "last", "hpc", "registry")
+"""``ckpt_path`` values Lightning resolves itself (``registry:...`` included), not file paths."""
+
+
+def check_checkpoint_file(ckpt_path: str | Path | None, command: str) -> None:
+    """A ``ValueError`` when ``ckpt_path`` names a local file that does not exist, before the model
+    and the data are set up (Lightning's ``FileNotFoundError`` comes as a 40-line traceback after
+    them). Keywords (``last``, ``best``, ...) and remote URLs (``s3://...``) are left to Lightning."""
+    if ckpt_path is None:
+        return
+    text = str(ckpt_path)
+    if text.split(":", 1)[0] in _LIGHTNING_KEYWORDS or "://" in text or Path(text).is_file():
+        return
+    found = "a folder, not a checkpoint file" if Path(text).is_dir() else "no such file"
+    keywords = ("--ckpt_path last resumes the newest last*.ckpt of the config's checkpoint folder" if command == "fit"
+                else "--ckpt_path last / best take the newest of the run's checkpoints")
+    raise ValueError(f"lightning-rpn {command} --ckpt_path {text}: {found} ({Path(text).resolve()}); {keywords}")
+
+
 def evaluation_checkpoint(trainer: pl.Trainer, ckpt_path: str | None, command: str) -> str | None:
     """The checkpoint a ``validate`` / ``test`` / ``predict`` in a new process loads for ``ckpt_path``.
 
@@ -133,9 +152,11 @@ def evaluation_checkpoint(trainer: pl.Trainer, ckpt_path: str | None, command: s
     best model"), and ``"last"`` with no last checkpoint to no checkpoint at all, with a warning:
     the command would then report the recall of untrained weights. Here either keyword is
     :func:`newest_checkpoint`, and finding no file is a ``ValueError`` naming the folders. Paths
-    and ``None`` are returned as given.
+    (:func:`check_checkpoint_file`: a missing one is a ``ValueError`` too) and ``None`` are
+    returned as given.
     """
     if ckpt_path not in ("best", "last"):
+        check_checkpoint_file(ckpt_path, command)
         return ckpt_path
     folders, found = newest_checkpoint(trainer, ckpt_path, f"lightning-rpn {command}")
     if found is None:

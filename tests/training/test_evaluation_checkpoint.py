@@ -34,7 +34,9 @@ def test_best_and_last_are_the_newest_files_of_their_callbacks(tmp_path: Path) -
         touch(tmp_path / name, mtime)
     assert evaluation_checkpoint(trainer, "best", "validate") == str(tmp_path / "best-v1.ckpt")
     assert evaluation_checkpoint(trainer, "last", "test") == str(tmp_path / "last.ckpt")
-    assert evaluation_checkpoint(trainer, "runs/x.ckpt", "predict") == "runs/x.ckpt"
+    assert evaluation_checkpoint(trainer, str(tmp_path / "best_old.ckpt"), "predict") == str(tmp_path / "best_old.ckpt")
+    with pytest.raises(ValueError, match=r"predict --ckpt_path runs/x.ckpt: no such file"):
+        evaluation_checkpoint(trainer, "runs/x.ckpt", "predict")
     assert evaluation_checkpoint(trainer, None, "predict") is None
 
 
