@@ -49,8 +49,19 @@ def test_coco_round_trip(tmp_path) -> None:
     for original, loaded in zip(records, back):
         assert loaded["boxes"].dtype == torch.float32
         torch.testing.assert_close(loaded["boxes"], original["boxes"], atol=0.011, rtol=0)
-        torch.testing.assert_close(loaded["scores"], original["scores"])
+        torch.testing.assert_close(loaded["scores"], original["scores"], atol=0, rtol=0)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_coco_scores_are_float32_shortest(tmp_path) -> None:
+    """Scores take the digits that hold a float32, not a float64's 17, and read back exactly."""
+    scores = torch.tensor([0.1, 1 / 3, 0.987654321, 1e-7, 1.0, 0.0], dtype=torch.float32)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(len(scores), 1)
+    path = write_coco_proposals(tmp_path / "s.json", [{"image_id": 1, "boxes": boxes, "scores": scores}])
+    written = [line.split('"score": ')[1].rstrip("},]\n") for line in path.read_text().splitlines()]
+    assert written[:2] == ["0.1", "0.33333334"]
+    assert all(len(text.replace("0.", "").replace("e-", "")) <= 10 for text in written)
+    assert torch.equal(read_coco_proposals(path)[0]["scores"], scores.sort(descending=True).values)
 
 
 def test_detectron2_round_trip_and_format(tmp_path) -> None:
