@@ -333,8 +333,9 @@ class DetectionTransform:
     """Augment (albumentations) then resize a :class:`DetectionSample`, counting removed boxes.
 
     Picklable. The albumentations random state is re-seeded once per process from torch's
-    seed (in a DataLoader worker, the worker's seed), so workers draw different augmentations
-    and ``seed_everything`` makes runs repeatable. ``pixel_only`` (the data module's evaluation
+    seed (in a DataLoader worker, the worker's seed), mixed with ``process_rank`` (the data module
+    sets the trainer's global rank; rank 0 uses the seed as it is), so workers and DDP processes
+    draw different augmentations and ``seed_everything`` makes runs repeatable. ``pixel_only`` (the data module's evaluation
     pipeline) refuses transforms that move pixels or boxes: predict maps boxes back by the
     resize alone. ``setting`` (``data.train_transforms`` or ``data.val_transforms``) is named
     in every error.
@@ -354,13 +355,16 @@ class DetectionTransform:
         self.train = train
         self.setting = "data.train_transforms" if train else "data.val_transforms"
         self.compose = build_transform(self.spec, min_visibility, self.setting, pixel_only)
+        self.process_rank = 0
         self._seeded_pid: int | None = None
 
     def _seed_for_process(self) -> None:
         if self._seeded_pid != os.getpid():
             worker = torch.utils.data.get_worker_info()
-            seed = worker.seed if worker is not None else torch.initial_seed()
-            self.compose.set_random_seed(int(seed) % 2**32)
+            seed = int(worker.seed if worker is not None else torch.initial_seed()) % 2**32
+            if self.process_rank:  # every DDP process has the same torch seeds: each its own stream
+                seed = int(np.random.SeedSequence([seed, self.process_rank]).generate_state(1)[0])
+            self.compose.set_random_seed(seed)
             self._seeded_pid = os.getpid()
 
     def _pipeline_error(self, sample: DetectionSample, error: Exception) -> DataError:

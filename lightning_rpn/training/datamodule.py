@@ -341,6 +341,8 @@ class RPNDataModule(LightningDataModule):
                 f"RPNDataModule({role}_split=...) or --data.{role}_split NAME"
                 + (" (or --data.predict_images FOLDER)" if role == "predict" else "")
             )
+        rank = getattr(self.trainer, "global_rank", 0) or 0
+        self.train_transform.process_rank = self.val_transform.process_rank = int(rank)
         sampler = None
         if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
             trainer = self.trainer

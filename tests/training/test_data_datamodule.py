@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from helpers.builders import basic_coco, save_image, write_voc
 
 from lightning_rpn.core.anchors import AnchorGenerator
@@ -189,3 +190,20 @@ def test_under_ddp_the_report_says_whose_share_and_every_rank_warns() -> None:
     with pytest.warns(UserWarning, match=r"^\[rank 1\] RPNDataModule: train: load problems"):
         report.add_batch("train", 0, batch)  # rank_zero_warn would have dropped it on rank 1
     assert "(epoch 0, process 1 of 2: the images it loaded)" in report.report()
+
+
+def test_each_ddp_process_draws_its_own_augmentations() -> None:
+    """Every DDP process starts from the same torch seed: the data module mixes the trainer's rank into
+    the augmentation seed (rank 0 keeps the seed, so one-process runs draw what they drew before)."""
+    def first_batches(rank: int | None) -> list:
+        dm = small(anchor_generator=ANCHORS, train_transforms=[{"HorizontalFlip": {"p": 0.5}},
+                                                               {"RandomCrop": {"height": 48, "width": 48}}])
+        if rank is not None:
+            dm.trainer = SimpleNamespace(lightning_module=fake_model(), global_rank=rank)  # type: ignore[assignment]
+        torch.manual_seed(0)
+        loader = iter(dm.train_dataloader())
+        return [next(loader).images for _ in range(2)]
+
+    alone, rank_0, rank_1 = first_batches(None), first_batches(0), first_batches(1)
+    assert all(torch.equal(a, b) for a, b in zip(alone, rank_0))
+    assert not any(torch.equal(a, b) for a, b in zip(rank_0, rank_1))
