@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,24 @@ def _plain(value: Any) -> Any:
     """Python numbers and lists for numpy / torch values (``np.int64(32)``, ``np.array([32, 64])``,
     a tensor): sizes computed with numpy, e.g. by k-means, are common arguments."""
     return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (list, tuple)) else value
+
+
+def _warn_torchvision_reading(given: object, sizes: tuple[tuple[float, ...], ...]) -> None:
+    """Warn when a flat ``sizes`` is as long as the levels: torchvision reads that as one size per
+    level, here it puts every size on every level (the nested single tuple says so silently)."""
+    levels, flat = len(sizes), _plain(given)
+    if not (levels > 1 and isinstance(flat, Sequence) and not isinstance(flat, str) and len(flat) == levels
+            and all(_is_number(_plain(size)) for size in flat)):
+        return
+    listed = ", ".join(f"{size:g}" for size in sizes[0])
+    one_each = ", ".join(f"({size:g},)" for size in sizes[0][:2])
+    warnings.warn(
+        f"AnchorGenerator: the flat sizes ({listed}) (model.anchor_sizes) put all {levels} sizes on each of the "
+        f"{levels} levels; torchvision reads a flat tuple as one size per level. For one size per level write "
+        f"({one_each}, ...) (YAML [[{sizes[0][0]:g}], [{sizes[0][1]:g}], ...]); to keep every size on every level "
+        f"without this warning, nest it once: (({listed}),) (YAML [[{listed}]])",
+        UserWarning, stacklevel=3,
+    )
 
 
 def _per_level(name: str, value: object, num_levels: int) -> tuple[tuple[float, ...], ...]:
@@ -220,6 +239,7 @@ class AnchorGenerator:
             raise ValueError(f"AnchorGenerator: offset must be a number in [0, 1), got {offset!r}")
         self.strides: tuple[int, ...] = tuple(int(s) for s in strides)
         self.sizes = _per_level("sizes", sizes, len(self.strides))
+        _warn_torchvision_reading(sizes, self.sizes)
         self.aspect_ratios = _per_level("aspect_ratios", aspect_ratios, len(self.strides))
         self.offset = float(offset)
         self.anchor_stride = int(anchor_stride)

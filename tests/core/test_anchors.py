@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import numpy as np
@@ -58,6 +59,25 @@ def test_single_tuple_is_broadcast_to_every_level() -> None:
     shapes = [(4, 4), (2, 2), (1, 1)]
     for a, b in zip(flat(shapes), explicit(shapes)):
         assert torch.equal(a, b)
+
+
+def test_flat_sizes_as_long_as_the_levels_warn_of_torchvision_reading() -> None:
+    """torchvision reads a flat ``(32, 64, 128)`` on three levels as one size per level; here every
+    size goes on every level, which a user coming from torchvision does not expect: a warning
+    naming both spellings. Other flat lengths, nested forms and one level stay silent."""
+    with pytest.warns(UserWarning, match=r"flat sizes \(32, 64, 128\).*all 3 sizes on each of the 3 levels.*"
+                                         r"\[\[32\], \[64\], \.\.\.\].*\(\(32, 64, 128\),\)"):
+        flat = AnchorGenerator([32, 64, 128], (1.0,), (8, 16, 32))
+    assert flat.sizes == ((32.0, 64.0, 128.0),) * 3
+    with pytest.warns(UserWarning, match="flat sizes"):
+        AnchorGenerator(np.array([32.0, 64.0]), (1.0,), (8, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AnchorGenerator(((32, 64, 128),), (1.0,), (8, 16, 32))
+        AnchorGenerator(((32,), (64,), (128,)), (1.0,), (8, 16, 32))
+        AnchorGenerator((32, 64), (1.0,), (8, 16, 32))
+        AnchorGenerator((128, 256, 512), (0.5, 1.0, 2.0), 16)
+        AnchorGenerator((32,), (1.0,), (8,))
 
 
 def test_numpy_and_tensor_arguments_build_the_same_generator() -> None:
