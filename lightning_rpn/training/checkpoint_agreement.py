@@ -74,13 +74,21 @@ def _comparable(value: Any) -> Any:
 
 def _normalised(name: str, value: Any) -> Any:
     """``value`` as the model reads it: ``quality`` as its branch names (``"centerness + iou"`` is
-    ``"centerness+iou"``; their order stays: it is the order of the head's outputs)."""
+    ``"centerness+iou"``; their order stays: it is the order of the head's outputs); anchor sizes
+    and ratios as one tuple when every level has the same (a flat ``[0.5, 1, 2]``, ``[[0.5, 1, 2]]``
+    and that list once per level build the same anchors)."""
     if name == "quality" and isinstance(value, str):
         try:
             return parse_quality(value)
         except ValueError:
             return value
-    return _comparable(value)
+    comparable = _comparable(value)
+    if name in ("anchor_sizes", "aspect_ratios") and isinstance(comparable, tuple) and comparable:
+        if all(isinstance(entry, float) for entry in comparable):
+            return (comparable,)
+        if all(entry == comparable[0] for entry in comparable):
+            return comparable[:1]
+    return comparable
 
 
 def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | None = None) -> None:

@@ -22,6 +22,17 @@ def test_equal_settings_agree_whatever_their_container() -> None:
                                                                            init_args=Namespace(width=8))})
 
 
+def test_anchor_lists_agree_in_every_spelling_of_the_same_anchors() -> None:
+    """A flat list, it nested once and it once per level put the same anchors on every level."""
+    flat = {"aspect_ratios": [0.5, 1.0, 2.0], "anchor_sizes": [16, 32]}
+    for current in ({"aspect_ratios": [[0.5, 1.0, 2.0]], "anchor_sizes": [[16, 32]]},
+                    {"aspect_ratios": ((0.5, 1, 2),) * 5, "anchor_sizes": ((16, 32),) * 5}):
+        check_checkpoint_agrees(flat, current)
+        check_checkpoint_agrees(current, flat)
+    with pytest.raises(ValueError, match=r"anchor_sizes: checkpoint \[16, 32\], this run \[\[16\], \[32\]\]"):
+        check_checkpoint_agrees(flat, {"anchor_sizes": [[16], [32]]})  # one size per level: other anchors
+
+
 def test_every_difference_is_named_with_both_values() -> None:
     current = {**SAVED, "anchor_sizes": ((64,), (128,)), "head": "cascade"}
     with pytest.raises(ValueError, match=r"the checkpoint run/last.ckpt was trained as another network .*"
