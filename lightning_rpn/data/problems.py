@@ -240,12 +240,21 @@ def sanitize_boxes(
     # judged as they will be stored: a box only float64 can tell from empty is empty in float32
     boxes = to_xyxy(written, box_format).astype(np.float32).astype(np.float64)
     height, width = float(image_size[0]), float(image_size[1])
+    with np.errstate(invalid="ignore"):  # NaN compares False: such a box is not clean
+        clean = ((boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+                 & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    if clean.all():  # the usual image: nothing to report, every box kept as it is (no per-box loop)
+        return boxes.astype(np.float32), list(annotation_ids)
     tol_x = max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * width)
     tol_y = max(OUTSIDE_TOLERANCE_PX, OUTSIDE_TOLERANCE_FRACTION * height)
     image = f"{int(width)}x{int(height)} image"
     kept: list[np.ndarray] = []
     kept_ids: list[int | str | None] = []
-    for box, as_written, ann_id in zip(boxes, written, annotation_ids):
+    for box, as_written, ann_id, is_clean in zip(boxes, written, annotation_ids, clean):
+        if is_clean:
+            kept.append(box)
+            kept_ids.append(ann_id)
+            continue
         x1, y1, x2, y2 = (float(v) for v in box)
         text = describe_box(as_written, box_format)
 
