@@ -101,6 +101,7 @@ def test_fit_runs_two_ddp_processes_without_unused_parameters(ddp_run: Path) -> 
         assert record["find_unused_parameters"] is False  # yet every step went through
         assert len(record["steps"]) == STEPS
         assert record["skipped_nonfinite_batches"] == 1  # rank 1's batch was fine: skipped too
+        assert record["augmentation_rank"] == rank  # each process draws its own augmentations
     checkpoint = torch.load(ddp_run / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == STEPS and checkpoint["skipped_nonfinite_batches"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
