@@ -335,10 +335,10 @@ class DetectionTransform:
     Picklable. The albumentations random state is re-seeded once per process from torch's
     seed (in a DataLoader worker, the worker's seed), mixed with ``process_rank`` (the data module
     sets the trainer's global rank; rank 0 uses the seed as it is), so workers and DDP processes
-    draw different augmentations and ``seed_everything`` makes runs repeatable. ``pixel_only`` (the data module's evaluation
-    pipeline) refuses transforms that move pixels or boxes: predict maps boxes back by the
-    resize alone. ``setting`` (``data.train_transforms`` or ``data.val_transforms``) is named
-    in every error.
+    draw different augmentations and ``seed_everything`` makes runs repeatable. ``pixel_only``
+    (the data module's evaluation pipeline) refuses transforms that move pixels or boxes: predict
+    maps boxes back by the resize alone. ``setting`` (``data.train_transforms`` or
+    ``data.val_transforms``) is named in every error.
     """
 
     def __init__(
