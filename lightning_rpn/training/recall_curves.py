@@ -85,10 +85,12 @@ class RecallCurves(Callback):
         self.save_png = save_png
         self._announced: set[Path] = set()
         self._fit_csv_names: dict[str, str] = {}  # this fit's CSV file name per base name
+        self._fitted = False  # a fit ran: a later evaluation of the weights in the process is its
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # before a resumed fit's checkpoint restores them
             self._fit_csv_names = {}
+            self._fitted = True
 
     def state_dict(self) -> dict[str, dict[str, str]]:
         return {"fit_csv_names": dict(self._fit_csv_names)}
@@ -104,6 +106,11 @@ class RecallCurves(Callback):
             name = versioned(base, free_version(lambda version: [versioned(base, version)])[0]).name
             self._fit_csv_names[base.name] = name
         return base.with_name(name)
+
+    def _fit_weights(self, trainer: Trainer) -> bool:
+        """Whether the evaluation is of this fit's weights: during it, or after it with no checkpoint
+        loaded (the CLI validates the final weights of a fit that ended between validations)."""
+        return trainer.state.fn == TrainerFn.FITTING or (self._fitted and loaded_checkpoint(trainer) is None)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not reporting(trainer):
@@ -151,7 +158,7 @@ class RecallCurves(Callback):
         for name, columns in (("recall_vs_iou", ["iou", "recall"]), ("recall_vs_proposals", ["proposals", "AR"])):
             header = ["epoch", "step", "checkpoint", *columns]
             base = folder / f"{stage}_{name}.csv"
-            path = self._fit_csv_path(base) if trainer.state.fn == TrainerFn.FITTING else _csv_path(base, header)
+            path = self._fit_csv_path(base) if self._fit_weights(trainer) else _csv_path(base, header)
             new = not path.exists()
             with path.open("a", newline="") as f:
                 writer = csv.writer(f)

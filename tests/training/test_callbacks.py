@@ -396,6 +396,20 @@ def test_fit_files_keep_their_names_and_a_second_fit_keeps_the_first_ones(tmp_pa
         assert [(r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("0", "2")] * 10
 
 
+def test_validating_a_fits_own_weights_after_it_writes_to_its_csv_files(tmp_path):
+    """The CLI validates a fit's final weights (``trainer.validate(model)``) when its budget ends between
+    validations: those rows belong to the fit's own ``-v1`` files, not to the earlier run's."""
+    curves = tmp_path / "recall_curves"
+    make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1).fit(FakeRPNModule(), loader(), loader())
+    trainer, model = make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1), FakeRPNModule()
+    trainer.fit(model, loader(), loader())
+    trainer.validate(model, loader(), verbose=False)
+    with (curves / "val_recall_vs_proposals.csv").open() as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2"] * 4  # the first run's alone
+    with (curves / "val_recall_vs_proposals-v1.csv").open() as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2"] * 8  # the fit's validation, then the one after it
+
+
 def test_a_resumed_fit_goes_on_in_its_own_csv_files(tmp_path):
     curves = tmp_path / "recall_curves"
     make_trainer(tmp_path, False, [RecallCurves()], max_epochs=1).fit(FakeRPNModule(), loader(), loader())
