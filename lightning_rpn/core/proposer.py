@@ -12,8 +12,8 @@ anchors (or boxes) of level ``l`` of an image, ``P`` proposals of an image.
   (``pre_nms_top_n`` / ``post_nms_top_n`` as ``{"train", "test"}`` dicts, ``nms_thresh``,
   ``min_size``, ``score_thresh``), which stay the one source of truth (code may set them:
   ``pre_nms_top_n`` / ``post_nms_top_n`` to such a dict, to torchvision's
-  ``{"training", "testing"}`` one, or to one int for both modes, or change a dict entry);
-  ``proposal_config`` is derived from them;
+  ``{"training", "testing"}`` one, or to one int for both modes, or change an entry, by either
+  name: a :class:`TopN` checks each change as it is made); ``proposal_config`` is derived from them;
 - ``forward(features, image_sizes, targets, *, ...)``, documented once here, which checks the
   levels and the batch and hands a subclass's ``_forward`` the call as one
   :class:`ProposalInputs`;
@@ -24,6 +24,7 @@ anchors (or boxes) of level ``l`` of an image, ``P`` proposals of an image.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from .matching import check_gt_box_batch
 from .proposals import generate_proposals
 from .targets import sample_generator
 
-__all__ = ["ProposalInputs", "RegionProposer", "top_n_by_mode"]
+__all__ = ["ProposalInputs", "RegionProposer", "TopN", "top_n_by_mode"]
 
 Proposals = list[tuple[Tensor, ...]]
 
@@ -123,31 +124,28 @@ class RegionProposer(nn.Module):
         self.score_thresh = config.score_thresh
 
     @property
-    def pre_nms_top_n(self) -> dict[str, int]:
+    def pre_nms_top_n(self) -> TopN:
         """Candidates kept per image and level before NMS, ``{"train": n, "test": n}`` (an entry may
-        be changed in place; set an int for both modes, or torchvision's ``{"training", "testing"}``)."""
+        be changed in place, also as torchvision's ``["testing"]``; set an int for both modes, or
+        torchvision's ``{"training", "testing"}``)."""
         return self._pre_nms_top_n_by_mode
 
     @pre_nms_top_n.setter
     def pre_nms_top_n(self, value: int | Mapping[str, int]) -> None:
-        self._pre_nms_top_n_by_mode = top_n_by_mode(value, f"{type(self).__name__}.pre_nms_top_n")
+        self._pre_nms_top_n_by_mode = TopN(value, f"{type(self).__name__}.pre_nms_top_n")
 
     @property
-    def post_nms_top_n(self) -> dict[str, int]:
+    def post_nms_top_n(self) -> TopN:
         """Proposals kept per image after NMS, ``{"train": n, "test": n}`` (set as ``pre_nms_top_n``)."""
         return self._post_nms_top_n_by_mode
 
     @post_nms_top_n.setter
     def post_nms_top_n(self, value: int | Mapping[str, int]) -> None:
-        self._post_nms_top_n_by_mode = top_n_by_mode(value, f"{type(self).__name__}.post_nms_top_n")
+        self._post_nms_top_n_by_mode = TopN(value, f"{type(self).__name__}.post_nms_top_n")
 
     def _top_n(self, mode: str) -> tuple[int, int]:
-        """``(pre_nms_top_n, post_nms_top_n)`` of ``mode``, checked again: a dict entry changed in
-        place (``rpn.pre_nms_top_n["testing"] = 500``) bypasses the setters."""
-        name = type(self).__name__
-        pre = top_n_by_mode(self.pre_nms_top_n, f"{name}.pre_nms_top_n")
-        post = top_n_by_mode(self.post_nms_top_n, f"{name}.post_nms_top_n")
-        return pre[mode], post[mode]
+        """``(pre_nms_top_n, post_nms_top_n)`` of ``mode``."""
+        return self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
 
     @property
     def proposal_config(self) -> ProposalConfig:
@@ -325,8 +323,42 @@ def top_n_by_mode(value: object, where: str) -> dict[str, int]:
     )
 
 
+class TopN(dict):
+    """A top-n setting ``{"train": n, "test": n}`` that checks every change as it is made.
+
+    Built by :func:`top_n_by_mode`; torchvision's keys ``"training"`` / ``"testing"`` read and
+    write the same two entries, so code written for torchvision's ``rpn._pre_nms_top_n`` works on
+    it; another key, a value that is not a positive int, or removing an entry is an error at once.
+    """
+
+    where = "top-n"  # a class default: unpickling sets the entries before the instance's own
+
+    def __init__(self, value: object, where: str) -> None:
+        super().__init__(top_n_by_mode(value, where))
+        self.where = where
+
+    def __getitem__(self, key: str) -> int:
+        return super().__getitem__(_TOP_N_KEYS.get(key, key))
+
+    def __setitem__(self, key: str, value: int) -> None:
+        mode = _TOP_N_KEYS.get(key)
+        if mode is None or not _positive_int(value):
+            raise ValueError(f"{self.where}[{key!r}] = {value!r}: the keys are 'train' / 'test' (or torchvision's "
+                             "'training' / 'testing') and the values positive ints")
+        super().__setitem__(mode, int(value))  # type: ignore[arg-type]
+
+    def update(self, *args: object, **kwargs: int) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():  # type: ignore[arg-type]
+            self[key] = value
+
+    def _fixed(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(f"{self.where} keeps both its entries: set one, or assign a new setting")
+
+    __delitem__ = pop = popitem = clear = setdefault = _fixed  # type: ignore[assignment]
+
+
 def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def _describe(value: object) -> str:

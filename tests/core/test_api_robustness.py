@@ -4,9 +4,12 @@ set in code as an int or torchvision's dict, a detection checkpoint as ``model.w
 
 from __future__ import annotations
 
+import copy
+import pickle
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -102,12 +105,43 @@ def test_a_top_n_setting_of_another_form_names_the_accepted_ones(value: object) 
         rpn.post_nms_top_n = value
 
 
-def test_a_torchvision_key_added_in_place_is_refused_at_the_next_forward() -> None:
+def test_an_entry_changed_in_place_by_torchvisions_key_is_the_same_entry() -> None:
+    """Code written for torchvision's ``rpn._pre_nms_top_n["testing"] = 50`` works on ours."""
     rpn = _one_level_rpn()
     rpn.pre_nms_top_n["testing"] = 50
-    in_place = r"RPN.pre_nms_top_n must be .* got \{'train': 2000, 'test': 1000, 'testing': 50\}"
-    with pytest.raises(ValueError, match=in_place):
-        rpn(torch.randn(1, 8, 8, 8), [(64, 64)])
+    rpn.post_nms_top_n.update(training=np.int64(300))  # numpy ints are ints
+    assert rpn.pre_nms_top_n == {"train": 2000, "test": 50} and rpn.pre_nms_top_n["testing"] == 50
+    assert type(rpn.post_nms_top_n["train"]) is int and rpn.post_nms_top_n["train"] == 300
+    assert rpn.proposal_config.pre_nms_top_n_test == 50 and rpn.proposal_config.post_nms_top_n_train == 300
+    rpn.eval()
+    with torch.no_grad():
+        (boxes, _), = rpn(torch.randn(1, 8, 8, 8), [(64, 64)])[0]
+    assert len(boxes) <= 50
+
+
+@pytest.mark.parametrize(("edit", "error"), [
+    (lambda top_n: top_n.__setitem__("val", 5), ValueError),
+    (lambda top_n: top_n.__setitem__("test", 0), ValueError),
+    (lambda top_n: top_n.__setitem__("testing", "500"), ValueError),
+    (lambda top_n: top_n.update({"test": -1}), ValueError),
+    (lambda top_n: top_n.pop("test"), TypeError),
+    (lambda top_n: top_n.__delitem__("train"), TypeError),
+    (lambda top_n: top_n.clear(), TypeError),
+])
+def test_a_bad_change_in_place_is_refused_where_it_is_made(edit, error) -> None:
+    rpn = _one_level_rpn()
+    with pytest.raises(error, match=r"RPN.pre_nms_top_n"):
+        edit(rpn.pre_nms_top_n)
+    assert rpn.pre_nms_top_n == {"train": 2000, "test": 1000}
+
+
+def test_a_top_n_setting_survives_pickling_and_copies() -> None:
+    rpn = _one_level_rpn()
+    rpn.pre_nms_top_n["test"] = 70
+    for copied in (pickle.loads(pickle.dumps(rpn)), copy.deepcopy(rpn)):
+        assert copied.pre_nms_top_n == {"train": 2000, "test": 70}
+        with pytest.raises(ValueError, match=r"RPN.pre_nms_top_n\['x'\]"):
+            copied.pre_nms_top_n["x"] = 1
 
 
 def _detection_checkpoint(path: Path) -> dict[str, torch.Tensor]:
