@@ -53,6 +53,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
 from lightning_rpn.core.backbones import weights_from_checkpoint
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RESIZE_KEY, RPNModule
@@ -808,10 +809,10 @@ def _report_interruption(error: BaseException) -> int | None:
     return 128 + signum
 
 
-def _refuse_transforms(error: ValueError) -> int:
-    """A transform spec the config gives that cannot run (its message names the setting,
-    ``data.train_transforms[i]``, and what to do), printed as one line like any other refused
-    setting: :data:`USAGE_ERROR`, not a traceback through the data module's constructor."""
+def _refuse_setting(error: SettingError) -> int:
+    """A setting that cannot work as given (its message names it, e.g. ``data.train_transforms[1]``
+    or ``model.weights``, and says what to do), printed as one line like any other refused
+    setting: :data:`USAGE_ERROR`, not a traceback through Lightning and the constructors."""
     if rank_zero_only.rank == 0:
         print(f"lightning-rpn: {error}", file=sys.stderr)
     return USAGE_ERROR
@@ -822,10 +823,11 @@ def main(args: Sequence[str] | None = None) -> int:
 
     ``--config`` takes a file or a built-in config name (``--config shapes``; a local
     ``shapes.yaml`` wins, with a notice); ``lightning-rpn configs list`` / ``configs copy NAME
-    [DEST]`` list the built-in configs and write one out. A command refused before it starts
-    (a transform spec that cannot run included) prints one line and returns :data:`USAGE_ERROR`.
+    [DEST]`` list the built-in configs and write one out. A command refused before it starts,
+    or a :class:`~lightning_rpn.core.config.SettingError` (a transform spec that cannot run,
+    weights that cannot be downloaded, an optimiser that cannot train at the precision), prints
+    one line and returns :data:`USAGE_ERROR`.
     """
-    from lightning_rpn.data.transforms import TransformSpecError
     from lightning_rpn.tools.config_files import configs_command, resolve_config_args
 
     _replace_unencodable_output()
@@ -834,8 +836,8 @@ def main(args: Sequence[str] | None = None) -> int:
     if argv and argv[0] in subcommands:
         try:
             return subcommands[argv[0]](argv[1:])
-        except TransformSpecError as error:  # check-data and analyze-anchors build the data module too
-            return _refuse_transforms(error)
+        except SettingError as error:  # check-data and analyze-anchors build the data module too
+            return _refuse_setting(error)
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the console script's own argv (no "args" warning)
     try:
@@ -844,8 +846,8 @@ def main(args: Sequence[str] | None = None) -> int:
         if rank_zero_only.rank == 0:
             print(refusal, file=sys.stderr)
         return USAGE_ERROR
-    except TransformSpecError as error:
-        return _refuse_transforms(error)
+    except SettingError as error:
+        return _refuse_setting(error)
     except DataError as error:  # its message names the file, image and annotation: a traceback adds nothing
         print(f"lightning-rpn: {_rank_prefix()}{_data_error_message(error)}\n"
               "(`lightning-rpn check-data --config ...` lists every problem of the data)", file=sys.stderr)

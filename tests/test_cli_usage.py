@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
+import torch
 import yaml
 
 from lightning_rpn import cli
@@ -101,3 +103,25 @@ def test_a_data_error_from_a_dataloader_worker_prints_its_own_message(monkeypatc
     assert cli._data_error_message(DataError("plain", file="a.json")) == "a.json: plain"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli._rank_prefix() == "[rank 0] "
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--model.backbone", "resnet18_fpn", "--model.weights", "ResNet18_Weights.IMAGENET1K_V1"],
+     "lightning-rpn: model.weights='ResNet18_Weights.IMAGENET1K_V1': downloading them failed"),
+    (["--trainer.precision", "16-true", "--model.optimizer", "adamw"],
+     "lightning-rpn: model.optimizer='adamw' cannot update float16 parameters"),
+])
+def test_a_setting_that_cannot_work_is_one_line_not_a_traceback(
+    args: list[str], expected: str, config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:
+    """Weights that cannot be downloaded (no internet) and AdamW at 16-true each printed their clear message
+    at the end of a 50-140-line traceback through Lightning (a SettingError now)."""
+    def no_internet(*_: object, **__: object) -> None:
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_internet)
+    code = cli.main(["fit", "--config", str(config), "--trainer.max_steps", "1", *args])
+    err = capsys.readouterr().err
+    assert code == cli.USAGE_ERROR
+    assert err.strip().splitlines()[-1].startswith(expected), err
+    assert "Traceback" not in err

@@ -36,6 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .backbone_interface import check_backbone, infer_strides  # importable from here too (older code)
+from .config import SettingError
 
 __all__ = [
     "BACKBONES",
@@ -303,7 +304,7 @@ def _build_classifier(arch: str, enum: torchvision.models.WeightsEnum | None, we
     try:
         return getattr(torchvision.models, arch)(weights=enum, **kwargs)
     except OSError as error:  # URLError, timeouts, connection errors
-        raise ValueError(
+        raise SettingError(
             f"model.weights={weights!r}: downloading them failed ({error}). Without internet pass "
             f"--model.weights null (random initialisation) or a local file of these weights; once "
             f"downloaded they are kept in {torch.hub.get_dir()}/checkpoints"

@@ -39,8 +39,15 @@ __all__ = [
     "OptimConfig",
     "PROPOSAL_SCORES",
     "ProposalConfig",
+    "SettingError",
     "check_choice",
 ]
+
+
+class SettingError(ValueError):
+    """A setting the user gave that cannot work as given (the message names it and says what to
+    do): the ``lightning-rpn`` command prints it as one line and exits 2, not as a traceback."""
+
 
 OBJECTNESS_MODES: tuple[str, ...] = ("sigmoid", "softmax")
 LOSS_NORMALIZATIONS: tuple[str, ...] = ("sampled", "paper")

@@ -263,6 +263,16 @@ def _reaches(boxes: Tensor, window: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def _window_proposals(window: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """One window's ``(boxes, scores, logits)`` from ``propose``, or a ``ValueError`` saying what it must return."""
+    if len(window) != 3:
+        raise ValueError(
+            f"sliding_window_proposals: propose returned {len(window)} tensors for a window, expected "
+            "(boxes [P, 4], scores [P], logits [P]): an RPN gives them with proposal_logits=True"
+        )
+    return window[0], window[1], window[2]
+
+
 def sliding_window_proposals(
     image: Tensor,
     propose: ProposeFn,
@@ -296,7 +306,8 @@ def sliding_window_proposals(
             F.pad(image[:, y0:y1, x0:x1], (0, pad_w - (x1 - x0), 0, pad_h - (y1 - y0)))
             for x0, y0, x1, y1 in chunk
         ])
-        for (x0, y0, _, _), (window_boxes, window_scores, window_logits) in zip(chunk, propose(batch, sizes, chunk)):
+        for (x0, y0, _, _), window in zip(chunk, propose(batch, sizes, chunk)):
+            window_boxes, window_scores, window_logits = _window_proposals(window)
             boxes.append(window_boxes + window_boxes.new_tensor([x0, y0, x0, y0]))
             scores.append(window_scores)
             logits.append(window_logits)

@@ -44,6 +44,7 @@ import torch
 import yaml
 from albumentations.core.bbox_utils import BboxProcessor, calculate_bbox_areas_in_pixels, clip_bboxes
 
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.sample import DetectionSample
 
@@ -71,7 +72,7 @@ _SUPPLIED = {"image", "bboxes"}
 _AREA_EPSILON = 1e-7  # albumentations' own, in its visibility ratio: one cut keeps the boxes it keeps
 
 
-class TransformSpecError(ValueError):
+class TransformSpecError(SettingError):
     """A transform spec that cannot be built or cannot run here; the message names the entry
     (``data.train_transforms[1]``) and says what to do."""
 

@@ -23,7 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_rpn.core.config import OptimConfig
+from lightning_rpn.core.config import OptimConfig, SettingError
 
 __all__ = [
     "LRSchedule",
@@ -213,7 +213,7 @@ def check_optimizer_dtype(name: str, groups: list[dict[str, Any]]) -> None:
     """
     if name != "adamw" or not any(p.dtype == torch.float16 for group in groups for p in group["params"]):
         return
-    raise ValueError(
+    raise SettingError(
         "model.optimizer='adamw' cannot update float16 parameters (trainer.precision '16-true', or a model "
         "cast with .half()): AdamW's eps=1e-8 is 0 in float16, so its first step with a zero or tiny gradient "
         "writes NaN into the weights, whatever model.lr or trainer.gradient_clip_val. Train with "

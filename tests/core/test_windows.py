@@ -89,6 +89,19 @@ def test_grid_covers_the_image_with_the_overlap() -> None:
         RPNModule(**TINY, sliding_window={"merge_metric": "nms"})
 
 
+def test_a_propose_without_logits_is_told_what_to_return() -> None:
+    """An RPN called without proposal_logits gives (boxes, scores): a bare unpacking error before."""
+    box = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
+    with_logits = oracle(box)
+
+    def two_tensors(images, sizes, windows=None):
+        return [(boxes, scores) for boxes, scores, _ in with_logits(images, sizes)]
+
+    with pytest.raises(ValueError, match=r"propose returned 2 tensors for a window, expected \(boxes \[P, 4\], "
+                                         r"scores \[P\], logits \[P\]\): an RPN gives them with proposal_logits=True"):
+        sliding_window_proposals(coordinate_image(160, 160), two_tensors, SlidingWindowConfig(160, 40), 100, 0.7)
+
+
 def test_a_box_straddling_two_windows_comes_out_once_as_on_the_whole_image() -> None:
     # windows x in [0, 160) and [120, 280): the box is whole in the first, cut at x=120 in the second
     box = torch.tensor([[100.0, 40.0, 150.0, 90.0], [200.0, 100.0, 240.0, 150.0]])
