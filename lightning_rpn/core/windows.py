@@ -262,7 +262,6 @@ def _reaches(boxes: Tensor, window: Tensor) -> Tensor:
     return (boxes[:, 0] < window[2]) & (boxes[:, 2] > window[0]) & (boxes[:, 1] < window[3]) & (boxes[:, 3] > window[1])
 
 
-@torch.no_grad()
 def _window_proposals(window: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """One window's ``(boxes, scores, logits)`` from ``propose``, or a ``ValueError`` saying what it must return."""
     if len(window) != 3:
@@ -273,6 +272,7 @@ def _window_proposals(window: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]
     return window[0], window[1], window[2]
 
 
+@torch.no_grad()
 def sliding_window_proposals(
     image: Tensor,
     propose: ProposeFn,

@@ -89,7 +89,7 @@ def test_grid_covers_the_image_with_the_overlap() -> None:
         RPNModule(**TINY, sliding_window={"merge_metric": "nms"})
 
 
-def test_a_propose_without_logits_is_told_what_to_return() -> None:
+def test_a_propose_without_logits_is_told_what_to_return_and_runs_without_autograd() -> None:
     """An RPN called without proposal_logits gives (boxes, scores): a bare unpacking error before."""
     box = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
     with_logits = oracle(box)
@@ -97,6 +97,14 @@ def test_a_propose_without_logits_is_told_what_to_return() -> None:
     def two_tensors(images, sizes, windows=None):
         return [(boxes, scores) for boxes, scores, _ in with_logits(images, sizes)]
 
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    def through_a_network(images, sizes, windows=None):  # its network runs without autograd here
+        return [(boxes * weight, scores * weight, logits) for boxes, scores, logits in with_logits(images, sizes)]
+
+    boxes, scores, _ = sliding_window_proposals(coordinate_image(160, 160), through_a_network,
+                                                SlidingWindowConfig(160, 40), 100, 0.7)
+    assert len(boxes) == 1 and not boxes.requires_grad and not scores.requires_grad
     with pytest.raises(ValueError, match=r"propose returned 2 tensors for a window, expected \(boxes \[P, 4\], "
                                          r"scores \[P\], logits \[P\]\): an RPN gives them with proposal_logits=True"):
         sliding_window_proposals(coordinate_image(160, 160), two_tensors, SlidingWindowConfig(160, 40), 100, 0.7)
