@@ -28,6 +28,7 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pycocotools.coco import COCO
@@ -52,7 +53,7 @@ def write_instances(path: Path, images: int, annotations: int, seed: int) -> Non
     path.write_text(json.dumps({"images": entries, "annotations": boxes, "categories": categories}))
 
 
-def seconds(load) -> float:
+def seconds(load: Callable[[], object]) -> float:
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         load()

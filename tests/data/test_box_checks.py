@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_rpn.data.problems import AnnotationRef, ProblemLog, sanitize_boxes
+from lightning_rpn.data.problems import AnnotationRef, DataError, ProblemLog, sanitize_boxes
 
 REF = AnnotationRef("instances.json", 7)
 
@@ -42,5 +42,5 @@ def test_clean_boxes_keep_their_place_among_repaired_and_skipped_ones() -> None:
 
 
 def test_a_problem_raises_under_the_raise_policy_naming_the_box() -> None:
-    with pytest.raises(Exception, match=r"bbox \[1, 2, 0, 4\] \(x, y, w, h\) is empty"):
+    with pytest.raises(DataError, match=r"bbox \[1, 2, 0, 4\] \(x, y, w, h\) is empty"):
         sanitize_boxes(np.array([[0, 0, 5, 5], [1, 2, 0, 4]]), [1, 2], (80, 100), "raise", REF, ProblemLog(), "xywh")
