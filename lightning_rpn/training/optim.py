@@ -267,7 +267,7 @@ def warn_if_schedule_outlasts_run(schedule: LRSchedule, run_end: float) -> None:
             f"RPNModule: model.warmup_steps={schedule.warmup_steps} is not shorter than this run, which "
             f"ends at optimizer step {end} (trainer.max_steps / max_epochs): the warm-up never ends and "
             f"the learning rate peaks at {peak:.2g} x model.lr. Set --model.warmup_steps below {end} "
-            f"(e.g. {end // 10}, a tenth of the run)"
+            + (f"(e.g. {end // 10}, a tenth of the run)" if end >= 10 else "(e.g. 0: no warm-up in so short a run)")
             + (f"; the default {OptimConfig.warmup_steps} is the COCO recipe's"
                if schedule.warmup_steps == OptimConfig.warmup_steps else "")
         )

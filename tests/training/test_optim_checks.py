@@ -48,6 +48,9 @@ def test_a_warmup_as_long_as_the_run_is_warned_with_the_lr_it_reaches(tmp_path: 
     assert message.endswith("the default 1000 is the COCO recipe's")
     (own,) = _schedule_warnings(tiny_model(lr_schedule="cosine", warmup_steps=400), quiet_trainer(tmp_path, max_steps=300))
     assert "model.warmup_steps=400" in own and "default" not in own  # a value of the config's own: no word of the default
+    assert "below 300 (e.g. 30, a tenth of the run)" in own
+    (tiny,) = _schedule_warnings(tiny_model(lr_schedule="cosine", warmup_steps=10), quiet_trainer(tmp_path, max_steps=5))
+    assert "below 5 (e.g. 0: no warm-up in so short a run)" in tiny  # was "e.g. 0, a tenth of the run"
     # SGD, multi-step: the warm-up and both default milestones
     messages = _schedule_warnings(tiny_model(warmup_steps=1000), quiet_trainer(tmp_path, max_steps=300))
     assert len(messages) == 2
