@@ -118,10 +118,11 @@ def _check_usable(transform: A.BasicTransform, where: str, pixel_only: bool) -> 
             raise TransformSpecError(f"{where}: {problem}")
 
 
-def _check_arguments(cls: type, name: str, kwargs: dict[str, Any], where: str) -> None:
+def _check_arguments(parameters: Mapping[str, inspect.Parameter], name: str, kwargs: dict[str, Any],
+                     where: str) -> None:
     """albumentations drops an argument it does not know (a typo, a 1.x name; 2.0.8 warns, 2.0.0
-    says nothing) and builds the transform with its default: what the config asked would not run."""
-    parameters = inspect.signature(cls.__init__).parameters
+    says nothing) and builds the transform with its default: what the config asked would not run.
+    ``parameters``: those of the transform's ``__init__``."""
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return
     unknown = [key for key in kwargs if key not in parameters or key == "self"]
@@ -131,10 +132,10 @@ def _check_arguments(cls: type, name: str, kwargs: dict[str, Any], where: str) -
                                  f"(albumentations {A.__version__}: {known})")
 
 
-def _build_children(cls: type, kwargs: dict[str, Any], where: str, pixel_only: bool) -> dict[str, Any]:
+def _build_children(cls: type, parameters: Mapping[str, inspect.Parameter], kwargs: dict[str, Any], where: str,
+                    pixel_only: bool) -> dict[str, Any]:
     """A container's arguments with its children built: the spec list under ``transforms`` and
     each single entry under an argument declared as a transform (``OneOrOther``'s ``first``, ``second``)."""
-    parameters = inspect.signature(cls.__init__).parameters
     built = dict(kwargs)
     for key, value in kwargs.items():
         declared = str(parameters[key].annotation) if key in parameters else ""
@@ -161,9 +162,10 @@ def _build_one(entry: Any, where: str, pixel_only: bool = False) -> A.BasicTrans
     if issubclass(cls, A.Compose):  # ReplayCompose too: its own boxes processing and replay have no use here
         raise TransformSpecError(f"{where}: {name!r} is a whole pipeline, and the pipeline's own Compose is added "
                                  "for you: list its transforms directly (group them with Sequential)")
+    parameters = inspect.signature(cls.__init__).parameters
     if issubclass(cls, A.BaseCompose):
-        kwargs = _build_children(cls, kwargs, where, pixel_only)
-    _check_arguments(cls, str(name), kwargs, where)
+        kwargs = _build_children(cls, parameters, kwargs, where, pixel_only)
+    _check_arguments(parameters, str(name), kwargs, where)
     try:
         transform = cls(**kwargs)
     except Exception as error:  # albumentations raises ValueError, TypeError, AttributeError, pydantic's errors
