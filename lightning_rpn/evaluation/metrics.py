@@ -269,7 +269,9 @@ class ProposalRecall(Metric):
         in_range = (
             gt_valid & (gt_area >= lows[:, None, None]) & (gt_area < highs[:, None, None])
         )  # [R, B, G]
-        self.num_boxes += in_range.sum(dim=(1, 2)).to(self.num_boxes.device)
+        # out of place: states reset inside an inference-mode validate are inference tensors, which a
+        # later fit's validation (no_grad, not inference mode) may not update in place
+        self.num_boxes = self.num_boxes + in_range.sum(dim=(1, 2)).to(self.num_boxes.device)
         if gt.shape[1] == 0:
             return
 
@@ -301,7 +303,7 @@ class ProposalRecall(Metric):
         )
         coverage = coverage.view(len(budgets), num_r, 1, num_images * num_gt)
         hits = (coverage >= thresholds[:, None]).sum(dim=3)  # [K, R, T]
-        self.hits += hits.transpose(1, 2).to(self.hits.device)
+        self.hits = self.hits + hits.transpose(1, 2).to(self.hits.device)
 
     def _check_inputs(
         self, proposals: Sequence[Tensor], targets: Sequence[Tensor]

@@ -394,3 +394,18 @@ def test_a_recall_key_is_found_with_the_threshold_written_as_the_design_writes_i
     assert not any(key.startswith("recall@0.7@") for key in out)  # logged keys keep two decimals
     with pytest.raises(KeyError):
         out["recall@0.7@2"]
+
+
+def test_states_reset_in_inference_mode_take_updates_outside_it():
+    """A ``trainer.validate`` (inference mode) before a ``fit``, whose validation runs under
+    ``no_grad``: the states reset in inference mode are inference tensors, which the fit's
+    updates must not modify in place."""
+    metric = ProposalRecall(max_proposals=(10,))
+    gt = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
+    with torch.inference_mode():
+        metric.update([gt[0].clone()], gt)
+        metric.compute()
+        metric.reset()
+    with torch.no_grad():
+        metric.update([gt[0].clone()], gt)
+    assert metric.compute()["AR@10"] == pytest.approx(1.0)
