@@ -18,10 +18,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_rpn.training.evaluated_weights import evaluated_counters
 from lightning_rpn.training.run_files import checkpoint_stem, free_version
 
 __all__ = [
-    "announce_folder", "evaluation_files", "evaluation_name", "evaluation_stage", "file_loggers", "loaded_checkpoint",
+    "announce_folder", "evaluated_counters", "evaluation_files", "evaluation_name", "evaluation_stage", "file_loggers",
+    "loaded_checkpoint",
     "log_dir", "reporting",
 ]
 
@@ -56,8 +58,7 @@ def loaded_checkpoint(trainer: Trainer) -> str | None:
     """The checkpoint (resolved path) a ``validate`` / ``test`` took its weights from.
 
     ``None`` during ``fit`` and for weights already in the process (``trainer.validate(model)``),
-    whose epoch and step counters tell which weights they are; a loaded checkpoint's are not
-    restored (0 in a new process), so its file names it.
+    which their epoch and step name (:func:`~lightning_rpn.training.evaluated_weights.evaluated_counters`).
     """
     if trainer.state.fn == TrainerFn.FITTING or not trainer.ckpt_path:
         return None
@@ -70,7 +71,8 @@ def evaluation_name(trainer: Trainer) -> str:
     stage, checkpoint = evaluation_stage(trainer), loaded_checkpoint(trainer)
     if checkpoint is not None:
         return f"{stage}-{checkpoint_stem(checkpoint)}"
-    return f"{stage}_epoch{trainer.current_epoch:03d}_step{trainer.global_step}"
+    epoch, step = evaluated_counters(trainer)
+    return f"{stage}_epoch{epoch:03d}_step{step}"
 
 
 def evaluation_files(trainer: Trainer, paths: Callable[[str], list[Path]]) -> tuple[str, list[Path]]:

@@ -44,6 +44,7 @@ the ``model:`` section of the YAML configs and of the checkpoints' hparams, and 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any, Literal, overload
 
@@ -74,6 +75,9 @@ from lightning_rpn.training.checkpoint_agreement import (
     check_checkpoint_agrees,
     check_optimizer_agrees,
     check_resume_agrees,
+)
+from lightning_rpn.training.evaluated_weights import (
+    LoadedCounters, counters_in_use, evaluated_counters, logged_at_step,
 )
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
@@ -422,6 +426,8 @@ class RPNModule(pl.LightningModule):
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
         self.last_recall_step: int | None = None  # the global step whose weights gave last_recall
         self.last_recall_epoch: int | None = None  # and the epoch it validated
+        self.loaded_counters: LoadedCounters | None = None  # of a checkpoint loaded outside fit, until a fit
+        self._evaluation_dating = ExitStack()  # Lightning's logging at a loaded checkpoint's step
         self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
         self._strides_checked = False
         self._unit_range_warned = False
@@ -614,6 +620,8 @@ class RPNModule(pl.LightningModule):
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
+        if not fitting:  # Lightning restores epoch and step in fit only: date the evaluation ourselves
+            self.loaded_counters = LoadedCounters.of(checkpoint)
 
     def _window_proposals(
         self, batch: RPNBatch, targets: list[WindowTargets] | None = None
@@ -654,7 +662,22 @@ class RPNModule(pl.LightningModule):
         """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, at this global step and epoch."""
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
-        self.last_recall_step, self.last_recall_epoch = self.global_step, self.current_epoch
+        self.last_recall_epoch, self.last_recall_step = evaluated_counters(self.trainer)
+
+    def _start_evaluation(self) -> None:
+        """Log a loaded checkpoint's evaluation at the checkpoint's step (:mod:`.evaluated_weights`)."""
+        loaded = counters_in_use(self.trainer, self.loaded_counters)
+        if loaded is not None:
+            self._evaluation_dating.enter_context(logged_at_step(self.trainer, loaded.step))
+
+    def _end_evaluation(self) -> None:
+        self._evaluation_dating.close()
+
+    def on_fit_start(self) -> None:
+        self.loaded_counters = None  # the weights are now the fit's, dated by the trainer
+
+    on_validation_start = on_test_start = _start_evaluation
+    on_validation_end = on_test_end = _end_evaluation
 
     def on_validation_epoch_end(self) -> None:
         self._end_recall_epoch("val")

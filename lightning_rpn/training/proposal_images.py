@@ -25,12 +25,7 @@ from torch.nn.functional import pad
 from torchvision.utils import draw_bounding_boxes
 
 from lightning_rpn.training.log_targets import (
-    announce_folder,
-    evaluation_files,
-    evaluation_stage,
-    file_loggers,
-    log_dir,
-    reporting,
+    announce_folder, evaluated_counters, evaluation_files, evaluation_stage, file_loggers, log_dir, reporting,
 )
 
 __all__ = ["GT_COLOR", "PROPOSAL_COLOR", "ProposalImages"]
@@ -132,7 +127,7 @@ class ProposalImages(Callback):
         samples, self._samples = self._samples, []
         if not reporting(trainer) or not samples:
             return
-        stage, step = evaluation_stage(trainer), trainer.global_step
+        stage, (_, step) = evaluation_stage(trainer), evaluated_counters(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, samples, stage, step)

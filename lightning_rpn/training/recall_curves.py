@@ -17,12 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from lightning_rpn.training.log_targets import (
-    announce_folder,
-    evaluation_files,
-    evaluation_stage,
-    file_loggers,
-    loaded_checkpoint,
-    log_dir,
+    announce_folder, evaluated_counters, evaluation_files, evaluation_stage, file_loggers, loaded_checkpoint, log_dir,
     reporting,
 )
 from lightning_rpn.training.run_files import free_version, versioned
@@ -119,7 +114,7 @@ class RecallCurves(Callback):
         if not curves:
             rank_zero_warn(f"RecallCurves: {type(pl_module).__name__}.last_recall_curves is empty")
             return
-        stage, step = evaluation_stage(trainer), trainer.global_step
+        stage, (_, step) = evaluation_stage(trainer), evaluated_counters(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, curves, stage, step)
@@ -153,7 +148,7 @@ class RecallCurves(Callback):
 
     def _write_files(self, folder: Path, curves: Mapping, stage: str, trainer: Trainer) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        epoch, step, checkpoint = trainer.current_epoch, trainer.global_step, loaded_checkpoint(trainer) or ""
+        (epoch, step), checkpoint = evaluated_counters(trainer), loaded_checkpoint(trainer) or ""
         written = []
         for name, columns in (("recall_vs_iou", ["iou", "recall"]), ("recall_vs_proposals", ["proposals", "AR"])):
             header = ["epoch", "step", "checkpoint", *columns]

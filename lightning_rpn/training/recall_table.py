@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
-from lightning_rpn.training.log_targets import reporting
+from lightning_rpn.training.log_targets import loaded_checkpoint, reporting
 
 __all__ = ["RecallTable", "recall_table"]
 
@@ -74,15 +75,7 @@ class RecallTable(Callback):
                 f"RecallTable: {type(pl_module).__name__}.last_recall is empty; no table"
             )
             return
-        step = getattr(pl_module, "last_recall_step", None)
-        if step is None or step == trainer.global_step:
-            # the validated epoch: at the end of fit Lightning's counter already names the next one
-            epoch = getattr(pl_module, "last_recall_epoch", None)
-            epoch = trainer.current_epoch if epoch is None else epoch
-            title = f"Proposal recall ({when}, epoch {epoch}, step {trainer.global_step})"
-        else:  # e.g. fit stopped by max_steps between validations: say which weights it describes
-            title = f"Proposal recall ({when}, step {trainer.global_step}; last validated at step {step})"
-        Console().print(recall_table(recall, self.recall_thresholds, title))
+        Console().print(recall_table(recall, self.recall_thresholds, _title(trainer, pl_module, when)))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:
@@ -100,3 +93,19 @@ class RecallTable(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if getattr(pl_module, "last_recall", None):  # empty: no validation in this fit (the CLI then validates)
             self._print(trainer, pl_module, "end of fit")
+
+
+def _title(trainer: Trainer, pl_module: LightningModule, when: str) -> str:
+    """Which weights the table describes: the module's ``last_recall_epoch`` / ``last_recall_step``
+    (a loaded checkpoint's own, :mod:`.evaluated_weights`) and the checkpoint's file name; at the
+    end of a fit that stopped between validations, the step reached and the one validated."""
+    step = getattr(pl_module, "last_recall_step", None)
+    epoch = getattr(pl_module, "last_recall_epoch", None)
+    if trainer.state.fn == TrainerFn.FITTING and step is not None and step != trainer.global_step:
+        return f"Proposal recall ({when}, step {trainer.global_step}; last validated at step {step})"
+    # at the end of fit Lightning's epoch counter already names the next epoch: the module's is the validated one
+    epoch = trainer.current_epoch if epoch is None else epoch
+    step = trainer.global_step if step is None else step
+    checkpoint = loaded_checkpoint(trainer)
+    weights = "" if checkpoint is None else f"{Path(checkpoint).name}, "
+    return f"Proposal recall ({when}, {weights}epoch {epoch}, step {step})"

@@ -274,7 +274,8 @@ def write_metrics_summary(
     """Write the final recall and losses of ``validate`` / ``test`` / ``predict`` as JSON.
 
     The file is ``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json``
-    (``...-no_checkpoint.json`` without one) with the command, the resolved checkpoint path,
+    (``...-no_checkpoint.json`` without one) with the command, the resolved checkpoint path and
+    the epoch and global step its weights were saved at (``model.last_recall_epoch`` / ``_step``),
     the dataset (name, root, split), the coordinates the recall was measured in, every
     ``ProposalRecall.compute()`` key of ``model.last_recall`` (AR@k per area range, recall at
     each IoU threshold), for validate / test the losses and, for predict, ``proposals``: what
@@ -296,6 +297,9 @@ def write_metrics_summary(
     summary = {
         "command": command,
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        # the weights' own counters (a loaded checkpoint's: see training/evaluated_weights.py)
+        "epoch": getattr(model, "last_recall_epoch", None),
+        "step": getattr(model, "last_recall_step", None),
         "dataset": {
             "name": getattr(datamodule, "dataset", type(datamodule).__name__),
             "root": None if root is None else str(root),
