@@ -49,6 +49,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonito
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
@@ -292,6 +293,27 @@ _RESIZE_ARGS = frozenset({"--data.resize", "--data.min_sizes", "--data.max_size"
 _EVALUATION_ROLES = {"validate": "val", "test": "test", "predict": "predict"}
 """The data split role each evaluation command runs on."""
 
+_HARDWARE_SETTINGS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+"""The trainer settings that choose the hardware and how it runs, quoted when Lightning refuses the trainer."""
+
+_TRAINER_REFUSALS = (MisconfigurationException, ValueError, ModuleNotFoundError)
+"""What Lightning raises for trainer settings it cannot run with, while it builds the trainer: an accelerator
+this machine lacks, an unknown strategy, devices it cannot use, a strategy's missing package."""
+
+
+def _trainer_setting_error(settings: Namespace, error: Exception) -> SettingError:
+    """A :class:`SettingError` for a trainer that Lightning refused to build from ``settings`` (one
+    line: Lightning's reason, the hardware settings in effect and how to let Lightning choose)."""
+    shown = ", ".join(f"{name}={settings[name]!r}" for name in _HARDWARE_SETTINGS
+                      if isinstance(settings.get(name), str | int | list))
+    reason = " ".join(str(error).split())
+    return SettingError(
+        f"the trainer settings ({shown}) were refused by Lightning: {reason} -- change the one at fault in the "
+        "config's trainer section or with --trainer.NAME VALUE (`--trainer.accelerator auto --trainer.devices auto "
+        "--trainer.strategy auto` runs on whatever this machine has)"
+    )
+
+
 _MISSING_CALLBACKS_WARNING = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need"
 """The start of Lightning's warning that a loaded checkpoint holds states of callbacks the trainer lacks."""
 
@@ -391,6 +413,15 @@ class RPNLightningCLI(LightningCLI):
         checkpoint will replace them (:func:`~lightning_rpn.core.backbones.weights_from_checkpoint`)."""
         with weights_from_checkpoint() if self._checkpoint_holds_the_weights() else nullcontext():
             super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Lightning's trainer; settings it refuses while building it (``--trainer.accelerator gpu`` on a
+        machine without one) are a :class:`SettingError` (:func:`_trainer_setting_error`), not a traceback.
+        Only here: the same exceptions raised later, while the command runs, keep their traceback."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except _TRAINER_REFUSALS as error:
+            raise _trainer_setting_error(self._run_config()["trainer"], error) from error
 
     def _checkpoint_holds_the_weights(self) -> bool:
         """``validate`` / ``test`` / ``predict`` with a ``--ckpt_path`` (found on disk, or refused:
@@ -825,7 +856,8 @@ def main(args: Sequence[str] | None = None) -> int:
     ``shapes.yaml`` wins, with a notice); ``lightning-rpn configs list`` / ``configs copy NAME
     [DEST]`` list the built-in configs and write one out. A command refused before it starts,
     or a :class:`~lightning_rpn.core.config.SettingError` (a transform spec that cannot run,
-    weights that cannot be downloaded, an optimiser that cannot train at the precision), prints
+    weights that cannot be downloaded, an optimiser that cannot train at the precision, trainer
+    settings Lightning refuses, such as a GPU accelerator on a machine without one), prints
     one line and returns :data:`USAGE_ERROR`.
     """
     from lightning_rpn.tools.config_files import configs_command, resolve_config_args
