@@ -23,8 +23,7 @@ from lightning_rpn.training.run_files import checkpoint_stem, free_version
 
 __all__ = [
     "announce_folder", "evaluated_counters", "evaluation_files", "evaluation_name", "evaluation_stage", "file_loggers",
-    "loaded_checkpoint",
-    "log_dir", "reporting",
+    "loaded_checkpoint", "log_dir", "reporting",
 ]
 
 

@@ -659,7 +659,8 @@ class RPNModule(pl.LightningModule):
         self.val_recall.reset()
 
     def _keep_recall(self, results: dict[str, Tensor]) -> None:
-        """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, at this global step and epoch."""
+        """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, dated by the
+        weights' epoch and step (a loaded checkpoint's own: :mod:`.evaluated_weights`)."""
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
         self.last_recall_epoch, self.last_recall_step = evaluated_counters(self.trainer)

@@ -25,7 +25,13 @@ from torch.nn.functional import pad
 from torchvision.utils import draw_bounding_boxes
 
 from lightning_rpn.training.log_targets import (
-    announce_folder, evaluated_counters, evaluation_files, evaluation_stage, file_loggers, log_dir, reporting,
+    announce_folder,
+    evaluated_counters,
+    evaluation_files,
+    evaluation_stage,
+    file_loggers,
+    log_dir,
+    reporting,
 )
 
 __all__ = ["GT_COLOR", "PROPOSAL_COLOR", "ProposalImages"]

@@ -17,7 +17,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from lightning_rpn.training.log_targets import (
-    announce_folder, evaluated_counters, evaluation_files, evaluation_stage, file_loggers, loaded_checkpoint, log_dir,
+    announce_folder,
+    evaluated_counters,
+    evaluation_files,
+    evaluation_stage,
+    file_loggers,
+    loaded_checkpoint,
+    log_dir,
     reporting,
 )
 from lightning_rpn.training.run_files import free_version, versioned
