@@ -13,13 +13,14 @@ truth (excluded from anchor matching and from recall), or are dropped with
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord
+from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord, gc_paused
 from lightning_rpn.data.image_io import resolve_image_path
 from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError
 
@@ -76,15 +77,17 @@ class COCODetection(AnnotatedDataset):
         super().__init__(on_bad_annotation, verify_images, report_unsafe_paths)
         self.images_root = Path(images_root)
         self.annotation_file = str(annotation_file)
-        data = load_coco_json(annotation_file)
-        self.category_ids = self._select_categories(data, category_ids, category_names)
-        self.kept_category_ids = self._kept_categories(data)
-        self._category_names = {_hashable(c.get("id")): c.get("name") for c in data.get("categories") or []
-                                if isinstance(c, dict)}
-        records, dropped = self._parse_images(data["images"])
-        selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
-        self._check_selection_kept_some(selected, category_ids, category_names)
-        self.records = list(records.values())
+        with gc_paused():
+            data = load_coco_json(annotation_file)
+            self.category_ids = self._select_categories(data, category_ids, category_names)
+            self.kept_category_ids = self._kept_categories(data)
+            self._category_names = {_hashable(c.get("id")): c.get("name") for c in data.get("categories") or []
+                                    if isinstance(c, dict)}
+            records, dropped = self._parse_images(data["images"])
+            selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
+            self._check_selection_kept_some(selected, category_ids, category_names)
+            self.records = list(records.values())
+            del data  # freed (by reference counting) before the collector resumes, which would walk it all
         self._finish()
 
     def _check_selection_kept_some(
@@ -169,60 +172,104 @@ class COCODetection(AnnotatedDataset):
         if image_id in records:
             raise DataError(f"duplicate image id: {entry['file_name']!r} has the id of "
                             f"{records[image_id].file.name!r}", file=self.annotation_file, image_id=image_id)
-        path = resolve_image_path(self.images_root, entry["file_name"], file=self.annotation_file, image_id=image_id)
+        path = self._image_path(entry["file_name"], image_id)
         width, height = entry.get("width"), entry.get("height")
         size = None
         if width is not None or height is not None:
-            if not all(isinstance(v, (int, float)) and v > 0 for v in (width, height)):
+            if not (_is_positive_number(width) and _is_positive_number(height)):
                 raise DataError(f"image width/height {width!r}/{height!r} must be positive numbers",
                                 file=self.annotation_file, image_id=image_id)
             size = (int(height), int(width))
         return ImageRecord(image_id, path, self.annotation_file, size)
 
+    def _image_path(self, name: Any, image_id: Any) -> Path:
+        """The image file ``name`` under ``images_root``, as :func:`resolve_image_path` gives it.
+
+        A plain name (what COCO writes) is joined as it is: its checks and normalization cost
+        more than the rest of an image entry, and change nothing for such a name.
+        """
+        if type(name) is str and _PLAIN_NAME.fullmatch(name):
+            return self.images_root / name
+        return resolve_image_path(self.images_root, name, file=self.annotation_file, image_id=image_id)
+
     def _parse_annotations(
         self, annotations: list[Any], records: dict[Any, ImageRecord], dropped: set[Any], include_crowd: bool
     ) -> Counter[Any]:
-        """Fill the records' boxes; the ``(category_id, kept by the category filter)`` of every
-        annotation the filter saw, counted (for :meth:`_check_selection_kept_some`)."""
-        boxes: dict[Any, list[list[float]]] = defaultdict(list)
-        ids: dict[Any, list[Any]] = defaultdict(list)
-        crowd: dict[Any, list[list[float]]] = defaultdict(list)
-        crowd_ids: dict[Any, list[Any]] = defaultdict(list)
-        first_use: dict[Any, Any] = {}  # annotation id -> the image id of the first annotation with it
-        selected: Counter[Any] = Counter()
+        """Fill the records' boxes; with a category filter, the ``(category_id, kept by the filter)``
+        of every annotation it saw, counted (for :meth:`_check_selection_kept_some`, which reads
+        nothing else).
+
+        Most annotations of a file are clean: :meth:`_add_if_clean` takes those with a few cheap
+        tests, and every other annotation goes through the detailed checks of
+        :meth:`_add_checked`, which find and report its problems.
+        """
+        sink = _AnnotationSink(records, dropped, include_crowd)
         self._images_as_text: dict[str, Any] | None = None  # the image ids as strings, once an annotation misses
+        add_if_clean = self._add_if_clean
         for ann in self._progress(annotations, "Reading COCO annotations"):
-            ann_id = ann.get("id") if isinstance(ann, dict) else None
-            image_id = ann.get("image_id") if isinstance(ann, dict) else None
-            if image_id in dropped:
-                continue  # its image entry was skipped and reported
-            if isinstance(ann, dict):
-                self._check_id_unique(ann_id, image_id, first_use)
-                kept = self._category_kept(ann, ann_id, image_id)
-                selected[(_hashable(ann.get("category_id")), kept)] += 1
-                if not kept:
-                    continue
-            problem = self._annotation_problem(ann, image_id, records)
-            if problem is not None:
-                if self.on_bad_annotation == "raise":
-                    raise DataError(problem[1] + " (set on_bad_annotation='skip' to drop it)",
-                                    file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
-                self.problems.add(Problem(problem[0], "skipped", problem[1], self.annotation_file, image_id, ann_id))
-                continue
-            written = [float("nan") if v is None else float(v) for v in ann["bbox"]]
-            if ann.get("iscrowd", 0):
-                if include_crowd:
-                    crowd[image_id].append(written)
-                    crowd_ids[image_id].append(ann_id)
-            else:
-                boxes[image_id].append(written)
-                ids[image_id].append(ann_id)
-        for image_id, record in records.items():
-            record.written_boxes = np.asarray(boxes.get(image_id, []), dtype=np.float64).reshape(-1, 4)
-            record.annotation_ids = ids.get(image_id, [])
-            record.written_crowd_boxes = np.asarray(crowd.get(image_id, []), dtype=np.float64).reshape(-1, 4)
-            record.crowd_annotation_ids = crowd_ids.get(image_id, [])
-        return selected
+            if not add_if_clean(ann, sink):
+                self._add_checked(ann, sink, records, dropped)
+        sink.store(list(records.values()))
+        return sink.selected
+
+    def _add_if_clean(self, ann: Any, sink: _AnnotationSink) -> bool:
+        """Add ``ann`` to ``sink`` and return True when it is plainly clean: a dict whose integer
+        ``id`` is new, whose integer or string ``image_id`` is a kept image, whose integer
+        ``category_id`` is in ``categories`` (or the file lists none), whose ``bbox`` is a list
+        of 4 ints / floats and whose ``iscrowd``, if any, is the integer 0 or 1. Else return
+        False having changed nothing, for :meth:`_add_checked`.
+
+        This is the common case of :meth:`_add_checked` without its per-field checks (which made
+        reading a train2017-sized file take 3x as long as pycocotools), so it must agree with
+        them: every annotation it takes is one they pass without a problem, added as they add it.
+        """
+        if type(ann) is not dict:
+            return False
+        image_id, ann_id, category = ann.get("image_id"), ann.get("id"), ann.get("category_id")
+        if (type(image_id) is not int and type(image_id) is not str) or type(ann_id) is not int \
+                or type(category) is not int:
+            return False
+        position = sink.positions.get(image_id)
+        known = self._category_names
+        if position is None or ann_id in sink.first_use or (known and category not in known):
+            return False
+        bbox, crowd = ann.get("bbox"), ann.get("iscrowd", 0)
+        if type(bbox) is not list or len(bbox) != 4 or type(crowd) is not int or not 0 <= crowd <= 1:
+            return False
+        x, y, w, h = bbox
+        if type(x) not in _NUMBERS or type(y) not in _NUMBERS or type(w) not in _NUMBERS or type(h) not in _NUMBERS:
+            return False
+        sink.first_use[ann_id] = image_id
+        if self.category_ids is not None:
+            kept = category in self.category_ids
+            sink.selected[(category, kept)] += 1
+            if not kept:
+                return True
+        sink.add(position, bbox, ann_id, crowd == 1)
+        return True
+
+    def _add_checked(self, ann: Any, sink: _AnnotationSink, records: dict[Any, ImageRecord], dropped: set[Any]) -> None:
+        """Add ``ann`` to ``sink`` after checking each field, reporting (or raising for) what is wrong."""
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if image_id in dropped:
+            return  # its image entry was skipped and reported
+        if isinstance(ann, dict):
+            self._check_id_unique(ann_id, image_id, sink.first_use)
+            kept = self._category_kept(ann, ann_id, image_id)
+            if self.category_ids is not None:
+                sink.selected[(_hashable(ann.get("category_id")), kept)] += 1
+            if not kept:
+                return
+        problem = self._annotation_problem(ann, image_id, records)
+        if problem is not None:
+            if self.on_bad_annotation == "raise":
+                raise DataError(problem[1] + " (set on_bad_annotation='skip' to drop it)",
+                                file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
+            self.problems.add(Problem(problem[0], "skipped", problem[1], self.annotation_file, image_id, ann_id))
+            return
+        written = [float("nan") if v is None else float(v) for v in ann["bbox"]]
+        sink.add(sink.positions[image_id], written, ann_id, bool(ann.get("iscrowd", 0)))
 
     def _check_id_unique(self, ann_id: Any, image_id: Any, first_use: dict[Any, Any]) -> None:
         """Record a warning when ``ann_id`` was used before: messages naming it would be ambiguous."""
@@ -271,6 +318,64 @@ class COCODetection(AnnotatedDataset):
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
             return "bad_iscrowd", f"iscrowd {crowd!r} is {kind}; expected the number 0 or 1 (or false / true)"
         return None
+
+
+_PLAIN_NAME = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*")
+"""A relative path of letters, digits, ``_``, ``-`` and ``.``, no part starting with a dot (so
+none is ``.`` or ``..``): nothing that :func:`resolve_image_path` refuses or normalizes."""
+
+
+def _is_positive_number(value: Any) -> bool:
+    """Whether an image entry's ``width`` / ``height`` is usable."""
+    return isinstance(value, (int, float)) and value > 0
+
+
+_NUMBERS = frozenset((int, float))
+"""The types of a bbox value that :meth:`COCODetection._add_if_clean` takes as they are."""
+
+
+class _AnnotationSink:
+    """What reading the annotations collects: every usable box in file order (its 4 numbers as
+    written, the position of its image's record, its annotation id), the image id of the first
+    annotation with each id, and the ``(category_id, kept)`` counts of a category filter."""
+
+    def __init__(self, records: dict[Any, ImageRecord], dropped: set[Any], include_crowd: bool) -> None:
+        self.positions = {image_id: k for k, image_id in enumerate(records) if image_id not in dropped}
+        """The record position of each image whose annotations are read."""
+        self.num_records = len(records)
+        self.include_crowd = include_crowd
+        self.values: list[float] = []
+        self.owners: list[int] = []  # a crowd box's owner is its record's position + num_records
+        self.ids: list[Any] = []
+        self.first_use: dict[Any, Any] = {}
+        self.selected: Counter[Any] = Counter()
+
+    def add(self, position: int, box: list[float], ann_id: Any, crowd: bool) -> None:
+        """Add a usable annotation's box (4 numbers) to the record at ``position``; a crowd box is
+        dropped unless crowd boxes are kept."""
+        if crowd:
+            if not self.include_crowd:
+                return
+            position += self.num_records
+        self.values += box
+        self.owners.append(position)
+        self.ids.append(ann_id)
+
+    def store(self, records: list[ImageRecord]) -> None:
+        """Give each record its boxes and annotation ids, in file order, the boxes as float64
+        ``[G, 4]`` arrays: views of one array converted at once and grouped by one stable sort
+        (converting image by image, in the file's scattered order, cost more than the rest)."""
+        owners = np.asarray(self.owners, dtype=np.intp)
+        order = np.argsort(owners, kind="stable")
+        rows = np.asarray(self.values, dtype=np.float64).reshape(-1, 4)[order]
+        ids = [self.ids[i] for i in order.tolist()]
+        ends = np.cumsum(np.bincount(owners, minlength=2 * self.num_records)).tolist()
+        starts = [0] + ends[:-1]
+        for k, record in enumerate(records):
+            first, last = starts[k], ends[k]
+            record.written_boxes, record.annotation_ids = rows[first:last], ids[first:last]
+            first, last = starts[self.num_records + k], ends[self.num_records + k]
+            record.written_crowd_boxes, record.crowd_annotation_ids = rows[first:last], ids[first:last]
 
 
 def _hashable(value: Any) -> Any:
