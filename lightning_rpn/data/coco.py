@@ -117,7 +117,7 @@ class COCODetection(AnnotatedDataset):
             return None
         categories = data.get("categories") or []
         by_name = {c.get("name"): c.get("id") for c in categories if isinstance(c, dict)}
-        known_ids = set(by_name.values())
+        known_ids = {_hashable(cat_id) for cat_id in by_name.values()}
         selected: set[int] = set()
         for name in names or []:
             if name not in by_name:
@@ -129,7 +129,7 @@ class COCODetection(AnnotatedDataset):
         for cat_id in ids or []:
             if known_ids and cat_id not in known_ids:
                 raise DataError(
-                    f"category_ids: {cat_id!r} is not a category id; known: {sorted(known_ids)}",
+                    f"category_ids: {cat_id!r} is not a category id; known: {sorted(known_ids, key=repr)}",
                     file=self.annotation_file,
                 )
             selected.add(cat_id)
@@ -149,7 +149,7 @@ class COCODetection(AnnotatedDataset):
         records: dict[Any, ImageRecord] = {}
         dropped: set[Any] = set()
         for entry in self._progress(images, "Reading COCO images"):
-            image_id = entry.get("id") if isinstance(entry, dict) else None
+            image_id = _hashable(entry.get("id")) if isinstance(entry, dict) else None
             try:
                 records[image_id] = self._parse_image(entry, records)
             except UnsafePathError as error:
@@ -169,6 +169,9 @@ class COCODetection(AnnotatedDataset):
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
             raise DataError(f"image entry {entry!r} lacks 'id' or 'file_name'", file=self.annotation_file)
         image_id = entry["id"]
+        if _hashable(image_id) is not image_id:  # a list or an object: no id an annotation could name
+            raise DataError(f"image id {image_id!r} of {entry['file_name']!r} is not a number or a string",
+                            file=self.annotation_file, image_id=_hashable(image_id))
         if image_id in records:
             raise DataError(f"duplicate image id: {entry['file_name']!r} has the id of "
                             f"{records[image_id].file.name!r}", file=self.annotation_file, image_id=image_id)
@@ -251,7 +254,7 @@ class COCODetection(AnnotatedDataset):
     def _add_checked(self, ann: Any, sink: _AnnotationSink, records: dict[Any, ImageRecord], dropped: set[Any]) -> None:
         """Add ``ann`` to ``sink`` after checking each field, reporting (or raising for) what is wrong."""
         ann_id = ann.get("id") if isinstance(ann, dict) else None
-        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        image_id = _hashable(ann.get("image_id")) if isinstance(ann, dict) else None
         if image_id in dropped:
             return  # its image entry was skipped and reported
         if isinstance(ann, dict):

@@ -74,3 +74,26 @@ def test_a_category_filter_that_keeps_no_annotation_is_an_error_naming_the_file(
 def test_a_filter_keeping_some_annotations_or_a_file_without_any_is_not_an_error(tmp_path: Path) -> None:
     assert sum(len(r.boxes) for r in COCODetection(*basic_coco(tmp_path / "a"), category_ids=[2]).records) == 1
     assert len(COCODetection(*write_coco(tmp_path / "b", IMAGES, []), category_ids=[2])) == 1
+
+
+def test_a_category_filter_on_a_file_mixing_int_and_string_ids_names_the_known_ones(tmp_path: Path) -> None:
+    # sorting the known ids for the message raised TypeError ('<' between str and int)
+    categories = [{"id": 1, "name": "a"}, {"id": "4", "name": "b"}]
+    args = write_coco(tmp_path, IMAGES, [annotation()], categories=categories)
+    with pytest.raises(DataError, match=r"category_ids: 9 is not a category id; known: \['4', 1\]"):
+        COCODetection(*args, category_ids=[9])
+
+
+def test_an_image_id_that_is_a_list_is_an_error_not_a_type_error(tmp_path: Path) -> None:
+    # a list (unhashable) as an annotation's image_id or an image's id raised TypeError
+    args = write_coco(tmp_path, IMAGES, [annotation(image_id=[7])])
+    with pytest.raises(DataError, match=r"annotation 70: annotation refers to image id '\[7\]'"):
+        COCODetection(*args)
+    (problem,) = COCODetection(*args, on_bad_annotation="skip").problems
+    assert (problem.kind, problem.annotation_id) == ("unknown_image", 70)
+    args = write_coco(tmp_path, [{**IMAGES[0], "id": [7]}, {**IMAGES[0], "id": 8, "file_name": "b.png"}], [])
+    with pytest.raises(DataError, match=r"image id \[7\] of 'img.png' is not a number or a string"):
+        COCODetection(*args)
+    skipped = COCODetection(*args, on_bad_annotation="skip")
+    assert [r.image_id for r in skipped.records] == [8]
+    assert [p.kind for p in skipped.problems] == ["bad_image_entry"]
