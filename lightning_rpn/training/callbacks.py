@@ -10,9 +10,10 @@ They read what the LightningModule exposes (``RPNModule`` does; a user's module 
 * ``last_recall_step`` and ``last_recall_epoch`` (optional): the global step and epoch of the
   weights that gave ``last_recall`` (a loaded checkpoint's own, which Lightning restores only in
   ``fit``), so that a table printed later says which weights it describes;
-* ``loaded_counters`` (optional, :class:`~lightning_rpn.training.evaluated_weights.LoadedCounters`):
-  the epoch and step of a checkpoint loaded outside ``fit``, which date the recall curves, images
-  and file names of its evaluation (without it, the trainer's counters do);
+* ``trained_counters`` (optional, :class:`~lightning_rpn.training.evaluated_weights.TrainedCounters`):
+  the epoch and step the weights were trained to (a checkpoint's loaded outside ``fit``, or the
+  last fit's), which date the recall curves, images and file names of an evaluation outside
+  ``fit`` (without it, the trainer's counters do);
 * ``validation_step`` / ``test_step`` return ``{"proposals": [(boxes [P, 4], scores [P]), ...]}``
   in the batch's (resized, unpadded) image pixels, best first, on a batch with the
   ``RPNBatch`` fields ``images`` (uint8 ``[B, 3, H, W]``), ``image_sizes``, ``image_ids`` and

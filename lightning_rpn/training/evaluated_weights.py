@@ -1,11 +1,12 @@
-"""Which weights an evaluation describes: a loaded checkpoint's epoch and global step.
+"""Which weights an evaluation describes: the epoch and global step they were trained to.
 
-Lightning restores a checkpoint's loop counters only in ``fit``. ``validate`` / ``test`` /
-``predict --ckpt_path P`` in a new process therefore run at epoch 0, step 0 whatever ``P`` was
-trained for, and a recall table, a recall-curve row or a W&B point dated by the trainer would say
-step 0. :class:`LoadedCounters` keeps the counters a module read from the checkpoint it loaded;
-:func:`evaluated_counters` gives the running evaluation's epoch and step; :func:`logged_at_step` makes
-Lightning's own metric logging use that step.
+Lightning dates an evaluation by its trainer's loop counters, which it restores from a checkpoint
+only in ``fit``: ``validate`` / ``test`` / ``predict --ckpt_path P`` in a new process, or a new
+``Trainer`` evaluating a model fitted by another, run at epoch 0, step 0 whatever the weights'
+training, and a recall table, a recall-curve row or a W&B point would say step 0.
+:class:`TrainedCounters` are what a module keeps instead (a loaded checkpoint's counters, or its
+fit's at the end); :func:`evaluated_counters` gives the running evaluation's epoch and step;
+:func:`logged_at_step` makes Lightning's own metric logging use that step.
 """
 
 from __future__ import annotations
@@ -18,35 +19,40 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["LoadedCounters", "counters_in_use", "evaluated_counters", "logged_at_step"]
+__all__ = ["TrainedCounters", "counters_in_use", "evaluated_counters", "logged_at_step"]
 
 
 @dataclass(frozen=True)
-class LoadedCounters:
-    """``epoch`` and ``global_step`` as a checkpoint stores them (Lightning's ``"epoch"`` and
-    ``"global_step"`` keys), read when it was loaded outside ``fit``."""
+class TrainedCounters:
+    """The ``epoch`` and global ``step`` a module's weights were trained to, as a checkpoint of
+    them stores these (Lightning's ``"epoch"`` and ``"global_step"`` keys)."""
 
     epoch: int
     step: int
 
     @classmethod
-    def of(cls, checkpoint: dict[str, Any]) -> LoadedCounters:
+    def of_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainedCounters:
         return cls(int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
 
+    @classmethod
+    def of_trainer(cls, trainer: pl.Trainer) -> TrainedCounters:
+        """The counters of a fit's weights, taken at its end (what its ``last.ckpt`` stores)."""
+        return cls(trainer.current_epoch, trainer.global_step)
 
-def counters_in_use(trainer: pl.Trainer, loaded: LoadedCounters | None) -> LoadedCounters | None:
-    """``loaded`` outside ``fit``, else ``None`` (the trainer's counters date the weights). A
-    module keeps ``loaded`` from a checkpoint's load (``--ckpt_path``, ``load_from_checkpoint``)
-    until a ``fit`` starts, after which its weights are the fit's."""
-    return None if trainer.state.fn == TrainerFn.FITTING else loaded
+
+def counters_in_use(trainer: pl.Trainer, trained: TrainedCounters | None) -> TrainedCounters | None:
+    """``trained`` outside ``fit``, else ``None`` (during a fit its trainer's counters date the
+    weights). A module keeps ``trained`` from a checkpoint's load (``--ckpt_path``,
+    ``load_from_checkpoint``) or a fit's end until the next ``fit`` starts."""
+    return None if trainer.state.fn == TrainerFn.FITTING else trained
 
 
 def evaluated_counters(trainer: pl.Trainer) -> tuple[int, int]:
-    """``(epoch, global step)`` of the weights the running evaluation uses: those of the checkpoint
-    the module loaded (its ``loaded_counters``, which ``RPNModule`` keeps; see
-    :func:`counters_in_use`), else the trainer's."""
-    loaded = counters_in_use(trainer, getattr(trainer.lightning_module, "loaded_counters", None))
-    return (trainer.current_epoch, trainer.global_step) if loaded is None else (loaded.epoch, loaded.step)
+    """``(epoch, global step)`` of the weights the running evaluation uses: the module's
+    ``trained_counters`` (which ``RPNModule`` keeps; see :func:`counters_in_use`), else the
+    trainer's."""
+    trained = counters_in_use(trainer, getattr(trainer.lightning_module, "trained_counters", None))
+    return (trainer.current_epoch, trainer.global_step) if trained is None else (trained.epoch, trained.step)
 
 
 @contextmanager

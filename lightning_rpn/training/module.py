@@ -77,7 +77,7 @@ from lightning_rpn.training.checkpoint_agreement import (
     check_resume_agrees,
 )
 from lightning_rpn.training.evaluated_weights import (
-    LoadedCounters, counters_in_use, evaluated_counters, logged_at_step,
+    TrainedCounters, counters_in_use, evaluated_counters, logged_at_step,
 )
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
@@ -410,7 +410,7 @@ class RPNModule(pl.LightningModule):
                 proposal_score=proposal_score,
                 **proposal_settings,
             )
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = channels_last
         self.backbone.to(memory_format=self.memory_format)
         self.rpn.to(memory_format=self.memory_format)
         self.register_buffer(
@@ -426,8 +426,9 @@ class RPNModule(pl.LightningModule):
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
         self.last_recall_step: int | None = None  # the global step whose weights gave last_recall
         self.last_recall_epoch: int | None = None  # and the epoch it validated
-        self.loaded_counters: LoadedCounters | None = None  # of a checkpoint loaded outside fit, until a fit
-        self._evaluation_dating = ExitStack()  # Lightning's logging at a loaded checkpoint's step
+        # what the weights were trained to: a checkpoint's loaded outside fit, or the last fit's
+        self.trained_counters: TrainedCounters | None = None
+        self._evaluation_dating = ExitStack()  # Lightning's logging at trained_counters' step
         self.resize_policy: ResizePolicy | None = None  # of the training data; see setup()
         self._strides_checked = False
         self._unit_range_warned = False
@@ -449,6 +450,12 @@ class RPNModule(pl.LightningModule):
         if trainer is not None and any(callback is self.nonfinite_policy for callback in trainer.callbacks):
             return []
         return [self.nonfinite_policy]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The backbone's and the head's: ``channels_last`` or contiguous. Derived, not stored:
+        a ``torch.memory_format`` cannot be pickled (``torch.save(model)``)."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
@@ -621,7 +628,7 @@ class RPNModule(pl.LightningModule):
         resize = checkpoint.get(RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
         if not fitting:  # Lightning restores epoch and step in fit only: date the evaluation ourselves
-            self.loaded_counters = LoadedCounters.of(checkpoint)
+            self.trained_counters = TrainedCounters.of_checkpoint(checkpoint)
 
     def _window_proposals(
         self, batch: RPNBatch, targets: list[WindowTargets] | None = None
@@ -655,27 +662,42 @@ class RPNModule(pl.LightningModule):
         # compute() already summed the states of every process, so each rank holds the global
         # values; sync_dist=True says so (averaging equal values), and Lightning stops warning
         self.log_dict({f"{stage}/{k}": v for k, v in results.items()}, sync_dist=True)
-        self._keep_recall(results)
+        if not self.trainer.sanity_checking:  # a batch or two, never reported: no table may show it
+            self._keep_recall(results)
         self.val_recall.reset()
 
     def _keep_recall(self, results: dict[str, Tensor]) -> None:
         """``last_recall`` / ``last_recall_curves`` from ``val_recall``'s ``results``, dated by the
-        weights' epoch and step (a loaded checkpoint's own: :mod:`.evaluated_weights`)."""
+        weights' epoch and step (:mod:`.evaluated_weights`)."""
         self.last_recall = {k: float(v) for k, v in results.items()}
         self.last_recall_curves = self.val_recall.curves()
         self.last_recall_epoch, self.last_recall_step = evaluated_counters(self.trainer)
 
+    def _forget_recall(self) -> None:
+        self.last_recall, self.last_recall_curves = {}, {}
+        self.last_recall_step = self.last_recall_epoch = None
+
     def _start_evaluation(self) -> None:
-        """Log a loaded checkpoint's evaluation at the checkpoint's step (:mod:`.evaluated_weights`)."""
-        loaded = counters_in_use(self.trainer, self.loaded_counters)
-        if loaded is not None:
-            self._evaluation_dating.enter_context(logged_at_step(self.trainer, loaded.step))
+        """Count from zero, whatever an evaluation that failed or was interrupted left in
+        ``val_recall`` or open; log at the weights' step outside fit (:mod:`.evaluated_weights`)."""
+        self._evaluation_dating.close()
+        self.val_recall.reset()
+        trained = counters_in_use(self.trainer, self.trained_counters)
+        if trained is not None:
+            self._evaluation_dating.enter_context(logged_at_step(self.trainer, trained.step))
 
     def _end_evaluation(self) -> None:
         self._evaluation_dating.close()
 
     def on_fit_start(self) -> None:
-        self.loaded_counters = None  # the weights are now the fit's, dated by the trainer
+        """The trainer's counters date this fit's weights, and no recall of earlier weights (an
+        earlier evaluation's or predict's) may be reported as this fit's."""
+        self.trained_counters = None
+        self._forget_recall()
+
+    def on_train_end(self) -> None:
+        """Keep what the weights were trained to, for evaluations by another trainer."""
+        self.trained_counters = TrainedCounters.of_trainer(self.trainer)
 
     on_validation_start = on_test_start = _start_evaluation
     on_validation_end = on_test_end = _end_evaluation
@@ -688,8 +710,7 @@ class RPNModule(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self.val_recall.reset()
-        self.last_recall, self.last_recall_curves = {}, {}
-        self.last_recall_step = self.last_recall_epoch = None
+        self._forget_recall()
 
     def on_predict_batch_end(
         self, outputs: list[dict[str, Any]], batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0

@@ -1,8 +1,10 @@
-"""A loaded checkpoint's evaluation is dated by the checkpoint's epoch and step, not the new trainer's 0.
+"""An evaluation outside ``fit`` is dated by the epoch and step its weights were trained to, not
+by a new trainer's 0; and what one evaluation or fit leaves behind does not leak into the next.
 
 ``validate`` / ``test`` / ``predict --ckpt_path P`` run in a trainer whose counters Lightning does
 not restore outside ``fit``; the recall table, the metrics JSON, the recall-curve rows and the
-logger's metrics must still name the step ``P`` was saved at.
+logger's metrics must still name the step ``P`` was saved at (and a new ``Trainer`` testing a
+fitted model, the fit's).
 """
 
 from __future__ import annotations
@@ -19,21 +21,23 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from helpers.cli import TINY_CONFIG, assert_ok, run_cli
+from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.evaluated_weights import (
-    LoadedCounters, counters_in_use, evaluated_counters, logged_at_step,
+    TrainedCounters, counters_in_use, evaluated_counters, logged_at_step,
 )
+from lightning_rpn.training.module import RPNModule
 
 STEPS = 3
 
 
-def test_loaded_counters_date_evaluations_but_not_a_fit() -> None:
-    loaded = LoadedCounters.of({"epoch": 2, "global_step": 6})
+def test_trained_counters_date_evaluations_but_not_a_fit() -> None:
+    loaded = TrainedCounters.of_checkpoint({"epoch": 2, "global_step": 6})
     assert (loaded.epoch, loaded.step) == (2, 6)
     fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
     assert counters_in_use(fitting, loaded) is None
     for fn in (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING):
         trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), current_epoch=0, global_step=0,
-                                  lightning_module=SimpleNamespace(loaded_counters=loaded))
+                                  lightning_module=SimpleNamespace(trained_counters=loaded))
         assert counters_in_use(trainer, loaded) is loaded
         assert evaluated_counters(trainer) == (2, 6)
     # a module of one's own without the attribute: the trainer's counters
@@ -99,33 +103,91 @@ def test_validate_and_predict_of_a_checkpoint_name_its_step(tmp_path: Path) -> N
     assert summary["step"] == STEPS
 
 
-def test_a_module_loaded_from_a_checkpoint_keeps_its_step_until_it_is_fitted(tmp_path: Path) -> None:
-    from lightning_rpn.training.datamodule import RPNDataModule
-    from lightning_rpn.training.module import RPNModule
+def _trainer(root: Path, max_steps: int, **settings: object) -> Trainer:
+    defaults: dict[str, object] = dict(
+        accelerator="cpu", max_steps=max_steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )
+    return Trainer(**{**defaults, **settings})
 
+
+def _model_and_data() -> tuple[RPNModule, RPNDataModule]:
     config = copy.deepcopy(TINY_CONFIG)
-    model = RPNModule(**config["model"])
-    data = RPNDataModule(**config["data"])
+    return RPNModule(**config["model"]), RPNDataModule(**config["data"], test_split="val")
 
-    def trainer(max_steps: int) -> Trainer:
-        return Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=1, num_sanity_val_steps=0,
-                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                       enable_model_summary=False, default_root_dir=tmp_path)
 
-    fitting = trainer(STEPS)
+def test_weights_keep_their_step_in_other_trainers_until_they_are_fitted_again(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    fitting = _trainer(tmp_path, STEPS)
     fitting.fit(model, datamodule=data)
+    assert model.trained_counters is not None and model.trained_counters.step == STEPS
+    _trainer(tmp_path, 1).test(model, datamodule=data, verbose=False)  # a new trainer, as for a test set
+    assert model.last_recall_step == STEPS
     path = tmp_path / "weights.ckpt"
     fitting.save_checkpoint(path)
 
     loaded = RPNModule.load_from_checkpoint(path)
-    evaluation = trainer(STEPS)
+    evaluation = _trainer(tmp_path, STEPS)
     evaluation.validate(loaded, datamodule=data, verbose=False)
     assert loaded.last_recall_step == STEPS
     assert evaluation.fit_loop.epoch_loop._batches_that_stepped == 0  # put back after the validation
 
-    # fitted from there, its weights are the new fit's: dated by that trainer's counters
-    refit = trainer(2)
+    # fitted from there by a new trainer: its weights are that fit's
+    refit = _trainer(tmp_path, 2)
     refit.fit(loaded, datamodule=data)
-    assert loaded.loaded_counters is None
-    refit.validate(loaded, datamodule=data, verbose=False)
+    assert loaded.trained_counters is not None and loaded.trained_counters.step == 2
+    _trainer(tmp_path, 1).validate(loaded, datamodule=data, verbose=False)
     assert loaded.last_recall_step == 2
+
+
+class _FailingSecondBatch(RPNModule):
+    fail = True
+    boxes_counted = 0
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if self.fail and batch_idx == 1:
+            raise RuntimeError("a validation that fails after its first batch")
+        return super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.boxes_counted = int(self.val_recall.num_boxes[0])  # the gt boxes of every area
+        super().on_validation_epoch_end()
+
+
+def test_a_failed_validation_leaves_nothing_to_the_next(tmp_path: Path) -> None:
+    config = copy.deepcopy(TINY_CONFIG)
+    model, data = _FailingSecondBatch(**config["model"]), RPNDataModule(**{**config["data"], "val_batch_size": 2})
+    model.trained_counters = TrainedCounters(1, 5)  # as if loaded: the failed validation logs at step 5
+    trainer = _trainer(tmp_path, 1, limit_val_batches=2)
+    try:
+        trainer.validate(model, datamodule=data, verbose=False)
+    except RuntimeError:
+        pass
+    model.fail = False
+    trainer.validate(model, datamodule=data, verbose=False)
+    fresh = _FailingSecondBatch(**config["model"])
+    fresh.load_state_dict(model.state_dict())
+    fresh.fail = False
+    _trainer(tmp_path, 1, limit_val_batches=2).validate(fresh, datamodule=data, verbose=False)
+    assert model.boxes_counted == fresh.boxes_counted > 0 and model.last_recall == fresh.last_recall
+    model.trained_counters = None  # the stale dating of the failed validation is closed, not carried on
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 0
+
+
+def test_a_fit_reports_no_recall_of_its_sanity_check_or_of_an_earlier_predict(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    _trainer(tmp_path, 1).predict(model, datamodule=data)
+    assert model.last_recall  # the predict split has boxes
+    # a fit whose only validation is the sanity check (never logged)
+    _trainer(tmp_path, 2, num_sanity_val_steps=1, check_val_every_n_epoch=100).fit(model, datamodule=data)
+    assert model.last_recall == {} and model.last_recall_step is None
+
+
+def test_a_model_can_be_saved_whole(tmp_path: Path) -> None:
+    # torch.save pickles at protocol 2, where a torch.memory_format attribute cannot be pickled
+    for channels_last in (True, False):
+        model = RPNModule(**{**TINY_CONFIG["model"], "channels_last": channels_last})
+        torch.save(model, tmp_path / "model.pt")
+        restored = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert restored.memory_format == model.memory_format
