@@ -20,17 +20,19 @@ The built-in backbones (:mod:`lightning_rpn.core.backbones`) have it, and a user
 
 :func:`check_backbone` checks the attributes when a backbone is given; :func:`check_feature_strides`
 checks the declared strides against the feature maps of a first batch; :func:`feature_levels` reads
-a backbone's output as its list of levels.
+a backbone's output as its list of levels; :func:`evaluation_mode` runs a module in eval mode and
+puts back every submodule's mode (for dry runs on a user's module).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_backbone", "check_feature_strides", "feature_levels", "infer_strides"]
+__all__ = ["check_backbone", "check_feature_strides", "evaluation_mode", "feature_levels", "infer_strides"]
 
 Features = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 """A backbone's output: one tensor per level in a list or a dict, or a single tensor (one level)."""
@@ -53,26 +55,36 @@ def feature_levels(features: Features, where: str) -> list[Tensor]:
     return levels
 
 
+@contextmanager
+def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block; afterwards each submodule's ``training`` flag as
+    it was. ``module.train(was_training)`` would not do: it sets every submodule alike, so a part
+    the caller keeps in eval mode (a frozen backbone body, its BatchNorm statistics fixed) would
+    come back in train mode."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
+
+
 def infer_strides(body: nn.Module, size: int = 128) -> tuple[int, ...]:
     """Strides of ``body``'s output levels, measured by dry runs on zero images.
 
     Runs a ``size x size`` and a ``2size x 2size`` input; each level's side must divide the
     input side and give the same stride both times (``size`` must be a multiple of the
     largest stride). The body runs in eval mode under ``no_grad`` (BatchNorm on a 1x1 map
-    would fail in train mode) and is put back afterwards.
+    would fail in train mode); afterwards each of its submodules is in the mode it was in.
     """
-    was_training = body.training
     param = next(body.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    body.eval()
     measured = []
-    try:
-        with torch.no_grad():
-            for side in (size, 2 * size):
-                features = feature_levels(body(torch.zeros(1, 3, side, side, device=device)), "infer_strides")
-                measured.append([(side, tuple(f.shape[-2:])) for f in features])
-    finally:
-        body.train(was_training)
+    with evaluation_mode(body), torch.no_grad():
+        for side in (size, 2 * size):
+            features = feature_levels(body(torch.zeros(1, 3, side, side, device=device)), "infer_strides")
+            measured.append([(side, tuple(f.shape[-2:])) for f in features])
     strides = []
     for level, ((side1, hw1), (side2, hw2)) in enumerate(zip(*measured)):
         candidates = {side1 / hw1[0], side1 / hw1[1], side2 / hw2[0], side2 / hw2[1]}

@@ -252,11 +252,12 @@ def _weights_memory_format(module: nn.Module) -> torch.memory_format:
 
 
 def _exported_copy(network: ProposalNetwork) -> ProposalNetwork:
-    """A copy of ``network`` for the program to own: contiguous weights (the
+    """An eval-mode copy of ``network`` for the program to own: contiguous weights (the
     ``channels_last`` ones make ``torch.export.save`` warn "No complete tensor found") that do
     not require grad (a loaded program's outputs would, and ``.numpy()`` would refuse them). The
-    user's model is left as it is; the copy keeps ``network.memory_format`` for its input."""
-    return deepcopy(network).to(memory_format=torch.contiguous_format).requires_grad_(False)
+    user's model is left as it is, modes included (only the copy is put in eval mode); the copy
+    keeps ``network.memory_format`` for its input."""
+    return deepcopy(network).eval().to(memory_format=torch.contiguous_format).requires_grad_(False)
 
 
 def _proposal_network(model: object) -> tuple[ProposalNetwork, dict | None]:
@@ -312,8 +313,9 @@ def export_proposal_network(
     [2])`` gives ``(boxes [P, 4], scores [P])``. For an ``RPNModule`` with ``sliding_window``
     the program is the per-window network (it also returns the logits ``[P]``) and ``path``
     stores the window settings with it, so that :func:`load_proposal_network` gives a
-    :class:`WindowedProposalNetwork`; the padded window must fit ``max_image_size``. The model
-    is put in eval mode; the program runs a copy of its weights (contiguous, not requiring grad).
+    :class:`WindowedProposalNetwork`; the padded window must fit ``max_image_size``. The program
+    runs an eval-mode copy of the model (weights contiguous, not requiring grad); the model itself
+    and each of its submodules keep their mode, so training it afterwards trains as before.
     """
     network, windows = _proposal_network(model)
     smallest = network.min_image_size
@@ -332,9 +334,6 @@ def export_proposal_network(
                 f"export_proposal_network: model.sliding_window.size={size} pads to {padded} "
                 f"(size_divisibility {divisibility}), above max_image_size={max_image_size}"
             )
-    network.eval()
-    if isinstance(model, nn.Module):
-        model.eval()
     network = _exported_copy(network)
     dim_h = torch.export.Dim("height", min=smallest, max=max_image_size)
     dim_w = torch.export.Dim("width", min=smallest, max=max_image_size)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lightning_rpn.core.backbone_interface import evaluation_mode
 from lightning_rpn.core.boxes import clip_boxes_to_image
 from lightning_rpn.data.collate import RPNCollate
 from lightning_rpn.data.loose_images import ImageInput, as_hwc_uint8, is_single_image
@@ -54,19 +55,13 @@ def predict_images(
         return transform(DetectionSample(image=as_hwc_uint8(items[index], index), boxes=empty_boxes(),
                                          image_id=index, source=f"predict_images[{index}]"))
 
-    # each submodule's mode, restored as it was (a backbone the caller froze in eval mode stays so)
-    modes = {submodule: submodule.training for submodule in module.modules()}
-    module.eval()
     results: list[dict[str, Tensor]] = []
-    try:
+    with evaluation_mode(module):  # a backbone the caller froze in eval mode stays so
         for start in range(0, len(items), batch_size):
             indices = range(start, min(start + batch_size, len(items)))
             batch = collate([sample(index) for index in indices]).to(module.device)
             for item in module.predict_step(batch, start // batch_size):
                 results.append({key: item[key] for key in _OUTPUT_KEYS})
-    finally:
-        for submodule, training in modes.items():
-            submodule.training = training
     return results[0] if single else results
 
 
