@@ -4,6 +4,8 @@ The worker-side targets need what the model's RPN uses: the anchor generator, th
 config, the box coder, the size divisibility and the sampling seed. :func:`agree_with_model`
 takes each from the model; a value the data module was given as well must agree (equal anchors,
 equal settings, a multiple of the model's size divisibility), else a ``ValueError`` names both.
+:class:`AnchorSetting` keeps what the user gave apart from what is in use, so that a data module
+reused for another model resolves from the user's values, never from the previous model's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.proposer import RegionProposer
 from lightning_rpn.core.targets import AnchorTargetConfig
 
-__all__ = ["AnchorSetup", "agree_with_model"]
+__all__ = ["AnchorSetting", "AnchorSetup", "agree_with_model"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,26 @@ class AnchorSetup:
     box_coder: BoxCoder | None = None
     size_divisibility: int | None = None
     sampling_seed: int | None = None
+
+
+class AnchorSetting:
+    """One value of a data module's anchor setup (``anchor_generator``, ``sampling_seed``, ...).
+
+    Reading gives the value in use (``owner.anchor_setup``): the model's once the data module is
+    attached to one. Assigning gives the user's own (``owner.given_anchor_setup``, also in use until
+    the next model is attached), which every model must agree with. Keeping the two apart lets one
+    data module serve several models in turn: each resolves from what the user gave.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.anchor_setup, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.given_anchor_setup = replace(obj.given_anchor_setup, **{self.name: value})
+        obj.anchor_setup = replace(obj.anchor_setup, **{self.name: value})
 
 
 def _same_anchors(a: AnchorGenerator, b: AnchorGenerator) -> bool:

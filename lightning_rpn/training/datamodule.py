@@ -4,7 +4,8 @@ The anchor configuration is declared once, on the model: in ``setup()`` the data
 ``anchor_generator``, ``target_config``, ``box_coder``, ``size_divisibility`` (and the RPN's
 sampling seed) from ``trainer.lightning_module``. Values given to the constructor are used when
 there is no model (plain PyTorch use, benchmarks) and must agree with the model's when both
-exist (a mismatch is a ``ValueError`` naming both).
+exist (a mismatch is a ``ValueError`` naming both). They are kept apart from the values in use,
+so one data module serves several models in turn (a sweep), each as a fresh one would.
 
 Each split's dataset is built by :mod:`~lightning_rpn.training.split_datasets` (the paths under
 ``root``); ``predict_images`` (a folder of images) overrides the predict split, which defaults
@@ -18,7 +19,6 @@ Over 350 lines for one reason: the flat constructor (forty arguments, each docum
 from __future__ import annotations
 
 import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -41,7 +41,7 @@ from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
 from lightning_rpn.data.window_sampler import WindowProgress
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, listing_file, no_boxes_problem, validate_dataset
-from lightning_rpn.training.anchor_agreement import AnchorSetup, agree_with_model
+from lightning_rpn.training.anchor_agreement import AnchorSetting, AnchorSetup, agree_with_model
 from lightning_rpn.training.data_report import MAX_WARNED_PROBLEMS, RunDataReport
 from lightning_rpn.training.split_datasets import build_split_dataset
 
@@ -100,6 +100,13 @@ class RPNDataModule(LightningDataModule):
         sampling_seed: seed of anchor sampling (default: the model RPN's ``seed``, else 0).
         assign_targets: compute anchor targets in the workers (else the model does).
     """
+
+    # the values in use (``anchor_setup``): the model's once attached; assigning one sets the user's own
+    anchor_generator = AnchorSetting()
+    target_config = AnchorSetting()
+    box_coder = AnchorSetting()
+    size_divisibility = AnchorSetting()
+    sampling_seed = AnchorSetting()
 
     def __init__(
         self,
@@ -194,15 +201,13 @@ class RPNDataModule(LightningDataModule):
         # the evaluation pipeline also runs predict, which maps boxes back by the resize alone: pixel values only
         self.val_transform = DetectionTransform(val_transforms or [], min_visibility, self.resize_policy, train=False,
                                                 pixel_only=True)
-        self.size_divisibility = size_divisibility
-        self.anchor_generator = anchor_generator
-        self.target_config = target_config
-        self.box_coder = box_coder
-        self.sampling_seed = sampling_seed
+        # what the user gave (None: the model's), and what is in use: resolved from it for each model
+        self.given_anchor_setup = self.anchor_setup = AnchorSetup(
+            anchor_generator, target_config, box_coder, size_divisibility, sampling_seed)
         self.assign_targets = assign_targets
         self.datasets: dict[str, Dataset] = {}
         self.data_report = RunDataReport()
-        self._collate: RPNCollate | None = None
+        self._collate: tuple[AnchorSetup, RPNCollate] | None = None  # the collate and the setup it was built for
         self._window_eval = False  # the model proposes on sliding windows: no evaluation targets
         self._window_progress: WindowProgress | None = None  # tiled training's windows trained
         self._window_resume: tuple[int, int] | None = None  # (epoch, windows done) of a loaded checkpoint
@@ -310,26 +315,24 @@ class RPNDataModule(LightningDataModule):
 
     # ---- anchors --------------------------------------------------------------------------
     def _resolve_anchors(self, module: Any = None) -> None:
-        """Take the anchor setup from the model when there is one; check it agrees with ours (:func:`agree_with_model`)."""
+        """Take the anchor setup from the model when there is one; check it agrees with the user's
+        (:func:`agree_with_model`). Resolved from the user's values each time, never from the last
+        model's: the data module may be attached to another model since."""
         if module is None and self.trainer is not None:
             module = getattr(self.trainer, "lightning_module", None)
         if module is not None:
-            names = [f.name for f in fields(AnchorSetup)]
-            setup = agree_with_model(AnchorSetup(**{name: getattr(self, name) for name in names}), module)
-            for name in names:
-                setattr(self, name, getattr(setup, name))
+            self.anchor_setup = agree_with_model(self.given_anchor_setup, module)
             self._window_eval = getattr(module, "sliding_window", None) is not None
-        self._collate = None
 
     @property
     def collate(self) -> RPNCollate:
-        """The batch collate for the current anchor setup (built on first use)."""
-        if self._collate is None:
-            self._collate = RPNCollate(
+        """The batch collate for the current anchor setup (built on first use, and again when it changes)."""
+        if self._collate is None or self._collate[0] is not self.anchor_setup:
+            self._collate = self.anchor_setup, RPNCollate(
                 self.anchor_generator, self.target_config, self.box_coder, self.size_divisibility,
                 seed=self.sampling_seed or 0, assign_targets=self.assign_targets,
             )
-        return self._collate
+        return self._collate[1]
 
     # ---- loaders --------------------------------------------------------------------------
     def _loader(self, role: str, batch_size: int, shuffle: bool, collate: RPNCollate | None = None) -> DataLoader:
