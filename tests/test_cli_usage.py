@@ -1,6 +1,7 @@
 """The ``lightning-rpn`` help names every subcommand and what ``--config`` takes; a command the
-config gives nothing to run on is refused in one line (exit 2), and any other error keeps its
-traceback."""
+config gives nothing to run on, or trainer settings Lightning refuses while the command builds the
+trainer (``--trainer.accelerator gpu`` on a machine without one), are refused in one line (exit 2),
+and any other error keeps its traceback."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from urllib.error import URLError
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_rpn import cli
+from lightning_rpn.training.module import RPNModule
 
 CONFIG = {
     "seed_everything": 0,
@@ -125,3 +128,48 @@ def test_a_setting_that_cannot_work_is_one_line_not_a_traceback(
     assert code == cli.USAGE_ERROR
     assert err.strip().splitlines()[-1].startswith(expected), err
     assert "Traceback" not in err
+
+
+def refusal(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """The one stderr line of ``lightning-rpn ARGS``, which must exit 2 without a traceback."""
+    code = cli.main(list(args))
+    err = capsys.readouterr().err
+    assert code == cli.USAGE_ERROR, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "refused by Lightning" in line]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_a_gpu_accelerator_without_a_gpu_is_one_line(config: Path, capsys: pytest.CaptureFixture,
+                                                     command: str) -> None:
+    # was a 35-line traceback ending in MisconfigurationException: No supported gpu backend found!
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: Lightning accepts --trainer.accelerator gpu")
+    line = refusal(capsys, command, "--config", str(config), "--trainer.accelerator", "gpu")
+    assert line.startswith("lightning-rpn: the trainer settings (accelerator='gpu', ")
+    assert "refused by Lightning: No supported gpu backend found! -- change the one at fault" in line
+    assert "`--trainer.accelerator auto --trainer.devices auto --trainer.strategy auto`" in line
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--trainer.strategy", "nonsense"], "You selected an invalid strategy name: `strategy='nonsense'`."),
+    (["--trainer.devices", "0"], "`Trainer(devices='0')` value is not a valid input using cpu accelerator."),
+])
+def test_another_refused_trainer_setting_is_one_line(config: Path, capsys: pytest.CaptureFixture,
+                                                     args: list[str], expected: str) -> None:
+    # a ValueError and a MisconfigurationException traceback from Lightning's accelerator connector
+    line = refusal(capsys, "fit", "--config", str(config), *args)
+    assert "were refused by Lightning: " + expected in line
+
+
+def test_a_misconfiguration_raised_while_fitting_keeps_its_traceback(config: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the trainer's construction is a setting problem: later, it may be our own misuse of Lightning."""
+    def misused(*_: object, **__: object) -> None:
+        raise MisconfigurationException("misused during fit")
+
+    monkeypatch.setattr(RPNModule, "training_step", misused)
+    with pytest.raises(MisconfigurationException, match="misused during fit"):
+        cli.main(["fit", "--config", str(config)])
