@@ -31,6 +31,9 @@ from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem,
 
 __all__ = ["VOCDetection", "read_split_ids"]
 
+_DIFFICULT = {"0": False, "1": True, "false": False, "true": True}
+"""The ``<difficult>`` values read (lower-cased): VOC writes 0 / 1, some export tools false / true."""
+
 
 class _ImageNotFound(DataError):
     """No image file at any path an annotation may mean (:meth:`VOCDetection._image_file`)."""
@@ -165,7 +168,14 @@ class VOCDetection(AnnotatedDataset):
                 self.problems.add(Problem("malformed_bbox", "skipped", detail, where, image_id, ann_id))
                 continue
             box = [xmin, ymin, xmax, ymax]
-            difficult = (obj.findtext("difficult") or "0").strip() == "1"
+            written = (obj.findtext("difficult") or "0").strip()
+            difficult = _DIFFICULT.get(written.lower())
+            if difficult is None:  # "yes", "2", ...: neither reading is safe to guess
+                detail = f"<difficult> is {written!r}; expected 0 or 1 (or false / true)"
+                if self.on_bad_annotation == "raise":
+                    raise DataError(detail, file=where, image_id=image_id, annotation_id=ann_id)
+                self.problems.add(Problem("bad_difficult", "skipped", detail, where, image_id, ann_id))
+                continue
             if difficult and not self.keep_difficult:
                 crowd.append(box)
                 crowd_ids.append(ann_id)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from helpers.builders import save_image, write_voc
+from helpers.builders import save_image, voc_xml, write_voc
 
 from lightning_rpn.data.image_io import load_rgb_image, resolve_image_path
 from lightning_rpn.data.problems import DataError, UnsafePathError
@@ -121,3 +121,23 @@ def test_a_class_name_no_object_has_is_an_error_and_voc_takes_no_category_ids(tm
         VOCDetection(root, "train", class_names=["car", "Car", "horse"])
     with pytest.raises(ValueError, match="VOC classes are chosen by name"):
         RPNDataModule("voc", root=str(root), category_ids=[1])
+
+
+@pytest.mark.parametrize("written, crowd", [("True", True), ("true", True), ("false", False), (" 1 ", True), ("", False)])
+def test_difficult_written_true_or_false_is_read(tmp_path: Path, written: str, crowd: bool) -> None:
+    # "True" (some export tools) was read as not difficult, silently
+    xml = voc_xml("a.png", (40, 60), [{"box": (5, 5, 30, 30)}]).replace("<difficult>0</difficult>",
+                                                                        f"<difficult>{written}</difficult>")
+    root = write_voc(tmp_path, {"a": {"size": (40, 60), "xml": xml}})
+    record = VOCDetection(root, "train").records[0]
+    assert (len(record.crowd_boxes), len(record.boxes)) == (int(crowd), int(not crowd))
+
+
+def test_another_difficult_value_is_an_error_naming_the_object(tmp_path: Path) -> None:
+    xml = voc_xml("a.png", (40, 60), [{"box": (5, 5, 30, 30)}]).replace("<difficult>0</difficult>",
+                                                                        "<difficult>yes</difficult>")
+    root = write_voc(tmp_path, {"a": {"size": (40, 60), "xml": xml}})
+    with pytest.raises(DataError, match=r"a.xml, image 'a', annotation 'object 0 \(cat\)': <difficult> is 'yes'; expected 0"):
+        VOCDetection(root, "train")
+    skipped = VOCDetection(root, "train", on_bad_annotation="skip")
+    assert len(skipped.records[0].boxes) == 0 and [p.kind for p in skipped.problems] == ["bad_difficult"]
