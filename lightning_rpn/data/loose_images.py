@@ -8,13 +8,14 @@ RGBA (alpha dropped); a 4-D array or tensor is a batch.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from lightning_rpn.data.image_io import load_rgb_image, to_rgb_uint8
+from lightning_rpn.data.image_io import load_rgb_image, narrow_sixteen_bit_range, to_rgb_uint8
 
 __all__ = ["ImageInput", "as_hwc_uint8", "is_single_image"]
 
@@ -44,6 +45,9 @@ def as_hwc_uint8(image: ImageInput, index: int) -> np.ndarray:
                              "or set data.predict_images to the folder")
         return load_rgb_image(image, image_id=index)
     if isinstance(image, Image.Image):
+        reason = narrow_sixteen_bit_range(image)  # as a file of the same pixels warns
+        if reason is not None:
+            warnings.warn(f"{where}: {reason}", UserWarning, stacklevel=2)
         return to_rgb_uint8(image)
     if isinstance(image, Tensor):
         if image.dim() == 3:

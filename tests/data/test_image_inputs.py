@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,14 @@ def test_a_folder_passed_as_one_loose_image_says_to_pass_its_files(tmp_path: Pat
     with pytest.raises(ValueError, match=r"predict_images: image 0 is the folder .*pass its image files"):
         as_hwc_uint8(tmp_path, 0)
     assert as_hwc_uint8(torch.zeros(3, 4, 5), 0).shape == (4, 5, 3)
+
+
+def test_a_pil_image_of_8_bit_values_in_a_wide_mode_warns_as_its_file_does() -> None:
+    # Image.fromarray of an int32 array of 0..255 (mode "I") turns nearly black in 8 bits
+    narrow = Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 256).astype(np.int32))
+    with pytest.warns(UserWarning, match=r"predict_images: image 3: .*maximum value 255"):
+        as_hwc_uint8(narrow, 3)
+    full = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert as_hwc_uint8(full, 0).max() == 255
