@@ -25,7 +25,9 @@ that is still in the image is at least ``min_visibility`` (the shares of success
 multiply); a crowd box while any part of it is in the image, as in ``data.tiles`` windows.
 :func:`transform_to_spec` turns a built pipeline back into a spec (every argument explicit,
 YAML-safe), so ``build -> to_spec -> YAML -> build`` gives the same pipeline. The resize policy
-is applied after the augmentations, by :class:`DetectionTransform`, in one interpolation step.
+is applied after the augmentations, by :class:`DetectionTransform`, in one interpolation step;
+evaluation and predict size images by it alone, so a training pipeline holding a transform that
+resizes to a size of its own (:data:`SIZE_SETTING_TRANSFORMS`) under resize mode ``none`` is warned about.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -51,6 +53,7 @@ from lightning_rpn.data.sample import DetectionSample
 __all__ = [
     "TransformSpec",
     "TransformSpecError",
+    "SIZE_SETTING_TRANSFORMS",
     "ResizePolicy",
     "build_transform",
     "transform_to_spec",
@@ -64,12 +67,21 @@ TransformSpec = list[dict[str, Any]]
 
 _BOX_FIELD = "box_kind"  # 0: ground truth, 1: crowd
 _VISIBLE_FIELD = "box_visible"  # share of the box's area before the transforms still in the image
+_ORIGIN_FIELD = "box_origin"  # the box's row in the input: fragments of one box (RandomGridShuffle) share it
 _GROUND_TRUTH, _CROWD = 0, 1
 _OUTPUT_FORMAT = {"Normalize", "ToFloat", "FromFloat", "ToTensorV2"}
 """Transforms that turn the ``H x W x 3`` uint8 image into another format (float, a tensor)."""
 _SUPPLIED = {"image", "bboxes"}
 """What the pipeline is called with (besides the boxes' label fields)."""
 _AREA_EPSILON = 1e-7  # albumentations' own, in its visibility ratio: one cut keeps the boxes it keeps
+SIZE_SETTING_TRANSFORMS = frozenset({
+    "Resize", "LongestMaxSize", "SmallestMaxSize", "RandomResizedCrop", "RandomSizedCrop", "RandomSizedBBoxSafeCrop",
+})
+"""Transforms that scale the image to a size given in their arguments, whatever the image's own size.
+A training pipeline holding one trains at that scale while evaluation and predict size images by the
+resize policy alone, so :class:`DetectionTransform` warns when that policy is ``none``. Crops and pads
+(``RandomCrop``, ``PadIfNeeded``) keep the objects' scale, and ``RandomScale`` / ``Affine`` scale by a
+random factor around the image's own size: none of them is listed."""
 
 
 class TransformSpecError(SettingError):
@@ -146,7 +158,19 @@ def _build_children(cls: type, parameters: Mapping[str, inspect.Parameter], kwar
     return built
 
 
+def _object_problem(value: Any) -> str | None:
+    """Why ``value``, an albumentations object, is not a spec (specs are data), if it is one."""
+    if not isinstance(value, (A.BasicTransform, A.BaseCompose)):
+        return None
+    return (f"got an albumentations {type(value).__name__} object, but transform specs are data (YAML-like): "
+            "a list of single-key mappings such as [{'HorizontalFlip': {'p': 0.5}}]. Convert a pipeline, a "
+            "transform or a list of them with lightning_rpn.data.transforms.transform_to_spec(obj)")
+
+
 def _build_one(entry: Any, where: str, pixel_only: bool = False) -> A.BasicTransform | A.BaseCompose:
+    problem = _object_problem(entry)
+    if problem is not None:
+        raise TransformSpecError(f"{where}: {problem}")
     if not isinstance(entry, Mapping) or len(entry) != 1:
         raise TransformSpecError(
             f"{where}: expected a single-key mapping like {{'HorizontalFlip': {{'p': 0.5}}}}, got {entry!r}"
@@ -177,6 +201,13 @@ def _build_one(entry: Any, where: str, pixel_only: bool = False) -> A.BasicTrans
 
 
 def _build_list(spec: Any, where: str, pixel_only: bool = False) -> list:
+    problem = _object_problem(spec)
+    if problem is not None:
+        raise TransformSpecError(f"{where}: {problem}")
+    if isinstance(spec, Mapping):
+        as_list = [{name: kwargs} for name, kwargs in spec.items()]
+        raise TransformSpecError(f"{where}: expected a list of single-key mappings, one per transform, got a "
+                                 f"mapping: write {as_list!r} (in YAML, one '- Name: {{...}}' line per transform)")
     if not isinstance(spec, (list, tuple)):
         raise TransformSpecError(f"{where}: expected a list of transforms, got {type(spec).__name__} {spec!r}")
     return [_build_one(entry, f"{where}[{i}]", pixel_only) for i, entry in enumerate(spec)]
@@ -216,20 +247,21 @@ def build_transform(
     """``A.Compose`` of ``spec`` with pascal_voc boxes, clipping, ``min_visibility`` and the box rules.
 
     Called as ``compose(image=..., bboxes=..., box_kind=[0 ground truth | 1 crowd, ...],
-    box_visible=[1.0, ...])`` (:class:`DetectionTransform` does). ``pixel_only`` (evaluation)
-    refuses transforms that move pixels or boxes. Errors are :class:`TransformSpecError` naming
+    box_visible=[1.0, ...], box_origin=[0, 1, ...])`` (each box's row: the fragments of a split box
+    share it; :class:`DetectionTransform` does). ``pixel_only`` (evaluation) refuses transforms that
+    move pixels or boxes. Errors are :class:`TransformSpecError` naming
     the entry under ``where`` (``data.train_transforms``).
     """
     if not 0.0 <= min_visibility <= 1.0:
         raise TransformSpecError(f"{where}: min_visibility={min_visibility} must be in [0, 1]")
-    transforms = _build_list(spec or [], where, pixel_only)
+    transforms = _build_list([] if spec is None else spec, where, pixel_only)
     with warnings.catch_warnings():
         # an empty pipeline is valid here (evaluation without augmentation)
         warnings.filterwarnings("ignore", message="Got processor for bboxes, but no transform")
         compose = A.Compose(
             transforms,
-            bbox_params=A.BboxParams(format="pascal_voc", label_fields=[_BOX_FIELD, _VISIBLE_FIELD], clip=True,
-                                     min_visibility=min_visibility, check_each_transform=True),
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=[_BOX_FIELD, _VISIBLE_FIELD, _ORIGIN_FIELD],
+                                     clip=True, min_visibility=min_visibility, check_each_transform=True),
         )
     # albumentations builds its box processor itself (no hook for another): the package's rules go to
     # that one object, which the pipeline and every container in it check the boxes with
@@ -242,8 +274,8 @@ def _yaml_safe(value: Any) -> Any:
         return [_yaml_safe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _yaml_safe(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
     return value
 
 
@@ -256,9 +288,38 @@ def _unserialized_arguments(container: A.BaseCompose, serialized: dict[str, Any]
             and hasattr(container, key)}
 
 
+def _own_arguments(name: str, args: dict[str, Any], transform: A.BasicTransform) -> dict[str, Any]:
+    """``args`` (albumentations' ``to_dict``) less what the class's ``__init__`` does not take.
+
+    ``to_dict`` also writes attributes a parent class sets (``PadIfNeeded``'s ``padding``, from
+    ``Pad``; ``SafeRotate``'s ``rotate``, from ``Affine``), which building the spec again refuses.
+    ``__init__`` derives them from its own arguments: they are dropped when the transform built
+    from those arguments has the same values, refused otherwise (set on the object afterwards, a
+    spec cannot hold them)."""
+    parameters = inspect.signature(type(transform).__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return args
+    own = {key: value for key, value in args.items() if key in parameters}
+    if len(own) == len(args):
+        return own
+    with warnings.catch_warnings():  # a rebuild for the comparison: its warnings are no news to the user
+        warnings.simplefilter("ignore")
+        derived = A.to_dict(type(transform)(**own))["transform"]
+    changed = sorted(key for key in args.keys() - own.keys()
+                     if _yaml_safe(derived.get(key)) != _yaml_safe(args[key]))
+    if changed:
+        raise TransformSpecError(
+            f"transform_to_spec: {name} has {', '.join(f'{key}={args[key]!r}' for key in changed)}, which its "
+            f"arguments ({', '.join(own)}) do not give: a spec cannot hold it (was it set on the object after "
+            "building?); build the transform from its arguments alone")
+    return own
+
+
 def _entry_to_spec(serialized: dict[str, Any], transform: A.BasicTransform | A.BaseCompose) -> dict[str, Any]:
     args = {k: v for k, v in serialized.items() if k != "__class_fullname__"}
     name = serialized["__class_fullname__"].rsplit(".", 1)[-1]
+    if isinstance(transform, A.BasicTransform):
+        args = _own_arguments(name, args, transform)
     if isinstance(transform, A.BaseCompose):
         args.update(_unserialized_arguments(transform, args))
         args["transforms"] = [_entry_to_spec(child, built)
@@ -266,10 +327,19 @@ def _entry_to_spec(serialized: dict[str, Any], transform: A.BasicTransform | A.B
     return {name: _yaml_safe(args)}
 
 
-def transform_to_spec(transform: A.BaseCompose) -> TransformSpec:
-    """The spec list of a pipeline built by :func:`build_transform` (all arguments explicit)."""
-    serialized = A.to_dict(transform)["transform"]
-    return [_entry_to_spec(child, built) for child, built in zip(serialized["transforms"], transform.transforms)]
+def transform_to_spec(
+    transform: A.Compose | A.BasicTransform | A.BaseCompose | Sequence[A.BasicTransform | A.BaseCompose],
+) -> TransformSpec:
+    """The spec list (all arguments explicit) of a pipeline (``A.Compose``, e.g. built by
+    :func:`build_transform`: its transforms, without its ``bbox_params``, which the package sets),
+    of one transform or container, or of a list of them."""
+    if isinstance(transform, A.Compose):
+        items = list(transform.transforms)
+    elif isinstance(transform, (A.BasicTransform, A.BaseCompose)):
+        items = [transform]
+    else:
+        items = list(transform)
+    return [_entry_to_spec(A.to_dict(item)["transform"], item) for item in items]
 
 
 def load_transform_spec(text_or_path: str | os.PathLike[str]) -> TransformSpec:
@@ -332,8 +402,38 @@ class ResizePolicy:
         return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
+def _size_setters(transform: A.BasicTransform | A.BaseCompose) -> list[str]:
+    """Names of the :data:`SIZE_SETTING_TRANSFORMS` in ``transform``, itself or in its containers."""
+    if isinstance(transform, A.BaseCompose):
+        return [name for child in transform.transforms for name in _size_setters(child)]
+    return [type(transform).__name__] if type(transform).__name__ in SIZE_SETTING_TRANSFORMS else []
+
+
+def _warn_size_setting(compose: A.Compose, setting: str) -> None:
+    """Warn (one warning per pipeline) about the entries of ``compose`` that set the image size: under resize
+    mode ``none``, training would run at their scale and evaluation and predict at the images' own."""
+    entries = []
+    for i, transform in enumerate(compose.transforms):
+        names = _size_setters(transform)
+        if names:
+            inside = "" if names == [type(transform).__name__] else f" holding {', '.join(names)}"
+            entries.append(f"[{i}] {type(transform).__name__}{inside}")
+    if entries:
+        warnings.warn(
+            f"{setting} resizes the training images ({'; '.join(entries)}), but data.resize is 'none': "
+            "validation, test and predict size images by data.resize alone, never by the train transforms, so "
+            "the model would train at one scale and be evaluated at the images' own. Resize with data.resize "
+            "instead, which training and evaluation share (shortest_edge with data.min_sizes and data.max_size, "
+            "e.g. min_sizes [N] and max_size N for LongestMaxSize N; or fixed with data.fixed_size)", stacklevel=3)
+
+
 class DetectionTransform:
     """Augment (albumentations) then resize a :class:`DetectionSample`, counting removed boxes.
+
+    A box counts as removed when no part of it is left (a box split into fragments, as
+    ``RandomGridShuffle`` does, is kept: its fragments are the boxes trained on). A training
+    pipeline holding a transform of :data:`SIZE_SETTING_TRANSFORMS` under resize mode ``none`` is
+    warned about when built: evaluation and predict size images by the resize policy alone.
 
     Picklable. The albumentations random state is re-seeded once per process from torch's
     seed (in a DataLoader worker, the worker's seed), mixed with ``process_rank`` (the data module
@@ -352,12 +452,14 @@ class DetectionTransform:
         train: bool = False,
         pixel_only: bool = False,
     ) -> None:
-        self.spec: TransformSpec = list(spec or [])
         self.min_visibility = min_visibility
         self.resize = resize or ResizePolicy()
         self.train = train
         self.setting = "data.train_transforms" if train else "data.val_transforms"
-        self.compose = build_transform(self.spec, min_visibility, self.setting, pixel_only)
+        self.compose = build_transform(spec, min_visibility, self.setting, pixel_only)  # checks the spec's type
+        self.spec: TransformSpec = list(spec or [])
+        if train and self.resize.mode == "none":
+            _warn_size_setting(self.compose, self.setting)
         self.process_rank = 0
         self._seeded_pid: int | None = None
 
@@ -400,7 +502,7 @@ class DetectionTransform:
             self._seed_for_process()
             all_boxes = np.concatenate([boxes, crowd]) if len(crowd) else boxes
             labels = {_BOX_FIELD: [_GROUND_TRUTH] * len(boxes) + [_CROWD] * len(crowd),
-                      _VISIBLE_FIELD: [1.0] * len(all_boxes)}
+                      _VISIBLE_FIELD: [1.0] * len(all_boxes), _ORIGIN_FIELD: list(range(len(all_boxes)))}
             try:
                 out = self.compose(image=image, bboxes=all_boxes, **labels)
             except Exception as error:  # an albumentations error names neither the image nor the setting
@@ -409,7 +511,8 @@ class DetectionTransform:
             kept = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             kept_kinds = np.asarray(out[_BOX_FIELD], dtype=np.int64).reshape(-1)
             boxes, crowd = kept[kept_kinds == _GROUND_TRUTH], kept[kept_kinds == _CROWD]
-            removed = len(sample.boxes) - len(boxes)
+            origins = np.asarray(out[_ORIGIN_FIELD], dtype=np.int64).reshape(-1)[kept_kinds == _GROUND_TRUTH]
+            removed = len(sample.boxes) - len(np.unique(origins))  # fragments of one box count once
         size = (int(image.shape[0]), int(image.shape[1]))
         new_size = self.resize.target_size(size, self.train)
         if new_size != size:
