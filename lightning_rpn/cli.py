@@ -672,8 +672,9 @@ def _parse_only(cli_class: type[_NoRunCLI], args: Sequence[str]) -> RPNLightning
         return cli_class(args=args, run=False, save_config_callback=None, parser_kwargs=parser_kwargs)
 
 
-CHECKED_ROLES = ("train", "val", "test")
-"""The split roles ``check-data`` reports on (those the config gives)."""
+CHECKED_ROLES = ("train", "val", "test", "predict")
+"""The split roles ``check-data`` reports on (those the config gives; predict: the ``data.predict_images``
+folder, else a ``data.predict_split`` other than the splits above)."""
 
 
 def check_data(args: Sequence[str]) -> int:
@@ -882,7 +883,8 @@ def main(args: Sequence[str] | None = None) -> int:
         return _refuse_setting(error)
     except DataError as error:  # its message names the file, image and annotation: a traceback adds nothing
         print(f"lightning-rpn: {_rank_prefix()}{_data_error_message(error)}\n"
-              "(`lightning-rpn check-data --config ...` lists every problem of the data)", file=sys.stderr)
+              "(`lightning-rpn check-data --config ...`, given the same --data options, lists every problem of the "
+              "data)", file=sys.stderr)
         return DATA_ERROR
     except BaseException as error:  # Ctrl-C, SIGTERM: one line and 128 + the signal, not 0 or tracebacks
         code = _report_interruption(error)

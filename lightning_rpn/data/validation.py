@@ -5,10 +5,11 @@
 :class:`~lightning_rpn.training.datamodule.RPNDataModule` (each configured split is checked, its
 annotations read with ``on_bad_annotation="skip"`` and unsafe paths reported, so that every
 problem is listed rather than the first one raised; a split whose annotations cannot be read at
-all is one problem of that split). A split whose images hold no ground-truth box (and no error
-that explains it) is an error for the train role (``no_boxes``: training learns only background
-from it, and ``fit`` refuses it) and a warning for any other (``no_eval_boxes``: recall is
-undefined on it). File-backed datasets are checked from their annotations plus every image
+all is one problem of that split; the predict role is its ``predict_images`` folder when it names
+one). A split whose images hold no ground-truth box (and no error that explains it) is an error
+for the train role (``no_boxes``: training learns only background from it, and ``fit`` refuses
+it) and a warning for any other but a folder of images (``no_eval_boxes``: recall is undefined on
+it). File-backed datasets are checked from their annotations plus every image
 decoded, as training will decode it (a truncated file is found); other datasets are iterated.
 Given anchors, the report adds their coverage of the gt boxes
 (:class:`AnchorProbe`).
@@ -45,6 +46,7 @@ from lightning_rpn.data.dataset_report import (
     SplitReport,
     report_path,
 )
+from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.image_io import read_image_size, verify_image
 from lightning_rpn.data.problems import BOX_PROBLEM_KINDS, DataError, Problem
 from lightning_rpn.data.window_fit import untrainable_boxes_problem
@@ -171,6 +173,18 @@ def _check_items(dataset: Dataset, report: SplitReport, probe: AnchorProbe | Non
             probe.add(report, sample.image_size, sample.boxes)
 
 
+def _role_dataset(target: Any, split: str | None, folder: str | None) -> Dataset | DataError:
+    """The dataset ``check-data`` reads for a data module's split (annotation problems skipped and
+    listed, unsafe paths reported) or image ``folder``, or the :class:`DataError` that building it
+    raised (one problem of the split)."""
+    try:
+        if folder is not None:
+            return ImageFolder(folder, on_bad_annotation="skip")
+        return target.build_dataset(split, on_bad_annotation="skip", verify_images=False, report_unsafe_paths=True)
+    except DataError as error:
+        return error
+
+
 def validate_dataset(
     target: Any,
     check_images: bool = True,
@@ -182,6 +196,10 @@ def validate_dataset(
     max_anchor_images: int | None = None,
 ) -> DatasetReport:
     """Check a dataset, or the ``splits`` (roles) of an ``RPNDataModule``; a :class:`DatasetReport`.
+
+    The ``"predict"`` role is the data module's ``predict_images`` folder when it names one (each
+    image decoded; unreadable ones are ``unreadable_image`` errors), else its predict split unless
+    that is a split checked already (by default it is the val split).
 
     ``check_images`` decodes each image of file-backed datasets (missing, corrupt, truncated
     and mis-sized files are reported as problems); without it, only the images whose annotation
@@ -203,19 +221,20 @@ def validate_dataset(
         tiles = getattr(target, "tiles", None)
         hparams = getattr(target, "hparams", {})
         train_windows = None if tiles is None else (tiles.size, float(hparams.get("min_visibility", 0.0)))
+        checked: set[str] = set()
         for role in splits:
             if role not in target.splits:
                 raise ValueError(f"validate_dataset: unknown split role {role!r}; expected one of {sorted(target.splits)}")
             split = target.splits[role]
-            if split is not None:
-                try:
-                    built: Dataset | DataError = target.build_dataset(
-                        split, on_bad_annotation="skip", verify_images=False, report_unsafe_paths=True)
-                except DataError as error:
-                    built = error
-                datasets.append((f"{role} ({split})", built))
-                windows[f"{role} ({split})"] = train_windows if role == "train" else None
-                roles[f"{role} ({split})"] = role
+            folder = getattr(target, "predict_images", None) if role == "predict" else None
+            if folder is None and (split is None or (role == "predict" and split in checked)):
+                continue  # no such split, or predict's default: the val split, checked already
+            if folder is None:
+                checked.add(split)
+            name = f"{role} ({split if folder is None else folder})"
+            datasets.append((name, _role_dataset(target, split, folder)))
+            windows[name] = train_windows if role == "train" else None
+            roles[name] = role
         anchor_generator = anchor_generator or getattr(target, "anchor_generator", None)
         size_divisibility = size_divisibility or getattr(target, "size_divisibility", None)
         resize = resize or getattr(target, "resize_policy", None)
@@ -242,7 +261,8 @@ def validate_dataset(
         if len(inner) == 0:  # type: ignore[arg-type]
             report.problems.add(Problem("empty_split", "skipped", "the split lists no images; training and "
                                         "evaluation refuse it", listing_file(inner)))
-        elif report.images and not report.boxes and report.ok:  # else errors, their boxes skipped, explain it
+        elif report.images and not report.boxes and report.ok and not isinstance(inner, ImageFolder):
+            # else errors, their boxes skipped, explain it (a folder of images has no boxes to have)
             report.problems.add(no_boxes_problem(roles.get(split_name), report.images, report.crowd_boxes,
                                                  listing_file(inner)))
     return DatasetReport(reports)

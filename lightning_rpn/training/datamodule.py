@@ -61,7 +61,8 @@ class RPNDataModule(LightningDataModule):
         train_split / val_split / test_split / predict_split: split names (``None``: no such
             split; predict defaults to ``val_split``). COCO: e.g. ``train2017``; VOC: e.g.
             ``trainval`` and ``test``; synthetic: any name (seeds the images).
-        predict_images: a folder of images to predict on (no annotations needed).
+        predict_images: a folder of images to predict on (no annotations needed); its unreadable
+            images follow ``on_bad_annotation`` (``skip`` / ``clip`` leave them out: :class:`ImageFolder`).
         coco_images / coco_annotations: COCO paths under ``root``, ``{split}`` filled in.
         category_ids / category_names: keep only these categories (COCO ids or names; VOC names).
         keep_difficult: VOC ``difficult`` objects as ground truth (default: crowd boxes).
@@ -245,7 +246,8 @@ class RPNDataModule(LightningDataModule):
             if role in self.datasets:
                 continue
             if role == "predict" and self.predict_images is not None:
-                raw: Dataset = ImageFolder(self.predict_images)
+                raw: Dataset = ImageFolder(self.predict_images, self.hparams.on_bad_annotation,
+                                           self.hparams.verify_images)
             elif self.splits[role] is None:
                 continue
             else:
