@@ -173,3 +173,20 @@ def test_a_misconfiguration_raised_while_fitting_keeps_its_traceback(config: Pat
     monkeypatch.setattr(RPNModule, "training_step", misused)
     with pytest.raises(MisconfigurationException, match="misused during fit"):
         cli.main(["fit", "--config", str(config)])
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--model.anchor_sizes", "[[16], [32]]"], "model.anchor_sizes / model.aspect_ratios do not fit the backbone"),
+    (["--model.head", "cascade"], "CascadeRPN: needs one anchor per location"),
+    (["--model.head", "cascade", "--model.aspect_ratios", "[[1.0]]", "--model.objectness", "softmax"],
+     "model.head='cascade' does not support {'model.objectness': 'softmax'}"),
+    (["--model.sliding_window", "{size: 64, overlap: 64}"], "model.sliding_window.overlap=64 must be an int in [0,"),
+])
+def test_a_model_setting_that_cannot_work_is_one_line(config: Path, capsys: pytest.CaptureFixture,
+                                                       args: list[str], expected: str) -> None:
+    # were ValueError tracebacks of about 45 lines, exit 1
+    code = cli.main(["fit", "--config", str(config), *args])
+    err = capsys.readouterr().err
+    assert code == cli.USAGE_ERROR and "Traceback" not in err, err
+    assert expected in err.strip().splitlines()[-1]
+

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from .adaptive_conv import adaptive_conv2d
 from .anchors import AnchorGenerator, AnchorGrid
 from .box_coder import BoxCoder
-from .config import AnchorTargetConfig, ProposalConfig
+from .config import AnchorTargetConfig, ProposalConfig, SettingError
 from .loss import NonFiniteLossError
 from .matching import match_anchors_batched
 from .proposer import ProposalInputs, RegionProposer
@@ -270,18 +270,18 @@ class CascadePrediction(NamedTuple):
 
 
 def check_one_square_anchor(anchor_generator: AnchorGenerator) -> None:
-    """``ValueError`` unless ``anchor_generator`` has the cascade's anchors: one per location, square
-    (ratio 1.0: stage 1 regresses a gt box of any shape from its centre region, and a stretched anchor
-    only skews where the later stages start), ``anchor_stride`` 1."""
+    """``SettingError`` unless ``anchor_generator`` has the cascade's anchors: one per location,
+    square (ratio 1.0: stage 1 regresses a gt box of any shape from its centre region, and a
+    stretched anchor only skews where the later stages start), ``anchor_stride`` 1."""
     if anchor_generator.num_anchors_per_location() != 1 or anchor_generator.anchor_stride != 1:
-        raise ValueError(
+        raise SettingError(
             "CascadeRPN: needs one anchor per location and anchor_stride 1 (model.anchor_sizes one size per "
             f"level, model.aspect_ratios [[1.0]]), got {anchor_generator!r} with "
             f"{anchor_generator.num_anchors_per_location()} anchors per location"
         )
     ratios = [list(level) for level in anchor_generator.aspect_ratios]
     if any(ratio != 1.0 for level in ratios for ratio in level):
-        raise ValueError(
+        raise SettingError(
             f"CascadeRPN: needs one square anchor per location (model.aspect_ratios [[1.0]]), got "
             f"model.aspect_ratios {ratios}; set model.aspect_ratios: [[1.0]] (`analyze-anchors --optimize` on "
             "a cascade config searches the sizes only)"
@@ -361,21 +361,21 @@ class CascadeRPN(RegionProposer):
                 nms_thresh, min_size, score_thresh,
             )
         except ValueError as error:
-            raise ValueError(f"CascadeRPN: {error}") from None
+            raise SettingError(f"CascadeRPN: {error}") from None
         super().__init__(anchor_generator, box_coder, target_config, seed, proposal_config)
         check_one_square_anchor(anchor_generator)
         least = {"num_stages": 2, "dilation": 1, "in_channels": 1, "test_iterations": 0, "train_iterations": 0}
         for name, value in (("num_stages", num_stages), ("dilation", dilation), ("in_channels", in_channels),
                             ("test_iterations", test_iterations), ("train_iterations", train_iterations)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least[name]:
-                raise ValueError(f"CascadeRPN: {name} must be an int >= {least[name]}, got {value!r}")
+                raise SettingError(f"CascadeRPN: {name} must be an int >= {least[name]}, got {value!r}")
         if not 0.0 < centre_ratio <= 1.0:
-            raise ValueError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
+            raise SettingError(f"CascadeRPN: centre_ratio must be in (0, 1], got {centre_ratio!r}")
         branches = parse_scoring(quality, proposal_score, "CascadeRPN")
         channels = in_channels if conv_channels is None else conv_channels
         scales = [(1.0,) * 4] * num_stages if delta_scales is None else list(delta_scales)
         if len(scales) != num_stages:
-            raise ValueError(f"CascadeRPN: delta_scales needs one (sx, sy, sw, sh) per stage ({num_stages}), got {len(scales)}")
+            raise SettingError(f"CascadeRPN: delta_scales needs one (sx, sy, sw, sh) per stage ({num_stages}), got {len(scales)}")
         try:
             self.stages = nn.ModuleList(
                 CascadeStage(in_channels if s == 0 else channels, channels, adaptive=s > 0, dilation=dilation,
@@ -384,13 +384,13 @@ class CascadeRPN(RegionProposer):
                 for s in range(num_stages)
             )
         except (TypeError, ValueError) as error:
-            raise ValueError(f"CascadeRPN: delta_scales: {error}") from None
+            raise SettingError(f"CascadeRPN: delta_scales: {error}") from None
         for name, value, choices in (("objectness_level", objectness_level, OBJECTNESS_LEVELS),
                                      ("box_loss_positives", box_loss_positives, BOX_LOSS_POSITIVES)):
             if value not in choices:
-                raise ValueError(f"CascadeRPN: {name} must be one of {choices}, got {value!r}")
+                raise SettingError(f"CascadeRPN: {name} must be one of {choices}, got {value!r}")
         if not (math.isfinite(reg_weight) and reg_weight >= 0):
-            raise ValueError(f"CascadeRPN: reg_weight must be a finite number >= 0, got {reg_weight!r}")
+            raise SettingError(f"CascadeRPN: reg_weight must be a finite number >= 0, got {reg_weight!r}")
         self.centre_ratio = centre_ratio
         self.objectness_level = objectness_level
         self.box_loss_positives = box_loss_positives

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_rpn.core.anchors import padded_size
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.core.boxes import box_area
 from lightning_rpn.core.window_targets import Window, WindowTargets, clip_to_window, mean_window_losses, window_key
 
@@ -97,16 +98,16 @@ class SlidingWindowConfig:
         for name, low in (("size", 16), ("window_batch", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{where}.{name}={value!r} must be an int >= {low}")
+                raise SettingError(f"{where}.{name}={value!r} must be an int >= {low}")
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size:
-            raise ValueError(f"{where}.overlap={self.overlap!r} must be an int in [0, size={self.size}) (pixels)")
+            raise SettingError(f"{where}.overlap={self.overlap!r} must be an int in [0, size={self.size}) (pixels)")
         if self.merge_metric not in ("iou", "ios"):
-            raise ValueError(f"{where}.merge_metric={self.merge_metric!r} is not one of 'iou', 'ios'")
+            raise SettingError(f"{where}.merge_metric={self.merge_metric!r} is not one of 'iou', 'ios'")
         if self.merge_thresh is not None and not 0.0 < float(self.merge_thresh) <= 1.0:
-            raise ValueError(f"{where}.merge_thresh={self.merge_thresh!r} must be null or in (0, 1]")
+            raise SettingError(f"{where}.merge_thresh={self.merge_thresh!r} must be null or in (0, 1]")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
-            raise ValueError(f"{where}.top_k={self.top_k!r} must be null or a positive int")
+            raise SettingError(f"{where}.top_k={self.top_k!r} must be null or a positive int")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | SlidingWindowConfig) -> SlidingWindowConfig:
@@ -124,14 +125,14 @@ def config_from_mapping(
     if isinstance(options, cls):
         return options
     if not isinstance(options, Mapping):
-        raise ValueError(f"{where} must be a mapping like {example}, got {options!r}")
+        raise SettingError(f"{where} must be a mapping like {example}, got {options!r}")
     known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {known}")
+        raise SettingError(f"{where}: unknown key(s) {unknown}; known keys: {known}")
     missing = [name for name in required if name not in options]
     if missing:
-        raise ValueError(f"{where} needs {' and '.join(missing)} (got {dict(options)!r})")
+        raise SettingError(f"{where} needs {' and '.join(missing)} (got {dict(options)!r})")
     return cls(**dict(options))
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_rpn.core.backbones import BACKBONES, batch_norm_layer, trainable_stages
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.core.quality import parse_quality
 
 __all__ = [
@@ -92,7 +93,7 @@ def _normalised(name: str, value: Any) -> Any:
 
 
 def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | None = None) -> None:
-    """``ValueError`` naming every :data:`WEIGHT_DEFINING_HPARAMS` value of the ``current`` model
+    """``SettingError`` naming every :data:`WEIGHT_DEFINING_HPARAMS` value of the ``current`` model
     that differs from the ``saved`` checkpoint's (``checkpoint``: its path, for the message).
 
     A name the checkpoint does not record (an older version) or records as an object (a backbone
@@ -109,7 +110,7 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
                       f"{current['proposal_score']!r}, which ranks by it")
     if differ:
         where = f" {checkpoint}" if checkpoint else ""
-        raise ValueError(
+        raise SettingError(
             f"RPNModule: the checkpoint{where} was trained as another network than this run builds "
             f"({'; '.join(differ)}). A run follows its own config, so pass the config it was trained "
             "with (the run folder's config.yaml, or the values above as --model.* flags)"
@@ -126,14 +127,14 @@ def _trained_parameters(hparams: Mapping[str, Any], num_stages: int) -> tuple[st
 def check_optimizer_agrees(
     saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint: str | None = None
 ) -> None:
-    """``ValueError`` when ``current`` names another ``optimizer`` than ``saved`` (the checkpoint
+    """``SettingError`` when ``current`` names another ``optimizer`` than ``saved`` (the checkpoint
     ``fit`` resumes): the other optimiser would read the checkpoint's state and stop at its first
     step with a bare ``KeyError`` (``'step'``, ``'momentum'``). Not compared unless both record it."""
     if "optimizer" not in saved or "optimizer" not in current or saved["optimizer"] == current["optimizer"]:
         return
     where = f" {checkpoint}" if checkpoint else ""
     trained, wanted = saved["optimizer"], current["optimizer"]
-    raise ValueError(
+    raise SettingError(
         f"RPNModule: fit cannot resume the checkpoint{where} with another optimizer than it was trained with "
         f"(model.optimizer: checkpoint {trained!r}, this run {wanted!r}; the optimiser state it holds is "
         f"{trained}'s, which {wanted} cannot read). Resume with --model.optimizer {trained} (the run folder's "
@@ -145,7 +146,7 @@ def check_optimizer_agrees(
 def check_resume_agrees(
     saved: Mapping[str, Any], current: Mapping[str, Any], num_stages: int, checkpoint: str | None = None
 ) -> None:
-    """``ValueError`` naming the :data:`RESUME_DEFINING_HPARAMS` of ``current`` and ``saved`` (the
+    """``SettingError`` naming the :data:`RESUME_DEFINING_HPARAMS` of ``current`` and ``saved`` (the
     checkpoint ``fit`` resumes) that its optimiser's state does not fit: another ``optimizer``
     (:func:`check_optimizer_agrees`), or backbone settings that train other parameters: another
     batch norm or other trainable stages (of the ``num_stages`` of the backbone both name; torch
@@ -172,7 +173,7 @@ def check_resume_agrees(
     settings = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
                 for name in _TRAINING_HPARAMS if _comparable(saved[name]) != _comparable(current[name])]
     where = f" {checkpoint}" if checkpoint else ""
-    raise ValueError(
+    raise SettingError(
         f"RPNModule: fit cannot resume the checkpoint{where} with other trainable parameters than it was "
         f"trained with, which its optimiser state holds ({'; '.join(settings)}; so {'; '.join(effects)}). "
         "Resume with the checkpoint's model.weights, model.frozen_bn and model.trainable_layers (the run "

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
+
+from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 
 __all__ = ["TrainedCounters", "counters_in_use", "evaluated_counters", "logged_at_step"]
 
@@ -36,8 +39,13 @@ class TrainedCounters:
 
     @classmethod
     def of_trainer(cls, trainer: pl.Trainer) -> TrainedCounters:
-        """The counters of a fit's weights, taken at its end (what its ``last.ckpt`` stores)."""
-        return cls(trainer.current_epoch, trainer.global_step)
+        """The counters of a fit's weights at its end, as a checkpoint saved there gives them when
+        loaded: a fit stopped inside an epoch (``max_steps``) is dated by that epoch, which
+        Lightning's counter has already left (:func:`~.resume_state.reopen_stopped_epoch`)."""
+        saved = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                 "loops": {"fit_loop": deepcopy(trainer.fit_loop.state_dict())}}
+        finish_saved_epoch(saved) or reopen_stopped_epoch(saved)
+        return cls.of_checkpoint(saved)
 
 
 def counters_in_use(trainer: pl.Trainer, trained: TrainedCounters | None) -> TrainedCounters | None:

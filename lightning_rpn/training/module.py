@@ -60,7 +60,9 @@ from lightning_rpn.core.backbones import StagedBackbone, build_backbone
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.boxes import box_area
 from lightning_rpn.core.cascade import BoxLossPositives, CascadeRPN, ObjectnessLevel
-from lightning_rpn.core.config import AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig
+from lightning_rpn.core.config import (
+    AnchorConfig, AnchorTargetConfig, LossConfig, OptimConfig, ProposalConfig, SettingError,
+)
 from lightning_rpn.core.head import RPNHead
 from lightning_rpn.core.loss import NonFiniteLossError
 from lightning_rpn.core.rpn import RPN
@@ -325,8 +327,8 @@ class RPNModule(pl.LightningModule):
                 anchor_sizes, aspect_ratios, strides, offset=anchor_offset, anchor_stride=anchor_stride
             )
             num_anchors = self.anchor_generator.num_anchors_per_location()
-        except (TypeError, ValueError) as error:
-            raise type(error)(
+        except (TypeError, ValueError) as error:  # a setting that cannot work: one line from the CLI
+            raise SettingError(
                 f"model.anchor_sizes / model.aspect_ratios do not fit the backbone "
                 f"{type(self.backbone).__name__} with strides {strides}: {error}"
             ) from None
@@ -362,7 +364,7 @@ class RPNModule(pl.LightningModule):
                      "allowed_border": None, "box_loss": LossConfig.box_loss, "smooth_l1_beta": LossConfig.smooth_l1_beta}
             unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
             if unsupported:
-                raise ValueError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults "
+                raise SettingError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults "
                                  "(its box losses are IoU losses)")
             self.rpn = CascadeRPN(
                 self.anchor_generator,

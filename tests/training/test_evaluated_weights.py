@@ -127,6 +127,8 @@ def test_weights_keep_their_step_in_other_trainers_until_they_are_fitted_again(t
     fitting.save_checkpoint(path)
 
     loaded = RPNModule.load_from_checkpoint(path)
+    # stopped inside its second epoch: dated by that epoch, as its checkpoint is (Lightning's counter had left it)
+    assert loaded.trained_counters == model.trained_counters == TrainedCounters(1, STEPS)
     evaluation = _trainer(tmp_path, STEPS)
     evaluation.validate(loaded, datamodule=data, verbose=False)
     assert loaded.last_recall_step == STEPS
