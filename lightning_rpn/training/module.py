@@ -364,8 +364,8 @@ class RPNModule(pl.LightningModule):
                      "allowed_border": None, "box_loss": LossConfig.box_loss, "smooth_l1_beta": LossConfig.smooth_l1_beta}
             unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
             if unsupported:
-                raise SettingError(f"model.head='cascade' does not support {unsupported}; leave them at their defaults "
-                                 "(its box losses are IoU losses)")
+                raise SettingError(f"model.head='cascade' does not support {unsupported}; leave them at their "
+                                   "defaults (its box losses are IoU losses)")
             self.rpn = CascadeRPN(
                 self.anchor_generator,
                 in_channels=self.backbone.out_channels,
