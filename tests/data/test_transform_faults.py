@@ -133,13 +133,19 @@ def test_spec_of_a_built_pipeline_builds_the_same_pipeline(name: str, sizes: dic
         warnings.simplefilter("ignore")
         built = build_transform([{name: dict(sizes, p=1.0)}])
         rebuilt = build_transform(load_transform_spec(dump_transform_spec(transform_to_spec(built))))
-        first, again = _run(built, 7), _run(rebuilt, 7)
+        try:
+            first = _run(built, 7)
+        except ValueError as error:  # e.g. albumentations 2.0.0's PixelDropout with boxes
+            pytest.skip(f"albumentations {A.__version__} cannot run {name} itself: {error}")
+        again = _run(rebuilt, 7)
     np.testing.assert_array_equal(again["image"], first["image"])
     np.testing.assert_allclose(np.asarray(again["bboxes"]), np.asarray(first["bboxes"]))
 
 
 def test_spec_refuses_an_inherited_attribute_its_arguments_do_not_give() -> None:
     built = build_transform([{"PadIfNeeded": {"min_height": 100, "min_width": 100}}])
+    if "padding" not in A.to_dict(built.transforms[0])["transform"]:
+        pytest.skip(f"albumentations {A.__version__}'s PadIfNeeded writes no inherited padding")
     built.transforms[0].padding = 5
     with pytest.raises(TransformSpecError, match="PadIfNeeded has padding=5"):
         transform_to_spec(built)
