@@ -130,6 +130,8 @@ def read_wandb_records(run_file: Path) -> list:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # the writer is still in this chunk
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -144,10 +146,16 @@ def read_wandb_records(run_file: Path) -> list:
 
 def read_finished_wandb_run(run_file: Path, timeout_s: float = 60.0) -> list:
     """Records of the run once its ``exit`` record is on disk: wandb's service may still be
-    writing the file for a moment after ``wandb.finish()`` returns."""
+    writing the file for a moment after ``wandb.finish()`` returns, so a chunk can be cut
+    short or half written when it is read."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout_s
     while True:
-        records = read_wandb_records(run_file)
+        try:
+            records = read_wandb_records(run_file)
+        except DecodeError:  # a chunk read while the service was still writing it
+            records = []
         if any(record.WhichOneof("record_type") == "exit" for record in records):
             return records
         assert time.monotonic() < deadline, f"{run_file} has no exit record after {timeout_s} s"
@@ -191,7 +199,14 @@ def test_wandb_offline_run_has_metrics_curves_and_images(tmp_path, monkeypatch, 
     assert "AR_small" in out and "R@0.70" in out and f"{model.last_recall['AR@20']:.3f}" in out
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    history = wandb_history(read_finished_wandb_run(next(run_dir.glob("run-*.wandb"))))
+    run_file = next(run_dir.glob("run-*.wandb"))
+    history = wandb_history(read_finished_wandb_run(run_file))
+    # the reader meets files the service is still writing: every cut-short copy must parse
+    written, partial = run_file.read_bytes(), tmp_path / "partial.wandb"
+    whole = len(read_wandb_records(run_file))
+    for cut in range(8, len(written), 997):
+        partial.write_bytes(written[:cut])
+        assert len(read_wandb_records(partial)) <= whole
     # metrics: logged by the module every validation epoch, the last one equals last_recall
     ar_rows = [row["val/AR@20"] for row in history if "val/AR@20" in row]
     assert len(ar_rows) == 3 and ar_rows[-1] == pytest.approx(model.last_recall["AR@20"])
