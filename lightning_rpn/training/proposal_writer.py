@@ -139,6 +139,7 @@ class ProposalWriter(BasePredictionWriter):
         self.written: dict[str, Path] = {}
         self.version = 0
         self._handle: Any = None
+        self._made_output_dir = False
 
     def _part(self, rank: int) -> Path:
         return self.output_dir / ".parts" / f"rank{rank}.pkl"
@@ -150,19 +151,23 @@ class ProposalWriter(BasePredictionWriter):
                 print(f"ProposalWriter: removed {', '.join(path.name for path in removed)} from {self.output_dir}, "
                       f"the unfinished file(s) of an earlier predict that was killed", file=sys.stderr)
         part = self._part(trainer.global_rank)
+        self._made_output_dir = not self.output_dir.exists()
         part.parent.mkdir(parents=True, exist_ok=True)
         self._handle = part.open("wb")
         self.written, self.version = {}, 0
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A failed or interrupted predict: close and remove this rank's parts file (and the folder
-        once empty), which no later step would merge."""
+        once empty), which no later step would merge, and ``output_dir`` when this predict made it
+        and it stayed empty."""
         if self._handle is None:
             return
         self._handle.close()
         self._handle = None
         self._part(trainer.global_rank).unlink(missing_ok=True)
         _remove_if_empty(self._part(trainer.global_rank).parent)
+        if self._made_output_dir:
+            _remove_if_empty(self.output_dir)
 
     def write_on_batch_end(
         self,

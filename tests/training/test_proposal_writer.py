@@ -266,8 +266,17 @@ def test_a_failed_predict_removes_its_parts(tmp_path: Path) -> None:
     writer.on_predict_start(trainer, None)
     writer.write_on_batch_end(trainer, None, [_image(1, 0.9)], None, None, 0, 0)
     writer.on_exception(trainer, None, KeyboardInterrupt())
-    assert not (tmp_path / "proposals").exists() or not any((tmp_path / "proposals").rglob("*"))
+    assert not (tmp_path / "proposals").exists()  # the folder this predict made, left empty
     assert _predict(writer, trainer, [_image(2, 0.8)])  # the next predict writes as usual
+
+
+def test_a_failed_predict_keeps_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    folder = tmp_path / "proposals"
+    folder.mkdir()
+    writer, trainer = ProposalWriter(output_dir=str(folder)), _trainer("run/last.ckpt", tmp_path)
+    writer.on_predict_start(trainer, None)
+    writer.on_exception(trainer, None, RuntimeError("failed"))
+    assert folder.is_dir() and not any(folder.iterdir())
 
 
 def test_a_predict_removes_the_unfinished_files_of_a_killed_one_only(tmp_path: Path, capsys) -> None:
