@@ -144,7 +144,26 @@ def _open_dataset_image(path: Path) -> Iterator[Image.Image]:
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = previous
 
 
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _is_tiff(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(4) in _TIFF_SIGNATURES
+    except OSError:
+        return False
+
+
 def _unreadable(path: Path, error: Exception, image_id: int | str | None) -> DataError:
+    """The error for a file PIL cannot decode. A TIFF that PIL does not recognise is most often a
+    valid one in a layout PIL lacks (aerial and satellite rasters), so it says how to convert it."""
+    if isinstance(error, UnidentifiedImageError) and _is_tiff(path):
+        return DataError(
+            f"a TIFF that PIL cannot decode ({error}): valid TIFFs with floating-point samples, more than four "
+            "bands or a compression PIL lacks are read this way too; convert it to 8- or 16-bit RGB or grey "
+            "(e.g. `gdal_translate -ot Byte -scale -b 1 -b 2 -b 3`), or to an H x W x 3 uint8 .npy",
+            file=str(path), image_id=image_id)
     return DataError(f"image file is corrupt, truncated or unreadable ({error})", file=str(path), image_id=image_id)
 
 

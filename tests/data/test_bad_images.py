@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -51,6 +52,31 @@ def test_truncated_jpeg_passes_the_header_but_not_the_decoding_check(tmp_path: P
         with pytest.raises(DataError, match="truncated"):
             read(path)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+
+
+def save_float_rgb_tiff(path: Path, height: int = 6, width: int = 5) -> Path:
+    """An uncompressed little-endian TIFF of float32 RGB samples (a valid file PIL cannot open):
+    header, BitsPerSample and SampleFormat triples, pixels, then the one IFD."""
+    triples = struct.pack("<6H", 32, 32, 32, 3, 3, 3)  # 32 bits, IEEE float, per sample
+    pixels = np.random.default_rng(0).random((height, width, 3), dtype=np.float32).tobytes()
+    triples_at, pixels_at = 8, 8 + len(triples)
+    tags = {256: (3, 1, width), 257: (3, 1, height), 258: (3, 3, triples_at), 259: (3, 1, 1),
+            262: (3, 1, 2), 273: (4, 1, pixels_at), 277: (3, 1, 3), 278: (3, 1, height),
+            279: (4, 1, len(pixels)), 284: (3, 1, 1), 339: (3, 3, triples_at + 6)}
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", tag, *entry) for tag, entry in tags.items())
+    header = b"II*\x00" + struct.pack("<I", pixels_at + len(pixels))
+    path.write_bytes(header + triples + pixels + ifd + b"\x00" * 4)
+    return path
+
+
+def test_a_tiff_pil_cannot_decode_says_how_to_convert_it(tmp_path: Path) -> None:
+    tiff = save_float_rgb_tiff(tmp_path / "ortho.tif")
+    for read in (load_rgb_image, verify_image, read_image_size):
+        with pytest.raises(DataError, match=r"ortho\.tif, image 7: a TIFF that PIL cannot decode .*uint8 \.npy"):
+            read(tiff, image_id=7)
+    (tmp_path / "noise.tif").write_bytes(b"not an image at all")  # no TIFF signature: corrupt
+    with pytest.raises(DataError, match="image file is corrupt, truncated or unreadable"):
+        load_rgb_image(tmp_path / "noise.tif")
 
 
 def test_check_data_finds_truncated_and_missing_images(tmp_path: Path) -> None:
