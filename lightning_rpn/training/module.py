@@ -117,6 +117,9 @@ def _head_width_given(hparams: dict[str, Any], width: int | None) -> dict[str, A
     return {**hparams, "head_conv_channels": int(width)}
 
 
+_STAGE_CALLS = {"val": "validate", "test": "test", "predict": "predict"}  # trainer method of each stage
+
+
 class RPNModule(pl.LightningModule):
     """Train and evaluate a Region Proposal Network (see the module docstring).
 
@@ -653,10 +656,12 @@ class RPNModule(pl.LightningModule):
         )
         return {"proposals": proposals}
 
-    def validation_step(self, batch: RPNBatch, batch_idx: int) -> dict[str, Any]:
+    # dataloader_idx (here and in predict_step): Lightning checks it is there before any hook runs;
+    # several loaders are then refused by _check_one_dataloader, which says what to do instead
+    def validation_step(self, batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: RPNBatch, batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._eval_step(batch, "test")
 
     def _end_recall_epoch(self, stage: str) -> None:
@@ -679,9 +684,28 @@ class RPNModule(pl.LightningModule):
         self.last_recall, self.last_recall_curves = {}, {}
         self.last_recall_step = self.last_recall_epoch = None
 
+    def _check_one_dataloader(self) -> None:
+        """One recall, table and set of proposals per evaluation or predict: several dataloaders
+        would be pooled into one figure, and Lightning's own refusal asks to edit our step."""
+        trainer = self.trainer
+        if trainer.testing:
+            stage, counts = "test", trainer.num_test_batches
+        elif trainer.predicting:
+            stage, counts = "predict", trainer.num_predict_batches
+        else:
+            stage = "val"
+            counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        if len(counts) > 1:
+            raise SettingError(
+                f"RPNModule: {len(counts)} {stage} dataloaders given; it takes one (one recall, table and "
+                f"set of proposals a run). Join them with torch.utils.data.ConcatDataset, or run each with its "
+                f"own trainer.{_STAGE_CALLS[stage]}(model, dataloaders=loader)"
+            )
+
     def _start_evaluation(self) -> None:
         """Count from zero, whatever an evaluation that failed or was interrupted left in
         ``val_recall`` or open; log at the weights' step outside fit (:mod:`.evaluated_weights`)."""
+        self._check_one_dataloader()
         self._evaluation_dating.close()
         self.val_recall.reset()
         trained = counters_in_use(self.trainer, self.trained_counters)
@@ -711,6 +735,7 @@ class RPNModule(pl.LightningModule):
         self._end_recall_epoch("test")
 
     def on_predict_epoch_start(self) -> None:
+        self._check_one_dataloader()
         self.val_recall.reset()
         self._forget_recall()
 
@@ -737,7 +762,7 @@ class RPNModule(pl.LightningModule):
             self._keep_recall(results)
         self.val_recall.reset()
 
-    def predict_step(self, batch: RPNBatch, batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Per image ``{"image_id", "boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``,
         boxes in original-image pixels."""
         if self.sliding_window is not None:

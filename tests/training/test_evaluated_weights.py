@@ -15,12 +15,14 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from helpers.cli import TINY_CONFIG, assert_ok, run_cli
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.evaluated_weights import (
     TrainedCounters, counters_in_use, evaluated_counters, logged_at_step,
@@ -193,3 +195,14 @@ def test_a_model_can_be_saved_whole(tmp_path: Path) -> None:
         torch.save(model, tmp_path / "model.pt")
         restored = torch.load(tmp_path / "model.pt", weights_only=False)
         assert restored.memory_format == model.memory_format
+
+
+def test_several_evaluation_dataloaders_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    model, data = _model_and_data()
+    data.setup("validate")
+    loaders = [data.val_dataloader(), data.val_dataloader()]
+    for run, stage in ((Trainer.validate, "val"), (Trainer.test, "test"), (Trainer.predict, "predict")):
+        with pytest.raises(SettingError, match=rf"2 {stage} dataloaders given; .*ConcatDataset.*{run.__name__}\("):
+            run(_trainer(tmp_path, 1), model, dataloaders=loaders)
+    _trainer(tmp_path, 1).validate(model, dataloaders=loaders[:1], verbose=False)  # one: as ever
+    assert model.last_recall
