@@ -80,10 +80,12 @@ def infer_strides(body: nn.Module, size: int = 128) -> tuple[int, ...]:
     """
     param = next(body.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32  # a .double() body
     measured = []
     with evaluation_mode(body), torch.no_grad():
         for side in (size, 2 * size):
-            features = feature_levels(body(torch.zeros(1, 3, side, side, device=device)), "infer_strides")
+            probe = torch.zeros(1, 3, side, side, device=device, dtype=dtype)
+            features = feature_levels(body(probe), "infer_strides")
             measured.append([(side, tuple(f.shape[-2:])) for f in features])
     strides = []
     for level, ((side1, hw1), (side2, hw2)) in enumerate(zip(*measured)):

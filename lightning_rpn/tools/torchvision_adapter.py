@@ -31,6 +31,13 @@ Differences from torchvision's class:
   (set ``detector.transform.size_divisible = 64`` for identical proposals);
 - it is not TorchScript-scriptable.
 
+It starts in the train / eval mode of the RPN it replaces, returns proposals in the features'
+dtype (so a ``.double()`` detector runs, and under autocast they are in its dtype, as
+torchvision's are), and torchvision's proposal settings read and write the wrapped network's:
+``_pre_nms_top_n`` / ``_post_nms_top_n`` (a mapping edits the modes it names, an int sets both),
+``nms_thresh``, ``score_thresh``, ``min_size``, and the ``pre_nms_top_n()`` /
+``post_nms_top_n()`` of the current mode.
+
 Anchor sampling draws from torch's global generator at every training step, as torchvision's
 sampler does (a new sample each step, repeatable under ``torch.manual_seed``).
 """
@@ -38,6 +45,7 @@ sampler does (a new sample each step, repeatable under ``torch.manual_seed``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -49,7 +57,7 @@ from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.backbones import infer_strides
 from lightning_rpn.core.box_coder import BoxCoder
 from lightning_rpn.core.head import RPNHead
-from lightning_rpn.core.proposer import RegionProposer
+from lightning_rpn.core.proposer import RegionProposer, TopN
 from lightning_rpn.core.rpn import RPN
 from lightning_rpn.core.targets import AnchorTargetConfig
 
@@ -59,7 +67,7 @@ _LOSS_KEYS = {"loss_rpn_cls": "loss_objectness", "loss_rpn_reg": "loss_rpn_box_r
 
 
 def _copy_head(head: nn.Module, num_anchors: int) -> RPNHead:
-    """Our :class:`RPNHead` with the weights of torchvision's ``RPNHead`` (conv + ReLU blocks)."""
+    """Our :class:`RPNHead` with the weights, device and dtype of torchvision's ``RPNHead`` (conv + ReLU blocks)."""
     if not isinstance(head, TorchvisionRPNHead):
         raise TypeError(
             f"TorchvisionRPN.from_torchvision: rpn.head must be torchvision's RPNHead, got "
@@ -103,7 +111,29 @@ def _copy_head(head: nn.Module, num_anchors: int) -> RPNHead:
                 f"(weights {tuple(source.weight.shape)} vs {tuple(target.weight.shape)})"
             )
         target.load_state_dict(source.state_dict())
-    return ours.to(head.cls_logits.weight.device)
+    return ours.to(head.cls_logits.weight.device, head.cls_logits.weight.dtype)  # a .double() head stays float64
+
+
+def _edited_top_n(current: TopN, value: object, where: str) -> TopN:
+    """``current`` after torchvision-style code assigns ``value``: a mapping changes the modes it
+    names (``{"testing": 5}`` keeps the training entry), an int sets both; checked as ``TopN`` does."""
+    if not isinstance(value, Mapping):
+        return TopN(value, where)
+    edited = TopN(dict(current), where)
+    edited.update(value)
+    return edited
+
+
+def _forwarded(name: str, doc: str) -> property:
+    """A property reading and writing the wrapped network's ``name`` (torchvision's attribute of the same name)."""
+
+    def get(self: TorchvisionRPN) -> Any:
+        return getattr(self.rpn, name)
+
+    def set_(self: TorchvisionRPN, value: Any) -> None:
+        setattr(self.rpn, name, value)
+
+    return property(get, set_, doc=doc)
 
 
 class TorchvisionRPN(nn.Module):
@@ -115,7 +145,14 @@ class TorchvisionRPN(nn.Module):
     In training mode ``targets`` are required and the losses are returned as
     ``{"loss_objectness", "loss_rpn_box_reg"}``; in eval mode the losses are ``{}``, as in
     torchvision. Proposals use the network's train or test top-k settings accordingly.
+
+    torchvision's setting attributes are the wrapped network's (see the module docstring), so
+    code tuning ``detector.rpn`` as torchvision's RPN changes the proposals alike.
     """
+
+    nms_thresh = _forwarded("nms_thresh", "IoU above which NMS suppresses a proposal (the wrapped network's).")
+    score_thresh = _forwarded("score_thresh", "Lowest objectness probability kept (the wrapped network's).")
+    min_size = _forwarded("min_size", "Shortest box side kept, in pixels (the wrapped network's).")
 
     def __init__(self, rpn: RegionProposer) -> None:
         super().__init__()
@@ -126,9 +163,37 @@ class TorchvisionRPN(nn.Module):
             )
         self.rpn = rpn
 
+    @property
+    def _pre_nms_top_n(self) -> TopN:
+        """torchvision's name of the wrapped network's ``pre_nms_top_n`` (``["testing"]`` reads and
+        writes its test entry)."""
+        return self.rpn.pre_nms_top_n
+
+    @_pre_nms_top_n.setter
+    def _pre_nms_top_n(self, value: int | Mapping[str, int]) -> None:
+        self.rpn.pre_nms_top_n = _edited_top_n(self.rpn.pre_nms_top_n, value, "TorchvisionRPN._pre_nms_top_n")
+
+    @property
+    def _post_nms_top_n(self) -> TopN:
+        """torchvision's name of the wrapped network's ``post_nms_top_n`` (as ``_pre_nms_top_n``)."""
+        return self.rpn.post_nms_top_n
+
+    @_post_nms_top_n.setter
+    def _post_nms_top_n(self, value: int | Mapping[str, int]) -> None:
+        self.rpn.post_nms_top_n = _edited_top_n(self.rpn.post_nms_top_n, value, "TorchvisionRPN._post_nms_top_n")
+
+    def pre_nms_top_n(self) -> int:
+        """Candidates kept per image and level before NMS in the current mode, as torchvision's method."""
+        return self.rpn.pre_nms_top_n["train" if self.training else "test"]
+
+    def post_nms_top_n(self) -> int:
+        """Proposals kept per image in the current mode, as torchvision's method."""
+        return self.rpn.post_nms_top_n["train" if self.training else "test"]
+
     @classmethod
     def from_torchvision(cls, rpn: RegionProposalNetwork, strides: Sequence[int]) -> TorchvisionRPN:
-        """Same anchors, matcher, sampler, box coder, proposal settings and head weights as ``rpn``.
+        """Same anchors, matcher, sampler, box coder, proposal settings, head weights and
+        train / eval mode as ``rpn`` (so it fits a detector already in eval mode).
 
         ``strides``: the input pixels per feature cell of each level the backbone returns
         (e.g. ``(4, 8, 16, 32, 64)`` for torchvision's ResNet-FPN); see :meth:`from_detector`.
@@ -169,7 +234,7 @@ class TorchvisionRPN(nn.Module):
             smooth_l1_beta=1.0 / 9.0,
             box_loss="smooth_l1",
         )
-        return cls(ours)
+        return cls(ours).train(rpn.training)
 
     @classmethod
     def from_detector(cls, detector: GeneralizedRCNN, probe_size: int = 128) -> TorchvisionRPN:
@@ -190,9 +255,14 @@ class TorchvisionRPN(nn.Module):
         features: Mapping[str, Tensor],
         targets: Sequence[Mapping[str, Tensor]] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Proposal boxes per image ``[P, 4]`` (best first, no gradient) and the losses."""
+        """Proposal boxes per image ``[P, 4]`` (best first, no gradient, the features' dtype) and the losses."""
         if self.training and targets is None:
-            raise ValueError("TorchvisionRPN: targets are required in training mode (each with a 'boxes' entry)")
+            raise ValueError(
+                "TorchvisionRPN: targets are required in training mode (each with a 'boxes' entry), and this "
+                "one is in training mode: a detector in eval mode calls its rpn without targets, and a module "
+                "assigned to detector.rpn keeps its own mode, so call detector.eval() after replacing the RPN "
+                "(or pass targets to train)"
+            )
         feature_list = list(features.values())
         padded = images.tensors.shape[-2:]
         for level, (feature, stride) in enumerate(zip(feature_list, self.rpn.anchor_generator.strides)):
@@ -208,4 +278,6 @@ class TorchvisionRPN(nn.Module):
             images.image_sizes,
             targets=targets if self.training else None,
         )
-        return [boxes for boxes, _ in proposals], {_LOSS_KEYS[key]: value for key, value in losses.items()}
+        dtype = feature_list[0].dtype  # roi_align needs the features' dtype (float32 proposals fail a .double() model)
+        boxes = [image_proposals[0].to(dtype) for image_proposals in proposals]
+        return boxes, {_LOSS_KEYS[key]: value for key, value in losses.items()}

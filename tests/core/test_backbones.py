@@ -186,6 +186,10 @@ def test_check_backbone_names_the_missing_attribute() -> None:
         check_backbone("resnet18_fpn")  # type: ignore[arg-type]
 
 
+def test_infer_strides_probes_a_float64_backbone_in_its_dtype() -> None:
+    assert infer_strides(_TwoLevel().double()) == (8, 16)  # a float32 probe failed in the first conv
+
+
 def test_infer_strides_rejects_a_probe_smaller_than_the_stride() -> None:
     with pytest.raises(ValueError, match="level 1 .* one integer stride"):
         infer_strides(_TwoLevel(), size=24)

@@ -3,7 +3,9 @@ RPN or a CascadeRPN inside."""
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -236,3 +238,100 @@ def test_faster_rcnn_with_a_cascade_trains_and_detects() -> None:
     with torch.no_grad():
         detections = model(_images())
     assert len(detections) == 2 and all(set(d) == {"boxes", "labels", "scores"} for d in detections)
+
+
+def test_a_float64_detector_runs_with_the_adapter_and_gets_torchvision_s_proposal_dtype() -> None:
+    """roi_align needs proposals in the features' dtype: our float32 proposals failed a ``.double()`` detector."""
+    torch.manual_seed(0)
+    model = _detector().eval()
+    tv_rpn = model.rpn
+    model.rpn = TorchvisionRPN.from_detector(model)
+    model.double()
+    tv_rpn.double()
+    images = [image.double() for image in _images()]
+    with torch.no_grad():
+        image_list, _ = model.transform(images)
+        features = model.backbone(image_list.tensors)
+        theirs, _ = tv_rpn(image_list, features)
+        ours, _ = model.rpn(image_list, features)
+        from_float64 = TorchvisionRPN.from_torchvision(tv_rpn, strides=(4, 8, 16, 32, 64))  # head stays float64
+        copied, _ = from_float64(image_list, features)
+        detections = model(images)
+    assert [b.dtype for b in ours] == [b.dtype for b in copied] == [b.dtype for b in theirs] == [torch.float64] * 2
+    assert [b.shape for b in ours] == [b.shape for b in copied] == [b.shape for b in theirs]
+    assert len(detections) == 2 and all(d["boxes"].dtype == torch.float64 for d in detections)
+
+
+def test_proposals_under_bf16_autocast_have_torchvision_s_dtype(detector_and_features) -> None:
+    model, image_list, _, _ = detector_and_features
+    adapter = TorchvisionRPN.from_detector(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(image_list.tensors)
+        theirs, _ = model.rpn(image_list, features)
+        ours, _ = adapter(image_list, features)
+    assert [b.dtype for b in ours] == [b.dtype for b in theirs] == [torch.bfloat16] * 2
+
+
+def test_the_adapter_starts_in_the_mode_of_the_rpn_it_replaces(detector_and_features) -> None:
+    """A detector put in eval mode before the drop-in detects (the new module started in train mode)."""
+    model = copy.deepcopy(detector_and_features[0])  # eval mode
+    model.rpn = TorchvisionRPN.from_detector(model)
+    assert not model.rpn.training
+    with torch.no_grad():
+        detections = model(_images())
+    assert len(detections) == 2
+    model.rpn.train()  # as a module of one's own assigned to an eval-mode detector
+    with torch.no_grad(), pytest.raises(ValueError, match=r"targets are required in training mode.*detector\.eval\(\)"):
+        model(_images())
+    tv_rpn = detector_and_features[0].rpn
+    tv_rpn.train()
+    try:
+        assert TorchvisionRPN.from_torchvision(tv_rpn, strides=(4, 8, 16, 32, 64)).training
+    finally:
+        tv_rpn.eval()
+
+
+_TORCHVISION_EDITS: dict[str, Callable[[torch.nn.Module], None]] = {
+    "_post_nms_top_n": lambda rpn: setattr(rpn, "_post_nms_top_n", {"training": 2000, "testing": 5}),
+    "_post_nms_top_n testing only": lambda rpn: setattr(rpn, "_post_nms_top_n", {"testing": 5}),
+    "_post_nms_top_n entry": lambda rpn: rpn._post_nms_top_n.__setitem__("testing", 7),
+    "_pre_nms_top_n": lambda rpn: setattr(rpn, "_pre_nms_top_n", {"training": 2000, "testing": 2}),
+    "_pre_nms_top_n entry": lambda rpn: rpn._pre_nms_top_n.__setitem__("testing", 3),
+    "nms_thresh": lambda rpn: setattr(rpn, "nms_thresh", 0.2),
+    "score_thresh": lambda rpn: setattr(rpn, "score_thresh", 0.5),
+    "min_size": lambda rpn: setattr(rpn, "min_size", 20.0),
+}
+
+
+@pytest.mark.parametrize("edit", list(_TORCHVISION_EDITS))
+def test_torchvision_style_tuning_changes_the_proposals_alike(detector_and_features, edit: str) -> None:
+    """Set on ``detector.rpn`` as on torchvision's RPN, a setting reaches the wrapped network (it
+    was set on the wrapper and ignored)."""
+    model, image_list, _, features = detector_and_features
+    tv_rpn = copy.deepcopy(model.rpn)
+    adapter = TorchvisionRPN.from_torchvision(tv_rpn, strides=(4, 8, 16, 32, 64))
+    with torch.no_grad():
+        before, _ = adapter(image_list, features)
+        _TORCHVISION_EDITS[edit](tv_rpn)
+        _TORCHVISION_EDITS[edit](adapter)
+        theirs, _ = tv_rpn(image_list, features)
+        ours, _ = adapter(image_list, features)
+    assert [b.shape[0] for b in ours] != [b.shape[0] for b in before]
+    assert [b.shape[0] for b in ours] == [b.shape[0] for b in theirs]
+    assert all(torch.equal(b, tv_b) for b, tv_b in zip(ours, theirs))
+    assert (adapter.pre_nms_top_n(), adapter.post_nms_top_n()) == (tv_rpn.pre_nms_top_n(), tv_rpn.post_nms_top_n())
+    adapter.train()  # the training entries are kept ({"testing": 5} drops torchvision's)
+    assert (adapter.pre_nms_top_n(), adapter.post_nms_top_n()) == (2000, 2000)
+    assert (adapter.nms_thresh, adapter.score_thresh, adapter.min_size) == (
+        tv_rpn.nms_thresh, tv_rpn.score_thresh, tv_rpn.min_size)
+
+
+def test_torchvision_style_top_n_edits_are_checked(detector_and_features) -> None:
+    adapter = TorchvisionRPN.from_torchvision(detector_and_features[0].rpn, strides=(4, 8, 16, 32, 64))
+    with pytest.raises(ValueError, match=r"TorchvisionRPN._post_nms_top_n\['test_n'\]"):
+        adapter._post_nms_top_n = {"test_n": 5}
+    with pytest.raises(ValueError, match="TorchvisionRPN._pre_nms_top_n must be a positive int"):
+        adapter._pre_nms_top_n = 0
+    adapter._pre_nms_top_n = 300  # an int: both modes
+    assert adapter.rpn.pre_nms_top_n == {"train": 300, "test": 300}
+    assert adapter.rpn.post_nms_top_n == {"train": 2000, "test": 1000}
