@@ -15,9 +15,11 @@ They read what the LightningModule exposes (``RPNModule`` does; a user's module 
   last fit's), which date the recall curves, images and file names of an evaluation outside
   ``fit`` (without it, the trainer's counters do);
 * ``validation_step`` / ``test_step`` return ``{"proposals": [(boxes [P, 4], scores [P]), ...]}``
-  in the batch's (resized, unpadded) image pixels, best first, on a batch with the
-  ``RPNBatch`` fields ``images`` (uint8 ``[B, 3, H, W]``), ``image_sizes``, ``image_ids`` and
-  ``gt_boxes``.
+  in the batch's (resized, unpadded) image pixels, best first, on a batch that is an
+  ``RPNBatch`` (``images`` uint8 ``[B, 3, H, W]``, ``image_sizes``, ``image_ids``, ``gt_boxes``),
+  a mapping with those field names, or a torchvision-style ``(images, targets)`` pair (float
+  images in 0..1, targets with ``"boxes"``); ``ProposalImages`` skips any other batch with one
+  warning.
 
 Everything happens on global rank 0 only and never during the sanity check. Where things go,
 per logger: ``WandbLogger`` gets W&B line plots and ``wandb.Image`` s with box overlays,

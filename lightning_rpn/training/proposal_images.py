@@ -3,14 +3,16 @@
 Shapes: ``B`` images of a batch, ``G`` gt boxes and ``P`` proposals of an image.
 
 The callback reads what the evaluation step returns (``{"proposals": [(boxes [P, 4], scores
-[P]), ...]}``) and the batch (see :mod:`~lightning_rpn.training.callbacks`); where it writes is
-:mod:`~lightning_rpn.training.log_targets`.
+[P]), ...]}``) and the batch: an ``RPNBatch``, a mapping with its field names, or a
+torchvision-style ``(images, targets)`` pair (see :mod:`~lightning_rpn.training.callbacks`);
+uint8 images are drawn as they are, float ones as 0..1 values. Any other batch is skipped with one
+warning. Where it writes is :mod:`~lightning_rpn.training.log_targets`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,80 @@ class _Sample:
 
 
 def _to_uint8(image: Tensor) -> Tensor:
+    """uint8 as it is; float images are read as 0..1 values (torchvision's convention)."""
     if image.dtype == torch.uint8:
         return image
     return (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@dataclass
+class _BatchImages:
+    """What the callback draws of a batch, per image: the image cropped to its size ``[C, H, W]``,
+    its gt boxes ``[G, 4]`` and its id (``None``: the batch names none)."""
+
+    images: list[Tensor]
+    gt_boxes: list[Tensor]
+    image_ids: list[Any]
+
+
+_BATCH_FIELDS = (
+    "an RPNBatch, or a mapping with its fields 'images' ([B, C, H, W] or a list of [C, H, W]), "
+    "'gt_boxes' (a list of [G, 4]) and optionally 'image_sizes' and 'image_ids', or a "
+    "torchvision-style (images, targets) pair whose targets are dicts with 'boxes' (and 'image_id')"
+)
+
+
+def _is_images(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.ndim == 4
+    return isinstance(value, Sequence) and all(isinstance(v, Tensor) and v.ndim == 3 for v in value)
+
+
+def _is_boxes(value: Any) -> bool:
+    return isinstance(value, Sequence) and all(isinstance(v, Tensor) and v.ndim == 2 for v in value)
+
+
+def _image_id(value: Any) -> Any:
+    """An id as a file name shows it: a one-element tensor (torchvision targets) as its number."""
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
+def _fields_batch(batch: Any) -> _BatchImages | None:
+    """An ``RPNBatch`` or a mapping with its field names (``None``: not one)."""
+    get = batch.get if isinstance(batch, Mapping) else lambda name: getattr(batch, name, None)
+    images, gt_boxes, sizes, ids = get("images"), get("gt_boxes"), get("image_sizes"), get("image_ids")
+    if not (_is_images(images) and _is_boxes(gt_boxes)):
+        return None
+    sizes = [tuple(image.shape[-2:]) for image in images] if sizes is None else sizes
+    ids = [None] * len(images) if ids is None else ids
+    if not len(images) == len(gt_boxes) == len(sizes) == len(ids):
+        return None
+    return _BatchImages(
+        [image[:, : int(h), : int(w)] for image, (h, w) in zip(images, sizes, strict=True)],
+        list(gt_boxes),
+        [_image_id(i) for i in ids],
+    )
+
+
+def _torchvision_batch(batch: Any) -> _BatchImages | None:
+    """A torchvision-style ``(images, targets)`` pair (``None``: not one)."""
+    if not (isinstance(batch, Sequence) and len(batch) == 2 and _is_images(batch[0])):
+        return None
+    images, targets = batch
+    if not (
+        isinstance(targets, Sequence)
+        and len(targets) == len(images)
+        and all(isinstance(t, Mapping) and isinstance(t.get("boxes"), Tensor) for t in targets)
+    ):
+        return None
+    return _BatchImages(
+        list(images), [t["boxes"] for t in targets], [_image_id(t.get("image_id")) for t in targets]
+    )
+
+
+def _batch_images(batch: Any) -> _BatchImages | None:
+    """The images, gt boxes and ids of ``batch`` (see ``_BATCH_FIELDS``); ``None`` for any other batch."""
+    return _fields_batch(batch) or _torchvision_batch(batch)
 
 
 class ProposalImages(Callback):
@@ -86,6 +159,7 @@ class ProposalImages(Callback):
         self.top_k = top_k
         self._samples: list[_Sample] = []
         self._announced: set[Path] = set()
+        self._warned: set[str] = set()
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._samples = []
@@ -97,24 +171,38 @@ class ProposalImages(Callback):
             return
         proposals = outputs.get("proposals") if isinstance(outputs, Mapping) else None
         if proposals is None:
-            rank_zero_warn(
+            self._warn_once(
                 "ProposalImages: the evaluation step must return {'proposals': [(boxes, scores)]};"
-                f" got {type(outputs).__name__}"
+                f" got {type(outputs).__name__}; no images are drawn"
             )
             return
-        for i, (boxes, scores) in enumerate(proposals):
+        fields = _batch_images(batch)
+        if fields is None:
+            self._warn_once(
+                f"ProposalImages: cannot read the images and gt boxes of a {type(batch).__name__} batch; "
+                f"it needs {_BATCH_FIELDS}. No images are drawn"
+            )
+            return
+        for image, gt_boxes, image_id, (boxes, scores) in zip(
+            fields.images, fields.gt_boxes, fields.image_ids, proposals
+        ):
             if len(self._samples) >= self.num_images:
                 break
-            height, width = batch.image_sizes[i]
             self._samples.append(
                 _Sample(
-                    image=_to_uint8(batch.images[i, :, :height, :width].detach().cpu()),
-                    gt_boxes=batch.gt_boxes[i].detach().float().cpu(),
+                    image=_to_uint8(image.detach().cpu()),
+                    gt_boxes=gt_boxes.detach().float().cpu(),
                     boxes=boxes[: self.top_k].detach().float().cpu(),
                     scores=scores[: self.top_k].detach().float().cpu(),
-                    image_id=batch.image_ids[i],
+                    image_id=len(self._samples) if image_id is None else image_id,
                 )
             )
+
+    def _warn_once(self, message: str) -> None:
+        """Warn about a batch or step the callback cannot read once, not at every batch."""
+        if message not in self._warned:
+            self._warned.add(message)
+            rank_zero_warn(message)
 
     def on_validation_batch_end(
         self,
@@ -162,11 +250,13 @@ class ProposalImages(Callback):
 
     @staticmethod
     def _draw(s: _Sample) -> Tensor:
-        """uint8 [3, H, W] with proposals in red (labelled with objectness), gt in green on top."""
-        image = draw_bounding_boxes(
-            s.image, s.boxes, labels=[f"{v:.2f}" for v in s.scores.tolist()], colors=PROPOSAL_COLOR
-        )
-        return draw_bounding_boxes(image, s.gt_boxes, colors=GT_COLOR, width=2)
+        """uint8 [3, H, W] with proposals in red (labelled with objectness), gt in green on top
+        (an image without either is drawn without them: torchvision would warn at each)."""
+        image = s.image.expand(3, -1, -1) if s.image.shape[0] == 1 else s.image  # grey, as torchvision
+        if len(s.boxes):
+            labels = [f"{v:.2f}" for v in s.scores.tolist()]
+            image = draw_bounding_boxes(image, s.boxes, labels=labels, colors=PROPOSAL_COLOR)
+        return draw_bounding_boxes(image, s.gt_boxes, colors=GT_COLOR, width=2) if len(s.gt_boxes) else image
 
     @staticmethod
     def _log_wandb(logger: WandbLogger, samples: list[_Sample], stage: str, step: int) -> None:
