@@ -8,7 +8,9 @@ issue 19617 is of the same family). Without ``max_steps`` it starts the next epo
 ``last.ckpt`` the configs write at the end of an epoch has that state, and the README's way of
 extending a run by steps sets ``max_steps``. :func:`finish_saved_epoch` writes the loop state
 of such a checkpoint as Lightning's own state between two epochs, which resumes the same way
-with and without ``max_steps``.
+with and without ``max_steps``; one saved in the epoch's last validation (a monitored
+``ModelCheckpoint``, ``check_val_every_n_epoch`` above 1) also gets the loggers' step that
+Lightning would count after it, or every metric of the resumed run is logged one step early.
 
 A ``fit`` stopped by ``max_steps`` inside an epoch counts that epoch as processed before the
 epoch-end and end-of-fit saves (``last.ckpt``), so such a checkpoint resumed at the next epoch
@@ -27,13 +29,20 @@ __all__ = ["finish_saved_epoch", "reopen_stopped_epoch"]
 def finish_saved_epoch(checkpoint: dict[str, Any]) -> bool:
     """When ``checkpoint`` was saved after the last batch of an epoch (at its validation, at the
     epoch's end or at the end of fit), mark that epoch finished and the next one not begun, in
-    place; whether it did. Called before Lightning restores its loops from the checkpoint."""
+    place, with the loggers' step past that batch; whether it did. Called before Lightning
+    restores its loops from the checkpoint."""
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if not loop or "epoch_progress" not in loop or "epoch_loop.batch_progress" not in loop:
         return False
     batches = loop["epoch_loop.batch_progress"]
     if not batches.get("is_last_batch") or batches["current"]["completed"] != batches["current"]["ready"]:
         return False  # saved inside an epoch: Lightning resumes those itself
+    epoch = loop["epoch_progress"]["current"]
+    stepped = loop.get("epoch_loop.state_dict", {})
+    if epoch["processed"] < epoch["started"] and "_batches_that_stepped" in stepped:
+        # saved in the last batch's validation, before the loggers' step counted that batch:
+        # Lightning adds it back only when it resumes inside the epoch
+        stepped["_batches_that_stepped"] += 1
     for counts in loop["epoch_progress"].values():
         counts.update({"processed": counts["started"], "completed": counts["started"]})
     batches["current"] = {key: 0 for key in batches["current"]}

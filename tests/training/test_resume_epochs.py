@@ -137,3 +137,40 @@ def test_a_fit_stopped_inside_an_epoch_resumes_with_the_epochs_next_batch(
     trainer.fit(_model(), *loaders, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     rest_of_epoch_1 = [(1, batch) for batch in range(max_steps - 4, 4)]
     assert recorder.batches == [*rest_of_epoch_1, (2, 0), (2, 1), (2, 2), (2, 3)] and trainer.global_step == 12
+
+
+class LoggedSteps(pl.Callback):
+    """The step loggers are given for each training batch (Lightning's ``_batches_that_stepped``)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+@pytest.mark.parametrize("saved", ["at validation", "at epoch end", "end of fit"])
+def test_a_run_resumed_at_an_epoch_end_logs_at_the_next_step(tmp_path: Path, saved: str) -> None:
+    # a checkpoint saved in the epoch's last validation holds the logger step before that batch's
+    # count: resumed between epochs it logged every later metric one step early (step 3 twice,
+    # Lightning corrects it only for a resume inside an epoch)
+    checkpoint = {
+        # as with check_val_every_n_epoch > 1 (scenes.yaml), or a monitored metric
+        "at validation": ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True,
+                                         save_on_train_epoch_end=False),
+        "at epoch end": ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True,
+                                        save_on_train_epoch_end=True),
+        "end of fit": LastCheckpoint(dirpath=tmp_path / "checkpoints", every_n_epochs=10),
+    }[saved]
+    first = LoggedSteps()
+    model = _model()
+    batches = training_batches(model)[:2]
+    quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint, first],
+                  limit_val_batches=1).fit(model, DataLoader(batches, batch_size=None),
+                                           DataLoader(batches[:1], batch_size=None))
+    resumed = LoggedSteps()
+    model = _model()
+    quiet_trainer(tmp_path, max_epochs=3, callbacks=[resumed], limit_val_batches=0).fit(
+        model, DataLoader(training_batches(model)[:2], batch_size=None),
+        ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert first.steps == [0, 1, 2, 3] and resumed.steps == [4, 5]
