@@ -6,7 +6,7 @@ only in ``fit``: ``validate`` / ``test`` / ``predict --ckpt_path P`` in a new pr
 training, and a recall table, a recall-curve row or a W&B point would say step 0.
 :class:`TrainedCounters` are what a module keeps instead (a loaded checkpoint's counters, or its
 fit's at the end); :func:`evaluated_counters` gives the running evaluation's epoch and step;
-:func:`logged_at_step` makes Lightning's own metric logging use that step.
+:func:`logged_as` makes Lightning's own metric logging use that epoch and step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 
-__all__ = ["TrainedCounters", "counters_in_use", "evaluated_counters", "logged_at_step"]
+__all__ = ["TrainedCounters", "counters_in_use", "evaluated_counters", "logged_as"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,14 @@ class TrainedCounters:
 
     @classmethod
     def of_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainedCounters:
-        return cls(int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+        """The checkpoint's counters, its epoch as the index of the epoch that trained the last
+        batch, as the fit's own validations name it: a save after every begun epoch ended (the
+        end of a fit at an epoch's end) holds Lightning's count of finished epochs, one more."""
+        epoch, step = int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        if step > 0 and epoch > 0 and progress.get("started") == progress.get("completed") == epoch:
+            epoch -= 1
+        return cls(epoch, step)
 
     @classmethod
     def of_trainer(cls, trainer: pl.Trainer) -> TrainedCounters:
@@ -64,18 +71,21 @@ def evaluated_counters(trainer: pl.Trainer) -> tuple[int, int]:
 
 
 @contextmanager
-def logged_at_step(trainer: pl.Trainer, step: int) -> Iterator[None]:
-    """Within the block, Lightning logs metrics at ``step``: its logger connector dates them by
-    the fit loop's count of optimiser steps (``_batches_that_stepped``), which only ``fit``
-    restores from a checkpoint. The count is put back afterwards, so a later ``fit`` with the
-    same trainer logs where it would have."""
+def logged_as(trainer: pl.Trainer, counters: TrainedCounters) -> Iterator[None]:
+    """Within the block, Lightning logs metrics at ``counters``' step and epoch: its logger
+    connector dates them by the fit loop's count of optimiser steps (``_batches_that_stepped``)
+    and by ``trainer.current_epoch`` (the logged ``epoch``), which only ``fit`` restores from a
+    checkpoint. Both are put back afterwards, so a later ``fit`` with the same trainer logs where
+    it would have."""
     loop = trainer.fit_loop.epoch_loop
     before = getattr(loop, "_batches_that_stepped", None)
     if before is None:  # a Lightning without this counter: leave its logging as it is
         yield
         return
-    loop._batches_that_stepped = step
+    epochs = trainer.fit_loop.epoch_progress.current
+    epoch_before = epochs.completed
+    loop._batches_that_stepped, epochs.completed = counters.step, counters.epoch
     try:
         yield
     finally:
-        loop._batches_that_stepped = before
+        loop._batches_that_stepped, epochs.completed = before, epoch_before

@@ -79,7 +79,7 @@ from lightning_rpn.training.checkpoint_agreement import (
     check_resume_agrees,
 )
 from lightning_rpn.training.evaluated_weights import (
-    TrainedCounters, counters_in_use, evaluated_counters, logged_at_step,
+    TrainedCounters, counters_in_use, evaluated_counters, logged_as,
 )
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
@@ -704,13 +704,15 @@ class RPNModule(pl.LightningModule):
 
     def _start_evaluation(self) -> None:
         """Count from zero, whatever an evaluation that failed or was interrupted left in
-        ``val_recall`` or open; log at the weights' step outside fit (:mod:`.evaluated_weights`)."""
+        ``val_recall`` or open; log at the weights' epoch and step outside fit
+        (:mod:`.evaluated_weights`; inside fit a checkpoint saved at this validation's end must
+        keep Lightning's own counts)."""
         self._check_one_dataloader()
         self._evaluation_dating.close()
         self.val_recall.reset()
         trained = counters_in_use(self.trainer, self.trained_counters)
         if trained is not None:
-            self._evaluation_dating.enter_context(logged_at_step(self.trainer, trained.step))
+            self._evaluation_dating.enter_context(logged_as(self.trainer, trained))
 
     def _end_evaluation(self) -> None:
         self._evaluation_dating.close()

@@ -25,7 +25,7 @@ from helpers.cli import TINY_CONFIG, assert_ok, run_cli
 from lightning_rpn.core.config import SettingError
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.evaluated_weights import (
-    TrainedCounters, counters_in_use, evaluated_counters, logged_at_step,
+    TrainedCounters, counters_in_use, evaluated_counters, logged_as,
 )
 from lightning_rpn.training.module import RPNModule
 
@@ -48,17 +48,17 @@ def test_trained_counters_date_evaluations_but_not_a_fit() -> None:
     assert evaluated_counters(trainer) == (1, 4)
 
 
-def test_logged_at_step_puts_the_trainers_count_back() -> None:
+def test_logged_as_puts_the_trainers_counts_back() -> None:
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     loop = trainer.fit_loop.epoch_loop
     loop._batches_that_stepped = 5
     try:
-        with logged_at_step(trainer, 40):
-            assert loop._batches_that_stepped == 40
+        with logged_as(trainer, TrainedCounters(3, 40)):
+            assert (trainer.current_epoch, loop._batches_that_stepped) == (3, 40)
             raise RuntimeError("an evaluation that fails")
     except RuntimeError:
         pass
-    assert loop._batches_that_stepped == 5
+    assert (trainer.current_epoch, loop._batches_that_stepped) == (0, 5)
 
 
 def _config(workdir: Path) -> None:
@@ -93,7 +93,7 @@ def test_validate_and_predict_of_a_checkpoint_name_its_step(tmp_path: Path) -> N
     # the logger's metrics: a new CSVLogger version for the validate, its rows at the checkpoint's step
     (metrics_csv,) = [p for p in (tmp_path / "run/lightning_logs").glob("version_*/metrics.csv")
                       if any(row.get("val/AR@100") for row in _rows(p)) and "train/loss" not in _rows(p)[0]]
-    assert {row["step"] for row in _rows(metrics_csv)} == {str(STEPS)}
+    assert {(row["epoch"], row["step"]) for row in _rows(metrics_csv)} == {(str(epoch), str(STEPS))}  # epoch was 0
     curve_rows = [row for path in (tmp_path / "run/lightning_logs").glob("version_*/recall_curves/val_recall_vs_iou.csv")
                   for row in _rows(path) if row["checkpoint"] == str(checkpoint.resolve())]
     assert curve_rows and {(row["epoch"], row["step"]) for row in curve_rows} == {(str(epoch), str(STEPS))}
@@ -206,3 +206,19 @@ def test_several_evaluation_dataloaders_are_refused_with_what_to_do(tmp_path: Pa
             run(_trainer(tmp_path, 1), model, dataloaders=loaders)
     _trainer(tmp_path, 1).validate(model, dataloaders=loaders[:1], verbose=False)  # one: as ever
     assert model.last_recall
+
+
+def test_weights_of_a_fit_ended_at_an_epoch_end_keep_that_epochs_index(tmp_path: Path) -> None:
+    # epochs 0 and 1, validated in epoch 1: the weights are epoch 1's everywhere, where Lightning's
+    # counter (and a checkpoint's "epoch" saved at the end of fit) has moved on to 2
+    model, data = _model_and_data()
+    fitting = _trainer(tmp_path, -1, max_epochs=2, limit_train_batches=2)
+    fitting.fit(model, datamodule=data)
+    assert (model.last_recall_epoch, model.last_recall_step) == (1, 4)
+    assert model.trained_counters == TrainedCounters(1, 4)
+    _trainer(tmp_path, 1).validate(model, datamodule=data, verbose=False)
+    assert (model.last_recall_epoch, model.last_recall_step) == (1, 4)
+    path = tmp_path / "end.ckpt"
+    fitting.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["epoch"] == 2
+    assert RPNModule.load_from_checkpoint(path).trained_counters == TrainedCounters(1, 4)
