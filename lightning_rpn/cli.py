@@ -61,9 +61,12 @@ from lightning_rpn.training.module import RESIZE_KEY, RPNModule
 from lightning_rpn.training.proposal_writer import ProposalWriter
 from lightning_rpn.training.run_files import (
     check_checkpoint_dirs,
-    check_checkpoint_file,
+    continued_folders,
     evaluation_checkpoint,
     newest_checkpoint,
+    read_checkpoint,
+    start_new_run_files,
+    warn_if_budget_reached,
     warn_if_last_waits_for_best,
     write_metrics_summary,
 )
@@ -314,6 +317,17 @@ def _trainer_setting_error(settings: Namespace, error: Exception) -> SettingErro
     )
 
 
+def _refused_by_loop_setup(error: BaseException) -> bool:
+    """Whether ``error`` was raised by a Lightning loop's own ``setup_data`` (where it checks trainer
+    settings against the data: ``val_check_interval`` above the batches of an epoch, a fractional
+    one with an iterable dataset), not by code it called, such as the data module's."""
+    frame, traceback = None, error.__traceback__
+    while traceback is not None:
+        frame, traceback = traceback.tb_frame, traceback.tb_next
+    return (frame is not None and frame.f_code.co_name == "setup_data"
+            and str(frame.f_globals.get("__name__", "")).startswith("lightning.pytorch.loops."))
+
+
 _MISSING_CALLBACKS_WARNING = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need"
 """The start of Lightning's warning that a loaded checkpoint holds states of callbacks the trainer lacks."""
 
@@ -365,11 +379,34 @@ class RPNLightningCLI(LightningCLI):
         checkpoint's, as Lightning builds it.
         """
         subcommand = self.config.get("subcommand")
+        if subcommand:
+            self._check_named_checkpoint(subcommand)
         if subcommand and not self.config[subcommand].get("config"):
             super()._parse_ckpt_path()
             if not any(arg.split("=")[0] in _RESIZE_ARGS or arg.startswith("--data=") or arg == "--data"
                        for arg in self._given_args):
                 self._resize_as_the_checkpoint_trained(self.config[subcommand])
+
+    def _check_named_checkpoint(self, subcommand: str) -> None:
+        """A ``--ckpt_path`` file that Lightning could not load (truncated, a bare ``state_dict``, an
+        exported program: :func:`~lightning_rpn.training.run_files.read_checkpoint`) is a
+        :class:`_Refusal` here, before Lightning reads its hyperparameters and before the model and
+        the data are built; a missing file
+        (:func:`~lightning_rpn.training.run_files.check_checkpoint_file`) and the keywords (``last``,
+        ``best``, ``hpc``) are found and checked in ``before_<command>``."""
+        try:
+            self._read_checkpoint(self.config[subcommand].get("ckpt_path"), subcommand)
+        except ValueError as error:
+            raise _Refusal(str(error)) from error
+
+    def _read_checkpoint(self, path: str | None, subcommand: str) -> dict[str, Any] | None:
+        """The checkpoint in the local file ``path``, mapped, not read
+        (:func:`~lightning_rpn.training.run_files.read_checkpoint`), loaded as the command will
+        (``--weights_only``, true unless given false); ``None`` for no file (none, a keyword left
+        to Lightning, a remote URL)."""
+        if path is None or str(path) in ("best", "last", "hpc") or not Path(str(path)).is_file():
+            return None
+        return read_checkpoint(str(path), subcommand, self.config[subcommand].get("weights_only") is not False)
 
     @staticmethod
     def _resize_as_the_checkpoint_trained(run: Namespace) -> None:
@@ -426,11 +463,11 @@ class RPNLightningCLI(LightningCLI):
     def _checkpoint_holds_the_weights(self) -> bool:
         """``validate`` / ``test`` / ``predict`` with a ``--ckpt_path`` (found on disk, or refused:
         :func:`~lightning_rpn.training.run_files.evaluation_checkpoint`), and ``fit`` resuming a
-        checkpoint file. Not ``fit --ckpt_path last``: with no last checkpoint yet, Lightning
-        starts afresh, from the pretrained weights."""
+        checkpoint file, ``best`` or ``hpc``. Not ``fit --ckpt_path last``: with no last checkpoint
+        yet, the run starts afresh, from the pretrained weights."""
         ckpt_path = self._run_config().get("ckpt_path")
-        if self.subcommand == "fit":
-            return ckpt_path is not None and Path(str(ckpt_path)).is_file()
+        if self.subcommand == "fit":  # best and hpc are found on disk or refused, as the evaluations' keywords
+            return ckpt_path in ("best", "hpc") or (ckpt_path is not None and Path(str(ckpt_path)).is_file())
         return self.subcommand in ("validate", "test", "predict") and bool(ckpt_path)
 
     def _run_config(self) -> Any:
@@ -475,43 +512,62 @@ class RPNLightningCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
-        """Never let a new run overwrite another run's checkpoints (see :func:`check_checkpoint_dirs`),
-        ready a W&B logger (:meth:`_prepare_wandb`) to go on logging to the run of a resumed
-        checkpoint (:func:`continue_wandb_run`), and say
-        when ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`).
+        """Find and check the checkpoint it resumes (:func:`evaluation_checkpoint`: ``best`` and ``hpc``
+        are found on disk, with a notice, or refused; :meth:`_read_checkpoint`), never let a new run
+        overwrite another run's checkpoints (:func:`check_checkpoint_dirs`: a fit from a checkpoint
+        that is not the latest of its run, such as ``best.ckpt``, is a new run,
+        :func:`start_new_run_files`), ready a W&B logger (:meth:`_prepare_wandb`) to go on logging
+        to the run of a continued checkpoint (:func:`continue_wandb_run`), and say when the
+        checkpoint has already reached the budget (:func:`warn_if_budget_reached`) and when
+        ``last.ckpt`` would lag behind (:func:`warn_if_last_waits_for_best`).
 
         Lightning's "Checkpoint directory ... exists and is not empty" warning is left out: the
         folder holds either the run being resumed or files that stay, which the check names.
         """
+        section = self.config_init["fit"]
+        named = section.get("ckpt_path")
         try:
-            check_checkpoint_file(self.config["fit"].get("ckpt_path"), "fit")
-            check_checkpoint_dirs(self.trainer, self.config["fit"].get("ckpt_path"))
+            path = evaluation_checkpoint(self.trainer, named, "fit")
+            checkpoint = self._read_checkpoint(path, "fit")  # its callbacks' record and counters; mapped, not read
+            continued = set() if checkpoint is None else continued_folders(self.trainer, checkpoint, path)
+            if named in ("best", "hpc") and path != named:
+                _notice(f"--ckpt_path {named} is {path}")
+            if checkpoint is not None and not continued:
+                _notice(f"fit from {path}, which is not the latest checkpoint of the run that saved it (its "
+                        "last*.ckpt): a new run from these weights and training state, whose checkpoints do not "
+                        "replace that run's")
+            check_checkpoint_dirs(self.trainer, continued)
         except ValueError as error:  # no such checkpoint, a folder it may not overwrite or cannot write: one line
             raise _Refusal(str(error)) from error
-        self._say_when_last_starts_afresh()
+        section["ckpt_path"] = path
+        if checkpoint is not None and not continued:
+            start_new_run_files(self.trainer)
+        self._say_when_last_starts_afresh(path)
         self._prepare_wandb()
-        run_id = continue_wandb_run(self.trainer, self.config["fit"].get("ckpt_path"))
+        run_id = continue_wandb_run(self.trainer, path) if continued else None
         if run_id is not None:
             _notice(f"the checkpoint was logged to W&B run {run_id}: this run goes on logging there "
                     "(--trainer.logger.init_args.id names another)")
+        if checkpoint is not None:
+            warn_if_budget_reached(self.trainer, checkpoint, path)
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         warn_if_last_waits_for_best(self.trainer)
 
-    def _say_when_last_starts_afresh(self) -> None:
-        """``fit --ckpt_path last`` with no ``last*.ckpt`` yet starts from the beginning (the README's
-        way to run a job that may or may not resume): one line saying so, instead of Lightning's
-        warning whose hint (``save_last=True`` on a monitored checkpoint) is the layout that loses
-        ``last.ckpt`` (:func:`~lightning_rpn.training.run_files.warn_if_last_waits_for_best`)."""
-        if self.config["fit"].get("ckpt_path") != "last":
+    def _say_when_last_starts_afresh(self, resolved: str | None) -> None:
+        """``fit --ckpt_path last`` with no ``last*.ckpt`` yet (``resolved`` is still ``"last"``) starts
+        from the beginning (the README's way to run a job that may or may not resume): one line
+        saying so, instead of Lightning's warning whose hint (``save_last=True`` on a monitored
+        checkpoint) is the layout that loses ``last.ckpt``
+        (:func:`~lightning_rpn.training.run_files.warn_if_last_waits_for_best`)."""
+        if resolved != "last":
             return
         try:
-            folders, found = newest_checkpoint(self.trainer, "last", "lightning-rpn fit")
+            folders, _ = newest_checkpoint(self.trainer, "last", "lightning-rpn fit")
         except ValueError:  # no checkpoint folder in the config: Lightning's own resolution and warning
             return
-        if found is None:
-            warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
-            _notice(f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, folders))} yet, so this run "
-                    "starts from the beginning")
+        warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available")
+        _notice(f"--ckpt_path last: no last*.ckpt in {', '.join(map(str, folders))} yet, so this run "
+                "starts from the beginning")
 
     def after_fit(self) -> None:
         self._validate_final_weights()
@@ -570,12 +626,16 @@ class RPNLightningCLI(LightningCLI):
                        f"set one in its data section or pass {fix}")
 
     def _resolve_checkpoint_keyword(self) -> None:
-        """``--ckpt_path best`` / ``last`` of ``validate`` / ``test`` / ``predict`` found on disk, or
-        refused (:func:`~lightning_rpn.training.run_files.evaluation_checkpoint`: its ``ValueError``
-        names the keyword and the folders, a :class:`_Refusal`): never the recall of untrained weights."""
+        """``--ckpt_path best`` / ``last`` / ``hpc`` of ``validate`` / ``test`` / ``predict`` found on disk
+        and checked (:meth:`_read_checkpoint`), or refused
+        (:func:`~lightning_rpn.training.run_files.evaluation_checkpoint`: its ``ValueError`` names the
+        keyword and the folders, a :class:`_Refusal`): never the recall of untrained weights."""
         section = self.config_init[self.subcommand]
+        named = section.get("ckpt_path")
         try:
-            section["ckpt_path"] = evaluation_checkpoint(self.trainer, section.get("ckpt_path"), self.subcommand)
+            section["ckpt_path"] = evaluation_checkpoint(self.trainer, named, self.subcommand)
+            if section["ckpt_path"] != named:  # a named file was checked as the command line was parsed
+                self._read_checkpoint(section["ckpt_path"], self.subcommand)
         except ValueError as error:
             raise _Refusal(str(error)) from error
 
@@ -601,13 +661,23 @@ class RPNLightningCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """Run ``subcommand``; for ``validate`` / ``test`` / ``predict``, without Lightning's warning that
         the checkpoint's callbacks (``ModelCheckpoint``, ...) are missing: their states only matter to a
-        ``fit`` that resumes, which keeps the warning."""
-        if subcommand not in _EVALUATION_ROLES:
-            super()._run_subcommand(subcommand)
-            return
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_MISSING_CALLBACKS_WARNING)
-            super()._run_subcommand(subcommand)
+        ``fit`` that resumes, which keeps the warning. Trainer settings that a Lightning loop refuses
+        once it sees the data (:func:`_refused_by_loop_setup`: ``val_check_interval`` beyond an
+        epoch) are a :class:`SettingError`, as those refused while the trainer is built."""
+        try:
+            if subcommand not in _EVALUATION_ROLES:
+                super()._run_subcommand(subcommand)
+                return
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_MISSING_CALLBACKS_WARNING)
+                super()._run_subcommand(subcommand)
+        except _TRAINER_REFUSALS as error:
+            if not _refused_by_loop_setup(error):
+                raise
+            reason = " ".join(str(error).split())
+            raise SettingError(f"Lightning refused the trainer settings when {subcommand} set up its data: {reason} "
+                               "-- change the one at fault in the config's trainer section or with "
+                               "--trainer.NAME VALUE") from error
 
     def after_validate(self) -> None:
         self._write_summary("validate")

@@ -2,12 +2,17 @@
 
 A new ``fit`` never overwrites the checkpoints another run left in its folder, and finds out
 before training, not at its first save, that a folder cannot be written
-(:func:`check_checkpoint_dirs`), and is told when its ``last.ckpt`` would lag behind its end
-(:func:`warn_if_last_waits_for_best`); ``validate`` / ``test`` / ``predict`` write their final recall
+(:func:`check_checkpoint_dirs`); a ``fit`` from a checkpoint that is not the latest of its run
+(``best.ckpt``, a copy) is such a new run too (:func:`continued_folders`, :func:`start_new_run_files`).
+It is told when its ``last.ckpt`` would lag behind its end (:func:`warn_if_last_waits_for_best`)
+and when the checkpoint it resumes has already reached its budget (:func:`warn_if_budget_reached`).
+``validate`` / ``test`` / ``predict`` write their final recall
 and losses as JSON (:func:`write_metrics_summary`), named after the checkpoint as ``predict``'s
 proposal files are (:func:`checkpoint_stem`), and like them never replacing an earlier file
-(:func:`free_version`); a predict's summary lists its proposal files and takes their version;
-their ``--ckpt_path best`` / ``last`` is found on disk or refused (:func:`evaluation_checkpoint`).
+(:func:`free_version`); a predict's summary lists its proposal files and takes their version.
+Every command's ``--ckpt_path best`` / ``last`` / ``hpc`` is found on disk or refused
+(:func:`evaluation_checkpoint`), and a file that is no Lightning checkpoint is refused in one line
+naming what it is (:func:`read_checkpoint`).
 The resolved config, the third file a run leaves, is saved by the CLI's own
 ``ResolvedConfigCallback`` (:mod:`lightning_rpn.cli`).
 """
@@ -15,33 +20,42 @@ The resolved config, the third file a run leaves, is saved by the CLI's own
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Collection, Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+
+from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 
 __all__ = [
-    "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "evaluation_checkpoint", "free_version",
-    "metrics_summary_path", "newest_checkpoint", "versioned", "warn_if_last_waits_for_best", "write_metrics_summary",
+    "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders", "evaluation_checkpoint",
+    "free_version", "metrics_summary_path", "newest_checkpoint", "read_checkpoint", "start_new_run_files",
+    "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
 
-def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+def check_checkpoint_dirs(trainer: pl.Trainer, continued: Collection[Path] = ()) -> None:
     """Keep a new ``fit`` from overwriting the checkpoints another run left in its folder.
 
     The configs fix each ``ModelCheckpoint.dirpath``, so a second run of the same config finds
-    the first run's files there. Unless it resumes from that folder (``--ckpt_path last``, or a
-    file in the folder), Lightning's version counter gives the new run's files a ``-v1``,
-    ``-v2``, ... suffix, which is announced once a folder; with ``enable_version_counter: false``
-    on any of the folder's callbacks they would replace the earlier ones, which is a
-    ``ValueError`` naming the folder and files. Each local folder is also created and written
-    to here (:func:`_check_writable`), so that one that cannot be is a ``ValueError`` before
-    training rather than an ``OSError`` at the first save, after a whole epoch.
+    the first run's files there. Unless the fit continues the run that wrote a folder
+    (``continued``: :func:`continued_folders` of the checkpoint it resumes), Lightning's version
+    counter gives the new run's files a ``-v1``, ``-v2``, ... suffix, which is announced once a
+    folder; with ``enable_version_counter: false`` on any of the folder's callbacks they would
+    replace the earlier ones, which is a ``ValueError`` naming the folder and files. Each local
+    folder is also created and written to here (:func:`_check_writable`), so that one that
+    cannot be is a ``ValueError`` before training rather than an ``OSError`` at the first save,
+    after a whole epoch.
     """
     callbacks_by_folder: dict[Path, list[ModelCheckpoint]] = {}
     for callback in trainer.checkpoint_callbacks:
@@ -51,11 +65,7 @@ def check_checkpoint_dirs(trainer: pl.Trainer, ckpt_path: str | None) -> None:
     for folder, callbacks in callbacks_by_folder.items():
         _check_writable(folder, callbacks)
         earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-        if ckpt_path == "last":
-            resumes_here = any(name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) for name in earlier)
-        else:
-            resumes_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == folder.resolve()
-        if resumes_here or not earlier:
+        if Path(os.path.realpath(folder)) in {Path(os.path.realpath(path)) for path in continued} or not earlier:
             continue
         # the constructor argument enable_version_counter (ModelCheckpoint has no public getter)
         if not all(getattr(callback, "_enable_version_counter", True) for callback in callbacks):
@@ -100,6 +110,69 @@ def _check_writable(folder: Path, callbacks: Sequence[ModelCheckpoint]) -> None:
         ) from error
 
 
+_HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+"""Lightning's saves when SLURM requeues a job, in ``trainer.default_root_dir``; ``--ckpt_path hpc``
+takes the highest number."""
+
+
+def continued_folders(trainer: pl.Trainer, checkpoint: Mapping[str, Any], path: str | Path) -> set[Path]:
+    """The checkpoint folders whose run a ``fit`` from the file ``path`` (holding ``checkpoint``)
+    continues: its own folder and those of the checkpoint callbacks that saved it, when ``path`` is
+    the latest file of that run; else none.
+
+    The latest file is the one a callback of the run wrote as its newest weights
+    (``LastCheckpoint``'s ``last.ckpt``, a ``save_last`` file, a callback without ``monitor``'s
+    newest file), as the callback states in ``checkpoint`` record it, under that name in one of
+    ``trainer``'s checkpoint folders (the run's folder may have been moved or copied since), or
+    one of Lightning's SLURM requeue saves (``hpc_ckpt_N.ckpt``). Lightning restores those records
+    from any checkpoint it resumes, so a fit from ``best.ckpt``, an older file or a copy elsewhere
+    would write on into that run's ``last.ckpt`` and ``best.ckpt``, replacing newer weights: such
+    a fit starts a new run (:func:`start_new_run_files`) whose files get a version suffix.
+    """
+    states = [state for state in (checkpoint.get("callbacks") or {}).values()
+              if isinstance(state, Mapping) and state.get("dirpath")]
+    latest = {Path(state[key]).name for state in states for key in ("last_model_path", "best_model_path")
+              if state.get(key) and (key == "last_model_path" or state.get("monitor") is None)}
+    folder = Path(os.path.realpath(Path(path).parent))
+    in_a_checkpoint_folder = folder in {Path(os.path.realpath(c.dirpath)) for c in _checkpoints_with_folder(trainer)}
+    if not (in_a_checkpoint_folder and Path(path).name in latest) and not _HPC_CHECKPOINT.fullmatch(Path(path).name):
+        return set()
+    return {folder, *(Path(os.path.realpath(state["dirpath"])) for state in states)}
+
+
+def start_new_run_files(trainer: pl.Trainer) -> None:
+    """Make a ``fit`` that resumes a checkpoint without continuing its run (:func:`continued_folders`)
+    name its checkpoint files as a new run does, leaving that run's files alone.
+
+    Lightning restores the checkpoint callbacks' record of the resumed run's files (best and last
+    paths, best scores) with the rest of the state, and they would then save over those files;
+    here they forget it again once restored. Weights, optimiser and loop state are resumed as
+    usual; the new run's best is the best of its own validations.
+    """
+    callbacks = [callback for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+    trainer.callbacks.append(_ForgetRestoredFiles(callbacks))
+
+
+class _ForgetRestoredFiles(Callback):
+    """Puts checkpoint callbacks' file record (``state_dict``) back as it was before the fit, after
+    Lightning restored it from the checkpoint: at ``on_fit_start``, which follows the restore, and
+    again at ``on_train_start`` for strategies that restore after their setup (DeepSpeed); no
+    checkpoint is saved in between."""
+
+    def __init__(self, callbacks: Sequence[ModelCheckpoint]) -> None:
+        self._fresh = [(callback, deepcopy(callback.state_dict())) for callback in callbacks]
+
+    def _forget(self) -> None:
+        for callback, state in self._fresh:
+            callback.load_state_dict(deepcopy(state))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forget()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._forget()
+
+
 def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
     """Say when ``last.ckpt`` would wait for a new best.
 
@@ -125,6 +198,51 @@ def warn_if_last_waits_for_best(trainer: pl.Trainer) -> None:
             )
 
 
+def warn_if_budget_reached(trainer: pl.Trainer, checkpoint: Mapping[str, Any], path: str) -> None:
+    """Say before training when the checkpoint ``path`` that ``fit`` resumes has already reached the
+    trainer's ``max_epochs`` or ``max_steps``.
+
+    Lightning then trains nothing, validates the weights again and says only, at the end, that
+    the limit was reached. Extending a config that sets ``max_epochs`` with ``--trainer.max_steps``
+    alone is such a run (Lightning stops at the first limit reached), and the line says which
+    limit to raise. The epochs are counted as the resumed fit counts them (a checkpoint saved at
+    an epoch's end has finished it: :mod:`~lightning_rpn.training.resume_state`).
+    """
+    epochs, steps = _trained(checkpoint)
+    limits = {"max_epochs": _epoch_limit(trainer), "max_steps": trainer.max_steps}
+    trained = {"max_epochs": epochs, "max_steps": steps}
+    reached = [name for name, limit in limits.items() if limit != -1 and trained[name] >= limit]
+    if not reached or not trainer.is_global_zero:
+        return
+    flags = " and ".join(f"--trainer.{name}" for name in reached)
+    others = [f"; {name}={limits[name]} is not" for name in limits if name not in reached and limits[name] != -1]
+    print(
+        f"lightning-rpn fit: {path} has already trained {epochs} epoch(s), {steps} step(s): "
+        f"{' and '.join(f'{name}={limits[name]}' for name in reached)} reached, so this fit trains nothing "
+        f"(it validates those weights and ends); to train on, raise {flags} (Lightning stops at the first "
+        f"limit reached{''.join(others)})",
+        file=sys.stderr,
+    )
+
+
+def _trained(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
+    """``(epochs, global steps)`` a checkpoint has trained, as a ``fit`` resuming it counts them."""
+    loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    saved = {"epoch": int(checkpoint.get("epoch", 0)), "global_step": int(checkpoint.get("global_step", 0)),
+             "loops": {"fit_loop": deepcopy(loop)} if loop else {}}
+    finish_saved_epoch(saved) or reopen_stopped_epoch(saved)
+    progress = saved["loops"].get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", saved["epoch"])), saved["global_step"]
+
+
+def _epoch_limit(trainer: pl.Trainer) -> int:
+    """The trainer's ``max_epochs`` with Lightning's defaults: 1000 without any limit, none (-1) with
+    only ``max_steps``."""
+    if trainer.max_epochs is not None:
+        return trainer.max_epochs
+    return 1000 if trainer.max_steps == -1 else -1
+
+
 _LIGHTNING_KEYWORDS = ("best", "last", "hpc", "registry")
 """``ckpt_path`` values Lightning resolves itself (``registry:...`` included), not file paths."""
 
@@ -145,25 +263,151 @@ def check_checkpoint_file(ckpt_path: str | Path | None, command: str) -> None:
 
 
 def evaluation_checkpoint(trainer: pl.Trainer, ckpt_path: str | None, command: str) -> str | None:
-    """The checkpoint a ``validate`` / ``test`` / ``predict`` in a new process loads for ``ckpt_path``.
+    """The checkpoint a command in a new process loads for ``ckpt_path`` (``fit`` included).
 
     Lightning resolves ``"best"`` from what its ``ModelCheckpoint`` remembers of a ``fit`` in the
     same process (nothing here: a ``ValueError`` that the callback "is not configured to save the
-    best model"), and ``"last"`` with no last checkpoint to no checkpoint at all, with a warning:
-    the command would then report the recall of untrained weights. Here either keyword is
-    :func:`newest_checkpoint`, and finding no file is a ``ValueError`` naming the folders. Paths
-    (:func:`check_checkpoint_file`: a missing one is a ``ValueError`` too) and ``None`` are
-    returned as given.
+    best model", though ``best.ckpt`` is on disk), and ``"last"`` with no last checkpoint to no
+    checkpoint at all, with a warning: ``validate`` would then report the recall of untrained
+    weights. Here either keyword is :func:`newest_checkpoint`, and ``"hpc"`` the newest of
+    Lightning's SLURM requeue saves in ``trainer.default_root_dir``, as Lightning finds it; finding
+    none is a ``ValueError`` naming where it looked, except for ``fit --ckpt_path last``, which
+    then starts afresh (``"last"`` is returned: the README's way to run a job that may or may not
+    resume; likewise when the config gives ``last`` no folder to look in). Paths
+    (:func:`check_checkpoint_file`: a missing one is a ``ValueError`` too) and ``None`` are returned
+    as given.
     """
+    if ckpt_path == "hpc":
+        return _hpc_checkpoint(trainer, command)
     if ckpt_path not in ("best", "last"):
         check_checkpoint_file(ckpt_path, command)
         return ckpt_path
-    folders, found = newest_checkpoint(trainer, ckpt_path, f"lightning-rpn {command}")
-    if found is None:
-        stem = ModelCheckpoint.CHECKPOINT_NAME_LAST if ckpt_path == "last" else _best_stem(trainer)
-        raise ValueError(f"lightning-rpn {command} --ckpt_path {ckpt_path}: no {stem}*.ckpt in "
-                         f"{', '.join(map(str, folders))}; train first (fit) or pass a checkpoint path")
-    return found
+    starts_afresh = command == "fit" and ckpt_path == "last"
+    try:
+        folders, found = newest_checkpoint(trainer, ckpt_path, f"lightning-rpn {command}")
+    except ValueError:
+        if starts_afresh:  # no checkpoint folder in the config: Lightning's own resolution and warning
+            return ckpt_path
+        raise
+    if found is not None or starts_afresh:
+        return found or ckpt_path
+    stem = ModelCheckpoint.CHECKPOINT_NAME_LAST if ckpt_path == "last" else _best_stem(trainer)
+    what_to_do = ("pass a checkpoint path (--ckpt_path last resumes the latest run)" if command == "fit"
+                  else "train first (fit) or pass a checkpoint path")
+    raise ValueError(f"lightning-rpn {command} --ckpt_path {ckpt_path}: no {stem}*.ckpt in "
+                     f"{', '.join(map(str, folders))}; {what_to_do}")
+
+
+def _hpc_checkpoint(trainer: pl.Trainer, command: str) -> str:
+    """``hpc_ckpt_N.ckpt`` with the highest ``N`` in ``trainer.default_root_dir`` (a remote folder:
+    ``"hpc"``, for Lightning to find), or a ``ValueError`` naming the folder."""
+    folder = Path(trainer.default_root_dir)
+    if "://" in str(trainer.default_root_dir):
+        return "hpc"
+    numbered = {int(match.group(1)): path for path in (folder.iterdir() if folder.is_dir() else [])
+                if (match := _HPC_CHECKPOINT.fullmatch(path.name))}
+    if not numbered:
+        raise ValueError(f"lightning-rpn {command} --ckpt_path hpc: no hpc_ckpt_*.ckpt (Lightning's saves when SLURM "
+                         f"requeues a job) in {folder}; pass a checkpoint path, or --ckpt_path last")
+    return str(numbered[max(numbered)])
+
+
+_ZIP_START = b"PK\x03\x04"
+"""The first bytes of a zip archive, as ``torch.save`` writes (and ``torch.export.save``)."""
+_PICKLE_START = b"\x80"
+"""The first byte of a pickle (protocol 2 and up): ``torch.save``'s format before the zip archive."""
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def read_checkpoint(path: str | Path, command: str, weights_only: bool = True) -> dict[str, Any]:
+    """The Lightning checkpoint in the local file ``path``, its tensors mapped from the file, not
+    read (``mmap``): cheap to look into before Lightning loads it, whatever its size.
+
+    A file Lightning could not load is a ``ValueError`` naming it and what it is, in one line,
+    where Lightning stops with a traceback after the model and the data were set up: empty,
+    truncated or corrupt (a save or copy that did not finish), no PyTorch file, a ``torch.export``
+    program (``load_proposal_network`` loads those), a bare ``state_dict`` or another object
+    without Lightning's keys, or objects that a ``weights_only`` load (the CLI's default) refuses.
+    """
+    try:
+        return _lightning_checkpoint(Path(path), weights_only)
+    except ValueError as error:
+        raise ValueError(f"lightning-rpn {command} --ckpt_path {path}: {error}") from error
+
+
+def _lightning_checkpoint(file: Path, weights_only: bool) -> dict[str, Any]:
+    """:func:`read_checkpoint`'s load; its ``ValueError`` says what ``file`` is instead."""
+    try:
+        with file.open("rb") as stream:
+            start = stream.read(len(_ZIP_START))
+    except OSError as error:
+        raise ValueError(f"cannot be read ({error.strerror or error})") from error
+    if not start:
+        raise ValueError("an empty file (0 bytes: a save or copy that did not finish); use another checkpoint")
+    if start == _ZIP_START:
+        _check_archive(file)
+    elif not start.startswith(_PICKLE_START):
+        raise ValueError(f"not a PyTorch checkpoint (it starts with {start!r}: neither a zip archive nor a pickle); "
+                         f"--ckpt_path takes the .ckpt files fit writes")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", mmap=start == _ZIP_START, weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused is None:  # torch's weights_only message blames the setting for any damaged pickle
+            reason = str(error).split("WeightsUnpickler error:")[-1]
+            raise ValueError(f"truncated or corrupt (its pickle cannot be read: {_first_line(reason)}); use another "
+                             f"checkpoint") from error
+        raise ValueError(f"holds a Python object ({refused.group(1)}) that a weights_only load refuses, as it could "
+                         f"run code; pass --weights_only false only for a file you trust") from error
+    except (AttributeError, ImportError) as error:  # a full load (--weights_only false) imports its classes
+        raise ValueError(f"holds a Python object whose class cannot be imported here ({_first_line(error)}); install "
+                         f"the package that saved it") from error
+    except (RuntimeError, EOFError, OSError) as error:  # what torch.load raises for a damaged file
+        raise ValueError(f"truncated or corrupt ({_first_line(error)}); use another checkpoint") from error
+    _check_lightning_keys(checkpoint)
+    return checkpoint
+
+
+def _check_archive(file: Path) -> None:
+    """A ``ValueError`` when the zip archive ``file`` is cut short or is no ``torch.save`` archive."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"truncated or corrupt: a zip archive without its end ({file.stat().st_size} bytes; a save "
+                         f"or copy that did not finish); copy it again or use another checkpoint") from error
+    if any(Path(name).name == "data.pkl" for name in names):
+        return
+    if any(Path(name).name == "archive_format" for name in names):
+        raise ValueError("a torch.export program (as export_proposal_network writes), not a Lightning checkpoint: load "
+                         "it in Python with lightning_rpn.load_proposal_network(path); --ckpt_path takes the .ckpt "
+                         "files fit writes")
+    raise ValueError("a zip archive that is not a PyTorch checkpoint (no data.pkl in it); --ckpt_path takes the .ckpt "
+                     "files fit writes")
+
+
+def _check_lightning_keys(checkpoint: Any) -> None:
+    """A ``ValueError`` saying what ``checkpoint`` is when it lacks what Lightning restores from."""
+    if isinstance(checkpoint, Mapping) and {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+        return
+    if isinstance(checkpoint, Mapping) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"a bare state_dict ({len(checkpoint)} tensors, as torch.save(model.state_dict()) writes: no "
+                         f"hyperparameters, no training state), not a Lightning checkpoint; --ckpt_path takes the "
+                         f".ckpt files fit writes, and these weights load in Python with "
+                         f"model.load_state_dict(torch.load(path, weights_only=True))")
+    if isinstance(checkpoint, Mapping):
+        keys = [str(key) for key in list(checkpoint)[:6]]
+        found = f"a dict with the keys {', '.join(keys)}{', ...' if len(checkpoint) > len(keys) else ''}"
+    else:
+        found = f"a {type(checkpoint).__name__}"
+    raise ValueError(f"not a Lightning checkpoint ({found}; one holds 'state_dict' and 'pytorch-lightning_version'); "
+                     f"--ckpt_path takes the .ckpt files fit writes")
+
+
+def _first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (torch's run on for lines), or its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _checkpoints_with_folder(trainer: pl.Trainer) -> list[ModelCheckpoint]:

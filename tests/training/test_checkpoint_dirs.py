@@ -23,7 +23,7 @@ def test_a_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path: P
     best = ModelCheckpoint(dirpath=folder, monitor="val/AR@100", mode="max")
     trainer = _trainer(best, LastCheckpoint(dirpath=folder))
     with pytest.raises(ValueError, match="cannot be created") as refused:
-        check_checkpoint_dirs(trainer, None)
+        check_checkpoint_dirs(trainer)
     message = str(refused.value)
     assert f"{folder} (LastCheckpoint, ModelCheckpoint dirpath)" in message
     assert f"{tmp_path / 'afile'} is a file" in message and "choose another dirpath" in message
@@ -32,5 +32,5 @@ def test_a_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path: P
 
 def test_a_missing_checkpoint_folder_is_created_and_left_empty(tmp_path: Path) -> None:
     folder = tmp_path / "runs" / "x" / "checkpoints"
-    check_checkpoint_dirs(_trainer(ModelCheckpoint(dirpath=folder)), None)
+    check_checkpoint_dirs(_trainer(ModelCheckpoint(dirpath=folder)))
     assert folder.is_dir() and not any(folder.iterdir())
