@@ -456,9 +456,11 @@ class RPNLightningCLI(LightningCLI):
         machine without one) are a :class:`SettingError` (:func:`_trainer_setting_error`), not a traceback.
         Only here: the same exceptions raised later, while the command runs, keep their traceback."""
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except _TRAINER_REFUSALS as error:
             raise _trainer_setting_error(self._run_config()["trainer"], error) from error
+        _RUN_PROCESSES[0] = trainer.world_size
+        return trainer
 
     def _checkpoint_holds_the_weights(self) -> bool:
         """``validate`` / ``test`` / ``predict`` with a ``--ckpt_path`` (found on disk, or refused:
@@ -878,9 +880,19 @@ def _data_error_message(error: DataError) -> str:
     return text
 
 
+_RUN_PROCESSES = [1]
+"""The processes of this command's run (``trainer.world_size``), kept as its trainer is built:
+Lightning's ``WORLD_SIZE`` variable is gone by the time an error reaches :func:`main` (its
+cluster environment's teardown removes it)."""
+
+
+def _several_processes() -> bool:
+    return max(_RUN_PROCESSES[0], int(os.environ.get("WORLD_SIZE", "1"))) > 1
+
+
 def _rank_prefix() -> str:
     """``"[rank k] "`` under several processes: each prints its own data error (only one may have hit it)."""
-    return f"[rank {rank_zero_only.rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return f"[rank {rank_zero_only.rank}] " if _several_processes() else ""
 
 
 def _report_interruption(error: BaseException) -> int | None:
@@ -943,6 +955,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return _refuse_setting(error)
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads the console script's own argv (no "args" warning)
+    _RUN_PROCESSES[0] = 1  # until this command's trainer is built
     try:
         RPNLightningCLI(args=None if args is None else argv)
     except _Refusal as refusal:
@@ -958,10 +971,47 @@ def main(args: Sequence[str] | None = None) -> int:
         return DATA_ERROR
     except BaseException as error:  # Ctrl-C, SIGTERM: one line and 128 + the signal, not 0 or tracebacks
         code = _report_interruption(error)
-        if code is None:
-            raise
-        return code
+        if code is not None:
+            return code
+        if _peer_failed(error):
+            print(f"lightning-rpn: {_rank_prefix()}stopped: another process of this run failed, and its message "
+                  f"says why ({_first_line(error)})", file=sys.stderr)
+            return 1
+        if _wandb_refused(error):
+            print(f"lightning-rpn: W&B: {_first_line(error)} (run `wandb login`, or set WANDB_MODE=offline to log "
+                  "locally and `wandb sync` the run folder later)", file=sys.stderr)
+            return USAGE_ERROR
+        raise
     return 0
+
+
+_PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""How gloo (and NCCL) word the collective a process was in when another process of the run died."""
+
+
+def _peer_failed(error: BaseException) -> bool:
+    """Whether ``error`` is this process's collective failing because another process of a
+    multi-process run stopped (that one prints its own error, e.g. a bad image only it read):
+    one line here, instead of a 100-230 line traceback printed twice (torch's ``[rankN]:`` copy)."""
+    if not _several_processes():
+        return False
+    distributed_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(error, distributed_error) or (
+        isinstance(error, RuntimeError) and any(words in str(error) for words in _PEER_FAILURES)
+    )
+
+
+def _wandb_refused(error: BaseException) -> bool:
+    """Whether ``error`` is W&B refusing to start a run (``WANDB_MODE=online`` without an API key,
+    an unknown entity): its message says what to do, a traceback adds nothing."""
+    from wandb.errors import UsageError
+
+    return isinstance(error, UsageError)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

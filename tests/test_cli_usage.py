@@ -89,6 +89,39 @@ def test_an_unexpected_error_keeps_its_traceback(config: Path, monkeypatch: pyte
         cli.main(["validate", "--config", str(config), "--ckpt_path", "best"])
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_process_whose_peer_failed_says_so_in_one_line(config: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture, world_size: str) -> None:
+    # what gloo raises in the other process when one process of a DDP run stops (a bad image only it read)
+    def peer_gone(*args: object) -> None:
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                           "[127.0.0.1]:41234\nmore lines")
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(cli, "evaluation_checkpoint", peer_gone)
+    if world_size == "1":  # one process: no peer to blame, the traceback stays
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            cli.main(["validate", "--config", str(config), "--ckpt_path", "best"])
+        return
+    assert cli.main(["validate", "--config", str(config), "--ckpt_path", "best"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-rpn: [rank 0] stopped: another process of this run failed")
+    assert "Connection closed by peer" in err and "more lines" not in err
+
+
+def test_wandb_refusing_to_start_a_run_is_one_line(config: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from wandb.errors import UsageError
+
+    def no_key(*args: object) -> None:
+        raise UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(cli, "evaluation_checkpoint", no_key)
+    assert cli.main(["validate", "--config", str(config), "--ckpt_path", "best"]) == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-rpn: W&B: No API key configured.") and "WANDB_MODE=offline" in err
+
+
 def test_a_data_error_from_a_dataloader_worker_prints_its_own_message(monkeypatch) -> None:
     # torch re-raises a worker's exception with the worker's whole traceback as its message
     from torch._utils import ExceptionWrapper
