@@ -126,6 +126,20 @@ def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{key: group[key] for key in RUN_GROUP_SETTINGS if key in group} for group in optimizer.param_groups]
 
 
+_FIELDS_OF_KIND = {"multistep": ("milestones", "gamma"), "cosine": ("total_steps", "min_factor")}
+"""The :class:`LRSchedule` fields each kind of decay reads (the other kind's are unused)."""
+
+
+def _schedule_changes(saved: dict[str, Any] | None, schedule: LRSchedule) -> list[str]:
+    """``"name saved -> now"`` for each field of ``schedule`` its kind reads that differs from the
+    checkpoint's ``saved`` schedule (a multistep run's unused ``total_steps`` 0 is no change)."""
+    if saved is None:
+        return []
+    names = ("kind", "warmup_steps", "warmup_factor", *_FIELDS_OF_KIND[schedule.kind])
+    return [f"{name} {saved[name]!r} -> {getattr(schedule, name)!r}"
+            for name in names if saved.get(name, getattr(schedule, name)) != getattr(schedule, name)]
+
+
 class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` whose schedule follows the run it is in, also when that run resumes.
 
@@ -168,11 +182,7 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         )
         if self.cosine_steps is not None:
             self.lr_lambdas[0].total_steps = self.cosine_steps()
-        changes = [
-            f"{name} {saved_lambdas[0][name]!r} -> {value!r}"
-            for name, value in vars(self.lr_lambdas[0]).items()
-            if saved_lambdas[0] is not None and saved_lambdas[0].get(name, value) != value
-        ]
+        changes = _schedule_changes(saved_lambdas[0], self.lr_lambdas[0])
         if saved_base_lrs != self.base_lrs:
             changes.append(f"base lr {saved_base_lrs} -> {self.base_lrs}")
         changes += self._restore_group_settings()

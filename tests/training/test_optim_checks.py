@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from helpers.model import quiet_trainer, tiny_model, training_batches
 from lightning_rpn.training.checkpoint_agreement import check_resume_agrees
 from lightning_rpn.training.module import RPNModule
-from lightning_rpn.training.optim import LRSchedule, warn_if_schedule_outlasts_run
+from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, warn_if_schedule_outlasts_run
 
 
 def _schedule_warnings(model: RPNModule, trainer: pl.Trainer) -> list[str]:
@@ -71,6 +71,19 @@ def test_a_schedule_inside_the_run_or_a_run_of_unknown_length_is_not_warned(tmp_
         warnings.simplefilter("error")
         tiny_model(warmup_steps=1000).configure_optimizers()  # multi-step, built by hand: no run to compare
         warn_if_schedule_outlasts_run(LRSchedule(5, 0.1, "cosine", (1,), 0.1, 10, 0.0), 10)  # cosine: no milestones
+
+
+def test_a_resume_notice_names_only_the_settings_the_schedule_reads(caplog: pytest.LogCaptureFixture) -> None:
+    # a cosine run resumed as multistep: its unused total_steps (0) is no change to name
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cosine = RunLambdaLR(optimizer, LRSchedule(0, 1.0, "cosine", (), 0.1, total_steps=6, min_factor=0.0))
+    saved = cosine.state_dict()
+    multistep = RunLambdaLR(optimizer, LRSchedule(0, 1.0, "multistep", (8, 10), 0.1, total_steps=0, min_factor=0.0))
+    with caplog.at_level(logging.INFO):
+        multistep.load_state_dict(saved)
+    notice = " ".join(record.getMessage() for record in caplog.records)
+    assert "kind 'cosine' -> 'multistep'" in notice and "milestones () -> (8, 10)" in notice
+    assert "total_steps" not in notice and "min_factor" not in notice
 
 
 class _RecordGroups(pl.Callback):
