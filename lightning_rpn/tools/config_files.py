@@ -68,8 +68,11 @@ def copy_config(name: str, destination: str | Path = ".", overwrite: bool = Fals
         raise FileExistsError(f"{str(target)!r} exists; choose another destination or pass --force to replace it")
     if target.parent.exists() and not target.parent.is_dir():
         raise FileExistsError(f"{str(target.parent)!r} is a file, not a folder; choose another destination")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    except OSError as error:  # a read-only folder, a file in the path, no permission
+        raise ValueError(f"cannot write {str(target)!r} ({error.strerror or error}); choose another destination") from error
     return target
 
 
@@ -105,7 +108,7 @@ def resolve_config_args(args: Sequence[str], notice: Callable[[str], None] = _pr
 
 def _resolve(value: str, notice: Callable[[str], None]) -> str:
     path = Path(value)
-    if path.exists():
+    if path.is_file():  # a folder of the same name (a data folder called scenes/) is no config
         return value
     stem = path.name[: -len(_SUFFIX)] if path.name.endswith(_SUFFIX) else path.name
     builtin = stem in config_names() and path.parent in (Path("."), Path("configs"))

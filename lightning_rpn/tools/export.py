@@ -51,6 +51,7 @@ Limitations:
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import asdict
@@ -352,14 +353,39 @@ def export_proposal_network(
     return program
 
 
+def _check_program_file(path: Path) -> None:
+    """A clear error for what is not a saved program, before ``torch.export.load`` prints its own
+    warnings and a "corrupted file" message: a missing file, a Lightning checkpoint (an easy
+    mix-up: both are zip archives), anything else."""
+    if not path.is_file():
+        raise FileNotFoundError(f"load_proposal_network: {path} is no file (export_proposal_network writes one)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {Path(name).name for name in archive.namelist()}
+    except zipfile.BadZipFile:
+        names = set()
+    if "archive_format" in names:
+        return
+    if "data.pkl" in names:
+        raise ValueError(
+            f"load_proposal_network: {path} is a PyTorch checkpoint (a Lightning .ckpt), not an exported program; "
+            f"export one with export_proposal_network(RPNModule.load_from_checkpoint(path), (H, W), 'rpn.pt2'), "
+            f"or load the checkpoint with RPNModule.load_from_checkpoint"
+        )
+    raise ValueError(f"load_proposal_network: {path} is not a program export_proposal_network wrote "
+                     f"(not a torch.export archive, or a truncated one)")
+
+
 def load_proposal_network(path: str | Path) -> nn.Module:
     """Load a program saved by :func:`export_proposal_network` as a callable module.
 
     ``module(images [1, 3, H, W], image_size int64 [2])`` -> ``(boxes [P, 4], scores [P])``;
     a windowed program comes back as a :class:`WindowedProposalNetwork` around it. The weights
     do not require grad (loading makes them parameters that would), so the outputs convert with
-    ``.numpy()``.
+    ``.numpy()``. A missing file is a ``FileNotFoundError``, a Lightning checkpoint or another
+    file a ``ValueError`` saying what it is.
     """
+    _check_program_file(Path(path))
     extra = {WINDOWS_FILE: ""}
     network = torch.export.load(str(path), extra_files=extra).module().requires_grad_(False)
     if not extra[WINDOWS_FILE]:

@@ -62,3 +62,18 @@ def test_copy_into_a_folder_written_with_a_trailing_slash(outside_the_clone: Pat
     assert cli.main(["configs", "copy", "shapes", "afile/"]) == 1
     assert "'afile' is a file, not a folder" in capsys.readouterr().err
     assert (outside_the_clone / "afile").read_text() == "mine\n"
+
+
+def test_a_folder_named_like_a_built_in_config_is_not_read_as_one(outside_the_clone: Path) -> None:
+    (outside_the_clone / "scenes").mkdir()  # a data folder: `--config scenes` failed "Path is not a file"
+    assert resolve_config_args(["check-data", "--config", "scenes"]) == ["check-data", "--config",
+                                                                          str(config_path("scenes"))]
+
+
+def test_copy_to_a_destination_that_cannot_be_written_is_one_line(outside_the_clone: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    (outside_the_clone / "afile").write_text("mine\n")
+    # a path through a file (NotADirectoryError), as a read-only folder (PermissionError) fails
+    assert cli.main(["configs", "copy", "shapes", "afile/deeper/x.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-rpn configs copy: cannot write 'afile/deeper/x.yaml' (") and err.count("\n") == 1

@@ -229,6 +229,19 @@ def test_bad_arguments_are_named(module) -> None:
         ProposalNetwork(nn.Identity(), nn.Linear(2, 2))
 
 
+def test_loading_what_is_no_exported_program_says_what_it_is(module, tmp_path) -> None:
+    # a Lightning .ckpt (both are zip archives) got torch.export's warnings and "corrupted file"
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": "2.6"}, checkpoint)
+    with pytest.raises(ValueError, match=r"last\.ckpt is a PyTorch checkpoint .*export_proposal_network\("):
+        load_proposal_network(checkpoint)
+    (tmp_path / "notes.txt").write_text("not a program")
+    with pytest.raises(ValueError, match=r"notes\.txt is not a program export_proposal_network wrote"):
+        load_proposal_network(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match=r"gone\.pt2 is no file"):
+        load_proposal_network(tmp_path / "gone.pt2")
+
+
 WINDOWS = {"size": 128, "overlap": 32, "window_batch": 3, "merge_metric": "ios", "top_k": 150}
 
 
