@@ -85,9 +85,17 @@ def split_role(datamodule: Any, split: str) -> str:
     """The role (``train``, ``val``, ``test``, ``predict``) of an ``RPNDataModule`` that ``split``
     names: a role, or the split name the config gives one (``val2017``); an
     :class:`AnalysisInputError` naming the configured splits when it names none, or two different ones."""
-    splits: dict[str, str | None] = datamodule.splits
+    splits: dict[str, str | None] = dict(datamodule.splits)
+    folder = getattr(datamodule, "predict_images", None)
+    if folder is not None:  # predict reads this folder of images, not the split named for the role
+        splits["predict"] = None
     roles = {role for role, name in splits.items() if name is not None and split in (role, name)}
     configured = ", ".join(f"{role} ({name})" for role, name in splits.items() if name is not None) or "none"
+    if folder is not None:
+        configured += f", predict (the folder {str(folder)!r}: images without boxes)"
+        if split == "predict":
+            raise AnalysisInputError(f"analyze-anchors --split predict: data.predict_images {str(folder)!r} is a "
+                                     f"folder of images without boxes; give a split with boxes: {configured}")
     names = sorted({str(splits[role]) for role in roles})
     if len(names) == 1:
         return min(roles, key=list(splits).index)

@@ -154,6 +154,19 @@ def test_cli_takes_the_split_name_or_names_the_splits(tmp_path: Path, capsys: py
     assert code == 2 and "the config sets no data.test_split" in err
 
 
+def test_the_predict_role_of_a_predict_images_folder_is_refused_not_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # --split predict analysed the val split's boxes in silence when predict reads a folder of images
+    folder = tmp_path / "to_predict"
+    folder.mkdir()
+    code, err = run_cli_on_coco(tmp_path, capsys, BOX, "--split", "predict", "--data.val_split", "x2017",
+                                "--data.predict_images", str(folder))
+    assert code == 2 and "Traceback" not in err
+    assert f"data.predict_images {str(folder)!r} is a folder of images without boxes" in err
+    assert "val (x2017)" in err and not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_a_split_without_boxes_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, err = run_cli_on_coco(tmp_path, capsys, [])
     assert code == 2 and "Traceback" not in err
