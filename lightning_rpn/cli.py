@@ -63,6 +63,7 @@ from lightning_rpn.training.run_files import (
     check_checkpoint_dirs,
     continued_folders,
     evaluation_checkpoint,
+    first_line,
     newest_checkpoint,
     read_checkpoint,
     start_new_run_files,
@@ -344,6 +345,7 @@ class RPNLightningCLI(LightningCLI):
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning)
         self._given_args = list(sys.argv[1:] if args is None else args)  # what the command line itself sets
+        self._checkpoint_read: tuple[str, dict[str, Any]] | None = None  # (path, checkpoint): read once
         kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
@@ -406,7 +408,10 @@ class RPNLightningCLI(LightningCLI):
         to Lightning, a remote URL)."""
         if path is None or str(path) in ("best", "last", "hpc") or not Path(str(path)).is_file():
             return None
-        return read_checkpoint(str(path), subcommand, self.config[subcommand].get("weights_only") is not False)
+        if self._checkpoint_read is None or self._checkpoint_read[0] != str(path):  # once for parse and run
+            weights_only = self.config[subcommand].get("weights_only") is not False
+            self._checkpoint_read = str(path), read_checkpoint(str(path), subcommand, weights_only)
+        return self._checkpoint_read[1]
 
     @staticmethod
     def _resize_as_the_checkpoint_trained(run: Namespace) -> None:
@@ -633,11 +638,9 @@ class RPNLightningCLI(LightningCLI):
         (:func:`~lightning_rpn.training.run_files.evaluation_checkpoint`: its ``ValueError`` names the
         keyword and the folders, a :class:`_Refusal`): never the recall of untrained weights."""
         section = self.config_init[self.subcommand]
-        named = section.get("ckpt_path")
         try:
-            section["ckpt_path"] = evaluation_checkpoint(self.trainer, named, self.subcommand)
-            if section["ckpt_path"] != named:  # a named file was checked as the command line was parsed
-                self._read_checkpoint(section["ckpt_path"], self.subcommand)
+            section["ckpt_path"] = evaluation_checkpoint(self.trainer, section.get("ckpt_path"), self.subcommand)
+            self._read_checkpoint(section["ckpt_path"], self.subcommand)
         except ValueError as error:
             raise _Refusal(str(error)) from error
 
@@ -975,10 +978,10 @@ def main(args: Sequence[str] | None = None) -> int:
             return code
         if _peer_failed(error):
             print(f"lightning-rpn: {_rank_prefix()}stopped: another process of this run failed, and its message "
-                  f"says why ({_first_line(error)})", file=sys.stderr)
+                  f"says why ({first_line(error)})", file=sys.stderr)
             return 1
         if _wandb_refused(error):
-            print(f"lightning-rpn: W&B: {_first_line(error)} (run `wandb login`, or set WANDB_MODE=offline to log "
+            print(f"lightning-rpn: W&B: {first_line(error)} (run `wandb login`, or set WANDB_MODE=offline to log "
                   "locally and `wandb sync` the run folder later)", file=sys.stderr)
             return USAGE_ERROR
         raise
@@ -1008,10 +1011,6 @@ def _wandb_refused(error: BaseException) -> bool:
 
     return isinstance(error, UsageError)
 
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

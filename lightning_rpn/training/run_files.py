@@ -39,7 +39,7 @@ from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopp
 
 __all__ = [
     "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders", "evaluation_checkpoint",
-    "free_version", "metrics_summary_path", "newest_checkpoint", "read_checkpoint", "start_new_run_files",
+    "first_line", "free_version", "metrics_summary_path", "newest_checkpoint", "read_checkpoint", "start_new_run_files",
     "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
@@ -355,15 +355,15 @@ def _lightning_checkpoint(file: Path, weights_only: bool) -> dict[str, Any]:
         refused = _REFUSED_GLOBAL.search(str(error))
         if refused is None:  # torch's weights_only message blames the setting for any damaged pickle
             reason = str(error).split("WeightsUnpickler error:")[-1]
-            raise ValueError(f"truncated or corrupt (its pickle cannot be read: {_first_line(reason)}); use another "
+            raise ValueError(f"truncated or corrupt (its pickle cannot be read: {first_line(reason)}); use another "
                              f"checkpoint") from error
         raise ValueError(f"holds a Python object ({refused.group(1)}) that a weights_only load refuses, as it could "
                          f"run code; pass --weights_only false only for a file you trust") from error
     except (AttributeError, ImportError) as error:  # a full load (--weights_only false) imports its classes
-        raise ValueError(f"holds a Python object whose class cannot be imported here ({_first_line(error)}); install "
+        raise ValueError(f"holds a Python object whose class cannot be imported here ({first_line(error)}); install "
                          f"the package that saved it") from error
     except (RuntimeError, EOFError, OSError) as error:  # what torch.load raises for a damaged file
-        raise ValueError(f"truncated or corrupt ({_first_line(error)}); use another checkpoint") from error
+        raise ValueError(f"truncated or corrupt ({first_line(error)}); use another checkpoint") from error
     _check_lightning_keys(checkpoint)
     return checkpoint
 
@@ -404,7 +404,7 @@ def _check_lightning_keys(checkpoint: Any) -> None:
                      f"--ckpt_path takes the .ckpt files fit writes")
 
 
-def _first_line(error: BaseException | str) -> str:
+def first_line(error: BaseException | str) -> str:
     """The first line of an error's message (torch's run on for lines), or its type."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
