@@ -110,6 +110,11 @@ CONFIG_HELP = (
     "A YAML or JSON config file, or the name of a built-in config (`lightning-rpn configs list`; "
     "a local NAME.yaml of that name is read instead, with a notice)."
 )
+TOP_CONFIG_HELP = (
+    "A config with one section per subcommand (fit:, validate:, ...). The built-in configs and "
+    "copies of them hold one run's settings: give those after the subcommand, "
+    "`lightning-rpn fit --config shapes`."
+)
 
 
 class _Refusal(Exception):
@@ -368,6 +373,13 @@ class RPNLightningCLI(LightningCLI):
         parser = self.parser_class(**kwargs)
         parser.add_argument("-c", "--config", action=ActionConfigFile, help=CONFIG_HELP)
         return parser
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+                     ) -> None:
+        """Lightning's parsers; the ``--config`` before the subcommand says what it takes (:data:`TOP_CONFIG_HELP`)."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            next(action for action in self.parser._actions if action.dest == "config").help = TOP_CONFIG_HELP
 
     def _parse_ckpt_path(self) -> None:
         """Keep the run's own model config when ``--ckpt_path`` names a file and a ``--config`` is given.
@@ -946,10 +958,15 @@ def main(args: Sequence[str] | None = None) -> int:
     settings Lightning refuses, such as a GPU accelerator on a machine without one), prints
     one line and returns :data:`USAGE_ERROR`.
     """
-    from lightning_rpn.tools.config_files import configs_command, resolve_config_args
+    from lightning_rpn.tools.config_files import configs_command, misplaced_config, resolve_config_args
 
     _replace_unencodable_output()
-    argv = resolve_config_args(sys.argv[1:] if args is None else args, notice=_notice)
+    given = sys.argv[1:] if args is None else args
+    misplaced = misplaced_config(given)
+    if misplaced is not None:
+        print(f"lightning-rpn: {misplaced}", file=sys.stderr)
+        return USAGE_ERROR
+    argv = resolve_config_args(given, notice=_notice)
     subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}
     if argv and argv[0] in subcommands:
         try:

@@ -102,9 +102,10 @@ class RPNCollate:
         sizes = [s.image_size for s in samples]
         pad_h, pad_w = padded_size(sizes, self.size_divisibility)
         images = torch.zeros((len(samples), 3, pad_h, pad_w), dtype=torch.uint8)
+        pixels = images.numpy()  # the same memory; numpy copies from read-only arrays (np.asarray of a PIL image)
         for i, sample in enumerate(samples):
             h, w = sizes[i]
-            images[i, :, :h, :w] = torch.from_numpy(sample.image).permute(2, 0, 1)
+            pixels[i, :, :h, :w] = sample.image.transpose(2, 0, 1)
         # copies: dataset records must not share memory with batches the model may modify
         gt_boxes = [torch.tensor(s.boxes, dtype=torch.float32) for s in samples]
         crowd_boxes = [torch.tensor(s.crowd_boxes, dtype=torch.float32) for s in samples]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +23,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from lightning_rpn._files import folder_write_problem
 from lightning_rpn.core.boxes import COCO_AREA_RANGES
 from lightning_rpn.data.problems import Problem, ProblemLog, severity_of
 
@@ -95,8 +95,10 @@ class SplitReport:
         """Fraction of gt boxes whose best anchor reaches IoU 0.3 / 0.5 / 0.7, and their median IoU."""
         if not self.best_anchor_iou:
             return {}
-        best = np.asarray(self.best_anchor_iou)
-        out = {f"best_iou>={t}": float((best >= t).mean()) for t in (0.3, 0.5, 0.7)}
+        # float32, as the IoUs were computed and as analyze-anchors and the matcher compare them: an
+        # IoU equal to float32(0.7) is a hit there, and would not be against the float64 0.7
+        best = np.asarray(self.best_anchor_iou, dtype=np.float32)
+        out = {f"best_iou>={t}": float((best >= np.float32(t)).mean()) for t in (0.3, 0.5, 0.7)}
         out["median_best_iou"] = float(np.median(best))
         out["boxes_checked"] = float(len(best))
         return out
@@ -189,7 +191,7 @@ class SplitReport:
 def report_path(path: Path | str, overwrite: bool = True) -> Path:
     """``path`` as a :class:`Path` that :meth:`DatasetReport.write` can write, checked before a long
     check: ``ValueError`` unless it ends in one of :data:`REPORT_SUFFIXES`, its folder can be made
-    and written, and (unless ``overwrite``) no file is there yet."""
+    and written (nothing is created yet), and (unless ``overwrite``) no file is there yet."""
     path = Path(path)
     where = f"check-data --report {str(path)!r}"
     if path.suffix.lower() not in REPORT_SUFFIXES:
@@ -198,12 +200,9 @@ def report_path(path: Path | str, overwrite: bool = True) -> Path:
     if path.exists() and (path.is_dir() or not overwrite):
         raise ValueError(f"{where}: {'a folder' if path.is_dir() else 'a file'} of that name exists; "
                          "choose another name" + ("" if path.is_dir() else " or pass --force to replace it"))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{where}: cannot make its folder ({error})") from error
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"{where}: its folder {str(path.parent)!r} is not writable")
+    problem = folder_write_problem(path.parent)
+    if problem is not None:
+        raise ValueError(f"{where}: its folder {str(path.parent)!r} cannot be created and written to ({problem})")
     return path
 
 
@@ -241,6 +240,7 @@ class DatasetReport:
     def write(self, path: Path | str) -> Path:
         """Write every problem of every split to ``path``: JSON (the whole :meth:`to_dict`) or CSV (one row per problem)."""
         path = report_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".json":
             path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
             return path

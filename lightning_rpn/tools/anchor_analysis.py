@@ -14,12 +14,12 @@ are the public ones of all steps.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
 
+from lightning_rpn._files import folder_write_problem
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.cascade import CascadeRPN, check_one_square_anchor
 from lightning_rpn.core.coverage import GTBoxSet, anchor_coverage, best_anchor_iou
@@ -107,16 +107,6 @@ def split_role(datamodule: Any, split: str) -> str:
                              "give a role (train, val, test, predict) or its split name")
 
 
-def _check_creatable(folder: Path, where: str) -> None:
-    """``ValueError`` before the analysis when ``folder`` could not be created or written, found on its
-    nearest existing ancestor (nothing is created yet): the analysis would be lost at the end."""
-    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{where}: {str(existing)!r} on its path is a file, not a folder; choose another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{where}: {str(existing)!r} cannot be written (permissions); choose another folder")
-
-
 def output_paths(output_dir: str | Path, optimize: bool, overwrite: bool = False) -> dict[str, Path]:
     """The files an analysis writes into ``output_dir`` (the snippet only with ``optimize``), checked
     before the analysis: ``FileExistsError`` naming those already there unless ``overwrite`` (an
@@ -127,7 +117,9 @@ def output_paths(output_dir: str | Path, optimize: bool, overwrite: bool = False
     where = f"analyze-anchors --output_dir {str(out)!r}"
     if out.exists() and not out.is_dir():
         raise ValueError(f"{where}: a file of that name exists; choose a folder")
-    _check_creatable(out, where)
+    problem = folder_write_problem(out)
+    if problem is not None:
+        raise ValueError(f"{where}: cannot be created and written to ({problem}); choose another folder")
     paths = {key: out / name for key, name in OUTPUT_FILES.items() if optimize or key != "config_snippet"}
     folders = [path.name for path in paths.values() if path.is_dir()]
     if folders:

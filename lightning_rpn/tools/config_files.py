@@ -20,12 +20,18 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["config_dir", "config_names", "config_path", "copy_config", "configs_command", "resolve_config_args"]
+import yaml
+
+__all__ = [
+    "config_dir", "config_names", "config_path", "configs_command", "copy_config", "misplaced_config",
+    "resolve_config_args",
+]
 
 _SUFFIX = ".yaml"
 _LOCAL_SUFFIXES = (_SUFFIX, ".yml")
 """The suffixes a ``--config NAME`` looks for in the working folder, in this order."""
 _CONFIG_FLAGS = ("--config", "-c")
+_RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def config_dir() -> Path:
@@ -104,6 +110,40 @@ def resolve_config_args(args: Sequence[str], notice: Callable[[str], None] = _pr
         elif arg.startswith("--config="):
             resolved[index] = "--config=" + _resolve(arg[len("--config=") :], notice)
     return resolved
+
+
+def misplaced_config(args: Sequence[str]) -> str | None:
+    """Why ``lightning-rpn -c FILE fit ...`` cannot run as meant, or ``None``.
+
+    Before the subcommand, LightningCLI reads a config with one section per subcommand
+    (``fit: {trainer: ...}``); a config of one run's settings there (``args`` as typed: a name is
+    read as ``--config NAME`` reads it) (every built-in one, and
+    what ``configs copy`` writes) is silently not applied to the run (``--print_config`` shows
+    the defaults) or fails on its first key. Such a file is named, with the command line that
+    reads it. A file that cannot be read is left to the CLI to report.
+    """
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg in _CONFIG_FLAGS and index + 1 < len(args):
+            value, index = args[index + 1], index + 2
+        elif arg.startswith("--config="):
+            value, index = arg[len("--config="):], index + 1
+        elif arg.startswith("-"):
+            index += 1
+            continue
+        else:  # the subcommand: what follows is its own
+            return None
+        try:
+            content = yaml.safe_load(Path(_resolve(value, lambda _: None)).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(content, dict) and not set(content) & set(_RUN_SUBCOMMANDS):
+            subcommand = next((a for a in args[index:] if a in _RUN_SUBCOMMANDS), "fit")
+            return (f"--config {value} comes before the subcommand, where a config needs one section per "
+                    f"subcommand ({', '.join(f'{name}:' for name in _RUN_SUBCOMMANDS)}); this one holds the "
+                    f"settings of a run: give it after the subcommand, `lightning-rpn {subcommand} --config {value}`")
+    return None
 
 
 def _resolve(value: str, notice: Callable[[str], None]) -> str:

@@ -51,7 +51,6 @@ Limitations:
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import asdict
@@ -60,6 +59,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_rpn._files import torch_file_kind
 from lightning_rpn.core.anchors import level_anchors
 from lightning_rpn.core.backbone_interface import feature_levels
 from lightning_rpn.core.cascade import CascadeRPN
@@ -356,24 +356,23 @@ def export_proposal_network(
 def _check_program_file(path: Path) -> None:
     """A clear error for what is not a saved program, before ``torch.export.load`` prints its own
     warnings and a "corrupted file" message: a missing file, a Lightning checkpoint (an easy
-    mix-up: both are zip archives), anything else."""
+    mix-up: both are zip archives), a truncated archive, anything else."""
     if not path.is_file():
         raise FileNotFoundError(f"load_proposal_network: {path} is no file (export_proposal_network writes one)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {Path(name).name for name in archive.namelist()}
-    except zipfile.BadZipFile:
-        names = set()
-    if "archive_format" in names:
+    kind = torch_file_kind(path)
+    if kind == "program":
         return
-    if "data.pkl" in names:
+    if kind == "checkpoint":
         raise ValueError(
             f"load_proposal_network: {path} is a PyTorch checkpoint (a Lightning .ckpt), not an exported program; "
             f"export one with export_proposal_network(RPNModule.load_from_checkpoint(path), (H, W), 'rpn.pt2'), "
             f"or load the checkpoint with RPNModule.load_from_checkpoint"
         )
+    if kind == "truncated_zip":
+        raise ValueError(f"load_proposal_network: {path} is a truncated zip archive ({path.stat().st_size} bytes: a "
+                         f"save or copy that did not finish); export or copy it again")
     raise ValueError(f"load_proposal_network: {path} is not a program export_proposal_network wrote "
-                     f"(not a torch.export archive, or a truncated one)")
+                     f"({'an empty file' if kind == 'empty' else 'not a torch.export archive'})")
 
 
 def load_proposal_network(path: str | Path) -> nn.Module:

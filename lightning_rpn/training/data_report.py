@@ -63,10 +63,15 @@ class RunDataReport:
         if not self.accounting.stages():
             return ""
         first, last = self._epochs or (0, 0)
-        epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        # the training epochs the data was loaded in; outside fit Lightning's counter dates nothing
+        parts = []
+        if "train" in self.accounting.stages():
+            parts.append(f"epoch {first}" if first == last else f"epochs {first}-{last}")
         rank, world = self.process
-        share = f", process {rank} of {world}: the images it loaded" if world > 1 else ""
-        text = f"RPNDataModule data report ({epochs}{share}):\n" + self.accounting.summary()
+        if world > 1:
+            parts.append(f"process {rank} of {world}: the images it loaded")
+        label = f" ({', '.join(parts)})" if parts else ""
+        text = f"RPNDataModule data report{label}:\n" + self.accounting.summary()
         rank_zero_info(text)
         self.last = self.accounting.metrics()
         self.accounting.reset()

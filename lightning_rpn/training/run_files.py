@@ -24,8 +24,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
-import zipfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from copy import deepcopy
 from pathlib import Path
@@ -35,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
+from lightning_rpn._files import ZIP_START, folder_write_problem, torch_file_kind
 from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 
 __all__ = [
@@ -53,9 +52,9 @@ def check_checkpoint_dirs(trainer: pl.Trainer, continued: Collection[Path] = ())
     counter gives the new run's files a ``-v1``, ``-v2``, ... suffix, which is announced once a
     folder; with ``enable_version_counter: false`` on any of the folder's callbacks they would
     replace the earlier ones, which is a ``ValueError`` naming the folder and files. Each local
-    folder is also created and written to here (:func:`_check_writable`), so that one that
-    cannot be is a ``ValueError`` before training rather than an ``OSError`` at the first save,
-    after a whole epoch.
+    folder is also checked here (:func:`_check_writable`), so that one that cannot be written is a
+    ``ValueError`` before training rather than an ``OSError`` at the first save, after a whole
+    epoch.
     """
     callbacks_by_folder: dict[Path, list[ModelCheckpoint]] = {}
     for callback in trainer.checkpoint_callbacks:
@@ -86,28 +85,20 @@ def check_checkpoint_dirs(trainer: pl.Trainer, continued: Collection[Path] = ())
 
 
 def _check_writable(folder: Path, callbacks: Sequence[ModelCheckpoint]) -> None:
-    """Create the checkpoint folder ``folder`` (with its parents), and create and remove a file there.
-
-    Lightning would first do both at the end of the first epoch; a ``ValueError`` naming the
-    callbacks, their ``dirpath`` and the reason comes here instead. Remote folders (``s3://...``)
-    are left to Lightning.
+    """A ``ValueError`` naming the callbacks, their ``dirpath`` and the reason when checkpoints
+    could not be written in ``folder`` (:func:`~lightning_rpn._files.folder_write_problem`, which
+    creates nothing), where Lightning would first find out at the end of the first epoch. Remote
+    folders (``s3://...``) are left to Lightning.
     """
     if "://" in str(callbacks[0].dirpath):
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):  # unnamed where supported, removed on close
-            pass
-    except OSError as error:
+    problem = folder_write_problem(folder)
+    if problem is not None:
         names = ", ".join(sorted({type(callback).__name__ for callback in callbacks}))
-        blocking = next((parent for parent in folder.parents if parent.exists()), None)
-        reason = error.strerror or str(error)
-        if blocking is not None and not blocking.is_dir():
-            reason += f": {blocking} is a file"
         raise ValueError(
             f"lightning-rpn fit: the checkpoint folder {folder} ({names} dirpath) cannot be created and "
-            f"written to ({reason}); choose another dirpath, or make that folder writable, and run again"
-        ) from error
+            f"written to ({problem}); choose another dirpath, or make that folder writable, and run again"
+        )
 
 
 _HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
@@ -312,8 +303,6 @@ def _hpc_checkpoint(trainer: pl.Trainer, command: str) -> str:
     return str(numbered[max(numbered)])
 
 
-_ZIP_START = b"PK\x03\x04"
-"""The first bytes of a zip archive, as ``torch.save`` writes (and ``torch.export.save``)."""
 _PICKLE_START = b"\x80"
 """The first byte of a pickle (protocol 2 and up): ``torch.save``'s format before the zip archive."""
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
@@ -339,18 +328,18 @@ def _lightning_checkpoint(file: Path, weights_only: bool) -> dict[str, Any]:
     """:func:`read_checkpoint`'s load; its ``ValueError`` says what ``file`` is instead."""
     try:
         with file.open("rb") as stream:
-            start = stream.read(len(_ZIP_START))
+            start = stream.read(len(ZIP_START))
     except OSError as error:
         raise ValueError(f"cannot be read ({error.strerror or error})") from error
     if not start:
         raise ValueError("an empty file (0 bytes: a save or copy that did not finish); use another checkpoint")
-    if start == _ZIP_START:
+    if start == ZIP_START:
         _check_archive(file)
     elif not start.startswith(_PICKLE_START):
         raise ValueError(f"not a PyTorch checkpoint (it starts with {start!r}: neither a zip archive nor a pickle); "
                          f"--ckpt_path takes the .ckpt files fit writes")
     try:
-        checkpoint = torch.load(file, map_location="cpu", mmap=start == _ZIP_START, weights_only=weights_only)
+        checkpoint = torch.load(file, map_location="cpu", mmap=start == ZIP_START, weights_only=weights_only)
     except pickle.UnpicklingError as error:
         refused = _REFUSED_GLOBAL.search(str(error))
         if refused is None:  # torch's weights_only message blames the setting for any damaged pickle
@@ -370,20 +359,17 @@ def _lightning_checkpoint(file: Path, weights_only: bool) -> dict[str, Any]:
 
 def _check_archive(file: Path) -> None:
     """A ``ValueError`` when the zip archive ``file`` is cut short or is no ``torch.save`` archive."""
-    try:
-        with zipfile.ZipFile(file) as archive:
-            names = archive.namelist()
-    except zipfile.BadZipFile as error:
+    kind = torch_file_kind(file)
+    if kind == "truncated_zip":
         raise ValueError(f"truncated or corrupt: a zip archive without its end ({file.stat().st_size} bytes; a save "
-                         f"or copy that did not finish); copy it again or use another checkpoint") from error
-    if any(Path(name).name == "data.pkl" for name in names):
-        return
-    if any(Path(name).name == "archive_format" for name in names):
+                         f"or copy that did not finish); copy it again or use another checkpoint")
+    if kind == "program":
         raise ValueError("a torch.export program (as export_proposal_network writes), not a Lightning checkpoint: load "
                          "it in Python with lightning_rpn.load_proposal_network(path); --ckpt_path takes the .ckpt "
                          "files fit writes")
-    raise ValueError("a zip archive that is not a PyTorch checkpoint (no data.pkl in it); --ckpt_path takes the .ckpt "
-                     "files fit writes")
+    if kind != "checkpoint":
+        raise ValueError("a zip archive that is not a PyTorch checkpoint (no data.pkl in it); --ckpt_path takes the "
+                         ".ckpt files fit writes")
 
 
 def _check_lightning_keys(checkpoint: Any) -> None:

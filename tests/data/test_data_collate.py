@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +40,16 @@ def test_pads_to_the_size_divisibility_keeping_sizes_and_content() -> None:
     assert batch.image_ids == [1, "b"] and batch.gt_boxes[1].shape == (0, 4)
     assert batch.anchor_labels is None and batch.anchor_targets is None
     assert padded_size([(64, 65)], 32) == (64, 96)
+
+
+def test_a_read_only_image_is_copied_without_a_warning() -> None:
+    # np.asarray(PIL image) is read-only: torch.from_numpy warned "The given NumPy array is not writable"
+    sample = item(30, 50, [[1, 2, 20, 25]])
+    sample.image.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = RPNCollate(size_divisibility=32)([sample])
+    assert torch.equal(batch.images[0, :, :30, :50], torch.from_numpy(sample.image.copy()).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("backend", ["compiled", "torch"])  # the direct assignment's backend

@@ -6,11 +6,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 from rich.console import Console
 from helpers.builders import basic_coco, save_image, write_coco
 
 from lightning_rpn.core.anchors import AnchorGenerator
+from lightning_rpn.core.coverage import GTBoxSet, anchor_coverage, best_anchor_iou
 from lightning_rpn.data.coco import COCODetection
+from lightning_rpn.data.dataset_report import SplitReport
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.validation import validate_dataset
 from lightning_rpn.training.datamodule import RPNDataModule
@@ -60,6 +63,18 @@ def test_report_of_a_plain_dataset_iterates_items() -> None:
     assert split.boxes == sum(len(SyntheticShapes(30, seed=0)[i].boxes) for i in range(30))
     pct = split.percentiles()
     assert np.all(np.diff(pct["sqrt_area"]) >= 0)
+
+
+def test_check_data_counts_anchor_coverage_as_analyze_anchors_does() -> None:
+    # a gt box [0, 0, 10, 7] inside the 10 x 10 anchor: IoU 70 / 100, float32(0.7), a hit at 0.7 for
+    # analyze-anchors and the matcher; check-data compared it with the float64 0.7 and missed it
+    gt = GTBoxSet(torch.tensor([[0.0, 0.0, 10.0, 7.0], [0.0, 0.0, 10.0, 4.0]]), torch.tensor([[20, 20], [20, 20]]), 1)
+    generator = AnchorGenerator(((10,),), (1.0,), (10,), offset=0.5)  # an anchor [0, 0, 10, 10]
+    best, _ = best_anchor_iou(gt, generator)
+    assert best[0] == torch.tensor(0.7)
+    split = SplitReport("val")
+    split.best_anchor_iou.extend(best.tolist())
+    assert split.anchor_coverage()["best_iou>=0.7"] == anchor_coverage(gt, generator)["coverage@0.70"] == 0.5
 
 
 def test_check_data_of_a_datamodule_adds_anchor_coverage_and_ok(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lightning_rpn import cli
-from lightning_rpn.tools.config_files import config_path, resolve_config_args
+from lightning_rpn.tools.config_files import config_path, misplaced_config, resolve_config_args
 
 
 @pytest.fixture
@@ -49,6 +49,26 @@ def test_the_short_flag_takes_built_in_names(outside_the_clone: Path) -> None:
     shapes = str(config_path("shapes"))
     assert resolve_config_args(["fit", "-c", "shapes"]) == ["fit", "-c", shapes]
     assert resolve_config_args(["validate", "-c", "shapes.yaml"]) == ["validate", "-c", shapes]
+
+
+def test_a_run_config_before_the_subcommand_is_refused_naming_where_it_goes(
+    outside_the_clone: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # `lightning-rpn -c shapes fit --print_config` printed the defaults (resnet50_fpn, no epochs)
+    # and a run failed on the config's first key
+    for args in (["-c", "shapes", "fit", "--print_config"], ["--config=shapes", "validate"]):
+        assert cli.main(args) == cli.USAGE_ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--config shapes comes before the subcommand" in err
+        assert f"`lightning-rpn {args[-2] if len(args) == 4 else 'validate'} --config shapes`" in err
+    # a config with a section per subcommand is LightningCLI's, and runs
+    (outside_the_clone / "both.yaml").write_text("fit:\n  trainer:\n    max_steps: 3\n")
+    with pytest.raises(SystemExit):
+        cli.main(["-c", "both.yaml", "fit", "--config", "shapes", "--print_config"])
+    assert "max_steps: 3" in capsys.readouterr().out
+    # after any subcommand the config is the subcommand's own
+    for args in (["fit", "-c", "shapes"], ["check-data", "--config", "shapes"], ["configs", "copy", "shapes"]):
+        assert misplaced_config(args) is None
 
 
 def test_copy_into_a_folder_written_with_a_trailing_slash(outside_the_clone: Path,

@@ -240,6 +240,10 @@ def test_loading_what_is_no_exported_program_says_what_it_is(module, tmp_path) -
         load_proposal_network(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match=r"gone\.pt2 is no file"):
         load_proposal_network(tmp_path / "gone.pt2")
+    cut = tmp_path / "cut.pt2"  # a copy that did not finish: its zip's end is missing
+    cut.write_bytes(checkpoint.read_bytes()[:4096])
+    with pytest.raises(ValueError, match=r"cut\.pt2 is a truncated zip archive \(4096 bytes"):
+        load_proposal_network(cut)
 
 
 WINDOWS = {"size": 128, "overlap": 32, "window_batch": 3, "merge_metric": "ios", "top_k": 150}

@@ -1,5 +1,6 @@
-"""check_checkpoint_dirs creates each checkpoint folder and writes there before training: a folder
-that cannot be is a ValueError naming the callback and dirpath, not an OSError at the first save."""
+"""check_checkpoint_dirs checks before training that checkpoints can be written in each folder: a
+folder that cannot be is a ValueError naming the callback and dirpath, not an OSError at the first
+save; the check creates nothing, so a fit that stops before its first save leaves no empty folder."""
 
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ def test_a_checkpoint_folder_under_a_file_is_refused_before_training(tmp_path: P
     assert (tmp_path / "afile").read_text() == "x"
 
 
-def test_a_missing_checkpoint_folder_is_created_and_left_empty(tmp_path: Path) -> None:
+def test_a_missing_checkpoint_folder_is_checked_and_not_created(tmp_path: Path) -> None:
     folder = tmp_path / "runs" / "x" / "checkpoints"
     check_checkpoint_dirs(_trainer(ModelCheckpoint(dirpath=folder)))
-    assert folder.is_dir() and not any(folder.iterdir())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_checkpoint_folder_is_left_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    check_checkpoint_dirs(_trainer(ModelCheckpoint(dirpath=tmp_path)))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -192,6 +192,19 @@ def test_under_ddp_the_report_says_whose_share_and_every_rank_warns() -> None:
     assert "(epoch 0, process 1 of 2: the images it loaded)" in report.report()
 
 
+def test_outside_fit_the_report_names_no_epoch() -> None:
+    # predict of an epoch-7 checkpoint said "(epoch 0)": Lightning's counter, which dates nothing there
+    from lightning_rpn.training.data_report import RunDataReport
+
+    report = RunDataReport()
+    batch = type("Batch", (), {"gt_boxes": [], "removed_boxes": 0, "problems": [], "__len__": lambda self: 2})()
+    report.add_batch("predict", 0, batch)
+    assert report.report().startswith("RPNDataModule data report:\n")
+    report.process = (0, 2)
+    report.add_batch("validate", 0, batch)
+    assert report.report().startswith("RPNDataModule data report (process 0 of 2: the images it loaded):\n")
+
+
 def test_each_ddp_process_draws_its_own_augmentations() -> None:
     """Every DDP process starts from the same torch seed: the data module mixes the trainer's rank into
     the augmentation seed (rank 0 keeps the seed, so one-process runs draw what they drew before)."""
