@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
+import jsonargparse
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar, RichProgressBar
@@ -150,6 +151,12 @@ class RPNArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+_KEEP_NONE = ({"skip_unset": False} if tuple(int(part) for part in jsonargparse.__version__.split(".")[:2]) >= (4, 49)
+              else {"skip_none": False})
+"""jsonargparse's keyword for a dump that keeps the ``null`` entries: ``skip_unset`` since 4.49, which
+warns at every save that ``skip_none`` (the only one before) is deprecated."""
+
+
 class ResolvedConfigCallback(SaveConfigCallback):
     """Save the resolved config to the log dir, into every checkpoint, and to W&B.
 
@@ -162,7 +169,7 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self._checkpoint_recorded = False
 
     def _config_text(self) -> str:
-        return self.parser.dump(self.config, skip_none=False)
+        return self.parser.dump(self.config, **_KEEP_NONE)
 
     def _config_file(self, trainer: pl.Trainer) -> Path:
         """The logger's folder, or the trainer's root when the logger has none: a ``WandbLogger``
@@ -177,7 +184,7 @@ class ResolvedConfigCallback(SaveConfigCallback):
             return
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, path, skip_none=False, multifile=self.multifile,
+            self.parser.save(self.config, path, **_KEEP_NONE, multifile=self.multifile,
                              overwrite=self.overwrite or self.already_saved)  # a second save replaces our own
         self.save_config(trainer, pl_module, stage)
 
@@ -312,10 +319,20 @@ this machine lacks, an unknown strategy, devices it cannot use, a strategy's mis
 
 def _trainer_setting_error(settings: Namespace, error: Exception) -> SettingError:
     """A :class:`SettingError` for a trainer that Lightning refused to build from ``settings`` (one
-    line: Lightning's reason, the hardware settings in effect and how to let Lightning choose)."""
+    line: Lightning's reason and what to do; for a refusal that concerns the hardware, the
+    hardware settings in effect and how to let Lightning choose)."""
+    reason = " ".join(str(error).split())
+    if "enable_checkpointing=False" in reason and "ModelCheckpoint" in reason:
+        return SettingError(
+            f"Lightning refused the trainer settings: {reason} -- the config's trainer.callbacks hold the checkpoint "
+            "callbacks (ModelCheckpoint, LastCheckpoint); to train without checkpoints, also give --trainer.callbacks "
+            "without them"
+        )
+    if not re.search(r"accelerator|device|strategy|precision|node|gpu|cuda|mps|tpu|hpu|xla", reason, re.IGNORECASE):
+        return SettingError(f"Lightning refused the trainer settings: {reason} -- change the one at fault in the "
+                            "config's trainer section or with --trainer.NAME VALUE")
     shown = ", ".join(f"{name}={settings[name]!r}" for name in _HARDWARE_SETTINGS
                       if isinstance(settings.get(name), str | int | list))
-    reason = " ".join(str(error).split())
     return SettingError(
         f"the trainer settings ({shown}) were refused by Lightning: {reason} -- change the one at fault in the "
         "config's trainer section or with --trainer.NAME VALUE (`--trainer.accelerator auto --trainer.devices auto "
@@ -324,14 +341,21 @@ def _trainer_setting_error(settings: Namespace, error: Exception) -> SettingErro
 
 
 def _refused_by_loop_setup(error: BaseException) -> bool:
-    """Whether ``error`` was raised by a Lightning loop's own ``setup_data`` (where it checks trainer
-    settings against the data: ``val_check_interval`` above the batches of an epoch, a fractional
-    one with an iterable dataset), not by code it called, such as the data module's."""
-    frame, traceback = None, error.__traceback__
+    """Whether ``error`` was raised by Lightning itself while one of its loops set up its data
+    (``setup_data``: where it checks trainer settings against the data: ``val_check_interval``
+    above the batches of an epoch, a ``limit_*_batches`` fraction below one batch, a fractional
+    ``val_check_interval`` with an iterable dataset), not by code it called, such as the data module's."""
+    frames, traceback = [], error.__traceback__
     while traceback is not None:
-        frame, traceback = traceback.tb_frame, traceback.tb_next
-    return (frame is not None and frame.f_code.co_name == "setup_data"
-            and str(frame.f_globals.get("__name__", "")).startswith("lightning.pytorch.loops."))
+        frames.append(traceback.tb_frame)
+        traceback = traceback.tb_next
+
+    def module(frame: Any) -> str:
+        return str(frame.f_globals.get("__name__", ""))
+
+    in_loop_setup = any(frame.f_code.co_name == "setup_data" and module(frame).startswith("lightning.pytorch.loops.")
+                        for frame in frames)
+    return in_loop_setup and bool(frames) and module(frames[-1]).startswith("lightning.")
 
 
 _MISSING_CALLBACKS_WARNING = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need"
@@ -555,7 +579,8 @@ class RPNLightningCLI(LightningCLI):
                 _notice(f"fit from {path}, which is not the latest checkpoint of the run that saved it (its "
                         "last*.ckpt): a new run from these weights and training state, whose checkpoints do not "
                         "replace that run's")
-            check_checkpoint_dirs(self.trainer, continued)
+            if not self.trainer.fast_dev_run:  # which saves no checkpoint
+                check_checkpoint_dirs(self.trainer, continued)
         except ValueError as error:  # no such checkpoint, a folder it may not overwrite or cannot write: one line
             raise _Refusal(str(error)) from error
         section["ckpt_path"] = path
@@ -958,13 +983,13 @@ def main(args: Sequence[str] | None = None) -> int:
     settings Lightning refuses, such as a GPU accelerator on a machine without one), prints
     one line and returns :data:`USAGE_ERROR`.
     """
-    from lightning_rpn.tools.config_files import configs_command, misplaced_config, resolve_config_args
+    from lightning_rpn.tools.config_files import config_problem, configs_command, resolve_config_args
 
     _replace_unencodable_output()
     given = sys.argv[1:] if args is None else args
-    misplaced = misplaced_config(given)
-    if misplaced is not None:
-        print(f"lightning-rpn: {misplaced}", file=sys.stderr)
+    problem = config_problem(given)
+    if problem is not None:
+        print(f"lightning-rpn: {problem}", file=sys.stderr)
         return USAGE_ERROR
     argv = resolve_config_args(given, notice=_notice)
     subcommands = {"check-data": check_data, "analyze-anchors": analyze_anchors, "configs": configs_command}

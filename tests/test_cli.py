@@ -288,7 +288,7 @@ def test_fit_prints_no_warning_the_user_cannot_act_on(tmp_path: Path) -> None:
     # wandb: "git root run does not exist" (the logger's save_dir made only later), "The anonymous setting
     # has no effect"; Lightning's use of torch's deprecated LeafSpec; Lightning's "HINT: Set
     # ModelCheckpoint(..., save_last=True)" for a first `--ckpt_path last`; RecallTable's "no table" for a
-    # fit without validation
+    # fit without validation; jsonargparse's "skip_none parameter was deprecated"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     result = run_cli(["fit", "--config", "config.yaml", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
                       "--ckpt_path", "last"], tmp_path, env={"WANDB_SILENT": "false"})
@@ -297,6 +297,7 @@ def test_fit_prints_no_warning_the_user_cannot_act_on(tmp_path: Path) -> None:
     assert "wandb" in output and "git root" not in output and "LeafSpec" not in output
     assert "anonymous setting" not in output  # Lightning passes anonymous=None, which wandb warns about
     assert "save_last" not in output and "last_recall is empty" not in output
+    assert "deprecated" not in output  # jsonargparse >= 4.49 on saving the config with skip_none
     assert f"--ckpt_path last: no last*.ckpt in {tmp_path / 'run/checkpoints'} yet" in " ".join(result.stderr.split())
 
 
@@ -365,3 +366,20 @@ def test_analyze_anchors_optimize_writes_plot_and_snippet(tool_runs: dict) -> No
     snippet = yaml.safe_load((folder / "anchors/anchors.yaml").read_text())["model"]
     assert len(snippet["anchor_sizes"]) == len(snippet["aspect_ratios"]) == 4  # one per level
     assert "config snippet" in result.stdout
+
+
+def test_the_run_config_is_saved_without_jsonargparse_deprecation_warnings(tmp_path: Path) -> None:
+    # jsonargparse >= 4.49 deprecates skip_none: every fit warned (shown under `python -m lightning_rpn.cli`)
+    import warnings
+
+    from jsonargparse import ArgumentParser
+
+    from lightning_rpn import cli
+
+    parser = ArgumentParser()
+    parser.add_argument("--value", type=int | None, default=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = parser.dump(parser.parse_args([]), **cli._KEEP_NONE)
+        parser.save(parser.parse_args([]), tmp_path / "config.yaml", **cli._KEEP_NONE)
+    assert "value: null" in text and "value: null" in (tmp_path / "config.yaml").read_text()

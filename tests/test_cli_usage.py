@@ -46,7 +46,11 @@ def help_text(capsys: pytest.CaptureFixture, *args: str) -> str:
 def test_the_top_level_help_names_configs_and_built_in_names(config: Path, capsys: pytest.CaptureFixture) -> None:
     text = help_text(capsys)
     assert "configs (the built-in configs: `lightning-rpn configs list`" in text
-    assert "-c CONFIG, --config CONFIG A YAML or JSON config file, or the name of a built-in config" in text
+    # before the subcommand, a config takes a section per subcommand; a run's config goes after it
+    assert ("-c CONFIG, --config CONFIG A config with one section per subcommand (fit:, validate:, ...). The "
+            "built-in configs and copies of them hold one run's settings: give those after the subcommand, "
+            "`lightning-rpn fit --config shapes`.") in text
+    assert "A YAML or JSON config file, or the name of a built-in config" in help_text(capsys, "fit")
 
 
 @pytest.mark.parametrize("command", ["check-data", "analyze-anchors"])
@@ -195,6 +199,29 @@ def test_another_refused_trainer_setting_is_one_line(config: Path, capsys: pytes
     # a ValueError and a MisconfigurationException traceback from Lightning's accelerator connector
     line = refusal(capsys, "fit", "--config", str(config), *args)
     assert "were refused by Lightning: " + expected in line
+
+
+def test_checkpointing_off_with_the_configs_checkpoint_callbacks_names_them_not_the_hardware(
+        config: Path, capsys: pytest.CaptureFixture) -> None:
+    # the line quoted the accelerator and devices and advised `--trainer.accelerator auto`
+    callbacks = '[{"class_path": "lightning_rpn.training.callbacks.LastCheckpoint", "init_args": {"dirpath": "ckpts"}}]'
+    code = cli.main(["fit", "--config", str(config), "--trainer.callbacks", callbacks,
+                     "--trainer.enable_checkpointing", "false"])
+    err = capsys.readouterr().err
+    assert code == cli.USAGE_ERROR and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("lightning-rpn: Lightning refused the trainer settings: Trainer was configured with")
+    assert "also give --trainer.callbacks without them" in err and "accelerator" not in err
+
+
+def test_fast_dev_run_announces_no_checkpoint_files(config: Path, capsys: pytest.CaptureFixture) -> None:
+    # it said this run's files get a version suffix (last-v1.ckpt), but fast_dev_run saves none
+    (config.parent / "ckpts").mkdir()
+    (config.parent / "ckpts" / "last.ckpt").write_bytes(b"x")
+    callbacks = '[{"class_path": "lightning_rpn.training.callbacks.LastCheckpoint", "init_args": {"dirpath": "ckpts"}}]'
+    assert cli.main(["fit", "--config", str(config), "--trainer.callbacks", callbacks,
+                     "--trainer.fast_dev_run", "true"]) == 0
+    assert "version suffix" not in capsys.readouterr().err
+    assert [p.name for p in (config.parent / "ckpts").iterdir()] == ["last.ckpt"]
 
 
 def test_a_misconfiguration_raised_while_fitting_keeps_its_traceback(config: Path,

@@ -27,7 +27,7 @@ import numpy as np
 from rich.progress import track
 from torch.utils.data import Dataset
 
-from lightning_rpn.data.image_io import exif_turns_image, load_rgb_image, verify_image
+from lightning_rpn.data.image_io import exif_turns_image, load_rgb_image, read_image_size, verify_image
 from lightning_rpn.data.problems import (
     AnnotationRef,
     BadAnnotationPolicy,
@@ -217,13 +217,48 @@ class AnnotatedDataset(Dataset):
                     record.boxes, record.crowd_boxes = passing[index]
                     record.checked = True
                 else:
-                    self._set_boxes(record, record.size, self.problems)
+                    self._check_annotated_boxes(record)
         if self.verify_images:
             self.records = [r for r in self._progress(self.records, "Verifying images") if self._verify(r)]
 
     def _progress(self, items: list[T], description: str) -> Iterable[T]:
         """``items`` with a transient rich progress bar when there are many."""
         return track(items, description=description, disable=len(items) < PROGRESS_MIN_ITEMS, transient=True)
+
+    def _check_annotated_boxes(self, record: ImageRecord) -> None:
+        """:meth:`_set_boxes` at the annotated size; where a box fails there, the file's header is read.
+
+        A file of another size (an annotation with width and height swapped, or from another
+        version of the image) is that size mismatch, under the policy (:meth:`_apply_size`), not
+        boxes outside the image: the error names the file and both sizes instead of a box, and
+        ``clip`` / ``skip`` do not report boxes as dropped that the file's size keeps.
+        """
+        trial = ProblemLog()
+        try:
+            self._set_boxes(record, record.size, trial)
+        except DataError:
+            file_size = self._file_size_if_other(record)
+            if file_size is None:
+                raise
+            self._apply_size(record, file_size, self.problems)
+            return
+        file_size = self._file_size_if_other(record) if len(trial) else None
+        if file_size is not None:
+            self._apply_size(record, file_size, self.problems)
+        else:
+            self.problems.extend(trial)
+
+    @staticmethod
+    def _file_size_if_other(record: ImageRecord) -> tuple[int, int] | None:
+        """The ``(h, w)`` in ``record`` 's file header when it differs from the annotated size, else
+        ``None`` (no annotated size, or a file that cannot be read: reported when it is loaded)."""
+        if record.size is None:
+            return None
+        try:
+            size = read_image_size(record.file, image_id=record.image_id)
+        except DataError:
+            return None
+        return size if size != record.size else None
 
     def _set_boxes(self, record: ImageRecord, size: tuple[int, int] | None, log: ProblemLog) -> None:
         """``record.boxes`` from its written boxes: checked against ``size`` (policy applied), or converted only."""

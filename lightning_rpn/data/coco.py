@@ -84,6 +84,7 @@ class COCODetection(AnnotatedDataset):
             self._category_names = {_hashable(c.get("id")): c.get("name") for c in data.get("categories") or []
                                     if isinstance(c, dict)}
             records, dropped = self._parse_images(data["images"])
+            self._note_files_listed_twice(records)
             selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
             self._check_selection_kept_some(selected, category_ids, category_names)
             self.records = list(records.values())
@@ -164,6 +165,21 @@ class COCODetection(AnnotatedDataset):
                 if image_id is not None and image_id not in records:
                     dropped.add(image_id)
         return records, dropped
+
+    def _note_files_listed_twice(self, records: dict[Any, ImageRecord]) -> None:
+        """A warning (kind ``file_listed_twice``) for each image file listed under several image
+        ids: it is kept once per id (as its annotations may differ), so it trains twice as often and
+        its boxes count twice in recall; VOC refuses an id listed twice, COCO ids differ here."""
+        ids_of: dict[Path, list[Any]] = {}
+        for image_id, record in records.items():
+            ids_of.setdefault(record.file, []).append(image_id)
+        for file, ids in ids_of.items():
+            if len(ids) > 1:
+                self.problems.add(Problem(
+                    "file_listed_twice", "kept",
+                    f"{file} is listed under {len(ids)} image ids ({', '.join(map(repr, ids))}): each is an image "
+                    "of the split, trained and evaluated (its boxes counted) once per id",
+                    self.annotation_file, ids[1]))
 
     def _parse_image(self, entry: Any, records: dict[Any, ImageRecord]) -> ImageRecord:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.core.windows import clip_to_window, config_from_mapping, window_key, window_starts
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord, boxes_at_size
 from lightning_rpn.data.image_cache import ImageCache
@@ -99,22 +100,22 @@ class TileConfig:
     def __post_init__(self) -> None:
         where = "data.tiles"
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
-            raise ValueError(f"{where}.size={self.size!r} must be an int >= 16 (window side, pixels)")
+            raise SettingError(f"{where}.size={self.size!r} must be an int >= 16 (window side, pixels)")
         if isinstance(self.per_epoch, bool) or not isinstance(self.per_epoch, int) or self.per_epoch < 1:
-            raise ValueError(f"{where}.per_epoch={self.per_epoch!r} must be a positive int (windows per epoch)")
+            raise SettingError(f"{where}.per_epoch={self.per_epoch!r} must be a positive int (windows per epoch)")
         if self.overlap is not None and (
             isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size
         ):
-            raise ValueError(f"{where}.overlap={self.overlap!r} must be null or an int in [0, size={self.size}) "
+            raise SettingError(f"{where}.overlap={self.overlap!r} must be null or an int in [0, size={self.size}) "
                              "(pixels shared by neighbouring grid windows)")
         if self.weighting not in _WEIGHTINGS:
-            raise ValueError(f"{where}.weighting={self.weighting!r} is not one of {', '.join(_WEIGHTINGS)}")
+            raise SettingError(f"{where}.weighting={self.weighting!r} is not one of {', '.join(_WEIGHTINGS)}")
         if not 0.0 <= float(self.box_probability) <= 1.0:
-            raise ValueError(f"{where}.box_probability={self.box_probability!r} must be in [0, 1]")
+            raise SettingError(f"{where}.box_probability={self.box_probability!r} must be in [0, 1]")
         if not float(self.cache_mb) >= 0.0:
-            raise ValueError(f"{where}.cache_mb={self.cache_mb!r} must be >= 0 (megabytes per worker)")
+            raise SettingError(f"{where}.cache_mb={self.cache_mb!r} must be >= 0 (megabytes per worker)")
         if self.window_reads not in _WINDOW_READS:
-            raise ValueError(f"{where}.window_reads={self.window_reads!r} is not one of {', '.join(_WINDOW_READS)}")
+            raise SettingError(f"{where}.window_reads={self.window_reads!r} is not one of {', '.join(_WINDOW_READS)}")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | TileConfig) -> TileConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 __all__ = [
-    "config_dir", "config_names", "config_path", "configs_command", "copy_config", "misplaced_config",
+    "config_dir", "config_names", "config_path", "config_problem", "configs_command", "copy_config",
     "resolve_config_args",
 ]
 
@@ -112,16 +112,19 @@ def resolve_config_args(args: Sequence[str], notice: Callable[[str], None] = _pr
     return resolved
 
 
-def misplaced_config(args: Sequence[str]) -> str | None:
-    """Why ``lightning-rpn -c FILE fit ...`` cannot run as meant, or ``None``.
+def config_problem(args: Sequence[str]) -> str | None:
+    """Why a ``--config`` of ``args`` (as typed: a name is read as ``--config NAME`` reads it) cannot
+    run as meant, or ``None``; a file that cannot be read is left to the CLI to report.
 
-    Before the subcommand, LightningCLI reads a config with one section per subcommand
-    (``fit: {trainer: ...}``); a config of one run's settings there (``args`` as typed: a name is
-    read as ``--config NAME`` reads it) (every built-in one, and
-    what ``configs copy`` writes) is silently not applied to the run (``--print_config`` shows
-    the defaults) or fails on its first key. Such a file is named, with the command line that
-    reads it. A file that cannot be read is left to the CLI to report.
+    - An empty file (jsonargparse says only "Unexpected config:"), such as the ``shapes.yaml`` that
+      ``fit --config shapes --print_config > shapes.yaml`` creates before it runs, which then
+      shadows the built-in ``shapes``.
+    - ``lightning-rpn -c FILE fit ...``: before the subcommand, LightningCLI reads a config with
+      one section per subcommand (``fit: {trainer: ...}``); a config of one run's settings there
+      (every built-in one, and what ``configs copy`` writes) is silently not applied to the run
+      (``--print_config`` shows the defaults) or fails on its first key.
     """
+    before_subcommand = True
     index = 0
     while index < len(args):
         arg = args[index]
@@ -129,16 +132,20 @@ def misplaced_config(args: Sequence[str]) -> str | None:
             value, index = args[index + 1], index + 2
         elif arg.startswith("--config="):
             value, index = arg[len("--config="):], index + 1
-        elif arg.startswith("-"):
+        else:
+            # the subcommand: configs after it are its own
+            before_subcommand = before_subcommand and arg.startswith("-")
             index += 1
             continue
-        else:  # the subcommand: what follows is its own
-            return None
+        path = Path(_resolve(value, lambda _: None))
         try:
-            content = yaml.safe_load(Path(_resolve(value, lambda _: None)).read_text(encoding="utf-8"))
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
-        if isinstance(content, dict) and not set(content) & set(_RUN_SUBCOMMANDS):
+        if content is None:
+            return (f"--config {value}: {path} is empty (a `--print_config > {path.name}` creates it empty before "
+                    f"the command reads it: print to another file name)")
+        if before_subcommand and isinstance(content, dict) and not set(content) & set(_RUN_SUBCOMMANDS):
             subcommand = next((a for a in args[index:] if a in _RUN_SUBCOMMANDS), "fit")
             return (f"--config {value} comes before the subcommand, where a config needs one section per "
                     f"subcommand ({', '.join(f'{name}:' for name in _RUN_SUBCOMMANDS)}); this one holds the "

@@ -244,9 +244,11 @@ def _cosine_length(run_steps: Callable[[], float | int]) -> int:
     """``run_steps()`` as the cosine's length; an unbounded run has none."""
     steps = run_steps()
     if not math.isfinite(steps):
-        raise ValueError(
-            "model.lr_schedule='cosine' decays over the whole run: set trainer.max_steps "
-            "or trainer.max_epochs (both are unlimited)"
+        raise SettingError(
+            "model.lr_schedule='cosine' decays over the whole run, and this run has no step count to end at "
+            "(trainer.max_steps and trainer.max_epochs unlimited, or no training batch per epoch to count): set "
+            "trainer.max_steps, or trainer.max_epochs with training batches, or use --model.lr_schedule multistep "
+            "(e.g. for a run bounded by trainer.max_time)"
         )
     return int(steps)
 

@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from lightning_rpn._files import ZIP_START, folder_write_problem, torch_file_kind
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 
 __all__ = [
@@ -197,10 +198,19 @@ def warn_if_budget_reached(trainer: pl.Trainer, checkpoint: Mapping[str, Any], p
     the limit was reached. Extending a config that sets ``max_epochs`` with ``--trainer.max_steps``
     alone is such a run (Lightning stops at the first limit reached), and the line says which
     limit to raise. The epochs are counted as the resumed fit counts them (a checkpoint saved at
-    an epoch's end has finished it: :mod:`~lightning_rpn.training.resume_state`).
+    an epoch's end has finished it: :mod:`~lightning_rpn.training.resume_state`). A ``max_epochs``
+    below the epochs trained, which Lightning refuses with a traceback after the data were set up,
+    is a :class:`~lightning_rpn.core.config.SettingError` saying what to do.
     """
     epochs, steps = _trained(checkpoint)
     limits = {"max_epochs": _epoch_limit(trainer), "max_steps": trainer.max_steps}
+    if limits["max_epochs"] != -1 and epochs > limits["max_epochs"]:  # Lightning refuses it with a traceback
+        forced = " (--trainer.fast_dev_run runs one)" if trainer.fast_dev_run else ""
+        raise SettingError(
+            f"lightning-rpn fit: {path} has already trained {epochs} epoch(s), more than this fit's "
+            f"max_epochs={limits['max_epochs']}{forced}, which Lightning cannot resume; to train on, raise "
+            f"--trainer.max_epochs above {epochs}; to evaluate those weights, `lightning-rpn validate --ckpt_path {path}`"
+        )
     trained = {"max_epochs": epochs, "max_steps": steps}
     reached = [name for name, limit in limits.items() if limit != -1 and trained[name] >= limit]
     if not reached or not trainer.is_global_zero:

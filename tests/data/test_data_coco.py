@@ -11,7 +11,7 @@ from PIL import Image
 from helpers.builders import basic_coco, save_image, write_coco
 
 from lightning_rpn.data.coco import COCODetection
-from lightning_rpn.data.problems import DataError, UnsafePathError
+from lightning_rpn.data.problems import DataError, UnsafePathError, severity_of
 
 
 def one_image(root: Path, bbox: list, height: int = 40, width: int = 60, **ann: object) -> tuple[Path, Path]:
@@ -135,6 +135,43 @@ def test_image_size_disagreeing_with_annotation(tmp_path: Path) -> None:
     assert {p.kind for p in clipped.problems} == {"size_mismatch", "outside_image"}
     skipped = COCODetection(images_root, ann, on_bad_annotation="skip", verify_images=True)
     assert len(skipped) == 0 and skipped.problems.problems[0].kind == "size_mismatch"
+
+
+def test_a_file_listed_under_two_image_ids_is_a_warning(tmp_path: Path) -> None:
+    # trained and evaluated twice without a word (check-data: 0 problems); VOC refuses a repeated id
+    images = [{"id": 1, "file_name": "a.png", "height": 40, "width": 60},
+              {"id": 2, "file_name": "a.png", "height": 40, "width": 60},
+              {"id": 3, "file_name": "b.png", "height": 40, "width": 60}]
+    anns = [{"id": 10 + i, "image_id": i, "bbox": [5, 5, 10, 10], "category_id": 1} for i in (1, 2, 3)]
+    images_root, ann = write_coco(tmp_path, images, anns)
+    dataset = COCODetection(images_root, ann)
+    assert len(dataset) == 3  # kept: each id is an image of the split
+    (problem,) = dataset.problems
+    assert (problem.kind, problem.action, problem.image_id, severity_of(problem.kind)) == (
+        "file_listed_twice", "kept", 2, "warning")
+    assert f"{images_root / 'a.png'} is listed under 2 image ids (1, 2)" in problem.detail
+
+
+def test_a_swapped_annotation_size_is_named_as_such_not_as_boxes_outside_it(tmp_path: Path) -> None:
+    # the file is 60 wide, 40 high; the annotation says 40 wide, 60 high: a box at x 45-55 fits the file.
+    # fit said "bbox [45, 5, 10, 10] lies entirely outside the 40x60 image" and advised dropping boxes;
+    # under clip it listed the box as skipped and then kept it
+    images = [{"id": 1, "file_name": "a.png", "height": 60, "width": 40}]
+    anns = [{"id": 5, "image_id": 1, "bbox": [45, 5, 10, 10], "category_id": 1},
+            {"id": 6, "image_id": 1, "bbox": [5, 5, 10, 10], "category_id": 1}]
+    images_root, ann = write_coco(tmp_path, images, anns, create_files=False)
+    save_image(images_root / "a.png", 40, 60)
+    with pytest.raises(DataError, match=r"a\.png is 60x40 \(w x h\) but the annotation says 40x60") as raised:
+        COCODetection(images_root, ann)
+    assert "outside" not in str(raised.value)
+    clipped = COCODetection(images_root, ann, on_bad_annotation="clip")
+    assert [p.kind for p in clipped.problems] == ["size_mismatch"]
+    np.testing.assert_array_equal(clipped[0].boxes, [[45, 5, 55, 15], [5, 5, 15, 15]])
+    # boxes outside a file of the annotated size are still reported as such
+    images_root, ann = write_coco(tmp_path / "right", [{**images[0], "height": 40, "width": 60}],
+                                  [{**anns[0], "bbox": [65, 5, 10, 10]}])
+    with pytest.raises(DataError, match="lies entirely outside"):
+        COCODetection(images_root, ann)
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/etc/passwd", "C:\\x.png"])

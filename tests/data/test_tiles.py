@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.core.windows import window_starts
 from lightning_rpn.data import annotated
 from lightning_rpn.data.coco import COCODetection
@@ -50,17 +51,18 @@ def _sample(boxes: list[list[float]], crowd: list[list[float]] = ()) -> Detectio
 
 
 def test_config_errors_name_the_key() -> None:
-    with pytest.raises(ValueError, match=r"data.tiles: unknown key\(s\) \['sise'\]"):
+    # SettingErrors: the CLI prints each as one line (a bad value was a 59-line traceback, exit 1)
+    with pytest.raises(SettingError, match=r"data.tiles: unknown key\(s\) \['sise'\]"):
         TileConfig.from_mapping({"sise": 256, "per_epoch": 4})
-    with pytest.raises(ValueError, match="data.tiles needs per_epoch"):
+    with pytest.raises(SettingError, match="data.tiles needs per_epoch"):
         TileConfig.from_mapping({"size": 256})
-    with pytest.raises(ValueError, match=r"data.tiles.overlap=256 must be null or an int in \[0, size=256\)"):
+    with pytest.raises(SettingError, match=r"data.tiles.overlap=256 must be null or an int in \[0, size=256\)"):
         TileConfig(size=256, per_epoch=4, overlap=256)
-    with pytest.raises(ValueError, match="data.tiles.weighting='files'"):
+    with pytest.raises(SettingError, match="data.tiles.weighting='files'"):
         TileConfig(size=256, per_epoch=4, weighting="files")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="data.tiles.box_probability=2"):
+    with pytest.raises(SettingError, match="data.tiles.box_probability=2"):
         TileConfig(size=256, per_epoch=4, box_probability=2)
-    with pytest.raises(ValueError, match="data.tiles.size"):
+    with pytest.raises(SettingError, match="data.tiles.size"):
         RPNDataModule(tiles={"size": 8, "per_epoch": 4})
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lightning_rpn import cli
-from lightning_rpn.tools.config_files import config_path, misplaced_config, resolve_config_args
+from lightning_rpn.tools.config_files import config_path, config_problem, resolve_config_args
 
 
 @pytest.fixture
@@ -68,7 +68,17 @@ def test_a_run_config_before_the_subcommand_is_refused_naming_where_it_goes(
     assert "max_steps: 3" in capsys.readouterr().out
     # after any subcommand the config is the subcommand's own
     for args in (["fit", "-c", "shapes"], ["check-data", "--config", "shapes"], ["configs", "copy", "shapes"]):
-        assert misplaced_config(args) is None
+        assert config_problem(args) is None
+
+
+def test_an_empty_config_file_is_named(outside_the_clone: Path, capsys: pytest.CaptureFixture) -> None:
+    # `fit --config shapes --print_config > shapes.yaml` creates ./shapes.yaml empty before it runs, which
+    # then shadows the built-in: jsonargparse said only "error: Unexpected config:"
+    (outside_the_clone / "shapes.yaml").write_text("")
+    assert cli.main(["fit", "--config", "shapes", "--print_config"]) == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err == ("lightning-rpn: --config shapes: shapes.yaml is empty (a `--print_config > shapes.yaml` creates "
+                   "it empty before the command reads it: print to another file name)\n")
 
 
 def test_copy_into_a_folder_written_with_a_trailing_slash(outside_the_clone: Path,

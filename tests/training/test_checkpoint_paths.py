@@ -22,6 +22,7 @@ import yaml
 from helpers.cli import TINY_CONFIG, assert_ok, run_cli, start_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_rpn.core.config import SettingError
 from lightning_rpn.training.last_checkpoint import LastCheckpoint
 from lightning_rpn.training.run_files import (
     continued_folders,
@@ -157,6 +158,18 @@ def test_a_budget_the_checkpoint_has_reached_is_said_before_training(
         assert err.startswith("lightning-rpn fit: x.ckpt ") and expected in err and err.count("\n") == 1
 
 
+def test_a_max_epochs_below_the_checkpoints_epochs_is_refused_before_training() -> None:
+    # Lightning refused it with a traceback after the data were set up, below our line promising a clean end
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=29)
+    with pytest.raises(SettingError, match=r"^lightning-rpn fit: x\.ckpt has already trained 30 epoch\(s\), more than "
+                                           r"this fit's max_epochs=29, which Lightning cannot resume; to train on, "
+                                           r"raise --trainer.max_epochs above 30"):
+        warn_if_budget_reached(trainer, read_checkpoint(FIXTURE, "fit"), "x.ckpt")
+    quick = pl.Trainer(logger=False, enable_progress_bar=False, fast_dev_run=True)
+    with pytest.raises(SettingError, match=r"max_epochs=1 \(--trainer.fast_dev_run runs one\)"):
+        warn_if_budget_reached(quick, read_checkpoint(FIXTURE, "fit"), "x.ckpt")
+
+
 def _steps(folder: Path) -> dict[str, int]:
     return {p.name: torch.load(p, map_location="cpu", weights_only=True, mmap=True)["global_step"]
             for p in sorted(folder.glob("*.ckpt"))}
@@ -218,6 +231,10 @@ def test_unreadable_checkpoints_hpc_and_refused_trainer_settings_are_one_line(tm
                                "lightning-rpn: Lightning refused the trainer settings when fit set up its data: "
                                "`val_check_interval` (10) must be less than or equal to the number of the training "
                                "batches (2)."),
+        # raised below the loop's setup_data (in the data connector), from configure_optimizers: a traceback
+        "limit_train_batches": (["fit", "--config", "config.yaml", "--trainer.limit_train_batches", "0.1"],
+                                "lightning-rpn: Lightning refused the trainer settings when fit set up its data: You "
+                                "requested to check 0.1 of the `train_dataloader` but 0.1 * 2 < 1."),
     }
     started = {name: start_cli([*args, "--trainer.logger", "false"], tmp_path) for name, (args, _) in runs.items()}
     wrong = {}

@@ -194,3 +194,12 @@ def test_an_unchanged_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: 
     _fit(tmp_path, uninterrupted, batches, 4)
     for (name, value), other in zip(resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True):
         assert torch.equal(value, other), name
+
+
+def test_a_cosine_run_without_an_end_is_a_setting_error_naming_the_way_out() -> None:
+    # a traceback before; its "both are unlimited" was wrong for limit_train_batches 0 with max_epochs set
+    from lightning_rpn.core.config import OptimConfig, SettingError
+    from lightning_rpn.training.optim import configure_optimization
+
+    with pytest.raises(SettingError, match=r"no step count to end at .* use --model.lr_schedule multistep"):
+        configure_optimization(OptimConfig(lr_schedule="cosine"), torch.nn.Linear(2, 2), lambda: float("inf"))
