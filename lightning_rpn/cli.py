@@ -46,7 +46,13 @@ import torch
 import jsonargparse
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, Namespace
-from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -524,12 +530,34 @@ class RPNLightningCLI(LightningCLI):
         ordinary flag, so every config keeps working with it.
         """
         self._write_predictions()
+        self._say_which_folders_stay()
         if self.trainer.loggers:
             return
         kept = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         if len(kept) < len(self.trainer.callbacks):
             self.trainer.callbacks = kept
             _notice("no logger, so LearningRateMonitor is left out (learning rates are not logged)")
+
+    def _say_which_folders_stay(self) -> None:
+        """With ``--trainer.default_root_dir`` on the command line, name the folders the config sets
+        itself (checkpoint ``dirpath``, the logger's ``save_dir``, the proposal writer's
+        ``output_dir``) that lie outside it: Lightning uses the root only where nothing else is
+        set, so a user moving a run with it found its checkpoints in the config's folder."""
+        if not any(arg == "--trainer.default_root_dir" or arg.startswith("--trainer.default_root_dir=")
+                   for arg in self._given_args):
+            return
+        root = Path(self.trainer.default_root_dir).absolute()
+        named = [(f"{type(c).__name__} dirpath", c.dirpath) for c in self.trainer.checkpoint_callbacks
+                 if isinstance(c, ModelCheckpoint)]
+        named += [(f"{type(logger).__name__} save_dir", logger.save_dir) for logger in self.trainer.loggers]
+        named += [(f"{type(c).__name__} output_dir", c.output_dir) for c in self.trainer.callbacks
+                  if isinstance(c, ProposalWriter)]
+        outside = [f"{where} {folder}" for where, folder in named
+                   if folder is not None and "://" not in str(folder) and not Path(folder).absolute().is_relative_to(root)]
+        if outside:
+            _notice(f"--trainer.default_root_dir {self.trainer.default_root_dir} moves only what the config leaves to "
+                    f"Lightning; the config sets these folders itself, and they stay: {'; '.join(outside)} (set "
+                    "them too, e.g. --trainer.logger.init_args.save_dir, or in a copy of the config)")
 
     def _write_predictions(self) -> None:
         """``predict`` with no ``BasePredictionWriter`` among the callbacks (a checkpoint alone, as in

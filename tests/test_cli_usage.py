@@ -224,6 +224,20 @@ def test_fast_dev_run_announces_no_checkpoint_files(config: Path, capsys: pytest
     assert [p.name for p in (config.parent / "ckpts").iterdir()] == ["last.ckpt"]
 
 
+def test_a_root_dir_on_the_command_line_names_the_folders_the_config_keeps(config: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    # `fit --trainer.default_root_dir X` wrote every file to the config's own folders without a word
+    callbacks = '[{"class_path": "lightning_rpn.training.callbacks.LastCheckpoint", "init_args": {"dirpath": "ckpts"}}]'
+    args = ["fit", "--config", str(config), "--trainer.callbacks", callbacks, "--trainer.fast_dev_run", "true"]
+    assert cli.main([*args, "--trainer.default_root_dir", "moved"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"--trainer.default_root_dir moved moves only what the config leaves to Lightning; the config sets these "
+            f"folders itself, and they stay: LastCheckpoint dirpath {config.parent / 'ckpts'} (set them too") in err
+    assert cli.main([*args, "--trainer.default_root_dir", "ckpts/.."]) == 0  # the folders lie under it
+    assert cli.main(args) == 0  # not given: nothing to say
+    assert "default_root_dir" not in capsys.readouterr().err
+
+
 def test_a_misconfiguration_raised_while_fitting_keeps_its_traceback(config: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the trainer's construction is a setting problem: later, it may be our own misuse of Lightning."""
