@@ -242,7 +242,8 @@ class AnnotatedDataset(Dataset):
                 raise
             self._apply_size(record, file_size, self.problems)
             return
-        file_size = self._file_size_if_other(record) if len(trial) else None
+        # only for errors: a box slightly outside (a warning, frequent in COCO) costs no header read
+        file_size = self._file_size_if_other(record) if trial.num_errors() else None
         if file_size is not None:
             self._apply_size(record, file_size, self.problems)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from itertools import zip_longest
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ class ProposalImages(Callback):
     time it is written.
 
     Args:
-        num_images: images per epoch (the first ones of the epoch, on rank 0).
+        num_images: images per evaluation: the first ones of its split (under DDP, the first of
+            each process's share in turn, gathered on rank 0).
         top_k: proposals drawn per image (the best-scored ones).
     """
 
@@ -167,7 +169,8 @@ class ProposalImages(Callback):
     on_test_epoch_start = on_validation_epoch_start
 
     def _collect(self, trainer: Trainer, outputs: Any, batch: Any) -> None:
-        if not reporting(trainer) or len(self._samples) >= self.num_images:
+        # every process collects its first images: under DDP each evaluates its share of the split
+        if trainer.sanity_checking or len(self._samples) >= self.num_images:
             return
         proposals = outputs.get("proposals") if isinstance(outputs, Mapping) else None
         if proposals is None:
@@ -219,6 +222,9 @@ class ProposalImages(Callback):
 
     def _log(self, trainer: Trainer) -> None:
         samples, self._samples = self._samples, []
+        if trainer.sanity_checking:
+            return
+        samples = self._first_of_the_split(trainer, samples)
         if not reporting(trainer) or not samples:
             return
         stage, (_, step) = evaluation_stage(trainer), evaluated_counters(trainer)
@@ -236,6 +242,20 @@ class ProposalImages(Callback):
                     )
         for logger in file_loggers(trainer):
             self._write_files(log_dir(trainer, logger) / "proposal_images", samples, trainer)
+
+    def _first_of_the_split(self, trainer: Trainer, samples: list[_Sample]) -> list[_Sample]:
+        """On rank 0, the first ``num_images`` of every process's ``samples``, taken in turn (rank 0's
+        first, rank 1's first, ...: a distributed sampler deals the split out so, so an unshuffled
+        split gives the images a single process draws); ``samples`` as they are on one process. A
+        collective: every process calls it."""
+        if trainer.world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return samples
+        gathered: list[list[_Sample] | None] = [None] * trainer.world_size
+        torch.distributed.gather_object(samples, gathered if trainer.is_global_zero else None, dst=0)
+        if not trainer.is_global_zero:
+            return []
+        in_turn = [s for turn in zip_longest(*(g or [] for g in gathered)) for s in turn if s is not None]
+        return in_turn[: self.num_images]
 
     def _write_files(self, folder: Path, samples: list[_Sample], trainer: Trainer) -> None:
         folder.mkdir(parents=True, exist_ok=True)

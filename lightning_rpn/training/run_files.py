@@ -85,6 +85,17 @@ def check_checkpoint_dirs(trainer: pl.Trainer, continued: Collection[Path] = ())
             )
 
 
+def _evaluation_limit(trainer: pl.Trainer, command: str) -> str | None:
+    """What made ``command`` evaluate part of its split (``"fast_dev_run"``, ``"limit_val_batches=0.25"``),
+    or ``None`` for the whole split: a summary of a partial evaluation must not read as a full one."""
+    if getattr(trainer, "fast_dev_run", False):
+        return "fast_dev_run"
+    name = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}[command]
+    limit = getattr(trainer, name, 1.0)
+    whole = limit is None or (isinstance(limit, float) and limit == 1.0)  # an int 1 is one batch
+    return None if whole else f"{name}={limit}"
+
+
 def _check_writable(folder: Path, callbacks: Sequence[ModelCheckpoint]) -> None:
     """A ``ValueError`` naming the callbacks, their ``dirpath`` and the reason when checkpoints
     could not be written in ``folder`` (:func:`~lightning_rpn._files.folder_write_problem`, which
@@ -545,6 +556,7 @@ def write_metrics_summary(
             "root": None if root is None else str(root),
             "split": splits.get(role) if images is None else None,
             "images": images,
+            "limited_by": _evaluation_limit(trainer, command),
         },
         "coordinates": "original images" if command == "predict" else "resized images",
         "metrics": recall,

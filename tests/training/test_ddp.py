@@ -47,6 +47,7 @@ def _config() -> dict:
             # left out of the fit (progress bar off), swapped for progress lines in the validate
             # with the bar on (stdout a pipe): each notice and line from rank 0 only
             {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+            {"class_path": "lightning_rpn.training.callbacks.ProposalImages", "init_args": {"num_images": VAL_IMAGES}},
         ],
     )
     config["model"]["objectness"] = "softmax"  # 2A logits per location: all must get gradients
@@ -138,6 +139,13 @@ def test_ddp_validation_recall_equals_the_single_process_value(ddp_run: Path) ->
         assert key in ddp and key in single, sorted(ddp)
         assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
     assert single["val/AR@100"] > 0
+
+
+def test_ddp_validation_draws_the_images_one_process_draws(ddp_run: Path) -> None:
+    # each process evaluates half of the split: rank 0 alone drew 4 of the 8 asked for
+    drawn = {version: sorted(p.name for p in (ddp_run / "run/csv" / version / "proposal_images").glob("*.png"))
+             for version in ("ddp", "single")}
+    assert len(drawn["single"]) == VAL_IMAGES and drawn["ddp"] == drawn["single"]
 
 
 def test_ddp_validation_logs_the_synchronised_metrics_without_sync_dist_warnings(ddp_run: Path) -> None:

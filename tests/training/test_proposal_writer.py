@@ -163,6 +163,20 @@ def test_a_second_metrics_summary_of_a_checkpoint_keeps_the_first(tmp_path: Path
     assert "validate-last.json in" in capsys.readouterr().err
 
 
+def test_a_metrics_summary_says_what_limited_the_evaluation(tmp_path: Path) -> None:
+    # validate --trainer.limit_val_batches 0.25 wrote a summary that read as one of the whole split
+    def summary(**limits: Any) -> dict:
+        trainer = SimpleNamespace(is_global_zero=True, ckpt_path=None, default_root_dir=str(tmp_path),
+                                  callback_metrics={}, **limits)
+        path = write_metrics_summary(trainer, SimpleNamespace(last_recall={"AR@100": 0.5}), SimpleNamespace(), "validate")
+        return json.loads(path.read_text())["dataset"]
+
+    assert summary(limit_val_batches=1.0, fast_dev_run=False)["limited_by"] is None
+    assert summary(limit_val_batches=0.25, fast_dev_run=False)["limited_by"] == "limit_val_batches=0.25"
+    assert summary(limit_val_batches=1, fast_dev_run=True)["limited_by"] == "fast_dev_run"
+    assert summary(limit_val_batches=1, fast_dev_run=False)["limited_by"] == "limit_val_batches=1"  # one batch
+
+
 # ---------------------------------------------------------------- COCO category of the results
 
 
