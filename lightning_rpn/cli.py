@@ -546,14 +546,17 @@ class RPNLightningCLI(LightningCLI):
         if not any(arg == "--trainer.default_root_dir" or arg.startswith("--trainer.default_root_dir=")
                    for arg in self._given_args):
             return
-        root = Path(self.trainer.default_root_dir).absolute()
+        root = Path(os.path.realpath(self.trainer.default_root_dir))  # Lightning resolves dirpath's links
         named = [(f"{type(c).__name__} dirpath", c.dirpath) for c in self.trainer.checkpoint_callbacks
                  if isinstance(c, ModelCheckpoint)]
         named += [(f"{type(logger).__name__} save_dir", logger.save_dir) for logger in self.trainer.loggers]
         named += [(f"{type(c).__name__} output_dir", c.output_dir) for c in self.trainer.callbacks
                   if isinstance(c, ProposalWriter)]
-        outside = [f"{where} {folder}" for where, folder in named
-                   if folder is not None and "://" not in str(folder) and not Path(folder).absolute().is_relative_to(root)]
+        by_folder: dict[str, list[str]] = {}
+        for where, folder in named:
+            if folder is not None and "://" not in str(folder) and not Path(os.path.realpath(folder)).is_relative_to(root):
+                by_folder.setdefault(str(folder), []).append(where)
+        outside = [f"{folder} ({', '.join(wheres)})" for folder, wheres in by_folder.items()]
         if outside:
             _notice(f"--trainer.default_root_dir {self.trainer.default_root_dir} moves only what the config leaves to "
                     f"Lightning; the config sets these folders itself, and they stay: {'; '.join(outside)} (set "

@@ -232,9 +232,11 @@ def test_a_root_dir_on_the_command_line_names_the_folders_the_config_keeps(confi
     assert cli.main([*args, "--trainer.default_root_dir", "moved"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert (f"--trainer.default_root_dir moved moves only what the config leaves to Lightning; the config sets these "
-            f"folders itself, and they stay: LastCheckpoint dirpath {config.parent / 'ckpts'} (set them too") in err
+            f"folders itself, and they stay: {config.parent / 'ckpts'} (LastCheckpoint dirpath) (set them too") in err
     assert cli.main([*args, "--trainer.default_root_dir", "ckpts/.."]) == 0  # the folders lie under it
     assert cli.main(args) == 0  # not given: nothing to say
+    (config.parent / "link").symlink_to(config.parent)  # Lightning resolves dirpath's links, not the root's
+    assert cli.main([*args, "--trainer.default_root_dir", "link"]) == 0
     assert "default_root_dir" not in capsys.readouterr().err
 
 

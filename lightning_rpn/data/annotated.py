@@ -233,6 +233,9 @@ class AnnotatedDataset(Dataset):
         boxes outside the image: the error names the file and both sizes instead of a box, and
         ``clip`` / ``skip`` do not report boxes as dropped that the file's size keeps.
         """
+        if self.on_bad_annotation == "skip":  # the image is skipped for the mismatch (verify or load): as it was
+            self._set_boxes(record, record.size, self.problems)
+            return
         trial = ProblemLog()
         try:
             self._set_boxes(record, record.size, trial)

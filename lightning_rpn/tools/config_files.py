@@ -138,6 +138,8 @@ def config_problem(args: Sequence[str]) -> str | None:
             index += 1
             continue
         path = Path(_resolve(value, lambda _: None))
+        if not path.is_file():  # a pipe (`--config <(...)`) is read once, by the CLI; others it reports
+            continue
         try:
             content = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -170,7 +172,7 @@ def _resolve(value: str, notice: Callable[[str], None]) -> str:
 
 def _local_config(path: Path) -> Path | None:
     """``path`` plus ``.yaml`` or else ``.yml``, whichever file exists, for a ``path`` without either suffix."""
-    if path.suffix.lower() in _LOCAL_SUFFIXES:
+    if not path.name or path.suffix.lower() in _LOCAL_SUFFIXES:  # "", ".", "/": no name to add to
         return None
     candidates = (path.with_name(path.name + suffix) for suffix in _LOCAL_SUFFIXES)
     return next((candidate for candidate in candidates if candidate.is_file()), None)

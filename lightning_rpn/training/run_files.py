@@ -90,9 +90,15 @@ def _evaluation_limit(trainer: pl.Trainer, command: str) -> str | None:
     or ``None`` for the whole split: a summary of a partial evaluation must not read as a full one."""
     if getattr(trainer, "fast_dev_run", False):
         return "fast_dev_run"
-    name = {"validate": "limit_val_batches", "test": "limit_test_batches", "predict": "limit_predict_batches"}[command]
+    stage = {"validate": "val", "test": "test", "predict": "predict"}[command]
+    name = f"limit_{stage}_batches"
     limit = getattr(trainer, name, 1.0)
     whole = limit is None or (isinstance(limit, float) and limit == 1.0)  # an int 1 is one batch
+    if not whole and isinstance(limit, int):  # as many batches as the loader has, or more: all of them
+        try:
+            whole = limit >= len(getattr(trainer, f"{stage}_dataloaders"))
+        except (AttributeError, TypeError):  # no loader recorded, or one without a length
+            pass
     return None if whole else f"{name}={limit}"
 
 

@@ -167,6 +167,8 @@ def test_a_swapped_annotation_size_is_named_as_such_not_as_boxes_outside_it(tmp_
     clipped = COCODetection(images_root, ann, on_bad_annotation="clip")
     assert [p.kind for p in clipped.problems] == ["size_mismatch"]
     np.testing.assert_array_equal(clipped[0].boxes, [[45, 5, 55, 15], [5, 5, 15, 15]])
+    skipped = COCODetection(images_root, ann, on_bad_annotation="skip", verify_images=True)
+    assert len(skipped) == 0 and "size_mismatch" in {p.kind for p in skipped.problems}  # skip skips the image
     # boxes outside a file of the annotated size are still reported as such
     images_root, ann = write_coco(tmp_path / "right", [{**images[0], "height": 40, "width": 60}],
                                   [{**anns[0], "bbox": [65, 5, 10, 10]}])

@@ -4,6 +4,7 @@ folder is one."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -107,3 +108,14 @@ def test_copy_to_a_destination_that_cannot_be_written_is_one_line(outside_the_cl
     assert cli.main(["configs", "copy", "shapes", "afile/deeper/x.yaml"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("lightning-rpn configs copy: cannot write 'afile/deeper/x.yaml' (") and err.count("\n") == 1
+
+
+@pytest.mark.timeout(20)
+def test_a_config_that_is_no_regular_file_is_left_to_the_cli(outside_the_clone: Path) -> None:
+    # a pipe (`--config <(...)`) read here first reached the CLI empty (opening this one would block)
+    os.mkfifo(outside_the_clone / "pipe.yaml")
+    assert config_problem(["fit", "--config", str(outside_the_clone / "pipe.yaml")]) is None
+    # "." and "" have no name to add .yaml to: a ValueError traceback before
+    for value in (".", "", "/"):
+        assert config_problem(["fit", "--config", value]) is None
+        assert resolve_config_args(["fit", "--config", value]) == ["fit", "--config", value]

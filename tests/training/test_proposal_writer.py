@@ -175,6 +175,9 @@ def test_a_metrics_summary_says_what_limited_the_evaluation(tmp_path: Path) -> N
     assert summary(limit_val_batches=0.25, fast_dev_run=False)["limited_by"] == "limit_val_batches=0.25"
     assert summary(limit_val_batches=1, fast_dev_run=True)["limited_by"] == "fast_dev_run"
     assert summary(limit_val_batches=1, fast_dev_run=False)["limited_by"] == "limit_val_batches=1"  # one batch
+    assert summary(limit_val_batches=2, fast_dev_run=False, val_dataloaders=[0, 1, 2])["limited_by"] == (
+        "limit_val_batches=2")
+    assert summary(limit_val_batches=5, fast_dev_run=False, val_dataloaders=[0, 1, 2])["limited_by"] is None  # all 3
 
 
 # ---------------------------------------------------------------- COCO category of the results
