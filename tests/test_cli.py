@@ -112,7 +112,8 @@ def test_validate_and_test_print_the_recall_table_and_write_a_json_summary(
     summary = json.loads(path.read_text())
     assert summary["command"] == command
     assert summary["checkpoint"] == str((workdir / "run/checkpoints/last.ckpt").resolve())
-    assert summary["dataset"] == {"name": "synthetic", "root": None, "split": split, "images": None}
+    assert summary["dataset"] == {"name": "synthetic", "root": None, "split": split, "images": None,
+                                  "limited_by": None}  # the whole split (validate: limit_val_batches 1, its one batch)
     assert set(summary["metrics"]) == _every_recall_key()
     assert 0 <= summary["metrics"]["AR@100"] <= 1
     assert set(summary["losses"]) == {"loss", "loss_rpn_cls", "loss_rpn_reg"}
