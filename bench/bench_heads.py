@@ -11,7 +11,8 @@ then is evaluated on the held-out synthetic ``val`` split:
   ellipses only and is evaluated on images of triangles only (a kind it never learned),
   AR@100 / AR@1000 (``--unseen`` holds out other kinds, the rest are trained with boxes;
   ``--unseen outlined`` holds out a style instead: trained on filled shapes of every kind,
-  evaluated on images of outlined shapes only).
+  evaluated on images of outlined shapes only; ``--unseen textured`` a texture: trained on
+  one-colour and outlined shapes, evaluated on images of checkerboard-textured filled shapes only).
   ``--cross-protocol unannotated`` (default, OLN's VOC -> non-VOC setting) draws the held-out
   kinds in the training images without boxes, so a classifier learns to call them background;
   ``absent`` leaves them out of the training images;
@@ -23,7 +24,8 @@ then is evaluated on the held-out synthetic ``val`` split:
 
 The kinds are chosen with ``data.synthetic_shape_kinds`` and ``data.synthetic_unannotated_kinds``
 (``SyntheticShapes(shape_kinds=..., unannotated_kinds=...)``), the outlined shapes with
-``data.synthetic_outlined_fraction`` and ``data.synthetic_unannotated_outlined``.
+``data.synthetic_outlined_fraction`` and ``data.synthetic_unannotated_outlined``, the textured ones
+with ``data.synthetic_textured_fraction`` and ``data.synthetic_unannotated_textured``.
 Ratios are against the plain RPN. ``--steps`` defaults to ``make fit``'s budget
 (8 epochs of 1000 images at batch 8: 1000 steps). ``--seed`` changes the training seed (weight
 initialisation, shuffling, augmentation and anchor sampling; the images stay the same).
@@ -36,6 +38,8 @@ initialisation, shuffling, augmentation and anchor sampling; the images stay the
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --seed 1 --unseen ellipse --cross-only
     # outlined shapes held out (trained on filled ones), only the cross-category runs
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --variants plain oln --unseen outlined --cross-only
+    # a held-out texture: checkerboard-filled shapes (30% of the filled ones drawn without boxes in training)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_heads.py --threads 1 --variants plain oln --unseen textured --cross-only
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ VARIANTS = {"plain": "shapes.yaml", "oln": "shapes_oln.yaml", "cascade": "shapes
 HIGH_IOU = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 UNSEEN = ("triangle",)
 OUTLINED = "outlined"  # --unseen value: the outlined style of every kind
+TEXTURED = "textured"  # --unseen value: checkerboard-textured filled shapes of every kind
+STYLES = (OUTLINED, TEXTURED)
 
 
 def _sections(config: str) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -94,12 +100,16 @@ def cross_data(unseen: tuple[str, ...], unannotated: bool) -> tuple[dict[str, An
     every kind; ``unannotated``: drawn without boxes in training (else left out of it)."""
     from lightning_rpn.data.synthetic import SHAPE_KINDS
 
-    if OUTLINED in unseen:
+    styles = [value for value in unseen if value in STYLES]
+    if styles:
         if len(unseen) > 1:
-            raise SystemExit(f"bench_heads: --unseen {OUTLINED} holds out a style of every kind, give it alone "
+            raise SystemExit(f"bench_heads: --unseen {styles[0]} holds out a style of every kind, give it alone "
                              f"(got {list(unseen)})")
-        train = {"synthetic_unannotated_outlined": True} if unannotated else {"synthetic_outlined_fraction": 0.0}
-        return train, {"shape_kinds": SHAPE_KINDS, "outlined_fraction": 1.0}
+        if styles[0] == OUTLINED:
+            train = {"synthetic_unannotated_outlined": True} if unannotated else {"synthetic_outlined_fraction": 0.0}
+            return train, {"shape_kinds": SHAPE_KINDS, "outlined_fraction": 1.0}
+        train = {"synthetic_textured_fraction": 0.3, "synthetic_unannotated_textured": True} if unannotated else {}
+        return train, {"shape_kinds": SHAPE_KINDS, "outlined_fraction": 0.0, "textured_fraction": 1.0}
     train = {"synthetic_shape_kinds": list(seen_kinds(unseen))}
     if unannotated:
         train["synthetic_unannotated_kinds"] = list(unseen)
@@ -110,6 +120,9 @@ def cross_label(unseen: tuple[str, ...]) -> str:
     """What the cross-category runs train on with boxes and are evaluated on, in words."""
     if unseen == (OUTLINED,):
         return "trained with boxes on filled shapes of every kind, evaluated on outlined shapes"
+    if unseen == (TEXTURED,):
+        return ("trained with boxes on one-colour and outlined shapes of every kind, evaluated on "
+                "checkerboard-textured filled shapes")
     return f"trained with boxes on {'+'.join(seen_kinds(unseen))}, evaluated on {'+'.join(unseen)}"
 
 
@@ -279,7 +292,8 @@ def main() -> int:
                         help="unseen kinds in the training images without boxes (default), or left out")
     parser.add_argument("--unseen", nargs="+", default=list(UNSEEN), metavar="KIND",
                         help="the kinds held out of the cross-category runs' boxes (default: triangle), or "
-                             "'outlined': the outlined shapes of every kind"),
+                             "'outlined': the outlined shapes of every kind, or 'textured': checkerboard-textured "
+                             "filled shapes of every kind"),
     parser.add_argument("--eval-scores", nargs="+", default=[], choices=["objectness", "quality", "geometric_mean"],
                         help="also evaluate each trained model ranked by these proposal scores (models with quality "
                              "branches whose objectness is trained, e.g. --set proposal_score=geometric_mean)")

@@ -163,6 +163,18 @@ _KEEP_NONE = ({"skip_unset": False} if tuple(int(part) for part in jsonargparse.
 warns at every save that ``skip_none`` (the only one before) is deprecated."""
 
 
+def _serialise_devices() -> None:
+    """Let jsonargparse write ``torch.device`` values (as ``"cpu"``, ``"cuda:0"``) and read them back.
+
+    Without it a callback argument typed ``torch.device``, such as ``StochasticWeightAveraging``'s
+    ``device`` (default ``torch.device("cpu")``), is written into the run's ``config.yaml`` and its
+    checkpoints as ``Unable to serialize instance cpu``, and a rerun of that config crashes when SWA
+    starts."""
+    from jsonargparse.typing import register_type
+
+    register_type(torch.device, serializer=str, deserializer=torch.device)  # a second call is a no-op
+
+
 class ResolvedConfigCallback(SaveConfigCallback):
     """Save the resolved config to the log dir, into every checkpoint, and to W&B.
 
@@ -381,6 +393,7 @@ class RPNLightningCLI(LightningCLI):
                                 category=FutureWarning)
         self._given_args = list(sys.argv[1:] if args is None else args)  # what the command line itself sets
         self._checkpoint_read: tuple[str, dict[str, Any]] | None = None  # (path, checkpoint): read once
+        _serialise_devices()
         kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
@@ -615,6 +628,8 @@ class RPNLightningCLI(LightningCLI):
         except ValueError as error:  # no such checkpoint, a folder it may not overwrite or cannot write: one line
             raise _Refusal(str(error)) from error
         section["ckpt_path"] = path
+        if checkpoint is not None:  # before W&B or any run file: a budget it cannot resume is refused here
+            warn_if_budget_reached(self.trainer, checkpoint, path)
         if checkpoint is not None and not continued:
             start_new_run_files(self.trainer)
         self._say_when_last_starts_afresh(path)
@@ -623,8 +638,6 @@ class RPNLightningCLI(LightningCLI):
         if run_id is not None:
             _notice(f"the checkpoint was logged to W&B run {run_id}: this run goes on logging there "
                     "(--trainer.logger.init_args.id names another)")
-        if checkpoint is not None:
-            warn_if_budget_reached(self.trainer, checkpoint, path)
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         warn_if_last_waits_for_best(self.trainer)
 

@@ -51,6 +51,17 @@ def test_outlined_shapes_are_held_out_as_a_style_of_every_kind(bench_heads) -> N
         bench_heads.cross_data(("outlined", "triangle"), unannotated=True)
 
 
+def test_textured_shapes_are_held_out_as_a_texture_of_every_kind(bench_heads) -> None:
+    train, held_out = bench_heads.cross_data(("textured",), unannotated=True)
+    assert train == {"synthetic_textured_fraction": 0.3, "synthetic_unannotated_textured": True}
+    assert held_out == {"shape_kinds": ("rectangle", "ellipse", "triangle"), "outlined_fraction": 0.0,
+                        "textured_fraction": 1.0}
+    assert bench_heads.cross_data(("textured",), unannotated=False)[0] == {}
+    assert "evaluated on checkerboard-textured filled shapes" in bench_heads.cross_label(("textured",))
+    with pytest.raises(SystemExit, match="--unseen textured holds out a style of every kind, give it alone"):
+        bench_heads.cross_data(("textured", "outlined"), unannotated=True)
+
+
 def test_options_that_leave_nothing_to_run_are_refused() -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--no-cross", "--cross-only"], capture_output=True, text=True)
     assert done.returncode == 1 and "--no-cross and --cross-only leave nothing to run" in done.stderr

@@ -212,6 +212,24 @@ def test_a_run_whose_best_stops_improving_still_saves_its_last_weights(tmp_path:
     assert " ".join(result.stderr.split()).count("holds checkpoints of an earlier run") == 1  # once a folder
 
 
+def test_a_run_config_with_swa_is_written_readably_and_reruns(tmp_path: Path) -> None:
+    """StochasticWeightAveraging's ``device`` (a ``torch.device``) was written into the run's
+    config.yaml as "Unable to serialize instance cpu", and a rerun of that file crashed when SWA
+    started."""
+    swa = {"class_path": "lightning.pytorch.callbacks.StochasticWeightAveraging",
+           "init_args": {"swa_lrs": 0.001, "swa_epoch_start": 1}}
+    write_config(tmp_path, trainer={"logger": False, "max_steps": 4, "callbacks": [*_checkpointing(None), swa]})
+    assert_ok(run_cli(["fit", "--config", "config.yaml"], tmp_path))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    [written] = [c for c in saved["trainer"]["callbacks"] if c["class_path"].endswith("StochasticWeightAveraging")]
+    assert written["init_args"]["device"] == "cpu"
+    (tmp_path / "rerun.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
+    rerun = run_cli(["fit", "--config", "rerun.yaml"], tmp_path)  # a new run beside the first: -v1 files
+    assert_ok(rerun)
+    assert "Swapping scheduler `RunLambdaLR` for `SWALR`" in rerun.stderr  # SWA started, and went on to the end
+    assert (tmp_path / "run/checkpoints/last-v1.ckpt").exists()
+
+
 def test_shipped_configs_keep_the_checkpoint_version_counter_and_save_the_latest_weights_as_last() -> None:
     for path in sorted(CONFIGS.glob("*.yaml")):
         callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]

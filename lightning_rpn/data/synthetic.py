@@ -7,7 +7,9 @@ rectangles, ellipses and triangles, filled or outlined (``outlined_fraction`` of
 whose aspect ratio lies between 1:4 and 4:1. Shapes of ``unannotated_kinds`` are drawn like the
 others but get no box: objects of classes nobody labelled, as in a real training set (what
 open-world proposal methods are tested against); with ``unannotated_outlined`` so are the outlined
-shapes of every kind (an unseen style rather than an unseen kind). Shapes may overlap: a box is the tight box of the
+shapes of every kind (an unseen style rather than an unseen kind), and with ``unannotated_textured``
+the ``textured_fraction`` of filled shapes painted with a two-colour checkerboard instead of one
+colour (an unseen texture). Shapes may overlap: a box is the tight box of the
 shape's visible pixels, and a shape left with less than ``min_visible_fraction`` of its pixels
 visible is removed from the image's boxes. A fraction ``empty_fraction`` of images has no
 shapes at all. Item ``i`` of split ``s`` depends only on ``(seed, s, i)``: the same in every
@@ -80,6 +82,30 @@ def _draw(
         cv2.polylines(canvas, [triangle], True, value, thickness)
 
 
+def _fill_textured(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    kind: str,
+    corners: tuple[int, int, int, int],
+    triangle: np.ndarray,
+    color: tuple[float, float, float],
+) -> None:
+    """Fill one shape inside the inclusive pixel box ``corners`` with a checkerboard of ``color`` and a
+    second colour that differs from it by a visible margin (cells of 2..6 pixels, random phase)."""
+    x1, y1, x2, y2 = corners
+    height, width = y2 - y1 + 1, x2 - x1 + 1
+    mask = np.zeros((height, width), dtype=np.uint8)
+    _draw(mask, kind, (0, 0, width - 1, height - 1), triangle - np.array([x1, y1], dtype=np.int32), 1, -1)
+    cell = int(rng.integers(2, 7))
+    shift_y, shift_x = (int(v) for v in rng.integers(0, cell, size=2))
+    second = _shape_color(rng, np.asarray(color, dtype=np.float32).reshape(1, 1, 3))
+    ys, xs = np.ogrid[:height, :width]
+    checker = ((ys + shift_y) // cell + (xs + shift_x) // cell) % 2 == 1
+    pattern = np.where(checker[:, :, None], np.float32(second), np.float32(color))
+    inside = mask > 0
+    image[y1:y2 + 1, x1:x2 + 1][inside] = pattern[inside]
+
+
 def draw_shapes_image(
     rng: np.random.Generator,
     height: int,
@@ -92,6 +118,8 @@ def draw_shapes_image(
     unannotated_kinds: Sequence[str] = (),
     outlined_fraction: float = 0.3,
     unannotated_outlined: bool = False,
+    textured_fraction: float = 0.0,
+    unannotated_textured: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``num_shapes`` shapes of ``kinds`` and ``unannotated_kinds`` on a textured background.
 
@@ -99,10 +127,16 @@ def draw_shapes_image(
     shapes of ``kinds`` (``G <= num_shapes``); shapes of ``unannotated_kinds`` occlude and are
     occluded like the others but have no box. Each shape is outlined with probability
     ``outlined_fraction`` (the random draws are the same whatever it is), and has no box when it
-    is and ``unannotated_outlined`` is set.
+    is and ``unannotated_outlined`` is set. A filled shape is checkerboard-textured with probability
+    ``textured_fraction``, drawn from a generator spawned from ``rng`` (the layout, kinds and colours
+    are those of the same image without texture), and has no box when it is and
+    ``unannotated_textured`` is set.
     """
     drawable = (*kinds, *unannotated_kinds)
+    texture_rng = rng.spawn(1)[0] if textured_fraction > 0 else None
     image = _background(rng, height, width)
+    # colours are chosen against the one-colour drawing, so that texture changes no other draw
+    shown = image.copy() if texture_rng is not None else image
     labels = np.zeros((height, width), dtype=np.uint8)
     drawn_pixels: list[int] = []
     annotated: list[bool] = []
@@ -132,8 +166,14 @@ def draw_shapes_image(
         triangle = np.array([[x1, base_y], [x2, base_y], [apex, apex_y]], dtype=np.int32)
         for canvas, value in ((image, color), (labels, index)):
             _draw(canvas, kind, (x1, y1, x2, y2), triangle, value, thickness)
+        textured = texture_rng is not None and texture_rng.random() < textured_fraction and not outlined
+        if textured:
+            _fill_textured(shown, texture_rng, kind, (x1, y1, x2, y2), triangle, color)
+        elif shown is not image:
+            _draw(shown, kind, (x1, y1, x2, y2), triangle, color, thickness)
         drawn_pixels.append(int(np.count_nonzero(labels == index)))
-        annotated.append(kind in kinds and not (outlined and unannotated_outlined))
+        annotated.append(kind in kinds and not (outlined and unannotated_outlined)
+                         and not (textured and unannotated_textured))
     boxes = []
     if specs:
         visible = np.bincount(labels.ravel(), minlength=len(specs) + 1)
@@ -145,8 +185,8 @@ def draw_shapes_image(
             boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
     noise_sigma = float(rng.uniform(0, 8))
     if noise_sigma > 0.5:
-        image += rng.normal(0.0, noise_sigma, size=(height, width, 1)).astype(np.float32)
-    out = np.clip(image, 0, 255).astype(np.uint8)
+        shown += rng.normal(0.0, noise_sigma, size=(height, width, 1)).astype(np.float32)
+    out = np.clip(shown, 0, 255).astype(np.uint8)
     return out, np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
@@ -159,6 +199,9 @@ class SyntheticShapes(Dataset):
     ``unannotated_kinds`` (drawn, never boxed: train with the others present but unlabelled).
     ``outlined_fraction`` of the shapes are outlined, not filled; ``unannotated_outlined`` leaves
     them unboxed as well (``outlined_fraction=1`` then evaluates on outlined shapes alone).
+    ``textured_fraction`` of the filled shapes are checkerboard-textured (0 by default: one colour
+    each); ``unannotated_textured`` leaves them unboxed (``outlined_fraction=0, textured_fraction=1``
+    evaluates on textured shapes alone).
     """
 
     def __init__(
@@ -177,6 +220,8 @@ class SyntheticShapes(Dataset):
         unannotated_kinds: Sequence[str] = (),
         outlined_fraction: float = 0.3,
         unannotated_outlined: bool = False,
+        textured_fraction: float = 0.0,
+        unannotated_textured: bool = False,
     ) -> None:
         if not shape_kinds or any(kind not in SHAPE_KINDS for kind in shape_kinds):
             raise ValueError(f"SyntheticShapes: shape_kinds={list(shape_kinds)!r} must be a non-empty list of {SHAPE_KINDS}")
@@ -202,6 +247,8 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"SyntheticShapes: empty_fraction={empty_fraction} must be in [0, 1]")
         if not 0.0 <= outlined_fraction <= 1.0:
             raise ValueError(f"SyntheticShapes: outlined_fraction={outlined_fraction} must be in [0, 1]")
+        if not 0.0 <= textured_fraction <= 1.0:
+            raise ValueError(f"SyntheticShapes: textured_fraction={textured_fraction} must be in [0, 1]")
         self.num_images = num_images
         self.min_size = min_size
         self.max_size = max_size
@@ -216,6 +263,8 @@ class SyntheticShapes(Dataset):
         self.unannotated_kinds = tuple(unannotated_kinds)
         self.outlined_fraction = outlined_fraction
         self.unannotated_outlined = unannotated_outlined
+        self.textured_fraction = textured_fraction
+        self.unannotated_textured = unannotated_textured
         self._split_key = zlib.crc32(split.encode("utf-8"))
 
     def __len__(self) -> int:
@@ -232,5 +281,6 @@ class SyntheticShapes(Dataset):
         image, boxes = draw_shapes_image(
             rng, height, width, num_shapes, self.min_box_size, self.max_box_fraction, self.min_visible_fraction,
             self.shape_kinds, self.unannotated_kinds, self.outlined_fraction, self.unannotated_outlined,
+            self.textured_fraction, self.unannotated_textured,
         )
         return DetectionSample(image=image, boxes=boxes, image_id=index, source=f"synthetic://{self.split}/{index}")

@@ -76,6 +76,7 @@ class RPNDataModule(LightningDataModule):
         synthetic_*: SyntheticShapes parameters (images in the train split / in any other split,
             image side range, most shapes per image, smallest shape side, shape kinds: default
             all of ``SHAPE_KINDS``, kinds drawn without boxes, share of outlined shapes and whether
+            they are drawn without boxes, share of checkerboard-textured filled shapes and whether
             they are drawn without boxes: the cross-category protocol of ``bench/bench_heads.py``).
         seed: seed of the synthetic images.
         batch_size / val_batch_size: images per batch (validation defaults to ``batch_size``).
@@ -136,6 +137,8 @@ class RPNDataModule(LightningDataModule):
         synthetic_unannotated_kinds: list[str] | None = None,
         synthetic_outlined_fraction: float = 0.3,
         synthetic_unannotated_outlined: bool = False,
+        synthetic_textured_fraction: float = 0.0,
+        synthetic_unannotated_textured: bool = False,
         scene_options: dict[str, Any] | None = None,
         seed: int = 0,
         batch_size: int = 8,

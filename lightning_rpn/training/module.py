@@ -81,6 +81,7 @@ from lightning_rpn.training.checkpoint_agreement import (
 from lightning_rpn.training.evaluated_weights import (
     TrainedCounters, counters_in_use, evaluated_counters, logged_as,
 )
+from lightning_rpn.training.monitored_metrics import check_monitored_metrics
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
@@ -728,7 +729,14 @@ class RPNModule(pl.LightningModule):
         self.trained_counters = TrainedCounters.of_trainer(self.trainer)
 
     on_validation_start = on_test_start = _start_evaluation
-    on_validation_end = on_test_end = _end_evaluation
+    on_test_end = _end_evaluation
+
+    def on_validation_end(self) -> None:
+        """End the evaluation's dating; after the sanity check, refuse checkpoint and early-stopping
+        monitors that validation does not log (:func:`check_monitored_metrics`), before training."""
+        self._end_evaluation()
+        if self.trainer.sanity_checking:
+            check_monitored_metrics(self.trainer)
 
     def on_validation_epoch_end(self) -> None:
         self._end_recall_epoch("val")

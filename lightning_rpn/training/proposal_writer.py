@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -72,6 +73,18 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+def _warn_images_without_proposals(without: int, images: int, model: pl.LightningModule) -> None:
+    """Say on stderr that ``without`` of ``images`` predicted images got no proposal (their entries in
+    the files are empty), and which of the model's filters drop proposals (all of them when every
+    image is empty: a threshold too high, or weights that never trained)."""
+    settings = getattr(model, "hparams", {})
+    named = [f"model.{name} {settings[name]:g}" for name in ("score_thresh", "min_size") if name in settings]
+    filters = f" ({', '.join(named)} drop proposals)" if named else ""
+    share = "every one" if without >= images else f"{without} of {images}"
+    print(f"ProposalWriter: {share} of the predicted images got no proposal{filters}; their entries in the "
+          "files are empty", file=sys.stderr)
 
 
 class ProposalWriter(BasePredictionWriter):
@@ -140,6 +153,7 @@ class ProposalWriter(BasePredictionWriter):
         self.version = 0
         self._handle: Any = None
         self._made_output_dir = False
+        self._images_without_proposals = 0
 
     def _part(self, rank: int) -> Path:
         return self.output_dir / ".parts" / f"rank{rank}.pkl"
@@ -155,6 +169,7 @@ class ProposalWriter(BasePredictionWriter):
         part.parent.mkdir(parents=True, exist_ok=True)
         self._handle = part.open("wb")
         self.written, self.version = {}, 0
+        self._images_without_proposals = 0
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A failed or interrupted predict: close and remove this rank's parts file (and the folder
@@ -188,6 +203,7 @@ class ProposalWriter(BasePredictionWriter):
             order = np.argsort(-(scores if logits is None else logits), kind="stable")[: self.top_k]
             index = None if indices is None else int(indices[position])
             kept_logits = None if logits is None else logits[order]
+            self._images_without_proposals += int(len(order) == 0)
             pickle.dump((index, image_id, boxes[order], scores[order], kept_logits), self._handle,
                         protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -196,6 +212,8 @@ class ProposalWriter(BasePredictionWriter):
             self._handle.close()
             self._handle = None
         trainer.strategy.barrier("ProposalWriter.parts_written")
+        count = torch.tensor(self._images_without_proposals, device=trainer.strategy.root_device)  # NCCL: on the GPU
+        without = int(trainer.strategy.reduce(count, reduce_op="sum"))
         if trainer.is_global_zero:
             parts = [self._part(rank) for rank in range(trainer.world_size)]
             records = merge_proposal_parts(parts)
@@ -230,5 +248,7 @@ class ProposalWriter(BasePredictionWriter):
                 f"ProposalWriter: proposals of {len(records)} images written to "
                 + ", ".join(str(p) for p in self.written.values()) + coco
             )
+            if without:
+                _warn_images_without_proposals(without, len(records), pl_module)
         # a collective: the other ranks wait here for rank 0's files, then know their paths
         self.written, self.version = trainer.strategy.broadcast((self.written, self.version), src=0)

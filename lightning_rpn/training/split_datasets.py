@@ -42,7 +42,9 @@ def build_split_dataset(
                                    seed=hp["seed"], split=split, min_box_size=hp["synthetic_min_box_size"],
                                    shape_kinds=kinds, unannotated_kinds=hp["synthetic_unannotated_kinds"] or (),
                                    outlined_fraction=hp["synthetic_outlined_fraction"],
-                                   unannotated_outlined=hp["synthetic_unannotated_outlined"])
+                                   unannotated_outlined=hp["synthetic_unannotated_outlined"],
+                                   textured_fraction=hp["synthetic_textured_fraction"],
+                                   unannotated_textured=hp["synthetic_unannotated_textured"])
         try:
             return DenseScenes(num, **(hp["scene_options"] or {}), seed=hp["seed"], split=split)
         except TypeError as error:

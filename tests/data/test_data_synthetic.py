@@ -131,3 +131,40 @@ def test_outlined_shapes_can_be_held_out_as_an_unseen_style() -> None:
                        num_workers=0)
     train = dm.build_dataset("train")
     assert (train.outlined_fraction, train.unannotated_outlined) == (0.0, True)
+
+
+def test_textured_shapes_can_be_held_out_as_an_unseen_texture() -> None:
+    from lightning_rpn.training.datamodule import RPNDataModule
+
+    one_colour = SyntheticShapes(30, seed=4, outlined_fraction=0.0)
+    textured = SyntheticShapes(30, seed=4, outlined_fraction=0.0, textured_fraction=1.0)
+    mixed = SyntheticShapes(30, seed=4, textured_fraction=0.3)
+    unlabelled = SyntheticShapes(30, seed=4, textured_fraction=0.3, unannotated_textured=True)
+    default = SyntheticShapes(30, seed=4)
+    missing = 0
+    for index in range(30):
+        # texture changes the fill only: the layout, the kinds, the colours and so the boxes stay
+        assert np.array_equal(textured[index].boxes, one_colour[index].boxes)
+        assert np.array_equal(mixed[index].boxes, default[index].boxes)
+        assert np.array_equal(mixed[index].image, unlabelled[index].image)  # the same pixels, fewer boxes
+        kept = {tuple(box) for box in unlabelled[index].boxes.tolist()}
+        assert kept <= {tuple(box) for box in default[index].boxes.tolist()}
+        missing += len(default[index].boxes) - len(unlabelled[index].boxes)
+        if len(textured[index].boxes):
+            assert not np.array_equal(textured[index].image, one_colour[index].image)
+    total = sum(len(default[i].boxes) for i in range(30))
+    assert 0.05 * total < missing < 0.45 * total  # about 30% of the filled shapes (70% of all) are textured
+    # a textured shape holds two colours in a checkerboard: many more colour edges inside its box
+    image, box = textured[0].image.astype(np.int32), textured[0].boxes[0].astype(int)
+    x1, y1, x2, y2 = box
+    inside = image[y1 + (y2 - y1) // 3:y2 - (y2 - y1) // 3, x1 + (x2 - x1) // 3:x2 - (x2 - x1) // 3]
+    flat = one_colour[0].image.astype(np.int32)[y1 + (y2 - y1) // 3:y2 - (y2 - y1) // 3,
+                                                x1 + (x2 - x1) // 3:x2 - (x2 - x1) // 3]
+    assert np.abs(np.diff(inside, axis=1)).mean() > 3 * np.abs(np.diff(flat, axis=1)).mean()
+    with pytest.raises(ValueError, match=r"textured_fraction=-0.1 must be in \[0, 1\]"):
+        SyntheticShapes(4, textured_fraction=-0.1)
+    dm = RPNDataModule(synthetic_train_images=2, synthetic_textured_fraction=0.3, synthetic_unannotated_textured=True,
+                       num_workers=0)
+    train = dm.build_dataset("train")
+    assert (train.textured_fraction, train.unannotated_textured) == (0.3, True)
+

@@ -214,6 +214,21 @@ def test_a_fit_from_best_leaves_its_runs_files_and_best_is_found_on_disk(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_max_epochs_refusal_leaves_no_new_wandb_run_or_file(tmp_path: Path) -> None:
+    """Refused before W&B starts: the first run's W&B folder and checkpoints are all the run folder holds."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"]["max_steps"] = 4  # 2 batches an epoch: 2 epochs
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    fit = ["fit", "--config", "config.yaml"]
+    assert_ok(run_cli(fit, tmp_path))
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    refused = run_cli([*fit, "--ckpt_path", "last", "--trainer.max_epochs", "1"], tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "has already trained 2 epoch(s), more than this fit's max_epochs=1" in " ".join(refused.stderr.split())
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+
+
+@pytest.mark.slow
 def test_unreadable_checkpoints_hpc_and_refused_trainer_settings_are_one_line(tmp_path: Path) -> None:
     _truncated(tmp_path / "cut.ckpt")
     torch.save({"head.weight": torch.zeros(2)}, tmp_path / "weights.pt")

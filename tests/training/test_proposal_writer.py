@@ -29,15 +29,22 @@ from lightning_rpn.training.run_files import checkpoint_stem, write_metrics_summ
 class _OneProcess:
     """The strategy of a single-process run: nothing to wait for, nothing to share."""
 
+    root_device = torch.device("cpu")
+
     def barrier(self, name: str | None = None) -> None:
         pass
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj
 
+    def reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
+        return tensor
+
 
 class _Gloo:
     """The collectives a DDP strategy runs, on the process group of the test's workers."""
+
+    root_device = torch.device("cpu")
 
     def barrier(self, name: str | None = None) -> None:
         dist.barrier()
@@ -46,6 +53,10 @@ class _Gloo:
         box = [obj]
         dist.broadcast_object_list(box, src)
         return box[0]
+
+    def reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
 
 
 def _trainer(ckpt_path: str | None, root: Path, rank: int = 0, world_size: int = 1, strategy: Any = None,
@@ -60,12 +71,28 @@ def _image(image_id: int, score: float) -> dict[str, Any]:
     return {"image_id": image_id, "boxes": torch.tensor([[1.0, 2.0, 11.0, 12.0]]), "scores": torch.tensor([score])}
 
 
-def _predict(writer: ProposalWriter, trainer: SimpleNamespace, images: list[dict[str, Any]]) -> dict[str, Path]:
+def _predict(writer: ProposalWriter, trainer: SimpleNamespace, images: list[dict[str, Any]],
+             model: Any = None) -> dict[str, Path]:
     """One ``predict`` of ``images`` through the writer's hooks; the paths it reports."""
-    writer.on_predict_start(trainer, None)
-    writer.write_on_batch_end(trainer, None, images, None, None, 0, 0)
-    writer.on_predict_epoch_end(trainer, None)
+    writer.on_predict_start(trainer, model)
+    writer.write_on_batch_end(trainer, model, images, None, None, 0, 0)
+    writer.on_predict_epoch_end(trainer, model)
     return writer.written
+
+
+def test_images_without_a_proposal_are_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = {"image_id": 7, "boxes": torch.zeros((0, 4)), "scores": torch.zeros(0)}
+    model = SimpleNamespace(hparams={"score_thresh": 0.9, "min_size": 1e-3})
+    written = _predict(ProposalWriter(str(tmp_path / "some"), formats=("coco_json",)), _trainer(None, tmp_path),
+                       [_image(1, 0.95), empty], model)
+    err = capsys.readouterr().err
+    assert ("ProposalWriter: 1 of 2 of the predicted images got no proposal (model.score_thresh 0.9, model.min_size "
+            "0.001 drop proposals); their entries in the files are empty") in err
+    assert [r["image_id"] for r in json.loads(written["coco_json"].read_text())] == [1]
+    _predict(ProposalWriter(str(tmp_path / "none"), formats=("coco_json",)), _trainer(None, tmp_path), [empty, empty])
+    assert "ProposalWriter: every one of the predicted images got no proposal; their" in capsys.readouterr().err
+    _predict(ProposalWriter(str(tmp_path / "all"), formats=("coco_json",)), _trainer(None, tmp_path), [_image(1, 0.5)])
+    assert "got no proposal" not in capsys.readouterr().err
 
 
 def test_files_are_named_after_the_checkpoint_like_the_metrics_summary(tmp_path: Path) -> None:
