@@ -314,6 +314,8 @@ def generate_proposals(
             "generate_proposals: need pre_nms_top_n >= 1 and post_nms_top_n >= 0, "
             f"got {pre_nms_top_n} and {post_nms_top_n}"
         )
+    if not 0.0 <= nms_thresh <= 1.0:  # as ProposalConfig checks it; 1.5 suppressed nothing, silently
+        raise ValueError(f"generate_proposals: nms_thresh must be in [0, 1], got {nms_thresh}")
     coder = _DEFAULT_BOX_CODER if box_coder is None else box_coder
     sizes = torch.tensor([(h, w) for h, w in image_sizes], dtype=torch.float32).reshape(-1, 2)
     boxes, logits, probs, valid, level_counts = proposal_candidates(

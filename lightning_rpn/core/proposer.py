@@ -229,16 +229,20 @@ class RegionProposer(nn.Module):
         )
 
     def _check_sizes_fit(self, finest: Tensor, sizes: list[tuple[int, int]]) -> None:
-        """``ValueError`` for an image size larger than the finest level covers (``H_0 * stride``):
-        such a size is not the batch's, and its proposals would be clipped to a place no feature saw."""
+        """``ValueError`` for an image size that the finest level cannot come from: a stride or more
+        beyond what it covers (``H_0 * stride``), so not the batch's size, and its proposals would be
+        clipped to a place no feature saw. Less than a stride beyond is what a backbone that pools
+        with floor rounding gives an unpadded image (VGG16: 600 px -> 37 cells of 16 px)."""
         stride = self.anchor_generator.strides[0]
         covered = (int(finest.shape[-2]) * stride, int(finest.shape[-1]) * stride)
         for index, (height, width) in enumerate(sizes):
-            if height > covered[0] or width > covered[1]:
+            if height >= covered[0] + stride or width >= covered[1] + stride:
                 raise ValueError(
                     f"{type(self).__name__}: image_sizes[{index}] is {(height, width)} (h, w), larger than the "
-                    f"{covered} px that the features cover ({tuple(finest.shape[-2:])} at stride {stride}); "
-                    "image_sizes are the (h, w) of the images the features were computed from, before padding"
+                    f"{covered} px that the features cover ({tuple(finest.shape[-2:])} at stride {stride}; an "
+                    f"image of up to {(covered[0] + stride - 1, covered[1] + stride - 1)} px gives them with "
+                    "floor rounding); image_sizes are the (h, w) of the images the features were computed from, "
+                    "before padding"
                 )
 
     def _forward(self, inputs: ProposalInputs) -> tuple[Proposals, dict[str, Tensor]]:

@@ -9,9 +9,11 @@ by the policy, before training starts (``raise`` stops there, ``skip`` drops suc
 ``clip`` keeps a mis-sized image and clips its boxes to the file). Without it, such a file is
 found when loaded: under ``raise`` that is an error naming the file and the image (and saying
 that ``verify_images`` finds these up front); under ``skip`` / ``clip`` the item is replaced
-by the next readable image and the skip is recorded in the item's ``problems`` (counted and
-reported like every other problem). A size mismatch found while loading raises under
-``raise`` and otherwise re-checks the boxes against the file.
+by the next readable image, marked as a stand-in (``DetectionSample.stand_in``: training uses
+it, evaluation leaves it out, so no image is counted twice), and the skip is recorded in the
+item's ``problems`` (counted and reported like every other problem). A size mismatch found
+while loading raises under ``raise``, skips the image under ``skip`` (as above) and under
+``clip`` re-checks the boxes against the file.
 """
 
 from __future__ import annotations
@@ -307,16 +309,18 @@ class AnnotatedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _load(self, index: int, skipped: list[Problem]) -> tuple[ImageRecord, np.ndarray]:
-        """Image ``index``, else (``skip`` / ``clip``) the next readable one, its skip added to ``skipped``.
+    def _load(self, index: int, skipped: list[Problem]) -> tuple[ImageRecord, np.ndarray, bool]:
+        """Image ``index``, else (``skip`` / ``clip``) the next usable one, its skip added to ``skipped``;
+        the last value says whether the image stands in for image ``index``.
 
-        Only the requested image's failure is recorded: a replacement candidate that fails is
-        recorded when its own index is loaded, so each unreadable image counts once per epoch.
+        Unusable: unreadable, or (``skip``) of another size than annotated. Only the requested
+        image's failure is recorded: a replacement candidate that fails is recorded when its own
+        index is loaded, so each skipped image counts once per epoch.
         """
         for offset in range(len(self.records)):
             record = self.records[(index + offset) % len(self.records)]
             try:
-                return record, load_rgb_image(record.file, image_id=record.image_id)
+                image = load_rgb_image(record.file, image_id=record.image_id)
             except DataError as error:
                 if self.on_bad_annotation == "raise":
                     raise DataError(
@@ -327,12 +331,21 @@ class AnnotatedDataset(Dataset):
                     ) from error
                 if offset == 0:
                     skipped.append(unreadable_image_problem(record, error, "; replaced by the next readable image"))
-        raise DataError(f"none of the {len(self.records)} images can be read ({skipped[0].detail})",
+                continue
+            size = (int(image.shape[0]), int(image.shape[1]))
+            if self.on_bad_annotation == "skip" and record.size is not None and record.size != size:
+                if offset == 0:
+                    skipped.append(Problem("size_mismatch", "skipped", size_mismatch_detail(record, size)
+                                           + "; replaced by the next usable image", record.annotation_file,
+                                           record.image_id))
+                continue
+            return record, image, offset > 0
+        raise DataError(f"none of the {len(self.records)} images can be used ({skipped[0].detail})",
                         file=self.records[index].annotation_file)
 
     def __getitem__(self, index: int) -> DetectionSample:
         skipped: list[Problem] = []
-        record, image = self._load(index, skipped)
+        record, image, stand_in = self._load(index, skipped)
         size = (int(image.shape[0]), int(image.shape[1]))
         log = ProblemLog(skipped)
         if not record.checked or record.size != size:
@@ -346,4 +359,5 @@ class AnnotatedDataset(Dataset):
             crowd_boxes=record.crowd_boxes,
             original_size=size,
             problems=list(log),
+            stand_in=stand_in,
         )

@@ -41,7 +41,9 @@ class RPNBatch:
     position in its dataset, else its image id; see ``DetectionSample.sampling_key``);
     ``removed_boxes`` counts ground-truth boxes the transforms removed in this
     batch and ``problems`` what was clipped or skipped while loading it (both reported by
-    :class:`~lightning_rpn.training.datamodule.RPNDataModule`).
+    :class:`~lightning_rpn.training.datamodule.RPNDataModule`); ``stand_ins`` marks the images
+    that stand in for unusable ones (``DetectionSample.stand_in``; empty: none), which
+    evaluation leaves out (:attr:`evaluated`).
     """
 
     images: Tensor
@@ -57,9 +59,15 @@ class RPNBatch:
     sources: list[str] = field(default_factory=list)
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    stand_ins: list[bool] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def evaluated(self) -> list[int]:
+        """Positions of the images that evaluation counts: all but the stand-ins."""
+        return [i for i in range(len(self)) if not (self.stand_ins and self.stand_ins[i])]
 
     @property
     def targets(self) -> list[dict[str, Tensor]]:

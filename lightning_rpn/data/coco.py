@@ -2,8 +2,9 @@
 
 COCO boxes are ``(x, y, w, h)``; they become ``(x1, y1, x2, y2)``. Every category collapses to
 one "object" class; ``category_ids`` / ``category_names`` keep only some categories (the
-others are left out, which is not a problem; a selection that keeps no annotation of the file
-is an error). An annotation whose ``category_id`` is missing or not in ``categories`` is kept,
+others are left out, which is not a problem; a name selects every category of that name, as
+merged label sets may give one name several ids; a selection that keeps no annotation of the
+file is an error). An annotation whose ``category_id`` is missing or not in ``categories`` is kept,
 as is one that reuses another's ``id``: both are warnings. ``iscrowd`` (0 or 1, or false /
 true; anything else is an error) annotations become crowd boxes, kept apart from the ground
 truth (excluded from anchor matching and from recall), or are dropped with
@@ -51,11 +52,14 @@ class COCODetection(AnnotatedDataset):
     Args:
         images_root: folder the ``file_name`` s are relative to (they may not escape it).
         annotation_file: the instances JSON.
-        category_ids / category_names: keep only these categories (both may be given).
+        category_ids / category_names: keep only these categories (both may be given; a name
+            selects every category of that name).
         include_crowd: keep ``iscrowd`` boxes as crowd boxes (True) or drop them.
         on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (see ``problems``); an image
             entry without ``id`` / ``file_name``, with a duplicate id or a bad size raises, or
-            is skipped with its annotations.
+            is skipped with its annotations. An id listed by several image entries (files
+            merged without renumbering) is ambiguous: every entry of it is skipped, with every
+            annotation of the id (one problem per id, naming the files).
         verify_images: decode every image now (missing / corrupt / truncated / mis-sized images).
         report_unsafe_paths: record ``file_name`` s escaping ``images_root`` as skipped problems
             instead of raising (``check-data``).
@@ -83,7 +87,7 @@ class COCODetection(AnnotatedDataset):
             self.kept_category_ids = self._kept_categories(data)
             self._category_names = {_hashable(c.get("id")): c.get("name") for c in data.get("categories") or []
                                     if isinstance(c, dict)}
-            records, dropped = self._parse_images(data["images"])
+            records, dropped = self._parse_images(data["images"], data["annotations"])
             self._note_files_listed_twice(records)
             selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
             self._check_selection_kept_some(selected, category_ids, category_names)
@@ -117,8 +121,11 @@ class COCODetection(AnnotatedDataset):
         if ids is None and names is None:
             return None
         categories = data.get("categories") or []
-        by_name = {c.get("name"): c.get("id") for c in categories if isinstance(c, dict)}
-        known_ids = {_hashable(cat_id) for cat_id in by_name.values()}
+        by_name: dict[Any, set[Any]] = {}  # a name may be given to several ids (merged label sets): all are kept
+        for c in categories:
+            if isinstance(c, dict):
+                by_name.setdefault(_hashable(c.get("name")), set()).add(_hashable(c.get("id")))
+        known_ids = set().union(*by_name.values())
         selected: set[int] = set()
         for name in names or []:
             if name not in by_name:
@@ -126,7 +133,7 @@ class COCODetection(AnnotatedDataset):
                     f"category_names: {name!r} is not a category; known: {sorted(map(str, by_name))}",
                     file=self.annotation_file,
                 )
-            selected.add(by_name[name])
+            selected |= by_name[name]
         for cat_id in ids or []:
             if known_ids and cat_id not in known_ids:
                 raise DataError(
@@ -145,13 +152,26 @@ class COCODetection(AnnotatedDataset):
             ids = [c.get("id") for c in data.get("categories") or [] if isinstance(c, dict)]
         return tuple(sorted(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
 
-    def _parse_images(self, images: list[Any]) -> tuple[dict[Any, ImageRecord], set[Any]]:
-        """Records by image id, and the ids of image entries skipped (their annotations go with them)."""
+    def _parse_images(self, images: list[Any], annotations: list[Any]) -> tuple[dict[Any, ImageRecord], set[Any]]:
+        """Records by image id, and the ids of image entries skipped (their annotations go with them).
+
+        An id listed by several entries raises under ``"raise"``; else every entry of it is
+        skipped (each still checked, so its other problems are reported) with every annotation of
+        the id, which none of them can be told to own, and one problem per id says so.
+        """
         records: dict[Any, ImageRecord] = {}
         dropped: set[Any] = set()
+        shared: dict[Any, tuple[list[Any], int]] = {}  # file names and annotation count of each shared id
+        names_of = {} if self.on_bad_annotation == "raise" else _shared_image_ids(images)
+        if names_of:  # one more pass over the annotations, for files with such ids only
+            counts = Counter(_hashable(a.get("image_id")) for a in annotations if isinstance(a, dict))
+            shared = {image_id: (names, counts[image_id]) for image_id, names in names_of.items()}
         for entry in self._progress(images, "Reading COCO images"):
             image_id = _hashable(entry.get("id")) if isinstance(entry, dict) else None
             try:
+                if image_id in shared:
+                    self._skip_shared_id(entry, image_id, shared, dropped)
+                    continue
                 records[image_id] = self._parse_image(entry, records)
             except UnsafePathError as error:
                 if not self.report_unsafe_paths:
@@ -165,6 +185,26 @@ class COCODetection(AnnotatedDataset):
                 if image_id is not None and image_id not in records:
                     dropped.add(image_id)
         return records, dropped
+
+    def _skip_shared_id(
+        self, entry: dict[str, Any], image_id: Any, shared: dict[Any, tuple[list[Any], int]], dropped: set[Any]
+    ) -> None:
+        """Skip ``entry``, whose id ``image_id`` other entries have too (``shared``: the file names
+        and the number of annotations of each such id), recording the problem at the id's first
+        entry; raise the entry's own problems (:meth:`_parse_image`) for :meth:`_parse_images` to report."""
+        if image_id not in dropped:
+            dropped.add(image_id)
+            names, count = shared[image_id]
+            n, quoted = len(names), [repr(name) for name in names]
+            listed = f"{', '.join(quoted[:-1])} and {quoted[-1]} {'both' if n == 2 else 'all'} have id {image_id!r}"
+            self.problems.add(Problem(
+                "bad_image_entry", "skipped",
+                f"duplicate image id: {listed}, so its annotations could belong to {'either' if n == 2 else 'any'}; "
+                f"{'both' if n == 2 else f'all {n}'} entries are skipped, with the {count} "
+                f"annotation{'' if count == 1 else 's'} of image id {image_id!r} (give every image entry its own "
+                "id, e.g. renumber the ids of merged files)",
+                self.annotation_file, image_id))
+        self._parse_image(entry, {})
 
     def _note_files_listed_twice(self, records: dict[Any, ImageRecord]) -> None:
         """A warning (kind ``file_listed_twice``) for each image file listed under several image
@@ -342,6 +382,22 @@ class COCODetection(AnnotatedDataset):
 _PLAIN_NAME = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*")
 """A relative path of letters, digits, ``_``, ``-`` and ``.``, no part starting with a dot (so
 none is ``.`` or ``..``): nothing that :func:`resolve_image_path` refuses or normalizes."""
+
+
+def _shared_image_ids(images: list[Any]) -> dict[Any, list[Any]]:
+    """The ``file_name`` s (as written) of each image id that several image entries list (a
+    missing, null or unhashable id is an error of its own)."""
+    ids = [entry.get("id") for entry in images if isinstance(entry, dict)]
+    try:
+        if len(set(ids)) == len(ids):  # the common case, at a fraction of the cost of the loop below
+            return {}
+    except TypeError:  # an unhashable id
+        pass
+    names: dict[Any, list[Any]] = {}
+    for entry in images:
+        if isinstance(entry, dict) and entry.get("id") is not None and _hashable(entry["id"]) is entry["id"]:
+            names.setdefault(entry["id"], []).append(entry.get("file_name"))
+    return {image_id: files for image_id, files in names.items() if len(files) > 1}
 
 
 def _is_positive_number(value: Any) -> bool:

@@ -120,6 +120,7 @@ class RPNCollate:
             sources=[s.source for s in samples],
             removed_boxes=sum(s.removed_boxes for s in samples),
             problems=[p for s in samples for p in s.problems],
+            stand_ins=[s.stand_in for s in samples] if any(s.stand_in for s in samples) else [],
         )
         if self.assign_targets:
             batch.sampling_epoch = self.epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import features
@@ -26,11 +27,27 @@ IMAGE_SUFFIXES = (
 uncompressed formats very large images are read by window from; ``.jfif``: JPEGs as browsers save them)."""
 
 
+def _warn_about_subfolder_images(root: Path, subfolders: list[Path]) -> None:
+    """Warn that the images in ``subfolders`` (one level down) are not predicted, counting them."""
+    found = {folder.name: sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                              and not p.name.startswith("."))
+             for folder in sorted(subfolders)}
+    found = {name: count for name, count in found.items() if count}
+    if found:
+        listed = ", ".join(f"{name}/ ({count})" for name, count in list(found.items())[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        warnings.warn(f"ImageFolder {root}: {sum(found.values())} image files in subfolders ({listed}{more}) are not "
+                      "read: a folder's images are those directly in it (name a subfolder to predict it)",
+                      stacklevel=3)
+
+
 class ImageFolder(Dataset):
     """Every image file directly under ``root`` (sorted by name); ids are the file names.
 
     Hidden files (names starting with ``.``) are left out: macOS writes a ``._x.jpg`` resource
-    fork beside ``x.jpg`` on foreign disks and in archives, and it is no image.
+    fork beside ``x.jpg`` on foreign disks and in archives, and it is no image. Images in
+    subfolders are not read, and a warning counts them (name a subfolder to predict it). A link
+    with an image suffix whose target is missing is listed, and so unreadable (below).
 
     An unreadable file (empty, corrupt, truncated) follows ``on_bad_annotation``, as the images of
     an annotated split do. Under ``"raise"`` loading it is a :class:`DataError` naming the file
@@ -51,8 +68,10 @@ class ImageFolder(Dataset):
         self.on_bad_annotation: BadAnnotationPolicy = on_bad_annotation
         if not self.root.is_dir():
             raise DataError("image folder does not exist", file=str(self.root))
-        self.files = sorted(p for p in self.root.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        entries = [p for p in self.root.iterdir() if not p.name.startswith(".")]
+        self.files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES
+                            and (p.is_file() or (p.is_symlink() and not p.exists())))
+        _warn_about_subfolder_images(self.root, [p for p in entries if p.is_dir()])
         if not self.files:
             raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder", file=str(self.root))
         self.skipped: list[Problem] = []

@@ -30,7 +30,10 @@ class DetectionSample:
     ``problems`` lists what was clipped or skipped while loading this item;
     ``dataset_index`` is the item's position in the dataset it came from (set by
     :class:`~lightning_rpn.data.transforms.TransformedDataset`): with the seed and the epoch it
-    seeds the item's anchor sampling, so an image listed twice in a split draws two samples.
+    seeds the item's anchor sampling, so an image listed twice in a split draws two samples;
+    ``stand_in`` says the item is another image standing in for one that could not be used
+    (unreadable, or skipped for its size under ``on_bad_annotation='skip'``): training uses it,
+    so that batches stay full, and evaluation leaves it out, so that no image counts twice.
     """
 
     image: np.ndarray
@@ -42,6 +45,7 @@ class DetectionSample:
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)
     dataset_index: int | None = None
+    stand_in: bool = False
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:

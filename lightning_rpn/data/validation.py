@@ -122,11 +122,12 @@ def _check_window_fit(report: SplitReport, windows: WindowFit | None, size: tupl
 
 def _check_annotated(
     dataset: AnnotatedDataset, report: SplitReport, check_images: bool, probe: AnchorProbe | None,
-    windows: WindowFit | None = None,
+    windows: WindowFit | None = None, skip_mismatched: bool = False,
 ) -> None:
     """Each record's image decoded (``check_images``; else its header read where the annotation
     gives no size) and its boxes checked against the file's size; the dataset's own problems kept
-    but for the box problems of images whose file size differs from the annotated one (found again)."""
+    but for the box problems of images whose file size differs from the annotated one (found again).
+    ``skip_mismatched`` (fit's ``on_bad_annotation='skip'``): such an image is skipped, as fit skips it."""
     records = dataset.records
     rechecked: set[tuple[str, int | str]] = set()
     for record in track(records, description=f"Checking {report.name}", disable=len(records) < PROGRESS_MIN_ITEMS,
@@ -140,8 +141,12 @@ def _check_annotated(
                 report.problems.add(unreadable_image_problem(record, error))
                 continue
             if record.size is not None and record.size != size:
-                report.problems.add(Problem("size_mismatch", "clipped", size_mismatch_detail(record, size),
-                                            record.annotation_file, record.image_id))
+                report.problems.add(Problem("size_mismatch", "skipped" if skip_mismatched else "clipped",
+                                            size_mismatch_detail(record, size), record.annotation_file,
+                                            record.image_id))
+                if skip_mismatched:
+                    rechecked.add((record.annotation_file, record.image_id))  # its boxes are not trained on
+                    continue
         boxes, crowd = record.boxes, record.crowd_boxes
         if not record.checked or size != record.size:
             rechecked.add((record.annotation_file, record.image_id))
@@ -214,6 +219,8 @@ def validate_dataset(
     """
     windows: dict[str, WindowFit | None] = {}
     roles: dict[str, str] = {}
+    # the policy fit applies: under skip an image of another size than annotated is skipped, else clipped
+    policy = getattr(target, "on_bad_annotation", None) or getattr(target, "hparams", {}).get("on_bad_annotation")
     if isinstance(target, Dataset):
         datasets: list[tuple[str, Dataset | DataError]] = [(name, target)]
     elif callable(getattr(target, "build_dataset", None)) and isinstance(getattr(target, "splits", None), dict):
@@ -255,7 +262,7 @@ def validate_dataset(
         # checked item by item, as it is
         inner = dataset.dataset if isinstance(dataset, TransformedDataset) else dataset
         if isinstance(inner, AnnotatedDataset):
-            _check_annotated(inner, report, check_images, probe, fit)
+            _check_annotated(inner, report, check_images, probe, fit, skip_mismatched=policy == "skip")
         else:
             _check_items(inner, report, probe, fit)
         if len(inner) == 0:  # type: ignore[arg-type]

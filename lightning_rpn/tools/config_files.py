@@ -149,9 +149,10 @@ def config_problem(args: Sequence[str]) -> str | None:
                     f"the command reads it: print to another file name)")
         if before_subcommand and isinstance(content, dict) and not set(content) & set(_RUN_SUBCOMMANDS):
             subcommand = next((a for a in args[index:] if a in _RUN_SUBCOMMANDS), "fit")
+            held = "holds the settings of a run" if content else "holds no setting (`{}`)"
             return (f"--config {value} comes before the subcommand, where a config needs one section per "
-                    f"subcommand ({', '.join(f'{name}:' for name in _RUN_SUBCOMMANDS)}); this one holds the "
-                    f"settings of a run: give it after the subcommand, `lightning-rpn {subcommand} --config {value}`")
+                    f"subcommand ({', '.join(f'{name}:' for name in _RUN_SUBCOMMANDS)}); this one {held}: give "
+                    f"it after the subcommand, `lightning-rpn {subcommand} --config {value}`")
     return None
 
 

@@ -242,6 +242,12 @@ class TorchvisionRPN(nn.Module):
 
         ``probe_size``: side of the dry-run input, a multiple of the largest stride.
         """
+        if isinstance(detector, GeneralizedRCNN) and isinstance(detector.rpn, TorchvisionRPN):
+            raise TypeError(
+                f"TorchvisionRPN.from_detector: this {type(detector).__name__}'s rpn is a TorchvisionRPN already "
+                "(from_detector ran on it before, e.g. a notebook cell run twice); use detector.rpn as it is, or "
+                "build the detector again to convert its torchvision RegionProposalNetwork"
+            )
         if not isinstance(detector, GeneralizedRCNN) or not isinstance(detector.rpn, RegionProposalNetwork):
             raise TypeError(
                 "TorchvisionRPN.from_detector: expected a torchvision detector with a "

@@ -33,8 +33,8 @@ def reporting(trainer: Trainer) -> bool:
 
 
 def evaluation_stage(trainer: Trainer) -> str:
-    """The key prefix of the running evaluation: ``"test"`` or ``"val"``."""
-    return "test" if trainer.state.fn == TrainerFn.TESTING else "val"
+    """The key prefix of the running evaluation: ``"test"``, ``"predict"`` or ``"val"``."""
+    return {TrainerFn.TESTING: "test", TrainerFn.PREDICTING: "predict"}.get(trainer.state.fn, "val")
 
 
 def log_dir(trainer: Trainer, logger: Logger | None) -> Path:
@@ -54,7 +54,7 @@ def file_loggers(trainer: Trainer) -> list[Logger | None]:
 
 
 def loaded_checkpoint(trainer: Trainer) -> str | None:
-    """The checkpoint (resolved path) a ``validate`` / ``test`` took its weights from.
+    """The checkpoint (resolved path) a ``validate`` / ``test`` / ``predict`` took its weights from.
 
     ``None`` during ``fit`` and for weights already in the process (``trainer.validate(model)``),
     which their epoch and step name (:func:`~lightning_rpn.training.evaluated_weights.evaluated_counters`).

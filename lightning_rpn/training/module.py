@@ -651,10 +651,11 @@ class RPNModule(pl.LightningModule):
         else:
             proposals, losses = self._run(batch, stage, need_proposals=True)
             self._log_losses(stage, losses, len(batch))
-        # area ranges at the original image's scale, as predict and COCO: the resize scales areas
-        self.val_recall.update(
-            [boxes for boxes, _ in proposals], batch.gt_boxes, areas=_original_areas(batch)
-        )
+        # area ranges at the original image's scale, as predict and COCO: the resize scales areas;
+        # an image standing in for an unusable one is left out (it is counted at its own position)
+        counted, areas = batch.evaluated, _original_areas(batch)
+        self.val_recall.update([proposals[i][0] for i in counted], [batch.gt_boxes[i] for i in counted],
+                               areas=[areas[i] for i in counted])
         return {"proposals": proposals}
 
     # dataloader_idx (here and in predict_step): Lightning checks it is there before any hook runs;
@@ -752,44 +753,50 @@ class RPNModule(pl.LightningModule):
     def on_predict_batch_end(
         self, outputs: list[dict[str, Any]], batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        """Recall of the predicted proposals against the batch's gt boxes, in original-image pixels."""
+        """Recall of the predicted proposals against the batch's gt boxes, in original-image pixels
+        (``outputs`` hold the images :attr:`RPNBatch.evaluated` names, as :meth:`predict_step` returns them)."""
         gt_boxes = [
-            to_original_coordinates(boxes.to(self.device).float(), resized, original)
-            for boxes, resized, original in zip(batch.gt_boxes, batch.image_sizes, batch.original_sizes)
+            to_original_coordinates(batch.gt_boxes[i].to(self.device).float(), batch.image_sizes[i],
+                                    batch.original_sizes[i])
+            for i in batch.evaluated
         ]
         self.val_recall.update([item["boxes"] for item in outputs], gt_boxes)
 
     def on_predict_epoch_end(self) -> None:
         """``last_recall`` / ``last_recall_curves`` of the predicted split, when it has gt boxes.
 
-        Predictions cannot be logged, so the recall is only kept here (``RecallTable`` prints
-        it, the CLI writes it to JSON); a split without any gt box (a folder of images) leaves
-        ``last_recall`` empty.
+        Lightning's ``self.log`` is not allowed in predict, so the recall goes to the loggers
+        directly (``predict/AR@100``, ..., at the step of the weights, as a validation of them
+        would be dated), ``RecallTable`` prints it and the CLI writes it to JSON; a split without
+        any gt box (a folder of images) leaves ``last_recall`` empty and logs nothing.
         """
         results = self.val_recall.compute()
         k = self.val_recall.max_proposals[0]
         if float(results[f"AR@{k}"]) >= 0:  # -1: no gt box in the whole split
             self._keep_recall(results)
+            step = evaluated_counters(self.trainer)[1]
+            for logger in self.trainer.loggers:  # Lightning's loggers write on global rank 0 only
+                logger.log_metrics({f"predict/{name}": value for name, value in self.last_recall.items()}, step=step)
         self.val_recall.reset()
 
     def predict_step(self, batch: RPNBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Per image ``{"image_id", "boxes" [P, 4], "scores" [P], "objectness_logits" [P]}``,
-        boxes in original-image pixels."""
+        boxes in original-image pixels; an image standing in for an unusable one is left out (its
+        own position in the split predicts it)."""
         if self.sliding_window is not None:
             proposals: list = self._window_proposals(batch)
         else:
             proposals, _ = self._run(batch, "predict", need_proposals=True, with_targets=False, proposal_logits=True)
-        return [
-            {
-                "image_id": image_id,
-                "boxes": to_original_coordinates(boxes, resized, original),
+        outputs = []
+        for i in batch.evaluated:
+            boxes, scores, logits = proposals[i]
+            outputs.append({
+                "image_id": batch.image_ids[i],
+                "boxes": to_original_coordinates(boxes, batch.image_sizes[i], batch.original_sizes[i]),
                 "scores": scores,
                 "objectness_logits": logits,
-            }
-            for (boxes, scores, logits), image_id, resized, original in zip(
-                proposals, batch.image_ids, batch.image_sizes, batch.original_sizes
-            )
-        ]
+            })
+        return outputs
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

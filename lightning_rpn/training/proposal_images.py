@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from itertools import zip_longest
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,27 @@ def _batch_images(batch: Any) -> _BatchImages | None:
     return _fields_batch(batch) or _torchvision_batch(batch)
 
 
+def _boxes_and_scores(item: Any) -> tuple[Tensor, Tensor] | None:
+    """One image's ``(boxes [P, 4], scores [P])`` from ``(boxes, scores, ...)`` or ``{"boxes", "scores"}``
+    (torchvision's form), else ``None``."""
+    if isinstance(item, Mapping):
+        boxes, scores = item.get("boxes"), item.get("scores")
+    elif isinstance(item, (tuple, list)) and len(item) >= 2:
+        boxes, scores = item[0], item[1]
+    else:
+        return None
+    if not (isinstance(boxes, Tensor) and boxes.ndim == 2 and boxes.shape[1] == 4
+            and isinstance(scores, Tensor) and tuple(scores.shape) == (boxes.shape[0],)):
+        return None
+    return boxes, scores
+
+
+def _described(item: Any) -> str:
+    """``item``'s type, and its shape when it has one, for a message."""
+    shape = getattr(item, "shape", None)
+    return type(item).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
+
+
 class ProposalImages(Callback):
     """Logs the first ``num_images`` images of each validation / test epoch with their ground
     truth and top ``top_k`` proposals.
@@ -186,11 +207,17 @@ class ProposalImages(Callback):
                 f"it needs {_BATCH_FIELDS}. No images are drawn"
             )
             return
-        for image, gt_boxes, image_id, (boxes, scores) in zip(
-            fields.images, fields.gt_boxes, fields.image_ids, proposals
-        ):
+        for image, gt_boxes, image_id, item in zip(fields.images, fields.gt_boxes, fields.image_ids, proposals):
             if len(self._samples) >= self.num_images:
                 break
+            pair = _boxes_and_scores(item)
+            if pair is None:
+                self._warn_once(
+                    "ProposalImages: each image's proposals must be (boxes [P, 4], scores [P]) (a longer tuple's "
+                    f"first two, or a {{'boxes', 'scores'}} dict); got {_described(item)}; no images are drawn"
+                )
+                return
+            boxes, scores = pair
             self._samples.append(
                 _Sample(
                     image=_to_uint8(image.detach().cpu()),

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.evaluation.proposal_files import (
     FORMATS,
     merge_proposal_parts,
@@ -198,6 +199,8 @@ class ProposalWriter(BasePredictionWriter):
             raise ValueError(f"ProposalWriter: writes one predict dataloader, got dataloader_idx={dataloader_idx}")
         if self._handle is None:
             raise RuntimeError("ProposalWriter: write_on_batch_end before on_predict_start")
+        if batch_indices is not None and isinstance(batch, RPNBatch) and len(batch_indices) == len(batch):
+            batch_indices = [batch_indices[i] for i in batch.evaluated]  # predict_step leaves stand-ins out
         indices = list(batch_indices) if batch_indices is not None and len(batch_indices) == len(prediction) else None
         for position, (image_id, boxes, scores, logits) in enumerate(proposal_records(prediction, "ProposalWriter")):
             order = np.argsort(-(scores if logits is None else logits), kind="stable")[: self.top_k]

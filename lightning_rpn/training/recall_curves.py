@@ -179,3 +179,8 @@ class RecallCurves(Callback):
         self._log(trainer, pl_module)
 
     on_test_end = on_validation_end
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The predicted split's curves, when it has gt boxes (a folder of images has none: nothing)."""
+        if getattr(pl_module, "last_recall_curves", None):
+            self._log(trainer, pl_module)

@@ -165,6 +165,8 @@ def test_bad_inputs_are_named() -> None:
         generate_proposals(objectness, deltas, [anchors[0], anchors[0], *anchors[2:]], IMAGE_SIZES)
     with pytest.raises(ValueError, match="levels"):
         generate_proposals(objectness, deltas[:-1], anchors, IMAGE_SIZES)
+    with pytest.raises(ValueError, match=r"nms_thresh must be in \[0, 1\], got 1.5"):  # suppressed nothing
+        generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, nms_thresh=1.5)
 
 
 @pytest.mark.parametrize("settings", [(1000, 1000, 0.7, 1e-3, 0.0), (300, 40, 0.5, 8.0, 0.6)])

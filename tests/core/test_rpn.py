@@ -177,6 +177,11 @@ def test_an_image_size_beyond_what_the_features_cover_is_named() -> None:
     with pytest.raises(ValueError, match=r"image_sizes\[1\] is \(640, 480\) \(h, w\), larger than the \(64, 64\) px"):
         _rpn().eval()(_features(), [IMAGE_SIZES[0], (640, 480)])
     _rpn().eval()(_features(), [(64, 64), (64, 64)])  # the whole canvas: fine
+    # less than a stride beyond: what a backbone pooling with floor rounding gives an unpadded image
+    # (VGG16: 600 px -> 37 cells of 16), which torchvision's RPN takes; it was refused
+    _rpn().eval()(_features(), [(67, 60), (64, 67)])
+    with pytest.raises(ValueError, match=r"image_sizes\[0\] is \(68, 60\).*an image of up to \(67, 67\) px gives"):
+        _rpn().eval()(_features(), [(68, 60), (64, 64)])
 
 
 def test_need_proposals_false_skips_proposal_generation(monkeypatch: pytest.MonkeyPatch) -> None:

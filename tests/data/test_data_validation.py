@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from rich.console import Console
 from helpers.builders import basic_coco, save_image, write_coco
@@ -42,11 +43,11 @@ def test_problems_are_listed_with_file_image_and_annotation(tmp_path: Path) -> N
     images_root, ann = write_coco(tmp_path, images, anns, create_files=False)
     save_image(images_root / "a.png", 40, 60)
     save_image(images_root / "small.png", 20, 30)
-    report = validate_dataset(COCODetection(images_root, ann, on_bad_annotation="skip"))
+    report = validate_dataset(COCODetection(images_root, ann, on_bad_annotation="clip"))
     kinds = {(p.kind, p.image_id, p.annotation_id) for p in report.splits[0].problems}
     assert ("non_finite", 1, 10) in kinds and ("slightly_outside", 1, 11) in kinds
     assert ("unreadable_image", 2, None) in kinds and ("size_mismatch", 3, None) in kinds
-    assert ("outside_image", 3, 12) in kinds  # re-checked against the real 30x20 file
+    assert ("outside_image", 3, 12) in kinds  # re-checked against the real 30x20 file (clip keeps the image)
     text = str(report)
     assert "missing.png" in text
     # one line per problem, however long its path: file, image and annotation grep together
@@ -119,3 +120,19 @@ def test_a_subset_is_checked_alone(tmp_path: Path) -> None:
     dataset = COCODetection(*basic_coco(tmp_path))
     (split,) = validate_dataset(Subset(dataset, [0])).splits
     assert split.images == 1 and split.boxes == len(dataset[0].boxes)
+
+
+@pytest.mark.parametrize("policy", ["skip", "clip"])
+def test_a_size_mismatch_is_listed_with_the_action_fit_takes(tmp_path: Path, policy: str) -> None:
+    """fit under skip skips an image whose file has another size than annotated (with or without
+    verify_images); check-data said "clipped" and checked its boxes against the file."""
+    images = [{"id": 3, "file_name": "small.png", "height": 40, "width": 60}]
+    anns = [{"id": 12, "image_id": 3, "bbox": [1, 1, 50, 30], "category_id": 1}]
+    images_root, ann = write_coco(tmp_path, images, anns, create_files=False)
+    save_image(images_root / "small.png", 20, 30)
+    report = validate_dataset(COCODetection(images_root, ann, on_bad_annotation=policy))
+    actions = {(p.kind, p.action) for p in report.splits[0].problems}
+    if policy == "skip":
+        assert actions == {("size_mismatch", "skipped")} and report.splits[0].images == 0
+    else:  # kept, its box checked against the 30 x 20 file
+        assert ("size_mismatch", "clipped") in actions and len(actions) > 1

@@ -28,3 +28,21 @@ def test_a_folder_without_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(DataError, match="no image files"):
         ImageFolder(tmp_path)
+
+
+def test_subfolder_images_are_counted_in_a_warning_and_a_dangling_link_is_unreadable(tmp_path: Path) -> None:
+    """Both were left out without a word."""
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "top.png")
+    for name, count in (("day1", 2), ("day2", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.jpg")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    with pytest.warns(UserWarning, match=r"3 image files in subfolders \(day1/ \(2\), day2/ \(1\)\) are not read"):
+        folder = ImageFolder(tmp_path, on_bad_annotation="skip")
+    assert [path.name for path in folder.files] == ["top.png"]
+    assert [(p.kind, p.image_id) for p in folder.skipped] == [("unreadable_image", "gone.jpg")]
+    with pytest.raises(DataError, match="gone.jpg"), pytest.warns(UserWarning):
+        ImageFolder(tmp_path, verify_images=True)

@@ -62,6 +62,10 @@ def test_a_run_config_before_the_subcommand_is_refused_naming_where_it_goes(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--config shapes comes before the subcommand" in err
         assert f"`lightning-rpn {args[-2] if len(args) == 4 else 'validate'} --config shapes`" in err
+    # an empty mapping holds nothing: not "the settings of a run"
+    (outside_the_clone / "nothing.yaml").write_text("{}\n")
+    assert "this one holds no setting (`{}`): give it after the subcommand" in config_problem(["-c", "nothing.yaml", "fit"])
+    assert "holds the settings of a run" in config_problem(["-c", "shapes", "fit"])
     # a config with a section per subcommand is LightningCLI's, and runs
     (outside_the_clone / "both.yaml").write_text("fit:\n  trainer:\n    max_steps: 3\n")
     with pytest.raises(SystemExit):

@@ -131,6 +131,9 @@ def test_faster_rcnn_with_the_adapter_trains() -> None:
     model = _detector(box_batch_size_per_image=64)  # small RoI batch: CPU time goes to the RPN
     model.backbone.body.requires_grad_(False)
     model.rpn = TorchvisionRPN.from_detector(model)
+    # a notebook cell run twice: "expected a detector with a RegionProposalNetwork, got FasterRCNN"
+    with pytest.raises(TypeError, match="this FasterRCNN's rpn is a TorchvisionRPN already"):
+        TorchvisionRPN.from_detector(model)
     model.train()
     head_before = model.rpn.rpn.head.cls_logits.weight.detach().clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)

@@ -250,6 +250,46 @@ def test_wandb_offline_run_has_metrics_curves_and_images(tmp_path, monkeypatch, 
     assert len(list((run_dir / "files" / "media" / "images").rglob("*.png"))) == 3 * NUM_IMAGES
 
 
+def test_predict_logs_its_recall_and_curves_to_the_loggers(tmp_path, monkeypatch):
+    """A predict of an annotated split: its recall (``predict/AR@100``, ...) and curves reach W&B
+    and the CSV logger, as a validation's do (predict's W&B run held the config only); a split
+    without any box logs nothing."""
+    wandb = pytest.importorskip("wandb")
+    from helpers.model import quiet_trainer, tiny_model
+    from lightning_rpn.training.datamodule import RPNDataModule
+
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true"),
+                        ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(name, value)
+    model = tiny_model()
+
+    def predict(root: Path, max_shapes: int) -> None:
+        data = RPNDataModule(synthetic_train_images=2, synthetic_val_images=4, synthetic_min_size=64,
+                             synthetic_max_size=64, synthetic_max_shapes=max_shapes, batch_size=2, num_workers=0)
+        loggers = [WandbLogger(save_dir=str(root), offline=True, project="lightning-rpn-test"), CSVLogger(root)]
+        trainer = quiet_trainer(root, logger=loggers, callbacks=[RecallCurves(save_png=False)])
+        try:
+            trainer.predict(model, datamodule=data, return_predictions=False)
+        finally:
+            wandb.finish()
+
+    predict(tmp_path / "annotated", max_shapes=3)
+    (run_dir,) = (tmp_path / "annotated" / "wandb").glob("offline-run-*")
+    history = wandb_history(read_finished_wandb_run(next(run_dir.glob("run-*.wandb"))))
+    [row] = [row for row in history if "predict/AR@100" in row]
+    assert row["predict/AR@100"] == pytest.approx(model.last_recall["AR@100"]) and row["trainer/global_step"] == 0
+    assert any("predict/recall_vs_iou_table.path" in row for row in history)
+    with next((tmp_path / "annotated" / "lightning_logs").glob("version_*/metrics.csv")).open() as f:
+        [logged] = [r for r in csv.DictReader(f) if r.get("predict/AR@100")]
+    assert float(logged["predict/AR@100"]) == pytest.approx(model.last_recall["AR@100"])
+    assert list((tmp_path / "annotated" / "lightning_logs").glob("version_*/recall_curves/predict_recall_vs_iou*.csv"))
+
+    predict(tmp_path / "unannotated", max_shapes=0)
+    (run_dir,) = (tmp_path / "unannotated" / "wandb").glob("offline-run-*")
+    history = wandb_history(read_finished_wandb_run(next(run_dir.glob("run-*.wandb"))))
+    assert not any(key.startswith("predict/") for row in history for key in row)
+
+
 def test_csv_logger_gets_curve_csvs_and_pngs(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]

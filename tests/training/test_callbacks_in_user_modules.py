@@ -116,6 +116,28 @@ def test_proposal_images_skips_a_batch_it_cannot_read_with_one_warning(tmp_path)
     assert not (tmp_path / "proposal_images").exists()
 
 
+@pytest.mark.parametrize("form", ["triples", "dicts", "boxes_only"])
+def test_proposal_images_reads_other_proposal_forms_or_warns_once(tmp_path, form):
+    """Triples (``RPN(..., proposal_logits=True)``) and torchvision's dicts are drawn; bare boxes
+    get one warning. Each stopped fit after its first epoch with an unpacking error."""
+    box, score = torch.tensor([[4.0, 4.0, 30.0, 30.0]]), torch.tensor([0.9])
+    item = {"triples": (box, score, score), "dicts": {"boxes": box, "scores": score}, "boxes_only": box}[form]
+
+    class OtherForms(UserModule):
+        def validation_step(self, batch: Any, batch_idx: int) -> dict:
+            return {"proposals": [item for _ in self.split(batch)[1]]}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [ProposalImages(num_images=3)]).fit(OtherForms(), loader(), loader())
+    messages = [str(w.message) for w in caught if "ProposalImages" in str(w.message)]
+    drawn = sorted((tmp_path / "proposal_images").glob("*.png"))
+    if form == "boxes_only":
+        assert len(messages) == 1 and "got Tensor of shape (1, 4); no images are drawn" in messages[0] and not drawn
+    else:
+        assert not messages and len(drawn) == 3
+
+
 def test_recall_table_at_end_of_fit_names_the_validated_epoch(tmp_path, capsys):
     make_trainer(tmp_path, [RecallTable()]).fit(UserModule(), loader(), loader())
     # the validation ran in epoch 0; Lightning's counter says 1 by the end of fit
