@@ -34,7 +34,7 @@ def load_coco_json(annotation_file: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise DataError("COCO annotation file does not exist", file=str(path))
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark (Windows tools write one) is skipped
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"not valid JSON ({error})", file=str(path)) from error

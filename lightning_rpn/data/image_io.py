@@ -29,6 +29,7 @@ a pixel, so it maps no RGB file either), as ``bench/bench_window_reads.py`` meas
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,7 +170,25 @@ def _unreadable(path: Path, error: Exception, image_id: int | str | None) -> Dat
 
 def _check_exists(path: Path, image_id: int | str | None) -> None:
     if not path.is_file():
-        raise DataError("image file does not exist", file=str(path), image_id=image_id)
+        raise DataError("image file does not exist" + _other_normalisation(path), file=str(path), image_id=image_id)
+
+
+def _other_normalisation(path: Path) -> str:
+    """A hint naming a file of ``path``'s folder whose name differs from ``path``'s only in Unicode
+    normalisation (``café`` composed or decomposed, as macOS archives write names), else ``""``."""
+    if path.name.isascii() or not path.parent.is_dir():
+        return ""
+    wanted = unicodedata.normalize("NFC", path.name)
+    try:
+        twin = next((entry for entry in os.listdir(path.parent)
+                     if entry != path.name and unicodedata.normalize("NFC", entry) == wanted), None)
+    except OSError:
+        return ""
+    if twin is None:
+        return ""
+    form = "decomposed (NFD)" if unicodedata.is_normalized("NFD", twin) else "composed (NFC)"
+    return (f"; {path.parent / twin} is the same name in another Unicode form, {form}: rename the file or the "
+            "annotation's file name to one form")
 
 
 def load_rgb_image(path: Path | str, *, image_id: int | str | None = None) -> np.ndarray:

@@ -34,6 +34,14 @@ def test_loads_boxes_as_xyxy_with_crowd_apart_and_empty_images(tmp_path: Path) -
     assert len(ds.problems) == 0
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Windows tools write one; json.load refused it ("Unexpected UTF-8 BOM"), as VOC lists do not."""
+    images_root, ann = basic_coco(tmp_path)
+    ann.write_bytes(b"\xef\xbb\xbf" + ann.read_bytes())
+    ds = COCODetection(images_root, ann)
+    assert len(ds) == 3 and len(ds[0].boxes) == 2
+
+
 def test_category_filter_by_id_and_by_name(tmp_path: Path) -> None:
     args = basic_coco(tmp_path)
     by_id = COCODetection(*args, category_ids=[2])

@@ -131,3 +131,20 @@ def test_a_pil_image_of_8_bit_values_in_a_wide_mode_warns_as_its_file_does() -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert as_hwc_uint8(full, 0).max() == 255
+
+
+def test_a_missing_file_names_its_twin_in_another_unicode_form(tmp_path: Path) -> None:
+    """A COCO file_name written composed (NFC) and the file on disk decomposed (NFD), as macOS
+    archives write names: the two look the same in every listing, and the error said only
+    "does not exist"."""
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    save_image(tmp_path / decomposed, 8, 8)
+    if (tmp_path / composed).is_file():  # a file system that normalises names itself: nothing to tell
+        pytest.skip("this file system maps both forms to one file")
+    with pytest.raises(DataError, match=r"image file does not exist; .*\.png is the same name in another Unicode "
+                                        r"form, decomposed \(NFD\): rename"):
+        load_rgb_image(tmp_path / composed)
+    with pytest.raises(DataError, match=r"image file does not exist$"):
+        load_rgb_image(tmp_path / "other.png")
