@@ -59,6 +59,7 @@ class BoxCoder:
         """Deltas ``[..., 4]`` (float32) that move each anchor onto its box."""
         _check_last_dim(boxes, "BoxCoder.encode(boxes)")
         _check_last_dim(anchors, "BoxCoder.encode(anchors)")
+        _check_broadcast(boxes, anchors, "BoxCoder.encode: boxes", "anchors")
         with _fp32_region(boxes.device):
             boxes = boxes.float()
             anchors = anchors.to(device=boxes.device, dtype=torch.float32)
@@ -79,6 +80,7 @@ class BoxCoder:
         """Boxes ``[..., 4]`` (float32, xyxy) obtained by applying ``deltas`` to ``anchors``."""
         _check_last_dim(deltas, "BoxCoder.decode(deltas)")
         _check_last_dim(anchors, "BoxCoder.decode(anchors)")
+        _check_broadcast(deltas, anchors, "BoxCoder.decode: deltas", "anchors")
         with _fp32_region(deltas.device):
             deltas = deltas.float()
             anchors = anchors.to(device=deltas.device, dtype=torch.float32)
@@ -94,6 +96,16 @@ class BoxCoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weights={self.weights}, clamp={self.clamp})"
+
+
+def _check_broadcast(first: Tensor, second: Tensor, first_name: str, second_name: str) -> None:
+    """``ValueError`` naming both shapes when the two ``[..., 4]`` tensors' leading shapes do not
+    broadcast (torch's own error names neither argument)."""
+    try:
+        torch.broadcast_shapes(first.shape[:-1], second.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"{first_name} {tuple(first.shape)} and {second_name} {tuple(second.shape)} do not "
+                         "broadcast: give one row per anchor ([N, 4] and [N, 4]) or shapes that broadcast") from None
 
 
 def _check_last_dim(tensor: Tensor, where: str) -> None:

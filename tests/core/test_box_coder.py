@@ -93,3 +93,12 @@ def test_invalid_weights(kwargs: dict, pattern: str) -> None:
 def test_wrong_last_dimension_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"BoxCoder.decode\(deltas\): expected shape \[..., 4\], got \(5, 3\)"):
         BoxCoder().decode(torch.zeros(5, 3), torch.zeros(5, 4))
+
+
+def test_row_counts_that_do_not_broadcast_are_named() -> None:
+    """torch's "The size of tensor a (5) must match ..." named neither argument."""
+    with pytest.raises(ValueError, match=r"BoxCoder.encode: boxes \(5, 4\) and anchors \(3, 4\) do not broadcast"):
+        BoxCoder().encode(torch.ones(5, 4), torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"BoxCoder.decode: deltas \(2, 5, 4\) and anchors \(3, 4\) do not broadcast"):
+        BoxCoder().decode(torch.zeros(2, 5, 4), torch.ones(3, 4))
+    assert BoxCoder().decode(torch.zeros(2, 3, 4), torch.ones(3, 4)).shape == (2, 3, 4)  # broadcasting still works
