@@ -186,6 +186,13 @@ def unreadable_image_problem(record: ImageRecord, error: DataError, note: str = 
                    record.annotation_file, record.image_id)
 
 
+def size_mismatch_problem(record: ImageRecord, size: tuple[int, int], action: str, note: str = "") -> Problem:
+    """The record of ``record`` 's file being ``size`` (h, w), not its annotated size (``action``:
+    ``"skipped"`` or ``"clipped"``)."""
+    return Problem("size_mismatch", action, size_mismatch_detail(record, size) + note, record.annotation_file,
+                   record.image_id)
+
+
 class AnnotatedDataset(Dataset):
     """A map-style dataset of :class:`ImageRecord` s returning :class:`DetectionSample` s.
 
@@ -284,10 +291,12 @@ class AnnotatedDataset(Dataset):
             if self.on_bad_annotation == "raise":
                 raise DataError(size_mismatch_detail(record, size, clip_hint=True),
                                 file=record.annotation_file, image_id=record.image_id)
-            log.add(Problem("size_mismatch", "clipped",
-                            size_mismatch_detail(record, size) + "; boxes re-checked against the file",
-                            record.annotation_file, record.image_id))
+            log.add(size_mismatch_problem(record, size, "clipped", "; boxes re-checked against the file"))
         self._set_boxes(record, size, log)
+
+    def _skips_for_size(self, record: ImageRecord, size: tuple[int, int]) -> bool:
+        """Whether ``record`` is skipped because its file is ``size``, not its annotated size (``skip``)."""
+        return self.on_bad_annotation == "skip" and record.size is not None and record.size != size
 
     def _verify(self, record: ImageRecord) -> bool:
         """Decode ``record`` 's image; False drops the image (policy ``skip``/``clip``)."""
@@ -299,9 +308,8 @@ class AnnotatedDataset(Dataset):
                                 "to drop unreadable images)", file=error.file, image_id=record.image_id) from error
             self.problems.add(unreadable_image_problem(record, error))
             return False
-        if self.on_bad_annotation == "skip" and record.size is not None and record.size != size:
-            self.problems.add(Problem("size_mismatch", "skipped", size_mismatch_detail(record, size),
-                                      record.annotation_file, record.image_id))
+        if self._skips_for_size(record, size):
+            self.problems.add(size_mismatch_problem(record, size, "skipped"))
             return False
         self._apply_size(record, size, self.problems)
         return True
@@ -333,11 +341,9 @@ class AnnotatedDataset(Dataset):
                     skipped.append(unreadable_image_problem(record, error, "; replaced by the next readable image"))
                 continue
             size = (int(image.shape[0]), int(image.shape[1]))
-            if self.on_bad_annotation == "skip" and record.size is not None and record.size != size:
+            if self._skips_for_size(record, size):
                 if offset == 0:
-                    skipped.append(Problem("size_mismatch", "skipped", size_mismatch_detail(record, size)
-                                           + "; replaced by the next usable image", record.annotation_file,
-                                           record.image_id))
+                    skipped.append(size_mismatch_problem(record, size, "skipped", "; replaced by the next usable image"))
                 continue
             return record, image, offset > 0
         raise DataError(f"none of the {len(self.records)} images can be used ({skipped[0].detail})",

@@ -33,7 +33,7 @@ from lightning_rpn.data.annotated import (
     PROGRESS_MIN_ITEMS,
     AnnotatedDataset,
     boxes_at_size,
-    size_mismatch_detail,
+    size_mismatch_problem,
     unreadable_image_problem,
 )
 from lightning_rpn.data.dataset_report import (
@@ -141,9 +141,7 @@ def _check_annotated(
                 report.problems.add(unreadable_image_problem(record, error))
                 continue
             if record.size is not None and record.size != size:
-                report.problems.add(Problem("size_mismatch", "skipped" if skip_mismatched else "clipped",
-                                            size_mismatch_detail(record, size), record.annotation_file,
-                                            record.image_id))
+                report.problems.add(size_mismatch_problem(record, size, "skipped" if skip_mismatched else "clipped"))
                 if skip_mismatched:
                     rechecked.add((record.annotation_file, record.image_id))  # its boxes are not trained on
                     continue
