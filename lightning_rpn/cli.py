@@ -67,6 +67,7 @@ from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RESIZE_KEY, RPNModule
 from lightning_rpn.training.proposal_writer import ProposalWriter
 from lightning_rpn.training.run_files import (
+    EVALUATION_ROLES,
     check_checkpoint_dirs,
     continued_folders,
     evaluation_checkpoint,
@@ -323,9 +324,6 @@ def _drop_progress_bars(trainer: Any) -> None:
 
 _RESIZE_ARGS = frozenset({"--data.resize", "--data.min_sizes", "--data.max_size", "--data.fixed_size"})
 """Command-line settings of the data module's resize (a checkpoint alone takes its own otherwise)."""
-
-_EVALUATION_ROLES = {"validate": "val", "test": "test", "predict": "predict"}
-"""The data split role each evaluation command runs on."""
 
 _HARDWARE_SETTINGS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 """The trainer settings that choose the hardware and how it runs, quoted when Lightning refuses the trainer."""
@@ -705,7 +703,7 @@ class RPNLightningCLI(LightningCLI):
     def _require_evaluation_split(self) -> None:
         """A :class:`_Refusal` naming the setting when the config gives the command no split (``test``
         without ``data.test_split``): the data module's own error came as a traceback from the loader."""
-        role, data = _EVALUATION_ROLES[self.subcommand], self.datamodule
+        role, data = EVALUATION_ROLES[self.subcommand], self.datamodule
         if data.splits[role] is not None or (role == "predict" and data.predict_images is not None):
             return
         fix = ("--data.predict_split NAME (default: the val split) or --data.predict_images DIR"
@@ -751,7 +749,7 @@ class RPNLightningCLI(LightningCLI):
         once it sees the data (:func:`_refused_by_loop_setup`: ``val_check_interval`` beyond an
         epoch) are a :class:`SettingError`, as those refused while the trainer is built."""
         try:
-            if subcommand not in _EVALUATION_ROLES:
+            if subcommand not in EVALUATION_ROLES:
                 super()._run_subcommand(subcommand)
                 return
             with warnings.catch_warnings():

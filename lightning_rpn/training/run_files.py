@@ -38,9 +38,10 @@ from lightning_rpn.core.config import SettingError
 from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
 
 __all__ = [
-    "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders", "evaluation_checkpoint",
-    "first_line", "free_version", "metrics_summary_path", "newest_checkpoint", "read_checkpoint", "start_new_run_files",
-    "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best", "write_metrics_summary",
+    "EVALUATION_ROLES", "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders",
+    "evaluation_checkpoint", "first_line", "free_version", "metrics_summary_path", "newest_checkpoint",
+    "read_checkpoint", "start_new_run_files", "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best",
+    "write_metrics_summary",
 ]
 
 
@@ -85,12 +86,16 @@ def check_checkpoint_dirs(trainer: pl.Trainer, continued: Collection[Path] = ())
             )
 
 
-def _evaluation_limit(trainer: pl.Trainer, command: str) -> str | None:
-    """What made ``command`` evaluate part of its split (``"fast_dev_run"``, ``"limit_val_batches=0.25"``),
-    or ``None`` for the whole split: a summary of a partial evaluation must not read as a full one."""
+EVALUATION_ROLES = {"validate": "val", "test": "test", "predict": "predict"}
+"""The split role each evaluation command runs on (its Lightning stage name too)."""
+
+
+def _evaluation_limit(trainer: pl.Trainer, stage: str) -> str | None:
+    """What made the evaluation of ``stage`` (``"val"``, ``"test"``, ``"predict"``) cover part of its
+    split (``"fast_dev_run"``, ``"limit_val_batches=0.25"``), or ``None`` for the whole split: a
+    summary of a partial evaluation must not read as a full one."""
     if getattr(trainer, "fast_dev_run", False):
         return "fast_dev_run"
-    stage = {"validate": "val", "test": "test", "predict": "predict"}[command]
     name = f"limit_{stage}_batches"
     limit = getattr(trainer, name, 1.0)
     whole = limit is None or (isinstance(limit, float) and limit == 1.0)  # an int 1 is one batch
@@ -546,7 +551,7 @@ def write_metrics_summary(
     recall = getattr(model, "last_recall", None)
     if not trainer.is_global_zero or not recall:
         return None
-    role = {"validate": "val", "test": "test", "predict": "predict"}[command]
+    role = EVALUATION_ROLES[command]
     splits = getattr(datamodule, "splits", {})
     images = getattr(datamodule, "predict_images", None) if command == "predict" else None
     root = getattr(datamodule, "root", None)
@@ -562,7 +567,7 @@ def write_metrics_summary(
             "root": None if root is None else str(root),
             "split": splits.get(role) if images is None else None,
             "images": images,
-            "limited_by": _evaluation_limit(trainer, command),
+            "limited_by": _evaluation_limit(trainer, role),
         },
         "coordinates": "original images" if command == "predict" else "resized images",
         "metrics": recall,
