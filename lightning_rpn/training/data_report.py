@@ -36,11 +36,13 @@ class RunDataReport:
         self.process = (0, 1)
         """This process's rank and the number of processes (set by the data module from its trainer)."""
 
-    def add_batch(self, stage: str, epoch: int, batch: RPNBatch) -> None:
-        """Count ``batch`` under ``stage``; warn about the load problems not seen before."""
-        first, last = self._epochs or (epoch, epoch)
-        self._epochs = (min(first, epoch), max(last, epoch))
-        self.accounting.add_batch(stage, batch)
+    def add_batch(self, stage: str, epoch: int, batch: RPNBatch, counted: bool = True) -> None:
+        """Count ``batch`` under ``stage`` (unless not ``counted``); warn about the load problems not
+        seen before."""
+        if counted:
+            first, last = self._epochs or (epoch, epoch)
+            self._epochs = (min(first, epoch), max(last, epoch))
+            self.accounting.add_batch(stage, batch)
         self._warn_new_problems(stage, batch.problems)
 
     def _warn_new_problems(self, stage: str, problems: Sequence[Problem]) -> None:

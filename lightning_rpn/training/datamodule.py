@@ -25,6 +25,7 @@ from typing import Any, Literal, Sequence
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rpn.core.anchors import AnchorGenerator
@@ -369,7 +370,14 @@ class RPNDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=role == "train" and self._drop_last_train,
+            generator=None if role == "train" else self._evaluation_generator(),
         )
+
+    def _evaluation_generator(self) -> torch.Generator:
+        """The random source of an evaluation loader (its workers' seeds). Without one, making its
+        iterator takes a draw from torch's RNG, which training draws from too: how often fit validates,
+        and whether it runs Lightning's sanity check, would change the training that follows."""
+        return torch.Generator().manual_seed(int(self.hparams.seed))
 
     def _window_start(self, batch_size: int) -> tuple[int, int]:
         """``(epoch, windows of it trained)`` that tiled training starts at: a loaded checkpoint's
@@ -486,7 +494,11 @@ class RPNDataModule(LightningDataModule):
                 self.data_report.process = (trainer.global_rank, trainer.world_size)
             if trainer is not None and trainer.training and self._window_progress is not None:
                 self._first_window_batch(trainer)
-            self.data_report.add_batch(stage, trainer.current_epoch if trainer is not None else 0, batch)
+            # the sanity check's batches are validation's: their problems are warned about as
+            # validation's, and counted when validation loads them
+            sanity = trainer is not None and trainer.sanity_checking
+            self.data_report.add_batch("validate" if sanity else stage,
+                                       trainer.current_epoch if trainer is not None else 0, batch, counted=not sanity)
         return batch
 
     def report(self) -> str:
