@@ -31,6 +31,7 @@ the config).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import re
@@ -63,6 +64,7 @@ from rich.console import Console
 from lightning_rpn.core.backbones import weights_from_checkpoint
 from lightning_rpn.core.config import SettingError
 from lightning_rpn.data.problems import DataError
+from lightning_rpn.training.checkpoint_io import use_atomic_checkpoints
 from lightning_rpn.training.datamodule import RPNDataModule
 from lightning_rpn.training.module import RESIZE_KEY, RPNModule
 from lightning_rpn.training.proposal_writer import ProposalWriter
@@ -179,23 +181,35 @@ def _serialise_devices() -> None:
 class ResolvedConfigCallback(SaveConfigCallback):
     """Save the resolved config to the log dir, into every checkpoint, and to W&B.
 
-    The saved ``ckpt_path`` is the file the run loaded, not the keyword that found it
-    (``--ckpt_path last`` / ``best``): run again later, the config would load a newer file.
+    Written when the command starts, once the checkpoint it loads has been checked: a resume or
+    an evaluation refused for its checkpoint leaves the run's config and its W&B run as they were.
+    ``fit`` writes ``config.yaml``, ``validate`` / ``test`` / ``predict`` ``config-<command>.yaml``
+    beside it (the training's config stays the training's), and a config file the command was
+    given is never written over. The saved ``ckpt_path`` is the file the run loaded, not the
+    keyword that found it (``--ckpt_path last`` / ``best``): run again later, the config would load
+    a newer file.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._checkpoint_recorded = False
+        self._started = False
 
     def _config_text(self) -> str:
         return self.parser.dump(self.config, **_KEEP_NONE)
 
     def _config_file(self, trainer: pl.Trainer) -> Path:
-        """The logger's folder, or the trainer's root when the logger has none: a ``WandbLogger``
+        """In the logger's folder, or the trainer's root when the logger has none: a ``WandbLogger``
         without ``save_dir`` gives ``trainer.log_dir`` ``None``, which Lightning's own setup asserts
         against (the run's other files go to the root too, see
         :func:`~lightning_rpn.training.log_targets.log_dir`). Call it on every process: it broadcasts."""
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.config_filename
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        command = str(trainer.state.fn.value) if trainer.state.fn is not None else "fit"
+        stem = Path(self.config_filename).stem
+        path = folder / (self.config_filename if command == "fit" else f"{stem}-{command}.yaml")
+        if any(_same_file(path, given) for given in _given_config_files(self.config)):
+            path = folder / f"{stem}-{command}-resolved.yaml"
+            _notice(f"the resolved config is written to {path}, not over the config file you gave")
+        return path
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         path = self._config_file(trainer) if self.save_to_log_dir else None
@@ -208,36 +222,34 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self.save_config(trainer, pl_module, stage)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.already_saved:
-            self._write(trainer, pl_module, stage)
-            self.already_saved = trainer.strategy.broadcast(True)
+        """Nothing yet: the checkpoint the command loads is checked after this (:meth:`_start`)."""
 
-    def _record_loaded_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Replace a ``ckpt_path`` keyword by the file Lightning resolved it to (``null``: none found),
-        once the checkpoint is loaded, and save the config again. Only the command's own load: fit's
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the config once, as the command starts: with a ``ckpt_path`` keyword replaced by the
+        file Lightning resolved it to (``null``: none found). Only the command's own start: fit's
         closing validation of its final weights loads nothing."""
-        if self._checkpoint_recorded:
+        if self._started:
             return
-        self._checkpoint_recorded = True
+        self._started = True
         named = self.config.get("ckpt_path")
         loaded = None if trainer.ckpt_path is None else str(trainer.ckpt_path)
-        if named is None or str(named) == loaded:
-            return
-        self.config.ckpt_path = loaded
+        if named is not None and str(named) != loaded:
+            self.config.ckpt_path = loaded
         self._write(trainer, pl_module, str(trainer.state.fn))
+        self.already_saved = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record_loaded_checkpoint(trainer, pl_module)
+        self._start(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # not fit's validation loops
-            self._record_loaded_checkpoint(trainer, pl_module)
+            self._start(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record_loaded_checkpoint(trainer, pl_module)
+        self._start(trainer, pl_module)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record_loaded_checkpoint(trainer, pl_module)
+        self._start(trainer, pl_module)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
@@ -250,6 +262,20 @@ class ResolvedConfigCallback(SaveConfigCallback):
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
         record_wandb_run(trainer, checkpoint)
+
+
+def _given_config_files(config: Any) -> list[Path]:
+    """The config files the command line gave (``--config``), as paths on disk."""
+    given = config.get("config") or []
+    return [Path(str(getattr(item, "absolute", item))) for item in given if item is not None]
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether ``path`` exists and is ``other`` (by inode: a link or another spelling of the path too)."""
+    try:
+        return path.exists() and other.exists() and path.samefile(other)
+    except OSError:
+        return False
 
 
 def _notice(message: str) -> None:
@@ -518,6 +544,7 @@ class RPNLightningCLI(LightningCLI):
         except _TRAINER_REFUSALS as error:
             raise _trainer_setting_error(self._run_config()["trainer"], error) from error
         _RUN_PROCESSES[0] = trainer.world_size
+        use_atomic_checkpoints(trainer)
         return trainer
 
     def _checkpoint_holds_the_weights(self) -> bool:
@@ -590,11 +617,12 @@ class RPNLightningCLI(LightningCLI):
         import wandb
 
         if wandb.run is not None and wandb.run.offline:
-            print(
-                f"lightning-rpn: W&B logged offline; upload with: "
-                f"wandb sync {Path(wandb.run.dir).parent}",
-                file=sys.stderr,
-            )
+            folder = Path(wandb.run.dir).parent
+            # a resumed run logged into a folder per fit: naming this one alone left the earlier ones' history out
+            segments = sorted(folder.parent.glob(f"offline-run-*-{wandb.run.id}"))
+            which = (f"{folder.parent / f'offline-run-*-{wandb.run.id}'} (its {len(segments)} folders, one per fit, "
+                     "in order)" if len(segments) > 1 else str(folder))
+            print(f"lightning-rpn: W&B logged offline; upload with: wandb sync {which}", file=sys.stderr)
 
     def before_fit(self) -> None:
         """Find and check the checkpoint it resumes (:func:`evaluation_checkpoint`: ``best`` and ``hpc``
@@ -625,6 +653,7 @@ class RPNLightningCLI(LightningCLI):
                 check_checkpoint_dirs(self.trainer, continued)
         except ValueError as error:  # no such checkpoint, a folder it may not overwrite or cannot write: one line
             raise _Refusal(str(error)) from error
+        self._check_checkpoint(checkpoint, path, fitting=True)
         section["ckpt_path"] = path
         if checkpoint is not None:  # before W&B or any run file: a budget it cannot resume is refused here
             warn_if_budget_reached(self.trainer, checkpoint, path)
@@ -719,9 +748,17 @@ class RPNLightningCLI(LightningCLI):
         section = self.config_init[self.subcommand]
         try:
             section["ckpt_path"] = evaluation_checkpoint(self.trainer, section.get("ckpt_path"), self.subcommand)
-            self._read_checkpoint(section["ckpt_path"], self.subcommand)
+            checkpoint = self._read_checkpoint(section["ckpt_path"], self.subcommand)
         except ValueError as error:
             raise _Refusal(str(error)) from error
+        self._check_checkpoint(checkpoint, section["ckpt_path"], fitting=False)
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any] | None, path: str | None, fitting: bool) -> None:
+        """Refuse a checkpoint trained as another network, or resumed with another optimiser, before
+        the run starts (``RPNModule.check_checkpoint``): Lightning starts the loggers (a W&B run) before
+        it loads the checkpoint. A module of one's own is checked by its own loading, if at all."""
+        if checkpoint is not None and isinstance(self.model, RPNModule):
+            self.model.check_checkpoint(checkpoint, path, fitting)
 
     before_validate = before_test = _before_evaluation
 
@@ -1068,8 +1105,23 @@ def main(args: Sequence[str] | None = None) -> int:
             print(f"lightning-rpn: W&B: {first_line(error)} (run `wandb login`, or set WANDB_MODE=offline to log "
                   "locally and `wandb sync` the run folder later)", file=sys.stderr)
             return USAGE_ERROR
+        if isinstance(error, OSError) and error.errno in _UNWRITABLE:
+            print(f"lightning-rpn: {_rank_prefix()}{_unwritable_message(error)}", file=sys.stderr)
+            return 1
         raise
     return 0
+
+
+_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+"""A file the run writes could not be: the disk or quota is full, or the folder is not writable."""
+
+
+def _unwritable_message(error: OSError) -> str:
+    """One line for an unwritable file: its reason and path (a traceback adds nothing to "disk full")."""
+    where = f": {error.filename}" if error.filename else ""
+    remedy = "free some space, or" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "or"
+    return (f"{error.strerror or error}{where}; {remedy} write the run to another folder "
+            "(--trainer.default_root_dir, and the checkpoint callbacks' dirpath)")
 
 
 _PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")

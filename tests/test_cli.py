@@ -192,7 +192,8 @@ def test_fit_resumes_from_last_checkpoint(trained: Path, tmp_path: Path) -> None
     assert yaml.safe_load(checkpoint[CONFIG_KEY])["ckpt_path"] == last
     assert_ok(run_cli(["validate", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.logger", "false"],
                       tmp_path))
-    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["ckpt_path"] == last
+    assert yaml.safe_load((tmp_path / "run/config-validate.yaml").read_text())["ckpt_path"] == last
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["trainer"]["max_steps"] == 3  # still fit's
 
 
 def test_a_resumed_fit_goes_on_logging_to_the_checkpoints_wandb_run(trained: Path, tmp_path: Path) -> None:
@@ -202,11 +203,15 @@ def test_a_resumed_fit_goes_on_logging_to_the_checkpoints_wandb_run(trained: Pat
     first = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)[WANDB_RUN_KEY]
     (first_run,) = (trained / "run/wandb").glob("offline-run-*")
     assert first_run.name.endswith(f"-{first}")
+    shutil.copytree(first_run, tmp_path / "run/wandb" / first_run.name)
     result = run_cli(["fit", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.max_steps", "3"], tmp_path)
     assert_ok(result)
     assert f"the checkpoint was logged to W&B run {first}: this run goes on logging there" in result.stderr
-    (resumed_run,) = (tmp_path / "run/wandb").glob("offline-run-*")
+    (resumed_run,) = set((tmp_path / "run/wandb").glob("offline-run-*")) - {tmp_path / "run/wandb" / first_run.name}
     assert resumed_run.name.endswith(f"-{first}")  # `wandb sync` of both folders appends, in start order
+    # the upload command names both folders (it named the resumed one alone: the first fit's history was left out)
+    assert (f"upload with: wandb sync run/wandb/offline-run-*-{first} (its 2 folders, one per fit, "
+            "in order)") in result.stderr
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint[WANDB_RUN_KEY] == first
 

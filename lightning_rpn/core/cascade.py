@@ -410,7 +410,8 @@ class CascadeRPN(RegionProposer):
         times, with its weights and input features; the scores stay those of its first pass. Each
         pass is appended (``boxes[num_stages + i]``): the proposals refine the last one, and the
         losses (evaluation's too) are those of training: the objectness of the last stage's first
-        pass, on the boxes that pass saw, and every pass's box loss.
+        pass, on the boxes that pass saw, and the box loss of every stage and training iteration
+        (evaluation's test iterations refine the proposals only).
         """
         batch = levels[0].shape[0]
         per_level = [a.shape[0] for a in anchors]
@@ -481,7 +482,10 @@ class CascadeRPN(RegionProposer):
         gt_boxes, generators = self._gt_boxes(inputs)
         reg = torch.zeros((), dtype=torch.float32, device=device)
         passes = []
-        for index, (boxes, deltas) in enumerate(zip(stage_boxes, stage_deltas)):
+        # the passes training counts: evaluation's extra test iterations refine the proposals, and
+        # counted here they made val/loss_rpn_reg a sum of more terms than train/loss_rpn_reg
+        trained = len(self.stages) + self.train_iterations
+        for index, (boxes, deltas) in enumerate(zip(stage_boxes[:trained], stage_deltas[:trained])):
             if not (torch.isfinite(boxes).all() and torch.isfinite(deltas).all()):
                 # before matching them, which refuses non-finite boxes as bad input: a diverged
                 # network, for the non-finite policy (raise with its hint, or skip the batch)

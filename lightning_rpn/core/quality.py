@@ -58,9 +58,10 @@ def parse_quality(quality: str | None, where: str = "quality") -> tuple[str, ...
         raise TypeError(f"{where}: expected None or a string such as 'centerness+iou', got {type(quality).__name__}")
     names = tuple(part.strip() for part in quality.split("+"))
     if not names or any(name not in QUALITY_BRANCHES for name in names) or len(set(names)) != len(names):
+        hint = " (no branch is null in YAML, None in Python)" if quality.strip().lower() == "none" else ""
         raise ValueError(
             f"{where}: expected None or '+'-joined distinct branches of {QUALITY_BRANCHES} "
-            f"(e.g. 'centerness', 'centerness+iou'), got {quality!r}"
+            f"(e.g. 'centerness', 'centerness+iou'), got {quality!r}{hint}"
         )
     return names
 

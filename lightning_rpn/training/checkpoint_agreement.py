@@ -44,6 +44,10 @@ WEIGHT_DEFINING_HPARAMS = (
 tensors of other shapes or outputs of another meaning."""
 
 
+CASCADE_PREFIX = "cascade_"
+"""The ``RPNModule`` arguments of the cascade head alone (``model.head: cascade``)."""
+
+
 RESUME_DEFINING_HPARAMS = ("optimizer", "weights", "frozen_bn", "trainable_layers")
 """``RPNModule`` arguments that decide what a checkpoint's optimiser state holds: the ``optimizer``
 (SGD's momentum buffers or AdamW's moments and step counts) and, with a built-in backbone,
@@ -99,10 +103,12 @@ def check_checkpoint_agrees(saved: Mapping[str, Any], current: Mapping[str, Any]
     A name the checkpoint does not record (an older version) or records as an object (a backbone
     module passed to ``load_from_checkpoint``), or that ``current`` leaves out, is not compared.
     """
+    plain_heads = saved.get("head", "rpn") == "rpn" and current.get("head", "rpn") == "rpn"
     differ = [
         f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
         for name in WEIGHT_DEFINING_HPARAMS
         if name in saved and name in current and _comparable(saved[name]) is not _OBJECT
+        and not (plain_heads and name.startswith(CASCADE_PREFIX))  # what a plain RPN never read
         and _normalised(name, saved[name]) != _normalised(name, current[name])
     ]
     if saved.get("proposal_score") == "quality" and current.get("proposal_score", "quality") != "quality":

@@ -27,6 +27,7 @@ points and a save needs them all. What was saved is attached to the exception
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+import torch
 
 __all__ = ["Interruption", "LastCheckpoint", "interruption_of"]
 
@@ -120,10 +122,57 @@ class LastCheckpoint(ModelCheckpoint):
         else:
             return
         if trainer.world_size == 1 and not self._should_skip_saving_checkpoint(trainer):
+            _forget_unwritten_checkpoints(trainer)
+            _count_logged_steps_for_resume(trainer)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         saved = self._last_checkpoint_saved or None
         record = Interruption(stop, trainer.global_step, saved, self._last_global_step_saved if saved else None)
         setattr(exception, _RECORD, record)
+
+
+def _forget_unwritten_checkpoints(trainer: pl.Trainer) -> None:
+    """Drop from each ``ModelCheckpoint``'s record the files it has not written: Lightning records a
+    new best before it writes it, so a Ctrl-C during that write (right after a validation line)
+    left a record of a ``best.ckpt`` that is on no disk, which the interruption's ``last.ckpt``
+    kept: ``--ckpt_path best`` then found none, and the resumed run saved no best until a
+    validation beat the lost one's score. The best left is the best file on disk, if any."""
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or callback.monitor is None:
+            continue
+        missing = [path for path in callback.best_k_models if not os.path.isfile(path)]
+        if not missing:
+            continue
+        for path in missing:
+            del callback.best_k_models[path]
+        scores = callback.best_k_models
+        best, worst = (min, max) if callback.mode == "min" else (max, min)
+        callback.best_model_path = best(scores, key=scores.get) if scores else ""
+        callback.best_model_score = scores[callback.best_model_path] if scores else None
+        if len(scores) < callback.save_top_k or not scores:  # room for another: no k-th best to beat
+            callback.kth_best_model_path = ""
+            callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
+        else:
+            callback.kth_best_model_path = worst(scores, key=scores.get)
+            callback.kth_value = scores[callback.kth_best_model_path]
+
+
+def _count_logged_steps_for_resume(trainer: pl.Trainer) -> None:
+    """Set the loggers' step counter (``_batches_that_stepped``) to what a resume of this save adds
+    up to the optimiser steps taken. Lightning counts a batch there after its validation and, when
+    it resumes inside an epoch, adds the batch back unless the save came after the batch completed:
+    right for its own saves, not for an interruption, which lands anywhere. A Ctrl-C in a forward
+    pass resumed one step ahead, one after a completed batch one step behind,
+    and every metric of the resumed run was logged at that offset (W&B: a step logged twice). Left
+    as they are: an interrupted validation (Lightning reruns it and then counts the batch), an
+    epoch's last batch (:func:`~lightning_rpn.training.resume_state.finish_saved_epoch`), and
+    accumulated gradients or manual optimisation, whose steps count otherwise."""
+    loop = trainer.fit_loop.epoch_loop
+    if (trainer.validating or trainer.accumulate_grad_batches != 1
+            or not trainer.lightning_module.automatic_optimization or loop.batch_progress.is_last_batch):
+        return
+    total = loop.batch_progress.total
+    completed = total.started == total.ready and total.processed == total.started and total.completed == total.processed
+    loop._batches_that_stepped = trainer.global_step - (0 if completed else 1)
 
 
 def _quiet_worker_deaths() -> None:

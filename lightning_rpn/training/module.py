@@ -43,7 +43,8 @@ the ``model:`` section of the YAML configs and of the checkpoints' hparams, and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any, Literal, overload
@@ -337,15 +338,18 @@ class RPNModule(pl.LightningModule):
                 f"{type(self.backbone).__name__} with strides {strides}: {error}"
             ) from None
         self.box_coder = BoxCoder(box_coder_weights)
-        self.target_config = AnchorTargetConfig(
-            fg_iou=fg_iou,
-            bg_iou=bg_iou,
-            allow_low_quality=allow_low_quality,
-            allowed_border=allowed_border,
-            batch_size_per_image=batch_size_per_image,
-            positive_fraction=positive_fraction,
-            crowd_ioa=crowd_ioa,
-        )
+        try:
+            self.target_config = AnchorTargetConfig(
+                fg_iou=fg_iou,
+                bg_iou=bg_iou,
+                allow_low_quality=allow_low_quality,
+                allowed_border=allowed_border,
+                batch_size_per_image=batch_size_per_image,
+                positive_fraction=positive_fraction,
+                crowd_ioa=crowd_ioa,
+            )
+        except ValueError as error:  # one line from the CLI, as the head's settings below
+            raise SettingError(f"model: {error}") from None
         self.size_divisibility = int(self.backbone.size_divisibility)
         if head not in ("rpn", "cascade"):
             raise ValueError(f"model.head must be 'rpn' or 'cascade', got {head!r}")
@@ -359,63 +363,83 @@ class RPNModule(pl.LightningModule):
             score_thresh=score_thresh,
         )
         self.rpn: RPN | CascadeRPN
-        if head == "cascade":
-            # its box losses are IoU losses: box_loss and smooth_l1_beta would be ignored
-            given = {"objectness": objectness, "loss_normalization": loss_normalization, "head_conv_depth": head_conv_depth,
-                     "crowd_ioa": crowd_ioa, "allowed_border": allowed_border, "box_loss": box_loss,
-                     "smooth_l1_beta": smooth_l1_beta}
-            plain = {"objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1, "crowd_ioa": None,
-                     "allowed_border": None, "box_loss": LossConfig.box_loss, "smooth_l1_beta": LossConfig.smooth_l1_beta}
-            unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
-            if unsupported:
-                raise SettingError(f"model.head='cascade' does not support {unsupported}; leave them at their "
-                                   "defaults (its box losses are IoU losses)")
-            self.rpn = CascadeRPN(
-                self.anchor_generator,
-                in_channels=self.backbone.out_channels,
-                num_stages=cascade_stages,
-                conv_channels=head_conv_channels,
-                dilation=cascade_dilation,
-                centre_ratio=cascade_centre_ratio,
-                objectness_level=cascade_objectness_level,
-                box_loss_positives=cascade_box_loss_positives,
-                test_iterations=cascade_test_iterations,
-                train_iterations=cascade_train_iterations,
-                delta_scales=cascade_delta_scales,
-                box_coder=self.box_coder,
-                target_config=self.target_config,
-                reg_weight=1.0 if reg_weight is None else reg_weight,
-                quality=quality,
-                proposal_score=proposal_score,
-                seed=anchor_sampling_seed,
-                **proposal_settings,
-            )
-        else:
-            rpn_head = RPNHead(
-                self.backbone.out_channels,
-                num_anchors,
-                conv_channels=head_conv_channels,
-                conv_depth=head_conv_depth,
-                objectness=objectness,
-                anchor_stride=anchor_stride,
-                quality=quality,
-            )
-            self.rpn = RPN(
-                self.anchor_generator,
-                head=rpn_head,
-                in_channels=self.backbone.out_channels,
-                box_coder=self.box_coder,
-                target_config=self.target_config,
-                loss_normalization=loss_normalization,
-                reg_weight=reg_weight,
-                smooth_l1_beta=smooth_l1_beta,
-                box_loss=box_loss,
-                objectness=objectness,
-                seed=anchor_sampling_seed,
-                quality=quality,
-                proposal_score=proposal_score,
-                **proposal_settings,
-            )
+        if head == "rpn":  # the cascade's own settings are ignored: say so (a checkpoint is not judged by them)
+            cascade_given = {"cascade_stages": cascade_stages, "cascade_dilation": cascade_dilation,
+                             "cascade_centre_ratio": cascade_centre_ratio,
+                             "cascade_objectness_level": cascade_objectness_level,
+                             "cascade_box_loss_positives": cascade_box_loss_positives,
+                             "cascade_test_iterations": cascade_test_iterations,
+                             "cascade_train_iterations": cascade_train_iterations,
+                             "cascade_delta_scales": cascade_delta_scales}
+            defaults = inspect.signature(RPNModule.__init__).parameters
+            ignored = {f"model.{name}": value for name, value in cascade_given.items() if value != defaults[name].default}
+            if ignored:
+                rank_zero_warn(f"RPNModule: {', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to "
+                               f"model.head: cascade only; this run's head is 'rpn', which ignores "
+                               f"{'them' if len(ignored) > 1 else 'it'} ({ignored}). Set model.head: cascade, or "
+                               "leave them out")
+        try:
+            if head == "cascade":
+                # its box losses are IoU losses: box_loss and smooth_l1_beta would be ignored
+                given = {"objectness": objectness, "loss_normalization": loss_normalization, "head_conv_depth": head_conv_depth,
+                         "crowd_ioa": crowd_ioa, "allowed_border": allowed_border, "box_loss": box_loss,
+                         "smooth_l1_beta": smooth_l1_beta}
+                plain = {"objectness": "sigmoid", "loss_normalization": "sampled", "head_conv_depth": 1, "crowd_ioa": None,
+                         "allowed_border": None, "box_loss": LossConfig.box_loss, "smooth_l1_beta": LossConfig.smooth_l1_beta}
+                unsupported = {f"model.{name}": value for name, value in given.items() if value != plain[name]}
+                if unsupported:
+                    raise SettingError(f"model.head='cascade' does not support {unsupported}; leave them at their "
+                                       "defaults (its box losses are IoU losses)")
+                self.rpn = CascadeRPN(
+                    self.anchor_generator,
+                    in_channels=self.backbone.out_channels,
+                    num_stages=cascade_stages,
+                    conv_channels=head_conv_channels,
+                    dilation=cascade_dilation,
+                    centre_ratio=cascade_centre_ratio,
+                    objectness_level=cascade_objectness_level,
+                    box_loss_positives=cascade_box_loss_positives,
+                    test_iterations=cascade_test_iterations,
+                    train_iterations=cascade_train_iterations,
+                    delta_scales=cascade_delta_scales,
+                    box_coder=self.box_coder,
+                    target_config=self.target_config,
+                    reg_weight=1.0 if reg_weight is None else reg_weight,
+                    quality=quality,
+                    proposal_score=proposal_score,
+                    seed=anchor_sampling_seed,
+                    **proposal_settings,
+                )
+            else:
+                rpn_head = RPNHead(
+                    self.backbone.out_channels,
+                    num_anchors,
+                    conv_channels=head_conv_channels,
+                    conv_depth=head_conv_depth,
+                    objectness=objectness,
+                    anchor_stride=anchor_stride,
+                    quality=quality,
+                )
+                self.rpn = RPN(
+                    self.anchor_generator,
+                    head=rpn_head,
+                    in_channels=self.backbone.out_channels,
+                    box_coder=self.box_coder,
+                    target_config=self.target_config,
+                    loss_normalization=loss_normalization,
+                    reg_weight=reg_weight,
+                    smooth_l1_beta=smooth_l1_beta,
+                    box_loss=box_loss,
+                    objectness=objectness,
+                    seed=anchor_sampling_seed,
+                    quality=quality,
+                    proposal_score=proposal_score,
+                    **proposal_settings,
+                )
+        except SettingError:
+            raise
+        except ValueError as error:  # a head setting that cannot work: one line from the CLI, not a traceback
+            raise SettingError(f"model: {error}") from None
         self.channels_last = channels_last
         self.backbone.to(memory_format=self.memory_format)
         self.rpn.to(memory_format=self.memory_format)
@@ -616,25 +640,32 @@ class RPNModule(pl.LightningModule):
         saved after ``max_steps`` stopped inside an epoch with that epoch's next batch
         (:func:`reopen_stopped_epoch`)."""
         finish_saved_epoch(checkpoint) or reopen_stopped_epoch(checkpoint)
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        self.check_checkpoint(checkpoint, getattr(self._trainer, "ckpt_path", None), fitting)
+        self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
+        resize = checkpoint.get(RESIZE_KEY)
+        self.resize_policy = None if resize is None else ResizePolicy(**resize)
+        if not fitting:  # Lightning restores epoch and step in fit only: date the evaluation ourselves
+            self.trained_counters = TrainedCounters.of_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: Mapping[str, Any], path: str | None, fitting: bool) -> None:
+        """A :class:`SettingError` when ``checkpoint`` holds weights trained as another network
+        (:func:`check_checkpoint_agrees`), or, ``fitting`` from its optimiser state, with another
+        optimiser or other trainable backbone parameters (:func:`check_resume_agrees`,
+        :func:`check_optimizer_agrees`). The command line calls it before the run starts (no file and
+        no W&B run touched by a refused command); loading calls it again."""
         current = dict(self.hparams)
         if str(current.get("backbone")).startswith(_CUSTOM_BACKBONE):  # a module: its weights' shapes tell
             current.pop("backbone")
         saved = checkpoint.get("hyper_parameters", {})
         width = getattr(self.backbone, "out_channels", None)  # what head_conv_channels None means
         saved, current = _head_width_given(saved, width), _head_width_given(current, width)
-        path = getattr(self._trainer, "ckpt_path", None)
         check_checkpoint_agrees(saved, current, path)
-        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         if fitting and "optimizer_states" in checkpoint:
             if isinstance(self.backbone, StagedBackbone):
                 check_resume_agrees(saved, current, len(self.backbone.stages), path)
             else:  # a backbone of one's own: only the optimiser decides what its state holds
                 check_optimizer_agrees(saved, current, path)
-        self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
-        resize = checkpoint.get(RESIZE_KEY)
-        self.resize_policy = None if resize is None else ResizePolicy(**resize)
-        if not fitting:  # Lightning restores epoch and step in fit only: date the evaluation ourselves
-            self.trained_counters = TrainedCounters.of_checkpoint(checkpoint)
 
     def _window_proposals(
         self, batch: RPNBatch, targets: list[WindowTargets] | None = None

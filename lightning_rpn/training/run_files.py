@@ -229,7 +229,7 @@ def warn_if_budget_reached(trainer: pl.Trainer, checkpoint: Mapping[str, Any], p
     if limits["max_epochs"] != -1 and epochs > limits["max_epochs"]:  # Lightning refuses it with a traceback
         forced = " (--trainer.fast_dev_run runs one)" if trainer.fast_dev_run else ""
         raise SettingError(
-            f"lightning-rpn fit: {path} has already trained {epochs} epoch(s), more than this fit's "
+            f"fit: {path} has already trained {epochs} epoch(s), more than this fit's "
             f"max_epochs={limits['max_epochs']}{forced}, which Lightning cannot resume; to train on, raise "
             f"--trainer.max_epochs above {epochs}; to evaluate those weights, `lightning-rpn validate --ckpt_path {path}`"
         )

@@ -287,6 +287,26 @@ def test_evaluation_losses_with_test_iterations_are_the_training_losses() -> Non
     assert len(prediction.boxes) == 3  # anchors, stage 2's boxes, the test iteration's (the proposals refine it)
 
 
+def test_test_iterations_beyond_the_training_ones_leave_the_evaluation_losses_alone() -> None:
+    # shapes_cascade.yaml (train 0, test 1): val/loss_rpn_reg summed one box loss more than
+    # train/loss_rpn_reg, and 3 test iterations raised it from 2.9 to 5.7 with the same weights
+    torch.manual_seed(0)
+    rpn = _cascade(num_stages=2, box_loss_positives="all")
+    for parameter in rpn.parameters():  # boxes that move at every pass
+        torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(parameter.numel()))
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    losses = {}
+    with torch.no_grad():
+        training = rpn.train()(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1], need_proposals=False)[1]
+        for iterations in (0, 3):
+            rpn.test_iterations = iterations
+            losses[iterations] = rpn.eval()(features, [(32, 32)] * 2, TARGETS, image_ids=[0, 1],
+                                            need_proposals=False)[1]
+    for key in ("loss_rpn_cls", "loss_rpn_reg"):
+        torch.testing.assert_close(losses[3][key], training[key])
+        torch.testing.assert_close(losses[0][key], training[key])
+
+
 def test_stage_two_reuses_the_matching_rule_on_the_stage_one_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_rpn.core.cascade as cascade
 

@@ -161,7 +161,7 @@ def test_a_budget_the_checkpoint_has_reached_is_said_before_training(
 def test_a_max_epochs_below_the_checkpoints_epochs_is_refused_before_training() -> None:
     # Lightning refused it with a traceback after the data were set up, below our line promising a clean end
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=29)
-    with pytest.raises(SettingError, match=r"^lightning-rpn fit: x\.ckpt has already trained 30 epoch\(s\), more than "
+    with pytest.raises(SettingError, match=r"^fit: x\.ckpt has already trained 30 epoch\(s\), more than "
                                            r"this fit's max_epochs=29, which Lightning cannot resume; to train on, "
                                            r"raise --trainer.max_epochs above 30"):
         warn_if_budget_reached(trainer, read_checkpoint(FIXTURE, "fit"), "x.ckpt")
@@ -225,6 +225,7 @@ def test_a_max_epochs_refusal_leaves_no_new_wandb_run_or_file(tmp_path: Path) ->
     refused = run_cli([*fit, "--ckpt_path", "last", "--trainer.max_epochs", "1"], tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "has already trained 2 epoch(s), more than this fit's max_epochs=1" in " ".join(refused.stderr.split())
+    assert "lightning-rpn: lightning-rpn" not in refused.stderr  # the prefix once
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
 
 

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import Logger
 
 from lightning_rpn.training.callbacks import LastCheckpoint
 from lightning_rpn.training.last_checkpoint import Interruption, interruption_of
@@ -128,3 +129,98 @@ def test_an_interrupted_fit_resumes_at_the_next_batch(tmp_path: Path, stop) -> N
     trainer.fit(FallingModel(), ckpt_path=tmp_path / "last.ckpt")
     assert (counter.batches, trainer.global_step, trainer.current_epoch) == (6, 12, 3)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3  # BoringModel's StepLR: once an epoch
+
+
+def test_a_ctrl_c_while_best_is_written_leaves_no_record_of_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning records a new best before writing it: a Ctrl-C during the write kept a record of a
+    best.ckpt on no disk in the interruption's last.ckpt, and the resumed run saved no best until a
+    validation beat that score."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    save = TorchCheckpointIO.save_checkpoint
+
+    def interrupted(self, checkpoint, path, storage_options=None):
+        if Path(path).name == "best.ckpt":
+            raise KeyboardInterrupt  # Ctrl-C as the first best is written
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", interrupted)
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="score", mode="max")
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, [best, LastCheckpoint(dirpath=tmp_path)], max_steps=20)
+    assert _steps(tmp_path) == {"last.ckpt": 4}
+    states = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    [recorded] = [state for key, state in states.items() if key.startswith("ModelCheckpoint{'monitor': 'score'")]
+    assert recorded["best_model_path"] == "" and recorded["best_model_score"] is None
+    assert recorded["best_k_models"] == {}
+
+
+class StopInHook(Callback):
+    """Raises ``KeyboardInterrupt`` in ``hook`` once the global step is ``step``."""
+
+    def __init__(self, hook: str, step: int) -> None:
+        self.step = step
+        setattr(self, hook, self._maybe_stop)
+
+    def _maybe_stop(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("hook, step", [
+    ("on_before_backward", 5),  # inside batch 6, before its optimiser step: the batch is redone
+    ("on_train_batch_end", 6),  # after it
+    ("on_validation_start", 6),  # in a validation inside the epoch (val_check_interval), which is rerun
+])
+def test_a_resumed_interruption_logs_at_the_steps_an_uninterrupted_run_does(tmp_path: Path, hook: str, step: int) -> None:
+    """Lightning's loggers' step (``_batches_that_stepped``) came back one ahead after a Ctrl-C in a
+    forward pass: every metric of the resumed run was logged at that offset."""
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, [LastCheckpoint(dirpath=tmp_path), StopInHook(hook, step)], max_steps=20, val_check_interval=2)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=12, max_epochs=-1, limit_train_batches=4,
+                      limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, val_check_interval=2)
+    trainer.fit(FallingModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 12
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 12  # as after 12 uninterrupted steps
+
+
+class LoggingModel(FallingModel):
+    def training_step(self, batch, batch_idx):
+        output = super().training_step(batch, batch_idx)
+        self.log("train_loss", output["loss"])
+        return output
+
+
+class InterruptingLogger(Logger):
+    """Raises ``KeyboardInterrupt`` as it logs step ``step``: after the batch completed, before
+    Lightning counts it for the loggers."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    name, version = "interrupting", 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if step == self.step and "train_loss" in metrics:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_interruption_after_a_completed_batch_logs_at_the_uninterrupted_steps(tmp_path: Path) -> None:
+    """A Ctrl-C while batch 6's metrics were logged (logged at step 5) came back one step behind:
+    the resumed run logged step 5 again, and every later metric one step early."""
+    arguments = dict(default_root_dir=tmp_path, max_epochs=-1, limit_train_batches=4, limit_val_batches=1,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     log_every_n_steps=1)
+    interrupted = Trainer(max_steps=20, logger=InterruptingLogger(step=5),
+                          callbacks=[LastCheckpoint(dirpath=tmp_path)], **arguments)
+    with pytest.raises(SystemExit):
+        interrupted.fit(LoggingModel())
+    assert _steps(tmp_path) == {"last.ckpt": 6}
+    resumed = Trainer(max_steps=12, logger=False, **arguments)
+    resumed.fit(LoggingModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.global_step == 12 and resumed.fit_loop.epoch_loop._batches_that_stepped == 12
