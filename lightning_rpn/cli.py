@@ -31,6 +31,7 @@ the config).
 
 from __future__ import annotations
 
+import enum
 import errno
 import importlib
 import os
@@ -193,6 +194,9 @@ class ResolvedConfigCallback(SaveConfigCallback):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._started = False
+        self.given_files = _given_config_files(self.config)
+        """The config files the command was given: never written over (the command line adds those
+        given before the subcommand, ``lightning-rpn --config C fit``)."""
 
     def _config_text(self) -> str:
         return self.parser.dump(self.config, **_KEEP_NONE)
@@ -206,7 +210,7 @@ class ResolvedConfigCallback(SaveConfigCallback):
         command = str(trainer.state.fn.value) if trainer.state.fn is not None else "fit"
         stem = Path(self.config_filename).stem
         path = folder / (self.config_filename if command == "fit" else f"{stem}-{command}.yaml")
-        if any(_same_file(path, given) for given in _given_config_files(self.config)):
+        if any(_same_file(path, given) for given in self.given_files):
             path = folder / f"{stem}-{command}-resolved.yaml"
             _notice(f"the resolved config is written to {path}, not over the config file you gave")
         return path
@@ -217,17 +221,20 @@ class ResolvedConfigCallback(SaveConfigCallback):
             return
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if not _writable(path.parent):  # jsonargparse's "not creatable" came as a traceback
+                raise PermissionError(errno.EACCES, "the run's folder cannot be written", str(path))
             self.parser.save(self.config, path, **_KEEP_NONE, multifile=self.multifile,
                              overwrite=self.overwrite or self.already_saved)  # a second save replaces our own
         self.save_config(trainer, pl_module, stage)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Nothing yet: the checkpoint the command loads is checked after this (:meth:`_start`)."""
+        """Nothing yet: the checkpoint the command loads is checked after this (:meth:`write_once`)."""
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the config once, as the command starts: with a ``ckpt_path`` keyword replaced by the
-        file Lightning resolved it to (``null``: none found). Only the command's own start: fit's
-        closing validation of its final weights loads nothing."""
+    def write_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the config once, as the command starts (or, for an evaluation with no batch, whose
+        start hooks Lightning skips, when it ends): with a ``ckpt_path`` keyword replaced by the file
+        Lightning resolved it to (``null``: none found). Only the command's own start: fit's closing
+        validation of its final weights loads nothing."""
         if self._started:
             return
         self._started = True
@@ -239,17 +246,17 @@ class ResolvedConfigCallback(SaveConfigCallback):
         self.already_saved = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self.write_once(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # not fit's validation loops
-            self._start(trainer, pl_module)
+            self.write_once(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self.write_once(trainer, pl_module)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self.write_once(trainer, pl_module)
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
@@ -262,6 +269,25 @@ class ResolvedConfigCallback(SaveConfigCallback):
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
         record_wandb_run(trainer, checkpoint)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be made in ``folder`` (a read-only mount says no to root as well)."""
+    return os.access(folder, os.W_OK)
+
+
+def _plain_str_enums(value: Any) -> Any:
+    """``value`` (a config section, changed in place) with each ``str`` enum member replaced by its
+    string: Lightning's ``Timer`` annotates ``interval: str`` with the default ``Interval.step``,
+    which the run's YAML config cannot hold (its write crashed the run)."""
+    if isinstance(value, enum.Enum) and isinstance(value, str):
+        return value.value
+    if isinstance(value, list):
+        value[:] = [_plain_str_enums(item) for item in value]
+    elif isinstance(value, (Namespace, dict)):
+        for key in list(value.keys()) if isinstance(value, dict) else list(vars(value)):
+            value[key] = _plain_str_enums(value[key])
+    return value
 
 
 def _given_config_files(config: Any) -> list[Path]:
@@ -528,6 +554,7 @@ class RPNLightningCLI(LightningCLI):
             self.config[self.subcommand]["weights_only"] = True
         _drop_progress_bars(trainer)
         _text_progress_off_terminal(trainer)
+        _plain_str_enums(trainer)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; pretrained backbone weights are not downloaded when a
@@ -545,6 +572,10 @@ class RPNLightningCLI(LightningCLI):
             raise _trainer_setting_error(self._run_config()["trainer"], error) from error
         _RUN_PROCESSES[0] = trainer.world_size
         use_atomic_checkpoints(trainer)
+        if self.subcommand:  # a config given before the subcommand is the user's too
+            for callback in trainer.callbacks:
+                if isinstance(callback, ResolvedConfigCallback):
+                    callback.given_files += _given_config_files(self.config)
         return trainer
 
     def _checkpoint_holds_the_weights(self) -> bool:
@@ -801,15 +832,21 @@ class RPNLightningCLI(LightningCLI):
                                "--trainer.NAME VALUE") from error
 
     def after_validate(self) -> None:
-        self._write_summary("validate")
-        self._report_wandb()
+        self._after_evaluation("validate")
 
     def after_test(self) -> None:
-        self._write_summary("test")
-        self._report_wandb()
+        self._after_evaluation("test")
 
     def after_predict(self) -> None:
-        self._write_summary("predict")
+        self._after_evaluation("predict")
+
+    def _after_evaluation(self, command: str) -> None:
+        """The run's config (written here when no batch ran, :meth:`ResolvedConfigCallback.write_once`),
+        metrics summary and W&B line."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ResolvedConfigCallback):
+                callback.write_once(self.trainer, self.model)
+        self._write_summary(command)
         self._report_wandb()
 
 
@@ -1112,15 +1149,18 @@ def main(args: Sequence[str] | None = None) -> int:
     return 0
 
 
-_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-"""A file the run writes could not be: the disk or quota is full, or the folder is not writable."""
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""A file could not be written whole: the disk, the quota or the file-size limit is reached."""
+_UNWRITABLE = (*_FULL, errno.EROFS, errno.EACCES, errno.EPERM)
+"""... or a file could not be made or opened: the folder is read-only, or its permissions say no."""
 
 
 def _unwritable_message(error: OSError) -> str:
-    """One line for an unwritable file: its reason and path (a traceback adds nothing to "disk full")."""
+    """One line for a file the run could not write (or read): its reason and path (a traceback adds
+    nothing to "disk full")."""
     where = f": {error.filename}" if error.filename else ""
-    remedy = "free some space, or" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "or"
-    return (f"{error.strerror or error}{where}; {remedy} write the run to another folder "
+    remedy = "free some space" if error.errno in _FULL else "check the file's and its folder's permissions"
+    return (f"{error.strerror or error}{where}; {remedy}, or write the run to another folder "
             "(--trainer.default_root_dir, and the checkpoint callbacks' dirpath)")
 
 

@@ -34,3 +34,18 @@ def tiny_fit(tmp_path_factory: pytest.TempPathFactory):
     run = in_background(fit_tiny_run, tmp_path_factory.mktemp("tiny_fit"))
     yield run
     run.exception()  # finished before the session's folders are cleaned up
+
+
+@pytest.fixture
+def tiny_cli_config(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``helpers.cli.TINY_CONFIG`` written as ``tiny.yaml`` in ``tmp_path``, made the working folder,
+    for an in-process ``lightning_rpn.cli.main`` (which reads ``sys.argv`` only for the program name)."""
+    import sys
+
+    import yaml
+    from helpers.cli import TINY_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    return "tiny.yaml"

@@ -266,3 +266,15 @@ def test_a_model_setting_that_cannot_work_is_one_line(config: Path, capsys: pyte
     assert code == cli.USAGE_ERROR and "Traceback" not in err, err
     assert expected in err.strip().splitlines()[-1]
 
+
+
+def test_a_timer_callback_is_written_into_the_run_config(config: Path) -> None:
+    """Lightning's ``Timer`` annotates ``interval: str`` with the enum default ``Interval.step``: the
+    run's config write crashed with "cannot represent an object" (a 120-line traceback)."""
+    from lightning.pytorch.callbacks import Timer
+
+    run = cli.RPNLightningCLI(args=["--config", str(config), "--trainer.callbacks+=lightning.pytorch.callbacks.Timer"],
+                              run=False)
+    assert "interval: step" in [line.strip() for line in run.parser.dump(run.config).splitlines()]
+    [timer] = [c for c in run.trainer.callbacks if isinstance(c, Timer)]
+    assert timer._interval == "step"

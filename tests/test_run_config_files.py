@@ -32,6 +32,16 @@ def test_a_config_in_the_run_folder_given_with_config_is_not_written_over(tmp_pa
     assert "the resolved config is written to" in result.stderr and "not over the config file you gave" in result.stderr
 
 
+def test_a_config_given_before_the_subcommand_is_not_written_over_either(tmp_path: Path) -> None:
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"].update(logger=False, default_root_dir=None, max_steps=1)
+    given = "# my settings, one section per subcommand\n" + yaml.safe_dump({"fit": config})
+    (tmp_path / "config.yaml").write_text(given)
+    assert_ok(run_cli(["--config", "config.yaml", "fit"], tmp_path))
+    assert (tmp_path / "config.yaml").read_text() == given
+    assert yaml.safe_load((tmp_path / "config-fit-resolved.yaml").read_text())["trainer"]["max_steps"] == 1
+
+
 def test_a_refused_resume_leaves_the_runs_config_and_wandb_run_as_they_were(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     assert_ok(run_cli(["fit", "--config", "config.yaml"], tmp_path))
@@ -56,3 +66,8 @@ def test_an_evaluation_writes_its_own_config_beside_the_trainings(tmp_path: Path
         assert written["ckpt_path"] == str(tmp_path / "run/checkpoints/last.ckpt")
     # predict's config (return_predictions) is not one fit can read back
     assert (tmp_path / "run/config.yaml").read_bytes() == trained
+    # an evaluation with no batch (Lightning skips its start hooks) writes its config too
+    (tmp_path / "run/config-validate.yaml").unlink()
+    assert_ok(run_cli(["validate", "--config", "config.yaml", "--ckpt_path", "last", "--trainer.logger", "false",
+                       "--trainer.limit_val_batches", "0"], tmp_path))
+    assert yaml.safe_load((tmp_path / "run/config-validate.yaml").read_text())["trainer"]["limit_val_batches"] == 0

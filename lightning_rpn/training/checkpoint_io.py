@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # writer's RuntimeError, a plain write the OSError that says why
         serialised = io.BytesIO()
         torch.save(checkpoint, serialised)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        temporary = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
+            # the user's umask applies, as to any file the run writes (mkstemp's 0600 would not)
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(handle, "wb") as file:
                 file.write(serialised.getbuffer())
                 file.flush()
                 os.fsync(file.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the user's group
             os.replace(temporary, target)
         except BaseException as error:
             with contextlib.suppress(OSError):
@@ -56,12 +57,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise OSError(error.errno, f"{error.strerror or error}: the checkpoint {target} was not written "
                                            "(the file there, if any, is as it was)") from error
             raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:

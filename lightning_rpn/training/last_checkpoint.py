@@ -31,6 +31,7 @@ import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.types import _PATH
@@ -122,7 +123,7 @@ class LastCheckpoint(ModelCheckpoint):
         else:
             return
         if trainer.world_size == 1 and not self._should_skip_saving_checkpoint(trainer):
-            _forget_unwritten_checkpoints(trainer)
+            _match_best_records_to_files(trainer)
             _count_logged_steps_for_resume(trainer)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
         saved = self._last_checkpoint_saved or None
@@ -130,30 +131,63 @@ class LastCheckpoint(ModelCheckpoint):
         setattr(exception, _RECORD, record)
 
 
-def _forget_unwritten_checkpoints(trainer: pl.Trainer) -> None:
-    """Drop from each ``ModelCheckpoint``'s record the files it has not written: Lightning records a
-    new best before it writes it, so a Ctrl-C during that write (right after a validation line)
-    left a record of a ``best.ckpt`` that is on no disk, which the interruption's ``last.ckpt``
-    kept: ``--ckpt_path best`` then found none, and the resumed run saved no best until a
-    validation beat the lost one's score. The best left is the best file on disk, if any."""
+def _match_best_records_to_files(trainer: pl.Trainer) -> None:
+    """Make each monitored ``ModelCheckpoint``'s record of its best files say what is on disk.
+
+    Lightning records a new best before it writes it, so a Ctrl-C during that write (right after a
+    validation line) left a record the interruption's ``last.ckpt`` kept: of a ``best.ckpt`` on no
+    disk (the first best), or of a score the file there does not hold (``filename: best`` writes
+    each new best over the last, and the interrupted write leaves the old file). ``--ckpt_path
+    best`` then found none or older weights than recorded, and the resumed run saved no best until
+    a validation beat the lost score. A record of a missing file is dropped; one of a file holding
+    another score takes the file's (the ``current_score`` the callback saved into it)."""
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint) or callback.monitor is None:
             continue
-        missing = [path for path in callback.best_k_models if not os.path.isfile(path)]
-        if not missing:
-            continue
-        for path in missing:
-            del callback.best_k_models[path]
         scores = callback.best_k_models
-        best, worst = (min, max) if callback.mode == "min" else (max, min)
-        callback.best_model_path = best(scores, key=scores.get) if scores else ""
-        callback.best_model_score = scores[callback.best_model_path] if scores else None
-        if len(scores) < callback.save_top_k or not scores:  # room for another: no k-th best to beat
-            callback.kth_best_model_path = ""
-            callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
-        else:
-            callback.kth_best_model_path = worst(scores, key=scores.get)
-            callback.kth_value = scores[callback.kth_best_model_path]
+        changed = False
+        for path in [p for p in scores if "://" not in str(p)]:  # remote files are left as recorded
+            written = _written_score(path, callback.state_key)
+            if written is _MISSING:
+                del scores[path]
+            elif written is not None and not torch.equal(torch.as_tensor(written), torch.as_tensor(scores[path])):
+                scores[path] = torch.as_tensor(written)
+            else:
+                continue
+            changed = True
+        if changed:
+            _recount_best(callback)
+
+
+_MISSING = object()
+"""What :func:`_written_score` returns for a file that is not there."""
+
+
+def _written_score(path: str, state_key: str) -> Any:
+    """The monitored score the checkpoint file ``path`` was saved with (``None`` when it cannot be
+    read or records none), or :data:`_MISSING` when there is no such file."""
+    if not os.path.isfile(path):
+        return _MISSING
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # an unreadable or foreign file: keep the record as it is
+        return None
+    return saved.get("callbacks", {}).get(state_key, {}).get("current_score")
+
+
+def _recount_best(callback: ModelCheckpoint) -> None:
+    """``best_model_path`` / ``best_model_score`` and the k-th best from ``best_k_models``, as
+    Lightning derives them."""
+    scores = callback.best_k_models
+    best, worst = (min, max) if callback.mode == "min" else (max, min)
+    callback.best_model_path = best(scores, key=scores.get) if scores else ""
+    callback.best_model_score = scores[callback.best_model_path] if scores else None
+    if len(scores) < callback.save_top_k or not scores:  # room for another: no k-th best to beat
+        callback.kth_best_model_path = ""
+        callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
+    else:
+        callback.kth_best_model_path = worst(scores, key=scores.get)
+        callback.kth_value = scores[callback.kth_best_model_path]
 
 
 def _count_logged_steps_for_resume(trainer: pl.Trainer) -> None:

@@ -75,6 +75,7 @@ from lightning_rpn.data.loose_images import ImageInput
 from lightning_rpn.data.transforms import ResizePolicy
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.training.checkpoint_agreement import (
+    CASCADE_PREFIX,
     check_checkpoint_agrees,
     check_optimizer_agrees,
     check_resume_agrees,
@@ -120,6 +121,18 @@ def _head_width_given(hparams: dict[str, Any], width: int | None) -> dict[str, A
 
 
 _STAGE_CALLS = {"val": "validate", "test": "test", "predict": "predict"}  # trainer method of each stage
+
+
+def _warn_cascade_settings_ignored(hparams: Mapping[str, Any]) -> None:
+    """Name the ``model.cascade_*`` settings given to a plain head, which ignores them."""
+    defaults = inspect.signature(RPNModule.__init__).parameters
+    ignored = {f"model.{name}": value for name, value in hparams.items()
+               if name.startswith(CASCADE_PREFIX) and value != defaults[name].default}
+    if ignored:
+        rank_zero_warn(f"RPNModule: {', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to "
+                       f"model.head: cascade only; this run's head is 'rpn', which ignores "
+                       f"{'them' if len(ignored) > 1 else 'it'} ({ignored}). Set model.head: cascade, or leave "
+                       f"{'them' if len(ignored) > 1 else 'it'} out")
 
 
 class RPNModule(pl.LightningModule):
@@ -364,20 +377,7 @@ class RPNModule(pl.LightningModule):
         )
         self.rpn: RPN | CascadeRPN
         if head == "rpn":  # the cascade's own settings are ignored: say so (a checkpoint is not judged by them)
-            cascade_given = {"cascade_stages": cascade_stages, "cascade_dilation": cascade_dilation,
-                             "cascade_centre_ratio": cascade_centre_ratio,
-                             "cascade_objectness_level": cascade_objectness_level,
-                             "cascade_box_loss_positives": cascade_box_loss_positives,
-                             "cascade_test_iterations": cascade_test_iterations,
-                             "cascade_train_iterations": cascade_train_iterations,
-                             "cascade_delta_scales": cascade_delta_scales}
-            defaults = inspect.signature(RPNModule.__init__).parameters
-            ignored = {f"model.{name}": value for name, value in cascade_given.items() if value != defaults[name].default}
-            if ignored:
-                rank_zero_warn(f"RPNModule: {', '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to "
-                               f"model.head: cascade only; this run's head is 'rpn', which ignores "
-                               f"{'them' if len(ignored) > 1 else 'it'} ({ignored}). Set model.head: cascade, or "
-                               "leave them out")
+            _warn_cascade_settings_ignored(self.hparams)
         try:
             if head == "cascade":
                 # its box losses are IoU losses: box_loss and smooth_l1_beta would be ignored

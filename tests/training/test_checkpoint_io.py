@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers.cli import TINY_CONFIG
 
 from lightning_rpn import cli
 from lightning_rpn.training import checkpoint_io
@@ -46,11 +43,8 @@ def test_a_checkpoint_is_written_in_a_new_folder_with_the_users_permissions(tmp_
 
 
 def test_the_command_line_writes_checkpoints_atomically_and_says_a_full_disk_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_cli_config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     used = []
 
     def full(self: AtomicCheckpointIO, checkpoint: dict, path: object, storage_options: object = None) -> None:
@@ -58,8 +52,32 @@ def test_the_command_line_writes_checkpoints_atomically_and_says_a_full_disk_in_
         raise OSError(errno.ENOSPC, f"No space left on device: the checkpoint {path} was not written")
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full)
-    code = cli.main(["fit", "--config", "tiny.yaml", "--trainer.logger", "false"])
+    code = cli.main(["fit", "--config", tiny_cli_config, "--trainer.logger", "false"])
     assert code == 1 and used == [AtomicCheckpointIO]
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("lightning-rpn: No space left on device: the checkpoint ")
-    assert "free some space, or write the run to another folder" in error
+    assert "; free some space, or write the run to another folder" in error
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(
+    tiny_cli_config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # a read-only run folder: jsonargparse's "config.yaml not creatable" ended validate in a 45-line traceback
+    monkeypatch.setattr(cli, "_writable", lambda folder: False)
+    code = cli.main(["fit", "--config", tiny_cli_config, "--trainer.logger", "false"])
+    assert code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lightning-rpn: the run's folder cannot be written: ") and error.count("config.yaml") == 1
+    assert "; check the file's and its folder's permissions, or write the run to another folder" in error
+
+
+def test_a_trainer_of_ones_own_takes_it_as_a_plugin(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    own = AtomicCheckpointIO()
+    trainer = pl.Trainer(plugins=[own], logger=False, default_root_dir=tmp_path)
+    checkpoint_io.use_atomic_checkpoints(trainer)  # a plugin of the user's own is kept
+    assert trainer.strategy.checkpoint_io is own
+    plain = pl.Trainer(logger=False, default_root_dir=tmp_path)
+    checkpoint_io.use_atomic_checkpoints(plain)
+    assert type(plain.strategy.checkpoint_io) is AtomicCheckpointIO

@@ -3,12 +3,7 @@ the plain head are named as ignored, and never make a plain checkpoint refuse to
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-import yaml
-from helpers.cli import TINY_CONFIG
 
 from lightning_rpn import cli
 from lightning_rpn.core.config import SettingError
@@ -33,14 +28,9 @@ def test_a_head_setting_that_cannot_work_is_a_setting_error(settings: dict, mess
     assert message in str(refused.value)
 
 
-def test_the_command_line_refuses_it_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_the_command_line_refuses_it_in_one_line(tiny_cli_config: str, capsys: pytest.CaptureFixture) -> None:
     # a ValueError from the head's constructor was a 55-line traceback with exit 1
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-rpn"])
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    code = cli.main(["fit", "--config", "tiny.yaml", "--trainer.logger", "false", "--model.quality", "centreness"])
+    code = cli.main(["fit", "--config", tiny_cli_config, "--trainer.logger", "false", "--model.quality", "centreness"])
     assert code == cli.USAGE_ERROR
     error = capsys.readouterr().err
     assert "Traceback" not in error

@@ -131,28 +131,39 @@ def test_an_interrupted_fit_resumes_at_the_next_batch(tmp_path: Path, stop) -> N
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3  # BoringModel's StepLR: once an epoch
 
 
-def test_a_ctrl_c_while_best_is_written_leaves_no_record_of_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lightning records a new best before writing it: a Ctrl-C during the write kept a record of a
-    best.ckpt on no disk in the interruption's last.ckpt, and the resumed run saved no best until a
-    validation beat that score."""
+@pytest.mark.parametrize("write", [1, 2])
+def test_a_ctrl_c_while_best_is_written_leaves_the_record_of_the_file_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: int
+) -> None:
+    """Lightning records a new best before writing it: a Ctrl-C during the write kept, in the
+    interruption's last.ckpt, a record of a best.ckpt on no disk (the first best) or of a score the
+    file there does not hold (a later best, written over the last), and the resumed run saved no
+    best until a validation beat that score."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    save = TorchCheckpointIO.save_checkpoint
+    save, writes = TorchCheckpointIO.save_checkpoint, []
 
     def interrupted(self, checkpoint, path, storage_options=None):
         if Path(path).name == "best.ckpt":
-            raise KeyboardInterrupt  # Ctrl-C as the first best is written
+            writes.append(path)
+            if len(writes) == write:
+                raise KeyboardInterrupt  # Ctrl-C as that best is written
         save(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", interrupted)
-    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="score", mode="max")
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="score", mode="max")  # score: the epoch
     with pytest.raises(SystemExit):
         _fit(tmp_path, [best, LastCheckpoint(dirpath=tmp_path)], max_steps=20)
-    assert _steps(tmp_path) == {"last.ckpt": 4}
     states = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
     [recorded] = [state for key, state in states.items() if key.startswith("ModelCheckpoint{'monitor': 'score'")]
-    assert recorded["best_model_path"] == "" and recorded["best_model_score"] is None
-    assert recorded["best_k_models"] == {}
+    if write == 1:
+        assert _steps(tmp_path) == {"last.ckpt": 4}
+        assert recorded["best_model_path"] == "" and recorded["best_model_score"] is None
+        assert recorded["best_k_models"] == {}
+    else:  # best.ckpt still holds epoch 0's weights (score 0), not epoch 1's (score 1)
+        assert _steps(tmp_path) == {"best.ckpt": 4, "last.ckpt": 8}
+        assert recorded["best_model_path"] == str(tmp_path / "best.ckpt")
+        assert float(recorded["best_model_score"]) == 0.0
 
 
 class StopInHook(Callback):
