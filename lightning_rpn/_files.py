@@ -8,16 +8,21 @@ whether a folder can take our output.
 - :func:`folder_write_problem`: one rule for "can files be written there?", asked before a fit,
   an analysis or a data check rather than at its first write, after the work. It creates
   nothing that stays, so a command that stops later leaves no empty folder behind.
+- :func:`atomic_write`: a file written whole or not at all (a temporary file beside it, renamed
+  into place), for the proposal files and the checkpoints.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import IO, Any, Literal
 
-__all__ = ["TorchFileKind", "folder_write_problem", "torch_file_kind"]
+__all__ = ["TorchFileKind", "atomic_write", "folder_write_problem", "torch_file_kind"]
 
 ZIP_START = b"PK\x03\x04"
 """The first bytes of a zip archive, as ``torch.save`` and ``torch.export.save`` write."""
@@ -68,3 +73,19 @@ def folder_write_problem(folder: Path) -> str | None:
     except OSError as error:
         return error.strerror or str(error)
     return None
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` (``.{name}.tmp{pid}``); flushed to disk and moved into
+    place only if the block succeeds, removed otherwise: ``path`` is never left half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open(mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

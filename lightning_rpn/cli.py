@@ -62,6 +62,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 
+from lightning_rpn._files import folder_write_problem
 from lightning_rpn.core.backbones import weights_from_checkpoint
 from lightning_rpn.core.config import SettingError
 from lightning_rpn.data.problems import DataError
@@ -221,7 +222,7 @@ class ResolvedConfigCallback(SaveConfigCallback):
             return
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not _writable(path.parent):  # jsonargparse's "not creatable" came as a traceback
+            if folder_write_problem(path.parent) is not None:  # jsonargparse's "not creatable" was a traceback
                 raise PermissionError(errno.EACCES, "the run's folder cannot be written", str(path))
             self.parser.save(self.config, path, **_KEEP_NONE, multifile=self.multifile,
                              overwrite=self.overwrite or self.already_saved)  # a second save replaces our own
@@ -269,11 +270,6 @@ class ResolvedConfigCallback(SaveConfigCallback):
     ) -> None:
         checkpoint[CONFIG_KEY] = self._config_text()
         record_wandb_run(trainer, checkpoint)
-
-
-def _writable(folder: Path) -> bool:
-    """Whether files can be made in ``folder`` (a read-only mount says no to root as well)."""
-    return os.access(folder, os.W_OK)
 
 
 def _plain_str_enums(value: Any) -> Any:

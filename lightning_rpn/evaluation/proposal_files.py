@@ -35,13 +35,14 @@ import os
 import pickle
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_rpn._files import atomic_write
 
 __all__ = [
     "FORMATS",
@@ -130,7 +131,7 @@ def _running(pid: int) -> bool:
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary proposal files in ``folder`` that a killed write left; the removed paths.
 
-    Only names of exactly the form :func:`_atomic_open` gives a proposal file
+    Only names of exactly the form :func:`~lightning_rpn._files.atomic_write` gives a proposal file
     (``.proposals_coco-<stem>.json.tmp<pid>``, ``.proposals_detectron2-<stem>.pkl.tmp<pid>``) whose
     process no longer runs: another write in progress on this machine, and every other file,
     stay. (A write in progress on another machine sharing the folder cannot be told apart.)
@@ -147,19 +148,6 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-@contextmanager
-def _atomic_open(path: Path, mode: str) -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; move it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open(mode, encoding=None if "b" in mode else "utf-8") as handle:
-            yield handle
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_coco_proposals(
     path: str | Path, proposals: Iterable[Mapping[str, Any]], category_id: int = 1, decimals: int | None = 2
 ) -> Path:
@@ -172,7 +160,7 @@ def write_coco_proposals(
     proposals an image).
     """
     path = Path(path)
-    with _atomic_open(path, "w") as handle:
+    with atomic_write(path, "w") as handle:
         handle.write("[")
         first = True
         for image_id, boxes, scores, _ in proposal_records(proposals, f"write_coco_proposals({str(path)!r})"):
@@ -248,7 +236,7 @@ def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str
         all_boxes.append(boxes)
         all_logits.append(logits)
     payload = {"ids": ids, "boxes": all_boxes, "objectness_logits": all_logits, "bbox_mode": 0}
-    with _atomic_open(path, "wb") as handle:
+    with atomic_write(path, "wb") as handle:
         pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
     return path
 

@@ -13,16 +13,15 @@ the trainer: ``Trainer(plugins=[AtomicCheckpointIO()])``.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 import torch
+
+from lightning_rpn._files import atomic_write
 
 __all__ = ["AtomicCheckpointIO", "use_atomic_checkpoints"]
 
@@ -36,27 +35,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         # serialised first, as Lightning does: torch.save into a file that fills up raises its zip
         # writer's RuntimeError, a plain write the OSError that says why
         serialised = io.BytesIO()
         torch.save(checkpoint, serialised)
-        temporary = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            # the user's umask applies, as to any file the run writes (mkstemp's 0600 would not)
-            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(handle, "wb") as file:
+            with atomic_write(target, "wb") as file:
                 file.write(serialised.getbuffer())
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            if isinstance(error, OSError):  # a full disk, a quota: name the file, and that it is intact
-                raise OSError(error.errno, f"{error.strerror or error}: the checkpoint {target} was not written "
-                                           "(the file there, if any, is as it was)") from error
-            raise
+        except OSError as error:  # a full disk, a quota: name the file, and that it is intact
+            raise OSError(error.errno, f"{error.strerror or error}: the checkpoint {target} was not written "
+                                       "(the file there, if any, is as it was)") from error
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:

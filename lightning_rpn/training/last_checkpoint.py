@@ -40,6 +40,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 
+from lightning_rpn.training.run_files import read_checkpoint
+
 __all__ = ["Interruption", "LastCheckpoint", "interruption_of"]
 
 _RECORD = "lightning_rpn_interruption"
@@ -169,8 +171,8 @@ def _written_score(path: str, state_key: str) -> Any:
     if not os.path.isfile(path):
         return _MISSING
     try:
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # an unreadable or foreign file: keep the record as it is
+        saved = read_checkpoint(path, "fit")
+    except ValueError:  # an unreadable or foreign file: keep the record as it is
         return None
     return saved.get("callbacks", {}).get(state_key, {}).get("current_score")
 

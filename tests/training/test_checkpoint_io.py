@@ -25,7 +25,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary_fi
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 1}, path)
-    monkeypatch.setattr(checkpoint_io.os, "fsync", _disk_full)  # the disk fills up as the new file is flushed
+    monkeypatch.setattr(os, "fsync", _disk_full)  # the disk fills up as the new file is flushed
     with pytest.raises(OSError, match=r"No space left on device: the checkpoint .*last\.ckpt was not written") as raised:
         io.save_checkpoint({"step": 2}, path)
     assert raised.value.errno == errno.ENOSPC
@@ -63,7 +63,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(
     tiny_cli_config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     # a read-only run folder: jsonargparse's "config.yaml not creatable" ended validate in a 45-line traceback
-    monkeypatch.setattr(cli, "_writable", lambda folder: False)
+    monkeypatch.setattr(cli, "folder_write_problem", lambda folder: "a read-only file system")
     code = cli.main(["fit", "--config", tiny_cli_config, "--trainer.logger", "false"])
     assert code == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
