@@ -20,7 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
+from lightning_rpn.training.resume_state import resume_where_saved
 
 __all__ = ["TrainedCounters", "counters_in_use", "evaluated_counters", "logged_as"]
 
@@ -51,7 +51,7 @@ class TrainedCounters:
         Lightning's counter has already left (:func:`~.resume_state.reopen_stopped_epoch`)."""
         saved = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                  "loops": {"fit_loop": deepcopy(trainer.fit_loop.state_dict())}}
-        finish_saved_epoch(saved) or reopen_stopped_epoch(saved)
+        resume_where_saved(saved)
         return cls.of_checkpoint(saved)
 
 

@@ -19,7 +19,9 @@ validation; ``every_n_train_steps`` etc. as documented there) and once more at t
 or a DataLoader worker killed by the same process-group SIGTERM) is saved too, at the step
 reached: otherwise everything after the last validation is lost (an epoch of COCO, 75 epochs of
 ``scenes.yaml``). Lightning's loop state then resumes the interrupted epoch at its next batch (a
-Ctrl-C inside a batch redoes that batch). Other exceptions save nothing: they may leave broken
+Ctrl-C inside a batch redoes that batch); a save made while a validation ran is marked, and the
+resume runs that validation again from its start
+(:func:`~lightning_rpn.training.resume_state.rerun_interrupted_validation`). Other exceptions save nothing: they may leave broken
 weights. With several processes nothing is saved on an interruption: the ranks stop at different
 points and a save needs them all. What was saved is attached to the exception
 (:func:`interruption_of`), for the command line's one-line report.
@@ -40,6 +42,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 
+from lightning_rpn.training.resume_state import mark_validation_interrupted
 from lightning_rpn.training.run_files import read_checkpoint
 
 __all__ = ["Interruption", "LastCheckpoint", "interruption_of"]
@@ -50,13 +53,15 @@ _RECORD = "lightning_rpn_interruption"
 
 @dataclass(frozen=True)
 class Interruption:
-    """A ``fit`` stopped by a signal: which, the step reached, and the latest ``last.ckpt`` of this
-    run with its step (``None``: nothing saved in this run)."""
+    """A ``fit`` stopped by a signal: which, the step reached, the latest ``last.ckpt`` of this run
+    with its step (``None``: nothing saved in this run), and whether that save holds a validation
+    the resume runs again."""
 
     signal: signal.Signals
     step: int
     path: str | None
     saved_step: int | None
+    in_validation: bool = False
 
 
 def interruption_of(error: BaseException) -> Interruption | BaseException | None:
@@ -104,6 +109,7 @@ class LastCheckpoint(ModelCheckpoint):
             train_time_interval=train_time_interval, save_on_train_epoch_end=save_on_train_epoch_end,
             save_weights_only=save_weights_only, enable_version_counter=enable_version_counter, verbose=verbose,
         )
+        self._saving_in_validation = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the final weights unless the last save was at this step (Lightning's checks:
@@ -124,13 +130,26 @@ class LastCheckpoint(ModelCheckpoint):
             _quiet_worker_deaths()
         else:
             return
+        in_validation = False
         if trainer.world_size == 1 and not self._should_skip_saving_checkpoint(trainer):
             _match_best_records_to_files(trainer)
             _count_logged_steps_for_resume(trainer)
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            in_validation = trainer.validating and not self.save_weights_only
+            self._saving_in_validation = in_validation
+            try:
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            finally:
+                self._saving_in_validation = False
         saved = self._last_checkpoint_saved or None
-        record = Interruption(stop, trainer.global_step, saved, self._last_global_step_saved if saved else None)
+        record = Interruption(stop, trainer.global_step, saved, self._last_global_step_saved if saved else None,
+                              in_validation and saved is not None)
         setattr(exception, _RECORD, record)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Mark the interruption's save of a running validation, which the resume runs again."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._saving_in_validation:
+            mark_validation_interrupted(checkpoint)
 
 
 def _match_best_records_to_files(trainer: pl.Trainer) -> None:

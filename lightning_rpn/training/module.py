@@ -87,7 +87,7 @@ from lightning_rpn.training.monitored_metrics import check_monitored_metrics
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
-from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
+from lightning_rpn.training.resume_state import resume_where_saved
 from lightning_rpn.training.windowed import window_losses, window_proposals
 
 RESIZE_KEY = "lightning_rpn_resize_policy"  # checkpoint entry: the training data's ResizePolicy
@@ -636,10 +636,10 @@ class RPNModule(pl.LightningModule):
         load, and a fit resumed with another optimiser or other trainable backbone parameters
         (:func:`check_resume_agrees`, :func:`check_optimizer_agrees`), before the optimiser's state
         loads; restore the skip count and the training resize; resume a
-        checkpoint saved at an epoch's end at the next epoch's start (:func:`finish_saved_epoch`), one
-        saved after ``max_steps`` stopped inside an epoch with that epoch's next batch
-        (:func:`reopen_stopped_epoch`)."""
-        finish_saved_epoch(checkpoint) or reopen_stopped_epoch(checkpoint)
+        checkpoint where it was saved (:func:`~.resume_state.resume_where_saved`: an interrupted
+        validation runs again, a save at an epoch's end resumes at the next epoch's start, one after
+        ``max_steps`` stopped inside an epoch with that epoch's next batch)."""
+        resume_where_saved(checkpoint)
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         self.check_checkpoint(checkpoint, getattr(self._trainer, "ckpt_path", None), fitting)
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))

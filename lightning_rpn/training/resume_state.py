@@ -17,13 +17,65 @@ epoch-end and end-of-fit saves (``last.ckpt``), so such a checkpoint resumed at 
 and the rest of the stopped one was never trained. :func:`reopen_stopped_epoch` writes it as
 Lightning's own checkpoint at the end of that batch (the epoch begun, the batch processed), which
 Lightning resumes with the epoch's next batch.
+
+A validation inside ``fit`` stopped by Ctrl-C or SIGTERM was never run again: saved at an epoch's
+end, the resume started the next epoch (and Lightning itself, whose loop state cannot tell an
+interrupted validation from a finished one, does the same); inside an epoch, Lightning skips a
+validation that had not finished a batch. That validation's metrics and its best-checkpoint
+candidate were lost, on COCO an hour's validation. :class:`~.last_checkpoint.LastCheckpoint`
+marks its interruption save (:func:`mark_validation_interrupted`), and
+:func:`rerun_interrupted_validation` writes such a checkpoint's validation as Lightning's own
+validation stopped before its first batch finished, which Lightning runs again from its start
+before training on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["finish_saved_epoch", "reopen_stopped_epoch"]
+__all__ = [
+    "finish_saved_epoch", "holds_interrupted_validation", "mark_validation_interrupted", "reopen_stopped_epoch", "rerun_interrupted_validation",
+    "resume_where_saved",
+]
+
+_INTERRUPTED_VALIDATION = "lightning_rpn_interrupted_validation"
+"""The checkpoint key that marks a save made while fit's validation ran."""
+
+
+def resume_where_saved(checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint``'s loop state, in place, as the state that resumes it where it was saved:
+    :func:`rerun_interrupted_validation`, else :func:`finish_saved_epoch`, else
+    :func:`reopen_stopped_epoch`. Called before Lightning restores its loops from it, and wherever
+    a checkpoint's training progress is counted as a resume counts it."""
+    rerun_interrupted_validation(checkpoint) or finish_saved_epoch(checkpoint) or reopen_stopped_epoch(checkpoint)
+
+
+def mark_validation_interrupted(checkpoint: dict[str, Any]) -> None:
+    """Mark ``checkpoint``, saved while fit's validation ran, as holding an unfinished validation."""
+    checkpoint[_INTERRUPTED_VALIDATION] = True
+
+
+def holds_interrupted_validation(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` was saved while fit's validation ran (:func:`mark_validation_interrupted`)."""
+    return bool(checkpoint.get(_INTERRUPTED_VALIDATION))
+
+
+def rerun_interrupted_validation(checkpoint: dict[str, Any]) -> bool:
+    """When ``checkpoint`` holds an unfinished validation (:func:`mark_validation_interrupted`),
+    write the validation loop's progress as that of a validation whose first batch was fetched and
+    not processed, in place, which Lightning resumes by running the whole validation again before it
+    trains on; whether it did. The training loops are left as saved (the batch before the
+    validation completed), so the loggers' step and the epoch's end come as in an uninterrupted run."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not holds_interrupted_validation(checkpoint) or not loop or "epoch_loop.val_loop.batch_progress" not in loop:
+        return False
+    progress = loop["epoch_loop.val_loop.batch_progress"]
+    done = progress["total"]["completed"]
+    progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done, "completed": done}
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["is_last_batch"] = False
+    return True
 
 
 def finish_saved_epoch(checkpoint: dict[str, Any]) -> bool:

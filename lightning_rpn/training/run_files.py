@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 
 from lightning_rpn._files import ZIP_START, folder_write_problem, torch_file_kind
 from lightning_rpn.core.config import SettingError
-from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
+from lightning_rpn.training.resume_state import holds_interrupted_validation, resume_where_saved
 
 __all__ = [
     "EVALUATION_ROLES", "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders",
@@ -243,9 +243,18 @@ def warn_if_budget_reached(trainer: pl.Trainer, checkpoint: Mapping[str, Any], p
         f"lightning-rpn fit: {path} has already trained {epochs} epoch(s), {steps} step(s): "
         f"{' and '.join(f'{name}={limits[name]}' for name in reached)} reached, so this fit trains nothing "
         f"(it validates those weights and ends); to train on, raise {flags} (Lightning stops at the first "
-        f"limit reached{''.join(others)})",
+        f"limit reached{''.join(others)}){_unfinished_validation(checkpoint, path)}",
         file=sys.stderr,
     )
+
+
+def _unfinished_validation(checkpoint: Mapping[str, Any], path: str) -> str:
+    """The budget line's clause for a checkpoint saved in an interrupted validation, which a resume
+    runs again only when it trains on (Lightning checks its limits first)."""
+    if not holds_interrupted_validation(checkpoint):
+        return ""
+    return (f"; its validation at step {int(checkpoint.get('global_step', 0))} was interrupted and runs again "
+            f"only in a fit that trains on: `lightning-rpn validate --ckpt_path {path}` evaluates those weights")
 
 
 def _trained(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
@@ -253,7 +262,7 @@ def _trained(checkpoint: Mapping[str, Any]) -> tuple[int, int]:
     loop = (checkpoint.get("loops") or {}).get("fit_loop")
     saved = {"epoch": int(checkpoint.get("epoch", 0)), "global_step": int(checkpoint.get("global_step", 0)),
              "loops": {"fit_loop": deepcopy(loop)} if loop else {}}
-    finish_saved_epoch(saved) or reopen_stopped_epoch(saved)
+    resume_where_saved(saved)
     progress = saved["loops"].get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
     return int(progress.get("processed", saved["epoch"])), saved["global_step"]
 

@@ -14,7 +14,11 @@ from lightning.pytorch.loggers import Logger
 
 from lightning_rpn.training.callbacks import LastCheckpoint
 from lightning_rpn.training.last_checkpoint import Interruption, interruption_of
-from lightning_rpn.training.resume_state import finish_saved_epoch, reopen_stopped_epoch
+from lightning_rpn.training.run_files import read_checkpoint, warn_if_budget_reached
+from lightning_rpn.training.resume_state import (
+    finish_saved_epoch, reopen_stopped_epoch, rerun_interrupted_validation,
+    resume_where_saved,
+)
 
 
 class FallingModel(BoringModel):
@@ -235,3 +239,98 @@ def test_a_resumed_interruption_after_a_completed_batch_logs_at_the_uninterrupte
     resumed = Trainer(max_steps=12, logger=False, **arguments)
     resumed.fit(LoggingModel(), ckpt_path=tmp_path / "last.ckpt")
     assert resumed.global_step == 12 and resumed.fit_loop.epoch_loop._batches_that_stepped == 12
+
+
+# ---------------------------------------------------------------- an interrupted validation
+class Validations(Callback):
+    """Records each validation as (global step, epoch, loggers' step) and counts training batches."""
+
+    def __init__(self) -> None:
+        self.seen, self.batches = [], 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.batches += 1
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.seen.append((trainer.global_step, trainer.current_epoch, trainer.fit_loop.epoch_loop._batches_that_stepped))
+
+
+class ResumingModel(FallingModel):
+    """Resumes a checkpoint where it was saved, as ``RPNModule`` does."""
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        resume_where_saved(checkpoint)
+
+
+def _validating_fit(folder: Path, callbacks: list, max_steps: int, cadence: dict, ckpt_path: Path | None = None):
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="score", mode="max")
+    trainer = Trainer(default_root_dir=folder, max_steps=max_steps, max_epochs=-1, limit_train_batches=4,
+                      limit_val_batches=2, callbacks=[best, LastCheckpoint(dirpath=folder), *callbacks], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **cadence)
+    trainer.fit(ResumingModel(), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("cadence, step", [
+    ({"check_val_every_n_epoch": 2}, 8),  # the validation at an epoch's end, every second epoch
+    ({"check_val_every_n_epoch": 1}, 4),
+    ({"val_check_interval": 2}, 6),  # one inside an epoch
+])
+@pytest.mark.parametrize("hook", ["on_validation_start", "on_validation_batch_end"])
+def test_an_interrupted_validation_runs_again_when_resumed(tmp_path: Path, cadence: dict, step: int, hook: str) -> None:
+    """A Ctrl-C in a validation inside fit: the resume started the next epoch (at an epoch's end)
+    or trained on (inside one, before a validation batch finished), and that validation's metrics
+    and best candidate were never made. Now it runs again first, at the step, epoch and loggers'
+    step of an uninterrupted run, which the rest of the run matches too."""
+    reference = Validations()
+    _validating_fit(tmp_path / "reference", [reference], 12, cadence)
+    before = Validations()
+    with pytest.raises(SystemExit) as raised:
+        _validating_fit(tmp_path / "run", [before, StopInHook(hook, step)], 20, cadence)
+    record = interruption_of(raised.value)
+    assert record == Interruption(signal.SIGINT, step, str(tmp_path / "run" / "last.ckpt"), step, in_validation=True)
+    after = Validations()
+    resumed = _validating_fit(tmp_path / "run", [after], 12, cadence, ckpt_path=tmp_path / "run" / "last.ckpt")
+    assert after.seen[0][0] == step
+    assert before.seen + after.seen[1:] == reference.seen
+    assert (after.batches, resumed.global_step) == (12 - step, 12)
+    assert _steps(tmp_path / "run") == _steps(tmp_path / "reference")  # best.ckpt at the same step
+
+
+def test_an_interrupted_last_validation_runs_again_when_the_fit_trains_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The fit's last validation interrupted: resumed with the same budget, Lightning stops before
+    anything runs (the budget line says so and names `validate`); with more steps it validates
+    step 8 first, and the best checkpoint gets that candidate."""
+    cadence = {"check_val_every_n_epoch": 2}
+    with pytest.raises(SystemExit):
+        _validating_fit(tmp_path, [StopInHook("on_validation_batch_end", 8)], 8, cadence)
+    assert _steps(tmp_path) == {"last.ckpt": 8}  # no best: the only validation was interrupted
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=8)
+    warn_if_budget_reached(trainer, read_checkpoint(tmp_path / "last.ckpt", "fit"), "last.ckpt")
+    assert capsys.readouterr().err.endswith(
+        "; its validation at step 8 was interrupted and runs again only in a fit that trains on: "
+        "`lightning-rpn validate --ckpt_path last.ckpt` evaluates those weights\n")
+    after = Validations()
+    _validating_fit(tmp_path, [after], 12, cadence, ckpt_path=tmp_path / "last.ckpt")
+    assert (after.seen[0], after.batches) == ((8, 1, 7), 4)
+    assert _steps(tmp_path) == {"best.ckpt": 8, "last.ckpt": 12}  # validated every 2nd epoch: step 8 only
+
+
+def test_a_save_outside_validation_is_not_marked(tmp_path: Path) -> None:
+    error, _ = _interrupted_fit(tmp_path, KeyboardInterrupt)
+    assert not interruption_of(error).in_validation
+    assert not rerun_interrupted_validation(torch.load(tmp_path / "last.ckpt", weights_only=True))
+
+
+def test_the_command_line_says_an_interrupted_validation_runs_again(capsys: pytest.CaptureFixture) -> None:
+    from lightning_rpn.cli import _report_interruption
+
+    error = KeyboardInterrupt()
+    error.lightning_rpn_interruption = Interruption(signal.SIGINT, 8, "run/last.ckpt", 8, in_validation=True)
+    assert _report_interruption(error) == 130
+    assert capsys.readouterr().err == (
+        "lightning-rpn: fit interrupted (Ctrl-C) at step 8 in a validation; run/last.ckpt holds step 8: continue "
+        "with `--ckpt_path last` (it runs the interrupted validation again first)\n")

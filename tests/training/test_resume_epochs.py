@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -174,3 +175,41 @@ def test_a_run_resumed_at_an_epoch_end_logs_at_the_next_step(tmp_path: Path, sav
         model, DataLoader(training_batches(model)[:2], batch_size=None),
         ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert first.steps == [0, 1, 2, 3] and resumed.steps == [4, 5]
+
+
+class Validations(pl.Callback):
+    """Each validation's step and the recall it logged; raises ``KeyboardInterrupt`` after the
+    first batch of the validation at step ``stop_at``."""
+
+    def __init__(self, stop_at: int = -1) -> None:
+        self.stop_at, self.steps, self.recalls = stop_at, [], []
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.stop_at:
+            raise KeyboardInterrupt
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+        self.recalls.append(float(trainer.callback_metrics["val/AR@100"]))
+
+
+def test_a_validation_interrupted_at_an_epoch_end_runs_again_when_resumed(tmp_path: Path) -> None:
+    # RPNModule resumes the interruption's save with that validation (resume_state): it began the
+    # next epoch, and step 4's recall and best candidate were never made
+    batches = training_batches(_model())
+    loaders = DataLoader(batches[:2], batch_size=None), DataLoader(batches[:2], batch_size=None)
+    reference = Validations()
+    torch.manual_seed(0)
+    quiet_trainer(tmp_path / "reference", max_epochs=3, limit_val_batches=2, check_val_every_n_epoch=2,
+                  callbacks=[reference]).fit(_model(), *loaders)
+    last = LastCheckpoint(dirpath=tmp_path / "checkpoints")
+    torch.manual_seed(0)
+    with pytest.raises(SystemExit):
+        quiet_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, limit_val_batches=2,
+                      check_val_every_n_epoch=2, callbacks=[last, Validations(stop_at=4)]).fit(_model(), *loaders)
+    resumed = Validations()
+    trainer = quiet_trainer(tmp_path, max_epochs=3, limit_val_batches=2, check_val_every_n_epoch=2,
+                            callbacks=[resumed])
+    trainer.fit(_model(), *loaders, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert reference.steps == resumed.steps == [4] and trainer.global_step == 6
+    assert resumed.recalls == pytest.approx(reference.recalls)  # over both batches, the same weights
