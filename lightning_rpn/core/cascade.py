@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adaptive_conv import adaptive_conv2d
-from .anchors import AnchorGenerator, AnchorGrid
+from .anchors import AnchorGenerator, AnchorGrid, GridLevel
 from .box_coder import BoxCoder
 from .config import AnchorTargetConfig, ProposalConfig, SettingError
 from .loss import NonFiniteLossError
@@ -160,7 +160,10 @@ def assign_centre_region(grid: AnchorGrid, gt_boxes: Tensor, centre_ratio: float
     """Stage-1 targets: ``(positive bool [N], matched int64 [N])`` for one image (see the module docstring).
 
     ``grid`` must have one anchor per location. A location claimed by several gt boxes
-    regresses the smallest; ``matched`` is 0 where ``positive`` is False.
+    regresses the smallest (of equal areas, the first); ``matched`` is 0 where ``positive`` is
+    False. Each box is tested against the locations of a window around its central region only,
+    so memory grows with the boxes' regions, not with boxes times locations (a 3000 x 3000 scene
+    with thousands of boxes).
     """
     num = grid.anchors.shape[0]
     device = grid.anchors.device
@@ -171,27 +174,61 @@ def assign_centre_region(grid: AnchorGrid, gt_boxes: Tensor, centre_ratio: float
     gt = gt_boxes.to(device=device, dtype=torch.float32)
     width, height = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
     centre_x, centre_y = (gt[:, 0] + gt[:, 2]) * 0.5, (gt[:, 1] + gt[:, 3]) * 0.5
+    half_width, half_height = centre_ratio * width * 0.5, centre_ratio * height * 0.5
     area = width * height
     level_of = gt_levels(grid, gt)
     for index, level in enumerate(grid.levels):
         chosen = torch.nonzero(level_of == index).squeeze(1)
         if chosen.numel() == 0:
             continue
-        xs = level.origin + torch.arange(level.width, device=device, dtype=torch.float32) * level.step
-        ys = level.origin + torch.arange(level.height, device=device, dtype=torch.float32) * level.step
-        in_x = (xs[None] - centre_x[chosen, None]).abs() <= centre_ratio * width[chosen, None] * 0.5
-        in_y = (ys[None] - centre_y[chosen, None]).abs() <= centre_ratio * height[chosen, None] * 0.5
-        inside = in_y[:, :, None] & in_x[:, None, :]  # [G_l, H_l, W_l]
-        near_x = ((centre_x[chosen] - level.origin) / level.step).round().clamp(0, level.width - 1).long()
-        near_y = ((centre_y[chosen] - level.origin) / level.step).round().clamp(0, level.height - 1).long()
-        inside[torch.arange(chosen.numel(), device=device), near_y, near_x] = True
-        claimed = torch.where(inside, area[chosen, None, None], torch.full_like(inside, math.inf, dtype=torch.float32))
-        smallest, which = claimed.reshape(chosen.numel(), -1).min(dim=0)
-        rows = level.start + torch.arange(level.height * level.width, device=device)
-        hit = torch.isfinite(smallest)
-        positive[rows[hit]] = True
-        matched[rows[hit]] = chosen[which[hit]]
+        boxes, cells = _centre_region_cells(
+            level, centre_x[chosen], centre_y[chosen], half_width[chosen], half_height[chosen]
+        )
+        claim = area[chosen][boxes]
+        locations = level.height * level.width
+        smallest = torch.full((locations,), math.inf, dtype=claim.dtype, device=device)
+        smallest = smallest.scatter_reduce(0, cells, claim, "amin")
+        first = torch.where(claim == smallest[cells], boxes, chosen.numel())
+        which = torch.full((locations,), chosen.numel(), device=device).scatter_reduce(0, cells, first, "amin")
+        hit = torch.nonzero(which < chosen.numel()).squeeze(1)
+        positive[level.start + hit] = True
+        matched[level.start + hit] = chosen[which[hit]]
     return positive, matched
+
+
+def _centre_region_cells(
+    level: GridLevel, centre_x: Tensor, centre_y: Tensor, half_width: Tensor, half_height: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(box int64 [M], cell int64 [M])``: each location of ``level`` (row-major index) whose centre
+    lies within ``half_width`` / ``half_height`` of a box's centre, and each box's location nearest
+    its centre, for the ``[G_l]`` boxes given. Candidates come from a window one location wider
+    than each region, and are tested exactly as location centres ``origin + i * step``."""
+    device = centre_x.device
+    first_x, count_x = _window(centre_x, half_width, level.origin, level.step, level.width)
+    first_y, count_y = _window(centre_y, half_height, level.origin, level.step, level.height)
+    counts = count_x * count_y
+    boxes = torch.repeat_interleave(torch.arange(centre_x.numel(), device=device), counts)
+    within = torch.arange(boxes.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[boxes]
+    column = first_x[boxes] + within % count_x[boxes]
+    row = first_y[boxes] + torch.div(within, count_x[boxes], rounding_mode="floor")
+    xs = level.origin + column.to(torch.float32) * level.step
+    ys = level.origin + row.to(torch.float32) * level.step
+    inside = ((xs - centre_x[boxes]).abs() <= half_width[boxes]) & ((ys - centre_y[boxes]).abs() <= half_height[boxes])
+    near_x = ((centre_x - level.origin) / level.step).round().clamp(0, level.width - 1).long()
+    near_y = ((centre_y - level.origin) / level.step).round().clamp(0, level.height - 1).long()
+    all_boxes = torch.cat([boxes[inside], torch.arange(centre_x.numel(), device=device)])
+    cells = torch.cat([row[inside] * level.width + column[inside], near_y * level.width + near_x])
+    return all_boxes, cells
+
+
+def _window(centre: Tensor, half: Tensor, origin: float, step: float, size: int) -> tuple[Tensor, Tensor]:
+    """``(first index, count)`` int64 ``[G_l]`` of the locations along one axis that may lie within
+    ``half`` of ``centre``: the region's index range widened by one each side, inside ``[0, size)``
+    (at least one location)."""
+    low = torch.floor((centre - half - origin) / step).clamp(0, size - 1).long() - 1
+    high = torch.ceil((centre + half - origin) / step).clamp(0, size - 1).long() + 1
+    low, high = low.clamp(min=0), high.clamp(max=size - 1)
+    return low, high - low + 1
 
 
 class CascadeStage(nn.Module):

@@ -73,6 +73,56 @@ def test_centre_region_assignment_by_hand() -> None:
     assert not none.any()
 
 
+def _dense_centre_region(grid, gt_boxes, centre_ratio):
+    """The centre-region rule written out over every box x location of a level (what
+    assign_centre_region computed until 2026-12-07, ``[G, H, W]`` memory per level)."""
+    positive = torch.zeros(grid.anchors.shape[0], dtype=torch.bool)
+    matched = torch.zeros(grid.anchors.shape[0], dtype=torch.int64)
+    gt = gt_boxes.float()
+    width, height = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    centre_x, centre_y = (gt[:, 0] + gt[:, 2]) * 0.5, (gt[:, 1] + gt[:, 3]) * 0.5
+    level_of = gt_levels(grid, gt)
+    for index, level in enumerate(grid.levels):
+        chosen = torch.nonzero(level_of == index).squeeze(1)
+        if chosen.numel() == 0:
+            continue
+        xs = level.origin + torch.arange(level.width, dtype=torch.float32) * level.step
+        ys = level.origin + torch.arange(level.height, dtype=torch.float32) * level.step
+        in_x = (xs[None] - centre_x[chosen, None]).abs() <= centre_ratio * width[chosen, None] * 0.5
+        in_y = (ys[None] - centre_y[chosen, None]).abs() <= centre_ratio * height[chosen, None] * 0.5
+        inside = in_y[:, :, None] & in_x[:, None, :]
+        near_x = ((centre_x[chosen] - level.origin) / level.step).round().clamp(0, level.width - 1).long()
+        near_y = ((centre_y[chosen] - level.origin) / level.step).round().clamp(0, level.height - 1).long()
+        inside[torch.arange(chosen.numel()), near_y, near_x] = True
+        claimed = torch.where(inside, (width * height)[chosen, None, None], torch.tensor(float("inf")))
+        smallest, which = claimed.reshape(chosen.numel(), -1).min(dim=0)
+        rows = level.start + torch.arange(level.height * level.width)
+        hit = torch.isfinite(smallest)
+        positive[rows[hit]] = True
+        matched[rows[hit]] = chosen[which[hit]]
+    return positive, matched
+
+
+@pytest.mark.parametrize("centre_ratio", [0.0, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_centre_region_assignment_agrees_with_the_rule_over_every_location(centre_ratio: float, seed: int) -> None:
+    """Windows around each region give the rule's result over all locations: boxes across the
+    border and outside the image, empty ones, copies and equal areas (the first box wins a tie)."""
+    generator = torch.Generator().manual_seed(seed)
+    anchors = AnchorGenerator(((16,), (32,), (64,)), ((1.0,),), (4, 8, 16))
+    grid = anchors.grid([(30, 41), (15, 21), (8, 11)])  # a 120 x 164 image, origin 0
+    corner = torch.rand(60, 2, generator=generator) * torch.tensor([190.0, 150.0]) - 15
+    size = torch.rand(60, 2, generator=generator) ** 2 * 90
+    gt = torch.cat([corner, corner + size], 1)
+    gt[5:10] = gt[0]  # copies: equal areas at the same locations
+    gt[10:15, 2:] = gt[10:15, :2]  # empty boxes
+    gt[15:20] = gt[20:25] + torch.tensor([3.0, 0, 3, 0])  # equal areas, overlapping regions
+    positive, matched = assign_centre_region(grid, gt, centre_ratio)
+    expected_positive, expected_matched = _dense_centre_region(grid, gt, centre_ratio)
+    assert positive.sum() > 20
+    assert torch.equal(positive, expected_positive) and torch.equal(matched, expected_matched)
+
+
 def test_own_level_positives_by_hand() -> None:
     _, grid = _grid()
     gt = torch.tensor([[0.0, 0, 16, 16], [2, 2, 30, 30], [0, 0, 8, 8]])
