@@ -3,7 +3,9 @@
 The counts travel inside each :class:`~lightning_rpn.data.batch.RPNBatch` (workers are separate
 processes), and :class:`~lightning_rpn.training.datamodule.RPNDataModule` adds them up here as
 batches reach the main process, then reports them at the end of each run: removed boxes are
-never silent. A load problem is met again each time its image is loaded (every epoch: the boxes
+never silent. An image standing in for an unusable one (``RPNBatch.stand_ins``) counts where it
+is used: in training, which loads it again to keep the batch full; not in evaluation, which
+leaves it out (the split's images counted once, as its recall counts them). A load problem is met again each time its image is loaded (every epoch: the boxes
 of an image whose size the annotation omits or gets wrong, an unreadable image), so each distinct
 problem is kept once, with the number of loads that met it: memory grows with the distinct
 problems, not with the epochs, and the report counts each box or image once.
@@ -18,6 +20,9 @@ from lightning_rpn.data.problems import Problem, ProblemLog
 
 __all__ = ["BoxAccounting"]
 
+_EVALUATION_STAGES = frozenset({"validate", "test", "predict"})
+"""Stages (Lightning's stage names) whose counts leave the stand-ins out."""
+
 
 class BoxAccounting:
     """Counts, per stage (``"train"``, ``"validate"``, ...), of images, boxes and removed boxes."""
@@ -26,13 +31,17 @@ class BoxAccounting:
         self.images: dict[str, int] = defaultdict(int)
         self.boxes: dict[str, int] = defaultdict(int)
         self.removed_boxes: dict[str, int] = defaultdict(int)
+        self.stand_ins: dict[str, int] = defaultdict(int)
+        """Per stage, the images loaded in place of unusable ones (counted in ``images`` in training only)."""
         self.problems: dict[str, Counter[Problem]] = defaultdict(Counter)
         """Per stage, each distinct load problem (in the order first met) and how many loads met it."""
 
     def add_batch(self, stage: str, batch: RPNBatch) -> None:
         """Add one collated batch's counts to ``stage``."""
-        self.images[stage] += len(batch)
-        self.boxes[stage] += sum(int(b.shape[0]) for b in batch.gt_boxes)
+        used = batch.evaluated if stage in _EVALUATION_STAGES else range(len(batch))
+        self.images[stage] += len(used)
+        self.boxes[stage] += sum(int(batch.gt_boxes[i].shape[0]) for i in used)
+        self.stand_ins[stage] += sum(batch.stand_ins)
         self.removed_boxes[stage] += batch.removed_boxes
         self.problems[stage].update(batch.problems)
 
@@ -60,7 +69,8 @@ class BoxAccounting:
             total = kept + removed
             fraction = f"{100.0 * removed / total:.1f}%" if total else "0%"
             lines.append(
-                f"{stage}: {self.images[stage]} images, {kept} boxes kept, {removed} removed by "
+                f"{stage}: {self.images[stage]} images{_stand_in_note(stage, self.stand_ins[stage])}, "
+                f"{kept} boxes kept, {removed} removed by "
                 f"transforms ({fraction}), {_problem_count(self.problems[stage])}"
             )
             if self.problems[stage]:
@@ -69,6 +79,15 @@ class BoxAccounting:
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
+
+
+def _stand_in_note(stage: str, stand_ins: int) -> str:
+    """What the image count of ``stage`` did with its ``stand_ins``, or nothing when none."""
+    if not stand_ins:
+        return ""
+    if stage in _EVALUATION_STAGES:
+        return f" ({stand_ins} loaded in place of unusable ones left out, as the recall leaves them)"
+    return f" ({stand_ins} of them loaded again in place of unusable ones)"
 
 
 def _problem_count(problems: Counter[Problem]) -> str:

@@ -63,3 +63,21 @@ def test_evaluation_counts_no_image_twice(tmp_path: Path, bad: str) -> None:
         else:  # annotated 64 x 80, the file 80 x 64
             save_image(path, 80, 64)
     assert _evaluate(clean, tmp_path) == _evaluate(broken, tmp_path) == ([4, 4], [1, 2, 3, 4])
+
+
+def test_the_data_report_counts_the_images_each_stage_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The report counted every image loaded: 7 validated images where the recall counted 4."""
+    entries = [{"id": i, "file_name": f"bad{i}.png", "height": 64, "width": 80} for i in (5, 6, 7)]
+    broken = _split(tmp_path / "broken", entries)
+    for entry in entries:
+        (broken / "val" / entry["file_name"]).write_bytes(b"")
+    data = RPNDataModule(dataset="coco", root=str(broken), train_split="val", val_split="val", val_batch_size=2,
+                         batch_size=2, num_workers=0, on_bad_annotation="skip")
+    with caplog.at_level("INFO"):
+        quiet_trainer(tmp_path).validate(tiny_model(), datamodule=data, verbose=False)
+        quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(tiny_model(), datamodule=data)
+    validated, trained = [line for line in caplog.text.splitlines() if line.startswith(("validate:", "train:"))]
+    assert validated.startswith("validate: 4 images (3 loaded in place of unusable ones left out, as the recall "
+                                "leaves them), 4 boxes kept,")
+    # an epoch: the 7 entries, each unreadable one replaced by a readable image (its boxes too)
+    assert trained.startswith("train: 7 images (3 of them loaded again in place of unusable ones), 7 boxes kept,")
