@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.core.box_coder import BoxCoder
@@ -341,18 +342,11 @@ class RPNDataModule(LightningDataModule):
         return self._collate[1]
 
     # ---- loaders --------------------------------------------------------------------------
-    def _loader(self, role: str, batch_size: int, shuffle: bool, collate: RPNCollate | None = None) -> DataLoader:
-        if role not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
-        if role not in self.datasets:
-            raise DataError(
-                f"RPNDataModule: no {role} split to load: {role}_split is None. Name one with "
-                f"RPNDataModule({role}_split=...) or --data.{role}_split NAME"
-                + (" (or --data.predict_images FOLDER)" if role == "predict" else "")
-            )
+    def _loader(self, role: str, batch_size: int, shuffle: bool, collate: RPNCollate | None = None,
+                sampler: Sampler | None = None) -> DataLoader:
+        dataset = self._dataset(role)
         rank = getattr(self.trainer, "global_rank", 0) or 0
         self.train_transform.process_rank = self.val_transform.process_rank = int(rank)
-        sampler = None
         if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
             trainer = self.trainer
             self._window_progress = WindowProgress(self.tiles.per_epoch, *self._window_start(batch_size))
@@ -361,7 +355,7 @@ class RPNDataModule(LightningDataModule):
             # persistent workers take the first indices as Lightning makes the iterator, before its set_epoch
             sampler.set_epoch(self._window_progress.epoch)
         return DataLoader(
-            self.datasets[role],
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
@@ -372,6 +366,18 @@ class RPNDataModule(LightningDataModule):
             drop_last=role == "train" and self._drop_last_train,
             generator=None if role == "train" else self._evaluation_generator(),
         )
+
+    def _dataset(self, role: str) -> Dataset:
+        """The dataset of ``role`` (``"train"``, ``"val"``, ...), set up on first use."""
+        if role not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
+        if role not in self.datasets:
+            raise DataError(
+                f"RPNDataModule: no {role} split to load: {role}_split is None. Name one with "
+                f"RPNDataModule({role}_split=...) or --data.{role}_split NAME"
+                + (" (or --data.predict_images FOLDER)" if role == "predict" else "")
+            )
+        return self.datasets[role]
 
     def _evaluation_generator(self) -> torch.Generator:
         """The random source of an evaluation loader (its workers' seeds). Without one, making its
@@ -427,7 +433,27 @@ class RPNDataModule(LightningDataModule):
     def _evaluation_loader(self, role: str) -> DataLoader:
         # a model on sliding windows computes its evaluation losses per window: whole-image targets would be wasted
         collate = self._collate_without_targets() if self._window_eval else None
-        return self._loader(role, self.val_batch_size, shuffle=False, collate=collate)
+        sampler = self._unrepeated_sampler(self._dataset(role))
+        return self._loader(role, self.val_batch_size, shuffle=False, collate=collate, sampler=sampler)
+
+    def _unrepeated_sampler(self, dataset: Dataset) -> Sampler | None:
+        """This process's share of an evaluation split under several processes, no image repeated.
+
+        Lightning's ``DistributedSampler`` pads the shares to one length by repeating images, which
+        the recall then counted twice (7 images on 2 processes: AR@100 0.200 against 0.189 on one).
+        The recall's states are summed over the processes and the losses weighted by batch size, so
+        unequal shares give the single process's figures. ``None`` (Lightning's sampler) on one
+        process, with ``use_distributed_sampler`` false, and with fewer images than processes (a
+        process without an image cannot take part in the evaluation's collective calls)."""
+        trainer = self.trainer
+        shares = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if not shares or not getattr(connector, "use_distributed_sampler", True):
+            return None
+        if shares["num_replicas"] < 2 or len(dataset) < shares["num_replicas"]:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=shares["num_replicas"], rank=shares["rank"],
+                                            shuffle=False)
 
     def val_dataloader(self) -> DataLoader | list:
         """The val split's loader; ``[]`` while fitting without a val split (``val_split: null``), which

@@ -452,6 +452,8 @@ class RPNModule(pl.LightningModule):
         self.val_recall = ProposalRecall(
             iou_thresholds=recall_iou_thresholds, max_proposals=recall_max_proposals
         )
+        # per evaluation loss, its sum over the evaluation's images (times their batch's size) and those images
+        self._evaluation_losses: dict[str, tuple[Tensor, int]] = {}
         self.last_recall: dict[str, float] = {}
         self.last_recall_curves: dict[str, tuple[list, list[float]]] = {}
         self.last_recall_step: int | None = None  # the global step whose weights gave last_recall
@@ -595,18 +597,28 @@ class RPNModule(pl.LightningModule):
         )
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> Tensor:
+        """Log each training step's losses; add an evaluation's up, for their mean over its images
+        (:meth:`_log_evaluation_losses`)."""
         loss = losses["loss_rpn_cls"] + losses["loss_rpn_reg"]
-        on_step = stage == "train"
         values = {f"{stage}/loss": loss, **{f"{stage}/{k}": v for k, v in losses.items()}}
-        self.log_dict(
-            values,
-            prog_bar=True,
-            on_step=on_step,
-            on_epoch=not on_step,
-            batch_size=batch_size,
-            sync_dist=not on_step,
-        )
+        if stage == "train":
+            self.log_dict(values, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+            return loss
+        for name, value in values.items():
+            total, images = self._evaluation_losses.get(name, (0.0, 0))
+            self._evaluation_losses[name] = (total + value.detach().float() * batch_size, images + batch_size)
         return loss
+
+    def _log_evaluation_losses(self) -> None:
+        """Log each evaluation loss as its mean over the images of every process (a batch's loss
+        weighted by its size). Lightning's own ``sync_dist`` mean averages the processes' image
+        counts as integers: on shares of unequal size (7 images on 2 processes) it was off, by 7/6
+        there."""
+        for name, (total, images) in self._evaluation_losses.items():
+            summed = self.trainer.strategy.reduce(torch.stack([total, total.new_tensor(float(images))]), reduce_op="sum")
+            # every process now holds the same mean: sync_dist=True says so, and Lightning stops warning
+            self.log(name, summed[0] / summed[1], prog_bar=True, sync_dist=True)
+        self._evaluation_losses = {}
 
     def training_step(self, batch: RPNBatch, batch_idx: int) -> Tensor:
         """The batch's loss; a non-finite one goes to the non-finite policy (raise, or a zero loss
@@ -698,6 +710,7 @@ class RPNModule(pl.LightningModule):
         return self._eval_step(batch, "test")
 
     def _end_recall_epoch(self, stage: str) -> None:
+        self._log_evaluation_losses()
         results = self.val_recall.compute()
         # compute() already summed the states of every process, so each rank holds the global
         # values; sync_dist=True says so (averaging equal values), and Lightning stops warning
@@ -743,6 +756,7 @@ class RPNModule(pl.LightningModule):
         self._check_one_dataloader()
         self._evaluation_dating.close()
         self.val_recall.reset()
+        self._evaluation_losses = {}
         trained = counters_in_use(self.trainer, self.trained_counters)
         if trained is not None:
             self._evaluation_dating.enter_context(logged_as(self.trainer, trained))

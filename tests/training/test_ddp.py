@@ -2,7 +2,7 @@
 
 ``fit`` and ``validate`` run with ``--trainer.devices 2 --trainer.strategy ddp``; the
 validation recall of the two-process run equals a single-process ``validate`` of the same
-checkpoint (8 validation images, batch 4: the DistributedSampler adds no duplicates).
+checkpoint (7 validation images, batch 4: shares of 4 and 3 images, none repeated to even them out).
 The fit also skips a NaN batch that only rank 0 sees (``model.nonfinite_loss: skip``): both
 ranks skip it together and training goes on.
 """
@@ -26,7 +26,7 @@ from helpers.model import collate_for, synthetic_samples, tiny_model
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
-TRAIN_IMAGES, VAL_IMAGES, BATCH = 16, 8, 4
+TRAIN_IMAGES, VAL_IMAGES, BATCH = 16, 7, 4
 STEPS = 3  # two steps per epoch and rank: the third starts epoch 1
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
@@ -135,9 +135,12 @@ def test_predict_on_more_processes_than_images_names_the_fix(ddp_run: Path, tmp_
 
 def test_ddp_validation_recall_equals_the_single_process_value(ddp_run: Path) -> None:
     ddp, single = _metrics(ddp_run, "ddp"), _metrics(ddp_run, "single")
-    for key in ("val/AR@10", "val/AR@100", "val/AR_small@100", "val/loss"):
+    for key in ("val/AR@10", "val/AR@100", "val/AR_small@100"):
         assert key in ddp and key in single, sorted(ddp)
         assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
+    # a batch's loss is normalised by the anchors sampled in it, so batches of other images give
+    # another mean; Lightning's own mean over the two shares of 4 and 3 images was 7/6 of it
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], rel=1e-3)
     assert single["val/AR@100"] > 0
 
 
