@@ -42,6 +42,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 
+from lightning_rpn.training.best_record import derive_best
+from lightning_rpn.training.moved_run import follow_moved_run
 from lightning_rpn.training.resume_state import mark_validation_interrupted
 from lightning_rpn.training.run_files import read_checkpoint
 
@@ -145,6 +147,12 @@ class LastCheckpoint(ModelCheckpoint):
                               in_validation and saved is not None)
         setattr(exception, _RECORD, record)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resume a moved run folder with its own files, for modules that do not already
+        (:func:`~lightning_rpn.training.moved_run.follow_moved_run`; ``RPNModule`` does)."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        follow_moved_run(trainer, checkpoint)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Mark the interruption's save of a running validation, which the resume runs again."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
@@ -177,7 +185,8 @@ def _match_best_records_to_files(trainer: pl.Trainer) -> None:
                 continue
             changed = True
         if changed:
-            _recount_best(callback)
+            for name, value in derive_best(scores, callback.mode, callback.save_top_k).items():
+                setattr(callback, name, value)
 
 
 _MISSING = object()
@@ -194,21 +203,6 @@ def _written_score(path: str, state_key: str) -> Any:
     except ValueError:  # an unreadable or foreign file: keep the record as it is
         return None
     return saved.get("callbacks", {}).get(state_key, {}).get("current_score")
-
-
-def _recount_best(callback: ModelCheckpoint) -> None:
-    """``best_model_path`` / ``best_model_score`` and the k-th best from ``best_k_models``, as
-    Lightning derives them."""
-    scores = callback.best_k_models
-    best, worst = (min, max) if callback.mode == "min" else (max, min)
-    callback.best_model_path = best(scores, key=scores.get) if scores else ""
-    callback.best_model_score = scores[callback.best_model_path] if scores else None
-    if len(scores) < callback.save_top_k or not scores:  # room for another: no k-th best to beat
-        callback.kth_best_model_path = ""
-        callback.kth_value = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
-    else:
-        callback.kth_best_model_path = worst(scores, key=scores.get)
-        callback.kth_value = scores[callback.kth_best_model_path]
 
 
 def _count_logged_steps_for_resume(trainer: pl.Trainer) -> None:

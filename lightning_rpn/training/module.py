@@ -84,6 +84,7 @@ from lightning_rpn.training.evaluated_weights import (
     TrainedCounters, counters_in_use, evaluated_counters, logged_as,
 )
 from lightning_rpn.training.monitored_metrics import check_monitored_metrics
+from lightning_rpn.training.moved_run import follow_moved_run
 from lightning_rpn.training.nonfinite import SKIPPED_KEY, NonFiniteLossPolicy
 from lightning_rpn.training.optim import LRSchedule, RunLambdaLR, configure_optimization, fit_total_steps
 from lightning_rpn.training.predict import predict_images, to_original_coordinates
@@ -650,10 +651,13 @@ class RPNModule(pl.LightningModule):
         loads; restore the skip count and the training resize; resume a
         checkpoint where it was saved (:func:`~.resume_state.resume_where_saved`: an interrupted
         validation runs again, a save at an epoch's end resumes at the next epoch's start, one after
-        ``max_steps`` stopped inside an epoch with that epoch's next batch)."""
+        ``max_steps`` stopped inside an epoch with that epoch's next batch), and a moved run folder
+        with its own files (:func:`~.moved_run.follow_moved_run`)."""
         resume_where_saved(checkpoint)
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         self.check_checkpoint(checkpoint, getattr(self._trainer, "ckpt_path", None), fitting)
+        if self._trainer is not None:
+            follow_moved_run(self._trainer, checkpoint)
         self.skipped_nonfinite_batches = int(checkpoint.get(SKIPPED_KEY, 0))
         resize = checkpoint.get(RESIZE_KEY)
         self.resize_policy = None if resize is None else ResizePolicy(**resize)
