@@ -58,7 +58,7 @@ __all__ = [
 
 FORMATS: dict[str, str] = {"coco_json": "proposals_coco.json", "detectron2_pkl": "proposals_detectron2.pkl"}
 """Output format name -> base file name; ``ProposalWriter`` adds ``-<checkpoint stem>`` (and
-``-v<n>`` for a repeat) before the suffix: :func:`~lightning_rpn.training.proposal_writer.proposal_paths`."""
+``.<n>`` for the n-th predict of that checkpoint) before the suffix: :func:`~lightning_rpn.training.proposal_writer.proposal_paths`."""
 
 _LOGIT_EPS = 1e-12
 

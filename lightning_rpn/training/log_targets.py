@@ -77,14 +77,17 @@ def evaluation_name(trainer: Trainer) -> str:
 def evaluation_files(trainer: Trainer, paths: Callable[[str], list[Path]]) -> tuple[str, list[Path]]:
     """The running evaluation's file stem and ``paths(stem)``, none of which exists yet.
 
-    The stem is :func:`evaluation_name`, with ``-v1``, ``-v2``, ... when a file of that name is
-    taken (another run in the same folder, the same checkpoint evaluated again): the files of one
+    The stem is :func:`evaluation_name`, with ``.2``, ``.3``, ... when a file of that name is
+    taken (another run in the same folder, the same checkpoint evaluated again; not ``-v1``, which
+    checkpoint names carry, :func:`~lightning_rpn.training.run_files.repeated`): the files of one
     evaluation share one stem, and an earlier one's stay.
     """
     name = evaluation_name(trainer)
-    version, _ = free_version(lambda v: paths(name if v == 0 else f"{name}-v{v}"))
-    stem = name if version == 0 else f"{name}-v{version}"
-    return stem, paths(stem)
+    def stem(repeat: int) -> str:
+        return name if repeat == 0 else f"{name}.{repeat + 1}"
+
+    repeat, _ = free_version(lambda v: paths(stem(v)))
+    return stem(repeat), paths(stem(repeat))
 
 
 def announce_folder(announced: set[Path], folder: Path, message: str) -> None:

@@ -28,7 +28,7 @@ from lightning_rpn.evaluation.proposal_files import (
     write_coco_proposals,
     write_detectron2_proposals,
 )
-from lightning_rpn.training.run_files import checkpoint_stem, free_version, metrics_summary_path, versioned
+from lightning_rpn.training.run_files import checkpoint_stem, free_version, metrics_summary_path, repeated
 
 __all__ = ["ProposalWriter", "dataset_category_id", "predicted_category_id", "proposal_paths"]
 
@@ -36,10 +36,11 @@ __all__ = ["ProposalWriter", "dataset_category_id", "predicted_category_id", "pr
 def proposal_paths(output_dir: Path, stem: str, version: int = 0) -> dict[str, Path]:
     """Each format's file in ``output_dir`` for checkpoint ``stem`` (``proposals_coco-last.json``, ...).
 
-    Named as the metrics summary of the same predict is (``metrics/predict-<stem>.json``);
-    ``version`` 1, 2, ... adds ``-v1``, ``-v2``, ... after the stem, as Lightning's checkpoints do.
+    Named as the metrics summary of the same predict is (``metrics/predict-<stem>.json``); a
+    repeat ``version`` 1, 2, ... adds ``.2``, ``.3``, ... after the stem
+    (:func:`~lightning_rpn.training.run_files.repeated`).
     """
-    return {name: versioned(output_dir / f"{Path(file).stem}-{stem}{Path(file).suffix}", version)
+    return {name: repeated(output_dir / f"{Path(file).stem}-{stem}{Path(file).suffix}", version)
             for name, file in FORMATS.items()}
 
 
@@ -112,11 +113,12 @@ class ProposalWriter(BasePredictionWriter):
     (``proposals_coco-<checkpoint stem>.json``, ``proposals_detectron2-<checkpoint stem>.pkl``,
     ``no_checkpoint`` without one), and never replace a file: when a name is taken (the same
     checkpoint predicted again, e.g. on other images) this predict's files get the first free
-    version suffix ``-v1``, ``-v2``, ... and rank 0 prints on stderr which files stay and which
-    are new. The version is one whose metrics summary name
+    repeat number ``.2``, ``.3``, ... (not Lightning's ``-v1``, which checkpoint names carry:
+    ``proposals_coco-best-v1.json`` is ``best-v1.ckpt``'s) and rank 0 prints on stderr which files
+    stay and which are new. The repeat is one whose metrics summary name
     (:func:`~lightning_rpn.training.run_files.metrics_summary_path`) is free as well, and the
-    summary of this predict takes it and lists these files and ``top_k``: ``predict-last-v2.json``
-    describes ``proposals_coco-last-v2.json``. Rank 0 alone decides the names and writes the
+    summary of this predict takes it and lists these files and ``top_k``: ``predict-last.3.json``
+    describes ``proposals_coco-last.3.json``. Rank 0 alone decides the names and writes the
     files; ``written`` (format -> path) and ``version`` are the same on every rank once predict
     ends.
 

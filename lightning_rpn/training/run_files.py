@@ -39,7 +39,7 @@ from lightning_rpn.training.resume_state import holds_interrupted_validation, re
 
 __all__ = [
     "EVALUATION_ROLES", "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders",
-    "evaluation_checkpoint", "first_line", "free_version", "metrics_summary_path", "newest_checkpoint",
+    "evaluation_checkpoint", "first_line", "free_version", "metrics_summary_path", "newest_checkpoint", "repeated",
     "read_checkpoint", "start_new_run_files", "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best",
     "write_metrics_summary",
 ]
@@ -499,12 +499,20 @@ def versioned(path: Path, version: int) -> Path:
     return path if version == 0 else path.with_name(f"{path.stem}-v{version}{path.suffix}")
 
 
-def metrics_summary_path(trainer: pl.Trainer, command: str, version: int = 0) -> Path:
-    """``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json`` with ``-v{version}``
-    (none for 0): where :func:`write_metrics_summary` writes, which ``ProposalWriter`` keeps free
-    for the summary of its own predict."""
+def repeated(path: Path, repeat: int) -> Path:
+    """``path`` of an output named after a checkpoint, for the ``repeat``-th run of the same command
+    on it after the first (0: ``path`` itself; 1: ``.2`` before the suffix, 2: ``.3``, ...). Not
+    Lightning's ``-v1``, which the checkpoints' own names carry: ``predict-best-v1.json`` is
+    ``best-v1.ckpt``'s, ``predict-best.2.json`` the second predict of ``best.ckpt``."""
+    return path if repeat == 0 else path.with_name(f"{path.stem}.{repeat + 1}{path.suffix}")
+
+
+def metrics_summary_path(trainer: pl.Trainer, command: str, repeat: int = 0) -> Path:
+    """``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json``, :func:`repeated`:
+    where :func:`write_metrics_summary` writes, which ``ProposalWriter`` keeps free for the summary
+    of its own predict."""
     base = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(trainer.ckpt_path)}.json"
-    return versioned(base, version)
+    return repeated(base, repeat)
 
 
 def _written_proposals(trainer: pl.Trainer) -> list[Any]:
@@ -554,8 +562,8 @@ def write_metrics_summary(
     ``top_k``) and each prediction writer's ``top_k`` and the files it wrote in this predict.
     Written on global rank 0; nothing (``None``) when there is no recall, as for a predict
     split without gt boxes. A file an earlier command left under that name stays: this one gets
-    ``-v1``, ``-v2``, ... and a notice; after a ``ProposalWriter`` it takes the writer's version
-    (no lower), so that ``predict-last-v2.json`` describes ``proposals_coco-last-v2.json``.
+    ``.2``, ``.3``, ... (:func:`repeated`) and a notice; after a ``ProposalWriter`` it takes the
+    writer's repeat (no lower), so that ``predict-last.3.json`` describes ``proposals_coco-last.3.json``.
     """
     recall = getattr(model, "last_recall", None)
     if not trainer.is_global_zero or not recall:
@@ -591,7 +599,7 @@ def write_metrics_summary(
             for key, value in trainer.callback_metrics.items()
             if key.startswith(prefix) and key[len(prefix):].startswith("loss")
         }
-    first = max((getattr(writer, "version", 0) for writer in writers), default=0)  # the writer's files' version
+    first = max((getattr(writer, "version", 0) for writer in writers), default=0)  # the writer's files' repeat
     version, kept = free_version(lambda v: [metrics_summary_path(trainer, command, v)], first)
     path = metrics_summary_path(trainer, command, version)
     if kept:

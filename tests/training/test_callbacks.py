@@ -419,11 +419,11 @@ def test_validations_of_two_checkpoints_keep_each_others_files(tmp_path, capsys)
     assert err.count(f"ProposalImages: {NUM_IMAGES} images with gt and proposals written to "
                      f"{root / 'proposal_images'} (val-a_*.png)") == 1
     _validate(root, b)
-    _validate(root, a)  # the same checkpoint again: a version suffix, the first files stay
-    assert "(val-a-v1.png" in capsys.readouterr().err
-    assert sorted(p.name for p in (root / "recall_curves").glob("*.png")) == ["val-a-v1.png", "val-a.png", "val-b.png"]
+    _validate(root, a)  # the same checkpoint again: a repeat number (.2, not -v1: a checkpoint a-v1's), the first files stay
+    assert "(val-a.2.png" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "recall_curves").glob("*.png")) == ["val-a.2.png", "val-a.png", "val-b.png"]
     images = sorted(p.name for p in (root / "proposal_images").glob("*.png"))
-    assert len(images) == 3 * NUM_IMAGES and images[:2] == ["val-a-v1_0_img_0-0.png", "val-a-v1_1_img_0-1.png"]
+    assert len(images) == 3 * NUM_IMAGES and images[:2] == ["val-a.2_0_img_0-0.png", "val-a.2_1_img_0-1.png"]
     assert "val-b_2_img_1-0.png" in images
     assert {p.name: p.read_bytes() for p in root.rglob("*.png") if p.name in first} == first
     # the CSV rows say which checkpoint they describe
@@ -442,8 +442,8 @@ def test_fit_files_keep_their_names_and_a_second_fit_keeps_the_first_ones(tmp_pa
     # a new run in the same folder (logger false: no version folder of its own)
     callbacks = [RecallCurves(), ProposalImages(num_images=NUM_IMAGES, top_k=4)]
     make_trainer(tmp_path, False, callbacks, max_epochs=1).fit(FakeRPNModule(), loader(), loader())
-    assert (curves / "val_epoch000_step2-v1.png").is_file()
-    assert (tmp_path / "proposal_images" / "val_epoch000_step2-v1_0_img_0-0.png").is_file()
+    assert (curves / "val_epoch000_step2.2.png").is_file()
+    assert (tmp_path / "proposal_images" / "val_epoch000_step2.2_0_img_0-0.png").is_file()
     assert {p: p.read_bytes() for p in first} == first
     with (curves / "val_recall_vs_iou.csv").open() as f:
         first_rows = list(csv.DictReader(f))

@@ -123,25 +123,25 @@ def test_a_second_predict_never_replaces_the_first_ones_files(tmp_path: Path, ca
     other = _predict(writer, _trainer("ckpts/last-v1.ckpt", tmp_path), [_image(2, 0.8)])
     assert other["coco_json"].name == "proposals_coco-last-v1.json"
     assert capsys.readouterr().err == ""
-    # the same checkpoint again (other images): a version suffix, one notice naming the files kept;
-    # -v1 is taken by checkpoint last-v1's files, so the version passes over it
+    # the same checkpoint again (other images): a repeat number, not Lightning's -v1 (which would
+    # read as checkpoint last-v1's), and one notice naming only that checkpoint's files
     again = _predict(writer, _trainer("ckpts/last.ckpt", tmp_path), [_image(3, 0.7)])
-    assert again == proposal_paths(out, "last", 2)
-    assert again["detectron2_pkl"].name == "proposals_detectron2-last-v2.pkl"
+    assert again == proposal_paths(out, "last", 1)
+    assert again["detectron2_pkl"].name == "proposals_detectron2-last.2.pkl"
     (notice,) = capsys.readouterr().err.splitlines()
-    assert str(out) in notice and "they stay" in notice
-    for name in ("proposals_coco-last.json", "proposals_detectron2-last.pkl", "proposals_coco-last-v1.json",
-                 "proposals_detectron2-last-v1.pkl", "proposals_coco-last-v2.json", "proposals_detectron2-last-v2.pkl"):
+    assert str(out) in notice and "they stay" in notice and "last-v1" not in notice
+    for name in ("proposals_coco-last.json", "proposals_detectron2-last.pkl", "proposals_coco-last.2.json",
+                 "proposals_detectron2-last.2.pkl"):
         assert name in notice
     assert {name: path.read_bytes() for name, path in first.items()} == first_bytes
     assert [r["image_id"] for r in read_coco_proposals(again["coco_json"])] == [3]
     assert [r["image_id"] for r in read_coco_proposals(other["coco_json"])] == [2]
     # the files of one predict share one version, even when it writes one format
-    (out / "proposals_detectron2-last-v3.pkl").write_bytes(b"a user's file")
+    (out / "proposals_detectron2-last.3.pkl").write_bytes(b"a user's file")
     third = _predict(ProposalWriter(str(out), formats=("coco_json",)), _trainer("ckpts/last.ckpt", tmp_path), [_image(4, 0.6)])
-    assert third == {"coco_json": out / "proposals_coco-last-v4.json"}
-    assert (out / "proposals_detectron2-last-v3.pkl").read_bytes() == b"a user's file"
-    assert "proposals_detectron2-last-v3.pkl" in capsys.readouterr().err
+    assert third == {"coco_json": out / "proposals_coco-last.4.json"}
+    assert (out / "proposals_detectron2-last.3.pkl").read_bytes() == b"a user's file"
+    assert "proposals_detectron2-last.3.pkl" in capsys.readouterr().err
     assert {name: path.read_bytes() for name, path in first.items()} == first_bytes
 
 WORLD_SIZE = 2
@@ -155,7 +155,7 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
         writer = ProposalWriter(out)
         trainer = _trainer("ckpts/best.ckpt", Path(out).parent, rank, WORLD_SIZE, _Gloo())
         runs = [{name: str(path) for name, path in _predict(writer, trainer, [_image(2 * i + rank, 0.5)]).items()}
-                for i in range(2)]  # the same checkpoint twice: the second gets -v1
+                for i in range(2)]  # the same checkpoint twice: the second gets .2
         Path(out, f"rank{rank}.json").write_text(json.dumps({"runs": runs, "stderr": sys.stderr.getvalue()}))
     finally:
         sys.stderr = stderr
@@ -172,7 +172,7 @@ def test_ddp_ranks_agree_on_one_set_of_files_rank_zero_names(tmp_path: Path) -> 
     ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     expected = [{name: str(path) for name, path in proposal_paths(out, "best", version).items()} for version in (0, 1)]
     assert ranks[0]["runs"] == ranks[1]["runs"] == expected
-    assert "proposals_coco-best-v1.json" in ranks[0]["stderr"] and ranks[1]["stderr"] == ""
+    assert "proposals_coco-best.2.json" in ranks[0]["stderr"] and ranks[1]["stderr"] == ""
     assert sorted(p.name for p in out.glob("proposals_*")) == sorted(
         Path(path).name for run in expected for path in run.values())
     assert not (out / ".parts").exists()
@@ -185,7 +185,7 @@ def test_a_second_metrics_summary_of_a_checkpoint_keeps_the_first(tmp_path: Path
                               callback_metrics={})
     first = write_metrics_summary(trainer, SimpleNamespace(last_recall={"AR@100": 0.5}), SimpleNamespace(), "validate")
     again = write_metrics_summary(trainer, SimpleNamespace(last_recall={"AR@100": 0.6}), SimpleNamespace(), "validate")
-    assert (first.name, again.name) == ("validate-last.json", "validate-last-v1.json")
+    assert (first.name, again.name) == ("validate-last.json", "validate-last.2.json")
     assert json.loads(first.read_text())["metrics"] == {"AR@100": 0.5}  # another evaluation's record, kept
     assert "validate-last.json in" in capsys.readouterr().err
 
@@ -286,8 +286,8 @@ def test_the_predict_summary_names_its_files_and_top_k_and_shares_their_version(
     written = _predict(writer, trainer, [_image(2, 0.8)])
     recall = {"AR@1": 0.25, "AR@10": 0.5, "AR@100": 0.75}
     summary = write_metrics_summary(trainer, SimpleNamespace(last_recall=recall), SimpleNamespace(), "predict")
-    assert written["coco_json"].name == "proposals_coco-last-v1.json"
-    assert summary == tmp_path / "metrics/predict-last-v1.json"  # the files' version, not the free -v0
+    assert written["coco_json"].name == "proposals_coco-last.2.json"
+    assert summary == tmp_path / "metrics/predict-last.2.json"  # the files' repeat, not the free first name
     proposals = json.loads(summary.read_text())["proposals"]
     assert "every proposal predict_step returned" in proposals["recall_of"]
     (files,) = proposals["files"]
@@ -300,7 +300,7 @@ def test_the_predict_summary_names_its_files_and_top_k_and_shares_their_version(
     trainer = _trainer("ckpts/best.ckpt", tmp_path, callbacks=[writer])
     written = _predict(writer, trainer, [_image(3, 0.7)])
     summary = write_metrics_summary(trainer, SimpleNamespace(last_recall=recall), SimpleNamespace(), "predict")
-    assert (written["coco_json"].name, summary.name) == ("proposals_coco-best-v1.json", "predict-best-v1.json")
+    assert (written["coco_json"].name, summary.name) == ("proposals_coco-best.2.json", "predict-best.2.json")
     assert "note" not in json.loads(summary.read_text())["proposals"]["files"][0]  # top_k None: every proposal
 
 
