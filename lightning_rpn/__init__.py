@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "sliding_window_proposals": "lightning_rpn.core.windows",
     "export_proposal_network": "lightning_rpn.tools.export",
     "load_proposal_network": "lightning_rpn.tools.export",
+    "program_inputs": "lightning_rpn.tools.program_inputs",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from lightning_rpn.core.windows import SlidingWindowConfig, sliding_window_proposals
     from lightning_rpn.evaluation.metrics import ProposalRecall
     from lightning_rpn.tools.export import export_proposal_network, load_proposal_network
+    from lightning_rpn.tools.program_inputs import program_inputs
     from lightning_rpn.tools.torchvision_adapter import TorchvisionRPN
     from lightning_rpn.training.datamodule import RPNDataModule
     from lightning_rpn.training.module import RPNModule

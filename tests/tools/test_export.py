@@ -284,3 +284,32 @@ def test_windowed_export_checks_the_window_size(windowed) -> None:
     module, _ = windowed
     with pytest.raises(ValueError, match=r"sliding_window.size=128 pads to 128 .* above max_image_size=100"):
         export_proposal_network(module, (64, 64), max_image_size=100)
+
+
+def test_program_inputs_give_predict_images_proposals(tmp_path) -> None:
+    """A model trained on resized images: the program fed the original image (as the README
+    once read) gives other proposals; fed program_inputs' resized, padded image, and its boxes
+    mapped back, those of predict_images."""
+    from lightning_rpn.data.transforms import ResizePolicy
+    from lightning_rpn.tools.program_inputs import program_inputs
+
+    torch.manual_seed(0)
+    module = RPNModule(backbone="tiny_fpn", anchor_sizes=((16,), (32,), (64,), (128,)), pre_nms_top_n_test=300,
+                       post_nms_top_n_test=100).eval()
+    module.resize_policy = ResizePolicy("shortest_edge", min_sizes=(96,), max_size=160)
+    export_proposal_network(module, (128, 96), tmp_path / "rpn.pt2")
+    program = load_proposal_network(tmp_path / "rpn.pt2")
+    image = torch.randint(0, 256, (150, 210, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)).numpy()
+    eager = module.predict_images(image)
+    inputs = program_inputs(image, module.resize_policy, module.size_divisibility)
+    assert inputs.images.shape == (1, 3, 96, 160) and inputs.image_size.tolist() == [96, 134]
+    assert inputs.original_size == (150, 210)
+    boxes, scores = program(inputs.images, inputs.image_size)
+    torch.testing.assert_close(inputs.to_original(boxes), eager["boxes"], rtol=0, atol=BOX_ATOL)
+    torch.testing.assert_close(scores, eager["scores"], rtol=0, atol=SCORE_ATOL)
+    padded = torch.zeros(1, 3, 160, 224, dtype=torch.uint8)
+    padded[0, :, :150, :210] = torch.from_numpy(image).permute(2, 0, 1)
+    unresized, _ = program(padded, torch.tensor([150, 210]))
+    assert unresized.shape != eager["boxes"].shape or not torch.allclose(unresized, eager["boxes"], atol=1.0)
+    with pytest.raises(ValueError, match="size_divisibility must be a positive int"):
+        program_inputs(image, None, 0)
