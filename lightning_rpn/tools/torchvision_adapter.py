@@ -163,6 +163,24 @@ class TorchvisionRPN(nn.Module):
             )
         self.rpn = rpn
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Take torchvision's ``RegionProposalNetwork`` keys for a wrapped plain head too
+        (``head.conv.0.0.*``, ``head.cls_logits.*``, ``head.bbox_pred.*``), mapped as
+        :meth:`from_torchvision` copies those layers: a detector whose rpn was replaced still loads
+        the torchvision detector's checkpoints. Keys of ours present win; a head of other shapes
+        (softmax objectness, quality branches) is refused by ``load_state_dict`` naming the layer."""
+        head = getattr(self.rpn, "head", None)
+        if isinstance(head, RPNHead):
+            convs = [name for name, layer in head.conv.named_children() if isinstance(layer, nn.Conv2d)]
+            renames = {f"head.conv.{index}.0": f"rpn.head.conv.{name}" for index, name in enumerate(convs)}
+            renames.update({"head.cls_logits": "rpn.head.cls_logits", "head.bbox_pred": "rpn.head.bbox_deltas"})
+            for theirs, ours in renames.items():
+                for field in ("weight", "bias"):
+                    source, target = f"{prefix}{theirs}.{field}", f"{prefix}{ours}.{field}"
+                    if source in state_dict and target not in state_dict:
+                        state_dict[target] = state_dict.pop(source)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @property
     def _pre_nms_top_n(self) -> TopN:
         """torchvision's name of the wrapped network's ``pre_nms_top_n`` (``["testing"]`` reads and

@@ -338,3 +338,24 @@ def test_torchvision_style_top_n_edits_are_checked(detector_and_features) -> Non
     adapter._pre_nms_top_n = 300  # an int: both modes
     assert adapter.rpn.pre_nms_top_n == {"train": 300, "test": 300}
     assert adapter.rpn.post_nms_top_n == {"train": 2000, "test": 1000}
+
+
+def test_a_detector_with_the_adapter_loads_the_torchvision_detectors_checkpoint() -> None:
+    """After ``detector.rpn = TorchvisionRPN.from_detector(detector)``, a state dict saved from the
+    torchvision detector failed: its keys are ``rpn.head.conv.0.0.weight``, ours ``rpn.rpn.head.*``."""
+    torch.manual_seed(1)
+    trained = _detector().state_dict()
+    torch.manual_seed(2)
+    detector = _detector().eval()
+    detector.rpn = TorchvisionRPN.from_detector(detector).eval()
+    detector.load_state_dict(trained)
+    reference = _detector().eval()
+    reference.load_state_dict(trained)
+    with torch.no_grad():
+        ours, theirs = detector(_images()), reference(_images())
+    for mine, expected in zip(ours, theirs):
+        torch.testing.assert_close(mine["boxes"], expected["boxes"])
+    again = _detector().eval()
+    again.rpn = TorchvisionRPN.from_detector(again)
+    again.load_state_dict(detector.state_dict())  # its own keys load as before
+    torch.testing.assert_close(again.rpn.rpn.head.bbox_deltas.weight, trained["rpn.head.bbox_pred.weight"])
