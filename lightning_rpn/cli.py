@@ -1064,10 +1064,10 @@ def _report_interruption(error: BaseException) -> int | None:
         return None
     if isinstance(stop, Interruption):
         signum = stop.signal
-        rerun = " (it runs the interrupted validation again first)" if stop.in_validation else ""
+        where, rerun = ((" in a validation", " (it runs the interrupted validation again first)")
+                        if stop.in_validation else ("", ""))
         saved = (f"{stop.path} holds step {stop.saved_step}: continue with `--ckpt_path last`{rerun}" if stop.path
                  else "no last.ckpt was saved in this run")
-        where = " in a validation" if stop.in_validation else ""
         line = f"fit interrupted ({names[signum]}) at step {stop.step}{where}; {saved}"
     else:
         signum = signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT

@@ -5,10 +5,11 @@ processes), and :class:`~lightning_rpn.training.datamodule.RPNDataModule` adds t
 batches reach the main process, then reports them at the end of each run: removed boxes are
 never silent. An image standing in for an unusable one (``RPNBatch.stand_ins``) counts where it
 is used: in training, which loads it again to keep the batch full; not in evaluation, which
-leaves it out (the split's images counted once, as its recall counts them). A load problem is met again each time its image is loaded (every epoch: the boxes
-of an image whose size the annotation omits or gets wrong, an unreadable image), so each distinct
-problem is kept once, with the number of loads that met it: memory grows with the distinct
-problems, not with the epochs, and the report counts each box or image once.
+leaves it out (the split's images counted once, as its recall counts them). A load problem is
+met again each time its image is loaded (every epoch: the boxes of an image whose size the
+annotation omits or gets wrong, an unreadable image), so each distinct problem is kept once,
+with the number of loads that met it: memory grows with the distinct problems, not with the
+epochs, and the report counts each box or image once.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def _stand_in_note(stage: str, stand_ins: int) -> str:
     if not stand_ins:
         return ""
     if stage in _EVALUATION_STAGES:
-        return f" ({stand_ins} loaded in place of unusable ones left out, as the recall leaves them)"
-    return f" ({stand_ins} of them loaded again in place of unusable ones)"
+        return f" ({stand_ins} stand-ins for unusable images not counted, as in the recall)"
+    return f" ({stand_ins} of them stand-ins for unusable images, trained on)"
 
 
 def _problem_count(problems: Counter[Problem]) -> str:

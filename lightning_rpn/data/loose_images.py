@@ -30,14 +30,14 @@ def is_single_image(images: object) -> bool:
     return isinstance(images, (str, os.PathLike, Image.Image))
 
 
-def as_hwc_uint8(image: ImageInput, index: int) -> np.ndarray:
-    """Image ``index`` of ``predict_images`` as ``H x W x 3`` uint8 RGB.
+def as_hwc_uint8(image: ImageInput, index: int, caller: str = "predict_images") -> np.ndarray:
+    """Image ``index`` of ``caller``'s images as ``H x W x 3`` uint8 RGB (errors name both).
 
     Paths are decoded like dataset files; PIL images of any mode are converted like them;
     arrays are ``H x W [x C]`` and tensors ``[C, H, W]`` or ``H x W``, ``C`` 1, 3 or 4 (RGBA:
     alpha dropped), uint8 in 0..255 or float in 0..1.
     """
-    where, shape = f"predict_images: image {index}", tuple(getattr(image, "shape", ()))
+    where, shape = f"{caller}: image {index}", tuple(getattr(image, "shape", ()))
     if isinstance(image, (str, os.PathLike)):
         if os.path.isdir(image):
             raise ValueError(f"{where} is the folder {os.fspath(image)!r}; pass its image files "

@@ -50,7 +50,7 @@ def program_inputs(image: ImageInput, resize: ResizePolicy | None, size_divisibi
     if isinstance(size_divisibility, bool) or not isinstance(size_divisibility, int) or size_divisibility <= 0:
         raise ValueError(f"program_inputs: size_divisibility must be a positive int, got {size_divisibility!r}")
     transform = DetectionTransform(resize=resize or ResizePolicy(), train=False)
-    sample = transform(DetectionSample(image=as_hwc_uint8(image, 0), boxes=empty_boxes(), image_id=0,
-                                       source="program_inputs"))
+    sample = transform(DetectionSample(image=as_hwc_uint8(image, 0, caller="program_inputs"), boxes=empty_boxes(),
+                                       image_id=0, source="program_inputs"))
     batch = RPNCollate(size_divisibility=size_divisibility, assign_targets=False)([sample])
     return ProgramInputs(batch.images, torch.tensor(batch.image_sizes[0], dtype=torch.int64), batch.original_sizes[0])

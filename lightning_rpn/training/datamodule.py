@@ -433,22 +433,27 @@ class RPNDataModule(LightningDataModule):
     def _evaluation_loader(self, role: str) -> DataLoader:
         # a model on sliding windows computes its evaluation losses per window: whole-image targets would be wasted
         collate = self._collate_without_targets() if self._window_eval else None
-        sampler = self._unrepeated_sampler(self._dataset(role))
+        sampler = self._unrepeated_sampler(self._dataset(role), role)
         return self._loader(role, self.val_batch_size, shuffle=False, collate=collate, sampler=sampler)
 
-    def _unrepeated_sampler(self, dataset: Dataset) -> Sampler | None:
+    def _unrepeated_sampler(self, dataset: Dataset, role: str) -> Sampler | None:
         """This process's share of an evaluation split under several processes, no image repeated.
 
         Lightning's ``DistributedSampler`` pads the shares to one length by repeating images, which
         the recall then counted twice (7 images on 2 processes: AR@100 0.200 against 0.189 on one).
         The recall's states are summed over the processes and the losses weighted by batch size, so
         unequal shares give the single process's figures. ``None`` (Lightning's sampler) on one
-        process, with ``use_distributed_sampler`` false, and with fewer images than processes (a
-        process without an image cannot take part in the evaluation's collective calls)."""
+        process, with ``use_distributed_sampler`` false, with fewer images than processes (a
+        process without an image cannot take part in the evaluation's collective calls), and with a
+        fractional ``limit_val_batches`` / ``limit_test_batches`` (Lightning refuses, on one
+        process only, a share that the fraction rounds to no batch)."""
         trainer = self.trainer
         shares = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
         connector = getattr(trainer, "_accelerator_connector", None)
         if not shares or not getattr(connector, "use_distributed_sampler", True):
+            return None
+        limit = getattr(trainer, f"limit_{role}_batches", 1.0)
+        if isinstance(limit, float) and limit < 1.0:
             return None
         if shares["num_replicas"] < 2 or len(dataset) < shares["num_replicas"]:
             return None

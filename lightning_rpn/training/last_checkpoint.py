@@ -21,9 +21,9 @@ reached: otherwise everything after the last validation is lost (an epoch of COC
 ``scenes.yaml``). Lightning's loop state then resumes the interrupted epoch at its next batch (a
 Ctrl-C inside a batch redoes that batch); a save made while a validation ran is marked, and the
 resume runs that validation again from its start
-(:func:`~lightning_rpn.training.resume_state.rerun_interrupted_validation`). Other exceptions save nothing: they may leave broken
-weights. With several processes nothing is saved on an interruption: the ranks stop at different
-points and a save needs them all. What was saved is attached to the exception
+(:func:`~lightning_rpn.training.resume_state.rerun_interrupted_validation`). Other exceptions
+save nothing: they may leave broken weights. With several processes nothing is saved on an
+interruption: the ranks stop at different points and a save needs them all. What was saved is attached to the exception
 (:func:`interruption_of`), for the command line's one-line report.
 """
 
@@ -132,19 +132,20 @@ class LastCheckpoint(ModelCheckpoint):
             _quiet_worker_deaths()
         else:
             return
-        in_validation = False
-        if trainer.world_size == 1 and not self._should_skip_saving_checkpoint(trainer):
+        in_validation, marked = trainer.validating and not self.save_weights_only, False
+        # a save at this step made before the validation began (every_n_train_steps) holds no mark
+        saved_before = in_validation and self._last_global_step_saved == trainer.global_step
+        if trainer.world_size == 1 and (saved_before or not self._should_skip_saving_checkpoint(trainer)):
             _match_best_records_to_files(trainer)
             _count_logged_steps_for_resume(trainer)
-            in_validation = trainer.validating and not self.save_weights_only
             self._saving_in_validation = in_validation
             try:
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             finally:
                 self._saving_in_validation = False
+            marked = in_validation
         saved = self._last_checkpoint_saved or None
-        record = Interruption(stop, trainer.global_step, saved, self._last_global_step_saved if saved else None,
-                              in_validation and saved is not None)
+        record = Interruption(stop, trainer.global_step, saved, self._last_global_step_saved if saved else None, marked)
         setattr(exception, _RECORD, record)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -616,7 +616,8 @@ class RPNModule(pl.LightningModule):
         counts as integers: on shares of unequal size (7 images on 2 processes) it was off, by 7/6
         there."""
         for name, (total, images) in self._evaluation_losses.items():
-            summed = self.trainer.strategy.reduce(torch.stack([total, total.new_tensor(float(images))]), reduce_op="sum")
+            local = torch.stack([total, total.new_tensor(float(images))])
+            summed = self.trainer.strategy.reduce(local, reduce_op="sum")
             # every process now holds the same mean: sync_dist=True says so, and Lightning stops warning
             self.log(name, summed[0] / summed[1], prog_bar=True, sync_dist=True)
         self._evaluation_losses = {}

@@ -163,7 +163,7 @@ class ProposalImages(Callback):
     proposals red) in ``proposal_images/`` under the log directory, named
     ``{evaluation}_{n}_{image id}.png``: ``{evaluation}`` is ``{stage}_epoch{E:03d}_step{S}`` in
     ``fit``, ``{stage}-{checkpoint stem}`` for a checkpoint a ``validate`` / ``test`` loaded
-    (:func:`~lightning_rpn.training.log_targets.evaluation_name`), with ``-v1``, ``-v2``, ... when an
+    (:func:`~lightning_rpn.training.log_targets.evaluation_name`), with ``.2``, ``.3``, ... when an
     earlier file has the name (no file is replaced). The folder is printed on stderr the first
     time it is written.
 

@@ -74,7 +74,7 @@ class RecallCurves(Callback):
     in them) and a PNG of the figure per evaluation under the log
     directory: ``{stage}_epoch{E:03d}_step{S}.png`` in ``fit``, ``{stage}-{checkpoint stem}.png``
     for a loaded checkpoint (:func:`~lightning_rpn.training.log_targets.evaluation_name`). No
-    file is replaced: a taken PNG name gets ``-v1``, ``-v2``, ..., and a CSV of another layout
+    file is replaced: a taken PNG name gets ``.2``, ``.3``, ..., and a CSV of another layout
     (an older version's) is left as it is, the rows going to ``..._recall_vs_iou-v1.csv``. The
     folder is printed on stderr the first time it is written.
 

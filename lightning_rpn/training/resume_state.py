@@ -35,7 +35,11 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
-    "finish_saved_epoch", "holds_interrupted_validation", "mark_validation_interrupted", "reopen_stopped_epoch", "rerun_interrupted_validation",
+    "finish_saved_epoch",
+    "holds_interrupted_validation",
+    "mark_validation_interrupted",
+    "reopen_stopped_epoch",
+    "rerun_interrupted_validation",
     "resume_where_saved",
 ]
 

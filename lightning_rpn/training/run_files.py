@@ -243,15 +243,17 @@ def warn_if_budget_reached(trainer: pl.Trainer, checkpoint: Mapping[str, Any], p
         f"lightning-rpn fit: {path} has already trained {epochs} epoch(s), {steps} step(s): "
         f"{' and '.join(f'{name}={limits[name]}' for name in reached)} reached, so this fit trains nothing "
         f"(it validates those weights and ends); to train on, raise {flags} (Lightning stops at the first "
-        f"limit reached{''.join(others)}){_unfinished_validation(checkpoint, path)}",
+        f"limit reached{''.join(others)}){_unfinished_validation(checkpoint, path, reached)}",
         file=sys.stderr,
     )
 
 
-def _unfinished_validation(checkpoint: Mapping[str, Any], path: str) -> str:
-    """The budget line's clause for a checkpoint saved in an interrupted validation, which a resume
-    runs again only when it trains on (Lightning checks its limits first)."""
-    if not holds_interrupted_validation(checkpoint):
+def _unfinished_validation(checkpoint: Mapping[str, Any], path: str, reached: list[str]) -> str:
+    """The budget line's clause for a checkpoint saved in an interrupted validation when its
+    ``max_steps`` is ``reached``: Lightning checks that limit before it runs anything, so the
+    validation runs again only in a fit that trains on (at ``max_epochs`` it finishes the epoch,
+    validation included)."""
+    if "max_steps" not in reached or not holds_interrupted_validation(checkpoint):
         return ""
     return (f"; its validation at step {int(checkpoint.get('global_step', 0))} was interrupted and runs again "
             f"only in a fit that trains on: `lightning-rpn validate --ckpt_path {path}` evaluates those weights")

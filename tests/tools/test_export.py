@@ -313,3 +313,5 @@ def test_program_inputs_give_predict_images_proposals(tmp_path) -> None:
     assert unresized.shape != eager["boxes"].shape or not torch.allclose(unresized, eager["boxes"], atol=1.0)
     with pytest.raises(ValueError, match="size_divisibility must be a positive int"):
         program_inputs(image, None, 0)
+    with pytest.raises(ValueError, match=r"^program_inputs: image 0 "):
+        program_inputs(image[:, :, :2], None, 32)

@@ -179,6 +179,13 @@ def test_the_data_report_prints_once_per_fit_covering_every_epoch(
     assert dm.last_report["train/removed_boxes"] > 0
 
 
+def _two_image_batch(problems: list) -> object:
+    """What the data report reads of an ``RPNBatch`` of two images without boxes."""
+    fields = {"gt_boxes": [torch.zeros(0, 4)] * 2, "removed_boxes": 0, "problems": problems, "stand_ins": [],
+              "evaluated": [0, 1], "__len__": lambda self: 2}
+    return type("Batch", (), fields)()
+
+
 def test_under_ddp_the_report_says_whose_share_and_every_rank_warns() -> None:
     from lightning_rpn.data.problems import Problem
     from lightning_rpn.training.data_report import RunDataReport
@@ -186,7 +193,7 @@ def test_under_ddp_the_report_says_whose_share_and_every_rank_warns() -> None:
     report = RunDataReport()
     report.process = (1, 2)  # rank 1 of 2: only its own images pass through its data module
     problems = [Problem("unreadable_image", "skipped", "gone")]
-    batch = type("Batch", (), {"gt_boxes": [], "removed_boxes": 0, "problems": problems, "__len__": lambda self: 2})()
+    batch = _two_image_batch(problems)
     with pytest.warns(UserWarning, match=r"^\[rank 1\] RPNDataModule: train: load problems"):
         report.add_batch("train", 0, batch)  # rank_zero_warn would have dropped it on rank 1
     assert "(epoch 0, process 1 of 2: the images it loaded)" in report.report()
@@ -197,7 +204,7 @@ def test_outside_fit_the_report_names_no_epoch() -> None:
     from lightning_rpn.training.data_report import RunDataReport
 
     report = RunDataReport()
-    batch = type("Batch", (), {"gt_boxes": [], "removed_boxes": 0, "problems": [], "__len__": lambda self: 2})()
+    batch = _two_image_batch([])
     report.add_batch("predict", 0, batch)
     assert report.report().startswith("RPNDataModule data report:\n")
     report.process = (0, 2)
@@ -220,3 +227,27 @@ def test_each_ddp_process_draws_its_own_augmentations() -> None:
     alone, rank_0, rank_1 = first_batches(None), first_batches(0), first_batches(1)
     assert all(torch.equal(a, b) for a, b in zip(alone, rank_0))
     assert not any(torch.equal(a, b) for a, b in zip(rank_0, rank_1))
+
+
+@pytest.mark.parametrize("processes, images, limit, unrepeated", [
+    (2, 7, 1.0, True),  # Lightning's sampler repeated one image to even the shares out
+    (1, 7, 1.0, False),
+    (8, 7, 1.0, False),  # a process without an image: Lightning's padding
+    (2, 7, 0.5, False),  # shares of 4 and 3 batches of 1: a fraction could round one to none
+    (2, 7, 3, True),  # a number of batches: every share runs some
+])
+def test_evaluation_under_ddp_draws_each_image_once(processes: int, images: int, limit: float, unrepeated: bool) -> None:
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    dm = small(anchor_generator=ANCHORS)
+    dataset = list(range(images))
+    trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": processes, "rank": 1},
+                              _accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
+                              limit_val_batches=limit)
+    dm.trainer = trainer  # type: ignore[assignment]
+    sampler = dm._unrepeated_sampler(dataset, "val")
+    assert isinstance(sampler, UnrepeatedDistributedSampler) == unrepeated
+    if unrepeated:
+        assert list(sampler) == list(range(1, images, processes))
+    trainer._accelerator_connector.use_distributed_sampler = False
+    assert dm._unrepeated_sampler(dataset, "val") is None

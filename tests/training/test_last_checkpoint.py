@@ -298,6 +298,21 @@ def test_an_interrupted_validation_runs_again_when_resumed(tmp_path: Path, caden
     assert _steps(tmp_path / "run") == _steps(tmp_path / "reference")  # best.ckpt at the same step
 
 
+def test_an_interrupted_validation_after_a_periodic_save_at_its_step_runs_again(tmp_path: Path) -> None:
+    """every_n_train_steps saved last.ckpt as step 4's batch ended, before its validation: the
+    interruption saved nothing more, the file had no mark, and the resume skipped that validation."""
+    last = LastCheckpoint(dirpath=tmp_path, every_n_train_steps=2)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=20, max_epochs=-1, limit_train_batches=4,
+                      limit_val_batches=2, callbacks=[last, StopInHook("on_validation_batch_end", 4)], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(SystemExit) as raised:
+        trainer.fit(ResumingModel())
+    assert interruption_of(raised.value).in_validation
+    after = Validations()
+    _validating_fit(tmp_path, [after], 8, {}, ckpt_path=tmp_path / "last.ckpt")
+    assert [seen[0] for seen in after.seen] == [4, 8]
+
+
 def test_an_interrupted_last_validation_runs_again_when_the_fit_trains_on(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -317,6 +332,26 @@ def test_an_interrupted_last_validation_runs_again_when_the_fit_trains_on(
     _validating_fit(tmp_path, [after], 12, cadence, ckpt_path=tmp_path / "last.ckpt")
     assert (after.seen[0], after.batches) == ((8, 1, 7), 4)
     assert _steps(tmp_path) == {"best.ckpt": 8, "last.ckpt": 12}  # validated every 2nd epoch: step 8 only
+
+
+def test_an_interrupted_last_validation_of_an_epoch_budget_runs_again_with_that_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """At max_epochs (the shipped configs' budget) Lightning finishes the epoch on resume, its
+    validation included: the budget line says the fit validates, and names no `validate`."""
+    arguments = dict(default_root_dir=tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=2,
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(SystemExit):
+        Trainer(callbacks=[LastCheckpoint(dirpath=tmp_path), StopInHook("on_validation_batch_end", 8)],
+                **arguments).fit(ResumingModel())
+    warn_if_budget_reached(Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=2),
+                           read_checkpoint(tmp_path / "last.ckpt", "fit"), "last.ckpt")
+    line = capsys.readouterr().err
+    assert "max_epochs=2 reached, so this fit trains nothing (it validates those weights and ends)" in line
+    assert "validate --ckpt_path" not in line
+    after = Validations()
+    Trainer(callbacks=[after], **arguments).fit(ResumingModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert (after.seen, after.batches) == ([(8, 1, 7)], 0)
 
 
 def test_a_save_outside_validation_is_not_marked(tmp_path: Path) -> None:

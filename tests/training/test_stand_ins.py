@@ -77,7 +77,7 @@ def test_the_data_report_counts_the_images_each_stage_used(tmp_path: Path, caplo
         quiet_trainer(tmp_path).validate(tiny_model(), datamodule=data, verbose=False)
         quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(tiny_model(), datamodule=data)
     validated, trained = [line for line in caplog.text.splitlines() if line.startswith(("validate:", "train:"))]
-    assert validated.startswith("validate: 4 images (3 loaded in place of unusable ones left out, as the recall "
-                                "leaves them), 4 boxes kept,")
+    assert validated.startswith("validate: 4 images (3 stand-ins for unusable images not counted, as in the "
+                                "recall), 4 boxes kept,")
     # an epoch: the 7 entries, each unreadable one replaced by a readable image (its boxes too)
-    assert trained.startswith("train: 7 images (3 of them loaded again in place of unusable ones), 7 boxes kept,")
+    assert trained.startswith("train: 7 images (3 of them stand-ins for unusable images, trained on), 7 boxes kept,")
