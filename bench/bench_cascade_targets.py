@@ -19,13 +19,10 @@ from __future__ import annotations
 import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
+from _fresh_process import run_in_fresh_process
 from bench_matching import _memory_mb, median_time, torchvision_match
 
 from lightning_rpn.core.anchors import AnchorGenerator
@@ -68,16 +65,6 @@ def measure(side: int, count: int, repeats: int) -> dict:
     return result
 
 
-def in_child(side: int, count: int, repeats: int, threads: int) -> dict:
-    code = (
-        f"import json, sys, torch; torch.set_num_threads({threads}); "
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-        f"from bench_cascade_targets import measure; print(json.dumps(measure({side}, {count}, {repeats})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -89,7 +76,7 @@ def main() -> None:
           f"{'plain, torchvision':>22}  torchvision / cascade (time)")
     start = time.perf_counter()
     for side, count in SETTINGS:
-        row = in_child(side, count, args.repeats, args.threads)
+        row = run_in_fresh_process("bench_cascade_targets", f"measure({side}, {count}, {args.repeats})", args.threads)
         cells = [f"{row[name][0] * 1e3:>9.1f} ms {row[name][1]:>6.0f} MB" if name in row else f"{'not run':>22}"
                  for name in ("cascade stage 1", "plain RPN, match_anchors", "plain RPN, torchvision")]
         ratio = (f"{row['plain RPN, torchvision'][0] / row['cascade stage 1'][0]:.0f}x"

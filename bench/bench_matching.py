@@ -24,15 +24,13 @@ from __future__ import annotations
 import _checkout  # noqa: F401  (this checkout's lightning_rpn first on the path)
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from _fresh_process import run_in_fresh_process
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -116,17 +114,6 @@ def measure_once(num_boxes: int, side: int) -> dict:
     )
 
 
-def in_child(num_boxes: int, side: int, threads: int) -> dict:
-    """``measure_once`` in a fresh process, so nothing allocated here skews its memory."""
-    code = (
-        f"import json, sys, torch; torch.set_num_threads({threads}); "
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-        f"from bench_matching import measure_once; print(json.dumps(measure_once({num_boxes}, {side})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -158,7 +145,7 @@ def main() -> None:
               f"{tv_s * 1e3:>15.1f} "
               f"{tv_s / ours_s:>8.1f}x  identical ({int((ours[0] == 1).sum())} positives)")
     for num_boxes, side in ((5000, 800), (20000, 2000)):
-        child = in_child(num_boxes, side, args.threads)
+        child = run_in_fresh_process("bench_matching", f"measure_once({num_boxes}, {side})", args.threads)
         dense_gb = num_boxes * child["anchors"] * 4 / 1e9
         print(f"{num_boxes:>6} boxes, {side}x{side} ({child['anchors']} anchors): ours {child['seconds'] * 1e3:.0f} ms, "
               f"extra peak RSS {child['extra_mb']:.0f} MB ({child['positives']} positives; one call in a fresh "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(path for path in (REPO / "bench").glob("*.py") if path.name != "_checkout.py")
+SCRIPTS = sorted(path for path in (REPO / "bench").glob("*.py") if not path.name.startswith("_"))  # not the helpers
 
 
 def _imports(tree: ast.AST) -> list[tuple[int, str]]:

@@ -125,28 +125,25 @@ def test_fit_names_the_dropped_files_once(tmp_path: Path) -> None:
         follow_moved_run(_trainer(TrainerFn.FITTING, [best, last], new / "last.ckpt"), checkpoint)
 
 
-def test_a_checkpoint_from_another_folder_is_no_moved_run(tmp_path: Path) -> None:
-    """Resumed from a file outside the callbacks' folders: Lightning's rule, even where the new
-    folder holds files of the recorded names (another run's)."""
+@pytest.mark.parametrize("loaded, files", [
+    # from a file outside the callbacks' folders: Lightning's rule, even where the new folder
+    # holds files of the recorded names (another run's)
+    ("old/last.ckpt", ("best.ckpt", "last.ckpt")),
+    # not the run's latest file: the fit starts a new run, which forgets the records anyway; no
+    # notice either of the last.ckpt not copied
+    ("new/best.ckpt", ("best.ckpt",)),
+])
+def test_a_fit_that_continues_no_moved_run_leaves_the_records_quietly(
+    tmp_path: Path, loaded: str, files: tuple[str, ...]
+) -> None:
     old, new = tmp_path / "old", tmp_path / "new"
     best, last = _best(new), LastCheckpoint(dirpath=new)
     checkpoint = _moved_checkpoint(old, best, last)
     saved = deepcopy(checkpoint)
-    _files(new, "best.ckpt", "last.ckpt")
-    follow_moved_run(_trainer(TrainerFn.FITTING, [best, last], old / "last.ckpt"), checkpoint)
-    assert checkpoint == saved
-
-
-def test_a_fit_from_the_moved_folders_best_starts_a_new_run_without_a_notice(tmp_path: Path) -> None:
-    """Not the run's latest file: the fit starts a new run, which forgets the records anyway."""
-    old, new = tmp_path / "old", tmp_path / "new"
-    best, last = _best(new), LastCheckpoint(dirpath=new)
-    checkpoint = _moved_checkpoint(old, best, last)
-    saved = deepcopy(checkpoint)
-    _files(new, "best.ckpt")  # last.ckpt not copied: no notice of it either
+    _files(new, *files)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        follow_moved_run(_trainer(TrainerFn.FITTING, [best, last], new / "best.ckpt"), checkpoint)
+        follow_moved_run(_trainer(TrainerFn.FITTING, [best, last], tmp_path / loaded), checkpoint)
     assert checkpoint == saved
 
 
