@@ -339,3 +339,12 @@ def test_fit_on_a_training_split_without_boxes_stops_with_the_data_error_alone(t
     assert "instances_images.json" in message and "the train split 'images'" in message
     assert "check-data --config" in message
     assert not list((tmp_path / "run").rglob("*.ckpt"))  # refused before training (the folder is made and checked)
+
+
+def test_a_dataset_root_that_is_no_folder_stops_with_one_line(tmp_path: Path) -> None:
+    # the shipped COCO / VOC configs' placeholder root: a ValueError from prepare_data, as a traceback
+    write_config(tmp_path, data={"dataset": "coco", "root": str(tmp_path / "nope"), "num_workers": 0})
+    result = run_cli(["fit", "--config", "config.yaml", "--trainer.logger", "false"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = f"RPNDataModule: root {str(tmp_path / 'nope')!r} is not a folder (dataset='coco'); set --data.root"
+    assert expected in " ".join(result.stderr.split())

@@ -241,7 +241,8 @@ class RPNDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Nothing to download; checks that the dataset folder exists."""
         if self.root is not None and not self.root.is_dir():
-            raise ValueError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r})")
+            raise DataError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r}); "
+                            f"set --data.root to the dataset's folder")
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (all of them when ``None``) and take the model's anchors."""

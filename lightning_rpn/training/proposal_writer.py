@@ -230,7 +230,7 @@ class ProposalWriter(BasePredictionWriter):
             paths = proposal_paths(self.output_dir, stem, version)
             if kept:
                 print(
-                    f"ProposalWriter: files of an earlier predict of checkpoint {stem!r} "
+                    f"ProposalWriter: files of an earlier predict of a checkpoint named {stem!r} "
                     f"({', '.join(map(str, kept))}); they stay, this predict writes "
                     + ", ".join(paths[name].name for name in self.formats),
                     file=sys.stderr,

@@ -80,7 +80,7 @@ def check_checkpoint_dirs(trainer: pl.Trainer, continued: Collection[Path] = ())
         if trainer.is_global_zero:
             print(
                 f"lightning-rpn: {folder} holds checkpoints of an earlier run ({', '.join(earlier)}); "
-                f"they stay, this run's files get a version suffix (e.g. last-v1.ckpt), and "
+                f"they stay, this run's files get the next free version suffix (-v1, -v2, ...), and "
                 f"--ckpt_path last resumes the newest last*.ckpt",
                 file=sys.stderr,
             )
@@ -326,8 +326,14 @@ def evaluation_checkpoint(trainer: pl.Trainer, ckpt_path: str | None, command: s
     if found is not None or starts_afresh:
         return found or ckpt_path
     stem = ModelCheckpoint.CHECKPOINT_NAME_LAST if ckpt_path == "last" else _best_stem(trainer)
-    what_to_do = ("pass a checkpoint path (--ckpt_path last resumes the latest run)" if command == "fit"
-                  else "train first (fit) or pass a checkpoint path")
+    if command == "fit":
+        what_to_do = "pass a checkpoint path (--ckpt_path last resumes the latest run)"
+    elif ckpt_path == "best" and any(next(Path(folder).glob("last*.ckpt"), None) for folder in folders):
+        # a fit that never validated (max_steps before the first validation, fast_dev_run) saves no best
+        what_to_do = ("a best checkpoint is saved by a validation during fit, which the run has not had; "
+                      "--ckpt_path last takes its latest weights")
+    else:
+        what_to_do = "train first (fit) or pass a checkpoint path"
     raise ValueError(f"lightning-rpn {command} --ckpt_path {ckpt_path}: no {stem}*.ckpt in "
                      f"{', '.join(map(str, folders))}; {what_to_do}")
 

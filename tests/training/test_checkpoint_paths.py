@@ -259,3 +259,17 @@ def test_unreadable_checkpoints_hpc_and_refused_trainer_settings_are_one_line(tm
         if result.returncode != 2 or "Traceback" in result.stderr or expected not in " ".join(result.stderr.split()):
             wrong[name] = f"exit {result.returncode}: {result.stderr[-1500:]}"
     assert not wrong, "\n".join(f"{name}: {text}" for name, text in wrong.items())
+
+
+def test_best_of_a_run_that_never_validated_points_to_last(tmp_path: Path) -> None:
+    # `fit --trainer.max_steps 10 && test --ckpt_path best`: the fit validated nothing, so no best;
+    # the error said "train first (fit)" right after one
+    folder = tmp_path / "checkpoints"
+    trainer = _trainer_writing_to(folder)
+    with pytest.raises(ValueError, match=r"test --ckpt_path best: no best\*\.ckpt in .*; train first \(fit\)"):
+        evaluation_checkpoint(trainer, "best", "test")
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no best\*\.ckpt in .*; a best checkpoint is saved by a validation during "
+                                         r"fit, which the run has not had; --ckpt_path last takes its latest weights"):
+        evaluation_checkpoint(trainer, "best", "test")
