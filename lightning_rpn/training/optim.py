@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -158,15 +159,18 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     run's too, and named in the same notice when they differ.
     """
 
-    _RUN_ONLY = ("cosine_steps", "group_settings")
+    _RUN_ONLY = ("cosine_steps", "group_settings", "run_end")
     """Attributes of this run alone: neither saved nor loaded."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, schedule: LRSchedule, cosine_steps: Callable[[], int] | None = None
+        self, optimizer: torch.optim.Optimizer, schedule: LRSchedule, cosine_steps: Callable[[], int] | None = None,
+        run_end: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(optimizer, schedule)
         self.cosine_steps = cosine_steps
         self.group_settings = _group_settings(optimizer)
+        self.run_end = run_end
+        """The step the run ends at, for a resumed run's check of its schedule once the loops are restored."""
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -196,6 +200,8 @@ class RunLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = lrs
+        if self.run_end is not None:
+            warn_if_schedule_outlasts_run(self.lr_lambdas[0], self.run_end())
 
     def _restore_group_settings(self) -> list[str]:
         """Set the optimiser's groups back to this run's :data:`RUN_GROUP_SETTINGS` (the loaded state
@@ -266,9 +272,10 @@ def warn_if_schedule_outlasts_run(schedule: LRSchedule, run_end: float) -> None:
     The defaults are the COCO recipe's (1000 warm-up steps, x0.1 at 60k and 80k of 90k steps),
     which a shorter run inherits from a config that leaves them out: its learning rate then
     never reaches ``model.lr``, or never decays. A run of unknown length is not compared. A
-    resumed run is compared with its own end (``configure_optimizers`` runs before Lightning
-    restores the loops: its ``max_steps``, or ``max_epochs`` at today's steps per epoch), so
-    extending a short run past its warm-up is not warned again.
+    resumed run is compared with its own end once Lightning has restored its loops
+    (:meth:`RunLambdaLR.load_state_dict`; in ``configure_optimizers`` a run whose steps per
+    epoch changed, e.g. ``accumulate_grad_batches``, seemed to end elsewhere), so extending a
+    short run past its warm-up is not warned again.
     """
     if not math.isfinite(run_end) or run_end <= 0:
         return
@@ -319,6 +326,12 @@ def configure_optimization(
         total_steps=total,
         min_factor=config.min_lr_factor,
     )
-    warn_if_schedule_outlasts_run(schedule, run_end)
-    scheduler = RunLambdaLR(optimizer, schedule, cosine_steps)
+    trainer = getattr(model, "_trainer", None)
+    if trainer is not None and trainer.ckpt_path is not None and trainer.state.fn == TrainerFn.FITTING:
+        # a resumed run: checked once its loops are restored, which fix the step it ends at
+        run_end_after_restore = cosine_steps or partial(_run_end, model, run_steps)
+    else:
+        run_end_after_restore = None
+        warn_if_schedule_outlasts_run(schedule, run_end)
+    scheduler = RunLambdaLR(optimizer, schedule, cosine_steps, run_end_after_restore)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -213,3 +213,17 @@ def test_a_validation_interrupted_at_an_epoch_end_runs_again_when_resumed(tmp_pa
     trainer.fit(_model(), *loaders, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert reference.steps == resumed.steps == [4] and trainer.global_step == 6
     assert resumed.recalls == pytest.approx(reference.recalls)  # over both batches, the same weights
+
+
+def test_a_resumed_run_warns_of_its_warm_up_against_the_step_it_ends_at(tmp_path: Path) -> None:
+    # 2 epochs of 2 batches (steps 1-4), resumed to max_epochs 3 over 4 batches an epoch: it ends at
+    # step 8; the warning, made before Lightning restored the loops, said 12 (3 epochs x 4)
+    path = _first_run(tmp_path, ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True))
+    model = tiny_model(optimizer="adamw", lr=LR, warmup_steps=100, lr_schedule="cosine", min_lr_factor=MIN_FACTOR)
+    trainer = quiet_trainer(tmp_path, max_epochs=3, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"model\.warmup_steps=100 is not shorter than this run, which ends at "
+                                         r"optimizer step 8 ") as warned:
+        trainer.fit(model, DataLoader(training_batches(model), batch_size=None), ckpt_path=path)
+    assert trainer.global_step == 8
+    assert [str(w.message) for w in warned if "warmup_steps" in str(w.message)] and not [
+        w for w in warned if "ends at optimizer step 12" in str(w.message)]
