@@ -18,10 +18,9 @@ import torch
 from torch import Tensor
 
 from lightning_rpn.data.collate import RPNCollate
-from lightning_rpn.data.loose_images import ImageInput, as_hwc_uint8
-from lightning_rpn.data.sample import DetectionSample, empty_boxes
+from lightning_rpn.data.loose_images import ImageInput
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
-from lightning_rpn.training.predict import to_original_coordinates
+from lightning_rpn.training.predict import loose_image_sample, to_original_coordinates
 
 __all__ = ["ProgramInputs", "program_inputs"]
 
@@ -49,8 +48,7 @@ def program_inputs(image: ImageInput, resize: ResizePolicy | None, size_divisibi
     (the model's ``size_divisibility``), as the model's own evaluation pipeline does."""
     if isinstance(size_divisibility, bool) or not isinstance(size_divisibility, int) or size_divisibility <= 0:
         raise ValueError(f"program_inputs: size_divisibility must be a positive int, got {size_divisibility!r}")
-    transform = DetectionTransform(resize=resize or ResizePolicy(), train=False)
-    sample = transform(DetectionSample(image=as_hwc_uint8(image, 0, caller="program_inputs"), boxes=empty_boxes(),
-                                       image_id=0, source="program_inputs"))
+    sample = loose_image_sample(image, 0, DetectionTransform(resize=resize or ResizePolicy(), train=False),
+                                caller="program_inputs")
     batch = RPNCollate(size_divisibility=size_divisibility, assign_targets=False)([sample])
     return ProgramInputs(batch.images, torch.tensor(batch.image_sizes[0], dtype=torch.int64), batch.original_sizes[0])

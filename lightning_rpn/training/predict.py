@@ -29,7 +29,7 @@ from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
 if TYPE_CHECKING:
     from lightning_rpn.training.module import RPNModule
 
-__all__ = ["predict_images", "to_original_coordinates"]
+__all__ = ["loose_image_sample", "predict_images", "to_original_coordinates"]
 
 _OUTPUT_KEYS = ("boxes", "scores", "objectness_logits")
 
@@ -50,19 +50,23 @@ def predict_images(
     transform = DetectionTransform(resize=policy, train=False)
     collate = RPNCollate(size_divisibility=module.size_divisibility, assign_targets=False)
 
-    def sample(index: int) -> DetectionSample:
-        """Image ``index`` decoded and through the evaluation transform."""
-        return transform(DetectionSample(image=as_hwc_uint8(items[index], index), boxes=empty_boxes(),
-                                         image_id=index, source=f"predict_images[{index}]"))
-
     results: list[dict[str, Tensor]] = []
     with evaluation_mode(module):  # a backbone the caller froze in eval mode stays so
         for start in range(0, len(items), batch_size):
             indices = range(start, min(start + batch_size, len(items)))
-            batch = collate([sample(index) for index in indices]).to(module.device)
+            batch = collate([loose_image_sample(items[index], index, transform) for index in indices]).to(module.device)
             for item in module.predict_step(batch, start // batch_size):
                 results.append({key: item[key] for key in _OUTPUT_KEYS})
     return results[0] if single else results
+
+
+def loose_image_sample(
+    image: ImageInput, index: int, transform: DetectionTransform, caller: str = "predict_images"
+) -> DetectionSample:
+    """Image ``index`` of ``caller``'s images decoded (:func:`as_hwc_uint8`) and through the
+    evaluation ``transform``, without boxes: what the model's evaluation pipeline collates."""
+    return transform(DetectionSample(image=as_hwc_uint8(image, index, caller), boxes=empty_boxes(),
+                                     image_id=index, source=f"{caller}[{index}]"))
 
 
 def to_original_coordinates(

@@ -127,9 +127,9 @@ def test_images_are_decoded_a_batch_at_a_time(model: RPNModule, monkeypatch: pyt
     decoded_at_step: list[list[int]] = []
     decode, step = predict_module.as_hwc_uint8, model.predict_step
 
-    def counted_decode(image, index):
+    def counted_decode(image, index, *caller):
         decoded.append(index)
-        return decode(image, index)
+        return decode(image, index, *caller)
 
     def noted_step(batch, batch_idx):
         decoded_at_step.append(list(decoded))
