@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "TileConfig": "lightning_rpn.data.tiles",
     "TiledDataset": "lightning_rpn.data.tiles",
     "WindowSampler": "lightning_rpn.data.window_sampler",
+    "ShuffledEpochs": "lightning_rpn.data.draws",
     "RPNCollate": "lightning_rpn.data.collate",
     # the LightningDataModule lives in training/; served here too, as before the layer folders
     "RPNDataModule": "lightning_rpn.training.datamodule",

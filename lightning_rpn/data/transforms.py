@@ -47,6 +47,7 @@ import yaml
 from albumentations.core.bbox_utils import BboxProcessor, calculate_bbox_areas_in_pixels, clip_bboxes
 
 from lightning_rpn.core.config import SettingError
+from lightning_rpn.data.draws import item_seed, seed_pipeline
 from lightning_rpn.data.problems import DataError
 from lightning_rpn.data.sample import DetectionSample
 
@@ -386,8 +387,9 @@ class ResizePolicy:
                 raise ValueError(f"resize: mode='fixed' needs fixed_size=(h, w) > 0, got {self.fixed_size!r}")
             object.__setattr__(self, "fixed_size", (int(self.fixed_size[0]), int(self.fixed_size[1])))
 
-    def target_size(self, size: tuple[int, int], train: bool) -> tuple[int, int]:
-        """The ``(h, w)`` an image of ``size`` is resized to (random choice when ``train``)."""
+    def target_size(self, size: tuple[int, int], train: bool, rng: np.random.Generator | None = None) -> tuple[int, int]:
+        """The ``(h, w)`` an image of ``size`` is resized to (random choice when ``train``: from ``rng``,
+        else from torch's generator)."""
         height, width = size
         if self.mode == "none":
             return size
@@ -395,7 +397,8 @@ class ResizePolicy:
             assert self.fixed_size is not None
             return self.fixed_size
         if train and len(self.min_sizes) > 1:
-            short = self.min_sizes[int(torch.randint(len(self.min_sizes), (1,)))]
+            choice = rng.integers(len(self.min_sizes)) if rng is not None else torch.randint(len(self.min_sizes), (1,))
+            short = self.min_sizes[int(choice)]
         else:
             short = self.min_sizes[-1]
         scale = min(short / min(height, width), self.max_size / max(height, width))
@@ -435,10 +438,11 @@ class DetectionTransform:
     pipeline holding a transform of :data:`SIZE_SETTING_TRANSFORMS` under resize mode ``none`` is
     warned about when built: evaluation and predict size images by the resize policy alone.
 
-    Picklable. The albumentations random state is re-seeded once per process from torch's
-    seed (in a DataLoader worker, the worker's seed), mixed with ``process_rank`` (the data module
-    sets the trainer's global rank; rank 0 uses the seed as it is), so workers and DDP processes
-    draw different augmentations and ``seed_everything`` makes runs repeatable. ``pixel_only``
+    Picklable. Called with an item's ``seed`` (:func:`~lightning_rpn.data.draws.item_seed`, what
+    :class:`TransformedDataset` passes when it has a seed), the augmentations and the resize's
+    choice are drawn from it alone, whichever worker, process or run applies them; without one
+    the albumentations random state is seeded once per process from torch's seed (in a
+    DataLoader worker, the worker's seed). ``pixel_only``
     (the data module's evaluation pipeline) refuses transforms that move pixels or boxes: predict
     maps boxes back by the resize alone. ``setting`` (``data.train_transforms`` or
     ``data.val_transforms``) is named in every error.
@@ -460,16 +464,12 @@ class DetectionTransform:
         self.spec: TransformSpec = list(spec or [])
         if train and self.resize.mode == "none":
             _warn_size_setting(self.compose, self.setting)
-        self.process_rank = 0
         self._seeded_pid: int | None = None
 
     def _seed_for_process(self) -> None:
         if self._seeded_pid != os.getpid():
             worker = torch.utils.data.get_worker_info()
-            seed = int(worker.seed if worker is not None else torch.initial_seed()) % 2**32
-            if self.process_rank:  # every DDP process has the same torch seeds: each its own stream
-                seed = int(np.random.SeedSequence([seed, self.process_rank]).generate_state(1)[0])
-            self.compose.set_random_seed(seed)
+            seed_pipeline(self.compose, int(worker.seed if worker is not None else torch.initial_seed()) % 2**32)
             self._seeded_pid = os.getpid()
 
     def _pipeline_error(self, sample: DetectionSample, error: Exception) -> DataError:
@@ -495,11 +495,16 @@ class DetectionTransform:
                    "(Normalize, ToFloat, ToTensorV2, ToGray with one channel; the model normalises images itself)")
         raise DataError(message, file=sample.source, image_id=sample.image_id)
 
-    def __call__(self, sample: DetectionSample) -> DetectionSample:
+    def __call__(self, sample: DetectionSample, seed: int | None = None) -> DetectionSample:
+        """``sample`` augmented and resized; with ``seed``, every random choice drawn from it."""
         image, boxes, crowd = sample.image, sample.boxes, sample.crowd_boxes
         removed = 0
         if self.spec:
-            self._seed_for_process()
+            if seed is None:
+                self._seed_for_process()
+            else:
+                seed_pipeline(self.compose, seed)
+                self._seeded_pid = None  # an unseeded call after this one seeds the process's stream again
             all_boxes = np.concatenate([boxes, crowd]) if len(crowd) else boxes
             labels = {_BOX_FIELD: [_GROUND_TRUTH] * len(boxes) + [_CROWD] * len(crowd),
                       _VISIBLE_FIELD: [1.0] * len(all_boxes), _ORIGIN_FIELD: list(range(len(all_boxes)))}
@@ -514,7 +519,7 @@ class DetectionTransform:
             origins = np.asarray(out[_ORIGIN_FIELD], dtype=np.int64).reshape(-1)[kept_kinds == _GROUND_TRUTH]
             removed = len(sample.boxes) - len(np.unique(origins))  # fragments of one box count once
         size = (int(image.shape[0]), int(image.shape[1]))
-        new_size = self.resize.target_size(size, self.train)
+        new_size = self.resize.target_size(size, self.train, None if seed is None else np.random.default_rng([seed, 1]))
         if new_size != size:
             image = cv2.resize(image, (new_size[1], new_size[0]), interpolation=cv2.INTER_LINEAR)
             scale = np.array([new_size[1] / size[1], new_size[0] / size[0]] * 2, dtype=np.float32)
@@ -531,11 +536,17 @@ class DetectionTransform:
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """``dataset`` with ``transform`` applied to every item (a picklable wrapper)."""
+    """``dataset`` with ``transform`` applied to every item (a picklable wrapper).
 
-    def __init__(self, dataset: torch.utils.data.Dataset, transform: DetectionTransform | None) -> None:
+    With a ``seed``, item ``index`` is transformed with ``item_seed(seed, index)`` (the transform
+    takes it as ``seed=``: a :class:`DetectionTransform`), so its augmentation depends on the
+    seed and the index alone; the data module sets it."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, transform: DetectionTransform | None,
+                 seed: int | None = None) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -543,6 +554,7 @@ class TransformedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> DetectionSample:
         sample = self.dataset[index]
         if self.transform is not None:
-            sample = self.transform(sample)
+            seeded = {} if self.seed is None else {"seed": item_seed(self.seed, index)}
+            sample = self.transform(sample, **seeded)
         sample.dataset_index = int(index)
         return sample

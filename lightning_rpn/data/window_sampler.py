@@ -1,9 +1,10 @@
-"""The sampler of tiled training: the window indices of the epoch Lightning sets, this rank's share.
+"""The sampler of training: the item indices of the epoch Lightning sets, this rank's share.
 
 Item ``epoch * per_epoch + i`` of a :class:`~lightning_rpn.data.tiles.TiledDataset` is window
-``i`` of ``epoch``; :class:`WindowSampler` hands the DataLoader the indices of the current
-epoch (``set_epoch``, called by the trainer before each epoch's first batch, also with
-persistent workers), so no shuffling is needed: the index is the draw.
+``i`` of ``epoch``, of a :class:`~lightning_rpn.data.draws.ShuffledEpochs` the ``i``-th image of
+the epoch's order (the docs below say "windows" for both); :class:`WindowSampler` hands the
+DataLoader the indices of the current epoch (``set_epoch``, called by the trainer before each
+epoch's first batch, also with persistent workers), so no shuffling is needed: the index is the draw.
 
 Ranks take the windows by stride (rank ``r`` of ``W``: ``i = r, r + W, ...``) and stay in step,
 so after ``b`` batches of ``B`` windows on every rank the epoch's first ``b * B * W`` windows are
@@ -61,10 +62,11 @@ class WindowSampler(DistributedSampler):
         return self.num_samples
 
 
-def batches_for(windows: int, batch_size: int, num_replicas: int) -> int:
-    """Batches each of ``num_replicas`` ranks takes to train ``windows`` windows by stride."""
+def batches_for(windows: int, batch_size: int, num_replicas: int, drop_last: bool = False) -> int:
+    """Batches each of ``num_replicas`` ranks takes to train ``windows`` windows by stride (the full
+    ones alone with ``drop_last``)."""
     per_rank = -(-windows // num_replicas)
-    return -(-per_rank // batch_size)
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
 def _batches(count: int) -> str:
@@ -76,14 +78,17 @@ class WindowProgress:
     """The windows tiled training has trained, all ranks together: the first ``done(...)`` of ``epoch``.
 
     Created with the position training starts from (``epoch``, ``start`` windows of it done: a
-    checkpoint's :meth:`state`, see :meth:`resume_position`). :meth:`begin` is the sampler's
+    checkpoint's :meth:`state`, see :meth:`resume_position`); ``unit`` names the items and what
+    sets their number in its warnings, ``drop_last`` is the loader's. :meth:`begin` is the sampler's
     ``done``; :meth:`first_batch` takes the trainer's count of the epoch's batches as its first
     batch of this run comes (a resumed epoch's count starts at the batches restored), so that
     :meth:`done` follows from the trainer's count of batches trained since, at today's world size.
     """
 
-    def __init__(self, per_epoch: int, epoch: int = 0, start: int = 0) -> None:
+    def __init__(self, per_epoch: int, epoch: int = 0, start: int = 0,
+                 unit: tuple[str, str] = ("window", "data.tiles.per_epoch"), drop_last: bool = False) -> None:
         self.per_epoch, self.epoch, self.start = per_epoch, epoch, start
+        self.unit, self.drop_last = unit, drop_last
         self.first: int | None = None  # the trainer's batch count before this epoch's first batch of this run
 
     def begin(self, epoch: int) -> int:
@@ -103,22 +108,24 @@ class WindowProgress:
         left = self.per_epoch - self.start
         if not self.start or not left:
             return None
-        ours, whole = batches_for(left, batch_size, num_replicas), batches_for(self.per_epoch, batch_size, num_replicas)
+        ours = batches_for(left, batch_size, num_replicas, self.drop_last)
+        whole = batches_for(self.per_epoch, batch_size, num_replicas, self.drop_last)
         theirs = max(whole - batches, 1)  # Lightning ends the epoch at its length (after one batch when past it)
         if ours == theirs:
             return None
-        where = (f"epoch {self.epoch} was resumed with {self.start} of its {self.per_epoch} windows trained "
-                 f"(data.tiles.per_epoch), but the trainer counts {_batches(batches)} of its {whole} per process "
+        noun, source = self.unit
+        where = (f"epoch {self.epoch} was resumed with {self.start} of its {self.per_epoch} {noun}s trained "
+                 f"({source}), but the trainer counts {_batches(batches)} of its {whole} per process "
                  "done (the checkpoint was saved on another number of processes or with another batch size)")
         if ours < theirs:
-            return (f"{where}: it trains the {left} windows left in {_batches(ours)} per process and ends there, "
+            return (f"{where}: it trains the {left} {noun}s left in {_batches(ours)} per process and ends there, "
                     f"{_batches(theirs - ours)} short of Lightning's count, so Lightning does not validate at this "
                     "epoch's end (the next epochs are whole)")
         skipped = left - theirs * batch_size * num_replicas
         return (f"{where}: Lightning runs only {_batches(theirs)} more of it per process, so its last "
-                f"{skipped} windows (from window {self.per_epoch - skipped}) are not trained; resume with the "
-                "checkpoint's number of processes and data.batch_size, or from a checkpoint saved at an epoch's end, "
-                "to train them all")
+                f"{skipped} {noun}s (from {noun} {self.per_epoch - skipped}) are not trained; resume "
+                "with the checkpoint's number of processes and data.batch_size, or from a checkpoint saved at an "
+                "epoch's end, to train them all")
 
     def done(self, batches: int, batch_size: int, num_replicas: int) -> int:
         """Windows of :attr:`epoch` trained once the trainer counts ``batches`` of it (at most ``per_epoch``)."""

@@ -18,6 +18,7 @@ Over 350 lines for one reason: the flat constructor (forty arguments, each docum
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -36,6 +37,7 @@ from lightning_rpn.data.accounting import BoxAccounting
 from lightning_rpn.data.annotated import AnnotatedDataset
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.draws import ShuffledEpochs
 from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, check_policy
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
@@ -80,7 +82,10 @@ class RPNDataModule(LightningDataModule):
             all of ``SHAPE_KINDS``, kinds drawn without boxes, share of outlined shapes and whether
             they are drawn without boxes, share of checkerboard-textured filled shapes and whether
             they are drawn without boxes: the cross-category protocol of ``bench/bench_heads.py``).
-        seed: seed of the synthetic images.
+        seed: seed of the synthetic images, of ``tiles``' windows and of the evaluation
+            augmentations (``val_transforms``, per image). Training's order and augmentations
+            come from the run's seed (``seed_everything``), per epoch and per item, whichever
+            process or worker draws them, and a checkpoint keeps it (``data.draws``).
         batch_size / val_batch_size: images per batch (validation defaults to ``batch_size``).
         num_workers: DataLoader workers (persistent when > 0); pin_memory: pinned batches.
         train_transforms / val_transforms: albumentations spec lists (see ``transforms``);
@@ -215,8 +220,10 @@ class RPNDataModule(LightningDataModule):
         self.data_report = RunDataReport()
         self._collate: tuple[AnchorSetup, RPNCollate] | None = None  # the collate and the setup it was built for
         self._window_eval = False  # the model proposes on sliding windows: no evaluation targets
-        self._window_progress: WindowProgress | None = None  # tiled training's windows trained
-        self._window_resume: tuple[int, int] | None = None  # (epoch, windows done) of a loaded checkpoint
+        self._window_progress: WindowProgress | None = None  # the items of the epoch training has trained
+        self._window_resume: tuple[int, int] | None = None  # (epoch, items done) of a loaded checkpoint
+        self._draw_seed: int | None = None  # the seed of training's order and augmentations (data.draws)
+        self._draw_seed_resume: int | None = None  # a loaded checkpoint's
 
     # ---- datasets -------------------------------------------------------------------------
     def build_dataset(
@@ -270,8 +277,10 @@ class RPNDataModule(LightningDataModule):
             if role == "train" and self.tiles is None:
                 times = self._train_repeats(len(raw))  # type: ignore[arg-type]
                 raw = raw if times == 1 else RepeatedDataset(raw, times)
-            transform = self.train_transform if role == "train" else self.val_transform
-            self.datasets[role] = TransformedDataset(raw, transform)
+            if role == "train":  # its seed is the run's, set as the loader is made (_training_draws)
+                self.datasets[role] = TransformedDataset(raw, self.train_transform)
+            else:
+                self.datasets[role] = TransformedDataset(raw, self.val_transform, seed=int(self.hparams.seed))
 
     def _check_not_empty(self, role: str, dataset: Dataset) -> None:
         """A :class:`DataError` naming the split and its file when ``dataset`` has no image (none
@@ -343,22 +352,14 @@ class RPNDataModule(LightningDataModule):
         return self._collate[1]
 
     # ---- loaders --------------------------------------------------------------------------
-    def _loader(self, role: str, batch_size: int, shuffle: bool, collate: RPNCollate | None = None,
+    def _loader(self, role: str, batch_size: int, collate: RPNCollate | None = None,
                 sampler: Sampler | None = None) -> DataLoader:
         dataset = self._dataset(role)
-        rank = getattr(self.trainer, "global_rank", 0) or 0
-        self.train_transform.process_rank = self.val_transform.process_rank = int(rank)
-        if role == "train" and self.tiles is not None:  # the window index is the draw: no shuffle
-            trainer = self.trainer
-            self._window_progress = WindowProgress(self.tiles.per_epoch, *self._window_start(batch_size))
-            sampler = WindowSampler(self.tiles.per_epoch, self._world_size,
-                                    trainer.global_rank if trainer else 0, done=self._window_progress.begin)
-            # persistent workers take the first indices as Lightning makes the iterator, before its set_epoch
-            sampler.set_epoch(self._window_progress.epoch)
+        if role == "train":
+            dataset, sampler = self._training_draws(dataset, batch_size)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate or self.collate,
@@ -367,6 +368,42 @@ class RPNDataModule(LightningDataModule):
             drop_last=role == "train" and self._drop_last_train,
             generator=None if role == "train" else self._evaluation_generator(),
         )
+
+    def _training_draws(self, dataset: TransformedDataset, batch_size: int) -> tuple[Dataset, WindowSampler]:
+        """The training loader's dataset and sampler, every draw made from the run's seed and the item.
+
+        The item index is the draw (:mod:`~lightning_rpn.data.draws`): ``epoch * n + j`` is the
+        ``j``-th item of the epoch, of tiled windows or of the split in the epoch's order, and
+        seeds its augmentation. :class:`WindowSampler` hands out the epoch's indices, this
+        process's share, after those a resumed checkpoint had trained: a run resumed inside an
+        epoch, on any number of processes and workers, trains what an uninterrupted one does."""
+        seed = self._run_draw_seed()
+        items = dataset.dataset if self.tiles is not None else ShuffledEpochs(dataset.dataset, seed)
+        per_epoch = len(items)  # type: ignore[arg-type]
+        unit = ("window", "data.tiles.per_epoch") if self.tiles is not None else ("image", "the train split")
+        self._window_progress = WindowProgress(per_epoch, *self._window_start(batch_size), unit=unit,
+                                               drop_last=self._drop_last_train)
+        trainer = self.trainer
+        sampler = WindowSampler(per_epoch, self._world_size, trainer.global_rank if trainer else 0,
+                                done=self._window_progress.begin)
+        # persistent workers take the first indices as Lightning makes the iterator, before its set_epoch
+        sampler.set_epoch(self._window_progress.epoch)
+        # Lightning would warn on a resume inside an epoch that the loader cannot resume it: this one does
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        return TransformedDataset(items, dataset.transform, seed), sampler
+
+    def _run_draw_seed(self) -> int:
+        """The seed of training's order and augmentations: a loaded checkpoint's, so that a resumed
+        run draws what it would have; else Lightning's global seed (``seed_everything``), else
+        torch's initial seed; rank 0's on every process."""
+        seed = self._draw_seed_resume
+        self._draw_seed_resume = None
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+            if self._world_size > 1:
+                seed = int(self.trainer.strategy.broadcast(seed))
+        self._draw_seed = seed
+        return seed
 
     def _dataset(self, role: str) -> Dataset:
         """The dataset of ``role`` (``"train"``, ``"val"``, ...), set up on first use."""
@@ -387,7 +424,7 @@ class RPNDataModule(LightningDataModule):
         return torch.Generator().manual_seed(int(self.hparams.seed))
 
     def _window_start(self, batch_size: int) -> tuple[int, int]:
-        """``(epoch, windows of it trained)`` that tiled training starts at: a loaded checkpoint's
+        """``(epoch, items of it trained)`` that training starts at: a loaded checkpoint's
         position; else the trainer's epoch from its start, or, resuming a checkpoint saved without
         that position, the trainer's count of batches at today's world size and batch size."""
         if self._window_resume is not None:
@@ -402,30 +439,33 @@ class RPNDataModule(LightningDataModule):
             "done": batches.current.processed * batch_size * trainer.world_size})
 
     def _first_window_batch(self, trainer: Any) -> None:
-        """Give the window progress the trainer's batch count as an epoch's first batch comes; warn
-        (once) when a resumed epoch cannot train exactly the windows it has left."""
+        """Give the epoch's progress the trainer's batch count as an epoch's first batch comes; warn
+        (once) when a resumed epoch cannot train exactly the items it has left."""
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         message = self._window_progress.first_batch(batches, self.batch_size, trainer.world_size)
         if message is not None:
-            rank_zero_warn(f"RPNDataModule: data.tiles: {message}")
+            rank_zero_warn(f"RPNDataModule: {message}")
 
     def state_dict(self) -> dict[str, Any]:
-        """The windows tiled training has trained (checkpoints keep them, so that a run resumed on any
-        number of processes trains the rest of the epoch: :class:`WindowProgress`)."""
+        """Where training stands in its epoch and the seed of its draws (checkpoints keep them, so that
+        a run resumed on any number of processes trains the rest of the epoch as it would have:
+        :class:`WindowProgress`, :mod:`~lightning_rpn.data.draws`)."""
         trainer, progress = self.trainer, self._window_progress
         if trainer is None or progress is None:
             return {}
         batches = trainer.fit_loop.epoch_loop.batch_progress
-        return {"tiles": progress.state(batches.current.processed, self.batch_size, trainer.world_size,
-                                        batches.is_last_batch)}
+        position = progress.state(batches.current.processed, self.batch_size, trainer.world_size, batches.is_last_batch)
+        return {"draws": {**position, "seed": self._draw_seed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Where a checkpoint's tiled training stood: the next training loader starts there."""
-        tiles = state_dict.get("tiles")
-        self._window_resume = None if tiles is None else WindowProgress.resume_position(tiles)
+        """Where a checkpoint's training stood (``tiles``: saved by tiled training before 2026-12-07,
+        without a seed): the next training loader starts there, with its seed."""
+        state = state_dict.get("draws", state_dict.get("tiles"))
+        self._window_resume = None if state is None else WindowProgress.resume_position(state)
+        self._draw_seed_resume = None if state is None or state.get("seed") is None else int(state["seed"])
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        return self._loader("train", self.batch_size)
 
     def _collate_without_targets(self) -> RPNCollate:
         return RPNCollate(self.anchor_generator, self.target_config, self.box_coder,
@@ -435,7 +475,7 @@ class RPNDataModule(LightningDataModule):
         # a model on sliding windows computes its evaluation losses per window: whole-image targets would be wasted
         collate = self._collate_without_targets() if self._window_eval else None
         sampler = self._unrepeated_sampler(self._dataset(role), role)
-        return self._loader(role, self.val_batch_size, shuffle=False, collate=collate, sampler=sampler)
+        return self._loader(role, self.val_batch_size, collate=collate, sampler=sampler)
 
     def _unrepeated_sampler(self, dataset: Dataset, role: str) -> Sampler | None:
         """This process's share of an evaluation split under several processes, no image repeated.
@@ -478,7 +518,7 @@ class RPNDataModule(LightningDataModule):
         return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        loader = self._loader("predict", self.val_batch_size, shuffle=False, collate=self._collate_without_targets())
+        loader = self._loader("predict", self.val_batch_size, collate=self._collate_without_targets())
         self._check_an_image_per_process(len(self.datasets["predict"]))
         return loader
 

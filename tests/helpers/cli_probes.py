@@ -60,7 +60,7 @@ class RecordImageIds(pl.Callback):
             ),
             "sync_batchnorm": sync_bn,
             "skipped_nonfinite_batches": getattr(pl_module, "skipped_nonfinite_batches", None),
-            "augmentation_rank": getattr(getattr(trainer.datamodule, "train_transform", None), "process_rank", None),
+            "draw_seed": getattr(trainer.datamodule, "_draw_seed", None),
             "steps": self.steps,
         }
         Path(f"{self.prefix}.rank{trainer.global_rank}.json").write_text(json.dumps(record))

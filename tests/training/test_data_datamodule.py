@@ -212,23 +212,6 @@ def test_outside_fit_the_report_names_no_epoch() -> None:
     assert report.report().startswith("RPNDataModule data report (process 0 of 2: the images it loaded):\n")
 
 
-def test_each_ddp_process_draws_its_own_augmentations() -> None:
-    """Every DDP process starts from the same torch seed: the data module mixes the trainer's rank into
-    the augmentation seed (rank 0 keeps the seed, so one-process runs draw what they drew before)."""
-    def first_batches(rank: int | None) -> list:
-        dm = small(anchor_generator=ANCHORS, train_transforms=[{"HorizontalFlip": {"p": 0.5}},
-                                                               {"RandomCrop": {"height": 48, "width": 48}}])
-        if rank is not None:
-            dm.trainer = SimpleNamespace(lightning_module=fake_model(), global_rank=rank)  # type: ignore[assignment]
-        torch.manual_seed(0)
-        loader = iter(dm.train_dataloader())
-        return [next(loader).images for _ in range(2)]
-
-    alone, rank_0, rank_1 = first_batches(None), first_batches(0), first_batches(1)
-    assert all(torch.equal(a, b) for a, b in zip(alone, rank_0))
-    assert not any(torch.equal(a, b) for a, b in zip(rank_0, rank_1))
-
-
 @pytest.mark.parametrize("processes, images, limit, unrepeated", [
     (2, 7, 1.0, True),  # Lightning's sampler repeated one image to even the shares out
     (1, 7, 1.0, False),

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch.utils.data.distributed import DistributedSampler
 
 from helpers.builders import save_image
 from helpers.cli import PROBES, TINY_CONFIG, assert_ok, run_cli
 from helpers.model import collate_for, synthetic_samples, tiny_model
+from lightning_rpn.data.draws import ShuffledEpochs
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
@@ -102,7 +102,7 @@ def test_fit_runs_two_ddp_processes_without_unused_parameters(ddp_run: Path) -> 
         assert record["find_unused_parameters"] is False  # yet every step went through
         assert len(record["steps"]) == STEPS
         assert record["skipped_nonfinite_batches"] == 1  # rank 1's batch was fine: skipped too
-        assert record["augmentation_rank"] == rank  # each process draws its own augmentations
+        assert record["draw_seed"] == 0  # seed_everything's, on every rank: one order, split by stride
     checkpoint = torch.load(ddp_run / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == STEPS and checkpoint["skipped_nonfinite_batches"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
@@ -114,9 +114,8 @@ def test_each_rank_trains_on_different_seeded_images(ddp_run: Path) -> None:
         for rank in (0, 1):
             record = json.loads((ddp_run / f"seen.rank{rank}.json").read_text())
             seen[rank] = [i for step_epoch, ids in record["steps"] if step_epoch == epoch for i in ids]
-            sampler = DistributedSampler(range(TRAIN_IMAGES), num_replicas=2, rank=rank, shuffle=True, seed=0)
-            sampler.set_epoch(epoch)
-            assert seen[rank] == list(sampler)[: len(seen[rank])]  # seed_everything's seed + epoch
+            order = ShuffledEpochs(range(TRAIN_IMAGES), seed=0).order(epoch).tolist()  # seed_everything's seed
+            assert seen[rank] == order[rank::2][: len(seen[rank])]
         assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) != list(range(TRAIN_IMAGES))  # epoch 1: first batch only
     first = [json.loads((ddp_run / f"seen.rank{r}.json").read_text())["steps"] for r in (0, 1)]

@@ -51,12 +51,6 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, 
 
 # ---------------------------------------------------------------- kill -9 and resume (real CLI)
 MAX_STEPS = 8  # 16 training images, batch 4: two epochs of four steps
-# Final val/AR@100 of the resumed run vs the uninterrupted one (measured: equal). The weights
-# are not bit-identical after a mid-epoch kill: the train loader is not resumable, so the
-# resumed epoch draws a new order and new flips (Lightning warns; measured max |dw| ~0.13).
-# One validation batch of about ten boxes: AR@100 moves in steps of 0.01 per (box, IoU
-# threshold), and the resumed run draws the rest of its epoch in a new order.
-RESUME_AR_ATOL = 0.05
 
 
 def _fault_config(version: str) -> dict:
@@ -121,13 +115,14 @@ def test_a_run_killed_mid_epoch_resumes_from_last_and_matches(tmp_path) -> None:
     assert_ok(resumed)
     assert torch.load(broken / "run/checkpoints/last.ckpt", map_location="cpu",
                       weights_only=True)["global_step"] == MAX_STEPS
-    whole_ar, resumed_ar = _final_recall(whole, "whole"), _final_recall(broken, "resumed")
+    # the rest of the killed epoch comes in the uninterrupted run's order with its augmentations
+    # (data.draws): the same weights, to the bit (until 2026-12-07 max |dw| ~0.13: a new order)
     expected, got = _final_weights(whole), _final_weights(broken)
     assert expected.keys() == got.keys()
-    worst = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
-    assert resumed_ar == pytest.approx(whole_ar, abs=RESUME_AR_ATOL), f"max |dw| {worst}"
+    differing = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    assert _final_recall(broken, "resumed") == _final_recall(whole, "whole")
     assert any(not torch.equal(got[k], killed_at["state_dict"][k]) for k in got)  # it trained on
-    assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM (real CLI)

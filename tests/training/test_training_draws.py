@@ -1,10 +1,12 @@
 """Training's random draws depend on the seed only: not on the sanity check, on how often fit
-validates, or on whether the compiled kernels were loaded before."""
+validates, on whether the compiled kernels were loaded before, on the number of workers or
+processes, or on an interruption (a resumed epoch trains the items it had left, as drawn)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -61,3 +63,57 @@ def test_the_sanity_check_and_the_validation_cadence_leave_training_as_it_was(
     # the sanity check's batch is validation's: it is not counted as one more validation image
     report = next(r.getMessage() for r in caplog.records if "data report" in r.getMessage())
     assert "validate: 12 images" in report and "sanity" not in report
+
+
+FLIPS_AND_COLOURS = [{"HorizontalFlip": {"p": 0.5}}, {"RandomBrightnessContrast": {"p": 0.5}}]
+
+
+def _draws(monkeypatch: pytest.MonkeyPatch, seed: int = 7, **options: object) -> RPNDataModule:
+    monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))  # what seed_everything sets
+    data = RPNDataModule(**{**dict(synthetic_train_images=12, synthetic_val_images=2, synthetic_min_size=64,
+                                   synthetic_max_size=96, batch_size=2, num_workers=0,
+                                   train_transforms=FLIPS_AND_COLOURS), **options})  # type: ignore[arg-type]
+    data.setup("fit")
+    return data
+
+
+def _items(data: RPNDataModule) -> list[tuple[object, bytes]]:
+    """(image id, padded image bytes) of every image of an epoch of the training loader, in order."""
+    out = []
+    for batch in data.train_dataloader():
+        for i, image_id in enumerate(batch.image_ids):
+            height, width = batch.image_sizes[i]
+            out.append((image_id, batch.images[i, :, :height, :width].numpy().tobytes()))
+    return out
+
+
+def test_workers_draw_the_items_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    single = _items(_draws(monkeypatch))
+    assert sorted(image_id for image_id, _ in single) == list(range(12))
+    assert [image_id for image_id, _ in single] != list(range(12))
+    assert _items(_draws(monkeypatch, num_workers=2)) == single  # before: each worker its own augmentations
+    assert _items(_draws(monkeypatch, seed=8)) != single
+
+
+def _rank(data: RPNDataModule, rank: int, world_size: int) -> RPNDataModule:
+    data.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, lightning_module=None,  # type: ignore
+                                   fit_loop=SimpleNamespace(restarting=False), current_epoch=0,
+                                   strategy=SimpleNamespace(broadcast=lambda value: value))
+    return data
+
+
+def test_processes_share_one_epoch_each_item_drawn_as_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    single = dict(_items(_draws(monkeypatch)))
+    shares = [_items(_rank(_draws(monkeypatch), rank, 2)) for rank in (0, 1)]
+    assert sorted(image_id for share in shares for image_id, _ in share) == list(range(12))
+    assert all(single[image_id] == image for share in shares for image_id, image in share)
+
+
+def test_a_restored_position_trains_the_rest_of_the_epoch_as_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = _items(_draws(monkeypatch))
+    resumed = _draws(monkeypatch, seed=99)  # another seed_everything: the checkpoint's seed wins
+    resumed.load_state_dict({"draws": {"epoch": 0, "done": 4, "finished": False, "seed": 7}})
+    assert _items(resumed) == whole[4:]
+    older = _draws(monkeypatch)  # a tiled checkpoint of before 2026-12-07: its position, today's seed
+    older.load_state_dict({"tiles": {"epoch": 0, "done": 6, "finished": False}})
+    assert _items(older) == whole[6:]
