@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .compiled import jit as _jit
 
-__all__ = ["draw_uniforms", "random_subset", "sample_cpu", "subset_of_uniforms"]
+__all__ = ["bad_labels_error", "draw_uniforms", "random_subset", "sample_cpu", "subset_of_uniforms"]
 
 
 def sample_cpu(
@@ -29,12 +29,19 @@ def sample_cpu(
     batch_size_per_image: int,
     positive_fraction: float,
     generators: Sequence[torch.Generator | None],
+    where: str = "sample_cpu",
 ) -> tuple[Tensor, Tensor]:
     """Overwrite int8 or int64 CPU ``[B, N]`` ``labels`` with ``sample_anchors`` of each row (row
-    ``i`` with ``generators[i]``); return the sampled positives as ``(rows, anchors)``, row-major."""
+    ``i`` with ``generators[i]``); return the sampled positives as ``(rows, anchors)``, row-major.
+
+    A label other than -1, 0 and 1 is a :func:`bad_labels_error` naming ``where``, ``labels`` left
+    as they were (the scan that counts the candidates finds them).
+    """
     labels_np = labels.numpy()
     counts = _count_batch(labels_np)
-    keep = np.empty_like(counts)
+    if counts[:, 2].any():
+        raise bad_labels_error(where, labels)
+    keep = np.empty_like(counts[:, :2])
     positive_uniforms, negative_uniforms = [], []
     for row, generator in enumerate(generators):
         keep[row, 0] = min(int(counts[row, 0]), int(batch_size_per_image * positive_fraction))
@@ -55,6 +62,13 @@ def sample_cpu(
         anchors,
     )
     return torch.from_numpy(rows), torch.from_numpy(anchors)
+
+
+def bad_labels_error(where: str, labels: Tensor) -> ValueError:
+    """The error of ``labels`` holding values other than -1, 0 and 1, naming ``where`` and the first few."""
+    values = torch.unique(labels[(labels != -1) & (labels != 0) & (labels != 1)]).tolist()
+    listed = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+    return ValueError(f"{where}: labels must be -1 (ignored), 0 (negative) or 1 (positive), got {listed}")
 
 
 def random_subset(population: int, count: int, generator: torch.Generator | None) -> Tensor:
@@ -101,15 +115,18 @@ def _choose(population, uniforms):
 
 @_jit
 def _count_batch(labels):
-    """``[B, 2]``: positives and negatives of each row of ``labels``."""
-    counts = np.zeros((labels.shape[0], 2), dtype=np.int64)
+    """``[B, 3]``: positives, negatives and labels other than -1 / 0 / 1 of each row of ``labels``."""
+    counts = np.zeros((labels.shape[0], 3), dtype=np.int64)
     for row in range(labels.shape[0]):
-        positives = negatives = 0
+        positives = negatives = others = 0
         for n in range(labels.shape[1]):  # branch-free, so that it vectorises
-            positives += labels[row, n] == 1
-            negatives += labels[row, n] == 0
+            label = labels[row, n]
+            positives += label == 1
+            negatives += label == 0
+            others += (label < -1) | (label > 1)
         counts[row, 0] = positives
         counts[row, 1] = negatives
+        counts[row, 2] = others
     return counts
 
 

@@ -88,7 +88,7 @@ class COCODetection(AnnotatedDataset):
             self._category_names = {_hashable(c.get("id")): c.get("name") for c in data.get("categories") or []
                                     if isinstance(c, dict)}
             records, dropped = self._parse_images(data["images"], data["annotations"])
-            self._note_files_listed_twice(records)
+            self._note_files_listed_twice(list(records.values()), self.annotation_file)
             selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
             self._check_selection_kept_some(selected, category_ids, category_names)
             self.records = list(records.values())
@@ -206,21 +206,6 @@ class COCODetection(AnnotatedDataset):
                 self.annotation_file, image_id))
         self._parse_image(entry, {})
 
-    def _note_files_listed_twice(self, records: dict[Any, ImageRecord]) -> None:
-        """A warning (kind ``file_listed_twice``) for each image file listed under several image
-        ids: it is kept once per id (as its annotations may differ), so it trains twice as often and
-        its boxes count twice in recall; VOC refuses an id listed twice, COCO ids differ here."""
-        ids_of: dict[Path, list[Any]] = {}
-        for image_id, record in records.items():
-            ids_of.setdefault(record.file, []).append(image_id)
-        for file, ids in ids_of.items():
-            if len(ids) > 1:
-                self.problems.add(Problem(
-                    "file_listed_twice", "kept",
-                    f"{file} is listed under {len(ids)} image ids ({', '.join(map(repr, ids))}): each is an image "
-                    "of the split, trained and evaluated (its boxes counted) once per id",
-                    self.annotation_file, ids[1]))
-
     def _parse_image(self, entry: Any, records: dict[Any, ImageRecord]) -> ImageRecord:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
             raise DataError(f"image entry {entry!r} lacks 'id' or 'file_name'", file=self.annotation_file)
@@ -327,8 +312,7 @@ class COCODetection(AnnotatedDataset):
                                 file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
             self.problems.add(Problem(problem[0], "skipped", problem[1], self.annotation_file, image_id, ann_id))
             return
-        written = [float("nan") if v is None else float(v) for v in ann["bbox"]]
-        sink.add(sink.positions[image_id], written, ann_id, bool(ann.get("iscrowd", 0)))
+        sink.add(sink.positions[image_id], [float(v) for v in ann["bbox"]], ann_id, bool(ann.get("iscrowd", 0)))
 
     def _check_id_unique(self, ann_id: Any, image_id: Any, first_use: dict[Any, Any]) -> None:
         """Record a warning when ``ann_id`` was used before: messages naming it would be ambiguous."""
@@ -367,11 +351,11 @@ class COCODetection(AnnotatedDataset):
             near = self._images_as_text.get(str(image_id))
             hint = "" if near is None else f" ('images' has {near!r})"
             return "unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'{hint}"
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) or v is None for v in bbox
-        ):
-            return "malformed_bbox", f"bbox {bbox!r} is not 4 numbers (x, y, w, h)"
+        if "bbox" not in ann:
+            return "malformed_bbox", "the annotation has no bbox; expected 4 numbers (x, y, w, h)"
+        bbox = ann["bbox"]
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            return "malformed_bbox", f"bbox {_as_written(bbox)} is not 4 numbers (x, y, w, h)"
         crowd = ann.get("iscrowd", 0)
         if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
@@ -398,6 +382,13 @@ def _shared_image_ids(images: list[Any]) -> dict[Any, list[Any]]:
         if isinstance(entry, dict) and entry.get("id") is not None and _hashable(entry["id"]) is entry["id"]:
             names.setdefault(entry["id"], []).append(entry.get("file_name"))
     return {image_id: files for image_id, files in names.items() if len(files) > 1}
+
+
+def _as_written(bbox: Any) -> str:
+    """``bbox`` quoted for a message, a JSON ``null`` as the file writes it (``repr`` says ``None``)."""
+    if isinstance(bbox, list):
+        return f"[{', '.join(_as_written(v) for v in bbox)}]"
+    return "null" if bbox is None else repr(bbox)
 
 
 def _is_positive_number(value: Any) -> bool:

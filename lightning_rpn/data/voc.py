@@ -131,6 +131,7 @@ class VOCDetection(AnnotatedDataset):
             raise DataError(f"class_names (data.category_names) {unknown} name no object of the split (names found: "
                             f"{sorted(self._names_seen)}; names are compared exactly, case included)",
                             file=split_file)
+        self._note_files_listed_twice(self.records, split_file)
         self._finish()
 
     def _parse(self, image_id: str, xml_path: Path) -> ImageRecord:

@@ -135,3 +135,36 @@ def test_random_subset_is_distinct_in_range_seeded_and_uniform() -> None:
     assert counts.min() > 518 and counts.max() < 682
     with pytest.raises(ValueError, match="count=4, population=3"):
         random_subset(3, 4, None)
+
+
+ALLOWED = r"labels must be -1 \(ignored\), 0 \(negative\) or 1 \(positive\), got "
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+@pytest.mark.parametrize(("labels", "got"), [
+    (torch.tensor([2, 1, 0]), "2"),  # was sampled as if ignored
+    (torch.tensor([1, -2, 0, 0, 2, -2], dtype=torch.int8), "-2, 2"),
+    (torch.tensor([3, 4, 5, 6, 7, 8, 1]), "3, 4, 5, 6, 7, ..."),
+    (torch.tensor([1.0, 0.5, 0.0]), "0.5"),  # was truncated to 0: a negative
+    (torch.tensor([1.0, float("nan")]), "nan"),
+])
+def test_labels_other_than_minus_one_zero_one_are_refused(labels: torch.Tensor, got: str, backend: str) -> None:
+    with pytest.raises(ValueError, match=f"^sample_anchors: {ALLOWED}{got}$"):
+        sample_anchors(labels, 256, 0.5, backend=backend)
+    with pytest.raises(ValueError, match=f"^sample_anchors_batched: {ALLOWED}{got}$"):
+        sampling.sample_anchors_batched(labels[None], 256, 0.5, [None], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_refused_labels_are_left_as_they_were_inplace(backend: str) -> None:
+    labels = torch.tensor([[1, 0, -1, 0], [0, 1, 5, -1]], dtype=torch.int8)
+    before = labels.clone()
+    with pytest.raises(ValueError, match=f"^sample_anchors_batched: {ALLOWED}5$"):
+        sampling.sample_anchors_with_positives(labels, 8, 0.5, [None, None], inplace=True, backend=backend)
+    assert torch.equal(labels, before)
+
+
+def test_boolean_and_empty_labels_are_still_sampled() -> None:
+    for backend in ("compiled", "torch"):
+        assert torch.equal(sample_anchors(torch.tensor([True, False]), 8, 0.5, backend=backend), torch.tensor([1, 0]))
+        assert sample_anchors(torch.zeros(0, dtype=torch.int64), 8, 0.5, backend=backend).shape == (0,)

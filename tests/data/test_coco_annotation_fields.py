@@ -97,3 +97,24 @@ def test_an_image_id_that_is_a_list_is_an_error_not_a_type_error(tmp_path: Path)
     skipped = COCODetection(*args, on_bad_annotation="skip")
     assert [r.image_id for r in skipped.records] == [8]
     assert [p.kind for p in skipped.problems] == ["bad_image_entry"]
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_null_in_bbox_is_named_null_with_its_annotation_image_and_file(tmp_path: Path, sized: bool) -> None:
+    # a null became NaN, so the error and the skip report quoted "bbox [10, nan, 20, 30]", a value the
+    # file does not hold (and, for an image without width / height, only once the image was loaded)
+    images = [IMAGES[0] if sized else {"id": 7, "file_name": "img.png"}]
+    images_root, ann_file = write_coco(tmp_path, images, [annotation(bbox=[10, None, 20, 30]), annotation(id=71)],
+                                       create_files=False)
+    expected = "bbox [10, null, 20, 30] is not 4 numbers (x, y, w, h)"
+    with pytest.raises(DataError) as info:
+        COCODetection(images_root, ann_file)
+    assert str(info.value) == (f"{ann_file}, image 7, annotation 70: {expected} "
+                               "(set on_bad_annotation='skip' to drop it)")
+    for policy in ("skip", "clip"):
+        skipped = COCODetection(images_root, ann_file, on_bad_annotation=policy)
+        assert skipped.records[0].annotation_ids == [71]
+        (problem,) = skipped.problems
+        assert (problem.kind, problem.action, problem.file, problem.image_id, problem.annotation_id) == (
+            "malformed_bbox", "skipped", str(ann_file), 7, 70)
+        assert problem.detail == expected

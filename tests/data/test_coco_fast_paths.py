@@ -46,7 +46,7 @@ def mixed_file(root: Path, with_bad_image: bool) -> Path:
         ann(14, 3),  # near-miss int id
         ann(15, 1, [1, 2, 3]),  # malformed bbox
         ann(16, 1, [1, "2", 3, 4]),  # malformed bbox
-        ann(17, 1, [None, 2, 3, 4]),  # None: NaN, found by the box check
+        ann(17, 1, [None, 2, 3, 4]),  # a null: not a number, named as the file writes it
         ann(18, 1, iscrowd=2),
         ann(19, 1, iscrowd="1"),
         ann(10, 2, (1, 1, 2, 2)),  # duplicate annotation id: kept, a warning
@@ -82,6 +82,7 @@ ANNOTATION_PROBLEMS = [
     ("unknown_image", "skipped", 3, 14, UNKNOWN_IMAGE.format(3) + " ('images' has '3')"),
     ("malformed_bbox", "skipped", 1, 15, NOT_4_NUMBERS.format("[1, 2, 3]")),
     ("malformed_bbox", "skipped", 1, 16, NOT_4_NUMBERS.format("[1, '2', 3, 4]")),
+    ("malformed_bbox", "skipped", 1, 17, NOT_4_NUMBERS.format("[null, 2, 3, 4]")),
     ("bad_iscrowd", "skipped", 1, 18, ISCROWD.format(2, "not 0 or 1")),
     ("bad_iscrowd", "skipped", 1, 19, ISCROWD.format("'1'", "a string")),
     ("duplicate_annotation_id", "kept", 2, 10, "annotation id 10 is used again (first by an annotation of image 1), "
@@ -98,7 +99,6 @@ def box_problems(policy: str) -> list[tuple[Any, ...]]:
     """The box checks' problems, image by image in file order, after every annotation's."""
     outside = "bbox [50, 30, 20, 20] (x, y, w, h) extends outside the 60x40 image by more than the tolerance"
     return [
-        ("non_finite", "skipped", 1, 17, "bbox [nan, 2, 3, 4] (x, y, w, h) has non-finite coordinates"),
         ("outside_image", "clipped" if policy == "clip" else "skipped", 1, 26, outside),
         ("empty_box", "skipped", 1, 27, "bbox [1, 2, 0, 4] (x, y, w, h) is empty; expected w > 0 and h > 0"),
         ("slightly_outside", "clipped", "3", 30, "bbox [27, 0, 4, 5] (x, y, w, h) extends outside the 30x20 image"),
@@ -114,9 +114,8 @@ def test_a_mixed_file_gives_every_problem_in_order_and_the_clean_boxes(tmp_path:
 
     first, second, third, fourth = ds.records
     assert [r.image_id for r in ds.records] == [1, 2, "3", 4]
-    assert first.annotation_ids == [10, 17, 26, 27, 29] and first.crowd_annotation_ids == [23, 24]
-    np.testing.assert_array_equal(first.written_boxes, [[1, 2, 3, 4], [np.nan, 2, 3, 4], [50, 30, 20, 20],
-                                                        [1, 2, 0, 4], [1, 2, 3, 4]])
+    assert first.annotation_ids == [10, 26, 27, 29] and first.crowd_annotation_ids == [23, 24]
+    np.testing.assert_array_equal(first.written_boxes, [[1, 2, 3, 4], [50, 30, 20, 20], [1, 2, 0, 4], [1, 2, 3, 4]])
     clipped = [[50, 30, 60, 40]] if policy == "clip" else []
     np.testing.assert_array_equal(first.boxes, [[1, 2, 4, 6], *clipped, [1, 2, 4, 6]])
     np.testing.assert_array_equal(first.crowd_boxes, [[0, 0, 10, 10], [2, 2, 6, 6]])
@@ -153,7 +152,12 @@ FIX_BOX = "(set on_bad_annotation='skip' or 'clip' to drop or repair such boxes)
     (ann(18, 1, iscrowd=0.0), "image 1, annotation 18", f"{ISCROWD.format(0.0, 'not 0 or 1')} {FIX_ANNOTATION}"),
     ("oops", "", f"{UNKNOWN_IMAGE.format(None)} {FIX_ANNOTATION}"),
     (ann(17, 1, [None, 2, 3, 4]), "image 1, annotation 17",
-     f"bbox [nan, 2, 3, 4] (x, y, w, h) has non-finite coordinates {FIX_BOX}"),
+     f"{NOT_4_NUMBERS.format('[null, 2, 3, 4]')} {FIX_ANNOTATION}"),
+    (ann(19, 1, None), "image 1, annotation 19", f"{NOT_4_NUMBERS.format('null')} {FIX_ANNOTATION}"),
+    ({"id": 28, "image_id": 1, "category_id": 1}, "image 1, annotation 28",
+     f"the annotation has no bbox; expected 4 numbers (x, y, w, h) {FIX_ANNOTATION}"),
+    (ann(29, 1, [1, 2, float("nan"), 4]), "image 1, annotation 29",
+     f"bbox [1, 2, nan, 4] (x, y, w, h) has non-finite coordinates {FIX_BOX}"),
     (ann(27, 1, [1, 2, 0, 4]), "image 1, annotation 27",
      f"bbox [1, 2, 0, 4] (x, y, w, h) is empty; expected w > 0 and h > 0 {FIX_BOX}"),
     (ann(26, 2, [50, 30, 20, 20]), "image 2, annotation 26",
@@ -220,7 +224,7 @@ def test_a_category_filter_drops_before_checking_and_counts_what_it_saw(tmp_path
 
 def test_crowd_boxes_are_dropped_with_include_crowd_false(tmp_path: Path) -> None:
     images = [{"id": 1, "file_name": "a.jpg", **SIZE_60_40}]
-    crowd = [ann(1, 1, iscrowd=1), ann(3, 1, iscrowd=True), ann(4, 1, [None, 1, 1, 1], iscrowd=1)]
+    crowd = [ann(1, 1, iscrowd=1), ann(3, 1, iscrowd=True), ann(4, 1, [float("nan"), 1, 1, 1], iscrowd=1)]
     path = write(tmp_path, images, [crowd[0], ann(2, 1), *crowd[1:]])
     ds = COCODetection(tmp_path / "images", path, include_crowd=False)
     assert ds.records[0].annotation_ids == [2] and ds.records[0].crowd_annotation_ids == []
@@ -287,7 +291,7 @@ def test_the_garbage_collector_is_left_as_it_was_after_a_load_or_an_error(tmp_pa
             COCODetection(tmp_path / "images", write(tmp_path, images, [ann(1, 99)]))
         assert gc.isenabled() == enabled
         with pytest.raises(DataError, match="non-finite"):  # raised by the box check
-            COCODetection(tmp_path / "images", write(tmp_path, images, [ann(1, 1, [None, 1, 1, 1])]))
+            COCODetection(tmp_path / "images", write(tmp_path, images, [ann(1, 1, [float("nan"), 1, 1, 1])]))
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was_enabled else gc.disable)()
