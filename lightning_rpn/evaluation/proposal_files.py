@@ -58,7 +58,8 @@ __all__ = [
 
 FORMATS: dict[str, str] = {"coco_json": "proposals_coco.json", "detectron2_pkl": "proposals_detectron2.pkl"}
 """Output format name -> base file name; ``ProposalWriter`` adds ``-<checkpoint stem>`` (and
-``.<n>`` for the n-th predict of that checkpoint) before the suffix: :func:`~lightning_rpn.training.proposal_writer.proposal_paths`."""
+``.<n>``, ``n >= 2``, for a later predict of that checkpoint: the repeat number all of that predict's
+outputs take) before the suffix: :func:`~lightning_rpn.training.proposal_writer.proposal_paths`."""
 
 _LOGIT_EPS = 1e-12
 

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_rpn.training.evaluated_weights import evaluated_counters
-from lightning_rpn.training.run_files import checkpoint_stem, free_version
+from lightning_rpn.training.run_files import checkpoint_stem, output_repeat, repeated_name
 
 __all__ = [
     "announce_folder", "evaluated_counters", "evaluation_files", "evaluation_name", "evaluation_stage", "file_loggers",
@@ -77,17 +77,15 @@ def evaluation_name(trainer: Trainer) -> str:
 def evaluation_files(trainer: Trainer, paths: Callable[[str], list[Path]]) -> tuple[str, list[Path]]:
     """The running evaluation's file stem and ``paths(stem)``, none of which exists yet.
 
-    The stem is :func:`evaluation_name`, with ``.2``, ``.3``, ... when a file of that name is
-    taken (another run in the same folder, the same checkpoint evaluated again; not ``-v1``, which
-    checkpoint names carry, :func:`~lightning_rpn.training.run_files.repeated`): the files of one
-    evaluation share one stem, and an earlier one's stay.
+    The stem is :func:`evaluation_name`, with ``.2``, ``.3``, ... when an earlier run left a file of
+    the evaluation's outputs under that number (another run in the same folder, the same
+    checkpoint evaluated again; not ``-v1``, which checkpoint names carry): the number every output
+    of the evaluation takes, its metrics summary and proposal files included
+    (:func:`~lightning_rpn.training.run_files.output_repeat`), and an earlier one's files stay.
     """
     name = evaluation_name(trainer)
-    def stem(repeat: int) -> str:
-        return name if repeat == 0 else f"{name}.{repeat + 1}"
-
-    repeat, _ = free_version(lambda v: paths(stem(v)))
-    return stem(repeat), paths(stem(repeat))
+    repeat, _ = output_repeat(trainer, lambda r: paths(repeated_name(name, r)))
+    return repeated_name(name, repeat), paths(repeated_name(name, repeat))
 
 
 def announce_folder(announced: set[Path], folder: Path, message: str) -> None:

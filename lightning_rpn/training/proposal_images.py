@@ -31,11 +31,13 @@ from lightning_rpn.training.log_targets import (
     announce_folder,
     evaluated_counters,
     evaluation_files,
+    evaluation_name,
     evaluation_stage,
     file_loggers,
     log_dir,
     reporting,
 )
+from lightning_rpn.training.run_files import repeated_name
 
 __all__ = ["GT_COLOR", "PROPOSAL_COLOR", "ProposalImages"]
 
@@ -164,8 +166,9 @@ class ProposalImages(Callback):
     ``{evaluation}_{n}_{image id}.png``: ``{evaluation}`` is ``{stage}_epoch{E:03d}_step{S}`` in
     ``fit``, ``{stage}-{checkpoint stem}`` for a checkpoint a ``validate`` / ``test`` loaded
     (:func:`~lightning_rpn.training.log_targets.evaluation_name`), with ``.2``, ``.3``, ... when an
-    earlier file has the name (no file is replaced). The folder is printed on stderr the first
-    time it is written.
+    earlier run left one of the evaluation's outputs under that number (no file is replaced; the
+    number every output of the evaluation takes, :func:`~lightning_rpn.training.run_files.output_repeat`).
+    The folder is printed on stderr the first time it is written.
 
     Args:
         num_images: images per evaluation: the first ones of its split (under DDP, the first of
@@ -283,6 +286,17 @@ class ProposalImages(Callback):
             return []
         in_turn = [s for turn in zip_longest(*(g or [] for g in gathered)) for s in turn if s is not None]
         return in_turn[: self.num_images]
+
+    def outputs_at(self, trainer: Trainer, repeat: int) -> list[Path]:
+        """The images of ``trainer``'s validation / test at ``repeat`` that are on disk already (their
+        names end with image ids, known once drawn), what
+        :func:`~lightning_rpn.training.run_files.output_repeat` asks every callback; none in predict."""
+        if evaluation_stage(trainer) == "predict":
+            return []
+        drawn = re.compile(rf"{re.escape(repeated_name(evaluation_name(trainer), repeat))}_\d+_[\w.-]*\.png")
+        folders = [log_dir(trainer, logger) / "proposal_images" for logger in file_loggers(trainer)]
+        return [path for folder in folders if folder.is_dir()
+                for path in folder.iterdir() if drawn.fullmatch(path.name)]
 
     def _write_files(self, folder: Path, samples: list[_Sample], trainer: Trainer) -> None:
         folder.mkdir(parents=True, exist_ok=True)

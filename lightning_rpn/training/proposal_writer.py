@@ -28,7 +28,7 @@ from lightning_rpn.evaluation.proposal_files import (
     write_coco_proposals,
     write_detectron2_proposals,
 )
-from lightning_rpn.training.run_files import checkpoint_stem, free_version, metrics_summary_path, repeated
+from lightning_rpn.training.run_files import checkpoint_stem, evaluation_command, output_repeat, repeated
 
 __all__ = ["ProposalWriter", "dataset_category_id", "predicted_category_id", "proposal_paths"]
 
@@ -115,12 +115,12 @@ class ProposalWriter(BasePredictionWriter):
     checkpoint predicted again, e.g. on other images) this predict's files get the first free
     repeat number ``.2``, ``.3``, ... (not Lightning's ``-v1``, which checkpoint names carry:
     ``proposals_coco-best-v1.json`` is ``best-v1.ckpt``'s) and rank 0 prints on stderr which files
-    stay and which are new. The repeat is one whose metrics summary name
-    (:func:`~lightning_rpn.training.run_files.metrics_summary_path`) is free as well, and the
-    summary of this predict takes it and lists these files and ``top_k``: ``predict-last.3.json``
-    describes ``proposals_coco-last.3.json``. Rank 0 alone decides the names and writes the
-    files; ``written`` (format -> path) and ``version`` are the same on every rank once predict
-    ends.
+    stay and which are new. The repeat is the one every output of the predict takes
+    (:func:`~lightning_rpn.training.run_files.output_repeat`: free for every format, the metrics
+    summary and the recall-curve PNG too), and the summary of this predict lists these files and
+    ``top_k``: ``predict-last.3.json`` describes ``proposals_coco-last.3.json``. Rank 0 alone
+    decides the names and writes the files; ``written`` (format -> path) and ``version`` are the
+    same on every rank once predict ends.
 
     Args:
         output_dir: folder of the files.
@@ -160,6 +160,16 @@ class ProposalWriter(BasePredictionWriter):
 
     def _part(self, rank: int) -> Path:
         return self.output_dir / ".parts" / f"rank{rank}.pkl"
+
+    def _files(self, trainer: pl.Trainer, repeat: int) -> list[Path]:
+        """Every format's file of ``trainer``'s checkpoint at ``repeat``: the files of one predict share
+        one number even when an earlier one wrote other formats."""
+        return list(proposal_paths(self.output_dir, checkpoint_stem(trainer.ckpt_path), repeat).values())
+
+    def outputs_at(self, trainer: pl.Trainer, repeat: int) -> list[Path]:
+        """The files this writer writes at ``repeat`` in ``trainer``'s predict (none in another command):
+        what :func:`~lightning_rpn.training.run_files.output_repeat` asks every callback."""
+        return self._files(trainer, repeat) if evaluation_command(trainer) == "predict" else []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -222,11 +232,8 @@ class ProposalWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             parts = [self._part(rank) for rank in range(trainer.world_size)]
             records = merge_proposal_parts(parts)
-            # every format counts: the files of one predict share one version (an earlier one may
-            # have written other formats), which the metrics summary of this predict takes too
             stem = checkpoint_stem(trainer.ckpt_path)
-            version, kept = free_version(lambda v: [*proposal_paths(self.output_dir, stem, v).values(),
-                                                    metrics_summary_path(trainer, "predict", v)])
+            version, kept = output_repeat(trainer, lambda v: self._files(trainer, v))
             paths = proposal_paths(self.output_dir, stem, version)
             if kept:
                 print(

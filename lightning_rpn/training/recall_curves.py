@@ -20,13 +20,14 @@ from lightning_rpn.training.log_targets import (
     announce_folder,
     evaluated_counters,
     evaluation_files,
+    evaluation_name,
     evaluation_stage,
     file_loggers,
     loaded_checkpoint,
     log_dir,
     reporting,
 )
-from lightning_rpn.training.run_files import free_version, versioned
+from lightning_rpn.training.run_files import free_version, repeated_name, versioned
 
 __all__ = ["RecallCurves", "recall_curves_figure"]
 
@@ -74,7 +75,10 @@ class RecallCurves(Callback):
     in them) and a PNG of the figure per evaluation under the log
     directory: ``{stage}_epoch{E:03d}_step{S}.png`` in ``fit``, ``{stage}-{checkpoint stem}.png``
     for a loaded checkpoint (:func:`~lightning_rpn.training.log_targets.evaluation_name`). No
-    file is replaced: a taken PNG name gets ``.2``, ``.3``, ..., and a CSV of another layout
+    file is replaced: the PNG gets ``.2``, ``.3``, ... when an earlier run left one of the
+    evaluation's outputs under that name, the number every output of the evaluation takes
+    (its metrics summary, proposal files and images:
+    :func:`~lightning_rpn.training.run_files.output_repeat`), and a CSV of another layout
     (an older version's) is left as it is, the rows going to ``..._recall_vs_iou-v1.csv``. The
     folder is printed on stderr the first time it is written.
 
@@ -151,6 +155,14 @@ class RecallCurves(Callback):
             ),
         }
         logger.log_metrics(charts, step=step)
+
+    def outputs_at(self, trainer: Trainer, repeat: int) -> list[Path]:
+        """The PNGs it writes for ``trainer``'s evaluation at ``repeat``, what
+        :func:`~lightning_rpn.training.run_files.output_repeat` asks every callback."""
+        if not self.save_png:
+            return []
+        png = f"{repeated_name(evaluation_name(trainer), repeat)}.png"
+        return [log_dir(trainer, logger) / "recall_curves" / png for logger in file_loggers(trainer)]
 
     def _write_files(self, folder: Path, curves: Mapping, stage: str, trainer: Trainer) -> None:
         folder.mkdir(parents=True, exist_ok=True)

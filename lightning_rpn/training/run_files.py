@@ -8,8 +8,10 @@ It is told when its ``last.ckpt`` would lag behind its end (:func:`warn_if_last_
 and when the checkpoint it resumes has already reached its budget (:func:`warn_if_budget_reached`).
 ``validate`` / ``test`` / ``predict`` write their final recall
 and losses as JSON (:func:`write_metrics_summary`), named after the checkpoint as ``predict``'s
-proposal files are (:func:`checkpoint_stem`), and like them never replacing an earlier file
-(:func:`free_version`); a predict's summary lists its proposal files and takes their version.
+proposal files are (:func:`checkpoint_stem`), and like them never replacing an earlier file: every
+output an evaluation names after its checkpoint or weights (summary, proposal files, recall-curve
+PNG, proposal images) takes the one repeat number :func:`output_repeat` chooses for it
+(:func:`repeated`); a predict's summary lists its proposal files.
 Every command's ``--ckpt_path best`` / ``last`` / ``hpc`` is found on disk or refused
 (:func:`evaluation_checkpoint`), and a file that is no Lightning checkpoint is refused in one line
 naming what it is (:func:`read_checkpoint`).
@@ -39,9 +41,9 @@ from lightning_rpn.training.resume_state import holds_interrupted_validation, re
 
 __all__ = [
     "EVALUATION_ROLES", "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders",
-    "evaluation_checkpoint", "first_line", "free_version", "metrics_summary_path", "newest_checkpoint", "repeated",
-    "read_checkpoint", "start_new_run_files", "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best",
-    "write_metrics_summary",
+    "evaluation_checkpoint", "evaluation_command", "first_line", "free_version", "metrics_summary_path",
+    "newest_checkpoint", "output_repeat", "read_checkpoint", "repeated", "repeated_name", "start_new_run_files",
+    "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
 
@@ -507,18 +509,75 @@ def versioned(path: Path, version: int) -> Path:
     return path if version == 0 else path.with_name(f"{path.stem}-v{version}{path.suffix}")
 
 
+def repeated_name(name: str, repeat: int) -> str:
+    """``name`` (a file name without its suffix) of an output named after a checkpoint or weights, for
+    the ``repeat``-th run of the same command on them after the first (0: ``name`` itself; 1:
+    ``name.2``, 2: ``name.3``, ...). Not Lightning's ``-v1``, which the checkpoints' own names carry:
+    ``predict-best-v1`` is ``best-v1.ckpt``'s, ``predict-best.2`` a later predict of ``best.ckpt``."""
+    return name if repeat == 0 else f"{name}.{repeat + 1}"
+
+
 def repeated(path: Path, repeat: int) -> Path:
-    """``path`` of an output named after a checkpoint, for the ``repeat``-th run of the same command
-    on it after the first (0: ``path`` itself; 1: ``.2`` before the suffix, 2: ``.3``, ...). Not
-    Lightning's ``-v1``, which the checkpoints' own names carry: ``predict-best-v1.json`` is
-    ``best-v1.ckpt``'s, ``predict-best.2.json`` the second predict of ``best.ckpt``."""
-    return path if repeat == 0 else path.with_name(f"{path.stem}.{repeat + 1}{path.suffix}")
+    """``path`` with :func:`repeated_name`'s ``.2``, ``.3``, ... before its suffix (0: ``path`` itself)."""
+    return path.with_name(f"{repeated_name(path.stem, repeat)}{path.suffix}")
+
+
+def _trainer_fn(trainer: pl.Trainer) -> str | None:
+    """The command ``trainer`` runs (or last ran): ``"fit"``, ``"validate"``, ... (``None`` before any)."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return getattr(fn, "value", fn)
+
+
+def evaluation_command(trainer: pl.Trainer) -> str | None:
+    """``"validate"``, ``"test"`` or ``"predict"`` while (and after) ``trainer`` runs that command, else
+    ``None`` (``fit``, whose validations write no metrics summary)."""
+    command = _trainer_fn(trainer)
+    return command if command in EVALUATION_ROLES else None
+
+
+_CHOSEN_REPEAT = "_lightning_rpn_output_repeat"
+"""The trainer attribute that holds :func:`output_repeat`'s choice for the running evaluation."""
+
+
+def output_repeat(trainer: pl.Trainer, own: Callable[[int], Sequence[Path]]) -> tuple[int, list[Path]]:
+    """The one repeat number (:func:`repeated`) of every output the running evaluation names after its
+    checkpoint or weights, and the existing files of the numbers passed over.
+
+    The outputs are the asker's own (``own(repeat)``: the files it writes at that number), the
+    metrics summary of a ``validate`` / ``test`` / ``predict`` (:func:`metrics_summary_path`) and
+    those of every callback of ``trainer`` with an ``outputs_at(trainer, repeat)`` method
+    (``ProposalWriter``, ``RecallCurves``, ``ProposalImages``). The number is the first at which
+    none of them exists, so that no file is replaced and the files of one command carry the same
+    number even when an earlier command wrote only some of them. The first writer to ask chooses;
+    the later ones of the same evaluation (command, checkpoint and step) get that number, unless a
+    file of their own already holds it: that is a new evaluation of the same weights by this
+    trainer, and the number is chosen again. Global rank 0 writes these files, and alone asks.
+    """
+    evaluation = (_trainer_fn(trainer), trainer.ckpt_path, getattr(trainer, "global_step", None))
+    chosen = getattr(trainer, _CHOSEN_REPEAT, None)
+    if chosen is not None and chosen[0] == evaluation and not any(path.exists() for path in own(chosen[1])):
+        return chosen[1], chosen[2]
+    repeat, kept = free_version(lambda r: [*own(r), *_evaluation_outputs(trainer, r)])
+    kept = list(dict.fromkeys(kept))  # the asker's files can be among the callbacks' and the summary
+    setattr(trainer, _CHOSEN_REPEAT, (evaluation, repeat, kept))
+    return repeat, kept
+
+
+def _evaluation_outputs(trainer: pl.Trainer, repeat: int) -> list[Path]:
+    """The running evaluation's metrics summary and callbacks' outputs at ``repeat`` (:func:`output_repeat`)."""
+    command = evaluation_command(trainer)
+    outputs = [] if command is None else [metrics_summary_path(trainer, command, repeat)]
+    for callback in getattr(trainer, "callbacks", []):
+        outputs_at = getattr(callback, "outputs_at", None)
+        if callable(outputs_at):
+            outputs += outputs_at(trainer, repeat)
+    return outputs
 
 
 def metrics_summary_path(trainer: pl.Trainer, command: str, repeat: int = 0) -> Path:
     """``{trainer.default_root_dir}/metrics/{command}-{checkpoint stem}.json``, :func:`repeated`:
-    where :func:`write_metrics_summary` writes, which ``ProposalWriter`` keeps free for the summary
-    of its own predict."""
+    where :func:`write_metrics_summary` writes, one of the outputs whose repeat :func:`output_repeat`
+    chooses."""
     base = Path(trainer.default_root_dir) / "metrics" / f"{command}-{checkpoint_stem(trainer.ckpt_path)}.json"
     return repeated(base, repeat)
 
@@ -570,8 +629,8 @@ def write_metrics_summary(
     ``top_k``) and each prediction writer's ``top_k`` and the files it wrote in this predict.
     Written on global rank 0; nothing (``None``) when there is no recall, as for a predict
     split without gt boxes. A file an earlier command left under that name stays: this one gets
-    ``.2``, ``.3``, ... (:func:`repeated`) and a notice; after a ``ProposalWriter`` it takes the
-    writer's repeat (no lower), so that ``predict-last.3.json`` describes ``proposals_coco-last.3.json``.
+    ``.2``, ``.3``, ... and a notice, the repeat number of every output of the command
+    (:func:`output_repeat`), so that ``predict-last.3.json`` describes ``proposals_coco-last.3.json``.
     """
     recall = getattr(model, "last_recall", None)
     if not trainer.is_global_zero or not recall:
@@ -607,11 +666,10 @@ def write_metrics_summary(
             for key, value in trainer.callback_metrics.items()
             if key.startswith(prefix) and key[len(prefix):].startswith("loss")
         }
-    first = max((getattr(writer, "version", 0) for writer in writers), default=0)  # the writer's files' repeat
-    version, kept = free_version(lambda v: [metrics_summary_path(trainer, command, v)], first)
-    path = metrics_summary_path(trainer, command, version)
-    if kept:
-        print(f"lightning-rpn {command}: {', '.join(p.name for p in kept)} in {path.parent} stay (earlier runs); "
+    repeat, kept = output_repeat(trainer, lambda r: [metrics_summary_path(trainer, command, r)])
+    path = metrics_summary_path(trainer, command, repeat)
+    if kept and not writers:  # a predict's writer has named them
+        print(f"lightning-rpn {command}: {', '.join(map(str, kept))} stay (earlier runs); "
               f"this one's metrics go to {path.name}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

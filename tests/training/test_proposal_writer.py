@@ -61,10 +61,10 @@ class _Gloo:
 
 def _trainer(ckpt_path: str | None, root: Path, rank: int = 0, world_size: int = 1, strategy: Any = None,
              callbacks: tuple = ()) -> SimpleNamespace:
-    """A trainer whose ``default_root_dir`` is ``root`` (its ``metrics/``); ``callbacks`` for the summary."""
+    """A predicting trainer whose ``default_root_dir`` is ``root`` (its ``metrics/``); ``callbacks`` for the summary."""
     return SimpleNamespace(ckpt_path=ckpt_path, default_root_dir=str(root), global_rank=rank, world_size=world_size,
                            is_global_zero=rank == 0, strategy=strategy or _OneProcess(), callbacks=list(callbacks),
-                           callback_metrics={})
+                           callback_metrics={}, state=SimpleNamespace(fn="predict"))
 
 
 def _image(image_id: int, score: float) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def test_a_second_metrics_summary_of_a_checkpoint_keeps_the_first(tmp_path: Path
     again = write_metrics_summary(trainer, SimpleNamespace(last_recall={"AR@100": 0.6}), SimpleNamespace(), "validate")
     assert (first.name, again.name) == ("validate-last.json", "validate-last.2.json")
     assert json.loads(first.read_text())["metrics"] == {"AR@100": 0.5}  # another evaluation's record, kept
-    assert "validate-last.json in" in capsys.readouterr().err
+    assert f"{tmp_path / 'metrics/validate-last.json'} stay" in capsys.readouterr().err
 
 
 def test_a_metrics_summary_says_what_limited_the_evaluation(tmp_path: Path) -> None:
