@@ -47,7 +47,7 @@ from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, Tran
 from lightning_rpn.data.validation import DatasetReport, listing_file, no_boxes_problem, validate_dataset
 from lightning_rpn.training.anchor_agreement import AnchorSetting, AnchorSetup, agree_with_model
 from lightning_rpn.training.data_report import MAX_WARNED_PROBLEMS, RunDataReport
-from lightning_rpn.training.split_datasets import build_split_dataset
+from lightning_rpn.training.split_datasets import build_split_dataset, check_split_paths
 
 __all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS", "MAX_WARNED_PROBLEMS"]
 
@@ -246,10 +246,22 @@ class RPNDataModule(LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Nothing to download; checks that the dataset folder exists."""
+        """Nothing to download; checks that the dataset folder exists and holds the files and folders of
+        the splits the trainer's stage reads (every split without a trainer, as ``setup(None)``), or
+        that ``predict_images`` is a folder. Lightning calls it before its loggers start their run (a
+        W&B run), ``setup`` after: a wrong path stops the command before there is a run. Nothing is
+        read (:func:`check_split_paths`); ``setup`` reads the splits once."""
         if self.root is not None and not self.root.is_dir():
             raise DataError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r}); "
                             f"set --data.root to the dataset's folder")
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        for role in _STAGE_SPLITS.get(str(fn.value), ()) if fn is not None else ("train", "val", "test", "predict"):
+            if role == "predict" and self.predict_images is not None:
+                if not Path(self.predict_images).is_dir():
+                    raise DataError("image folder does not exist; set --data.predict_images to a folder of images",
+                                    file=str(self.predict_images))
+            elif self.splits[role] is not None and self.root is not None:
+                check_split_paths(self.hparams, self.root, self.splits[role])
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage`` (all of them when ``None``) and take the model's anchors."""

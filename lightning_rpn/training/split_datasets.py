@@ -3,11 +3,14 @@
 ``dataset`` chooses the kind: ``"synthetic"`` (:class:`~lightning_rpn.data.synthetic.SyntheticShapes`,
 seeded by the split's name), ``"scenes"`` (:class:`~lightning_rpn.data.scenes.DenseScenes` with
 ``scene_options``), ``"coco"`` (``root / coco_images`` and ``root / coco_annotations``, ``{split}``
-filled in) or ``"voc"`` (``ImageSets/Main/{split}.txt`` under ``root``).
+filled in) or ``"voc"`` (``ImageSets/Main/{split}.txt`` under ``root``). :func:`check_split_paths`
+names the first of those files and folders that does not exist, with the setting that made its path:
+the data module's ``prepare_data`` calls it before a run starts its loggers, without reading a file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,15 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from lightning_rpn.data.coco import COCODetection
-from lightning_rpn.data.problems import BadAnnotationPolicy
+from lightning_rpn.data.problems import BadAnnotationPolicy, DataError
 from lightning_rpn.data.scenes import DenseScenes
 from lightning_rpn.data.synthetic import SHAPE_KINDS, SyntheticShapes
 from lightning_rpn.data.voc import VOCDetection
 
-__all__ = ["build_split_dataset"]
+__all__ = ["build_split_dataset", "check_split_paths"]
+
+_VOC_ROOT = ("set --data.root to the VOC folder, e.g. VOCdevkit/VOC2007, that holds ImageSets/Main/, Annotations/ "
+             "and JPEGImages/")
 
 
 def build_split_dataset(
@@ -51,6 +57,7 @@ def build_split_dataset(
             raise ValueError(f"RPNDataModule: data.scene_options {hp['scene_options']!r}: {error}") from None
     if root is None:
         raise ValueError(f"RPNDataModule: dataset={kind!r} needs root (the dataset folder)")
+    check_split_paths(hp, root, split)
     if kind == "coco":
         return COCODetection(
             root / hp["coco_images"].format(split=split),
@@ -62,3 +69,59 @@ def build_split_dataset(
     return VOCDetection(root, split, keep_difficult=hp["keep_difficult"], class_names=hp["category_names"],
                         on_bad_annotation=on_bad_annotation, verify_images=verify_images,
                         report_unsafe_paths=report_unsafe_paths)
+
+
+def check_split_paths(hp: Mapping[str, Any], root: Path, split: str) -> None:
+    """Raise the one-line :class:`DataError` of the first file or folder that split ``split`` of a COCO
+    or VOC dataset (``hp["dataset"]``) reads under ``root`` and that does not exist, naming the
+    settings that make its path and what to set; the dataset kinds without files pass. Nothing is
+    read: the check costs a few ``stat`` s, where parsing COCO train2017's annotation file takes seconds."""
+    kind = hp["dataset"]
+    root_setting = f"--data.root {str(root)!r}"
+    if kind == "coco":
+        annotations, images = hp["coco_annotations"], hp["coco_images"]
+        needed = [
+            (annotations.format(split=split), False, "COCO annotation file",
+             f"{root_setting} and --data.coco_annotations {annotations!r}",
+             "set them to the COCO folder and the file's path in it, or correct the split name in --data.*_split"),
+            (images.format(split=split), True, "COCO images folder", f"{root_setting} and --data.coco_images {images!r}",
+             "set --data.coco_images to the folder in --data.root that the annotation file's file_name values are "
+             "relative to"),
+        ]
+    elif kind == "voc":
+        needed = [
+            (f"ImageSets/Main/{split}.txt", False, f"VOC split file for split {split!r}", root_setting,
+             f"{_VOC_ROOT}, or the split name in --data.*_split to a list in ImageSets/Main{_voc_lists(root)}"),
+            ("Annotations", True, "VOC annotations folder", root_setting, _VOC_ROOT),
+            ("JPEGImages", True, "VOC images folder", root_setting, _VOC_ROOT),
+        ]
+    else:
+        return
+    for i, (relative, folder, what, settings, advice) in enumerate(needed):
+        path = root / relative
+        if path.is_dir() if folder else path.is_file():
+            continue
+        # the first path, a file, tells where the dataset is; once it exists the root is right
+        off = _one_level_off(root, relative) if i == 0 else ""
+        raise DataError(f"split {split!r} of {settings} ({advice}{off}): {what} does not exist", file=str(path))
+
+
+def _one_level_off(root: Path, relative: str) -> str:
+    """Where the file ``relative`` is in the folder above ``root`` or in one of its subfolders
+    (``root`` set one level off in the tree), as advice; ``""`` where it is in neither."""
+    below = [] if not root.is_dir() else sorted(Path(entry.path) for entry in os.scandir(root) if entry.is_dir())
+    for candidate in (root.parent, *below):
+        if candidate != root and (candidate / relative).is_file():
+            return f"; {str(candidate)!r} holds it: set --data.root to that folder"
+    return ""
+
+
+def _voc_lists(root: Path) -> str:
+    """The split lists in ``root/ImageSets/Main`` as advice (the per-class ones, ``aeroplane_train``
+    beside ``train``, left out); ``""`` where there is none."""
+    main = root / "ImageSets" / "Main"
+    stems = {path.stem for path in main.glob("*.txt")} if main.is_dir() else set()
+    names = sorted(name for name in stems if "_" not in name or name.rpartition("_")[2] not in stems)
+    if not names:
+        return ""
+    return f": {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
