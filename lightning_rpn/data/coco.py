@@ -8,13 +8,17 @@ file is an error). An annotation whose ``category_id`` is missing or not in ``ca
 as is one that reuses another's ``id``: both are warnings. ``iscrowd`` (0 or 1, or false /
 true; anything else is an error) annotations become crowd boxes, kept apart from the ground
 truth (excluded from anchor matching and from recall), or are dropped with
-``include_crowd=False``. Images without annotations are valid (empty).
+``include_crowd=False``. Images without annotations are valid (empty). Messages quote values as
+the file writes them (``null``, ``true``) and name an annotation without ``id`` by its position
+(``annotations[3]``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +47,10 @@ def load_coco_json(annotation_file: Path | str) -> dict[str, Any]:
     for key in ("images", "annotations"):
         if not isinstance(data.get(key), list):
             raise DataError(f"missing or non-list {key!r}; expected a COCO instances file", file=str(path))
+    categories = data.get("categories")
+    if categories is not None and not isinstance(categories, list):  # null or none: no categories
+        raise DataError(f"non-list 'categories' ({_quoted(categories)}); expected a list of objects with "
+                        "'id' and 'name'", file=str(path))
     return data
 
 
@@ -56,10 +64,11 @@ class COCODetection(AnnotatedDataset):
             selects every category of that name).
         include_crowd: keep ``iscrowd`` boxes as crowd boxes (True) or drop them.
         on_bad_annotation: ``"raise"`` | ``"skip"`` | ``"clip"`` (see ``problems``); an image
-            entry without ``id`` / ``file_name``, with a duplicate id or a bad size raises, or
-            is skipped with its annotations. An id listed by several image entries (files
-            merged without renumbering) is ambiguous: every entry of it is skipped, with every
-            annotation of the id (one problem per id, naming the files).
+            entry without ``id`` / ``file_name`` (an id null is none), with a duplicate id or a
+            bad size raises, or is skipped with its annotations; an entry of ``annotations``
+            that is no object (named by its position) raises or is skipped. An id listed by
+            several image entries (files merged without renumbering) is ambiguous: every entry
+            of it is skipped, with every annotation of the id (one problem per id, naming the files).
         verify_images: decode every image now (missing / corrupt / truncated / mis-sized images).
         report_unsafe_paths: record ``file_name`` s escaping ``images_root`` as skipped problems
             instead of raising (``check-data``).
@@ -108,8 +117,8 @@ class COCODetection(AnnotatedDataset):
         used: Counter[Any] = Counter()
         for (category, _), n in selected.items():
             used[category] += n
-        listed = ", ".join(f"{category!r}" + (f" ({self._category_names[category]!r})" if category in
-                                               self._category_names else "") + f": {n}"
+        listed = ", ".join(_as_written(category) + (f" ({_as_written(self._category_names[category])})" if category
+                                                    in self._category_names else "") + f": {n}"
                            for category, n in used.most_common(10))
         raise DataError(f"the category filter {chosen} keeps none of the file's {sum(used.values())} annotations "
                         f"(annotations per category_id: {listed}{', ...' if len(used) > 10 else ''}); choose "
@@ -129,15 +138,17 @@ class COCODetection(AnnotatedDataset):
         selected: set[int] = set()
         for name in names or []:
             if name not in by_name:
+                known_names = _as_written(sorted(by_name, key=_as_written))
                 raise DataError(
-                    f"category_names: {name!r} is not a category; known: {sorted(map(str, by_name))}",
+                    f"category_names: {name!r} is not a category; known: {known_names}",
                     file=self.annotation_file,
                 )
             selected |= by_name[name]
         for cat_id in ids or []:
             if known_ids and cat_id not in known_ids:
                 raise DataError(
-                    f"category_ids: {cat_id!r} is not a category id; known: {sorted(known_ids, key=repr)}",
+                    f"category_ids: {cat_id!r} is not a category id; "
+                    f"known: {_as_written(sorted(known_ids, key=repr))}",
                     file=self.annotation_file,
                 )
             selected.add(cat_id)
@@ -195,33 +206,34 @@ class COCODetection(AnnotatedDataset):
         if image_id not in dropped:
             dropped.add(image_id)
             names, count = shared[image_id]
-            n, quoted = len(names), [repr(name) for name in names]
-            listed = f"{', '.join(quoted[:-1])} and {quoted[-1]} {'both' if n == 2 else 'all'} have id {image_id!r}"
+            n, quoted, written_id = len(names), [_as_written(name) for name in names], _as_written(image_id)
+            listed = f"{', '.join(quoted[:-1])} and {quoted[-1]} {'both' if n == 2 else 'all'} have id {written_id}"
             self.problems.add(Problem(
                 "bad_image_entry", "skipped",
                 f"duplicate image id: {listed}, so its annotations could belong to {'either' if n == 2 else 'any'}; "
                 f"{'both' if n == 2 else f'all {n}'} entries are skipped, with the {count} "
-                f"annotation{'' if count == 1 else 's'} of image id {image_id!r} (give every image entry its own "
+                f"annotation{'' if count == 1 else 's'} of image id {written_id} (give every image entry its own "
                 "id, e.g. renumber the ids of merged files)",
                 self.annotation_file, image_id))
         self._parse_image(entry, {})
 
     def _parse_image(self, entry: Any, records: dict[Any, ImageRecord]) -> ImageRecord:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise DataError(f"image entry {entry!r} lacks 'id' or 'file_name'", file=self.annotation_file)
+            raise DataError(f"image entry {_quoted(entry)} lacks 'id' or 'file_name'", file=self.annotation_file)
         image_id = entry["id"]
-        if _hashable(image_id) is not image_id:  # a list or an object: no id an annotation could name
-            raise DataError(f"image id {image_id!r} of {entry['file_name']!r} is not a number or a string",
-                            file=self.annotation_file, image_id=_hashable(image_id))
+        if image_id is None or _hashable(image_id) is not image_id:  # null, a list, an object: no id to name
+            raise DataError(f"image id {_as_written(image_id)} of {_as_written(entry['file_name'])} is not a number "
+                            "or a string", file=self.annotation_file, image_id=_hashable(image_id))
         if image_id in records:
-            raise DataError(f"duplicate image id: {entry['file_name']!r} has the id of "
+            raise DataError(f"duplicate image id: {_as_written(entry['file_name'])} has the id of "
                             f"{records[image_id].file.name!r}", file=self.annotation_file, image_id=image_id)
         path = self._image_path(entry["file_name"], image_id)
         width, height = entry.get("width"), entry.get("height")
         size = None
         if width is not None or height is not None:
             if not (_is_positive_number(width) and _is_positive_number(height)):
-                raise DataError(f"image width/height {width!r}/{height!r} must be positive numbers",
+                raise DataError(f"image width/height {_as_written(width)}/{_as_written(height)} must be positive "
+                                "numbers",
                                 file=self.annotation_file, image_id=image_id)
             size = (int(height), int(width))
         return ImageRecord(image_id, path, self.annotation_file, size)
@@ -250,9 +262,9 @@ class COCODetection(AnnotatedDataset):
         sink = _AnnotationSink(records, dropped, include_crowd)
         self._images_as_text: dict[str, Any] | None = None  # the image ids as strings, once an annotation misses
         add_if_clean = self._add_if_clean
-        for ann in self._progress(annotations, "Reading COCO annotations"):
+        for position, ann in enumerate(self._progress(annotations, "Reading COCO annotations")):
             if not add_if_clean(ann, sink):
-                self._add_checked(ann, sink, records, dropped)
+                self._add_checked(ann, position, sink, records, dropped)
         sink.store(list(records.values()))
         return sink.selected
 
@@ -292,27 +304,38 @@ class COCODetection(AnnotatedDataset):
         sink.add(position, bbox, ann_id, crowd == 1)
         return True
 
-    def _add_checked(self, ann: Any, sink: _AnnotationSink, records: dict[Any, ImageRecord], dropped: set[Any]) -> None:
-        """Add ``ann`` to ``sink`` after checking each field, reporting (or raising for) what is wrong."""
-        ann_id = ann.get("id") if isinstance(ann, dict) else None
-        image_id = _hashable(ann.get("image_id")) if isinstance(ann, dict) else None
+    def _add_checked(
+        self, ann: Any, position: int, sink: _AnnotationSink, records: dict[Any, ImageRecord], dropped: set[Any]
+    ) -> None:
+        """Add ``ann``, entry ``position`` of 'annotations', to ``sink`` after checking each field,
+        reporting (or raising for) what is wrong."""
+        if not isinstance(ann, dict):  # no field to read: named by its position
+            self._skip_annotation("bad_annotation_entry", f"annotations[{position}] is {_quoted(ann)}, not an object "
+                                  "with image_id and bbox", None, None)
+            return
+        ann_id = ann.get("id")
+        image_id = _hashable(ann.get("image_id"))
         if image_id in dropped:
             return  # its image entry was skipped and reported
-        if isinstance(ann, dict):
-            self._check_id_unique(ann_id, image_id, sink.first_use)
-            kept = self._category_kept(ann, ann_id, image_id)
-            if self.category_ids is not None:
-                sink.selected[(_hashable(ann.get("category_id")), kept)] += 1
-            if not kept:
-                return
+        named = "" if ann_id is not None else f"annotations[{position}] (no id): "  # what names it in a message
+        self._check_id_unique(ann_id, image_id, sink.first_use)
+        kept = self._category_kept(ann, ann_id, image_id, named)
+        if self.category_ids is not None:
+            sink.selected[(_hashable(ann.get("category_id")), kept)] += 1
+        if not kept:
+            return
         problem = self._annotation_problem(ann, image_id, records)
         if problem is not None:
-            if self.on_bad_annotation == "raise":
-                raise DataError(problem[1] + " (set on_bad_annotation='skip' to drop it)",
-                                file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
-            self.problems.add(Problem(problem[0], "skipped", problem[1], self.annotation_file, image_id, ann_id))
+            self._skip_annotation(problem[0], named + problem[1], image_id, ann_id)
             return
-        sink.add(sink.positions[image_id], [float(v) for v in ann["bbox"]], ann_id, bool(ann.get("iscrowd", 0)))
+        sink.add(sink.positions[image_id], [_as_float(v) for v in ann["bbox"]], ann_id, bool(ann.get("iscrowd", 0)))
+
+    def _skip_annotation(self, kind: str, detail: str, image_id: Any, ann_id: Any) -> None:
+        """Raise for an unusable annotation under ``"raise"``, else record it as skipped."""
+        if self.on_bad_annotation == "raise":
+            raise DataError(detail + " (set on_bad_annotation='skip' to drop it)",
+                            file=self.annotation_file, image_id=image_id, annotation_id=ann_id)
+        self.problems.add(Problem(kind, "skipped", detail, self.annotation_file, image_id, ann_id))
 
     def _check_id_unique(self, ann_id: Any, image_id: Any, first_use: dict[Any, Any]) -> None:
         """Record a warning when ``ann_id`` was used before: messages naming it would be ambiguous."""
@@ -321,36 +344,43 @@ class COCODetection(AnnotatedDataset):
         if ann_id in first_use:
             self.problems.add(Problem(
                 "duplicate_annotation_id", "kept",
-                f"annotation id {ann_id!r} is used again (first by an annotation of image {first_use[ann_id]!r}), "
+                f"annotation id {_as_written(ann_id)} is used again (first by an annotation of image "
+                f"{_as_written(first_use[ann_id])}), "
                 "so problems naming it are ambiguous; give each annotation its own id",
                 self.annotation_file, image_id, ann_id))
         else:
             first_use[ann_id] = image_id
 
-    def _category_kept(self, ann: dict[str, Any], ann_id: Any, image_id: Any) -> bool:
+    def _category_kept(self, ann: dict[str, Any], ann_id: Any, image_id: Any, named: str) -> bool:
         """Whether the category filter keeps ``ann``; a ``category_id`` that is missing or not in the
-        file's ``categories`` (when it has any) is a warning, the box kept (one class) unless filtered out."""
+        file's ``categories`` (when it has any) is a warning, the box kept (one class) unless filtered
+        out (``named``: what starts the warning, naming an annotation without id)."""
         category = _hashable(ann.get("category_id"))
         kept = self.category_ids is None or category in self.category_ids
         known = self._category_names
         if known and category not in known:
             near = next((k for k in known if str(k) == str(category)), None) if "category_id" in ann else None
             detail = ("the annotation has no category_id" if "category_id" not in ann else
-                      f"category_id {category!r} is not an id of 'categories'"
-                      + ("" if near is None else f" ('categories' has {near!r})"))
+                      f"category_id {_as_written(ann['category_id'])} is not an id of 'categories'"
+                      + ("" if near is None else f" ('categories' has {_as_written(near)})"))
             outcome = "every category is one class" if kept else "not a category the filter selects"
-            self.problems.add(Problem("unknown_category", "kept" if kept else "skipped", f"{detail}; {outcome}",
+            self.problems.add(Problem("unknown_category", "kept" if kept else "skipped", f"{named}{detail}; {outcome}",
                                       self.annotation_file, image_id, ann_id))
         return kept
 
-    def _annotation_problem(self, ann: Any, image_id: Any, records: dict[Any, ImageRecord]) -> tuple[str, str] | None:
+    def _annotation_problem(
+        self, ann: dict[str, Any], image_id: Any, records: dict[Any, ImageRecord]
+    ) -> tuple[str, str] | None:
         """``(kind, detail)`` of what makes ``ann`` unusable (unknown image, malformed bbox, bad iscrowd), else None."""
+        if "image_id" not in ann:
+            return "unknown_image", "the annotation has no image_id; expected the id of an entry of 'images'"
         if image_id not in records:
             if self._images_as_text is None:  # 1 and "1" are different ids in JSON: name the near miss
                 self._images_as_text = {str(known): known for known in records}
             near = self._images_as_text.get(str(image_id))
-            hint = "" if near is None else f" ('images' has {near!r})"
-            return "unknown_image", f"annotation refers to image id {image_id!r}, which is not in 'images'{hint}"
+            hint = "" if near is None else f" ('images' has {_as_written(near)})"
+            return "unknown_image", (f"annotation refers to image id {_as_written(ann['image_id'])}, which is not in "
+                                     f"'images'{hint}")
         if "bbox" not in ann:
             return "malformed_bbox", "the annotation has no bbox; expected 4 numbers (x, y, w, h)"
         bbox = ann["bbox"]
@@ -359,7 +389,8 @@ class COCODetection(AnnotatedDataset):
         crowd = ann.get("iscrowd", 0)
         if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
-            return "bad_iscrowd", f"iscrowd {crowd!r} is {kind}; expected the number 0 or 1 (or false / true)"
+            return "bad_iscrowd", (f"iscrowd {_as_written(crowd)} is {kind}; expected the number 0 or 1 "
+                                   "(or false / true)")
         return None
 
 
@@ -384,16 +415,39 @@ def _shared_image_ids(images: list[Any]) -> dict[Any, list[Any]]:
     return {image_id: files for image_id, files in names.items() if len(files) > 1}
 
 
-def _as_written(bbox: Any) -> str:
-    """``bbox`` quoted for a message, a JSON ``null`` as the file writes it (``repr`` says ``None``)."""
-    if isinstance(bbox, list):
-        return f"[{', '.join(_as_written(v) for v in bbox)}]"
-    return "null" if bbox is None else repr(bbox)
+def _as_written(value: Any) -> str:
+    """``value`` quoted for a message, JSON's ``null``, ``true`` and ``false`` as the file writes them
+    (``repr`` says ``None``, ``True``, ``False``), also inside lists and objects."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return f"[{', '.join(_as_written(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k!r}: {_as_written(v)}' for k, v in value.items())}}}"
+    return repr(value)
+
+
+def _quoted(value: Any, limit: int = 60) -> str:
+    """:func:`_as_written` cut to ``limit`` characters: a whole entry quoted may be long."""
+    text = _as_written(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_positive_number(value: Any) -> bool:
-    """Whether an image entry's ``width`` / ``height`` is usable."""
-    return isinstance(value, (int, float)) and value > 0
+    """Whether an image entry's ``width`` / ``height`` is usable: positive and finite (Python's json
+    reads ``Infinity``) and no integer past float64, which the box checks could not compare."""
+    return isinstance(value, (int, float)) and 0 < value <= sys.float_info.max
+
+
+def _as_float(value: int | float) -> float:
+    """A bbox number as float64; an integer past its range (over 308 digits) is infinite, as
+    ``1e400`` reads, for the box checks to report as non-finite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 _NUMBERS = frozenset((int, float))
@@ -433,7 +487,11 @@ class _AnnotationSink:
         (converting image by image, in the file's scattered order, cost more than the rest)."""
         owners = np.asarray(self.owners, dtype=np.intp)
         order = np.argsort(owners, kind="stable")
-        rows = np.asarray(self.values, dtype=np.float64).reshape(-1, 4)[order]
+        try:
+            values = np.asarray(self.values, dtype=np.float64)
+        except OverflowError:  # an integer past float64, which a clean annotation may hold
+            values = np.asarray([_as_float(v) for v in self.values], dtype=np.float64)
+        rows = values.reshape(-1, 4)[order]
         ids = [self.ids[i] for i in order.tolist()]
         ends = np.cumsum(np.bincount(owners, minlength=2 * self.num_records)).tolist()
         starts = [0] + ends[:-1]

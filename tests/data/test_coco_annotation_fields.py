@@ -87,7 +87,7 @@ def test_a_category_filter_on_a_file_mixing_int_and_string_ids_names_the_known_o
 def test_an_image_id_that_is_a_list_is_an_error_not_a_type_error(tmp_path: Path) -> None:
     # a list (unhashable) as an annotation's image_id or an image's id raised TypeError
     args = write_coco(tmp_path, IMAGES, [annotation(image_id=[7])])
-    with pytest.raises(DataError, match=r"annotation 70: annotation refers to image id '\[7\]'"):
+    with pytest.raises(DataError, match=r"annotation 70: annotation refers to image id \[7\], which"):
         COCODetection(*args)
     (problem,) = COCODetection(*args, on_bad_annotation="skip").problems
     assert (problem.kind, problem.annotation_id) == ("unknown_image", 70)

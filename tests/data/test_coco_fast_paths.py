@@ -91,7 +91,7 @@ ANNOTATION_PROBLEMS = [
     ("unknown_category", "kept", 2, 21, f"the annotation has no category_id; {ONE_CLASS}"),
     ("unknown_category", "kept", 2, 22,
      f"category_id '1' is not an id of 'categories' ('categories' has 1); {ONE_CLASS}"),
-    ("unknown_image", "skipped", None, None, UNKNOWN_IMAGE.format(None)),
+    ("bad_annotation_entry", "skipped", None, None, "annotations[19] is 'oops', not an object with image_id and bbox"),
 ]
 
 
@@ -150,7 +150,7 @@ FIX_BOX = "(set on_bad_annotation='skip' or 'clip' to drop or repair such boxes)
     (ann(15, 1, [1, 2, 3]), "image 1, annotation 15", f"{NOT_4_NUMBERS.format('[1, 2, 3]')} {FIX_ANNOTATION}"),
     (ann(16, 1, {"x": 1}), "image 1, annotation 16", f"{NOT_4_NUMBERS.format(repr({'x': 1}))} {FIX_ANNOTATION}"),
     (ann(18, 1, iscrowd=0.0), "image 1, annotation 18", f"{ISCROWD.format(0.0, 'not 0 or 1')} {FIX_ANNOTATION}"),
-    ("oops", "", f"{UNKNOWN_IMAGE.format(None)} {FIX_ANNOTATION}"),
+    ("oops", "", f"annotations[2] is 'oops', not an object with image_id and bbox {FIX_ANNOTATION}"),
     (ann(17, 1, [None, 2, 3, 4]), "image 1, annotation 17",
      f"{NOT_4_NUMBERS.format('[null, 2, 3, 4]')} {FIX_ANNOTATION}"),
     (ann(19, 1, None), "image 1, annotation 19", f"{NOT_4_NUMBERS.format('null')} {FIX_ANNOTATION}"),
