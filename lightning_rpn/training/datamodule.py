@@ -249,8 +249,9 @@ class RPNDataModule(LightningDataModule):
         """Nothing to download; checks that the dataset folder exists and holds the files and folders of
         the splits the trainer's stage reads (every split without a trainer, as ``setup(None)``), or
         that ``predict_images`` is a folder. Lightning calls it before its loggers start their run (a
-        W&B run), ``setup`` after: a wrong path stops the command before there is a run. Nothing is
-        read (:func:`check_split_paths`); ``setup`` reads the splits once."""
+        W&B run), ``setup`` after: a wrong path, or no split for a validate / test / predict, stops the
+        command before there is a run. Nothing is read (:func:`check_split_paths`); ``setup`` reads the
+        splits once."""
         if self.root is not None and not self.root.is_dir():
             raise DataError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r}); "
                             f"set --data.root to the dataset's folder")
@@ -260,7 +261,10 @@ class RPNDataModule(LightningDataModule):
                 if not Path(self.predict_images).is_dir():
                     raise DataError("image folder does not exist; set --data.predict_images to a folder of images",
                                     file=str(self.predict_images))
-            elif self.splits[role] is not None and self.root is not None:
+            elif self.splits[role] is None:
+                if fn is not None and not (role == "val" and fn == TrainerFn.FITTING):  # fit may go without val
+                    raise self._no_split(role)
+            elif self.root is not None:
                 check_split_paths(self.hparams, self.root, self.splits[role])
 
     def setup(self, stage: str | None = None) -> None:
@@ -422,12 +426,15 @@ class RPNDataModule(LightningDataModule):
         if role not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
         if role not in self.datasets:
-            raise DataError(
-                f"RPNDataModule: no {role} split to load: {role}_split is None. Name one with "
-                f"RPNDataModule({role}_split=...) or --data.{role}_split NAME"
-                + (" (or --data.predict_images FOLDER)" if role == "predict" else "")
-            )
+            raise self._no_split(role)
         return self.datasets[role]
+
+    @staticmethod
+    def _no_split(role: str) -> DataError:
+        """The error of a command that reads split ``role`` (``"val"``, ...) when none is configured."""
+        return DataError(f"RPNDataModule: no {role} split to load: {role}_split is None. Name one with "
+                         f"RPNDataModule({role}_split=...) or --data.{role}_split NAME"
+                         + (" (or --data.predict_images FOLDER)" if role == "predict" else ""))
 
     def _evaluation_generator(self) -> torch.Generator:
         """The random source of an evaluation loader (its workers' seeds). Without one, making its

@@ -128,3 +128,14 @@ def test_prepare_data_checks_the_predict_folder_instead_of_the_predict_split(tmp
         with_stage(dm, TrainerFn.PREDICTING).prepare_data()
     (tmp_path / "photos").mkdir()
     with_stage(dm, TrainerFn.PREDICTING).prepare_data()  # the val split's files are not needed
+
+
+@pytest.mark.parametrize("fn, missing", [(TrainerFn.VALIDATING, "val"), (TrainerFn.TESTING, "test"),
+                                         (TrainerFn.PREDICTING, "predict")])
+def test_prepare_data_refuses_a_command_whose_split_is_not_configured(fn: TrainerFn, missing: str) -> None:
+    # a Trainer.validate / test / predict of a library user (the CLI refuses earlier): before its loggers start
+    dm = RPNDataModule(synthetic_train_images=2, synthetic_val_images=2, val_split=None, test_split=None,
+                       num_workers=0)
+    with pytest.raises(DataError, match=f"no {missing} split to load: {missing}_split is None"):
+        with_stage(dm, fn).prepare_data()
+    with_stage(dm, TrainerFn.FITTING).prepare_data()  # fit goes without validation
