@@ -25,6 +25,11 @@ resume runs that validation again from its start
 save nothing: they may leave broken weights. With several processes nothing is saved on an
 interruption: the ranks stop at different points and a save needs them all. What was saved is attached to the exception
 (:func:`interruption_of`), for the command line's one-line report.
+
+Loggers that keep checkpoints (W&B's and MLflow's ``log_model``) see each save as the callback's
+latest file, never as a best (:class:`_LatestFile`): Lightning's loggers call a callback's own
+``best_model_path`` its best, which here is the last save, so ``last.ckpt``, logged after
+``best.ckpt``, took W&B's ``best`` alias from it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.types import _PATH
@@ -112,6 +118,7 @@ class LastCheckpoint(ModelCheckpoint):
             save_weights_only=save_weights_only, enable_version_counter=enable_version_counter, verbose=verbose,
         )
         self._saving_in_validation = False
+        self._as_latest = _LatestFile(self)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the final weights unless the last save was at this step (Lightning's checks:
@@ -148,6 +155,17 @@ class LastCheckpoint(ModelCheckpoint):
         record = Interruption(stop, trainer.global_step, saved, self._last_global_step_saved if saved else None, marked)
         setattr(exception, _RECORD, record)
 
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Lightning's save (2.6.0 to 2.6.6), except that loggers are shown :class:`_LatestFile`
+        instead of this callback, whose ``best_model_path`` (the file just saved, and what the
+        checkpoint records) they would log as a best."""
+        trainer.save_checkpoint(filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self._as_latest))
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Resume a moved run folder with its own files, for modules that do not already
         (:func:`~lightning_rpn.training.moved_run.follow_moved_run`; ``RPNModule`` does)."""
@@ -159,6 +177,34 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._saving_in_validation:
             mark_validation_interrupted(checkpoint)
+
+
+class _LatestFile:
+    """A :class:`LastCheckpoint` as loggers see it: its latest save as ``last_model_path`` and no
+    ``best_model_path``, so that W&B and MLflow log the file with the alias ``latest`` only.
+
+    Every other attribute is the callback's, read when asked: ``log_model=True`` keeps this object
+    and logs the file at the end of ``fit``. It reports the callback's class, which W&B names in
+    the artifact's metadata, and so pickles and copies through :meth:`__reduce__`."""
+
+    best_model_path = ""
+
+    def __init__(self, callback: LastCheckpoint) -> None:
+        self._callback = callback
+
+    @property
+    def last_model_path(self) -> str:
+        return self._callback._last_checkpoint_saved
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self._callback)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._callback, name)
+
+    def __reduce__(self) -> tuple[type, tuple[LastCheckpoint]]:
+        return _LatestFile, (self._callback,)
 
 
 def _match_best_records_to_files(trainer: pl.Trainer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import signal
 from pathlib import Path
 
@@ -69,6 +71,60 @@ def test_last_keeps_other_runs_files(tmp_path: Path) -> None:
     assert last.monitor is None and last.save_top_k == 1 and not last.save_last
     (earlier.parent / "last.ckpt").unlink()
     assert _steps(earlier.parent) == {"last-v1.ckpt": 8}
+
+
+# ---------------------------------------------------------------- W&B model artifacts
+@pytest.mark.parametrize("log_model", ["all", True])
+def test_wandb_gives_the_best_alias_to_the_best_file_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_model: str | bool
+) -> None:
+    """Lightning's WandbLogger gives ``best`` to each checkpoint callback's own
+    ``best_model_path``: a LastCheckpoint's is its last save, so last.ckpt, logged after
+    best.ckpt, took ``best`` too, and ``model:best`` downloaded the last weights. Here the best is
+    the first validation's (step 4) and the fit goes on to step 12; every last.ckpt save is
+    still logged, as ``latest``, and the file still records itself as its callback's best."""
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                        "WANDB_CONSOLE": "off"}.items():  # offline=True refuses log_model
+        monkeypatch.setenv(name, value)
+    logger = WandbLogger(save_dir=str(tmp_path), project="lightning-rpn-test", log_model=log_model)
+    run, logged, folder = logger.experiment, [], tmp_path / "checkpoints"
+    log_artifact = run.log_artifact
+
+    def record(artifact, *args, aliases=None, **kwargs):  # the file's name and step, and its aliases
+        file = folder / artifact.metadata["original_filename"]
+        logged.append((file.name, torch.load(file, weights_only=True)["global_step"], sorted(aliases)))
+        return log_artifact(artifact, *args, aliases=aliases, **kwargs)
+
+    monkeypatch.setattr(run, "log_artifact", record)
+    best = ModelCheckpoint(dirpath=folder, filename="best", monitor="score", mode="min")
+    last = LastCheckpoint(dirpath=folder)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=12, max_epochs=-1, limit_train_batches=4,
+                      limit_val_batches=1, callbacks=[best, last], logger=logger, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0)
+    try:
+        trainer.fit(FallingModel())
+    finally:
+        wandb.finish()
+
+    saves = [4, 8, 12] if log_model == "all" else [12]  # True: the files there at the end of fit
+    assert logged == [("best.ckpt", 4, ["best", "latest"])] + [("last.ckpt", step, ["latest"]) for step in saves]
+    state = torch.load(folder / "last.ckpt", weights_only=True)["callbacks"][last.state_key]
+    assert state["best_model_path"] == str(folder / "last.ckpt") and state["last_model_path"] == ""
+
+
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda callback: pickle.loads(pickle.dumps(callback))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copy_shows_loggers_its_own_latest_file(tmp_path: Path, duplicate) -> None:
+    """What loggers are shown of a LastCheckpoint follows the copy, not the callback copied."""
+    copied = duplicate(LastCheckpoint(dirpath=tmp_path))
+    copied._last_checkpoint_saved = str(tmp_path / "last.ckpt")
+    shown = copied._as_latest
+    assert (shown.last_model_path, shown.best_model_path) == (str(tmp_path / "last.ckpt"), "")
+    assert shown.dirpath == str(tmp_path)  # the callback's own settings
+    assert shown.__class__ is LastCheckpoint  # whose name W&B's artifact metadata takes
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM during fit
