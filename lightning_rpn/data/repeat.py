@@ -4,9 +4,9 @@ A data module iterates its files once per epoch. With random crops of a few larg
 (four orthophotos, ``batch_size: 8``), that gives batches of four crops: half the data per
 step that the configured batch size (and a plain loop drawing eight crops) implies.
 :class:`RepeatedDataset` lists every item ``times`` times; item ``i`` is item ``i % n`` of the
-wrapped dataset, and its position ``i`` (the ``dataset_index`` that the data module's wrapper
-sets) keys its anchor sampling, so two copies of an image in one epoch draw different anchors as
-well as different crops.
+wrapped dataset; the data module's training loader draws each listing as an item of its own
+(its index, the ``dataset_index`` that keys its anchor sampling and its augmentation's seed), so
+two copies of an image in one epoch draw different anchors as well as different crops.
 """
 
 from __future__ import annotations

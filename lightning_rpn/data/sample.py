@@ -28,9 +28,10 @@ class DetectionSample:
     ``original_size`` is the ``(h, w)`` of the image as stored, before any transform;
     ``removed_boxes`` counts ground-truth boxes that transforms removed (e.g. cropped away);
     ``problems`` lists what was clipped or skipped while loading this item;
-    ``dataset_index`` is the item's position in the dataset it came from (set by
-    :class:`~lightning_rpn.data.transforms.TransformedDataset`): with the seed and the epoch it
-    seeds the item's anchor sampling, so an image listed twice in a split draws two samples;
+    ``dataset_index`` is the item's index in the dataset it came from (set by
+    :class:`~lightning_rpn.data.transforms.TransformedDataset`; in training, the draw's
+    ``epoch * n + j``, :mod:`~lightning_rpn.data.draws`): with the seed and the epoch it seeds the
+    item's anchor sampling, so an image listed twice in a split draws two samples;
     ``stand_in`` says the item is another image standing in for one that could not be used
     (unreadable, or skipped for its size under ``on_bad_annotation='skip'``): training uses it,
     so that batches stay full, and evaluation leaves it out, so that no image counts twice.

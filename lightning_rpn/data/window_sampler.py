@@ -32,6 +32,9 @@ class WindowSampler(DistributedSampler):
     ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it (a wrapper
     would not pass ``set_epoch`` on).
 
+    A pass that no ``set_epoch`` came before (a training loop of one's own iterating the loader
+    again) draws the next epoch, as a shuffling sampler would draw a new order.
+
     ``done(epoch)`` (asked as an epoch's iteration starts) says how many of the epoch's first
     windows are already trained, all ranks together: a run resumed from a checkpoint saved
     inside the epoch skips them. ``len()`` stays the whole epoch's share, which Lightning counts
@@ -47,12 +50,16 @@ class WindowSampler(DistributedSampler):
         self.per_epoch, self.num_replicas, self.rank, self.epoch = per_epoch, num_replicas, rank, 0
         self.num_samples = -(-per_epoch // num_replicas)
         self.done = done
+        self._epoch_set = True  # the first pass draws epoch 0 (or the one set before it)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the windows of ``epoch`` next (Lightning calls this before every training epoch)."""
-        self.epoch = int(epoch)
+        self.epoch, self._epoch_set = int(epoch), True
 
     def __iter__(self) -> Iterator[int]:
+        if not self._epoch_set:
+            self.epoch += 1
+        self._epoch_set = False
         done = 0 if self.done is None else min(max(0, self.done(self.epoch)), self.per_epoch)
         count = -(-(self.per_epoch - done) // self.num_replicas)
         start = self.epoch * self.per_epoch

@@ -47,6 +47,7 @@ from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, Tran
 from lightning_rpn.data.validation import DatasetReport, listing_file, no_boxes_problem, validate_dataset
 from lightning_rpn.training.anchor_agreement import AnchorSetting, AnchorSetup, agree_with_model
 from lightning_rpn.training.data_report import MAX_WARNED_PROBLEMS, RunDataReport
+from lightning_rpn.training.resume_state import epoch_batches_trained
 from lightning_rpn.training.split_datasets import build_split_dataset, check_split_paths
 
 __all__ = ["RPNDataModule", "DEFAULT_TRAIN_TRANSFORMS", "MAX_WARNED_PROBLEMS"]
@@ -222,8 +223,7 @@ class RPNDataModule(LightningDataModule):
         self._window_eval = False  # the model proposes on sliding windows: no evaluation targets
         self._window_progress: WindowProgress | None = None  # the items of the epoch training has trained
         self._window_resume: tuple[int, int] | None = None  # (epoch, items done) of a loaded checkpoint
-        self._draw_seed: int | None = None  # the seed of training's order and augmentations (data.draws)
-        self._draw_seed_resume: int | None = None  # a loaded checkpoint's
+        self._draw_seed: int | None = None  # this fit's seed of training's order and augmentations (data.draws)
 
     # ---- datasets -------------------------------------------------------------------------
     def build_dataset(
@@ -255,7 +255,7 @@ class RPNDataModule(LightningDataModule):
         if self.root is not None and not self.root.is_dir():
             raise DataError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r}); "
                             f"set --data.root to the dataset's folder")
-        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        fn = self._trainer_fn()
         for role in _STAGE_SPLITS.get(str(fn.value), ()) if fn is not None else ("train", "val", "test", "predict"):
             if role == "predict" and self.predict_images is not None:
                 if not Path(self.predict_images).is_dir():
@@ -268,8 +268,12 @@ class RPNDataModule(LightningDataModule):
                 check_split_paths(self.hparams, self.root, self.splits[role])
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets of ``stage`` (all of them when ``None``) and take the model's anchors."""
+        """Build the datasets of ``stage`` (all of them when ``None``) and take the model's anchors;
+        a trainer's fit starts without the draws' seed and position of an earlier one (its
+        checkpoint, loaded after this, sets them)."""
         self._resolve_anchors()
+        if stage == "fit" and self._trainer_fn() == TrainerFn.FITTING:
+            self._draw_seed, self._window_resume = None, None
         roles = _STAGE_SPLITS.get(stage, ()) if stage else ("train", "val", "test", "predict")
         for role in roles:
             if role in self.datasets:
@@ -325,6 +329,10 @@ class RPNDataModule(LightningDataModule):
             handled = f"\nannotation problems handled:\n{dataset.problems.summary()}" if len(dataset.problems) else ""
             raise DataError(f"{where}: {problem.detail}{handled}", file=problem.file)
         rank_zero_warn(f"{problem.file}: {where}: {problem.detail}")
+
+    def _trainer_fn(self) -> TrainerFn | None:
+        """What the attached trainer runs (``None`` without one)."""
+        return getattr(getattr(self.trainer, "state", None), "fn", None)
 
     @property
     def _world_size(self) -> int:
@@ -409,17 +417,14 @@ class RPNDataModule(LightningDataModule):
         return TransformedDataset(items, dataset.transform, seed), sampler
 
     def _run_draw_seed(self) -> int:
-        """The seed of training's order and augmentations: a loaded checkpoint's, so that a resumed
-        run draws what it would have; else Lightning's global seed (``seed_everything``), else
-        torch's initial seed; rank 0's on every process."""
-        seed = self._draw_seed_resume
-        self._draw_seed_resume = None
-        if seed is None:
+        """The seed of this fit's order and augmentations, chosen as its first training loader is
+        made and kept for its later ones (``reload_dataloaders_every_n_epochs``): the resumed
+        checkpoint's, so that a resumed run draws what it would have; else Lightning's global seed
+        (``seed_everything``), else torch's initial seed; rank 0's on every process."""
+        if self._draw_seed is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-            if self._world_size > 1:
-                seed = int(self.trainer.strategy.broadcast(seed))
-        self._draw_seed = seed
-        return seed
+            self._draw_seed = int(self.trainer.strategy.broadcast(seed)) if self._world_size > 1 else seed
+        return self._draw_seed
 
     def _dataset(self, role: str) -> Dataset:
         """The dataset of ``role`` (``"train"``, ``"val"``, ...), set up on first use."""
@@ -453,9 +458,15 @@ class RPNDataModule(LightningDataModule):
         if trainer is None or not trainer.fit_loop.restarting:
             return (0 if trainer is None else trainer.current_epoch), 0
         batches = trainer.fit_loop.epoch_loop.batch_progress
-        return WindowProgress.resume_position({
-            "epoch": trainer.fit_loop.epoch_progress.current.processed, "finished": batches.is_last_batch,
+        epoch, done = WindowProgress.resume_position({
+            "epoch": trainer.fit_loop.epoch_progress.current.processed, "finished": epoch_batches_trained(batches),
             "done": batches.current.processed * batch_size * trainer.world_size})
+        if done and self.tiles is None:
+            rank_zero_warn(f"RPNDataModule: the checkpoint was saved inside epoch {epoch} by a version before "
+                           "2026-12-07, which kept no order of its images: the rest of that epoch is drawn in "
+                           f"today's order, so some of its images are trained twice and others not (its first {done} "
+                           "of today's order are skipped); the epochs after it are whole")
+        return epoch, done
 
     def _first_window_batch(self, trainer: Any) -> None:
         """Give the epoch's progress the trainer's batch count as an epoch's first batch comes; warn
@@ -473,15 +484,20 @@ class RPNDataModule(LightningDataModule):
         if trainer is None or progress is None:
             return {}
         batches = trainer.fit_loop.epoch_loop.batch_progress
-        position = progress.state(batches.current.processed, self.batch_size, trainer.world_size, batches.is_last_batch)
+        position = progress.state(batches.current.processed, self.batch_size, trainer.world_size,
+                                  epoch_batches_trained(batches))
         return {"draws": {**position, "seed": self._draw_seed}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Where a checkpoint's training stood (``tiles``: saved by tiled training before 2026-12-07,
-        without a seed): the next training loader starts there, with its seed."""
+        """Where a resumed fit's training stood (``tiles``: saved by tiled training before 2026-12-07,
+        without a seed): its training loader starts there, with its seed. A validate, test or predict
+        of the checkpoint trains nothing and takes neither."""
         state = state_dict.get("draws", state_dict.get("tiles"))
-        self._window_resume = None if state is None else WindowProgress.resume_position(state)
-        self._draw_seed_resume = None if state is None or state.get("seed") is None else int(state["seed"])
+        if state is None or self._trainer_fn() not in (None, TrainerFn.FITTING):
+            return
+        self._window_resume = WindowProgress.resume_position(state)
+        if state.get("seed") is not None:
+            self._draw_seed = int(state["seed"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size)

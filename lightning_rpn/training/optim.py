@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_rpn.core.config import OptimConfig, SettingError
+from lightning_rpn.training.resume_state import epoch_batches_trained
 
 __all__ = [
     "LRSchedule",
@@ -81,7 +82,7 @@ def fit_total_steps(trainer: Trainer) -> float:
     if epochs.started > epochs.processed and epochs_left:  # resumed inside an epoch: the rest of it
         progress = trainer.fit_loop.epoch_loop.batch_progress
         done = progress.current.processed
-        if progress.is_last_batch or done >= batches:  # saved at its end (e.g. after its validation)
+        if epoch_batches_trained(progress) or done >= batches:  # saved at its end (e.g. after its validation)
             steps_left -= per_epoch
         else:  # its remaining batches, stepping at every accumulate-th and the last
             steps_left -= done // accumulate

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "epoch_batches_trained",
     "finish_saved_epoch",
     "holds_interrupted_validation",
     "mark_validation_interrupted",
@@ -45,6 +46,14 @@ __all__ = [
 
 _INTERRUPTED_VALIDATION = "lightning_rpn_interrupted_validation"
 """The checkpoint key that marks a save made while fit's validation ran."""
+
+
+def epoch_batches_trained(batch_progress: Any) -> bool:
+    """Whether the running epoch's last batch is trained, from a training epoch loop's ``batch_progress``.
+
+    Lightning sets ``is_last_batch`` as it fetches that batch, before training it: a Ctrl-C inside
+    it leaves the flag set with the batch not processed, and Lightning resumes by training it again."""
+    return bool(batch_progress.is_last_batch) and batch_progress.current.processed >= batch_progress.current.ready
 
 
 def resume_where_saved(checkpoint: dict[str, Any]) -> None:

@@ -94,6 +94,8 @@ def test_windows_are_deterministic_per_seed_epoch_and_index_in_any_worker() -> N
     sampler = WindowSampler(config.per_epoch)
     sampler.set_epoch(1)
     assert list(sampler) == list(range(6, 12)) and len(sampler) == 6
+    assert list(sampler) == list(range(12, 18))  # a pass that no set_epoch came before: the next epoch
+    sampler.set_epoch(1)
     ranks = [WindowSampler(6, num_replicas=4, rank=r) for r in range(4)]  # DDP: equal shares, all windows
     assert [list(r) for r in ranks] == [[0, 4], [1, 5], [2, 0], [3, 1]]
     loader = DataLoader(first, sampler=sampler, batch_size=2, num_workers=2, collate_fn=list)

@@ -12,8 +12,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers.model import quiet_trainer, tiny_model
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_rpn.core.cpu_kernels import load_kernels
+from lightning_rpn.training.callbacks import LastCheckpoint
 from lightning_rpn.training.datamodule import RPNDataModule
 
 
@@ -117,3 +120,66 @@ def test_a_restored_position_trains_the_rest_of_the_epoch_as_drawn(monkeypatch: 
     older = _draws(monkeypatch)  # a tiled checkpoint of before 2026-12-07: its position, today's seed
     older.load_state_dict({"tiles": {"epoch": 0, "done": 6, "finished": False}})
     assert _items(older) == whole[6:]
+
+
+def test_passes_of_ones_own_loop_draw_new_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a loop of one's own (no set_epoch between passes) gets a new order and new augmentations each pass
+    loader = _draws(monkeypatch).train_dataloader()
+    passes = [[(tuple(batch.image_ids), batch.images.sum().item()) for batch in loader] for _ in range(2)]
+    assert passes[0] != passes[1]
+    assert sorted(i for ids, _ in passes[1] for i in ids) == list(range(12))
+
+
+def _fitting(data: RPNDataModule, fn: TrainerFn = TrainerFn.FITTING) -> RPNDataModule:
+    data.trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), world_size=1, global_rank=0,  # type: ignore
+                                   lightning_module=None, fit_loop=SimpleNamespace(restarting=False), current_epoch=0)
+    return data
+
+
+def test_a_resumed_fit_keeps_its_checkpoints_seed_and_an_evaluation_takes_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"draws": {"epoch": 0, "done": 4, "finished": False, "seed": 7}}
+    evaluated = _fitting(_draws(monkeypatch, seed=99), TrainerFn.VALIDATING)
+    evaluated.load_state_dict(state)  # validate(ckpt_path=...) restores the data module too
+    evaluated.setup("fit")
+    evaluated.trainer = None  # type: ignore[assignment]
+    assert _items(evaluated) == _items(_draws(monkeypatch, seed=99))  # a later fit of its own, from its start
+    resumed = _fitting(_draws(monkeypatch, seed=99))
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    first = _items(resumed)
+    again = _items(resumed)  # reload_dataloaders_every_n_epochs: the checkpoint's seed, from the epoch's start
+    assert resumed._draw_seed == 7 and again[4:] == first
+    resumed.setup("fit")  # the next fit of this data module draws from its own seed again
+    assert resumed._draw_seed is None
+
+
+class _StopBefore(Callback):
+    """Ctrl-C as the batch of global step ``step`` starts (fetched, not trained)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def _fit_to_six(tmp_path: Path, callbacks: list, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
+    pl.seed_everything(0)
+    model = tiny_model()
+    data = RPNDataModule(synthetic_train_images=8, synthetic_val_images=2, synthetic_min_size=64,
+                         synthetic_max_size=96, batch_size=2, num_workers=0)
+    trainer = quiet_trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def test_a_ctrl_c_in_an_epochs_last_batch_resumes_with_that_batch(tmp_path: Path) -> None:
+    # Lightning marks the last batch as it fetches it; the checkpoint took the epoch for over, and the
+    # resume trained epoch 0's first batch again in place of its last (72 tensors differed)
+    whole = _fit_to_six(tmp_path / "whole", [])
+    with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C
+        _fit_to_six(tmp_path / "cut", [LastCheckpoint(dirpath=tmp_path / "ck"), _StopBefore(3)])
+    assert torch.load(tmp_path / "ck/last.ckpt", weights_only=True)["global_step"] == 3
+    resumed = _fit_to_six(tmp_path / "cut", [LastCheckpoint(dirpath=tmp_path / "ck")], str(tmp_path / "ck/last.ckpt"))
+    assert all(torch.equal(resumed[key], whole[key]) for key in whole)
