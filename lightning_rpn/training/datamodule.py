@@ -400,7 +400,8 @@ class RPNDataModule(LightningDataModule):
         ``j``-th item of the epoch, of tiled windows or of the split in the epoch's order, and
         seeds its augmentation. :class:`WindowSampler` hands out the epoch's indices, this
         process's share, after those a resumed checkpoint had trained: a run resumed inside an
-        epoch, on any number of processes and workers, trains what an uninterrupted one does."""
+        epoch with any number of workers trains what an uninterrupted one does (on another number
+        of processes, :meth:`WindowProgress.first_batch` warns of what Lightning's count leaves out)."""
         seed = self._run_draw_seed()
         items = dataset.dataset if self.tiles is not None else ShuffledEpochs(dataset.dataset, seed)
         per_epoch = len(items)  # type: ignore[arg-type]
@@ -478,8 +479,8 @@ class RPNDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in its epoch and the seed of its draws (checkpoints keep them, so that
-        a run resumed on any number of processes trains the rest of the epoch as it would have:
-        :class:`WindowProgress`, :mod:`~lightning_rpn.data.draws`)."""
+        a resumed run trains the rest of the epoch as it would have: :class:`WindowProgress`,
+        :mod:`~lightning_rpn.data.draws`)."""
         trainer, progress = self.trainer, self._window_progress
         if trainer is None or progress is None:
             return {}
