@@ -193,7 +193,10 @@ def _sorted_record(image_id: int | str, boxes: np.ndarray, scores: np.ndarray, *
 def read_coco_proposals(path: str | Path) -> list[dict[str, Any]]:
     """Proposal records (xyxy float32 tensors, best first) from a COCO results JSON.
 
-    One record per image id, in order of first appearance; ``category_id`` is ignored.
+    One record per image id, in order of first appearance; ``category_id`` is ignored. An entry
+    whose ``bbox`` is not 4 finite numbers or whose ``score`` is not a finite number is a
+    ``ValueError`` naming it (a ``null`` would read as NaN, and a bbox of 3 numbers would shift
+    every box after it).
     """
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
@@ -204,19 +207,31 @@ def read_coco_proposals(path: str | Path) -> list[dict[str, Any]]:
     for index, entry in enumerate(entries):
         try:
             boxes, scores = groups.setdefault(entry["image_id"], ([], []))
-            boxes.append(entry["bbox"])
-            scores.append(entry["score"])
+            bbox, score = entry["bbox"], entry["score"]
         except (KeyError, TypeError) as error:
             raise ValueError(
                 f"read_coco_proposals: entry {index} of {str(path)!r} is not a COCO result "
                 f"(image_id, bbox, score): {entry!r}"
             ) from error
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_finite_number, bbox)) and _finite_number(score)):
+            raise ValueError(f"read_coco_proposals: entry {index} of {str(path)!r} (image {entry['image_id']!r}) "
+                             f"needs a bbox of 4 finite numbers (x, y, w, h) and a finite score: {entry!r}")
+        boxes.append(bbox)
+        scores.append(score)
     records = []
     for image_id, (boxes, scores) in groups.items():
         xyxy = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xyxy[:, 2:] += xyxy[:, :2]
         records.append(_sorted_record(image_id, xyxy.astype(np.float32), np.asarray(scores, dtype=np.float32)))
     return records
+
+
+def _finite_number(value: Any) -> bool:
+    """Whether ``value`` (read from JSON) is a finite number (``null``, strings and ``NaN`` are not)."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer past float64
+        return False
 
 
 def write_detectron2_proposals(path: str | Path, proposals: Iterable[Mapping[str, Any]]) -> Path:

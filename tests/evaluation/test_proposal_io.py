@@ -186,3 +186,20 @@ def test_only_stale_temporary_proposal_files_are_removed(tmp_path) -> None:
     assert remove_stale_temporaries(tmp_path) == sorted(stale)
     assert all(path.exists() for path in kept)
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("bad", [
+    {"bbox": [1, None, 3, 4]},  # JSON null: read as NaN before
+    {"bbox": [1, 2, 3]},  # with another 5-number bbox, every later box shifted by one number
+    {"bbox": [1, 2, 3, float("nan")]},
+    {"bbox": [1, 2, 3, 10**400]},
+    {"score": None},
+    {"bbox": "1 2 3 4"},
+])
+def test_a_results_entry_without_4_finite_numbers_and_a_score_is_named(tmp_path, bad: dict) -> None:
+    entries = [{"image_id": 7, "bbox": [0, 0, 5, 5], "score": 0.9},
+               {"image_id": 7, "bbox": [1, 2, 3, 4], "score": 0.5, **bad}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"entry 1 of .*results.json' \(image 7\) needs a bbox of 4 finite numbers"):
+        read_coco_proposals(path)
