@@ -5,8 +5,8 @@ one "object" class; ``category_ids`` / ``category_names`` keep only some categor
 others are left out, which is not a problem; a name selects every category of that name, as
 merged label sets may give one name several ids; a selection that keeps no annotation of the
 file is an error). An annotation whose ``category_id`` is missing or not in ``categories`` is kept,
-as is one that reuses another's ``id``: both are warnings. ``iscrowd`` (0 or 1, or false /
-true; anything else is an error) annotations become crowd boxes, kept apart from the ground
+as is one that reuses another's ``id``: both are warnings. ``iscrowd`` (0 or 1, also written
+0.0 / 1.0 or false / true; anything else is an error) annotations become crowd boxes, kept apart from the ground
 truth (excluded from anchor matching and from recall), or are dropped with
 ``include_crowd=False``. Images without annotations are valid (empty). Messages quote values as
 the file writes them (``null``, ``true``) and name an annotation without ``id`` by its position
@@ -387,7 +387,7 @@ class COCODetection(AnnotatedDataset):
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             return "malformed_bbox", f"bbox {_as_written(bbox)} is not 4 numbers (x, y, w, h)"
         crowd = ann.get("iscrowd", 0)
-        if not isinstance(crowd, (int, bool)) or crowd not in (0, 1):
+        if not isinstance(crowd, (int, float)) or crowd not in (0, 1):  # 0.0 / 1.0 as pycocotools reads them
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
             return "bad_iscrowd", (f"iscrowd {_as_written(crowd)} is {kind}; expected the number 0 or 1 "
                                    "(or false / true)")

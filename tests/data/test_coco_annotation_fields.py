@@ -18,7 +18,7 @@ def annotation(**fields: object) -> dict[str, object]:
     return {"id": 70, "image_id": 7, "bbox": [5, 5, 10, 10], "category_id": 1, **fields}
 
 
-@pytest.mark.parametrize("value", ["0", "1", 2, -1, 0.5, None])
+@pytest.mark.parametrize("value", ["0", "1", 2, -1, 0.5, 1.5, None, float("nan")])
 def test_an_iscrowd_other_than_0_or_1_is_an_error_naming_the_annotation(tmp_path: Path, value: object) -> None:
     args = write_coco(tmp_path, IMAGES, [annotation(iscrowd=value)])
     with pytest.raises(DataError, match="iscrowd") as info:
@@ -31,8 +31,8 @@ def test_an_iscrowd_other_than_0_or_1_is_an_error_naming_the_annotation(tmp_path
         "bad_iscrowd", "skipped", "error", 70)
 
 
-@pytest.mark.parametrize("value, crowd", [(0, False), (1, True), (False, False), (True, True)])
-def test_iscrowd_0_1_false_true_are_accepted(tmp_path: Path, value: object, crowd: bool) -> None:
+@pytest.mark.parametrize("value, crowd", [(0, False), (1, True), (False, False), (True, True), (0.0, False), (1.0, True)])
+def test_iscrowd_0_1_as_numbers_floats_or_booleans_is_accepted(tmp_path: Path, value: object, crowd: bool) -> None:
     ds = COCODetection(*write_coco(tmp_path, IMAGES, [annotation(iscrowd=value)]))
     assert (len(ds.records[0].crowd_boxes), len(ds.records[0].boxes)) == (int(crowd), int(not crowd))
     assert len(ds.problems) == 0

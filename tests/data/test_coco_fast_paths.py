@@ -149,7 +149,7 @@ FIX_BOX = "(set on_bad_annotation='skip' or 'clip' to drop or repair such boxes)
     (ann(13, "1"), "image '1', annotation 13", f"{UNKNOWN_IMAGE.format(repr('1'))} ('images' has 1) {FIX_ANNOTATION}"),
     (ann(15, 1, [1, 2, 3]), "image 1, annotation 15", f"{NOT_4_NUMBERS.format('[1, 2, 3]')} {FIX_ANNOTATION}"),
     (ann(16, 1, {"x": 1}), "image 1, annotation 16", f"{NOT_4_NUMBERS.format(repr({'x': 1}))} {FIX_ANNOTATION}"),
-    (ann(18, 1, iscrowd=0.0), "image 1, annotation 18", f"{ISCROWD.format(0.0, 'not 0 or 1')} {FIX_ANNOTATION}"),
+    (ann(18, 1, iscrowd=0.5), "image 1, annotation 18", f"{ISCROWD.format(0.5, 'not 0 or 1')} {FIX_ANNOTATION}"),
     ("oops", "", f"annotations[2] is 'oops', not an object with image_id and bbox {FIX_ANNOTATION}"),
     (ann(17, 1, [None, 2, 3, 4]), "image 1, annotation 17",
      f"{NOT_4_NUMBERS.format('[null, 2, 3, 4]')} {FIX_ANNOTATION}"),
