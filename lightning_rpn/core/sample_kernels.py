@@ -66,7 +66,8 @@ def sample_cpu(
 
 def bad_labels_error(where: str, labels: Tensor) -> ValueError:
     """The error of ``labels`` holding values other than -1, 0 and 1, naming ``where`` and the first few."""
-    values = torch.unique(labels[(labels != -1) & (labels != 0) & (labels != 1)]).tolist()
+    wide = labels if labels.is_floating_point() else labels.to(torch.int64)  # uint8 holds no -1 to compare with
+    values = torch.unique(wide[(wide != -1) & (wide != 0) & (wide != 1)]).tolist()
     listed = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
     return ValueError(f"{where}: labels must be -1 (ignored), 0 (negative) or 1 (positive), got {listed}")
 

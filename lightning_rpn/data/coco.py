@@ -232,7 +232,7 @@ class COCODetection(AnnotatedDataset):
         size = None
         if width is not None or height is not None:
             if not (_is_positive_number(width) and _is_positive_number(height)):
-                raise DataError(f"image width/height {_as_written(width)}/{_as_written(height)} must be positive "
+                raise DataError(f"image width/height {_quoted(width)}/{_quoted(height)} must be positive "
                                 "numbers",
                                 file=self.annotation_file, image_id=image_id)
             size = (int(height), int(width))
@@ -272,7 +272,7 @@ class COCODetection(AnnotatedDataset):
         """Add ``ann`` to ``sink`` and return True when it is plainly clean: a dict whose integer
         ``id`` is new, whose integer or string ``image_id`` is a kept image, whose integer
         ``category_id`` is in ``categories`` (or the file lists none), whose ``bbox`` is a list
-        of 4 ints / floats and whose ``iscrowd``, if any, is the integer 0 or 1. Else return
+        of 4 ints / floats and whose ``iscrowd``, if any, is 0 or 1 (an int or a float). Else return
         False having changed nothing, for :meth:`_add_checked`.
 
         This is the common case of :meth:`_add_checked` without its per-field checks (which made
@@ -290,7 +290,7 @@ class COCODetection(AnnotatedDataset):
         if position is None or ann_id in sink.first_use or (known and category not in known):
             return False
         bbox, crowd = ann.get("bbox"), ann.get("iscrowd", 0)
-        if type(bbox) is not list or len(bbox) != 4 or type(crowd) is not int or not 0 <= crowd <= 1:
+        if type(bbox) is not list or len(bbox) != 4 or type(crowd) not in _NUMBERS or crowd not in (0, 1):
             return False
         x, y, w, h = bbox
         if type(x) not in _NUMBERS or type(y) not in _NUMBERS or type(w) not in _NUMBERS or type(h) not in _NUMBERS:
@@ -426,6 +426,8 @@ def _as_written(value: Any) -> str:
         return f"[{', '.join(_as_written(v) for v in value)}]"
     if isinstance(value, dict):
         return f"{{{', '.join(f'{k!r}: {_as_written(v)}' for k, v in value.items())}}}"
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads and writes these
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return repr(value)
 
 

@@ -101,6 +101,9 @@ def proposal_records(
             raise ValueError(
                 f"{where}: image {image_id!r} has {len(boxes)} boxes but {len(scores)} scores"
             )
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):  # a file no reader could use
+            raise ValueError(f"{where}: image {image_id!r} has non-finite boxes or scores (NaN or infinite: the "
+                             "weights have most likely diverged)")
         logits = None
         if item.get("objectness_logits") is not None:
             logits = _numpy(item["objectness_logits"], np.float32, (), f"{where}: objectness_logits of image {image_id!r}")
@@ -207,30 +210,45 @@ def read_coco_proposals(path: str | Path) -> list[dict[str, Any]]:
     for index, entry in enumerate(entries):
         try:
             boxes, scores = groups.setdefault(entry["image_id"], ([], []))
-            bbox, score = entry["bbox"], entry["score"]
+            boxes.append(entry["bbox"])
+            scores.append(entry["score"])
         except (KeyError, TypeError) as error:
             raise ValueError(
                 f"read_coco_proposals: entry {index} of {str(path)!r} is not a COCO result "
                 f"(image_id, bbox, score): {entry!r}"
             ) from error
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_finite_number, bbox)) and _finite_number(score)):
-            raise ValueError(f"read_coco_proposals: entry {index} of {str(path)!r} (image {entry['image_id']!r}) "
-                             f"needs a bbox of 4 finite numbers (x, y, w, h) and a finite score: {entry!r}")
-        boxes.append(bbox)
-        scores.append(score)
     records = []
     for image_id, (boxes, scores) in groups.items():
-        xyxy = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        try:  # each image's numbers checked at once; the entry at fault is looked for only when they fail
+            xyxy, probabilities = np.array(boxes, dtype=np.float64), np.array(scores, dtype=np.float64)
+            usable = xyxy.shape == (len(boxes), 4) and probabilities.shape == (len(scores),) \
+                and bool(np.isfinite(xyxy).all() and np.isfinite(probabilities).all())
+        except (TypeError, ValueError, OverflowError):  # a ragged list, a string that is no number, an object
+            usable = False
+        if not usable:
+            raise _bad_entry(path, entries)
         xyxy[:, 2:] += xyxy[:, :2]
-        records.append(_sorted_record(image_id, xyxy.astype(np.float32), np.asarray(scores, dtype=np.float32)))
+        records.append(_sorted_record(image_id, xyxy.astype(np.float32), probabilities.astype(np.float32)))
     return records
 
 
+def _bad_entry(path: Path, entries: list[Any]) -> ValueError:
+    """The error naming the first of ``entries`` whose bbox is not 4 finite numbers or whose score
+    is not a finite number (``null`` reads as NaN; a bbox of 3 numbers would shift every later box)."""
+    for index, entry in enumerate(entries):
+        if not (isinstance(entry["bbox"], list) and len(entry["bbox"]) == 4
+                and all(map(_finite_number, entry["bbox"])) and _finite_number(entry["score"])):
+            return ValueError(f"read_coco_proposals: entry {index} of {str(path)!r} (image {entry['image_id']!r}) "
+                              f"needs a bbox of 4 finite numbers (x, y, w, h) and a finite score: {entry!r}")
+    return ValueError(f"read_coco_proposals: {str(path)!r} holds a bbox or score that is not a number")
+
+
 def _finite_number(value: Any) -> bool:
-    """Whether ``value`` (read from JSON) is a finite number (``null``, strings and ``NaN`` are not)."""
+    """Whether ``value`` (read from JSON) converts to a finite number, as numpy converts it (a number,
+    or a string of one; ``null``, ``NaN`` and integers past float64 do not)."""
     try:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    except OverflowError:  # an integer past float64
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
         return False
 
 

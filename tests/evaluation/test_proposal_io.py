@@ -203,3 +203,12 @@ def test_a_results_entry_without_4_finite_numbers_and_a_score_is_named(tmp_path,
     path.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=r"entry 1 of .*results.json' \(image 7\) needs a bbox of 4 finite numbers"):
         read_coco_proposals(path)
+
+
+@pytest.mark.parametrize("writer", [write_coco_proposals, write_detectron2_proposals])
+def test_non_finite_proposals_are_refused_not_written(tmp_path, writer) -> None:
+    # read_coco_proposals refuses NaN / Infinity: the writers no longer write a file it cannot read
+    boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, float("nan"), 3.0, 4.0]])
+    with pytest.raises(ValueError, match="image 3 has non-finite boxes or scores"):
+        writer(tmp_path / "p", [{"image_id": 3, "boxes": boxes, "scores": torch.tensor([0.9, 0.5])}])
+    assert not list(tmp_path.iterdir())
