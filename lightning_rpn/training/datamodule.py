@@ -246,9 +246,10 @@ class RPNDataModule(LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Nothing to download; checks that the dataset folder exists and holds the files and folders of
-        the splits the trainer's stage reads (every split without a trainer, as ``setup(None)``), or
-        that ``predict_images`` is a folder. Lightning calls it before its loggers start their run (a
+        """Nothing to download; checks that the dataset folder exists and, with a trainer, that it
+        holds the files and folders of the splits the trainer's stage reads, or that ``predict_images``
+        is a folder (without one, ``setup`` finds a missing split: ``prepare_data`` then
+        ``setup("fit")`` needs no test split). Lightning calls it before its loggers start their run (a
         W&B run), ``setup`` after: a wrong path, or no split for a validate / test / predict, stops the
         command before there is a run. Nothing is read (:func:`check_split_paths`); ``setup`` reads the
         splits once."""
@@ -256,13 +257,13 @@ class RPNDataModule(LightningDataModule):
             raise DataError(f"RPNDataModule: root {str(self.root)!r} is not a folder (dataset={self.dataset!r}); "
                             f"set --data.root to the dataset's folder")
         fn = self._trainer_fn()
-        for role in _STAGE_SPLITS.get(str(fn.value), ()) if fn is not None else ("train", "val", "test", "predict"):
+        for role in _STAGE_SPLITS.get(str(fn.value), ()) if fn is not None else ():
             if role == "predict" and self.predict_images is not None:
                 if not Path(self.predict_images).is_dir():
                     raise DataError("image folder does not exist; set --data.predict_images to a folder of images",
                                     file=str(self.predict_images))
             elif self.splits[role] is None:
-                if fn is not None and not (role == "val" and fn == TrainerFn.FITTING):  # fit may go without val
+                if not (role == "val" and fn == TrainerFn.FITTING):  # fit may go without val
                     raise self._no_split(role)
             elif self.root is not None:
                 check_split_paths(self.hparams, self.root, self.splits[role])

@@ -28,7 +28,9 @@ from lightning_rpn.evaluation.proposal_files import (
     write_coco_proposals,
     write_detectron2_proposals,
 )
-from lightning_rpn.training.run_files import checkpoint_stem, evaluation_command, output_repeat, repeated
+from lightning_rpn.training.run_files import (
+    checkpoint_stem, evaluation_command, listed_paths, output_repeat, repeated,
+)
 
 __all__ = ["ProposalWriter", "dataset_category_id", "predicted_category_id", "proposal_paths"]
 
@@ -238,7 +240,7 @@ class ProposalWriter(BasePredictionWriter):
             if kept:
                 print(
                     f"ProposalWriter: files of an earlier predict of a checkpoint named {stem!r} "
-                    f"({', '.join(map(str, kept))}); they stay, this predict writes "
+                    f"({listed_paths(kept)}); they stay, this predict writes "
                     + ", ".join(paths[name].name for name in self.formats),
                     file=sys.stderr,
                 )

@@ -42,7 +42,7 @@ from lightning_rpn.training.resume_state import holds_interrupted_validation, re
 __all__ = [
     "EVALUATION_ROLES", "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders",
     "evaluation_checkpoint", "evaluation_command", "first_line", "free_version", "metrics_summary_path",
-    "newest_checkpoint", "output_repeat", "read_checkpoint", "repeated", "repeated_name", "start_new_run_files",
+    "listed_paths", "newest_checkpoint", "output_repeat", "read_checkpoint", "repeated", "repeated_name", "start_new_run_files",
     "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best", "write_metrics_summary",
 ]
 
@@ -563,6 +563,14 @@ def output_repeat(trainer: pl.Trainer, own: Callable[[int], Sequence[Path]]) -> 
     return repeat, kept
 
 
+def listed_paths(paths: Sequence[Path], at_most: int = 4) -> str:
+    """``paths`` (the files :func:`output_repeat` passed over, lowest number first) for a notice: the
+    last ``at_most``, those of the numbers just below the one chosen, and how many earlier ones (an
+    evaluation's proposal images alone are eight files)."""
+    shown = ", ".join(map(str, paths[-at_most:]))
+    return shown if len(paths) <= at_most else f"{shown} and {len(paths) - at_most} earlier"
+
+
 def _evaluation_outputs(trainer: pl.Trainer, repeat: int) -> list[Path]:
     """The running evaluation's metrics summary and callbacks' outputs at ``repeat`` (:func:`output_repeat`)."""
     command = evaluation_command(trainer)
@@ -669,7 +677,7 @@ def write_metrics_summary(
     repeat, kept = output_repeat(trainer, lambda r: [metrics_summary_path(trainer, command, r)])
     path = metrics_summary_path(trainer, command, repeat)
     if kept and not writers:  # a predict's writer has named them
-        print(f"lightning-rpn {command}: {', '.join(map(str, kept))} stay (earlier runs); "
+        print(f"lightning-rpn {command}: {listed_paths(kept)} stay (earlier runs); "
               f"this one's metrics go to {path.name}", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

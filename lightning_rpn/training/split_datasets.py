@@ -57,7 +57,7 @@ def build_split_dataset(
             raise ValueError(f"RPNDataModule: data.scene_options {hp['scene_options']!r}: {error}") from None
     if root is None:
         raise ValueError(f"RPNDataModule: dataset={kind!r} needs root (the dataset folder)")
-    check_split_paths(hp, root, split)
+    check_split_paths(hp, root, split, images=False)  # COCO's boxes and sizes need no image (analyze-anchors)
     if kind == "coco":
         return COCODetection(
             root / hp["coco_images"].format(split=split),
@@ -71,23 +71,26 @@ def build_split_dataset(
                         report_unsafe_paths=report_unsafe_paths)
 
 
-def check_split_paths(hp: Mapping[str, Any], root: Path, split: str) -> None:
+def check_split_paths(hp: Mapping[str, Any], root: Path, split: str, images: bool = True) -> None:
     """Raise the one-line :class:`DataError` of the first file or folder that split ``split`` of a COCO
     or VOC dataset (``hp["dataset"]``) reads under ``root`` and that does not exist, naming the
     settings that make its path and what to set; the dataset kinds without files pass. Nothing is
-    read: the check costs a few ``stat`` s, where parsing COCO train2017's annotation file takes seconds."""
+    read: the check costs a few ``stat`` s, where parsing COCO train2017's annotation file takes seconds.
+    ``images=False`` leaves COCO's images folder out: its annotations alone hold the boxes and sizes
+    that ``analyze-anchors`` reads, and ``check-data`` names each image it misses."""
     kind = hp["dataset"]
     root_setting = f"--data.root {str(root)!r}"
     if kind == "coco":
-        annotations, images = hp["coco_annotations"], hp["coco_images"]
+        annotations, image_folder = hp["coco_annotations"], hp["coco_images"]
         needed = [
             (annotations.format(split=split), False, "COCO annotation file",
              f"{root_setting} and --data.coco_annotations {annotations!r}",
              "set them to the COCO folder and the file's path in it, or correct the split name in --data.*_split"),
-            (images.format(split=split), True, "COCO images folder", f"{root_setting} and --data.coco_images {images!r}",
+            (image_folder.format(split=split), True, "COCO images folder",
+             f"{root_setting} and --data.coco_images {image_folder!r}",
              "set --data.coco_images to the folder in --data.root that the annotation file's file_name values are "
              "relative to"),
-        ]
+        ][:2 if images else 1]
     elif kind == "voc":
         needed = [
             (f"ImageSets/Main/{split}.txt", False, f"VOC split file for split {split!r}", root_setting,
@@ -102,18 +105,19 @@ def check_split_paths(hp: Mapping[str, Any], root: Path, split: str) -> None:
         if path.is_dir() if folder else path.is_file():
             continue
         # the first path, a file, tells where the dataset is; once it exists the root is right
-        off = _one_level_off(root, relative) if i == 0 else ""
+        off = _one_level_off(root, [(path, folder) for path, folder, *_ in needed]) if i == 0 else ""
         raise DataError(f"split {split!r} of {settings} ({advice}{off}): {what} does not exist", file=str(path))
 
 
-def _one_level_off(root: Path, relative: str) -> str:
-    """Where the file ``relative`` is in the folder above ``root`` or in one of its subfolders
-    (``root`` set one level off in the tree), as advice; ``""`` where it is in neither."""
+def _one_level_off(root: Path, needed: list[tuple[str, bool]]) -> str:
+    """Where the dataset is when ``root`` is set one level off in the tree: the folder above it or
+    one of its subfolders holding the ``needed`` paths (``(relative path, is a folder)``, the
+    first a file), as advice; one holding them all first; ``""`` where none holds the first."""
     below = [] if not root.is_dir() else sorted(Path(entry.path) for entry in os.scandir(root) if entry.is_dir())
-    for candidate in (root.parent, *below):
-        if candidate != root and (candidate / relative).is_file():
-            return f"; {str(candidate)!r} holds it: set --data.root to that folder"
-    return ""
+    holding = [candidate for candidate in (root.parent, *below)
+               if candidate != root and (candidate / needed[0][0]).is_file()]
+    whole = [c for c in holding if all((c / path).is_dir() if folder else (c / path).is_file() for path, folder in needed)]
+    return f"; {str((whole or holding)[0])!r} holds it: set --data.root to that folder" if holding else ""
 
 
 def _voc_lists(root: Path) -> str:

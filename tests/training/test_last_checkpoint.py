@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import pickle
 import signal
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -425,3 +428,16 @@ def test_the_command_line_says_an_interrupted_validation_runs_again(capsys: pyte
     assert capsys.readouterr().err == (
         "lightning-rpn: fit interrupted (Ctrl-C) at step 8 in a validation; run/last.ckpt holds step 8: continue "
         "with `--ckpt_path last` (it runs the interrupted validation again first)\n")
+
+
+def test_lightnings_save_is_still_the_one_last_checkpoint_repeats() -> None:
+    """LastCheckpoint._save_checkpoint repeats ModelCheckpoint's (Lightning 2.6.0 to 2.6.6) but for
+    what loggers are shown: a Lightning that changed it must be read again before it is admitted."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(ModelCheckpoint._save_checkpoint)))
+    body = tree.body[0].body[1:]  # without the docstring
+    assert [ast.unparse(statement) for statement in body] == [
+        "trainer.save_checkpoint(filepath, self.save_weights_only)",
+        "self._last_global_step_saved = trainer.global_step",
+        "self._last_checkpoint_saved = filepath",
+        "if trainer.is_global_zero:\n    for logger in trainer.loggers:\n        logger.after_save_checkpoint(proxy(self))",
+    ]

@@ -79,3 +79,14 @@ def test_a_predict_counts_its_writers_files_and_summary_and_fit_does_not(tmp_pat
     fitting = _trainer(tmp_path, [writer], fn="fit")
     assert writer.outputs_at(fitting, 0) == []
     assert output_repeat(fitting, lambda r: [tmp_path / f"{repeated_name('val', r)}.png"]) == (0, [])
+
+
+def test_a_notice_lists_the_last_four_files_passed_over_and_counts_the_rest() -> None:
+    from pathlib import Path
+
+    from lightning_rpn.training.run_files import listed_paths
+
+    paths = [Path(f"images/val-last_{k}.png") for k in range(8)]
+    assert listed_paths(paths[:2]) == "images/val-last_0.png, images/val-last_1.png"
+    assert listed_paths(paths) == ("images/val-last_4.png, images/val-last_5.png, images/val-last_6.png, "
+                                   "images/val-last_7.png and 4 earlier")

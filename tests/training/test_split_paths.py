@@ -102,7 +102,7 @@ def with_stage(dm: RPNDataModule, fn: TrainerFn | None) -> RPNDataModule:
 
 @pytest.mark.parametrize("fn, refused", [
     (TrainerFn.FITTING, "train2017"), (TrainerFn.VALIDATING, "val2017"), (TrainerFn.TESTING, "test2017"),
-    (TrainerFn.PREDICTING, "val2017"), (None, "train2017"),
+    (TrainerFn.PREDICTING, "val2017"),
 ])
 def test_prepare_data_checks_the_splits_its_stage_reads(tmp_path: Path, fn: TrainerFn | None, refused: str) -> None:
     dm = RPNDataModule("coco", root=str(tmp_path), train_split="train2017", val_split="val2017",
@@ -139,3 +139,32 @@ def test_prepare_data_refuses_a_command_whose_split_is_not_configured(fn: Traine
     with pytest.raises(DataError, match=f"no {missing} split to load: {missing}_split is None"):
         with_stage(dm, fn).prepare_data()
     with_stage(dm, TrainerFn.FITTING).prepare_data()  # fit goes without validation
+
+
+def test_prepare_data_without_a_trainer_checks_the_root_alone(tmp_path: Path) -> None:
+    # Lightning's manual pattern, prepare_data() then setup("fit"), needs no test split on disk
+    coco_tree(tmp_path, "train2017", "val2017")
+    dm = RPNDataModule("coco", root=str(tmp_path), train_split="train2017", val_split="val2017",
+                       test_split="test2017", num_workers=0)
+    dm.prepare_data()
+    with pytest.raises(DataError, match="is not a folder"):
+        RPNDataModule("coco", root=str(tmp_path / "nowhere"), num_workers=0).prepare_data()
+
+
+def test_coco_annotations_without_images_are_enough_to_read_the_boxes(tmp_path: Path) -> None:
+    # analyze-anchors reads boxes and sizes from the annotation file: no image folder needed there
+    coco_tree(tmp_path, "val2017")
+    (tmp_path / "val2017").rmdir()
+    hp = {"dataset": "coco", "coco_annotations": "annotations/instances_{split}.json", "coco_images": "{split}"}
+    check_split_paths(hp, tmp_path, "val2017", images=False)
+    with pytest.raises(DataError, match="COCO images folder does not exist"):
+        check_split_paths(hp, tmp_path, "val2017")
+
+
+def test_the_folder_one_level_down_that_holds_the_whole_dataset_is_named(tmp_path: Path) -> None:
+    voc_tree(tmp_path / "a_partial", "train")
+    (tmp_path / "a_partial" / "JPEGImages").rmdir()
+    voc_tree(tmp_path / "b_whole", "train")
+    hp = {"dataset": "voc"}
+    with pytest.raises(DataError, match="b_whole' holds it: set --data.root"):
+        check_split_paths(hp, tmp_path, "train")
