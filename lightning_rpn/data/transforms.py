@@ -519,7 +519,8 @@ class DetectionTransform:
             origins = np.asarray(out[_ORIGIN_FIELD], dtype=np.int64).reshape(-1)[kept_kinds == _GROUND_TRUTH]
             removed = len(sample.boxes) - len(np.unique(origins))  # fragments of one box count once
         size = (int(image.shape[0]), int(image.shape[1]))
-        new_size = self.resize.target_size(size, self.train, None if seed is None else np.random.default_rng([seed, 1]))
+        drawn = None if seed is None or not self.train else np.random.default_rng([seed, 1])  # evaluation draws no size
+        new_size = self.resize.target_size(size, self.train, drawn)
         if new_size != size:
             image = cv2.resize(image, (new_size[1], new_size[0]), interpolation=cv2.INTER_LINEAR)
             scale = np.array([new_size[1] / size[1], new_size[0] / size[0]] * 2, dtype=np.float32)

@@ -541,7 +541,7 @@ class RPNDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         """The val split's loader; ``[]`` while fitting without a val split (``val_split: null``), which
         Lightning reads as "no validation" (``validate`` without one is a ``DataError``)."""
-        if self.splits["val"] is None and self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+        if self.splits["val"] is None and self._trainer_fn() == TrainerFn.FITTING:
             warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")  # meant so
             return []
         return self._evaluation_loader("val")

@@ -41,9 +41,10 @@ from lightning_rpn.training.resume_state import holds_interrupted_validation, re
 
 __all__ = [
     "EVALUATION_ROLES", "check_checkpoint_dirs", "check_checkpoint_file", "checkpoint_stem", "continued_folders",
-    "evaluation_checkpoint", "evaluation_command", "first_line", "free_version", "metrics_summary_path",
-    "listed_paths", "newest_checkpoint", "output_repeat", "read_checkpoint", "repeated", "repeated_name", "start_new_run_files",
-    "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best", "write_metrics_summary",
+    "evaluation_checkpoint", "evaluation_command", "first_line", "free_version", "listed_paths",
+    "metrics_summary_path", "newest_checkpoint", "output_repeat", "read_checkpoint", "repeated", "repeated_name",
+    "start_new_run_files", "versioned", "warn_if_budget_reached", "warn_if_last_waits_for_best",
+    "write_metrics_summary",
 ]
 
 

@@ -105,7 +105,7 @@ def check_split_paths(hp: Mapping[str, Any], root: Path, split: str, images: boo
         if path.is_dir() if folder else path.is_file():
             continue
         # the first path, a file, tells where the dataset is; once it exists the root is right
-        off = _one_level_off(root, [(path, folder) for path, folder, *_ in needed]) if i == 0 else ""
+        off = _one_level_off(root, [(other, is_folder) for other, is_folder, *_ in needed]) if i == 0 else ""
         raise DataError(f"split {split!r} of {settings} ({advice}{off}): {what} does not exist", file=str(path))
 
 
