@@ -2,11 +2,13 @@
 
 Two workers, batch 8, the default synthetic training pipeline (SyntheticShapes 128-192 px,
 HorizontalFlip) and, second, COCO-like JPEG files read from disk and resized (shortest edge
-512, max 853). Anchors: four levels, strides 8-64, three aspect ratios. The two loaders are
-measured in rounds, back to back, the first one changing every round. The machine may be
-shared and one round swings by 10-30%, so the figure is the median over rounds of each
-round's ratio (paired measurements cancel the drift); the ratio of the best rounds is printed
-too. Target: throughput with assignment >= 90% of throughput without.
+512, max 853), both served as ``RPNDataModule`` serves training (:func:`training_items`: the
+epoch's order, each item's augmentation seeded from the run's seed and its index; a line gives
+the item cost without that seeding too). Anchors: four levels, strides 8-64, three aspect
+ratios. The two loaders are measured in rounds, back to back, the first one changing every
+round. The machine may be shared and one round swings by 10-30%, so the figure is the median
+over rounds of each round's ratio (paired measurements cancel the drift); the ratio of the best
+rounds is printed too. Target: throughput with assignment >= 90% of throughput without.
 
 ``--against REV`` also compares the in-process assignment cost per image (collate with minus
 without assignment, one thread, median of 15 paired rounds on the same items) with the
@@ -40,12 +42,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_rpn.core.anchors import AnchorGenerator
 from lightning_rpn.data.collate import RPNCollate
+from lightning_rpn.data.draws import ShuffledEpochs
 from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.synthetic import SyntheticShapes
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset
+from lightning_rpn.data.window_sampler import WindowSampler
 
 ANCHORS = AnchorGenerator(((16,), (32,), (64,), (128,)), (0.5, 1.0, 2.0), (8, 16, 32, 64))
+SEED = 0  # the run's seed (seed_everything's) that the training draws come from
+
+
+def training_items(dataset: Dataset, transform: DetectionTransform) -> TransformedDataset:
+    """``dataset`` as the data module's training loader serves it (``_training_draws``): item
+    ``epoch * n + j`` the ``j``-th of the epoch's order, its augmentation seeded from the run's
+    seed and the index (a :class:`WindowSampler` hands out the epoch's indices)."""
+    return TransformedDataset(ShuffledEpochs(dataset, SEED), transform, SEED)
 
 
 class BoxedFolder(Dataset):
@@ -81,7 +93,7 @@ def write_jpegs(root: Path, count: int) -> None:
 
 def throughput(dataset: Dataset, assign: bool, batch_size: int = 8, workers: int = 2) -> float:
     """Images per second over the whole dataset after a warm-up of two batches."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=WindowSampler(len(dataset)),
                         collate_fn=RPNCollate(ANCHORS, assign_targets=assign))
     iterator = iter(loader)
     for _ in range(2):
@@ -167,7 +179,30 @@ def assignment_versus(
     return statistics.median(costs[0]), statistics.median(costs[1])
 
 
-def compare(name: str, dataset: Dataset, rounds: int, against: str | None = None) -> None:
+def seeding_cost(
+    seeded: TransformedDataset, unseeded: Dataset, count: int = 96, repeats: int = 9
+) -> tuple[float, float]:
+    """In-process, one-thread milliseconds per item (load + transform) of ``seeded`` (from
+    :func:`training_items`) and of ``unseeded`` (the pipeline drawing from the process's stream, as
+    before 2026-12-07) on the same images, the fastest of ``repeats`` passes each, the first side
+    alternating."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    count = min(count, len(seeded))
+    sides = [(seeded, range(count)), (unseeded, [int(i) for i in seeded.dataset.order(0)[:count]])]
+    passes: list[list[float]] = [[], []]
+    for round_index in range(repeats):
+        for side in (0, 1) if round_index % 2 == 0 else (1, 0):
+            dataset, indices = sides[side]
+            start = time.perf_counter()
+            for i in indices:
+                dataset[i]
+            passes[side].append((time.perf_counter() - start) / count * 1e3)
+    torch.set_num_threads(threads)
+    return min(passes[0]), min(passes[1])
+
+
+def compare(name: str, dataset: TransformedDataset, unseeded: Dataset, rounds: int, against: str | None = None) -> None:
     measured: dict[bool, list[float]] = {True: [], False: []}
     for round_index in range(rounds):
         for assign in (True, False) if round_index % 2 == 0 else (False, True):
@@ -184,6 +219,9 @@ def compare(name: str, dataset: Dataset, rounds: int, against: str | None = None
     expected = (item_ms + collate_ms) / (item_ms + collate_ms + assign_ms)
     print(f"  CPU ms/image (1 thread)     : item {item_ms:.2f}, collate {collate_ms:.2f}, assignment {assign_ms:.2f}"
           f"  -> CPU-bound ratio {expected:.3f}")
+    seeded_ms, plain_ms = seeding_cost(dataset, unseeded)
+    print(f"  item ms/image (1 thread)    : {seeded_ms:.3f} seeded, {plain_ms:.3f} unseeded "
+          f"({seeded_ms - plain_ms:+.3f} ms for the training draws: {plain_ms / seeded_ms:.3f}x the items a second)")
     if against is not None:
         theirs, ours = assignment_versus([dataset[i] for i in range(min(96, len(dataset)))], revision_collate(against))
         print(f"  assignment ms/image vs {against}: {theirs:.3f} there, {ours:.3f} here (ratio {ours / theirs:.2f})")
@@ -199,13 +237,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 2 workers, batch 8, "
           f"anchors: strides {ANCHORS.strides}, {ANCHORS.num_anchors_per_location()} per location")
     flip = [{"HorizontalFlip": {"p": 0.5}}]
-    synthetic = TransformedDataset(SyntheticShapes(args.images, seed=0), DetectionTransform(flip, 0.3, train=True))
-    compare(f"synthetic shapes 128-192 px ({args.images} images)", synthetic, args.rounds, args.against)
+    shapes = SyntheticShapes(args.images, seed=0)
+    compare(f"synthetic shapes 128-192 px ({args.images} images)",
+            training_items(shapes, DetectionTransform(flip, 0.3, train=True)),
+            TransformedDataset(shapes, DetectionTransform(flip, 0.3, train=True)), args.rounds, args.against)
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images // 2)
         resize = ResizePolicy("shortest_edge", (512,), 853)
-        files = TransformedDataset(BoxedFolder(Path(tmp)), DetectionTransform(flip, 0.3, resize, train=True))
-        compare(f"JPEG 640x480 files, resized to 512x683 ({args.images // 2} images)", files, args.rounds, args.against)
+        folder = BoxedFolder(Path(tmp))
+        compare(f"JPEG 640x480 files, resized to 512x683 ({args.images // 2} images)",
+                training_items(folder, DetectionTransform(flip, 0.3, resize, train=True)),
+                TransformedDataset(folder, DetectionTransform(flip, 0.3, resize, train=True)),
+                args.rounds, args.against)
 
 
 if __name__ == "__main__":

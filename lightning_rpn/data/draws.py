@@ -9,6 +9,8 @@ the item's key instead:
 - :class:`ShuffledEpochs` lists a dataset in a new order every epoch: item ``epoch * n + j`` is
   item ``order(epoch)[j]``, the order a permutation drawn from ``(seed, epoch)`` alone (the index
   is the draw, as in tiled training, so a sampler that skips an epoch's first items resumes it);
+- :class:`SameItems` lists epoch 0's items in every epoch (``Trainer(overfit_batches=...)``)
+  while the index, and with it every draw keyed by the index, still moves on with the epoch;
 - :func:`item_seed` is the seed of one item's augmentation, from ``(seed, index)``;
   :func:`seed_pipeline` gives every transform and container of an albumentations pipeline a
   stream of its own from it (``Compose.set_random_seed`` gives them all the same seed, which
@@ -20,6 +22,7 @@ independent streams.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import albumentations as A
@@ -29,7 +32,7 @@ from torch.utils.data import Dataset
 
 from lightning_rpn.data.sample import DetectionSample
 
-__all__ = ["ShuffledEpochs", "item_seed", "order_seed", "seed_pipeline"]
+__all__ = ["SameItems", "ShuffledEpochs", "item_seed", "order_seed", "seed_pipeline"]
 
 _ORDER_STREAM, _ITEM_STREAM = 0, 1  # keep the epoch orders' seeds apart from the items'
 
@@ -57,14 +60,22 @@ def _nodes(pipeline: A.BasicTransform | A.BaseCompose) -> Iterator[A.BasicTransf
             yield from _nodes(child)
 
 
-def seed_pipeline(pipeline: A.BasicTransform | A.BaseCompose, seed: int) -> None:
-    """Seed every node of ``pipeline`` with a stream of its own drawn from ``seed``.
+def _seed_node(node: A.BasicTransform | A.BaseCompose, seed: int) -> None:
+    """Seed ``node``'s own draws alone: a container's ``set_random_seed`` also seeds every node under
+    it with the container's seed (what albumentations' ``BaseCompose.set_random_seed`` sets on the
+    container itself is set here)."""
+    if isinstance(node, A.BaseCompose):
+        node.seed, node.random_generator, node.py_random = seed, np.random.default_rng(seed), random.Random(seed)
+    else:
+        node.set_random_seed(seed)
 
-    A container's ``set_random_seed`` passes its own seed down to its children; seeding parents
-    first and then each child again leaves every node with its own."""
+
+def seed_pipeline(pipeline: A.BasicTransform | A.BaseCompose, seed: int) -> None:
+    """Seed every node of ``pipeline`` once, each with a stream of its own drawn from ``seed``
+    (the ``k``-th node, parents before children, with the ``k``-th word of ``SeedSequence(seed)``)."""
     nodes = list(_nodes(pipeline))
     for node, state in zip(nodes, np.random.SeedSequence(seed).generate_state(len(nodes))):
-        node.set_random_seed(int(state))
+        _seed_node(node, int(state))
 
 
 class ShuffledEpochs(Dataset):
@@ -98,3 +109,25 @@ class ShuffledEpochs(Dataset):
             raise IndexError(f"ShuffledEpochs: index {index} is negative (item epoch * {self.num_items} + j)")
         epoch, position = divmod(int(index), self.num_items)
         return self.dataset[int(self.order(epoch)[position])]
+
+
+class SameItems(Dataset):
+    """Epoch 0's items in every epoch: item ``epoch * n + j`` is item ``j`` of ``dataset`` (``n = len(dataset)``).
+
+    What training serves under ``Trainer(overfit_batches=...)``: the same images (or windows) every
+    epoch, in the same order, as Lightning's sequential sampler gives a project of one's own, while
+    the index, which seeds each item's augmentation and anchor sample, moves on with the epoch, so
+    that each epoch draws its own augmentations as a random pipeline would in such a project.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.num_items = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        if index < 0:
+            raise IndexError(f"SameItems: index {index} is negative (item epoch * {self.num_items} + j)")
+        return self.dataset[int(index) % self.num_items]

@@ -10,7 +10,8 @@ Ranks take the windows by stride (rank ``r`` of ``W``: ``i = r, r + W, ...``) an
 so after ``b`` batches of ``B`` windows on every rank the epoch's first ``b * B * W`` windows are
 trained, whatever ``W``: a prefix. :class:`WindowProgress` counts that prefix as training goes
 (what a checkpoint keeps), and a run resumed inside an epoch, on any number of processes, goes on
-with the windows after it (``done``), not with the epoch's first ones again.
+with the windows after it (``done``), not with the epoch's first ones again; the training
+DataLoader is a :class:`ResumableLoader`, which says so to Lightning.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
-__all__ = ["WindowSampler", "WindowProgress"]
+__all__ = ["OverfitWindowSampler", "ResumableLoader", "WindowSampler", "WindowProgress", "drop_empty_loader_states"]
 
 
 class WindowSampler(DistributedSampler):
@@ -67,6 +68,47 @@ class WindowSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class OverfitWindowSampler(WindowSampler, SequentialSampler):
+    """The :class:`WindowSampler` of ``Trainer(overfit_batches=...)``, which Lightning keeps as the
+    ``SequentialSampler`` it asks for there.
+
+    Lightning replaces any other training sampler with one over ``range(len(dataset))``: the
+    indices of epoch 0 at every epoch, so every draw keyed by the index (each image's augmentation)
+    repeated epoch 0's. The data module serves these indices from
+    :class:`~lightning_rpn.data.draws.SameItems`: the same items in the same order every epoch, as
+    Lightning wants, each epoch with draws of its own.
+    """
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader of a :class:`WindowSampler` whose position a checkpoint keeps.
+
+    Lightning takes a training loader with ``state_dict`` / ``load_state_dict`` for resumable
+    and warns, on a resume inside an epoch, about any other ("your dataloader is not resumable").
+    This one is: the data module's checkpoint state (``draws``, :class:`WindowProgress`) holds where
+    the epoch stands and the sampler goes on from there, so these two methods hold nothing. A
+    loader of one's own that is not resumable, in the same process or the same fit, still warns.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the data module's ``draws`` state holds the epoch's position."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the data module's ``draws`` state restores the epoch's position."""
+
+
+def drop_empty_loader_states(checkpoint: dict[str, Any]) -> None:
+    """Leave out of ``checkpoint``, in place, Lightning's training-loader states when every one is
+    empty (a :class:`ResumableLoader`'s): they restore nothing, and a checkpoint holding them could
+    not be resumed with a training loader that is not resumable (Lightning wants as many resumable
+    loaders as states), nor by a lightning-rpn from before :class:`ResumableLoader`."""
+    fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    states = fit_state.get("combined_loader")
+    if states is not None and not any(states):
+        del fit_state["combined_loader"]
 
 
 def batches_for(windows: int, batch_size: int, num_replicas: int, drop_last: bool = False) -> int:

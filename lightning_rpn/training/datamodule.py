@@ -37,12 +37,12 @@ from lightning_rpn.data.accounting import BoxAccounting
 from lightning_rpn.data.annotated import AnnotatedDataset
 from lightning_rpn.data.batch import RPNBatch
 from lightning_rpn.data.collate import RPNCollate
-from lightning_rpn.data.draws import ShuffledEpochs
+from lightning_rpn.data.draws import SameItems, ShuffledEpochs
 from lightning_rpn.data.folder import ImageFolder
 from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, check_policy
 from lightning_rpn.data.repeat import RepeatedDataset, repeats_to_fill
 from lightning_rpn.data.tiles import TileConfig, TiledDataset, WindowSampler
-from lightning_rpn.data.window_sampler import WindowProgress
+from lightning_rpn.data.window_sampler import OverfitWindowSampler, ResumableLoader, WindowProgress
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy, TransformedDataset, TransformSpec
 from lightning_rpn.data.validation import DatasetReport, listing_file, no_boxes_problem, validate_dataset
 from lightning_rpn.training.anchor_agreement import AnchorSetting, AnchorSetup, agree_with_model
@@ -382,7 +382,7 @@ class RPNDataModule(LightningDataModule):
         dataset = self._dataset(role)
         if role == "train":
             dataset, sampler = self._training_draws(dataset, batch_size)  # type: ignore[arg-type]
-        return DataLoader(
+        return (ResumableLoader if role == "train" else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -402,20 +402,23 @@ class RPNDataModule(LightningDataModule):
         seeds its augmentation. :class:`WindowSampler` hands out the epoch's indices, this
         process's share, after those a resumed checkpoint had trained: a run resumed inside an
         epoch with any number of workers trains what an uninterrupted one does (on another number
-        of processes, :meth:`WindowProgress.first_batch` warns of what Lightning's count leaves out)."""
+        of processes, :meth:`WindowProgress.first_batch` warns of what Lightning's count leaves out).
+        Under ``overfit_batches`` every epoch serves epoch 0's items, each epoch's draws its own
+        (:class:`SameItems`, :class:`OverfitWindowSampler`)."""
         seed = self._run_draw_seed()
         items = dataset.dataset if self.tiles is not None else ShuffledEpochs(dataset.dataset, seed)
+        trainer = self.trainer
+        overfit = getattr(trainer, "overfit_batches", 0) > 0
+        if overfit:
+            items = SameItems(items)
         per_epoch = len(items)  # type: ignore[arg-type]
         unit = ("window", "data.tiles.per_epoch") if self.tiles is not None else ("image", "the train split")
         self._window_progress = WindowProgress(per_epoch, *self._window_start(batch_size), unit=unit,
                                                drop_last=self._drop_last_train)
-        trainer = self.trainer
-        sampler = WindowSampler(per_epoch, self._world_size, trainer.global_rank if trainer else 0,
-                                done=self._window_progress.begin)
+        sampler = (OverfitWindowSampler if overfit else WindowSampler)(
+            per_epoch, self._world_size, trainer.global_rank if trainer else 0, done=self._window_progress.begin)
         # persistent workers take the first indices as Lightning makes the iterator, before its set_epoch
         sampler.set_epoch(self._window_progress.epoch)
-        # Lightning would warn on a resume inside an epoch that the loader cannot resume it: this one does
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         return TransformedDataset(items, dataset.transform, seed), sampler
 
     def _run_draw_seed(self) -> int:

@@ -73,6 +73,7 @@ from lightning_rpn.core.windows import SlidingWindowConfig
 from lightning_rpn.data.collate import set_sampling_epoch
 from lightning_rpn.data.loose_images import ImageInput
 from lightning_rpn.data.transforms import ResizePolicy
+from lightning_rpn.data.window_sampler import drop_empty_loader_states
 from lightning_rpn.evaluation.metrics import DEFAULT_IOU_THRESHOLDS, ProposalRecall
 from lightning_rpn.training.checkpoint_agreement import (
     CASCADE_PREFIX,
@@ -644,6 +645,7 @@ class RPNModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[SKIPPED_KEY] = self.skipped_nonfinite_batches
         checkpoint[RESIZE_KEY] = None if self.resize_policy is None else asdict(self.resize_policy)
+        drop_empty_loader_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights trained as another network (:func:`check_checkpoint_agrees`), before they

@@ -4,12 +4,13 @@ order, each item's augmentation, every node of a pipeline on a stream of its own
 from __future__ import annotations
 
 import pickle
+import random
 
 import albumentations as A
 import numpy as np
 import pytest
 
-from lightning_rpn.data.draws import ShuffledEpochs, item_seed, order_seed, seed_pipeline
+from lightning_rpn.data.draws import SameItems, ShuffledEpochs, item_seed, order_seed, seed_pipeline
 from lightning_rpn.data.sample import DetectionSample
 from lightning_rpn.data.transforms import DetectionTransform, ResizePolicy
 
@@ -55,6 +56,46 @@ def test_every_node_of_a_pipeline_draws_from_a_stream_of_its_own() -> None:
     assert all(horizontal == vertical for horizontal, vertical in tied)
     ours = flips(seed_pipeline)
     assert sum(h != v for h, v in ours) > 16 and 16 < sum(h for h, _ in ours) < 48
+
+
+NESTED = A.Compose([A.HorizontalFlip(p=0.5),
+                    A.OneOf([A.RandomBrightnessContrast(), A.HueSaturationValue()]),
+                    A.SomeOf([A.OneOf([A.Blur(), A.GaussNoise()]), A.ToGray(), A.CLAHE()], n=1)])
+
+
+def _nodes_in_order(node) -> list:
+    return [node, *(n for child in getattr(node, "transforms", ()) for n in _nodes_in_order(child))]
+
+
+def test_every_node_of_a_nested_pipeline_is_seeded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a container's set_random_seed seeds every node under it: seeding parents, then children, seeded
+    # a node at depth d d + 1 times (30 generators for these 11 nodes)
+    real = np.random.default_rng
+    made: list[object] = []
+
+    def counted(seed: object) -> np.random.Generator:
+        made.append(seed)
+        return real(seed)
+
+    monkeypatch.setattr(np.random, "default_rng", counted)
+    seed_pipeline(NESTED, 5)
+    monkeypatch.undo()
+    nodes = _nodes_in_order(NESTED)
+    assert len(nodes) == 11 and len(made) == len(nodes)
+    # node k draws from the k-th word of SeedSequence(seed), parents before children, as before the change
+    for node, word in zip(nodes, np.random.SeedSequence(5).generate_state(len(nodes))):
+        assert node.seed == int(word)
+        assert np.array_equal(node.random_generator.integers(2**62, size=4), real(int(word)).integers(2**62, size=4))
+        assert node.py_random.random() == random.Random(int(word)).random()
+
+
+def test_same_items_serve_epoch_zeros_items_at_every_epochs_indices() -> None:
+    items = ShuffledEpochs(list(range(5)), seed=3)
+    same = SameItems(items)
+    assert len(same) == 5
+    assert [same[epoch * 5 + j] for epoch in range(3) for j in range(5)] == [items[j] for j in range(5)] * 3
+    with pytest.raises(IndexError, match="negative"):
+        same[-1]
 
 
 def _sample() -> DetectionSample:
