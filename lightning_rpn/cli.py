@@ -422,6 +422,15 @@ def _refused_by_loop_setup(error: BaseException) -> bool:
     return in_loop_setup and bool(frames) and module(frames[-1]).startswith("lightning.")
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: the folders making it creates."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 _MISSING_CALLBACKS_WARNING = r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need"
 """The start of Lightning's warning that a loaded checkpoint holds states of callbacks the trainer lacks."""
 
@@ -439,6 +448,7 @@ class RPNLightningCLI(LightningCLI):
                                 category=FutureWarning)
         self._given_args = list(sys.argv[1:] if args is None else args)  # what the command line itself sets
         self._checkpoint_read: tuple[str, dict[str, Any]] | None = None  # (path, checkpoint): read once
+        self._made_folders: list[Path] = []  # by _prepare_wandb, in the order made
         _serialise_devices()
         kwargs.setdefault("save_config_callback", ResolvedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -751,10 +761,25 @@ class RPNLightningCLI(LightningCLI):
     def _prepare_wandb(self) -> None:
         """Ready a ``WandbLogger`` before its run starts (its folder made, no warnings the user cannot
         act on: :func:`~lightning_rpn.training.wandb_mode.prepare_wandb_logger`); only for a command
-        that runs, so that ``check-data`` or a parsed config makes no folder."""
+        that runs, so that ``check-data`` or a parsed config makes no folder. The folders it makes are
+        recorded, for :meth:`_remove_made_folders`."""
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
+                if logger.save_dir is not None:
+                    self._made_folders += reversed(_missing_folders(Path(logger.save_dir)))
                 prepare_wandb_logger(logger)
+
+    def _remove_made_folders(self) -> None:
+        """Remove the folders :meth:`_prepare_wandb` made that are still empty, last made first: a
+        command that fails before its W&B run starts (``prepare_data`` refusing a data root without
+        the dataset) leaves no folder behind. A folder that existed before the command, or that holds
+        anything (the run's files), stays."""
+        for folder in reversed(self._made_folders):
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                pass
+        self._made_folders = []
 
     def _require_evaluation_split(self) -> None:
         """A :class:`_Refusal` naming the setting when the config gives the command no split (``test``
@@ -811,7 +836,8 @@ class RPNLightningCLI(LightningCLI):
         the checkpoint's callbacks (``ModelCheckpoint``, ...) are missing: their states only matter to a
         ``fit`` that resumes, which keeps the warning. Trainer settings that a Lightning loop refuses
         once it sees the data (:func:`_refused_by_loop_setup`: ``val_check_interval`` beyond an
-        epoch) are a :class:`SettingError`, as those refused while the trainer is built."""
+        epoch) are a :class:`SettingError`, as those refused while the trainer is built. A command that
+        fails leaves none of the empty folders it made (:meth:`_remove_made_folders`)."""
         try:
             if subcommand not in EVALUATION_ROLES:
                 super()._run_subcommand(subcommand)
@@ -819,8 +845,9 @@ class RPNLightningCLI(LightningCLI):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_MISSING_CALLBACKS_WARNING)
                 super()._run_subcommand(subcommand)
-        except _TRAINER_REFUSALS as error:
-            if not _refused_by_loop_setup(error):
+        except BaseException as error:
+            self._remove_made_folders()
+            if not (isinstance(error, _TRAINER_REFUSALS) and _refused_by_loop_setup(error)):
                 raise
             reason = " ".join(str(error).split())
             raise SettingError(f"Lightning refused the trainer settings when {subcommand} set up its data: {reason} "

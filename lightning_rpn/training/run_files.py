@@ -547,7 +547,8 @@ def output_repeat(trainer: pl.Trainer, own: Callable[[int], Sequence[Path]]) -> 
     The outputs are the asker's own (``own(repeat)``: the files it writes at that number), the
     metrics summary of a ``validate`` / ``test`` / ``predict`` (:func:`metrics_summary_path`) and
     those of every callback of ``trainer`` with an ``outputs_at(trainer, repeat)`` method
-    (``ProposalWriter``, ``RecallCurves``, ``ProposalImages``). The number is the first at which
+    (``ProposalWriter``, ``RecallCurves``, ``ProposalImages``); a predict without gt boxes writes
+    its proposal files alone (:func:`_evaluation_outputs`). The number is the first at which
     none of them exists, so that no file is replaced and the files of one command carry the same
     number even when an earlier command wrote only some of them. The first writer to ask chooses;
     the later ones of the same evaluation (command, checkpoint and step) get that number, unless a
@@ -573,14 +574,27 @@ def listed_paths(paths: Sequence[Path], at_most: int = 4) -> str:
 
 
 def _evaluation_outputs(trainer: pl.Trainer, repeat: int) -> list[Path]:
-    """The running evaluation's metrics summary and callbacks' outputs at ``repeat`` (:func:`output_repeat`)."""
+    """The running evaluation's metrics summary and callbacks' outputs at ``repeat`` (:func:`output_repeat`);
+    of a predict that measures no recall (:func:`_predict_measures_recall`), its prediction writers'
+    files alone: it writes no summary and draws no recall curves."""
     command = evaluation_command(trainer)
-    outputs = [] if command is None else [metrics_summary_path(trainer, command, repeat)]
+    recall = command != "predict" or _predict_measures_recall(trainer)
+    outputs = [metrics_summary_path(trainer, command, repeat)] if command is not None and recall else []
     for callback in getattr(trainer, "callbacks", []):
         outputs_at = getattr(callback, "outputs_at", None)
-        if callable(outputs_at):
+        if callable(outputs_at) and (recall or isinstance(callback, BasePredictionWriter)):
             outputs += outputs_at(trainer, repeat)
     return outputs
+
+
+def _predict_measures_recall(trainer: pl.Trainer) -> bool:
+    """Whether the running predict's split has a gt box, as its module's ``val_recall`` counted them:
+    ``RPNModule.on_predict_epoch_end`` keeps a recall only then, after the callbacks' epoch end,
+    where a ``ProposalWriter`` asks :func:`output_repeat` first. Global rank 0's count (the rank that
+    asks): gt boxes that all fell to other processes' shares number the summary apart from the
+    proposal files (neither replaces a file). A module without that count: assumed to measure it."""
+    counted = getattr(getattr(getattr(trainer, "lightning_module", None), "val_recall", None), "num_boxes", None)
+    return counted is None or int(counted[0]) > 0  # [0]: the "all" area range, whose AR -1 means no gt box
 
 
 def metrics_summary_path(trainer: pl.Trainer, command: str, repeat: int = 0) -> Path:
