@@ -19,7 +19,6 @@ while loading raises under ``raise``, skips the image under ``skip`` (as above) 
 from __future__ import annotations
 
 import gc
-import os
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from rich.progress import track
 from torch.utils.data import Dataset
 
 from lightning_rpn.data.image_io import exif_turns_image, load_rgb_image, read_image_size, verify_image
+from lightning_rpn.data.listed_twice import files_listed_twice
 from lightning_rpn.data.problems import (
     AnnotationRef,
     BadAnnotationPolicy,
@@ -38,6 +38,7 @@ from lightning_rpn.data.problems import (
     DataError,
     Problem,
     ProblemLog,
+    as_written,
     check_policy,
     sanitize_boxes,
     to_xyxy,
@@ -152,10 +153,10 @@ def _passing_at_size(
                                    reported, box_format)
     is_kept = np.zeros(len(written), dtype=bool)
     is_kept[np.asarray(kept, dtype=np.intp)] = True
-    as_written = is_kept.copy()
-    as_written[np.asarray([p.annotation_id for p in reported], dtype=np.intp)] = False
+    unreported = is_kept.copy()
+    unreported[np.asarray([p.annotation_id for p in reported], dtype=np.intp)] = False
     rows_before = np.concatenate(([0], np.cumsum(is_kept))).tolist()  # rows of ``checked`` before a position
-    failed_before = np.concatenate(([0], np.cumsum(~as_written))).tolist()
+    failed_before = np.concatenate(([0], np.cumsum(~unreported))).tolist()
     passing: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for k in range(len(records)):
         first, last = starts[k], ends[k]
@@ -164,61 +165,6 @@ def _passing_at_size(
             passing[k] = (checked[rows_before[first]:rows_before[last]],
                           checked[rows_before[crowd_first]:rows_before[crowd_last]])
     return passing
-
-
-def _files_listed_twice(files: Sequence[Path]) -> list[list[int]]:
-    """The positions in ``files`` of each file listed more than once, by first position: equal
-    paths, or paths that symbolic links make one file (a link to a listed file, or a folder
-    listed both as it is and through a link).
-
-    Resolving every path took 0.8 s for 20k files, where this check takes under 0.1 s: each
-    folder is resolved and listed once (``os.scandir`` names its links without a call per file),
-    and paths are compared by real folder and name (a link's by its target's) only where a folder
-    holds a link or two folders are one; elsewhere they are compared as they are. A link is
-    followed by reading it (the target's folder resolved once): ``realpath`` per link doubled the
-    load of a 100k-image split whose folder holds only links (a DVC cache, a link farm).
-    """
-    by_path: dict[Path, list[int]] = {}
-    for position, file in enumerate(files):
-        by_path.setdefault(file, []).append(position)
-    folders: dict[tuple[str, ...], tuple[str, set[str]]] = {}  # by parts: each one's real path and links' names
-    for file in by_path:
-        folder = file.parts[:-1]  # half the cost of os.path.split, which makes the path's text first
-        if folder not in folders:
-            text = os.path.join(*folder) if folder else os.curdir
-            folders[folder] = (os.path.realpath(text), _links_in(text))
-    groups = list(by_path.values())
-    if any(links for _, links in folders.values()) or len({real for real, _ in folders.values()}) < len(folders):
-        by_file: dict[tuple[str, str], list[int]] = {}
-        real_folders: dict[str, str] = {}  # a link target's folder (as the link names it) -> its real path
-        for file, positions in by_path.items():
-            real, links = folders[file.parts[:-1]]
-            key = (real, file.name) if file.name not in links else _link_target(file, real_folders)
-            by_file.setdefault(key, []).extend(positions)
-        groups = [sorted(positions) for positions in by_file.values()]
-    return [positions for positions in groups if len(positions) > 1]
-
-
-def _link_target(link: Path, real_folders: dict[str, str]) -> tuple[str, str]:
-    """``(real folder, name)`` of the file the symbolic link ``link`` leads to: its target read, the
-    target's folder resolved once (``real_folders`` caches them); a link to a link resolved whole."""
-    target = os.path.join(os.path.dirname(link), os.readlink(link))  # a relative target is relative to the link
-    if os.path.islink(target):
-        return os.path.split(os.path.realpath(link))
-    folder, name = os.path.split(target)
-    if folder not in real_folders:
-        real_folders[folder] = os.path.realpath(folder or os.curdir)
-    return real_folders[folder], name
-
-
-def _links_in(folder: str) -> set[str]:
-    """The names of the symbolic links in ``folder`` (none where it cannot be listed: a missing
-    folder's images are reported when they are read)."""
-    try:
-        with os.scandir(folder) as entries:
-            return {entry.name for entry in entries if entry.is_symlink()}
-    except OSError:
-        return set()
 
 
 def size_mismatch_detail(record: ImageRecord, size: tuple[int, int], clip_hint: bool = False) -> str:
@@ -288,18 +234,21 @@ class AnnotatedDataset(Dataset):
 
     def _note_files_listed_twice(self, records: Sequence[ImageRecord], listing: str) -> None:
         """A warning (kind ``file_listed_twice``, naming ``listing``: the file that lists the images)
-        for each image file that several ``records`` name, by one path or through symbolic links:
-        it is kept once per record (as their annotations may differ), so it trains twice as often
-        and its boxes count twice in recall."""
-        for positions in _files_listed_twice([record.file for record in records]):
+        for each image file that several ``records`` name, by one path, through symbolic links or
+        as hard links: it is kept once per record (as their annotations may differ), so it trains
+        twice as often and its boxes count twice in recall."""
+        for names in files_listed_twice([record.file for record in records]):
+            positions = sorted(k for name in names for k in name)
             ids = [records[k].image_id for k in positions]
-            first, *linked = dict.fromkeys(str(records[k].file) for k in positions)  # each path once
-            also = f", also as {', '.join(linked)} (the same file, through a symbolic link)" if linked else ""
+            first, *linked = dict.fromkeys(str(records[k].file) for k in names[0])  # each path once
+            hard = list(dict.fromkeys(str(records[k].file) for name in names[1:] for k in name))
+            also = "".join(f", also as {', '.join(paths)} (the same file, through a {kind} link)"
+                           for kind, paths in (("symbolic", linked), ("hard", hard)) if paths)
             self.problems.add(Problem(
                 "file_listed_twice", "kept",
-                f"{first} is listed under {len(ids)} image ids ({', '.join(map(repr, ids))}){also}: each is an "
-                "image of the split, trained and evaluated (its boxes counted) once per id",
-                listing, ids[1]))
+                f"{first} is listed under {len(ids)} image ids ({', '.join(map(as_written, ids))}){also}: each "
+                "is an image of the split, trained and evaluated (its boxes counted) once per id",
+                listing, records[positions[1]].image_id))
 
     def _progress(self, items: list[T], description: str) -> Iterable[T]:
         """``items`` with a transient rich progress bar when there are many."""

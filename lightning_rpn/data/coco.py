@@ -27,7 +27,7 @@ import numpy as np
 
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord, gc_paused
 from lightning_rpn.data.image_io import resolve_image_path
-from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError
+from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError, as_written, quoted
 
 __all__ = ["COCODetection", "load_coco_json"]
 
@@ -49,7 +49,7 @@ def load_coco_json(annotation_file: Path | str) -> dict[str, Any]:
             raise DataError(f"missing or non-list {key!r}; expected a COCO instances file", file=str(path))
     categories = data.get("categories")
     if categories is not None and not isinstance(categories, list):  # null or none: no categories
-        raise DataError(f"non-list 'categories' ({_quoted(categories)}); expected a list of objects with "
+        raise DataError(f"non-list 'categories' ({quoted(categories)}); expected a list of objects with "
                         "'id' and 'name'", file=str(path))
     return data
 
@@ -117,7 +117,7 @@ class COCODetection(AnnotatedDataset):
         used: Counter[Any] = Counter()
         for (category, _), n in selected.items():
             used[category] += n
-        listed = ", ".join(_as_written(category) + (f" ({_as_written(self._category_names[category])})" if category
+        listed = ", ".join(as_written(category) + (f" ({as_written(self._category_names[category])})" if category
                                                     in self._category_names else "") + f": {n}"
                            for category, n in used.most_common(10))
         raise DataError(f"the category filter {chosen} keeps none of the file's {sum(used.values())} annotations "
@@ -138,7 +138,7 @@ class COCODetection(AnnotatedDataset):
         selected: set[int] = set()
         for name in names or []:
             if name not in by_name:
-                known_names = _as_written(sorted(by_name, key=_as_written))
+                known_names = as_written(sorted(by_name, key=as_written))
                 raise DataError(
                     f"category_names: {name!r} is not a category; known: {known_names}",
                     file=self.annotation_file,
@@ -148,7 +148,7 @@ class COCODetection(AnnotatedDataset):
             if known_ids and cat_id not in known_ids:
                 raise DataError(
                     f"category_ids: {cat_id!r} is not a category id; "
-                    f"known: {_as_written(sorted(known_ids, key=repr))}",
+                    f"known: {as_written(sorted(known_ids, key=repr))}",
                     file=self.annotation_file,
                 )
             selected.add(cat_id)
@@ -206,7 +206,7 @@ class COCODetection(AnnotatedDataset):
         if image_id not in dropped:
             dropped.add(image_id)
             names, count = shared[image_id]
-            n, quoted, written_id = len(names), [_as_written(name) for name in names], _as_written(image_id)
+            n, quoted, written_id = len(names), [as_written(name) for name in names], as_written(image_id)
             listed = f"{', '.join(quoted[:-1])} and {quoted[-1]} {'both' if n == 2 else 'all'} have id {written_id}"
             self.problems.add(Problem(
                 "bad_image_entry", "skipped",
@@ -219,20 +219,20 @@ class COCODetection(AnnotatedDataset):
 
     def _parse_image(self, entry: Any, records: dict[Any, ImageRecord]) -> ImageRecord:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise DataError(f"image entry {_quoted(entry)} lacks 'id' or 'file_name'", file=self.annotation_file)
+            raise DataError(f"image entry {quoted(entry)} lacks 'id' or 'file_name'", file=self.annotation_file)
         image_id = entry["id"]
         if image_id is None or _hashable(image_id) is not image_id:  # null, a list, an object: no id to name
-            raise DataError(f"image id {_as_written(image_id)} of {_as_written(entry['file_name'])} is not a number "
+            raise DataError(f"image id {as_written(image_id)} of {as_written(entry['file_name'])} is not a number "
                             "or a string", file=self.annotation_file, image_id=_hashable(image_id))
         if image_id in records:
-            raise DataError(f"duplicate image id: {_as_written(entry['file_name'])} has the id of "
+            raise DataError(f"duplicate image id: {as_written(entry['file_name'])} has the id of "
                             f"{records[image_id].file.name!r}", file=self.annotation_file, image_id=image_id)
         path = self._image_path(entry["file_name"], image_id)
         width, height = entry.get("width"), entry.get("height")
         size = None
         if width is not None or height is not None:
             if not (_is_positive_number(width) and _is_positive_number(height)):
-                raise DataError(f"image width/height {_quoted(width)}/{_quoted(height)} must be positive "
+                raise DataError(f"image width/height {quoted(width)}/{quoted(height)} must be positive "
                                 "numbers",
                                 file=self.annotation_file, image_id=image_id)
             size = (int(height), int(width))
@@ -310,7 +310,7 @@ class COCODetection(AnnotatedDataset):
         """Add ``ann``, entry ``position`` of 'annotations', to ``sink`` after checking each field,
         reporting (or raising for) what is wrong."""
         if not isinstance(ann, dict):  # no field to read: named by its position
-            self._skip_annotation("bad_annotation_entry", f"annotations[{position}] is {_quoted(ann)}, not an object "
+            self._skip_annotation("bad_annotation_entry", f"annotations[{position}] is {quoted(ann)}, not an object "
                                   "with image_id and bbox", None, None)
             return
         ann_id = ann.get("id")
@@ -344,8 +344,8 @@ class COCODetection(AnnotatedDataset):
         if ann_id in first_use:
             self.problems.add(Problem(
                 "duplicate_annotation_id", "kept",
-                f"annotation id {_as_written(ann_id)} is used again (first by an annotation of image "
-                f"{_as_written(first_use[ann_id])}), "
+                f"annotation id {as_written(ann_id)} is used again (first by an annotation of image "
+                f"{as_written(first_use[ann_id])}), "
                 "so problems naming it are ambiguous; give each annotation its own id",
                 self.annotation_file, image_id, ann_id))
         else:
@@ -361,8 +361,8 @@ class COCODetection(AnnotatedDataset):
         if known and category not in known:
             near = next((k for k in known if str(k) == str(category)), None) if "category_id" in ann else None
             detail = ("the annotation has no category_id" if "category_id" not in ann else
-                      f"category_id {_as_written(ann['category_id'])} is not an id of 'categories'"
-                      + ("" if near is None else f" ('categories' has {_as_written(near)})"))
+                      f"category_id {as_written(ann['category_id'])} is not an id of 'categories'"
+                      + ("" if near is None else f" ('categories' has {as_written(near)})"))
             outcome = "every category is one class" if kept else "not a category the filter selects"
             self.problems.add(Problem("unknown_category", "kept" if kept else "skipped", f"{named}{detail}; {outcome}",
                                       self.annotation_file, image_id, ann_id))
@@ -378,18 +378,18 @@ class COCODetection(AnnotatedDataset):
             if self._images_as_text is None:  # 1 and "1" are different ids in JSON: name the near miss
                 self._images_as_text = {str(known): known for known in records}
             near = self._images_as_text.get(str(image_id))
-            hint = "" if near is None else f" ('images' has {_as_written(near)})"
-            return "unknown_image", (f"annotation refers to image id {_as_written(ann['image_id'])}, which is not in "
+            hint = "" if near is None else f" ('images' has {as_written(near)})"
+            return "unknown_image", (f"annotation refers to image id {as_written(ann['image_id'])}, which is not in "
                                      f"'images'{hint}")
         if "bbox" not in ann:
             return "malformed_bbox", "the annotation has no bbox; expected 4 numbers (x, y, w, h)"
         bbox = ann["bbox"]
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            return "malformed_bbox", f"bbox {_as_written(bbox)} is not 4 numbers (x, y, w, h)"
+            return "malformed_bbox", f"bbox {as_written(bbox)} is not 4 numbers (x, y, w, h)"
         crowd = ann.get("iscrowd", 0)
         if not isinstance(crowd, (int, float)) or crowd not in (0, 1):  # 0.0 / 1.0 as pycocotools reads them
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
-            return "bad_iscrowd", (f"iscrowd {_as_written(crowd)} is {kind}; expected the number 0 or 1 "
+            return "bad_iscrowd", (f"iscrowd {as_written(crowd)} is {kind}; expected the number 0 or 1 "
                                    "(or false / true)")
         return None
 
@@ -413,28 +413,6 @@ def _shared_image_ids(images: list[Any]) -> dict[Any, list[Any]]:
         if isinstance(entry, dict) and entry.get("id") is not None and _hashable(entry["id"]) is entry["id"]:
             names.setdefault(entry["id"], []).append(entry.get("file_name"))
     return {image_id: files for image_id, files in names.items() if len(files) > 1}
-
-
-def _as_written(value: Any) -> str:
-    """``value`` quoted for a message, JSON's ``null``, ``true`` and ``false`` as the file writes them
-    (``repr`` says ``None``, ``True``, ``False``), also inside lists and objects."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return f"[{', '.join(_as_written(v) for v in value)}]"
-    if isinstance(value, dict):
-        return f"{{{', '.join(f'{k!r}: {_as_written(v)}' for k, v in value.items())}}}"
-    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads and writes these
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return repr(value)
-
-
-def _quoted(value: Any, limit: int = 60) -> str:
-    """:func:`_as_written` cut to ``limit`` characters: a whole entry quoted may be long."""
-    text = _as_written(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_positive_number(value: Any) -> bool:

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from lightning_rpn.data.problems import DataError, UnsafePathError
+from lightning_rpn.data.problems import DataError, UnsafePathError, quoted
 
 __all__ = [
     "resolve_image_path",
@@ -72,10 +72,11 @@ def resolve_image_path(
 ) -> Path:
     """``root / name``, refusing absolute names and names that climb out of ``root`` with ``..``.
 
-    ``file`` and ``image_id`` name where ``name`` came from, for the error message.
+    ``file`` and ``image_id`` name where ``name`` came from, for the error message (which quotes a
+    ``name`` that is no string as a COCO file writes it: ``null``, ``true``).
     """
     if not isinstance(name, str) or not name:
-        raise DataError(f"image file name {name!r} is not a non-empty string", file=file, image_id=image_id)
+        raise DataError(f"image file name {quoted(name)} is not a non-empty string", file=file, image_id=image_id)
     if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
         raise UnsafePathError(
             f"image path {name!r} is absolute; expected a path relative to the images root {str(root)!r}",

@@ -19,6 +19,7 @@ Boxes are checked as written in their file (:data:`BoxFormat`: xyxy, COCO ``xywh
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Literal, Sequence
@@ -26,6 +27,8 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import numpy as np
 
 __all__ = [
+    "as_written",
+    "quoted",
     "BadAnnotationPolicy",
     "BAD_ANNOTATION_POLICIES",
     "BoxFormat",
@@ -98,14 +101,39 @@ class UnsafePathError(DataError):
     """An image path that is absolute or climbs out of its root: always an error, whatever the policy."""
 
 
+def as_written(value: Any) -> str:
+    """``value`` quoted for a message, JSON's ``null``, ``true`` and ``false`` as the file writes them
+    (``repr`` says ``None``, ``True``, ``False``), also inside lists and objects."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return f"[{', '.join(as_written(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k!r}: {as_written(v)}' for k, v in value.items())}}}"
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads and writes these
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return repr(value)
+
+
+def quoted(value: Any, limit: int = 60) -> str:
+    """:func:`as_written` cut to ``limit`` characters: a whole entry quoted may be long."""
+    text = as_written(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _describe(file: str | None, image_id: int | str | None, annotation_id: int | str | None) -> str:
+    """``file, image <id>, annotation <id>`` (the known parts), ids quoted as a COCO file writes
+    them (``true``, ``NaN``: ``repr`` would say ``True``, ``nan``)."""
+
     parts = []
     if file is not None:
         parts.append(str(file))
     if image_id is not None:
-        parts.append(f"image {image_id!r}")
+        parts.append(f"image {as_written(image_id)}")
     if annotation_id is not None:
-        parts.append(f"annotation {annotation_id!r}")
+        parts.append(f"annotation {as_written(annotation_id)}")
     return ", ".join(parts)
 
 

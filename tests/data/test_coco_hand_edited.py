@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_rpn.data.coco import COCODetection
+from lightning_rpn.data.problems import as_written
 from lightning_rpn.data.problems import DataError
 
 IMAGE = {"id": 7, "file_name": "a.jpg", "width": 60, "height": 40}
@@ -107,7 +108,7 @@ def test_values_are_quoted_as_the_file_writes_them(
     path = write(tmp_path, images, [annotation])
     with pytest.raises(DataError) as caught:
         COCODetection(tmp_path / "images", path)
-    assert str(caught.value).startswith(f"{path}, image {image_id!r}") and detail in str(caught.value)
+    assert str(caught.value).startswith(f"{path}, image {as_written(image_id)}") and detail in str(caught.value)
     ds = COCODetection(tmp_path / "images", path, on_bad_annotation="skip")
     assert rows(ds) == [(kind, "skipped", image_id, ann_id, detail)]
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from helpers.builders import voc_xml, write_coco, write_voc
 
-from lightning_rpn.data.annotated import _files_listed_twice
+from lightning_rpn.data.listed_twice import files_listed_twice
 from lightning_rpn.data.coco import COCODetection
 from lightning_rpn.data.voc import VOCDetection
 
@@ -85,9 +85,9 @@ def test_only_links_and_folders_are_resolved_not_every_path(tmp_path: Path, monk
     for name in names:
         os.symlink(images_root / name, farm / name)
     resolved.clear()
-    assert _files_listed_twice([farm / name for name in names]) == []
+    assert files_listed_twice([farm / name for name in names]) == []
     assert resolved == [str(farm), str(images_root)]
-    assert _files_listed_twice([farm / "003.png", images_root / "003.png"]) == [[0, 1]]
+    assert files_listed_twice([farm / "003.png", images_root / "003.png"]) == [[[0, 1]]]
 
 
 def test_a_voc_image_listed_twice_is_a_warning_naming_the_split_file(tmp_path: Path) -> None:
