@@ -43,7 +43,10 @@ class RPNBatch:
     batch and ``problems`` what was clipped or skipped while loading it (both reported by
     :class:`~lightning_rpn.training.datamodule.RPNDataModule`); ``stand_ins`` marks the images
     that stand in for unusable ones (``DetectionSample.stand_in``; empty: none), which
-    evaluation leaves out (:attr:`evaluated`).
+    evaluation leaves out (:attr:`evaluated`); ``annotation_areas`` gives, per image, its gt
+    boxes' annotated areas in original-image pixels (float32 ``[G]``, ``DetectionSample.annotation_areas``;
+    ``None`` for an image whose source gives none; empty: no image of the batch has them), which
+    sort the boxes into the recall's area ranges.
     """
 
     images: Tensor
@@ -60,6 +63,7 @@ class RPNBatch:
     removed_boxes: int = 0
     problems: list[Problem] = field(default_factory=list)
     stand_ins: list[bool] = field(default_factory=list)
+    annotation_areas: list[Tensor | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -101,10 +105,12 @@ class RPNBatch:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         small = [*self.gt_boxes, *self.crowd_boxes]
         small += [t for t in (self.anchor_labels, self.positive_deltas) if t is not None]
+        small += [t for t in self.annotation_areas if t is not None]
         packed, layout = _pack(small)
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
         for name in ("gt_boxes", "crowd_boxes", "anchor_labels", "positive_deltas"):
             fields[name] = fields[name] is not None  # placeholders; restored from ``packed``
+        fields["annotation_areas"] = [t is not None for t in self.annotation_areas]
         return _unpack_batch, (fields, packed, layout)
 
     def _map(self, fn: Any) -> RPNBatch:
@@ -115,6 +121,7 @@ class RPNBatch:
             crowd_boxes=[fn(b) for b in self.crowd_boxes],
             anchor_labels=None if self.anchor_labels is None else fn(self.anchor_labels),
             positive_deltas=None if self.positive_deltas is None else fn(self.positive_deltas),
+            annotation_areas=[None if t is None else fn(t) for t in self.annotation_areas],
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RPNBatch:
@@ -157,4 +164,5 @@ def _unpack_batch(fields: dict[str, Any], packed: Tensor, layout: _Layout) -> RP
     rest = iter(tensors[2 * images :])
     for name in ("anchor_labels", "positive_deltas"):
         fields[name] = next(rest) if fields[name] else None
+    fields["annotation_areas"] = [next(rest) if given else None for given in fields["annotation_areas"]]
     return RPNBatch(**fields)

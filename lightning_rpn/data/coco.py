@@ -11,6 +11,15 @@ truth (excluded from anchor matching and from recall), or are dropped with
 ``include_crowd=False``. Images without annotations are valid (empty). Messages quote values as
 the file writes them (``null``, ``true``) and name an annotation without ``id`` by its position
 (``annotations[3]``).
+
+``area`` (the object's area in pixels: its segmentation's, on COCO) is what sorts a ground-truth
+box into the recall's area ranges (``AR_small`` / ``medium`` / ``large``), as COCOeval and
+detectron2 sort it; samples carry it as ``DetectionSample.annotation_areas``. An ``area`` that is
+not a number >= 0 (negative, NaN, infinite, a string, ``null``) is an error, like a bad
+``iscrowd``. A file where some ground-truth annotations have no ``area`` gives none at all (a
+``missing_area`` problem says so): one measure sorts every box of a file, never the annotation's
+area for some and the box's for others; a file without any ``area`` sorts by the box area, as
+VOC and the other sources do.
 """
 
 from __future__ import annotations
@@ -27,7 +36,18 @@ import numpy as np
 
 from lightning_rpn.data.annotated import AnnotatedDataset, ImageRecord, gc_paused
 from lightning_rpn.data.image_io import resolve_image_path
-from lightning_rpn.data.problems import BadAnnotationPolicy, DataError, Problem, UnsafePathError, as_written, quoted
+from lightning_rpn.data.problems import (
+    AnnotationRef,
+    BadAnnotationPolicy,
+    DataError,
+    Problem,
+    ProblemLog,
+    UnsafePathError,
+    as_written,
+    quoted,
+    sanitize_boxes,
+)
+from lightning_rpn.data.sample import DetectionSample
 
 __all__ = ["COCODetection", "load_coco_json"]
 
@@ -72,6 +92,10 @@ class COCODetection(AnnotatedDataset):
         verify_images: decode every image now (missing / corrupt / truncated / mis-sized images).
         report_unsafe_paths: record ``file_name`` s escaping ``images_root`` as skipped problems
             instead of raising (``check-data``).
+
+    ``annotation_areas``: each image id's ground-truth ``area`` s (float64 ``[G]``, in the order of
+    its record's written boxes), or ``None`` when the file does not give every ground-truth
+    annotation one (see the module docstring); items carry those of the boxes they keep.
     """
 
     box_format = "xywh"
@@ -98,7 +122,9 @@ class COCODetection(AnnotatedDataset):
                                     if isinstance(c, dict)}
             records, dropped = self._parse_images(data["images"], data["annotations"])
             self._note_files_listed_twice(list(records.values()), self.annotation_file)
-            selected = self._parse_annotations(data["annotations"], records, dropped, include_crowd)
+            selected, self.annotation_areas = self._parse_annotations(data["annotations"], records, dropped,
+                                                                      include_crowd)
+            self._records_by_id: dict[Any, ImageRecord] | None = None  # built when an item first needs it
             self._check_selection_kept_some(selected, category_ids, category_names)
             self.records = list(records.values())
             del data  # freed (by reference counting) before the collector resumes, which would walk it all
@@ -250,10 +276,10 @@ class COCODetection(AnnotatedDataset):
 
     def _parse_annotations(
         self, annotations: list[Any], records: dict[Any, ImageRecord], dropped: set[Any], include_crowd: bool
-    ) -> Counter[Any]:
-        """Fill the records' boxes; with a category filter, the ``(category_id, kept by the filter)``
-        of every annotation it saw, counted (for :meth:`_check_selection_kept_some`, which reads
-        nothing else).
+    ) -> tuple[Counter[Any], dict[Any, np.ndarray] | None]:
+        """Fill the records' boxes; return, with a category filter, the ``(category_id, kept by the
+        filter)`` of every annotation it saw, counted (for :meth:`_check_selection_kept_some`, which
+        reads nothing else), and the ground-truth areas by image id (``annotation_areas``).
 
         Most annotations of a file are clean: :meth:`_add_if_clean` takes those with a few cheap
         tests, and every other annotation goes through the detailed checks of
@@ -265,15 +291,25 @@ class COCODetection(AnnotatedDataset):
         for position, ann in enumerate(self._progress(annotations, "Reading COCO annotations")):
             if not add_if_clean(ann, sink):
                 self._add_checked(ann, position, sink, records, dropped)
-        sink.store(list(records.values()))
-        return sink.selected
+        areas = sink.store(list(records.values()))
+        if sink.first_missing_area is not None and sink.missing_areas < sink.ground_truth:
+            position, ann_id = sink.first_missing_area
+            image_id = list(records)[position]
+            self.problems.add(Problem(
+                "missing_area", "kept",
+                f"{sink.missing_areas} of the file's {sink.ground_truth} ground-truth annotations (this one first) "
+                "have no 'area', so AR_small / AR_medium / AR_large sort every box of the file by its box area "
+                "instead of its annotation's area; give every annotation its area (or none)",
+                self.annotation_file, image_id, ann_id))
+        return sink.selected, areas
 
     def _add_if_clean(self, ann: Any, sink: _AnnotationSink) -> bool:
         """Add ``ann`` to ``sink`` and return True when it is plainly clean: a dict whose integer
         ``id`` is new, whose integer or string ``image_id`` is a kept image, whose integer
         ``category_id`` is in ``categories`` (or the file lists none), whose ``bbox`` is a list
-        of 4 ints / floats and whose ``iscrowd``, if any, is 0 or 1 (an int or a float). Else return
-        False having changed nothing, for :meth:`_add_checked`.
+        of 4 ints / floats, whose ``iscrowd``, if any, is 0 or 1 (an int or a float) and whose
+        ``area``, if any, is an int / float in [0, float64's largest]. Else return False having
+        changed nothing, for :meth:`_add_checked`.
 
         This is the common case of :meth:`_add_checked` without its per-field checks (which made
         reading a train2017-sized file take 3x as long as pycocotools), so it must agree with
@@ -289,8 +325,10 @@ class COCODetection(AnnotatedDataset):
         known = self._category_names
         if position is None or ann_id in sink.first_use or (known and category not in known):
             return False
-        bbox, crowd = ann.get("bbox"), ann.get("iscrowd", 0)
+        bbox, crowd, area = ann.get("bbox"), ann.get("iscrowd", 0), ann.get("area", _NO_AREA)
         if type(bbox) is not list or len(bbox) != 4 or type(crowd) not in _NUMBERS or crowd not in (0, 1):
+            return False
+        if area is not _NO_AREA and (type(area) not in _NUMBERS or not 0 <= area <= _LARGEST):
             return False
         x, y, w, h = bbox
         if type(x) not in _NUMBERS or type(y) not in _NUMBERS or type(w) not in _NUMBERS or type(h) not in _NUMBERS:
@@ -301,7 +339,7 @@ class COCODetection(AnnotatedDataset):
             sink.selected[(category, kept)] += 1
             if not kept:
                 return True
-        sink.add(position, bbox, ann_id, crowd == 1)
+        sink.add(position, bbox, ann_id, crowd == 1, area)
         return True
 
     def _add_checked(
@@ -328,7 +366,8 @@ class COCODetection(AnnotatedDataset):
         if problem is not None:
             self._skip_annotation(problem[0], named + problem[1], image_id, ann_id)
             return
-        sink.add(sink.positions[image_id], [_as_float(v) for v in ann["bbox"]], ann_id, bool(ann.get("iscrowd", 0)))
+        sink.add(sink.positions[image_id], [_as_float(v) for v in ann["bbox"]], ann_id, bool(ann.get("iscrowd", 0)),
+                 ann.get("area", _NO_AREA))
 
     def _skip_annotation(self, kind: str, detail: str, image_id: Any, ann_id: Any) -> None:
         """Raise for an unusable annotation under ``"raise"``, else record it as skipped."""
@@ -371,7 +410,8 @@ class COCODetection(AnnotatedDataset):
     def _annotation_problem(
         self, ann: dict[str, Any], image_id: Any, records: dict[Any, ImageRecord]
     ) -> tuple[str, str] | None:
-        """``(kind, detail)`` of what makes ``ann`` unusable (unknown image, malformed bbox, bad iscrowd), else None."""
+        """``(kind, detail)`` of what makes ``ann`` unusable (unknown image, malformed bbox, bad iscrowd or
+        area), else None."""
         if "image_id" not in ann:
             return "unknown_image", "the annotation has no image_id; expected the id of an entry of 'images'"
         if image_id not in records:
@@ -391,7 +431,34 @@ class COCODetection(AnnotatedDataset):
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
             return "bad_iscrowd", (f"iscrowd {as_written(crowd)} is {kind}; expected the number 0 or 1 "
                                    "(or false / true)")
+        area = ann.get("area", _NO_AREA)
+        if area is not _NO_AREA and (type(area) not in _NUMBERS or not 0 <= area <= _LARGEST):
+            kind = ("a string" if isinstance(area, str) else "not a number" if type(area) not in _NUMBERS
+                    else "negative" if area < 0 else "not finite" if type(area) is float else "too large")
+            return "bad_area", (f"area {quoted(area)} is {kind}; expected a number >= 0, the object's area in "
+                                "pixels, which sorts its box into AR_small / AR_medium / AR_large")
         return None
+
+    def __getitem__(self, index: int) -> DetectionSample:
+        sample = super().__getitem__(index)
+        if self.annotation_areas is not None:
+            sample.set_annotation_areas(self._kept_areas(sample))
+        return sample
+
+    def _kept_areas(self, sample: DetectionSample) -> np.ndarray:
+        """The annotation areas of ``sample`` 's boxes: its image's, less those of the boxes its checks
+        dropped (``skip`` / ``clip``), found by checking its written boxes again at the size they
+        were checked at, each box's position as its id."""
+        areas = self.annotation_areas[sample.image_id]  # type: ignore[index]
+        if len(areas) == len(sample.boxes):
+            return areas
+        if self._records_by_id is None:
+            self._records_by_id = {record.image_id: record for record in self.records}
+        written = self._records_by_id[sample.image_id].written_boxes
+        assert sample.original_size is not None
+        _, kept = sanitize_boxes(written, list(range(len(written))), sample.original_size, self.on_bad_annotation,
+                                 AnnotationRef(self.annotation_file, sample.image_id), ProblemLog(), self.box_format)
+        return areas[np.asarray(kept, dtype=np.intp)]
 
 
 _PLAIN_NAME = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*")
@@ -433,11 +500,20 @@ def _as_float(value: int | float) -> float:
 _NUMBERS = frozenset((int, float))
 """The types of a bbox value that :meth:`COCODetection._add_if_clean` takes as they are."""
 
+_LARGEST = sys.float_info.max
+"""The largest ``area`` taken: ``Infinity`` and an integer past float64's range are no areas."""
+
+_NO_AREA = float("nan")
+"""What an annotation without ``area`` reads as: NaN once stored, and no other NaN reaches the
+boxes (a file's NaN is a bad area, as ``null`` is), so it is told apart by identity when read."""
+
 
 class _AnnotationSink:
     """What reading the annotations collects: every usable box in file order (its 4 numbers as
-    written, the position of its image's record, its annotation id), the image id of the first
-    annotation with each id, and the ``(category_id, kept)`` counts of a category filter."""
+    written, the position of its image's record, its annotation id, its area), the image id of
+    the first annotation with each id, and the ``(category_id, kept)`` counts of a category
+    filter; once stored, how many ground-truth boxes there are and have no area (the first
+    one's record position and annotation id)."""
 
     def __init__(self, records: dict[Any, ImageRecord], dropped: set[Any], include_crowd: bool) -> None:
         self.positions = {image_id: k for k, image_id in enumerate(records) if image_id not in dropped}
@@ -449,10 +525,13 @@ class _AnnotationSink:
         self.ids: list[Any] = []
         self.first_use: dict[Any, Any] = {}
         self.selected: Counter[Any] = Counter()
+        self.areas: list[float] = []
+        self.ground_truth = self.missing_areas = 0
+        self.first_missing_area: tuple[int, Any] | None = None
 
-    def add(self, position: int, box: list[float], ann_id: Any, crowd: bool) -> None:
-        """Add a usable annotation's box (4 numbers) to the record at ``position``; a crowd box is
-        dropped unless crowd boxes are kept."""
+    def add(self, position: int, box: list[float], ann_id: Any, crowd: bool, area: float) -> None:
+        """Add a usable annotation's box (4 numbers) and ``area`` (a number >= 0, or ``_NO_AREA``)
+        to the record at ``position``; a crowd box is dropped unless crowd boxes are kept."""
         if crowd:
             if not self.include_crowd:
                 return
@@ -460,11 +539,14 @@ class _AnnotationSink:
         self.values += box
         self.owners.append(position)
         self.ids.append(ann_id)
+        self.areas.append(area)
 
-    def store(self, records: list[ImageRecord]) -> None:
+    def store(self, records: list[ImageRecord]) -> dict[Any, np.ndarray] | None:
         """Give each record its boxes and annotation ids, in file order, the boxes as float64
         ``[G, 4]`` arrays: views of one array converted at once and grouped by one stable sort
-        (converting image by image, in the file's scattered order, cost more than the rest)."""
+        (converting image by image, in the file's scattered order, cost more than the rest).
+        Returns each record's ground-truth areas by image id (views, as the boxes), or ``None``
+        where a ground-truth box has none."""
         owners = np.asarray(self.owners, dtype=np.intp)
         order = np.argsort(owners, kind="stable")
         try:
@@ -480,6 +562,16 @@ class _AnnotationSink:
             record.written_boxes, record.annotation_ids = rows[first:last], ids[first:last]
             first, last = starts[self.num_records + k], ends[self.num_records + k]
             record.written_crowd_boxes, record.crowd_annotation_ids = rows[first:last], ids[first:last]
+        areas = np.asarray(self.areas, dtype=np.float64)  # each >= 0, or NaN: none given
+        ground_truth = owners < self.num_records
+        missing = ground_truth & np.isnan(areas)
+        self.ground_truth, self.missing_areas = int(ground_truth.sum()), int(missing.sum())
+        if self.missing_areas:
+            first = int(missing.argmax())
+            self.first_missing_area = (self.owners[first], self.ids[first])
+            return None
+        in_order = areas[order]
+        return {record.image_id: in_order[starts[k]:ends[k]] for k, record in enumerate(records)}
 
 
 def _hashable(value: Any) -> Any:

@@ -109,6 +109,8 @@ class RPNCollate:
         # copies: dataset records must not share memory with batches the model may modify
         gt_boxes = [torch.tensor(s.boxes, dtype=torch.float32) for s in samples]
         crowd_boxes = [torch.tensor(s.crowd_boxes, dtype=torch.float32) for s in samples]
+        areas = [None if s.annotation_areas is None else torch.tensor(s.annotation_areas, dtype=torch.float32)
+                 for s in samples]
         batch = RPNBatch(
             images=images,
             image_sizes=sizes,
@@ -121,6 +123,7 @@ class RPNCollate:
             removed_boxes=sum(s.removed_boxes for s in samples),
             problems=[p for s in samples for p in s.problems],
             stand_ins=[s.stand_in for s in samples] if any(s.stand_in for s in samples) else [],
+            annotation_areas=areas if any(a is not None for a in areas) else [],
         )
         if self.assign_targets:
             batch.sampling_epoch = self.epoch

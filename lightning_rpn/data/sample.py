@@ -3,6 +3,9 @@
 Shapes: ``H x W`` image, ``G`` ground-truth boxes, ``C`` crowd boxes. Boxes are
 ``(x1, y1, x2, y2)`` float32 in pixels of ``image``; crowd boxes (COCO ``iscrowd``) are kept
 apart: they are neither positives nor negatives for anchor matching and do not count for recall.
+A source that annotates each object's area (COCO's ``area``) gives the ground-truth boxes their
+``annotation_areas`` (float32 ``[G]``, in pixels of the image as stored), which sort them into the
+recall's area ranges as COCOeval does; without them the box area sorts them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ class DetectionSample:
     item's anchor sampling, so an image listed twice in a split draws two samples;
     ``stand_in`` says the item is another image standing in for one that could not be used
     (unreadable, or skipped for its size under ``on_bad_annotation='skip'``): training uses it,
-    so that batches stay full, and evaluation leaves it out, so that no image counts twice.
+    so that batches stay full, and evaluation leaves it out, so that no image counts twice;
+    ``annotation_areas`` (``None``: the source gives none) is each ground-truth box's annotated
+    area, row for row with ``boxes``, given by :meth:`set_annotation_areas`. It is no constructor
+    argument, so ``dataclasses.replace`` leaves it out: code that changes the boxes without
+    knowing of it cannot pair areas with other boxes (evaluation then sorts by the box area);
+    code that knows (the transforms) sets the kept boxes' areas again.
     """
 
     image: np.ndarray
@@ -47,6 +55,7 @@ class DetectionSample:
     problems: list[Problem] = field(default_factory=list)
     dataset_index: int | None = None
     stand_in: bool = False
+    annotation_areas: np.ndarray | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -58,6 +67,19 @@ class DetectionSample:
         self.crowd_boxes = np.asarray(self.crowd_boxes, dtype=np.float32).reshape(-1, 4)
         if self.original_size is None:
             self.original_size = self.image_size
+
+    def set_annotation_areas(self, areas: np.ndarray | None) -> None:
+        """Give the ground-truth boxes their annotated areas (``[G]``, in the boxes' order), or none."""
+        if areas is None:
+            self.annotation_areas = None
+            return
+        areas = np.asarray(areas, dtype=np.float32).reshape(-1)
+        if len(areas) != len(self.boxes):
+            raise ValueError(
+                f"{self.source}, image {self.image_id!r}: {len(areas)} annotation areas for {len(self.boxes)} "
+                "boxes; give one per box, in the boxes' order"
+            )
+        self.annotation_areas = areas
 
     @property
     def image_size(self) -> tuple[int, int]:

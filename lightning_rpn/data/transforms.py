@@ -434,7 +434,9 @@ class DetectionTransform:
     """Augment (albumentations) then resize a :class:`DetectionSample`, counting removed boxes.
 
     A box counts as removed when no part of it is left (a box split into fragments, as
-    ``RandomGridShuffle`` does, is kept: its fragments are the boxes trained on). A training
+    ``RandomGridShuffle`` does, is kept: its fragments are the boxes trained on). Each kept
+    ground-truth box (each fragment) keeps its annotated area (``DetectionSample.annotation_areas``),
+    which the resize leaves in original-image pixels, the scale of the recall's area ranges. A training
     pipeline holding a transform of :data:`SIZE_SETTING_TRANSFORMS` under resize mode ``none`` is
     warned about when built: evaluation and predict size images by the resize policy alone.
 
@@ -497,7 +499,7 @@ class DetectionTransform:
 
     def __call__(self, sample: DetectionSample, seed: int | None = None) -> DetectionSample:
         """``sample`` augmented and resized; with ``seed``, every random choice drawn from it."""
-        image, boxes, crowd = sample.image, sample.boxes, sample.crowd_boxes
+        image, boxes, crowd, areas = sample.image, sample.boxes, sample.crowd_boxes, sample.annotation_areas
         removed = 0
         if self.spec:
             if seed is None:
@@ -518,6 +520,7 @@ class DetectionTransform:
             boxes, crowd = kept[kept_kinds == _GROUND_TRUTH], kept[kept_kinds == _CROWD]
             origins = np.asarray(out[_ORIGIN_FIELD], dtype=np.int64).reshape(-1)[kept_kinds == _GROUND_TRUTH]
             removed = len(sample.boxes) - len(np.unique(origins))  # fragments of one box count once
+            areas = None if areas is None else areas[origins]  # ground-truth rows come first: origin = row
         size = (int(image.shape[0]), int(image.shape[1]))
         drawn = None if seed is None or not self.train else np.random.default_rng([seed, 1])  # evaluation draws no size
         new_size = self.resize.target_size(size, self.train, drawn)
@@ -527,13 +530,16 @@ class DetectionTransform:
             boxes, crowd = boxes * scale, crowd * scale
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         removed += int((~valid).sum())
-        return replace(
+        out_sample = replace(
             sample,
             image=np.ascontiguousarray(image),
             boxes=boxes[valid],
             crowd_boxes=crowd[(crowd[:, 2] > crowd[:, 0]) & (crowd[:, 3] > crowd[:, 1])],
             removed_boxes=sample.removed_boxes + removed,
         )
+        # annotated areas stay in original-image pixels, the scale of COCO's area ranges: the resize leaves them
+        out_sample.set_annotation_areas(None if areas is None else areas[valid])
+        return out_sample
 
 
 class TransformedDataset(torch.utils.data.Dataset):

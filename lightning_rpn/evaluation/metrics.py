@@ -13,13 +13,18 @@ index, then lowest proposal index (the better-scored one). IoUs are float32 and 
 (thresholds, area bounds) is made in float32, as in detectron2: a box covered at IoU exactly
 ``t`` counts at ``t``.
 
-Area ranges: a gt box belongs to a range when ``lo <= area < hi``, its area being that of the
-box, ``(x2 - x1) * (y2 - y1)``, or the one given to ``update(areas=...)`` (the module gives the
-area in original-image pixels, COCO's scale, when it evaluates resized images). Each range keeps
-only its own gt boxes and is matched on its own: a box outside the range never takes a proposal
-away from one inside. COCOeval and detectron2 sort by the annotation's ``area`` (the
-segmentation's, on COCO) within ``[lo, hi]``, so ``AR_small/medium/large`` differ somewhat from
-theirs on COCO; ``AR@k`` and ``recall@t@k`` do not depend on the ranges.
+Area ranges: a gt box belongs to a range when ``lo <= area <= hi``, both ends closed, as in
+COCOeval's ``evaluateImg`` and detectron2's ``_evaluate_box_proposals``: a box of area exactly
+32² is both small and medium, one of exactly 96² both medium and large. Its area is the one given
+to ``update(areas=...)``, else that of the box, ``(x2 - x1) * (y2 - y1)``. ``RPNModule`` gives
+the annotation's ``area`` where the data has one (COCO files: the segmentation's area, what
+COCOeval and detectron2 sort by), else the box area in original-image pixels (COCO's scale, when
+it evaluates resized images); one rule for every source. Each range keeps only its own gt boxes
+and is matched on its own: a box outside the range never takes a proposal away from one inside.
+So on a COCO file ``AR_small/medium/large`` are detectron2's, but for two corners: the open
+ranges end at infinity (theirs at 1e5², a box of over 10^10 px²), and the boxes of an image
+without any proposal count as uncovered (detectron2 leaves them out). ``AR@k`` and
+``recall@t@k`` count the ``"all"`` range, ``[0, inf]`` by default: every box.
 
 How it stays fast. The loop above is the greedy matching that accepts (gt, proposal) pairs in
 decreasing IoU order. Two facts make it cheap to batch:
@@ -154,8 +159,9 @@ class ProposalRecall(Metric):
         iou_thresholds: IoU thresholds in (0, 1] (compared in float32); AR averages recall over
             them.
         max_proposals: proposal budgets k reported by ``compute()`` (``AR@k`` ...).
-        area_ranges: name -> ``(lo, hi)`` gt-box area range ``lo <= area < hi``; must contain
-            ``"all"``. Defaults to the COCO limits (small < 32², medium < 96², large >= 96²).
+        area_ranges: name -> ``(lo, hi)`` gt-box area range ``lo <= area <= hi``; must contain
+            ``"all"``. Defaults to the COCO limits (small [0, 32²], medium [32², 96²], large
+            [96², inf]).
         curve_proposals: extra budgets for the recall-vs-proposals curve of ``curves()``
             (merged with ``max_proposals``).
         kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
@@ -163,8 +169,9 @@ class ProposalRecall(Metric):
     ``update(proposals, targets, areas=None)``: ``proposals[i]`` are image i's boxes ``[P, 4]``
     sorted by score, best first; ``targets[i]`` its gt boxes ``[G, 4]``; both xyxy pixels.
     ``areas[i]`` (``[G]``, optional) are the areas that place image i's gt boxes in the area
-    ranges instead of the boxes' own: the areas in original-image pixels when the boxes are in
-    resized ones (matching and IoUs use the boxes either way).
+    ranges instead of the boxes' own: the annotated areas (COCO's ``area``), or the areas in
+    original-image pixels when the boxes are in resized ones (matching and IoUs use the boxes
+    either way).
 
     ``compute()`` returns float tensors keyed ``"AR@{k}"``, ``"AR_{area}@{k}"`` (every range but
     ``"all"``) and ``"recall@{t:.2f}@{k}"`` for each k in ``max_proposals`` and each threshold t.
@@ -267,7 +274,7 @@ class ProposalRecall(Metric):
             list(self.area_ranges.values()), dtype=torch.float32, device=device
         ).unbind(1)
         in_range = (
-            gt_valid & (gt_area >= lows[:, None, None]) & (gt_area < highs[:, None, None])
+            gt_valid & (gt_area >= lows[:, None, None]) & (gt_area <= highs[:, None, None])
         )  # [R, B, G]
         # out of place: states reset inside an inference-mode validate are inference tensors, which a
         # later fit's validation (no_grad, not inference mode) may not update in place

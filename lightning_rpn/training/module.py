@@ -26,7 +26,9 @@ of each validation / test epoch every ``compute()`` key is logged as ``val/{key}
 ``test/{key}``, copied to ``last_recall`` (``dict[str, float]``) with the recall curves in
 ``last_recall_curves``, and the metric is reset. ``predict`` fills it too, with the proposals
 against the gt boxes in original-image pixels, and sets ``last_recall`` only when the split has
-gt boxes (predictions are not logged).
+gt boxes (predictions are not logged). The area ranges (``AR_small`` ...) sort gt boxes by their
+annotated area where the data gives one (COCO's ``area``, ``RPNBatch.annotation_areas``), else by
+their box area, both in original-image pixels.
 
 Non-finite training steps (``nonfinite_loss``): a non-finite loss, or finite loss with
 non-finite gradients, either raises a ``ValueError`` naming the batch's image ids
@@ -106,11 +108,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _original_areas(batch: RPNBatch) -> list[Tensor]:
-    """Per image, its gt boxes' areas in original-image pixels (the boxes mapped back as ``predict``
-    maps them), so the recall's area ranges sort boxes at COCO's scale whatever the resize."""
+    """Per image, the areas in original-image pixels that sort its gt boxes into the recall's area
+    ranges, at COCO's scale whatever the resize: the annotated ones (COCO's ``area``, what COCOeval
+    and detectron2 sort by) where the batch has them, else the boxes' (mapped back as ``predict``
+    maps them)."""
+    annotated = batch.annotation_areas or [None] * len(batch)
     return [
-        box_area(to_original_coordinates(boxes.float(), resized, original))
-        for boxes, resized, original in zip(batch.gt_boxes, batch.image_sizes, batch.original_sizes)
+        box_area(to_original_coordinates(boxes.float(), resized, original)) if areas is None else areas
+        for boxes, resized, original, areas in zip(batch.gt_boxes, batch.image_sizes, batch.original_sizes,
+                                                    annotated)
     ]
 
 
@@ -701,7 +707,7 @@ class RPNModule(pl.LightningModule):
         else:
             proposals, losses = self._run(batch, stage, need_proposals=True)
             self._log_losses(stage, losses, len(batch))
-        # area ranges at the original image's scale, as predict and COCO: the resize scales areas;
+        # area ranges at the original image's scale, as predict and COCO (the resize scales box areas);
         # an image standing in for an unusable one is left out (it is counted at its own position)
         counted, areas = batch.evaluated, _original_areas(batch)
         self.val_recall.update([proposals[i][0] for i in counted], [batch.gt_boxes[i] for i in counted],
@@ -812,7 +818,9 @@ class RPNModule(pl.LightningModule):
                                     batch.original_sizes[i])
             for i in batch.evaluated
         ]
-        self.val_recall.update([item["boxes"] for item in outputs], gt_boxes)
+        areas = _original_areas(batch)
+        self.val_recall.update([item["boxes"] for item in outputs], gt_boxes,
+                               areas=[areas[i] for i in batch.evaluated])
 
     def on_predict_epoch_end(self) -> None:
         """``last_recall`` / ``last_recall_curves`` of the predicted split, when it has gt boxes.

@@ -56,7 +56,7 @@ def reference_metric(proposals, gts, ks, thresholds=THRESHOLDS, area_ranges=COCO
             covered = []
             for props, gt in zip(proposals, gts, strict=True):
                 area = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])).tolist()
-                keep = [i for i, a in enumerate(area) if lo <= a < hi]
+                keep = [i for i, a in enumerate(area) if lo <= a <= hi]
                 covered += reference_coverage(props, gt[keep], k)
             for t in thresholds:
                 recall[k, t, name] = (
@@ -263,10 +263,11 @@ def test_area_ranges_split_boxes_and_match_separately():
     assert out["recall@0.90@10"] == pytest.approx(2 / 3) and out["AR_small@10"] == pytest.approx(
         0.9
     )
-    # boundaries: area exactly 32^2 is medium, exactly 96^2 is large
+    # boundaries are closed, as in COCOeval and detectron2: area exactly 32^2 is small and medium,
+    # exactly 96^2 medium and large
     metric = ProposalRecall(max_proposals=(10,))
     single(metric, [], [box(0, 0, 32, 32), box(0, 0, 96, 96), box(0, 0, 31, 32)])
-    assert metric.num_boxes.tolist() == [3, 1, 1, 1]
+    assert metric.num_boxes.tolist() == [3, 2, 2, 1]
 
 
 def test_range_matching_is_independent_of_other_ranges():
