@@ -34,8 +34,9 @@ COCO_AREA_RANGES: dict[str, tuple[float, float]] = {
     "medium": (32.0**2, 96.0**2),
     "large": (96.0**2, math.inf),
 }
-"""COCO's box-area ranges (pixels squared, ``[low, high)``), read by the recall metric and the
-data report."""
+"""COCO's area ranges (pixels squared): the recall metric reads them closed, ``[low, high]``, as
+COCOeval does; the data report's histogram and the anchor coverage, which count each box once,
+half-open, ``[low, high)``."""
 
 
 def _check_boxes_shape(boxes: Tensor, name: str) -> None:
