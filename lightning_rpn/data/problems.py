@@ -126,7 +126,6 @@ def quoted(value: Any, limit: int = 60) -> str:
 def _describe(file: str | None, image_id: int | str | None, annotation_id: int | str | None) -> str:
     """``file, image <id>, annotation <id>`` (the known parts), ids quoted as a COCO file writes
     them (``true``, ``NaN``: ``repr`` would say ``True``, ``nan``)."""
-
     parts = []
     if file is not None:
         parts.append(str(file))
