@@ -15,9 +15,10 @@ the file writes them (``null``, ``true``) and name an annotation without ``id`` 
 ``area`` (the object's area in pixels: its segmentation's, on COCO) is what sorts a ground-truth
 box into the recall's area ranges (``AR_small`` / ``medium`` / ``large``), as COCOeval and
 detectron2 sort it; samples carry it as ``DetectionSample.annotation_areas``. An ``area`` that is
-not a number >= 0 (negative, NaN, infinite, a string, ``null``) is an error, like a bad
-``iscrowd``. A file where some ground-truth annotations have no ``area`` gives none at all (a
-``missing_area`` problem says so): one measure sorts every box of a file, never the annotation's
+not a number >= 0 (negative, as a signed polygon formula gives, NaN, infinite, a string,
+``null``) leaves its box as it is and the file without areas (a ``bad_area`` warning). A file
+where some ground-truth annotations have no ``area`` gives none at all (a ``missing_area``
+problem says so): one measure sorts every box of a file, never the annotation's
 area for some and the box's for others; a file without any ``area`` sorts by the box area, as
 VOC and the other sources do.
 """
@@ -292,6 +293,15 @@ class COCODetection(AnnotatedDataset):
             if not add_if_clean(ann, sink):
                 self._add_checked(ann, position, sink, records, dropped)
         areas = sink.store(list(records.values()))
+        if sink.first_bad_area is not None:
+            image_id, ann_id, detail = sink.first_bad_area
+            self.problems.add(Problem(
+                "bad_area", "kept",
+                f"{detail}, and {sink.bad_areas} annotation(s) of the file in all have an 'area' that is no number "
+                ">= 0: their boxes are kept, and AR_small / AR_medium / AR_large sort every box of the file by its "
+                "box area instead of its annotation's area",
+                self.annotation_file, image_id, ann_id))
+            return sink.selected, None
         if sink.first_missing_area is not None and sink.missing_areas < sink.ground_truth:
             position, ann_id = sink.first_missing_area
             image_id = list(records)[position]
@@ -366,8 +376,16 @@ class COCODetection(AnnotatedDataset):
         if problem is not None:
             self._skip_annotation(problem[0], named + problem[1], image_id, ann_id)
             return
+        area = ann.get("area", _NO_AREA)
+        if area is not _NO_AREA and (type(area) not in _NUMBERS or not 0 <= area <= _LARGEST):
+            kind = ("a string" if isinstance(area, str) else "not a number" if type(area) not in _NUMBERS
+                    else "negative" if area < 0 else "not finite" if type(area) is float else "too large")
+            sink.bad_areas += 1
+            if sink.first_bad_area is None:
+                sink.first_bad_area = (image_id, ann_id, f"{named}area {quoted(area)} is {kind}")
+            area = _NO_AREA  # the box is good: only the area ranges lose this file's areas
         sink.add(sink.positions[image_id], [_as_float(v) for v in ann["bbox"]], ann_id, bool(ann.get("iscrowd", 0)),
-                 ann.get("area", _NO_AREA))
+                 area)
 
     def _skip_annotation(self, kind: str, detail: str, image_id: Any, ann_id: Any) -> None:
         """Raise for an unusable annotation under ``"raise"``, else record it as skipped."""
@@ -410,8 +428,7 @@ class COCODetection(AnnotatedDataset):
     def _annotation_problem(
         self, ann: dict[str, Any], image_id: Any, records: dict[Any, ImageRecord]
     ) -> tuple[str, str] | None:
-        """``(kind, detail)`` of what makes ``ann`` unusable (unknown image, malformed bbox, bad iscrowd or
-        area), else None."""
+        """``(kind, detail)`` of what makes ``ann`` unusable (unknown image, malformed bbox, bad iscrowd), else None."""
         if "image_id" not in ann:
             return "unknown_image", "the annotation has no image_id; expected the id of an entry of 'images'"
         if image_id not in records:
@@ -431,12 +448,6 @@ class COCODetection(AnnotatedDataset):
             kind = "a string" if isinstance(crowd, str) else "not 0 or 1"
             return "bad_iscrowd", (f"iscrowd {as_written(crowd)} is {kind}; expected the number 0 or 1 "
                                    "(or false / true)")
-        area = ann.get("area", _NO_AREA)
-        if area is not _NO_AREA and (type(area) not in _NUMBERS or not 0 <= area <= _LARGEST):
-            kind = ("a string" if isinstance(area, str) else "not a number" if type(area) not in _NUMBERS
-                    else "negative" if area < 0 else "not finite" if type(area) is float else "too large")
-            return "bad_area", (f"area {quoted(area)} is {kind}; expected a number >= 0, the object's area in "
-                                "pixels, which sorts its box into AR_small / AR_medium / AR_large")
         return None
 
     def __getitem__(self, index: int) -> DetectionSample:
@@ -528,6 +539,8 @@ class _AnnotationSink:
         self.areas: list[float] = []
         self.ground_truth = self.missing_areas = 0
         self.first_missing_area: tuple[int, Any] | None = None
+        self.bad_areas = 0
+        self.first_bad_area: tuple[Any, Any, str] | None = None  # (image id, annotation id, what is wrong)
 
     def add(self, position: int, box: list[float], ann_id: Any, crowd: bool, area: float) -> None:
         """Add a usable annotation's box (4 numbers) and ``area`` (a number >= 0, or ``_NO_AREA``)

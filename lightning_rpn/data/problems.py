@@ -59,7 +59,7 @@ VOC's 1-based inclusive ``(xmin, ymin, xmax, ymax)``."""
 Severity = Literal["error", "warning"]
 WARNING_KINDS = frozenset({
     "slightly_outside", "box_larger_than_window", "unknown_category", "duplicate_annotation_id",
-    "no_eval_boxes", "file_listed_twice", "missing_area",
+    "no_eval_boxes", "file_listed_twice", "missing_area", "bad_area",
 })
 """Problem kinds that every policy repairs, or uses as they are, without complaint (``check-data``
 exits 0 on these unless ``--strict``); every other kind is an error."""

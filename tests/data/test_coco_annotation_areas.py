@@ -58,26 +58,26 @@ def test_a_clean_file_with_areas_takes_the_fast_path(tmp_path: Path, monkeypatch
     pytest.param(10**400, "too large", id="10**400"), ("12", "a string"), (None, "not a number"),
     (True, "not a number"), ([4], "not a number"),
 ])
-def test_a_bad_area_is_an_error_naming_file_image_and_annotation(tmp_path: Path, value: Any, kind: str) -> None:
+def test_a_bad_area_keeps_its_box_and_the_file_sorts_by_box_area_with_a_warning(
+        tmp_path: Path, value: Any, kind: str) -> None:
+    # the area sorts boxes into AR_small / medium / large only: a bad one (a signed polygon formula
+    # writes negative areas) must not stop the load nor drop a good box from training
     images_root, ann_file = write_coco(tmp_path, IMAGES, [annotation(71, area=5), annotation(area=value)],
                                        create_files=False)
-    with pytest.raises(DataError) as info:
-        COCODetection(images_root, ann_file)
-    message = str(info.value)
-    assert message.startswith(f"{ann_file}, image 7, annotation 70: area ")
-    assert f" is {kind}; expected a number >= 0, the object's area in pixels" in message
-    assert message.endswith("(set on_bad_annotation='skip' to drop it)")
-    for policy in ("skip", "clip"):  # as a bad iscrowd: the annotation is left out, the rest kept
-        skipped = COCODetection(images_root, ann_file, on_bad_annotation=policy)
-        assert skipped.records[0].annotation_ids == [71] and areas_of(skipped) == {7: [5.0], 8: []}
-        (problem,) = skipped.problems
+    for policy in ("raise", "skip", "clip"):
+        dataset = COCODetection(images_root, ann_file, on_bad_annotation=policy)
+        assert dataset.records[0].annotation_ids == [71, 70] and dataset.annotation_areas is None
+        (problem,) = dataset.problems
         assert (problem.kind, problem.action, problem.file, problem.image_id, problem.annotation_id) == (
-            "bad_area", "skipped", str(ann_file), 7, 70)
+            "bad_area", "kept", str(ann_file), 7, 70)
+        assert problem.detail.startswith("area ") and f" is {kind}, and 1 annotation(s) of the file" in problem.detail
+        assert problem.severity == "warning"
 
 
-def test_a_bad_area_of_a_crowd_annotation_is_an_error_too(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="annotation 70: area -3 is negative"):
-        COCODetection(*write_coco(tmp_path, IMAGES, [annotation(area=-3, iscrowd=1)], create_files=False))
+def test_a_bad_area_of_a_crowd_annotation_is_a_warning_too(tmp_path: Path) -> None:
+    dataset = COCODetection(*write_coco(tmp_path, IMAGES, [annotation(area=-3, iscrowd=1)], create_files=False))
+    (problem,) = dataset.problems
+    assert (problem.kind, problem.action) == ("bad_area", "kept") and "area -3 is negative" in problem.detail
 
 
 def test_a_file_lacking_some_areas_sorts_all_its_boxes_by_box_area_and_says_so(tmp_path: Path) -> None:
